@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny offline models of every supported family (built once per session)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from vlmfix.decoding.edits import Edit
+from vlmfix.decoding.method import Method
+from vlmfix.testing import FAMILIES, TinyVLM, build_tiny
+
+_CACHE: dict[tuple, TinyVLM] = {}
+
+
+def tiny_model(family: str, attn: str = "sdpa", **shape: Any) -> TinyVLM:
+    key = (family, attn, tuple(sorted(shape.items())))
+    if key not in _CACHE:
+        _CACHE[key] = build_tiny(family, attn_implementation=attn, **shape)
+    return _CACHE[key]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+class PlannedEdits(Method):
+    """A test method: fixed edits from a function of (session, layer_idx), on chosen layers."""
+
+    name = "planned-edits-test"
+    needs_image = False
+
+    def __init__(self, make: Callable[[Any, int], Sequence[Edit]], layers: Sequence[int] | None = None) -> None:
+        self.make = make
+        self.layers = layers
+
+    def prepare(self, session: Any) -> Any:
+        return session
+
+    def edits(self, state: Any, layer_idx: int) -> Sequence[Edit]:
+        if self.layers is not None and layer_idx not in self.layers:
+            return ()
+        return self.make(state, layer_idx)

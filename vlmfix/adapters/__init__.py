@@ -1,0 +1,29 @@
+"""Model adapters: one small declarative module per family, looked up by model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vlmfix.adapters.base import Adapter, Spans
+from vlmfix.adapters.llava import LlavaAdapter
+from vlmfix.adapters.llava_next import LlavaNextAdapter
+from vlmfix.adapters.qwen2_5_vl import Qwen25VLAdapter
+from vlmfix.adapters.qwen2_vl import Qwen2VLAdapter
+from vlmfix.errors import UnsupportedModelError
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter)
+SUPPORTED_CLASSES: dict[str, type[Adapter]] = {name: a for a in ADAPTERS for name in a.model_classes}
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter of `model`'s class; raises `UnsupportedModelError` listing the supported classes."""
+    name = type(model).__name__
+    if name not in SUPPORTED_CLASSES:
+        raise UnsupportedModelError(
+            f"vlmfix has no adapter for {name}. Supported model classes: {', '.join(sorted(SUPPORTED_CLASSES))}. "
+            "Load the model with its ...ForConditionalGeneration class (AutoModelForImageTextToText does this)."
+        )
+    return SUPPORTED_CLASSES[name](model)
+
+
+__all__ = ["Adapter", "Spans", "get_adapter", "SUPPORTED_CLASSES", "UnsupportedModelError"]

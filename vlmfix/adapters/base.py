@@ -1,0 +1,244 @@
+"""What vlmfix needs to know about a model family, as a small declarative class.
+
+An adapter maps a closed vocabulary (`decoder_layers`, `attn`, `o_proj`, `input_layernorm`,
+`image_token_id`, `projector`, `vision_tower`, `vision_layers`, `text_config`) to a model's modules
+by attribute access, and finds each batch row's token spans from the prompt's structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vlmfix.errors import SpanError
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Per-row token sets of a left-padded prompt batch, as boolean masks over positions.
+
+    Attributes:
+        image: [batch, seq] image placeholder tokens (all images of the row).
+        instruction: [batch, seq] the user's instruction (query) tokens.
+        valid: [batch, seq] non-padding tokens.
+    """
+
+    image: Tensor
+    instruction: Tensor
+    valid: Tensor
+
+    @property
+    def other(self) -> Tensor:
+        """[batch, seq] every non-pad token that is neither image nor instruction."""
+        return self.valid & ~self.image & ~self.instruction
+
+    @property
+    def has_image(self) -> Tensor:
+        """[batch] whether each row holds at least one image token."""
+        return self.image.any(dim=1)
+
+    @property
+    def batch_size(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.image.shape[1]
+
+    def first_image_position(self) -> Tensor:
+        """[batch] index of each row's first image token (seq_len where the row has none)."""
+        positions = torch.arange(self.seq_len, device=self.image.device).expand_as(self.image)
+        return torch.where(self.image, positions, self.seq_len).min(dim=1).values
+
+    def repeat_rows(self, times: int) -> Spans:
+        """Spans for a batch whose rows were each repeated `times` times (beam search, sampling)."""
+        if times == 1:
+            return self
+        return Spans(*(t.repeat_interleave(times, dim=0) for t in (self.image, self.instruction, self.valid)))
+
+    @classmethod
+    def from_positions(
+        cls,
+        seq_len: int,
+        image: Sequence[Sequence[int]],
+        instruction: Sequence[Sequence[int]],
+        valid: Tensor,
+    ) -> Spans:
+        """Build spans from per-row position lists (the caller-override path); positions are checked."""
+        batch = valid.shape[0]
+        if len(image) != batch or len(instruction) != batch:
+            raise SpanError(
+                f"spans must give one position list per batch row: batch has {batch} rows, got "
+                f"{len(image)} image lists and {len(instruction)} instruction lists."
+            )
+        masks = []
+        for name, rows in (("image", image), ("instruction", instruction)):
+            mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=valid.device)
+            for b, positions in enumerate(rows):
+                bad = [p for p in positions if not 0 <= int(p) < seq_len or not bool(valid[b, int(p)])]
+                if bad:
+                    raise SpanError(
+                        f"{name} span of row {b} has positions {bad[:5]} outside the row's tokens "
+                        f"(prompt length {seq_len}, padding excluded); give positions in the padded "
+                        f"input_ids coordinates."
+                    )
+                mask[b, list(map(int, positions))] = True
+            masks.append(mask)
+        if (masks[0] & masks[1]).any():
+            raise SpanError("image and instruction spans overlap; a token belongs to one span only.")
+        return cls(image=masks[0], instruction=masks[1], valid=valid.bool())
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where things are in one model family. Subclasses set the class attributes and accessors."""
+
+    model: nn.Module
+    family: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]
+    # text shown before the assistant's answer in this family's chat templates (ends the instruction)
+    assistant_markers: ClassVar[tuple[str, ...]] = ()
+
+    # --- module vocabulary (attribute access only) ---
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    def attn(self, layer_idx: int) -> nn.Module:
+        return self.decoder_layers[layer_idx].self_attn
+
+    def o_proj(self, layer_idx: int) -> nn.Linear:
+        return self.attn(layer_idx).o_proj
+
+    def input_layernorm(self, layer_idx: int) -> nn.Module:
+        return self.decoder_layers[layer_idx].input_layernorm
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.vision_model.encoder.layers
+
+    # --- shapes ---
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.text_config.num_key_value_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text_config, "head_dim", None) or self.text_config.hidden_size // self.num_heads
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    # --- prompt structure ---
+    def image_mask(self, input_ids: Tensor) -> Tensor:
+        """[batch, seq] image placeholder tokens."""
+        return input_ids == self.image_token_id
+
+    def image_frame_mask(self, input_ids: Tensor) -> Tensor:
+        """[batch, seq] tokens that wrap the image (none for LLaVA; vision start/end for Qwen)."""
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+
+    def marker_ids(self, tokenizer: Any | None) -> list[list[int]]:
+        """Token id sequences of the assistant markers, under this tokenizer's spellings."""
+        if tokenizer is None:
+            return []
+        found = []
+        for marker in self.assistant_markers:
+            for text in (marker, " " + marker):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in found:
+                    found.append(ids)
+        return found
+
+    def spans(self, input_ids: Tensor, attention_mask: Tensor | None = None, tokenizer: Any | None = None) -> Spans:
+        """Find each row's spans from the prompt's structure.
+
+        The instruction is the text after the row's last image token (or, without an image, the whole
+        row) up to the first assistant marker after it ("ASSISTANT:", "<|im_end|>"...) found with `tokenizer`.
+        Without a tokenizer the instruction runs to the end of the prompt, marker included.
+        """
+        # input_ids, attention_mask: [batch, seq]
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        image = self.image_mask(input_ids) & valid
+        frame = self.image_frame_mask(input_ids)
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq, device=input_ids.device)
+        instruction = torch.zeros_like(image)
+        markers = self.marker_ids(tokenizer)
+        for b in range(batch):
+            row = input_ids[b].tolist()
+            image_positions = positions[image[b]]
+            first_valid = int(valid[b].nonzero()[0]) if valid[b].any() else seq
+            start = int(image_positions[-1]) + 1 if len(image_positions) else first_valid
+            ends = [s for ids in markers for s in range(start, seq - len(ids) + 1) if row[s : s + len(ids)] == ids]
+            instruction[b, start : min(ends, default=seq)] = True
+        instruction &= valid & ~image & ~frame
+        return Spans(image=image, instruction=instruction, valid=valid)
+
+    # --- the same prompt without its image ---
+    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
+
+    def without_image(self, inputs: dict[str, Any], pad_token_id: int) -> dict[str, Any]:
+        """Model inputs for the same prompts with their image tokens removed, left-padded again.
+
+        Image tensors are dropped; positions follow from the new attention mask as in `generate`.
+        """
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        keep = ~(self.image_mask(input_ids) | self.image_frame_mask(input_ids))
+        if attention_mask is not None:
+            keep &= attention_mask.bool()
+        rows = [input_ids[b][keep[b]] for b in range(input_ids.shape[0])]
+        width = max(len(r) for r in rows)
+        new_ids = input_ids.new_full((len(rows), width), pad_token_id)
+        new_mask = torch.zeros_like(new_ids)
+        for b, row in enumerate(rows):
+            new_ids[b, width - len(row) :] = row
+            new_mask[b, width - len(row) :] = 1
+        out = {k: v for k, v in inputs.items() if k not in (*self.image_input_keys, "input_ids", "attention_mask")}
+        out.update(input_ids=new_ids, attention_mask=new_mask)
+        return self.text_positions(out)
+
+    def text_positions(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Add position ids for a text-only left-padded batch, as `generate` computes them."""
+        mask = inputs["attention_mask"].long()
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return inputs
+
+    # model attributes that a forward pass overwrites and an extra (prepare) pass must restore
+    stateful_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def saved_state(self) -> dict[str, Any]:
+        return {name: getattr(self.model.model, name) for name in self.stateful_attributes}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self.model.model, name, value)

@@ -1,0 +1,144 @@
+"""vlmfix's attention function: a thin layer over the model's own backend (sdpa, eager, flash).
+
+Registered with transformers' `AttentionInterface` (and a mask builder with
+`AttentionMaskInterface`, bound to the wrapped backend's builder) under a per-session name. Layers
+without edits call the wrapped backend with the exact arguments they got. Edited layers run the
+PyTorch edit path (`edited_attention`); at decode steps on CUDA the grouped Triton kernel serves the
+edits it covers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from vlmfix.decoding.edits import Edit, HeadScale, edited_attention, scale_heads
+
+if TYPE_CHECKING:
+    from vlmfix.decoding.session import Session
+
+AttentionFn = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+@dataclass
+class AttentionCall:
+    """One layer's attention call, as seen by observers (read the tensors, never modify them)."""
+
+    module: nn.Module
+    layer_idx: int
+    query: Tensor  # [batch, heads, q_len, head_dim]
+    key: Tensor  # [batch, kv_heads, kv_len, head_dim]
+    value: Tensor  # [batch, kv_heads, kv_len, head_dim]
+    attention_mask: Tensor | None
+    scaling: float | None
+    output: Tensor  # [batch, q_len, heads, head_dim], before o_proj
+
+
+# An observer may return a replacement output (same shape) or None to keep it.
+Observer = Callable[[AttentionCall], Tensor | None]
+
+
+def wrapped_backend(implementation: str, module: nn.Module) -> AttentionFn:
+    """The function `implementation` names for `module` (eager is each model file's own)."""
+    if implementation == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return AttentionInterface._global_mapping[implementation]
+
+
+def _only_last_row(edits: Sequence[Edit]) -> bool:
+    return all(e.rows == "last" for e in edits if not isinstance(e, HeadScale))
+
+
+def make_attention_function(session: Session, implementation: str) -> AttentionFn:
+    """Build the session's attention function around the backend named `implementation`."""
+    backends: dict[type, AttentionFn] = {}
+
+    def vlmfix_attention(
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        backend = backends.get(type(module))
+        if backend is None:
+            backend = backends.setdefault(type(module), wrapped_backend(implementation, module))
+        layer_idx = module.layer_idx
+        edits = session.edits_for(layer_idx)
+        weights = None
+        if not edits:
+            out, weights = backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        elif all(isinstance(e, HeadScale) for e in edits):
+            out, weights = backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            out = scale_heads(out, edits, key.shape[2])
+        else:
+            out = edited_output(query, key, value, attention_mask, scaling, edits, backend, module, **kwargs)
+        if session.observers:
+            call = AttentionCall(module, layer_idx, query, key, value, attention_mask, scaling, out)
+            for observer in session.observers:
+                replaced = observer(call)
+                if replaced is not None:
+                    out = call.output = replaced
+        return out, weights
+
+    return vlmfix_attention
+
+
+def edited_output(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None,
+    edits: Sequence[Edit],
+    backend: AttentionFn,
+    module: nn.Module,
+    **kwargs: Any,
+) -> Tensor:
+    """Output of an edited layer on the PyTorch path.
+
+    At prefill, when every probability edit touches only the last row, the backend computes all rows
+    and only the last row is recomputed with edits (cost O(kv_len), not O(q_len * kv_len)).
+    """
+    q_len = query.shape[2]
+    if q_len > 1 and _only_last_row(edits):
+        out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        mask = attention_mask[..., -1:, :] if attention_mask is not None and attention_mask.dim() == 4 else None
+        if mask is None and attention_mask is not None:  # 2-D padding mask (flash): keep it
+            mask = attention_mask
+        last = edited_attention(query[:, :, -1:], key, value, mask, scaling, edits)
+        out = out.clone()
+        out[:, -1:] = last
+        return out
+    return edited_attention(query, key, value, attention_mask, scaling, edits)
+
+
+def register(name: str, function: AttentionFn, implementation: str) -> None:
+    """Register `function` and a mask builder (the wrapped backend's) under `name`."""
+    builder = mask_builder_for(implementation)
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, builder)
+
+
+def unregister(name: str) -> None:
+    AttentionInterface._global_mapping.pop(name, None)
+    ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+
+
+def mask_builder_for(implementation: str) -> Callable[..., Any]:
+    if implementation not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        raise ValueError(
+            f"vlmfix cannot wrap attention implementation {implementation!r}: it has no mask builder in "
+            f"transformers' AttentionMaskInterface. Load the model with attn_implementation='sdpa' or 'eager'."
+        )
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[implementation]
+

@@ -1,0 +1,332 @@
+"""The attention-edit vocabulary and the one PyTorch function that applies it.
+
+Methods *plan* edits (frozen dataclasses below); `edited_attention` *applies* them inside vlmfix's
+attention function. Key sets are boolean masks over the prompt's positions (left-padded input_ids
+coordinates); keys past the prompt (generated tokens) belong to no set.
+
+Composition order in one layer, for the query rows each edit selects:
+  1. pre-softmax: every `KeyBias`, summed (z' = z + sum(bias) + sum(abs_gain) * |z|, |z| of the
+     unedited scaled score);
+  2. softmax (fp32);
+  3. post-softmax edits, in plan order (methods in the order given, edits in the order planned),
+     each seeing the previous one's probabilities: `Reweight`, `Transfer`, `FusionReweight`;
+  4. probabilities @ values;
+  5. `HeadScale`, multiplied together, on each head's output before `o_proj`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+RowScope = Literal["all", "last"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Edit:
+    """Base of every edit: which query rows it applies to.
+
+    Args:
+        rows: "all" rows of each forward, or only the "last" one (the newest token).
+        from_position: [batch] long, optional: edit only query rows whose absolute position (in the
+            padded prompt coordinates) is at least this; decode rows always qualify.
+    """
+
+    rows: RowScope = "all"
+    from_position: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.rows not in ("all", "last"):
+            raise ValueError(f"rows must be 'all' or 'last', got {self.rows!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyBias(Edit):
+    """Pre-softmax: z[b, h, i, j] += bias[b, h, j] + abs_gain[b, h, j] * |z[b, h, i, j]|.
+
+    Args:
+        bias: [batch, heads or 1, keys] additive logit bias (0 = no change).
+        abs_gain: [batch, heads or 1, keys] PAI's rule z + a*|z| (0 = no change).
+    """
+
+    bias: Tensor | None = None
+    abs_gain: Tensor | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reweight(Edit):
+    """Post-softmax: multiply key weights by `multiplier`, then renormalise each edited row.
+
+    Args:
+        multiplier: [batch, heads or 1, keys] non-negative (1 = no change).
+        top_heads_by: [batch, keys] bool, optional: edit only the `top_heads` heads with the largest
+            mass on this key set, chosen per row and query from the current probabilities.
+        top_heads: how many heads `top_heads_by` selects.
+    """
+
+    multiplier: Tensor
+    top_heads_by: Tensor | None = None
+    top_heads: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transfer(Edit):
+    """Post-softmax, mass-conserving: move `fraction` of the `source` mass to `receivers`, in proportion
+    to the receivers' weights, on the (row, head, query) triples the gate selects.
+
+    Gate (from the current, unmodified masses): m_gate = mass on `gate_keys`, m_recv = mass on
+    `receivers`; selected iff m_gate >= min_gate_mass and m_recv / m_gate >= min_receiver_share and
+    m_recv > 0 and (not require_gate_source or `source & gate_keys` is non-empty for the row).
+
+    Args:
+        source: [batch, keys] bool, the keys that give mass (each scaled by 1 - fraction).
+        receivers: [batch, keys] bool, disjoint from source.
+        fraction: in [0, 1].
+        gate_keys: [batch, keys] bool, optional (default: source | receivers).
+        heads: [batch, heads] bool, optional head eligibility.
+    """
+
+    source: Tensor
+    receivers: Tensor
+    fraction: float
+    gate_keys: Tensor | None = None
+    min_gate_mass: float = 0.0
+    min_receiver_share: float = 0.0
+    require_gate_source: bool = False
+    heads: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {self.fraction}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FusionReweight(Edit):
+    """Post-softmax, GIFT's fusion edit: in the top `head_fraction` of heads by image mass, multiply image
+    keys by `multiplier`; in the top `head_fraction` of heads by query mass, multiply query keys by
+    beta * r, with r = (multiplied image mass) / (image mass) pooled over the image heads; renormalise
+    every edited head.
+
+    Args:
+        image: [batch, keys] bool.  multiplier: [batch, keys] >= 0 (used on image keys).
+        query: [batch, keys] bool.  beta: query factor.  head_fraction: share of heads chosen.
+    """
+
+    image: Tensor
+    multiplier: Tensor
+    query: Tensor
+    beta: float = 1.0
+    head_fraction: float = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadScale(Edit):
+    """Scale each head's attention output before `o_proj`: out[b, i, h, :] *= scale[b, h]."""
+
+    scale: Tensor
+
+
+PRE_SOFTMAX = (KeyBias,)
+POST_SOFTMAX = (Reweight, Transfer, FusionReweight)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers over key sets
+
+
+def fit_keys(keys: Tensor, kv_len: int, batch: int, fill: float | bool) -> Tensor:
+    """Pad or cut a key tensor [plan_batch, ..., prompt_len] to [batch, ..., kv_len].
+
+    Keys past the prompt take `fill`; a batch that repeats each plan row k times (beams,
+    num_return_sequences) gets each row repeated.
+    """
+    if keys.shape[0] != batch:
+        if batch % keys.shape[0]:
+            raise ValueError(f"edit planned for batch {keys.shape[0]} cannot serve a batch of {batch}.")
+        keys = keys.repeat_interleave(batch // keys.shape[0], dim=0)
+    length = keys.shape[-1]
+    if length >= kv_len:
+        return keys[..., :kv_len]
+    pad = keys.new_full((*keys.shape[:-1], kv_len - length), fill)
+    return torch.cat([keys, pad], dim=-1)
+
+
+def fit_rows(values: Tensor, batch: int) -> Tensor:
+    """[plan_batch, ...] -> [batch, ...] with each row repeated (beams, num_return_sequences)."""
+    if values.shape[0] == batch:
+        return values
+    if batch % values.shape[0]:
+        raise ValueError(f"edit planned for batch {values.shape[0]} cannot serve a batch of {batch}.")
+    return values.repeat_interleave(batch // values.shape[0], dim=0)
+
+
+def row_mask(edit: Edit, batch: int, q_len: int, kv_len: int, device: torch.device) -> Tensor:
+    """[batch, q_len] bool: the query rows `edit` applies to in this forward."""
+    rows = torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    if edit.rows == "last":
+        rows[:, :-1] = False
+    if edit.from_position is not None:
+        positions = torch.arange(kv_len - q_len, kv_len, device=device)
+        start = fit_rows(edit.from_position.to(device), batch)
+        rows &= positions[None, :] >= start[:, None]
+    return rows
+
+
+def additive_mask(
+    attention_mask: Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device
+) -> Tensor:
+    """[batch or 1, 1, q_len, kv_len] fp32 additive mask (0 or -inf) from whatever the backend got.
+
+    `None` means causal (bottom-right aligned: query i sits at position kv_len - q_len + i); a 2-D
+    mask is a padding mask over keys (flash backends), combined with causality; 4-D masks are bool
+    (True = attend) or additive floats.
+    """
+    if attention_mask is None or attention_mask.dim() == 2:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        allowed = (torch.arange(kv_len, device=device)[None, :] <= q_pos)[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, -math.inf)
+    mask = attention_mask[..., -kv_len:]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=device).masked_fill(~mask, -math.inf)
+    return mask.float().masked_fill(mask <= torch.finfo(mask.dtype).min, -math.inf)
+
+
+def _heads_of(t: Tensor, heads: int) -> Tensor:
+    """[batch, heads or 1, keys] -> [batch, heads, 1, keys] for broadcasting over query rows."""
+    return t.expand(t.shape[0], heads, t.shape[-1])[:, :, None, :]
+
+
+def _top_heads(mass: Tensor, count: int) -> Tensor:
+    """mass: [batch, heads, q] -> bool [batch, heads, q], True on the `count` largest heads per (b, q)."""
+    count = max(0, min(count, mass.shape[1]))
+    chosen = torch.zeros_like(mass, dtype=torch.bool)
+    if count:
+        chosen.scatter_(1, mass.topk(count, dim=1).indices, True)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# post-softmax edits on probabilities p: [batch, heads, q_len, kv_len] fp32
+
+
+def apply_reweight(p: Tensor, edit: Reweight, edited: Tensor) -> Tensor:
+    """edited: [batch, heads, q_len] bool, the (head, row) pairs the edit may touch."""
+    batch, heads, _, kv_len = p.shape
+    mult = _heads_of(fit_keys(edit.multiplier.float(), kv_len, batch, 1.0), heads)
+    if edit.top_heads_by is not None:
+        keys = fit_keys(edit.top_heads_by, kv_len, batch, False)[:, None, None, :]
+        edited = edited & _top_heads((p * keys).sum(-1), edit.top_heads)
+    new = p * mult
+    new = new / new.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    return torch.where(edited[..., None], new, p)
+
+
+def apply_transfer(p: Tensor, edit: Transfer, edited: Tensor) -> Tensor:
+    batch, heads, _, kv_len = p.shape
+    source = fit_keys(edit.source, kv_len, batch, False)[:, None, None, :]
+    receivers = fit_keys(edit.receivers, kv_len, batch, False)[:, None, None, :]
+    gate_keys = source | receivers if edit.gate_keys is None else fit_keys(edit.gate_keys, kv_len, batch, False)[
+        :, None, None, :
+    ]
+    m_source = (p * source).sum(-1)  # [batch, heads, q]
+    m_recv = (p * receivers).sum(-1)
+    m_gate = (p * gate_keys).sum(-1)
+    share = torch.where(m_gate > 0, m_recv / m_gate.clamp_min(1e-30), torch.zeros_like(m_gate))
+    selected = edited & (m_gate >= edit.min_gate_mass) & (share >= edit.min_receiver_share) & (m_recv > 0)
+    if edit.require_gate_source:
+        selected &= (source & gate_keys).any(-1)
+    if edit.heads is not None:
+        selected &= fit_rows(edit.heads, batch)[:, :, None]
+    moved = edit.fraction * m_source  # Omega
+    gain = 1.0 + moved / m_recv.clamp_min(1e-30)
+    new = torch.where(source, p * (1.0 - edit.fraction), torch.where(receivers, p * gain[..., None], p))
+    return torch.where(selected[..., None], new, p)
+
+
+def apply_fusion(p: Tensor, edit: FusionReweight, edited: Tensor) -> Tensor:
+    batch, heads, _, kv_len = p.shape
+    image = fit_keys(edit.image, kv_len, batch, False)[:, None, None, :]
+    query = fit_keys(edit.query, kv_len, batch, False)[:, None, None, :]
+    mult = fit_keys(edit.multiplier.float(), kv_len, batch, 1.0)[:, None, None, :]
+    count = math.floor(heads * edit.head_fraction)
+    image_mass = (p * image).sum(-1)  # [batch, heads, q]
+    image_heads = _top_heads(image_mass, count) & edited
+    query_heads = _top_heads((p * query).sum(-1), count) & edited
+    weighted = (p * image * mult).sum(-1)
+    pooled_o = (image_mass * image_heads).sum(1, keepdim=True)  # [batch, 1, q]
+    pooled_e = (weighted * image_heads).sum(1, keepdim=True)
+    ratio = torch.where(pooled_o > 0, pooled_e / pooled_o.clamp_min(1e-30), torch.ones_like(pooled_o))
+    factor = torch.ones_like(p)
+    factor = torch.where(image & image_heads[..., None], mult.expand_as(p), factor)
+    factor = torch.where(query & query_heads[..., None], (edit.beta * ratio)[..., None].expand_as(p), factor)
+    new = p * factor
+    new = new / new.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    return torch.where((image_heads | query_heads)[..., None], new, p)
+
+
+POST_APPLY = {Reweight: apply_reweight, Transfer: apply_transfer, FusionReweight: apply_fusion}
+
+
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """[batch, kv_heads, kv_len, head_dim] -> [batch, heads, kv_len, head_dim] (GQA)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
+
+
+def edited_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None,
+    edits: Sequence[Edit],
+) -> Tensor:
+    """Attention with `edits` applied, in plain PyTorch; returns [batch, q_len, heads, head_dim].
+
+    query: [batch, heads, q_len, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim].
+    Rows no edit selects get exactly the unedited softmax attention (fp32), cast to value's dtype.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    k, v = repeat_kv(key, heads), repeat_kv(value, heads)
+    z = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling  # [batch, heads, q_len, kv_len]
+    device = query.device
+    for edit in edits:
+        if not isinstance(edit, KeyBias):
+            continue
+        rows = row_mask(edit, batch, q_len, kv_len, device)[:, None, :, None]
+        delta = torch.zeros_like(z)
+        if edit.bias is not None:
+            delta = delta + _heads_of(fit_keys(edit.bias.float(), kv_len, batch, 0.0), heads)
+        if edit.abs_gain is not None:
+            delta = delta + _heads_of(fit_keys(edit.abs_gain.float(), kv_len, batch, 0.0), heads) * z.abs()
+        z = z + delta * rows
+    z = z + additive_mask(attention_mask, batch, q_len, kv_len, device)
+    p = torch.softmax(z, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) -> 0
+    for edit in edits:
+        apply = POST_APPLY.get(type(edit))
+        if apply is not None:
+            rows = row_mask(edit, batch, q_len, kv_len, device)[:, None, :].expand(batch, heads, q_len)
+            p = apply(p, edit, rows)
+    out = torch.matmul(p, v.float()).to(value.dtype).transpose(1, 2)  # [batch, q_len, heads, head_dim]
+    return scale_heads(out, edits, kv_len)
+
+
+def scale_heads(out: Tensor, edits: Sequence[Edit], kv_len: int) -> Tensor:
+    """Apply every `HeadScale` in `edits` to out: [batch, q_len, heads, head_dim]."""
+    batch, q_len, heads, _ = out.shape
+    for edit in edits:
+        if isinstance(edit, HeadScale):
+            rows = row_mask(edit, batch, q_len, kv_len, out.device)  # [batch, q_len]
+            scale = fit_rows(edit.scale.to(out.device), batch)[:, None, :].to(out.dtype)  # [batch, 1, heads]
+            factor = torch.where(rows[..., None], scale, torch.ones_like(scale))
+            out = out * factor[..., None]
+    return out

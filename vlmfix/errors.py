@@ -1,0 +1,34 @@
+"""The errors vlmfix raises. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class VlmfixError(Exception):
+    """Base class of vlmfix's own errors."""
+
+
+class UnsupportedModelError(VlmfixError, ValueError):
+    """The model class has no adapter."""
+
+
+class MissingImageError(VlmfixError, ValueError):
+    """A method that needs an image got a batch row without one."""
+
+
+class SpanError(VlmfixError, ValueError):
+    """Caller-given token spans do not fit the prompt."""
+
+
+class SessionError(VlmfixError, RuntimeError):
+    """A session was used wrongly (for example `apply` re-entered on the same model)."""
+
+
+class CheckpointError(VlmfixError, ValueError):
+    """A checkpoint is corrupt or does not fit the model."""
+
+
+class UnknownNameError(VlmfixError, KeyError):
+    """A name (method, adapter, parser, ...) is not registered."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,249 @@
+"""Tiny, offline, real-architecture VLMs for tests, demos and benchmarks.
+
+Every family vlmfix supports can be built here in seconds with random weights, a word-level
+tokenizer made with the `tokenizers` library, an image processor, a processor and a chat template,
+none of it downloaded. The models round-trip through `save_pretrained` / `from_pretrained`.
+
+```python
+from vlmfix.testing import build_tiny
+tiny = build_tiny("llava")
+inputs = tiny.inputs(["Describe this image.", "Is there a dog?"])
+out = tiny.model.generate(**inputs, max_new_tokens=8)
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+Family = Literal["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+WORDS = (
+    "a an the is there in on of and with this that image picture photo describe what where how many "
+    "dog cat person car bus frisbee knife fork cup table chair bird sky tree red blue green yellow "
+    "small large left right near yes no it are two three one some , . ? : \n"
+).split(" ")
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "USER", "ASSISTANT")
+QWEN_SPECIALS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>", "<unk>", "user", "assistant", "system",
+)
+
+
+def word_tokenizer(specials: tuple[str, ...], words: tuple[str, ...] | list[str] = WORDS) -> Tokenizer:
+    """A word-level tokenizer: special tokens first, then each word, splitting on spaces and punctuation."""
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys([*specials, *words]))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer.add_special_tokens([t for t in specials if t.startswith("<")])
+    return tokenizer
+
+
+def _fast_tokenizer(family: Family) -> PreTrainedTokenizerFast:
+    if family.startswith("llava"):
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=word_tokenizer(LLAVA_SPECIALS), bos_token="<s>", eos_token="</s>",
+            unk_token="<unk>", pad_token="<pad>", padding_side="left",
+        )
+    else:
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=word_tokenizer(QWEN_SPECIALS), eos_token="<|im_end|>", unk_token="<unk>",
+            pad_token="<|endoftext|>", padding_side="left",
+        )
+    return tok
+
+
+def _llama_text_config(vocab_size: int, layers: int, heads: int, kv_heads: int, head_dim: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def _clip_config(image_size: int, patch_size: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, projection_dim=32,
+    )
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without its video processor, which needs torchvision (not installable beside
+    the CPU torch build used here). Images are processed exactly as by the stock class."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        tokenizer.image_token = "<|image_pad|>"
+        tokenizer.video_token = "<|video_pad|>"
+        self.video_processor = None
+        super(Qwen2VLProcessor, self).__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.image_token, self.video_token = tokenizer.image_token, tokenizer.video_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+
+
+@dataclass
+class TinyVLM:
+    """A tiny model with its processor; `inputs()` builds a left-padded, processor-made batch."""
+
+    family: Family
+    model: Any
+    processor: Any
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        return self.processor.tokenizer
+
+    def prompt(self, question: str, with_image: bool = True) -> str:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    def inputs(self, questions: list[str], *, with_image: bool | list[bool] = True, seed: int = 0) -> dict:
+        """Row i gets image number `seed + i` (so a row built alone with `seed=i` has the same image)."""
+        flags = with_image if isinstance(with_image, list) else [with_image] * len(questions)
+        prompts = [self.prompt(q, f) for q, f in zip(questions, flags)]
+        images = [random_image(48 + 16 * ((seed + i) % 3), seed + i) for i, f in enumerate(flags) if f]
+        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
+        if images:
+            kwargs["images"] = images
+        return dict(self.processor(**kwargs))
+
+
+def random_image(size: int, seed: int) -> Image.Image:
+    """A deterministic RGB noise image of `size` x `size` pixels."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def build_tiny(
+    family: Family,
+    *,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> TinyVLM:
+    """Build a tiny random-weight model of `family` with an offline tokenizer and processor.
+
+    Args:
+        family: one of `FAMILIES`.
+        layers, heads, kv_heads, head_dim: language-model shape (kv_heads < heads gives GQA).
+        attn_implementation: "sdpa" or "eager", set on the whole model as `from_pretrained` would.
+        seed: weight initialisation seed.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown family {family!r}. Available: {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    tokenizer = _fast_tokenizer(family)
+    vocab = len(tokenizer)
+    if family == "llava":
+        tokenizer.image_token = "<image>"
+        config = LlavaConfig(
+            vision_config=_clip_config(32, 8), text_config=_llama_text_config(vocab, layers, heads, kv_heads, head_dim),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+            vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        )
+        model = LlavaForConditionalGeneration(config)
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+            vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
+        )
+    elif family == "llava_next":
+        config = LlavaNextConfig(
+            vision_config=_clip_config(32, 8), text_config=_llama_text_config(vocab, layers, heads, kv_heads, head_dim),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+            vision_feature_select_strategy="default", image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+        )
+        model = LlavaNextForConditionalGeneration(config)
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+            vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
+        )
+    else:
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+        text = dict(
+            vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+            max_position_embeddings=2048, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                           "rope_theta": 10000.0},
+            pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        )
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        common = dict(
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        if family == "qwen2_vl":
+            vision.update(mlp_ratio=2, hidden_size=heads * head_dim)
+            config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+            model = Qwen2VLForConditionalGeneration(config)
+        else:
+            vision.update(intermediate_size=64, out_hidden_size=heads * head_dim, fullatt_block_indexes=[1],
+                          window_size=32)
+            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2
+        )
+        processor = ImageOnlyQwen2VLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
+        )
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.eval()
+    return TinyVLM(family=family, model=model, processor=processor)
