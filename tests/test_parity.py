@@ -96,7 +96,7 @@ def test_edit_changes_tokens():
     inputs = tiny.inputs(QUESTIONS)
     ref = tiny.model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                               output_scores=True)
-    scale = PlannedEdits(lambda s, l: [HeadScale(scale=torch.full((s.spans.batch_size, 4), 5.0))])
+    scale = PlannedEdits(lambda s, layer: [HeadScale(scale=torch.full((s.spans.batch_size, 4), 5.0))])
     out = vlmfix.generate(tiny.model, **inputs, methods=[scale], max_new_tokens=6, do_sample=False,
                           return_dict_in_generate=True, output_scores=True)
     assert not torch.allclose(ref.scores[0], out.scores[0])

@@ -43,7 +43,7 @@ def test_caller_spans_out_of_range():
     tiny = tiny_model("llava")
     inputs = tiny.inputs(["describe this image .", "what"])
     seq = inputs["input_ids"].shape[1]
-    method = PlannedEdits(lambda s, l: [])
+    method = PlannedEdits(lambda s, layer: [])
     with pytest.raises(vlmfix.SpanError, match="outside the row's tokens"):
         vlmfix.generate(tiny.model, **inputs, methods=[method], spans={"instruction": [[seq + 3], [seq - 1]]},
                         max_new_tokens=2)
@@ -98,7 +98,7 @@ def test_exception_inside_apply_restores_everything(attn):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = tiny.inputs(["describe this image ."])
     with pytest.raises(RuntimeError, match="boom"):
-        with vlmfix.apply(model, PlannedEdits(lambda s, l: [KeyBias(bias=torch.ones(1, 1, 4))])) as session:
+        with vlmfix.apply(model, PlannedEdits(lambda s, layer: [KeyBias(bias=torch.ones(1, 1, 4))])) as session:
             assert model.config.text_config._attn_implementation.startswith("vlmfix")
             assert model.config.vision_config._attn_implementation == before_vision  # only the LM is pointed
             model.generate(**inputs, max_new_tokens=2)

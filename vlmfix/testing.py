@@ -167,6 +167,8 @@ def build_tiny(
     kv_heads: int = 2,
     head_dim: int = 16,
     attn_implementation: str = "sdpa",
+    image_size: int = 32,
+    patch_size: int = 8,
     seed: int = 0,
 ) -> TinyVLM:
     """Build a tiny random-weight model of `family` with an offline tokenizer and processor.
@@ -175,6 +177,8 @@ def build_tiny(
         family: one of `FAMILIES`.
         layers, heads, kv_heads, head_dim: language-model shape (kv_heads < heads gives GQA).
         attn_implementation: "sdpa" or "eager", set on the whole model as `from_pretrained` would.
+        image_size, patch_size: LLaVA-1.5's vision tower input (image tokens = (size / patch)^2;
+            336 / 14 gives LLaVA-1.5's 576).
         seed: weight initialisation seed.
     """
     if family not in FAMILIES:
@@ -185,16 +189,17 @@ def build_tiny(
     if family == "llava":
         tokenizer.image_token = "<image>"
         config = LlavaConfig(
-            vision_config=_clip_config(32, 8), text_config=_llama_text_config(vocab, layers, heads, kv_heads, head_dim),
+            vision_config=_clip_config(image_size, patch_size),
+            text_config=_llama_text_config(vocab, layers, heads, kv_heads, head_dim),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
             vision_feature_select_strategy="default", projector_hidden_act="gelu",
         )
         model = LlavaForConditionalGeneration(config)
         image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
         )
         processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
             vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
         )
     elif family == "llava_next":
@@ -217,8 +222,8 @@ def build_tiny(
         text = dict(
             vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-            max_position_embeddings=2048, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                           "rope_theta": 10000.0},
+            max_position_embeddings=2048, bos_token_id=None,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
             pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         )
         vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=8,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -75,11 +76,20 @@ def make_attention_function(session: Session, implementation: str) -> AttentionF
         layer_idx = module.layer_idx
         edits = session.edits_for(layer_idx)
         weights = None
+        rows = session.edited_rows
         if not edits:
-            out, weights = backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        elif all(isinstance(e, HeadScale) for e in edits):
-            out, weights = backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-            out = scale_heads(out, edits, key.shape[2])
+            out, weights = backend(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        elif rows is not None and rows < query.shape[0]:
+            # contrastive layout [edited stream; other stream]: edits touch the first `rows` rows only
+            mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
+            first, rest = slice(0, rows), slice(rows, None)
+            out_first = edited_output(query[first], key[first], value[first], mask_of(first), scaling, edits,
+                                      backend, module, **kwargs)
+            out_rest, _ = backend(module, query[rest], key[rest], value[rest], mask_of(rest), dropout=dropout,
+                                  scaling=scaling, **kwargs)
+            out = torch.cat([out_first, out_rest], dim=0)
         else:
             out = edited_output(query, key, value, attention_mask, scaling, edits, backend, module, **kwargs)
         if session.observers:
@@ -109,6 +119,9 @@ def edited_output(
     At prefill, when every probability edit touches only the last row, the backend computes all rows
     and only the last row is recomputed with edits (cost O(kv_len), not O(q_len * kv_len)).
     """
+    if all(isinstance(e, HeadScale) for e in edits):
+        out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return scale_heads(out, edits, key.shape[2])
     q_len = query.shape[2]
     if q_len > 1 and _only_last_row(edits):
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)

@@ -73,6 +73,9 @@ class Session:
         self.inputs: dict[str, Any] = {}
         self.states: list[Any] = [_UNPREPARED] * len(self.methods)
         self.observers: list[Observer] = []
+        # contrastive decoding stacks [positive; negative] rows: edits then apply to the first
+        # `edited_rows` rows only (None: every row)
+        self.edited_rows: int | None = None
         self.prompts_seen = 0
         self._undo: list[Callable[[], None]] = []
         self._prompt_handles: list[RemovableHandle] = []
