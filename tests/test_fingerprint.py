@@ -1,0 +1,87 @@
+"""The run fingerprint: required fields, stable hash, validation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from vlmfix.eval import Decoding, chair, chair_protocol, fingerprint_hash, pope_protocol, protocol_fingerprint
+from vlmfix.eval.errors import EvalInputError
+
+
+def _chair_fields() -> dict:
+    extractor = chair.make_extractor()
+    images = chair.images_from_list([3, 1, 2])
+    gt = chair.GroundTruth({1: frozenset({"dog"})}, {"format": "test"}, "0123456789abcdef")
+    return chair_protocol(extractor, images, gt)
+
+
+def _fingerprint(**changes) -> dict:
+    arguments = {
+        "model_id": "llava-hf/llava-1.5-7b-hf",
+        "model_revision": "abc123",
+        "method": "vhr",
+        "method_params": {"alpha": 0.5},
+        "decoding": Decoding(max_new_tokens=512),
+        "prompt": "Describe.",
+        "chat_template": "{{ messages }}",
+        "chair": _chair_fields(),
+    }
+    return protocol_fingerprint(**{**arguments, **changes})
+
+
+def test_chair_fingerprint_records_the_protocol() -> None:
+    fp = _fingerprint()
+    assert fp["benchmark"] == "chair" and fp["pope"] is None
+    assert fp["decoding"] == {
+        "max_new_tokens": 512,
+        "mode": "greedy",
+        "num_beams": 1,
+        "temperature": None,
+        "top_p": None,
+        "seed": 0,
+    }
+    assert fp["chat_template_sha256"] == hashlib.sha256(b"{{ messages }}").hexdigest()
+    assert fp["chair"]["image_list_hash"] == hashlib.sha256(b"1,2,3").hexdigest()
+    assert fp["chair"]["normalizer"] == f"simple@{chair.table_version()}"
+    assert fp["chair"]["comparable_to_opera"] is False and fp["chair"]["quirks"] == "reference"
+    assert fp["chair"]["ground_truth_cache_key"] == "0123456789abcdef"
+    assert set(fp["libraries"]) == {"vlmfix", "torch", "transformers"}
+
+
+def test_hash_is_canonical_and_changes_with_any_knob() -> None:
+    fp = _fingerprint()
+    reordered = json.loads(json.dumps(fp, sort_keys=True))
+    reordered = dict(reversed(list(reordered.items())))
+    expected = hashlib.sha256(json.dumps(fp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert fingerprint_hash(fp) == fingerprint_hash(reordered) == expected
+    assert fingerprint_hash(_fingerprint(decoding=Decoding(max_new_tokens=64))) != expected
+    assert fingerprint_hash(_fingerprint(method_params={"alpha": 0.6})) != expected
+
+
+def test_pope_fingerprint_fields() -> None:
+    fields = pope_protocol("file", ["edebdda", "head"], {"random": "ab", "adversarial": "cd"}, "official")
+    fp = _fingerprint(chair=None, pope=fields)
+    assert fp["benchmark"] == "pope"
+    assert fp["pope"] == {
+        "source": "file",
+        "version": ["edebdda", "head"],
+        "split_sha256": {"adversarial": "cd", "random": "ab"},
+        "parser": "official",
+        "splits": ["adversarial", "random"],
+    }
+
+
+def test_fingerprint_errors() -> None:
+    with pytest.raises(EvalInputError, match="exactly one of `chair` and `pope`"):
+        _fingerprint(chair=None)
+    with pytest.raises(EvalInputError, match="value JSON cannot store"):
+        _fingerprint(method_params={"layers": {1, 2}})
+    with pytest.raises(EvalInputError, match="`num_beams` must be > 1 exactly when mode='beam'"):
+        Decoding(max_new_tokens=10, mode="beam")
+    with pytest.raises(EvalInputError, match="`mode` must be one of greedy, sample, beam, got 'nucleus'"):
+        Decoding(max_new_tokens=10, mode="nucleus")
+    with pytest.raises(EvalInputError, match="`max_new_tokens` must be a positive int, got 0"):
+        Decoding(max_new_tokens=0)

@@ -1,0 +1,27 @@
+"""Benchmark scoring and data loading: CHAIR (`vlmfix.eval.chair`), POPE (`vlmfix.eval.pope`) and the run
+fingerprint (`vlmfix.eval.fingerprint`). No model code; offline; caches are JSON with a content hash."""
+
+from vlmfix.eval import chair, pope
+from vlmfix.eval.errors import EvalInputError, MissingGroundTruthError, NormalizerUnavailableError
+from vlmfix.eval.fingerprint import (
+    Decoding,
+    chair_protocol,
+    fingerprint_hash,
+    library_versions,
+    pope_protocol,
+    protocol_fingerprint,
+)
+
+__all__ = [
+    "Decoding",
+    "EvalInputError",
+    "MissingGroundTruthError",
+    "NormalizerUnavailableError",
+    "chair",
+    "chair_protocol",
+    "fingerprint_hash",
+    "library_versions",
+    "pope",
+    "pope_protocol",
+    "protocol_fingerprint",
+]

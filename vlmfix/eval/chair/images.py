@@ -1,0 +1,154 @@
+"""Deterministic CHAIR image selection and the image-list hash (spec A7).
+
+Never derive the list from a directory listing (its order differs between machines). Three ways in:
+
+* `sample_images(pool, n=500, seed=0)`: the pool sorted ascending, then `random.Random(seed).sample`, kept in
+  sampled order; the standard pool is the `images` ids of instances_val2014.json (`image_ids_from_coco`).
+* `images_from_list(ids)` / `read_image_list(path)`: explicit ids, used as given; duplicates are an error.
+* `images_from_caption_log(path, preset=...)`: the ids of a released caption log in file order, e.g. OPERA's
+  `log/chair_eval_results/llava-1.5/greedy.jsonl` for the preset `opera_llava15_500`, checked against the
+  preset's published hash.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmfix.eval._io import PathLike, read_records, sha256_text
+from vlmfix.eval.errors import EvalInputError
+
+# Image-list hashes of named presets (sha256 of the ids sorted ascending, decimal, joined by ",").
+PRESET_HASHES = {"opera_llava15_500": "b438763b64aa385e3cee7f76c8b6fc74256aa9044c4224e9463b16551c4ef3b4"}
+
+
+def image_list_hash(image_ids: Iterable[int]) -> str:
+    """sha256 of the ids sorted ascending, written in decimal and joined by "," (order-independent).
+
+    >>> image_list_hash([3, 1, 2]) == image_list_hash([1, 2, 3])
+    True
+    """
+    return sha256_text(",".join(str(i) for i in sorted(image_ids)))
+
+
+@dataclass(frozen=True)
+class ImageSelection:
+    """The images a CHAIR run captions, in generation order, and how they were chosen.
+
+    Args:
+        image_ids: ids in the order to caption them.
+        mode: `sample`, `list` or `preset`.
+        seed: the sampling seed (`sample` only).
+        source: the pool size, list file or preset name, as text.
+        hash: `image_list_hash(image_ids)`.
+    """
+
+    image_ids: tuple[int, ...]
+    mode: str
+    seed: int | None
+    source: str
+    hash: str
+
+    def describe(self) -> dict:
+        """The fingerprint fields of this selection."""
+        return {
+            "mode": self.mode,
+            "n": len(self.image_ids),
+            "seed": self.seed,
+            "source": self.source,
+            "image_list_hash": self.hash,
+        }
+
+
+def image_ids_from_coco(instances_path: PathLike) -> list[int]:
+    """The `id`s of the `images` list of a COCO-format annotation file, sorted ascending."""
+    path = Path(instances_path)
+    if not path.is_file():
+        raise EvalInputError(
+            f"instances file {str(path)!r} does not exist; pass a COCO annotation json file."
+        )
+    images = json.loads(path.read_text(encoding="utf-8")).get("images")
+    if not images:
+        raise EvalInputError(
+            f"instances file {str(path)!r} has no `images` list; is it a COCO annotation file?"
+        )
+    return sorted(int(image["id"]) for image in images)
+
+
+def sample_images(pool: Iterable[int], n: int = 500, seed: int = 0) -> ImageSelection:
+    """`random.Random(seed).sample(sorted(pool), n)`, kept in sampled order."""
+    ordered = sorted(_unique(pool, "pool"))
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(ordered):
+        raise EvalInputError(
+            f"`n` must be an int in [1, {len(ordered)}] (the pool size), got {n!r}; lower chair.images.n or "
+            "use a larger pool."
+        )
+    chosen = random.Random(seed).sample(ordered, n)
+    return ImageSelection(
+        tuple(chosen), "sample", seed, f"pool of {len(ordered)} ids", image_list_hash(chosen)
+    )
+
+
+def images_from_list(image_ids: Sequence[int], source: str = "explicit list") -> ImageSelection:
+    """Explicit ids, used in the order given; duplicates raise."""
+    ids = _unique(image_ids, source)
+    if not ids:
+        raise EvalInputError(f"image list {source!r} is empty; give at least one image id.")
+    return ImageSelection(tuple(ids), "list", None, source, image_list_hash(ids))
+
+
+def read_image_list(path: PathLike) -> ImageSelection:
+    """Ids from a JSON list or a file with one id per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"image list {str(path)!r} does not exist; pass a JSON list or one id per line.")
+    text = path.read_text(encoding="utf-8")
+    raw = json.loads(text) if text.lstrip().startswith("[") else [line for line in text.split() if line]
+    return images_from_list([_as_id(value, str(path)) for value in raw], str(path))
+
+
+def images_from_caption_log(
+    path: PathLike, preset: str | None = None, image_id_key: str = "image_id"
+) -> ImageSelection:
+    """The ids of a caption log (JSON Lines or array of `{"image_id": ..., ...}`) in file order.
+
+    With `preset`, the ids must hash to that preset's published image-list hash (`PRESET_HASHES`).
+    """
+    rows = read_records(path, "caption log")
+    ids = [_as_id(row.get(image_id_key), str(path)) for row in rows]
+    if preset is None:
+        return images_from_list(ids, str(path))
+    if preset not in PRESET_HASHES:
+        raise EvalInputError(
+            f"Unknown image preset {preset!r}. Available: {', '.join(sorted(PRESET_HASHES))}"
+        )
+    selection = images_from_list(ids, preset)
+    if selection.hash != PRESET_HASHES[preset]:
+        raise EvalInputError(
+            f"caption log {str(path)!r} has image-list hash {selection.hash}, not the {preset!r} hash "
+            f"{PRESET_HASHES[preset]}; pass the released log the preset is defined by, unmodified."
+        )
+    return ImageSelection(selection.image_ids, "preset", None, preset, selection.hash)
+
+
+def _as_id(value: object, source: str) -> int:
+    if isinstance(value, bool):
+        raise EvalInputError(f"image id {value!r} in {source!r} is not an integer.")
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise EvalInputError(f"image id {value!r} in {source!r} is not an integer.") from err
+
+
+def _unique(image_ids: Iterable[int], source: str) -> list[int]:
+    ids = [_as_id(value, source) for value in image_ids]
+    seen: set[int] = set()
+    duplicates = sorted({i for i in ids if i in seen or seen.add(i)})
+    if duplicates:
+        raise EvalInputError(
+            f"image ids {duplicates[:10]} appear more than once in {source!r}; list each image once."
+        )
+    return ids

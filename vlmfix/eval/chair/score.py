@@ -1,0 +1,254 @@
+"""CHAIR metrics (spec A6) and the per-caption output `chair_scored.json` (spec A9). Pure functions.
+
+With C the captions, M_c a caption's mention list, U_c = set(M_c) and G_c its ground-truth set:
+
+* CHAIR_s = |{c : some m in M_c is not in G_c}| / |C| (captions without mentions stay in the denominator);
+* CHAIR_i = sum_c |{m in M_c : m not in G_c}| / sum_c |M_c| (mention level: repeats count each time);
+* Recall = sum_c |U_c & G_c| / sum_c |G_c|; Precision = sum_c |U_c & G_c| / sum_c |U_c|; F1 = 2PR / (P + R);
+* Len = mean number of merged tokens per caption, punctuation included (the mean caption length).
+
+Undefined ratios (no mentions, no ground truth) are None with a warning, never 0. Reports also carry
+`mean_words` (whitespace words, independent of the normalizer) and the repeated-sentence rate: the share of
+sentences that repeat an earlier sentence of the same caption (a symptom of degenerate decoding).
+Values are fractions; tables show them x 100 with one decimal, as OPERA prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+from typing import Any
+
+from vlmfix.eval._io import PathLike, atomic_write_text, read_records
+from vlmfix.eval.chair.ground_truth import ON_MISSING, GroundTruth, cache_key
+from vlmfix.eval.chair.mentions import CaptionMentions, MentionExtractor
+from vlmfix.eval.errors import EvalInputError
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class Caption:
+    """One generated caption: the row layout of OPERA's released logs and of vlmfix's CHAIR predictions."""
+
+    image_id: int
+    caption: str
+
+
+def read_captions(
+    path: PathLike, image_id_key: str = "image_id", caption_key: str = "caption"
+) -> list[Caption]:
+    """Read generated captions from JSON Lines or a JSON array of objects (content-sniffed)."""
+    captions = []
+    for number, row in enumerate(read_records(path, "caption"), start=1):
+        if not isinstance(row, dict) or image_id_key not in row or caption_key not in row:
+            raise EvalInputError(
+                f"caption file {str(path)!r}, record {number}, needs the keys {image_id_key!r} and "
+                f"{caption_key!r}; set image_id_key / caption_key to the keys your file uses."
+            )
+        captions.append(Caption(int(row[image_id_key]), str(row[caption_key])))
+    return captions
+
+
+@dataclass(frozen=True)
+class ChairMetrics:
+    """Corpus-level CHAIR numbers (fractions; None where a denominator is zero)."""
+
+    CHAIRs: float
+    CHAIRi: float | None
+    Recall: float | None
+    Precision: float | None
+    F1: float | None
+    Len: float
+    n_captions: int
+    n_mentions: int
+    n_hallucinated: int
+    mean_words: float
+    repeated_sentence_rate: float | None
+
+
+@dataclass(frozen=True)
+class CaptionScore:
+    """One caption's CHAIR details."""
+
+    image_id: int
+    caption: str
+    mentions: CaptionMentions
+    gt: frozenset[str]
+    hallucinated: tuple[tuple[str, str], ...]  # (surface, node) of each hallucinated mention
+    hallucination_idxs: tuple[int, ...]  # pre-merge token index of each hallucinated mention
+
+    def metrics(self) -> dict[str, float | int | None]:
+        """Per-caption metrics: CHAIRs (0/1), CHAIRi, Recall, Precision, F1, Len (None where undefined)."""
+        found = set(self.mentions.nodes) & self.gt
+        unique = set(self.mentions.nodes)
+        chair_i = _ratio(len(self.hallucinated), len(self.mentions.nodes))
+        recall = _ratio(len(found), len(self.gt))
+        precision = _ratio(len(found), len(unique))
+        return {
+            "CHAIRs": int(bool(self.hallucinated)),
+            "CHAIRi": chair_i,
+            "Recall": recall,
+            "Precision": precision,
+            "F1": _f1(precision, recall),
+            "Len": len(self.mentions.words),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The OPERA `sentences` entry, plus Precision, F1 and a real per-caption Len."""
+        return {
+            "image_id": self.image_id,
+            "caption": self.caption,
+            "mscoco_hallucinated_words": [list(pair) for pair in self.hallucinated],
+            "mscoco_gt_words": sorted(self.gt),
+            "mscoco_generated_words": list(self.mentions.nodes),
+            "hallucination_idxs": list(self.hallucination_idxs),
+            "words": list(self.mentions.words),
+            "metrics": self.metrics(),
+        }
+
+
+@dataclass(frozen=True)
+class ChairReport:
+    """Per-caption details (input order) and the corpus metrics."""
+
+    sentences: tuple[CaptionScore, ...]
+    overall: ChairMetrics
+
+    def to_json(self, fingerprint: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The `chair_scored.json` document: `sentences`, `overall_metrics`, `fingerprint`."""
+        return {
+            "sentences": [sentence.to_json() for sentence in self.sentences],
+            "overall_metrics": asdict(self.overall),
+            "fingerprint": dict(fingerprint) if fingerprint is not None else None,
+        }
+
+
+def score_caption(caption: Caption, gt: frozenset[str], extractor: MentionExtractor) -> CaptionScore:
+    """Extract one caption's mentions and mark those not in `gt`."""
+    mentions = extractor(caption.caption)
+    bad = [i for i, node in enumerate(mentions.nodes) if node not in gt]
+    return CaptionScore(
+        image_id=caption.image_id,
+        caption=caption.caption,
+        mentions=mentions,
+        gt=gt,
+        hallucinated=tuple((mentions.surface[i], mentions.nodes[i]) for i in bad),
+        hallucination_idxs=tuple(mentions.token_idxs[i] for i in bad),
+    )
+
+
+def score_chair(
+    captions: Iterable[Caption],
+    ground_truth: GroundTruth | Mapping[int, Iterable[str]],
+    extractor: MentionExtractor,
+    on_missing_gt: str = "error",
+) -> ChairReport:
+    """Score captions against ground truth.
+
+    Args:
+        captions: generated captions (`Caption` rows, e.g. from `read_captions`).
+        ground_truth: a `GroundTruth`, or a plain `{image_id: node words}` mapping.
+        extractor: vocabulary + normalizer (`make_extractor(...)`), the one the ground truth was built with.
+        on_missing_gt: `error` (default) raises on an image id without ground truth; `empty` scores it against
+            the empty set, as the reference does silently.
+
+    >>> from vlmfix.eval.chair import make_extractor
+    >>> report = score_chair([Caption(1, "a dog and a cat")], {1: ["dog"]}, make_extractor())
+    >>> report.overall.CHAIRs, report.overall.CHAIRi
+    (1.0, 0.5)
+    """
+    if on_missing_gt not in ON_MISSING:
+        raise EvalInputError(
+            f"`on_missing_gt` must be one of {', '.join(ON_MISSING)}, got {on_missing_gt!r}."
+        )
+    captions = list(captions)
+    if not captions:
+        raise EvalInputError("`captions` is empty; CHAIR needs at least one caption to score.")
+    if not isinstance(ground_truth, GroundTruth):
+        ground_truth = _plain_ground_truth(ground_truth)
+    # Look every id up first, so a missing one fails before any caption is scored.
+    gts = [ground_truth.for_image(caption.image_id, on_missing_gt) for caption in captions]
+    sentences = tuple(score_caption(caption, gt, extractor) for caption, gt in zip(captions, gts))
+    return ChairReport(sentences, corpus_metrics(sentences))
+
+
+def corpus_metrics(sentences: Sequence[CaptionScore]) -> ChairMetrics:
+    """Micro-averaged CHAIR metrics over scored captions."""
+    n_mentions = sum(len(s.mentions.nodes) for s in sentences)
+    n_hallucinated = sum(len(s.hallucinated) for s in sentences)
+    found = sum(len(set(s.mentions.nodes) & s.gt) for s in sentences)
+    chair_i = _ratio(n_hallucinated, n_mentions)
+    if chair_i is None:
+        warnings.warn(
+            "No caption mentions a CHAIR object: CHAIR_i and Precision are undefined (None).", stacklevel=3
+        )
+    recall = _ratio(found, sum(len(s.gt) for s in sentences))
+    if recall is None:
+        warnings.warn("No image has ground-truth objects: Recall is undefined (None).", stacklevel=3)
+    precision = _ratio(found, sum(len(set(s.mentions.nodes)) for s in sentences))
+    repeated, total = _repeated_sentences(s.caption for s in sentences)
+    n = len(sentences)
+    return ChairMetrics(
+        CHAIRs=sum(bool(s.hallucinated) for s in sentences) / n,
+        CHAIRi=chair_i,
+        Recall=recall,
+        Precision=precision,
+        F1=_f1(precision, recall),
+        Len=sum(len(s.mentions.words) for s in sentences) / n,
+        n_captions=n,
+        n_mentions=n_mentions,
+        n_hallucinated=n_hallucinated,
+        mean_words=sum(len(s.caption.split()) for s in sentences) / n,
+        repeated_sentence_rate=_ratio(repeated, total),
+    )
+
+
+def split_sentences(caption: str) -> list[str]:
+    """Sentences of a caption, normalized for comparison: lower-case, single spaces, end punctuation removed.
+
+    >>> split_sentences("A dog.  A dog! Two cats")
+    ['a dog', 'a dog', 'two cats']
+    """
+    parts = (" ".join(part.lower().split()).rstrip(".!?").strip() for part in _SENTENCE_END.split(caption))
+    return [part for part in parts if part]
+
+
+def write_chair_scored(
+    path: PathLike, report: ChairReport, fingerprint: Mapping[str, Any] | None = None
+) -> None:
+    """Write `chair_scored.json` (a superset of the file OPERA's `chair.py --save_path` writes)."""
+    atomic_write_text(path, json.dumps(report.to_json(fingerprint), indent=2, ensure_ascii=False) + "\n")
+
+
+def _repeated_sentences(captions: Iterable[str]) -> tuple[int, int]:
+    repeated = total = 0
+    for caption in captions:
+        seen: set[str] = set()
+        for sentence in split_sentences(caption):
+            total += 1
+            repeated += sentence in seen
+            seen.add(sentence)
+    return repeated, total
+
+
+def _plain_ground_truth(mapping: Mapping[int, Iterable[str]]) -> GroundTruth:
+    objects = {int(image_id): frozenset(words) for image_id, words in mapping.items()}
+    header = {"format": "in-memory", "objects": {str(k): sorted(v) for k, v in sorted(objects.items())}}
+    return GroundTruth(
+        MappingProxyType(objects), MappingProxyType({"format": "in-memory"}), cache_key(header)
+    )
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def _f1(precision: float | None, recall: float | None) -> float | None:
+    if precision is None or recall is None:
+        return None
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0

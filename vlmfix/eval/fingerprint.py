@@ -1,0 +1,159 @@
+"""The protocol fingerprint stored in every result file, and its stable hash ("Run fingerprint" in the spec).
+
+Every choice that moves CHAIR or POPE numbers goes in: model id + revision; method + parameters;
+decoding (mode, beams, temperature, top_p, seed, max_new_tokens); prompt or preset + chat-template hash;
+library versions;
+CHAIR: image-list hash, normalizer + table version, NLTK version, quirk mode, vocabulary sha256, ground-truth
+cache key, comparable_to_opera; POPE: source, version, per-split sha256, parser, splits.
+
+```python
+fp = protocol_fingerprint(model_id="llava-hf/llava-1.5-7b-hf", model_revision=None, method="greedy",
+                          method_params={}, decoding=Decoding(max_new_tokens=512),
+                          prompt="Please describe this image in detail.",
+                          chat_template=processor.chat_template,
+                          chair=chair_protocol(extractor, images, ground_truth))
+fingerprint_hash(fp)  # 64 hex digits; equal hashes mean the same protocol
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Any
+
+from vlmfix.eval._io import sha256_json, sha256_text
+from vlmfix.eval.errors import EvalInputError
+
+DECODING_MODES = ("greedy", "sample", "beam")
+DEFAULT_LIBRARIES = ("vlmfix", "torch", "transformers")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings of a run.
+
+    Args:
+        max_new_tokens: generation budget (CHAIR 512 / 64 are different regimes; never compare across them).
+        mode: `greedy`, `sample` or `beam`.
+        num_beams: beams (1 unless `beam`).
+        temperature, top_p: sampling settings (None unless `sample`).
+        seed: the run's random seed.
+    """
+
+    max_new_tokens: int
+    mode: str = "greedy"
+    num_beams: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODING_MODES:
+            raise EvalInputError(f"`mode` must be one of {', '.join(DECODING_MODES)}, got {self.mode!r}.")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise EvalInputError(f"`max_new_tokens` must be a positive int, got {self.max_new_tokens!r}.")
+        if (
+            not isinstance(self.num_beams, int)
+            or self.num_beams < 1
+            or (self.mode == "beam") != (self.num_beams > 1)
+        ):
+            raise EvalInputError(
+                f"`num_beams` must be > 1 exactly when mode='beam', got num_beams={self.num_beams!r} with "
+                f"mode={self.mode!r}."
+            )
+
+
+def library_versions(names: Sequence[str] = DEFAULT_LIBRARIES) -> dict[str, str | None]:
+    """Installed distribution versions (None when not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def chair_protocol(extractor: Any, images: Any, ground_truth: Any) -> dict[str, Any]:
+    """The CHAIR fields, from a `MentionExtractor`, an `ImageSelection` and a `GroundTruth`."""
+    normalizer = extractor.normalizer
+    return {
+        "image_list_hash": images.hash,
+        "images": images.describe(),
+        "normalizer": normalizer.version,
+        "nltk_version": normalizer.nltk_version,
+        "quirks": extractor.vocabulary.quirks,
+        "vocabulary_sha256": extractor.vocabulary.sha256,
+        "ground_truth_cache_key": ground_truth.cache_key,
+        "comparable_to_opera": extractor.comparable_to_opera,
+    }
+
+
+def pope_protocol(
+    source: str, version: str | Sequence[str] | None, split_sha256: Mapping[str, str], parser: str
+) -> dict[str, Any]:
+    """The POPE fields: source (`file`, `hf` or `built`), version(s), sha256 per split, parser, splits run."""
+    versions = [version] if isinstance(version, str) else list(version or [])
+    return {
+        "source": source,
+        "version": versions,
+        "split_sha256": dict(sorted(split_sha256.items())),
+        "parser": parser,
+        "splits": sorted(split_sha256),
+    }
+
+
+def protocol_fingerprint(
+    *,
+    model_id: str,
+    model_revision: str | None,
+    method: str,
+    method_params: Mapping[str, Any],
+    decoding: Decoding,
+    prompt: str,
+    chat_template: str | None,
+    chair: Mapping[str, Any] | None = None,
+    pope: Mapping[str, Any] | None = None,
+    libraries: Sequence[str] = DEFAULT_LIBRARIES,
+) -> dict[str, Any]:
+    """Build the fingerprint dict of one run (exactly one of `chair` / `pope`).
+
+    Args:
+        model_id, model_revision: the checkpoint (hub id or local path) and its revision / commit, if known.
+        method, method_params: the method name and its constructor parameters (JSON-serialisable).
+        decoding: the `Decoding` settings.
+        prompt: the prompt text or preset name.
+        chat_template: the chat template used (hashed), or None when there is none.
+        chair / pope: `chair_protocol(...)` or `pope_protocol(...)`.
+        libraries: distributions whose versions are recorded.
+    """
+    if (chair is None) == (pope is None):
+        raise EvalInputError(
+            "pass exactly one of `chair` and `pope` to protocol_fingerprint (one benchmark per run)."
+        )
+    fingerprint = {
+        "benchmark": "chair" if chair is not None else "pope",
+        "model": {"id": model_id, "revision": model_revision},
+        "method": {"name": method, "params": dict(method_params)},
+        "decoding": asdict(decoding),
+        "prompt": prompt,
+        "chat_template_sha256": sha256_text(chat_template) if chat_template is not None else None,
+        "libraries": library_versions(libraries),
+        "chair": dict(chair) if chair is not None else None,
+        "pope": dict(pope) if pope is not None else None,
+    }
+    fingerprint_hash(fingerprint)  # fails now, not when the results are written, if a value is not JSON
+    return fingerprint
+
+
+def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a fingerprint (sorted keys; key order and spacing never matter)."""
+    try:
+        return sha256_json(fingerprint)
+    except TypeError as err:
+        raise EvalInputError(
+            f"the fingerprint holds a value JSON cannot store ({err}); pass method_params as plain numbers, "
+            "strings, lists and dicts."
+        ) from err
