@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import os
 
-import pytest
+import torch
 
-from vlmfix.decoding.edits import Edit
-from vlmfix.decoding.method import Method
-from vlmfix.testing import FAMILIES, TinyVLM, build_tiny
+# Triton reads TRITON_INTERPRET once, at its first import (transformers imports it). Without a GPU the
+# kernel tests run the Triton kernels in the interpreter on the CPU, so set it before anything loads it.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from vlmfix.decoding.edits import Edit  # noqa: E402
+from vlmfix.decoding.method import Method  # noqa: E402
+from vlmfix.testing import FAMILIES, TinyVLM, build_tiny  # noqa: E402
 
 _CACHE: dict[tuple, TinyVLM] = {}
 
