@@ -3,8 +3,8 @@
 Registered with transformers' `AttentionInterface` (and a mask builder with
 `AttentionMaskInterface`, bound to the wrapped backend's builder) under a per-session name. Layers
 without edits call the wrapped backend with the exact arguments they got. Edited layers run the
-PyTorch edit path (`edited_attention`); at decode steps on CUDA the grouped Triton kernel serves the
-edits it covers.
+PyTorch edit path (`edited_attention`); at decode steps on CUDA the grouped Triton kernel
+(`vlmfix.decoding.grouped`) serves the edits it can express.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from vlmfix.decoding.edits import Edit, HeadScale, edited_attention, scale_heads
+from vlmfix.decoding.grouped import grouped_decode_output
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
@@ -86,12 +87,13 @@ def make_attention_function(session: Session, implementation: str) -> AttentionF
             mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
             first, rest = slice(0, rows), slice(rows, None)
             out_first = edited_output(query[first], key[first], value[first], mask_of(first), scaling, edits,
-                                      backend, module, **kwargs)
+                                      backend, module, use_kernel=session.use_kernel(query), **kwargs)
             out_rest, _ = backend(module, query[rest], key[rest], value[rest], mask_of(rest), dropout=dropout,
                                   scaling=scaling, **kwargs)
             out = torch.cat([out_first, out_rest], dim=0)
         else:
-            out = edited_output(query, key, value, attention_mask, scaling, edits, backend, module, **kwargs)
+            out = edited_output(query, key, value, attention_mask, scaling, edits, backend, module,
+                                use_kernel=session.use_kernel(query), **kwargs)
         if session.observers:
             call = AttentionCall(module, layer_idx, query, key, value, attention_mask, scaling, out)
             for observer in session.observers:
@@ -112,9 +114,11 @@ def edited_output(
     edits: Sequence[Edit],
     backend: AttentionFn,
     module: nn.Module,
+    use_kernel: bool = False,
     **kwargs: Any,
 ) -> Tensor:
-    """Output of an edited layer on the PyTorch path.
+    """Output of an edited layer: the grouped Triton kernel at decode steps when `use_kernel` and the
+    edits fit it, else the PyTorch path.
 
     At prefill, when every probability edit touches only the last row, the backend computes all rows
     and only the last row is recomputed with edits (cost O(kv_len), not O(q_len * kv_len)).
@@ -123,6 +127,10 @@ def edited_output(
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         return scale_heads(out, edits, key.shape[2])
     q_len = query.shape[2]
+    if q_len == 1 and use_kernel:
+        out = grouped_decode_output(query, key, value, attention_mask, scaling, edits)
+        if out is not None:
+            return out
     if q_len > 1 and _only_last_row(edits):
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         mask = attention_mask[..., -1:, :] if attention_mask is not None and attention_mask.dim() == 4 else None

@@ -17,6 +17,7 @@ def generate(
     methods: Sequence[Method | str] = (),
     tokenizer: Any | None = None,
     spans: SpanOverride = None,
+    kernel: str = "auto",
     **generate_kwargs: Any,
 ) -> Any:
     """Run `model.generate(**generate_kwargs)` with `methods` applied.
@@ -28,7 +29,7 @@ def generate(
     Example (toy model):
         >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.VAR()], max_new_tokens=32)
     """
-    with apply(model, *methods, tokenizer=tokenizer, spans=spans) as session:
+    with apply(model, *methods, tokenizer=tokenizer, spans=spans, kernel=kernel) as session:
         if any(m.contrastive for m in session.methods):
             from vlmfix.decoding.contrastive import generate_contrastive
 

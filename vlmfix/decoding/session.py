@@ -34,6 +34,7 @@ from vlmfix.errors import MissingImageError, SessionError, SpanError
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 _NAMES = itertools.count()
 _UNPREPARED = object()
+KERNEL_MODES = ("auto", "always", "never")
 
 SpanOverride = Spans | dict[str, Sequence[Sequence[int]]] | None
 
@@ -63,7 +64,12 @@ class Session:
         *,
         tokenizer: Any | None = None,
         spans: SpanOverride = None,
+        kernel: str = "auto",
     ) -> None:
+        if kernel not in KERNEL_MODES:
+            raise ValueError(f"kernel must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}; 'auto' uses the "
+                             "Triton decode kernel on CUDA when triton is installed.")
+        self.kernel = kernel
         self.model = model
         self.adapter: Adapter = get_adapter(model)
         self.methods = resolve_methods(methods)
@@ -208,6 +214,16 @@ class Session:
                 edits.extend(method.edits(state, layer_idx))
         return edits
 
+    def use_kernel(self, query: Tensor) -> bool:
+        """Whether edited decode steps go through the grouped Triton kernel."""
+        if self.kernel == "never":
+            return False
+        if self.kernel == "always":
+            return True
+        from vlmfix.kernels import grouped_decode_backend
+
+        return query.is_cuda and grouped_decode_backend(query.device) == "triton"
+
     @contextmanager
     def observing(self, observer: Observer) -> Iterator[None]:
         """Call `observer` on every language-model attention call inside the block."""
@@ -247,6 +263,7 @@ def apply(
     *methods: Method | str,
     tokenizer: Any | None = None,
     spans: SpanOverride = None,
+    kernel: str = "auto",
 ) -> Session:
     """Apply `methods` to every `model.generate` / `model(...)` call inside the `with` block.
 
@@ -257,5 +274,7 @@ def apply(
             marker and needed by methods that read words (GIFT).
         spans: override the adapter's spans: a `Spans`, or {"image": [[pos, ...], ...],
             "instruction": [[pos, ...], ...]} with one list per prompt row in padded input_ids positions.
+        kernel: "auto" (the Triton decode kernel for edited layers on CUDA), "always" (also on CPU,
+            through the Triton interpreter or the kernel's PyTorch reference), or "never".
     """
-    return Session(model, methods, tokenizer=tokenizer, spans=spans)
+    return Session(model, methods, tokenizer=tokenizer, spans=spans, kernel=kernel)

@@ -1,0 +1,249 @@
+"""Decode-step edits through the grouped Triton kernel: edits -> key groups -> kernel -> epilogue.
+
+At a decode step (one query row) every edit in the vocabulary acts on a few key sets. Keys that
+every edit treats alike form one group (at most 8 per row); the kernel returns each group's softmax
+mass and value sum per head (plain, and weighted by the one per-key multiplier GIFT-style edits use),
+after the pre-softmax rule. The post-softmax edits then run on groups instead of keys:
+
+    p'_j  is proportional to  p_j * (c[g(j)] + d[g(j)] * M_j)
+
+with per-(row, head, group) coefficients c (plain part) and d (multiplied part), starting at c = 1,
+d = 0. A `Transfer` scales c and d of the source and receiver groups; a `Reweight` or
+`FusionReweight` moves c into d on the groups whose keys are multiplied; masses for gates and head
+choices come from the current coefficients. The output is
+sum_g (c_g value_g + d_g mult_value_g) / sum_g (c_g mass_g + d_g mult_mass_g), then `HeadScale`.
+Anything this form cannot express (a key multiplied twice, two different multipliers, more than 8
+groups) returns None and the caller uses the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from vlmfix.decoding.edits import (
+    Edit,
+    FusionReweight,
+    HeadScale,
+    KeyBias,
+    Reweight,
+    Transfer,
+    additive_mask,
+    fit_keys,
+    fit_rows,
+    row_mask,
+    scale_heads,
+)
+
+MAX_GROUPS = 8
+
+
+class _Unsupported(Exception):
+    """The edits do not fit the grouped form; fall back to the PyTorch path."""
+
+
+def _per_head(t: Tensor, heads: int) -> Tensor:
+    """[batch, heads or 1, kv] -> [batch, heads, kv]."""
+    return t.expand(t.shape[0], heads, t.shape[-1])
+
+
+def _features(edits: Sequence[Edit], batch: int, heads: int, kv_len: int) -> tuple[list[Tensor], Tensor | None]:
+    """Per-key features that define groups ([batch, n, kv] each) and the one key multiplier, if any."""
+    features: list[Tensor] = []
+    multiplier: Tensor | None = None
+
+    def take_multiplier(m: Tensor) -> None:
+        nonlocal multiplier
+        if multiplier is not None and not torch.equal(multiplier, m):
+            raise _Unsupported("two different key multipliers")
+        multiplier = m
+
+    for edit in edits:
+        if isinstance(edit, KeyBias):
+            for t in (edit.bias, edit.abs_gain):
+                if t is not None:
+                    features.append(_per_head(fit_keys(t.float(), kv_len, batch, 0.0), heads))
+        elif isinstance(edit, Transfer):
+            gate = edit.source | edit.receivers if edit.gate_keys is None else edit.gate_keys
+            for t in (edit.source, edit.receivers, gate):
+                features.append(fit_keys(t, kv_len, batch, False)[:, None].float())
+        elif isinstance(edit, Reweight):
+            mult = edit.multiplier.float()
+            if mult.dim() == 3 and mult.shape[1] != 1:
+                raise _Unsupported("per-head multipliers")
+            mult = fit_keys(mult.reshape(mult.shape[0], -1), kv_len, batch, 1.0)
+            features.append((mult != 1)[:, None].float())
+            take_multiplier(mult)
+            if edit.top_heads_by is not None:
+                features.append(fit_keys(edit.top_heads_by, kv_len, batch, False)[:, None].float())
+        elif isinstance(edit, FusionReweight):
+            features.append(fit_keys(edit.image, kv_len, batch, False)[:, None].float())
+            features.append(fit_keys(edit.query, kv_len, batch, False)[:, None].float())
+            take_multiplier(fit_keys(edit.multiplier.float(), kv_len, batch, 1.0))
+    return features, multiplier
+
+
+def key_groups(features: list[Tensor], valid: Tensor) -> tuple[Tensor, int]:
+    """group_ids [batch, kv] (-1 where not valid) from the distinct feature columns of each row."""
+    batch, kv_len = valid.shape
+    if not features:
+        return torch.where(valid, 0, -1).to(torch.int32), 1
+    columns = torch.cat([f.reshape(batch, -1, kv_len) for f in features], dim=1)  # [batch, n, kv]
+    ids = torch.full((batch, kv_len), -1, dtype=torch.int32, device=valid.device)
+    count = 1
+    for b in range(batch):
+        _, inverse = torch.unique(columns[b, :, valid[b]].T, dim=0, return_inverse=True)
+        ids[b, valid[b]] = inverse.to(torch.int32)
+        count = max(count, int(inverse.max()) + 1 if inverse.numel() else 1)
+    if count > MAX_GROUPS:
+        raise _Unsupported(f"{count} key groups")
+    return ids, count
+
+
+def _group_of(keys: Tensor, ids: Tensor, groups: int) -> Tensor:
+    """[batch, groups] bool: groups whose keys are in `keys` ([batch, kv] bool; groups are pure)."""
+    member = torch.zeros(ids.shape[0], groups, dtype=torch.bool, device=ids.device)
+    valid = ids >= 0
+    for b in range(ids.shape[0]):
+        member[b, ids[b, valid[b] & keys[b]].long()] = True
+    return member
+
+
+def _group_values(t: Tensor, ids: Tensor, groups: int) -> Tensor:
+    """[batch, heads, kv] per-key values constant within groups -> [batch, heads, groups]."""
+    batch, heads, _ = t.shape
+    out = torch.zeros(batch, heads, groups, device=t.device)
+    for b in range(batch):
+        valid = ids[b] >= 0
+        out[b][:, ids[b, valid].long()] = t[b][:, valid]
+    return out
+
+
+def grouped_decode_output(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None,
+    edits: Sequence[Edit],
+) -> Tensor | None:
+    """The edited attention of one decode row, [batch, 1, heads, head_dim], or None if not expressible.
+
+    query: [batch, heads, 1, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim].
+    """
+    from vlmfix.kernels import grouped_decode_attention
+
+    batch, heads, q_len, head_dim = query.shape
+    if q_len != 1:
+        return None
+    kv_len = key.shape[2]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    device = query.device
+    valid = additive_mask(attention_mask, batch, 1, kv_len, device)[:, 0, 0].expand(batch, kv_len) == 0
+    try:
+        features, multiplier = _features(edits, batch, heads, kv_len)
+        ids, groups = key_groups(features, valid)
+    except _Unsupported:
+        return None
+    applies = {id(e): bool(row_mask(e, batch, 1, kv_len, device).all()) for e in edits}
+    bias = torch.zeros(batch, heads, groups, device=device)
+    gain = torch.zeros(batch, heads, groups, device=device)
+    def per_group(t: Tensor) -> Tensor:
+        return _group_values(_per_head(fit_keys(t.float(), kv_len, batch, 0.0), heads), ids, groups)
+
+    for edit in edits:
+        if isinstance(edit, KeyBias) and applies[id(edit)]:
+            if edit.bias is not None:
+                bias += per_group(edit.bias)
+            if edit.abs_gain is not None:
+                gain += per_group(edit.abs_gain)
+    res = grouped_decode_attention(
+        query[:, :, 0], key, value, ids, groups, scaling, group_bias=bias, group_abs_gain=gain,
+        key_multiplier=multiplier,
+    )
+    mass, val = res.mass, res.value  # [batch, heads, groups], [batch, heads, groups, head_dim]
+    mult_mass = res.mult_mass if res.mult_mass is not None else torch.zeros_like(mass)
+    mult_val = res.mult_value if res.mult_value is not None else torch.zeros_like(val)
+    c = torch.ones_like(mass)
+    d = torch.zeros_like(mass)
+    try:
+        for edit in edits:
+            if not applies[id(edit)] or isinstance(edit, (KeyBias, HeadScale)):
+                continue
+            c, d = _post_edit(edit, c, d, mass, mult_mass, ids, groups, heads, kv_len, batch)
+    except _Unsupported:
+        return None
+    numerator = (c[..., None] * val + d[..., None] * mult_val).sum(2)
+    denominator = (c * mass + d * mult_mass).sum(2).clamp_min(torch.finfo(torch.float32).tiny)
+    out = (numerator / denominator[..., None]).to(value.dtype)[:, None]  # [batch, 1, heads, head_dim]
+    return scale_heads(out, edits, kv_len)
+
+
+def _post_edit(edit: Edit, c: Tensor, d: Tensor, mass: Tensor, mult_mass: Tensor, ids: Tensor, groups: int,
+               heads: int, kv_len: int, batch: int) -> tuple[Tensor, Tensor]:
+    """One post-softmax edit on the group coefficients (c, d): [batch, heads, groups]."""
+
+    def current() -> Tensor:  # normalised current group masses
+        m = c * mass + d * mult_mass
+        return m / m.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    def multiply(groups_mask: Tensor, heads_mask: Tensor) -> tuple[Tensor, Tensor]:
+        hit = groups_mask[:, None, :] & heads_mask[..., None]  # [batch, heads, groups]
+        if (hit & (d != 0)).any():
+            raise _Unsupported("a key multiplied twice")
+        return torch.where(hit, 0.0, c), torch.where(hit, c, d)
+
+    def member(keys: Tensor) -> Tensor:
+        return _group_of(fit_keys(keys, kv_len, batch, False), ids, groups)
+
+    def top(mass_: Tensor, count: int) -> Tensor:
+        chosen = torch.zeros_like(mass_, dtype=torch.bool)
+        count = max(0, min(count, heads))
+        if count:
+            chosen.scatter_(1, mass_.topk(count, dim=1).indices, True)
+        return chosen
+
+    if isinstance(edit, Transfer):
+        source, receivers = member(edit.source), member(edit.receivers)
+        gate = source | receivers if edit.gate_keys is None else member(edit.gate_keys)
+        p = current()
+        m_src = (p * source[:, None]).sum(-1)
+        m_recv = (p * receivers[:, None]).sum(-1)
+        m_gate = (p * gate[:, None]).sum(-1)
+        share = torch.where(m_gate > 0, m_recv / m_gate.clamp_min(1e-30), torch.zeros_like(m_gate))
+        selected = (m_gate >= edit.min_gate_mass) & (share >= edit.min_receiver_share) & (m_recv > 0)
+        if edit.require_gate_source:
+            selected &= (source & gate).any(-1)[:, None]
+        if edit.heads is not None:
+            selected &= fit_rows(edit.heads, batch)
+        factor = torch.ones_like(c)
+        factor = torch.where(source[:, None], 1.0 - edit.fraction, factor)
+        gain = 1.0 + edit.fraction * m_src / m_recv.clamp_min(1e-30)
+        factor = torch.where(receivers[:, None], gain[..., None], factor)
+        factor = torch.where(selected[..., None], factor, torch.ones_like(factor))
+        return c * factor, d * factor
+    if isinstance(edit, Reweight):
+        multiplied = member(fit_keys(edit.multiplier.float().reshape(edit.multiplier.shape[0], -1), kv_len, batch,
+                                     1.0) != 1)
+        heads_mask = torch.ones(batch, heads, dtype=torch.bool, device=c.device)
+        if edit.top_heads_by is not None:
+            heads_mask = top((current() * member(edit.top_heads_by)[:, None]).sum(-1), edit.top_heads)
+        return multiply(multiplied, heads_mask)
+    if isinstance(edit, FusionReweight):
+        image, query = member(edit.image), member(edit.query)
+        count = math.floor(heads * edit.head_fraction)
+        p = current()
+        image_heads = top((p * image[:, None]).sum(-1), count)
+        query_heads = top((p * query[:, None]).sum(-1), count)
+        norm = (c * mass + d * mult_mass).sum(-1).clamp_min(1e-30)  # [batch, heads]
+        o = ((c * mass * image[:, None]).sum(-1) / norm * image_heads).sum(1)  # pooled image mass
+        e = ((c * mult_mass * image[:, None]).sum(-1) / norm * image_heads).sum(1)  # pooled multiplied mass
+        ratio = torch.where(o > 0, e / o.clamp_min(1e-30), torch.ones_like(o))  # [batch]
+        c, d = multiply(image, image_heads)
+        factor = torch.where(query[:, None] & query_heads[..., None], (edit.beta * ratio)[:, None, None],
+                             torch.ones_like(c))
+        return c * factor, d * factor
+    raise _Unsupported(type(edit).__name__)
