@@ -1,0 +1,137 @@
+"""Batched, resumable, shardable generation: each prediction is appended to a JSON Lines file as
+soon as its batch is done, and a rerun skips finished items.
+
+Batches have fixed boundaries (item order / batch size), and each batch is seeded by its index, so
+a run killed midway and resumed produces exactly the predictions of an uninterrupted run. With
+several processes (`accelerate launch`) each rank takes every world-th batch into its own file and
+rank 0 merges them in item order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import vlmfix
+from vlmfix.decoding.method import Method
+
+
+@dataclass(frozen=True)
+class Item:
+    """One generation request: `key` identifies it in the predictions file."""
+
+    key: int
+    image_path: Path
+    text: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Shard:
+        """The accelerate process layout when launched with `accelerate launch`, else a single process."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            state = PartialState()
+            return cls(state.process_index, state.num_processes)
+        return cls()
+
+    def wait(self) -> None:
+        if self.world > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
+
+def read_predictions(path: Path, key_name: str) -> dict[int, dict[str, Any]]:
+    """Rows of a predictions file by key; a torn last line (a killed run) is ignored."""
+    rows: dict[int, dict[str, Any]] = {}
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[int(row[key_name])] = row
+    return rows
+
+
+def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def chat_prompt(processor: Any, text: str) -> str:
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+def generate_predictions(
+    items: Sequence[Item],
+    *,
+    model: Any,
+    processor: Any,
+    methods: Sequence[Method],
+    out_path: Path,
+    key_name: str,
+    text_name: str,
+    batch_size: int,
+    max_new_tokens: int,
+    decoding: dict[str, Any],
+    seed: int,
+    shard: Shard = Shard(),
+    progress: bool = True,
+    description: str = "generating",
+) -> dict[int, dict[str, Any]]:
+    """Generate for every item not yet in `out_path`; return all rows by key (merged on rank 0)."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    own_path = out_path if shard.world == 1 else out_path.with_suffix(f".rank{shard.rank}.jsonl")
+    done = {**read_predictions(out_path, key_name), **read_predictions(own_path, key_name)}
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    todo = [
+        (index, batch) for index, batch in enumerate(batches)
+        if index % shard.world == shard.rank and any(item.key not in done for item in batch)
+    ]
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(items), initial=len(items) - sum(len(b) for _, b in todo) * shard.world,
+               desc=description, disable=not progress or shard.rank != 0, unit="item")
+    for index, batch in todo:
+        images = [Image.open(item.image_path).convert("RGB") for item in batch]
+        prompts = [chat_prompt(processor, item.text) for item in batch]
+        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(device)
+        torch.manual_seed(seed * 100_003 + index)
+        with torch.inference_mode():
+            out = vlmfix.generate(model, **inputs, methods=methods, tokenizer=processor,
+                                  max_new_tokens=max_new_tokens, **decoding)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        rows = [{key_name: item.key, text_name: text.strip()} for item, text in zip(batch, texts)
+                if item.key not in done]
+        _append(own_path, rows)
+        done.update({row[key_name]: row for row in rows})
+        bar.update(len(batch) * shard.world)
+    bar.close()
+    shard.wait()
+    if shard.world > 1 and shard.rank == 0:
+        merged = read_predictions(out_path, key_name)
+        for rank in range(shard.world):
+            merged.update(read_predictions(out_path.with_suffix(f".rank{rank}.jsonl"), key_name))
+        order = [item.key for item in items if item.key in merged]
+        out_path.write_text("".join(json.dumps(merged[k]) + "\n" for k in order))
+        done = merged
+    return {item.key: done[item.key] for item in items if item.key in done}

@@ -1,0 +1,119 @@
+"""Multirun summary: one table of every run's metrics (markdown + CSV), a plot, printed at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("benchmarks")
+
+CHAIR_COLUMNS = ("CHAIRs", "CHAIRi", "Recall", "Len", "repeated_sentence_rate")
+POPE_COLUMNS = ("f1", "accuracy", "yes_ratio")
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job's result.json under a Hydra sweep dir, in job order."""
+    found = sorted(sweep_dir.glob("*/result.json"), key=lambda p: (len(p.parent.name), p.parent.name))
+    return [json.loads(p.read_text()) for p in found]
+
+
+def table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Rows per (model, method); columns CHAIR metrics, then POPE metrics per split, then speed."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    columns: list[str] = []
+
+    def put(key: tuple[str, str], column: str, value: Any) -> None:
+        if column not in columns:
+            columns.append(column)
+        rows.setdefault(key, {})[column] = value
+
+    for result in results:
+        key = (result["model"], result["method"])
+        metrics = result["metrics"]
+        if result["kind"] == "chair":
+            for name in CHAIR_COLUMNS:
+                put(key, f"chair {name}", metrics.get(name))
+        elif result["kind"] == "pope":
+            for name in POPE_COLUMNS:
+                put(key, f"{result['benchmark']} {name}", metrics.get(name))
+        elif result["kind"] == "speed":
+            put(key, "speed ratio", metrics.get("ratio_to_greedy"))
+    header = ["model", "method", *columns]
+    body = [[model, method, *(values.get(c) for c in columns)] for (model, method), values in rows.items()]
+    return header, body
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def markdown(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """CHAIR_i against recall per method, and POPE F1 per split and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chair_runs = [r for r in results if r["kind"] == "chair" and r["metrics"].get("CHAIRi") is not None]
+    pope_runs = [r for r in results if r["kind"] == "pope"]
+    if not chair_runs and not pope_runs:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in chair_runs:
+        left.scatter(r["metrics"]["Recall"], r["metrics"]["CHAIRi"])
+        left.annotate(f"{r['method']} ({r['model']})", (r["metrics"]["Recall"], r["metrics"]["CHAIRi"]),
+                      fontsize=8, xytext=(3, 3), textcoords="offset points")
+    left.set(xlabel="object recall", ylabel="CHAIR_i (lower is better)", title="CHAIR")
+    splits = sorted({r["benchmark"] for r in pope_runs})
+    methods = sorted({r["method"] for r in pope_runs})
+    width = 0.8 / max(1, len(methods))
+    for m, method in enumerate(methods):
+        f1 = [next((r["metrics"]["f1"] for r in pope_runs if r["method"] == method and r["benchmark"] == s), 0.0)
+              for s in splits]
+        right.bar([i + m * width for i in range(len(splits))], f1, width, label=method)
+    right.set_xticks([i + 0.4 - width / 2 for i in range(len(splits))], splits)
+    right.set(ylabel="F1", title="POPE", ylim=(0, 1))
+    if methods:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_summary(sweep_dir: Path) -> str | None:
+    results = collect(sweep_dir)
+    if not results:
+        return None
+    header, body = table(results)
+    text = markdown(header, body)
+    (sweep_dir / "summary.md").write_text(text)
+    with (sweep_dir / "summary.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    plot(results, sweep_dir / "summary.png")
+    return text
+
+
+class SummaryCallback(Callback):
+    """At the end of a multirun, write summary.md / summary.csv / summary.png and print the table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        text = write_summary(sweep_dir)
+        if text:
+            print(f"\n{text}\nSummary written to {sweep_dir}/summary.{{md,csv,png}}")
