@@ -40,19 +40,21 @@ class Shard:
 
     @classmethod
     def current(cls) -> Shard:
-        """The accelerate process layout when launched with `accelerate launch`, else a single process."""
+        """The process layout under `accelerate launch` / `torchrun` (WORLD_SIZE > 1), else one process."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            state = PartialState()
+            state = _partial_state()
             return cls(state.process_index, state.num_processes)
         return cls()
 
     def wait(self) -> None:
         if self.world > 1:
-            from accelerate import PartialState
+            _partial_state().wait_for_everyone()
 
-            PartialState().wait_for_everyone()
+
+def _partial_state():
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # several CPU processes use gloo
 
 
 def read_predictions(path: Path, key_name: str) -> dict[int, dict[str, Any]]:
