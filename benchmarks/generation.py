@@ -71,6 +71,15 @@ def read_predictions(path: Path, key_name: str) -> dict[int, dict[str, Any]]:
     return rows
 
 
+def drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a run killed mid-write) so that appends start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     with path.open("a") as f:
         for row in rows:
@@ -104,6 +113,7 @@ def generate_predictions(
     """Generate for every item not yet in `out_path`; return all rows by key (merged on rank 0)."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     own_path = out_path if shard.world == 1 else out_path.with_suffix(f".rank{shard.rank}.jsonl")
+    drop_torn_tail(own_path)
     done = {**read_predictions(out_path, key_name), **read_predictions(own_path, key_name)}
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     todo = [

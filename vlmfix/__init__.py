@@ -12,6 +12,13 @@ print(session.report())
 from vlmfix import methods
 from vlmfix.adapters import SUPPORTED_CLASSES, Spans, get_adapter
 from vlmfix.decoding import Method, Session, apply, generate, register_method
+from vlmfix.decoding.dcd import DCD
+from vlmfix.decoding.dual_stream import DualStream
+from vlmfix.decoding.gift import GIFT
+from vlmfix.decoding.pai import PAI
+from vlmfix.decoding.var import VAR
+from vlmfix.decoding.vcd import VCD
+from vlmfix.decoding.vhr import VHR
 from vlmfix.errors import (
     CheckpointError,
     MissingImageError,
@@ -25,7 +32,8 @@ from vlmfix.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "generate", "apply", "Session", "Method", "register_method", "methods", "get_adapter", "Spans",
+    "generate", "apply", "Session", "Method", "register_method", "methods",
+    "VHR", "VAR", "GIFT", "DualStream", "PAI", "VCD", "DCD", "get_adapter", "Spans",
     "SUPPORTED_CLASSES", "VlmfixError", "UnsupportedModelError", "MissingImageError", "SpanError",
     "SessionError", "CheckpointError", "UnknownNameError", "__version__",
 ]

@@ -1,0 +1,122 @@
+"""The Hydra benchmark app: configs compose and instantiate; generation resumes exactly; a small
+multirun on the fast toy build writes the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_method
+
+from benchmarks.app import CONFIG_DIR, build_methods
+from benchmarks.generation import Item, generate_predictions, read_predictions
+from vlmfix.decoding.method import Method
+from vlmfix.testing import random_image
+
+from .conftest import tiny_model
+
+CONF = Path(CONFIG_DIR)
+REPO = CONF.parent
+
+
+def group(name: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / name).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("method", group("method"))
+def test_method_configs_instantiate(method):
+    cfg = composed(f"method={method}")
+    methods = build_methods(cfg)
+    assert all(isinstance(m, Method) for m in methods)
+    assert (len(methods) == 0) == (method == "greedy")
+    if methods:
+        assert methods[0].name == method, "the config file is named after the registry name of its method"
+
+
+@pytest.mark.parametrize("benchmark", group("benchmark"))
+@pytest.mark.parametrize("model", group("model"))
+def test_model_and_benchmark_configs_compose(model, benchmark):
+    cfg = composed(f"model={model}", f"benchmark={benchmark}")
+    assert cfg.benchmark.kind in ("chair", "pope", "speed")
+    assert callable(get_method(cfg.model.loader._target_))
+    if cfg.benchmark.kind != "speed":
+        assert int(cfg.benchmark.max_new_tokens) > 0  # interpolations resolve
+    if model not in ("toy", "toy_fast"):
+        assert cfg.model.loader.local_files_only and not cfg.model.loader.trust_remote_code
+
+
+def test_default_sweep_covers_every_method_config():
+    cfg = composed("experiment=toy_sweep")
+    swept = set(cfg.hydra.sweeper.params.method.split(","))
+    assert swept == set(group("method"))
+    assert set(cfg.hydra.sweeper.params.benchmark.split(",")) == {
+        "chair", "pope_random", "pope_popular", "pope_adversarial"}
+
+
+def test_slurm_launcher_preset_composes():
+    cfg = composed("hydra/launcher=slurm")
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_unknown_method_target_fails_before_loading():
+    cfg = composed("method=greedy", "+extra_methods=[{_target_: vlmfix.NoSuchMethod}]")
+    with pytest.raises(Exception, match="NoSuchMethod"):
+        build_methods(cfg)
+
+
+def test_killed_run_resumes_with_identical_predictions(tmp_path):
+    tiny = tiny_model("llava")
+    images = []
+    for i in range(7):
+        path = tmp_path / f"img{i}.png"
+        random_image(32 + 8 * (i % 3), i).save(path)
+        images.append(path)
+    items = [Item(key=100 + i, image_path=p, text="describe this image .") for i, p in enumerate(images)]
+    common = dict(model=tiny.model, processor=tiny.processor, methods=[], key_name="image_id", text_name="caption",
+                  batch_size=3, max_new_tokens=5, decoding={"do_sample": True, "top_k": 10}, seed=1, progress=False)
+    full = generate_predictions(items, out_path=tmp_path / "full.jsonl", **common)
+    # a run killed in its second batch: first batch written, one row of the second, then a torn line
+    lines = (tmp_path / "full.jsonl").read_text().splitlines()
+    (tmp_path / "killed.jsonl").write_text("\n".join(lines[:4]) + '\n{"image_id": 10')
+    resumed = generate_predictions(items, out_path=tmp_path / "killed.jsonl", **common)
+    assert resumed == full
+    assert read_predictions(tmp_path / "killed.jsonl", "image_id") == full
+    assert len(full) == 7
+
+
+@pytest.mark.slow
+def test_small_multirun_on_fast_toy_writes_summary(tmp_path):
+    env = {**os.environ, "VLMFIX_RESULTS": str(tmp_path / "results")}
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "benchmarks", "--multirun", "model=toy_fast", "method=greedy,pai",
+               "benchmark=chair,pope_adversarial", "limit=4", "batch_size=4", "progress=false",
+               f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (sweep / "summary.md").exists() and (sweep / "summary.csv").exists() and (sweep / "summary.png").exists()
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("model,method") and len(rows) == 3  # header + greedy + pai
+    assert "chair CHAIRi" in rows[0] and "pope_adversarial f1" in rows[0]
+    assert "| toy_fast | greedy |" in done.stdout
+    results = [json.loads(p.read_text()) for p in sweep.glob("*/result.json")]
+    assert {r["benchmark"] for r in results} == {"chair", "pope_adversarial"}
+    assert all(r["complete"] and r["fingerprint"] for r in results)
+    # a rerun finds every prediction done and generates nothing new
+    predictions = {p: p.read_text() for p in (tmp_path / "results").rglob("predictions.jsonl")}
+    again = subprocess.run(command[:4] + ["method=greedy", "benchmark=chair"] + command[6:-1]
+                           + [f"hydra.sweep.dir={tmp_path / 'sweep2'}"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.read_text() for p in predictions} == predictions
+

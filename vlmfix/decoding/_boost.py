@@ -1,0 +1,161 @@
+"""PAI's image-key boost and image-free refinement, shared by `PAI` and `DualStream`: argument checks,
+layer ranges, the refinement's score rule, and the contrastive base class both methods extend."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from vlmfix.decoding.contrastive import ContrastiveMethod, plausible, require_engine
+from vlmfix.decoding.edits import KeyBias
+
+if TYPE_CHECKING:
+    from vlmfix.decoding.session import Session
+
+FIRST_BOOSTED_LAYER = 2  # PAI leaves the first two language-model layers alone
+
+
+def check_layers(layers: Sequence[int] | None, name: str = "layers") -> tuple[int, ...] | None:
+    """Constructor check: `None` (the method's default band) or distinct non-negative layer indices."""
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes)) or not all(
+        isinstance(x, int) and not isinstance(x, bool) for x in layers
+    ):
+        raise ValueError(f"`{name}` must be a list of layer indices (ints) or None, got {layers!r}.")
+    values = tuple(int(x) for x in layers)
+    if any(x < 0 for x in values) or len(set(values)) != len(values):
+        raise ValueError(f"`{name}` must hold distinct non-negative layer indices, got {list(values)}.")
+    return values
+
+
+def resolve_layers(layers: tuple[int, ...] | None, num_layers: int, name: str = "layers") -> tuple[int, ...]:
+    """The boosted layers for a model of `num_layers` (default: 2 .. num_layers - 1, as PAI)."""
+    if layers is None:
+        return tuple(range(min(FIRST_BOOSTED_LAYER, num_layers), num_layers))
+    bad = [x for x in layers if x >= num_layers]
+    if bad:
+        raise ValueError(
+            f"`{name}` holds {bad}, but the language model has {num_layers} layers (0 .. {num_layers - 1}); "
+            f"pass indices below {num_layers} or None for the default band."
+        )
+    return tuple(sorted(layers))
+
+
+def check_fraction(value: float, name: str, meaning: str, *, low_open: bool = False) -> float:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"`{name}` must be in {interval}, got {value!r}; {name} is {meaning}.")
+    return float(value)
+
+
+def check_margin(value: float, name: str) -> float:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0, got {value!r}; it is the PAI margin in z + {name}*|z| "
+            f"(0 = no boost)."
+        )
+    return float(value)
+
+
+def check_gamma(value: float) -> float:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 1
+    ):
+        raise ValueError(
+            f"`gamma` must be a finite number >= 1, got {value!r}; gamma is the image-free refinement "
+            f"strength (1 = scores of the image stream only, PAI uses 1.1). Use cfg=False to turn the "
+            f"refinement off."
+        )
+    return float(value)
+
+
+def first_token_start(input_ids: Tensor, skip_first_token: bool) -> Tensor | None:
+    """`from_position` for the boost: None (boost the prompt's last row, i.e. the first generated token)
+    or the prompt length (boost decode steps only, as PAI's code does when CFG is on)."""
+    if not skip_first_token:
+        return None
+    # input_ids: [batch, seq]
+    return torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+
+
+@dataclass
+class BoostState:
+    """One prompt batch's boost: the same `KeyBias` in every boosted layer."""
+
+    edit: KeyBias | None
+    layers: frozenset[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def edits(self, layer_idx: int) -> tuple[KeyBias, ...]:
+        return (self.edit,) if self.edit is not None and layer_idx in self.layers else ()
+
+
+def image_free_scores(
+    positive_logits: Tensor, negative_logits: Tensor, gamma: float, cutoff: float
+) -> Tensor:
+    """PAI's refinement: gamma * (log p_img - log p_noimg) + log p_noimg, with tokens whose image-stream
+    probability is below `cutoff` times the top one set to -inf.
+
+    positive_logits, negative_logits: [batch, vocab] raw next-token logits of the image and image-free
+    streams; returns [batch, vocab] fp32 scores.
+    """
+    if positive_logits.shape != negative_logits.shape:
+        raise ValueError(
+            f"the image stream's logits {tuple(positive_logits.shape)} and the image-free stream's "
+            f"{tuple(negative_logits.shape)} must have the same shape [batch, vocab]."
+        )
+    log_img = torch.log_softmax(positive_logits.float(), dim=-1)
+    log_free = torch.log_softmax(negative_logits.float(), dim=-1)
+    scores = log_img if gamma == 1.0 else gamma * (log_img - log_free) + log_free
+    return scores.masked_fill(~plausible(log_img, cutoff), -math.inf)
+
+
+class ImageFreeRefinement(ContrastiveMethod):
+    """PAI's optional refinement against the same prompts without their image tokens, decoded as the
+    second stream of the contrastive engine (rows B..2B-1, unedited). Subclasses set `cfg`, `gamma`,
+    `plausibility`; with `cfg=False` the method is a plain (single-stream) attention method."""
+
+    cfg: bool
+    gamma: float
+    plausibility: float
+
+    @property
+    def contrastive(self) -> bool:  # type: ignore[override]  # per instance: only with the refinement on
+        return self.cfg
+
+    def require_stream_engine(self, session: Session) -> None:
+        if self.cfg:
+            require_engine(session, self)
+
+    def negative_inputs(self, session: Session, state: Any) -> dict[str, Any]:
+        """The same prompts with their image tokens (and Qwen's vision start/end) removed, re-left-padded."""
+        return session.adapter.without_image(session.inputs, pad_token_id=_pad_token_id(session))
+
+    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+        return image_free_scores(positive_logits, negative_logits, self.gamma, self.plausibility)
+
+
+def _pad_token_id(session: Session) -> int:
+    image_id = session.adapter.image_token_id
+    candidates = (
+        getattr(session.tokenizer, "pad_token_id", None),
+        session.model.generation_config.pad_token_id,
+        getattr(session.adapter.text_config, "pad_token_id", None),
+        0,
+    )
+    return next(int(c) for c in candidates if isinstance(c, int) and c != image_id)

@@ -1,0 +1,98 @@
+"""Last-row edits whose parameters depend on the current forward's own attention (DualStream's head
+modulation, GIFT's per-head ratio), which the edit vocabulary cannot plan before the forward.
+
+The method plans nothing for such a layer; instead, while the session's edits are on (the method's
+`edits()` is called and arms the rewrite), an observer recomputes the newest query row of that layer:
+it builds the method's edit from the row's unedited probabilities, then runs the core's
+`edited_attention` on that row with the other methods' edits of the layer plus this one (so the usual
+composition order holds), and swaps the row into the layer's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from vlmfix.decoding.attention import AttentionCall
+from vlmfix.decoding.edits import Edit, additive_mask, edited_attention, repeat_kv
+
+if TYPE_CHECKING:
+    from vlmfix.decoding.session import Session
+
+# make_edit(layer_idx, probabilities) -> the method's edit for this row; probabilities: [batch, heads, 1,
+# kv_len] fp32, the unedited softmax of the newest query row.
+MakeEdit = Callable[[int, Tensor], Edit]
+
+
+@dataclass
+class LastRowRewrite:
+    """Per-prompt switch between the method's `edits()` (arms a layer) and the observer (consumes it)."""
+
+    layers: frozenset[int]
+    armed: int | None = field(default=None)
+
+    def arm(self, layer_idx: int) -> None:
+        if layer_idx in self.layers:
+            self.armed = layer_idx
+
+
+class _ObserverHandle:
+    """A prompt-hook handle that ends an observer's `session.observing` block."""
+
+    def __init__(self, block) -> None:
+        self._block = block
+
+    def remove(self) -> None:
+        if self._block is not None:
+            self._block.__exit__(None, None, None)
+            self._block = None
+
+
+def last_row_probabilities(call: AttentionCall, rows: int) -> Tensor:
+    """[rows, heads, 1, kv_len] fp32: the unedited softmax of the newest query row of `call`."""
+    query = call.query[:rows, :, -1:]  # [rows, heads, 1, head_dim]
+    key = repeat_kv(call.key[:rows], query.shape[1])  # [rows, heads, kv_len, head_dim]
+    scaling = query.shape[-1] ** -0.5 if call.scaling is None else call.scaling
+    z = (query.float() @ key.float().transpose(-1, -2)) * scaling
+    mask = _last_row_mask(call.attention_mask, rows)
+    z = z + additive_mask(mask, rows, 1, key.shape[2], z.device)
+    return z.softmax(dim=-1).nan_to_num(0.0)
+
+
+def _last_row_mask(attention_mask: Tensor | None, rows: int) -> Tensor | None:
+    if attention_mask is None:
+        return None  # causal: the newest row sees every key
+    if attention_mask.dim() == 4:
+        return attention_mask[:rows, :, -1:, :]
+    return attention_mask[:rows]  # 2-D padding mask (flash backends)
+
+
+def install_last_row_rewrite(session: Session, rewrite: LastRowRewrite, make_edit: MakeEdit) -> None:
+    """Observe the language model's attention for the current prompt and rewrite armed layers' last row."""
+
+    def observer(call: AttentionCall) -> Tensor | None:
+        if rewrite.armed != call.layer_idx:
+            return None
+        batch = call.query.shape[0]
+        rows = batch if session.edited_rows is None else min(session.edited_rows, batch)
+        edit = make_edit(call.layer_idx, last_row_probabilities(call, rows))
+        others = list(session.edits_for(call.layer_idx))  # the other methods' edits (this one plans none)
+        rewrite.armed = None
+        last = edited_attention(
+            call.query[:rows, :, -1:],
+            call.key[:rows],
+            call.value[:rows],
+            _last_row_mask(call.attention_mask, rows),
+            call.scaling,
+            [*others, edit],
+        )  # [rows, 1, heads, head_dim]
+        out = call.output.clone()
+        out[:rows, -1:] = last.to(out.dtype)
+        return out
+
+    block = session.observing(observer)
+    block.__enter__()
+    session.add_prompt_hook(_ObserverHandle(block))  # type: ignore[arg-type]  # duck-typed `.remove()`

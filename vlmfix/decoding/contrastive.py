@@ -1,0 +1,475 @@
+"""The contrastive stage: two streams in one batched forward, one token for both (VCD, DCD, PAI's CFG).
+
+Layout of every contrastive forward: rows 0 … B-1 are the positive (clean) stream, rows B … 2B-1 the
+negative stream, where B is the batch `model.generate` works on (already expanded for beams and
+`num_return_sequences`). Each stream has its own KV-cache rows. The method's `combine` turns the two
+streams' next-token logits into B rows of scores; `generate`'s own logits processors, warpers, token
+choice (greedy, sampling, beams), stopping criteria and streamers run on those B rows, and the chosen
+token is fed to both halves.
+
+How (public extension points only): `generate_contrastive` runs `model.generate` unchanged, with
+  - a forward pre-hook on the model that, at the prefill, asks the method for the negative stream's
+    inputs (`negative_inputs`), stacks them under the positive ones (left padding both to one width),
+    and at every decode step feeds the new token to both halves with each half's own mask and
+    positions;
+  - a forward hook that splits the 2B rows of logits, checks the layout and returns `combine`'s B rows;
+  - a `StreamPairCache` (a `DynamicCache`) whose beam reordering moves both halves with the same
+    indices.
+Edits of the session's attention methods touch the positive rows only (`session.edited_rows = B`)
+unless the method sets `edit_negative = True`.
+
+Images: transformers >= 5.x `generate` encodes the images (vision tower + projector) *before* the first
+forward and passes the features as `mm_encoder_outputs`; the prefill forward sees no `pixel_values`.
+A method's negative stream therefore names its images in one of two ways:
+  - `pixel_values` (with `image_sizes` / `image_grid_thw`) in the caller's layout, i.e. as passed to
+    `generate` (`caller_inputs(session)`), before beam expansion: the engine encodes them with the
+    model's `get_image_features` and expands them to the B rows (VCD: noised pixels);
+  - `mm_encoder_outputs` in the forward's layout (B rows), e.g. from `encode_images` (DCD: the same
+    pixels through another projector).
+Rows without image tokens (PAI's image-free stream) get no image features.
+
+Contrastive methods need `vlmfix.generate(model, methods=[...], ...)`; inside a bare `vlmfix.apply`
+block `model.generate` would decode one stream only, so their `prepare` raises (`require_engine`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from vlmfix.decoding.method import Method
+from vlmfix.errors import SessionError
+
+if TYPE_CHECKING:
+    from vlmfix.decoding.session import Session
+
+# keys whose last dimension runs along the prompt; the batch is dim 0 (dim 1 for 3-D M-RoPE positions)
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+# per-forward switches, always taken from the positive stream
+CONTROL_KEYS = ("cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict", "output_attentions",
+                "output_hidden_states")
+# caller-layout image inputs a method may return (encoded by the engine)
+PIXEL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+FEATURES = "mm_encoder_outputs"
+# generate() arguments the engine cannot honour, with the reason
+UNSUPPORTED = {
+    "custom_generate": "the contrastive engine already runs generate's own decoding loop",
+    "assistant_model": "assisted decoding proposes tokens from a single stream",
+    "prefill_chunk_size": "a chunked prefill cannot split the image inputs of both streams",
+    "cache": "the engine keeps its own paired cache (one row per stream)",
+    "past_key_values": "the engine keeps its own paired cache (one row per stream)",
+    "cache_implementation": "the engine keeps its own paired dynamic cache",
+    "pixel_values_videos": "video inputs are not supported by the contrastive engine",
+    "inputs_embeds": "the streams are built from input_ids",
+}
+
+_ENGINES: weakref.WeakKeyDictionary[Any, _Engine] = weakref.WeakKeyDictionary()
+
+
+class ContrastiveMethod(Method):
+    """A method that decodes from two streams in one batch: subclasses provide the negative stream's
+    inputs and the rule that combines the two streams' logits.
+
+    Class attributes:
+        contrastive: True (`vlmfix.generate` routes to `generate_contrastive`).
+        edit_negative: whether the attention edits of the session's methods also apply to the negative
+            rows (False: only rows 0 … B-1 are edited).
+    """
+
+    contrastive: ClassVar[bool] = True
+    edit_negative: ClassVar[bool] = False
+
+    def negative_inputs(self, session: Session, state: Any) -> dict[str, Any]:
+        """The negative stream's model inputs for the same B prompts, as a dict like `session.inputs`.
+
+        Called once per prompt batch, right before the prefill forward of both streams. Keys missing
+        here are filled from the positive stream where the prompts are the same. Images: see the module
+        docstring (`pixel_values` in the caller's layout, or `mm_encoder_outputs` for the B rows).
+        """
+        raise NotImplementedError
+
+    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+        """[B, vocab] scores from the two streams' raw next-token logits ([B, vocab] each, fp32)."""
+        raise NotImplementedError
+
+    def positive_inputs(self, session: Session, state: Any) -> dict[str, Any] | None:
+        """Optional: keys that replace the positive stream's prefill inputs (same image rules as
+        `negative_inputs`); None keeps them. Called before `negative_inputs`."""
+        return None
+
+    def two_streams(self, state: Any) -> bool:
+        """Whether this call decodes two streams (False: the positive stream alone, e.g. DCD pos-only)."""
+        return True
+
+
+# ---------------------------------------------------------------------------------------------- rules
+def plausible(reference_logits: Tensor, beta: float) -> Tensor:
+    """[B, vocab] bool: tokens j with p(j) >= beta * max p under `reference_logits` (logit space:
+    l_j >= log(beta) + max l); the adaptive plausibility constraint of VCD/DCD and PAI's cutoff."""
+    # reference_logits: [B, vocab] (logits or log-probs: the test is shift-invariant)
+    top = reference_logits.max(dim=-1, keepdim=True).values
+    return reference_logits >= top + torch.log(torch.tensor(beta, dtype=reference_logits.dtype))
+
+
+def contrast_logits(positive: Tensor, negative: Tensor, alpha: float, apc_beta: float | None) -> Tensor:
+    """(1 + alpha) * positive - alpha * negative, with -inf where the positive stream finds a token
+    implausible (`plausible(positive, apc_beta)`; `apc_beta=None` switches the cutoff off).
+
+    positive, negative: [B, vocab] logits; returns [B, vocab] fp32 scores (inputs are not modified).
+    """
+    positive, negative = positive.float(), negative.float()
+    scores = (1.0 + alpha) * positive - alpha * negative
+    if apc_beta is not None:
+        scores = scores.masked_fill(~plausible(positive, apc_beta), float("-inf"))
+    return scores
+
+
+def split_streams(logits: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Split [2B, ...] logits into the positive rows (0 … B-1) and the negative rows (B … 2B-1)."""
+    if logits.shape[0] != 2 * batch:
+        raise ValueError(
+            f"contrastive logits must have 2*B = {2 * batch} rows for B = {batch} prompts (layout: rows "
+            f"0..{batch - 1} positive/clean stream, rows {batch}..{2 * batch - 1} negative stream), got "
+            f"{logits.shape[0]} rows. Feed both streams in one batch, positive rows first."
+        )
+    return logits[:batch], logits[batch:]
+
+
+class StreamPairCache(DynamicCache):
+    """A `DynamicCache` holding [positive rows; negative rows]: beam search's reordering, given for
+    the B positive rows, moves the negative rows with the same indices."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # beam_idx: [B] indices into the positive rows
+        batch = beam_idx.shape[0]
+        super().reorder_cache(torch.cat([beam_idx, beam_idx + batch]))
+
+
+def require_engine(session: Session, method: Method) -> None:
+    """Raise unless `session` is decoding through `generate_contrastive` (call from `prepare`)."""
+    if session not in _ENGINES:
+        raise SessionError(
+            f"{type(method).__name__} is a contrastive method: it decodes two streams and needs "
+            f"vlmfix.generate(model, methods=[...], ...). Inside a bare vlmfix.apply block, model.generate "
+            f"would decode the positive stream only."
+        )
+
+
+def caller_inputs(session: Session) -> dict[str, Any]:
+    """The current call's `generate` keyword arguments as the caller passed them (before expansion)."""
+    require_engine(session, next(m for m in session.methods if m.contrastive))
+    return _ENGINES[session].caller
+
+
+@torch.no_grad()
+def encode_images(session: Session, image_inputs: dict[str, Any]) -> dict[str, Any]:
+    """`mm_encoder_outputs` ({"image": output}) for the current B rows from caller-layout image inputs.
+
+    Runs the model's `get_image_features` (vision tower + projector, as `generate` does before the
+    prefill) on `image_inputs` (missing image keys come from the caller's inputs), then repeats each
+    prompt's image group for its beams / return sequences, as `generate` does.
+    """
+    engine = _ENGINES[session]
+    model = session.model
+    encoder = model.base_model.get_image_features
+    available = {**{k: v for k, v in engine.caller.items() if k in PIXEL_KEYS}, **image_inputs}
+    wanted = {k: v for k, v in available.items()
+              if k in inspect.signature(encoder).parameters and k != "kwargs" and v is not None}
+    output = encoder(**wanted, return_dict=True)
+    features = _expand_groups(list(output.pooler_output), engine.caller_ids, session.adapter.image_token_id,
+                              engine.expand)
+    return {"image": _with_features(output, features)}
+
+
+# ---------------------------------------------------------------------------------------------- engine
+def generate_contrastive(session: Session, **generate_kwargs: Any) -> Any:
+    """`model.generate(**generate_kwargs)` with the session's one contrastive method deciding each token
+    from both streams; returns exactly what `model.generate` returns.
+
+    With `return_dict_in_generate=True`, `logits` holds the combined scores (before processors) and
+    `past_key_values` the paired cache (rows [positive; negative]).
+    """
+    contrastive = [(i, m) for i, m in enumerate(session.methods) if m.contrastive]
+    if len(contrastive) != 1:
+        raise ValueError(
+            f"exactly one contrastive method per call is supported, got {len(contrastive)}: "
+            f"{', '.join(m.name for _, m in contrastive)}. Run them in separate calls."
+        )
+    index, method = contrastive[0]
+    if not isinstance(method, ContrastiveMethod):
+        raise TypeError(f"{type(method).__name__} sets contrastive = True but does not subclass ContrastiveMethod.")
+    for key, reason in UNSUPPORTED.items():
+        if generate_kwargs.get(key) is not None:
+            raise ValueError(f"{key} cannot be used with {method.name}: {reason}.")
+    if generate_kwargs.get("use_cache") is False:
+        raise ValueError(f"use_cache=False cannot be used with {method.name}: each stream decodes from its own "
+                         "cache rows. Leave use_cache at its default (True).")
+    ids = generate_kwargs.get("input_ids", generate_kwargs.get("inputs"))
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise ValueError(f"{method.name} needs input_ids of shape [batch, seq] (the processor's output), got "
+                         f"{type(ids).__name__}.")
+    engine = _Engine(session, index, method, generate_kwargs, ids)
+    with engine.installed():
+        return session.model.generate(**generate_kwargs, cache=engine.cache)
+
+
+class _Engine:
+    """One call's stream bookkeeping: the paired cache, the stacked mask and positions."""
+
+    def __init__(self, session: Session, index: int, method: ContrastiveMethod, caller: dict[str, Any],
+                 caller_ids: Tensor) -> None:
+        self.session = session
+        self.index = index
+        self.method = method
+        self.caller = caller
+        self.caller_ids = caller_ids  # [B0, S] before expansion
+        self.cache = StreamPairCache(config=session.model.config.get_text_config(decoder=True))
+        self.batch = 0
+        self.expand = 1
+        self.paired = True
+        self.state: Any = None
+        self.mask: Tensor | None = None  # [2B, kv_len] or None when no row has padding
+        self.last_positions: Tensor | None = None  # [2B, 1] or [sections, 2B, 1]
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        model = self.session.model
+        rows_before = self.session.edited_rows
+        handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+        _ENGINES[self.session] = self
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            _ENGINES.pop(self.session, None)
+            self.session.edited_rows = rows_before
+
+    # -------------------------------------------------------------------------------- forward hooks
+    def _ours(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("cache", kwargs.get("past_key_values")) is self.cache
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        if not self._ours(kwargs):
+            return None  # a method's extra analysis pass, not a decoding step
+        kwargs = dict(kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        if self.cache.get_seq_length() == 0:
+            return args, self._prefill(kwargs)
+        return (args, self._decode(kwargs)) if self.paired else None
+
+    def _prefill(self, positive: dict[str, Any]) -> dict[str, Any]:
+        session = self.session
+        self.batch = positive["input_ids"].shape[0]
+        if self.batch % self.caller_ids.shape[0]:
+            raise ValueError(f"generate expanded {self.caller_ids.shape[0]} prompts to {self.batch} rows; "
+                             "expected a multiple.")
+        self.expand = self.batch // self.caller_ids.shape[0]
+        self.state = session.states[self.index]
+        replacement = self.method.positive_inputs(session, self.state)
+        if replacement:
+            positive = {**positive, **self._encoded(replacement)}
+            positive = {k: v for k, v in positive.items() if k not in PIXEL_KEYS}
+        self.paired = self.method.two_streams(self.state)
+        if not self.paired:
+            return positive
+        if not self.method.edit_negative:
+            session.edited_rows = self.batch
+        negative = self._encoded(self.method.negative_inputs(session, self.state))
+        if not bool((negative["input_ids"] == session.adapter.image_token_id).any()):
+            negative.pop(FEATURES, None)  # an image-free stream
+        stacked = stack_streams(positive, negative, pad_token_id=self._pad_token_id())
+        mask = stacked.get("attention_mask")
+        self.mask = None if mask is None or bool(mask.all()) else mask
+        if self.mask is None:
+            stacked.pop("attention_mask", None)
+        self.last_positions = stacked["position_ids"][..., -1:]
+        return stacked
+
+    def _encoded(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` with caller-layout pixel tensors replaced by their encoded features for the B rows."""
+        if inputs.get("pixel_values") is None:
+            return dict(inputs)
+        pixels = {k: inputs[k] for k in PIXEL_KEYS if inputs.get(k) is not None}
+        out = {k: v for k, v in inputs.items() if k not in PIXEL_KEYS}
+        out[FEATURES] = encode_images(self.session, pixels)
+        return out
+
+    def _decode(self, positive: dict[str, Any]) -> dict[str, Any]:
+        out = dict(positive)
+        ids = positive["input_ids"]  # [B, q]: the tokens chosen for both streams
+        out["input_ids"] = torch.cat([ids, ids])
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], ids.shape[1])], dim=-1)
+            out["attention_mask"] = self.mask
+        else:
+            out.pop("attention_mask", None)
+        steps = torch.arange(1, ids.shape[1] + 1, device=self.last_positions.device)
+        positions = self.last_positions + steps
+        self.last_positions = positions[..., -1:]
+        out["position_ids"] = positions
+        for key in TOKEN_TYPE_KEYS:
+            if out.get(key) is not None:
+                out[key] = torch.cat([out[key], out[key]])
+        return out
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        if not self._ours(kwargs) or not self.paired:
+            return None
+        positive, negative = split_streams(output.logits[:, -1], self.batch)
+        scores = self.method.combine(self.state, positive.float(), negative.float())  # [B, vocab]
+        if scores.shape != positive.shape:
+            raise ValueError(f"{type(self.method).__name__}.combine must return [B, vocab] = "
+                             f"{tuple(positive.shape)} scores, got {tuple(scores.shape)}.")
+        output.logits = scores[:, None, :]
+        for name in ("hidden_states", "attentions"):
+            value = getattr(output, name, None)
+            if isinstance(value, tuple):
+                setattr(output, name, tuple(t[: self.batch] if isinstance(t, Tensor) else t for t in value))
+        return output
+
+    def _pad_token_id(self) -> int:
+        tokenizer = self.session.tokenizer
+        candidates = [getattr(tokenizer, "pad_token_id", None), self.session.model.generation_config.pad_token_id,
+                      getattr(self.session.adapter.text_config, "pad_token_id", None), 0]
+        image_id = self.session.adapter.image_token_id
+        return next(int(c) for c in candidates if isinstance(c, int) and c != image_id)
+
+
+# ---------------------------------------------------------------------------------------------- stacking
+def stack_streams(positive: dict[str, Any], negative: dict[str, Any], *, pad_token_id: int) -> dict[str, Any]:
+    """One forward's kwargs for [positive rows; negative rows], both left-padded to one width.
+
+    Sequence tensors (ids, mask, positions, token types) are padded and stacked; image features
+    (`mm_encoder_outputs`) are concatenated image by image (positive rows' images first); other tensors
+    along dim 0; switches (cache, use_cache…) come from `positive`. A key the negative stream lacks is
+    taken from the positive one when both streams have the same prompt tokens; otherwise mask and
+    positions are derived from the negative `input_ids`.
+    """
+    pos_ids, neg_ids = positive["input_ids"], negative["input_ids"]  # [B, S_pos], [B, S_neg]
+    batch = pos_ids.shape[0]
+    if neg_ids.shape[0] != batch:
+        raise ValueError(f"negative_inputs must give the same B = {batch} rows as the positive stream, got "
+                         f"input_ids of shape {tuple(neg_ids.shape)}.")
+    same_prompt = neg_ids.shape == pos_ids.shape and bool(torch.equal(neg_ids, pos_ids))
+    pos_mask = _mask(positive)
+    neg_mask = _mask(negative) if negative.get("attention_mask") is not None or not same_prompt else pos_mask
+    width = max(pos_ids.shape[1], neg_ids.shape[1])
+    out = {k: v for k, v in positive.items() if k not in SEQUENCE_KEYS and k != FEATURES}
+    out["input_ids"] = torch.cat([_left_pad(pos_ids, width, pad_token_id), _left_pad(neg_ids, width, pad_token_id)])
+    out["attention_mask"] = torch.cat([_left_pad(pos_mask, width, 0), _left_pad(neg_mask, width, 0)])
+
+    pos_positions = positive.get("position_ids")
+    if pos_positions is None:
+        pos_positions = _text_positions(pos_mask)
+    neg_positions = negative.get("position_ids")
+    if neg_positions is None and same_prompt and torch.equal(neg_mask, pos_mask):
+        neg_positions = pos_positions
+    neg_positions = _positions_like(pos_positions, neg_positions, neg_mask)
+    out["position_ids"] = torch.cat([_left_pad(pos_positions, width, 0), _left_pad(neg_positions, width, 0)],
+                                    dim=-2)
+    for key in TOKEN_TYPE_KEYS:
+        pos_types, neg_types = positive.get(key), negative.get(key)
+        if pos_types is None and neg_types is None:
+            continue
+        if neg_types is None:
+            neg_types = pos_types if same_prompt else torch.zeros_like(neg_ids, dtype=pos_types.dtype)
+        if pos_types is None:
+            pos_types = torch.zeros_like(pos_ids, dtype=neg_types.dtype)
+        out[key] = torch.cat([_left_pad(pos_types, width, 0), _left_pad(neg_types, width, 0)])
+
+    features = _stack_features(positive.get(FEATURES), negative.get(FEATURES))
+    if features:
+        out[FEATURES] = features
+    for key in set(positive) | set(negative):
+        if key in SEQUENCE_KEYS or key in CONTROL_KEYS or key == FEATURES:
+            continue
+        pos_value, neg_value = positive.get(key), negative.get(key)
+        if isinstance(pos_value, Tensor) and isinstance(neg_value, Tensor):
+            out[key] = torch.cat([pos_value, neg_value.to(pos_value.device)])
+        elif neg_value is not None and pos_value is None:
+            out[key] = neg_value
+    return out
+
+
+def _stack_features(positive: dict | None, negative: dict | None) -> dict[str, Any]:
+    """Per modality: an encoder output whose `pooler_output` lists the positive images, then the negative."""
+    positive, negative = positive or {}, negative or {}
+    out = {}
+    for modality in set(positive) | set(negative):
+        pos, neg = positive.get(modality), negative.get(modality)
+        if pos is None or neg is None:
+            out[modality] = pos if pos is not None else neg
+            continue
+        out[modality] = _with_features(pos, [*pos.pooler_output, *neg.pooler_output])
+    return out
+
+
+def _with_features(output: Any, features: Sequence[Tensor]) -> Any:
+    """A copy of an image-encoder output with `pooler_output` replaced (the original is not modified)."""
+    return type(output)(**{**output, "pooler_output": list(features)})
+
+
+def _expand_groups(features: list[Tensor], ids: Tensor, image_token_id: int, expand: int) -> list[Tensor]:
+    """Per-image features of B0 prompts -> those of B0 * expand rows (each prompt's image group repeated)."""
+    if expand == 1:
+        return features
+    per_row = (ids == image_token_id).sum(dim=1).tolist()  # image tokens of each prompt
+    out, start = [], 0
+    for tokens in per_row:
+        group, seen = [], 0
+        while seen < tokens:
+            group.append(features[start])
+            seen += features[start].shape[0]
+            start += 1
+        out.extend(group * expand)
+    return out
+
+
+def _mask(inputs: dict[str, Any]) -> Tensor:
+    mask = inputs.get("attention_mask")
+    return torch.ones_like(inputs["input_ids"]) if mask is None else mask
+
+
+def _left_pad(tensor: Tensor, width: int, value: int) -> Tensor:
+    missing = width - tensor.shape[-1]
+    if missing == 0:
+        return tensor
+    pad = tensor.new_full((*tensor.shape[:-1], missing), value)
+    return torch.cat([pad, tensor], dim=-1)
+
+
+def _text_positions(mask: Tensor) -> Tensor:
+    """[B, S] positions of a left-padded text batch, as `generate` computes them."""
+    mask = mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _positions_like(template: Tensor, positions: Tensor | None, mask: Tensor) -> Tensor:
+    """The negative stream's positions in the positive stream's layout ([B, S] or [sections, B, S]).
+
+    Text-only rows have equal positions in every M-RoPE section, so a missing section (Qwen's
+    generate-time text row) or a missing tensor is filled from the mask.
+    """
+    if positions is None:
+        positions = _text_positions(mask)
+    if positions.dim() == template.dim() and positions.shape[:-2] == template.shape[:-2]:
+        return positions
+    if template.dim() == 3 and positions.dim() == 2:
+        return positions[None].expand(template.shape[0], -1, -1)
+    if template.dim() == 3 and positions.dim() == 3 and positions.shape[0] == template.shape[0] - 1:
+        return torch.cat([_text_positions(mask)[None], positions])
+    raise ValueError(f"negative_inputs gave position_ids of shape {tuple(positions.shape)}, which do not fit the "
+                     f"positive stream's {tuple(template.shape)}; return them in the same layout or leave them out.")

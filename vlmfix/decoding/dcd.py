@@ -1,0 +1,275 @@
+"""DCD: contrast the logits of the image seen through a positive and a negative trained projector.
+
+Also the DCD checkpoint format (a projector `state_dict` in safetensors, with metadata that ties it to
+its base model), shared with the trainer `vlmfix.training.dcd`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from vlmfix.adapters import get_adapter
+from vlmfix.decoding.contrastive import ContrastiveMethod, contrast_logits, encode_images, require_engine
+from vlmfix.decoding.method import register_method
+from vlmfix.decoding.vcd import check_alpha, check_beta
+from vlmfix.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from vlmfix.decoding.session import Session
+
+Stream = Literal["pos", "neg"]
+Variant = Literal["pos+neg", "neg_only", "pos_only"]
+STREAMS: tuple[Stream, ...] = ("pos", "neg")
+VARIANTS: tuple[Variant, ...] = ("pos+neg", "neg_only", "pos_only")
+CHECKPOINT_FILES: dict[Stream, str] = {"pos": "positive.safetensors", "neg": "negative.safetensors"}
+FORMAT = "vlmfix-dcd-projector"
+FORMAT_VERSION = "1"
+# config entries that do not change what a projector computes (runtime switches, bookkeeping)
+_CONFIG_NOISE = {"transformers_version", "dtype", "torch_dtype", "architectures", "name_or_path", "use_cache",
+                 "output_attentions", "output_hidden_states", "return_dict", "attn_implementation"}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def config_hash(model: nn.Module) -> str:
+    """sha256 of the model class and its config (runtime switches and private entries left out)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): clean(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                    if not str(k).startswith("_") and k not in _CONFIG_NOISE}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    canonical = json.dumps([type(model).__name__, clean(model.config.to_dict())], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def base_model_id(model: nn.Module) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or type(model).__name__)
+
+
+def save_projector(path: str | Path, state_dict: Mapping[str, Tensor], model: nn.Module, stream: Stream,
+                   training: Mapping[str, Any] | None = None) -> Path:
+    """Write one projector's weights with the metadata `load_projector` checks."""
+    if stream not in STREAMS:
+        raise ValueError(f"`stream` must be 'pos' or 'neg', got {stream!r}.")
+    projector = get_adapter(model).projector
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "stream": stream,
+        "base_model": base_model_id(model),
+        "config_hash": config_hash(model),
+        "projector_class": type(projector).__name__,
+        "shapes": json.dumps({name: list(t.shape) for name, t in tensors.items()}, sort_keys=True),
+        "training": json.dumps(dict(training or {}), sort_keys=True, default=str),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a DCD checkpoint; CheckpointError when it is missing, corrupt or not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No DCD projector checkpoint at {path}. Train one with `python -m vlmfix.training.dcd "
+                              f"model=<model dir> data=<preference jsonl> output_dir={path.parent}`.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); it may be truncated. "
+                              "Train or copy the checkpoint again.") from error
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a vlmfix DCD projector checkpoint (metadata format "
+                              f"{metadata.get('format')!r}, expected {FORMAT!r}).")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has DCD checkpoint format version {metadata.get('format_version')!r}; this "
+                              f"vlmfix reads version {FORMAT_VERSION}.")
+    return metadata
+
+
+def load_projector(path: str | Path, model: nn.Module, stream: Stream | None = None) -> dict[str, Tensor]:
+    """A projector state_dict for `model`, after checking that the checkpoint was trained for it."""
+    metadata = read_metadata(path)
+    expected = f"base model {metadata.get('base_model')!r} (config hash {metadata.get('config_hash', '')[:12]})"
+    if stream is not None and metadata.get("stream") != stream:
+        raise CheckpointError(f"{path} holds the {metadata.get('stream')!r} projector, but the {stream!r} one was "
+                              f"asked for. Pass the {CHECKPOINT_FILES[stream]} file of the training run.")
+    projector = get_adapter(model).projector
+    if metadata.get("config_hash") != config_hash(model) or metadata.get("projector_class") != type(projector).__name__:
+        raise CheckpointError(
+            f"{path} was trained for {expected}, but this model is {base_model_id(model)!r} (config hash "
+            f"{config_hash(model)[:12]}). Load the model the projector was trained on, or train one for this model."
+        )
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} could not be read ({error}); train or copy the checkpoint again.") from error
+    wanted = {name: tuple(t.shape) for name, t in projector.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if wanted != found:
+        raise CheckpointError(
+            f"{path} does not fit the projector of this model: expected {wanted}, found {found}. It was trained for "
+            f"{expected}."
+        )
+    return state
+
+
+def projector_copy(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+    """A frozen copy of the model's projector holding `state_dict` (same device and dtype)."""
+    projector = get_adapter(model).projector
+    clone = copy.deepcopy(projector)
+    reference = next(projector.parameters())
+    clone.load_state_dict({k: v.to(reference.device, reference.dtype) for k, v in state_dict.items()})
+    return clone.eval().requires_grad_(False)
+
+
+@contextmanager
+def projector_replaced(model: nn.Module, replacement: nn.Module) -> Iterator[None]:
+    """Inside the block the model's projector slot returns `replacement(input)` instead of its own output."""
+    handle = get_adapter(model).projector.register_forward_hook(lambda module, args, output: replacement(*args))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------- method
+@dataclass
+class DCDState:
+    """Per call: the projectors in use and the image features each stream gets (filled at the prefill)."""
+
+    projectors: dict[Stream, nn.Module]
+    features: dict[Stream, dict[str, Any]] = field(default_factory=dict)
+
+
+@register_method
+class DCD(ContrastiveMethod):
+    """Decoupling Contrastive Decoding: score tokens by (1 + alpha) * l_w - alpha * l_l, where l_w sees the image
+    through the positive projector (or the original one) and l_l through a negative projector trained on
+    hallucinated (rejected) responses, keeping tokens plausible under the positive stream.
+
+    Both streams share the prompt and the generated tokens and run as one batched forward per step (rows
+    [positive; negative], separate cache rows). Train the projectors with `python -m vlmfix.training.dcd`.
+
+    Args:
+        checkpoints (str | Path | None): a training output directory holding `positive.safetensors` and/or
+            `negative.safetensors`.
+        positive, negative (str | Path | None): explicit checkpoint files (override `checkpoints`).
+        variant ("pos+neg" | "neg_only" | "pos_only", default "pos+neg"): which projectors are used:
+            pos+neg = P_pos vs P_neg; neg_only = the model's own projector vs P_neg (cheapest to train);
+            pos_only = plain decoding through P_pos (one stream; a vlmfix reading of the ablation).
+        alpha (float, default 1.0): contrast strength, >= 0.
+        apc_beta (float | None, default 0.1): plausibility cutoff on the positive stream, (0, 1]; None = off.
+
+    Paper: Chen et al., "Decoupling Contrastive Decoding: Robust Hallucination Mitigation in Multimodal Large
+    Language Models", arXiv 2504.08809 (Sec. 3: decoupled positive/negative projections, contrastive decoding).
+    Departs from the official code: only the abstract-level recipe is known; the defaults (NLL per projector,
+    APC beta 0.1) are vlmfix's reconstruction (see the spec's [R] tags), and the vision tower runs once per
+    replaced projector at the prefill (transformers encodes images before the first forward).
+
+    Example (toy model; train first with `python -m vlmfix.training.dcd output_dir=outputs/dcd/toy`):
+        >>> paths = vlmfix.toy.build_toy(fast=True)
+        >>> model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
+        >>> processor = AutoProcessor.from_pretrained(paths.model_dir)
+        >>> image = Image.open(next((paths.data_dir / "images" / "val").glob("*.png")))
+        >>> prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+        ...     {"type": "text", "text": vlmfix.toy.CAPTION_PROMPT}]}], add_generation_prompt=True)
+        >>> inputs = processor(images=image, text=prompt, return_tensors="pt")
+        >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.DCD("outputs/dcd/toy")], max_new_tokens=20)
+    """
+
+    name = "dcd"
+    needs_image = True
+
+    def __init__(
+        self,
+        checkpoints: str | Path | None = None,
+        *,
+        positive: str | Path | None = None,
+        negative: str | Path | None = None,
+        variant: Variant = "pos+neg",
+        alpha: float = 1.0,
+        apc_beta: float | None = 0.1,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"`variant` must be one of {', '.join(VARIANTS)}, got {variant!r}.")
+        needed = {"pos+neg": ("pos", "neg"), "neg_only": ("neg",), "pos_only": ("pos",)}[variant]
+        files: dict[str, str | None] = {}
+        for stream, given in (("pos", positive), ("neg", negative)):
+            if given is None and checkpoints is not None:
+                given = Path(checkpoints) / CHECKPOINT_FILES[stream]
+            files[stream] = str(given) if given is not None else None
+        missing = [s for s in needed if files[s] is None]
+        if missing:
+            raise ValueError(
+                f"DCD(variant={variant!r}) needs the {' and '.join(CHECKPOINT_FILES[s] for s in missing)} "
+                f"checkpoint: pass checkpoints=<training output dir> or "
+                f"{' / '.join('positive=' if s == 'pos' else 'negative=' for s in missing)}<file>. Train them "
+                f"with `python -m vlmfix.training.dcd`."
+            )
+        self.checkpoints = str(checkpoints) if checkpoints is not None else None
+        self.positive = files["pos"] if "pos" in needed else None
+        self.negative = files["neg"] if "neg" in needed else None
+        self.variant = variant
+        self.alpha = check_alpha(alpha)
+        self.apc_beta = check_beta(apc_beta, "apc_beta")
+        # loaded projectors, reused across calls: model's projector -> {stream: frozen copy}
+        self._loaded: weakref.WeakKeyDictionary[nn.Module, dict[Stream, nn.Module]] = weakref.WeakKeyDictionary()
+
+    def projectors(self, model: nn.Module) -> dict[Stream, nn.Module]:
+        """The frozen positive / negative projectors for `model`, loaded (and checked) once."""
+        slot = get_adapter(model).projector
+        if slot not in self._loaded:
+            files = {"pos": self.positive, "neg": self.negative}
+            self._loaded[slot] = {
+                stream: projector_copy(model, load_projector(path, model, stream))
+                for stream, path in files.items() if path is not None
+            }
+        return self._loaded[slot]
+
+    def prepare(self, session: Session) -> DCDState:
+        require_engine(session, self)
+        return DCDState(self.projectors(session.model))
+
+    def _features(self, session: Session, state: DCDState, stream: Stream) -> dict[str, Any]:
+        if stream not in state.features:
+            with projector_replaced(session.model, state.projectors[stream]):
+                state.features[stream] = encode_images(session, {})
+        return state.features[stream]
+
+    def positive_inputs(self, session: Session, state: DCDState) -> dict[str, Any] | None:
+        if "pos" not in state.projectors:
+            return None  # neg_only: the model's own projector, as generate encoded it
+        return {"mm_encoder_outputs": self._features(session, state, "pos")}
+
+    def negative_inputs(self, session: Session, state: DCDState) -> dict[str, Any]:
+        return {**session.inputs, "mm_encoder_outputs": self._features(session, state, "neg")}
+
+    def two_streams(self, state: DCDState) -> bool:
+        return self.variant != "pos_only"
+
+    def combine(self, state: DCDState, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+        return contrast_logits(positive_logits, negative_logits, self.alpha, self.apc_beta)
+
+    def report(self, state: DCDState) -> dict[str, Any]:
+        return {"variant": self.variant, "projectors": sorted(state.projectors)}

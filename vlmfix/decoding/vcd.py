@@ -1,0 +1,203 @@
+"""VCD: contrast each step's logits with those of a diffusion-noised copy of the image."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from vlmfix.decoding.contrastive import ContrastiveMethod, caller_inputs, contrast_logits, require_engine
+from vlmfix.decoding.method import register_method
+
+if TYPE_CHECKING:
+    from vlmfix.decoding.session import Session
+
+DIFFUSION_STEPS = 1000
+# CLIP's normalisation (LLaVA-1.5 / LLaVA-NeXT processors); used by noise_space="pixel"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+NoiseSpace = Literal["normalized", "pixel"]
+
+
+def noise_schedule(steps: int = DIFFUSION_STEPS) -> Tensor:
+    """[steps] fp64 abar_t = prod_{s<=t} (1 - beta_s), beta = sigmoid(linspace(-6, 6)) * (5e-3 - 1e-5) + 1e-5."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, steps, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def image_noise(shape: tuple[int, ...], seed: int) -> Tensor:
+    """One image's eps ~ N(0, I): fp32 from a CPU `torch.Generator` seeded with `seed` (reproducible on every
+    device). Images with several crops ([crops, C, H, W]) draw one crop after the other."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if len(shape) == 4:
+        return torch.stack([torch.randn(shape[1:], generator=generator) for _ in range(shape[0])])
+    return torch.randn(shape, generator=generator)
+
+
+def add_diffusion_noise(
+    pixel_values: Tensor,
+    noise_step: int,
+    seed: int,
+    *,
+    image_grid_thw: Tensor | None = None,
+    noise_space: NoiseSpace = "normalized",
+    mean: tuple[float, ...] = CLIP_MEAN,
+    std: tuple[float, ...] = CLIP_STD,
+) -> Tensor:
+    """sqrt(abar_t) * v + sqrt(1 - abar_t) * eps for every image of a processor's pixel tensor (a new tensor).
+
+    Every image gets the eps of `image_noise(one image's shape, seed)`, so an image's noise does not depend
+    on the rest of the batch (nor on beams): a batch of 2 equals two batches of 1.
+
+    Args:
+        pixel_values: LLaVA [images, C, H, W]; LLaVA-NeXT [images, crops, C, H, W]; Qwen2-VL flattened
+            patches [patches, C * T * P * P] (then `image_grid_thw` [images, 3] splits them per image).
+        noise_step: t in [0, 1000).
+        seed: the eps generator's seed.
+        noise_space: "normalized" noises the tensor as given; "pixel" undoes the processor's
+            normalisation (`mean`, `std` per channel) first and applies it again after.
+    """
+    abar = noise_schedule()[noise_step]
+    keep, spread = math.sqrt(abar), math.sqrt(1 - abar)
+    values = pixel_values.float()
+    if noise_space == "pixel":
+        values = _channels(values, image_grid_thw, lambda x, m, s: x * s + m, mean, std)
+    if image_grid_thw is None:  # one image per leading index
+        eps = image_noise(tuple(values.shape[1:]), seed).to(values.device)
+        noised = keep * values + spread * eps[None]
+    else:
+        counts = image_grid_thw.prod(dim=-1).tolist()
+        if sum(counts) != values.shape[0]:
+            raise ValueError(f"image_grid_thw gives {sum(counts)} patches, pixel_values has {values.shape[0]}.")
+        blocks = [keep * part + spread * image_noise(tuple(part.shape), seed).to(values.device)
+                  for part in values.split(counts)]
+        noised = torch.cat(blocks)
+    if noise_space == "pixel":
+        noised = _channels(noised, image_grid_thw, lambda x, m, s: (x - m) / s, mean, std)
+    return noised.to(pixel_values.dtype)
+
+
+def _channels(values: Tensor, grid: Tensor | None, fn: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """Apply fn(x, mean, std) per colour channel (dim -3 of image layouts; the leading factor of Qwen's
+    flattened patch dimension)."""
+    m = torch.tensor(mean, dtype=values.dtype, device=values.device)
+    s = torch.tensor(std, dtype=values.dtype, device=values.device)
+    if grid is None:
+        return fn(values, m[:, None, None], s[:, None, None])
+    patches = values.view(values.shape[0], len(mean), -1)  # [patches, C, T * P * P]
+    return fn(patches, m[:, None], s[:, None]).view_as(values)
+
+
+@dataclass(frozen=True)
+class VCDState:
+    """Per call: the noised pixel tensor of the negative stream (the caller's layout)."""
+
+    noised_pixels: Tensor
+
+
+@register_method
+class VCD(ContrastiveMethod):
+    """Visual Contrastive Decoding: score each token by (1 + alpha) * l - alpha * l', where l' comes from the
+    same prompt with a diffusion-noised image, keeping only tokens plausible under the clean image.
+
+    Both streams run as one batched forward per step (rows [clean; noised], separate cache rows); the
+    contrast applies in every decoding mode (greedy, sampling, beams).
+
+    Args:
+        alpha (float, default 1.0): contrast strength, >= 0 (0 = plain decoding of the clean stream).
+        beta (float | None, default 0.1): adaptive plausibility cutoff in (0, 1]: tokens with
+            p(j | image) < beta * max p are removed; None switches it off.
+        noise_step (int, default 500): diffusion step t in [0, 1000); t=500 gives 0.863 v + 0.505 eps.
+        noise_seed (int, default 0): seed of eps (one generator per image, so runs are reproducible).
+        noise_space ("normalized" | "pixel", default "normalized"): noise the processor's normalised
+            tensor (as the official code) or the [0, 1] pixels (then `image_mean` / `image_std`).
+        image_mean, image_std (3 floats, default CLIP's): the processor's normalisation, for "pixel".
+
+    Paper: Leng et al., "Mitigating Object Hallucinations in Large Vision-Language Models through Visual
+    Contrastive Decoding", CVPR 2024, arXiv 2311.16922, Sec. 3 (Eq. 3-5: contrast and plausibility).
+    Departs from the official code: greedy and beams apply the contrast too (the code only patched
+    sampling), the noise is seeded, and the negative stream keeps its own cache rows in the same batch.
+
+    Example (toy model):
+        >>> paths = vlmfix.toy.build_toy(fast=True)
+        >>> model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
+        >>> processor = AutoProcessor.from_pretrained(paths.model_dir)
+        >>> image = Image.open(next((paths.data_dir / "images" / "val").glob("*.png")))
+        >>> prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+        ...     {"type": "text", "text": vlmfix.toy.CAPTION_PROMPT}]}], add_generation_prompt=True)
+        >>> inputs = processor(images=image, text=prompt, return_tensors="pt")
+        >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.VCD(alpha=1.0)], max_new_tokens=20)
+    """
+
+    name = "vcd"
+    needs_image = True
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float | None = 0.1,
+        noise_step: int = 500,
+        noise_seed: int = 0,
+        noise_space: NoiseSpace = "normalized",
+        image_mean: tuple[float, float, float] = CLIP_MEAN,
+        image_std: tuple[float, float, float] = CLIP_STD,
+    ) -> None:
+        self.alpha = check_alpha(alpha)
+        self.beta = check_beta(beta, "beta")
+        if isinstance(noise_step, bool) or not isinstance(noise_step, int) or not 0 <= noise_step < DIFFUSION_STEPS:
+            raise ValueError(f"`noise_step` must be an int in [0, {DIFFUSION_STEPS}), got {noise_step!r}; it is the "
+                             "diffusion step t of the noised image (500 is the paper's).")
+        if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
+            raise ValueError(f"`noise_seed` must be a non-negative int, got {noise_seed!r}.")
+        if noise_space not in ("normalized", "pixel"):
+            raise ValueError(f"`noise_space` must be 'normalized' or 'pixel', got {noise_space!r}.")
+        for arg, value in (("image_mean", image_mean), ("image_std", image_std)):
+            if len(tuple(value)) != 3 or (arg == "image_std" and min(value) <= 0):
+                raise ValueError(f"`{arg}` must be 3 per-channel floats (std > 0), got {value!r}.")
+        self.noise_step = noise_step
+        self.noise_seed = noise_seed
+        self.noise_space = noise_space
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+
+    def prepare(self, session: Session) -> VCDState:
+        require_engine(session, self)
+        inputs = caller_inputs(session)
+        if inputs.get("pixel_values") is None:
+            raise ValueError("VCD needs pixel_values in the model inputs (the image it noises); pass the processor's "
+                             "output to vlmfix.generate.")
+        noised = add_diffusion_noise(
+            inputs["pixel_values"], self.noise_step, self.noise_seed, image_grid_thw=inputs.get("image_grid_thw"),
+            noise_space=self.noise_space, mean=self.image_mean, std=self.image_std,
+        )
+        return VCDState(noised)
+
+    def negative_inputs(self, session: Session, state: VCDState) -> dict[str, Any]:
+        return {**session.inputs, "pixel_values": state.noised_pixels}
+
+    def combine(self, state: VCDState, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+        return contrast_logits(positive_logits, negative_logits, self.alpha, self.beta)
+
+    def report(self, state: VCDState) -> dict[str, Any]:
+        abar = float(noise_schedule()[self.noise_step])
+        return {"clean_weight": math.sqrt(abar), "noise_weight": math.sqrt(1 - abar)}
+
+
+def check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"`alpha` must be a finite number >= 0, got {alpha!r}; alpha is the contrast strength "
+                         "(0 = plain decoding of the positive stream).")
+    return float(alpha)
+
+
+def check_beta(beta: float | None, arg: str) -> float | None:
+    if beta is None:
+        return None
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 1:
+        raise ValueError(f"`{arg}` must be in (0, 1] or None, got {beta!r}; it keeps tokens with "
+                         f"p >= {arg} * max p under the positive stream (None = no cutoff).")
+    return float(beta)
