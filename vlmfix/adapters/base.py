@@ -205,7 +205,8 @@ class Adapter:
         return Spans(image=image, instruction=instruction, valid=valid)
 
     # --- the same prompt without its image ---
-    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
+    # image tensors of the model inputs; generate may pass the vision encoder's output instead of pixels
+    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "mm_encoder_outputs")
 
     def without_image(self, inputs: dict[str, Any], pad_token_id: int) -> dict[str, Any]:
         """Model inputs for the same prompts with their image tokens removed, left-padded again.

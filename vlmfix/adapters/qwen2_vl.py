@@ -32,7 +32,7 @@ class Qwen2VLAdapter(Adapter):
     family: ClassVar[str] = "qwen2_vl"
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
     assistant_markers: ClassVar[tuple[str, ...]] = ("<|im_end|>",)
-    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_grid_thw")
+    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_grid_thw", "mm_encoder_outputs")
     stateful_attributes: ClassVar[tuple[str, ...]] = ("rope_deltas",)
 
     @property

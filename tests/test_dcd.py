@@ -1,0 +1,156 @@
+"""DCD decoding: projector routing per stream, the contrast, variants, checkpoint checks."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import vlmfix
+from vlmfix.adapters import get_adapter
+from vlmfix.decoding.dcd import DCD, save_projector
+from vlmfix.decoding.edits import KeyBias
+from vlmfix.decoding.vcd import VCD
+
+from .conftest import PlannedEdits, tiny_model
+
+QUESTIONS = ["describe this image .", "is there a dog on the table ?"]
+CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+
+
+def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=generator)
+            for k, v in get_adapter(model).projector.state_dict().items()}
+
+
+def checkpoints(tmp_path: Path, family: str) -> tuple[Path, dict, dict]:
+    """A training-output directory with random positive / negative projectors for the tiny `family` model."""
+    model = tiny_model(family).model
+    positive, negative = perturbed(model, 1), perturbed(model, 2)
+    save_projector(tmp_path / "positive.safetensors", positive, model, "pos")
+    save_projector(tmp_path / "negative.safetensors", negative, model, "neg")
+    return tmp_path, positive, negative
+
+
+def with_projector(model: torch.nn.Module, state: dict) -> torch.nn.Module:
+    """Reference: an independent copy of the model whose own projector holds `state`."""
+    clone = copy.deepcopy(model)
+    get_adapter(clone).projector.load_state_dict(state)
+    return clone
+
+
+def test_alpha_zero_decodes_through_the_positive_projector(family, tmp_path):
+    tiny = tiny_model(family)
+    directory, positive, _ = checkpoints(tmp_path, family)
+    inputs = tiny.inputs(QUESTIONS)
+    before = {k: v.clone() for k, v in inputs.items()}
+    reference = with_projector(tiny.model, positive).generate(**inputs, max_new_tokens=6, do_sample=False)
+    out = vlmfix.generate(tiny.model, **inputs, methods=[DCD(directory, alpha=0.0, apc_beta=None)], max_new_tokens=6,
+                          do_sample=False)
+    assert torch.equal(out, reference)
+    pos_only = vlmfix.generate(tiny.model, **inputs, methods=[DCD(directory, variant="pos_only")], max_new_tokens=6,
+                               do_sample=False)
+    assert torch.equal(pos_only, reference)
+    for key, value in before.items():
+        assert torch.equal(inputs[key], value)
+
+
+def test_neg_only_alpha_zero_is_greedy(tmp_path):
+    tiny = tiny_model("qwen2_vl")
+    directory, _, _ = checkpoints(tmp_path, "qwen2_vl")
+    inputs = tiny.inputs(QUESTIONS)
+    plain = tiny.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    out = vlmfix.generate(tiny.model, **inputs, methods=[DCD(directory, variant="neg_only", alpha=0.0, apc_beta=None)],
+                          max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_scores_equal_two_single_stream_runs(family, tmp_path):
+    """(1 + a) l(P_pos) - a l(P_neg), cut by beta on l(P_pos), from two independent plain models."""
+    tiny = tiny_model(family)
+    directory, positive, negative = checkpoints(tmp_path, family)
+    inputs = tiny.inputs(QUESTIONS[:1])  # one row: the plain reference needs no position bookkeeping
+    out = vlmfix.generate(tiny.model, **inputs, methods=[DCD(directory, alpha=0.8, apc_beta=0.2)], max_new_tokens=4,
+                          do_sample=False, return_dict_in_generate=True, output_logits=True)
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    models = with_projector(tiny.model, positive), with_projector(tiny.model, negative)
+    for step, got in enumerate(out.logits):
+        ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        if "mm_token_type_ids" in inputs:
+            extra["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros_like(tokens[:, :step])], dim=1)
+        with torch.no_grad():
+            l_w, l_l = (m(input_ids=ids, **extra).logits[:, -1] for m in models)
+        want = 1.8 * l_w - 0.8 * l_l
+        want[l_w < l_w.max(-1, keepdim=True).values + torch.log(torch.tensor(0.2))] = float("-inf")
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got[~torch.isinf(want)], want[~torch.isinf(want)], atol=1e-4, rtol=1e-4)
+        assert torch.equal(got.argmax(-1), tokens[:, step])
+
+
+def test_pos_only_runs_one_stream(tmp_path):
+    tiny = tiny_model("llava")
+    directory, _, _ = checkpoints(tmp_path, "llava")
+    inputs = tiny.inputs(QUESTIONS)
+    rows: list[int] = []
+    handle = tiny.model.get_input_embeddings().register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        vlmfix.generate(tiny.model, **inputs, methods=[DCD(positive=directory / "positive.safetensors",
+                                                           variant="pos_only")], max_new_tokens=3)
+        assert set(rows) == {2}
+        rows.clear()
+        vlmfix.generate(tiny.model, **inputs, methods=[DCD(directory)], max_new_tokens=3)
+        assert set(rows) == {4}
+    finally:
+        handle.remove()
+
+
+def test_composes_with_an_edit_and_beams(tmp_path):
+    tiny = tiny_model("qwen2_vl")
+    directory, _, _ = checkpoints(tmp_path, "qwen2_vl")
+    inputs = tiny.inputs(QUESTIONS)
+    seen: list[tuple[int, int | None]] = []
+
+    def bias(session, layer):
+        seen.append((layer, session.edited_rows))
+        return [KeyBias(bias=session.spans.image[:, None].float())]
+
+    out = vlmfix.generate(tiny.model, **inputs, methods=[PlannedEdits(bias, layers=[1]), DCD(directory)],
+                          num_beams=2, max_new_tokens=4)
+    assert out.shape[0] == 2
+    assert {layer for layer, _ in seen} == {1} and seen[-1][1] == 4  # B = 2 prompts x 2 beams
+
+
+def test_bad_settings_and_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="`variant` must be one of pos\\+neg, neg_only, pos_only"):
+        DCD(tmp_path, variant="both")
+    with pytest.raises(ValueError, match=r"needs the negative.safetensors checkpoint"):
+        DCD(positive=tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match=r"`apc_beta` must be in \(0, 1\] or None, got 0"):
+        DCD(tmp_path, apc_beta=0)
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+    with pytest.raises(vlmfix.CheckpointError, match="No DCD projector checkpoint at .*negative.safetensors.*"
+                                                     "python -m vlmfix.training.dcd"):
+        vlmfix.generate(tiny.model, **inputs, methods=[DCD(tmp_path / "missing", variant="neg_only")],
+                        max_new_tokens=2)
+    # trained for another model (here: the tiny Qwen2-VL) -> refused, naming that base model
+    directory, _, _ = checkpoints(tmp_path / "qwen", "qwen2_vl")
+    with pytest.raises(vlmfix.CheckpointError, match="was trained for base model .*Qwen2VL.*config hash"):
+        vlmfix.generate(tiny.model, **inputs, methods=[DCD(directory)], max_new_tokens=2)
+
+
+def test_registry_and_configs(tmp_path):
+    assert vlmfix.methods.get("dcd") is DCD and vlmfix.methods.get("vcd") is VCD
+    for name, cls in (("vcd", VCD), ("dcd", DCD)):
+        cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+        assert cfg.pop("_target_") == f"vlmfix.{cls.__name__}"
+        method = cls(**cfg)
+        assert {k: v for k, v in method.params().items() if k in cfg} == {
+            k: (str(v) if k == "checkpoints" else v) for k, v in cfg.items()}

@@ -1,0 +1,227 @@
+"""The DCD projector trainer: preference data checks, the response NLL, one step, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import vlmfix
+from vlmfix.adapters import get_adapter
+from vlmfix.decoding.dcd import DCD, load_projector, read_metadata, save_projector
+from vlmfix.testing import random_image
+from vlmfix.training.dcd import (
+    DCDTrainConfig,
+    PreferenceDataError,
+    ResponseEncoder,
+    load_preferences,
+    parse_config,
+    response_nll,
+    train_dcd,
+    train_projector,
+)
+
+from .conftest import tiny_model
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "train" / "dcd.yaml"
+ROWS = [
+    ("describe this image .", "a dog on the table .", "a dog and a cat on the table ."),
+    ("what is in the picture ?", "a red car .", "a red car and a bus ."),
+    ("describe this image .", "two birds in the sky .", "two birds and a frisbee in the sky ."),
+    ("what is this ?", "a cup near a fork .", "a cup near a knife and a fork ."),
+]
+
+
+def write_preferences(directory: Path, rows=ROWS, extra_lines: tuple[str, ...] = ()) -> Path:
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (prompt, chosen, rejected) in enumerate(rows):
+        random_image(40 + 8 * i, seed=i).save(directory / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/{i}.png", "prompt": prompt, "chosen": chosen, "rejected": rejected}))
+    path = directory / "preferences.jsonl"
+    path.write_text("\n".join([*lines, *extra_lines]) + "\n", encoding="utf-8")
+    return path
+
+
+def step_config(**overrides) -> DCDTrainConfig:
+    settings = dict(model="tiny", data="unused", learning_rate=1e-2, warmup_ratio=0.0, max_steps=1, batch_size=4,
+                    gradient_accumulation_steps=1)
+    return DCDTrainConfig(**{**settings, **overrides})
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_preference_rows_are_read_and_checked(tmp_path):
+    path = write_preferences(tmp_path)
+    rows = load_preferences(path)
+    assert [(r.prompt, r.chosen, r.rejected, r.line) for r in rows] == [(*row, i + 1) for i, row in enumerate(ROWS)]
+    assert rows[2].image == (tmp_path / "images" / "2.png").resolve()
+    assert len(load_preferences(path, max_rows=2)) == 2
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"image": "images/0.png", "prompt": "p", "chosen": "c"', r"line 5: not valid JSON"),
+    ('["images/0.png", "p", "c", "r"]', r"line 5: expected a JSON object .* got list"),
+    ('{"image": "images/0.png", "prompt": "p", "chosen": "c"}', r"line 5: 'rejected' must be a non-empty string, "
+                                                                  r"got None"),
+    ('{"image": "images/0.png", "prompt": "p", "chosen": " ", "rejected": "r"}', r"line 5: 'chosen' must be a "
+                                                                                  r"non-empty string"),
+    ('{"image": "images/nope.png", "prompt": "p", "chosen": "c", "rejected": "r"}', r"line 5: image "
+                                                                                     r"'images/nope.png' not found"),
+])
+def test_bad_preference_row_names_the_row(tmp_path, line, message):
+    path = write_preferences(tmp_path, extra_lines=(line,))
+    with pytest.raises(PreferenceDataError, match=message):
+        load_preferences(path)
+
+
+def test_empty_or_missing_preference_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(PreferenceDataError, match="holds no rows"):
+        load_preferences(tmp_path / "empty.jsonl")
+    with pytest.raises(PreferenceDataError, match="does not exist"):
+        load_preferences(tmp_path / "nope.jsonl")
+
+
+def test_labels_cover_the_response_only(tmp_path):
+    tiny = tiny_model("llava")
+    row = load_preferences(write_preferences(tmp_path))[0]
+    encoder = ResponseEncoder(tiny.processor)
+    item = encoder.encode(row, row.rejected)
+    answer = tiny.tokenizer(" " + row.rejected, add_special_tokens=False)["input_ids"] + [tiny.tokenizer.eos_token_id]
+    prompt_len = len(item["input_ids"]) - len(answer)
+    assert item["input_ids"][prompt_len:].tolist() == answer
+    assert (item["labels"][:prompt_len] == -100).all() and item["labels"][prompt_len:].tolist() == answer
+    image_id = tiny.model.config.image_token_id
+    assert int((item["input_ids"] == image_id).sum()) == 16  # (32 / 8)^2 image tokens, all unlabelled
+
+
+def test_response_nll_matches_a_reference(tmp_path):
+    tiny = tiny_model("qwen2_vl")
+    rows = load_preferences(write_preferences(tmp_path))
+    encoder = ResponseEncoder(tiny.processor)
+    batch = encoder.collate([encoder.encode(r, r.chosen) for r in rows[:3]])
+    with torch.no_grad():
+        logits = tiny.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        per_row, tokens = [], []
+        for b in range(3):  # -log p(y_t | y_<t), response positions only
+            positions = (batch["labels"][b] != -100).nonzero().flatten().tolist()
+            nll = [-torch.log_softmax(logits[b, t - 1], -1)[batch["labels"][b, t]] for t in positions]
+            per_row.append(torch.stack(nll).mean())
+            tokens.extend(nll)
+        torch.testing.assert_close(response_nll(tiny.model, batch, "sequence"), torch.stack(per_row).mean())
+        torch.testing.assert_close(response_nll(tiny.model, batch, "token"), torch.stack(tokens).mean())
+
+
+# ------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_one_step_lowers_the_loss_and_trains_the_projector_only(family, tmp_path):
+    tiny = tiny_model(family)
+    model = tiny.model
+    rows = load_preferences(write_preferences(tmp_path))
+    projector_names = {f"{name}" for name, _ in get_adapter(model).projector.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+
+    run = train_projector(model, tiny.processor, rows, "neg", step_config())
+
+    # the model comes back as it was: weights and requires_grad flags
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+        assert p.requires_grad == flags[name]
+    # the trained weights: every projector tensor moved
+    p0 = get_adapter(model).projector.state_dict()
+    assert set(run.state_dict) == projector_names
+    assert all(not torch.equal(run.state_dict[k], p0[k]) for k in p0)
+    assert run.steps == 1 and len(run.losses) == 1
+    # the step lowered the loss of that batch (the rejected responses)
+    encoder = ResponseEncoder(tiny.processor)
+    batch = encoder.collate([encoder.encode(r, r.rejected) for r in rows])
+    trained = get_adapter(model).projector
+    with torch.no_grad():
+        start = response_nll(model, batch)
+        torch.testing.assert_close(start, torch.tensor(run.losses[0]), atol=1e-5, rtol=1e-5)
+        trained.load_state_dict(run.state_dict)
+        after = response_nll(model, batch)
+        trained.load_state_dict(p0)
+    assert float(after) < float(start) - 1e-3
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    tiny = tiny_model("llava")
+    model = tiny.model
+    state = {k: v + 1.0 for k, v in get_adapter(model).projector.state_dict().items()}
+    path = save_projector(tmp_path / "negative.safetensors", state, model, "neg", {"learning_rate": 0.1})
+    loaded = load_projector(path, model, "neg")
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    metadata = read_metadata(path)
+    assert metadata["stream"] == "neg" and json.loads(metadata["training"]) == {"learning_rate": 0.1}
+    assert metadata["base_model"] == "LlavaForConditionalGeneration"
+    # the same architecture loaded with another attention backend is the same base model
+    assert load_projector(path, tiny_model("llava", attn="eager").model, "neg").keys() == state.keys()
+
+    with pytest.raises(vlmfix.CheckpointError, match="holds the 'neg' projector, but the 'pos' one was asked for"):
+        load_projector(path, model, "pos")
+    other = tiny_model("llava", layers=2).model
+    with pytest.raises(vlmfix.CheckpointError, match="trained for base model 'LlavaForConditionalGeneration' "
+                                                     r"\(config hash [0-9a-f]{12}\), but this model is"):
+        load_projector(path, other, "neg")
+    wrong = {k: v[..., :3] for k, v in state.items()}
+    bad_shapes = save_projector(tmp_path / "bad.safetensors", wrong, model, "neg")
+    with pytest.raises(vlmfix.CheckpointError, match="does not fit the projector of this model"):
+        load_projector(bad_shapes, model, "neg")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(vlmfix.CheckpointError, match="not a vlmfix DCD projector checkpoint"):
+        load_projector(tmp_path / "plain.safetensors", model)
+    (tmp_path / "broken.safetensors").write_bytes(path.read_bytes()[:50])
+    with pytest.raises(vlmfix.CheckpointError, match="not a readable safetensors file"):
+        load_projector(tmp_path / "broken.safetensors", model)
+
+
+def test_train_dcd_writes_checkpoints_that_dcd_loads(tmp_path):
+    tiny = tiny_model("llava")
+    model_dir = tmp_path / "model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.processor.save_pretrained(model_dir)
+    data = write_preferences(tmp_path / "data")
+    config = parse_config(["--config", str(CONF), f"model={model_dir}", f"data={data}",
+                           f"output_dir={tmp_path / 'out'}", "max_steps=1", "batch_size=2",
+                           "gradient_accumulation_steps=2", "learning_rate=1e-3"])
+    written = train_dcd(config)
+    assert sorted(p.name for p in written.values()) == ["negative.safetensors", "positive.safetensors"]
+    training = json.loads(read_metadata(written["pos"])["training"])
+    assert training["steps"] == 1 and training["data"] == str(data) and training["learning_rate"] == 1e-3
+    inputs = tiny.inputs(["describe this image ."])
+    out = vlmfix.generate(tiny.model, **inputs, methods=[DCD(tmp_path / "out")], max_new_tokens=3,
+                          min_new_tokens=3)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="`loss_reduction` must be 'sequence' or 'token', got 'mean'"):
+        DCDTrainConfig(loss_reduction="mean")
+    with pytest.raises(ValueError, match="`streams` must be a non-empty subset"):
+        DCDTrainConfig(streams=("both",))
+    with pytest.raises(NotImplementedError, match="projector\\+lora_neg.*not implemented"):
+        DCDTrainConfig(trainable="projector+lora_neg")
+    with pytest.raises(SystemExit, match="unknown settings \\['lr'\\]"):
+        parse_config(["lr=1e-3"])
+    config = parse_config(["--config", str(CONF), "streams=[neg]"])
+    assert config.streams == ("neg",) and config.learning_rate == 2e-5 and config.gradient_accumulation_steps == 16
+
+
+@pytest.mark.slow
+def test_toy_preference_file_trains():
+    from vlmfix.toy import build_toy
+
+    paths = build_toy(fast=True)
+    config = DCDTrainConfig(model=str(paths.model_dir), data=str(paths.preference_file), max_rows=8, batch_size=4,
+                            gradient_accumulation_steps=1, max_steps=2, learning_rate=1e-3, streams=("neg",))
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
+    processor = AutoProcessor.from_pretrained(paths.model_dir)
+    run = train_projector(model, processor, load_preferences(paths.preference_file, 8), "neg", config)
+    assert run.steps == 2 and all(loss == loss for loss in run.losses)

@@ -1,0 +1,170 @@
+"""VCD: noise schedule, seeded noise per image, the contrast in every decoding mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vlmfix
+from vlmfix.decoding.edits import KeyBias
+from vlmfix.decoding.vcd import VCD, add_diffusion_noise, noise_schedule
+
+from .conftest import PlannedEdits, tiny_model
+
+QUESTIONS = ["describe this image .", "is there a dog on the table ?"]
+
+
+def reference_abar(t: int) -> float:
+    """prod_{s<=t} (1 - beta_s), beta_s = sigmoid(-6 + 12 s / 999) * (5e-3 - 1e-5) + 1e-5, in plain Python."""
+    product = 1.0
+    for s in range(t + 1):
+        x = -6 + 12 * s / 999
+        product *= 1 - (1 / (1 + math.exp(-x)) * (5e-3 - 1e-5) + 1e-5)
+    return product
+
+
+def reference_noise(pixels: torch.Tensor, t: int, seed: int) -> torch.Tensor:
+    """LLaVA layout [images, C, H, W]: every image gets eps = randn(C, H, W) from a fresh seeded generator."""
+    abar = reference_abar(t)
+    eps = torch.randn(pixels.shape[1:], generator=torch.Generator().manual_seed(seed))
+    return math.sqrt(abar) * pixels + math.sqrt(1 - abar) * eps
+
+
+def test_noise_schedule_values():
+    abar = noise_schedule()
+    assert abs(math.sqrt(abar[500]) - 0.863) < 1e-3 and abs(math.sqrt(abar[999]) - 0.285) < 1e-3
+    for t in (0, 250, 500, 999):
+        assert abs(float(abar[t]) - reference_abar(t)) < 1e-9
+
+
+def test_noise_is_seeded_and_per_image():
+    pixels = tiny_model("llava").inputs(QUESTIONS)["pixel_values"]  # [2, 3, 32, 32]
+    before = pixels.clone()
+    noised = add_diffusion_noise(pixels, 500, seed=4)
+    torch.testing.assert_close(noised, reference_noise(pixels, 500, 4), atol=1e-6, rtol=1e-6)
+    assert torch.equal(noised, add_diffusion_noise(pixels, 500, seed=4))  # reproducible
+    assert not torch.allclose(noised, add_diffusion_noise(pixels, 500, seed=5))
+    # an image's noise does not depend on the rest of the batch
+    assert torch.equal(add_diffusion_noise(pixels[1:], 500, seed=4), noised[1:])
+    assert torch.equal(pixels, before)
+
+
+def test_noise_on_flattened_patches_and_crops():
+    qwen = tiny_model("qwen2_vl").inputs(QUESTIONS)
+    pixels, grid = qwen["pixel_values"], qwen["image_grid_thw"]  # [patches, C*T*P*P], [2, 3]
+    noised = add_diffusion_noise(pixels, 999, seed=1, image_grid_thw=grid)
+    abar = reference_abar(999)
+    for part, got in zip(pixels.split(grid.prod(-1).tolist()), noised.split(grid.prod(-1).tolist())):
+        eps = torch.randn(part.shape, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(got, math.sqrt(abar) * part + math.sqrt(1 - abar) * eps, atol=1e-6, rtol=1e-6)
+    crops = tiny_model("llava_next").inputs(QUESTIONS)["pixel_values"]  # [2, crops, C, H, W]
+    noised = add_diffusion_noise(crops, 500, seed=2)
+    generator = torch.Generator().manual_seed(2)
+    eps = torch.stack([torch.randn(crops.shape[2:], generator=generator) for _ in range(crops.shape[1])])
+    expected = math.sqrt(reference_abar(500)) * crops + math.sqrt(1 - reference_abar(500)) * eps
+    torch.testing.assert_close(noised, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_pixel_space_noise():
+    pixels = tiny_model("llava").inputs(QUESTIONS)["pixel_values"]
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    noised = add_diffusion_noise(pixels, 500, seed=0, noise_space="pixel", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    raw = pixels * std[:, None, None] + mean[:, None, None]
+    expected = (reference_noise(raw, 500, 0) - mean[:, None, None]) / std[:, None, None]
+    torch.testing.assert_close(noised, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_alpha_zero_is_greedy(family):
+    tiny = tiny_model(family)
+    inputs = tiny.inputs(QUESTIONS)
+    before = {k: v.clone() for k, v in inputs.items()}
+    plain = tiny.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    out = vlmfix.generate(tiny.model, **inputs, methods=[VCD(alpha=0.0, beta=None)], max_new_tokens=5,
+                          do_sample=False)
+    assert torch.equal(out, plain)
+    for key, value in before.items():
+        assert torch.equal(inputs[key], value)
+
+
+def test_scores_equal_two_single_stream_runs():
+    """VCD's greedy scores = (1 + a) l(clean) - a l(noised), cut by beta, from two independent plain runs."""
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+    method = VCD(alpha=1.0, beta=0.1, noise_step=700, noise_seed=3)
+    out = vlmfix.generate(tiny.model, **inputs, methods=[method], max_new_tokens=4, do_sample=False,
+                          return_dict_in_generate=True, output_logits=True)
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    noised = reference_noise(inputs["pixel_values"], 700, 3)
+    for step, got in enumerate(out.logits):
+        ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            clean, noisy = (
+                tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels)
+                .logits[:, -1] for pixels in (inputs["pixel_values"], noised)
+            )
+        want = 2 * clean - noisy
+        want[clean < clean.max(-1, keepdim=True).values + math.log(0.1)] = float("-inf")
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got[~torch.isinf(want)], want[~torch.isinf(want)], atol=1e-4, rtol=1e-4)
+        assert torch.equal(got.argmax(-1), tokens[:, step])
+
+
+def test_greedy_applies_the_contrast():
+    """Regression for the official code, where greedy silently skipped VCD."""
+    tiny = tiny_model("qwen2_vl")
+    inputs = tiny.inputs(QUESTIONS)
+    plain = tiny.model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    out = vlmfix.generate(tiny.model, **inputs, methods=[VCD(alpha=1.0, noise_step=999)], max_new_tokens=8,
+                          do_sample=False)
+    assert not torch.equal(out, plain)
+
+
+def test_sampling_and_beams_run():
+    tiny = tiny_model("qwen2_5_vl")
+    inputs = tiny.inputs(QUESTIONS)
+    torch.manual_seed(0)
+    sampled = vlmfix.generate(tiny.model, **inputs, methods=["vcd"], do_sample=True, max_new_tokens=4)
+    torch.manual_seed(0)
+    again = vlmfix.generate(tiny.model, **inputs, methods=["vcd"], do_sample=True, max_new_tokens=4)
+    assert torch.equal(sampled, again)
+    beams = vlmfix.generate(tiny.model, **inputs, methods=[VCD()], num_beams=2, num_return_sequences=2,
+                            max_new_tokens=4)
+    assert beams.shape[0] == 4
+
+
+def test_composes_with_an_attention_edit():
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+    layers_seen: list[tuple[int, int | None]] = []
+
+    def bias(session, layer):
+        layers_seen.append((layer, session.edited_rows))
+        return [KeyBias(bias=2.0 * session.spans.image[:, None].float())]
+
+    with vlmfix.apply(tiny.model, PlannedEdits(bias, layers=[0, 3]), VCD()) as session:
+        from vlmfix.decoding.contrastive import generate_contrastive
+
+        generate_contrastive(session, **inputs, max_new_tokens=3, do_sample=False)
+        assert session.report()["vcd"]["clean_weight"] == pytest.approx(0.863, abs=1e-3)
+    assert {layer for layer, _ in layers_seen} == {0, 3}
+    assert {rows for _, rows in layers_seen[-6:]} == {2}  # edits cover rows 0..B-1 of the 2B batch
+
+
+def test_registry_and_validation():
+    assert vlmfix.methods.get("vcd") is VCD
+    with pytest.raises(ValueError, match=r"`alpha` must be a finite number >= 0, got -1"):
+        VCD(alpha=-1)
+    with pytest.raises(ValueError, match=r"`beta` must be in \(0, 1\] or None, got 1.5"):
+        VCD(beta=1.5)
+    with pytest.raises(ValueError, match=r"`noise_step` must be an int in \[0, 1000\), got 1000"):
+        VCD(noise_step=1000)
+    with pytest.raises(ValueError, match="`noise_space` must be 'normalized' or 'pixel'"):
+        VCD(noise_space="latent")
+    tiny = tiny_model("llava")
+    with pytest.raises(vlmfix.SessionError, match="VCD is a contrastive method"):
+        with vlmfix.apply(tiny.model, VCD()):
+            tiny.model.generate(**tiny.inputs(QUESTIONS), max_new_tokens=2)
