@@ -5,7 +5,7 @@ minimises the response NLL of the chosen responses, the negative projector that 
 the vision tower and the language model stay frozen and only the projector slot's parameters train.
 The same script runs on one CPU, one GPU or many (`accelerate launch -m vlmfix.training.dcd ...`).
 
-    python -m vlmfix.training.dcd                                   # the fast toy build, both streams
+    python -m vlmfix.training.dcd                                   # the full toy build, both streams
     python -m vlmfix.training.dcd model=/path/llava-1.5-7b-hf data=/path/prefs.jsonl \\
         output_dir=outputs/dcd/llava7b mixed_precision=bf16
     python -m vlmfix.training.dcd --config conf/train/dcd.yaml learning_rate=1e-4 streams=[neg]
@@ -55,8 +55,9 @@ class DCDTrainConfig:
     """Settings of one DCD training run (defaults: the spec's reconstruction for LLaVA-1.5-7B, [R]).
 
     Args:
-        model: a model directory (or local hub id); "toy" builds / reuses the fast toy.
-        data: the preference JSONL; None with model="toy" uses the toy's preference file.
+        model: a model directory (or local hub id); "toy" / "toy_fast" build or reuse the full / fast toy
+            (the benchmark app's default model is the full toy).
+        data: the preference JSONL; None with a toy model uses the toy's preference file.
         output_dir: where `positive.safetensors` / `negative.safetensors` are written.
         streams: which projectors to train: ("pos", "neg"), ("neg",) for Neg-only, ...
         trainable: "projector" (D2; "projector+lora_neg" is the spec's fallback, not implemented).
@@ -349,19 +350,19 @@ def _train_stream(
 
 
 def load_model(config: DCDTrainConfig) -> tuple[nn.Module, Any, Path]:
-    """(model, processor, preference file) of a config; model="toy" builds or reuses the fast toy."""
+    """(model, processor, preference file) of a config; "toy" / "toy_fast" build or reuse a toy."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     data = config.data
     model_path = config.model
-    if config.model == "toy":
+    if config.model in ("toy", "toy_fast"):
         from vlmfix.toy import build_toy
 
-        paths = build_toy(fast=True)
+        paths = build_toy(fast=config.model == "toy_fast")
         model_path = str(paths.model_dir)
         data = data or str(paths.preference_file)
     if data is None:
-        raise PreferenceDataError("data=<preference jsonl> is required unless model=toy.")
+        raise PreferenceDataError("data=<preference jsonl> is required unless model is toy or toy_fast.")
     model = AutoModelForImageTextToText.from_pretrained(model_path)
     processor = AutoProcessor.from_pretrained(model_path)
     return model, processor, Path(data)
