@@ -130,9 +130,8 @@ class DualStream(ImageFreeRefinement):
         ...     {"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
         ...     add_generation_prompt=True)
         >>> inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-        >>> with vlmfix.apply(model, vlmfix.DualStream(alpha=0.5, beta=0.3)) as session:
-        ...     out = model.generate(**inputs, max_new_tokens=24)
-        >>> session.report()["dual_stream"]["rows"][0]["summary_tokens"]
+        >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.DualStream(alpha=0.5, beta=0.3)],
+        ...                       tokenizer=processor, max_new_tokens=24)
     """
 
     name = "dual_stream"
