@@ -457,10 +457,14 @@ def test_two_refinements_in_one_call_are_refused():
 
 def test_pre_encoded_images_without_record_fail_clearly():
     tiny = tiny_model("llava")
+    inputs = tiny.inputs(["what"])
+    # vlmfix.generate records the caller's image inputs, so the single-stream method runs
+    out = vlmfix.generate(tiny.model, **inputs, methods=[DualStream(alpha=0.5, cfg=False)], max_new_tokens=1)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 1
+    # around a bare model.generate nothing records them: a clear error, not a silent no-op
     with pytest.raises(vlmfix.VlmfixError, match="images were encoded before vlmfix saw the prompt"):
-        vlmfix.generate(
-            tiny.model, **tiny.inputs(["what"]), methods=[DualStream(alpha=0.5, cfg=False)], max_new_tokens=1
-        )
+        with vlmfix.apply(tiny.model, DualStream(alpha=0.5, cfg=False)):
+            tiny.model.generate(**inputs, max_new_tokens=1)
     with pytest.raises(vlmfix.SessionError, match="DualStream is a contrastive method"):
         with vlmfix.apply(tiny.model, DualStream(alpha=0.5)):
             tiny.model.generate(**tiny.inputs(["what"]), max_new_tokens=1)

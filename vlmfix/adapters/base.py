@@ -135,7 +135,8 @@ class Adapter:
 
     @property
     def vision_layers(self) -> nn.ModuleList:
-        return self.vision_tower.vision_model.encoder.layers
+        tower = self.vision_tower  # CLIPVisionModel has `encoder` (older releases nest it in `vision_model`)
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     # --- shapes ---
     @property

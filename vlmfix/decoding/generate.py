@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from vlmfix.decoding.method import Method
-from vlmfix.decoding.session import SpanOverride, apply
+from vlmfix.decoding.session import IMAGE_KEYS, SpanOverride, apply
 
 
 def generate(
@@ -30,6 +30,7 @@ def generate(
         >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.VAR()], max_new_tokens=32)
     """
     with apply(model, *methods, tokenizer=tokenizer, spans=spans, kernel=kernel) as session:
+        session.image_inputs = {k: generate_kwargs[k] for k in IMAGE_KEYS if generate_kwargs.get(k) is not None}
         if any(m.contrastive for m in session.methods):
             from vlmfix.decoding.contrastive import generate_contrastive
 

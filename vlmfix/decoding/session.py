@@ -35,6 +35,9 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictiona
 _NAMES = itertools.count()
 _UNPREPARED = object()
 KERNEL_MODES = ("auto", "always", "never")
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+# decoding-loop arguments of a prefill forward that an extra analysis pass must not reuse
+_LOOP_KEYS = ("cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict")
 
 SpanOverride = Spans | dict[str, Sequence[Sequence[int]]] | None
 
@@ -77,6 +80,10 @@ class Session:
         self._span_override = spans
         self.spans: Spans | None = None
         self.inputs: dict[str, Any] = {}
+        # the call's image tensors in the caller's layout (pixel_values, image_sizes, image_grid_thw):
+        # generate encodes images before its first forward, so the prefill's inputs lack them.
+        # vlmfix.generate fills this; around a bare model.generate, set it for methods that re-read pixels.
+        self.image_inputs: dict[str, Any] = {}
         self.states: list[Any] = [_UNPREPARED] * len(self.methods)
         self.observers: list[Observer] = []
         # contrastive decoding stacks [positive; negative] rows: edits then apply to the first
@@ -243,6 +250,7 @@ class Session:
         saved = self.adapter.saved_state()
         self._in_extra_pass, enabled = True, self._edits_enabled
         self._edits_enabled = with_edits and enabled
+        inputs = {k: v for k, v in inputs.items() if k not in _LOOP_KEYS}
         try:
             return self.model(**inputs, use_cache=False)
         finally:
