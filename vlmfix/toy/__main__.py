@@ -1,0 +1,30 @@
+"""Command line: `python -m vlmfix.toy build --out DIR [--fast] [--seed N] [--quiet]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .build import build_toy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlmfix.toy", description="The vlmfix toy VLM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="generate the scenes, train the model, save both (cached)")
+    build.add_argument("--out", default=None, help="target directory (default: $VLMFIX_CACHE/toy)")
+    build.add_argument("--fast", action="store_true", help="the ~1 minute build used by the tests")
+    build.add_argument("--seed", type=int, default=0, help="seed of scenes and training (default 0)")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        paths = build_toy(args.out, fast=args.fast, seed=args.seed, progress=not args.quiet)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"model: {paths.model_dir}\ndata: {paths.data_dir}\npreference: {paths.preference_file}\n"
+          f"settings hash: {paths.settings_hash}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
