@@ -22,7 +22,7 @@ def default_overrides() -> list[str]:
         methods.remove("dcd")
         print(f"[benchmarks] DCD left out of the default sweep: no trained projectors in {checkpoints} "
               "(train them with: python -m vlmfix.training.dcd --config conf/train/dcd.yaml).", flush=True)
-    return ["experiment=toy_sweep", f"hydra.sweeper.params.method={','.join(methods)}"]
+    return ["experiment=toy_sweep", f"hydra.sweeper.params.method='{','.join(methods)}'"]
 
 
 if __name__ == "__main__":
