@@ -37,7 +37,7 @@ _UNPREPARED = object()
 KERNEL_MODES = ("auto", "always", "never")
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 # decoding-loop arguments of a prefill forward that an extra analysis pass must not reuse
-_LOOP_KEYS = ("cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict")
+_LOOP_KEYS = ("cache", "past_key_values", "use_cache", "return_dict")
 
 SpanOverride = Spans | dict[str, Sequence[Sequence[int]]] | None
 
@@ -251,6 +251,7 @@ class Session:
         self._in_extra_pass, enabled = True, self._edits_enabled
         self._edits_enabled = with_edits and enabled
         inputs = {k: v for k, v in inputs.items() if k not in _LOOP_KEYS}
+        inputs.setdefault("logits_to_keep", 1)  # analysis passes read attention, not the full vocab logits
         try:
             return self.model(**inputs, use_cache=False)
         finally:

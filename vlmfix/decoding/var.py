@@ -214,8 +214,9 @@ class VAR(Method):
             tokens can become sinks. Sink flags of generated tokens follow the batch row, so use it with
             greedy or sampling, not beam search.
 
-    Example (toy model; its 128-wide decoder has no published D_sink and no activation can reach
-    tau=20 there, so the example picks dimensions and a lower threshold):
+    Example (toy model). Its 128-wide decoder has no massive activations (|x_d| / rms(x) stays below
+    about 5, far from tau=20), so `VAR()` finds no sink dimensions there and changes nothing; to watch
+    the mechanism, name dimensions and a low threshold:
         >>> import vlmfix
         >>> from transformers import AutoModelForImageTextToText, AutoProcessor
         >>> from vlmfix.toy import build_toy
@@ -227,7 +228,7 @@ class VAR(Method):
         >>> prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
         ...     {"type": "text", "text": "Describe this image."}]}], add_generation_prompt=True)
         >>> inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-        >>> with vlmfix.apply(model, VAR(tau=4.0)) as session:
+        >>> with vlmfix.apply(model, VAR(sink_dims=[31, 88], tau=2.0)) as session:
         ...     out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
         >>> sinks = session.report()["var"]["rows"][0]["sinks"]  # sink positions per layer
     """
