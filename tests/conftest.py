@@ -20,14 +20,10 @@ from vlmfix.decoding.edits import Edit  # noqa: E402
 from vlmfix.decoding.method import Method  # noqa: E402
 from vlmfix.testing import FAMILIES, TinyVLM, build_tiny  # noqa: E402
 
-_CACHE: dict[tuple, TinyVLM] = {}
-
 
 def tiny_model(family: str, attn: str = "sdpa", **shape: Any) -> TinyVLM:
-    key = (family, attn, tuple(sorted(shape.items())))
-    if key not in _CACHE:
-        _CACHE[key] = build_tiny(family, attn_implementation=attn, **shape)
-    return _CACHE[key]
+    """A fresh tiny model (built in milliseconds; never shared, so no test sees another's changes)."""
+    return build_tiny(family, attn_implementation=attn, **shape)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -114,9 +114,9 @@ def test_small_multirun_on_fast_toy_writes_summary(tmp_path):
     assert all(r["complete"] and r["fingerprint"] for r in results)
     # a rerun finds every prediction done and generates nothing new
     predictions = {p: p.read_text() for p in (tmp_path / "results").rglob("predictions.jsonl")}
-    again = subprocess.run(command[:4] + ["method=greedy", "benchmark=chair"] + command[6:-1]
-                           + [f"hydra.sweep.dir={tmp_path / 'sweep2'}"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    rerun = [*command[:5], "method=greedy", "benchmark=chair", *command[7:-1], f"hydra.sweep.dir={tmp_path / 's2'}"]
+    assert "model=toy_fast" in rerun
+    again = subprocess.run(rerun, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.read_text() for p in predictions} == predictions
 
