@@ -224,6 +224,25 @@ def grouped_decode_attention_reference(
 
 
 @triton.jit
+def _write_normalised(
+    row_sum, acc, row_is_mult, group_ok, row_group, bh, num_groups, offs_d, d_mask,
+    Mass_ptr, Value_ptr, MultMass_ptr, MultValue_ptr, HEAD_DIM: tl.constexpr, HAS_MULT: tl.constexpr,
+):
+    """Normalise the group sums by the plain total mass and write them (both kernels' epilogue)."""
+    total = tl.sum(tl.where(row_is_mult, 0.0, row_sum), axis=0)
+    inv_total = tl.where(total > 0.0, 1.0 / tl.maximum(total, 1e-30), 0.0)  # total is 0 or >= 1
+    out_row = bh * num_groups + row_group  # [ROWS]
+    out_offs = out_row[:, None] * HEAD_DIM + offs_d[None, :]  # [ROWS, BLOCK_D]
+    plain = group_ok & ~row_is_mult
+    tl.store(Mass_ptr + out_row, row_sum * inv_total, mask=plain)
+    tl.store(Value_ptr + out_offs, acc * inv_total, mask=plain[:, None] & d_mask[None, :])
+    if HAS_MULT:
+        multiplied = group_ok & row_is_mult
+        tl.store(MultMass_ptr + out_row, row_sum * inv_total, mask=multiplied)
+        tl.store(MultValue_ptr + out_offs, acc * inv_total, mask=multiplied[:, None] & d_mask[None, :])
+
+
+@triton.jit
 def _grouped_decode_kernel(
     Q_ptr, stride_qb, stride_qh, stride_qd,
     K_ptr, stride_kb, stride_kh, stride_kn, stride_kd,
@@ -309,18 +328,10 @@ def _grouped_decode_kernel(
 
     group_ok = row_group < num_groups
     if SINGLE_SPLIT:
-        # normalise and write the outputs (same epilogue as the reduce kernel)
-        total = tl.sum(tl.where(row_is_mult, 0.0, row_sum), axis=0)
-        inv_total = tl.where(total > 0.0, 1.0 / tl.maximum(total, 1e-30), 0.0)  # total is 0 or >= 1
-        out_row = bh * num_groups + row_group  # [ROWS]
-        out_offs = out_row[:, None] * HEAD_DIM + offs_d[None, :]  # [ROWS, BLOCK_D]
-        plain = group_ok & ~row_is_mult
-        tl.store(Mass_ptr + out_row, row_sum * inv_total, mask=plain)
-        tl.store(Value_ptr + out_offs, acc * inv_total, mask=plain[:, None] & d_mask[None, :])
-        if HAS_MULT:
-            multiplied = group_ok & row_is_mult
-            tl.store(MultMass_ptr + out_row, row_sum * inv_total, mask=multiplied)
-            tl.store(MultValue_ptr + out_offs, acc * inv_total, mask=multiplied[:, None] & d_mask[None, :])
+        _write_normalised(
+            row_sum, acc, row_is_mult, group_ok, row_group, bh, num_groups, offs_d, d_mask,
+        Mass_ptr, Value_ptr, MultMass_ptr, MultValue_ptr, HEAD_DIM, HAS_MULT,
+        )
     else:
         # partials: max [bh, split], rows [bh, split, ROWS], acc [bh, split, ROWS, head_dim]
         part = bh * num_splits + split
@@ -374,18 +385,10 @@ def _grouped_decode_reduce_kernel(
         part_offs = (part * 2 * GROUP_PAD + rows[:, None]) * HEAD_DIM + offs_d[None, :]
         acc += scale * tl.load(PartAcc_ptr + part_offs, mask=kept[:, None] & d_mask[None, :], other=0.0)
 
-    # normalise and write the outputs (same epilogue as the single-split kernel)
-    total = tl.sum(tl.where(row_is_mult, 0.0, row_sum), axis=0)
-    inv_total = tl.where(total > 0.0, 1.0 / tl.maximum(total, 1e-30), 0.0)  # total is 0 or >= 1
-    out_row = bh * num_groups + row_group  # [ROWS]
-    out_offs = out_row[:, None] * HEAD_DIM + offs_d[None, :]  # [ROWS, BLOCK_D]
-    plain = group_ok & ~row_is_mult
-    tl.store(Mass_ptr + out_row, row_sum * inv_total, mask=plain)
-    tl.store(Value_ptr + out_offs, acc * inv_total, mask=plain[:, None] & d_mask[None, :])
-    if HAS_MULT:
-        multiplied = group_ok & row_is_mult
-        tl.store(MultMass_ptr + out_row, row_sum * inv_total, mask=multiplied)
-        tl.store(MultValue_ptr + out_offs, acc * inv_total, mask=multiplied[:, None] & d_mask[None, :])
+    _write_normalised(
+        row_sum, acc, row_is_mult, group_ok, row_group, bh, num_groups, offs_d, d_mask,
+        Mass_ptr, Value_ptr, MultMass_ptr, MultValue_ptr, HEAD_DIM, HAS_MULT,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
