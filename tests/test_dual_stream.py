@@ -19,7 +19,7 @@ from vlmfix.decoding.edits import HeadScale
 from vlmfix.decoding.gift import GIFT
 
 from .conftest import PlannedEdits, tiny_model
-from .test_pai import (
+from .reference_decoding import (
     QUESTIONS,
     assert_unchanged,
     grown,

@@ -16,7 +16,7 @@ from vlmfix.decoding.pai import PAI
 from vlmfix.testing import random_image
 
 from .conftest import PlannedEdits, tiny_model
-from .test_pai import (
+from .reference_decoding import (
     QUESTIONS,
     assert_unchanged,
     keys_of,
