@@ -7,13 +7,22 @@ Decode time per token is read from a streamer's timestamps: (time of token N - t
     python -m benchmarks.speed                      # LLaVA-shaped CPU model, the core figures
     python -m benchmarks.speed --layers 4 --new-tokens 16 --repeats 2   # a quick look
     python -m benchmarks.speed --methods vhr var     # registered methods, default parameters
+    python -m benchmarks.speed --methods pai:cfg=False gift   # name:key=value,... sets parameters
+    python -m benchmarks.speed --methods vcd dcd pai # two-stream methods also get the 2-row floor
+
+A two-stream method (VCD, DCD, PAI with refinement) decodes 2 rows per prompt; the harness then also
+times plain `generate` on the prompt duplicated to 2 rows, the floor of any batched two-stream
+decoder on this machine. DCD is timed with stand-in projectors (copies of the model's own, written as
+DCD checkpoints to a temporary directory): its cost does not depend on the trained weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +32,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import vlmfix
+from vlmfix.decoding.dcd import CHECKPOINT_FILES, save_projector
 from vlmfix.decoding.edits import Edit, KeyBias
 from vlmfix.decoding.method import Method
 from vlmfix.testing import TinyVLM, build_tiny
@@ -80,12 +90,19 @@ def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
     return [SpeedResult(label, sec, sec / base) for label, sec in medians.items()]
 
 
-def generate_variants(tiny: TinyVLM, inputs: dict, methods: dict[str, Sequence[Method]]) -> dict[str, GenerateFn]:
-    """`greedy` (plain `model.generate`) then one variant per method list, all greedy, fixed length."""
+def generate_variants(tiny: TinyVLM, inputs: dict, methods: dict[str, Sequence[Method]],
+                      two_row_floor: bool = False) -> dict[str, GenerateFn]:
+    """`greedy` (plain `model.generate`), optionally `greedy, 2 rows` (the prompt duplicated: the floor of a
+    two-stream decoder), then one variant per method list; all greedy, fixed length."""
     model = tiny.model
+    doubled = {key: torch.cat([value, value]) for key, value in inputs.items()}  # batch 1 -> 2 rows
 
     def plain(n: int, streamer: BaseStreamer) -> Any:
         return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer)
+
+    def plain_two_rows(n: int, streamer: BaseStreamer) -> Any:
+        return model.generate(**doubled, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              streamer=_FirstRow(streamer))
 
     def with_methods(ms: Sequence[Method]) -> GenerateFn:
         return lambda n, streamer: vlmfix.generate(
@@ -93,7 +110,21 @@ def generate_variants(tiny: TinyVLM, inputs: dict, methods: dict[str, Sequence[M
             do_sample=False, streamer=streamer,
         )
 
-    return {"greedy": plain, **{label: with_methods(ms) for label, ms in methods.items()}}
+    floor = {"greedy, 2 rows (two-stream floor)": plain_two_rows} if two_row_floor else {}
+    return {"greedy": plain, **floor, **{label: with_methods(ms) for label, ms in methods.items()}}
+
+
+class _FirstRow(BaseStreamer):
+    """Passes a 2-row batch's token events on to a streamer that expects one row."""
+
+    def __init__(self, inner: BaseStreamer) -> None:
+        self.inner = inner
+
+    def put(self, value: torch.Tensor) -> None:
+        self.inner.put(value[:1])
+
+    def end(self) -> None:
+        self.inner.end()
 
 
 class ImageBiasOnLayers(Method):
@@ -112,14 +143,42 @@ class ImageBiasOnLayers(Method):
         return (state,) if layer_idx in self.layers else ()
 
 
-def method_by_name(name: str) -> Method:
-    """A registered method with default parameters (importing its module if vlmfix has not yet)."""
+def stand_in_dcd(tiny: TinyVLM, directory: str, **kwargs: Any) -> Method:
+    """DCD over copies of the model's own projector saved as its checkpoints (timing only)."""
+    state = {name: t.clone() for name, t in vlmfix.get_adapter(tiny.model).projector.state_dict().items()}
+    for stream, file in CHECKPOINT_FILES.items():
+        save_projector(f"{directory}/{file}", state, tiny.model, stream)
+    return vlmfix.DCD(directory, **kwargs)
+
+
+def is_two_stream(method: Method) -> bool:
+    """Whether `method` decodes a second stream (contrastive methods; PAI with its refinement on)."""
+    return bool(getattr(method, "contrastive", False))
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """`name` or `name:key=value,key=value` (values read as Python literals) -> (name, kwargs)."""
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"method option {item!r} in {spec!r} is not key=value (e.g. pai:cfg=False).")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = raw.strip()
+    return name, kwargs
+
+
+def method_by_name(name: str, **kwargs: Any) -> Method:
+    """A registered method (importing its module if vlmfix has not yet)."""
     if name not in vlmfix.methods.names():
         try:
             importlib.import_module(f"vlmfix.decoding.{name}")
         except ModuleNotFoundError:
             pass
-    return vlmfix.methods.create(name)
+    return vlmfix.methods.create(name, **kwargs)
 
 
 def llava_shaped(layers: int, heads: int, head_dim: int) -> TinyVLM:
@@ -136,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> list[SpeedResult]:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="*", default=[],
-                        help="registered method names to time (default: the core's no-method and edit figures)")
+                        help="registered methods to time, as name or name:key=value,... (e.g. pai:cfg=False); "
+                             "default: the core's no-method and edit figures")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     tiny = llava_shaped(args.layers, args.heads, args.head_dim)
@@ -145,15 +205,22 @@ def main(argv: Sequence[str] | None = None) -> list[SpeedResult]:
     print(f"LLaVA-shaped CPU model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim}, "
           f"{int(inputs['input_ids'].eq(tiny.model.config.image_token_id).sum())} image tokens, "
           f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    stand_in_dir = tempfile.TemporaryDirectory()
     if args.methods:
-        methods = {name: [method_by_name(name)] for name in args.methods}
+        methods = {}
+        for spec in args.methods:
+            name, kwargs = parse_method(spec)
+            methods[spec] = [stand_in_dcd(tiny, stand_in_dir.name, **kwargs) if name == "dcd"
+                             else method_by_name(name, **kwargs)]
     else:
         methods = {
             "vlmfix, no method": [],
             f"vlmfix, edit on {len(half)}/{args.layers} layers": [ImageBiasOnLayers(half)],
         }
-    variants = generate_variants(tiny, inputs, methods)
+    two_stream = any(is_two_stream(m) for ms in methods.values() for m in ms)
+    variants = generate_variants(tiny, inputs, methods, two_row_floor=two_stream)
     results = measure(variants, args.new_tokens, args.repeats)
+    stand_in_dir.cleanup()
     print("\n| variant | ms / decode token | ratio to greedy |\n|---|---|---|")
     for r in results:
         print(f"| {r.label} | {1000 * r.seconds_per_token:.2f} | {r.ratio:.3f}x |")
