@@ -49,7 +49,7 @@ class ToySettings:
     train_images: int = 5000
     val_images: int = 400
     val_broken_share: float = 0.5  # share of val images holding one pair member without its partner
-    pair_keep: float = 0.95  # P(a pair member drawn in training brings its partner)
+    pair_keep: float = 0.98  # P(a pair member drawn in training brings its partner)
     model: ModelSpec = field(default_factory=ModelSpec)
     training: TrainSpec = field(default_factory=TrainSpec)
     format_version: int = FORMAT_VERSION

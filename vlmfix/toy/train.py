@@ -42,7 +42,7 @@ class TrainSpec:
 
     steps: int = 450
     batch_images: int = 32
-    questions_per_image: int = 2
+    questions_per_image: int = 3
     learning_rate: float = 2e-3
     warmup_steps: int = 40
     weight_decay: float = 0.01
