@@ -120,3 +120,20 @@ def test_small_multirun_on_fast_toy_writes_summary(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.read_text() for p in predictions} == predictions
 
+
+
+def test_main_command_retrains_dcd_only_for_missing_or_stale_toy_projectors(tmp_path):
+    from benchmarks.__main__ import trained_for_toy
+    from vlmfix.adapters import get_adapter
+    from vlmfix.decoding.dcd import save_projector
+
+    tiny = tiny_model("llava")
+    state = get_adapter(tiny.model).projector.state_dict()
+    assert not trained_for_toy(tmp_path, "hash-a")  # nothing there
+    save_projector(tmp_path / "negative.safetensors", state, tiny.model, "neg", {"toy_settings_hash": "hash-a"})
+    assert not trained_for_toy(tmp_path, "hash-a")  # one of two
+    save_projector(tmp_path / "positive.safetensors", state, tiny.model, "pos", {"toy_settings_hash": "hash-a"})
+    assert trained_for_toy(tmp_path, "hash-a")
+    assert not trained_for_toy(tmp_path, "hash-b")  # the toy was rebuilt with other settings
+    (tmp_path / "positive.safetensors").write_bytes(b"not a checkpoint")
+    assert not trained_for_toy(tmp_path, "hash-a")

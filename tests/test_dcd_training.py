@@ -193,6 +193,7 @@ def test_train_dcd_writes_checkpoints_that_dcd_loads(tmp_path):
     assert sorted(p.name for p in written.values()) == ["negative.safetensors", "positive.safetensors"]
     training = json.loads(read_metadata(written["pos"])["training"])
     assert training["steps"] == 1 and training["data"] == str(data) and training["learning_rate"] == 1e-3
+    assert training["model_dir"] == str(model_dir) and "toy_settings_hash" not in training
     inputs = tiny.inputs(["describe this image ."])
     out = vlmfix.generate(tiny.model, **inputs, methods=[DCD(tmp_path / "out")], max_new_tokens=3,
                           min_new_tokens=3)

@@ -349,30 +349,36 @@ def _train_stream(
     return ProjectorRun(stream, state, losses, steps)
 
 
-def load_model(config: DCDTrainConfig) -> tuple[nn.Module, Any, Path]:
-    """(model, processor, preference file) of a config; "toy" / "toy_fast" build or reuse a toy."""
+def load_model(config: DCDTrainConfig) -> tuple[nn.Module, Any, Path, dict[str, str]]:
+    """(model, processor, preference file, provenance) of a config; "toy" / "toy_fast" build or reuse a toy.
+
+    provenance: the model directory and, for a toy, its settings hash (stored in the checkpoints, so a
+    toy rebuilt with other settings can tell its projectors are stale).
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     data = config.data
     model_path = config.model
+    provenance: dict[str, str] = {}
     if config.model in ("toy", "toy_fast"):
         from vlmfix.toy import build_toy
 
         paths = build_toy(fast=config.model == "toy_fast")
         model_path = str(paths.model_dir)
         data = data or str(paths.preference_file)
+        provenance["toy_settings_hash"] = paths.settings_hash
     if data is None:
         raise PreferenceDataError("data=<preference jsonl> is required unless model is toy or toy_fast.")
     model = AutoModelForImageTextToText.from_pretrained(model_path)
     processor = AutoProcessor.from_pretrained(model_path)
-    return model, processor, Path(data)
+    return model, processor, Path(data), {"model_dir": str(model_path), **provenance}
 
 
 def train_dcd(config: DCDTrainConfig) -> dict[Stream, Path]:
     """Train the configured streams and write their checkpoints; returns {stream: checkpoint path}."""
     from accelerate import Accelerator
 
-    model, processor, data = load_model(config)
+    model, processor, data, provenance = load_model(config)
     rows = load_preferences(data, config.max_rows)  # every row is checked before any training
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
@@ -382,7 +388,7 @@ def train_dcd(config: DCDTrainConfig) -> dict[Stream, Path]:
         for stream in config.streams:
             run = _train_stream(prepared, model, original, processor, rows, stream, config, accelerator)
             if accelerator.is_main_process:
-                training = {**config.as_dict(), "data": str(data), "rows": len(rows), "steps": run.steps,
+                training = {**config.as_dict(), **provenance, "data": str(data), "rows": len(rows), "steps": run.steps,
                             "final_loss": run.losses[-1] if run.losses else None}
                 path = Path(config.output_dir) / CHECKPOINT_FILES[stream]
                 written[stream] = save_projector(path, run.state_dict, model, stream, training)
