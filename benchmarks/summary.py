@@ -24,8 +24,44 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in found]
 
 
+def setting(result: dict[str, Any]) -> dict[str, Any]:
+    """The run's method parameters and decoding choices, flattened (`alpha`, or `vhr.alpha` when several
+    methods are composed; `decoding.mode`, ...); the per-benchmark token budget is left out."""
+    fingerprint = result.get("fingerprint") or {}
+    params = (fingerprint.get("method") or {}).get("params") or fingerprint.get("method_params") or {}
+    flat: dict[str, Any] = {}
+    for method, values in params.items():
+        for key, value in (values or {}).items():
+            flat[key if len(params) == 1 else f"{method}.{key}"] = json.dumps(value, sort_keys=True)
+    for key, value in (fingerprint.get("decoding") or {}).items():
+        if key != "max_new_tokens":
+            flat[f"decoding.{key}"] = json.dumps(value, sort_keys=True)
+    return flat
+
+
+def row_labels(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Each run's method label, followed by the settings that differ between runs of the same model and
+    method (a sweep over `method.alpha` gives one row per alpha), e.g. `dcd (alpha=2.0, variant=neg_only)`."""
+    settings = [setting(r) for r in results]
+    peers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for result, flat in zip(results, settings):
+        peers.setdefault((result["model"], result["method"]), []).append(flat)
+    varying = {
+        group: [k for k in sorted({k for s in group_settings for k in s})
+                if len({s.get(k) for s in group_settings}) > 1]
+        for group, group_settings in peers.items()
+    }
+    labels = []
+    for result, flat in zip(results, settings):
+        keys = varying[(result["model"], result["method"])]
+        shown = ", ".join(f"{k}={json.loads(flat[k]) if k in flat else None}" for k in keys)
+        labels.append(f"{result['method']} ({shown})" if shown else result["method"])
+    return labels
+
+
 def table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Rows per (model, method); columns CHAIR metrics, then POPE metrics per split, then speed."""
+    """Rows per (model, method and its varying settings); columns CHAIR metrics, then POPE metrics per
+    split, then speed."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     columns: list[str] = []
 
@@ -34,8 +70,8 @@ def table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]
             columns.append(column)
         rows.setdefault(key, {})[column] = value
 
-    for result in results:
-        key = (result["model"], result["method"])
+    for result, label in zip(results, row_labels(results)):
+        key = (result["model"], label)
         metrics = result["metrics"]
         if result["kind"] == "chair":
             for name in CHAIR_COLUMNS:
@@ -69,8 +105,9 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chair_runs = [r for r in results if r["kind"] == "chair" and r["metrics"].get("CHAIRi") is not None]
-    pope_runs = [r for r in results if r["kind"] == "pope"]
+    labelled = [{**r, "method": label} for r, label in zip(results, row_labels(results))]
+    chair_runs = [r for r in labelled if r["kind"] == "chair" and r["metrics"].get("CHAIRi") is not None]
+    pope_runs = [r for r in labelled if r["kind"] == "pope"]
     if not chair_runs and not pope_runs:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))

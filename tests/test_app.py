@@ -137,3 +137,24 @@ def test_main_command_retrains_dcd_only_for_missing_or_stale_toy_projectors(tmp_
     assert not trained_for_toy(tmp_path, "hash-b")  # the toy was rebuilt with other settings
     (tmp_path / "positive.safetensors").write_bytes(b"not a checkpoint")
     assert not trained_for_toy(tmp_path, "hash-a")
+
+
+def test_summary_keeps_one_row_per_swept_method_setting():
+    from benchmarks.summary import table
+
+    def result(method, kind, benchmark, metrics, **params):
+        return {"model": "toy", "method": method, "kind": kind, "benchmark": benchmark, "metrics": metrics,
+                "fingerprint": {"method": {"name": method, "params": {method: params}},
+                                "decoding": {"mode": "greedy", "max_new_tokens": 48 if kind == "chair" else 8}}}
+
+    results = [
+        result("dcd", "chair", "chair", {"CHAIRi": 0.1}, alpha=1.0, apc_beta=0.1),
+        result("dcd", "pope", "pope_random", {"f1": 0.8}, alpha=1.0, apc_beta=0.1),
+        result("dcd", "chair", "chair", {"CHAIRi": 0.2}, alpha=2.0, apc_beta=0.1),
+        result("greedy", "chair", "chair", {"CHAIRi": 0.3}),
+    ]
+    header, body = table(results)
+    assert [row[1] for row in body] == ["dcd (alpha=1.0)", "dcd (alpha=2.0)", "greedy"]
+    chair_i, f1 = header.index("chair CHAIRi"), header.index("pope_random f1")
+    assert (body[0][chair_i], body[0][f1]) == (0.1, 0.8)  # a setting's benchmarks share one row
+    assert (body[1][chair_i], body[1][f1]) == (0.2, None)
