@@ -7,7 +7,7 @@ import torch
 
 import vlmfix
 from vlmfix.decoding.edits import FusionReweight, HeadScale, KeyBias, Reweight, Transfer, edited_attention
-from vlmfix.decoding.grouped import grouped_decode_output
+from vlmfix.decoding.grouped import KeyGroupCache, compute_key_groups, grouped_decode_output
 from vlmfix.kernels import grouped_decode_backend
 
 from .conftest import PlannedEdits, tiny_model
@@ -102,6 +102,75 @@ def test_generation_with_kernel_matches_pytorch_path():
     assert torch.equal(runs["never"].sequences, runs["always"].sequences)
     for a, b in zip(runs["never"].scores, runs["always"].scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(edit_cases()))
+def test_cached_key_groups_equal_groups_derived_at_each_step(case):
+    """Across decode steps (kv_len growing past the prompt) the cache's groups are the from-scratch
+    groups, and one edit list is derived once."""
+    edits = edit_cases()[case]
+    cache = KeyGroupCache()
+    for kv_len in (PROMPT + 1, PROMPT + 2, KV, KV + 5):
+        valid = torch.tensor([[j >= PAD[b] for j in range(kv_len)] for b in range(B)])
+        got = cache.get(edits, B, H, kv_len, valid)
+        want = compute_key_groups(edits, B, H, kv_len, valid)
+        assert got.count == want.count and torch.equal(got.ids, want.ids)
+        assert (got.multiplier is None) == (want.multiplier is None)
+        if want.multiplier is not None:
+            assert torch.equal(got.multiplier, want.multiplier)
+    assert len(cache._entries) == 1
+
+
+def test_cached_path_equals_pytorch_path_over_steps():
+    """Memoised per-group values (membership, biases) stay right as keys are added."""
+    edits = edit_cases()["var+gift+pai+vhr"]
+    cache = KeyGroupCache()
+    for kv_len in (PROMPT + 1, KV):
+        q, k, v, mask = inputs(2)
+        k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
+        got = grouped_decode_output(q, k, v, mask, None, edits, cache)
+        torch.testing.assert_close(got, edited_attention(q, k, v, mask, None, edits), atol=2e-5, rtol=2e-4)
+
+
+def test_cache_remembers_unsupported_edits_and_refills_on_new_padding():
+    s = sets()
+    twice = [Reweight(multiplier=torch.where(s["image"], 2.0, 1.0)[:, None]),
+             Reweight(multiplier=torch.where(s["image"], 3.0, 1.0)[:, None])]
+    q, k, v, mask = inputs(4)
+    cache = KeyGroupCache()
+    assert grouped_decode_output(q, k, v, mask, None, twice, cache) is None
+    assert grouped_decode_output(q, k, v, mask, None, twice, cache) is None
+    edits = edit_cases()["var"]
+    valid = torch.ones(B, KV, dtype=torch.bool)
+    cache.get(edits, B, H, KV, valid)
+    valid[1, :3] = False  # same edit objects, other padding: derived again, not reused
+    assert torch.equal(cache.get(edits, B, H, KV, valid).ids, compute_key_groups(edits, B, H, KV, valid).ids)
+
+
+def test_generation_with_kernel_and_edits_planned_once_per_prompt():
+    """Methods plan edits once per prompt, so the session's cache serves every decode step."""
+    tiny = tiny_model("llava")
+    batch = tiny.inputs(["describe this image .", "is there a dog in the picture ?"])
+    planned = {}
+
+    def plan(session, layer_idx):
+        if session.prompts_seen not in planned:
+            spans = session.spans
+            planned[session.prompts_seen] = [
+                KeyBias(abs_gain=spans.image[:, None].float() * 0.5, rows="last"),
+                Transfer(source=spans.image & (spans.image.cumsum(1) <= 2),
+                         receivers=spans.image & (spans.image.cumsum(1) > 2), fraction=0.4)]
+        return planned[session.prompts_seen]
+
+    runs = {}
+    for mode in ("never", "always"):
+        planned.clear()
+        with vlmfix.apply(tiny.model, PlannedEdits(plan, layers=[1, 2]), kernel=mode) as session:
+            runs[mode] = tiny.model.generate(**batch, max_new_tokens=6, do_sample=False)
+            if mode == "always":  # one edit list, reused by both layers and every step
+                assert len(session.key_groups._entries) == 1
+        assert not session.key_groups._entries  # released on exit
+    assert torch.equal(runs["never"], runs["always"])
 
 
 def test_kernel_mode_is_validated():

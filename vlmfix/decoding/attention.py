@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from vlmfix.decoding.edits import Edit, HeadScale, edited_attention, scale_heads
-from vlmfix.decoding.grouped import grouped_decode_output
+from vlmfix.decoding.grouped import KeyGroupCache, grouped_decode_output
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
@@ -87,13 +87,14 @@ def make_attention_function(session: Session, implementation: str) -> AttentionF
             mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
             first, rest = slice(0, rows), slice(rows, None)
             out_first = edited_output(query[first], key[first], value[first], mask_of(first), scaling, edits,
-                                      backend, module, use_kernel=session.use_kernel(query), **kwargs)
+                                      backend, module, use_kernel=session.use_kernel(query),
+                                      group_cache=session.key_groups, **kwargs)
             out_rest, _ = backend(module, query[rest], key[rest], value[rest], mask_of(rest), dropout=dropout,
                                   scaling=scaling, **kwargs)
             out = torch.cat([out_first, out_rest], dim=0)
         else:
             out = edited_output(query, key, value, attention_mask, scaling, edits, backend, module,
-                                use_kernel=session.use_kernel(query), **kwargs)
+                                use_kernel=session.use_kernel(query), group_cache=session.key_groups, **kwargs)
         if session.observers:
             call = AttentionCall(module, layer_idx, query, key, value, attention_mask, scaling, out)
             for observer in session.observers:
@@ -115,6 +116,7 @@ def edited_output(
     backend: AttentionFn,
     module: nn.Module,
     use_kernel: bool = False,
+    group_cache: KeyGroupCache | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """Output of an edited layer: the grouped Triton kernel at decode steps when `use_kernel` and the
@@ -128,7 +130,7 @@ def edited_output(
         return scale_heads(out, edits, key.shape[2])
     q_len = query.shape[2]
     if q_len == 1 and use_kernel:
-        out = grouped_decode_output(query, key, value, attention_mask, scaling, edits)
+        out = grouped_decode_output(query, key, value, attention_mask, scaling, edits, group_cache)
         if out is not None:
             return out
     if q_len > 1 and _only_last_row(edits):

@@ -14,12 +14,18 @@ choices come from the current coefficients. The output is
 sum_g (c_g value_g + d_g mult_value_g) / sum_g (c_g mass_g + d_g mult_mass_g), then `HeadScale`.
 Anything this form cannot express (a key multiplied twice, two different multipliers, more than 8
 groups) returns None and the caller uses the PyTorch path.
+
+Edits are planned once per prompt over the prompt's keys, and every generated key takes the same fill
+values, so a prompt's groups (and each key set's groups, each group's bias) are fixed for the whole
+generation: `KeyGroupCache` derives them at the first decode step and extends them by one key per step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -103,6 +109,113 @@ def key_groups(features: list[Tensor], valid: Tensor) -> tuple[Tensor, int]:
     return ids, count
 
 
+def _plan_length(edits: Sequence[Edit]) -> int:
+    """The key length the edits were planned for (the prompt length; 0 if they carry no key tensor)."""
+    lengths = [0]
+    for edit in edits:
+        for name in ("bias", "abs_gain", "source", "receivers", "gate_keys", "multiplier", "top_heads_by",
+                     "image", "query"):
+            t = getattr(edit, name, None)
+            if isinstance(t, Tensor):
+                lengths.append(t.shape[-1])
+    return max(lengths)
+
+
+@dataclass
+class KeyGroups:
+    """The key groups of one decode step, and a memo of per-group values that stay fixed while the
+    same edits serve the same prompt (membership of key sets, per-group biases)."""
+
+    ids: Tensor  # [batch, kv_len] int32, -1 on keys no row attends to
+    count: int
+    multiplier: Tensor | None  # [batch, kv_len] the one per-key multiplier, if any
+    memo: dict[tuple, Tensor] = field(default_factory=dict)
+
+    def remember(self, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
+
+@dataclass
+class _PromptGroups:
+    edits: tuple[Edit, ...]  # held so that the ids in the cache key stay theirs
+    prompt_valid: Tensor  # [batch, plan]
+    prompt_ids: Tensor  # [batch, plan]
+    generated_id: Tensor  # [batch, 1], the group of every key past the prompt
+    count: int
+    prompt_multiplier: Tensor | None  # [batch, plan]
+    memo: dict[tuple, Tensor]
+
+
+def compute_key_groups(edits: Sequence[Edit], batch: int, heads: int, kv_len: int, valid: Tensor) -> KeyGroups:
+    """Key groups of one decode step, derived from scratch (raises _Unsupported)."""
+    features, multiplier = _features(edits, batch, heads, kv_len)
+    ids, count = key_groups(features, valid)
+    return KeyGroups(ids, count, multiplier)
+
+
+class KeyGroupCache:
+    """Key groups per edit list, derived once per prompt and extended as generated keys arrive.
+
+    Keyed by the identity of the edit objects (methods plan them once per prompt); holds at most
+    `capacity` edit lists (one per distinct layer plan), least recently used dropped first.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, _PromptGroups | None] = OrderedDict()
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, edits: Sequence[Edit], batch: int, heads: int, kv_len: int, valid: Tensor) -> KeyGroups:
+        """The groups of this step (raises _Unsupported when the edits do not fit the grouped form)."""
+        plan = _plan_length(edits)
+        if kv_len <= plan:  # no generated key yet (or edits planned past this step): nothing to reuse
+            return compute_key_groups(edits, batch, heads, kv_len, valid)
+        key = (batch, heads, plan, *map(id, edits))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            entry = self._entries[key]
+            if entry is None:
+                raise _Unsupported("cached verdict")
+            if not torch.equal(entry.prompt_valid, valid[:, :plan]):
+                entry = self._fill(key, edits, batch, heads, plan, valid)
+        else:
+            entry = self._fill(key, edits, batch, heads, plan, valid)
+        generated = kv_len - plan
+        ids = torch.cat([entry.prompt_ids, entry.generated_id.expand(batch, generated)], dim=1)
+        ids = torch.where(valid, ids, -1)
+        multiplier = None
+        if entry.prompt_multiplier is not None:
+            ones = entry.prompt_multiplier.new_ones(batch, generated)
+            multiplier = torch.cat([entry.prompt_multiplier, ones], dim=1)
+        return KeyGroups(ids, entry.count, multiplier, entry.memo)
+
+    def _fill(self, key: tuple, edits: Sequence[Edit], batch: int, heads: int, plan: int,
+              valid: Tensor) -> _PromptGroups:
+        """Groups over the prompt's keys plus one generated key (all generated keys look alike)."""
+        first = valid[:, : plan + 1].clone()
+        first[:, plan] = True
+        try:
+            groups = compute_key_groups(edits, batch, heads, plan + 1, first)
+        except _Unsupported:
+            self._store(key, None)
+            raise
+        multiplier = groups.multiplier[:, :plan] if groups.multiplier is not None else None
+        entry = _PromptGroups(tuple(edits), valid[:, :plan].clone(), groups.ids[:, :plan],
+                              groups.ids[:, plan:], groups.count, multiplier, {})
+        self._store(key, entry)
+        return entry
+
+    def _store(self, key: tuple, entry: _PromptGroups | None) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
 def _group_of(keys: Tensor, ids: Tensor, groups: int) -> Tensor:
     """[batch, groups] bool: groups whose keys are in `keys` ([batch, kv] bool; groups are pure)."""
     member = torch.zeros(ids.shape[0], groups, dtype=torch.bool, device=ids.device)
@@ -129,10 +242,12 @@ def grouped_decode_output(
     attention_mask: Tensor | None,
     scaling: float | None,
     edits: Sequence[Edit],
+    cache: KeyGroupCache | None = None,
 ) -> Tensor | None:
     """The edited attention of one decode row, [batch, 1, heads, head_dim], or None if not expressible.
 
     query: [batch, heads, 1, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim].
+    cache: reuses the prompt's key groups across steps and layers (the session's); None derives them.
     """
     from vlmfix.kernels import grouped_decode_attention
 
@@ -144,15 +259,18 @@ def grouped_decode_output(
     device = query.device
     valid = additive_mask(attention_mask, batch, 1, kv_len, device)[:, 0, 0].expand(batch, kv_len) == 0
     try:
-        features, multiplier = _features(edits, batch, heads, kv_len)
-        ids, groups = key_groups(features, valid)
+        found = (cache.get(edits, batch, heads, kv_len, valid) if cache is not None
+                 else compute_key_groups(edits, batch, heads, kv_len, valid))
     except _Unsupported:
         return None
+    ids, groups, multiplier = found.ids, found.count, found.multiplier
     applies = {id(e): bool(row_mask(e, batch, 1, kv_len, device).all()) for e in edits}
     bias = torch.zeros(batch, heads, groups, device=device)
     gain = torch.zeros(batch, heads, groups, device=device)
-    def per_group(t: Tensor) -> Tensor:
-        return _group_values(_per_head(fit_keys(t.float(), kv_len, batch, 0.0), heads), ids, groups)
+
+    def per_group(t: Tensor) -> Tensor:  # [batch, heads, groups]
+        return found.remember(("values", id(t)), lambda: _group_values(
+            _per_head(fit_keys(t.float(), kv_len, batch, 0.0), heads), ids, groups))
 
     for edit in edits:
         if isinstance(edit, KeyBias) and applies[id(edit)]:
@@ -173,7 +291,7 @@ def grouped_decode_output(
         for edit in edits:
             if not applies[id(edit)] or isinstance(edit, (KeyBias, HeadScale)):
                 continue
-            c, d = _post_edit(edit, c, d, mass, mult_mass, ids, groups, heads, kv_len, batch)
+            c, d = _post_edit(edit, c, d, mass, mult_mass, found, heads, kv_len, batch)
     except _Unsupported:
         return None
     numerator = (c[..., None] * val + d[..., None] * mult_val).sum(2)
@@ -182,7 +300,7 @@ def grouped_decode_output(
     return scale_heads(out, edits, kv_len)
 
 
-def _post_edit(edit: Edit, c: Tensor, d: Tensor, mass: Tensor, mult_mass: Tensor, ids: Tensor, groups: int,
+def _post_edit(edit: Edit, c: Tensor, d: Tensor, mass: Tensor, mult_mass: Tensor, found: KeyGroups,
                heads: int, kv_len: int, batch: int) -> tuple[Tensor, Tensor]:
     """One post-softmax edit on the group coefficients (c, d): [batch, heads, groups]."""
 
@@ -196,8 +314,9 @@ def _post_edit(edit: Edit, c: Tensor, d: Tensor, mass: Tensor, mult_mass: Tensor
             raise _Unsupported("a key multiplied twice")
         return torch.where(hit, 0.0, c), torch.where(hit, c, d)
 
-    def member(keys: Tensor) -> Tensor:
-        return _group_of(fit_keys(keys, kv_len, batch, False), ids, groups)
+    def member(keys: Tensor) -> Tensor:  # [batch, groups] bool
+        return found.remember(("member", id(keys)), lambda: _group_of(
+            fit_keys(keys, kv_len, batch, False), found.ids, found.count))
 
     def top(mass_: Tensor, count: int) -> Tensor:
         chosen = torch.zeros_like(mass_, dtype=torch.bool)
@@ -226,8 +345,9 @@ def _post_edit(edit: Edit, c: Tensor, d: Tensor, mass: Tensor, mult_mass: Tensor
         factor = torch.where(selected[..., None], factor, torch.ones_like(factor))
         return c * factor, d * factor
     if isinstance(edit, Reweight):
-        multiplied = member(fit_keys(edit.multiplier.float().reshape(edit.multiplier.shape[0], -1), kv_len, batch,
-                                     1.0) != 1)
+        multiplied = found.remember(("multiplied", id(edit.multiplier)), lambda: _group_of(fit_keys(
+            edit.multiplier.float().reshape(edit.multiplier.shape[0], -1), kv_len, batch, 1.0) != 1,
+            found.ids, found.count))
         heads_mask = torch.ones(batch, heads, dtype=torch.bool, device=c.device)
         if edit.top_heads_by is not None:
             heads_mask = top((current() * member(edit.top_heads_by)[:, None]).sum(-1), edit.top_heads)

@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from vlmfix.adapters import Adapter, Spans, get_adapter
 from vlmfix.decoding.attention import Observer, make_attention_function, register, unregister
 from vlmfix.decoding.edits import Edit
+from vlmfix.decoding.grouped import KeyGroupCache
 from vlmfix.decoding.method import METHODS, Method
 from vlmfix.errors import MissingImageError, SessionError, SpanError
 
@@ -89,6 +90,8 @@ class Session:
         # contrastive decoding stacks [positive; negative] rows: edits then apply to the first
         # `edited_rows` rows only (None: every row)
         self.edited_rows: int | None = None
+        # the grouped kernel's key groups per edit list, kept for the prompt batch's decode steps
+        self.key_groups = KeyGroupCache()
         self.prompts_seen = 0
         self._undo: list[Callable[[], None]] = []
         self._prompt_handles: list[RemovableHandle] = []
@@ -120,6 +123,7 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self._uninstall()
+        self.key_groups.clear()  # it holds the edits' tensors
 
     def _install(self) -> None:
         config = self.adapter.text_config
@@ -159,6 +163,7 @@ class Session:
     def begin_prompt(self, inputs: dict[str, Any]) -> None:
         """Find spans and prepare every method for a new prompt batch."""
         self._clear_prompt_hooks()
+        self.key_groups.clear()
         self.inputs = inputs
         self.prompts_seen += 1
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
