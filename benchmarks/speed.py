@@ -9,6 +9,7 @@ Decode time per token is read from a streamer's timestamps: (time of token N - t
     python -m benchmarks.speed --methods vhr var     # registered methods, default parameters
     python -m benchmarks.speed --methods pai:cfg=False gift   # name:key=value,... sets parameters
     python -m benchmarks.speed --methods vcd dcd pai # two-stream methods also get the 2-row floor
+    python -m benchmarks.speed --device cuda --dtype bfloat16 --methods vcd dcd pai gift
 
 A two-stream method (VCD, DCD, PAI with refinement) decodes 2 rows per prompt; the harness then also
 times plain `generate` on the prompt duplicated to 2 rows, the floor of any batched two-stream
@@ -49,6 +50,8 @@ class TokenClock(BaseStreamer):
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
+        if value.is_cuda:
+            torch.cuda.synchronize(value.device)  # the token exists only once its step has run
         if self._prompt_seen:
             self.times.append(time.perf_counter())
         self._prompt_seen = True
@@ -77,9 +80,19 @@ def timed(fn: GenerateFn, new_tokens: int) -> float:
 
 def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
             progress: Callable[[str], None] = print) -> list[SpeedResult]:
-    """Seconds per decode token of each variant (the first one is the baseline of the ratios)."""
-    for fn in variants.values():  # warm-up: allocations, lazy imports
-        timed(fn, 3)
+    """Seconds per decode token of each variant (the first one is the baseline of the ratios).
+
+    A variant other than the baseline that fails its warm-up is reported and left out, so one broken
+    method does not cost a whole (GPU) run."""
+    variants = dict(variants)
+    for label, fn in list(variants.items()):  # warm-up: allocations, lazy imports
+        try:
+            timed(fn, 3)
+        except Exception as error:
+            if label == next(iter(variants)):
+                raise
+            progress(f"  {label}: failed, left out: {type(error).__name__}: {error}")
+            del variants[label]
     samples: dict[str, list[float]] = {label: [] for label in variants}
     for r in range(repeats):
         for label, fn in variants.items():
@@ -181,6 +194,15 @@ def method_by_name(name: str, **kwargs: Any) -> Method:
     return vlmfix.methods.create(name, **kwargs)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def llava_shaped(layers: int, heads: int, head_dim: int) -> TinyVLM:
     """Random LLaVA-1.5-shaped model: 576 image tokens (336 px / patch 14), MHA, sized by the arguments."""
     return build_tiny("llava", layers=layers, heads=heads, kv_heads=heads, head_dim=head_dim,
@@ -194,17 +216,22 @@ def main(argv: Sequence[str] | None = None) -> list[SpeedResult]:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--methods", nargs="*", default=[],
                         help="registered methods to time, as name or name:key=value,... (e.g. pai:cfg=False); "
                              "default: the core's no-method and edit figures")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     tiny = llava_shaped(args.layers, args.heads, args.head_dim)
-    inputs = tiny.inputs(["describe this image ."])
+    dtype = DTYPES[args.dtype]
+    tiny.model.to(device=args.device, dtype=dtype)
+    inputs = {key: value.to(args.device, dtype=dtype if value.is_floating_point() else value.dtype)
+              for key, value in tiny.inputs(["describe this image ."]).items()}
     half = list(range(0, args.layers, 2))
-    print(f"LLaVA-shaped CPU model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim}, "
+    print(f"LLaVA-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim}, "
           f"{int(inputs['input_ids'].eq(tiny.model.config.image_token_id).sum())} image tokens, "
-          f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, {args.repeats} repeats")
+          f"{args.new_tokens} new tokens, {args.repeats} repeats, {args.dtype} on {device_name(args.device)}")
     stand_in_dir = tempfile.TemporaryDirectory()
     if args.methods:
         methods = {}

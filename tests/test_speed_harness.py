@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlmfix
-from benchmarks.speed import TokenClock, generate_variants, main, parse_method, stand_in_dcd
+from benchmarks.speed import TokenClock, generate_variants, main, measure, parse_method, stand_in_dcd
 
 from .conftest import tiny_model
 
@@ -48,3 +48,18 @@ def test_main_times_every_variant_with_ratios_to_greedy(capsys):
     assert [r.label for r in results] == ["greedy", "greedy, 2 rows (two-stream floor)", "pai:cfg=False", "vcd"]
     assert results[0].ratio == 1.0 and all(r.seconds_per_token > 0 for r in results)
     assert "| vcd |" in capsys.readouterr().out
+
+
+def test_a_failing_variant_is_reported_and_left_out():
+    def fine(n, streamer):
+        streamer.put(torch.zeros(1))
+        for _ in range(n):
+            streamer.put(torch.zeros(1))
+
+    def broken(n, streamer):
+        raise RuntimeError("no such kernel")
+
+    messages = []
+    results = measure({"greedy": fine, "broken": broken, "other": fine}, 3, 1, progress=messages.append)
+    assert [r.label for r in results] == ["greedy", "other"]
+    assert any("broken: failed, left out: RuntimeError: no such kernel" in m for m in messages)
