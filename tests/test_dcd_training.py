@@ -180,6 +180,28 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_projector(tmp_path / "broken.safetensors", model)
 
 
+def test_projectors_of_another_toy_build_are_refused(tmp_path):
+    """A toy rebuilt with other settings has the same config but other weights: the settings hash in the
+    toy's marker file decides."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmfix.toy.build import MARKER
+
+    tiny = tiny_model("llava")
+    root = tmp_path / "toy"
+    tiny.model.save_pretrained(root / "model")
+    (root / MARKER).write_text(json.dumps({"settings_hash": "b" * 64}))
+    model = AutoModelForImageTextToText.from_pretrained(root / "model")
+    state = get_adapter(model).projector.state_dict()
+    same = save_projector(tmp_path / "same.safetensors", state, model, "neg", {"toy_settings_hash": "b" * 64})
+    assert load_projector(same, model, "neg").keys() == state.keys()
+    stale = save_projector(tmp_path / "stale.safetensors", state, model, "neg", {"toy_settings_hash": "a" * 64})
+    with pytest.raises(vlmfix.CheckpointError, match="trained on the toy build with settings aaaaaaaaaaaa, but the "
+                                                     "model at .* is the build with settings bbbbbbbbbbbb"):
+        load_projector(stale, model, "neg")
+    assert load_projector(stale, tiny.model, "neg").keys() == state.keys()  # not loaded from a toy directory
+
+
 def test_train_dcd_writes_checkpoints_that_dcd_loads(tmp_path):
     tiny = tiny_model("llava")
     model_dir = tmp_path / "model"

@@ -120,6 +120,7 @@ def load_projector(path: str | Path, model: nn.Module, stream: Stream | None = N
             f"{path} was trained for {expected}, but this model is {base_model_id(model)!r} (config hash "
             f"{config_hash(model)[:12]}). Load the model the projector was trained on, or train one for this model."
         )
+    _check_toy_build(path, metadata, model)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
@@ -132,6 +133,25 @@ def load_projector(path: str | Path, model: nn.Module, stream: Stream | None = N
             f"{expected}."
         )
     return state
+
+
+def _check_toy_build(path: Path | str, metadata: Mapping[str, str], model: nn.Module) -> None:
+    """A toy rebuilt with other settings keeps its config (and config hash) but not its weights: refuse
+    projectors trained on another build of it."""
+    from vlmfix.toy.build import stored_hash
+
+    try:
+        trained_on = json.loads(metadata.get("training") or "{}").get("toy_settings_hash")
+    except ValueError:
+        return
+    source = getattr(model.config, "_name_or_path", "") or ""
+    current = stored_hash(Path(source).parent) if source else None
+    if trained_on and current and trained_on != current:
+        raise CheckpointError(
+            f"{path} was trained on the toy build with settings {trained_on[:12]}, but the model at {source} is the "
+            f"build with settings {current[:12]}. Train the projectors again: python -m vlmfix.training.dcd "
+            f"--config conf/train/dcd.yaml output_dir={Path(path).parent}."
+        )
 
 
 def projector_copy(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
