@@ -207,15 +207,12 @@ class DCD(ContrastiveMethod):
     APC beta 0.1) are vlmfix's reconstruction (see the spec's [R] tags), and the vision tower runs once per
     replaced projector at the prefill (transformers encodes images before the first forward).
 
-    Example (toy model; train first with `python -m vlmfix.training.dcd output_dir=outputs/dcd/toy`):
-        >>> paths = vlmfix.toy.build_toy(fast=True)
-        >>> model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
-        >>> processor = AutoProcessor.from_pretrained(paths.model_dir)
-        >>> image = Image.open(next((paths.data_dir / "images" / "val").glob("*.png")))
-        >>> prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-        ...     {"type": "text", "text": vlmfix.toy.CAPTION_PROMPT}]}], add_generation_prompt=True)
-        >>> inputs = processor(images=image, text=prompt, return_tensors="pt")
-        >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.DCD("outputs/dcd/toy")], max_new_tokens=20)
+    Example (the fast toy; train its projectors first with
+    `python -m vlmfix.training.dcd model=toy_fast output_dir=outputs/dcd/toy_fast`):
+        >>> import vlmfix, vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example()
+        >>> dcd = vlmfix.DCD("outputs/dcd/toy_fast")
+        >>> out = vlmfix.generate(model, **inputs, methods=[dcd], max_new_tokens=20)
     """
 
     name = "dcd"

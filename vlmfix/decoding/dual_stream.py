@@ -118,18 +118,8 @@ class DualStream(ImageFreeRefinement):
     first generated token is boosted.
 
     Example (toy model):
-        >>> import vlmfix
-        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
-        >>> from vlmfix.toy import build_toy
-        >>> paths = build_toy(fast=True)
-        >>> model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
-        >>> processor = AutoProcessor.from_pretrained(paths.model_dir)
-        >>> from PIL import Image
-        >>> image = Image.open(next((paths.data_dir / "images" / "val").iterdir()))
-        >>> prompt = processor.apply_chat_template([{"role": "user", "content": [
-        ...     {"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
-        ...     add_generation_prompt=True)
-        >>> inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        >>> import vlmfix, vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example()
         >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.DualStream(alpha=0.5, beta=0.3)],
         ...                       tokenizer=processor, max_new_tokens=24)
     """

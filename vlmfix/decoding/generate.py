@@ -27,6 +27,8 @@ def generate(
     Contrastive methods (VCD, DCD) decode both streams in one batched forward per step.
 
     Example (toy model):
+        >>> import vlmfix, vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example()
         >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.VAR()], max_new_tokens=32)
     """
     with apply(model, *methods, tokenizer=tokenizer, spans=spans, kernel=kernel) as session:

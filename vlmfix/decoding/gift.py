@@ -158,21 +158,11 @@ class GIFT(Method):
     instead of fixed offsets, batches of any size, and empty or flat maps leave the row unedited.
 
     Example (toy model):
-        >>> import vlmfix
-        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
-        >>> from vlmfix.toy import build_toy
-        >>> paths = build_toy(fast=True)
-        >>> model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
-        >>> processor = AutoProcessor.from_pretrained(paths.model_dir)
-        >>> from PIL import Image
-        >>> image = Image.open(next((paths.data_dir / "images" / "val").iterdir()))
-        >>> prompt = processor.apply_chat_template([{"role": "user", "content": [
-        ...     {"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
-        ...     add_generation_prompt=True)
-        >>> inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        >>> import vlmfix, vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example()
         >>> with vlmfix.apply(model, vlmfix.GIFT(), tokenizer=processor) as session:
         ...     out = model.generate(**inputs, max_new_tokens=24)
-        >>> session.report()["gift"]["rows"][0]["content_words"]
+        >>> words = session.report()["gift"]["rows"][0]["content_words"]
     """
 
     name = "gift"

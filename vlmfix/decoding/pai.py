@@ -47,18 +47,8 @@ class PAI(ImageFreeRefinement):
     gates it off), and the image-free stream shares the batched forward instead of a second model call.
 
     Example (toy model):
-        >>> import vlmfix
-        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
-        >>> from vlmfix.toy import build_toy
-        >>> paths = build_toy(fast=True)
-        >>> model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
-        >>> processor = AutoProcessor.from_pretrained(paths.model_dir)
-        >>> from PIL import Image
-        >>> image = Image.open(next((paths.data_dir / "images" / "val").iterdir()))
-        >>> prompt = processor.apply_chat_template([{"role": "user", "content": [
-        ...     {"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
-        ...     add_generation_prompt=True)
-        >>> inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        >>> import vlmfix, vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example()
         >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.PAI(alpha=0.2, cfg=False)],
         ...                       tokenizer=processor, max_new_tokens=24)
     """

@@ -115,7 +115,9 @@ def find_sink_dims(
         ratio cannot exceed sqrt(hidden_size)).
 
     Example:
-        >>> dims = find_sink_dims(model, processor(images=images, text=prompts, return_tensors="pt"))
+        >>> import vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example(images=2)
+        >>> dims = find_sink_dims(model, inputs)  # the toy has none: []
     """
     adapter = get_adapter(model)
     ids = inputs["input_ids"]
@@ -217,18 +219,9 @@ class VAR(Method):
     Example (toy model). Its 128-wide decoder has no massive activations (|x_d| / rms(x) stays below
     about 5, far from tau=20), so `VAR()` finds no sink dimensions there and changes nothing; to watch
     the mechanism, name dimensions and a low threshold:
-        >>> import vlmfix
-        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
-        >>> from vlmfix.toy import build_toy
-        >>> paths = build_toy(fast=True)
-        >>> model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
-        >>> processor = AutoProcessor.from_pretrained(paths.model_dir)
-        >>> from PIL import Image
-        >>> image = Image.open(next((paths.data_dir / "images" / "val").iterdir()))
-        >>> prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-        ...     {"type": "text", "text": "Describe this image."}]}], add_generation_prompt=True)
-        >>> inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-        >>> with vlmfix.apply(model, VAR(sink_dims=[31, 88], tau=2.0)) as session:
+        >>> import vlmfix, vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example()
+        >>> with vlmfix.apply(model, vlmfix.VAR(sink_dims=[31, 88], tau=2.0)) as session:
         ...     out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
         >>> sinks = session.report()["var"]["rows"][0]["sinks"]  # sink positions per layer
     """

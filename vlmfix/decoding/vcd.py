@@ -123,13 +123,8 @@ class VCD(ContrastiveMethod):
     sampling), the noise is seeded, and the negative stream keeps its own cache rows in the same batch.
 
     Example (toy model):
-        >>> paths = vlmfix.toy.build_toy(fast=True)
-        >>> model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
-        >>> processor = AutoProcessor.from_pretrained(paths.model_dir)
-        >>> image = Image.open(next((paths.data_dir / "images" / "val").glob("*.png")))
-        >>> prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-        ...     {"type": "text", "text": vlmfix.toy.CAPTION_PROMPT}]}], add_generation_prompt=True)
-        >>> inputs = processor(images=image, text=prompt, return_tensors="pt")
+        >>> import vlmfix, vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example()
         >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.VCD(alpha=1.0)], max_new_tokens=20)
     """
 

@@ -143,18 +143,9 @@ class VHR(Method):
     reinforced layer and step. Per-row head sets, so left-padded batches give each row its own plan.
 
     Example (toy model):
-        >>> import vlmfix
-        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
-        >>> from vlmfix.toy import build_toy
-        >>> paths = build_toy(fast=True)
-        >>> model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
-        >>> processor = AutoProcessor.from_pretrained(paths.model_dir)
-        >>> from PIL import Image
-        >>> image = Image.open(next((paths.data_dir / "images" / "val").iterdir()))
-        >>> prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-        ...     {"type": "text", "text": "Describe this image."}]}], add_generation_prompt=True)
-        >>> inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-        >>> with vlmfix.apply(model, VHR(alpha=2.0)) as session:
+        >>> import vlmfix, vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example()
+        >>> with vlmfix.apply(model, vlmfix.VHR(alpha=2.0)) as session:
         ...     out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
         >>> heads = session.report()["vhr"]["rows"][0]["layers"]  # chosen heads and VHD per layer
     """
