@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import re
 import statistics
 import tempfile
 import time
@@ -50,8 +51,7 @@ class TokenClock(BaseStreamer):
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
-        if value.is_cuda:
-            torch.cuda.synchronize(value.device)  # the token exists only once its step has run
+        # generate hands streamers CPU copies of the tokens, so on a GPU the step has finished here
         if self._prompt_seen:
             self.times.append(time.perf_counter())
         self._prompt_seen = True
@@ -170,10 +170,10 @@ def is_two_stream(method: Method) -> bool:
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """`name` or `name:key=value,key=value` (values read as Python literals) -> (name, kwargs)."""
+    """`name` or `name:key=value,key=value` (values read as Python literals, lists included) -> (name, kwargs)."""
     name, _, rest = spec.partition(":")
     kwargs: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?=\s*\w+\s*=)", rest)):  # commas that start a new key=
         key, eq, raw = item.partition("=")
         if not eq:
             raise ValueError(f"method option {item!r} in {spec!r} is not key=value (e.g. pai:cfg=False).")

@@ -28,7 +28,8 @@ def setting(result: dict[str, Any]) -> dict[str, Any]:
     """The run's method parameters and decoding choices, flattened (`alpha`, or `vhr.alpha` when several
     methods are composed; `decoding.mode`, ...); the per-benchmark token budget is left out."""
     fingerprint = result.get("fingerprint") or {}
-    params = (fingerprint.get("method") or {}).get("params") or fingerprint.get("method_params") or {}
+    method = fingerprint.get("method")
+    params = (method.get("params") if isinstance(method, dict) else None) or fingerprint.get("method_params") or {}
     flat: dict[str, Any] = {}
     for method, values in params.items():
         for key, value in (values or {}).items():
@@ -41,20 +42,21 @@ def setting(result: dict[str, Any]) -> dict[str, Any]:
 
 def row_labels(results: Sequence[dict[str, Any]]) -> list[str]:
     """Each run's method label, followed by the settings that differ between runs of the same model and
-    method (a sweep over `method.alpha` gives one row per alpha), e.g. `dcd (alpha=2.0, variant=neg_only)`."""
+    method (a sweep over `method.alpha` gives one row per alpha), e.g. `dcd (alpha=2.0, variant=neg_only)`.
+    A setting some runs do not record (speed runs have no decoding block) does not split rows."""
     settings = [setting(r) for r in results]
     peers: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for result, flat in zip(results, settings):
         peers.setdefault((result["model"], result["method"]), []).append(flat)
     varying = {
         group: [k for k in sorted({k for s in group_settings for k in s})
-                if len({s.get(k) for s in group_settings}) > 1]
+                if len({s[k] for s in group_settings if k in s}) > 1]
         for group, group_settings in peers.items()
     }
     labels = []
     for result, flat in zip(results, settings):
         keys = varying[(result["model"], result["method"])]
-        shown = ", ".join(f"{k}={json.loads(flat[k]) if k in flat else None}" for k in keys)
+        shown = ", ".join(f"{k}={json.loads(flat[k])}" for k in keys if k in flat)
         labels.append(f"{result['method']} ({shown})" if shown else result["method"])
     return labels
 

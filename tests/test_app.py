@@ -122,6 +122,32 @@ def test_small_multirun_on_fast_toy_writes_summary(tmp_path):
 
 
 
+@pytest.mark.slow
+def test_speed_multirun_summarises_ratios_and_a_failed_method_fails_its_job(tmp_path, monkeypatch):
+    env = {**os.environ, "VLMFIX_RESULTS": str(tmp_path / "results")}
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "benchmarks", "--multirun", "model=toy_fast", "method=greedy,pai",
+               "benchmark=speed", "benchmark.new_tokens=3", "benchmark.repeats=1", "progress=false",
+               f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert rows[0] == "model,method,speed ratio" and [r.split(",")[1] for r in rows[1:]] == ["greedy", "pai"]
+    assert all(float(r.split(",")[2]) > 0 for r in rows[1:])
+
+    import benchmarks.speed
+    from benchmarks.app import run
+
+    def greedy_only(variants, *args, **kwargs):  # as measure() reports a method that failed its warm-up
+        return [benchmarks.speed.SpeedResult("greedy", 0.01, 1.0)]
+
+    monkeypatch.setattr(benchmarks.speed, "measure", greedy_only)
+    cfg = composed("model=toy_fast", "method=pai", "benchmark=speed", "benchmark.new_tokens=3",
+                   "benchmark.repeats=1", f"results_dir={tmp_path / 'r2'}")
+    with pytest.raises(RuntimeError, match="pai failed during its warm-up run"):
+        run(cfg)
+
+
 def test_main_command_retrains_dcd_only_for_missing_or_stale_toy_projectors(tmp_path):
     from benchmarks.__main__ import trained_for_toy
     from vlmfix.adapters import get_adapter
@@ -153,8 +179,11 @@ def test_summary_keeps_one_row_per_swept_method_setting():
         result("dcd", "chair", "chair", {"CHAIRi": 0.2}, alpha=2.0, apc_beta=0.1),
         result("greedy", "chair", "chair", {"CHAIRi": 0.3}),
     ]
-    header, body = table(results)
+    speed = {"model": "toy", "method": "greedy", "kind": "speed", "benchmark": "speed",
+             "metrics": {"ratio_to_greedy": 1.0}, "fingerprint": {"method": "greedy", "method_params": {}}}
+    header, body = table([*results, speed])  # speed runs record the method as a plain name, no decoding
     assert [row[1] for row in body] == ["dcd (alpha=1.0)", "dcd (alpha=2.0)", "greedy"]
+    assert body[2][header.index("speed ratio")] == 1.0
     chair_i, f1 = header.index("chair CHAIRi"), header.index("pope_random f1")
     assert (body[0][chair_i], body[0][f1]) == (0.1, 0.8)  # a setting's benchmarks share one row
     assert (body[1][chair_i], body[1][f1]) == (0.2, None)

@@ -15,6 +15,7 @@ def test_parse_method_reads_literals_and_names_bad_options():
     assert parse_method("gift") == ("gift", {})
     assert parse_method("pai:cfg=False,gamma=1.2") == ("pai", {"cfg": False, "gamma": 1.2})
     assert parse_method("dcd:variant=neg_only") == ("dcd", {"variant": "neg_only"})
+    assert parse_method("vhr:layers=[2, 3],alpha=2") == ("vhr", {"layers": [2, 3], "alpha": 2})
     with pytest.raises(ValueError, match="not key=value"):
         parse_method("pai:cfg")
 
