@@ -34,15 +34,16 @@ def trained_for_toy(checkpoints: Path, toy_hash: str) -> bool:
 def ensure_dcd_checkpoints() -> bool:
     """Train the toy's DCD projectors into outputs/dcd/toy unless current ones are there (or the user
     points VLMFIX_DCD_CHECKPOINTS at theirs); returns whether DCD can join the sweep."""
-    given = os.environ.get("VLMFIX_DCD_CHECKPOINTS")
-    if given:
-        if (Path(given) / "negative.safetensors").exists():
-            return True
-        print(f"[benchmarks] DCD left out of the default sweep: VLMFIX_DCD_CHECKPOINTS={given} holds no "
-              "negative.safetensors.", flush=True)
-        return False
     from vlmfix.toy import FULL
     from vlmfix.training.dcd import main as train_dcd
+
+    given = os.environ.get("VLMFIX_DCD_CHECKPOINTS")
+    if given:
+        if trained_for_toy(Path(given), FULL.hash()):
+            return True
+        print(f"[benchmarks] DCD left out of the default sweep: VLMFIX_DCD_CHECKPOINTS={given} holds no pair of "
+              "projectors trained on this toy build (unset it to have them trained here).", flush=True)
+        return False
 
     if not trained_for_toy(DEFAULT_DCD_DIR, FULL.hash()):
         print(f"[benchmarks] training DCD's projectors on the toy's preference data into {DEFAULT_DCD_DIR}",

@@ -190,7 +190,7 @@ def test_projectors_of_another_toy_build_are_refused(tmp_path):
     tiny = tiny_model("llava")
     root = tmp_path / "toy"
     tiny.model.save_pretrained(root / "model")
-    (root / MARKER).write_text(json.dumps({"settings_hash": "b" * 64}))
+    (root / "model" / MARKER).write_text(json.dumps({"settings_hash": "b" * 64}))  # as a build writes it
     model = AutoModelForImageTextToText.from_pretrained(root / "model")
     state = get_adapter(model).projector.state_dict()
     same = save_projector(tmp_path / "same.safetensors", state, model, "neg", {"toy_settings_hash": "b" * 64})
@@ -200,6 +200,9 @@ def test_projectors_of_another_toy_build_are_refused(tmp_path):
                                                      "model at .* is the build with settings bbbbbbbbbbbb"):
         load_projector(stale, model, "neg")
     assert load_projector(stale, tiny.model, "neg").keys() == state.keys()  # not loaded from a toy directory
+    unknown = save_projector(tmp_path / "unknown.safetensors", state, model, "neg", {})
+    with pytest.warns(UserWarning, match="records no toy build"):
+        load_projector(unknown, model, "neg")
 
 
 def test_train_dcd_writes_checkpoints_that_dcd_loads(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -138,15 +139,20 @@ def load_projector(path: str | Path, model: nn.Module, stream: Stream | None = N
 def _check_toy_build(path: Path | str, metadata: Mapping[str, str], model: nn.Module) -> None:
     """A toy rebuilt with other settings keeps its config (and config hash) but not its weights: refuse
     projectors trained on another build of it."""
-    from vlmfix.toy.build import stored_hash
+    from vlmfix.toy.build import model_settings_hash
 
+    source = getattr(model.config, "_name_or_path", "") or ""
+    current = model_settings_hash(source) if source else None
+    if current is None:
+        return  # not a toy model directory
     try:
         trained_on = json.loads(metadata.get("training") or "{}").get("toy_settings_hash")
     except ValueError:
-        return
-    source = getattr(model.config, "_name_or_path", "") or ""
-    current = stored_hash(Path(source).parent) if source else None
-    if trained_on and current and trained_on != current:
+        trained_on = None
+    if trained_on is None:
+        warnings.warn(f"{path} records no toy build, so vlmfix cannot check that it was trained on the toy at "
+                      f"{source}; if DCD misbehaves, train the projectors again.", stacklevel=3)
+    elif trained_on != current:
         raise CheckpointError(
             f"{path} was trained on the toy build with settings {trained_on[:12]}, but the model at {source} is the "
             f"build with settings {current[:12]}. Train the projectors again: python -m vlmfix.training.dcd "

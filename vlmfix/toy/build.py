@@ -108,6 +108,11 @@ def toy_paths(root: Path, settings_hash: str) -> ToyPaths:
     return ToyPaths(root, root / "model", data_dir, data_dir / "preference_train.jsonl", settings_hash)
 
 
+def model_settings_hash(model_dir: str | Path) -> str | None:
+    """The toy settings hash of a toy model directory (its own marker, kept by copies), else None."""
+    return stored_hash(Path(model_dir))
+
+
 def stored_hash(root: Path) -> str | None:
     """The settings hash of the complete build in `root`, or None."""
     try:

@@ -359,14 +359,16 @@ def load_model(config: DCDTrainConfig) -> tuple[nn.Module, Any, Path, dict[str, 
 
     data = config.data
     model_path = config.model
-    provenance: dict[str, str] = {}
     if config.model in ("toy", "toy_fast"):
         from vlmfix.toy import build_toy
 
         paths = build_toy(fast=config.model == "toy_fast")
         model_path = str(paths.model_dir)
         data = data or str(paths.preference_file)
-        provenance["toy_settings_hash"] = paths.settings_hash
+    from vlmfix.toy.build import model_settings_hash
+
+    toy_hash = model_settings_hash(model_path)  # any toy model directory, however it was named
+    provenance = {"toy_settings_hash": toy_hash} if toy_hash else {}
     if data is None:
         raise PreferenceDataError("data=<preference jsonl> is required unless model is toy or toy_fast.")
     model = AutoModelForImageTextToText.from_pretrained(model_path)
