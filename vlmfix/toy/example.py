@@ -26,7 +26,10 @@ def load_example(*, fast: bool = True, images: int = 1, text: str = CAPTION_PROM
     paths = build_toy(fast=fast)
     model = AutoModelForImageTextToText.from_pretrained(paths.model_dir).eval()
     processor = AutoProcessor.from_pretrained(paths.model_dir)
-    files = sorted((paths.data_dir / "images" / "val").glob("*.png"))[:images]
+    files = sorted((paths.data_dir / "images" / "val").glob("*.png"))
+    if len(files) < images:
+        raise ValueError(f"images={images}, but this toy build has {len(files)} validation images.")
+    files = files[:images]
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     pictures = [Image.open(file).convert("RGB") for file in files]
