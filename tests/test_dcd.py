@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 import vlmfix
 from vlmfix.adapters import get_adapter
 from vlmfix.decoding.dcd import DCD, save_projector
+from vlmfix.decoding.dcd_lora import LoraSpec, NegativeLora
 from vlmfix.decoding.edits import KeyBias
 from vlmfix.decoding.vcd import VCD
 
@@ -92,6 +93,66 @@ def test_scores_equal_two_single_stream_runs(family, tmp_path):
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         torch.testing.assert_close(got[~torch.isinf(want)], want[~torch.isinf(want)], atol=1e-4, rtol=1e-4)
         assert torch.equal(got.argmax(-1), tokens[:, step])
+
+
+def lora_checkpoints(tmp_path: Path, model: torch.nn.Module) -> tuple[Path, dict, dict, dict]:
+    """Like `checkpoints`, with random (non-zero) negative-stream LoRA adapters on q_proj and v_proj."""
+    positive, negative = perturbed(model, 1), perturbed(model, 2)
+    lora = NegativeLora(model, LoraSpec(rank=3, alpha=6.0))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in lora.up.values():
+            p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    save_projector(tmp_path / "positive.safetensors", positive, model, "pos")
+    save_projector(tmp_path / "negative.safetensors", negative, model, "neg", lora=lora)
+    return tmp_path, positive, negative, lora.tensors()
+
+
+def merged(model: torch.nn.Module, tensors: dict, scaling: float) -> torch.nn.Module:
+    """Reference: the model with the adapters merged into its weights, W + s * up @ down."""
+    language_model = get_adapter(model).language_model
+    for name, module in language_model.named_modules():
+        if f"lora.{name}.down" in tensors:
+            with torch.no_grad():
+                module.weight += scaling * tensors[f"lora.{name}.up"] @ tensors[f"lora.{name}.down"]
+    return model
+
+
+def test_negative_lora_acts_on_the_negative_stream_only(tmp_path):
+    """Scores = (1 + a) l(P_pos, base LM) - a l(P_neg, LM with merged adapters), from two plain models."""
+    tiny = tiny_model("llava")
+    directory, positive, negative, tensors = lora_checkpoints(tmp_path, tiny.model)
+    inputs = tiny.inputs(QUESTIONS[:1])
+    method = DCD(directory, alpha=0.8, apc_beta=None)
+    out = vlmfix.generate(tiny.model, **inputs, methods=[method], max_new_tokens=4, do_sample=False,
+                          return_dict_in_generate=True, output_logits=True)
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    base = with_projector(tiny.model, positive)
+    adapted = merged(with_projector(tiny.model, negative), tensors, 2.0)
+    for step, got in enumerate(out.logits):
+        ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
+        with torch.no_grad():
+            l_w = base(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[:, -1]
+            l_l = adapted(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[:, -1]
+        torch.testing.assert_close(got, 1.8 * l_w - 0.8 * l_l, atol=1e-4, rtol=1e-4)
+    assert method.negative_lora(tiny.model).spec == LoraSpec(rank=3, alpha=6.0)
+
+
+def test_negative_lora_stays_out_of_other_passes_and_leaves_no_hook(tmp_path):
+    """With alpha 0 the output is the positive stream's, so it must not change when the negative stream has
+    adapters, also with VHR, whose extra analysis pass runs 2B rows through the same model (VHR comes
+    second, so DCD's hooks are already on during that pass)."""
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+    with_lora, _, _, _ = lora_checkpoints(tmp_path / "lora", tiny.model)
+    plain, _, _ = checkpoints(tmp_path / "plain", "llava")
+    with torch.no_grad():
+        logits_before = tiny.model(**inputs).logits
+    outs = [vlmfix.generate(tiny.model, **inputs, methods=[DCD(d, alpha=0.0, apc_beta=None), vlmfix.VHR()],
+                            max_new_tokens=5, do_sample=False) for d in (with_lora, plain)]
+    assert torch.equal(outs[0], outs[1])
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.model(**inputs).logits, logits_before, atol=0, rtol=0)
 
 
 def test_pos_only_runs_one_stream(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from safetensors.torch import save_file
 
 import vlmfix
 from vlmfix.adapters import get_adapter
-from vlmfix.decoding.dcd import DCD, load_projector, read_metadata, save_projector
+from vlmfix.decoding.dcd import DCD, load_negative_lora, load_projector, read_metadata, save_projector
+from vlmfix.decoding.dcd_lora import LoraSpec, NegativeLora
 from vlmfix.testing import random_image
 from vlmfix.training.dcd import (
     DCDTrainConfig,
@@ -149,6 +151,71 @@ def test_one_step_lowers_the_loss_and_trains_the_projector_only(family, tmp_path
     assert float(after) < float(start) - 1e-3
 
 
+def merged_copy(model: torch.nn.Module, tensors: dict, spec) -> torch.nn.Module:
+    """Reference for the LoRA fallback: a copy of the model whose target weights hold W + s * up @ down."""
+    clone = copy.deepcopy(model)
+    language_model = get_adapter(clone).language_model
+    for name, module in language_model.named_modules():
+        if f"lora.{name}.down" in tensors:
+            with torch.no_grad():
+                module.weight += spec.scaling * tensors[f"lora.{name}.up"] @ tensors[f"lora.{name}.down"]
+    return clone
+
+
+def test_lora_fallback_trains_projector_and_adapters_and_leaves_the_model(tmp_path):
+    tiny = tiny_model("llava")
+    model = tiny.model
+    rows = load_preferences(write_preferences(tmp_path))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = step_config(trainable="projector+lora_neg", lora_rank=4, max_steps=2)
+
+    run = train_projector(model, tiny.processor, rows, "neg", config)
+
+    for name, p in model.named_parameters():  # base weights untouched, no hook left behind
+        assert torch.equal(p, before[name]), name
+    tensors = run.lora.tensors()
+    layers = [n for n, m in get_adapter(model).language_model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    assert sorted(tensors) == sorted(f"lora.{n}.{part}" for n in layers for part in ("down", "up"))
+    assert all(tensors[f"lora.{n}.up"].abs().sum() > 0 for n in layers)  # up starts at zero and moved
+    # the hooks compute what merged weights compute, and the steps lowered the loss of that batch
+    encoder = ResponseEncoder(tiny.processor)
+    batch = encoder.collate([encoder.encode(r, r.rejected) for r in rows])
+    projector = get_adapter(model).projector
+    p0 = {k: v.clone() for k, v in projector.state_dict().items()}
+    with torch.no_grad():
+        start = response_nll(model, batch)
+        projector.load_state_dict(run.state_dict)
+        with run.lora.attached(lambda: slice(None)):
+            hooked = response_nll(model, batch)
+        merged = merged_copy(model, tensors, config.lora_spec)
+        reference = response_nll(merged, batch)
+        projector.load_state_dict(p0)
+    torch.testing.assert_close(hooked, reference, atol=1e-5, rtol=1e-5)
+    assert float(hooked) < float(start) - 1e-3
+
+
+def test_lora_checkpoint_round_trip_and_mismatch(tmp_path):
+    tiny = tiny_model("llava")
+    model_dir = tmp_path / "model"
+    tiny.model.save_pretrained(model_dir)
+    tiny.processor.save_pretrained(model_dir)
+    data = write_preferences(tmp_path / "data")
+    config = parse_config(["--config", str(CONF), f"model={model_dir}", f"data={data}", "trainable=projector+lora_neg",
+                           "lora_rank=2", "lora_targets=[v_proj]", f"output_dir={tmp_path / 'out'}", "max_steps=1",
+                           "batch_size=2", "gradient_accumulation_steps=1", "learning_rate=1e-2"])
+    written = train_dcd(config)
+    assert read_metadata(written["pos"]).get("lora") is None  # the positive stream has no adapters
+    lora = load_negative_lora(written["neg"], tiny.model)
+    assert lora.spec == LoraSpec(rank=2, alpha=16.0, targets=("v_proj",))
+    assert all(k.endswith(("v_proj.down", "v_proj.up")) for k in lora.tensors())
+    projector = get_adapter(tiny.model).projector.state_dict()
+    assert load_projector(written["neg"], tiny.model, "neg").keys() == projector.keys()
+    with pytest.raises(vlmfix.CheckpointError, match="does not fit this model's language model"):
+        NegativeLora.from_tensors(tiny.model, LoraSpec(rank=2, targets=("q_proj", "v_proj")), lora.tensors())
+    with pytest.raises(ValueError, match="no linear layer of the language model is named \\['qkv'\\]"):
+        NegativeLora(tiny.model, LoraSpec(targets=("qkv",)))
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     tiny = tiny_model("llava")
     model = tiny.model
@@ -230,8 +297,11 @@ def test_config_checks():
         DCDTrainConfig(loss_reduction="mean")
     with pytest.raises(ValueError, match="`streams` must be a non-empty subset"):
         DCDTrainConfig(streams=("both",))
-    with pytest.raises(NotImplementedError, match="projector\\+lora_neg.*not implemented"):
-        DCDTrainConfig(trainable="projector+lora_neg")
+    with pytest.raises(ValueError, match="`lora_rank` must be an int >= 1, got 0"):
+        DCDTrainConfig(trainable="projector+lora_neg", lora_rank=0)
+    with pytest.raises(ValueError, match="include 'neg' in `streams`"):
+        DCDTrainConfig(trainable="projector+lora_neg", streams=("pos",))
+    assert DCDTrainConfig(trainable="projector+lora_neg", lora_targets=["q_proj"]).lora_spec.targets == ("q_proj",)
     with pytest.raises(SystemExit, match="unknown settings \\['lr'\\]"):
         parse_config(["lr=1e-3"])
     config = parse_config(["--config", str(CONF), "streams=[neg]"])

@@ -163,6 +163,15 @@ def require_engine(session: Session, method: Method) -> None:
         )
 
 
+def negative_rows(session: Session) -> slice | None:
+    """The batch rows of the negative stream in the forward running now: rows B..2B-1 during the
+    engine's own two-stream forwards, None otherwise (no engine, one stream, or a method's extra pass)."""
+    engine = _ENGINES.get(session)
+    if engine is None or not engine.stepping or not engine.paired:
+        return None
+    return slice(engine.batch, None)
+
+
 def caller_inputs(session: Session) -> dict[str, Any]:
     """The current call's `generate` keyword arguments as the caller passed them (before expansion)."""
     require_engine(session, next(m for m in session.methods if m.contrastive))
@@ -237,6 +246,7 @@ class _Engine:
         self.paired = True
         self.state: Any = None
         self.mask: Tensor | None = None  # [2B, kv_len] or None when no row has padding
+        self.stepping = False  # inside one of the engine's own [positive; negative] forwards
         self.last_positions: Tensor | None = None  # [2B, 1] or [sections, 2B, 1]
 
     @contextmanager
@@ -263,6 +273,7 @@ class _Engine:
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         if not self._ours(kwargs):
             return None  # a method's extra analysis pass, not a decoding step
+        self.stepping = True
         kwargs = dict(kwargs)
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
@@ -326,7 +337,10 @@ class _Engine:
         return out
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        if not self._ours(kwargs) or not self.paired:
+        if not self._ours(kwargs):
+            return None
+        self.stepping = False
+        if not self.paired:
             return None
         positive, negative = split_streams(output.logits[:, -1], self.batch)
         scores = self.method.combine(self.state, positive.float(), negative.float())  # [B, vocab]

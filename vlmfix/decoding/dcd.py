@@ -22,7 +22,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vlmfix.adapters import get_adapter
-from vlmfix.decoding.contrastive import ContrastiveMethod, contrast_logits, encode_images, require_engine
+from vlmfix.decoding.contrastive import (
+    ContrastiveMethod,
+    contrast_logits,
+    encode_images,
+    negative_rows,
+    require_engine,
+)
+from vlmfix.decoding.dcd_lora import PREFIX as LORA_PREFIX
+from vlmfix.decoding.dcd_lora import LoraSpec, NegativeLora
 from vlmfix.decoding.method import register_method
 from vlmfix.decoding.vcd import check_alpha, check_beta
 from vlmfix.errors import CheckpointError
@@ -63,12 +71,18 @@ def base_model_id(model: nn.Module) -> str:
 
 
 def save_projector(path: str | Path, state_dict: Mapping[str, Tensor], model: nn.Module, stream: Stream,
-                   training: Mapping[str, Any] | None = None) -> Path:
-    """Write one projector's weights with the metadata `load_projector` checks."""
+                   training: Mapping[str, Any] | None = None, lora: NegativeLora | None = None) -> Path:
+    """Write one projector's weights with the metadata `load_projector` checks; `lora` (negative stream
+    only) adds the language-model adapters of the spec's `projector+lora_neg` fallback."""
     if stream not in STREAMS:
         raise ValueError(f"`stream` must be 'pos' or 'neg', got {stream!r}.")
+    if lora is not None and stream != "neg":
+        raise ValueError("LoRA adapters belong to the negative stream only (stream='neg').")
     projector = get_adapter(model).projector
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
+    shapes = {name: list(t.shape) for name, t in tensors.items()}
+    if lora is not None:
+        tensors.update({name: t.contiguous() for name, t in lora.tensors().items()})
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -76,9 +90,11 @@ def save_projector(path: str | Path, state_dict: Mapping[str, Tensor], model: nn
         "base_model": base_model_id(model),
         "config_hash": config_hash(model),
         "projector_class": type(projector).__name__,
-        "shapes": json.dumps({name: list(t.shape) for name, t in tensors.items()}, sort_keys=True),
+        "shapes": json.dumps(shapes, sort_keys=True),
         "training": json.dumps(dict(training or {}), sort_keys=True, default=str),
     }
+    if lora is not None:
+        metadata["lora"] = json.dumps(lora.spec.as_dict(), sort_keys=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -122,10 +138,7 @@ def load_projector(path: str | Path, model: nn.Module, stream: Stream | None = N
             f"{config_hash(model)[:12]}). Load the model the projector was trained on, or train one for this model."
         )
     _check_toy_build(path, metadata, model)
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} could not be read ({error}); train or copy the checkpoint again.") from error
+    state = {k: v for k, v in _read_tensors(path).items() if not k.startswith(LORA_PREFIX)}
     wanted = {name: tuple(t.shape) for name, t in projector.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if wanted != found:
@@ -134,6 +147,23 @@ def load_projector(path: str | Path, model: nn.Module, stream: Stream | None = N
             f"{expected}."
         )
     return state
+
+
+def load_negative_lora(path: str | Path, model: nn.Module) -> NegativeLora | None:
+    """The negative-stream LoRA a checkpoint holds (trainable="projector+lora_neg"), else None."""
+    metadata = read_metadata(path)
+    if "lora" not in metadata:
+        return None
+    spec = LoraSpec(**json.loads(metadata["lora"]))
+    tensors = {k: v for k, v in _read_tensors(path).items() if k.startswith(LORA_PREFIX)}
+    return NegativeLora.from_tensors(model, spec, tensors, source=str(path))
+
+
+def _read_tensors(path: str | Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} could not be read ({error}); train or copy the checkpoint again.") from error
 
 
 def _check_toy_build(path: Path | str, metadata: Mapping[str, str], model: nn.Module) -> None:
@@ -185,6 +215,7 @@ class DCDState:
     """Per call: the projectors in use and the image features each stream gets (filled at the prefill)."""
 
     projectors: dict[Stream, nn.Module]
+    lora: NegativeLora | None = None  # the negative stream's language-model adapters, if trained
     features: dict[Stream, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -196,6 +227,8 @@ class DCD(ContrastiveMethod):
 
     Both streams share the prompt and the generated tokens and run as one batched forward per step (rows
     [positive; negative], separate cache rows). Train the projectors with `python -m vlmfix.training.dcd`.
+    A negative checkpoint trained with `trainable=projector+lora_neg` (the spec's fallback) also carries LoRA
+    adapters for the language model; they act on the negative rows of that forward only.
 
     Args:
         checkpoints (str | Path | None): a training output directory holding `positive.safetensors` and/or
@@ -258,6 +291,7 @@ class DCD(ContrastiveMethod):
         self.apc_beta = check_beta(apc_beta, "apc_beta")
         # loaded projectors, reused across calls: model's projector -> {stream: frozen copy}
         self._loaded: weakref.WeakKeyDictionary[nn.Module, dict[Stream, nn.Module]] = weakref.WeakKeyDictionary()
+        self._lora: weakref.WeakKeyDictionary[nn.Module, NegativeLora | None] = weakref.WeakKeyDictionary()
 
     def projectors(self, model: nn.Module) -> dict[Stream, nn.Module]:
         """The frozen positive / negative projectors for `model`, loaded (and checked) once."""
@@ -270,9 +304,20 @@ class DCD(ContrastiveMethod):
             }
         return self._loaded[slot]
 
+    def negative_lora(self, model: nn.Module) -> NegativeLora | None:
+        """The negative checkpoint's language-model adapters (trainable="projector+lora_neg"), or None."""
+        slot = get_adapter(model).projector
+        if slot not in self._lora:
+            self._lora[slot] = load_negative_lora(self.negative, model) if self.negative else None
+        return self._lora[slot]
+
     def prepare(self, session: Session) -> DCDState:
         require_engine(session, self)
-        return DCDState(self.projectors(session.model))
+        lora = self.negative_lora(session.model)
+        if lora is not None:  # on the negative rows of the engine's two-stream forwards only
+            for handle in lora.hooks(lambda: negative_rows(session)):
+                session.add_prompt_hook(handle)
+        return DCDState(self.projectors(session.model), lora)
 
     def _features(self, session: Session, state: DCDState, stream: Stream) -> dict[str, Any]:
         if stream not in state.features:
@@ -295,4 +340,5 @@ class DCD(ContrastiveMethod):
         return contrast_logits(positive_logits, negative_logits, self.alpha, self.apc_beta)
 
     def report(self, state: DCDState) -> dict[str, Any]:
-        return {"variant": self.variant, "projectors": sorted(state.projectors)}
+        lora = state.lora.spec.as_dict() if state.lora is not None else None
+        return {"variant": self.variant, "projectors": sorted(state.projectors), "negative_lora": lora}

@@ -26,7 +26,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from vlmfix.adapters import get_adapter
 from vlmfix.decoding.dcd import CHECKPOINT_FILES, STREAMS, Stream, load_projector, save_projector
+from vlmfix.decoding.dcd_lora import LoraSpec, NegativeLora
 
 IGNORE = -100
 RESPONSE_FIELD: dict[Stream, str] = {"pos": "chosen", "neg": "rejected"}
@@ -60,7 +61,9 @@ class DCDTrainConfig:
         data: the preference JSONL; None with a toy model uses the toy's preference file.
         output_dir: where `positive.safetensors` / `negative.safetensors` are written.
         streams: which projectors to train: ("pos", "neg"), ("neg",) for Neg-only, ...
-        trainable: "projector" (D2; "projector+lora_neg" is the spec's fallback, not implemented).
+        trainable: "projector" (D2), or "projector+lora_neg", the spec's fallback when the two streams'
+            logits stay too close: the negative stream also trains LoRA adapters on the language model
+            (`lora_rank`, `lora_alpha`, `lora_targets`), used on its rows only at decoding.
         init_from: None starts both from the model's projector P0 (D3), or a DCD checkpoint file.
         learning_rate, weight_decay: AdamW settings; cosine schedule with `warmup_ratio` of the steps.
         epochs, max_steps: passes over the data; max_steps (optimiser steps) caps them when set.
@@ -77,6 +80,9 @@ class DCDTrainConfig:
     output_dir: str = "outputs/dcd/toy"
     streams: tuple[str, ...] = STREAMS
     trainable: str = "projector"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     init_from: str | None = None
     learning_rate: float = 2e-5
     weight_decay: float = 0.0
@@ -99,11 +105,12 @@ class DCDTrainConfig:
             raise ValueError(f"`streams` must be a non-empty subset of {STREAMS}, got {self.streams!r}.")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"`trainable` must be one of {TRAINABLE}, got {self.trainable!r}.")
-        if self.trainable != "projector":
-            raise NotImplementedError(
-                "trainable='projector+lora_neg' (the spec's fallback when the two streams' logits stay too close) "
-                "is not implemented; train the projector only (trainable='projector')."
-            )
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.trainable == "projector+lora_neg":
+            _ = self.lora_spec  # validates rank, alpha and targets now, not after the model has loaded
+            if "neg" not in self.streams:
+                raise ValueError("trainable='projector+lora_neg' trains adapters for the negative stream: include "
+                                 "'neg' in `streams`.")
         if self.loss_reduction not in REDUCTIONS:
             raise ValueError(f"`loss_reduction` must be 'sequence' or 'token', got {self.loss_reduction!r}.")
         if self.mixed_precision not in PRECISIONS:
@@ -122,6 +129,10 @@ class DCDTrainConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def lora_spec(self) -> LoraSpec:
+        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -246,12 +257,14 @@ def response_nll(model: nn.Module, batch: dict[str, Tensor], reduction: str = "s
 # ---------------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class ProjectorRun:
-    """The result of training one stream: the projector's weights and the loss of every micro-step."""
+    """The result of training one stream: the projector's weights (and the negative stream's LoRA adapters
+    with trainable="projector+lora_neg") and the loss of every micro-step."""
 
     stream: Stream
     state_dict: dict[str, Tensor]
     losses: list[float]
     steps: int
+    lora: NegativeLora | None = None
 
 
 @contextmanager
@@ -323,30 +336,47 @@ def _train_stream(
     )
     per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     total = min(per_epoch * config.epochs, config.max_steps or sys.maxsize)
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    lora = NegativeLora(model, config.lora_spec) if stream == "neg" and config.trainable == "projector+lora_neg" \
+        else None
+    trainable = [*projector.parameters(), *(lora.parameters() if lora is not None else ())]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
     prepared.eval()  # frozen parts without dropout; the projector trains
     projector.train()
     losses: list[float] = []
     steps = 0
-    while steps < total:
-        for batch in loader:
-            with accelerator.accumulate(prepared):
-                loss = response_nll(prepared, batch, config.loss_reduction)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            losses.append(float(loss.detach()))
-            if accelerator.sync_gradients:
-                steps += 1
-                if steps % config.log_every == 0 or steps == total:
-                    accelerator.print(f"[dcd {stream}] step {steps}/{total} loss {losses[-1]:.4f}")
-                if steps >= total:
-                    break
+    adapters = lora.attached(lambda: slice(None)) if lora is not None else nullcontext()  # every row: negative
+    with adapters:
+        while steps < total:
+            steps = _epoch(prepared, loader, optimizer, scheduler, accelerator, config, stream, lora, losses, steps,
+                           total)
     state = {k: v.detach().to("cpu").clone() for k, v in projector.state_dict().items()}
-    return ProjectorRun(stream, state, losses, steps)
+    return ProjectorRun(stream, state, losses, steps, lora.requires_grad_(False) if lora is not None else None)
+
+
+def _epoch(prepared: nn.Module, loader: Any, optimizer: Any, scheduler: Any, accelerator: Any,
+           config: DCDTrainConfig, stream: Stream, lora: NegativeLora | None, losses: list[float], steps: int,
+           total: int) -> int:
+    """One pass over `loader` (or up to `total` optimiser steps); returns the optimiser steps done so far."""
+    for batch in loader:
+        with accelerator.accumulate(prepared):
+            loss = response_nll(prepared, batch, config.loss_reduction)
+            accelerator.backward(loss)
+            if lora is not None and accelerator.sync_gradients and accelerator.num_processes > 1:
+                for p in lora.parameters():  # outside the prepared (DDP) model: average by hand
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+        if accelerator.sync_gradients:
+            steps += 1
+            if steps % config.log_every == 0 or steps == total:
+                accelerator.print(f"[dcd {stream}] step {steps}/{total} loss {losses[-1]:.4f}")
+            if steps >= total:
+                break
+    return steps
 
 
 def load_model(config: DCDTrainConfig) -> tuple[nn.Module, Any, Path, dict[str, str]]:
@@ -393,7 +423,7 @@ def train_dcd(config: DCDTrainConfig) -> dict[Stream, Path]:
                 training = {**config.as_dict(), **provenance, "data": str(data), "rows": len(rows), "steps": run.steps,
                             "final_loss": run.losses[-1] if run.losses else None}
                 path = Path(config.output_dir) / CHECKPOINT_FILES[stream]
-                written[stream] = save_projector(path, run.state_dict, model, stream, training)
+                written[stream] = save_projector(path, run.state_dict, model, stream, training, lora=run.lora)
                 accelerator.print(f"[dcd {stream}] wrote {written[stream]}")
             accelerator.wait_for_everyone()
     return written
