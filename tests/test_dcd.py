@@ -155,6 +155,33 @@ def test_negative_lora_stays_out_of_other_passes_and_leaves_no_hook(tmp_path):
         torch.testing.assert_close(tiny.model(**inputs).logits, logits_before, atol=0, rtol=0)
 
 
+def test_loading_the_adapters_leaves_seeded_sampling_alone(tmp_path):
+    """The adapters load inside the first generate call; that must not draw from the random generator."""
+    tiny = tiny_model("llava")
+    directory, _, _, _ = lora_checkpoints(tmp_path, tiny.model)
+    inputs = tiny.inputs(QUESTIONS)
+    method = DCD(directory, alpha=0.5)
+    outs = []
+    for _ in range(2):  # the first call loads the checkpoints, the second reuses them
+        torch.manual_seed(0)
+        outs.append(vlmfix.generate(tiny.model, **inputs, methods=[method], max_new_tokens=6, do_sample=True))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_foreign_lora_tensors_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlmfix.decoding.dcd import load_negative_lora, read_metadata
+
+    tiny = tiny_model("llava")
+    directory, _, _, _ = lora_checkpoints(tmp_path, tiny.model)
+    path = directory / "negative.safetensors"
+    metadata = {k: v for k, v in read_metadata(path).items() if k != "lora"}
+    save_file(load_file(str(path)), str(tmp_path / "foreign.safetensors"), metadata=metadata)
+    with pytest.raises(vlmfix.CheckpointError, match="holds LoRA tensors but no 'lora' metadata"):
+        load_negative_lora(tmp_path / "foreign.safetensors", tiny.model)
+
+
 def test_pos_only_runs_one_stream(tmp_path):
     tiny = tiny_model("llava")
     directory, _, _ = checkpoints(tmp_path, "llava")

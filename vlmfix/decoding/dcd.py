@@ -152,10 +152,13 @@ def load_projector(path: str | Path, model: nn.Module, stream: Stream | None = N
 def load_negative_lora(path: str | Path, model: nn.Module) -> NegativeLora | None:
     """The negative-stream LoRA a checkpoint holds (trainable="projector+lora_neg"), else None."""
     metadata = read_metadata(path)
+    tensors = {k: v for k, v in _read_tensors(path).items() if k.startswith(LORA_PREFIX)}
     if "lora" not in metadata:
+        if tensors:
+            raise CheckpointError(f"{path} holds LoRA tensors but no 'lora' metadata (rank, alpha, targets); it was "
+                                  "not written by vlmfix's DCD trainer. Train it again.")
         return None
     spec = LoraSpec(**json.loads(metadata["lora"]))
-    tensors = {k: v for k, v in _read_tensors(path).items() if k.startswith(LORA_PREFIX)}
     return NegativeLora.from_tensors(model, spec, tensors, source=str(path))
 
 
@@ -313,11 +316,12 @@ class DCD(ContrastiveMethod):
 
     def prepare(self, session: Session) -> DCDState:
         require_engine(session, self)
+        projectors = self.projectors(session.model)  # first: the checkpoints' base-model checks
         lora = self.negative_lora(session.model)
         if lora is not None:  # on the negative rows of the engine's two-stream forwards only
             for handle in lora.hooks(lambda: negative_rows(session)):
                 session.add_prompt_hook(handle)
-        return DCDState(self.projectors(session.model), lora)
+        return DCDState(projectors, lora)
 
     def _features(self, session: Session, state: DCDState, stream: Stream) -> dict[str, Any]:
         if stream not in state.features:

@@ -66,27 +66,29 @@ def target_layers(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Line
 
 
 class NegativeLora(nn.Module):
-    """LoRA factors for the target layers of `model`: `down` [rank, in] (Kaiming-uniform) and `up`
-    [out, rank] (zeros, so a fresh adapter changes nothing)."""
+    """LoRA factors for the target layers of `model`, each on its layer's device: `down` [rank, in]
+    (Kaiming-uniform) and `up` [out, rank] (zeros, so a fresh adapter changes nothing). `init=False`
+    leaves them uninitialised (for loading) and draws nothing from the random generators."""
 
-    def __init__(self, model: nn.Module, spec: LoraSpec) -> None:
+    def __init__(self, model: nn.Module, spec: LoraSpec, *, init: bool = True) -> None:
         super().__init__()
         self.spec = spec
         self.layers = target_layers(model, spec.targets)
-        reference = next(iter(self.layers.values())).weight
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
         for name, layer in self.layers.items():
-            key = _key(name)
-            down = torch.empty(spec.rank, layer.in_features, device=reference.device)
-            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+            key, device = _key(name), layer.weight.device
+            down = torch.empty(spec.rank, layer.in_features, device=device)
+            if init:
+                nn.init.kaiming_uniform_(down, a=math.sqrt(5))
             self.down[key] = nn.Parameter(down)
-            self.up[key] = nn.Parameter(torch.zeros(layer.out_features, spec.rank, device=reference.device))
+            self.up[key] = nn.Parameter(torch.zeros(layer.out_features, spec.rank, device=device))
 
     def delta(self, name: str, x: Tensor) -> Tensor:
         """(alpha / rank) * up(down(x)) for the layer `name`; x: [..., in] -> [..., out]."""
         key = _key(name)
-        down, up = self.down[key].to(x.dtype), self.up[key].to(x.dtype)
+        down = self.down[key].to(x.device, x.dtype)  # the model may have moved since the factors were made
+        up = self.up[key].to(x.device, x.dtype)
         return nn.functional.linear(nn.functional.linear(x, down), up) * self.spec.scaling
 
     def hooks(self, rows: RowSelector) -> list[RemovableHandle]:
@@ -127,7 +129,7 @@ class NegativeLora(nn.Module):
     def from_tensors(cls, model: nn.Module, spec: LoraSpec, tensors: Mapping[str, Tensor],
                      source: str = "the checkpoint") -> NegativeLora:
         """Rebuild the adapters for `model` from `tensors()`; CheckpointError when they do not fit it."""
-        lora = cls(model, spec)
+        lora = cls(model, spec, init=False)
         wanted = {f"{PREFIX}{n}.{part}": tuple(getattr(lora, part)[_key(n)].shape)
                   for n in lora.layers for part in ("down", "up")}
         found = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -364,8 +364,9 @@ def _epoch(prepared: nn.Module, loader: Any, optimizer: Any, scheduler: Any, acc
             loss = response_nll(prepared, batch, config.loss_reduction)
             accelerator.backward(loss)
             if lora is not None and accelerator.sync_gradients and accelerator.num_processes > 1:
-                for p in lora.parameters():  # outside the prepared (DDP) model: average by hand
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+                for p in lora.parameters():  # outside the prepared (DDP) model: average by hand, on every rank
+                    grad = p.grad if p.grad is not None else torch.zeros_like(p)  # a layer off the loss path
+                    p.grad = accelerator.reduce(grad, reduction="mean")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
