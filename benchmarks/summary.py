@@ -43,22 +43,35 @@ def setting(result: dict[str, Any]) -> dict[str, Any]:
 def row_labels(results: Sequence[dict[str, Any]]) -> list[str]:
     """Each run's method label, followed by the settings that differ between runs of the same model and
     method (a sweep over `method.alpha` gives one row per alpha), e.g. `dcd (alpha=2.0, variant=neg_only)`.
-    A setting some runs do not record (speed runs have no decoding block) does not split rows."""
+    A setting some runs do not record (speed runs have no decoding block) does not split rows, and one that
+    follows from a setting already shown is left out (DCD's `negative` file from its `checkpoints` dir)."""
     settings = [setting(r) for r in results]
     peers: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for result, flat in zip(results, settings):
         peers.setdefault((result["model"], result["method"]), []).append(flat)
-    varying = {
-        group: [k for k in sorted({k for s in group_settings for k in s})
-                if len({s[k] for s in group_settings if k in s}) > 1]
-        for group, group_settings in peers.items()
-    }
+    varying = {group: _distinguishing(group_settings) for group, group_settings in peers.items()}
     labels = []
     for result, flat in zip(results, settings):
         keys = varying[(result["model"], result["method"])]
         shown = ", ".join(f"{k}={json.loads(flat[k])}" for k in keys if k in flat)
         labels.append(f"{result['method']} ({shown})" if shown else result["method"])
     return labels
+
+
+def _distinguishing(settings: Sequence[dict[str, Any]]) -> list[str]:
+    """Keys whose values differ between `settings`, in name order, minus those a kept key determines."""
+    kept: list[str] = []
+    for key in sorted({k for s in settings for k in s}):
+        having = [s for s in settings if key in s]
+        if len({s[key] for s in having}) > 1 and not any(_determines(other, key, having) for other in kept):
+            kept.append(key)
+    return kept
+
+
+def _determines(other: str, key: str, settings: Sequence[dict[str, Any]]) -> bool:
+    """Whether each value of `other` comes with one value of `key` across `settings`."""
+    pairs = {(s.get(other), s[key]) for s in settings}
+    return len(pairs) == len({o for o, _ in pairs})
 
 
 def table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:

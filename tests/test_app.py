@@ -187,3 +187,9 @@ def test_summary_keeps_one_row_per_swept_method_setting():
     chair_i, f1 = header.index("chair CHAIRi"), header.index("pope_random f1")
     assert (body[0][chair_i], body[0][f1]) == (0.1, 0.8)  # a setting's benchmarks share one row
     assert (body[1][chair_i], body[1][f1]) == (0.2, None)
+    # a setting that follows from one already shown is left out; an independent one stays
+    runs = [result("dcd", "chair", "chair", {"CHAIRi": 0.1}, checkpoints=c, negative=f"{c}/negative", alpha=a)
+            for c in ("x", "y") for a in (1.0, 2.0)]
+    assert [row[1] for row in table(runs)[1]] == [
+        "dcd (alpha=1.0, checkpoints=x)", "dcd (alpha=2.0, checkpoints=x)",
+        "dcd (alpha=1.0, checkpoints=y)", "dcd (alpha=2.0, checkpoints=y)"]
