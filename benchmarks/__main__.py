@@ -26,7 +26,7 @@ def trained_for_toy(checkpoints: Path, toy_hash: str) -> bool:
 
     try:
         metadata = [read_metadata(checkpoints / file) for file in CHECKPOINT_FILES.values()]
-    except (CheckpointError, FileNotFoundError, OSError):
+    except (CheckpointError, OSError):
         return False
     return all(json.loads(m.get("training", "{}")).get("toy_settings_hash") == toy_hash for m in metadata)
 

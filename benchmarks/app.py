@@ -187,7 +187,7 @@ def run_speed(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], shard
         raise RuntimeError(f"speed: {label} failed during its warm-up run (see the log above); no figure recorded.")
     metrics = {"ms_per_token_greedy": 1000 * results["greedy"].seconds_per_token,
                "ms_per_token": 1000 * results[variant].seconds_per_token, "ratio_to_greedy": results[variant].ratio}
-    fingerprint = {"model": loaded.source, "method": label, "method_params": _method_params(methods),
+    fingerprint = {"model": loaded.source, "method": {"name": label, "params": _method_params(methods)},
                    "benchmark": "speed", "new_tokens": int(bench.new_tokens), "repeats": int(bench.repeats)}
     out_dir = Path(cfg.results_dir) / cfg.model.name / "speed" / label
     return _finish(cfg, out_dir, method_label(cfg, methods), fingerprint, metrics, complete=True)

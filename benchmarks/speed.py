@@ -232,22 +232,21 @@ def main(argv: Sequence[str] | None = None) -> list[SpeedResult]:
     print(f"LLaVA-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim}, "
           f"{int(inputs['input_ids'].eq(tiny.model.config.image_token_id).sum())} image tokens, "
           f"{args.new_tokens} new tokens, {args.repeats} repeats, {args.dtype} on {device_name(args.device)}")
-    stand_in_dir = tempfile.TemporaryDirectory()
-    if args.methods:
-        methods = {}
-        for spec in args.methods:
-            name, kwargs = parse_method(spec)
-            methods[spec] = [stand_in_dcd(tiny, stand_in_dir.name, **kwargs) if name == "dcd"
-                             else method_by_name(name, **kwargs)]
-    else:
-        methods = {
-            "vlmfix, no method": [],
-            f"vlmfix, edit on {len(half)}/{args.layers} layers": [ImageBiasOnLayers(half)],
-        }
-    two_stream = any(is_two_stream(m) for ms in methods.values() for m in ms)
-    variants = generate_variants(tiny, inputs, methods, two_row_floor=two_stream)
-    results = measure(variants, args.new_tokens, args.repeats)
-    stand_in_dir.cleanup()
+    with tempfile.TemporaryDirectory() as stand_in_dir:  # DCD reads its stand-in checkpoints when it runs
+        if args.methods:
+            methods = {}
+            for spec in args.methods:
+                name, kwargs = parse_method(spec)
+                methods[spec] = [stand_in_dcd(tiny, stand_in_dir, **kwargs) if name == "dcd"
+                                 else method_by_name(name, **kwargs)]
+        else:
+            methods = {
+                "vlmfix, no method": [],
+                f"vlmfix, edit on {len(half)}/{args.layers} layers": [ImageBiasOnLayers(half)],
+            }
+        two_stream = any(is_two_stream(m) for ms in methods.values() for m in ms)
+        variants = generate_variants(tiny, inputs, methods, two_row_floor=two_stream)
+        results = measure(variants, args.new_tokens, args.repeats)
     print("\n| variant | ms / decode token | ratio to greedy |\n|---|---|---|")
     for r in results:
         print(f"| {r.label} | {1000 * r.seconds_per_token:.2f} | {r.ratio:.3f}x |")

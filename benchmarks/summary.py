@@ -28,8 +28,7 @@ def setting(result: dict[str, Any]) -> dict[str, Any]:
     """The run's method parameters and decoding choices, flattened (`alpha`, or `vhr.alpha` when several
     methods are composed; `decoding.mode`, ...); the per-benchmark token budget is left out."""
     fingerprint = result.get("fingerprint") or {}
-    method = fingerprint.get("method")
-    params = (method.get("params") if isinstance(method, dict) else None) or fingerprint.get("method_params") or {}
+    params = (fingerprint.get("method") or {}).get("params") or {}
     flat: dict[str, Any] = {}
     for method, values in params.items():
         for key, value in (values or {}).items():

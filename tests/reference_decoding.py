@@ -130,6 +130,17 @@ def vlmfix_greedy(model: Any, inputs: dict, methods: list, steps: int, **kw: Any
     return out.sequences[:, prompt_len:], torch.stack(out.logits)
 
 
+def assert_batch_rows_equal_rows_alone(tiny: Any, batch: dict, methods: list, steps: int = 3, **kw: Any) -> None:
+    """Each row of `batch` (built from QUESTIONS) decodes the logits it decodes alone (image seed = row),
+    -inf where alone it is -inf (the refinement's cutoff)."""
+    _, logits = vlmfix_greedy(tiny.model, batch, methods, steps=steps, **kw)
+    for i, q in enumerate(QUESTIONS):
+        _, alone = vlmfix_greedy(tiny.model, tiny.inputs([q], seed=i), methods, steps=steps, **kw)
+        finite = torch.isfinite(alone[:, 0])
+        assert torch.equal(finite, torch.isfinite(logits[:, i]))
+        torch.testing.assert_close(logits[:, i][finite], alone[:, 0][finite], atol=1e-4, rtol=1e-4)
+
+
 def image_free_logits(model: Any, inputs: dict) -> Tensor:
     """Next-token logits [batch, vocab] of the same prompts without image tokens (and Qwen's vision
     start/end), re-left-padded, with plain attention: PAI's image-free stream, built by hand."""

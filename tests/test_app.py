@@ -95,15 +95,21 @@ def test_killed_run_resumes_with_identical_predictions(tmp_path):
     assert len(full) == 7
 
 
-@pytest.mark.slow
-def test_small_multirun_on_fast_toy_writes_summary(tmp_path):
+def multirun(tmp_path: Path, sweep: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m benchmarks --multirun model=toy_fast ...` with results under tmp_path; it must succeed."""
     env = {**os.environ, "VLMFIX_RESULTS": str(tmp_path / "results")}
-    sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "benchmarks", "--multirun", "model=toy_fast", "method=greedy,pai",
-               "benchmark=chair,pope_adversarial", "limit=4", "batch_size=4", "progress=false",
+    command = [sys.executable, "-m", "benchmarks", "--multirun", "model=toy_fast", *overrides, "progress=false",
                f"hydra.sweep.dir={sweep}"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_small_multirun_on_fast_toy_writes_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = multirun(tmp_path, sweep, "method=greedy,pai", "benchmark=chair,pope_adversarial", "limit=4",
+                    "batch_size=4")
     assert (sweep / "summary.md").exists() and (sweep / "summary.csv").exists() and (sweep / "summary.png").exists()
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("model,method") and len(rows) == 3  # header + greedy + pai
@@ -114,23 +120,15 @@ def test_small_multirun_on_fast_toy_writes_summary(tmp_path):
     assert all(r["complete"] and r["fingerprint"] for r in results)
     # a rerun finds every prediction done and generates nothing new
     predictions = {p: p.read_text() for p in (tmp_path / "results").rglob("predictions.jsonl")}
-    rerun = [*command[:5], "method=greedy", "benchmark=chair", *command[7:-1], f"hydra.sweep.dir={tmp_path / 's2'}"]
-    assert "model=toy_fast" in rerun
-    again = subprocess.run(rerun, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert again.returncode == 0, again.stderr[-3000:]
+    multirun(tmp_path, tmp_path / "s2", "method=greedy", "benchmark=chair", "limit=4", "batch_size=4")
     assert {p: p.read_text() for p in predictions} == predictions
 
 
 
 @pytest.mark.slow
 def test_speed_multirun_summarises_ratios_and_a_failed_method_fails_its_job(tmp_path, monkeypatch):
-    env = {**os.environ, "VLMFIX_RESULTS": str(tmp_path / "results")}
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "benchmarks", "--multirun", "model=toy_fast", "method=greedy,pai",
-               "benchmark=speed", "benchmark.new_tokens=3", "benchmark.repeats=1", "progress=false",
-               f"hydra.sweep.dir={sweep}"]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
+    multirun(tmp_path, sweep, "method=greedy,pai", "benchmark=speed", "benchmark.new_tokens=3", "benchmark.repeats=1")
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert rows[0] == "model,method,speed ratio" and [r.split(",")[1] for r in rows[1:]] == ["greedy", "pai"]
     assert all(float(r.split(",")[2]) > 0 for r in rows[1:])
@@ -180,8 +178,8 @@ def test_summary_keeps_one_row_per_swept_method_setting():
         result("greedy", "chair", "chair", {"CHAIRi": 0.3}),
     ]
     speed = {"model": "toy", "method": "greedy", "kind": "speed", "benchmark": "speed",
-             "metrics": {"ratio_to_greedy": 1.0}, "fingerprint": {"method": "greedy", "method_params": {}}}
-    header, body = table([*results, speed])  # speed runs record the method as a plain name, no decoding
+             "metrics": {"ratio_to_greedy": 1.0}, "fingerprint": {"method": {"name": "greedy", "params": {}}}}
+    header, body = table([*results, speed])  # speed runs record no decoding block
     assert [row[1] for row in body] == ["dcd (alpha=1.0)", "dcd (alpha=2.0)", "greedy"]
     assert body[2][header.index("speed ratio")] == 1.0
     chair_i, f1 = header.index("chair CHAIRi"), header.index("pope_random f1")

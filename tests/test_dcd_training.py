@@ -48,6 +48,13 @@ def write_preferences(directory: Path, rows=ROWS, extra_lines: tuple[str, ...] =
     return path
 
 
+def saved(tiny, directory: Path) -> Path:
+    """A model directory (weights, processor) as a user would point the trainer at."""
+    tiny.model.save_pretrained(directory)
+    tiny.processor.save_pretrained(directory)
+    return directory
+
+
 def step_config(**overrides) -> DCDTrainConfig:
     settings = dict(model="tiny", data="unused", learning_rate=1e-2, warmup_ratio=0.0, max_steps=1, batch_size=4,
                     gradient_accumulation_steps=1)
@@ -196,9 +203,7 @@ def test_lora_fallback_trains_projector_and_adapters_and_leaves_the_model(tmp_pa
 
 def test_lora_checkpoint_round_trip_and_mismatch(tmp_path):
     tiny = tiny_model("llava")
-    model_dir = tmp_path / "model"
-    tiny.model.save_pretrained(model_dir)
-    tiny.processor.save_pretrained(model_dir)
+    model_dir = saved(tiny, tmp_path / "model")
     data = write_preferences(tmp_path / "data")
     config = parse_config(["--config", str(CONF), f"model={model_dir}", f"data={data}", "trainable=projector+lora_neg",
                            "lora_rank=2", "lora_targets=[v_proj]", f"output_dir={tmp_path / 'out'}", "max_steps=1",
@@ -274,9 +279,7 @@ def test_projectors_of_another_toy_build_are_refused(tmp_path):
 
 def test_train_dcd_writes_checkpoints_that_dcd_loads(tmp_path):
     tiny = tiny_model("llava")
-    model_dir = tmp_path / "model"
-    tiny.model.save_pretrained(model_dir)
-    tiny.processor.save_pretrained(model_dir)
+    model_dir = saved(tiny, tmp_path / "model")
     data = write_preferences(tmp_path / "data")
     config = parse_config(["--config", str(CONF), f"model={model_dir}", f"data={data}",
                            f"output_dir={tmp_path / 'out'}", "max_steps=1", "batch_size=2",

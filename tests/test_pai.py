@@ -16,6 +16,7 @@ from .conftest import PlannedEdits, tiny_model
 from .reference_decoding import (
     QUESTIONS,
     RowEdit,
+    assert_batch_rows_equal_rows_alone,
     assert_unchanged,
     grown,
     image_free_logits,
@@ -132,11 +133,7 @@ def test_batch_rows_equal_rows_alone(family):
     method = PAI(alpha=1.0, cfg=False)
     batch = tiny.inputs(QUESTIONS)
     assert (batch["attention_mask"] == 0).any()
-    _, logits = vlmfix_greedy(tiny.model, batch, [method], steps=3)
-    for i, q in enumerate(QUESTIONS):
-        alone = tiny.inputs([q], seed=i)
-        _, row_logits = vlmfix_greedy(tiny.model, alone, [method], steps=3)
-        torch.testing.assert_close(logits[:, i], row_logits[:, 0], atol=1e-4, rtol=1e-4)
+    assert_batch_rows_equal_rows_alone(tiny, batch, [method])
 
 
 def test_skip_first_token_boost_leaves_first_step_alone():
@@ -253,15 +250,7 @@ def test_gamma_one_scores_are_log_p_img_and_tokens_are_shared():
 def test_refinement_batch_rows_equal_rows_alone():
     tiny = tiny_model("qwen2_vl")
     method = PAI(alpha=1.0, gamma=1.4)
-    batch = tiny.inputs(QUESTIONS)
-    _, logits = vlmfix_greedy(tiny.model, batch, [method], steps=3, tokenizer=tiny.processor)
-    for i, q in enumerate(QUESTIONS):
-        _, alone = vlmfix_greedy(
-            tiny.model, tiny.inputs([q], seed=i), [method], steps=3, tokenizer=tiny.processor
-        )
-        finite = torch.isfinite(alone[:, 0])
-        assert torch.equal(finite, torch.isfinite(logits[:, i]))
-        torch.testing.assert_close(logits[:, i][finite], alone[:, 0][finite], atol=1e-4, rtol=1e-4)
+    assert_batch_rows_equal_rows_alone(tiny, tiny.inputs(QUESTIONS), [method], tokenizer=tiny.processor)
 
 
 def test_refinement_needs_the_engine_and_matching_streams():

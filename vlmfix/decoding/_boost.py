@@ -34,15 +34,17 @@ def check_layers(layers: Sequence[int] | None, name: str = "layers") -> tuple[in
     return values
 
 
-def resolve_layers(layers: tuple[int, ...] | None, num_layers: int, name: str = "layers") -> tuple[int, ...]:
-    """The boosted layers for a model of `num_layers` (default: 2 .. num_layers - 1, as PAI)."""
+def resolve_layers(layers: Sequence[int] | None, num_layers: int, name: str = "layers",
+                   default: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The edited layers for a model of `num_layers`: `layers` checked against the depth, or `default`
+    when None (itself defaulting to PAI's band, 2 .. num_layers - 1)."""
     if layers is None:
-        return tuple(range(min(FIRST_BOOSTED_LAYER, num_layers), num_layers))
+        return default if default is not None else tuple(range(min(FIRST_BOOSTED_LAYER, num_layers), num_layers))
     bad = [x for x in layers if x >= num_layers]
     if bad:
         raise ValueError(
             f"`{name}` holds {bad}, but the language model has {num_layers} layers (0 .. {num_layers - 1}); "
-            f"pass indices below {num_layers} or None for the default band."
+            f"pass indices below {num_layers} or None for the default."
         )
     return tuple(sorted(layers))
 

@@ -67,8 +67,9 @@ def target_layers(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Line
 
 class NegativeLora(nn.Module):
     """LoRA factors for the target layers of `model`, each on its layer's device: `down` [rank, in]
-    (Kaiming-uniform) and `up` [out, rank] (zeros, so a fresh adapter changes nothing). `init=False`
-    leaves them uninitialised (for loading) and draws nothing from the random generators."""
+    (Kaiming-uniform) and `up` [out, rank] (zeros, so a fresh adapter changes nothing), in fp32 for
+    training. `init=False` (loading) leaves them uninitialised in the layer's dtype, so decoding casts
+    nothing, and draws nothing from the random generators."""
 
     def __init__(self, model: nn.Module, spec: LoraSpec, *, init: bool = True) -> None:
         super().__init__()
@@ -78,16 +79,17 @@ class NegativeLora(nn.Module):
         self.up = nn.ParameterDict()
         for name, layer in self.layers.items():
             key, device = _key(name), layer.weight.device
-            down = torch.empty(spec.rank, layer.in_features, device=device)
+            dtype = torch.float32 if init else layer.weight.dtype
+            down = torch.empty(spec.rank, layer.in_features, device=device, dtype=dtype)
             if init:
                 nn.init.kaiming_uniform_(down, a=math.sqrt(5))
             self.down[key] = nn.Parameter(down)
-            self.up[key] = nn.Parameter(torch.zeros(layer.out_features, spec.rank, device=device))
+            self.up[key] = nn.Parameter(torch.zeros(layer.out_features, spec.rank, device=device, dtype=dtype))
 
     def delta(self, name: str, x: Tensor) -> Tensor:
         """(alpha / rank) * up(down(x)) for the layer `name`; x: [..., in] -> [..., out]."""
         key = _key(name)
-        down = self.down[key].to(x.device, x.dtype)  # the model may have moved since the factors were made
+        down = self.down[key].to(x.device, x.dtype)  # no-op unless the model moved since loading
         up = self.up[key].to(x.device, x.dtype)
         return nn.functional.linear(nn.functional.linear(x, down), up) * self.spec.scaling
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from vlmfix.decoding._boost import check_layers
+from vlmfix.decoding._boost import check_layers, resolve_layers
 from vlmfix.decoding._content_words import (
     overlapping_tokens,
     rule_content_words,
@@ -229,14 +229,12 @@ class GIFT(Method):
         adapter = session.adapter
         defaults = gift_defaults(adapter)
         alpha = defaults.alpha if self.alpha is None else self.alpha
-        fusion = self._layers(self.fusion_layers, defaults.fusion_layers, adapter.num_layers, "fusion_layers")
+        fusion = resolve_layers(self.fusion_layers, adapter.num_layers, "fusion_layers", defaults.fusion_layers)
         auto = self.saliency_layers == "auto"
         saliency = (
             tuple(range(adapter.num_layers))
             if auto
-            else self._layers(
-                self.saliency_layers, defaults.saliency_layers, adapter.num_layers, "saliency_layers"
-            )
+            else resolve_layers(self.saliency_layers, adapter.num_layers, "saliency_layers", defaults.saliency_layers)
         )
 
         spans = session.spans
@@ -291,17 +289,6 @@ class GIFT(Method):
             defaults=GiftDefaults(tuple(saliency) if not auto else (), tuple(fusion), alpha, defaults.source),
             tagger=tagger,
         )
-
-    @staticmethod
-    def _layers(given: Any, default: tuple[int, ...], depth: int, name: str) -> tuple[int, ...]:
-        layers = default if given is None else tuple(given)
-        bad = [x for x in layers if x >= depth]
-        if bad:
-            raise ValueError(
-                f"`{name}` holds {bad}, but the language model has {depth} layers "
-                f"(0 .. {depth - 1}); pass indices below {depth} or None for the model's default."
-            )
-        return tuple(sorted(layers))
 
     def _extractor(self) -> tuple[Callable[[str], Sequence[tuple[int, int]]] | None, str]:
         if callable(self.content_words):
