@@ -21,8 +21,8 @@ TOY_DCD_RECIPE = ["learning_rate=1e-3", "gradient_accumulation_steps=1", "epochs
 
 def trained_for_toy(checkpoints: Path, toy_hash: str) -> bool:
     """Whether `checkpoints` holds both DCD projectors, trained on the toy with settings hash `toy_hash`."""
-    from vlmfix.decoding.dcd import CHECKPOINT_FILES, read_metadata
     from vlmfix.errors import CheckpointError
+    from vlmfix.methods.dcd import CHECKPOINT_FILES, read_metadata
 
     try:
         metadata = [read_metadata(checkpoints / file) for file in CHECKPOINT_FILES.values()]

@@ -34,9 +34,9 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import vlmfix
-from vlmfix.decoding.dcd import CHECKPOINT_FILES, save_projector
 from vlmfix.decoding.edits import Edit, KeyBias
 from vlmfix.decoding.method import Method
+from vlmfix.methods.dcd import CHECKPOINT_FILES, save_projector
 from vlmfix.testing import TinyVLM, build_tiny
 
 # A variant runs generation of `n` new tokens (batch 1) reporting each token to `streamer`.

@@ -149,7 +149,7 @@ def test_speed_multirun_summarises_ratios_and_a_failed_method_fails_its_job(tmp_
 def test_main_command_retrains_dcd_only_for_missing_or_stale_toy_projectors(tmp_path):
     from benchmarks.__main__ import trained_for_toy
     from vlmfix.adapters import get_adapter
-    from vlmfix.decoding.dcd import save_projector
+    from vlmfix.methods.dcd import save_projector
 
     tiny = tiny_model("llava")
     state = get_adapter(tiny.model).projector.state_dict()

@@ -13,11 +13,11 @@ from vlmfix.decoding.contrastive import (
     ContrastiveMethod,
     StreamPairCache,
     caller_inputs,
-    contrast_logits,
     require_engine,
     split_streams,
 )
 from vlmfix.decoding.edits import KeyBias
+from vlmfix.methods.contrast import contrast_logits
 
 from .conftest import PlannedEdits, tiny_model
 

@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 import vlmfix
 from vlmfix.adapters import get_adapter
-from vlmfix.decoding.dcd import DCD, save_projector
-from vlmfix.decoding.dcd_lora import LoraSpec, NegativeLora
 from vlmfix.decoding.edits import KeyBias
-from vlmfix.decoding.vcd import VCD
+from vlmfix.methods.dcd import DCD, save_projector
+from vlmfix.methods.dcd_lora import LoraSpec, NegativeLora
+from vlmfix.methods.vcd import VCD
 
 from .conftest import PlannedEdits, tiny_model
 
@@ -171,7 +171,7 @@ def test_loading_the_adapters_leaves_seeded_sampling_alone(tmp_path):
 def test_foreign_lora_tensors_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from vlmfix.decoding.dcd import load_negative_lora, read_metadata
+    from vlmfix.methods.dcd import load_negative_lora, read_metadata
 
     tiny = tiny_model("llava")
     directory, _, _, _ = lora_checkpoints(tmp_path, tiny.model)

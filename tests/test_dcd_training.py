@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 import vlmfix
 from vlmfix.adapters import get_adapter
-from vlmfix.decoding.dcd import DCD, load_negative_lora, load_projector, read_metadata, save_projector
-from vlmfix.decoding.dcd_lora import LoraSpec, NegativeLora
+from vlmfix.methods.dcd import DCD, load_negative_lora, load_projector, read_metadata, save_projector
+from vlmfix.methods.dcd_lora import LoraSpec, NegativeLora
 from vlmfix.testing import random_image
 from vlmfix.training.dcd import (
     DCDTrainConfig,

@@ -14,9 +14,9 @@ from torch import Tensor
 from transformers import AttentionInterface
 
 import vlmfix
-from vlmfix.decoding.dual_stream import DualStream, top_k_mask, tukey_mask
 from vlmfix.decoding.edits import HeadScale
-from vlmfix.decoding.gift import GIFT
+from vlmfix.methods.dual_stream import DualStream, top_k_mask, tukey_mask
+from vlmfix.methods.gift import GIFT
 
 from .conftest import PlannedEdits, tiny_model
 from .reference_decoding import (
@@ -73,7 +73,7 @@ def test_top_k_and_tukey_on_synthetic_scores():
     assert not tukey_mask(torch.full((8,), 0.3)).any()  # a flat map has no outliers
     # topk_ratio: the top-|Tukey set| tokens, the same set here
     method = DualStream(alpha=0.5, beta=0.3, summary_rule="topk_ratio", cfg=False)
-    from vlmfix.decoding._vision_attention import UnitScores
+    from vlmfix.methods.vision_attention import UnitScores
 
     local, summary = method._pick(UnitScores(local=scores.flip(0), summary=scores, spatial=None))
     assert summary.nonzero().flatten().tolist() == [3, 7]
@@ -439,7 +439,7 @@ def test_composes_with_gift_and_planned_edits():
 
 
 def test_two_refinements_in_one_call_are_refused():
-    from vlmfix.decoding.pai import PAI
+    from vlmfix.methods.pai import PAI
 
     tiny = tiny_model("llava")
     with pytest.raises(ValueError, match="exactly one contrastive method per call"):

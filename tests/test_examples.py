@@ -44,7 +44,7 @@ def run(test: doctest.DocTest) -> None:
 
 def test_examples_are_found():
     names = {t.name for t in EXAMPLES}
-    assert {"vlmfix.decoding.pai.PAI", "vlmfix.decoding.dcd.DCD", "vlmfix.eval.chair.score.score_chair"} <= names
+    assert {"vlmfix.methods.pai.PAI", "vlmfix.methods.dcd.DCD", "vlmfix.eval.chair.score.score_chair"} <= names
 
 
 @pytest.mark.parametrize("test", [t for t in EXAMPLES if not uses_toy(t)], ids=lambda t: t.name)
@@ -55,7 +55,7 @@ def test_example_runs(test):
 @pytest.mark.slow
 @pytest.mark.parametrize("test", [t for t in EXAMPLES if uses_toy(t)], ids=lambda t: t.name)
 def test_toy_example_runs(test, tmp_path, monkeypatch):
-    if test.name == "vlmfix.decoding.dcd.DCD":
+    if test.name == "vlmfix.methods.dcd.DCD":
         from vlmfix.training.dcd import DCDTrainConfig, train_dcd
 
         monkeypatch.chdir(tmp_path)  # the example reads outputs/dcd/toy_fast relative to the working dir

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 import vlmfix
-from vlmfix.decoding._content_words import rule_content_words, token_char_ranges
 from vlmfix.decoding.edits import HeadScale
-from vlmfix.decoding.gift import GIFT, gift_defaults
-from vlmfix.decoding.pai import PAI
+from vlmfix.methods.content_words import rule_content_words, token_char_ranges
+from vlmfix.methods.gift import GIFT, gift_defaults
+from vlmfix.methods.pai import PAI
 from vlmfix.testing import random_image
 
 from .conftest import PlannedEdits, tiny_model
@@ -373,7 +373,7 @@ def test_empty_query_raises():
 
 
 def test_missing_spacy_raises_documented_error(monkeypatch):
-    from vlmfix.decoding import _content_words
+    from vlmfix.methods import content_words as _content_words
 
     _content_words._spacy_pipeline.cache_clear()
     monkeypatch.setitem(sys.modules, "spacy", None)  # import spacy -> ImportError

@@ -10,7 +10,7 @@ from torch import Tensor
 
 import vlmfix
 from vlmfix.decoding.edits import HeadScale, KeyBias, edited_attention
-from vlmfix.decoding.pai import PAI
+from vlmfix.methods.pai import PAI
 
 from .conftest import PlannedEdits, tiny_model
 from .reference_decoding import (
@@ -59,7 +59,7 @@ def test_golden_boost_on_one_row():
 
 
 def test_refinement_scores_golden_and_gamma_one():
-    from vlmfix.decoding._boost import image_free_scores
+    from vlmfix.methods.image_free import image_free_scores
 
     pos = torch.tensor([[math.log(0.6), math.log(0.3), math.log(0.05), math.log(0.05)]])
     neg = torch.tensor([[math.log(0.25), math.log(0.5), math.log(0.125), math.log(0.125)]])

@@ -26,8 +26,8 @@ from transformers import (
 
 import vlmfix
 from vlmfix.decoding.edits import KeyBias, Transfer, apply_transfer
-from vlmfix.decoding.var import VAR, find_sink_dims, table_sink_dims
-from vlmfix.decoding.vhr import VHR
+from vlmfix.methods.var import VAR, find_sink_dims, table_sink_dims
+from vlmfix.methods.vhr import VHR
 from vlmfix.testing import FAMILIES, TinyVLM, build_tiny
 
 from .conftest import PlannedEdits, tiny_model
@@ -502,7 +502,7 @@ def test_composes_with_vhr_and_other_edits():
 
 def test_composes_with_a_contrastive_method():
     """VAR on the clean stream of a contrastive call: with the contrast off (VCD alpha=0) it equals VAR alone."""
-    from vlmfix.decoding.vcd import VCD
+    from vlmfix.methods.vcd import VCD
 
     tiny = tiny_model("qwen2_vl", layers=5)
     inputs = tiny.inputs(QUESTIONS)

@@ -9,7 +9,7 @@ import torch
 
 import vlmfix
 from vlmfix.decoding.edits import KeyBias
-from vlmfix.decoding.vcd import VCD, add_diffusion_noise, noise_schedule
+from vlmfix.methods.vcd import VCD, add_diffusion_noise, noise_schedule
 
 from .conftest import PlannedEdits, tiny_model
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 import vlmfix
 from vlmfix.decoding.edits import HeadScale, KeyBias
-from vlmfix.decoding.vhr import VHR, default_layers
+from vlmfix.methods.vhr import VHR, default_layers
 from vlmfix.testing import FAMILIES
 
 from .conftest import PlannedEdits, tiny_model
@@ -346,7 +346,7 @@ def test_composes_with_other_edits():
 
 def test_composes_with_a_contrastive_method():
     """VHR on the clean stream of a contrastive call: with the contrast off (VCD alpha=0) it equals VHR alone."""
-    from vlmfix.decoding.vcd import VCD
+    from vlmfix.methods.vcd import VCD
 
     tiny = tiny_model("llava")
     inputs = tiny.inputs(QUESTIONS)

@@ -12,13 +12,6 @@ print(session.report())
 from vlmfix import methods
 from vlmfix.adapters import SUPPORTED_CLASSES, Spans, get_adapter
 from vlmfix.decoding import Method, Session, apply, generate, register_method
-from vlmfix.decoding.dcd import DCD
-from vlmfix.decoding.dual_stream import DualStream
-from vlmfix.decoding.gift import GIFT
-from vlmfix.decoding.pai import PAI
-from vlmfix.decoding.var import VAR
-from vlmfix.decoding.vcd import VCD
-from vlmfix.decoding.vhr import VHR
 from vlmfix.errors import (
     CheckpointError,
     MissingImageError,
@@ -28,6 +21,7 @@ from vlmfix.errors import (
     UnsupportedModelError,
     VlmfixError,
 )
+from vlmfix.methods import DCD, GIFT, PAI, VAR, VCD, VHR, DualStream
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ The same script runs on one CPU, one GPU or many (`accelerate launch -m vlmfix.t
 
 Preference data: JSON Lines, one object per line with `image` (a path, relative to the file's
 directory), `prompt`, `chosen` and `rejected` (non-empty strings). Outputs: `positive.safetensors` /
-`negative.safetensors` in `output_dir` (see `vlmfix.decoding.dcd.save_projector`), for
+`negative.safetensors` in `output_dir` (see `vlmfix.methods.dcd.save_projector`), for
 `vlmfix.DCD(checkpoints=output_dir)`.
 
 Spec: /shared/specs/dcd.md §3 (steps 2-3 and the Decisions D1-D3, D9); the loss and the optimiser
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmfix.adapters import get_adapter
-from vlmfix.decoding.dcd import CHECKPOINT_FILES, STREAMS, Stream, load_projector, save_projector
-from vlmfix.decoding.dcd_lora import LoraSpec, NegativeLora
+from vlmfix.methods.dcd import CHECKPOINT_FILES, STREAMS, Stream, load_projector, save_projector
+from vlmfix.methods.dcd_lora import LoraSpec, NegativeLora
 
 IGNORE = -100
 RESPONSE_FIELD: dict[Stream, str] = {"pos": "chosen", "neg": "rejected"}

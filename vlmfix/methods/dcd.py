@@ -24,16 +24,16 @@ from torch import Tensor, nn
 from vlmfix.adapters import get_adapter
 from vlmfix.decoding.contrastive import (
     ContrastiveMethod,
-    contrast_logits,
     encode_images,
     negative_rows,
     require_engine,
 )
-from vlmfix.decoding.dcd_lora import PREFIX as LORA_PREFIX
-from vlmfix.decoding.dcd_lora import LoraSpec, NegativeLora
 from vlmfix.decoding.method import register_method
-from vlmfix.decoding.vcd import check_alpha, check_beta
 from vlmfix.errors import CheckpointError
+from vlmfix.methods.contrast import contrast_logits
+from vlmfix.methods.dcd_lora import PREFIX as LORA_PREFIX
+from vlmfix.methods.dcd_lora import LoraSpec, NegativeLora
+from vlmfix.methods.vcd import check_alpha, check_beta
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session

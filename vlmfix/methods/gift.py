@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from vlmfix.decoding._boost import check_layers, resolve_layers
-from vlmfix.decoding._content_words import (
+from vlmfix.decoding.attention import AttentionCall
+from vlmfix.decoding.edits import Edit, FusionReweight, Reweight, additive_mask, repeat_kv
+from vlmfix.decoding.method import Method, register_method
+from vlmfix.errors import SpanError
+from vlmfix.methods.content_words import (
     overlapping_tokens,
     rule_content_words,
     spacy_available,
     spacy_content_words,
     token_char_ranges,
 )
-from vlmfix.decoding._last_row import LastRowRewrite, install_last_row_rewrite
-from vlmfix.decoding.attention import AttentionCall
-from vlmfix.decoding.edits import Edit, FusionReweight, Reweight, additive_mask, repeat_kv
-from vlmfix.decoding.method import Method, register_method
-from vlmfix.errors import SpanError
+from vlmfix.methods.image_boost import check_layers, resolve_layers
+from vlmfix.methods.newest_row import LastRowRewrite, install_last_row_rewrite
 
 if TYPE_CHECKING:
     from vlmfix.adapters import Adapter

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from vlmfix.decoding.contrastive import ContrastiveMethod, caller_inputs, contrast_logits, require_engine
+from vlmfix.decoding.contrastive import ContrastiveMethod, caller_inputs, require_engine
 from vlmfix.decoding.method import register_method
+from vlmfix.methods.contrast import contrast_logits
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session

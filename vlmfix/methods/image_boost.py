@@ -1,21 +1,17 @@
-"""PAI's image-key boost and image-free refinement, shared by `PAI` and `DualStream`: argument checks,
-layer ranges, the refinement's score rule, and the contrastive base class both methods extend."""
+"""PAI's image-key boost, shared by `PAI` and `DualStream`: argument checks, the boosted layer band, the
+first boosted row, and the per-prompt state that serves the same `KeyBias` in every boosted layer."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from vlmfix.decoding.contrastive import ContrastiveMethod, plausible, require_engine
 from vlmfix.decoding.edits import KeyBias
-
-if TYPE_CHECKING:
-    from vlmfix.decoding.session import Session
 
 FIRST_BOOSTED_LAYER = 2  # PAI leaves the first two language-model layers alone
 
@@ -105,59 +101,3 @@ class BoostState:
 
     def edits(self, layer_idx: int) -> tuple[KeyBias, ...]:
         return (self.edit,) if self.edit is not None and layer_idx in self.layers else ()
-
-
-def image_free_scores(
-    positive_logits: Tensor, negative_logits: Tensor, gamma: float, cutoff: float
-) -> Tensor:
-    """PAI's refinement: gamma * (log p_img - log p_noimg) + log p_noimg, with tokens whose image-stream
-    probability is below `cutoff` times the top one set to -inf.
-
-    positive_logits, negative_logits: [batch, vocab] raw next-token logits of the image and image-free
-    streams; returns [batch, vocab] fp32 scores.
-    """
-    if positive_logits.shape != negative_logits.shape:
-        raise ValueError(
-            f"the image stream's logits {tuple(positive_logits.shape)} and the image-free stream's "
-            f"{tuple(negative_logits.shape)} must have the same shape [batch, vocab]."
-        )
-    log_img = torch.log_softmax(positive_logits.float(), dim=-1)
-    log_free = torch.log_softmax(negative_logits.float(), dim=-1)
-    scores = log_img if gamma == 1.0 else gamma * (log_img - log_free) + log_free
-    return scores.masked_fill(~plausible(log_img, cutoff), -math.inf)
-
-
-class ImageFreeRefinement(ContrastiveMethod):
-    """PAI's optional refinement against the same prompts without their image tokens, decoded as the
-    second stream of the contrastive engine (rows B..2B-1, unedited). Subclasses set `cfg`, `gamma`,
-    `plausibility`; with `cfg=False` the method is a plain (single-stream) attention method."""
-
-    cfg: bool
-    gamma: float
-    plausibility: float
-
-    @property
-    def contrastive(self) -> bool:  # type: ignore[override]  # per instance: only with the refinement on
-        return self.cfg
-
-    def require_stream_engine(self, session: Session) -> None:
-        if self.cfg:
-            require_engine(session, self)
-
-    def negative_inputs(self, session: Session, state: Any) -> dict[str, Any]:
-        """The same prompts with their image tokens (and Qwen's vision start/end) removed, re-left-padded."""
-        return session.adapter.without_image(session.inputs, pad_token_id=_pad_token_id(session))
-
-    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
-        return image_free_scores(positive_logits, negative_logits, self.gamma, self.plausibility)
-
-
-def _pad_token_id(session: Session) -> int:
-    image_id = session.adapter.image_token_id
-    candidates = (
-        getattr(session.tokenizer, "pad_token_id", None),
-        session.model.generation_config.pad_token_id,
-        getattr(session.adapter.text_config, "pad_token_id", None),
-        0,
-    )
-    return next(int(c) for c in candidates if isinstance(c, int) and c != image_id)

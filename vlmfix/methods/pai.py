@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from vlmfix.decoding._boost import (
+from vlmfix.decoding.edits import Edit, KeyBias
+from vlmfix.decoding.method import register_method
+from vlmfix.methods.image_boost import (
     BoostState,
-    ImageFreeRefinement,
     check_fraction,
     check_gamma,
     check_layers,
@@ -15,8 +16,7 @@ from vlmfix.decoding._boost import (
     first_token_start,
     resolve_layers,
 )
-from vlmfix.decoding.edits import Edit, KeyBias
-from vlmfix.decoding.method import register_method
+from vlmfix.methods.image_free import ImageFreeRefinement
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session

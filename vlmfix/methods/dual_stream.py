@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from vlmfix.decoding._boost import (
-    ImageFreeRefinement,
+from vlmfix.decoding.contrastive import PIXEL_KEYS, caller_inputs
+from vlmfix.decoding.edits import Edit, KeyBias
+from vlmfix.decoding.method import register_method
+from vlmfix.errors import SessionError, VlmfixError
+from vlmfix.methods.image_boost import (
     check_fraction,
     check_gamma,
     check_layers,
@@ -22,18 +25,15 @@ from vlmfix.decoding._boost import (
     first_token_start,
     resolve_layers,
 )
-from vlmfix.decoding._last_row import LastRowRewrite, install_last_row_rewrite
-from vlmfix.decoding._vision_attention import (
+from vlmfix.methods.image_free import ImageFreeRefinement
+from vlmfix.methods.newest_row import LastRowRewrite, install_last_row_rewrite
+from vlmfix.methods.vision_attention import (
     UnitScores,
     VisionProbe,
     clip_units,
     qwen_units,
     vision_layers_of,
 )
-from vlmfix.decoding.contrastive import PIXEL_KEYS, caller_inputs
-from vlmfix.decoding.edits import Edit, KeyBias
-from vlmfix.decoding.method import register_method
-from vlmfix.errors import SessionError, VlmfixError
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
