@@ -229,7 +229,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     loaded = load_projector(path, model, "neg")
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     metadata = read_metadata(path)
-    assert metadata["stream"] == "neg" and json.loads(metadata["training"]) == {"learning_rate": 0.1}
+    assert metadata["side"] == "neg" and json.loads(metadata["training"]) == {"learning_rate": 0.1}
     assert metadata["base_model"] == "LlavaForConditionalGeneration"
     # the same architecture loaded with another attention backend is the same base model
     assert load_projector(path, tiny_model("llava", attn="eager").model, "neg").keys() == state.keys()

@@ -38,13 +38,13 @@ from vlmfix.methods.vcd import check_alpha, check_beta
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
 
-Stream = Literal["pos", "neg"]
+Side = Literal["pos", "neg"]
 Variant = Literal["pos+neg", "neg_only", "pos_only"]
-STREAMS: tuple[Stream, ...] = ("pos", "neg")
+SIDES: tuple[Side, ...] = ("pos", "neg")
 VARIANTS: tuple[Variant, ...] = ("pos+neg", "neg_only", "pos_only")
-CHECKPOINT_FILES: dict[Stream, str] = {"pos": "positive.safetensors", "neg": "negative.safetensors"}
+CHECKPOINT_FILES: dict[Side, str] = {"pos": "positive.safetensors", "neg": "negative.safetensors"}
 FORMAT = "vlmfix-dcd-projector"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: metadata "side" (version 1 called it "stream")
 # config entries that do not change what a projector computes (runtime switches, bookkeeping)
 _CONFIG_NOISE = {"transformers_version", "dtype", "torch_dtype", "architectures", "name_or_path", "use_cache",
                  "output_attentions", "output_hidden_states", "return_dict", "attn_implementation"}
@@ -70,14 +70,14 @@ def base_model_id(model: nn.Module) -> str:
     return str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or type(model).__name__)
 
 
-def save_projector(path: str | Path, state_dict: Mapping[str, Tensor], model: nn.Module, stream: Stream,
+def save_projector(path: str | Path, state_dict: Mapping[str, Tensor], model: nn.Module, side: Side,
                    training: Mapping[str, Any] | None = None, lora: NegativeLora | None = None) -> Path:
-    """Write one projector's weights with the metadata `load_projector` checks; `lora` (negative stream
+    """Write one projector's weights with the metadata `load_projector` checks; `lora` (negative side
     only) adds the language-model adapters of the spec's `projector+lora_neg` fallback."""
-    if stream not in STREAMS:
-        raise ValueError(f"`stream` must be 'pos' or 'neg', got {stream!r}.")
-    if lora is not None and stream != "neg":
-        raise ValueError("LoRA adapters belong to the negative stream only (stream='neg').")
+    if side not in SIDES:
+        raise ValueError(f"`side` must be 'pos' or 'neg', got {side!r}.")
+    if lora is not None and side != "neg":
+        raise ValueError("LoRA adapters belong to the negative projector only (side='neg').")
     projector = get_adapter(model).projector
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
     shapes = {name: list(t.shape) for name, t in tensors.items()}
@@ -86,7 +86,7 @@ def save_projector(path: str | Path, state_dict: Mapping[str, Tensor], model: nn
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "stream": stream,
+        "side": side,
         "base_model": base_model_id(model),
         "config_hash": config_hash(model),
         "projector_class": type(projector).__name__,
@@ -118,19 +118,22 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a vlmfix DCD projector checkpoint (metadata format "
                               f"{metadata.get('format')!r}, expected {FORMAT!r}).")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has DCD checkpoint format version {metadata.get('format_version')!r}; this "
-                              f"vlmfix reads version {FORMAT_VERSION}.")
+    version = metadata.get("format_version")
+    if version == "1":  # the same layout, with the side stored as "stream"
+        metadata = {**metadata, "side": metadata.get("stream", ""), "format_version": FORMAT_VERSION}
+    elif version != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has DCD checkpoint format version {version!r}; this vlmfix reads versions 1 "
+                              f"and {FORMAT_VERSION}.")
     return metadata
 
 
-def load_projector(path: str | Path, model: nn.Module, stream: Stream | None = None) -> dict[str, Tensor]:
+def load_projector(path: str | Path, model: nn.Module, side: Side | None = None) -> dict[str, Tensor]:
     """A projector state_dict for `model`, after checking that the checkpoint was trained for it."""
     metadata = read_metadata(path)
     expected = f"base model {metadata.get('base_model')!r} (config hash {metadata.get('config_hash', '')[:12]})"
-    if stream is not None and metadata.get("stream") != stream:
-        raise CheckpointError(f"{path} holds the {metadata.get('stream')!r} projector, but the {stream!r} one was "
-                              f"asked for. Pass the {CHECKPOINT_FILES[stream]} file of the training run.")
+    if side is not None and metadata.get("side") != side:
+        raise CheckpointError(f"{path} holds the {metadata.get('side')!r} projector, but the {side!r} one was "
+                              f"asked for. Pass the {CHECKPOINT_FILES[side]} file of the training run.")
     projector = get_adapter(model).projector
     if metadata.get("config_hash") != config_hash(model) or metadata.get("projector_class") != type(projector).__name__:
         raise CheckpointError(
@@ -217,9 +220,9 @@ def projector_replaced(model: nn.Module, replacement: nn.Module) -> Iterator[Non
 class DCDState:
     """Per call: the projectors in use and the image features each stream gets (filled at the prefill)."""
 
-    projectors: dict[Stream, nn.Module]
+    projectors: dict[Side, nn.Module]
     lora: NegativeLora | None = None  # the negative stream's language-model adapters, if trained
-    features: dict[Stream, dict[str, Any]] = field(default_factory=dict)
+    features: dict[Side, dict[str, Any]] = field(default_factory=dict)
 
 
 @register_method
@@ -274,10 +277,10 @@ class DCD(ContrastiveMethod):
             raise ValueError(f"`variant` must be one of {', '.join(VARIANTS)}, got {variant!r}.")
         needed = {"pos+neg": ("pos", "neg"), "neg_only": ("neg",), "pos_only": ("pos",)}[variant]
         files: dict[str, str | None] = {}
-        for stream, given in (("pos", positive), ("neg", negative)):
+        for side, given in (("pos", positive), ("neg", negative)):
             if given is None and checkpoints is not None:
-                given = Path(checkpoints) / CHECKPOINT_FILES[stream]
-            files[stream] = str(given) if given is not None else None
+                given = Path(checkpoints) / CHECKPOINT_FILES[side]
+            files[side] = str(given) if given is not None else None
         missing = [s for s in needed if files[s] is None]
         if missing:
             raise ValueError(
@@ -292,18 +295,18 @@ class DCD(ContrastiveMethod):
         self.variant = variant
         self.alpha = check_alpha(alpha)
         self.apc_beta = check_beta(apc_beta, "apc_beta")
-        # loaded projectors, reused across calls: model's projector -> {stream: frozen copy}
-        self._loaded: weakref.WeakKeyDictionary[nn.Module, dict[Stream, nn.Module]] = weakref.WeakKeyDictionary()
+        # loaded projectors, reused across calls: model's projector -> {side: frozen copy}
+        self._loaded: weakref.WeakKeyDictionary[nn.Module, dict[Side, nn.Module]] = weakref.WeakKeyDictionary()
         self._lora: weakref.WeakKeyDictionary[nn.Module, NegativeLora | None] = weakref.WeakKeyDictionary()
 
-    def projectors(self, model: nn.Module) -> dict[Stream, nn.Module]:
+    def projectors(self, model: nn.Module) -> dict[Side, nn.Module]:
         """The frozen positive / negative projectors for `model`, loaded (and checked) once."""
         slot = get_adapter(model).projector
         if slot not in self._loaded:
             files = {"pos": self.positive, "neg": self.negative}
             self._loaded[slot] = {
-                stream: projector_copy(model, load_projector(path, model, stream))
-                for stream, path in files.items() if path is not None
+                side: projector_copy(model, load_projector(path, model, side))
+                for side, path in files.items() if path is not None
             }
         return self._loaded[slot]
 
@@ -323,11 +326,11 @@ class DCD(ContrastiveMethod):
                 session.add_prompt_hook(handle)
         return DCDState(projectors, lora)
 
-    def _features(self, session: Session, state: DCDState, stream: Stream) -> dict[str, Any]:
-        if stream not in state.features:
-            with projector_replaced(session.model, state.projectors[stream]):
-                state.features[stream] = encode_images(session, {})
-        return state.features[stream]
+    def _features(self, session: Session, state: DCDState, side: Side) -> dict[str, Any]:
+        if side not in state.features:
+            with projector_replaced(session.model, state.projectors[side]):
+                state.features[side] = encode_images(session, {})
+        return state.features[side]
 
     def positive_inputs(self, session: Session, state: DCDState) -> dict[str, Any] | None:
         if "pos" not in state.projectors:

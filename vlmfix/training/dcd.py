@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmfix.adapters import get_adapter
-from vlmfix.methods.dcd import CHECKPOINT_FILES, STREAMS, Stream, load_projector, save_projector
+from vlmfix.methods.dcd import CHECKPOINT_FILES, SIDES, Side, load_projector, save_projector
 from vlmfix.methods.dcd_lora import LoraSpec, NegativeLora
 
 IGNORE = -100
-RESPONSE_FIELD: dict[Stream, str] = {"pos": "chosen", "neg": "rejected"}
+RESPONSE_FIELD: dict[Side, str] = {"pos": "chosen", "neg": "rejected"}
 REDUCTIONS = ("sequence", "token")
 TRAINABLE = ("projector", "projector+lora_neg")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -78,7 +78,7 @@ class DCDTrainConfig:
     model: str = "toy"
     data: str | None = None
     output_dir: str = "outputs/dcd/toy"
-    streams: tuple[str, ...] = STREAMS
+    streams: tuple[str, ...] = SIDES
     trainable: str = "projector"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -100,9 +100,9 @@ class DCDTrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "streams", tuple(self.streams))
-        bad = [s for s in self.streams if s not in STREAMS]
+        bad = [s for s in self.streams if s not in SIDES]
         if bad or not self.streams:
-            raise ValueError(f"`streams` must be a non-empty subset of {STREAMS}, got {self.streams!r}.")
+            raise ValueError(f"`streams` must be a non-empty subset of {SIDES}, got {self.streams!r}.")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"`trainable` must be one of {TRAINABLE}, got {self.trainable!r}.")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -260,7 +260,7 @@ class ProjectorRun:
     """The result of training one stream: the projector's weights (and the negative stream's LoRA adapters
     with trainable="projector+lora_neg") and the loss of every micro-step."""
 
-    stream: Stream
+    stream: Side
     state_dict: dict[str, Tensor]
     losses: list[float]
     steps: int
@@ -291,7 +291,7 @@ def train_projector(
     model: nn.Module,
     processor: Any,
     rows: Sequence[PreferenceRow],
-    stream: Stream,
+    stream: Side,
     config: DCDTrainConfig,
 ) -> ProjectorRun:
     """Train the projector of one `stream` ("pos": chosen responses, "neg": rejected ones) from P0 /
@@ -311,7 +311,7 @@ def _train_stream(
     start: dict[str, Tensor],
     processor: Any,
     rows: Sequence[PreferenceRow],
-    stream: Stream,
+    stream: Side,
     config: DCDTrainConfig,
     accelerator: Any,
 ) -> ProjectorRun:
@@ -320,7 +320,7 @@ def _train_stream(
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    if stream not in STREAMS:
+    if stream not in SIDES:
         raise ValueError(f"`stream` must be 'pos' or 'neg', got {stream!r}.")
     set_seed(config.seed)
     projector = get_adapter(model).projector
@@ -356,7 +356,7 @@ def _train_stream(
 
 
 def _epoch(prepared: nn.Module, loader: Any, optimizer: Any, scheduler: Any, accelerator: Any,
-           config: DCDTrainConfig, stream: Stream, lora: NegativeLora | None, losses: list[float], steps: int,
+           config: DCDTrainConfig, stream: Side, lora: NegativeLora | None, losses: list[float], steps: int,
            total: int) -> int:
     """One pass over `loader` (or up to `total` optimiser steps); returns the optimiser steps done so far."""
     for batch in loader:
@@ -407,7 +407,7 @@ def load_model(config: DCDTrainConfig) -> tuple[nn.Module, Any, Path, dict[str, 
     return model, processor, Path(data), {"model_dir": str(model_path), **provenance}
 
 
-def train_dcd(config: DCDTrainConfig) -> dict[Stream, Path]:
+def train_dcd(config: DCDTrainConfig) -> dict[Side, Path]:
     """Train the configured streams and write their checkpoints; returns {stream: checkpoint path}."""
     from accelerate import Accelerator
 
@@ -415,7 +415,7 @@ def train_dcd(config: DCDTrainConfig) -> dict[Stream, Path]:
     rows = load_preferences(data, config.max_rows)  # every row is checked before any training
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps)
-    written: dict[Stream, Path] = {}
+    written: dict[Side, Path] = {}
     with projector_only(model) as original:
         prepared = accelerator.prepare(model)
         for stream in config.streams:
@@ -457,7 +457,7 @@ def parse_config(argv: Sequence[str]) -> DCDTrainConfig:
     return DCDTrainConfig(**values)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[Stream, Path]:
+def main(argv: Sequence[str] | None = None) -> dict[Side, Path]:
     config = parse_config(sys.argv[1:] if argv is None else argv)
     return train_dcd(config)
 
