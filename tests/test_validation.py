@@ -67,7 +67,7 @@ def test_sequences_and_indices():
         check.indices([1, 1], "layers")
     with pytest.raises(ValueError, match=r"`layers\[1\]` must be an int >= 0, got -2\."):
         check.indices([1, -2], "layers")
-    with pytest.raises(ValueError, match=r"a list of 0-based layer indices, got '12'"):
+    with pytest.raises(ValueError, match=r"non-empty list of 0-based layer indices, got '12' \(a str\)"):
         check.indices("12", "layers")
 
     def positive(x, name):
