@@ -12,7 +12,6 @@ import vlmfix
 from vlmfix.decoding.contrastive import (
     ContrastiveMethod,
     StreamPairCache,
-    caller_inputs,
     require_engine,
     split_streams,
 )
@@ -39,7 +38,7 @@ class TakeStream(ContrastiveMethod):
     def negative_inputs(self, session: Any, state: Any) -> dict:
         if self.other_pixels is None:  # PAI-like: the same prompts without their images
             return session.adapter.without_image(session.inputs, pad_token_id=session.tokenizer.pad_token_id)
-        assert "pixel_values" in caller_inputs(session)
+        assert "pixel_values" in session.image_inputs
         return {**session.inputs, "pixel_values": self.other_pixels}
 
     def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
@@ -272,7 +271,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="assistant_model cannot be used"):
         vlmfix.generate(tiny.model, **inputs, methods=[TakeStream(pixels)], max_new_tokens=2,
                         assistant_model=tiny.model)
-    with pytest.raises(vlmfix.SessionError, match="needs vlmfix.generate"):
+    with pytest.raises(vlmfix.SessionError, match=r"two-stream method: call session.generate"):
         with vlmfix.apply(tiny.model, TakeStream(pixels)):
             tiny.model.generate(**inputs, max_new_tokens=2)
     # the model is left as it was: no hooks remain

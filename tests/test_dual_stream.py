@@ -34,7 +34,6 @@ from .reference_decoding import (
 )
 
 SHAPE = dict(layers=5, heads=4)
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 
 
 def quiet(**kwargs: Any) -> DualStream:
@@ -44,10 +43,9 @@ def quiet(**kwargs: Any) -> DualStream:
 
 
 def single_stream(model: Any, inputs: dict, method: DualStream, **generate_kwargs: Any) -> tuple[Any, Any]:
-    """cfg=False decoding inside vlmfix.apply, with the call's image inputs recorded on the session."""
+    """cfg=False decoding through session.generate (which records the call's image inputs)."""
     with vlmfix.apply(model, method) as session:
-        session.image_inputs = {k: inputs[k] for k in IMAGE_KEYS if k in inputs}
-        out = model.generate(**inputs, **generate_kwargs)
+        out = session.generate(**inputs, **generate_kwargs)
     return out, session
 
 
@@ -342,8 +340,7 @@ def test_refinement_matches_two_separate_streams():
     alpha, beta, gamma = 3.0, 6.0, 1.5
     method = quiet(alpha=alpha, beta=beta, local_ratio=0.5, gamma=gamma)
     with vlmfix.apply(tiny.model, quiet(alpha=alpha, beta=beta, local_ratio=0.5, cfg=False)) as probe:
-        probe.image_inputs = {"pixel_values": inputs["pixel_values"]}
-        tiny.model.generate(**inputs, max_new_tokens=1)
+        probe.generate(**inputs, max_new_tokens=1)
     local, summary = selection_masks(probe, inputs)
     out = vlmfix.generate(
         tiny.model,
@@ -458,7 +455,7 @@ def test_pre_encoded_images_without_record_fail_clearly():
     with pytest.raises(vlmfix.VlmfixError, match="images were encoded before vlmfix saw the prompt"):
         with vlmfix.apply(tiny.model, DualStream(alpha=0.5, cfg=False)):
             tiny.model.generate(**inputs, max_new_tokens=1)
-    with pytest.raises(vlmfix.SessionError, match="DualStream is a contrastive method"):
+    with pytest.raises(vlmfix.SessionError, match="DualStream is a two-stream method: call session.generate"):
         with vlmfix.apply(tiny.model, DualStream(alpha=0.5)):
             tiny.model.generate(**tiny.inputs(["what"]), max_new_tokens=1)
 

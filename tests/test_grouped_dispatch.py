@@ -174,5 +174,5 @@ def test_generation_with_kernel_and_edits_planned_once_per_prompt():
 
 
 def test_kernel_mode_is_validated():
-    with pytest.raises(ValueError, match="kernel must be one of"):
+    with pytest.raises(ValueError, match=r"`kernel` must be one of 'auto', 'always', 'never', got 'sometimes'"):
         vlmfix.apply(tiny_model("llava").model, kernel="sometimes")

@@ -255,7 +255,7 @@ def test_refinement_batch_rows_equal_rows_alone():
 
 def test_refinement_needs_the_engine_and_matching_streams():
     tiny = tiny_model("llava")
-    with pytest.raises(vlmfix.SessionError, match="PAI is a contrastive method"):
+    with pytest.raises(vlmfix.SessionError, match="PAI is a two-stream method: call session.generate"):
         with vlmfix.apply(tiny.model, PAI()):
             tiny.model.generate(**tiny.inputs(["what"]), max_new_tokens=1)
     assert PAI().contrastive and not PAI(cfg=False).contrastive

@@ -26,7 +26,8 @@ from transformers import (
 
 import vlmfix
 from vlmfix.decoding.edits import KeyBias, Transfer, apply_transfer
-from vlmfix.methods.var import VAR, find_sink_dims, table_sink_dims
+from vlmfix.methods.sink_dims import calibrate_sink_dims, find_sink_dims, table_sink_dims
+from vlmfix.methods.var import VAR, SinkDimsError
 from vlmfix.methods.vhr import VHR
 from vlmfix.testing import FAMILIES, TinyVLM, build_tiny
 
@@ -188,9 +189,11 @@ def test_sinks_found_where_planted(family):
     before = snapshot(inputs)
     assert find_sink_dims(planted.tiny.model, inputs, tau=5.0) == DIMS
     assert find_sink_dims(planted.tiny.model, inputs) == []  # tau = 20 > sqrt(128): out of reach here
-    _, report = run_var(planted.tiny, inputs, VAR(tau=5.0), max_new_tokens=2, do_sample=False)
+    _, report = run_var(planted.tiny, inputs, VAR(tau=5.0, detect_per_prompt=True), max_new_tokens=2,
+                        do_sample=False)
     assert report["sink_dims"] == DIMS
-    assert report["sink_dims_source"].startswith("find_sink_dims on this prompt batch: no SINK_DIMS entry")
+    assert report["sink_dims_source"] == "detected on this prompt batch (detect_per_prompt=True)"
+    assert report["applied"]["attention_calls"] > 0
     assert report["layers"] == [2, 3]  # 2 .. L-2 for L = 5
     text, visual = planted.expected(inputs)
     for row in range(2):
@@ -439,15 +442,32 @@ def test_sinks_recomputed_for_every_prompt():
         assert session.report()["var"] == fresh_second
 
 
-def test_no_sink_dims_found_edits_nothing():
+def test_a_model_without_sink_dims_is_refused_before_any_work():
+    """Spec var.md §5: no published and no given D_sink -> a refusal naming the calibration, not a silent no-op."""
     tiny = tiny_model("llava", layers=5)
     inputs = tiny.inputs(QUESTIONS)
-    ref = tiny.model.generate(**inputs, max_new_tokens=4, **GREEDY)
-    with pytest.warns(UserWarning, match=r"VAR found no sink dimensions .*\(hidden size 64\) at tau=20.0"):
-        out, report = run_var(tiny, inputs, VAR(), max_new_tokens=4, **GREEDY)
-    assert report["sink_dims"] == [] and "find_sink_dims" in report["sink_dims_source"]
-    assert torch.equal(ref.sequences, out.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits))
+    calls = []
+    handle = tiny.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(SinkDimsError, match=r"VAR needs the sink dimensions of LlavaForConditionalGeneration "
+                                            r"\(hidden size 64, 5 layers\).*calibrate_sink_dims"):
+        vlmfix.apply(tiny.model, VAR())
+    assert not calls  # refused when the session is made, before any forward
+    # the opt-in per-prompt detection refuses a batch where it finds nothing (it would edit nothing)
+    with pytest.raises(SinkDimsError, match=r"found no sink dimension in this prompt batch at tau=20"):
+        vlmfix.generate(tiny.model, **inputs, methods=[VAR(detect_per_prompt=True)], max_new_tokens=2)
+    handle.remove()
+
+
+def test_calibration_finds_the_planted_dims_once_for_many_batches():
+    planted = planted_model("llava")
+    batches = [planted.inputs(), planted.inputs()]
+    found = calibrate_sink_dims(planted.tiny.model, batches, tau=5.0)
+    assert found.dims == tuple(DIMS) and found.prompts == 4
+    # the candidates list the planted dims first, with the share of (layer, prompt) pairs above tau
+    assert {d for d, _, _ in found.candidates[: len(DIMS)]} == set(DIMS)
+    assert all(share == 1.0 for d, share, _ in found.candidates if d in DIMS)
+    nothing = calibrate_sink_dims(planted.tiny.model, batches)  # tau = 20 > sqrt(128): out of reach
+    assert nothing.dims == () and "no sink dimension at tau=20" in nothing.describe()
 
 
 def test_table_entries_match_published_backbones():
@@ -509,24 +529,28 @@ def test_composes_with_a_contrastive_method():
     method = VAR(summ=0.0, **ACTIVE)
     alone, report = run_var(tiny, inputs, method, max_new_tokens=5, do_sample=False)
     with vlmfix.apply(tiny.model, method, VCD(alpha=0.0)) as session:
-        from vlmfix.decoding.contrastive import generate_contrastive
-
-        paired = generate_contrastive(session, **inputs, max_new_tokens=5, do_sample=False)
+        paired = session.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(alone, paired)
     assert session.report()["var"] == report
 
 
 def test_validation_errors():
-    with pytest.raises(ValueError, match=r"`p` must be in \[0, 1\], got 1.4; p is the fraction of the sink mass"):
+    with pytest.raises(ValueError, match=r"`p` must be a finite number in \[0, 1\], got 1.4; p is the fraction of "
+                                         r"the sink mass"):
         VAR(p=1.4)
-    with pytest.raises(ValueError, match=r"`rho` must be in \(0, 1\], got 0"):
+    with pytest.raises(ValueError, match=r"`rho` must be a finite number in \(0, 1\], got 0"):
         VAR(rho=0)
-    with pytest.raises(ValueError, match=r"`summ` must be in \[0, 1\], got -0.1"):
+    with pytest.raises(ValueError, match=r"`summ` must be a finite number in \[0, 1\], got -0.1"):
         VAR(summ=-0.1)
-    with pytest.raises(ValueError, match=r"`tau` must be a number > 0, got 0"):
+    with pytest.raises(ValueError, match=r"`tau` must be a finite number > 0, got 0"):
         VAR(tau=0)
-    with pytest.raises(ValueError, match=r"`sink_dims` must be a non-empty list"):
+    with pytest.raises(ValueError, match=r"`p` must be a finite number in \[0, 1\], got '0.4' \(a str\)"):
+        VAR(p="0.4")
+    with pytest.raises(ValueError, match=r"`sink_dims` must be None or a non-empty list"):
         VAR(sink_dims=[])
+    with pytest.raises(ValueError, match=r"`sink_dims` must be None or a non-empty list of 0-based hidden "
+                                         r"dimensions, got 5 \(an int\)"):
+        VAR(sink_dims=5)
     with pytest.raises(ValueError, match=r"`decode_sinks` must be True or False"):
         VAR(decode_sinks=1)
     tiny = tiny_model("llava", layers=5)

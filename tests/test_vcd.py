@@ -146,9 +146,7 @@ def test_composes_with_an_attention_edit():
         return [KeyBias(bias=2.0 * session.spans.image[:, None].float())]
 
     with vlmfix.apply(tiny.model, PlannedEdits(bias, layers=[0, 3]), VCD()) as session:
-        from vlmfix.decoding.contrastive import generate_contrastive
-
-        generate_contrastive(session, **inputs, max_new_tokens=3, do_sample=False)
+        session.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert session.report()["vcd"]["clean_weight"] == pytest.approx(0.863, abs=1e-3)
     assert {layer for layer, _ in layers_seen} == {0, 3}
     assert {rows for _, rows in layers_seen[-6:]} == {2}  # edits cover rows 0..B-1 of the 2B batch
@@ -165,6 +163,6 @@ def test_registry_and_validation():
     with pytest.raises(ValueError, match="`noise_space` must be 'normalized' or 'pixel'"):
         VCD(noise_space="latent")
     tiny = tiny_model("llava")
-    with pytest.raises(vlmfix.SessionError, match="VCD is a contrastive method"):
+    with pytest.raises(vlmfix.SessionError, match="VCD is a two-stream method: call session.generate"):
         with vlmfix.apply(tiny.model, VCD()):
             tiny.model.generate(**tiny.inputs(QUESTIONS), max_new_tokens=2)

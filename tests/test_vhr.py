@@ -305,7 +305,7 @@ def test_beams_expand_the_plan_per_beam():
 def test_report_contents():
     tiny = tiny_model("llava_next")
     _, report = run_vhr(tiny, tiny.inputs(QUESTIONS), VHR(), max_new_tokens=1)
-    assert set(report) == {"alpha", "selection", "layers", "layers_source", "rows"}
+    assert set(report) == {"alpha", "selection", "layers", "layers_source", "rows", "applied"}
     assert report["layers_source"].startswith("rule R1")
     for row in report["rows"]:
         for layer in report["layers"]:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from vlmfix.decoding.prompt_inputs import left_padded_rows, padding_mask, text_positions
 from vlmfix.errors import SpanError
 
 
@@ -209,30 +210,26 @@ class Adapter:
     # image tensors of the model inputs; generate may pass the vision encoder's output instead of pixels
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "mm_encoder_outputs")
 
-    def without_image(self, inputs: dict[str, Any], pad_token_id: int) -> dict[str, Any]:
-        """Model inputs for the same prompts with their image tokens removed, left-padded again.
-
-        Image tensors are dropped; positions follow from the new attention mask as in `generate`.
-        """
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        keep = ~(self.image_mask(input_ids) | self.image_frame_mask(input_ids))
-        if attention_mask is not None:
-            keep &= attention_mask.bool()
-        rows = [input_ids[b][keep[b]] for b in range(input_ids.shape[0])]
-        width = max(len(r) for r in rows)
-        new_ids = input_ids.new_full((len(rows), width), pad_token_id)
-        new_mask = torch.zeros_like(new_ids)
-        for b, row in enumerate(rows):
-            new_ids[b, width - len(row) :] = row
-            new_mask[b, width - len(row) :] = 1
+    def without_image(self, inputs: dict[str, Any], pad_token_id: int, *, drop_frames: bool = True,
+                      width: int | None = None) -> dict[str, Any]:
+        """Model inputs for the same prompts with their image tokens removed, left-padded again (to `width`,
+        default the longest remaining row). `drop_frames` also removes the tokens that wrap each image
+        (Qwen's vision start/end). Image tensors are dropped; positions follow from the new attention mask
+        as in `generate`."""
+        input_ids = inputs["input_ids"]
+        drop = self.image_mask(input_ids)
+        if drop_frames:
+            drop = drop | self.image_frame_mask(input_ids)
+        keep = ~drop & padding_mask(inputs.get("attention_mask"), input_ids)
+        new_ids, new_mask = left_padded_rows([input_ids[b][keep[b]] for b in range(input_ids.shape[0])],
+                                             pad_token_id, width)
         out = {k: v for k, v in inputs.items() if k not in (*self.image_input_keys, "input_ids", "attention_mask")}
         out.update(input_ids=new_ids, attention_mask=new_mask)
         return self.text_positions(out)
 
     def text_positions(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Add position ids for a text-only left-padded batch, as `generate` computes them."""
-        mask = inputs["attention_mask"].long()
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        inputs["position_ids"] = text_positions(inputs["attention_mask"])
         return inputs
 
     # model attributes that a forward pass overwrites and an extra (prepare) pass must restore

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -21,9 +21,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from vlmfix.decoding.edits import Edit, HeadScale, edited_attention, scale_heads
 from vlmfix.decoding.grouped import KeyGroupCache, grouped_decode_output
-
-if TYPE_CHECKING:
-    from vlmfix.decoding.session import Session
 
 AttentionFn = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -57,8 +54,28 @@ def _only_last_row(edits: Sequence[Edit]) -> bool:
     return all(e.rows == "last" for e in edits if not isinstance(e, HeadScale))
 
 
-def make_attention_function(session: Session, implementation: str) -> AttentionFn:
-    """Build the session's attention function around the backend named `implementation`."""
+class AttentionHost(Protocol):
+    """What the attention function needs from a session (`vlmfix.decoding.session.Session` is one)."""
+
+    edited_rows: int | None  # a two-stream forward edits its first `edited_rows` rows only
+    key_groups: KeyGroupCache
+
+    def owns_thread(self) -> bool: ...
+
+    def edits_for(self, layer_idx: int) -> list[Edit]: ...
+
+    def use_kernel(self, query: Tensor) -> bool: ...
+
+    @property
+    def observed(self) -> bool: ...
+
+    def observe(self, call: AttentionCall) -> Tensor: ...
+
+
+def make_attention_function(host: AttentionHost, implementation: str) -> AttentionFn:
+    """Build the session's attention function around the backend named `implementation`.
+
+    Calls from threads other than the session's go to the backend untouched."""
     backends: dict[type, AttentionFn] = {}
 
     def vlmfix_attention(
@@ -74,10 +91,12 @@ def make_attention_function(session: Session, implementation: str) -> AttentionF
         backend = backends.get(type(module))
         if backend is None:
             backend = backends.setdefault(type(module), wrapped_backend(implementation, module))
+        if not host.owns_thread():
+            return backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         layer_idx = module.layer_idx
-        edits = session.edits_for(layer_idx)
+        edits = host.edits_for(layer_idx)
         weights = None
-        rows = session.edited_rows
+        rows = host.edited_rows
         if not edits:
             out, weights = backend(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -87,20 +106,16 @@ def make_attention_function(session: Session, implementation: str) -> AttentionF
             mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
             first, rest = slice(0, rows), slice(rows, None)
             out_first = edited_output(query[first], key[first], value[first], mask_of(first), scaling, edits,
-                                      backend, module, use_kernel=session.use_kernel(query),
-                                      group_cache=session.key_groups, **kwargs)
+                                      backend, module, use_kernel=host.use_kernel(query),
+                                      group_cache=host.key_groups, **kwargs)
             out_rest, _ = backend(module, query[rest], key[rest], value[rest], mask_of(rest), dropout=dropout,
                                   scaling=scaling, **kwargs)
             out = torch.cat([out_first, out_rest], dim=0)
         else:
             out = edited_output(query, key, value, attention_mask, scaling, edits, backend, module,
-                                use_kernel=session.use_kernel(query), group_cache=session.key_groups, **kwargs)
-        if session.observers:
-            call = AttentionCall(module, layer_idx, query, key, value, attention_mask, scaling, out)
-            for observer in session.observers:
-                replaced = observer(call)
-                if replaced is not None:
-                    out = call.output = replaced
+                                use_kernel=host.use_kernel(query), group_cache=host.key_groups, **kwargs)
+        if host.observed:
+            out = host.observe(AttentionCall(module, layer_idx, query, key, value, attention_mask, scaling, out))
         return out, weights
 
     return vlmfix_attention

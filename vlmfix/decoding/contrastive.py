@@ -22,7 +22,7 @@ Images: transformers >= 5.x `generate` encodes the images (vision tower + projec
 forward and passes the features as `mm_encoder_outputs`; the prefill forward sees no `pixel_values`.
 A method's negative stream therefore names its images in one of two ways:
   - `pixel_values` (with `image_sizes` / `image_grid_thw`) in the caller's layout, i.e. as passed to
-    `generate` (`caller_inputs(session)`), before beam expansion: the engine encodes them with the
+    `generate` (`session.image_inputs`), before beam expansion: the engine encodes them with the
     model's `get_image_features` and expands them to the B rows (VCD: noised pixels);
   - `mm_encoder_outputs` in the forward's layout (B rows), e.g. from `encode_images` (DCD: the same
     pixels through another projector).
@@ -35,8 +35,7 @@ block `model.generate` would decode one stream only, so their `prepare` raises (
 from __future__ import annotations
 
 import inspect
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -45,20 +44,14 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from vlmfix.decoding.method import Method
+from vlmfix.decoding.prompt_inputs import FEATURES, TOKEN_TYPE_KEYS, pad_token_id, stack_row_blocks, with_features
 from vlmfix.errors import SessionError
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
 
-# keys whose last dimension runs along the prompt; the batch is dim 0 (dim 1 for 3-D M-RoPE positions)
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
-TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
-# per-forward switches, always taken from the positive stream
-CONTROL_KEYS = ("cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict", "output_attentions",
-                "output_hidden_states")
 # caller-layout image inputs a method may return (encoded by the engine)
 PIXEL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
-FEATURES = "mm_encoder_outputs"
 # generate() arguments the engine cannot honour, with the reason
 UNSUPPORTED = {
     "custom_generate": "the contrastive engine already runs generate's own decoding loop",
@@ -71,15 +64,13 @@ UNSUPPORTED = {
     "inputs_embeds": "the streams are built from input_ids",
 }
 
-_ENGINES: weakref.WeakKeyDictionary[Any, _Engine] = weakref.WeakKeyDictionary()
-
 
 class ContrastiveMethod(Method):
     """A method that decodes from two streams in one batch: subclasses provide the negative stream's
     inputs and the rule that combines the two streams' logits.
 
     Class attributes:
-        contrastive: True (`vlmfix.generate` routes to `generate_contrastive`).
+        contrastive: True (`session.generate` routes to `generate_contrastive`).
         edit_negative: whether the attention edits of the session's methods also apply to the negative
             rows (False: only rows 0 … B-1 are edited).
     """
@@ -133,27 +124,22 @@ class StreamPairCache(DynamicCache):
 
 def require_engine(session: Session, method: Method) -> None:
     """Raise unless `session` is decoding through `generate_contrastive` (call from `prepare`)."""
-    if session not in _ENGINES:
+    if session.engine is None:
         raise SessionError(
-            f"{type(method).__name__} is a contrastive method: it decodes two streams and needs "
-            f"vlmfix.generate(model, methods=[...], ...). Inside a bare vlmfix.apply block, model.generate "
-            f"would decode the positive stream only."
+            f"{type(method).__name__} is a two-stream method: call session.generate(**inputs) inside "
+            f"vlmfix.apply (or vlmfix.generate(model, methods=[...], ...)). A bare model.generate would decode "
+            f"the positive stream only."
         )
 
 
 def negative_rows(session: Session) -> slice | None:
     """The batch rows of the negative stream in the forward running now: rows B..2B-1 during the
-    engine's own two-stream forwards, None otherwise (no engine, one stream, or a method's extra pass)."""
-    engine = _ENGINES.get(session)
-    if engine is None or not engine.stepping or not engine.paired:
+    engine's own two-stream forwards on the session's thread, None otherwise (no engine, one stream, a
+    method's extra pass, or another thread's forward)."""
+    engine = session.engine
+    if engine is None or not engine.stepping or not engine.paired or not session.owns_thread():
         return None
     return slice(engine.batch, None)
-
-
-def caller_inputs(session: Session) -> dict[str, Any]:
-    """The current call's `generate` keyword arguments as the caller passed them (before expansion)."""
-    require_engine(session, next(m for m in session.methods if m.contrastive))
-    return _ENGINES[session].caller
 
 
 @torch.no_grad()
@@ -164,16 +150,15 @@ def encode_images(session: Session, image_inputs: dict[str, Any]) -> dict[str, A
     prefill) on `image_inputs` (missing image keys come from the caller's inputs), then repeats each
     prompt's image group for its beams / return sequences, as `generate` does.
     """
-    engine = _ENGINES[session]
-    model = session.model
-    encoder = model.base_model.get_image_features
-    available = {**{k: v for k, v in engine.caller.items() if k in PIXEL_KEYS}, **image_inputs}
+    engine = session.engine
+    encoder = session.model.base_model.get_image_features
+    available = {**session.image_inputs, **image_inputs}
     wanted = {k: v for k, v in available.items()
               if k in inspect.signature(encoder).parameters and k != "kwargs" and v is not None}
     output = encoder(**wanted, return_dict=True)
     features = _expand_groups(list(output.pooler_output), engine.caller_ids, session.adapter.image_token_id,
                               engine.expand)
-    return {"image": _with_features(output, features)}
+    return {"image": with_features(output, features)}
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -203,7 +188,7 @@ def generate_contrastive(session: Session, **generate_kwargs: Any) -> Any:
     if not isinstance(ids, Tensor) or ids.dim() != 2:
         raise ValueError(f"{method.name} needs input_ids of shape [batch, seq] (the processor's output), got "
                          f"{type(ids).__name__}.")
-    engine = _Engine(session, index, method, generate_kwargs, ids)
+    engine = _Engine(session, index, method, ids)
     with engine.installed():
         return session.model.generate(**generate_kwargs, cache=engine.cache)
 
@@ -211,12 +196,10 @@ def generate_contrastive(session: Session, **generate_kwargs: Any) -> Any:
 class _Engine:
     """One call's stream bookkeeping: the paired cache, the stacked mask and positions."""
 
-    def __init__(self, session: Session, index: int, method: ContrastiveMethod, caller: dict[str, Any],
-                 caller_ids: Tensor) -> None:
+    def __init__(self, session: Session, index: int, method: ContrastiveMethod, caller_ids: Tensor) -> None:
         self.session = session
         self.index = index
         self.method = method
-        self.caller = caller
         self.caller_ids = caller_ids  # [B0, S] before expansion
         self.cache = StreamPairCache(config=session.model.config.get_text_config(decoder=True))
         self.batch = 0
@@ -235,18 +218,19 @@ class _Engine:
             model.register_forward_pre_hook(self._before, with_kwargs=True),
             model.register_forward_hook(self._after, with_kwargs=True),
         ]
-        _ENGINES[self.session] = self
+        self.session.engine = self
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            _ENGINES.pop(self.session, None)
+            self.session.engine = None
             self.session.edited_rows = rows_before
 
     # -------------------------------------------------------------------------------- forward hooks
     def _ours(self, kwargs: dict[str, Any]) -> bool:
-        return kwargs.get("cache", kwargs.get("past_key_values")) is self.cache
+        """A forward of this engine's own decoding (not a method's extra pass, not another thread's)."""
+        return kwargs.get("cache", kwargs.get("past_key_values")) is self.cache and self.session.owns_thread()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         if not self._ours(kwargs):
@@ -279,7 +263,9 @@ class _Engine:
         negative = self._encoded(self.method.negative_inputs(session, self.state))
         if not bool((negative["input_ids"] == session.adapter.image_token_id).any()):
             negative.pop(FEATURES, None)  # an image-free stream
-        stacked = stack_streams(positive, negative, pad_token_id=self._pad_token_id())
+        pad = pad_token_id(session.tokenizer, session.model, session.adapter.text_config,
+                           avoid=session.adapter.image_token_id)
+        stacked = stack_row_blocks(positive, negative, pad_token_id=pad)
         mask = stacked.get("attention_mask")
         self.mask = None if mask is None or bool(mask.all()) else mask
         if self.mask is None:
@@ -322,6 +308,7 @@ class _Engine:
             return None
         positive, negative = split_streams(output.logits[:, -1], self.batch)
         scores = self.method.combine(self.state, positive.float(), negative.float())  # [B, vocab]
+        self.session.applied[self.index].contrast_steps += 1
         if scores.shape != positive.shape:
             raise ValueError(f"{type(self.method).__name__}.combine must return [B, vocab] = "
                              f"{tuple(positive.shape)} scores, got {tuple(scores.shape)}.")
@@ -331,87 +318,6 @@ class _Engine:
             if isinstance(value, tuple):
                 setattr(output, name, tuple(t[: self.batch] if isinstance(t, Tensor) else t for t in value))
         return output
-
-    def _pad_token_id(self) -> int:
-        tokenizer = self.session.tokenizer
-        candidates = [getattr(tokenizer, "pad_token_id", None), self.session.model.generation_config.pad_token_id,
-                      getattr(self.session.adapter.text_config, "pad_token_id", None), 0]
-        image_id = self.session.adapter.image_token_id
-        return next(int(c) for c in candidates if isinstance(c, int) and c != image_id)
-
-
-# ---------------------------------------------------------------------------------------------- stacking
-def stack_streams(positive: dict[str, Any], negative: dict[str, Any], *, pad_token_id: int) -> dict[str, Any]:
-    """One forward's kwargs for [positive rows; negative rows], both left-padded to one width.
-
-    Sequence tensors (ids, mask, positions, token types) are padded and stacked; image features
-    (`mm_encoder_outputs`) are concatenated image by image (positive rows' images first); other tensors
-    along dim 0; switches (cache, use_cache…) come from `positive`. A key the negative stream lacks is
-    taken from the positive one when both streams have the same prompt tokens; otherwise mask and
-    positions are derived from the negative `input_ids`.
-    """
-    pos_ids, neg_ids = positive["input_ids"], negative["input_ids"]  # [B, S_pos], [B, S_neg]
-    batch = pos_ids.shape[0]
-    if neg_ids.shape[0] != batch:
-        raise ValueError(f"negative_inputs must give the same B = {batch} rows as the positive stream, got "
-                         f"input_ids of shape {tuple(neg_ids.shape)}.")
-    same_prompt = neg_ids.shape == pos_ids.shape and bool(torch.equal(neg_ids, pos_ids))
-    pos_mask = _mask(positive)
-    neg_mask = _mask(negative) if negative.get("attention_mask") is not None or not same_prompt else pos_mask
-    width = max(pos_ids.shape[1], neg_ids.shape[1])
-    out = {k: v for k, v in positive.items() if k not in SEQUENCE_KEYS and k != FEATURES}
-    out["input_ids"] = torch.cat([_left_pad(pos_ids, width, pad_token_id), _left_pad(neg_ids, width, pad_token_id)])
-    out["attention_mask"] = torch.cat([_left_pad(pos_mask, width, 0), _left_pad(neg_mask, width, 0)])
-
-    pos_positions = positive.get("position_ids")
-    if pos_positions is None:
-        pos_positions = _text_positions(pos_mask)
-    neg_positions = negative.get("position_ids")
-    if neg_positions is None and same_prompt and torch.equal(neg_mask, pos_mask):
-        neg_positions = pos_positions
-    neg_positions = _positions_like(pos_positions, neg_positions, neg_mask)
-    out["position_ids"] = torch.cat([_left_pad(pos_positions, width, 0), _left_pad(neg_positions, width, 0)],
-                                    dim=-2)
-    for key in TOKEN_TYPE_KEYS:
-        pos_types, neg_types = positive.get(key), negative.get(key)
-        if pos_types is None and neg_types is None:
-            continue
-        if neg_types is None:
-            neg_types = pos_types if same_prompt else torch.zeros_like(neg_ids, dtype=pos_types.dtype)
-        if pos_types is None:
-            pos_types = torch.zeros_like(pos_ids, dtype=neg_types.dtype)
-        out[key] = torch.cat([_left_pad(pos_types, width, 0), _left_pad(neg_types, width, 0)])
-
-    features = _stack_features(positive.get(FEATURES), negative.get(FEATURES))
-    if features:
-        out[FEATURES] = features
-    for key in set(positive) | set(negative):
-        if key in SEQUENCE_KEYS or key in CONTROL_KEYS or key == FEATURES:
-            continue
-        pos_value, neg_value = positive.get(key), negative.get(key)
-        if isinstance(pos_value, Tensor) and isinstance(neg_value, Tensor):
-            out[key] = torch.cat([pos_value, neg_value.to(pos_value.device)])
-        elif neg_value is not None and pos_value is None:
-            out[key] = neg_value
-    return out
-
-
-def _stack_features(positive: dict | None, negative: dict | None) -> dict[str, Any]:
-    """Per modality: an encoder output whose `pooler_output` lists the positive images, then the negative."""
-    positive, negative = positive or {}, negative or {}
-    out = {}
-    for modality in set(positive) | set(negative):
-        pos, neg = positive.get(modality), negative.get(modality)
-        if pos is None or neg is None:
-            out[modality] = pos if pos is not None else neg
-            continue
-        out[modality] = _with_features(pos, [*pos.pooler_output, *neg.pooler_output])
-    return out
-
-
-def _with_features(output: Any, features: Sequence[Tensor]) -> Any:
-    """A copy of an image-encoder output with `pooler_output` replaced (the original is not modified)."""
-    return type(output)(**{**output, "pooler_output": list(features)})
 
 
 def _expand_groups(features: list[Tensor], ids: Tensor, image_token_id: int, expand: int) -> list[Tensor]:
@@ -428,40 +334,3 @@ def _expand_groups(features: list[Tensor], ids: Tensor, image_token_id: int, exp
             start += 1
         out.extend(group * expand)
     return out
-
-
-def _mask(inputs: dict[str, Any]) -> Tensor:
-    mask = inputs.get("attention_mask")
-    return torch.ones_like(inputs["input_ids"]) if mask is None else mask
-
-
-def _left_pad(tensor: Tensor, width: int, value: int) -> Tensor:
-    missing = width - tensor.shape[-1]
-    if missing == 0:
-        return tensor
-    pad = tensor.new_full((*tensor.shape[:-1], missing), value)
-    return torch.cat([pad, tensor], dim=-1)
-
-
-def _text_positions(mask: Tensor) -> Tensor:
-    """[B, S] positions of a left-padded text batch, as `generate` computes them."""
-    mask = mask.long()
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def _positions_like(template: Tensor, positions: Tensor | None, mask: Tensor) -> Tensor:
-    """The negative stream's positions in the positive stream's layout ([B, S] or [sections, B, S]).
-
-    Text-only rows have equal positions in every M-RoPE section, so a missing section (Qwen's
-    generate-time text row) or a missing tensor is filled from the mask.
-    """
-    if positions is None:
-        positions = _text_positions(mask)
-    if positions.dim() == template.dim() and positions.shape[:-2] == template.shape[:-2]:
-        return positions
-    if template.dim() == 3 and positions.dim() == 2:
-        return positions[None].expand(template.shape[0], -1, -1)
-    if template.dim() == 3 and positions.dim() == 3 and positions.shape[0] == template.shape[0] - 1:
-        return torch.cat([_text_positions(mask)[None], positions])
-    raise ValueError(f"negative_inputs gave position_ids of shape {tuple(positions.shape)}, which do not fit the "
-                     f"positive stream's {tuple(template.shape)}; return them in the same layout or leave them out.")

@@ -204,13 +204,18 @@ def _heads_of(t: Tensor, heads: int) -> Tensor:
     return t.expand(t.shape[0], heads, t.shape[-1])[:, :, None, :]
 
 
+def top_k_mask(scores: Tensor, count: int, dim: int = -1) -> Tensor:
+    """Bool like `scores`, True on the `count` largest entries along `dim` (count clipped to the size)."""
+    count = max(0, min(count, scores.shape[dim]))
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    if count:
+        chosen.scatter_(dim, scores.topk(count, dim=dim).indices, True)
+    return chosen
+
+
 def _top_heads(mass: Tensor, count: int) -> Tensor:
     """mass: [batch, heads, q] -> bool [batch, heads, q], True on the `count` largest heads per (b, q)."""
-    count = max(0, min(count, mass.shape[1]))
-    chosen = torch.zeros_like(mass, dtype=torch.bool)
-    if count:
-        chosen.scatter_(1, mass.topk(count, dim=1).indices, True)
-    return chosen
+    return top_k_mask(mass, count, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +234,23 @@ def apply_reweight(p: Tensor, edit: Reweight, edited: Tensor) -> Tensor:
     return torch.where(edited[..., None], new, p)
 
 
-def apply_transfer(p: Tensor, edit: Transfer, edited: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class TransferGate:
+    """Which (row, head, query) triples a `Transfer` selects on probabilities p, and the masses it moves.
+
+    source, receivers: [batch, 1, 1, kv_len] bool; selected, moved, receiver_mass: [batch, heads, q_len].
+    """
+
+    source: Tensor
+    receivers: Tensor
+    selected: Tensor
+    moved: Tensor  # Omega = fraction * (mass on the source keys)
+    receiver_mass: Tensor
+
+
+def transfer_gate(p: Tensor, edit: Transfer) -> TransferGate:
+    """The gate of `edit` on unmodified probabilities p: [batch, heads, q_len, kv_len] (rows not yet restricted
+    to the ones the edit applies to)."""
     batch, heads, _, kv_len = p.shape
     source = fit_keys(edit.source, kv_len, batch, False)[:, None, None, :]
     receivers = fit_keys(edit.receivers, kv_len, batch, False)[:, None, None, :]
@@ -240,15 +261,19 @@ def apply_transfer(p: Tensor, edit: Transfer, edited: Tensor) -> Tensor:
     m_recv = (p * receivers).sum(-1)
     m_gate = (p * gate_keys).sum(-1)
     share = torch.where(m_gate > 0, m_recv / m_gate.clamp_min(1e-30), torch.zeros_like(m_gate))
-    selected = edited & (m_gate >= edit.min_gate_mass) & (share >= edit.min_receiver_share) & (m_recv > 0)
+    selected = (m_gate >= edit.min_gate_mass) & (share >= edit.min_receiver_share) & (m_recv > 0)
     if edit.require_gate_source:
         selected &= (source & gate_keys).any(-1)
     if edit.heads is not None:
         selected &= fit_rows(edit.heads, batch)[:, :, None]
-    moved = edit.fraction * m_source  # Omega
-    gain = 1.0 + moved / m_recv.clamp_min(1e-30)
-    new = torch.where(source, p * (1.0 - edit.fraction), torch.where(receivers, p * gain[..., None], p))
-    return torch.where(selected[..., None], new, p)
+    return TransferGate(source, receivers, selected, edit.fraction * m_source, m_recv)
+
+
+def apply_transfer(p: Tensor, edit: Transfer, edited: Tensor) -> Tensor:
+    gate = transfer_gate(p, edit)
+    gain = 1.0 + gate.moved / gate.receiver_mass.clamp_min(1e-30)
+    new = torch.where(gate.source, p * (1.0 - edit.fraction), torch.where(gate.receivers, p * gain[..., None], p))
+    return torch.where((gate.selected & edited)[..., None], new, p)
 
 
 def apply_fusion(p: Tensor, edit: FusionReweight, edited: Tensor) -> Tensor:

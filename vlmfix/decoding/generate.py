@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from vlmfix.decoding.method import Method
-from vlmfix.decoding.session import IMAGE_KEYS, SpanOverride, apply
+from vlmfix.decoding.session import Session, SpanOverride
 
 
 def generate(
@@ -20,21 +20,19 @@ def generate(
     kernel: str = "auto",
     **generate_kwargs: Any,
 ) -> Any:
-    """Run `model.generate(**generate_kwargs)` with `methods` applied.
+    """Run `model.generate(**generate_kwargs)` with `methods` applied (a list of methods or names).
 
     Every `generate` keyword keeps working (greedy, sampling, beams, `return_dict_in_generate`,
     streamers, left-padded batches). With no method the output is bit-identical to `model.generate`.
-    Contrastive methods (VCD, DCD) decode both streams in one batched forward per step.
+    Two-stream methods (VCD, DCD, PAI's refinement) decode both streams in one batched forward per step.
+    For the methods' reports, use `with vlmfix.apply(model, *methods) as session: session.generate(...)`
+    and `session.report()`.
 
     Example (toy model):
         >>> import vlmfix, vlmfix.toy
         >>> model, processor, inputs = vlmfix.toy.load_example()
-        >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.VAR()], max_new_tokens=32)
+        >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.VAR(sink_dims=[31, 88], tau=2.0)],
+        ...                       max_new_tokens=32)
     """
-    with apply(model, *methods, tokenizer=tokenizer, spans=spans, kernel=kernel) as session:
-        session.image_inputs = {k: generate_kwargs[k] for k in IMAGE_KEYS if generate_kwargs.get(k) is not None}
-        if any(m.contrastive for m in session.methods):
-            from vlmfix.decoding.contrastive import generate_contrastive
-
-            return generate_contrastive(session, **generate_kwargs)
-        return model.generate(**generate_kwargs)
+    with Session(model, methods, tokenizer=tokenizer, spans=spans, kernel=kernel) as session:
+        return session.generate(**generate_kwargs)

@@ -42,6 +42,7 @@ from vlmfix.decoding.edits import (
     fit_rows,
     row_mask,
     scale_heads,
+    top_k_mask,
 )
 
 MAX_GROUPS = 8
@@ -318,12 +319,8 @@ def _post_edit(edit: Edit, c: Tensor, d: Tensor, mass: Tensor, mult_mass: Tensor
         return found.remember(("member", id(keys)), lambda: _group_of(
             fit_keys(keys, kv_len, batch, False), found.ids, found.count))
 
-    def top(mass_: Tensor, count: int) -> Tensor:
-        chosen = torch.zeros_like(mass_, dtype=torch.bool)
-        count = max(0, min(count, heads))
-        if count:
-            chosen.scatter_(1, mass_.topk(count, dim=1).indices, True)
-        return chosen
+    def top(mass_: Tensor, count: int) -> Tensor:  # [batch, heads] -> the `count` largest heads per row
+        return top_k_mask(mass_, count, dim=1)
 
     if isinstance(edit, Transfer):
         source, receivers = member(edit.source), member(edit.receivers)

@@ -14,13 +14,15 @@ from vlmfix.decoding.edits import Edit
 from vlmfix.registry import Registry
 
 if TYPE_CHECKING:
+    from vlmfix.adapters import Adapter
     from vlmfix.decoding.session import Session
 
 
 class Method:
     """Base class of decoding-time methods.
 
-    Subclasses set `name`, validate their arguments in `__init__`, and override `prepare` (analysis
+    Subclasses set `name`, validate their arguments in `__init__` (with `vlmfix.validation`), may refuse a
+    model in `check`, and override `prepare` (analysis
     once per prompt batch, may run extra forward passes through `session.forward`) and
     `edits` (the layer's plan in the edit vocabulary). Contrastive methods set `contrastive = True`
     and implement the logits stage in `vlmfix.decoding.contrastive`.
@@ -30,6 +32,9 @@ class Method:
     needs_image: ClassVar[bool] = True
     needs_tokenizer: ClassVar[bool] = False
     contrastive: ClassVar[bool] = False
+
+    def check(self, adapter: Adapter) -> None:
+        """Refuse a model this method cannot serve, when the session is created (before any work)."""
 
     def prepare(self, session: Session) -> Any:
         """Analyse the prompt batch (`session.spans`, `session.inputs`) once; return the call's state."""

@@ -1,8 +1,8 @@
 """One `generate` call's worth of state, and the context manager that installs and undoes it.
 
 ```python
-with vlmfix.apply(model, vlmfix.VAR()) as session:
-    out = model.generate(**inputs, max_new_tokens=32)
+with vlmfix.apply(model, vlmfix.VAR(), vlmfix.VCD()) as session:
+    out = session.generate(**inputs, max_new_tokens=32)   # every method, two-stream ones included
 print(session.report())
 ```
 
@@ -11,25 +11,40 @@ points the language model's `config._attn_implementation` at it, and adds a forw
 model that notices each new prompt (a forward with an empty cache) and runs, for that prompt: spans
 (the adapter's, or the caller's), then every method's `prepare`. Leaving it undoes exactly these
 changes, in reverse order, also after an exception.
+
+Threads: a session belongs to the thread that entered it. Forwards of the same model from other
+threads (a plain `model.generate` in a server thread, say) go through the wrapped backend untouched:
+no edit, observer or method hook of the session runs for them. One session per model at a time: a
+second thread entering `apply` on the same model gets a `SessionError`.
+
+The methods' side of the session (what `Method.prepare` may use): `spans`, `inputs` (the prompt's forward
+kwargs, with a [batch, seq] padding mask), `adapter`, `tokenizer`, `forward` (an extra analysis pass),
+`observing` (observe the attention calls of such a pass), `observe_for_prompt` and `hook_for_prompt`
+(observers and module hooks that live until the next prompt), `rows_of_prompt` (the rows of a forward's
+tensor that the methods planned for), and `call_inputs` (the caller's generate arguments).
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from vlmfix import validation
 from vlmfix.adapters import Adapter, Spans, get_adapter
-from vlmfix.decoding.attention import Observer, make_attention_function, register, unregister
+from vlmfix.decoding.attention import AttentionCall, Observer, make_attention_function, register, unregister
 from vlmfix.decoding.edits import Edit
 from vlmfix.decoding.grouped import KeyGroupCache
 from vlmfix.decoding.method import METHODS, Method
+from vlmfix.decoding.prompt_inputs import padding_mask, without_loop_keys
 from vlmfix.errors import MissingImageError, SessionError, SpanError
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
@@ -37,14 +52,16 @@ _NAMES = itertools.count()
 _UNPREPARED = object()
 KERNEL_MODES = ("auto", "always", "never")
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
-# decoding-loop arguments of a prefill forward that an extra analysis pass must not reuse
-_LOOP_KEYS = ("cache", "past_key_values", "use_cache", "return_dict")
 
 SpanOverride = Spans | dict[str, Sequence[Sequence[int]]] | None
 
 
 def resolve_methods(methods: Sequence[Method | str]) -> tuple[Method, ...]:
-    """Method instances from instances or registry names (names get default parameters)."""
+    """Method instances from a list of instances or registry names (names get default parameters)."""
+    if isinstance(methods, (Method, str)) or not isinstance(methods, (list, tuple)):
+        shown = f"{methods!r} (a {type(methods).__name__})"
+        raise ValueError(f"`methods` must be a list of vlmfix methods or method names, got {shown}; write "
+                         f"methods=[{methods!r}].")
     resolved = []
     for method in methods:
         if isinstance(method, str):
@@ -56,6 +73,31 @@ def resolve_methods(methods: Sequence[Method | str]) -> tuple[Method, ...]:
             )
         resolved.append(method)
     return tuple(resolved)
+
+
+def resolve_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer inside a processor (or the tokenizer itself); None stays None."""
+    if tokenizer is None:
+        return None
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    if not (callable(getattr(inner, "encode", None)) and callable(getattr(inner, "decode", None))):
+        raise ValueError(f"`tokenizer` must be the model's processor or tokenizer (with encode and decode), got "
+                         f"{tokenizer!r} (a {type(tokenizer).__name__}); pass tokenizer=processor.")
+    return inner
+
+
+@dataclass
+class Applied:
+    """How often a method changed something in the last prompt batch: layer calls whose attention it
+    edited, newest-row rewrites by its observers, and steps whose scores its contrast decided."""
+
+    attention_calls: int = 0
+    rewrites: int = 0
+    contrast_steps: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.attention_calls or self.rewrites or self.contrast_steps)
 
 
 class Session:
@@ -70,36 +112,40 @@ class Session:
         spans: SpanOverride = None,
         kernel: str = "auto",
     ) -> None:
-        if kernel not in KERNEL_MODES:
-            raise ValueError(f"kernel must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}; 'auto' uses the "
-                             "Triton decode kernel on CUDA when triton is installed.")
-        self.kernel = kernel
+        self.kernel = validation.choice(kernel, "kernel", KERNEL_MODES,
+                                        "'auto' uses the Triton decode kernel on CUDA when triton is installed")
         self.model = model
         self.adapter: Adapter = get_adapter(model)
         self.methods = resolve_methods(methods)
-        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
+        self.tokenizer = resolve_tokenizer(tokenizer)
         self._span_override = spans
         self.spans: Spans | None = None
         self.inputs: dict[str, Any] = {}
-        # the call's image tensors in the caller's layout (pixel_values, image_sizes, image_grid_thw):
-        # generate encodes images before its first forward, so the prefill's inputs lack them.
-        # vlmfix.generate fills this; around a bare model.generate, set it for methods that re-read pixels.
-        self.image_inputs: dict[str, Any] = {}
+        # the caller's generate arguments (session.generate fills them): the image tensors in the caller's
+        # layout live here, since generate encodes the images before its first forward
+        self.call_inputs: dict[str, Any] = {}
         self.states: list[Any] = [_UNPREPARED] * len(self.methods)
-        self.observers: list[Observer] = []
+        self.applied = [Applied() for _ in self.methods]
         # contrastive decoding stacks [positive; negative] rows: edits then apply to the first
-        # `edited_rows` rows only (None: every row)
+        # `edited_rows` rows only (None: every row); the engine of the running two-stream call
         self.edited_rows: int | None = None
+        self.engine: Any = None
         # the grouped kernel's key groups per edit list, kept for the prompt batch's decode steps
         self.key_groups = KeyGroupCache()
         self.prompts_seen = 0
+        self._owner: int | None = None
         self._undo: list[Callable[[], None]] = []
         self._prompt_handles: list[RemovableHandle] = []
+        self._prompt_observers: list[tuple[Observer, int | None]] = []  # (observer, method index)
+        self._pass_observers: list[Observer] = []
+        self._preparing: int | None = None  # the method whose prepare runs now
         self._in_extra_pass = False
         self._edits_enabled = True
         self._check_methods()
 
     def _check_methods(self) -> None:
+        for method in self.methods:
+            method.check(self.adapter)
         missing = [m.name for m in self.methods if m.needs_tokenizer and self.tokenizer is None]
         if missing:
             raise ValueError(
@@ -107,13 +153,22 @@ class Session:
                 f"tokenizer=processor (or the tokenizer) to vlmfix.apply / vlmfix.generate."
             )
 
+    @property
+    def image_inputs(self) -> dict[str, Any]:
+        """The call's image tensors in the caller's layout (pixel_values, image_sizes, image_grid_thw)."""
+        return {k: self.call_inputs[k] for k in IMAGE_KEYS if self.call_inputs.get(k) is not None}
+
     # ------------------------------------------------------------------ entering and leaving
     def __enter__(self) -> Session:
-        if self.model in _ACTIVE:
+        holder = _ACTIVE.get(self.model)
+        if holder is not None:
+            other = "another thread" if holder._owner != threading.get_ident() else "this thread"
             raise SessionError(
-                "This model is already inside a vlmfix session; vlmfix.apply cannot be nested on the same "
-                "model. Pass all methods to one vlmfix.apply(model, *methods) call instead."
+                f"This model is already inside a vlmfix session (opened by {other}); sessions cannot be nested "
+                f"or shared on one model. Pass all methods to one vlmfix.apply(model, *methods) call, and give "
+                f"each thread its own model copy to decode with methods concurrently."
             )
+        self._owner = threading.get_ident()
         try:
             self._install()
         except BaseException:
@@ -139,13 +194,17 @@ class Session:
         self._undo.append(lambda: _ACTIVE.pop(self.model, None))
 
     def _uninstall(self) -> None:
-        self._clear_prompt_hooks()
+        self._clear_prompt_state()
         while self._undo:
             self._undo.pop()()
 
+    def owns_thread(self) -> bool:
+        """Whether the calling thread is the one that entered this session."""
+        return threading.get_ident() == self._owner
+
     # ------------------------------------------------------------------ per prompt
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._in_extra_pass:
+        if self._in_extra_pass or not self.owns_thread():
             return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
@@ -161,13 +220,17 @@ class Session:
         self.begin_prompt(inputs)
 
     def begin_prompt(self, inputs: dict[str, Any]) -> None:
-        """Find spans and prepare every method for a new prompt batch."""
-        self._clear_prompt_hooks()
-        self.key_groups.clear()
-        self.inputs = inputs
+        """Find spans and prepare every method for a new prompt batch.
+
+        `inputs` are the prompt's forward kwargs; methods see them with `attention_mask` as the [batch, seq]
+        padding mask, whatever layout the forward got (generate passes 4-D masks with a static cache).
+        """
+        self._clear_prompt_state()
+        input_ids = inputs["input_ids"]
+        valid = padding_mask(inputs.get("attention_mask"), input_ids)
+        self.inputs = {**inputs, "attention_mask": valid.long()}
         self.prompts_seen += 1
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        self.spans = self._resolve_spans(input_ids, attention_mask)
+        self.spans = self._resolve_spans(input_ids, valid)
         needy = [m.name for m in self.methods if m.needs_image]
         if needy and not bool(self.spans.has_image.all()):
             rows = (~self.spans.has_image).nonzero().flatten().tolist()
@@ -176,14 +239,16 @@ class Session:
                 f"Add an image to those prompts, or run them without these methods."
             )
         self.states = [_UNPREPARED] * len(self.methods)
+        self.applied = [Applied() for _ in self.methods]
         for i, method in enumerate(self.methods):
+            self._preparing = i
             self.states[i] = method.prepare(self)
+        self._preparing = None
 
-    def _resolve_spans(self, input_ids: Tensor, attention_mask: Tensor | None) -> Spans:
+    def _resolve_spans(self, input_ids: Tensor, valid: Tensor) -> Spans:
         override = self._span_override
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if override is None:
-            return self.adapter.spans(input_ids, attention_mask, self.tokenizer)
+            return self.adapter.spans(input_ids, valid, self.tokenizer)
         if isinstance(override, dict):
             unknown = set(override) - {"image", "instruction"}
             if unknown:
@@ -193,7 +258,7 @@ class Session:
                 raise SpanError(f"spans must give one position list per prompt row; got {batch} rows for a "
                                 f"batch of {input_ids.shape[0]}.")
             times = input_ids.shape[0] // batch
-            found = self.adapter.spans(input_ids, attention_mask, self.tokenizer)
+            found = self.adapter.spans(input_ids, valid, self.tokenizer)
             image = override.get("image") or [found.image[b * times].nonzero().flatten().tolist() for b in range(batch)]
             instruction = override.get("instruction") or [
                 found.instruction[b * times].nonzero().flatten().tolist() for b in range(batch)
@@ -207,23 +272,82 @@ class Session:
             )
         return override.repeat_rows(input_ids.shape[0] // override.batch_size)
 
-    def add_prompt_hook(self, handle: RemovableHandle) -> None:
-        """Keep a torch hook alive for the current prompt only (removed at the next prompt or on exit)."""
-        self._prompt_handles.append(handle)
-
-    def _clear_prompt_hooks(self) -> None:
+    def _clear_prompt_state(self) -> None:
         while self._prompt_handles:
             self._prompt_handles.pop().remove()
+        self._prompt_observers.clear()
+        self.key_groups.clear()
 
-    # ------------------------------------------------------------------ during forwards
-    def edits_for(self, layer_idx: int) -> list[Edit]:
-        """The edits of every prepared method for this layer, in method order."""
+    # ------------------------------------------------------------------ what methods use
+    def observe_for_prompt(self, observer: Observer) -> None:
+        """Call `observer` on every attention call of the language model until the next prompt.
+
+        Observers see each layer's `AttentionCall` after its (edited) output is computed and may return a
+        replacement output; a method calls this from `prepare`, and its replacements count as its rewrites.
+        """
+        self._prompt_observers.append((observer, self._preparing))
+
+    def hook_for_prompt(self, module: nn.Module, hook: Callable[..., Any], *, after: bool = False) -> None:
+        """Register a forward hook (`after=True`: `hook(module, args, output)`) or pre-hook
+        (`hook(module, args, kwargs)`) on `module` until the next prompt; it runs for this session's
+        thread only."""
+
+        def guarded(*hook_args: Any) -> Any:
+            return hook(*hook_args) if self.owns_thread() else None
+
+        handle = (module.register_forward_hook(guarded) if after
+                  else module.register_forward_pre_hook(guarded, with_kwargs=True))
+        self._prompt_handles.append(handle)
+
+    def rows_of_prompt(self, tensor: Tensor) -> Tensor:
+        """The rows of a forward's tensor that belong to the prompt batch the methods planned for: all of
+        them, or the first B rows of a two-stream forward whose other rows are not edited."""
+        rows = self.edited_rows
+        return tensor[:rows] if rows is not None and tensor.shape[0] > rows else tensor
+
+    @contextmanager
+    def observing(self, observer: Observer) -> Iterator[None]:
+        """Call `observer` on every language-model attention call inside the block (an extra pass's)."""
+        self._pass_observers.append(observer)
+        try:
+            yield
+        finally:
+            self._pass_observers.remove(observer)
+
+    @torch.no_grad()
+    def forward(self, inputs: dict[str, Any], *, with_edits: bool = True) -> Any:
+        """An extra forward pass for a method's analysis (not a prompt of its own).
+
+        The decoding loop's keys (cache, use_cache, ...) are dropped; only the last position's logits are
+        computed. It leaves the model as it found it (Qwen's cached `rope_deltas` included); edits of the
+        methods prepared so far apply unless `with_edits=False`.
+        """
+        saved = self.adapter.saved_state()
+        self._in_extra_pass, enabled = True, self._edits_enabled
+        self._edits_enabled = with_edits and enabled
+        inputs = without_loop_keys(inputs)
+        inputs.setdefault("logits_to_keep", 1)  # analysis passes read attention, not the full vocab logits
+        try:
+            return self.model(**inputs, use_cache=False)
+        finally:
+            self._in_extra_pass, self._edits_enabled = False, enabled
+            self.adapter.restore_state(saved)
+
+    # ------------------------------------------------------------------ what the attention function uses
+    def edits_for(self, layer_idx: int, *, record: bool = True) -> list[Edit]:
+        """The edits of every prepared method for this layer, in method order (`record`: count them as
+        applied when this is a decoding forward)."""
         if not self._edits_enabled:
             return []
         edits: list[Edit] = []
-        for method, state in zip(self.methods, self.states):
-            if state is not _UNPREPARED:
-                edits.extend(method.edits(state, layer_idx))
+        for method, state, applied in zip(self.methods, self.states, self.applied):
+            if state is _UNPREPARED:
+                continue
+            planned = method.edits(state, layer_idx)
+            if planned:
+                edits.extend(planned)
+                if record and not self._in_extra_pass:
+                    applied.attention_calls += 1
         return edits
 
     def use_kernel(self, query: Tensor) -> bool:
@@ -236,40 +360,46 @@ class Session:
 
         return query.is_cuda and grouped_decode_backend(query.device) == "triton"
 
-    @contextmanager
-    def observing(self, observer: Observer) -> Iterator[None]:
-        """Call `observer` on every language-model attention call inside the block."""
-        self.observers.append(observer)
+    @property
+    def observed(self) -> bool:
+        return bool(self._prompt_observers or self._pass_observers)
+
+    def observe(self, call: AttentionCall) -> Tensor:
+        """Run the observers on one attention call; returns the (possibly replaced) output."""
+        for observer, owner in [*self._prompt_observers, *((o, None) for o in self._pass_observers)]:
+            replaced = observer(call)
+            if replaced is not None:
+                call.output = replaced
+                if owner is not None and not self._in_extra_pass:
+                    self.applied[owner].rewrites += 1
+        return call.output
+
+    # ------------------------------------------------------------------ generate and report
+    def generate(self, **generate_kwargs: Any) -> Any:
+        """`model.generate(**generate_kwargs)` with the session's methods; the one way that serves every
+        method, two-stream ones (VCD, DCD, PAI's refinement) included. Returns what `generate` returns."""
+        if not self.owns_thread():
+            raise SessionError("session.generate must run on the thread that entered the session.")
+        self.call_inputs = dict(generate_kwargs)
         try:
-            yield
+            if any(m.contrastive for m in self.methods):
+                from vlmfix.decoding.contrastive import generate_contrastive
+
+                return generate_contrastive(self, **generate_kwargs)
+            return self.model.generate(**generate_kwargs)
         finally:
-            self.observers.remove(observer)
+            self.call_inputs = {}
 
-    @torch.no_grad()
-    def forward(self, inputs: dict[str, Any], *, with_edits: bool = True) -> Any:
-        """An extra forward pass for a method's analysis (not a prompt of its own).
-
-        It leaves the model as it found it (Qwen's cached `rope_deltas` included); edits of the methods
-        prepared so far apply unless `with_edits=False`.
-        """
-        saved = self.adapter.saved_state()
-        self._in_extra_pass, enabled = True, self._edits_enabled
-        self._edits_enabled = with_edits and enabled
-        inputs = {k: v for k, v in inputs.items() if k not in _LOOP_KEYS}
-        inputs.setdefault("logits_to_keep", 1)  # analysis passes read attention, not the full vocab logits
-        try:
-            return self.model(**inputs, use_cache=False)
-        finally:
-            self._in_extra_pass, self._edits_enabled = False, enabled
-            self.adapter.restore_state(saved)
-
-    # ------------------------------------------------------------------ results
     def report(self) -> dict[str, Any]:
-        """What each method decided for the last prompt batch, keyed by method name."""
-        return {
-            method.name: (method.report(state) if state is not _UNPREPARED else {"prepared": False})
-            for method, state in zip(self.methods, self.states)
-        }
+        """What each method decided for the last prompt batch, keyed by method name; each entry's
+        `applied` says how often the method changed something (attention calls, rewrites, contrast steps)."""
+        out = {}
+        for method, state, applied in zip(self.methods, self.states, self.applied):
+            entry = method.report(state) if state is not _UNPREPARED else {"prepared": False}
+            out[method.name] = {**entry, "applied": {"attention_calls": applied.attention_calls,
+                                                     "rewrites": applied.rewrites,
+                                                     "contrast_steps": applied.contrast_steps}}
+        return out
 
 
 def apply(
@@ -279,7 +409,11 @@ def apply(
     spans: SpanOverride = None,
     kernel: str = "auto",
 ) -> Session:
-    """Apply `methods` to every `model.generate` / `model(...)` call inside the `with` block.
+    """Apply `methods` to the generate calls inside the `with` block; returns the `Session`.
+
+    `session.generate(**inputs)` serves every method. A bare `model.generate(...)` inside the block works
+    for the single-stream methods (VHR, VAR, GIFT, PAI and DualStream without refinement); two-stream
+    methods need `session.generate` and say so.
 
     Args:
         model: a supported Hugging Face VLM (see `vlmfix.adapters.SUPPORTED_CLASSES`).
@@ -291,4 +425,8 @@ def apply(
         kernel: "auto" (the Triton decode kernel for edited layers on CUDA), "always" (also on CPU,
             through the Triton interpreter or the kernel's PyTorch reference), or "never".
     """
-    return Session(model, methods, tokenizer=tokenizer, spans=spans, kernel=kernel)
+    flat = methods[0] if len(methods) == 1 and isinstance(methods[0], (list, tuple)) else methods
+    if flat is not methods:
+        raise ValueError(f"vlmfix.apply takes the methods one by one, got a {type(flat).__name__}; write "
+                         f"vlmfix.apply(model, *methods) or vlmfix.apply(model, VAR(), GIFT()).")
+    return Session(model, list(methods), tokenizer=tokenizer, spans=spans, kernel=kernel)

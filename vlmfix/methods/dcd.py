@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -207,8 +208,14 @@ def projector_copy(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Mod
 
 @contextmanager
 def projector_replaced(model: nn.Module, replacement: nn.Module) -> Iterator[None]:
-    """Inside the block the model's projector slot returns `replacement(input)` instead of its own output."""
-    handle = get_adapter(model).projector.register_forward_hook(lambda module, args, output: replacement(*args))
+    """Inside the block the model's projector slot returns `replacement(input)` instead of its own output,
+    for the calling thread's forwards only."""
+    thread = threading.get_ident()
+
+    def replace(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        return replacement(*args) if threading.get_ident() == thread else None
+
+    handle = get_adapter(model).projector.register_forward_hook(replace)
     try:
         yield
     finally:
@@ -322,8 +329,8 @@ class DCD(ContrastiveMethod):
         projectors = self.projectors(session.model)  # first: the checkpoints' base-model checks
         lora = self.negative_lora(session.model)
         if lora is not None:  # on the negative rows of the engine's two-stream forwards only
-            for handle in lora.hooks(lambda: negative_rows(session)):
-                session.add_prompt_hook(handle)
+            for layer, hook in lora.hooks(lambda: negative_rows(session)):
+                session.hook_for_prompt(layer, hook, after=True)
         return DCDState(projectors, lora)
 
     def _features(self, session: Session, state: DCDState, side: Side) -> dict[str, Any]:

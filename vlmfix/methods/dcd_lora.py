@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from vlmfix.adapters import get_adapter
 from vlmfix.errors import CheckpointError
@@ -93,8 +92,8 @@ class NegativeLora(nn.Module):
         up = self.up[key].to(x.device, x.dtype)
         return nn.functional.linear(nn.functional.linear(x, down), up) * self.spec.scaling
 
-    def hooks(self, rows: RowSelector) -> list[RemovableHandle]:
-        """Forward hooks adding the deltas to the rows `rows()` selects; remove the handles to detach."""
+    def hooks(self, rows: RowSelector) -> list[tuple[nn.Linear, Callable[..., Tensor | None]]]:
+        """(layer, forward hook) pairs adding the deltas to the rows `rows()` selects (None: no row)."""
 
         def make(name: str) -> Callable[..., Tensor | None]:
             def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -108,11 +107,12 @@ class NegativeLora(nn.Module):
 
             return hook
 
-        return [layer.register_forward_hook(make(name)) for name, layer in self.layers.items()]
+        return [(layer, make(name)) for name, layer in self.layers.items()]
 
     @contextmanager
     def attached(self, rows: RowSelector) -> Iterator[None]:
-        handles = self.hooks(rows)
+        """Inside the block the deltas act on the rows `rows()` selects."""
+        handles = [layer.register_forward_hook(hook) for layer, hook in self.hooks(rows)]
         try:
             yield
         finally:

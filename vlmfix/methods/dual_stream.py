@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from vlmfix.decoding.contrastive import PIXEL_KEYS, caller_inputs
-from vlmfix.decoding.edits import Edit, KeyBias
+from vlmfix.decoding.edits import Edit, KeyBias, fit_keys, top_k_mask
 from vlmfix.decoding.method import register_method
-from vlmfix.errors import SessionError, VlmfixError
+from vlmfix.errors import VlmfixError
 from vlmfix.methods.image_boost import (
     check_fraction,
     check_gamma,
@@ -41,14 +40,6 @@ if TYPE_CHECKING:
 # selector(model, inputs) -> (local, summary): [batch, seq] bool masks over image tokens
 Selector = Callable[[Any, dict[str, Any]], tuple[Tensor, Tensor]]
 SUBSTITUTE = "CLS-free substitute (vlmfix reading): attention received in vision blocks, per 2x2 merge group"
-
-
-def top_k_mask(scores: Tensor, count: int) -> Tensor:
-    """[n] bool: the `count` highest scores."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if count > 0:
-        mask[scores.topk(min(count, scores.numel())).indices] = True
-    return mask
 
 
 def tukey_mask(scores: Tensor) -> Tensor:
@@ -211,7 +202,7 @@ class DualStream(ImageFreeRefinement):
                 want_received=frozenset({local_layer} if self.spatial_ratio > 0 else ()),
                 qwen=qwen,
             )
-            probe.install(adapter.vision_tower, vision_layers_of(adapter), session.add_prompt_hook)
+            probe.install(adapter.vision_tower, vision_layers_of(adapter), session.hook_for_prompt)
             state.probe = probe
             state.finish = lambda: self._select(session, probe, local_layer, summary_layer, qwen)
             if inputs.get("pixel_values") is None:
@@ -246,14 +237,13 @@ class DualStream(ImageFreeRefinement):
     def _encode_images_again(session: Session) -> None:
         """The images were encoded before the prefill (transformers' generate does so): encode them again,
         with the probe's hooks on, from the call's recorded image inputs."""
-        image_inputs = recorded_image_inputs(session)
-        if image_inputs is None:
+        image_inputs = session.image_inputs
+        if not image_inputs:
             raise VlmfixError(
                 "DualStream selects tokens from the vision tower's attention, but the images were encoded "
                 "before vlmfix saw the prompt (transformers' generate pre-encodes them) and the session has "
-                "no record of the image inputs. Use DualStream with cfg=True (the contrastive engine keeps "
-                "them), set session.image_inputs = {'pixel_values': ..., 'image_sizes' or 'image_grid_thw': "
-                "...}, pass selector=..., or call the model on pixel_values directly."
+                "no record of the image inputs. Call session.generate(**inputs) inside vlmfix.apply (or "
+                "vlmfix.generate), which records them, or pass selector=..."
             )
         encoder = session.model.base_model.get_image_features
         accepted = set(inspect.signature(encoder).parameters) - {"kwargs"}
@@ -301,7 +291,7 @@ class DualStream(ImageFreeRefinement):
         model = session.model
         image_sizes = session.inputs.get("image_sizes")
         if image_sizes is None:
-            image_sizes = (recorded_image_inputs(session) or {}).get("image_sizes")
+            image_sizes = session.image_inputs.get("image_sizes")
         if image_sizes is None:
             raise VlmfixError(
                 "DualStream on LLaVA-NeXT needs the prompt's image_sizes to place each crop's tokens."
@@ -364,7 +354,8 @@ class DualStream(ImageFreeRefinement):
             # probs: [batch, heads, 1, kv_len], the unedited newest row
             p = probs[:, :, 0]
             batch, heads, kv_len = p.shape
-            image = _fit(state.image, kv_len)[:batch, None].to(p.device)  # [batch, 1, kv_len]
+            rows = state.image.shape[0]
+            image = fit_keys(state.image, kv_len, rows, False)[:batch, None].to(p.device)  # [batch, 1, kv_len]
             share = (p * image).sum(-1)  # [batch, heads] visual share vs[h]
             if mode == "ratio":
                 mean = share.mean(-1, keepdim=True)
@@ -374,7 +365,7 @@ class DualStream(ImageFreeRefinement):
             else:
                 factor = torch.zeros_like(share)
                 factor.scatter_(1, share.topk(heads // 2, dim=1).indices, 1.0)
-            base = _fit(state.edit.abs_gain[:, 0], kv_len).to(p.device)[:batch]  # [batch, kv_len]
+            base = fit_keys(state.edit.abs_gain[:, 0], kv_len, rows, 0.0).to(p.device)[:batch]  # [batch, kv_len]
             return KeyBias(abs_gain=factor[..., None] * base[:, None], rows="last", from_position=state.start)
 
         return make
@@ -403,31 +394,8 @@ class DualStream(ImageFreeRefinement):
         }
 
 
-def recorded_image_inputs(session: Session) -> dict[str, Any] | None:
-    """The call's image inputs in the caller's layout (pixel_values, image_sizes, image_grid_thw): from
-    `session.image_inputs` when set, else from the contrastive engine's record of the generate call."""
-    recorded = getattr(session, "image_inputs", None)
-    if recorded:
-        return dict(recorded)
-    if not any(m.contrastive for m in session.methods):
-        return None
-    try:
-        caller = caller_inputs(session)
-    except SessionError:
-        return None
-    found = {k: caller[k] for k in PIXEL_KEYS if caller.get(k) is not None}
-    return found or None
-
-
 def _with_cls(mask: Tensor, cls_slot: bool) -> Tensor:
     return torch.cat([mask.new_zeros(1), mask]) if cls_slot else mask
-
-
-def _fit(keys: Tensor, kv_len: int) -> Tensor:
-    """[batch, prompt_len] -> [batch, kv_len] (keys past the prompt: 0 / False)."""
-    if keys.shape[-1] >= kv_len:
-        return keys[..., :kv_len]
-    return torch.cat([keys, keys.new_zeros(keys.shape[0], kv_len - keys.shape[-1])], dim=-1)
 
 
 def _scatter(local_flat: Tensor, summary_flat: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from vlmfix.decoding.attention import AttentionCall
-from vlmfix.decoding.edits import Edit, FusionReweight, Reweight, additive_mask, repeat_kv
+from vlmfix.decoding.edits import Edit, FusionReweight, Reweight, additive_mask, fit_keys, repeat_kv, top_k_mask
 from vlmfix.decoding.method import Method, register_method
 from vlmfix.errors import SpanError
 from vlmfix.methods.content_words import (
@@ -367,7 +367,7 @@ class GIFT(Method):
 
         try:
             with session.observing(observer):
-                session.forward(prefill_inputs(session.inputs), with_edits=False)
+                session.forward(session.inputs, with_edits=False)
         except _SaliencyDone:
             pass
         return shifts
@@ -405,9 +405,9 @@ class GIFT(Method):
             # probs: [batch, heads, 1, kv_len]
             p = probs[:, :, 0]
             batch, heads, kv_len = p.shape
-            img = _fit(image, kv_len, False)[:batch, None].to(p.device)  # [batch, 1, kv_len]
-            qry = _fit(query, kv_len, False)[:batch, None].to(p.device)
-            mult = _fit(multiplier, kv_len, 1.0)[:batch, None].to(p.device)
+            img = fit_keys(image, kv_len, image.shape[0], False)[:batch, None].to(p.device)  # [batch, 1, kv_len]
+            qry = fit_keys(query, kv_len, query.shape[0], False)[:batch, None].to(p.device)
+            mult = fit_keys(multiplier, kv_len, multiplier.shape[0], 1.0)[:batch, None].to(p.device)
             count = math.floor(heads * fraction)
             image_mass, query_mass = (p * img).sum(-1), (p * qry).sum(-1)  # [batch, heads]
             weighted = (p * img * mult).sum(-1)
@@ -415,7 +415,7 @@ class GIFT(Method):
                 image_mass > 0, weighted / image_mass.clamp_min(1e-30), torch.ones_like(image_mass)
             )
             factor = torch.ones_like(p)
-            image_heads, query_heads = _top(image_mass, count), _top(query_mass, count)  # [batch, heads]
+            image_heads, query_heads = top_k_mask(image_mass, count), top_k_mask(query_mass, count)  # [batch, heads]
             factor = torch.where(img & image_heads[..., None], mult.expand_as(p), factor)
             factor = torch.where(qry & query_heads[..., None], (beta * ratio)[..., None].expand_as(p), factor)
             return Reweight(multiplier=factor, rows="last", from_position=start[:batch])
@@ -454,25 +454,5 @@ class GIFT(Method):
         }
 
 
-def prefill_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The prompt's forward kwargs for an extra no-cache pass (the real call's cache settings dropped)."""
-    return {k: v for k, v in inputs.items() if k not in ("cache", "past_key_values", "use_cache")}
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _fit(keys: Tensor, kv_len: int, fill: float | bool) -> Tensor:
-    """[batch, prompt_len] -> [batch, kv_len]: keys past the prompt take `fill`."""
-    if keys.shape[-1] >= kv_len:
-        return keys[..., :kv_len]
-    return torch.cat([keys, keys.new_full((keys.shape[0], kv_len - keys.shape[-1]), fill)], dim=-1)
-
-
-def _top(mass: Tensor, count: int) -> Tensor:
-    """mass: [batch, heads] -> bool [batch, heads], True on the `count` largest per row."""
-    chosen = torch.zeros_like(mass, dtype=torch.bool)
-    if count > 0:
-        chosen.scatter_(1, mass.topk(min(count, mass.shape[1]), dim=1).indices, True)
-    return chosen

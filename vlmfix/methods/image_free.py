@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from vlmfix.decoding.contrastive import ContrastiveMethod, require_engine
+from vlmfix.decoding.prompt_inputs import pad_token_id
 from vlmfix.methods.contrast import plausible
 
 if TYPE_CHECKING:
@@ -55,18 +56,9 @@ class ImageFreeRefinement(ContrastiveMethod):
 
     def negative_inputs(self, session: Session, state: Any) -> dict[str, Any]:
         """The same prompts with their image tokens (and Qwen's vision start/end) removed, re-left-padded."""
-        return session.adapter.without_image(session.inputs, pad_token_id=_pad_token_id(session))
+        adapter = session.adapter
+        pad = pad_token_id(session.tokenizer, session.model, adapter.text_config, avoid=adapter.image_token_id)
+        return adapter.without_image(session.inputs, pad)
 
     def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
         return image_free_scores(positive_logits, negative_logits, self.gamma, self.plausibility)
-
-
-def _pad_token_id(session: Session) -> int:
-    image_id = session.adapter.image_token_id
-    candidates = (
-        getattr(session.tokenizer, "pad_token_id", None),
-        session.model.generation_config.pad_token_id,
-        getattr(session.adapter.text_config, "pad_token_id", None),
-        0,
-    )
-    return next(int(c) for c in candidates if isinstance(c, int) and c != image_id)

@@ -39,18 +39,6 @@ class LastRowRewrite:
             self.armed = layer_idx
 
 
-class _ObserverHandle:
-    """A prompt-hook handle that ends an observer's `session.observing` block."""
-
-    def __init__(self, block) -> None:
-        self._block = block
-
-    def remove(self) -> None:
-        if self._block is not None:
-            self._block.__exit__(None, None, None)
-            self._block = None
-
-
 def last_row_probabilities(call: AttentionCall, rows: int) -> Tensor:
     """[rows, heads, 1, kv_len] fp32: the unedited softmax of the newest query row of `call`."""
     query = call.query[:rows, :, -1:]  # [rows, heads, 1, head_dim]
@@ -76,10 +64,10 @@ def install_last_row_rewrite(session: Session, rewrite: LastRowRewrite, make_edi
     def observer(call: AttentionCall) -> Tensor | None:
         if rewrite.armed != call.layer_idx:
             return None
-        batch = call.query.shape[0]
-        rows = batch if session.edited_rows is None else min(session.edited_rows, batch)
+        rows = session.rows_of_prompt(call.query).shape[0]
         edit = make_edit(call.layer_idx, last_row_probabilities(call, rows))
-        others = list(session.edits_for(call.layer_idx))  # the other methods' edits (this one plans none)
+        # the other methods' edits of this layer (this one plans none), not counted again as applied
+        others = list(session.edits_for(call.layer_idx, record=False))
         rewrite.armed = None
         last = edited_attention(
             call.query[:rows, :, -1:],
@@ -93,6 +81,4 @@ def install_last_row_rewrite(session: Session, rewrite: LastRowRewrite, make_edi
         out[:rows, -1:] = last.to(out.dtype)
         return out
 
-    block = session.observing(observer)
-    block.__enter__()
-    session.add_prompt_hook(_ObserverHandle(block))  # type: ignore[arg-type]  # duck-typed `.remove()`
+    session.observe_for_prompt(observer)

@@ -6,7 +6,9 @@ shared/specs/var.md.
 
 Sinks: during the prompt's prefill a forward pre-hook on `input_layernorm` of every edited layer reads
 the layer input x and marks the prompt tokens whose RMS-normalised activation in the backbone's sink
-dimensions D_sink reaches `tau`: phi(x) = max_{d in D_sink} |x_d| / sqrt(mean(x^2) + 1e-6) >= tau.
+dimensions D_sink reaches `tau` (`vlmfix.methods.sink_dims`). D_sink is fixed per model: given, or the
+published entry of `SINK_DIMS`; a model with neither is refused (calibrate once with
+`calibrate_sink_dims`); detection on every prompt batch is an explicit opt-in (`detect_per_prompt`).
 Redistribution (a mass-conserving `Transfer` edit, per row, head and query, on layers 2..L-2): where
 the query puts at least `summ` of its attention on the image and the non-sink share of that image mass
 is at least `rho`, take fraction `p` of the mass on every sink (visual and text) and give it to the
@@ -21,8 +23,6 @@ no eager attention or `output_attentions` is used.
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,123 +30,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from vlmfix.adapters import Adapter, get_adapter
+from vlmfix import validation
+from vlmfix.adapters import Adapter
 from vlmfix.decoding.attention import AttentionCall
-from vlmfix.decoding.edits import Edit, Transfer, additive_mask, repeat_kv
+from vlmfix.decoding.edits import Edit, Transfer, additive_mask, fit_keys, repeat_kv, transfer_gate
 from vlmfix.decoding.method import Method, register_method
+from vlmfix.errors import VlmfixError
+from vlmfix.methods.sink_dims import CALIBRATE_COMMAND, find_sink_dims, sink_ratio, table_sink_dims
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
 
-RMS_EPS = 1e-6
-_LOOP_KEYS = ("cache", "past_key_values", "use_cache", "cache_position", "return_dict")
 
-
-# ---------------------------------------------------------------------------------------------
-# sink dimensions
-
-
-@dataclass(frozen=True)
-class SinkDims:
-    """Published massive-activation dimensions of one backbone, matched by its language-model shape."""
-
-    checkpoint: str
-    family: str
-    hidden_size: int
-    num_layers: int
-    intermediate_size: int
-    dims: tuple[int, ...]
-    source: str
-
-
-SINK_DIMS: tuple[SinkDims, ...] = (
-    SinkDims("llava-hf/llava-1.5-7b-hf", "llava", 4096, 32, 11008, (1415, 2533),
-             "[P] Sec. 4.1 and the official code's constants (LLaMA-2-7B / Vicuna-7B)"),
-    SinkDims("llava-hf/llava-1.5-13b-hf", "llava", 5120, 40, 13824, (2100, 4743),
-             "official code's constants only, never exercised there (LLaMA-2-13B / Vicuna-13B)"),
-    SinkDims("Qwen/Qwen2-VL-7B-Instruct", "qwen2_vl", 3584, 28, 18944, (458, 2570),
-             "[P] App. A.1 (secondary source, no released code) (Qwen2-7B)"),
-)
-
-
-def table_sink_dims(model: nn.Module) -> SinkDims | None:
-    """The `SINK_DIMS` entry whose family and language-model shape match `model`, if any."""
-    adapter = get_adapter(model)
-    config = adapter.text_config
-    for entry in SINK_DIMS:
-        if (entry.family, entry.hidden_size, entry.num_layers, entry.intermediate_size) == (
-            adapter.family, config.hidden_size, adapter.num_layers, getattr(config, "intermediate_size", None)
-        ):
-            return entry
-    return None
-
-
-def sink_ratio(hidden: Tensor, dims: Sequence[int]) -> Tensor:
-    """phi = max_{d in dims} |x_d| / rms(x) (no learned weight) in fp32: [..., hidden] -> [...]."""
-    x = hidden.float()
-    rms = x.square().mean(-1).add(RMS_EPS).sqrt()
-    return x[..., list(dims)].abs().amax(-1) / rms
-
-
-def find_sink_dims(
-    model: nn.Module,
-    inputs: dict[str, Any],
-    *,
-    tau: float = 20.0,
-    min_share: float = 0.5,
-    forward: Callable[[dict[str, Any]], Any] | None = None,
-) -> list[int]:
-    """Find a backbone's massive-activation dimensions D_sink from one prompt batch (spec rule R2).
-
-    For layers 2..L-1 the layer input of each row's first non-pad token (BOS, or Qwen's first template
-    token) is RMS-normalised; a dimension is a sink dimension when |x_d| / rms(x) >= `tau` in more than
-    `min_share` of these (layer, row) pairs.
-
-    Args:
-        model: a supported VLM.
-        inputs: a processor batch (input_ids, attention_mask, image tensors), or a prompt's forward kwargs.
-        tau: the activation threshold (VAR's tau).
-        min_share: the share of (layer, row) pairs a dimension must exceed `tau` in.
-        forward: runs the model on the inputs (default: `model(**inputs)` without gradients); inside a
-            vlmfix session pass `session.forward`.
-
-    Returns:
-        Sorted 0-based hidden dimensions (empty when none qualifies, e.g. in a small random model, whose
-        ratio cannot exceed sqrt(hidden_size)).
-
-    Example:
-        >>> import vlmfix.toy
-        >>> model, processor, inputs = vlmfix.toy.load_example(images=2)
-        >>> dims = find_sink_dims(model, inputs)  # the toy has none: []
-    """
-    adapter = get_adapter(model)
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    first = valid.int().argmax(dim=1)  # [batch] first non-pad position
-    layers = range(2, adapter.num_layers) if adapter.num_layers > 2 else range(adapter.num_layers)
-    ratios: list[Tensor] = []
-
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
-        x = hidden[torch.arange(hidden.shape[0]), first].float()  # [batch, hidden]
-        ratios.append(x.abs() / x.square().mean(-1, keepdim=True).add(RMS_EPS).sqrt())
-
-    handles = [adapter.input_layernorm(layer).register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
-    try:
-        clean = {k: v for k, v in inputs.items() if k not in _LOOP_KEYS}
-        if forward is None:
-            with torch.no_grad():
-                model(**clean)
-        else:
-            forward(clean)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not ratios:
-        return []
-    share = (torch.stack(ratios) >= tau).float().flatten(0, 1).mean(0)  # [hidden]
-    return (share > min_share).nonzero().flatten().tolist()
+class SinkDimsError(VlmfixError, ValueError):
+    """VAR has no sink dimensions for the model (none given, none published) or found none."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,25 +75,6 @@ class VARState:
         return self.image.shape[1]
 
 
-def own_rows(session: Session, state: VARState, tensor: Tensor) -> Tensor:
-    """The prompt's rows of a forward's tensor: all of them, or the first `batch` rows of a contrastive
-    forward (layout [edited stream; other stream], `session.edited_rows`)."""
-    if tensor.shape[0] > state.batch and session.edited_rows == state.batch:
-        return tensor[: state.batch]
-    return tensor
-
-
-class _ObserverHandle:
-    """Removes an observer from a session at the next prompt (a handle for `session.add_prompt_hook`)."""
-
-    def __init__(self, observers: list, observer: Callable) -> None:
-        self.observers, self.observer = observers, observer
-
-    def remove(self) -> None:
-        if self.observer in self.observers:
-            self.observers.remove(self.observer)
-
-
 @register_method
 class VAR(Method):
     """Move fraction `p` of the attention on sink tokens to the non-sink image tokens, in image-centric heads.
@@ -208,8 +86,12 @@ class VAR(Method):
             hallucination benchmarks; the code's "sink share <= rho'" is rho = 1 - rho').
         summ (float, default 0.2): minimum image mass of a (head, query) to be edited, in [0, 1].
         tau (float, default 20.0): sink threshold on the RMS-normalised activation, > 0.
-        sink_dims (Sequence[int] | None, default None): D_sink override. None: the `SINK_DIMS` entry of the
-            model, else `find_sink_dims` on the prompt batch (one extra forward; said in the report).
+        sink_dims (Sequence[int] | None, default None): the backbone's sink dimensions D_sink. None: the
+            published `SINK_DIMS` entry of the model; a model without one is refused when the session is
+            created (run `vlmfix.methods.sink_dims.calibrate_sink_dims` once, or its command line).
+        detect_per_prompt (bool, default False): opt-in: without given or published dimensions, detect them
+            on every prompt batch (one extra forward each; they may differ between batches of one run, and a
+            batch where none is found raises).
         exclude_last_layer (bool, default True): edit layers 2..L-2 (paper); False: 2..L-1 (code).
         require_visual_sink (bool, default True): leave a row untouched in a layer without visual sinks.
         decode_sinks (bool, default False): also test each generated token's layer inputs, so generated
@@ -217,8 +99,7 @@ class VAR(Method):
             greedy or sampling, not beam search.
 
     Example (toy model). Its 128-wide decoder has no massive activations (|x_d| / rms(x) stays below
-    about 5, far from tau=20), so `VAR()` finds no sink dimensions there and changes nothing; to watch
-    the mechanism, name dimensions and a low threshold:
+    about 5, far from tau=20), so it needs dimensions and a threshold of its own scale:
         >>> import vlmfix, vlmfix.toy
         >>> model, processor, inputs = vlmfix.toy.load_example()
         >>> with vlmfix.apply(model, vlmfix.VAR(sink_dims=[31, 88], tau=2.0)) as session:
@@ -236,70 +117,68 @@ class VAR(Method):
         summ: float = 0.2,
         tau: float = 20.0,
         sink_dims: Sequence[int] | None = None,
+        detect_per_prompt: bool = False,
         exclude_last_layer: bool = True,
         require_visual_sink: bool = True,
         decode_sinks: bool = False,
     ) -> None:
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        self.p = validation.number(p, "p", low=0, high=1, meaning="the fraction of the sink mass moved (0.6 in "
+                                   "the paper, 0.4 reproduces the official code)")
+        self.rho = validation.number(rho, "rho", low=0, high=1, low_open=True, meaning="the minimum non-sink "
+                                     "share of a head's image attention (0.5 for hallucination benchmarks)")
+        self.summ = validation.number(summ, "summ", low=0, high=1, meaning="the minimum image attention mass of "
+                                      "an edited head (0.2 in the paper)")
+        self.tau = validation.number(tau, "tau", low=0, low_open=True, meaning="the sink threshold on "
+                                     "|x_d| / rms(x) (20 in the paper)")
+        dims = validation.indices(sink_dims, "sink_dims", what="0-based hidden dimensions",
+                                  meaning="None uses the published dimensions of the model")
+        self.sink_dims = None if dims is None else tuple(sorted(dims))
+        self.detect_per_prompt = validation.boolean(detect_per_prompt, "detect_per_prompt")
+        self.exclude_last_layer = validation.boolean(exclude_last_layer, "exclude_last_layer")
+        self.require_visual_sink = validation.boolean(require_visual_sink, "require_visual_sink")
+        self.decode_sinks = validation.boolean(decode_sinks, "decode_sinks")
 
-        if not number(p) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"`p` must be in [0, 1], got {p!r}; p is the fraction of the sink mass moved "
-                             f"(0.6 in the paper, 0.4 reproduces the official code).")
-        if not number(rho) or not 0.0 < rho <= 1.0:
-            raise ValueError(f"`rho` must be in (0, 1], got {rho!r}; rho is the minimum non-sink share of a "
-                             f"head's image attention (0.5 for hallucination benchmarks).")
-        if not number(summ) or not 0.0 <= summ <= 1.0:
-            raise ValueError(f"`summ` must be in [0, 1], got {summ!r}; summ is the minimum image attention mass "
-                             f"of an edited head (0.2 in the paper).")
-        if not number(tau) or tau <= 0:
-            raise ValueError(f"`tau` must be a number > 0, got {tau!r}; tau is the sink threshold on "
-                             f"|x_d| / rms(x) (20 in the paper).")
-        if sink_dims is not None:
-            if isinstance(sink_dims, (str, bytes)) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in sink_dims
-            ) or not sink_dims:
-                raise ValueError(f"`sink_dims` must be a non-empty list of 0-based hidden dimensions or None, got "
-                                 f"{sink_dims!r}; None looks the model up in SINK_DIMS or runs find_sink_dims.")
-        for arg, value in (("exclude_last_layer", exclude_last_layer), ("require_visual_sink", require_visual_sink),
-                           ("decode_sinks", decode_sinks)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{arg}` must be True or False, got {value!r}.")
-        self.p = float(p)
-        self.rho = float(rho)
-        self.summ = float(summ)
-        self.tau = float(tau)
-        self.sink_dims = None if sink_dims is None else tuple(sorted(set(sink_dims)))
-        self.exclude_last_layer = exclude_last_layer
-        self.require_visual_sink = require_visual_sink
-        self.decode_sinks = decode_sinks
-
-    # ------------------------------------------------------------------ prepare
-    def edited_layers(self, adapter: Adapter) -> tuple[int, ...]:
-        """Layers 2..L-2 (or 2..L-1 with `exclude_last_layer=False`)."""
-        end = adapter.num_layers - 1 if self.exclude_last_layer else adapter.num_layers
-        return tuple(range(2, end))
+    # ------------------------------------------------------------------ the model's sink dimensions
+    def check(self, adapter: Adapter) -> None:
+        """Refuse a model without sink dimensions (none given, none published) unless detection is on."""
+        hidden = adapter.text_config.hidden_size
+        if self.sink_dims is not None:
+            if max(self.sink_dims) >= hidden:
+                raise SinkDimsError(f"`sink_dims` holds dimension {max(self.sink_dims)}, but the language model's "
+                                    f"hidden size is {hidden}; pass 0-based dimensions below {hidden}.")
+            return
+        if self.detect_per_prompt or table_sink_dims(adapter.model) is not None:
+            return
+        raise SinkDimsError(
+            f"VAR needs the sink dimensions of {type(adapter.model).__name__} (hidden size {hidden}, "
+            f"{adapter.num_layers} layers), and none are published for it. Find them once with "
+            f"vlmfix.methods.sink_dims.calibrate_sink_dims(model, batches) or `{CALIBRATE_COMMAND}`, then pass "
+            f"VAR(sink_dims=[...]) (benchmark app: the model preset's var_sink_dims); or opt in to detection on "
+            f"every prompt batch with VAR(detect_per_prompt=True)."
+        )
 
     def resolve_sink_dims(self, session: Session) -> tuple[tuple[int, ...], str]:
         """D_sink for this model and where it comes from."""
-        hidden = session.adapter.text_config.hidden_size
         if self.sink_dims is not None:
-            if max(self.sink_dims) >= hidden:
-                raise ValueError(f"`sink_dims` holds dimension {max(self.sink_dims)}, but the language model's "
-                                 f"hidden size is {hidden}; pass 0-based dimensions below {hidden}.")
             return self.sink_dims, "given"
         entry = table_sink_dims(session.model)
         if entry is not None:
             return entry.dims, f"table: {entry.checkpoint} ({entry.source})"
         dims = find_sink_dims(session.model, session.inputs, tau=self.tau,
                               forward=lambda inputs: session.forward(inputs, with_edits=False))
-        source = (f"find_sink_dims on this prompt batch: no SINK_DIMS entry for {type(session.model).__name__} "
-                  f"(hidden {hidden}, {session.adapter.num_layers} layers)")
         if not dims:
-            warnings.warn(f"VAR found no sink dimensions in {type(session.model).__name__} (hidden size {hidden}) "
-                          f"at tau={self.tau}, so it edits nothing; pass sink_dims=[...] or a lower tau.",
-                          stacklevel=3)
-        return tuple(dims), source
+            raise SinkDimsError(
+                f"VAR(detect_per_prompt=True) found no sink dimension in this prompt batch at tau={self.tau:g}, "
+                f"so it would edit nothing. Calibrate the model once (`{CALIBRATE_COMMAND}`) and pass "
+                f"sink_dims=[...], or lower tau."
+            )
+        return tuple(dims), "detected on this prompt batch (detect_per_prompt=True)"
+
+    # ------------------------------------------------------------------ prepare
+    def edited_layers(self, adapter: Adapter) -> tuple[int, ...]:
+        """Layers 2..L-2 (or 2..L-1 with `exclude_last_layer=False`)."""
+        end = adapter.num_layers - 1 if self.exclude_last_layer else adapter.num_layers
+        return tuple(range(2, end))
 
     def prepare(self, session: Session) -> VARState:
         adapter, spans = session.adapter, session.spans
@@ -309,22 +188,15 @@ class VAR(Method):
         last_image = torch.where(spans.image, positions, -1).amax(dim=1)  # [batch]
         state = VARState(layers=layers, dims=dims, dims_source=source, image=spans.image, valid=spans.valid,
                          start=last_image + 1)
-        if not dims:
-            return state
         for layer in layers:
-            hook = adapter.input_layernorm(layer).register_forward_pre_hook(
-                self._sink_hook(session, state, layer), with_kwargs=True
-            )
-            session.add_prompt_hook(hook)
-        observer = self._stats_observer(session, state)
-        session.observers.append(observer)
-        session.add_prompt_hook(_ObserverHandle(session.observers, observer))  # type: ignore[arg-type]
+            session.hook_for_prompt(adapter.input_layernorm(layer), self._sink_hook(session, state, layer))
+        session.observe_for_prompt(self._stats_observer(session, state))
         return state
 
     # ------------------------------------------------------------------ during forwards
     def _sink_hook(self, session: Session, state: VARState, layer: int) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = own_rows(session, state, args[0] if args else kwargs["hidden_states"])
+            hidden = session.rows_of_prompt(args[0] if args else kwargs["hidden_states"])
             # hidden: [batch, q_len, hidden], the layer's input
             batch, q_len = hidden.shape[:2]
             if batch != state.batch or q_len not in (1, state.seq_len):
@@ -349,9 +221,7 @@ class VAR(Method):
             image: [batch, prompt_len] bool, the image placeholders I_vis.
             start: [batch] long, the first edited prefill row of each row.
         """
-        image = image.to(sinks.device)
-        if sinks.shape[1] > image.shape[1]:  # generated tokens are text
-            image = torch.cat([image, image.new_zeros(image.shape[0], sinks.shape[1] - image.shape[1])], dim=1)
+        image = fit_keys(image.to(sinks.device), sinks.shape[1], sinks.shape[0], False)  # generated tokens: text
         needed = sinks & image if self.require_visual_sink else sinks
         if not bool(needed.any()):
             return None
@@ -364,38 +234,32 @@ class VAR(Method):
         return (edit,) if edit is not None else ()
 
     def _stats_observer(self, session: Session, state: VARState) -> Callable[[AttentionCall], None]:
-        """Per layer and row at the prompt's prefill: share of (head, edited query) pairs selected, mass moved."""
+        """Per layer and row at the prompt's prefill: share of (head, edited query) pairs selected, mass moved,
+        from the edit's own gate (`transfer_gate`) on the layer's unedited probabilities."""
 
         def observe(call: AttentionCall) -> None:
             edit = None if call.layer_idx in state.inactive else state.edits.get(call.layer_idx)
-            query = own_rows(session, state, call.query)  # [batch, heads, q_len, head_dim]
+            query = session.rows_of_prompt(call.query)  # [batch, heads, q_len, head_dim]
             if edit is None or query.shape[0] != state.batch or query.shape[2] != state.seq_len:
                 return None
-            key = own_rows(session, state, call.key)
+            key = session.rows_of_prompt(call.key)
             mask = call.attention_mask
-            if mask is not None and mask.shape[0] > state.batch:
-                mask = own_rows(session, state, mask)
+            if mask is not None:
+                mask = session.rows_of_prompt(mask)
             batch, heads, q_len, head_dim = query.shape
             first = int(state.start.min().clamp(max=q_len - 1))
             key = repeat_kv(key, heads).float()
             scaling = head_dim**-0.5 if call.scaling is None else call.scaling
             z = torch.matmul(query[:, :, first:].float(), key.transpose(-1, -2)) * scaling
-            mask = additive_mask(mask, batch, q_len, q_len, query.device)[:, :, first:]
+            mask = additive_mask(mask, batch, q_len, key.shape[2], query.device)[:, :, first:]
             p = torch.softmax(z + mask, dim=-1).nan_to_num(0.0)  # [batch, heads, rows, keys], unedited
-            sinks, image = edit.source[:, None, None, :], edit.gate_keys[:, None, None, :]
-            m_vis = (p * image).sum(-1)
-            m_vn = (p * (image & ~sinks)).sum(-1)
-            m_sink = (p * sinks).sum(-1)
-            ratio = torch.where(m_vis > 0, m_vn / m_vis.clamp_min(1e-30), torch.zeros_like(m_vis))
-            chosen = (m_vis >= self.summ) & (ratio >= self.rho) & (m_vn > 0)
-            if self.require_visual_sink:
-                chosen &= (edit.source & edit.gate_keys).any(-1)[:, None, None]
+            gate = transfer_gate(p, edit)
             rows = torch.arange(first, q_len, device=query.device)
             rows = (rows[None, :] >= state.start[:, None].to(query.device)) & state.valid[:, first:].to(query.device)
-            pairs = (rows[:, None, :].expand_as(chosen)).float().sum((1, 2)).clamp_min(1)
-            picked = chosen & rows[:, None, :]
+            picked = gate.selected & rows[:, None, :]  # [batch, heads, rows]
+            pairs = rows[:, None, :].expand_as(picked).float().sum((1, 2)).clamp_min(1)
             state.selected_share[call.layer_idx] = picked.float().sum((1, 2)) / pairs
-            moved = (self.p * m_sink * picked).sum((1, 2)) / picked.float().sum((1, 2)).clamp_min(1)
+            moved = (gate.moved * picked).sum((1, 2)) / picked.float().sum((1, 2)).clamp_min(1)
             state.mass_moved[call.layer_idx] = moved
             return None
 

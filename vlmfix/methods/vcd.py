@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from vlmfix.decoding.contrastive import ContrastiveMethod, caller_inputs, require_engine
+from vlmfix.decoding.contrastive import ContrastiveMethod, require_engine
 from vlmfix.decoding.method import register_method
 from vlmfix.methods.contrast import contrast_logits
 
@@ -162,10 +162,10 @@ class VCD(ContrastiveMethod):
 
     def prepare(self, session: Session) -> VCDState:
         require_engine(session, self)
-        inputs = caller_inputs(session)
+        inputs = session.image_inputs
         if inputs.get("pixel_values") is None:
             raise ValueError("VCD needs pixel_values in the model inputs (the image it noises); pass the processor's "
-                             "output to vlmfix.generate.")
+                             "output to session.generate / vlmfix.generate.")
         noised = add_diffusion_noise(
             inputs["pixel_values"], self.noise_step, self.noise_seed, image_grid_thw=inputs.get("image_grid_thw"),
             noise_space=self.noise_space, mean=self.image_mean, std=self.image_std,

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlmfix.adapters import Adapter
 from vlmfix.decoding.attention import AttentionCall
 from vlmfix.decoding.edits import Edit, HeadScale
 from vlmfix.decoding.method import Method, register_method
+from vlmfix.decoding.prompt_inputs import pad_token_id, stack_row_blocks, without_loop_keys
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
@@ -43,23 +44,12 @@ Selection = Literal["lockstep", "two_pass"]
 
 LAST_LAYERS = 14  # rule R1: layer 1 plus the last 14 layers (official CLI `--vhr_layer1 --vhr_layers 14`)
 PUBLISHED_DEPTHS = {("llava", 32), ("llava_next", 32)}  # LLaVA-1.5-7B and LLaVA-NeXT-7B, [P] Sec. 4.4
-# generation-loop kwargs that an extra forward pass must not receive
-_LOOP_KEYS = ("cache", "past_key_values", "use_cache", "cache_position", "return_dict")
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """Rule R1: {1} plus the last 14 layers (0-based), clipped to the model's depth."""
     last = range(max(0, num_layers - LAST_LAYERS), num_layers)
     return tuple(sorted({*last, *([1] if num_layers > 1 else [])}))
-
-
-def pad_token_id(model: nn.Module, adapter: Adapter) -> int:
-    """The model's pad token id (any id works: padded positions are masked out)."""
-    for config in (getattr(model, "generation_config", None), adapter.text_config, model.config):
-        pad = getattr(config, "pad_token_id", None)
-        if isinstance(pad, int):
-            return pad
-    return 0
 
 
 def two_branch_inputs(session: Session, null_input: NullInput = "drop_span") -> dict[str, Any]:
@@ -71,33 +61,10 @@ def two_branch_inputs(session: Session, null_input: NullInput = "drop_span") -> 
     image rows keep every input of the prompt's forward (image features, M-RoPE positions).
     """
     inputs, adapter = session.inputs, session.adapter
-    ids = inputs["input_ids"]  # [batch, seq]
-    mask = inputs.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-    batch, width = ids.shape
-    drop = adapter.image_mask(ids)
-    if null_input == "drop_span":
-        drop = drop | adapter.image_frame_mask(ids)
-    keep = ~drop & mask.bool()
-    text_ids = ids.new_full((batch, width), pad_token_id(session.model, adapter))
-    text_mask = torch.zeros_like(mask)
-    for b in range(batch):
-        row = ids[b][keep[b]]
-        text_ids[b, width - len(row) :] = row
-        text_mask[b, width - len(row) :] = 1
-    both = {k: v for k, v in inputs.items() if k not in (*_LOOP_KEYS, "input_ids", "attention_mask", "position_ids")}
-    both["input_ids"] = torch.cat([ids, text_ids])  # [2 * batch, seq]
-    both["attention_mask"] = torch.cat([mask, text_mask])
-    positions = inputs.get("position_ids")
-    if positions is not None:  # [batch, seq] or [sections, batch, seq] (M-RoPE)
-        text_pos = adapter.text_positions({"input_ids": text_ids, "attention_mask": text_mask})["position_ids"]
-        text_pos = (text_pos[0] if text_pos.dim() == 3 else text_pos).to(positions)
-        text_pos = text_pos.expand(*positions.shape[:-2], batch, width)
-        both["position_ids"] = torch.cat([positions, text_pos], dim=-2)
-    for key in ("mm_token_type_ids", "token_type_ids"):  # per-token modality ids: the text rows hold text
-        if inputs.get(key) is not None:
-            both[key] = torch.cat([inputs[key], torch.zeros_like(inputs[key])])
-    return both
+    pad = pad_token_id(session.tokenizer, session.model, adapter.text_config, avoid=adapter.image_token_id)
+    text = adapter.without_image(inputs, pad, drop_frames=null_input == "drop_span",
+                                 width=inputs["input_ids"].shape[1])
+    return stack_row_blocks(without_loop_keys(inputs), text, pad_token_id=pad)
 
 
 @dataclass(frozen=True)

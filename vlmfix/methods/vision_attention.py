@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 QUERY_CHUNK = 256  # query rows per step when summing received attention (bounds memory)
+# add_pre_hook(module, hook): registers hook(module, args, kwargs) as a forward pre-hook
+PreHookRegistrar = Callable[[nn.Module, Callable[..., None]], None]
 
 
 @dataclass
@@ -46,14 +48,14 @@ class VisionProbe:
     grid_thw: Tensor | None = None  # Qwen: the latest tower call's grid
     calls: int = 0
 
-    def install(
-        self, tower: nn.Module, vision_layers: nn.ModuleList, add_handle: Callable[[Any], None]
-    ) -> None:
+    def install(self, tower: nn.Module, vision_layers: nn.ModuleList, add_pre_hook: PreHookRegistrar) -> None:
+        """Put the probe's pre-hooks on the tower and its chosen layers through `add_pre_hook(module, hook)`
+        (a session's `hook_for_prompt`, which removes them at the next prompt)."""
         for layer_idx in self.layers:
             attn = vision_layers[layer_idx].attn if self.qwen else vision_layers[layer_idx].self_attn
             hook = self._qwen_hook(layer_idx, attn) if self.qwen else self._clip_hook(layer_idx, attn)
-            add_handle(attn.register_forward_pre_hook(hook, with_kwargs=True))
-        add_handle(tower.register_forward_pre_hook(self._tower_hook, with_kwargs=True))
+            add_pre_hook(attn, hook)
+        add_pre_hook(tower, self._tower_hook)
 
     def _tower_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.calls += 1

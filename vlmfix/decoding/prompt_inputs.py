@@ -1,0 +1,182 @@
+"""The model inputs of a prompt batch, as the engine and the methods reshape them.
+
+One helper per idea: the decoding-loop keys an extra pass must drop, the padding mask of any
+attention-mask layout, the pad token to fill with, left padding, text-only positions, and stacking two
+row blocks (e.g. [image rows; the same prompts without their image]) into one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# decoding-loop arguments of a prefill forward that an extra (analysis) pass must not reuse
+LOOP_KEYS = ("cache", "past_key_values", "use_cache", "cache_position", "return_dict")
+# keys whose last dimension runs along the prompt; the batch is dim 0 (dim 1 for 3-D M-RoPE positions)
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+# per-forward switches, always taken from the first block when two are stacked
+CONTROL_KEYS = ("cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict", "output_attentions",
+                "output_hidden_states", "cache_position")
+FEATURES = "mm_encoder_outputs"  # image features generate encodes before the first forward
+
+
+def without_loop_keys(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A prefill's forward kwargs for an extra pass without a cache (the decoding loop's keys dropped)."""
+    return {k: v for k, v in inputs.items() if k not in LOOP_KEYS}
+
+
+def padding_mask(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor:
+    """[batch, seq] bool, True on real tokens, from a prefill's mask in any layout.
+
+    `None`: no padding. 2-D [batch, seq]: the tokenizer's mask. 4-D [batch, 1, q_len, kv_len] (what
+    generate passes with a static cache, where kv_len is the cache's length): the last query row of a
+    left-padded prompt is a real token, so its keys 0..seq-1 are exactly the row's real tokens.
+    """
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        return torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -seq:].bool()
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask must be [batch, seq] or [batch, 1, q_len, kv_len], got shape "
+                         f"{tuple(attention_mask.shape)}.")
+    last = attention_mask[:, 0, -1, :seq]  # [batch, seq]
+    if last.dtype == torch.bool:
+        return last
+    return last > torch.finfo(last.dtype).min / 2  # additive masks: 0 where attended, dtype-min where not
+
+
+def pad_token_id(tokenizer: Any, model: Any, text_config: Any, avoid: int | None = None) -> int:
+    """The id to fill padding with: the tokenizer's, the generation config's or the text config's pad id,
+    else 0, skipping `avoid` (the image token, which the adapter would count as an image)."""
+    candidates = (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+        getattr(text_config, "pad_token_id", None),
+        0,
+    )
+    return next(int(c) for c in candidates if isinstance(c, int) and not isinstance(c, bool) and c != avoid)
+
+
+def left_pad(tensor: Tensor, width: int, value: int | float) -> Tensor:
+    """Pad the last dimension of `tensor` on the left to `width` with `value`."""
+    missing = width - tensor.shape[-1]
+    if missing <= 0:
+        return tensor
+    pad = tensor.new_full((*tensor.shape[:-1], missing), value)
+    return torch.cat([pad, tensor], dim=-1)
+
+
+def left_padded_rows(rows: Sequence[Tensor], pad_id: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Token rows of different lengths -> (input_ids, attention_mask), both [batch, width], left-padded."""
+    width = max(len(r) for r in rows) if width is None else width
+    ids = torch.stack([left_pad(r, width, pad_id) for r in rows])
+    mask = torch.stack([left_pad(torch.ones_like(r), width, 0) for r in rows])
+    return ids, mask
+
+
+def text_positions(mask: Tensor) -> Tensor:
+    """[batch, seq] positions of a left-padded text batch, as `generate` computes them."""
+    mask = mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _mask(inputs: dict[str, Any]) -> Tensor:
+    mask = inputs.get("attention_mask")
+    return torch.ones_like(inputs["input_ids"]) if mask is None else mask
+
+
+def _positions_like(template: Tensor, positions: Tensor | None, mask: Tensor) -> Tensor:
+    """The second block's positions in the first block's layout ([B, S] or [sections, B, S]).
+
+    Text-only rows have equal positions in every M-RoPE section, so a missing section (Qwen's
+    generate-time text row) or a missing tensor is filled from the mask.
+    """
+    if positions is None:
+        positions = text_positions(mask)
+    if positions.dim() == template.dim() and positions.shape[:-2] == template.shape[:-2]:
+        return positions
+    if template.dim() == 3 and positions.dim() == 2:
+        return positions[None].expand(template.shape[0], -1, -1)
+    if template.dim() == 3 and positions.dim() == 3 and positions.shape[0] == template.shape[0] - 1:
+        return torch.cat([text_positions(mask)[None], positions])
+    raise ValueError(f"the second block's position_ids of shape {tuple(positions.shape)} do not fit the first "
+                     f"block's {tuple(template.shape)}; give them in the same layout or leave them out.")
+
+
+def stack_row_blocks(first: dict[str, Any], second: dict[str, Any], *, pad_token_id: int) -> dict[str, Any]:
+    """One forward's kwargs for [first rows; second rows], both left-padded to one width.
+
+    Sequence tensors (ids, mask, positions, token types) are padded and stacked; image features
+    (`mm_encoder_outputs`) are concatenated image by image (the first block's images first); other
+    tensors along dim 0; switches (cache, use_cache, ...) come from `first`. A key the second block
+    lacks is taken from the first when both have the same prompt tokens; otherwise mask and positions are
+    derived from the second block's mask. Without positions in the first block, the stacked forward has
+    none either (the model derives them).
+    """
+    first_ids, second_ids = first["input_ids"], second["input_ids"]  # [B, S_1], [B, S_2]
+    batch = first_ids.shape[0]
+    if second_ids.shape[0] != batch:
+        raise ValueError(f"the second block must have the same B = {batch} rows as the first, got input_ids of "
+                         f"shape {tuple(second_ids.shape)}.")
+    same_prompt = second_ids.shape == first_ids.shape and bool(torch.equal(second_ids, first_ids))
+    first_mask = _mask(first)
+    second_mask = _mask(second) if second.get("attention_mask") is not None or not same_prompt else first_mask
+    width = max(first_ids.shape[1], second_ids.shape[1])
+    out = {k: v for k, v in first.items() if k not in SEQUENCE_KEYS and k != FEATURES}
+    out["input_ids"] = torch.cat([left_pad(first_ids, width, pad_token_id), left_pad(second_ids, width, pad_token_id)])
+    out["attention_mask"] = torch.cat([left_pad(first_mask, width, 0), left_pad(second_mask, width, 0)])
+
+    first_positions = first.get("position_ids")
+    if first_positions is not None:  # else the model derives every row's positions itself
+        second_positions = second.get("position_ids")
+        if second_positions is None and same_prompt and torch.equal(second_mask, first_mask):
+            second_positions = first_positions
+        second_positions = _positions_like(first_positions, second_positions, second_mask)
+        out["position_ids"] = torch.cat(
+            [left_pad(first_positions, width, 0), left_pad(second_positions, width, 0)], dim=-2
+        )
+    for key in TOKEN_TYPE_KEYS:
+        first_types, second_types = first.get(key), second.get(key)
+        if first_types is None and second_types is None:
+            continue
+        if second_types is None:
+            second_types = first_types if same_prompt else torch.zeros_like(second_ids, dtype=first_types.dtype)
+        if first_types is None:
+            first_types = torch.zeros_like(first_ids, dtype=second_types.dtype)
+        out[key] = torch.cat([left_pad(first_types, width, 0), left_pad(second_types, width, 0)])
+
+    features = _stack_features(first.get(FEATURES), second.get(FEATURES))
+    if features:
+        out[FEATURES] = features
+    for key in set(first) | set(second):
+        if key in SEQUENCE_KEYS or key in CONTROL_KEYS or key == FEATURES:
+            continue
+        first_value, second_value = first.get(key), second.get(key)
+        if isinstance(first_value, Tensor) and isinstance(second_value, Tensor):
+            out[key] = torch.cat([first_value, second_value.to(first_value.device)])
+        elif second_value is not None and first_value is None:
+            out[key] = second_value
+    return out
+
+
+def _stack_features(first: dict | None, second: dict | None) -> dict[str, Any]:
+    """Per modality: an encoder output whose `pooler_output` lists the first block's images, then the second's."""
+    first, second = first or {}, second or {}
+    out = {}
+    for modality in set(first) | set(second):
+        a, b = first.get(modality), second.get(modality)
+        if a is None or b is None:
+            out[modality] = a if a is not None else b
+            continue
+        out[modality] = with_features(a, [*a.pooler_output, *b.pooler_output])
+    return out
+
+
+def with_features(output: Any, features: Sequence[Tensor]) -> Any:
+    """A copy of an image-encoder output with `pooler_output` replaced (the original is not modified)."""
+    return type(output)(**{**output, "pooler_output": list(features)})
