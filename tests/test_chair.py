@@ -224,7 +224,9 @@ def test_unknown_image_id_raises_before_scoring_or_counts_as_empty() -> None:
         chair.score_chair(captions, {1: {"dog"}}, chair.make_extractor())
     report = chair.score_chair(captions, {1: {"dog"}}, chair.make_extractor(), on_missing_gt="empty")
     assert report.overall.n_hallucinated == 2 and report.overall.CHAIRs == pytest.approx(1 / 2)
-    with pytest.raises(EvalInputError, match="`on_missing_gt` must be one of error, empty, got 'skip'"):
+    with pytest.raises(
+        EvalInputError, match="`on_missing_gt` must be one of 'error', 'empty', got 'skip'; With 'error'"
+    ):
         chair.score_chair(captions, {1: {"dog"}}, chair.make_extractor(), on_missing_gt="skip")
 
 

@@ -402,10 +402,16 @@ def test_small_vocabulary_and_too_few_images_raise(tmp_path) -> None:
 def test_build_config_is_validated() -> None:
     with pytest.raises(EvalInputError, match="`template` must name its fields"):
         pope.PopeBuildConfig(template="Is there a {} in the image?")
-    with pytest.raises(EvalInputError, match="`positive_order` must be one of annotation, area, shuffled"):
+    with pytest.raises(
+        EvalInputError, match="`positive_order` must be one of 'annotation', 'area', 'shuffled', got 'random'"
+    ):
         pope.PopeBuildConfig(positive_order="random")
-    with pytest.raises(EvalInputError, match="`splits` must be a non-empty subset"):
+    with pytest.raises(
+        EvalInputError, match=r"`splits\[0\]` must be one of 'random', 'popular', 'adversarial', got 'hard'"
+    ):
         pope.PopeBuildConfig(splits=("hard",))
+    with pytest.raises(EvalInputError, match="`splits` must be a non-empty list of split names, got \\[\\]"):
+        pope.PopeBuildConfig(splits=())
 
 
 def test_area_order_and_caption_objects(tmp_path) -> None:

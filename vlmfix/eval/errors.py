@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from vlmfix.errors import VlmfixError
+
+T = TypeVar("T")
 
 
 class EvalInputError(VlmfixError, ValueError):
@@ -15,3 +20,18 @@ class MissingGroundTruthError(EvalInputError):
 
 class NormalizerUnavailableError(VlmfixError, RuntimeError):
     """The chosen CHAIR normalizer needs an optional package or data that is not installed."""
+
+
+def checked(check: Callable[..., T], value: Any, name: str, **options: Any) -> T:
+    """Run a `vlmfix.validation` check; its `ValueError` is raised as an `EvalInputError`, same message.
+
+    >>> from vlmfix import validation
+    >>> checked(validation.number, 3, "n", integer=True, low=1)
+    3
+    """
+    try:
+        return check(value, name, **options)
+    except EvalInputError:
+        raise
+    except ValueError as err:
+        raise EvalInputError(str(err)) from None

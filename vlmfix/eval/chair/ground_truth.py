@@ -7,6 +7,10 @@
   (the toy scenes) may pass no captions. Images listed in the files without any annotation get an empty set.
 * `ground_truth_from_json`: `{"<image_id>": ["node word", ...]}` (for example lmms-eval's `gt_object` lists).
 
+Files are read as UTF-8 by vlmfix (another encoding raises, naming the file and byte) and checked before use:
+an annotation whose `category_id` is not among the file's categories, a reference caption that is not a
+string, a map entry that is not a list of node words or an image id given twice (`"1"` and `"01"`) raise.
+
 The COCO build is cached as one JSON file (never a pickle) named by the hash of its header: format version,
 sha256 of every input file, vocabulary sha256, normalizer + table + NLTK versions and quirk mode. Any change
 of header means another file name, so a stale cache is never read; writes are atomic.
@@ -14,8 +18,6 @@ of header means another file name, so a stale cache is never read; writes are at
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -24,7 +26,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from vlmfix.eval._io import PathLike, atomic_write_text, canonical_json, sha256_file, sha256_json
+from vlmfix.eval._io import (
+    PathLike,
+    atomic_write_text,
+    canonical_json,
+    int_keyed,
+    load_coco,
+    read_json,
+    sha256_file,
+    sha256_json,
+    shown,
+)
 from vlmfix.eval.chair.mentions import MentionExtractor
 from vlmfix.eval.chair.vocabulary import ChairVocabulary
 from vlmfix.eval.errors import EvalInputError, MissingGroundTruthError
@@ -102,7 +114,7 @@ def ground_truth_from_coco(
             "instances": [sha256_file(path) for path in instances],
             "captions": [sha256_file(path) for path in captions],
         },
-        **_extractor_header(extractor),
+        **extractor_header(extractor),
     }
     key = cache_key(header)
     cache_path = Path(cache_dir) / f"chair_gt_{key}.json" if cache_dir is not None else None
@@ -119,28 +131,19 @@ def ground_truth_from_coco(
 
 
 def ground_truth_from_json(path: PathLike, *, vocabulary: ChairVocabulary) -> GroundTruth:
-    """Read a precomputed `{"<image_id>": ["node word", ...]}` map; every word must be an active node word."""
+    """Read a precomputed `{"<image_id>": ["node word", ...]}` map; every word must be an active node word.
+
+    Keys are digit strings; two keys naming one image (`"1"` twice, or `"1"` and `"01"`) raise, as does a
+    value that is not a list of strings.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"ground-truth map {str(path)!r} does not exist; pass the path of a JSON file.")
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(raw, dict):
+    raw = read_json(path, "ground-truth map", object_pairs_hook=_Pairs)
+    if not isinstance(raw, _Pairs):
         raise EvalInputError(
             f'ground-truth map {str(path)!r} must be a JSON object {{"<image_id>": [node words]}}, '
             f"got {type(raw).__name__}."
         )
-    nodes = set(vocabulary.node_words)
-    objects: dict[int, frozenset[str]] = {}
-    for key, words in raw.items():
-        image_id = _image_id(key, path)
-        unknown = sorted(set(words) - nodes)
-        if unknown:
-            raise EvalInputError(
-                f"ground-truth map {str(path)!r}, image {key}: {unknown} are not node words of the active "
-                "CHAIR vocabulary; use node words (e.g. 'dining table', not 'table') or add them through "
-                "chair.vocabulary.extra."
-            )
-        objects[image_id] = frozenset(words)
+    objects = _objects_from_pairs(raw, path, set(vocabulary.node_words))
     header = {
         "format": CACHE_FORMAT,
         "format_version": CACHE_FORMAT_VERSION,
@@ -151,7 +154,31 @@ def ground_truth_from_json(path: PathLike, *, vocabulary: ChairVocabulary) -> Gr
     return GroundTruth(MappingProxyType(objects), MappingProxyType(header), cache_key(header))
 
 
-def _extractor_header(extractor: MentionExtractor) -> dict[str, Any]:
+class _Pairs(list):
+    """The (key, value) pairs of one JSON object, in file order (repeated keys kept, to be refused)."""
+
+
+def _objects_from_pairs(pairs: _Pairs, path: Path, nodes: set[str]) -> dict[int, frozenset[str]]:
+    objects: dict[int, frozenset[str]] = {}
+    for image_id, words in int_keyed(pairs, "image_id", f"ground-truth map {str(path)!r}").items():
+        if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
+            raise EvalInputError(
+                f"ground-truth map {str(path)!r}: image {image_id} must be a list of node words, got "
+                f'{shown(words)}; e.g. {{"42": ["dog", "dining table"]}}.'
+            )
+        unknown = sorted(set(words) - nodes)
+        if unknown:
+            raise EvalInputError(
+                f"ground-truth map {str(path)!r}, image {image_id}: {unknown} are not node words of the active "
+                "CHAIR vocabulary; use node words (e.g. 'dining table', not 'table') or add them through "
+                "chair.vocabulary.extra."
+            )
+        objects[image_id] = frozenset(words)
+    return objects
+
+
+def extractor_header(extractor: MentionExtractor) -> dict[str, Any]:
+    """What of an extractor decides a COCO-built ground truth: vocabulary hash, normalizer, NLTK, quirks."""
     normalizer = extractor.normalizer
     return {
         "vocabulary_sha256": extractor.vocabulary.sha256,
@@ -161,19 +188,14 @@ def _extractor_header(extractor: MentionExtractor) -> dict[str, Any]:
     }
 
 
-def _image_id(key: Any, path: Path) -> int:
-    try:
-        return int(key)
-    except (TypeError, ValueError) as err:
-        raise EvalInputError(f"ground-truth map {str(path)!r} has a non-integer image id {key!r}.") from err
-
-
 def _read_cache(path: Path, header: Mapping[str, Any]) -> dict[int, frozenset[str]] | None:
     if not path.is_file():
         return None
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        document = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # ValueError covers bad UTF-8 and bad JSON
+        document = None
+    if not isinstance(document, dict) or not isinstance(document.get("objects"), dict):
         warnings.warn(f"CHAIR ground-truth cache {str(path)!r} is unreadable; rebuilding it.", stacklevel=3)
         return None
     if document.get("header") != header:
@@ -185,15 +207,7 @@ def _read_cache(path: Path, header: Mapping[str, Any]) -> dict[int, frozenset[st
 
 
 def _load_coco(path: PathLike) -> Any:
-    try:
-        from pycocotools.coco import COCO
-    except ImportError as err:
-        raise EvalInputError(
-            "CHAIR ground truth from COCO files needs pycocotools; install it with `pip install "
-            "pycocotools` (or `pip install vlmfix[bench]`)."
-        ) from err
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        return COCO(str(path))
+    return load_coco(path, "COCO annotation", "CHAIR ground truth from COCO files")
 
 
 def _objects_from_coco(
@@ -216,14 +230,22 @@ def _objects_from_coco(
         for image_id in coco.getImgIds():
             objects.setdefault(int(image_id), set())
         for annotation in coco.dataset.get("annotations", []):
-            objects.setdefault(int(annotation["image_id"]), set()).add(
-                node_of_category[annotation["category_id"]]
-            )
+            if "category_id" not in annotation:
+                raise EvalInputError(
+                    f"annotation {annotation['id']} of instances file {str(path)!r} has no category_id; pass "
+                    "instance annotation files as `instances` and caption files as `captions`."
+                )
+            objects.setdefault(annotation["image_id"], set()).add(node_of_category[annotation["category_id"]])
     for path in captions:
         coco = _load_coco(path)
         for image_id in coco.getImgIds():
             objects.setdefault(int(image_id), set())
         for annotation in coco.dataset.get("annotations", []):
-            mentions = extractor(annotation["caption"])
-            objects.setdefault(int(annotation["image_id"]), set()).update(mentions.nodes)
+            caption = annotation.get("caption")
+            if not isinstance(caption, str):
+                raise EvalInputError(
+                    f"caption annotation {annotation['id']} of {str(path)!r} must be a string, got "
+                    f"{shown(caption)}; pass caption annotation files (captions_*.json) as `captions`."
+                )
+            objects.setdefault(annotation["image_id"], set()).update(extractor(caption).nodes)
     return objects

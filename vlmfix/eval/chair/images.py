@@ -12,14 +12,14 @@ Never derive the list from a directory listing (its order differs between machin
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmfix.eval._io import PathLike, read_records, sha256_text
-from vlmfix.eval.errors import EvalInputError
+from vlmfix import validation
+from vlmfix.eval._io import PathLike, as_id, parse_json, read_json, read_records, read_text, sha256_text
+from vlmfix.eval.errors import EvalInputError, checked
 
 # Image-list hashes of named presets (sha256 of the ids sorted ascending, decimal, joined by ",").
 PRESET_HASHES = {"opera_llava15_500": "b438763b64aa385e3cee7f76c8b6fc74256aa9044c4224e9463b16551c4ef3b4"}
@@ -64,28 +64,33 @@ class ImageSelection:
 
 
 def image_ids_from_coco(instances_path: PathLike) -> list[int]:
-    """The `id`s of the `images` list of a COCO-format annotation file, sorted ascending."""
+    """The `id`s of the `images` list of a COCO-format annotation file (UTF-8), sorted ascending."""
     path = Path(instances_path)
-    if not path.is_file():
+    document = read_json(path, "instances")
+    images = document.get("images") if isinstance(document, dict) else None
+    if not images or not isinstance(images, list) or not all(isinstance(image, dict) for image in images):
         raise EvalInputError(
-            f"instances file {str(path)!r} does not exist; pass a COCO annotation json file."
+            f"instances file {str(path)!r} has no `images` list of objects; is it a COCO annotation file?"
         )
-    images = json.loads(path.read_text(encoding="utf-8")).get("images")
-    if not images:
-        raise EvalInputError(
-            f"instances file {str(path)!r} has no `images` list; is it a COCO annotation file?"
-        )
-    return sorted(int(image["id"]) for image in images)
+    return sorted(_as_id(image.get("id"), str(path)) for image in images)
 
 
 def sample_images(pool: Iterable[int], n: int = 500, seed: int = 0) -> ImageSelection:
-    """`random.Random(seed).sample(sorted(pool), n)`, kept in sampled order."""
+    """`random.Random(seed).sample(sorted(pool), n)`, kept in sampled order.
+
+    `n` and `seed` must be ints: `random.Random` would also take "0" or 1.5 and silently draw another sample.
+    """
     ordered = sorted(_unique(pool, "pool"))
-    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(ordered):
-        raise EvalInputError(
-            f"`n` must be an int in [1, {len(ordered)}] (the pool size), got {n!r}; lower chair.images.n or "
-            "use a larger pool."
-        )
+    n = checked(
+        validation.number,
+        n,
+        "n",
+        integer=True,
+        low=1,
+        high=len(ordered),
+        meaning=f"Lower chair.images.n or use a larger pool (the pool has {len(ordered)} ids)",
+    )
+    seed = checked(validation.number, seed, "seed", integer=True, meaning="the sampling seed (chair.images.seed)")
     chosen = random.Random(seed).sample(ordered, n)
     return ImageSelection(
         tuple(chosen), "sample", seed, f"pool of {len(ordered)} ids", image_list_hash(chosen)
@@ -103,10 +108,8 @@ def images_from_list(image_ids: Sequence[int], source: str = "explicit list") ->
 def read_image_list(path: PathLike) -> ImageSelection:
     """Ids from a JSON list or a file with one id per line."""
     path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"image list {str(path)!r} does not exist; pass a JSON list or one id per line.")
-    text = path.read_text(encoding="utf-8")
-    raw = json.loads(text) if text.lstrip().startswith("[") else [line for line in text.split() if line]
+    text = read_text(path, "image list")
+    raw = parse_json(text, path, "image list") if text.lstrip().startswith("[") else text.split()
     return images_from_list([_as_id(value, str(path)) for value in raw], str(path))
 
 
@@ -118,7 +121,13 @@ def images_from_caption_log(
     With `preset`, the ids must hash to that preset's published image-list hash (`PRESET_HASHES`).
     """
     rows = read_records(path, "caption log")
-    ids = [_as_id(row.get(image_id_key), str(path)) for row in rows]
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or image_id_key not in row:
+            raise EvalInputError(
+                f"caption log {str(path)!r}, record {number}, needs the key {image_id_key!r}; set image_id_key "
+                "to the key your file uses."
+            )
+    ids = [_as_id(row[image_id_key], str(path)) for row in rows]
     if preset is None:
         return images_from_list(ids, str(path))
     if preset not in PRESET_HASHES:
@@ -135,12 +144,10 @@ def images_from_caption_log(
 
 
 def _as_id(value: object, source: str) -> int:
-    if isinstance(value, bool):
-        raise EvalInputError(f"image id {value!r} in {source!r} is not an integer.")
     try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise EvalInputError(f"image id {value!r} in {source!r} is not an integer.") from err
+        return as_id(value, "image_id")
+    except EvalInputError as err:
+        raise EvalInputError(f"image list {source!r}: {err}") from None
 
 
 def _unique(image_ids: Iterable[int], source: str) -> list[int]:

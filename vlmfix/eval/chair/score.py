@@ -7,9 +7,13 @@ With C the captions, M_c a caption's mention list, U_c = set(M_c) and G_c its gr
 * Recall = sum_c |U_c & G_c| / sum_c |G_c|; Precision = sum_c |U_c & G_c| / sum_c |U_c|; F1 = 2PR / (P + R);
 * Len = mean number of merged tokens per caption, punctuation included (the mean caption length).
 
-Undefined ratios (no mentions, no ground truth) are None with a warning, never 0. Reports also carry
-`mean_words` (whitespace words, independent of the normalizer) and the repeated-sentence rate: the share of
-sentences that repeat an earlier sentence of the same caption (a symptom of degenerate decoding).
+Inputs are checked before any caption is scored: one caption per image id (a repeated id would count its
+objects twice, so it raises), ids normalised to int (`"42"` is 42), captions must be strings, the ground
+truth must use node words of the extractor's vocabulary (and, when built from COCO files, the extractor's
+quirks and normalizer). Undefined ratios (no mentions, no ground truth) are None with a warning, never 0.
+Reports also carry `mean_words` (whitespace words, independent of the normalizer) and the repeated-sentence
+rate: the share of sentences that repeat an earlier sentence of the same caption (a symptom of degenerate
+decoding).
 Values are fractions; tables show them x 100 with one decimal, as OPERA prints.
 """
 
@@ -18,31 +22,53 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
 from typing import Any
 
-from vlmfix.eval._io import PathLike, atomic_write_text, read_records
-from vlmfix.eval.chair.ground_truth import ON_MISSING, GroundTruth, cache_key
+from vlmfix import validation
+from vlmfix.eval._io import PathLike, as_id, atomic_write_text, int_keyed, read_records, shown
+from vlmfix.eval.chair.ground_truth import ON_MISSING, GroundTruth, cache_key, extractor_header
 from vlmfix.eval.chair.mentions import CaptionMentions, MentionExtractor
-from vlmfix.eval.errors import EvalInputError
+from vlmfix.eval.chair.vocabulary import ChairVocabulary
+from vlmfix.eval.errors import EvalInputError, checked
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass(frozen=True)
 class Caption:
-    """One generated caption: the row layout of OPERA's released logs and of vlmfix's CHAIR predictions."""
+    """One generated caption: the row layout of OPERA's released logs and of vlmfix's CHAIR predictions.
+
+    Args:
+        image_id: the COCO image id; normalised to int ("42" and 42.0 become 42, other values raise, naming
+            their type), so a caption finds its ground truth whichever way the id was written.
+        caption: the generated text. Must be a string: None (a failed generation) raises, as the reference
+            scorer fails on it; pass "" to score an empty caption (no mentions, kept in the CHAIR_s denominator).
+    """
 
     image_id: int
     caption: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_id", as_id(self.image_id, "image_id"))
+        if not isinstance(self.caption, str):
+            raise EvalInputError(
+                f"caption of image_id {self.image_id} must be a string, got {shown(self.caption)}; regenerate "
+                "it, or pass '' to score an empty caption (no mentions)."
+            )
 
 
 def read_captions(
     path: PathLike, image_id_key: str = "image_id", caption_key: str = "caption"
 ) -> list[Caption]:
-    """Read generated captions from JSON Lines or a JSON array of objects (content-sniffed)."""
+    """Read generated captions from JSON Lines or a JSON array of objects (content-sniffed, UTF-8).
+
+    An empty file, a record without the two keys, a bad id or a caption that is not a string (JSON null)
+    raises, naming the file and the record.
+    """
     captions = []
     for number, row in enumerate(read_records(path, "caption"), start=1):
         if not isinstance(row, dict) or image_id_key not in row or caption_key not in row:
@@ -50,7 +76,10 @@ def read_captions(
                 f"caption file {str(path)!r}, record {number}, needs the keys {image_id_key!r} and "
                 f"{caption_key!r}; set image_id_key / caption_key to the keys your file uses."
             )
-        captions.append(Caption(int(row[image_id_key]), str(row[caption_key])))
+        try:
+            captions.append(Caption(row[image_id_key], row[caption_key]))
+        except EvalInputError as err:
+            raise EvalInputError(f"caption file {str(path)!r}, record {number}: {err}") from None
     return captions
 
 
@@ -151,26 +180,40 @@ def score_chair(
     """Score captions against ground truth.
 
     Args:
-        captions: generated captions (`Caption` rows, e.g. from `read_captions`).
-        ground_truth: a `GroundTruth`, or a plain `{image_id: node words}` mapping.
+        captions: generated captions (a list of `Caption`, e.g. from `read_captions`), one per image id.
+        ground_truth: a `GroundTruth`, or a plain `{image_id: node words}` mapping (ids as ints or digit
+            strings; values lists of node words).
         extractor: vocabulary + normalizer (`make_extractor(...)`), the one the ground truth was built with.
         on_missing_gt: `error` (default) raises on an image id without ground truth; `empty` scores it against
             the empty set, as the reference does silently.
+
+    Raises:
+        EvalInputError: before any caption is scored, when the captions are not a non-empty list of `Caption`
+            with distinct image ids (the reference would count a repeated id twice), when the ground truth
+            holds words that are not node words of `extractor` or was built with another extractor, or when
+            an image id has no ground truth (`on_missing_gt='error'`; `MissingGroundTruthError`).
 
     >>> from vlmfix.eval.chair import make_extractor
     >>> report = score_chair([Caption(1, "a dog and a cat")], {1: ["dog"]}, make_extractor())
     >>> report.overall.CHAIRs, report.overall.CHAIRi
     (1.0, 0.5)
     """
-    if on_missing_gt not in ON_MISSING:
+    on_missing_gt = checked(
+        validation.choice,
+        on_missing_gt,
+        "on_missing_gt",
+        options=ON_MISSING,
+        meaning="With 'error' an image id without ground truth raises; with 'empty' it is scored against no "
+        "objects (what the reference does silently)",
+    )
+    if not isinstance(extractor, MentionExtractor):
         raise EvalInputError(
-            f"`on_missing_gt` must be one of {', '.join(ON_MISSING)}, got {on_missing_gt!r}."
+            f"`extractor` must be a chair.MentionExtractor, got a {type(extractor).__name__}; build it with "
+            "chair.make_extractor(normalizer, quirks)."
         )
-    captions = list(captions)
-    if not captions:
-        raise EvalInputError("`captions` is empty; CHAIR needs at least one caption to score.")
-    if not isinstance(ground_truth, GroundTruth):
-        ground_truth = _plain_ground_truth(ground_truth)
+    captions = _caption_list(captions)
+    _check_one_caption_per_image(captions)
+    ground_truth = _checked_ground_truth(ground_truth, extractor)
     # Look every id up first, so a missing one fails before any caption is scored.
     gts = [ground_truth.for_image(caption.image_id, on_missing_gt) for caption in captions]
     sentences = tuple(score_caption(caption, gt, extractor) for caption, gt in zip(captions, gts))
@@ -236,9 +279,101 @@ def _repeated_sentences(captions: Iterable[str]) -> tuple[int, int]:
     return repeated, total
 
 
-def _plain_ground_truth(mapping: Mapping[int, Iterable[str]]) -> GroundTruth:
-    objects = {int(image_id): frozenset(words) for image_id, words in mapping.items()}
-    header = {"format": "in-memory", "objects": {str(k): sorted(v) for k, v in sorted(objects.items())}}
+def _caption_list(captions: Any) -> list[Caption]:
+    """`captions` as a non-empty list of `Caption`; a string, a mapping or a single Caption is refused."""
+    what = "`captions` must be a list of chair.Caption"
+    if isinstance(captions, Caption):
+        raise EvalInputError(f"{what}, got one Caption; wrap it in a list: [caption].")
+    if isinstance(captions, Mapping):
+        raise EvalInputError(
+            f"{what}, got a {type(captions).__name__}; build [Caption(image_id, caption) for image_id, caption "
+            "in mapping.items()]."
+        )
+    if isinstance(captions, (str, bytes)) or not isinstance(captions, Iterable):
+        raise EvalInputError(f"{what}, got {shown(captions)}.")
+    captions = list(captions)
+    for index, caption in enumerate(captions):
+        if not isinstance(caption, Caption):
+            raise EvalInputError(
+                f"`captions[{index}]` must be a chair.Caption, got a {type(caption).__name__}; read caption "
+                "files with chair.read_captions, or build Caption(image_id, caption)."
+            )
+    if not captions:
+        raise EvalInputError("`captions` is empty; CHAIR needs at least one caption to score.")
+    return captions
+
+
+def _check_one_caption_per_image(captions: Sequence[Caption]) -> None:
+    counts = Counter(caption.image_id for caption in captions)
+    repeated = sorted(image_id for image_id, count in counts.items() if count > 1)
+    if repeated:
+        raise EvalInputError(
+            f"image_id(s) {repeated[:10]} appear more than once in `captions` ({len(repeated)} ids in all); "
+            "CHAIR scores one caption per image (a repeated id would count its objects twice). Keep one "
+            "caption per image, or score each set of captions (e.g. each sample) separately."
+        )
+
+
+def _checked_ground_truth(ground_truth: Any, extractor: MentionExtractor) -> GroundTruth:
+    if isinstance(ground_truth, GroundTruth):
+        _check_built_with(ground_truth, extractor)
+    elif isinstance(ground_truth, Mapping):
+        ground_truth = _plain_ground_truth(ground_truth)
+    else:
+        raise EvalInputError(
+            "`ground_truth` must be a chair.GroundTruth or a mapping image_id -> node words, got "
+            f"{shown(ground_truth)}."
+        )
+    _check_node_words(ground_truth, extractor.vocabulary)
+    return ground_truth
+
+
+def _check_built_with(ground_truth: GroundTruth, extractor: MentionExtractor) -> None:
+    """A COCO-built ground truth (its header names a normalizer) must come from the same extractor."""
+    if "normalizer" not in ground_truth.header:
+        return
+    expected = extractor_header(extractor)
+    built = {key: ground_truth.header.get(key) for key in expected}
+    if built != expected:
+        raise EvalInputError(
+            f"the ground truth was built with {_protocol(built)}, but the extractor has {_protocol(expected)}; "
+            "build the ground truth with the extractor you score with, so that objects from the reference "
+            "captions follow the same rules as the generated captions."
+        )
+
+
+def _protocol(header: Mapping[str, Any]) -> str:
+    vocabulary = str(header.get("vocabulary_sha256"))[:12]
+    return (
+        f"quirks {header.get('quirks')!r}, normalizer {header.get('normalizer')!r} (NLTK "
+        f"{header.get('nltk_version')}), vocabulary {vocabulary}"
+    )
+
+
+def _check_node_words(ground_truth: GroundTruth, vocabulary: ChairVocabulary) -> None:
+    nodes = set(vocabulary.node_words)
+    if set().union(*ground_truth.objects.values()) <= nodes:
+        return
+    for image_id, words in ground_truth.objects.items():
+        unknown = sorted(words - nodes, key=str)
+        if unknown:
+            raise EvalInputError(
+                f"ground truth of image_id {image_id}: {unknown} are not node words of the extractor's CHAIR "
+                "vocabulary, so no mention could ever match them; use node words (e.g. 'dining table', not "
+                "'table') or add them through chair.vocabulary.extra."
+            )
+
+
+def _plain_ground_truth(mapping: Mapping[Any, Iterable[str]]) -> GroundTruth:
+    objects: dict[int, frozenset[str]] = {}
+    for image_id, words in int_keyed(mapping.items(), "image_id", "`ground_truth`").items():
+        if isinstance(words, (str, bytes)) or not isinstance(words, Iterable):
+            raise EvalInputError(
+                f"ground truth of image_id {image_id} must be a list of node words, got {shown(words)}; e.g. "
+                f"{{{image_id}: ['dog', 'dining table']}}."
+            )
+        objects[image_id] = frozenset(words)
+    header = {"format": "in-memory", "objects": {str(k): sorted(v, key=str) for k, v in sorted(objects.items())}}
     return GroundTruth(
         MappingProxyType(objects), MappingProxyType({"format": "in-memory"}), cache_key(header)
     )

@@ -12,14 +12,16 @@ Deterministic version of the POPE recipe (Li et al., EMNLP 2023, sec. 4). Two la
     co-occurrence list of *this* positive. Rankings break ties alphabetically; popular / adversarial fall back
     to random when exhausted. Each split draws from its own `random.Random(seed)`.
 
+The annotation file is read as UTF-8 and checked first: an annotation whose image is not in the `images` list
+(it could not be asked about: no file name), whose category is not listed, or (for `area` order) whose area is
+not a finite number >= 0 raises, naming the file and the annotation.
+
 Upstream's released COCO files cannot be regenerated (unseeded sampling); build once per dataset and treat the
 files as fixed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
 from collections import Counter
@@ -28,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmfix.eval._io import PathLike, atomic_write_text, jsonl_text, sha256_file
-from vlmfix.eval.errors import EvalInputError
+from vlmfix import validation
+from vlmfix.eval._io import PathLike, atomic_write_text, jsonl_text, load_coco, sha256_file, shown
+from vlmfix.eval.errors import EvalInputError, checked
 from vlmfix.eval.pope.questions import SPLITS, PopeQuestion
 
 POSITIVE_ORDERS = ("annotation", "area", "shuffled")
@@ -57,6 +60,10 @@ class PopeBuildConfig:
         positive_order: `annotation`, `area` or `shuffled`.
         template: question text with `{article}` ("a" / "an") and `{object}`.
         display_names: object name -> the text used in questions (names are verbatim by default, "a skis").
+
+    Every value is checked at construction (`vlmfix.validation`): counts and the seed are real ints (a seed
+    "0" would seed `random` differently from 0), splits distinct names, the template fills exactly
+    {article} and {object}. A list of splits is stored as a tuple.
     """
 
     splits: tuple[str, ...] = SPLITS
@@ -68,27 +75,53 @@ class PopeBuildConfig:
     display_names: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.splits if s not in SPLITS]
-        if unknown or not self.splits:
-            raise EvalInputError(
-                f"`splits` must be a non-empty subset of {', '.join(SPLITS)}, got {self.splits!r}."
-            )
-        if not isinstance(self.n_images, int) or self.n_images < 1:
-            raise EvalInputError(f"`n_images` must be a positive int, got {self.n_images!r}.")
-        if not isinstance(self.min_objects, int) or self.min_objects < QUESTIONS_PER_SIDE:
-            raise EvalInputError(
-                f"`min_objects` must be an int >= {QUESTIONS_PER_SIDE} (each image gets "
-                f"{QUESTIONS_PER_SIDE} positive questions), got {self.min_objects!r}."
-            )
-        if self.positive_order not in POSITIVE_ORDERS:
-            raise EvalInputError(
-                f"`positive_order` must be one of {', '.join(POSITIVE_ORDERS)}, got {self.positive_order!r}."
-            )
-        if "{object}" not in self.template or "{}" in self.template:
-            raise EvalInputError(
-                f"`template` must name its fields {{article}} and {{object}}, got {self.template!r}; e.g. "
-                f"{DEFAULT_TEMPLATE!r}."
-            )
+        splits = checked(
+            validation.sequence,
+            self.splits,
+            "splits",
+            item=lambda value, name: validation.choice(value, name, SPLITS),
+            min_length=1,
+            unique=True,
+            what="split names",
+            meaning=f"Choose from {', '.join(SPLITS)}",
+        )
+        object.__setattr__(self, "splits", splits)
+        checked(validation.number, self.n_images, "n_images", integer=True, low=1, meaning="images per split")
+        checked(
+            validation.number,
+            self.min_objects,
+            "min_objects",
+            integer=True,
+            low=QUESTIONS_PER_SIDE,
+            meaning=f"the fewest objects an eligible image has ({QUESTIONS_PER_SIDE} positive questions each)",
+        )
+        checked(validation.number, self.seed, "seed", integer=True, meaning="the seed of sampling and order")
+        checked(validation.choice, self.positive_order, "positive_order", options=POSITIVE_ORDERS)
+        _check_template(self.template)
+        object.__setattr__(self, "display_names", _checked_display_names(self.display_names))
+
+
+def _check_template(template: Any) -> None:
+    checked(validation.text, template, "template")
+    try:
+        probe = template.format(article="a", object="\0")
+    except (KeyError, IndexError, ValueError):
+        probe = ""
+    if "\0" not in probe:
+        raise EvalInputError(
+            f"`template` must name its fields {{article}} and {{object}} (and no others), got {template!r}; "
+            f"e.g. {DEFAULT_TEMPLATE!r}."
+        )
+
+
+def _checked_display_names(display_names: Any) -> dict[str, str]:
+    if not isinstance(display_names, Mapping):
+        raise EvalInputError(
+            f"`display_names` must be a mapping object name -> question text, got {shown(display_names)}."
+        )
+    for name, text in display_names.items():
+        checked(validation.text, text, f"display_names[{name!r}]", meaning="the text used for it in questions")
+    return dict(display_names)
 
 
 def object_lists_from_coco(
@@ -107,25 +140,17 @@ def object_lists_from_coco(
             in order of first mention (upstream's "from segmentations and captions"; COCO with captions only).
         extractor: a `vlmfix.eval.chair.MentionExtractor`.
     """
-    if positive_order not in POSITIVE_ORDERS:
-        raise EvalInputError(
-            f"`positive_order` must be one of {', '.join(POSITIVE_ORDERS)}, got {positive_order!r}."
-        )
+    checked(validation.choice, positive_order, "positive_order", options=POSITIVE_ORDERS)
+    checked(validation.number, seed, "seed", integer=True)
     if (captions_path is None) != (extractor is None):
         raise EvalInputError(
             "`captions_path` and `extractor` go together: pass both to add caption objects, or neither."
         )
     coco = _load_coco(instances_path)
-    names = {category["id"]: category["name"] for category in coco.loadCats(coco.getCatIds())}
-    per_image: dict[int, dict[str, list[float]]] = {}  # image -> name -> [first annotation id, summed area]
-    for annotation in sorted(coco.dataset.get("annotations", []), key=lambda a: a["id"]):
-        entry = per_image.setdefault(int(annotation["image_id"]), {})
-        name = names[annotation["category_id"]]
-        first_and_area = entry.setdefault(name, [annotation["id"], 0.0])
-        first_and_area[1] += float(annotation.get("area", 0.0))
+    file_names = _file_names(coco.dataset.get("images", []), instances_path)
+    per_image = _annotated_objects(coco, file_names, instances_path, with_area=positive_order == "area")
     rng = random.Random(seed)
     objects: dict[int, tuple[str, ...]] = {}
-    file_names = {int(image["id"]): image["file_name"] for image in coco.dataset.get("images", [])}
     for image_id in sorted(file_names):
         entry = per_image.get(image_id, {})
         if positive_order == "area":
@@ -313,30 +338,67 @@ def build_pope(
     return PopeBuild(files, meta)
 
 
+def _annotated_objects(
+    coco: Any, file_names: Mapping[int, str], path: PathLike, with_area: bool
+) -> dict[int, dict[str, list[float]]]:
+    """Image -> object name -> [first annotation id, summed area (0 unless `with_area`)], annotations by id."""
+    names = {category["id"]: category["name"] for category in coco.loadCats(coco.getCatIds())}
+    per_image: dict[int, dict[str, list[float]]] = {}
+    for annotation in sorted(coco.dataset.get("annotations", []), key=lambda a: a["id"]):
+        where = f"annotation {annotation['id']} of {str(path)!r}"
+        if annotation["image_id"] not in file_names:
+            raise EvalInputError(
+                f"{where} is about image_id {annotation['image_id']}, which is not in the file's images list "
+                "(so it has no file name to ask about); add the image or drop the annotation."
+            )
+        if "category_id" not in annotation:
+            raise EvalInputError(f"{where} has no category_id; pass an instances file (instances_*.json).")
+        entry = per_image.setdefault(annotation["image_id"], {})
+        first_and_area = entry.setdefault(names[annotation["category_id"]], [annotation["id"], 0.0])
+        if with_area:
+            first_and_area[1] += _area(annotation, where)
+    return per_image
+
+
+def _file_names(images: Sequence[Mapping[str, Any]], path: PathLike) -> dict[int, str]:
+    file_names = {}
+    for image in images:
+        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+            raise EvalInputError(
+                f"image {image['id']} of {str(path)!r} needs a non-empty string `file_name` (questions name "
+                f"the image file), got {shown(image.get('file_name'))}."
+            )
+        file_names[image["id"]] = image["file_name"]
+    return file_names
+
+
+def _area(annotation: Mapping[str, Any], where: str) -> float:
+    try:
+        return checked(validation.number, annotation.get("area", 0.0), "area", low=0)
+    except EvalInputError as err:
+        raise EvalInputError(f"{where}: {err} (positive_order='area' sums it per object)") from None
+
+
 def _append_caption_objects(
     objects: Mapping[int, tuple[str, ...]], captions_path: PathLike, extractor: Any
 ) -> dict[int, tuple[str, ...]]:
     coco = _load_coco(captions_path)
     extended = {image_id: list(names) for image_id, names in objects.items()}
     for annotation in sorted(coco.dataset.get("annotations", []), key=lambda a: a["id"]):
-        names = extended.get(int(annotation["image_id"]))
+        names = extended.get(annotation["image_id"])
         if names is None:  # a captioned image absent from the instances file: nothing to ask about
             continue
-        for node in extractor(annotation["caption"]).nodes:
+        caption = annotation.get("caption")
+        if not isinstance(caption, str):
+            raise EvalInputError(
+                f"caption annotation {annotation['id']} of {str(captions_path)!r} must be a string, got "
+                f"{shown(caption)}; pass a caption annotation file (captions_*.json) as captions_path."
+            )
+        for node in extractor(caption).nodes:
             if node not in names:
                 names.append(node)
     return {image_id: tuple(names) for image_id, names in extended.items()}
 
 
 def _load_coco(path: PathLike) -> Any:
-    if not Path(path).is_file():
-        raise EvalInputError(f"annotation file {str(path)!r} does not exist; pass a COCO-format json file.")
-    try:
-        from pycocotools.coco import COCO
-    except ImportError as err:
-        raise EvalInputError(
-            "building POPE from COCO annotations needs pycocotools; install it with `pip install "
-            "pycocotools` (or `pip install vlmfix[bench]`)."
-        ) from err
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        return COCO(str(path))
+    return load_coco(path, "COCO annotation", "building POPE from COCO annotations")

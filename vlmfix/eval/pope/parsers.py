@@ -1,6 +1,8 @@
 """POPE answer parsers (spec B5): raw model answer -> "yes", "no" or "unknown".
 
-Every parser first strips surrounding whitespace (as LLaVA's answer writer does). `official` is the default.
+This module is the single place answer parsers live (the `PARSERS` registry). Every parser takes a string
+(anything else raises) and first strips surrounding whitespace (as LLaVA's answer writer does). `official`
+is the default.
 
 * `official` (default): text before the first "."; delete ","; split on single spaces; "no" if a token is
   "No", "not" or "no", else "yes" (case-sensitive, never unknown). RUCAIBox/POPE `evaluate.py`, LLaVA
@@ -21,6 +23,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vlmfix.eval._io import shown
 from vlmfix.eval.errors import EvalInputError
 from vlmfix.registry import Registry
 
@@ -37,6 +40,11 @@ class AnswerParser:
     needs_label: bool = False
 
     def __call__(self, answer: str, label: str | None = None) -> str:
+        if not isinstance(answer, str):
+            raise EvalInputError(
+                f"POPE answers must be strings, got {shown(answer)}; an answer is the model's decoded text "
+                "(None is a failed generation: regenerate it)."
+            )
         if self.needs_label and label not in (YES, NO):
             raise EvalInputError(
                 f"POPE parser {self.name!r} decides by the question's label; pass label='yes' or 'no', got "

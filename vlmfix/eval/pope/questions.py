@@ -1,8 +1,10 @@
 """POPE question files (spec B1, B2): read, write, and identify the released versions by content hash.
 
 Released COCO files are JSON Lines despite their `.json` extension; the SEEM-based A-OKVQA / GQA files are
-JSON arrays. `read_questions` sniffs the content, rejects duplicate ids and labels other than yes/no, and
-keeps the extra fields vlmfix writes (`image_id`, `object`) when present.
+JSON arrays. `read_questions` sniffs the content (UTF-8 only), rejects empty files, duplicate ids and labels
+other than yes/no, and keeps the extra fields vlmfix writes (`image_id`, `object`) when present. A
+`PopeQuestion` checks itself: ids are normalised to int ("42" is 42), the label must be exactly "yes" or
+"no" (the reference scorers would count any other label, "Yes" included, as one class silently).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmfix.eval._io import PathLike, atomic_write_text, jsonl_text, read_records, sha256_file
-from vlmfix.eval.errors import EvalInputError
+from vlmfix import validation
+from vlmfix.eval._io import PathLike, as_id, atomic_write_text, jsonl_text, read_records, sha256_file, shown
+from vlmfix.eval.errors import EvalInputError, checked
 
 LABELS = ("yes", "no")
 SPLITS = ("random", "popular", "adversarial")
@@ -62,11 +65,12 @@ class PopeQuestion:
     """One yes/no question about one image.
 
     Args:
-        question_id: unique within its split (ids start at 1 in the released files).
-        image: image file name (e.g. "COCO_val2014_000000310196.jpg").
-        text: the question ("Is there a snowboard in the image?").
-        label: "yes" or "no".
-        image_id: COCO image id, when known (vlmfix-built files carry it).
+        question_id: unique within its split (ids start at 1 in the released files); an int, or a digit
+            string / whole float normalised to int ("42" -> 42); other values raise, naming their type.
+        image: image file name (e.g. "COCO_val2014_000000310196.jpg"), a non-empty string.
+        text: the question ("Is there a snowboard in the image?"), a non-empty string.
+        label: exactly "yes" or "no"; anything else ("Yes", "unknown", None) raises, naming the id.
+        image_id: COCO image id, when known (vlmfix-built files carry it); normalised like question_id.
         object: the object asked about, when known.
     """
 
@@ -76,6 +80,24 @@ class PopeQuestion:
     label: str
     image_id: int | None = None
     object: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "question_id", as_id(self.question_id, "question_id"))
+        where = f"question_id {self.question_id}"
+        for name in ("image", "text"):
+            try:
+                checked(validation.text, getattr(self, name), name)
+            except EvalInputError as err:
+                raise EvalInputError(f"{where}: {err}") from None
+        if not (isinstance(self.label, str) and self.label in LABELS):
+            raise EvalInputError(
+                f"{where} has label {self.label!r}; labels must be 'yes' or 'no' (lower case, no spaces). Fix "
+                "the question file: the reference scorers would silently count any other label as one class."
+            )
+        if self.image_id is not None:
+            object.__setattr__(self, "image_id", as_id(self.image_id, "image_id"))
+        if self.object is not None and not isinstance(self.object, str):
+            raise EvalInputError(f"{where}: `object` must be None or a string, got {shown(self.object)}.")
 
     def to_json(self) -> dict[str, Any]:
         """The B1 row (question_id, image, text, label) plus image_id / object when set, in that order."""
@@ -112,7 +134,7 @@ class QuestionFile:
 
 
 def question_from_row(row: Any, where: str) -> PopeQuestion:
-    """Validate one row (a dict with question_id, image, text, label; extras ignored)."""
+    """Validate one row (a dict with question_id, image, text, label; extras ignored); errors start with `where`."""
     if not isinstance(row, dict):
         raise EvalInputError(f'{where} is not a JSON object; POPE rows look like {{"question_id": 1, ...}}.')
     missing = [key for key in ("question_id", "image", "text", "label") if key not in row]
@@ -121,21 +143,17 @@ def question_from_row(row: Any, where: str) -> PopeQuestion:
             f"{where} lacks the field(s) {', '.join(missing)}; POPE rows need question_id, image, text and "
             "label."
         )
-    if row["label"] not in LABELS:
-        raise EvalInputError(f"{where} has label {row['label']!r}; labels must be 'yes' or 'no'.")
     try:
-        question_id = int(row["question_id"])
-    except (TypeError, ValueError) as err:
-        raise EvalInputError(f"{where} has a non-integer question_id {row['question_id']!r}.") from err
-    image_id = row.get("image_id")
-    return PopeQuestion(
-        question_id=question_id,
-        image=str(row["image"]),
-        text=str(row["text"]),
-        label=row["label"],
-        image_id=int(image_id) if image_id is not None else None,
-        object=row.get("object"),
-    )
+        return PopeQuestion(
+            question_id=row["question_id"],
+            image=row["image"],
+            text=row["text"],
+            label=row["label"],
+            image_id=row.get("image_id"),
+            object=row.get("object"),
+        )
+    except EvalInputError as err:
+        raise EvalInputError(f"{where}: {err}") from None
 
 
 def check_unique_ids(questions: Sequence[PopeQuestion], source: str) -> None:

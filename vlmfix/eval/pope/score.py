@@ -5,8 +5,10 @@ yes_ratio = predicted yes / N (from predictions, never from labels; it has no "b
 unknown_rate = unparseable / N. An unknown answer scores as wrong: FN for label yes, FP for label no
 (lmms-eval leaves it out of precision and recall; vlmfix does not). A zero denominator gives 0 and a warning.
 
-Answers are joined to questions by `question_id`, never by position. A partial run scores the ids it has and
-says so (`complete=False`, `n_missing`).
+Answers are joined to questions by `question_id`, never by position; ids are normalised to int ("42" is 42,
+and 42 given twice as 42 and "42" raises). A partial run scores the ids it has and says so (`complete=False`,
+`n_missing`); a run with no answer at all raises. Answers must be strings: None or NaN (a failed generation,
+a pandas gap) raises, naming the ids, where the reference scorers would crash or count it as "yes".
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vlmfix.eval._io import PathLike, read_records
+from vlmfix.eval._io import PathLike, as_id, int_keyed, read_records, shown
 from vlmfix.eval.errors import EvalInputError
 from vlmfix.eval.pope.parsers import NO, UNKNOWN, YES, get_parser
-from vlmfix.eval.pope.questions import PopeQuestion, check_unique_ids
+from vlmfix.eval.pope.questions import LABELS, PopeQuestion, check_unique_ids
+
+PREDICTIONS = (YES, NO, UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,23 @@ class PopeScores:
 
 
 def count_outcomes(labels: Sequence[str], predictions: Sequence[str]) -> PopeCounts:
-    """Confusion counts of labels vs parsed predictions ("yes" / "no" / "unknown")."""
+    """Confusion counts of labels ("yes" / "no") vs parsed predictions ("yes" / "no" / "unknown")."""
+    labels, predictions = list(labels), list(predictions)
+    if len(labels) != len(predictions):
+        raise EvalInputError(
+            f"{len(labels)} labels but {len(predictions)} predictions; pass one parsed prediction per label."
+        )
+    for index, label in enumerate(labels):
+        if not (isinstance(label, str) and label in LABELS):
+            raise EvalInputError(f"label {label!r} at position {index} must be 'yes' or 'no'.")
+    for index, prediction in enumerate(predictions):
+        if not (isinstance(prediction, str) and prediction in PREDICTIONS):
+            raise EvalInputError(
+                f"prediction {prediction!r} at position {index} must be 'yes', 'no' or 'unknown'; parse raw "
+                "answers with pope.parse_answer first."
+            )
     tp = fp = tn = fn = unknown = predicted_yes = 0
-    for label, prediction in zip(labels, predictions, strict=True):
+    for label, prediction in zip(labels, predictions):
         unknown += prediction == UNKNOWN
         predicted_yes += prediction == YES
         if label == YES:
@@ -134,23 +152,36 @@ def score_pope(
     """Score raw answers against one split's questions.
 
     Args:
-        questions: the split's questions (unique ids).
-        answers: question_id -> raw decoded answer (unparsed); may cover only part of the split.
+        questions: the split's questions (a non-empty list of `PopeQuestion` with unique ids).
+        answers: question_id -> raw decoded answer (unparsed string); may cover only part of the split, but
+            not none of it. Ids may be ints or digit strings.
         parser: a name from `PARSERS` (`official` by default).
         split: the split name, for the report.
+
+    Raises:
+        EvalInputError: before any answer is parsed, for questions or answers of the wrong kind, an answer
+            id without a question (or given twice, as 1 and "1"), an answer that is not a string, or no answer.
 
     >>> qs = [PopeQuestion(1, "a.jpg", "Is there a dog in the image?", "yes")]
     >>> score_pope(qs, {1: "Yes, there is."}).accuracy
     1.0
     """
     answer_parser = get_parser(parser)
+    questions = _question_list(questions)
     check_unique_ids(questions, f"POPE split {split!r}")
+    answers = _answer_map(answers)
     by_id = {q.question_id: q for q in questions}
     stray = sorted(set(answers) - set(by_id))
     if stray:
         raise EvalInputError(
             f"answers for question_id(s) {stray[:10]} have no question in split {split!r}; score each "
             "split's answers against that split's question file."
+        )
+    _check_answer_texts(answers)
+    if not answers:
+        raise EvalInputError(
+            f"none of the {len(questions)} questions of split {split!r} has an answer; there is nothing to "
+            "score. Check that generation ran and wrote its answers."
         )
     answered = [by_id[qid] for qid in sorted(answers)]
     labels = [q.label for q in answered]
@@ -163,6 +194,43 @@ def score_pope(
             stacklevel=2,
         )
     return scores
+
+
+def _question_list(questions: Any) -> list[PopeQuestion]:
+    what = "`questions` must be a list of pope.PopeQuestion"
+    if hasattr(questions, "questions"):  # a QuestionFile or an HFPopeSplit
+        raise EvalInputError(f"{what}, got a {type(questions).__name__}; pass its `.questions`.")
+    if isinstance(questions, (str, bytes, Mapping)) or not isinstance(questions, Sequence):
+        raise EvalInputError(f"{what}, got {shown(questions)}; read question files with pope.read_questions.")
+    for index, question in enumerate(questions):
+        if not isinstance(question, PopeQuestion):
+            raise EvalInputError(
+                f"`questions[{index}]` must be a pope.PopeQuestion, got a {type(question).__name__}; read "
+                "question files with pope.read_questions."
+            )
+    if not questions:
+        raise EvalInputError("`questions` is empty; pass the questions of the split that was answered.")
+    return list(questions)
+
+
+def _answer_map(answers: Any) -> dict[int, Any]:
+    """`answers` with int keys; a key given twice (1 and "1") raises."""
+    if not isinstance(answers, Mapping):
+        raise EvalInputError(
+            f"`answers` must be a mapping question_id -> answer, got a {type(answers).__name__}; read answer "
+            "files with pope.read_answers."
+        )
+    return int_keyed(answers.items(), "question_id", "`answers`")
+
+
+def _check_answer_texts(answers: Mapping[int, Any]) -> None:
+    bad = sorted(qid for qid, answer in answers.items() if not isinstance(answer, str))
+    if bad:
+        raise EvalInputError(
+            f"answers of question_id(s) {bad[:10]} are not strings ({len(bad)} in all; question_id {bad[0]}: "
+            f"{shown(answers[bad[0]])}); an answer is the model's decoded text. Regenerate those answers, or "
+            "drop them to score the rest as a partial run."
+        )
 
 
 @dataclass(frozen=True)
@@ -203,21 +271,34 @@ def summarize_pope(scores: Sequence[PopeScores]) -> PopeSummary:
 
 
 def read_answers(path: PathLike, answer_key: str = "text", id_key: str = "question_id") -> dict[int, str]:
-    """Raw answers (JSON Lines or array of objects, e.g. LLaVA's answer files) as question_id -> answer."""
+    """Raw answers (JSON Lines or array of objects, e.g. LLaVA's answer files) as question_id -> answer.
+
+    An empty file, a record without the keys, a bad or repeated id, or an answer that is not a string (JSON
+    null) raises, naming the file and the record.
+    """
     answers: dict[int, str] = {}
     for number, row in enumerate(read_records(path, "POPE answer"), start=1):
+        where = f"POPE answer file {str(path)!r}, record {number}"
         if not isinstance(row, dict) or id_key not in row or answer_key not in row:
             raise EvalInputError(
-                f"POPE answer file {str(path)!r}, record {number}, needs the keys {id_key!r} and "
-                f"{answer_key!r}; set id_key / answer_key to the keys your file uses."
+                f"{where}, needs the keys {id_key!r} and {answer_key!r}; set id_key / answer_key to the keys "
+                "your file uses."
             )
-        question_id = int(row[id_key])
+        try:
+            question_id = as_id(row[id_key], "question_id")
+        except EvalInputError as err:
+            raise EvalInputError(f"{where}: {err}") from None
         if question_id in answers:
             raise EvalInputError(
                 f"POPE answer file {str(path)!r} answers question_id {question_id} twice (record {number}); "
                 "keep one answer per question."
             )
-        answers[question_id] = str(row[answer_key])
+        if not isinstance(row[answer_key], str):
+            raise EvalInputError(
+                f"{where}: the answer to question_id {question_id} must be a string, got {shown(row[answer_key])}; "
+                "regenerate it, or drop the record to score the rest as a partial run."
+            )
+        answers[question_id] = row[answer_key]
     return answers
 
 
