@@ -55,6 +55,28 @@ def test_model_and_benchmark_configs_compose(model, benchmark):
         assert cfg.model.loader.local_files_only and not cfg.model.loader.trust_remote_code
 
 
+PUBLISHED_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743], "qwen2-vl-7b": [458, 2570]}
+
+
+@pytest.mark.parametrize("model", group("model"))
+def test_var_reads_its_sink_dimensions_from_the_model_preset(model):
+    cfg = composed(f"model={model}", "method=var")
+    dims = PUBLISHED_SINK_DIMS.get(model)  # none published for the other presets (the toys: not measured yet)
+    assert "var_sink_dims" in cfg.model and "var_tau" in cfg.model
+    assert (cfg.model.var_sink_dims, cfg.model.var_tau) == (dims, 20.0)
+    assert (cfg.method.sink_dims, cfg.method.tau) == (dims, 20.0)
+    if dims is not None:
+        [var] = build_methods(cfg)  # instantiating VAR loads no model
+        assert var.sink_dims == tuple(dims) and var.tau == 20.0
+
+
+def test_var_settings_follow_model_overrides_and_yield_to_method_overrides():
+    cfg = composed("model=llava-1.5-7b", "method=var", "model.var_tau=5.0")
+    assert (list(cfg.method.sink_dims), cfg.method.tau) == ([1415, 2533], 5.0)
+    cfg = composed("model=llava-1.5-7b", "method=var", "method.sink_dims=[7]", "method.tau=3.0")
+    assert (list(cfg.method.sink_dims), cfg.method.tau) == ([7], 3.0)
+
+
 def test_default_sweep_covers_every_method_config():
     cfg = composed("experiment=toy_sweep")
     swept = set(cfg.hydra.sweeper.params.method.split(","))
