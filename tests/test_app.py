@@ -113,7 +113,7 @@ def test_killed_run_resumes_with_identical_predictions(tmp_path):
     (tmp_path / "killed.jsonl").write_text("\n".join(lines[:4]) + '\n{"image_id": 10')
     resumed = generate_predictions(items, out_path=tmp_path / "killed.jsonl", **common)
     assert resumed == full
-    assert read_predictions(tmp_path / "killed.jsonl", "image_id") == full
+    assert read_predictions(tmp_path / "killed.jsonl", "image_id", "caption") == full
     assert len(full) == 7
 
 
