@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
 
-from benchmarks.app import CONFIG_DIR, build_methods
+from benchmarks.app import CONFIG_DIR, build_methods, check_settings
 from benchmarks.generation import Item, generate_predictions, read_predictions
 from vlmfix.decoding.method import Method
 from vlmfix.testing import random_image
@@ -53,6 +53,13 @@ def test_model_and_benchmark_configs_compose(model, benchmark):
         assert int(cfg.benchmark.max_new_tokens) > 0  # interpolations resolve
     if model not in ("toy", "toy_fast"):
         assert cfg.model.loader.local_files_only and not cfg.model.loader.trust_remote_code
+
+
+@pytest.mark.parametrize("benchmark", group("benchmark"))
+def test_default_settings_pass_the_checks_without_loading(benchmark, tmp_path):
+    checked = check_settings(composed("model=toy_fast", f"benchmark={benchmark}", f"results_dir={tmp_path}"))
+    assert checked.data is None  # the toy ships its data: it is read once the model is loaded
+    assert checked.methods == []
 
 
 PUBLISHED_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743], "qwen2-vl-7b": [458, 2570]}
