@@ -186,7 +186,7 @@ def ships_data(loader: DictConfig) -> bool:
 
 
 def variable_hint(variable: str | None) -> str:
-    """' This preset reads it from VAR, which is unset.' (or its value), or '' without a variable."""
+    """The sentence naming the preset's path variable and its state, or '' when the preset has none."""
     if not variable:
         return ""
     value = os.environ.get(variable)
