@@ -2,7 +2,9 @@
 soon as its batch is done, and a rerun skips finished items.
 
 Batches have fixed boundaries (item order / batch size), and each batch is seeded by its index, so
-a run killed midway and resumed produces exactly the predictions of an uninterrupted run. With
+a run killed midway and resumed with the same batch size produces exactly the predictions of an
+uninterrupted run. A prediction does depend on its batch (left padding changes the sums; generate
+samples a batch from one generator), so the app keys result directories by the batch size. With
 several processes (`accelerate launch`) each rank takes every world-th batch into its own file and
 rank 0 merges them in item order.
 """
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 import vlmfix
 from vlmfix.decoding.method import Method
+from vlmfix.validation import number
 
 
 @dataclass(frozen=True)
@@ -57,18 +60,46 @@ def _partial_state():
     return PartialState(cpu=not torch.cuda.is_available())  # several CPU processes use gloo
 
 
-def read_predictions(path: Path, key_name: str) -> dict[int, dict[str, Any]]:
-    """Rows of a predictions file by key; a torn last line (a killed run) is ignored."""
+def read_predictions(path: Path, key_name: str, text_name: str) -> dict[int, dict[str, Any]]:
+    """Rows of a predictions file by key.
+
+    The rule: a last line without its newline is a write cut short by a killed run and is ignored (that item
+    is generated again), and blank lines are skipped. Every other line must be a JSON object with an int
+    `key_name` and a string `text_name`, each key once; anything else (a hand edit) raises a `ValueError`
+    naming the file and line, since resuming over it would mix unknown rows into the results.
+    """
     rows: dict[int, dict[str, Any]] = {}
     if not path.exists():
         return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+    complete_lines = path.read_text().split("\n")[:-1]  # what follows the last newline is empty or torn
+    for line_number, line in enumerate(complete_lines, start=1):
+        if not line.strip():
             continue
-        rows[int(row[key_name])] = row
+        row = _prediction_row(line, key_name, text_name)
+        if isinstance(row, str):
+            raise ValueError(f"predictions file {str(path)!r}, line {line_number}: {row}; fix or delete that line "
+                             "(a deleted row is generated again on the next run).")
+        if row[key_name] in rows:
+            raise ValueError(f"predictions file {str(path)!r}, line {line_number}: {key_name} {row[key_name]} appears "
+                             "a second time; delete one of the two lines.")
+        rows[row[key_name]] = row
     return rows
+
+
+def _prediction_row(line: str, key_name: str, text_name: str) -> dict[str, Any] | str:
+    """The row of one line, or what is wrong with it."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return f"not JSON ({err.msg})"
+    if not isinstance(row, dict):
+        return f"not a JSON object ({line[:60]!r})"
+    for name, kinds, what in ((key_name, int, "an int"), (text_name, str, "a string")):
+        if name not in row:
+            return f"no {name!r} field ({line[:60]!r})"
+        if not isinstance(row[name], kinds) or isinstance(row[name], bool):
+            return f"{name!r} must be {what}, got {row[name]!r}"
+    return row
 
 
 def drop_torn_tail(path: Path) -> None:
@@ -111,10 +142,11 @@ def generate_predictions(
     description: str = "generating",
 ) -> dict[int, dict[str, Any]]:
     """Generate for every item not yet in `out_path`; return all rows by key (merged on rank 0)."""
+    number(batch_size, "batch_size", low=1, integer=True, meaning="the items per generate call")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     own_path = out_path if shard.world == 1 else out_path.with_suffix(f".rank{shard.rank}.jsonl")
     drop_torn_tail(own_path)
-    done = {**read_predictions(out_path, key_name), **read_predictions(own_path, key_name)}
+    done = {**read_predictions(out_path, key_name, text_name), **read_predictions(own_path, key_name, text_name)}
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     todo = [
         (index, batch) for index, batch in enumerate(batches)
@@ -140,9 +172,9 @@ def generate_predictions(
     bar.close()
     shard.wait()
     if shard.world > 1 and shard.rank == 0:
-        merged = read_predictions(out_path, key_name)
+        merged = read_predictions(out_path, key_name, text_name)
         for rank in range(shard.world):
-            merged.update(read_predictions(out_path.with_suffix(f".rank{rank}.jsonl"), key_name))
+            merged.update(read_predictions(out_path.with_suffix(f".rank{rank}.jsonl"), key_name, text_name))
         order = [item.key for item in items if item.key in merged]
         out_path.write_text("".join(json.dumps(merged[k]) + "\n" for k in order))
         done = merged

@@ -1,14 +1,23 @@
-"""Model loaders named by `conf/model/*.yaml` (`loader._target_`)."""
+"""Model loaders named by `conf/model/*.yaml` (`loader._target_`), and their setting checks.
+
+Each loader here has a check (`LOADERS`) that the app runs on the loader's settings before anything
+is loaded; the loaders run it too, so a direct call fails the same way.
+"""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmfix.validation import boolean, choice, number, text
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -23,16 +32,93 @@ class LoadedModel:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def check_toy(fast: bool = False, seed: int = 0) -> None:
+    """Check `load_toy`'s settings."""
+    boolean(fast, "model.loader.fast", meaning="the small toy build (set model=toy_fast or model=toy)")
+    number(seed, "model.loader.seed", low=0, integer=True, meaning="the toy build's seed; set model.loader.seed=<int>")
+
+
 @functools.lru_cache(maxsize=2)
 def load_toy(fast: bool = False, seed: int = 0) -> LoadedModel:
     """Build (or reuse from the cache) the toy VLM and return it with its data."""
     from vlmfix.toy import build_toy
+
+    check_toy(fast, seed)
 
     paths = build_toy(fast=fast, seed=seed)
     model = AutoModelForImageTextToText.from_pretrained(paths.model_dir).eval()
     processor = AutoProcessor.from_pretrained(paths.model_dir)
     return LoadedModel(model, processor, source=f"vlmfix-toy{'-fast' if fast else ''}", revision=paths.settings_hash,
                        data_root=Path(paths.data_dir), extras={"toy": paths})
+
+
+def check_pretrained(
+    path: str,
+    torch_dtype: str = "bfloat16",
+    attn_implementation: str = "sdpa",
+    device: str = "auto",
+    local_files_only: bool = True,
+    trust_remote_code: bool = False,
+) -> None:
+    """Check `load_pretrained`'s settings; with `local_files_only`, `path` must be a checkpoint directory or
+    a hub id in the local hub cache (`FileNotFoundError` otherwise)."""
+    text(path, "model.loader.path", meaning="a checkpoint directory or a hub id in the local hub cache")
+    choice(torch_dtype, "model.loader.torch_dtype", DTYPES)
+    text(attn_implementation, "model.loader.attn_implementation", meaning="e.g. sdpa, eager or flash_attention_2")
+    text(device, "model.loader.device", meaning="auto, cpu, cuda or cuda:<index>")
+    if device != "auto":
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"`model.loader.device` must be auto or a torch device such as cpu, cuda or cuda:1, "
+                             f"got {device!r}.") from None
+    boolean(local_files_only, "model.loader.local_files_only")
+    boolean(trust_remote_code, "model.loader.trust_remote_code")
+    if local_files_only:
+        check_local_checkpoint(path)
+
+
+def check_local_checkpoint(path: str) -> None:
+    """`path` must be a directory holding config.json, or a hub id whose config.json is in the local cache."""
+    directory = Path(path).expanduser()
+    if directory.is_dir():
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"`model.loader.path` {path!r} holds no config.json; point it at a checkpoint "
+                                    "directory (what save_pretrained writes).")
+        return
+    if not in_hub_cache(path):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise FileNotFoundError(
+            f"`model.loader.path` {path!r} is neither a checkpoint directory nor a model in the local hub cache "
+            f"({HF_HUB_CACHE}); nothing is downloaded. Set model.loader.path=<checkpoint dir> (or the preset's "
+            "environment variable), or put the checkpoint in the local hub cache."
+        )
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the local hub cache holds `repo_id`'s config.json (an invalid id is simply not there)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError:
+        return False
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What the app knows about a loader before calling it: its settings check, and whether it brings data."""
+
+    check: Callable[..., None]
+    ships_data: bool
+
+
+LOADERS: dict[str, LoaderSpec] = {
+    "benchmarks.models.load_toy": LoaderSpec(check_toy, ships_data=True),
+    "benchmarks.models.load_pretrained": LoaderSpec(check_pretrained, ships_data=False),
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,6 +131,7 @@ def load_pretrained(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint from a local directory or the local hub cache (never downloads by default)."""
+    check_pretrained(path, torch_dtype, attn_implementation, device, local_files_only, trust_remote_code)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

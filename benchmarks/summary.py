@@ -1,4 +1,9 @@
-"""Multirun summary: one table of every run's metrics (markdown + CSV), a plot, printed at the end."""
+"""Multirun summary: one table of every run's metrics (markdown + CSV), a plot, printed at the end.
+
+A job that fails in a multirun leaves `failure.json` in its job dir (`write_failure`, called by the app)
+instead of stopping the sweep; the summary lists the failed jobs (overrides and the error's first line)
+under "Failed jobs", and the multirun then exits with an error naming them.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,53 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from vlmfix.eval._io import atomic_write_text
+
 log = logging.getLogger("benchmarks")
 
 CHAIR_COLUMNS = ("CHAIRs", "CHAIRi", "Recall", "Len", "repeated_sentence_rate")
 POPE_COLUMNS = ("f1", "accuracy", "yes_ratio")
 
 
+FAILURE_FILE = "failure.json"
+
+
+class FailedJobsError(SystemExit):
+    """Some jobs of a multirun failed (the summary of the others was written): ends the process with this message
+    and exit status 1. A `SystemExit`, because Hydra turns an ordinary exception from a callback into a warning."""
+
+
+def _job_files(sweep_dir: Path, name: str) -> list[Path]:
+    return sorted(sweep_dir.glob(f"*/{name}"), key=lambda p: (len(p.parent.name), p.parent.name))
+
+
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every job's result.json under a Hydra sweep dir, in job order."""
-    found = sorted(sweep_dir.glob("*/result.json"), key=lambda p: (len(p.parent.name), p.parent.name))
-    return [json.loads(p.read_text()) for p in found]
+    return [json.loads(p.read_text()) for p in _job_files(sweep_dir, "result.json")]
+
+
+def first_line(error: BaseException) -> str:
+    """`ValueError: the first line of the message`."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def write_failure(job_dir: Path, job: int, overrides: Sequence[str], error: BaseException) -> Path:
+    """Record a failed job for the summary: its number, overrides and the error's first line."""
+    record = {"job": job, "overrides": list(overrides), "error": first_line(error)}
+    return atomic_write_text(job_dir / FAILURE_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def collect_failures(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every failed job's record (`write_failure`) under a sweep dir, in job order."""
+    return [json.loads(p.read_text()) for p in _job_files(sweep_dir, FAILURE_FILE)]
+
+
+def failed_jobs_markdown(failures: Sequence[dict[str, Any]]) -> str:
+    """The "Failed jobs" section: one line per job, with its overrides and the error's first line."""
+    lines = ["## Failed jobs", ""]
+    lines += [f"- job {f['job']} (`{' '.join(f['overrides'])}`): {f['error']}" for f in failures]
+    return "\n".join(lines) + "\n"
 
 
 def setting(result: dict[str, Any]) -> dict[str, Any]:
@@ -148,23 +190,41 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
 
 def write_summary(sweep_dir: Path) -> str | None:
-    results = collect(sweep_dir)
-    if not results:
+    """Write summary.md (the table, then the failed jobs), summary.csv and summary.png (finished jobs only);
+    return the markdown, or None when the sweep dir holds no job at all."""
+    results, failures = collect(sweep_dir), collect_failures(sweep_dir)
+    if not results and not failures:
         return None
-    header, body = table(results)
-    text = markdown(header, body)
+    sections = []
+    if results:
+        header, body = table(results)
+        sections.append(markdown(header, body))
+        with (sweep_dir / "summary.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([header, *body])
+        plot(results, sweep_dir / "summary.png")
+    else:
+        sections.append("No job finished.\n")
+    if failures:
+        sections.append(failed_jobs_markdown(failures))
+    text = "\n".join(sections)
     (sweep_dir / "summary.md").write_text(text)
-    with (sweep_dir / "summary.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([header, *body])
-    plot(results, sweep_dir / "summary.png")
     return text
 
 
 class SummaryCallback(Callback):
-    """At the end of a multirun, write summary.md / summary.csv / summary.png and print the table."""
+    """At the end of a multirun, write summary.md / summary.csv / summary.png and print the table; when jobs
+    failed (the app records them, see `write_failure`), list them too and fail the multirun."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         text = write_summary(sweep_dir)
         if text:
-            print(f"\n{text}\nSummary written to {sweep_dir}/summary.{{md,csv,png}}")
+            print(f"\n{text}\nSummary written to {sweep_dir}/summary.{{md,csv,png}}", flush=True)
+        failures = collect_failures(sweep_dir)
+        if failures:
+            total = len(failures) + len(collect(sweep_dir))
+            listed = "; ".join(f"job {f['job']}: {f['error']}" for f in failures)
+            raise FailedJobsError(f"{len(failures)} of {total} jobs failed (see {sweep_dir}/summary.md): {listed}")
+
+
+SUMMARY_CALLBACK = f"{SummaryCallback.__module__}.{SummaryCallback.__qualname__}"

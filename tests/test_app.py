@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
 
-from benchmarks.app import CONFIG_DIR, build_methods
+from benchmarks.app import CONFIG_DIR, build_methods, check_settings
 from benchmarks.generation import Item, generate_predictions, read_predictions
 from vlmfix.decoding.method import Method
 from vlmfix.testing import random_image
@@ -55,6 +55,35 @@ def test_model_and_benchmark_configs_compose(model, benchmark):
         assert cfg.model.loader.local_files_only and not cfg.model.loader.trust_remote_code
 
 
+@pytest.mark.parametrize("benchmark", group("benchmark"))
+def test_default_settings_pass_the_checks_without_loading(benchmark, tmp_path):
+    checked = check_settings(composed("model=toy_fast", f"benchmark={benchmark}", f"results_dir={tmp_path}"))
+    assert checked.data is None  # the toy ships its data: it is read once the model is loaded
+    assert checked.methods == []
+
+
+PUBLISHED_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743], "qwen2-vl-7b": [458, 2570]}
+
+
+@pytest.mark.parametrize("model", group("model"))
+def test_var_reads_its_sink_dimensions_from_the_model_preset(model):
+    cfg = composed(f"model={model}", "method=var")
+    dims = PUBLISHED_SINK_DIMS.get(model)  # none published for the other presets (the toys: not measured yet)
+    assert "var_sink_dims" in cfg.model and "var_tau" in cfg.model
+    assert (cfg.model.var_sink_dims, cfg.model.var_tau) == (dims, 20.0)
+    assert (cfg.method.sink_dims, cfg.method.tau) == (dims, 20.0)
+    if dims is not None:
+        [var] = build_methods(cfg)  # instantiating VAR loads no model
+        assert var.sink_dims == tuple(dims) and var.tau == 20.0
+
+
+def test_var_settings_follow_model_overrides_and_yield_to_method_overrides():
+    cfg = composed("model=llava-1.5-7b", "method=var", "model.var_tau=5.0")
+    assert (list(cfg.method.sink_dims), cfg.method.tau) == ([1415, 2533], 5.0)
+    cfg = composed("model=llava-1.5-7b", "method=var", "method.sink_dims=[7]", "method.tau=3.0")
+    assert (list(cfg.method.sink_dims), cfg.method.tau) == ([7], 3.0)
+
+
 def test_default_sweep_covers_every_method_config():
     cfg = composed("experiment=toy_sweep")
     swept = set(cfg.hydra.sweeper.params.method.split(","))
@@ -91,7 +120,7 @@ def test_killed_run_resumes_with_identical_predictions(tmp_path):
     (tmp_path / "killed.jsonl").write_text("\n".join(lines[:4]) + '\n{"image_id": 10')
     resumed = generate_predictions(items, out_path=tmp_path / "killed.jsonl", **common)
     assert resumed == full
-    assert read_predictions(tmp_path / "killed.jsonl", "image_id") == full
+    assert read_predictions(tmp_path / "killed.jsonl", "image_id", "caption") == full
     assert len(full) == 7
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 
 from vlmfix.eval import Decoding, chair, chair_protocol, fingerprint_hash, pope_protocol, protocol_fingerprint
 from vlmfix.eval.errors import EvalInputError
+from vlmfix.eval.fingerprint import Execution
 
 
 def _chair_fields() -> dict:
@@ -61,6 +63,19 @@ def test_hash_is_canonical_and_changes_with_any_knob() -> None:
     assert fingerprint_hash(_fingerprint(method_params={"alpha": 0.6})) != expected
 
 
+def test_execution_settings_are_recorded_and_change_the_hash() -> None:
+    """A prediction depends on its batch (left padding, one sampling generator per batch), so a run resumed
+    with another batch size, dtype, attention backend or device must not land in the same result."""
+    base = Execution(batch_size=8, dtype="float32", attn_implementation="sdpa", device="cpu")
+    fp = _fingerprint(execution=base)
+    assert fp["execution"] == {"batch_size": 8, "dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
+    assert _fingerprint()["execution"] is None
+    hashes = {fingerprint_hash(_fingerprint(execution=e)) for e in (
+        base, replace(base, batch_size=4), replace(base, dtype="bfloat16"),
+        replace(base, attn_implementation="eager"), replace(base, device="cuda"))}
+    assert len(hashes) == 5
+
+
 def test_pope_fingerprint_fields() -> None:
     fields = pope_protocol("file", ["edebdda", "head"], {"random": "ab", "adversarial": "cd"}, "official")
     fp = _fingerprint(chair=None, pope=fields)
@@ -81,7 +96,13 @@ def test_fingerprint_errors() -> None:
         _fingerprint(method_params={"layers": {1, 2}})
     with pytest.raises(EvalInputError, match="`num_beams` must be > 1 exactly when mode='beam'"):
         Decoding(max_new_tokens=10, mode="beam")
-    with pytest.raises(EvalInputError, match="`mode` must be one of greedy, sample, beam, got 'nucleus'"):
+    with pytest.raises(EvalInputError, match="`mode` must be one of 'greedy', 'sample', 'beam', got 'nucleus'"):
         Decoding(max_new_tokens=10, mode="nucleus")
-    with pytest.raises(EvalInputError, match="`max_new_tokens` must be a positive int, got 0"):
+    with pytest.raises(EvalInputError, match="`max_new_tokens` must be an int >= 1, got 0"):
         Decoding(max_new_tokens=0)
+    with pytest.raises(EvalInputError, match=r"`top_p` must be None or a finite number in \(0, 1\], got 1.5"):
+        Decoding(max_new_tokens=10, mode="sample", temperature=1.0, top_p=1.5)
+    with pytest.raises(EvalInputError, match=r"`batch_size` must be an int >= 1, got 0"):
+        Execution(batch_size=0)
+    with pytest.raises(EvalInputError, match=r"`batch_size` must be an int >= 1, got '8' \(a str\)"):
+        Execution(batch_size="8")

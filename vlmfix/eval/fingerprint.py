@@ -2,7 +2,8 @@
 
 Every choice that moves CHAIR or POPE numbers goes in: model id + revision; method + parameters;
 decoding (mode, beams, temperature, top_p, seed, max_new_tokens); prompt or preset + chat-template hash;
-library versions;
+library versions; execution (batch size, dtype, attention backend, device type: they change floating-point
+sums, so even greedy predictions can depend on them);
 CHAIR: image-list hash, normalizer + table version, NLTK version, quirk mode, vocabulary sha256, ground-truth
 cache key, comparable_to_opera; POPE: source, version, per-split sha256, parser, splits.
 
@@ -11,20 +12,24 @@ fp = protocol_fingerprint(model_id="llava-hf/llava-1.5-7b-hf", model_revision=No
                           method_params={}, decoding=Decoding(max_new_tokens=512),
                           prompt="Please describe this image in detail.",
                           chat_template=processor.chat_template,
-                          chair=chair_protocol(extractor, images, ground_truth))
+                          chair=chair_protocol(extractor, images, ground_truth),
+                          execution=Execution(batch_size=16, dtype="bfloat16", attn_implementation="sdpa",
+                                              device="cuda"))
 fingerprint_hash(fp)  # 64 hex digits; equal hashes mean the same protocol
 ```
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any
 
 from vlmfix.eval._io import sha256_json, sha256_text
 from vlmfix.eval.errors import EvalInputError
+from vlmfix.validation import choice, number, optional_number, text
 
 DECODING_MODES = ("greedy", "sample", "beam")
 DEFAULT_LIBRARIES = ("vlmfix", "torch", "transformers")
@@ -50,19 +55,57 @@ class Decoding:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in DECODING_MODES:
-            raise EvalInputError(f"`mode` must be one of {', '.join(DECODING_MODES)}, got {self.mode!r}.")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise EvalInputError(f"`max_new_tokens` must be a positive int, got {self.max_new_tokens!r}.")
-        if (
-            not isinstance(self.num_beams, int)
-            or self.num_beams < 1
-            or (self.mode == "beam") != (self.num_beams > 1)
-        ):
+        with _as_eval_input_error():
+            choice(self.mode, "mode", DECODING_MODES)
+            number(self.max_new_tokens, "max_new_tokens", low=1, integer=True, meaning="the generation budget")
+            number(self.num_beams, "num_beams", low=1, integer=True, meaning="the beam count (1 unless mode='beam')")
+            optional_number(self.temperature, "temperature", low=0, low_open=True)
+            optional_number(self.top_p, "top_p", low=0, high=1, low_open=True)
+            number(self.seed, "seed", integer=True, meaning="the run's random seed")
+        if (self.mode == "beam") != (self.num_beams > 1):
             raise EvalInputError(
                 f"`num_beams` must be > 1 exactly when mode='beam', got num_beams={self.num_beams!r} with "
                 f"mode={self.mode!r}."
             )
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the predictions were computed, beyond the protocol: settings that can change a prediction.
+
+    A prediction depends on its batch: left padding changes the floating-point sums of every row (so even
+    greedy answers can flip), and `generate` samples a whole batch from one random generator. Per-item
+    independence is not reachable through stock `generate`, so the batch size is part of the fingerprint and
+    a run resumed with another batch size starts a new result (the same holds for dtype, attention backend
+    and device type, which change the sums too).
+
+    Args:
+        batch_size: items per `generate` call (>= 1).
+        dtype: the model's parameter dtype, e.g. "bfloat16"; None when unknown.
+        attn_implementation: the attention backend, e.g. "sdpa"; None when unknown.
+        device: the device type, e.g. "cuda" or "cpu"; None when unknown.
+    """
+
+    batch_size: int
+    dtype: str | None = None
+    attn_implementation: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        with _as_eval_input_error():
+            number(self.batch_size, "batch_size", low=1, integer=True, meaning="the items per generate call")
+            for name in ("dtype", "attn_implementation", "device"):
+                if getattr(self, name) is not None:
+                    text(getattr(self, name), name)
+
+
+@contextmanager
+def _as_eval_input_error() -> Iterator[None]:
+    """Raise the shared argument checks' `ValueError`s as this package's `EvalInputError`."""
+    try:
+        yield
+    except ValueError as err:
+        raise EvalInputError(str(err)) from None
 
 
 def library_versions(names: Sequence[str] = DEFAULT_LIBRARIES) -> dict[str, str | None]:
@@ -116,6 +159,7 @@ def protocol_fingerprint(
     chat_template: str | None,
     chair: Mapping[str, Any] | None = None,
     pope: Mapping[str, Any] | None = None,
+    execution: Execution | None = None,
     libraries: Sequence[str] = DEFAULT_LIBRARIES,
 ) -> dict[str, Any]:
     """Build the fingerprint dict of one run (exactly one of `chair` / `pope`).
@@ -127,6 +171,7 @@ def protocol_fingerprint(
         prompt: the prompt text or preset name.
         chat_template: the chat template used (hashed), or None when there is none.
         chair / pope: `chair_protocol(...)` or `pope_protocol(...)`.
+        execution: the `Execution` settings (batch size, dtype, ...); None when not known (recorded as null).
         libraries: distributions whose versions are recorded.
     """
     if (chair is None) == (pope is None):
@@ -143,6 +188,7 @@ def protocol_fingerprint(
         "libraries": library_versions(libraries),
         "chair": dict(chair) if chair is not None else None,
         "pope": dict(pope) if pope is not None else None,
+        "execution": asdict(execution) if execution is not None else None,
     }
     fingerprint_hash(fingerprint)  # fails now, not when the results are written, if a value is not JSON
     return fingerprint
