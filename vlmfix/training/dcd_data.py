@@ -185,8 +185,8 @@ def _open(source: Any, split: str) -> tuple[Any, Path | None, Callable[[int], st
             if split not in loaded:
                 raise PreferenceDataError(f"{path} has no split {split!r}; its splits: {sorted(loaded)} (set "
                                           "data_split).")
-            loaded = loaded[split]
-        return loaded, path, lambda i: f"{path} [{split}], row {i}"
+            return loaded[split], path, lambda i: f"{path} [{split}], row {i}"
+        return loaded, path, lambda i: f"{path}, row {i}"
     try:
         dataset = datasets.load_dataset(str(path), split=split)
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as error:
