@@ -396,6 +396,11 @@ def _train_dcd(config: DCDTrainConfig) -> dict[Side, Path]:
             todo.append(side)
     if not todo:
         return written
+    for side in todo if config.resume else ():  # refuse other settings before the model loads
+        latest = latest_checkpoint(output_dir, CHECKPOINT_PREFIX[side])
+        if latest is not None:
+            state, _ = read_checkpoint(latest, ())
+            check_same_settings(state.get("identity", {}), identity, f"checkpoint {latest}")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(model_path)
