@@ -246,9 +246,9 @@ def batch_indices(step: int, rows: int, global_batch: int, seed: int) -> list[in
 
 def _sources(config: AIATrainConfig) -> tuple[str, str | None]:
     """(model directory, default data) of a config, checked before anything loads; builds the toy if asked."""
+    if config.data is not None:
+        check_path(config.data, "data", "a .jsonl / .json file or a COCO-layout directory")
     if config.model not in (None, "toy"):
-        if config.data is not None:
-            check_path(config.data, "data", "a .jsonl / .json file or a COCO-layout directory")
         return check_model_source(config.model), None
     from vlmfix.toy import build_toy
 

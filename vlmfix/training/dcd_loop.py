@@ -51,7 +51,6 @@ from vlmfix.training.config import (
     check_model_source,
     check_path,
     check_same_settings,
-    describe_differences,
     differing_keys,
 )
 from vlmfix.training.dcd_config import DCDTrainConfig
@@ -349,14 +348,37 @@ def finished_with(path: Path, identity: dict[str, Any]) -> str | None:
         training = json.loads(read_metadata(path).get("training", "{}"))
     except CheckpointError as error:
         return str(error) if path.exists() else "not written yet"
-    saved = {k: training.get(k, "<unset>") for k in identity}
-    return describe_differences(saved, identity) if differing_keys(saved, identity) else None
+    keys = differing_keys({k: training.get(k, "<unset>") for k in identity}, identity)
+    return f"other {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" if keys else None
 
 
 def write_projector(path: Path, run: ProjectorRun, model: nn.Module, training: dict[str, Any]) -> Path:
     """`save_projector` of a trained side into `path`, atomically (a kill never leaves a truncated file)."""
     return replace_atomically(path, lambda tmp: save_projector(tmp, run.state_dict, model, run.side, training,
                                                                lora=run.lora))
+
+
+def _sides_to_train(config: DCDTrainConfig, identity: dict[str, Any], output_dir: Path,
+                    accelerator: Any) -> tuple[dict[Side, Path], list[Side]]:
+    """(the finished sides kept, the sides to train); a side's checkpoint written with other settings, model or
+    data is refused here, before the model loads."""
+    kept: dict[Side, Path] = {}
+    todo: list[Side] = []
+    for side in config.projectors:
+        final = output_dir / CHECKPOINT_FILES[side]
+        why = finished_with(final, identity) if config.resume else "resume=false"
+        if why is None:
+            accelerator.print(f"[dcd {side}] {final} was trained with these settings, model and data: kept")
+            kept[side] = final
+            continue
+        if final.exists():
+            accelerator.print(f"[dcd {side}] training {final} again ({why})")
+        latest = latest_checkpoint(output_dir, CHECKPOINT_PREFIX[side]) if config.resume else None
+        if latest is not None:
+            state, _ = read_checkpoint(latest, ())
+            check_same_settings(state.get("identity", {}), identity, f"checkpoint {latest}")
+        todo.append(side)
+    return kept, todo
 
 
 def train_dcd(config: DCDTrainConfig) -> dict[Side, Path]:
@@ -382,25 +404,9 @@ def _train_dcd(config: DCDTrainConfig) -> dict[Side, Path]:
                                       f"layout {data.layout}); check the data, or train only the other projector.")
     identity = _identity(config, provenance, data)
     output_dir = Path(config.output_dir).expanduser()
-    written: dict[Side, Path] = {}
-    todo: list[Side] = []
-    for side in config.projectors:
-        final = output_dir / CHECKPOINT_FILES[side]
-        why = finished_with(final, identity) if config.resume else "resume=false"
-        if why is None:
-            accelerator.print(f"[dcd {side}] {final} was trained with these settings, model and data: kept")
-            written[side] = final
-        else:
-            if final.exists():
-                accelerator.print(f"[dcd {side}] training again: {final} does not match ({why})")
-            todo.append(side)
+    written, todo = _sides_to_train(config, identity, output_dir, accelerator)
     if not todo:
         return written
-    for side in todo if config.resume else ():  # refuse other settings before the model loads
-        latest = latest_checkpoint(output_dir, CHECKPOINT_PREFIX[side])
-        if latest is not None:
-            state, _ = read_checkpoint(latest, ())
-            check_same_settings(state.get("identity", {}), identity, f"checkpoint {latest}")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(model_path)
