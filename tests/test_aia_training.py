@@ -303,6 +303,12 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit this model and trainable set"):
         train(AIATrainConfig(**{**config.as_dict(), "output_dir": str(tmp_path / "b")}),
               model=build_tiny("llava", layers=2).model, processor=resumed.processor, rows=rows)
+    # resume=false starts over and deletes the old checkpoints, so a later run cannot resume one of them
+    fresh = train(AIATrainConfig(**{**config.as_dict(), "output_dir": str(tmp_path / "b"), "resume": False,
+                                    "max_steps": 2, "learning_rate": 2e-2}),
+                  model=build_tiny("llava").model, processor=resumed.processor, rows=rows)
+    assert fresh.resumed_from is None and [h["step"] for h in fresh.history] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-0000002"]
 
 
 def test_lambda_auto_ratio_sets_lambda_from_the_first_batches(tmp_path):
