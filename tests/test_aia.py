@@ -22,6 +22,7 @@ from vlmfix.training.aia import (
     AIARecord,
     IntensityCurve,
     LayerTargets,
+    Stage,
     StageTable,
     answer_mask,
     huber,
@@ -253,11 +254,19 @@ def test_presets_follow_the_code_and_paper_boundaries():
 def test_custom_tables_and_their_errors():
     table = resolve_targets([(2, 0.2, 0.1), (None, 0.4, 0.05)], 5)
     assert table.target == (0.2, 0.2, 0.4, 0.4, 0.4) and table.delta == (0.1, 0.1, 0.05, 0.05, 0.05)
-    with pytest.raises(ValueError, match=r"targets are attention masses in \[0, 1\], got \[1.5\]"):
+    with pytest.raises(ValueError, match=r"stages\[0\]: `target` must be a finite number in \[0, 1\], got 1.5; target "
+                                         r"is an attention mass"):
         StageTable(((None, 1.5, 0.05),))
-    with pytest.raises(ValueError, match=r"thresholds \(delta\) must be > 0, got \[0.0\]"):
-        StageTable(((None, 0.5, 0.0),))
-    with pytest.raises(ValueError, match="stops must be positive and increasing, got \\[4, 2, None\\]"):
+    with pytest.raises(ValueError, match=r"stages\[1\]: `delta` must be a finite number > 0, got 0.0"):
+        StageTable(((2, 0.5, 0.1), (None, 0.5, 0.0)))
+    with pytest.raises(ValueError, match=r"`stop` must be None or a finite number > 0, got '3' \(a str\)"):
+        Stage("3", 0.5, 0.1)
+    with pytest.raises(ValueError, match=r"`stages\[0\]` must be a list of 3 values \(stop, target, delta\), got "
+                                         r"\[0.5, 0.1\]"):
+        StageTable(([0.5, 0.1],))
+    with pytest.raises(ValueError, match=r"`target\[1\]` must be a finite number in \[0, 1\], got -0.1"):
+        LayerTargets((0.1, -0.1), (0.05, 0.05))
+    with pytest.raises(ValueError, match="stops must be positive and increasing, got \\[4.0, 2.0, None\\]"):
         StageTable(((4, 0.1, 0.05), (2, 0.2, 0.05), (None, 0.3, 0.05)))
     with pytest.raises(ValueError, match="ends at layer 3 but the model has 5 layers"):
         resolve_targets([(3, 0.2, 0.1)], 5)
@@ -272,19 +281,23 @@ def test_curve_stages_bin_by_relative_depth():
     # a 9-layer student gets the same thirds
     assert resolve_targets(table, 9).target == (0.15,) * 3 + (0.35,) * 3 + (0.55,) * 3
     assert resolve_targets(table, 9).delta == (0.02,) * 9
-    with pytest.raises(ValueError, match=r"num_stages must be in \[1, 6\]"):
+    with pytest.raises(ValueError, match=r"`num_stages` must be an int in \[1, 6\], got 7"):
         curve.stages(7)
 
 
 def test_loss_argument_errors():
-    with pytest.raises(ValueError, match="`lambda_` must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match="`lambda_` must be a finite number >= 0, got -1; lambda_ is the weight"):
         AIALoss(lambda_=-1)
-    with pytest.raises(ValueError, match="`normalize` must be one of \\('all', 'valid'\\), got 'mean'"):
+    with pytest.raises(ValueError, match=r"`lambda_` must be a finite number >= 0, got '10' \(a str\)"):
+        AIALoss(lambda_="10")
+    with pytest.raises(ValueError, match="`normalize` must be one of 'all', 'valid', got 'mean'"):
         AIALoss(normalize="mean")
-    with pytest.raises(ValueError, match="`answer_rows` must be one of"):
+    with pytest.raises(ValueError, match="`answer_rows` must be one of 'all_turns', 'last_turn', got 'first_turn'"):
         AIALoss(answer_rows="first_turn")
     with pytest.raises(ValueError, match="`aia_rows` must be None or an int >= 1, got 0"):
         AIALoss(aia_rows=0)
+    with pytest.raises(ValueError, match=r"`aia_rows` must be None or an int >= 1, got '64' \(a str\)"):
+        AIALoss(aia_rows="64")
     with pytest.raises(UnknownNameError, match="Unknown AIA stage preset"):
         AIALoss(targets="janus")
 

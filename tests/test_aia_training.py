@@ -15,18 +15,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from vlmfix.errors import CheckpointError
 from vlmfix.testing import build_tiny, random_image
 from vlmfix.training.aia import measure_intensity, resolve_targets
-from vlmfix.training.aia_trainer import (
-    AIAGradientError,
-    AIATrainConfig,
-    SFTCollator,
-    SFTExample,
-    coco_rows,
-    config_from_args,
-    example_from_record,
-    iter_batches,
-    load_rows,
-    train,
-)
+from vlmfix.training.aia_config import AIATrainConfig
+from vlmfix.training.aia_data import SFTCollator, SFTExample, coco_rows, example_from_record, iter_batches, load_rows
+from vlmfix.training.aia_loop import AIAGradientError, batch_indices, train
+from vlmfix.training.aia_trainer import config_from_args, main
+from vlmfix.training.config import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "train" / "aia.yaml"
 QA = [
@@ -297,14 +290,25 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
         assert h1["loss"] == pytest.approx(h2["loss"], rel=1e-5)
     for (name, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
-    # a checkpoint of another trainable set does not fit
-    with pytest.raises(CheckpointError, match="does not fit this model and trainable set"):
+    # other settings are refused, naming them; a model the checkpoint does not fit is refused too
+    with pytest.raises(ConfigError, match=r"checkpoint .*checkpoint-0000004 was written with other settings "
+                                          r"\(learning_rate: 0.01 -> 0.02; trainable: 'qk' -> 'full'\)"):
         train(
-            AIATrainConfig(**{**config.as_dict(), "output_dir": str(tmp_path / "b"), "trainable": "full"}),
+            AIATrainConfig(**{**config.as_dict(), "output_dir": str(tmp_path / "b"), "trainable": "full",
+                              "learning_rate": 2e-2}),
             model=build_tiny("llava").model,
             processor=resumed.processor,
             rows=rows,
         )
+    with pytest.raises(CheckpointError, match="does not fit this model and trainable set"):
+        train(AIATrainConfig(**{**config.as_dict(), "output_dir": str(tmp_path / "b")}),
+              model=build_tiny("llava", layers=2).model, processor=resumed.processor, rows=rows)
+    # resume=false starts over and deletes the old checkpoints, so a later run cannot resume one of them
+    fresh = train(AIATrainConfig(**{**config.as_dict(), "output_dir": str(tmp_path / "b"), "resume": False,
+                                    "max_steps": 2, "learning_rate": 2e-2}),
+                  model=build_tiny("llava").model, processor=resumed.processor, rows=rows)
+    assert fresh.resumed_from is None and [h["step"] for h in fresh.history] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-0000002"]
 
 
 def test_lambda_auto_ratio_sets_lambda_from_the_first_batches(tmp_path):
@@ -314,8 +318,6 @@ def test_lambda_auto_ratio_sets_lambda_from_the_first_batches(tmp_path):
         tmp_path, lambda_auto_ratio=50.0, lambda_auto_batches=1, max_steps=1, targets=[(None, 0.9, 0.05)]
     )
     # reference: NTP of a plain forward, AIA from eager maps, over the first batch of the run's order
-    from vlmfix.training.aia_trainer import batch_indices
-
     collate = SFTCollator(tiny.processor)
     eager = build_tiny("llava", attn_implementation="eager").model
     ntp = aia = 0.0
@@ -368,9 +370,10 @@ def test_yaml_config_loads_via_cli_and_hydra(tmp_path):
     from omegaconf import OmegaConf
 
     assert isinstance(instantiate(OmegaConf.load(CONF), _convert_="all"), AIATrainConfig)
-    with pytest.raises(ValueError, match=r"unknown AIA training settings \['max_step'\]"):
+    with pytest.raises(ConfigError, match=r"unknown AIA training settings \['max_step'\]. Known: model, data, "):
         config_from_args(["--config", str(CONF), "max_step=3"])
-    with pytest.raises(ValueError, match="trainable must be one of"):
+    with pytest.raises(ValueError, match="`trainable` must be one of 'full', 'language_model', 'qk', 'lora', got "
+                                         "'everything'; Or give a list of regular expressions"):
         AIATrainConfig(trainable="everything")
 
 
@@ -382,8 +385,6 @@ def test_cli_trains_a_saved_model_on_a_jsonl_file(tmp_path):
         random_image(48, i).save(tmp_path / f"{i}.png")
     lines = [json.dumps({"image": f"{i}.png", "question": q, "answer": a}) for i, (q, a) in enumerate(QA)]
     (tmp_path / "train.jsonl").write_text("\n".join(lines), encoding="utf-8")
-    from vlmfix.training.aia_trainer import main
-
     result = main(
         [
             "--config",

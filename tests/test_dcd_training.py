@@ -1,4 +1,7 @@
-"""The DCD projector trainer: preference data checks, the response NLL, one step, checkpoints."""
+"""The DCD projector trainer: JSON Lines preference data, the response NLL, one step, projector files.
+
+Other data formats: tests/test_training_dcd_data.py; resuming: tests/test_training_resume.py; settings,
+command line and threads: tests/test_training_config.py."""
 
 from __future__ import annotations
 
@@ -15,16 +18,11 @@ from vlmfix.adapters import get_adapter
 from vlmfix.methods.dcd import DCD, load_negative_lora, load_projector, read_metadata, save_projector
 from vlmfix.methods.dcd_lora import LoraSpec, NegativeLora
 from vlmfix.testing import random_image
-from vlmfix.training.dcd import (
-    DCDTrainConfig,
-    PreferenceDataError,
-    ResponseEncoder,
-    load_preferences,
-    parse_config,
-    response_nll,
-    train_dcd,
-    train_projector,
-)
+from vlmfix.training.config import ConfigError
+from vlmfix.training.dcd import parse_config
+from vlmfix.training.dcd_config import DCDTrainConfig
+from vlmfix.training.dcd_data import PreferenceDataError, ResponseEncoder, load_preferences
+from vlmfix.training.dcd_loop import response_nll, train_dcd, train_projector
 
 from .conftest import tiny_model
 
@@ -64,42 +62,54 @@ def step_config(**overrides) -> DCDTrainConfig:
 # ------------------------------------------------------------------------------------------- data
 def test_preference_rows_are_read_and_checked(tmp_path):
     path = write_preferences(tmp_path)
-    rows = load_preferences(path)
-    assert [(r.prompt, r.chosen, r.rejected, r.line) for r in rows] == [(*row, i + 1) for i, row in enumerate(ROWS)]
-    assert rows[2].image == (tmp_path / "images" / "2.png").resolve()
-    assert len(load_preferences(path, max_rows=2)) == 2
+    data = load_preferences(path)
+    assert data.layout == "prompt" and data.rows == len(ROWS)
+    assert [(p.prompt, p.response, n.response) for p, n in zip(data.positive, data.negative)] == ROWS
+    assert [e.where for e in data.negative] == [f"{path}, line {i + 1}" for i in range(len(ROWS))]
+    assert data.positive[2].image == tmp_path / "images" / "2.png" == data.negative[2].image
+    assert data.positive[2].open_image().tobytes() == random_image(56, seed=2).convert("RGB").tobytes()
+    short = load_preferences(path, max_rows=2)
+    assert len(short.positive) == len(short.negative) == 2 and short.fingerprint != data.fingerprint
+    assert load_preferences(path).fingerprint == data.fingerprint
 
 
 @pytest.mark.parametrize("line, message", [
     ('{"image": "images/0.png", "prompt": "p", "chosen": "c"', r"line 5: not valid JSON"),
-    ('["images/0.png", "p", "c", "r"]', r"line 5: expected a JSON object .* got list"),
-    ('{"image": "images/0.png", "prompt": "p", "chosen": "c"}', r"line 5: 'rejected' must be a non-empty string, "
-                                                                  r"got None"),
-    ('{"image": "images/0.png", "prompt": "p", "chosen": " ", "rejected": "r"}', r"line 5: 'chosen' must be a "
-                                                                                  r"non-empty string"),
+    ('["images/0.png", "p", "c", "r"]', r"line 5: expected a JSON object \(with image, prompt, chosen and rejected\), "
+                                        r"got list"),
+    ('{"image": "images/0.png", "prompt": "p", "chosen": "c"}', r"line 5: `rejected` must be a non-empty string, "
+                                                                  r"got None \(a NoneType\); every row needs image, "
+                                                                  r"prompt, chosen and rejected \(fill it in or drop "),
+    ('{"image": "images/0.png", "prompt": "p", "chosen": " ", "rejected": "r"}', r"line 5: `chosen` must be a "
+                                                                                  r"non-empty string, got ' '"),
     ('{"image": "images/nope.png", "prompt": "p", "chosen": "c", "rejected": "r"}', r"line 5: image "
                                                                                      r"'images/nope.png' not found"),
+    ('{"image": "notes.txt", "prompt": "p", "chosen": "c", "rejected": "r"}', r"line 5: image 'notes.txt' is not an "
+                                                                               r"image file \(cannot identify image"),
+    ('{"image": "", "prompt": "p", "chosen": "c", "rejected": "r"}',
+     r"line 5: `image` must be an image path, an image or \{'bytes': ..., 'path': ...\}, got ''"),
 ])
 def test_bad_preference_row_names_the_row(tmp_path, line, message):
-    path = write_preferences(tmp_path, extra_lines=(line,))
-    with pytest.raises(PreferenceDataError, match=message):
+    path = write_preferences(tmp_path, extra_lines=("", line))  # a blank line 5 holds no row
+    (tmp_path / "notes.txt").write_text("not an image", encoding="utf-8")
+    with pytest.raises(PreferenceDataError, match=message.replace("line 5", "line 6")):
         load_preferences(path)
 
 
 def test_empty_or_missing_preference_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
-    with pytest.raises(PreferenceDataError, match="holds no rows"):
+    with pytest.raises(PreferenceDataError, match="empty.jsonl holds no rows"):
         load_preferences(tmp_path / "empty.jsonl")
-    with pytest.raises(PreferenceDataError, match="does not exist"):
+    with pytest.raises(PreferenceDataError, match="nope.jsonl does not exist; pass data="):
         load_preferences(tmp_path / "nope.jsonl")
 
 
 def test_labels_cover_the_response_only(tmp_path):
     tiny = tiny_model("llava")
-    row = load_preferences(write_preferences(tmp_path))[0]
+    example = load_preferences(write_preferences(tmp_path)).negative[0]
     encoder = ResponseEncoder(tiny.processor)
-    item = encoder.encode(row, row.rejected)
-    answer = tiny.tokenizer(" " + row.rejected, add_special_tokens=False)["input_ids"] + [tiny.tokenizer.eos_token_id]
+    item = encoder.encode(example)
+    answer = tiny.tokenizer(" " + ROWS[0][2], add_special_tokens=False)["input_ids"] + [tiny.tokenizer.eos_token_id]
     prompt_len = len(item["input_ids"]) - len(answer)
     assert item["input_ids"][prompt_len:].tolist() == answer
     assert (item["labels"][:prompt_len] == -100).all() and item["labels"][prompt_len:].tolist() == answer
@@ -109,9 +119,9 @@ def test_labels_cover_the_response_only(tmp_path):
 
 def test_response_nll_matches_a_reference(tmp_path):
     tiny = tiny_model("qwen2_vl")
-    rows = load_preferences(write_preferences(tmp_path))
+    data = load_preferences(write_preferences(tmp_path))
     encoder = ResponseEncoder(tiny.processor)
-    batch = encoder.collate([encoder.encode(r, r.chosen) for r in rows[:3]])
+    batch = encoder.batch(data.positive[:3])
     with torch.no_grad():
         logits = tiny.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         per_row, tokens = [], []
@@ -129,12 +139,12 @@ def test_response_nll_matches_a_reference(tmp_path):
 def test_one_step_lowers_the_loss_and_trains_the_projector_only(family, tmp_path):
     tiny = tiny_model(family)
     model = tiny.model
-    rows = load_preferences(write_preferences(tmp_path))
+    data = load_preferences(write_preferences(tmp_path))
     projector_names = {f"{name}" for name, _ in get_adapter(model).projector.named_parameters()}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
 
-    run = train_projector(model, tiny.processor, rows, "neg", step_config())
+    run = train_projector(model, tiny.processor, data.negative, "neg", step_config())
 
     # the model comes back as it was: weights and requires_grad flags
     for name, p in model.named_parameters():
@@ -144,10 +154,9 @@ def test_one_step_lowers_the_loss_and_trains_the_projector_only(family, tmp_path
     p0 = get_adapter(model).projector.state_dict()
     assert set(run.state_dict) == projector_names
     assert all(not torch.equal(run.state_dict[k], p0[k]) for k in p0)
-    assert run.steps == 1 and len(run.losses) == 1
+    assert run.side == "neg" and run.steps == 1 and len(run.losses) == 1
     # the step lowered the loss of that batch (the rejected responses)
-    encoder = ResponseEncoder(tiny.processor)
-    batch = encoder.collate([encoder.encode(r, r.rejected) for r in rows])
+    batch = ResponseEncoder(tiny.processor).batch(data.negative)
     trained = get_adapter(model).projector
     with torch.no_grad():
         start = response_nll(model, batch)
@@ -172,11 +181,11 @@ def merged_copy(model: torch.nn.Module, tensors: dict, spec) -> torch.nn.Module:
 def test_lora_fallback_trains_projector_and_adapters_and_leaves_the_model(tmp_path):
     tiny = tiny_model("llava")
     model = tiny.model
-    rows = load_preferences(write_preferences(tmp_path))
+    data = load_preferences(write_preferences(tmp_path))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = step_config(trainable="projector+lora_neg", lora_rank=4, max_steps=2)
 
-    run = train_projector(model, tiny.processor, rows, "neg", config)
+    run = train_projector(model, tiny.processor, data.negative, "neg", config)
 
     for name, p in model.named_parameters():  # base weights untouched, no hook left behind
         assert torch.equal(p, before[name]), name
@@ -185,8 +194,7 @@ def test_lora_fallback_trains_projector_and_adapters_and_leaves_the_model(tmp_pa
     assert sorted(tensors) == sorted(f"lora.{n}.{part}" for n in layers for part in ("down", "up"))
     assert all(tensors[f"lora.{n}.up"].abs().sum() > 0 for n in layers)  # up starts at zero and moved
     # the hooks compute what merged weights compute, and the steps lowered the loss of that batch
-    encoder = ResponseEncoder(tiny.processor)
-    batch = encoder.collate([encoder.encode(r, r.rejected) for r in rows])
+    batch = ResponseEncoder(tiny.processor).batch(data.negative)
     projector = get_adapter(model).projector
     p0 = {k: v.clone() for k, v in projector.state_dict().items()}
     with torch.no_grad():
@@ -209,7 +217,7 @@ def test_lora_checkpoint_round_trip_and_mismatch(tmp_path):
                            "lora_rank=2", "lora_targets=[v_proj]", f"output_dir={tmp_path / 'out'}", "max_steps=1",
                            "batch_size=2", "gradient_accumulation_steps=1", "learning_rate=1e-2"])
     written = train_dcd(config)
-    assert read_metadata(written["pos"]).get("lora") is None  # the positive stream has no adapters
+    assert read_metadata(written["pos"]).get("lora") is None  # the positive projector has no adapters
     lora = load_negative_lora(written["neg"], tiny.model)
     assert lora.spec == LoraSpec(rank=2, alpha=16.0, targets=("v_proj",))
     assert all(k.endswith(("v_proj.down", "v_proj.up")) for k in lora.tensors())
@@ -289,6 +297,8 @@ def test_train_dcd_writes_checkpoints_that_dcd_loads(tmp_path):
     training = json.loads(read_metadata(written["pos"])["training"])
     assert training["steps"] == 1 and training["data"] == str(data) and training["learning_rate"] == 1e-3
     assert training["model_dir"] == str(model_dir) and "toy_settings_hash" not in training
+    assert training["data_fingerprint"] == load_preferences(data).fingerprint and training["examples"] == len(ROWS)
+    assert not list((tmp_path / "out").glob("checkpoint-*"))  # resumable checkpoints go once the file is written
     inputs = tiny.inputs(["describe this image ."])
     out = vlmfix.generate(tiny.model, **inputs, methods=[DCD(tmp_path / "out")], max_new_tokens=3,
                           min_new_tokens=3)
@@ -296,19 +306,26 @@ def test_train_dcd_writes_checkpoints_that_dcd_loads(tmp_path):
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="`loss_reduction` must be 'sequence' or 'token', got 'mean'"):
+    with pytest.raises(ValueError, match="`loss_reduction` must be one of 'sequence', 'token', got 'mean'"):
         DCDTrainConfig(loss_reduction="mean")
-    with pytest.raises(ValueError, match="`streams` must be a non-empty subset"):
-        DCDTrainConfig(streams=("both",))
+    with pytest.raises(ValueError, match="`projectors\\[0\\]` must be one of 'pos', 'neg', got 'both'"):
+        DCDTrainConfig(projectors=("both",))
+    with pytest.raises(ValueError, match="`projectors` must be a non-empty list of sides"):
+        DCDTrainConfig(projectors=())
+    with pytest.raises(ValueError, match="`projectors` must be distinct sides"):
+        DCDTrainConfig(projectors=("neg", "neg"))
     with pytest.raises(ValueError, match="`lora_rank` must be an int >= 1, got 0"):
         DCDTrainConfig(trainable="projector+lora_neg", lora_rank=0)
-    with pytest.raises(ValueError, match="include 'neg' in `streams`"):
-        DCDTrainConfig(trainable="projector+lora_neg", streams=("pos",))
+    with pytest.raises(ValueError, match="include 'neg' in `projectors`"):
+        DCDTrainConfig(trainable="projector+lora_neg", projectors=("pos",))
     assert DCDTrainConfig(trainable="projector+lora_neg", lora_targets=["q_proj"]).lora_spec.targets == ("q_proj",)
-    with pytest.raises(SystemExit, match="unknown settings \\['lr'\\]"):
+    with pytest.raises(ConfigError, match="unknown DCD training settings \\['lr'\\]. Known: model, data, "):
         parse_config(["lr=1e-3"])
-    config = parse_config(["--config", str(CONF), "streams=[neg]"])
-    assert config.streams == ("neg",) and config.learning_rate == 2e-5 and config.gradient_accumulation_steps == 16
+    with pytest.raises(ConfigError, match="unknown DCD training settings \\['streams'\\] \\(`streams` is now "
+                                          "`projectors`\\)"):
+        parse_config(["--config", str(CONF), "streams=[neg]"])
+    config = parse_config(["--config", str(CONF), "projectors=[neg]"])
+    assert config.projectors == ("neg",) and config.learning_rate == 2e-5 and config.gradient_accumulation_steps == 16
 
 
 @pytest.mark.slow
@@ -317,10 +334,10 @@ def test_toy_preference_file_trains():
 
     paths = build_toy(fast=True)
     config = DCDTrainConfig(model=str(paths.model_dir), data=str(paths.preference_file), max_rows=8, batch_size=4,
-                            gradient_accumulation_steps=1, max_steps=2, learning_rate=1e-3, streams=("neg",))
+                            gradient_accumulation_steps=1, max_steps=2, learning_rate=1e-3, projectors=("neg",))
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
     processor = AutoProcessor.from_pretrained(paths.model_dir)
-    run = train_projector(model, processor, load_preferences(paths.preference_file, 8), "neg", config)
+    run = train_projector(model, processor, load_preferences(paths.preference_file, 8).negative, "neg", config)
     assert run.steps == 2 and all(loss == loss for loss in run.losses)

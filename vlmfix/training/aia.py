@@ -47,6 +47,7 @@ from vlmfix.decoding.attention import AttentionCall
 from vlmfix.decoding.session import Session, apply
 from vlmfix.errors import SessionError
 from vlmfix.registry import Registry
+from vlmfix.validation import choice, number, optional_number, sequence
 
 IGNORE_INDEX = -100
 Normalize = Literal["all", "valid"]
@@ -71,6 +72,14 @@ class Stage:
     target: float
     delta: float
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", optional_number(self.stop, "stop", low=0, low_open=True,
+                                                         meaning="the stage's exclusive end (None: the last layer)"))
+        object.__setattr__(self, "target", number(self.target, "target", low=0, high=1,
+                                                  meaning="an attention mass the stage's layers are pulled toward"))
+        object.__setattr__(self, "delta", number(self.delta, "delta", low=0, low_open=True,
+                                                 meaning="the stage's Huber threshold"))
+
 
 @dataclass(frozen=True)
 class LayerTargets:
@@ -81,12 +90,17 @@ class LayerTargets:
     rule: str = "custom"
 
     def __post_init__(self) -> None:
-        if len(self.target) != len(self.delta) or not self.target:
+        target = sequence(self.target, "target", lambda v, n: number(v, n, low=0, high=1), min_length=1,
+                          what="attention masses in [0, 1], one per layer")
+        delta = sequence(self.delta, "delta", lambda v, n: number(v, n, low=0, low_open=True), min_length=1,
+                         what="Huber thresholds > 0, one per layer")
+        if len(target) != len(delta):
             raise ValueError(
-                f"LayerTargets needs one target and one delta per layer, got {len(self.target)} targets "
-                f"and {len(self.delta)} deltas."
+                f"LayerTargets needs one target and one delta per layer, got {len(target)} targets "
+                f"and {len(delta)} deltas."
             )
-        _check_values(self.target, self.delta)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "delta", delta)
 
     @property
     def num_layers(self) -> int:
@@ -111,12 +125,7 @@ class StageTable:
     rule: str = "custom"
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "stages", tuple(s if isinstance(s, Stage) else Stage(*s) for s in self.stages)
-        )
-        if not self.stages:
-            raise ValueError("StageTable needs at least one stage, got none.")
-        _check_values([s.target for s in self.stages], [s.delta for s in self.stages])
+        object.__setattr__(self, "stages", sequence(self.stages, "stages", _stage, min_length=1, what="stages"))
         stops = [s.stop for s in self.stages]
         if any(stop is None for stop in stops[:-1]):
             raise ValueError(
@@ -142,8 +151,7 @@ class StageTable:
 
     def resolve(self, num_layers: int) -> LayerTargets:
         """Per-layer targets and deltas for a model with `num_layers` decoder layers."""
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        num_layers = number(num_layers, "num_layers", low=1, integer=True)
         bounds = self.boundaries(num_layers)
         target, delta = [], []
         for layer in range(num_layers):
@@ -159,13 +167,15 @@ class StageTable:
         return LayerTargets(tuple(target), tuple(delta), rule=self.rule)
 
 
-def _check_values(targets: Sequence[float], deltas: Sequence[float]) -> None:
-    bad_t = [t for t in targets if not 0.0 <= float(t) <= 1.0]
-    if bad_t:
-        raise ValueError(f"AIA targets are attention masses in [0, 1], got {bad_t}.")
-    bad_d = [d for d in deltas if not float(d) > 0.0]
-    if bad_d:
-        raise ValueError(f"AIA Huber thresholds (delta) must be > 0, got {bad_d}.")
+def _stage(value: Any, name: str) -> Stage:
+    """A `Stage`, or a (stop, target, delta) triple made into one (errors name the stage)."""
+    if isinstance(value, Stage):
+        return value
+    triple = sequence(value, name, lambda item, _: item, length=3, what="values (stop, target, delta)")
+    try:
+        return Stage(*triple)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def rule_r4(delta: float = 0.05) -> StageTable:
@@ -215,7 +225,7 @@ def resolve_targets(targets: TargetsSpec, num_layers: int) -> LayerTargets:
     if isinstance(targets, str):
         targets = STAGE_PRESETS.get(targets)
     elif not isinstance(targets, StageTable | LayerTargets):
-        targets = StageTable(tuple(Stage(*stage) for stage in targets))
+        targets = StageTable(tuple(targets))
     if isinstance(targets, LayerTargets):
         if targets.num_layers != num_layers:
             raise ValueError(
@@ -418,7 +428,7 @@ class AIALoss:
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from vlmfix.toy import build_toy
         from vlmfix.training.aia import AIALoss
-        from vlmfix.training.aia_trainer import SFTCollator, coco_rows
+        from vlmfix.training.aia_data import SFTCollator, coco_rows
 
         paths = build_toy(fast=True)
         model = AutoModelForImageTextToText.from_pretrained(paths.model_dir)
@@ -441,19 +451,12 @@ class AIALoss:
         if isinstance(self.targets, str):
             STAGE_PRESETS.get(self.targets)  # unknown names fail here, listing the presets
         elif not isinstance(self.targets, StageTable | LayerTargets):
-            object.__setattr__(self, "targets", StageTable(tuple(Stage(*stage) for stage in self.targets)))
-        if not (isinstance(self.lambda_, int | float) and self.lambda_ >= 0 and math.isfinite(self.lambda_)):
-            raise ValueError(
-                f"`lambda_` must be a finite number >= 0, got {self.lambda_!r}; it weights L_AIA."
-            )
-        if self.normalize not in _NORMALIZE:
-            raise ValueError(f"`normalize` must be one of {_NORMALIZE}, got {self.normalize!r}.")
-        if self.answer_rows not in _ANSWER_ROWS:
-            raise ValueError(f"`answer_rows` must be one of {_ANSWER_ROWS}, got {self.answer_rows!r}.")
-        if self.aia_rows is not None and (isinstance(self.aia_rows, bool) or int(self.aia_rows) < 1):
-            raise ValueError(
-                f"`aia_rows` must be None or an int >= 1, got {self.aia_rows!r}; it caps answer rows."
-            )
+            object.__setattr__(self, "targets", StageTable(tuple(self.targets)))
+        object.__setattr__(self, "lambda_", number(self.lambda_, "lambda_", low=0, meaning="the weight of L_AIA"))
+        choice(self.normalize, "normalize", _NORMALIZE, meaning="the denominator of the aggregation (D2)")
+        choice(self.answer_rows, "answer_rows", _ANSWER_ROWS, meaning="which answer turns are scored")
+        object.__setattr__(self, "aia_rows", optional_number(self.aia_rows, "aia_rows", low=1, integer=True,
+                                                             meaning="the most answer rows scored per sample"))
 
     # ------------------------------------------------------------------ observing a forward
     @contextmanager
@@ -590,8 +593,8 @@ class IntensityCurve:
         their mean intensity; in another model it covers the same fraction of depth.
         """
         layers = len(self.mean)
-        if not 1 <= num_stages <= layers:
-            raise ValueError(f"num_stages must be in [1, {layers}] (the curve's layers), got {num_stages}.")
+        num_stages = number(num_stages, "num_stages", low=1, high=layers, integer=True,
+                            meaning="how many constants the curve's layers are binned into")
         bounds = [math.ceil(round(k * layers / num_stages, 9)) for k in range(num_stages + 1)]
         stages = tuple(
             Stage((k + 1) / num_stages, round(float(self.mean[bounds[k] : bounds[k + 1]].mean()), 4), delta)
