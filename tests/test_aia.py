@@ -507,7 +507,7 @@ def test_one_forward_per_observe_block_and_labels_needed():
             pass
         with pytest.raises(SessionError, match="no intensity for layers \\[0, 1, 2, 3\\]"):
             aia.loss(record)
-        assert session.observers == []  # each block removes its observer
+        assert not session.observed  # each block removes its observer
 
 
 def test_measure_intensity_equals_the_reference_average():

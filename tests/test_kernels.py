@@ -1,4 +1,5 @@
-"""vlmfix.kernels: the grouped decode-attention kernel against its reference, and the method epilogues.
+"""vlmfix.kernels: the grouped decode-attention kernel against its reference, and the library's edited decode
+step (`grouped_decode_output`: the kernel plus the edit vocabulary's closed forms) against each method's edit.
 
 Without CUDA the Triton kernel runs under triton's interpreter, which must be chosen before anything imports
 triton: run `TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py` (tests/conftest.py's imports load
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -22,16 +23,14 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 import pytest
 
+from vlmfix.decoding.edits import FusionReweight, HeadScale, KeyBias, Transfer
+from vlmfix.decoding.grouped import grouped_decode_output
 from vlmfix.kernels import (
     GroupedDecodeResult,
-    gift_output,
     grouped_decode_attention,
     grouped_decode_attention_reference,
     grouped_decode_attention_triton,
     grouped_decode_backend,
-    plain_output,
-    scale_heads,
-    var_output,
 )
 from vlmfix.kernels import grouped_decode as gd
 from vlmfix.kernels._triton import HAS_TRITON
@@ -384,7 +383,7 @@ def test_launcher_rejects_bad_splits_and_cpu_tensors_without_interpreter(monkeyp
 
 
 # ---------------------------------------------------------------------------------------------------------
-# epilogues against the probability-level edits of the specs
+# the library's edited decode step against the probability-level edits of the specs
 # ---------------------------------------------------------------------------------------------------------
 
 REST, TEXT_SINK, VIS_SINK, VIS_NONSINK = 0, 1, 2, 3
@@ -410,6 +409,22 @@ def edit_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """out [batch, heads, head_dim] = P' @ V (float64), GQA by repeating kv heads."""
     value = value.double().cpu().repeat_interleave(probs.shape[1] // value.shape[1], dim=1)
     return torch.einsum("bhk,bhkd->bhd", probs, value)
+
+
+def library_output(inputs: dict, edits: list) -> torch.Tensor:
+    """`grouped_decode_output` (what an edited decode step runs) on these inputs: [batch, heads, head_dim]."""
+    padding = (inputs["group_ids"] >= 0).long()  # [batch, kv_len]
+    out = grouped_decode_output(inputs["query"][:, :, None], inputs["key"], inputs["value"], padding,
+                                inputs["scaling"], edits)
+    assert out is not None, "grouped_decode_output declined edits it should serve"
+    return out[:, 0]
+
+
+def var_edit(ids: torch.Tensor, *, p: float, summ: float, rho: float) -> Transfer:
+    image = (ids == VIS_SINK) | (ids == VIS_NONSINK)
+    sinks = (ids == VIS_SINK) | (ids == TEXT_SINK)
+    return Transfer(source=sinks.to(DEVICE), receivers=(image & ~sinks).to(DEVICE), gate_keys=image.to(DEVICE),
+                    fraction=p, min_gate_mass=summ, min_receiver_share=rho, require_gate_source=True)
 
 
 def var_ids() -> torch.Tensor:
@@ -451,24 +466,20 @@ def var_explicit(inputs: dict, *, p: float, summ: float, rho: float) -> tuple[to
 
 
 @pytest.mark.parametrize("p", [0.6, 1.0])
-def test_var_epilogue_matches_probability_edit(p):
+def test_var_decode_step_matches_probability_edit(p):
     inputs = structured_inputs(VAR_PREFERENCES, var_ids(), kv_heads=2, seed=7)
     before = snapshot(inputs)
     expected, selected = var_explicit(inputs, p=p, summ=0.2, rho=0.5)
     assert selected.any() and not selected.all()  # edited and unedited heads
     assert not selected[2].any()  # the row without visual sinks
-    res = grouped_decode_attention(**inputs)
-    out = var_output(res, sink_group=VIS_SINK, vis_nonsink_group=VIS_NONSINK, text_sink_group=TEXT_SINK,
-                     p=p, summ=0.2, rho=0.5)
+    out = library_output(inputs, [var_edit(var_ids(), p=p, summ=0.2, rho=0.5)])
     torch.testing.assert_close(out.cpu().double(), expected, **FP32_TOL)
     assert_unchanged(before, inputs)
 
 
 def test_var_with_p_zero_is_plain_attention():
     inputs = structured_inputs(VAR_PREFERENCES, var_ids(), kv_heads=2, seed=8)
-    res = grouped_decode_attention(**inputs)
-    out = var_output(res, sink_group=VIS_SINK, vis_nonsink_group=VIS_NONSINK, text_sink_group=TEXT_SINK,
-                     p=0.0, summ=0.2, rho=0.5)
+    out = library_output(inputs, [var_edit(var_ids(), p=0.0, summ=0.2, rho=0.5)])
     plain = edit_output(naive_probs(inputs["query"], inputs["key"], inputs["group_ids"], inputs["scaling"]),
                         inputs["value"])
     torch.testing.assert_close(out.cpu().double(), plain, **FP32_TOL)
@@ -516,23 +527,26 @@ def gift_multiplier(ids: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
     return torch.where(ids == GIFT_IMAGE, torch.exp(alpha * saliency), 1.0).to(DEVICE)
 
 
+def gift_edit(ids: torch.Tensor, multiplier: torch.Tensor, beta: float) -> FusionReweight:
+    return FusionReweight(image=(ids == GIFT_IMAGE).to(DEVICE), multiplier=multiplier,
+                          query=(ids == GIFT_QUERY).to(DEVICE), beta=beta, head_fraction=0.5)
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.5])
-def test_gift_epilogue_matches_probability_edit(beta):
+def test_gift_decode_step_matches_probability_edit(beta):
     inputs = structured_inputs(GIFT_PREFERENCES, gift_ids(), kv_heads=3, seed=9)
     multiplier = gift_multiplier(gift_ids(), alpha=5.0, seed=10)
     before = snapshot({**inputs, "key_multiplier": multiplier})
     expected, edited_heads = gift_explicit(inputs, multiplier, beta=beta)
     assert edited_heads.any() and not edited_heads.all()
-    res = grouped_decode_attention(**inputs, key_multiplier=multiplier)
-    out = gift_output(res, image_group=GIFT_IMAGE, query_group=GIFT_QUERY, beta=beta)
+    out = library_output(inputs, [gift_edit(gift_ids(), multiplier, beta)])
     torch.testing.assert_close(out.cpu().double(), expected, **FP32_TOL)
     assert_unchanged(before, {**inputs, "key_multiplier": multiplier})
 
 
 def test_gift_with_unit_multiplier_is_plain_attention():
     inputs = structured_inputs(GIFT_PREFERENCES, gift_ids(), kv_heads=3, seed=11)
-    res = grouped_decode_attention(**inputs, key_multiplier=gift_multiplier(gift_ids(), alpha=0.0, seed=12))
-    out = gift_output(res, image_group=GIFT_IMAGE, query_group=GIFT_QUERY, beta=1.0)
+    out = library_output(inputs, [gift_edit(gift_ids(), gift_multiplier(gift_ids(), alpha=0.0, seed=12), 1.0)])
     plain = edit_output(naive_probs(inputs["query"], inputs["key"], inputs["group_ids"], inputs["scaling"]),
                         inputs["value"])
     torch.testing.assert_close(out.cpu().double(), plain, **FP32_TOL)
@@ -544,8 +558,8 @@ def test_pai_and_dual_stream_boost_matches_logit_edit():
     ids = torch.tensor([rest] * 4 + [local] * 20 + [summary] * 3 + [rest] * 6).repeat(2, 1)
     ids[0, :2] = -1
     inputs = structured_inputs([[4, 6, 2], [0, 3, 3], [5, 0, 0]], ids, kv_heads=1, seed=13)
-    gain = torch.tensor([0.0, 0.7, 0.4]).expand(2, 3, 3).contiguous().to(DEVICE)
-    res = grouped_decode_attention(**inputs, group_abs_gain=gain)
+    margin_of_key = torch.tensor([0.0, 0.7, 0.4])[ids.long().clamp(min=0)]  # [batch, kv_len]
+    out = library_output(inputs, [KeyBias(abs_gain=margin_of_key[:, None].to(DEVICE))])
 
     # dual_stream.md section 3: z = QK^T/sqrt(d); z[j] += m_j * |z[j]| on the boosted columns; softmax; @ V
     query, key = inputs["query"].double().cpu(), inputs["key"].double().cpu()
@@ -553,35 +567,27 @@ def test_pai_and_dual_stream_boost_matches_logit_edit():
     margin = torch.tensor([0.0, 0.7, 0.4], dtype=torch.float64)[ids.long().clamp(min=0)][:, None, :]
     z = (z + margin * z.abs()).masked_fill((ids < 0)[:, None, :], float("-inf"))
     expected = edit_output(torch.softmax(z, dim=-1), inputs["value"])
-    torch.testing.assert_close(plain_output(res).cpu().double(), expected, **FP32_TOL)
+    torch.testing.assert_close(out.cpu().double(), expected, **FP32_TOL)
 
 
 def test_vhr_head_scale_matches_scaled_head_outputs():
     inputs = structured_inputs(VAR_PREFERENCES, var_ids(), kv_heads=2, seed=14)
     scale = torch.where(torch.tensor([[True, False, True, False]] * 3), 2.0, 1.0).to(DEVICE)  # alpha = 2
-    out = scale_heads(plain_output(grouped_decode_attention(**inputs)), scale)
+    out = library_output(inputs, [HeadScale(scale=scale)])
     head_outputs = edit_output(naive_probs(inputs["query"], inputs["key"], inputs["group_ids"],
                                            inputs["scaling"]), inputs["value"])  # A_{l,i}: [batch, heads, d]
     expected = head_outputs * scale.double().cpu()[..., None]
     torch.testing.assert_close(out.cpu().double(), expected, **FP32_TOL)
 
 
-def test_epilogue_bad_arguments_are_named():
-    res = grouped_decode_attention_reference(**make_inputs(Case(batch=1, heads=2, kv_heads=2, kv_len=10,
-                                                                head_dim=16, groups=4)))
-    groups = {"sink_group": VIS_SINK, "vis_nonsink_group": VIS_NONSINK, "text_sink_group": TEXT_SINK}
-    with pytest.raises(ValueError, match=r"`p` must be in \[0, 1\], got 1.4; p is the fraction of sink mass"):
-        var_output(res, **groups, p=1.4, summ=0.2, rho=0.5)
-    with pytest.raises(ValueError, match=r"`rho` must be in \(0, 1\], got 0"):
-        var_output(res, **groups, p=0.6, summ=0.2, rho=0)
-    with pytest.raises(ValueError, match=r"must be distinct key groups"):
-        var_output(res, **{**groups, "text_sink_group": VIS_SINK}, p=0.6, summ=0.2, rho=0.5)
-    with pytest.raises(ValueError, match=r"`sink_group` must be a group index in \[0, 4\), got 7"):
-        var_output(res, **{**groups, "sink_group": 7}, p=0.6, summ=0.2, rho=0.5)
-    with pytest.raises(ValueError, match=r"call grouped_decode_attention with key_multiplier=M"):
-        gift_output(res, image_group=1, query_group=2, beta=1.0)
-    with_mult = replace(res, mult_mass=res.mass, mult_value=res.value)
-    with pytest.raises(ValueError, match=r"`beta` must be > 0, got 0.0"):
-        gift_output(with_mult, image_group=1, query_group=2, beta=0.0)
-    with pytest.raises(ValueError, match=r"`scale` must be \[batch, heads\] = \(1, 2\)"):
-        scale_heads(plain_output(res), torch.ones(2, 1))
+def test_kernel_benchmark_providers_compute_the_same_step():
+    """benchmarks/kernels.py times four paths of one decode step; they must compute the same thing
+    (the kernel alone and SDPA: plain attention; the library's grouped path and the PyTorch edit path: VAR)."""
+    from benchmarks import kernels as bench
+
+    inputs = bench.make_inputs(heads=4, kv_heads=2, kv_len=700, dtype=torch.float32, device=DEVICE)
+    plain = bench.run_sdpa(**inputs)[:, :, 0]  # [batch, heads, head_dim]
+    torch.testing.assert_close(bench.run_kernel(**inputs), plain, **FP32_TOL)
+    edited = bench.run_materialised(**inputs)[:, 0]
+    assert not torch.allclose(edited, plain, **FP32_TOL)  # the edit selects heads here: it changes the step
+    torch.testing.assert_close(bench.run_kernel_var(**inputs)[:, 0], edited, **FP32_TOL)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
 import torch
+from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
 
 import vlmfix
 from vlmfix.decoding.edits import HeadScale, KeyBias, Transfer
@@ -124,3 +126,54 @@ def generated(sequences, inputs, row, tiny) -> list[int]:
     tokens = sequences[row, inputs["input_ids"].shape[1] :].tolist()
     eos = tiny.model.generation_config.eos_token_id
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+# every cache implementation generate accepts: vlmfix does what plain generate does (the same tokens and
+# scores where it works, the same refusal where it does not, e.g. an offloaded cache on a CPU-only torch)
+CACHE_IMPLEMENTATIONS = ALL_CACHE_IMPLEMENTATIONS
+
+
+def outcome(run) -> tuple[str, Any]:
+    try:
+        return "ok", run()
+    except Exception as error:  # the same failure is parity too
+        return "error", type(error)
+
+
+@pytest.mark.parametrize("implementation", CACHE_IMPLEMENTATIONS)
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_every_cache_implementation_matches_plain_generate(family, implementation):
+    tiny = tiny_model(family)
+    inputs = tiny.inputs(QUESTIONS)  # left padding: a static cache gets a 4-D mask at the prefill
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                  cache_implementation=implementation)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated implementations warn
+        ref = outcome(lambda: tiny.model.generate(**inputs, **kwargs))
+        out = outcome(lambda: vlmfix.generate(tiny.model, **inputs, **kwargs))
+    assert ref[0] == out[0], f"plain generate: {ref}, vlmfix: {out}"
+    if ref[0] == "ok":
+        assert_same(ref[1], out[1])
+    else:
+        assert ref[1] is out[1]
+
+
+@pytest.mark.parametrize("implementation", ["static", "dynamic"])
+def test_edits_under_a_static_cache_equal_the_dynamic_cache(implementation):
+    """An edited layer reads a static cache's 4-D mask and its unused key slots as a dynamic cache's keys."""
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+
+    def image_bias(session, layer_idx):
+        return [KeyBias(abs_gain=session.spans.image[:, None].float() * 2.0),
+                Transfer(source=session.spans.image, receivers=session.spans.instruction, fraction=0.5)]
+
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    method = PlannedEdits(image_bias, layers=[1, 2])
+    dynamic = vlmfix.generate(tiny.model, **inputs, methods=[method], **kwargs)
+    other = vlmfix.generate(tiny.model, **inputs, methods=[method], cache_implementation=implementation, **kwargs)
+    plain = tiny.model.generate(**inputs, **kwargs)
+    assert not torch.allclose(plain.scores[0], dynamic.scores[0])  # the edit changes the step
+    assert torch.equal(dynamic.sequences, other.sequences)
+    for a, b in zip(dynamic.scores, other.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -21,9 +21,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 
-def _fail(name: str, requirement: str, value: Any, meaning: str, *, show_type: bool = False) -> ValueError:
+def with_type(value: Any) -> str:
+    """`value` as an error message shows it with its type: 42 (an int), '0.1' (a str)."""
     kind = type(value).__name__
-    shown = f"{value!r} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})" if show_type else repr(value)
+    return f"{value!r} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
+
+
+def _fail(name: str, requirement: str, value: Any, meaning: str, *, show_type: bool = False) -> ValueError:
+    shown = with_type(value) if show_type else repr(value)
     tail = f"; {meaning}" if meaning and meaning[0].isupper() else (f"; {name} is {meaning}" if meaning else "")
     return ValueError(f"`{name}` must be {requirement}, got {shown}{tail}".rstrip(".") + ".")
 

@@ -152,6 +152,19 @@ class Adapter:
     def num_kv_heads(self) -> int:
         return self.text_config.num_key_value_heads or self.num_heads
 
+    def resolve_layers(self, layers: Sequence[int] | None, name: str = "layers",
+                       default: Sequence[int] = ()) -> tuple[int, ...]:
+        """`layers` (sorted) checked against the language model's depth, or `default` when None."""
+        if layers is None:
+            return tuple(default)
+        bad = [x for x in layers if x >= self.num_layers]
+        if bad:
+            raise ValueError(
+                f"`{name}` holds {bad}, but the language model has {self.num_layers} layers "
+                f"(0 .. {self.num_layers - 1}); pass indices below {self.num_layers} or None for the default."
+            )
+        return tuple(sorted(layers))
+
     @property
     def head_dim(self) -> int:
         return getattr(self.text_config, "head_dim", None) or self.text_config.hidden_size // self.num_heads

@@ -29,14 +29,17 @@ def without_loop_keys(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k not in LOOP_KEYS}
 
 
-def padding_mask(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor:
+def padding_mask(attention_mask: Tensor | dict[str, Tensor] | None, input_ids: Tensor) -> Tensor:
     """[batch, seq] bool, True on real tokens, from a prefill's mask in any layout.
 
     `None`: no padding. 2-D [batch, seq]: the tokenizer's mask. 4-D [batch, 1, q_len, kv_len] (what
     generate passes with a static cache, where kv_len is the cache's length): the last query row of a
-    left-padded prompt is a real token, so its keys 0..seq-1 are exactly the row's real tokens.
+    left-padded prompt is a real token, so its keys 0..seq-1 are exactly the row's real tokens. A dict of
+    4-D masks per attention type (models with sliding layers): its full-attention mask.
     """
     batch, seq = input_ids.shape
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
     if attention_mask is None:
         return torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
     if attention_mask.dim() == 2:

@@ -59,8 +59,8 @@ SpanOverride = Spans | dict[str, Sequence[Sequence[int]]] | None
 def resolve_methods(methods: Sequence[Method | str]) -> tuple[Method, ...]:
     """Method instances from a list of instances or registry names (names get default parameters)."""
     if isinstance(methods, (Method, str)) or not isinstance(methods, (list, tuple)):
-        shown = f"{methods!r} (a {type(methods).__name__})"
-        raise ValueError(f"`methods` must be a list of vlmfix methods or method names, got {shown}; write "
+        raise ValueError(f"`methods` must be a list of vlmfix methods or method names, got "
+                         f"{validation.with_type(methods)}; write "
                          f"methods=[{methods!r}].")
     resolved = []
     for method in methods:
@@ -82,7 +82,7 @@ def resolve_tokenizer(tokenizer: Any) -> Any:
     inner = getattr(tokenizer, "tokenizer", tokenizer)
     if not (callable(getattr(inner, "encode", None)) and callable(getattr(inner, "decode", None))):
         raise ValueError(f"`tokenizer` must be the model's processor or tokenizer (with encode and decode), got "
-                         f"{tokenizer!r} (a {type(tokenizer).__name__}); pass tokenizer=processor.")
+                         f"{validation.with_type(tokenizer)}; pass tokenizer=processor.")
     return inner
 
 

@@ -1,6 +1,10 @@
-"""Triton kernels and their plain-PyTorch references (triton is optional: the `kernels` extra)."""
+"""Triton kernels and their plain-PyTorch references (triton is optional: the `kernels` extra).
 
-from vlmfix.kernels.epilogues import gift_output, plain_output, scale_heads, var_output, var_selected_heads
+The methods' edits at a decode step are closed forms over the grouped op's per-group sums; they live with
+the edit vocabulary in `vlmfix.decoding.grouped` (one path, used by the library, its tests and
+`benchmarks/kernels.py`).
+"""
+
 from vlmfix.kernels.grouped_decode import (
     GroupedDecodeResult,
     grouped_decode_attention,
@@ -11,13 +15,8 @@ from vlmfix.kernels.grouped_decode import (
 
 __all__ = [
     "GroupedDecodeResult",
-    "gift_output",
     "grouped_decode_attention",
     "grouped_decode_attention_reference",
     "grouped_decode_attention_triton",
     "grouped_decode_backend",
-    "plain_output",
-    "scale_heads",
-    "var_output",
-    "var_selected_heads",
 ]

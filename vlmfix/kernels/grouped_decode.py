@@ -6,8 +6,9 @@ and per key group g, the unmodified softmax mass and weighted value sum
 
     mass[g]  = sum_{j in g} p_j             value[g] = sum_{j in g} p_j v_j            p = softmax(z)
 
-(optionally also with p_j * multiplier_j), so that each method's edit becomes a tiny epilogue over
-[batch, heads, groups, head_dim] (`vlmfix.kernels.epilogues`). Pre-softmax rules act on the logits:
+(optionally also with p_j * multiplier_j), so that each method's edit becomes a tiny closed form over
+[batch, heads, groups, head_dim] (`vlmfix.decoding.grouped` applies the edit vocabulary there).
+Pre-softmax rules act on the logits:
 z_j = scaling * q.k_j, then z_j += gain[g(j)] * |z_j| (PAI), then z_j += bias[g(j)].
 
 The module reads top-down: the PyTorch reference, the Triton kernels, the launcher, the public op.
@@ -215,7 +216,7 @@ def grouped_decode_attention_reference(
 # every unmasked key is in exactly one group. With several splits, the reduce kernel merges the partial
 # rows with a log-sum-exp: M = max_s m_s, rows = sum_s exp(m_s - M) * rows_s.
 #
-# Closed forms the epilogues apply to these sums (vlmfix.kernels.epilogues; specs var.md, gift.md):
+# Closed forms applied to these sums (vlmfix.decoding.grouped; specs var.md, gift.md):
 #   VAR, on a selected head:  out = (1 - p) * (o_vs + o_ts) + (1 + Omega / m_vn) * o_vn + o_rest,
 #                             Omega = p * (m_vs + m_ts)
 #   GIFT, on an edited head:  out = (sum_g o'_g) / (sum_g m'_g), with o'_img = mult_value[img] on visual

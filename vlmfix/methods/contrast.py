@@ -3,8 +3,12 @@ plausibility constraint, and PAI's cutoff (`plausible`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from vlmfix import validation
 
 
 def plausible(reference_logits: Tensor, beta: float) -> Tensor:
@@ -26,3 +30,15 @@ def contrast_logits(positive: Tensor, negative: Tensor, alpha: float, apc_beta: 
     if apc_beta is not None:
         scores = scores.masked_fill(~plausible(positive, apc_beta), float("-inf"))
     return scores
+
+
+def check_alpha(alpha: Any) -> float:
+    """A contrast strength: a finite number >= 0."""
+    return validation.number(alpha, "alpha", low=0, meaning="the contrast strength (0 = plain decoding of the "
+                             "positive stream)")
+
+
+def check_beta(beta: Any, name: str) -> float | None:
+    """The plausibility cutoff: None (off) or a number in (0, 1]."""
+    return validation.optional_number(beta, name, low=0, high=1, low_open=True, meaning=f"the cutoff keeping "
+                                      f"tokens with p >= {name} * max p under the positive stream (None = off)")

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from vlmfix import validation
 from vlmfix.adapters import get_adapter
 from vlmfix.decoding.contrastive import (
     ContrastiveMethod,
@@ -31,10 +32,9 @@ from vlmfix.decoding.contrastive import (
 )
 from vlmfix.decoding.method import register_method
 from vlmfix.errors import CheckpointError
-from vlmfix.methods.contrast import contrast_logits
+from vlmfix.methods.contrast import check_alpha, check_beta, contrast_logits
 from vlmfix.methods.dcd_lora import PREFIX as LORA_PREFIX
 from vlmfix.methods.dcd_lora import LoraSpec, NegativeLora
-from vlmfix.methods.vcd import check_alpha, check_beta
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
@@ -280,8 +280,10 @@ class DCD(ContrastiveMethod):
         alpha: float = 1.0,
         apc_beta: float | None = 0.1,
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"`variant` must be one of {', '.join(VARIANTS)}, got {variant!r}.")
+        validation.choice(variant, "variant", VARIANTS, "which projectors are contrasted")
+        for arg, value in (("checkpoints", checkpoints), ("positive", positive), ("negative", negative)):
+            if value is not None and not isinstance(value, (str, Path)):
+                raise ValueError(f"`{arg}` must be a path (str or Path) or None, got {validation.with_type(value)}.")
         needed = {"pos+neg": ("pos", "neg"), "neg_only": ("neg",), "pos_only": ("pos",)}[variant]
         files: dict[str, str | None] = {}
         for side, given in (("pos", positive), ("neg", negative)):

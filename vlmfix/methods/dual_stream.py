@@ -13,18 +13,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from vlmfix import validation
 from vlmfix.decoding.edits import Edit, KeyBias, fit_keys, top_k_mask
 from vlmfix.decoding.method import register_method
 from vlmfix.errors import VlmfixError
-from vlmfix.methods.image_boost import (
-    check_fraction,
-    check_gamma,
-    check_layers,
-    check_margin,
-    first_token_start,
-    resolve_layers,
-)
-from vlmfix.methods.image_free import ImageFreeRefinement
+from vlmfix.methods.image_boost import check_margin, first_token_start, pai_band
+from vlmfix.methods.image_free import ImageFreeRefinement, check_refinement
 from vlmfix.methods.newest_row import LastRowRewrite, install_last_row_rewrite
 from vlmfix.methods.vision_attention import (
     UnitScores,
@@ -35,6 +29,7 @@ from vlmfix.methods.vision_attention import (
 )
 
 if TYPE_CHECKING:
+    from vlmfix.adapters import Adapter
     from vlmfix.decoding.session import Session
 
 # selector(model, inputs) -> (local, summary): [batch, seq] bool masks over image tokens
@@ -145,44 +140,30 @@ class DualStream(ImageFreeRefinement):
                 f"<= 0.5 does not).",
                 stacklevel=2,
             )
-        self.local_ratio = check_fraction(local_ratio, "local_ratio", "the share of patches in the local set")
-        self.spatial_ratio = check_fraction(
-            spatial_ratio, "spatial_ratio", "the share of patches in the spatial stream (0 = off)"
+        self.local_ratio = validation.number(local_ratio, "local_ratio", low=0, high=1,
+                                             meaning="the share of patches in the local set")
+        self.spatial_ratio = validation.number(spatial_ratio, "spatial_ratio", low=0, high=1,
+                                               meaning="the share of patches added by attention received (0 = off)")
+        self.summary_rule = validation.choice(summary_rule, "summary_rule", ("tukey", "topk_ratio"))
+        self.head_modulation = validation.choice(head_modulation, "head_modulation", (None, "ratio", "top_half"))
+        self.layers = validation.indices(layers, "layers", meaning="None boosts layers 2 .. L-1")
+        self.local_layer = validation.index(local_layer, "local_layer")
+        self.summary_layer = None if summary_layer is None else validation.index(summary_layer, "summary_layer")
+        self.selector = None if selector is None else validation.function(
+            selector, "selector", "(model, inputs) -> (local, summary)")
+        self.cfg, self.gamma, self.plausibility = check_refinement(cfg, gamma, plausibility)
+        self.skip_first_token_boost = validation.boolean(
+            skip_first_token_boost, "skip_first_token_boost", "whether the first generated token is left unboosted"
         )
-        if summary_rule not in ("tukey", "topk_ratio"):
-            raise ValueError(f"`summary_rule` must be 'tukey' or 'topk_ratio', got {summary_rule!r}.")
-        self.summary_rule = summary_rule
-        if head_modulation not in (None, "ratio", "top_half"):
-            raise ValueError(
-                f"`head_modulation` must be None, 'ratio' or 'top_half', got {head_modulation!r}."
-            )
-        self.head_modulation = head_modulation
-        self.layers = check_layers(layers)
-        for name, value in (("local_layer", local_layer), ("summary_layer", summary_layer)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"`{name}` must be a vision layer index >= 0, got {value!r}.")
-        self.local_layer, self.summary_layer = local_layer, summary_layer
-        if selector is not None and not callable(selector):
-            raise ValueError(
-                f"`selector` must be a callable (model, inputs) -> (local, summary), got {selector!r}."
-            )
-        self.selector = selector
-        if not isinstance(cfg, bool):
-            raise ValueError(
-                f"`cfg` must be True or False, got {cfg!r}; it switches the image-free refinement."
-            )
-        self.cfg = cfg
-        self.gamma = check_gamma(gamma)
-        self.plausibility = check_fraction(
-            plausibility, "plausibility", "the refinement's cutoff", low_open=True
-        )
-        self.skip_first_token_boost = bool(skip_first_token_boost)
+
+    def check(self, adapter: Adapter) -> None:
+        adapter.resolve_layers(self.layers)
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, session: Session) -> DualStreamState:
         self.require_stream_engine(session)
         adapter = session.adapter
-        layers = resolve_layers(self.layers, adapter.num_layers)
+        layers = adapter.resolve_layers(self.layers, default=pai_band(adapter.num_layers))
         inputs = session.inputs
         state = DualStreamState(
             layers=frozenset(layers),

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from vlmfix import validation
 from vlmfix.decoding.attention import AttentionCall
 from vlmfix.decoding.edits import Edit, FusionReweight, Reweight, additive_mask, fit_keys, repeat_kv, top_k_mask
 from vlmfix.decoding.method import Method, register_method
@@ -22,7 +23,6 @@ from vlmfix.methods.content_words import (
     spacy_content_words,
     token_char_ranges,
 )
-from vlmfix.methods.image_boost import check_layers, resolve_layers
 from vlmfix.methods.newest_row import LastRowRewrite, install_last_row_rewrite
 
 if TYPE_CHECKING:
@@ -181,60 +181,44 @@ class GIFT(Method):
         scale_query_tokens: Literal["all", "informative"] = "all",
         content_words: ContentWords = "pos",
     ) -> None:
-        if alpha is not None and (not _is_number(alpha) or not math.isfinite(alpha) or alpha < 0):
-            raise ValueError(
-                f"`alpha` must be a finite number >= 0 or None (the model's default), got {alpha!r}; "
-                f"the multipliers are exp(alpha * saliency)."
-            )
-        self.alpha = None if alpha is None else float(alpha)
+        self.alpha = validation.optional_number(alpha, "alpha", low=0, meaning="the saliency strength: multipliers "
+                                                "are exp(alpha * saliency); None takes the model's default")
         if saliency_layers == "auto":
             self.saliency_layers: tuple[int, ...] | str | None = "auto"
         else:
-            self.saliency_layers = check_layers(saliency_layers, "saliency_layers")
-            if self.saliency_layers == ():
-                raise ValueError(
-                    "`saliency_layers` must not be empty; pass None for the model's default or 'auto'."
-                )
-        self.fusion_layers = check_layers(fusion_layers, "fusion_layers")
-        if not _is_number(beta) or not math.isfinite(beta) or beta <= 0:
-            raise ValueError(
-                f"`beta` must be a finite number > 0, got {beta!r}; instruction keys get beta * r."
-            )
-        self.beta = float(beta)
-        if not _is_number(head_fraction) or not 0 < head_fraction <= 1:
-            raise ValueError(
-                f"`head_fraction` must be in (0, 1], got {head_fraction!r}; it is the share of heads "
-                f"selected by image and by instruction mass."
-            )
-        self.head_fraction = float(head_fraction)
-        if ratio not in ("pooled", "per_head"):
-            raise ValueError(f"`ratio` must be 'pooled' or 'per_head', got {ratio!r}.")
-        self.ratio = ratio
-        if scale_query_tokens not in ("all", "informative"):
-            raise ValueError(
-                f"`scale_query_tokens` must be 'all' or 'informative', got {scale_query_tokens!r}."
-            )
-        self.scale_query_tokens = scale_query_tokens
-        if not callable(content_words) and content_words not in ("pos", "spacy", "rule", "all"):
-            raise ValueError(
-                f"`content_words` must be 'pos', 'spacy', 'rule', 'all' or a callable "
-                f"(text) -> [(start, end)], got {content_words!r}."
-            )
+            self.saliency_layers = validation.indices(saliency_layers, "saliency_layers",
+                                                      meaning="None takes the model's default, 'auto' picks per row")
+        self.fusion_layers = validation.indices(fusion_layers, "fusion_layers",
+                                                meaning="None takes the model's default")
+        self.beta = validation.number(beta, "beta", low=0, low_open=True, meaning="the factor of the instruction "
+                                      "keys (beta * r)")
+        self.head_fraction = validation.number(head_fraction, "head_fraction", low=0, high=1, low_open=True,
+                                               meaning="the share of heads selected by image and by instruction mass")
+        self.ratio = validation.choice(ratio, "ratio", ("pooled", "per_head"))
+        self.scale_query_tokens = validation.choice(scale_query_tokens, "scale_query_tokens", ("all", "informative"))
+        if not callable(content_words):
+            validation.choice(content_words, "content_words", ("pos", "spacy", "rule", "all"),
+                              "Or pass a callable (text) -> [(start, end)] of the informative words")
         if content_words == "spacy":
             spacy_content_words("")  # fail at construction when spaCy or its model is missing
         self.content_words = content_words
+
+    def check(self, adapter: Adapter) -> None:
+        adapter.resolve_layers(self.fusion_layers, "fusion_layers")
+        if self.saliency_layers != "auto":
+            adapter.resolve_layers(self.saliency_layers, "saliency_layers")
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, session: Session) -> GiftState:
         adapter = session.adapter
         defaults = gift_defaults(adapter)
         alpha = defaults.alpha if self.alpha is None else self.alpha
-        fusion = resolve_layers(self.fusion_layers, adapter.num_layers, "fusion_layers", defaults.fusion_layers)
+        fusion = adapter.resolve_layers(self.fusion_layers, "fusion_layers", defaults.fusion_layers)
         auto = self.saliency_layers == "auto"
         saliency = (
             tuple(range(adapter.num_layers))
             if auto
-            else resolve_layers(self.saliency_layers, adapter.num_layers, "saliency_layers", defaults.saliency_layers)
+            else adapter.resolve_layers(self.saliency_layers, "saliency_layers", defaults.saliency_layers)
         )
 
         spans = session.spans
@@ -452,7 +436,3 @@ class GIFT(Method):
                 for row in state.rows
             ],
         }
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from vlmfix import validation
 from vlmfix.decoding.contrastive import ContrastiveMethod, require_engine
 from vlmfix.decoding.prompt_inputs import pad_token_id
 from vlmfix.methods.contrast import plausible
@@ -35,6 +36,17 @@ def image_free_scores(
     log_free = torch.log_softmax(negative_logits.float(), dim=-1)
     scores = log_img if gamma == 1.0 else gamma * (log_img - log_free) + log_free
     return scores.masked_fill(~plausible(log_img, cutoff), -math.inf)
+
+
+def check_refinement(cfg: Any, gamma: Any, plausibility: Any) -> tuple[bool, float, float]:
+    """The refinement's switch, strength and cutoff, checked."""
+    return (
+        validation.boolean(cfg, "cfg", "the switch of the image-free refinement"),
+        validation.number(gamma, "gamma", low=1, meaning="the image-free refinement strength (1 = scores of the "
+                          "image stream only, PAI uses 1.1); use cfg=False to turn the refinement off"),
+        validation.number(plausibility, "plausibility", low=0, high=1, low_open=True,
+                          meaning="the refinement's cutoff relative to the top image-stream probability"),
+    )
 
 
 class ImageFreeRefinement(ContrastiveMethod):

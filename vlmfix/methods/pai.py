@@ -5,20 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from vlmfix import validation
 from vlmfix.decoding.edits import Edit, KeyBias
 from vlmfix.decoding.method import register_method
-from vlmfix.methods.image_boost import (
-    BoostState,
-    check_fraction,
-    check_gamma,
-    check_layers,
-    check_margin,
-    first_token_start,
-    resolve_layers,
-)
-from vlmfix.methods.image_free import ImageFreeRefinement
+from vlmfix.methods.image_boost import BoostState, check_margin, first_token_start, pai_band
+from vlmfix.methods.image_free import ImageFreeRefinement, check_refinement
 
 if TYPE_CHECKING:
+    from vlmfix.adapters import Adapter
     from vlmfix.decoding.session import Session
 
 
@@ -67,24 +61,18 @@ class PAI(ImageFreeRefinement):
         skip_first_token_boost: bool = False,
     ) -> None:
         self.alpha = check_margin(alpha, "alpha")
-        self.layers = check_layers(layers)
-        if not isinstance(cfg, bool):
-            raise ValueError(
-                f"`cfg` must be True or False, got {cfg!r}; it switches the image-free refinement."
-            )
-        self.cfg = cfg
-        self.gamma = check_gamma(gamma)
-        self.plausibility = check_fraction(
-            plausibility,
-            "plausibility",
-            "the refinement's cutoff relative to the top image-stream probability",
-            low_open=True,
+        self.layers = validation.indices(layers, "layers", meaning="None boosts layers 2 .. L-1")
+        self.cfg, self.gamma, self.plausibility = check_refinement(cfg, gamma, plausibility)
+        self.skip_first_token_boost = validation.boolean(
+            skip_first_token_boost, "skip_first_token_boost", "whether the first generated token is left unboosted"
         )
-        self.skip_first_token_boost = bool(skip_first_token_boost)
+
+    def check(self, adapter: Adapter) -> None:
+        adapter.resolve_layers(self.layers)
 
     def prepare(self, session: Session) -> BoostState:
         self.require_stream_engine(session)
-        layers = resolve_layers(self.layers, session.adapter.num_layers)
+        layers = session.adapter.resolve_layers(self.layers, default=pai_band(session.adapter.num_layers))
         image = session.spans.image  # [batch, seq] bool
         gain = image[:, None, :].float() * self.alpha  # [batch, 1, seq]
         start = first_token_start(session.inputs["input_ids"], self.skip_first_token_boost)

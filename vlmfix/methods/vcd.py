@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from vlmfix import validation
 from vlmfix.decoding.contrastive import ContrastiveMethod, require_engine
 from vlmfix.decoding.method import register_method
-from vlmfix.methods.contrast import contrast_logits
+from vlmfix.methods.contrast import check_alpha, check_beta, contrast_logits
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
@@ -144,21 +145,20 @@ class VCD(ContrastiveMethod):
     ) -> None:
         self.alpha = check_alpha(alpha)
         self.beta = check_beta(beta, "beta")
-        if isinstance(noise_step, bool) or not isinstance(noise_step, int) or not 0 <= noise_step < DIFFUSION_STEPS:
-            raise ValueError(f"`noise_step` must be an int in [0, {DIFFUSION_STEPS}), got {noise_step!r}; it is the "
-                             "diffusion step t of the noised image (500 is the paper's).")
-        if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
-            raise ValueError(f"`noise_seed` must be a non-negative int, got {noise_seed!r}.")
-        if noise_space not in ("normalized", "pixel"):
-            raise ValueError(f"`noise_space` must be 'normalized' or 'pixel', got {noise_space!r}.")
-        for arg, value in (("image_mean", image_mean), ("image_std", image_std)):
-            if len(tuple(value)) != 3 or (arg == "image_std" and min(value) <= 0):
-                raise ValueError(f"`{arg}` must be 3 per-channel floats (std > 0), got {value!r}.")
-        self.noise_step = noise_step
-        self.noise_seed = noise_seed
-        self.noise_space = noise_space
-        self.image_mean = tuple(float(v) for v in image_mean)
-        self.image_std = tuple(float(v) for v in image_std)
+        self.noise_step = validation.number(noise_step, "noise_step", low=0, high=DIFFUSION_STEPS, high_open=True,
+                                            integer=True, meaning="the diffusion step t of the noised image (500 "
+                                            "is the paper's)")
+        self.noise_seed = validation.number(noise_seed, "noise_seed", low=0, integer=True)
+        self.noise_space = validation.choice(noise_space, "noise_space", ("normalized", "pixel"))
+
+        def channel(low_open: bool) -> Any:
+            return lambda value, name: validation.number(value, name, low=0 if low_open else None,
+                                                         low_open=low_open)
+
+        self.image_mean = validation.sequence(image_mean, "image_mean", channel(False), length=3,
+                                              what="per-channel floats", meaning="the processor's image_mean")
+        self.image_std = validation.sequence(image_std, "image_std", channel(True), length=3,
+                                             what="per-channel floats > 0", meaning="the processor's image_std")
 
     def prepare(self, session: Session) -> VCDState:
         require_engine(session, self)
@@ -181,19 +181,3 @@ class VCD(ContrastiveMethod):
     def report(self, state: VCDState) -> dict[str, Any]:
         abar = float(noise_schedule()[self.noise_step])
         return {"clean_weight": math.sqrt(abar), "noise_weight": math.sqrt(1 - abar)}
-
-
-def check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"`alpha` must be a finite number >= 0, got {alpha!r}; alpha is the contrast strength "
-                         "(0 = plain decoding of the positive stream).")
-    return float(alpha)
-
-
-def check_beta(beta: float | None, arg: str) -> float | None:
-    if beta is None:
-        return None
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 1:
-        raise ValueError(f"`{arg}` must be in (0, 1] or None, got {beta!r}; it keeps tokens with "
-                         f"p >= {arg} * max p under the positive stream (None = no cutoff).")
-    return float(beta)

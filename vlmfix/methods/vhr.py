@@ -20,7 +20,6 @@ session methods' edits.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from vlmfix import validation
 from vlmfix.adapters import Adapter
 from vlmfix.decoding.attention import AttentionCall
 from vlmfix.decoding.edits import Edit, HeadScale
@@ -131,46 +131,29 @@ class VHR(Method):
         selection: Selection = "lockstep",
         scale_null_branch: bool = True,
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"`alpha` must be a finite number > 0, got {alpha!r}; alpha multiplies the chosen "
-                             f"heads' outputs (2.0 is the paper's default, 1.0 leaves the model unchanged).")
-        if alpha > 3:
+        self.alpha = validation.number(alpha, "alpha", low=0, low_open=True, meaning="the multiplier of the chosen "
+                                       "heads' outputs (2.0 is the paper's default, 1.0 leaves the model unchanged)")
+        if self.alpha > 3:
             warnings.warn(f"VHR alpha={alpha} is above 3: the paper reports broken generation at alpha=4.",
                           stacklevel=2)
-        if layers is not None:
-            if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                            for i in layers):
-                raise ValueError(f"`layers` must be a list of 0-based layer indices or None, got {layers!r}.")
-            if not layers or min(layers) < 0:
-                raise ValueError(f"`layers` must be a non-empty list of 0-based layer indices (>= 0), got "
-                                 f"{list(layers)}; use None for the default rule ({{1}} + the last 14 layers).")
-        for arg, value, allowed in (("distance", distance, ("l2", "sq_l2")),
-                                    ("null_input", null_input, ("drop_span", "drop_placeholders_only")),
-                                    ("selection", selection, ("lockstep", "two_pass"))):
-            if value not in allowed:
-                raise ValueError(f"`{arg}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
-        for arg, value in (("outlier_filter", outlier_filter), ("std_unbiased", std_unbiased),
-                           ("scale_null_branch", scale_null_branch)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{arg}` must be True or False, got {value!r}.")
-        self.alpha = float(alpha)
-        self.layers = None if layers is None else tuple(sorted(set(layers)))
-        self.outlier_filter = outlier_filter
-        self.std_unbiased = std_unbiased
-        self.distance = distance
-        self.null_input = null_input
-        self.selection = selection
-        self.scale_null_branch = scale_null_branch
+        layers = validation.indices(layers, "layers", meaning="None takes rule R1 ({1} + the last 14 layers)")
+        self.layers = None if layers is None else tuple(sorted(layers))
+        self.outlier_filter = validation.boolean(outlier_filter, "outlier_filter")
+        self.std_unbiased = validation.boolean(std_unbiased, "std_unbiased")
+        self.distance = validation.choice(distance, "distance", ("l2", "sq_l2"))
+        self.null_input = validation.choice(null_input, "null_input", ("drop_span", "drop_placeholders_only"))
+        self.selection = validation.choice(selection, "selection", ("lockstep", "two_pass"))
+        self.scale_null_branch = validation.boolean(scale_null_branch, "scale_null_branch")
 
     # ------------------------------------------------------------------ plan
+    def check(self, adapter: Adapter) -> None:
+        adapter.resolve_layers(self.layers)
+
     def resolve_layers(self, adapter: Adapter) -> tuple[tuple[int, ...], str]:
         """The reinforced layers for this model and where they come from."""
         depth = adapter.num_layers
         if self.layers is not None:
-            if max(self.layers) >= depth:
-                raise ValueError(f"`layers` holds index {max(self.layers)}, but the model has {depth} decoder "
-                                 f"layers (0..{depth - 1}); pass 0-based indices below {depth}.")
-            return self.layers, "given"
+            return adapter.resolve_layers(self.layers), "given"
         if (adapter.family, depth) in PUBLISHED_DEPTHS:
             return default_layers(depth), "published: {1} + last 14 of 32 layers ([P] Sec. 4.4)"
         return default_layers(depth), f"rule R1: {{1}} + last {LAST_LAYERS} layers (not published for this model)"
