@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 import vlmfix
 from vlmfix.adapters import get_adapter
 from vlmfix.decoding.edits import KeyBias
-from vlmfix.methods.dcd import DCD, save_projector
+from vlmfix.methods.dcd import DCD, load_projector, save_projector
 from vlmfix.methods.dcd_lora import LoraSpec, NegativeLora
 from vlmfix.methods.vcd import VCD
 
@@ -216,11 +216,11 @@ def test_composes_with_an_edit_and_beams(tmp_path):
 
 
 def test_bad_settings_and_checkpoints(tmp_path):
-    with pytest.raises(ValueError, match="`variant` must be one of pos\\+neg, neg_only, pos_only"):
+    with pytest.raises(ValueError, match=r"`variant` must be one of 'pos\+neg', 'neg_only', 'pos_only', got 'both'"):
         DCD(tmp_path, variant="both")
     with pytest.raises(ValueError, match=r"needs the negative.safetensors checkpoint"):
         DCD(positive=tmp_path / "p.safetensors")
-    with pytest.raises(ValueError, match=r"`apc_beta` must be in \(0, 1\] or None, got 0"):
+    with pytest.raises(ValueError, match=r"`apc_beta` must be None or a finite number in \(0, 1\], got 0"):
         DCD(tmp_path, apc_beta=0)
     tiny = tiny_model("llava")
     inputs = tiny.inputs(QUESTIONS)
@@ -242,3 +242,20 @@ def test_registry_and_configs(tmp_path):
         method = cls(**cfg)
         assert {k: v for k, v in method.params().items() if k in cfg} == {
             k: (str(v) if k == "checkpoints" else v) for k, v in cfg.items()}
+
+
+def test_a_version_one_checkpoint_still_loads(tmp_path):
+    """Format 1 stored the side under "stream"; such files load, and their side is still checked."""
+    from safetensors.torch import load_file, save_file
+
+    from vlmfix.methods.dcd import read_metadata
+
+    model = tiny_model("llava").model
+    state = {k: v.clone() for k, v in vlmfix.get_adapter(model).projector.state_dict().items()}
+    path = save_projector(tmp_path / "negative.safetensors", state, model, "neg")
+    metadata = {k: v for k, v in read_metadata(path).items() if k != "side"}
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "format_version": "1", "stream": "neg"})
+    assert read_metadata(path)["side"] == "neg"
+    assert load_projector(path, model, "neg").keys() == state.keys()
+    with pytest.raises(vlmfix.CheckpointError, match=r"holds the 'neg' projector, but the 'pos' one"):
+        load_projector(path, model, "pos")

@@ -454,14 +454,14 @@ def test_composes_with_pai_and_planned_edits():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(alpha=-1.0), r"`alpha` must be a finite number >= 0 or None"),
+        (dict(alpha=-1.0), r"`alpha` must be None or a finite number >= 0, got -1.0"),
         (dict(beta=0.0), r"`beta` must be a finite number > 0, got 0.0"),
-        (dict(head_fraction=0.0), r"`head_fraction` must be in \(0, 1\], got 0.0"),
-        (dict(ratio="mean"), r"`ratio` must be 'pooled' or 'per_head', got 'mean'"),
-        (dict(scale_query_tokens="some"), r"`scale_query_tokens` must be 'all' or 'informative'"),
-        (dict(content_words="nouns"), r"`content_words` must be 'pos', 'spacy', 'rule', 'all' or a callable"),
-        (dict(saliency_layers=[]), r"`saliency_layers` must not be empty"),
-        (dict(fusion_layers=[-1]), r"`fusion_layers` must hold distinct non-negative layer indices"),
+        (dict(head_fraction=0.0), r"`head_fraction` must be a finite number in \(0, 1\], got 0.0"),
+        (dict(ratio="mean"), r"`ratio` must be one of 'pooled', 'per_head', got 'mean'"),
+        (dict(scale_query_tokens="some"), r"`scale_query_tokens` must be one of 'all', 'informative'"),
+        (dict(content_words="nouns"), r"`content_words` must be one of 'pos', 'spacy', 'rule', 'all'.*Or pass a callable"),
+        (dict(saliency_layers=[]), r"`saliency_layers` must be None or a non-empty list of 0-based layer indices"),
+        (dict(fusion_layers=[-1]), r"`fusion_layers\[0\]` must be an int >= 0, got -1"),
     ],
 )
 def test_bad_arguments(kwargs, message):

@@ -156,11 +156,11 @@ def test_registry_and_validation():
     assert vlmfix.methods.get("vcd") is VCD
     with pytest.raises(ValueError, match=r"`alpha` must be a finite number >= 0, got -1"):
         VCD(alpha=-1)
-    with pytest.raises(ValueError, match=r"`beta` must be in \(0, 1\] or None, got 1.5"):
+    with pytest.raises(ValueError, match=r"`beta` must be None or a finite number in \(0, 1\], got 1.5"):
         VCD(beta=1.5)
     with pytest.raises(ValueError, match=r"`noise_step` must be an int in \[0, 1000\), got 1000"):
         VCD(noise_step=1000)
-    with pytest.raises(ValueError, match="`noise_space` must be 'normalized' or 'pixel'"):
+    with pytest.raises(ValueError, match="`noise_space` must be one of 'normalized', 'pixel'"):
         VCD(noise_space="latent")
     tiny = tiny_model("llava")
     with pytest.raises(vlmfix.SessionError, match="VCD is a two-stream method: call session.generate"):

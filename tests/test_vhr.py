@@ -363,7 +363,7 @@ def test_validation_errors():
         VHR(alpha=-1.0)
     with pytest.warns(UserWarning, match="above 3"):
         VHR(alpha=4.0)
-    with pytest.raises(ValueError, match=r"`layers` must be a non-empty list .*got \[-1\]"):
+    with pytest.raises(ValueError, match=r"`layers\[0\]` must be an int >= 0, got -1"):
         VHR(layers=[-1])
     with pytest.raises(ValueError, match=r"`distance` must be one of 'l2', 'sq_l2', got 'l1'"):
         VHR(distance="l1")
@@ -372,7 +372,7 @@ def test_validation_errors():
     with pytest.raises(ValueError, match=r"`outlier_filter` must be True or False"):
         VHR(outlier_filter="yes")
     tiny = tiny_model("llava")
-    with pytest.raises(ValueError, match=r"`layers` holds index 7, but the model has 4 decoder layers"):
+    with pytest.raises(ValueError, match=r"`layers` holds \[7\], but the language model has 4 layers"):
         vlmfix.generate(tiny.model, **tiny.inputs(QUESTIONS[:1]), methods=[VHR(layers=[1, 7])], max_new_tokens=1)
     with pytest.raises(vlmfix.MissingImageError, match=r"vhr need an image in every prompt.*rows \[1\]"):
         vlmfix.generate(tiny.model, **tiny.inputs(QUESTIONS, with_image=[True, False]), methods=[VHR()],

@@ -1,5 +1,6 @@
 """Dual-stream token emphasis ("Fixing Imbalanced Attention" / PAINT): PAI's boost on selected image
-tokens only, local tokens with margin alpha and summary tokens with margin beta."""
+tokens only, the local set with margin alpha and the summary set with margin beta. (The paper calls the two
+selections "streams"; in vlmfix a stream is a block of rows of the two-stream engine, so here they are sets.)"""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class DualStream(ImageFreeRefinement):
             captions show heavy repetition: always report length and repetition with CHAIR).
         beta (float, default 0.4): summary margin.
         local_ratio (float, default 0.25): share of each image's (crop's) patches in the local set.
-        spatial_ratio (float, default 0.0): the spatial stream (vlmfix reading of v1): the top share of
+        spatial_ratio (float, default 0.0): the spatial set (vlmfix reading of v1's spatial stream): the top share of
             patches by attention *received* in the local layer (column sums), added to the local set.
         summary_rule ("tukey" | "topk_ratio", default "tukey"): Tukey fence, or the top-k patches with k
             the number of Tukey outliers (the official code's form; the same set up to ties).
@@ -79,8 +80,8 @@ class DualStream(ImageFreeRefinement):
             unedited newest row, by clip(vs[h] / mean vs, 0, 2) ("ratio"), or apply only in the half of
             heads with the largest vs ("top_half").
         layers (list[int] | None, default None): boosted language-model layers; None = 2 .. L-1.
-        local_layer (int, default 0): vision layer of the local (and spatial) stream.
-        summary_layer (int | None, default None): vision layer of the summary stream; None = the layer whose
+        local_layer (int, default 0): vision layer of the local (and spatial) set.
+        summary_layer (int | None, default None): vision layer of the summary set; None = the layer whose
             output feeds the language model (CLIP: `vision_feature_layer`; Qwen: last full-attention block).
         selector (callable | None, default None): `selector(model, inputs) -> (local, summary)`, [batch, seq]
             bool masks over image tokens, replacing the vision-attention selection.
@@ -100,7 +101,7 @@ class DualStream(ImageFreeRefinement):
     modulation); v3 "PAINT: Paying Attention to INformed Tokens", same id; built on PAI, arXiv 2407.21771.
 
     Departs from the official code: attention slices recomputed in hooks (no output_attentions), spatial
-    stream by column sums (the code's row sums are constant), batches and any image position, and the
+    set by column sums (the code's row sums are constant), batches and any image position, and the
     first generated token is boosted.
 
     Example (toy model):

@@ -5,7 +5,7 @@ its own projections (the tower keeps its fast attention backend, no `output_atte
 
 - CLIP towers (LLaVA, LLaVA-NeXT): the [CLS] row, `cls[j] = sum_h softmax(q_cls k^T / sqrt(d))[h, 1 + j]`,
   and optionally the attention each patch *receives*, `received[j] = mean_h sum_i P[h, i, 1 + j]` (the
-  spatial stream, column sums).
+  spatial set, column sums).
 - Qwen2-VL / Qwen2.5-VL towers (no CLS token): the CLS-free substitute (vlmfix reading): the attention
   each patch receives, averaged over its attention segment's query patches and the heads, then averaged
   over each 2x2 merge group (one score per language-model image token), in the tower's patch order
