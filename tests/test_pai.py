@@ -270,7 +270,8 @@ def test_refinement_needs_the_engine_and_matching_streams():
         (dict(gamma=0.5), r"`gamma` must be a finite number >= 1, got 0.5"),
         (dict(plausibility=0.0), r"`plausibility` must be a finite number in \(0, 1\], got 0.0"),
         (dict(layers=[2, 2]), r"`layers` must be None or distinct 0-based layer indices, got \[2, 2\]"),
-        (dict(layers="2-5"), r"`layers` must be None or a non-empty list of 0-based layer indices, got '2-5' \(a str\)"),
+        (dict(layers="2-5"),
+         r"`layers` must be None or a non-empty list of 0-based layer indices, got '2-5' \(a str\)"),
         (dict(cfg="yes"), r"`cfg` must be True or False"),
     ],
 )
