@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -106,37 +106,42 @@ class Adapter:
 
     # --- module vocabulary (attribute access only) ---
     @property
+    def _hf(self) -> Any:
+        """`model` for attribute access: each family's submodules and config fields are not typed on `nn.Module`."""
+        return self.model
+
+    @property
     def language_model(self) -> nn.Module:
-        return self.model.model.language_model
+        return self._hf.model.language_model
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.layers
+        return cast(nn.ModuleList, self.language_model.layers)
 
     def attn(self, layer_idx: int) -> nn.Module:
-        return self.decoder_layers[layer_idx].self_attn
+        return cast(nn.Module, self.decoder_layers[layer_idx].self_attn)
 
     def o_proj(self, layer_idx: int) -> nn.Linear:
-        return self.attn(layer_idx).o_proj
+        return cast(nn.Linear, self.attn(layer_idx).o_proj)
 
     def input_layernorm(self, layer_idx: int) -> nn.Module:
-        return self.decoder_layers[layer_idx].input_layernorm
+        return cast(nn.Module, self.decoder_layers[layer_idx].input_layernorm)
 
     @property
     def text_config(self) -> Any:
-        return self.model.config.text_config
+        return self._hf.config.text_config
 
     @property
     def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
+        return self._hf.model.multi_modal_projector
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
+        return self._hf.model.vision_tower
 
     @property
     def vision_layers(self) -> nn.ModuleList:
-        tower = self.vision_tower  # CLIPVisionModel has `encoder` (older releases nest it in `vision_model`)
+        tower: Any = self.vision_tower  # CLIPVisionModel has `encoder` (older releases nest it in `vision_model`)
         return getattr(tower, "vision_model", tower).encoder.layers
 
     # --- shapes ---
@@ -171,7 +176,7 @@ class Adapter:
 
     @property
     def image_token_id(self) -> int:
-        return self.model.config.image_token_id
+        return self._hf.config.image_token_id
 
     # --- prompt structure ---
     def image_mask(self, input_ids: Tensor) -> Tensor:

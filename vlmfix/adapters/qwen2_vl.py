@@ -37,18 +37,18 @@ class Qwen2VLAdapter(Adapter):
 
     @property
     def projector(self) -> nn.Module:
-        return self.model.model.visual.merger
+        return self._hf.model.visual.merger
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.visual
+        return self._hf.model.visual
 
     @property
     def vision_layers(self) -> nn.ModuleList:
-        return self.model.model.visual.blocks
+        return self._hf.model.visual.blocks
 
     def image_frame_mask(self, input_ids: Tensor) -> Tensor:
-        config = self.model.config
+        config = self._hf.config
         return (input_ids == config.vision_start_token_id) | (input_ids == config.vision_end_token_id)
 
     def text_positions(self, inputs: dict[str, Any]) -> dict[str, Any]:
