@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,7 @@ def wrapped_backend(implementation: str, module: nn.Module) -> AttentionFn:
     """The function `implementation` names for `module` (eager is each model file's own)."""
     if implementation == "eager":
         return sys.modules[type(module).__module__].eager_attention_forward
-    return AttentionInterface._global_mapping[implementation]
+    return cast(AttentionFn, AttentionInterface._global_mapping[implementation])
 
 
 def _only_last_row(edits: Sequence[Edit]) -> bool:
@@ -93,7 +93,7 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
             backend = backends.setdefault(type(module), wrapped_backend(implementation, module))
         if not host.owns_thread():
             return backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        layer_idx = module.layer_idx
+        layer_idx = cast(int, module.layer_idx)  # every decoder attention module holds its index
         edits = host.edits_for(layer_idx)
         weights = None
         rows = host.edited_rows
@@ -145,9 +145,9 @@ def edited_output(
         return scale_heads(out, edits, key.shape[2])
     q_len = query.shape[2]
     if q_len == 1 and use_kernel:
-        out = grouped_decode_output(query, key, value, attention_mask, scaling, edits, group_cache)
-        if out is not None:
-            return out
+        kernel_out = grouped_decode_output(query, key, value, attention_mask, scaling, edits, group_cache)
+        if kernel_out is not None:
+            return kernel_out
     if q_len > 1 and _only_last_row(edits):
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         mask = attention_mask[..., -1:, :] if attention_mask is not None and attention_mask.dim() == 4 else None
@@ -178,5 +178,5 @@ def mask_builder_for(implementation: str) -> Callable[..., Any]:
             f"vlmfix cannot wrap attention implementation {implementation!r}: it has no mask builder in "
             f"transformers' AttentionMaskInterface. Load the model with attn_implementation='sdpa' or 'eager'."
         )
-    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[implementation]
+    return cast(Callable[..., Any], ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[implementation])
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +119,7 @@ class StreamPairCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         # beam_idx: [B] indices into the positive rows
         batch = beam_idx.shape[0]
-        super().reorder_cache(torch.cat([beam_idx, beam_idx + batch]))
+        super().reorder_cache(cast(torch.LongTensor, torch.cat([beam_idx, beam_idx + batch])))
 
 
 def require_engine(session: Session, method: Method) -> None:
@@ -291,6 +291,7 @@ class _Engine:
             out["attention_mask"] = self.mask
         else:
             out.pop("attention_mask", None)
+        assert self.last_positions is not None  # set by the prefill, before any paired decode step
         steps = torch.arange(1, ids.shape[1] + 1, device=self.last_positions.device)
         positions = self.last_positions + steps
         self.last_positions = positions[..., -1:]

@@ -17,9 +17,9 @@ Composition order in one layer, for the query rows each edit selects:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -297,7 +297,10 @@ def apply_fusion(p: Tensor, edit: FusionReweight, edited: Tensor) -> Tensor:
     return torch.where((image_heads | query_heads)[..., None], new, p)
 
 
-POST_APPLY = {Reweight: apply_reweight, Transfer: apply_transfer, FusionReweight: apply_fusion}
+# edit type -> apply(p, edit, edited), the probability-stage edits
+POST_APPLY: dict[type[Edit], Callable[[Tensor, Any, Tensor], Tensor]] = {
+    Reweight: apply_reweight, Transfer: apply_transfer, FusionReweight: apply_fusion,
+}
 
 
 def repeat_kv(x: Tensor, heads: int) -> Tensor:

@@ -148,8 +148,9 @@ def stack_row_blocks(first: dict[str, Any], second: dict[str, Any], *, pad_token
         if first_types is None and second_types is None:
             continue
         if second_types is None:
+            assert first_types is not None  # not both missing (skipped above)
             second_types = first_types if same_prompt else torch.zeros_like(second_ids, dtype=first_types.dtype)
-        if first_types is None:
+        elif first_types is None:
             first_types = torch.zeros_like(first_ids, dtype=second_types.dtype)
         out[key] = torch.cat([left_pad(first_types, width, 0), left_pad(second_types, width, 0)])
 

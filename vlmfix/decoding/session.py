@@ -114,12 +114,12 @@ class Session:
     ) -> None:
         self.kernel = validation.choice(kernel, "kernel", KERNEL_MODES,
                                         "'auto' uses the Triton decode kernel on CUDA when triton is installed")
-        self.model = model
+        self.model: Any = model  # a transformers model: generate, config and submodules differ per family
         self.adapter: Adapter = get_adapter(model)
         self.methods = resolve_methods(methods)
         self.tokenizer = resolve_tokenizer(tokenizer)
         self._span_override = spans
-        self.spans: Spans | None = None
+        self._spans: Spans | None = None  # the current prompt batch's (see `spans`)
         self.inputs: dict[str, Any] = {}
         # the caller's generate arguments (session.generate fills them): the image tensors in the caller's
         # layout live here, since generate encodes the images before its first forward
@@ -134,7 +134,7 @@ class Session:
         self.key_groups = KeyGroupCache()
         self.prompts_seen = 0
         self._owner: int | None = None
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], object]] = []  # return values are ignored
         self._prompt_handles: list[RemovableHandle] = []
         self._prompt_observers: list[tuple[Observer, int | None]] = []  # (observer, method index)
         self._pass_observers: list[Observer] = []
@@ -152,6 +152,14 @@ class Session:
                 f"{', '.join(missing)} need the tokenizer to read the instruction's words: pass "
                 f"tokenizer=processor (or the tokenizer) to vlmfix.apply / vlmfix.generate."
             )
+
+    @property
+    def spans(self) -> Spans:
+        """The current prompt batch's spans (set when a prompt begins, before any method's `prepare`)."""
+        if self._spans is None:
+            raise SessionError("session.spans is set when a prompt begins: run a forward or generate in the "
+                               "session first.")
+        return self._spans
 
     @property
     def image_inputs(self) -> dict[str, Any]:
@@ -230,7 +238,7 @@ class Session:
         valid = padding_mask(inputs.get("attention_mask"), input_ids)
         self.inputs = {**inputs, "attention_mask": valid.long()}
         self.prompts_seen += 1
-        self.spans = self._resolve_spans(input_ids, valid)
+        self._spans = self._resolve_spans(input_ids, valid)
         needy = [m.name for m in self.methods if m.needs_image]
         if needy and not bool(self.spans.has_image.all()):
             rows = (~self.spans.has_image).nonzero().flatten().tolist()
