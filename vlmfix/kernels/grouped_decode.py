@@ -20,6 +20,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -468,7 +469,7 @@ def grouped_decode_attention_triton(
     keys_per_split = _BLOCK_N * math.ceil(math.ceil(dims.kv_len / num_splits) / _BLOCK_N)
     num_splits = math.ceil(dims.kv_len / keys_per_split)  # no empty split
     rows = 2 * MAX_GROUPS
-    f32 = {"device": query.device, "dtype": torch.float32}
+    f32: dict[str, Any] = {"device": query.device, "dtype": torch.float32}
 
     # outputs: mass [batch, heads, groups], value [batch, heads, groups, head_dim]
     mass = torch.empty(dims.batch, dims.heads, num_groups, **f32)
