@@ -16,11 +16,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import PreTrainedConfig
 
 from vlmfix import validation
 from vlmfix.adapters import get_adapter
@@ -63,7 +64,8 @@ def config_hash(model: nn.Module) -> str:
             return [clean(v) for v in value]
         return value
 
-    canonical = json.dumps([type(model).__name__, clean(model.config.to_dict())], sort_keys=True, default=str)
+    config = cast(PreTrainedConfig, model.config)
+    canonical = json.dumps([type(model).__name__, clean(config.to_dict())], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -284,9 +286,10 @@ class DCD(ContrastiveMethod):
         for arg, value in (("checkpoints", checkpoints), ("positive", positive), ("negative", negative)):
             if value is not None and not isinstance(value, (str, Path)):
                 raise ValueError(f"`{arg}` must be a path (str or Path) or None, got {validation.with_type(value)}.")
-        needed = {"pos+neg": ("pos", "neg"), "neg_only": ("neg",), "pos_only": ("pos",)}[variant]
-        files: dict[str, str | None] = {}
-        for side, given in (("pos", positive), ("neg", negative)):
+        sides: dict[str, tuple[Side, ...]] = {"pos+neg": ("pos", "neg"), "neg_only": ("neg",), "pos_only": ("pos",)}
+        needed = sides[variant]
+        files: dict[Side, str | None] = {}
+        for side, given in zip(SIDES, (positive, negative)):
             if given is None and checkpoints is not None:
                 given = Path(checkpoints) / CHECKPOINT_FILES[side]
             files[side] = str(given) if given is not None else None
@@ -312,7 +315,7 @@ class DCD(ContrastiveMethod):
         """The frozen positive / negative projectors for `model`, loaded (and checked) once."""
         slot = get_adapter(model).projector
         if slot not in self._loaded:
-            files = {"pos": self.positive, "neg": self.negative}
+            files: dict[Side, str | None] = {"pos": self.positive, "neg": self.negative}
             self._loaded[slot] = {
                 side: projector_copy(model, load_projector(path, model, side))
                 for side, path in files.items() if path is not None

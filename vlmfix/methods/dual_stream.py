@@ -150,7 +150,7 @@ class DualStream(ImageFreeRefinement):
         self.layers = validation.indices(layers, "layers", meaning="None boosts layers 2 .. L-1")
         self.local_layer = validation.index(local_layer, "local_layer")
         self.summary_layer = None if summary_layer is None else validation.index(summary_layer, "summary_layer")
-        self.selector = None if selector is None else validation.function(
+        self.selector: Selector | None = None if selector is None else validation.function(
             selector, "selector", "(model, inputs) -> (local, summary)")
         self.cfg, self.gamma, self.plausibility = check_refinement(cfg, gamma, plausibility)
         self.skip_first_token_boost = validation.boolean(
@@ -174,8 +174,9 @@ class DualStream(ImageFreeRefinement):
             if self.selector
             else (SUBSTITUTE if adapter.family.startswith("qwen") else "CLS attention"),
         )
-        if self.selector is not None:
-            state.finish = lambda: self._check_selection(*self.selector(session.model, inputs), state.image)
+        selector = self.selector
+        if selector is not None:
+            state.finish = lambda: self._check_selection(*selector(session.model, inputs), state.image)
         else:
             qwen = adapter.family.startswith("qwen")
             local_layer, summary_layer = self._vision_layers(adapter, qwen)
@@ -250,7 +251,7 @@ class DualStream(ImageFreeRefinement):
         if adapter.family == "llava_next":
             local_flat, summary_flat = self._pack_next(session, picks)
         else:
-            cls_slot = not qwen and adapter.model.config.vision_feature_select_strategy == "full"
+            cls_slot = not qwen and session.model.config.vision_feature_select_strategy == "full"
             local_flat = torch.cat([_with_cls(lo, cls_slot) for lo, _ in picks])
             summary_flat = torch.cat([_with_cls(su, cls_slot) for _, su in picks])
         return _scatter(local_flat, summary_flat, session.spans.image)
@@ -311,6 +312,7 @@ class DualStream(ImageFreeRefinement):
     def _ready(self, state: DualStreamState) -> None:
         if state.local is not None:
             return
+        assert state.finish is not None  # set by prepare
         local, summary = state.finish()
         state.local, state.summary = local.to(state.image.device), summary.to(state.image.device)
         gain = (self.alpha * state.local.float() + self.beta * state.summary.float())[
@@ -347,6 +349,7 @@ class DualStream(ImageFreeRefinement):
             else:
                 factor = torch.zeros_like(share)
                 factor.scatter_(1, share.topk(heads // 2, dim=1).indices, 1.0)
+            assert state.edit is not None and state.edit.abs_gain is not None  # made by _ready before any edit
             base = fit_keys(state.edit.abs_gain[:, 0], kv_len, rows, 0.0).to(p.device)[:batch]  # [batch, kv_len]
             return KeyBias(abs_gain=factor[..., None] * base[:, None], rows="last", from_position=state.start)
 
@@ -359,6 +362,7 @@ class DualStream(ImageFreeRefinement):
         if state.rewrite is not None:
             state.rewrite.arm(layer_idx)
             return ()
+        assert state.edit is not None  # made by _ready
         return (state.edit,)
 
     def report(self, state: DualStreamState) -> dict[str, Any]:

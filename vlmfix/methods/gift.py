@@ -184,7 +184,7 @@ class GIFT(Method):
         self.alpha = validation.optional_number(alpha, "alpha", low=0, meaning="the saliency strength: multipliers "
                                                 "are exp(alpha * saliency); None takes the model's default")
         if saliency_layers == "auto":
-            self.saliency_layers: tuple[int, ...] | str | None = "auto"
+            self.saliency_layers: tuple[int, ...] | Literal["auto"] | None = "auto"
         else:
             self.saliency_layers = validation.indices(saliency_layers, "saliency_layers",
                                                       meaning="None takes the model's default, 'auto' picks per row")
@@ -217,7 +217,7 @@ class GIFT(Method):
         auto = self.saliency_layers == "auto"
         saliency = (
             tuple(range(adapter.num_layers))
-            if auto
+            if self.saliency_layers == "auto"
             else adapter.resolve_layers(self.saliency_layers, "saliency_layers", defaults.saliency_layers)
         )
 

@@ -189,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> SinkCalibration:
     parser.add_argument("--tau", type=float, default=20.0)
     parser.add_argument("--min-share", type=float, default=0.5)
     args = parser.parse_args(argv)
+    image_dir: Path | None
     if args.model in ("toy", "toy_fast"):
         from vlmfix.toy import build_toy
 

@@ -52,7 +52,8 @@ class VisionProbe:
         """Put the probe's pre-hooks on the tower and its chosen layers through `add_pre_hook(module, hook)`
         (a session's `hook_for_prompt`, which removes them at the next prompt)."""
         for layer_idx in self.layers:
-            attn = vision_layers[layer_idx].attn if self.qwen else vision_layers[layer_idx].self_attn
+            layer: Any = vision_layers[layer_idx]  # a CLIP or Qwen vision block: attention under its own name
+            attn = layer.attn if self.qwen else layer.self_attn
             hook = self._qwen_hook(layer_idx, attn) if self.qwen else self._clip_hook(layer_idx, attn)
             add_pre_hook(attn, hook)
         add_pre_hook(tower, self._tower_hook)
@@ -63,10 +64,11 @@ class VisionProbe:
         if self.qwen:
             self.grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
 
-    def _clip_hook(self, layer_idx: int, attn: nn.Module) -> Callable[..., None]:
+    def _clip_hook(self, layer_idx: int, attn: Any) -> Callable[..., None]:
         @torch.no_grad()
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             h = kwargs.get("hidden_states", args[0] if args else None)  # [units, 1 + patches, dim]
+            assert h is not None  # an attention layer is always called with its hidden states
             units, tokens, _ = h.shape
             heads = attn.num_heads
             q = (
@@ -86,11 +88,12 @@ class VisionProbe:
 
         return hook
 
-    def _qwen_hook(self, layer_idx: int, attn: nn.Module) -> Callable[..., None]:
+    def _qwen_hook(self, layer_idx: int, attn: Any) -> Callable[..., None]:
         @torch.no_grad()
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             h = kwargs.get("hidden_states", args[0] if args else None)  # [seq, dim]
             cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            assert h is not None and cu_seqlens is not None  # Qwen vision attention always gets both
             cos, sin = kwargs["position_embeddings"]  # [seq, head_dim] each
             seq = h.shape[0]
             heads = attn.num_heads
@@ -138,23 +141,29 @@ class UnitScores:
 
 def clip_units(probe: VisionProbe, local_layer: int, summary_layer: int, spatial: bool) -> list[UnitScores]:
     """Per image (or crop) of the latest CLIP tower forward: CLS-row and received scores per patch."""
-    local, summary = probe.captures[local_layer], probe.captures[summary_layer]
+    local, summary = probe.captures[local_layer].cls, probe.captures[summary_layer].cls
+    received = probe.captures[local_layer].received if spatial else None
+    assert local is not None and summary is not None  # the CLIP hooks always capture the CLS row
+    assert received is not None or not spatial  # captured for the local layer when spatial (want_received)
     return [
-        UnitScores(local=local.cls[u], summary=summary.cls[u], spatial=local.received[u] if spatial else None)
-        for u in range(local.cls.shape[0])
+        UnitScores(local=local[u], summary=summary[u], spatial=received[u] if received is not None else None)
+        for u in range(local.shape[0])
     ]
 
 
 def qwen_units(
-    probe: VisionProbe, tower: nn.Module, local_layer: int, summary_layer: int
+    probe: VisionProbe, tower: Any, local_layer: int, summary_layer: int
 ) -> list[UnitScores]:
-    """Per image of the latest Qwen tower forward: received scores per merged (language-model) token."""
+    """Per image of the latest Qwen tower forward: received scores per merged (language-model) token.
+    `tower` is the Qwen vision transformer (its merge and window sizes are plain attributes)."""
     grid = probe.grid_thw
+    assert grid is not None  # the tower hook records grid_thw, an argument of every Qwen tower forward
     merge = tower.spatial_merge_size**2
     order = _window_order(tower, grid)  # block position of each merged token, or None (identity)
 
     def per_token(layer_idx: int) -> Tensor:
         received = probe.captures[layer_idx].received  # [seq] in block order
+        assert received is not None  # the Qwen hooks always capture it
         merged = received.view(-1, merge).mean(-1)  # [seq / 4]
         if order is not None:
             merged = merged[torch.argsort(order)]  # back to the language model's token order
@@ -168,7 +177,7 @@ def qwen_units(
     ]
 
 
-def _window_order(tower: nn.Module, grid: Tensor) -> Tensor | None:
+def _window_order(tower: Any, grid: Tensor) -> Tensor | None:
     """Qwen2.5-VL: the window permutation of merged tokens (`window_index`); None for Qwen2-VL."""
     if not getattr(tower, "fullatt_block_indexes", None):
         return None
