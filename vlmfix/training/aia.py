@@ -110,12 +110,17 @@ class LayerTargets:
         return {"rule": self.rule, "target": list(self.target), "delta": list(self.delta)}
 
 
-@dataclass(frozen=True)
+# a stage as given: a `Stage` or its (stop, target, delta) triple
+StageSpec = Stage | tuple[float | None, float, float]
+
+
+@dataclass(frozen=True, init=False)
 class StageTable:
     """Stage-wise constant targets, resolved per model with `resolve(num_layers)`.
 
     Args:
-        stages: the stages in order; stops increase; the last stop may be None (the remaining layers).
+        stages: the stages in order (`Stage`s or (stop, target, delta) triples); stops increase; the last
+            stop may be None (the remaining layers).
         relative: stops are fractions of depth (True) or layer indices (False).
         rule: where the table comes from; written into the run config.
     """
@@ -124,8 +129,11 @@ class StageTable:
     relative: bool = False
     rule: str = "custom"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stages", sequence(self.stages, "stages", _stage, min_length=1, what="stages"))
+    # written out (not generated) so that `stages` may be given as triples yet is typed as the `Stage`s it holds
+    def __init__(self, stages: Sequence[StageSpec], relative: bool = False, rule: str = "custom") -> None:
+        object.__setattr__(self, "stages", sequence(stages, "stages", _stage, min_length=1, what="stages"))
+        object.__setattr__(self, "relative", relative)
+        object.__setattr__(self, "rule", rule)
         stops = [s.stop for s in self.stages]
         if any(stop is None for stop in stops[:-1]):
             raise ValueError(
@@ -318,6 +326,7 @@ def key_subset_mass(
     if additive is not None:
         scores.add_(additive.to(dtype))
     else:
+        assert allowed is not None  # _allowed_keys returns exactly one of the two
         scores.masked_fill_(~allowed, float("-inf"))
     live = row_valid[:, None, :, None]  # [batch, 1, rows, 1]
     scores.masked_fill_(~live, 0.0)  # padded row slots: finite (uniform), zeroed below
@@ -501,6 +510,9 @@ class AIALoss:
                 "AIA observed a second forward inside one `observe` block; open one `aia.observe(session)` "
                 "block per training forward."
             )
+        # _begin filled the record's prompt fields
+        assert record.image is not None and record.row_index is not None and record.row_valid is not None
+        assert record.rows is not None and record.sample_mask is not None
         if call.query.shape[2] != record.image.shape[1]:
             raise SessionError(
                 f"AIA needs a full training forward without cache (query length {call.query.shape[2]}, "
@@ -559,6 +571,7 @@ class AIALoss:
     def terms(self, record: AIARecord) -> Tensor:
         """[layers, batch] m_b * huber_{delta_l}(I[l, b] - T_l)."""
         intensity = record.stacked()
+        assert record.sample_mask is not None  # filled with the intensities by the observed forward
         target = torch.tensor(record.targets.target, dtype=intensity.dtype, device=intensity.device)[:, None]
         delta = torch.tensor(record.targets.delta, dtype=intensity.dtype, device=intensity.device)[:, None]
         return huber(intensity - target, delta) * record.sample_mask[None].to(intensity.dtype)
@@ -566,6 +579,7 @@ class AIALoss:
     def loss(self, record: AIARecord) -> Tensor:
         """L_AIA, a scalar (unweighted: multiply by `lambda_`)."""
         terms = self.terms(record)
+        assert record.sample_mask is not None  # terms checked that the forward filled the record
         layers, batch = terms.shape
         count = batch if self.normalize == "all" else int(record.sample_mask.sum())
         return terms.sum() / (layers * max(count, 1))
@@ -608,10 +622,11 @@ class IntensityCurve:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a peft / DDP / FSDP wrapper (the object `vlmfix.apply` needs)."""
     for _ in range(8):
-        if hasattr(model, "get_base_model") and model.get_base_model() is not model:
-            model = model.get_base_model()
+        wrapper: Any = model  # what a wrapper holds is an untyped attribute
+        if hasattr(wrapper, "get_base_model") and wrapper.get_base_model() is not model:
+            model = wrapper.get_base_model()
         elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in _FSDP:
-            model = model.module
+            model = wrapper.module
         else:
             break
     return model

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from vlmfix.training.aia import AIALoss
+from vlmfix.training.aia import AIALoss, AnswerRows, Normalize
 from vlmfix.training.config import TrainConfig, optional
 from vlmfix.training.loop import DEFAULT_THREADS, THREADS_MEANING
 from vlmfix.validation import boolean, choice, number, sequence, text
@@ -81,8 +81,8 @@ class AIATrainConfig(TrainConfig):
     lambda_: float = 10.0
     lambda_auto_ratio: float | None = None
     lambda_auto_batches: int = 8
-    normalize: str = "all"
-    answer_rows: str = "all_turns"
+    normalize: Normalize = "all"
+    answer_rows: AnswerRows = "all_turns"
     aia_rows: int | None = 256
     max_steps: int = 1000
     batch_size: int = 4
@@ -151,7 +151,7 @@ class AIATrainConfig(TrainConfig):
         self.aia_loss()  # checks targets, lambda_, normalize, answer_rows, aia_rows
 
     def aia_loss(self, lambda_: float | None = None) -> AIALoss:
-        targets = self.targets if isinstance(self.targets, str) else [tuple(s) for s in self.targets]
+        targets = self.targets if isinstance(self.targets, str) else list(self.targets)
         return AIALoss(
             targets=targets,
             lambda_=self.lambda_ if lambda_ is None else lambda_,

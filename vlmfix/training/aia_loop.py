@@ -92,7 +92,7 @@ def set_trainable(model: nn.Module, config: AIATrainConfig) -> nn.Module:
         pattern = r".*language_model.*\.(" + "|".join(re.escape(t) for t in config.lora_targets) + r")$"
         lora = LoraConfig(
             r=config.lora_r,
-            lora_alpha=config.lora_alpha,
+            lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; any number scales alpha / r
             lora_dropout=config.lora_dropout,
             target_modules=pattern,
         )
@@ -115,7 +115,7 @@ def set_trainable(model: nn.Module, config: AIATrainConfig) -> nn.Module:
             p.requires_grad_(True)
     elif config.trainable == "qk":
         for layer in range(adapter.num_layers):
-            for proj in (adapter.attn(layer).q_proj, adapter.attn(layer).k_proj):
+            for proj in (adapter.attn(layer).get_submodule("q_proj"), adapter.attn(layer).get_submodule("k_proj")):
                 for p in proj.parameters():
                     p.requires_grad_(True)
     else:
@@ -137,7 +137,7 @@ def warn_without_direct_path(model: nn.Module) -> None:
     direct = any(
         p.requires_grad
         for layer in range(adapter.num_layers)
-        for proj in (adapter.attn(layer).q_proj, adapter.attn(layer).k_proj)
+        for proj in (adapter.attn(layer).get_submodule("q_proj"), adapter.attn(layer).get_submodule("k_proj"))
         for p in proj.parameters()
     )
     if not direct:
@@ -168,7 +168,8 @@ def check_aia_gradient(aia_term: Tensor, params: list[nn.Parameter], trainable: 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices, none on biases and norms (1-D parameters)."""
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (plain if p.dim() < 2 or name.endswith(".bias") or "norm" in name.lower() else decay).append(p)
@@ -411,7 +412,7 @@ def _train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        entry = {"step": done, **totals, "lr": scheduler.get_last_lr()[0]}
+        entry = {"step": done, **totals, "lr": float(scheduler.get_last_lr()[0])}
         history.append(entry)
         bar.update(1)
         if done % config.log_every == 0 or done == config.max_steps:
@@ -460,6 +461,8 @@ def _auto_lambda(
     model: nn.Module, base: nn.Module, config: AIATrainConfig, micro_batch: Any, device: torch.device
 ) -> float:
     """lambda with lambda * mean L_AIA = mean L_NTP / ratio over the first `lambda_auto_batches` batches."""
+    ratio = config.lambda_auto_ratio
+    assert ratio is not None  # called only when lambda_auto_ratio is set
     aia = config.aia_loss()
     ntp_sum = aia_sum = 0.0
     for index in range(config.lambda_auto_batches):
@@ -472,12 +475,12 @@ def _auto_lambda(
             "lambda_auto_ratio: the AIA loss is 0 on the calibration batches (no images / answers, or "
             "intensities already on target); set lambda_ directly."
         )
-    return ntp_sum / (config.lambda_auto_ratio * aia_sum)
+    return ntp_sum / (ratio * aia_sum)
 
 
 def _save_final(accelerator: Any, model: nn.Module, processor: Any, output_dir: Path) -> Path | None:
     accelerator.wait_for_everyone()
-    final = unwrap_model(accelerator.unwrap_model(model))
+    final: Any = unwrap_model(accelerator.unwrap_model(model))  # a transformers model (save_pretrained)
     inner = accelerator.unwrap_model(model)
     if hasattr(inner, "merge_and_unload"):  # peft: fold LoRA into the base weights
         final = inner.merge_and_unload()

@@ -15,7 +15,7 @@ import random
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -161,7 +161,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str,
 # ---------------------------------------------------------------------------------------------- random generators
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The torch (CPU and initialised CUDA), Python and NumPy generator states as (tensors, JSON)."""
-    numpy_state = np.random.get_state()
+    # the legacy tuple (the default; numpy's stub types the no-argument call as the dict form)
+    numpy_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(numpy_state[1].astype(np.int64))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})

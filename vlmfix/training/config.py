@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from vlmfix.errors import VlmfixError
 
@@ -113,7 +113,7 @@ def check_same_settings(saved: Mapping[str, Any], current: Mapping[str, Any], so
 # ---------------------------------------------------------------------------------------------- command line
 def parse_cli(config_class: type[Config], argv: Sequence[str] | None, *, prog: str, description: str) -> Config:
     """`[--config FILE.yaml] key=value ...` -> a checked `config_class` (ConfigError on a bad setting)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
@@ -127,7 +127,7 @@ def parse_cli(config_class: type[Config], argv: Sequence[str] | None, *, prog: s
     bad = [item for item in args.overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ConfigError(f"settings are given as key=value, got {bad}. Known keys: {', '.join(config_class.keys())}.")
-    merged = OmegaConf.create({})
+    merged: DictConfig | ListConfig = OmegaConf.create({})
     try:
         if args.config is not None:
             path = Path(args.config).expanduser()
@@ -140,7 +140,7 @@ def parse_cli(config_class: type[Config], argv: Sequence[str] | None, *, prog: s
     except OmegaConfBaseException as error:
         raise ConfigError(f"cannot read the settings ({type(error).__name__}: {error}).") from None
     try:
-        return config_class.from_mapping(values)
+        return config_class.from_mapping(cast(Mapping[str, Any], values))  # merged onto a DictConfig: a dict
     except ConfigError:
         raise
     except ValueError as error:

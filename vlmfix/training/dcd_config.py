@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlmfix.methods.dcd import SIDES
+from vlmfix.methods.dcd import SIDES, Side
 from vlmfix.methods.dcd_lora import LoraSpec
 from vlmfix.training.config import TrainConfig, optional
 from vlmfix.training.loop import DEFAULT_THREADS, THREADS_MEANING
@@ -58,7 +58,7 @@ class DCDTrainConfig(TrainConfig):
     data_split: str = "train"
     image_root: str | None = None
     output_dir: str = "outputs/dcd/toy"
-    projectors: tuple[str, ...] = SIDES
+    projectors: tuple[Side, ...] = SIDES
     trainable: str = "projector"
     lora_rank: int = 8
     lora_alpha: float = 16.0

@@ -279,6 +279,8 @@ def _faithfulness(completion: Mapping[str, Any]) -> float | None:
         return None
     entry = next((v for k, v in annotations.items() if k.lower().replace("_", " ") == FAITHFULNESS), None)
     rating = next((v for k, v in entry.items() if k.lower() == "rating"), None) if isinstance(entry, Mapping) else entry
+    if rating is None:
+        return None
     try:
         return float(rating)
     except (TypeError, ValueError):

@@ -109,7 +109,8 @@ class BatchOrder:
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / accumulation)
         self.total_steps = min(self.steps_per_epoch * epochs, max_steps or sys.maxsize)
         self._loader: torch.utils.data.DataLoader | None = None
-        self._epoch, self._batches = -1, []
+        self._epoch = -1
+        self._batches: list[list[int]] = []
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -118,7 +119,8 @@ class BatchOrder:
         """Epoch `epoch`'s batches: the loader's passes continue one generator, so replay the earlier ones."""
         if self._loader is None or epoch < self._epoch:
             self._loader = torch.utils.data.DataLoader(
-                range(self.examples), batch_size=self.batch_size, shuffle=True, collate_fn=list,
+                range(self.examples),  # type: ignore[arg-type]  # torch's stub wants a Dataset; a sequence is one
+                batch_size=self.batch_size, shuffle=True, collate_fn=list,
                 generator=torch.Generator().manual_seed(self.seed),
             )
             self._epoch = -1
@@ -231,11 +233,12 @@ def _train_side(
     trainable = [*projector.parameters(), *(lora.parameters() if lora is not None else ())]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, int(config.warmup_ratio * total), total)
-    steps, losses = 0, []
+    steps = 0
+    losses: list[float] = []
     if files is not None and not config.resume and accelerator.is_main_process:
         remove_checkpoints(files.output_dir, files.prefix)
     latest = latest_checkpoint(files.output_dir, files.prefix) if files is not None and config.resume else None
-    if latest is not None:
+    if files is not None and latest is not None:
         steps, losses = _restore(latest, files, projector, lora, optimizer, scheduler)
         accelerator.print(f"[dcd {side}] resumed from {latest} (step {steps}/{total})")
     optimizer = accelerator.prepare(optimizer)
