@@ -13,6 +13,7 @@ Never derive the list from a directory listing (its order differs between machin
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +153,7 @@ def _as_id(value: object, source: str) -> int:
 
 def _unique(image_ids: Iterable[int], source: str) -> list[int]:
     ids = [_as_id(value, source) for value in image_ids]
-    seen: set[int] = set()
-    duplicates = sorted({i for i in ids if i in seen or seen.add(i)})
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
     if duplicates:
         raise EvalInputError(
             f"image ids {duplicates[:10]} appear more than once in {source!r}; list each image once."

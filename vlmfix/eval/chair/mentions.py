@@ -54,7 +54,7 @@ class MentionExtractor:
     def __call__(self, caption: str) -> CaptionMentions:
         tokens = self.normalizer(caption)
         words, starts = merge_double_words(tokens, self.vocabulary.double_words)
-        kept = range(len(words))
+        kept: Sequence[int] = range(len(words))
         if all(word in words for word in self.vocabulary.toilet_trigger):
             kept = [i for i in kept if words[i] != self.vocabulary.toilet_drop]
         synonyms = self.vocabulary.synonyms

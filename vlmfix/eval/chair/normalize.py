@@ -42,9 +42,14 @@ NLTK_RESOURCES_BEFORE_3_9 = (
 class Normalizer(Protocol):
     """Caption -> normalized tokens. `version` is recorded in results; `quirks` must match the vocabulary."""
 
-    name: str
-    quirks: str
-    comparable_to_opera: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def quirks(self) -> str: ...
+
+    @property
+    def comparable_to_opera(self) -> bool: ...
 
     @property
     def version(self) -> str: ...

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from vlmfix.eval._io import PathLike, sha256_json
 from vlmfix.eval.errors import EvalInputError
@@ -121,7 +121,7 @@ def _open_local(source: PathLike | Sequence[PathLike], cache_dir: PathLike | Non
         raise EvalInputError(
             "reading the lmms-lab/POPE copy needs `datasets`; install it with `pip install datasets`."
         ) from err
-    paths = [Path(p) for p in source] if isinstance(source, (list, tuple)) else [Path(source)]
+    paths = [Path(p) for p in source] if isinstance(source, (list, tuple)) else [Path(cast(PathLike, source))]
     absent = [str(p) for p in paths if not p.exists()]
     if absent:
         raise EvalInputError(

@@ -10,6 +10,7 @@ other than yes/no, and keeps the extra fields vlmfix writes (`image_id`, `object
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,10 +158,7 @@ def question_from_row(row: Any, where: str) -> PopeQuestion:
 
 
 def check_unique_ids(questions: Sequence[PopeQuestion], source: str) -> None:
-    seen: set[int] = set()
-    duplicates = sorted(
-        {q.question_id for q in questions if q.question_id in seen or seen.add(q.question_id)}
-    )
+    duplicates = sorted(i for i, n in Counter(q.question_id for q in questions).items() if n > 1)
     if duplicates:
         raise EvalInputError(
             f"{source} has duplicate question_id(s) {duplicates[:10]}; answers are joined to questions by "
