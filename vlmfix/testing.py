@@ -15,13 +15,14 @@ out = tiny.model.generate(**inputs, max_new_tokens=8)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    BaseImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -30,7 +31,10 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     LlavaProcessor,
+    PreTrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -186,12 +190,16 @@ def build_tiny(
     torch.manual_seed(seed)
     tokenizer = _fast_tokenizer(family)
     vocab = len(tokenizer)
+    config: PreTrainedConfig
+    model: PreTrainedModel
+    image_processor: BaseImageProcessor
+    processor: ProcessorMixin
     if family == "llava":
         tokenizer.image_token = "<image>"
         config = LlavaConfig(
             vision_config=_clip_config(image_size, patch_size),
             text_config=_llama_text_config(vocab, layers, heads, kv_heads, head_dim),
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+            image_token_index=cast(int, tokenizer.convert_tokens_to_ids("<image>")), vision_feature_layer=-2,
             vision_feature_select_strategy="default", projector_hidden_act="gelu",
         )
         model = LlavaForConditionalGeneration(config)
@@ -205,7 +213,7 @@ def build_tiny(
     elif family == "llava_next":
         config = LlavaNextConfig(
             vision_config=_clip_config(32, 8), text_config=_llama_text_config(vocab, layers, heads, kv_heads, head_dim),
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+            image_token_index=cast(int, tokenizer.convert_tokens_to_ids("<image>")), vision_feature_layer=-2,
             vision_feature_select_strategy="default", image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
         )
         model = LlavaNextForConditionalGeneration(config)
@@ -219,16 +227,16 @@ def build_tiny(
         )
     else:
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-        text = dict(
+        text: dict[str, Any] = dict(
             vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
             max_position_embeddings=2048, bos_token_id=None,
             rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
             pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         )
-        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=8,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-        common = dict(
+        vision: dict[str, Any] = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=8,
+                                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        common: dict[str, Any] = dict(
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         )

@@ -88,7 +88,7 @@ def _canonical_units(names: list[str]) -> list[list[str]]:
     """Units of `names` in the canonical caption order: by COCO id of the unit's first member, pair
     members in `PAIRS` order. A fixed order makes captions easy to learn and the pairs adjacent."""
     units = _group_units(sorted(names, key=lambda name: CATEGORY_BY_NAME[name].id))
-    return [sorted(unit, key=_PAIR_POSITION.get) if len(unit) == 2 else unit for unit in units]
+    return [sorted(unit, key=_PAIR_POSITION.__getitem__) if len(unit) == 2 else unit for unit in units]
 
 
 def reference_captions(names: list[str], rng: np.random.Generator) -> list[str]:

@@ -90,7 +90,7 @@ def _coco_header(split: str) -> dict:
 def coco_instances(split: str, images: list[ToyImage]) -> dict:
     """The COCO instances dict of `images` (one annotation per object, box polygon as segmentation)."""
     category_id = {c.name: c.id for c in CATEGORIES}
-    annotations = []
+    annotations: list[dict] = []
     for image in images:
         for obj in image.scene.objects:
             x, y, w, h = obj.box

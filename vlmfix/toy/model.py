@@ -17,6 +17,7 @@ torchvision needed) and the word-level tokenizer of `vlmfix.toy.tokenizer`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from transformers import (
     CLIPImageProcessorPil,
@@ -111,7 +112,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, spec: ModelSpec) -> LlavaFor
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_token_index=cast(int, tokenizer.convert_tokens_to_ids(IMAGE)),  # one token: one id
         image_seq_length=spec.image_tokens,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",

@@ -13,11 +13,12 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import DynamicCache, LlavaForConditionalGeneration, PreTrainedConfig, PreTrainedTokenizerFast
 
 from .captions import (
     CAPTION_PROMPT_WEIGHTS,
@@ -59,8 +60,10 @@ class TrainSpec:
 
 def prompt_text(tokenizer: PreTrainedTokenizerFast, user_text: str) -> str:
     """The chat-template prompt of a one-image question, ending with the generation prompt."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
-    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    conversation: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}
+    ]
+    return cast(str, tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
 
 
 class RowEncoder:
@@ -218,9 +221,12 @@ class PatchHead(torch.nn.Module):
     then name (or find) an object by matching words to image tokens, which it learns quickly.
     """
 
+    name_ids: torch.Tensor  # buffers
+    name_weights: torch.Tensor
+
     def __init__(self, model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast) -> None:
         super().__init__()
-        hidden = model.config.text_config.hidden_size
+        hidden = cast(PreTrainedConfig, model.config.text_config).hidden_size  # a config once LlavaConfig is built
         words = [tokenizer(" " + c.name, add_special_tokens=False).input_ids for c in CATEGORIES]
         width = max(map(len, words))
         ids = torch.tensor([w + [w[-1]] * (width - len(w)) for w in words])  # [categories, width]
@@ -260,7 +266,8 @@ def train(
     rng = np.random.default_rng([seed, 2])
     encoder = RowEncoder(tokenizer, image_tokens)
     pixels = images_to_tensor(images)  # [images, 3, H, W] uint8
-    targets = patch_labels(images, model.config.vision_config.patch_size)  # [images, image_tokens]
+    vision_config = cast(PreTrainedConfig, model.config.vision_config)  # a config once LlavaConfig is built
+    targets = patch_labels(images, vision_config.patch_size)  # [images, image_tokens]
     patch_head = PatchHead(model, tokenizer)
     parameters = [*model.named_parameters(), *(("patch_head." + n, p) for n, p in patch_head.named_parameters())]
     no_decay = [p for n, p in parameters if p.ndim < 2 or "embed" in n]
@@ -326,7 +333,8 @@ def _train_vision(
         chosen = torch.from_numpy(rng.choice(len(pixels), size=min(spec.vision_batch_images, len(pixels)),
                                              replace=False))
         features = image_features(model, normalise(pixels[chosen]))  # [images, image_tokens, hidden]
-        logits = patch_head(features, model.get_input_embeddings().weight.detach())  # [images, tokens, classes]
+        embedding = cast(torch.nn.Embedding, model.get_input_embeddings())
+        logits = patch_head(features, embedding.weight.detach())  # [images, tokens, classes]
         loss = F.cross_entropy(logits.transpose(1, 2), targets[chosen])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
