@@ -68,7 +68,7 @@ class DataPaths:
     """The COCO-format files of the evaluation split."""
 
     instances: Path
-    captions: Path
+    captions: Path | None  # None when the config names no data.root and the benchmark reads no captions
     images: Path
 
 
@@ -358,14 +358,21 @@ def no_data_error(cfg: DictConfig) -> ValueError:
 
 
 def checked_data(cfg: DictConfig, root: Path | None, files: Sequence[str]) -> DataPaths:
-    """instances / captions / images of the split (explicit paths win over `root`); the `files` must exist."""
+    """instances / captions / images of the split (explicit paths win over `root`); the `files` must exist.
+    Without `root` the config names every file the benchmark reads (`configured_data`); the others are None."""
     data = cfg.data
     split = data.split
-    paths = DataPaths(
-        instances=Path(data.instances or root / "annotations" / f"instances_{split}.json"),
-        captions=Path(data.captions or root / "annotations" / f"captions_{split}.json"),
-        images=Path(data.images or root / "images" / split),
-    )
+
+    def located(name: str, *under_root: str) -> Path | None:
+        if data[name]:
+            return Path(data[name])
+        return root.joinpath(*under_root) if root is not None else None
+
+    instances = located("instances", "annotations", f"instances_{split}.json")
+    images = located("images", "images", split)
+    assert instances is not None and images is not None  # every benchmark reads both
+    paths = DataPaths(instances=instances, captions=located("captions", "annotations", f"captions_{split}.json"),
+                      images=images)
     for name in files:
         path = getattr(paths, name)
         if not (path.is_dir() if name == "images" else path.is_file()):
@@ -435,6 +442,7 @@ def prepare_chair(cfg: DictConfig, options: ChairOptions, paths: DataPaths) -> C
     else:
         pool = sorted(files)
         selection = chair.sample_images(pool, n=min(options.n_images, len(pool)), seed=options.seed)
+    assert paths.captions is not None  # CHAIR reads them, so checked_data found them
     ground_truth = chair.ground_truth_from_coco([paths.instances], [paths.captions], extractor=options.extractor,
                                                 cache_dir=Path(cfg.results_dir) / ".cache" / "chair")
     items = [Item(i, paths.images / files[i], cfg.benchmark.prompt) for i in selection.image_ids]

@@ -62,6 +62,17 @@ def test_default_settings_pass_the_checks_without_loading(benchmark, tmp_path):
     assert checked.methods == []
 
 
+def test_pope_data_named_file_by_file_needs_no_root(tmp_path):
+    """POPE reads no captions: its instances file and image folder are enough, without data.root."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "instances.json").write_text("{}", encoding="utf-8")
+    checked = check_settings(composed("model=toy_fast", "benchmark=pope", f"results_dir={tmp_path / 'results'}",
+                                      f"data.instances={tmp_path / 'instances.json'}",
+                                      f"data.images={tmp_path / 'images'}"))
+    assert checked.data is not None
+    assert (checked.data.instances, checked.data.captions) == (tmp_path / "instances.json", None)
+
+
 PUBLISHED_SINK_DIMS = {"llava-1.5-7b": [1415, 2533], "llava-1.5-13b": [2100, 4743], "qwen2-vl-7b": [458, 2570]}
 
 
