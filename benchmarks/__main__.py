@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
 from benchmarks.app import CONFIG_DIR, main
 
@@ -58,9 +59,9 @@ def ensure_dcd_checkpoints() -> bool:
 
 def toy_has_sink_dims() -> bool:
     """Whether the toy preset names VAR's sink dimensions; says why VAR is left out when it does not."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-    preset = OmegaConf.load(Path(CONFIG_DIR) / "model" / "toy.yaml")
+    preset = cast(DictConfig, OmegaConf.load(Path(CONFIG_DIR) / "model" / "toy.yaml"))  # a mapping
     if preset.get("var_sink_dims"):
         return True
     print("[benchmarks] VAR left out of the default sweep: the toy has no sink dimensions (calibration finds "

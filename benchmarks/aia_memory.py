@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 import vlmfix
 from benchmarks.speed import llava_shaped
@@ -67,7 +68,7 @@ def eager_intensity(attentions: Sequence[Tensor], image: Tensor, answer: Tensor)
     return torch.stack(values).float()
 
 
-def make_steps(model: nn.Module, inputs: dict, labels: Tensor, aia: AIALoss) -> dict[str, Step]:
+def make_steps(model: PreTrainedModel, inputs: dict, labels: Tensor, aia: AIALoss) -> dict[str, Step]:
     adapter = vlmfix.get_adapter(model)
     targets = resolve_targets(aia.targets, adapter.num_layers)
     target = torch.tensor(targets.target, device=labels.device)[:, None]

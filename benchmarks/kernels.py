@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ from vlmfix.decoding.edits import Transfer, edited_attention
 from vlmfix.decoding.grouped import KeyGroupCache, grouped_decode_output
 from vlmfix.kernels import grouped_decode_attention_triton
 
-VAR_KNOBS = {"fraction": 0.6, "min_gate_mass": 0.2, "min_receiver_share": 0.5}
+VAR_KNOBS: dict[str, Any] = {"fraction": 0.6, "min_gate_mass": 0.2, "min_receiver_share": 0.5}
 LAYERS = {"llava15_7b_mha": (32, 32), "qwen2vl_7b_gqa": (28, 4)}  # (heads, kv_heads)
 HEAD_DIM = 128
 KV_LENS = [1024 * 2**i for i in range(6)]  # 1k .. 32k
@@ -80,7 +81,9 @@ def run_kernel(query: Tensor, key: Tensor, value: Tensor, edit: Transfer, cache:
 
 
 def run_kernel_var(query: Tensor, key: Tensor, value: Tensor, edit: Transfer, cache: KeyGroupCache) -> Tensor:
-    return grouped_decode_output(query, key, value, None, HEAD_DIM**-0.5, [edit], cache)
+    out = grouped_decode_output(query, key, value, None, HEAD_DIM**-0.5, [edit], cache)
+    assert out is not None  # VAR's transfer is an edit the kernel serves
+    return out
 
 
 def run_sdpa(query: Tensor, key: Tensor, value: Tensor, edit: Transfer, cache: KeyGroupCache) -> Tensor:

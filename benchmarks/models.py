@@ -148,4 +148,5 @@ def load_pretrained(
         ) from err
     processor.tokenizer.padding_side = "left"
     revision = getattr(model.config, "_commit_hash", None)
-    return LoadedModel(model.to(device).eval(), processor, source=str(path), revision=revision)
+    return LoadedModel(model.to(device).eval(),  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides self
+                       processor, source=str(path), revision=revision)

@@ -173,7 +173,7 @@ def main() -> None:
           f"{results['broken_images']} with a broken pair")
     print(f"build/reuse {built - start:.1f}s, measure {done - built:.1f}s")
     print(f"{'figure':<40}{'value':>8}{'target':>10}")
-    rows = [
+    figures = [
         ("(a) broken pairs: captions naming partner", "partner_naming", ">= 25%"),
         ("(b) recall of present objects", "recall", ">= 70%"),
         ("    CHAIR_s (all val captions)", "chair_s", ""),
@@ -183,7 +183,7 @@ def main() -> None:
         ("    yes/no accuracy, absent partners only", "yes_no_partner", ""),
         ("    yes ratio, random / adversarial", None, ""),
     ]
-    for label, key, target in rows:
+    for label, key, target in figures:
         if key is None:
             value = f"{results['yes_ratio_random']:.0%}/{results['yes_ratio_adversarial']:.0%}"
         else:
