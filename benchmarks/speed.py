@@ -106,7 +106,8 @@ def run_block(args: argparse.Namespace, tiny: TinyVLM, dtype: str, batch: int) -
     print(f"\n{dtype}, batch {batch}: {inputs['input_ids'].shape[1]} prompt tokens per row")
     with tempfile.TemporaryDirectory() as stand_in_dir:  # DCD reads its stand-in checkpoints when it runs
         variants = build_variants(tiny, inputs, args.methods, stand_in_dir)
-        results = measure(variants, args.new_tokens, args.repeats)
+        warm_up = build_variants(tiny, batch_inputs(tiny, 1, args.device, DTYPES[dtype]), args.methods, stand_in_dir)
+        results = measure(variants, args.new_tokens, args.repeats, warm_up=warm_up)
     memory = {r.label: block_memory(args, dtype, batch, r.label) for r in results if args.memory and not r.failure}
     base = memory.get(GREEDY)
     rows = []

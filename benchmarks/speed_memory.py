@@ -95,18 +95,23 @@ def peak_growth(call: Callable[[], Any], device: str = "cpu") -> int:
 
 
 def measure_job(job: MemoryJob) -> int:
-    """In the child: build the block's model, inputs and variants, warm the variant up, measure one call."""
+    """In the child: build the block's model, inputs and variants, warm the variant up on one prompt, then
+    measure one call on the block's batch."""
     from benchmarks.speed import build_variants
     from benchmarks.speed_setup import DTYPES, batch_inputs, speed_model
-    from benchmarks.speed_timing import WARM_UP_TOKENS, TokenClock
+    from benchmarks.speed_timing import WARM_UP_TOKENS, GenerateFn, TokenClock
 
     torch.set_num_threads(job.threads)
     dtype = DTYPES[job.dtype]
     tiny = speed_model(job.layers, job.heads, job.head_dim, job.device, dtype)
-    inputs = batch_inputs(tiny, job.batch, job.device, dtype)
     with tempfile.TemporaryDirectory() as stand_in_dir:
-        fn = build_variants(tiny, inputs, job.specs, stand_in_dir)[job.variant]
-        fn(WARM_UP_TOKENS, TokenClock())  # lazy imports, one-time allocations
+
+        def variant(batch: int) -> GenerateFn:
+            inputs = batch_inputs(tiny, batch, job.device, dtype)
+            return build_variants(tiny, inputs, job.specs, stand_in_dir)[job.variant]
+
+        variant(1)(WARM_UP_TOKENS, TokenClock())  # lazy imports, one-time set-up, on one prompt
+        fn = variant(job.batch)
         return peak_growth(lambda: fn(job.new_tokens, TokenClock()), job.device)
 
 

@@ -27,7 +27,7 @@ from vlmfix.methods.dcd import CHECKPOINT_FILES, save_projector
 from vlmfix.testing import TinyVLM, build_tiny
 
 SINK_DIMS = (7, 41)  # hidden dimensions of the planted massive activations (the model needs hidden > 41)
-MASSIVE = 40.0
+MASSIVE = 1000.0  # real massive activations are hundreds to thousands of times the typical value
 IMAGE_SINKS = (37, 211, 400, 515)  # image tokens (of LLaVA-1.5's 576 per image) planted as visual sinks
 PROMPT = "describe this image ."
 NO_METHOD = "none"  # the method spec of vlmfix with no method (the session's own overhead)

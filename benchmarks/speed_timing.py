@@ -118,20 +118,24 @@ def _attempt(fn: GenerateFn, new_tokens: int) -> tuple[Run | None, str | None]:
 
 
 def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
-            progress: Callable[[str], None] = print) -> list[SpeedResult]:
+            progress: Callable[[str], None] = print,
+            warm_up: dict[str, GenerateFn] | None = None) -> list[SpeedResult]:
     """Medians of both clocks per variant, interleaved over `repeats`; the first variant is the baseline.
 
-    Each variant first runs a warm-up call (allocations, lazy imports). A variant other than the baseline that
+    Each variant first runs a short warm-up call (lazy imports, one-time set-up), through `warm_up[label]` when
+    given (the same variant on a cheaper batch), else the variant itself. A variant other than the baseline that
     raises, or whose methods edit nothing, in any call fails: it is reported with the reason and not timed
     further, so one broken method does not cost a whole (GPU) run."""
     live = dict(variants)
     failures: dict[str, str] = {}
     runs: dict[str, list[Run]] = {label: [] for label in variants}
     baseline = next(iter(variants))
-    for attempt_tokens, phase in [(WARM_UP_TOKENS, "warm-up run")] + [(new_tokens, f"run {r + 1}")
-                                                                       for r in range(repeats)]:
+    phases = [("warm-up run", WARM_UP_TOKENS)] + [(f"run {r + 1}", new_tokens) for r in range(repeats)]
+    for phase, tokens in phases:
         for label, fn in list(live.items()):
-            run, failure = _attempt(fn, attempt_tokens)
+            if phase == "warm-up run" and warm_up is not None:
+                fn = warm_up[label]
+            run, failure = _attempt(fn, tokens)
             if failure is not None:
                 if label == baseline:
                     raise RuntimeError(f"the baseline {label!r} failed: {failure}")

@@ -93,12 +93,14 @@ def test_every_method_of_the_full_run_edits_on_the_planted_model(tmp_path):
         assert unedited(session.report()) is None, spec
 
 
-def test_var_edits_only_where_massive_activations_are_planted():
+def test_var_edits_its_whole_layer_band_only_where_massive_activations_are_planted():
+    """The planted sinks hold through the layers: VAR edits each of layers 2..L-2 in every forward."""
+    shape = dict(SMALL, layers=6)
     var = vlmfix.VAR(sink_dims=list(SINK_DIMS), tau=sink_tau(64))
-    for tiny, sinks in [(llava_shaped(**SMALL), False), (speed_model(**SMALL), True)]:
+    for tiny, calls in [(llava_shaped(**shape), 0), (speed_model(**shape), 3 * 3)]:  # 3 layers x 3 forwards
         with vlmfix.apply(tiny.model, var, tokenizer=tiny.processor) as session:
             session.generate(**batch_inputs(tiny, 1), max_new_tokens=3, do_sample=False)
-        assert any(session.report()["var"]["applied"].values()) == sinks
+        assert session.report()["var"]["applied"]["attention_calls"] == calls
 
 
 def test_a_variant_whose_method_edits_nothing_fails_with_the_reason():
@@ -131,6 +133,21 @@ def test_a_failing_variant_is_reported_and_the_others_are_timed():
     assert any("broken: failed during its warm-up run: RuntimeError: no such kernel" in m for m in messages)
     with pytest.raises(RuntimeError, match="the baseline 'broken' failed: RuntimeError: no such kernel"):
         measure({"broken": broken, "fine": fine}, 3, 1, progress=messages.append)
+
+
+def test_the_warm_up_call_may_run_a_cheaper_variant():
+    calls: list[str] = []
+
+    def variant(name):
+        def fn(n, streamer):
+            calls.append(name)
+            for _ in range(n + 1):
+                streamer.put(torch.zeros(1))
+
+        return fn
+
+    measure({"greedy": variant("greedy")}, 3, 2, progress=lambda _: None, warm_up={"greedy": variant("cheap")})
+    assert calls == ["cheap", "greedy", "greedy"]
 
 
 def test_the_wall_clock_covers_prepare_and_the_decode_clock_does_not():
