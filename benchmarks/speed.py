@@ -7,8 +7,9 @@ prompts (each with its own image) on a LLaVA-shaped random model with planted ma
   and prepare passes; the old per-token figure;
 - wall s/caption: the whole call (session, prepare passes, prefill, decode) divided by the batch size:
   what a user pays per caption of N tokens;
-- peak MB: memory the call adds at its peak, measured once per variant in a fresh process
-  (benchmarks/speed_memory.py: resident-set growth on CPU, allocated tensors on CUDA);
+- peak MB: memory one call adds at its peak (the whole batch), measured once per variant after the timing:
+  on CPU the resident-set growth in a fresh process per variant, on CUDA the allocated tensors
+  (`torch.cuda.max_memory_allocated`), see benchmarks/speed_memory.py;
 - edited: whether every method of the variant edited (`session.report()[name]["applied"]`); a variant whose
   method edits nothing fails, with the reason, and gets no figure.
 Ratios are to greedy in the same block. Variants are timed interleaved (A B C A B C ...) and medians are
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.speed_memory import MemoryJob, measure_memory
+from benchmarks.speed_memory import MemoryJob, measure_memory, peak_growth
 from benchmarks.speed_setup import (
     DTYPES,
     FULL_RUN,
@@ -108,7 +109,8 @@ def run_block(args: argparse.Namespace, tiny: TinyVLM, dtype: str, batch: int) -
         variants = build_variants(tiny, inputs, args.methods, stand_in_dir)
         warm_up = build_variants(tiny, batch_inputs(tiny, 1, args.device, DTYPES[dtype]), args.methods, stand_in_dir)
         results = measure(variants, args.new_tokens, args.repeats, warm_up=warm_up)
-    memory = {r.label: block_memory(args, dtype, batch, r.label) for r in results if args.memory and not r.failure}
+        memory = {r.label: variant_memory(args, dtype, batch, r.label, variants[r.label])
+                  for r in results if args.memory and not r.failure}
     base = memory.get(GREEDY)
     rows = []
     for r in results:
@@ -118,8 +120,11 @@ def run_block(args: argparse.Namespace, tiny: TinyVLM, dtype: str, batch: int) -
     return rows
 
 
-def block_memory(args: argparse.Namespace, dtype: str, batch: int, label: str) -> float | None:
-    """Peak MB of one variant's call, from a fresh process (None, with a printed reason, if it failed)."""
+def variant_memory(args: argparse.Namespace, dtype: str, batch: int, label: str, fn: GenerateFn) -> float | None:
+    """Peak MB one call of a variant adds: on CUDA in this process (allocated tensors), on CPU in a fresh
+    process (resident set; see benchmarks/speed_memory.py). None, with a printed reason, if it failed."""
+    if args.device.startswith("cuda"):
+        return peak_growth(lambda: fn(args.new_tokens, TokenClock()), args.device) / 2**20
     job = MemoryJob(args.layers, args.heads, args.head_dim, args.device, dtype, batch, args.new_tokens,
                     tuple(args.methods), label, torch.get_num_threads())
     result = measure_memory(job)

@@ -1,4 +1,4 @@
-"""Peak memory of one generate call of a speed variant, measured in a fresh process per variant.
+"""Peak memory of one generate call of a speed variant.
 
 What is measured, per device:
 - CPU: how far the call raises the process's resident set above where it stood just before the call:
@@ -10,9 +10,9 @@ What is measured, per device:
   to the system instead of being reused unseen, and it is a fresh process, so no variant inherits another's
   allocator state.
 - CUDA: `torch.cuda.max_memory_allocated()` during the call minus `torch.cuda.memory_allocated()` before it
-  (the tensors the call adds at its peak).
+  (the tensors the call adds at its peak, whatever the caching allocator keeps), in the timing process.
 
-    python -m benchmarks.speed_memory '<job as JSON>'   # what `benchmarks.speed` runs per variant
+    python -m benchmarks.speed_memory '<job as JSON>'   # what `benchmarks.speed` runs per CPU variant
 """
 
 from __future__ import annotations
