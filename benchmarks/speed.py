@@ -135,8 +135,8 @@ def variant_memory(args: argparse.Namespace, dtype: str, batch: int, label: str,
     return result.peak_bytes / 2**20
 
 
-def _cell(value: float | None, form: str) -> str:
-    return "-" if value is None or math.isnan(value) else format(value, form)
+def _cell(value: float | None, form: str, unit: str = "") -> str:
+    return "-" if value is None or math.isnan(value) else format(value, form) + unit
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -148,9 +148,9 @@ def table(rows: Sequence[Row]) -> str:
         if r.failure:
             edited = "FAILED"
         lines.append(f"| {r.variant} | {r.dtype} | {r.batch} | {_cell(r.decode_ms_per_token, '.2f')} | "
-                     f"{_cell(r.decode_ratio, '.3f')}x | {_cell(r.wall_s_per_caption, '.3f')} | "
-                     f"{_cell(r.wall_ratio, '.3f')}x | {_cell(r.peak_mb, '.1f')} | {_cell(r.memory_ratio, '.2f')}x "
-                     f"| {edited} |")
+                     f"{_cell(r.decode_ratio, '.3f', 'x')} | {_cell(r.wall_s_per_caption, '.3f')} | "
+                     f"{_cell(r.wall_ratio, '.3f', 'x')} | {_cell(r.peak_mb, '.1f')} | "
+                     f"{_cell(r.memory_ratio, '.2f', 'x')} | {edited} |")
     failed = [f"- {r.variant} ({r.dtype}, batch {r.batch}) failed during its {r.failure}" for r in rows if r.failure]
     return "\n".join(lines + ([""] + failed if failed else []))
 
@@ -158,7 +158,7 @@ def table(rows: Sequence[Row]) -> str:
 def write_rows(path: Path, rows: Sequence[Row], setup: dict) -> None:
     """`.csv`: one line per row; anything else: JSON with the setup and the rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = [asdict(r) for r in rows]
+    records = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()} for r in rows]
     if path.suffix == ".csv":
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(records[0]))

@@ -108,13 +108,12 @@ def run_once(fn: GenerateFn, new_tokens: int) -> Run:
     return Run(clock.seconds_per_decode_token(), wall, why_not is None, why_not)
 
 
-def _attempt(fn: GenerateFn, new_tokens: int) -> tuple[Run | None, str | None]:
-    """A run, or the reason the variant fails (an exception, or methods that edited nothing)."""
+def _attempt(fn: GenerateFn, new_tokens: int) -> Run | str:
+    """A run (which may have edited nothing), or the exception that ended it, as text."""
     try:
-        run = run_once(fn, new_tokens)
+        return run_once(fn, new_tokens)
     except Exception as error:  # a broken method must not cost the other variants' figures
-        return None, f"{type(error).__name__}: {error}"
-    return (None, run.why_not) if run.why_not else (run, None)
+        return f"{type(error).__name__}: {error}"
 
 
 def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
@@ -127,43 +126,34 @@ def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
     raises, or whose methods edit nothing, in any call fails: it is reported with the reason and not timed
     further, so one broken method does not cost a whole (GPU) run."""
     live = dict(variants)
-    failures: dict[str, str] = {}
+    failed: dict[str, SpeedResult] = {}
     runs: dict[str, list[Run]] = {label: [] for label in variants}
     baseline = next(iter(variants))
     phases = [("warm-up run", WARM_UP_TOKENS)] + [(f"run {r + 1}", new_tokens) for r in range(repeats)]
     for phase, tokens in phases:
         for label, fn in list(live.items()):
-            if phase == "warm-up run" and warm_up is not None:
-                fn = warm_up[label]
-            run, failure = _attempt(fn, tokens)
+            outcome = _attempt(warm_up[label] if phase == "warm-up run" and warm_up else fn, tokens)
+            failure = outcome if isinstance(outcome, str) else outcome.why_not
             if failure is not None:
                 if label == baseline:
                     raise RuntimeError(f"the baseline {label!r} failed: {failure}")
-                failures[label] = f"{phase}: {failure}"
-                progress(f"  {label}: failed during its {failures[label]}; no figure")
+                edited = None if isinstance(outcome, str) else False  # an exception says nothing about edits
+                failed[label] = SpeedResult(label, math.nan, math.nan, edited=edited, failure=f"{phase}: {failure}")
+                progress(f"  {label}: failed during its {phase}: {failure}; no figure")
                 del live[label]
             elif phase != "warm-up run":
-                runs[label].append(run)
+                runs[label].append(outcome)
         if phase != "warm-up run":
             progress(f"  {phase}/{repeats} done")
-    return _results(variants, runs, failures)
+    return [failed.get(label) or _medians(label, runs[label], runs[baseline]) for label in variants]
 
 
-def _results(variants: dict[str, GenerateFn], runs: dict[str, list[Run]],
-             failures: dict[str, str]) -> list[SpeedResult]:
-    baseline = runs[next(iter(variants))]
+def _medians(label: str, runs: list[Run], baseline: list[Run]) -> SpeedResult:
+    decode = statistics.median(r.decode_seconds for r in runs)
+    wall = statistics.median(r.wall_seconds for r in runs)
     base_decode = statistics.median(r.decode_seconds for r in baseline)
     base_wall = statistics.median(r.wall_seconds for r in baseline)
-    results = []
-    for label in variants:
-        if label in failures:
-            results.append(SpeedResult(label, math.nan, math.nan, edited=False, failure=failures[label]))
-            continue
-        decode = statistics.median(r.decode_seconds for r in runs[label])
-        wall = statistics.median(r.wall_seconds for r in runs[label])
-        results.append(SpeedResult(label, decode, decode / base_decode, wall, wall / base_wall,
-                                   edited=runs[label][0].edited))
-    return results
+    return SpeedResult(label, decode, decode / base_decode, wall, wall / base_wall, edited=runs[0].edited)
 
 
 def generate_variants(tiny: TinyVLM, inputs: dict, methods: dict[str, Sequence[Method]],

@@ -128,7 +128,7 @@ def test_a_failing_variant_is_reported_and_the_others_are_timed():
     messages: list[str] = []
     results = measure({"greedy": fine, "broken": broken, "other": fine}, 3, 2, progress=messages.append)
     assert [r.label for r in results] == ["greedy", "broken", "other"]
-    assert results[1].failure == "warm-up run: RuntimeError: no such kernel"
+    assert results[1].failure == "warm-up run: RuntimeError: no such kernel" and results[1].edited is None
     assert results[2].failure is None and results[2].edited is None and results[2].wall_seconds > 0
     assert any("broken: failed during its warm-up run: RuntimeError: no such kernel" in m for m in messages)
     with pytest.raises(RuntimeError, match="the baseline 'broken' failed: RuntimeError: no such kernel"):

@@ -60,15 +60,19 @@ def test_main_reports_every_figure_per_dtype_and_batch_and_writes_json_and_csv(t
     assert [r["variant"] for r in table] == ["greedy", "vhr"] and table[1]["edited"] == "True"
 
 
-def test_the_command_fails_a_method_that_edits_nothing_and_exits_1():
+def test_the_command_fails_a_method_that_edits_nothing_and_exits_1(tmp_path):
     """On 2 layers PAI's boost band (layers 2..L-1) is empty: the row fails, the others still run."""
     command = [sys.executable, "-m", "benchmarks.speed", *QUICK, "--layers", "2", "--no-memory",
-               "--dtype", "float32", "--batch", "1", "--methods", "pai:cfg=False", "vcd"]
+               "--dtype", "float32", "--batch", "1", "--methods", "pai:cfg=False", "vcd",
+               "--out", str(tmp_path / "speed.json")]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-2000:]
-    assert "| pai:cfg=False | float32 | 1 | - | -x | - | -x | - | -x | FAILED |" in done.stdout
+    assert "| pai:cfg=False | float32 | 1 | - | - | - | - | - | - | FAILED |" in done.stdout
     assert "- pai:cfg=False (float32, batch 1) failed during its warm-up run: pai edited nothing" in done.stdout
     assert "| vcd | float32 | 1 |" in done.stdout and "| yes |" in done.stdout
+    failed = json.loads((tmp_path / "speed.json").read_text())["rows"][2]
+    assert failed["variant"] == "pai:cfg=False" and failed["decode_ms_per_token"] is None
+    assert failed["edited"] is False and "pai edited nothing" in failed["failure"]
 
 
 def test_peak_growth_sees_what_a_call_holds_at_its_peak():
