@@ -4,7 +4,7 @@ Per block (dtype x batch), every variant is one `generate` call of `--new-tokens
 prompts (each with its own image) on a LLaVA-shaped random model with planted massive activations
 (benchmarks/speed_setup.py), so that every method, VAR included, edits. Figures per variant:
 - decode ms/token: one decode step (a token for each row), from a streamer's timestamps, without prefill
-  and prepare passes; the old per-token figure;
+  and prepare passes (the figure earlier versions reported alone);
 - wall s/caption: the whole call (session, prepare passes, prefill, decode) divided by the batch size:
   what a user pays per caption of N tokens;
 - peak MB: memory one call adds at its peak (the whole batch), measured once per variant after the timing:
@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import vlmfix
 from benchmarks.speed_memory import MemoryJob, measure_memory, peak_growth
 from benchmarks.speed_setup import (
     DTYPES,
@@ -200,8 +201,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--new-tokens must be at least 2 (decode time is read between the first and last token)")
     if min(args.batch) < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
-    for spec in args.methods:
-        parse_method(spec)
+    known = [NO_METHOD, *vlmfix.methods.names()]
+    unknown = [spec for spec in args.methods if parse_method(spec)[0] not in known]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join(known)}")
     return args
 
 

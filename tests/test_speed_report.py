@@ -75,6 +75,12 @@ def test_the_command_fails_a_method_that_edits_nothing_and_exits_1(tmp_path):
     assert failed["edited"] is False and "pai edited nothing" in failed["failure"]
 
 
+def test_unknown_methods_are_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit, match="2"):  # argparse: usage error
+        main(["--methods", "vhr", "opera"])
+    assert "unknown methods ['opera']; known: none, dcd" in capsys.readouterr().err
+
+
 def test_peak_growth_sees_what_a_call_holds_at_its_peak():
     """In a process set up as the probe's (glibc's mmap threshold fixed), after other allocations were freed."""
     code = (
