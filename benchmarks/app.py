@@ -559,7 +559,9 @@ def run_pope(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: 
 
 def run_speed(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], paths: DataPaths | None,
               shard: Shard) -> dict[str, Any]:
-    from benchmarks.speed import TinyVLM, generate_variants, measure
+    """The method's decode time per token and wall time per caption against plain greedy `generate` (and the
+    two-stream floor for a two-stream method), interleaved in one run; fails when the method edits nothing."""
+    from benchmarks.speed import FLOOR, GREEDY, TinyVLM, generate_variants, is_two_stream, measure
 
     bench = cfg.benchmark
     tiny = TinyVLM(family="llava", model=loaded.model, processor=loaded.processor)
@@ -575,17 +577,23 @@ def run_speed(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], paths
     else:
         inputs = tiny.inputs([bench.prompt])
     label = method_label(cfg, methods)
-    variant = label if label != "greedy" else "vlmfix, no method"  # the baseline is plain generate, "greedy"
-    results = {r.label: r for r in measure(generate_variants(tiny, inputs, {variant: methods}),
-                                           int(bench.new_tokens), int(bench.repeats), progress=log.info)}
-    if variant not in results:
-        raise RuntimeError(f"speed: {label} failed during its warm-up run (see the log above); no figure recorded.")
-    metrics = {"ms_per_token_greedy": 1000 * results["greedy"].seconds_per_token,
-               "ms_per_token": 1000 * results[variant].seconds_per_token, "ratio_to_greedy": results[variant].ratio}
+    variant = label if label != GREEDY else "vlmfix, no method"  # the baseline is plain generate, "greedy"
+    variants = generate_variants(tiny, inputs, {variant: methods}, two_row_floor=is_two_stream(methods))
+    results = {r.label: r for r in measure(variants, int(bench.new_tokens), int(bench.repeats), progress=log.info)}
+    row = results.get(variant)
+    if row is None or row.failure:
+        reason = row.failure if row is not None else "warm-up run (no result)"
+        raise RuntimeError(f"speed: {label} failed during its {reason}; no figure recorded.")
+    greedy = results[GREEDY]
+    metrics = {"ms_per_token_greedy": 1000 * greedy.seconds_per_token, "ms_per_token": 1000 * row.seconds_per_token,
+               "ratio_to_greedy": row.ratio, "wall_s_greedy": greedy.wall_seconds, "wall_s": row.wall_seconds,
+               "wall_ratio_to_greedy": row.wall_ratio, "edited": row.edited}
+    if FLOOR in results:
+        metrics.update(floor_ratio_to_greedy=results[FLOOR].ratio, floor_wall_ratio_to_greedy=results[FLOOR].wall_ratio)
     fingerprint = {"model": loaded.source, "method": {"name": label, "params": _method_params(methods)},
                    "benchmark": "speed", "new_tokens": int(bench.new_tokens), "repeats": int(bench.repeats)}
     out_dir = Path(cfg.results_dir) / cfg.model.name / "speed" / label
-    return _finish(cfg, out_dir, method_label(cfg, methods), fingerprint, metrics, complete=True)
+    return _finish(cfg, out_dir, label, fingerprint, metrics, complete=True)
 
 
 @dataclass(frozen=True)

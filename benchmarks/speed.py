@@ -1,257 +1,237 @@
-"""Per-token decode time of vlmfix against plain `model.generate`, as ratios measured in one run.
+"""What vlmfix's methods cost against plain greedy `model.generate`, as ratios measured in one run.
 
-Decode time per token is read from a streamer's timestamps: (time of token N - time of token 1) /
-(N - 1), so prefill and the methods' prepare passes are excluded. Variants are timed interleaved
-(A B C A B C ...) and the median is kept, so a load change on the machine hits every variant alike.
+Per block (dtype x batch), every variant is one `generate` call of `--new-tokens` new tokens for `--batch`
+prompts (each with its own image) on a LLaVA-shaped random model with planted massive activations
+(benchmarks/speed_setup.py), so that every method, VAR included, edits. Figures per variant:
+- decode ms/token: one decode step (a token for each row), from a streamer's timestamps, without prefill
+  and prepare passes (the figure earlier versions reported alone);
+- wall s/caption: the whole call (session, prepare passes, prefill, decode) divided by the batch size:
+  what a user pays per caption of N tokens;
+- peak MB: memory one call adds at its peak (the whole batch), measured once per variant after the timing:
+  on CPU the resident-set growth in a fresh process per variant, on CUDA the allocated tensors
+  (`torch.cuda.max_memory_allocated`), see benchmarks/speed_memory.py;
+- edited: whether every method of the variant edited (`session.report()[name]["applied"]`); a variant whose
+  method edits nothing fails, with the reason, and gets no figure.
+Ratios are to greedy in the same block. Variants are timed interleaved (A B C A B C ...) and medians are
+kept, so load changes hit every variant alike. With a two-stream method in the list (VCD, DCD, PAI and
+DualStream with refinement) the block also times the two-stream floor: plain `generate` on the batch
+stacked twice (2 identical rows per prompt), the floor of any batched two-stream decoder. DCD runs with
+stand-in projectors (copies of the model's own): its cost does not depend on the trained weights.
 
-    python -m benchmarks.speed                      # LLaVA-shaped CPU model, the core figures
-    python -m benchmarks.speed --layers 4 --new-tokens 16 --repeats 2   # a quick look
-    python -m benchmarks.speed --methods vhr var     # registered methods, default parameters
-    python -m benchmarks.speed --methods pai:cfg=False gift   # name:key=value,... sets parameters
-    python -m benchmarks.speed --methods vcd dcd pai # two-stream methods also get the 2-row floor
-    python -m benchmarks.speed --device cuda --dtype bfloat16 --methods vcd dcd pai gift
+    python -m benchmarks.speed                    # the full run: every method, fp32 and bf16, batch 1 and 8
+    python -m benchmarks.speed --quick            # a smoke run of the whole pipeline on a tiny model
+    python -m benchmarks.speed --dtype bfloat16 --batch 8 --methods vhr var    # a part of the full run
+    python -m benchmarks.speed --methods pai:cfg=False gift   # name:key=value,... sets parameters; none: no method
+    python -m benchmarks.speed --device cuda --dtype bfloat16 --head-dim 128 --out speed.json
 
-A two-stream method (VCD, DCD, PAI with refinement) decodes 2 rows per prompt; the harness then also
-times plain `generate` on the prompt duplicated to 2 rows, the floor of any batched two-stream
-decoder on this machine. DCD is timed with stand-in projectors (copies of the model's own, written as
-DCD checkpoints to a temporary directory): its cost does not depend on the trained weights.
+Exits with status 1 when any variant failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
-import re
-import statistics
+import csv
+import json
+import math
+import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 import vlmfix
-from vlmfix.decoding.edits import Edit, KeyBias
-from vlmfix.decoding.method import Method
-from vlmfix.methods.dcd import CHECKPOINT_FILES, save_projector
-from vlmfix.testing import TinyVLM, build_tiny
+from benchmarks.speed_memory import MemoryJob, measure_memory, peak_growth
+from benchmarks.speed_setup import (
+    DTYPES,
+    FULL_RUN,
+    NO_METHOD,
+    SINK_DIMS,
+    batch_inputs,
+    build_methods,
+    is_two_stream,
+    llava_shaped,
+    parse_method,
+    sink_tau,
+    speed_model,
+    stand_in_dcd,
+)
+from benchmarks.speed_timing import (
+    FLOOR,
+    GREEDY,
+    GenerateFn,
+    SpeedResult,
+    TokenClock,
+    generate_variants,
+    measure,
+)
+from vlmfix.testing import TinyVLM
 
-# A variant runs generation of `n` new tokens (batch 1) reporting each token to `streamer`.
-GenerateFn = Callable[[int, BaseStreamer], Any]
+__all__ = ["FLOOR", "GREEDY", "Row", "SpeedResult", "TinyVLM", "TokenClock", "build_variants", "generate_variants",
+           "is_two_stream", "llava_shaped", "main", "measure", "parse_method", "stand_in_dcd"]
 
-
-class TokenClock(BaseStreamer):
-    """Records when each generated token arrives (the first `put` is the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        # generate hands streamers CPU copies of the tokens, so on a GPU the step has finished here
-        if self._prompt_seen:
-            self.times.append(time.perf_counter())
-        self._prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-    def seconds_per_decode_token(self) -> float:
-        if len(self.times) < 2:
-            raise RuntimeError("need at least 2 generated tokens to time decoding")
-        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+QUICK = dict(layers=4, heads=4, head_dim=16, new_tokens=4, repeats=1)
 
 
 @dataclass(frozen=True)
-class SpeedResult:
-    label: str
-    seconds_per_token: float
-    ratio: float  # to the baseline (the first variant)
+class Row:
+    """One variant of one block, as printed and written."""
+
+    variant: str
+    dtype: str
+    batch: int
+    decode_ms_per_token: float
+    decode_ratio: float
+    wall_s_per_caption: float
+    wall_ratio: float
+    peak_mb: float | None
+    memory_ratio: float | None
+    edited: bool | None  # None: no method to edit (greedy, the floor, vlmfix with no method)
+    failure: str | None = None
 
 
-def timed(fn: GenerateFn, new_tokens: int) -> float:
-    clock = TokenClock()
-    fn(new_tokens, clock)
-    return clock.seconds_per_decode_token()
+def label_of(spec: str) -> str:
+    return "vlmfix, no method" if spec == NO_METHOD else spec
 
 
-def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
-            progress: Callable[[str], None] = print) -> list[SpeedResult]:
-    """Seconds per decode token of each variant (the first one is the baseline of the ratios).
-
-    A variant other than the baseline that fails its warm-up is reported and left out, so one broken
-    method does not cost a whole (GPU) run."""
-    variants = dict(variants)
-    for label, fn in list(variants.items()):  # warm-up: allocations, lazy imports
-        try:
-            timed(fn, 3)
-        except Exception as error:
-            if label == next(iter(variants)):
-                raise
-            progress(f"  {label}: failed, left out: {type(error).__name__}: {error}")
-            del variants[label]
-    samples: dict[str, list[float]] = {label: [] for label in variants}
-    for r in range(repeats):
-        for label, fn in variants.items():
-            samples[label].append(timed(fn, new_tokens))
-        progress(f"  repeat {r + 1}/{repeats} done")
-    medians = {label: statistics.median(s) for label, s in samples.items()}
-    base = next(iter(medians.values()))
-    return [SpeedResult(label, sec, sec / base) for label, sec in medians.items()]
+def build_variants(tiny: TinyVLM, inputs: dict, specs: Sequence[str], stand_in_dir: str) -> dict[str, GenerateFn]:
+    """Greedy, the two-stream floor when a spec is two-stream, then one variant per method spec."""
+    methods = {label_of(spec): build_methods(spec, tiny, stand_in_dir) for spec in specs}
+    two_stream = any(is_two_stream(ms) for ms in methods.values())
+    return generate_variants(tiny, inputs, methods, two_row_floor=two_stream)
 
 
-def generate_variants(tiny: TinyVLM, inputs: dict, methods: dict[str, Sequence[Method]],
-                      two_row_floor: bool = False) -> dict[str, GenerateFn]:
-    """`greedy` (plain `model.generate`), optionally `greedy, 2 rows` (the prompt duplicated: the floor of a
-    two-stream decoder), then one variant per method list; all greedy, fixed length."""
-    model = tiny.model
-    doubled = {key: torch.cat([value, value]) for key, value in inputs.items()}  # batch 1 -> 2 rows
-
-    def plain(n: int, streamer: BaseStreamer) -> Any:
-        return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer)
-
-    def plain_two_rows(n: int, streamer: BaseStreamer) -> Any:
-        return model.generate(**doubled, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              streamer=_FirstRow(streamer))
-
-    def with_methods(ms: Sequence[Method]) -> GenerateFn:
-        return lambda n, streamer: vlmfix.generate(
-            model, **inputs, methods=list(ms), tokenizer=tiny.processor, max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, streamer=streamer,
-        )
-
-    floor = {"greedy, 2 rows (two-stream floor)": plain_two_rows} if two_row_floor else {}
-    return {"greedy": plain, **floor, **{label: with_methods(ms) for label, ms in methods.items()}}
+def run_block(args: argparse.Namespace, tiny: TinyVLM, dtype: str, batch: int) -> list[Row]:
+    """Time every variant on `batch` prompts in `dtype`, then measure each one's peak memory."""
+    inputs = batch_inputs(tiny, batch, args.device, DTYPES[dtype])
+    print(f"\n{dtype}, batch {batch}: {inputs['input_ids'].shape[1]} prompt tokens per row")
+    with tempfile.TemporaryDirectory() as stand_in_dir:  # DCD reads its stand-in checkpoints when it runs
+        variants = build_variants(tiny, inputs, args.methods, stand_in_dir)
+        warm_up = build_variants(tiny, batch_inputs(tiny, 1, args.device, DTYPES[dtype]), args.methods, stand_in_dir)
+        results = measure(variants, args.new_tokens, args.repeats, warm_up=warm_up)
+        memory = {r.label: variant_memory(args, dtype, batch, r.label, variants[r.label])
+                  for r in results if args.memory and not r.failure}
+    base = memory.get(GREEDY)
+    rows = []
+    for r in results:
+        peak = memory.get(r.label)
+        rows.append(Row(r.label, dtype, batch, 1000 * r.seconds_per_token, r.ratio, r.wall_seconds / batch,
+                        r.wall_ratio, peak, peak / base if peak is not None and base else None, r.edited, r.failure))
+    return rows
 
 
-class _FirstRow(BaseStreamer):
-    """Passes a 2-row batch's token events on to a streamer that expects one row."""
-
-    def __init__(self, inner: BaseStreamer) -> None:
-        self.inner = inner
-
-    def put(self, value: torch.Tensor) -> None:
-        self.inner.put(value[:1])
-
-    def end(self) -> None:
-        self.inner.end()
-
-
-class ImageBiasOnLayers(Method):
-    """A stand-in edit for the harness: PAI-style bias on image keys, last row, on chosen layers."""
-
-    name = "speed-image-bias"
-    needs_image = True
-
-    def __init__(self, layers: Sequence[int], gain: float = 0.2) -> None:
-        self.layers, self.gain = tuple(layers), gain
-
-    def prepare(self, session: vlmfix.Session) -> Any:
-        return KeyBias(abs_gain=session.spans.image[:, None].float() * self.gain, rows="last")
-
-    def edits(self, state: Any, layer_idx: int) -> Sequence[Edit]:
-        return (state,) if layer_idx in self.layers else ()
+def variant_memory(args: argparse.Namespace, dtype: str, batch: int, label: str, fn: GenerateFn) -> float | None:
+    """Peak MB one call of a variant adds: on CUDA in this process (allocated tensors), on CPU in a fresh
+    process (resident set; see benchmarks/speed_memory.py). None, with a printed reason, if it failed."""
+    if args.device.startswith("cuda"):
+        return peak_growth(lambda: fn(args.new_tokens, TokenClock()), args.device) / 2**20
+    job = MemoryJob(args.layers, args.heads, args.head_dim, args.device, dtype, batch, args.new_tokens,
+                    tuple(args.methods), label, torch.get_num_threads())
+    result = measure_memory(job)
+    if result.peak_bytes is None:
+        print(f"  {label}: no peak memory: {result.error}")
+        return None
+    print(f"  {label}: peak memory measured")
+    return result.peak_bytes / 2**20
 
 
-def stand_in_dcd(tiny: TinyVLM, directory: str, **kwargs: Any) -> Method:
-    """DCD over copies of the model's own projector saved as its checkpoints (timing only)."""
-    state = {name: t.clone() for name, t in vlmfix.get_adapter(tiny.model).projector.state_dict().items()}
-    for stream, file in CHECKPOINT_FILES.items():
-        save_projector(f"{directory}/{file}", state, tiny.model, stream)
-    return vlmfix.DCD(directory, **kwargs)
+def _cell(value: float | None, form: str, unit: str = "") -> str:
+    return "-" if value is None or math.isnan(value) else format(value, form) + unit
 
 
-def is_two_stream(method: Method) -> bool:
-    """Whether `method` decodes a second stream (contrastive methods; PAI with its refinement on)."""
-    return bool(getattr(method, "contrastive", False))
+def table(rows: Sequence[Row]) -> str:
+    """The rows as a markdown table, then the failed rows' reasons."""
+    lines = ["| method | dtype | batch | decode ms/token | decode vs greedy | wall s/caption | wall vs greedy "
+             "| peak MB | memory vs greedy | edited |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        edited = {None: "-", True: "yes", False: "no"}[r.edited]
+        if r.failure:
+            edited = "FAILED"
+        lines.append(f"| {r.variant} | {r.dtype} | {r.batch} | {_cell(r.decode_ms_per_token, '.2f')} | "
+                     f"{_cell(r.decode_ratio, '.3f', 'x')} | {_cell(r.wall_s_per_caption, '.3f')} | "
+                     f"{_cell(r.wall_ratio, '.3f', 'x')} | {_cell(r.peak_mb, '.1f')} | "
+                     f"{_cell(r.memory_ratio, '.2f', 'x')} | {edited} |")
+    failed = [f"- {r.variant} ({r.dtype}, batch {r.batch}) failed during its {r.failure}" for r in rows if r.failure]
+    return "\n".join(lines + ([""] + failed if failed else []))
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """`name` or `name:key=value,key=value` (values read as Python literals, lists included) -> (name, kwargs)."""
-    name, _, rest = spec.partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, re.split(r",(?=\s*\w+\s*=)", rest)):  # commas that start a new key=
-        key, eq, raw = item.partition("=")
-        if not eq:
-            raise ValueError(f"method option {item!r} in {spec!r} is not key=value (e.g. pai:cfg=False).")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = raw.strip()
-    return name, kwargs
-
-
-def method_by_name(name: str, **kwargs: Any) -> Method:
-    """A registered method (importing its module if vlmfix has not yet)."""
-    if name not in vlmfix.methods.names():
-        try:
-            importlib.import_module(f"vlmfix.decoding.{name}")
-        except ModuleNotFoundError:
-            pass
-    return vlmfix.methods.create(name, **kwargs)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def write_rows(path: Path, rows: Sequence[Row], setup: dict) -> None:
+    """`.csv`: one line per row; anything else: JSON with the setup and the rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()} for r in rows]
+    if path.suffix == ".csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        path.write_text(json.dumps({"setup": setup, "rows": records}, indent=2))
 
 
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return "cpu"
 
 
-def llava_shaped(layers: int, heads: int, head_dim: int) -> TinyVLM:
-    """Random LLaVA-1.5-shaped model: 576 image tokens (336 px / patch 14), MHA, sized by the arguments."""
-    return build_tiny("llava", layers=layers, heads=heads, kv_heads=heads, head_dim=head_dim,
-                      image_size=336, patch_size=14)
-
-
-def main(argv: Sequence[str] | None = None) -> list[SpeedResult]:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens per caption (at least 2)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--methods", nargs="*", default=[],
-                        help="registered methods to time, as name or name:key=value,... (e.g. pai:cfg=False); "
-                             "default: the core's no-method and edit figures")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="prompts per generate call")
+    parser.add_argument("--methods", nargs="+", default=list(FULL_RUN),
+                        help="method specs, name or name:key=value,... (e.g. pai:cfg=False); 'none' is vlmfix with "
+                             "no method; default: every registered method where it edits")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
+    parser.add_argument("--out", type=Path, help="write the rows to this .json or .csv file")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    tiny = llava_shaped(args.layers, args.heads, args.head_dim)
-    dtype = DTYPES[args.dtype]
-    tiny.model.to(device=args.device, dtype=dtype)
-    inputs = {key: value.to(args.device, dtype=dtype if value.is_floating_point() else value.dtype)
-              for key, value in tiny.inputs(["describe this image ."]).items()}
-    half = list(range(0, args.layers, 2))
-    print(f"LLaVA-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim}, "
-          f"{int(inputs['input_ids'].eq(tiny.model.config.image_token_id).sum())} image tokens, "
-          f"{args.new_tokens} new tokens, {args.repeats} repeats, {args.dtype} on {device_name(args.device)}")
-    with tempfile.TemporaryDirectory() as stand_in_dir:  # DCD reads its stand-in checkpoints when it runs
-        if args.methods:
-            methods = {}
-            for spec in args.methods:
-                name, kwargs = parse_method(spec)
-                methods[spec] = [stand_in_dcd(tiny, stand_in_dir, **kwargs) if name == "dcd"
-                                 else method_by_name(name, **kwargs)]
-        else:
-            methods = {
-                "vlmfix, no method": [],
-                f"vlmfix, edit on {len(half)}/{args.layers} layers": [ImageBiasOnLayers(half)],
-            }
-        two_stream = any(is_two_stream(m) for ms in methods.values() for m in ms)
-        variants = generate_variants(tiny, inputs, methods, two_row_floor=two_stream)
-        results = measure(variants, args.new_tokens, args.repeats)
-    print("\n| variant | ms / decode token | ratio to greedy |\n|---|---|---|")
-    for r in results:
-        print(f"| {r.label} | {1000 * r.seconds_per_token:.2f} | {r.ratio:.3f}x |")
-    return results
+    if args.quick:  # QUICK's settings as defaults: options given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (decode time is read between the first and last token)")
+    if min(args.batch) < 1 or args.repeats < 1:
+        parser.error("--batch and --repeats must be at least 1")
+    known = [NO_METHOD, *vlmfix.methods.names()]
+    unknown = [spec for spec in args.methods if parse_method(spec)[0] not in known]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join(known)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hidden = args.heads * args.head_dim
+    print(f"LLaVA-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim}, 576 image "
+          f"tokens per prompt, massive activations planted in dims {list(SINK_DIMS)} (VAR tau "
+          f"{sink_tau(hidden):.3g}); {args.new_tokens} new tokens, {args.repeats} repeats")
+    print(f"device: {device_name(args.device)}; torch {torch.__version__}, {torch.get_num_threads()} threads "
+          f"({torch.get_num_interop_threads()} inter-op)")
+    rows: list[Row] = []
+    for dtype in args.dtype:
+        tiny = speed_model(args.layers, args.heads, args.head_dim, args.device, DTYPES[dtype])
+        for batch in args.batch:
+            rows += run_block(args, tiny, dtype, batch)
+        del tiny
+    print("\n" + table(rows))
+    if args.out:
+        setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        write_rows(args.out, rows, {**setup, "device_name": device_name(args.device),
+                                    "threads": torch.get_num_threads(), "torch": torch.__version__})
+        print(f"wrote {args.out}")
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any(r.failure for r in main()) else 0)

@@ -1,14 +1,75 @@
-"""The speed harness's plumbing (not its timings): method specs, the two-row floor, stand-in DCD."""
+"""The speed harness's behaviour (never its timings): every method edits on the planted model, a variant
+whose method edits nothing fails, the wall clock covers prepare passes, the two-stream floor decodes
+identical row pairs, method specs and stand-in DCD."""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import pytest
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 import vlmfix
-from benchmarks.speed import TokenClock, generate_variants, main, measure, parse_method, stand_in_dcd
+from benchmarks.speed_setup import (
+    FULL_RUN,
+    NO_METHOD,
+    SINK_DIMS,
+    batch_inputs,
+    build_methods,
+    llava_shaped,
+    parse_method,
+    sink_tau,
+    speed_model,
+    stand_in_dcd,
+)
+from benchmarks.speed_timing import FLOOR, GREEDY, TokenClock, generate_variants, measure, unedited
+from vlmfix.decoding.edits import KeyBias
+from vlmfix.decoding.method import Method
 
 from .conftest import tiny_model
+
+SMALL = dict(layers=4, heads=4, head_dim=16)  # hidden 64: room for the planted dims; VAR and PAI edit layer 2+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared machine, spinning OpenMP threads make tiny models crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class SlowPrepare(Method):
+    """Sleeps in `prepare`, then biases the image keys on every layer (so it edits)."""
+
+    name = "slow-prepare-test"
+    needs_image = True
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def prepare(self, session: vlmfix.Session) -> Any:
+        time.sleep(self.seconds)
+        return KeyBias(abs_gain=session.spans.image[:, None].float() * 0.1, rows="last")
+
+    def edits(self, state: Any, layer_idx: int) -> tuple:
+        return (state,)
+
+
+class Rows(BaseStreamer):
+    """Keeps every step's tokens."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.steps.append(value)
+
+    def end(self) -> None:
+        pass
 
 
 def test_parse_method_reads_literals_and_names_bad_options():
@@ -20,15 +81,95 @@ def test_parse_method_reads_literals_and_names_bad_options():
         parse_method("pai:cfg")
 
 
-def test_two_row_floor_streams_one_row_of_two_identical_rows():
+def test_every_method_of_the_full_run_edits_on_the_planted_model(tmp_path):
+    tiny = speed_model(**SMALL)
+    inputs = batch_inputs(tiny, 2)
+    specs = [s for s in FULL_RUN if s != NO_METHOD]
+    assert {parse_method(s)[0] for s in specs} == set(vlmfix.methods.names())  # every registered method
+    methods = {spec: build_methods(spec, tiny, str(tmp_path)) for spec in specs}
+    variants = generate_variants(tiny, inputs, methods)
+    for spec in specs:
+        session = variants[spec](3, TokenClock())
+        assert unedited(session.report()) is None, spec
+
+
+def test_var_edits_its_whole_layer_band_only_where_massive_activations_are_planted():
+    """The planted sinks hold through the layers: VAR edits each of layers 2..L-2 in every forward."""
+    shape = dict(SMALL, layers=6)
+    var = vlmfix.VAR(sink_dims=list(SINK_DIMS), tau=sink_tau(64))
+    for tiny, calls in [(llava_shaped(**shape), 0), (speed_model(**shape), 3 * 3)]:  # 3 layers x 3 forwards
+        with vlmfix.apply(tiny.model, var, tokenizer=tiny.processor) as session:
+            session.generate(**batch_inputs(tiny, 1), max_new_tokens=3, do_sample=False)
+        assert session.report()["var"]["applied"]["attention_calls"] == calls
+
+
+def test_a_variant_whose_method_edits_nothing_fails_with_the_reason():
+    """PAI's boost band is layers 2..L-1, empty on a 2-layer model: PAI without refinement edits nothing."""
+    tiny = speed_model(layers=2, heads=4, head_dim=16)
+    methods = {"pai:cfg=False": [vlmfix.PAI(cfg=False)], "pai": [vlmfix.PAI()]}
+    messages: list[str] = []
+    results = measure(generate_variants(tiny, batch_inputs(tiny, 1), methods), 3, 1, progress=messages.append)
+    failed, timed = results[1], results[2]
+    assert failed.label == "pai:cfg=False" and failed.failure is not None and failed.edited is False
+    assert "warm-up run: pai edited nothing (pai: attention_calls=0, rewrites=0, contrast_steps=0)" in failed.failure
+    assert failed.seconds_per_token != failed.seconds_per_token  # NaN: no figure
+    assert any("pai:cfg=False: failed during its warm-up run: pai edited nothing" in m for m in messages)
+    assert timed.failure is None and timed.edited is True  # the refinement's contrast steps count as edits
+
+
+def test_a_failing_variant_is_reported_and_the_others_are_timed():
+    def fine(n, streamer):
+        for _ in range(n + 1):
+            streamer.put(torch.zeros(1))
+
+    def broken(n, streamer):
+        raise RuntimeError("no such kernel")
+
+    messages: list[str] = []
+    results = measure({"greedy": fine, "broken": broken, "other": fine}, 3, 2, progress=messages.append)
+    assert [r.label for r in results] == ["greedy", "broken", "other"]
+    assert results[1].failure == "warm-up run: RuntimeError: no such kernel" and results[1].edited is None
+    assert results[2].failure is None and results[2].edited is None and results[2].wall_seconds > 0
+    assert any("broken: failed during its warm-up run: RuntimeError: no such kernel" in m for m in messages)
+    with pytest.raises(RuntimeError, match="the baseline 'broken' failed: RuntimeError: no such kernel"):
+        measure({"broken": broken, "fine": fine}, 3, 1, progress=messages.append)
+
+
+def test_the_warm_up_call_may_run_a_cheaper_variant():
+    calls: list[str] = []
+
+    def variant(name):
+        def fn(n, streamer):
+            calls.append(name)
+            for _ in range(n + 1):
+                streamer.put(torch.zeros(1))
+
+        return fn
+
+    measure({"greedy": variant("greedy")}, 3, 2, progress=lambda _: None, warm_up={"greedy": variant("cheap")})
+    assert calls == ["cheap", "greedy", "greedy"]
+
+
+def test_the_wall_clock_covers_prepare_and_the_decode_clock_does_not():
     tiny = tiny_model("llava")
-    inputs = tiny.inputs(["describe this image ."])
+    variants = generate_variants(tiny, tiny.inputs(["describe this image ."]), {"slow": [SlowPrepare(1.0)]})
+    greedy, slow = measure(variants, 4, 1, progress=lambda _: None)
+    assert slow.edited is True
+    assert slow.wall_seconds >= 1.0 > greedy.wall_seconds
+    assert 3 * slow.seconds_per_token < 1.0  # the decode steps after the prefill
+
+
+def test_the_two_stream_floor_decodes_each_prompt_twice_as_identical_rows():
+    tiny = speed_model(**SMALL)
+    inputs = batch_inputs(tiny, 2)  # two prompts with different images
     variants = generate_variants(tiny, inputs, {}, two_row_floor=True)
-    assert list(variants) == ["greedy", "greedy, 2 rows (two-stream floor)"]
-    clock = TokenClock()
-    out = variants["greedy, 2 rows (two-stream floor)"](3, clock)
-    assert out.shape[0] == 2 and torch.equal(out[0], out[1])
-    assert len(clock.times) == 3  # one event per new token, as for batch 1
+    assert list(variants) == [GREEDY, FLOOR]
+    rows = Rows()
+    variants[FLOOR](3, rows)
+    prompt, *steps = rows.steps
+    assert prompt.shape[0] == 4 and len(steps) == 3
+    for step in steps:  # rows [a, b, a, b], as a two-stream method stacks [positive; negative]
+        assert step.shape == (4,) and torch.equal(step[:2], step[2:])
 
 
 def test_stand_in_dcd_with_the_models_own_projector_is_greedy(tmp_path):
@@ -41,26 +182,3 @@ def test_stand_in_dcd_with_the_models_own_projector_is_greedy(tmp_path):
     out = vlmfix.generate(tiny.model, **inputs, methods=[method], tokenizer=tiny.processor, max_new_tokens=5,
                           do_sample=False)
     assert torch.equal(out, greedy)
-
-
-def test_main_times_every_variant_with_ratios_to_greedy(capsys):
-    results = main(["--layers", "1", "--heads", "2", "--head-dim", "8", "--new-tokens", "3", "--repeats", "1",
-                    "--methods", "pai:cfg=False", "vcd"])
-    assert [r.label for r in results] == ["greedy", "greedy, 2 rows (two-stream floor)", "pai:cfg=False", "vcd"]
-    assert results[0].ratio == 1.0 and all(r.seconds_per_token > 0 for r in results)
-    assert "| vcd |" in capsys.readouterr().out
-
-
-def test_a_failing_variant_is_reported_and_left_out():
-    def fine(n, streamer):
-        streamer.put(torch.zeros(1))
-        for _ in range(n):
-            streamer.put(torch.zeros(1))
-
-    def broken(n, streamer):
-        raise RuntimeError("no such kernel")
-
-    messages = []
-    results = measure({"greedy": fine, "broken": broken, "other": fine}, 3, 1, progress=messages.append)
-    assert [r.label for r in results] == ["greedy", "other"]
-    assert any("broken: failed, left out: RuntimeError: no such kernel" in m for m in messages)
