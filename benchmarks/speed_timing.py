@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +141,7 @@ def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
                 failed[label] = SpeedResult(label, math.nan, math.nan, edited=edited, failure=f"{phase}: {failure}")
                 progress(f"  {label}: failed during its {phase}: {failure}; no figure")
                 del live[label]
-            elif phase != "warm-up run":
+            elif phase != "warm-up run" and not isinstance(outcome, str):
                 runs[label].append(outcome)
         if phase != "warm-up run":
             progress(f"  {phase}/{repeats} done")
@@ -156,7 +156,7 @@ def _medians(label: str, runs: list[Run], baseline: list[Run]) -> SpeedResult:
     return SpeedResult(label, decode, decode / base_decode, wall, wall / base_wall, edited=runs[0].edited)
 
 
-def generate_variants(tiny: TinyVLM, inputs: dict, methods: dict[str, Sequence[Method]],
+def generate_variants(tiny: TinyVLM, inputs: dict, methods: Mapping[str, Sequence[Method]],
                       two_row_floor: bool = False) -> dict[str, GenerateFn]:
     """`greedy` (plain `model.generate`), optionally the two-stream floor (plain `generate` on the batch
     stacked twice, [rows; rows], as a two-stream method stacks its streams), then one variant per method list,

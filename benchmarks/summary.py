@@ -137,6 +137,7 @@ def table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]
                 put(key, f"{result['benchmark']} {name}", metrics.get(name))
         elif result["kind"] == "speed":
             put(key, "speed ratio", metrics.get("ratio_to_greedy"))
+            put(key, "speed wall ratio", metrics.get("wall_ratio_to_greedy"))
     header = ["model", "method", *columns]
     body = [[model, method, *(values.get(c) for c in columns)] for (model, method), values in rows.items()]
     return header, body

@@ -95,10 +95,6 @@ class Applied:
     rewrites: int = 0
     contrast_steps: int = 0
 
-    @property
-    def any(self) -> bool:
-        return bool(self.attention_calls or self.rewrites or self.contrast_steps)
-
 
 class Session:
     """Per-call state: spans, method states, observers, and the changes made to the model."""
