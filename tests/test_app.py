@@ -174,8 +174,9 @@ def test_speed_multirun_summarises_ratios_and_a_failed_method_fails_its_job(tmp_
     sweep = tmp_path / "sweep"
     multirun(tmp_path, sweep, "method=greedy,pai", "benchmark=speed", "benchmark.new_tokens=3", "benchmark.repeats=1")
     rows = (sweep / "summary.csv").read_text().splitlines()
-    assert rows[0] == "model,method,speed ratio" and [r.split(",")[1] for r in rows[1:]] == ["greedy", "pai"]
-    assert all(float(r.split(",")[2]) > 0 for r in rows[1:])
+    assert rows[0] == "model,method,speed ratio,speed wall ratio"
+    assert [r.split(",")[1] for r in rows[1:]] == ["greedy", "pai"]
+    assert all(float(value) > 0 for r in rows[1:] for value in r.split(",")[2:])
 
     import benchmarks.speed
     from benchmarks.app import run
