@@ -5,19 +5,28 @@ from __future__ import annotations
 from torch import nn
 
 from vlmfix.adapters.base import Adapter, Spans
+from vlmfix.adapters.families import COMMON_LAYOUT
 from vlmfix.adapters.llava import LlavaAdapter
 from vlmfix.adapters.llava_next import LlavaNextAdapter
 from vlmfix.adapters.qwen2_5_vl import Qwen25VLAdapter
 from vlmfix.adapters.qwen2_vl import Qwen2VLAdapter
+from vlmfix.adapters.refusals import REFUSED, Refusal
 from vlmfix.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, *COMMON_LAYOUT)
 SUPPORTED_CLASSES: dict[str, type[Adapter]] = {name: a for a in ADAPTERS for name in a.model_classes}
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter of `model`'s class; raises `UnsupportedModelError` listing the supported classes."""
+    """The adapter of `model`'s class; raises `UnsupportedModelError` with the reason for a refused class
+    (`vlmfix.adapters.refusals`), listing the supported classes."""
     name = type(model).__name__
+    refusal = REFUSED.get(name)
+    if refusal is not None and name not in SUPPORTED_CLASSES:
+        raise UnsupportedModelError(
+            f"vlmfix does not run {name}: {refusal.reason}. Supported model classes: "
+            f"{', '.join(sorted(SUPPORTED_CLASSES))}."
+        )
     if name not in SUPPORTED_CLASSES:
         raise UnsupportedModelError(
             f"vlmfix has no adapter for {name}. Supported model classes: {', '.join(sorted(SUPPORTED_CLASSES))}. "
@@ -26,4 +35,4 @@ def get_adapter(model: nn.Module) -> Adapter:
     return SUPPORTED_CLASSES[name](model)
 
 
-__all__ = ["Adapter", "Spans", "get_adapter", "SUPPORTED_CLASSES", "UnsupportedModelError"]
+__all__ = ["Adapter", "Spans", "get_adapter", "SUPPORTED_CLASSES", "REFUSED", "Refusal", "UnsupportedModelError"]

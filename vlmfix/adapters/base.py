@@ -3,6 +3,11 @@
 An adapter maps a closed vocabulary (`decoder_layers`, `attn`, `o_proj`, `input_layernorm`,
 `image_token_id`, `projector`, `vision_tower`, `vision_layers`, `text_config`) to a model's modules
 by attribute access, and finds each batch row's token spans from the prompt's structure.
+
+The base class finds these parts where transformers' image-text-to-text models keep them (the common
+layout below): image placeholder and frame token ids from the config, the language model, vision tower
+and projector by their common attribute names, heads and head_dim from the language model's config,
+M-RoPE from its rotary parameters. A family module holds only what differs.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
-from vlmfix.decoding.prompt_inputs import left_padded_rows, padding_mask, text_positions
+from vlmfix.decoding.prompt_inputs import TOKEN_TYPE_KEYS, left_padded_rows, padding_mask, text_positions
 from vlmfix.errors import SpanError
 
 
@@ -94,9 +99,56 @@ class Spans:
         return cls(image=masks[0], instruction=masks[1], valid=valid.bool())
 
 
+# The common layout of transformers' image-text-to-text models, searched in this order by attribute name.
+# the model holding the parts (LlavaForConditionalGeneration.model; Llama 4 holds them itself)
+BASE_MODEL_NAMES = ("model",)
+LANGUAGE_MODEL_NAMES = ("language_model", "text_model", "llm")
+VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
+# on the base model first, then inside the vision tower (Qwen's `visual.merger`)
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "merger")
+# config fields of the image placeholder ids (a list where a family has several)
+IMAGE_TOKEN_FIELDS = ("image_token_ids", "image_token_id", "image_token_index")
+# config fields of the tokens that wrap an image (vision start/end, begin/end of image)
+FRAME_TOKEN_FIELDS = (
+    "vision_start_token_id", "vision_end_token_id", "image_start_token_id", "image_end_token_id",
+    "boi_token_id", "eoi_token_id", "boi_token_index", "eoi_token_index",
+)
+# keys of the model inputs that carry images; generate may pass the vision encoder's output instead of pixels
+IMAGE_INPUT_KEYS = (
+    "pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask",
+    "mm_encoder_outputs",
+)
+# model attributes a forward overwrites (M-RoPE's cached offsets) and an extra pass must restore
+STATEFUL_ATTRIBUTES = ("rope_deltas",)
+
+
+def first_attribute(owner: Any, names: Sequence[str], what: str) -> Any:
+    """The first of `names` that `owner` has (not None); an AttributeError listing them otherwise."""
+    for name in names:
+        value = getattr(owner, name, None)
+        if value is not None:
+            return value
+    raise AttributeError(f"{type(owner).__name__} has no {what} under any of the names {', '.join(names)}.")
+
+
+def config_ids(config: Any, fields: Sequence[str]) -> tuple[int, ...]:
+    """The token ids that `config` holds under `fields` (ints or lists of ints), in field order, deduplicated."""
+    found: list[int] = []
+    for name in fields:
+        value = getattr(config, name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        found.extend(int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and int(v) not in found)
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """Where things are in one model family. Subclasses set the class attributes and accessors."""
+    """Where things are in one model family.
+
+    The base class finds what the common layout holds (see the *_NAMES and *_FIELDS tuples): a family
+    that follows it sets only `family`, `model_classes` and `assistant_markers`; a family module
+    overrides what differs.
+    """
 
     model: nn.Module
     family: ClassVar[str]
@@ -111,8 +163,22 @@ class Adapter:
         return self.model
 
     @property
+    def base(self) -> Any:
+        """The module that holds the vision tower, projector and language model (`model.model`, or `model`)."""
+        for name in BASE_MODEL_NAMES:
+            inner = getattr(self._hf, name, None)
+            if isinstance(inner, nn.Module):
+                return inner
+        return self._hf
+
+    @property
     def language_model(self) -> nn.Module:
-        return self._hf.model.language_model
+        """The decoder stack (a `...Model` whose `layers` are the decoder layers; a nested `...ForCausalLM`
+        is looked through)."""
+        found = first_attribute(self.base, LANGUAGE_MODEL_NAMES, "language model")
+        if not hasattr(found, "layers") and hasattr(getattr(found, "model", None), "layers"):
+            return cast(nn.Module, found.model)
+        return cast(nn.Module, found)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -129,20 +195,42 @@ class Adapter:
 
     @property
     def text_config(self) -> Any:
-        return self._hf.config.text_config
-
-    @property
-    def projector(self) -> nn.Module:
-        return self._hf.model.multi_modal_projector
+        """The language model's own config (the object its attention layers read)."""
+        config = getattr(self.language_model, "config", None)
+        return config if config is not None else self._hf.config.get_text_config(decoder=True)
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self._hf.model.vision_tower
+        return cast(nn.Module, first_attribute(self.base, VISION_TOWER_NAMES, "vision tower"))
+
+    @property
+    def projector(self) -> nn.Module:
+        for owner in (self.base, self.vision_tower):
+            for name in PROJECTOR_NAMES:
+                found = getattr(owner, name, None)
+                if isinstance(found, nn.Module):
+                    return found
+        raise AttributeError(f"{type(self.model).__name__} has no image projector under any of the names "
+                             f"{', '.join(PROJECTOR_NAMES)}.")
+
+    @property
+    def has_projector(self) -> bool:
+        try:
+            return isinstance(self.projector, nn.Module)
+        except AttributeError:
+            return False
 
     @property
     def vision_layers(self) -> nn.ModuleList:
         tower: Any = self.vision_tower  # CLIPVisionModel has `encoder` (older releases nest it in `vision_model`)
-        return getattr(tower, "vision_model", tower).encoder.layers
+        tower = getattr(tower, "vision_model", tower)
+        for path in (("encoder", "layers"), ("encoder", "layer"), ("blocks",), ("layers",)):
+            found = tower
+            for name in path:
+                found = getattr(found, name, None)
+            if isinstance(found, nn.ModuleList):
+                return found
+        raise AttributeError(f"{type(tower).__name__} has no encoder layers (encoder.layers, blocks, layers).")
 
     # --- shapes ---
     @property
@@ -175,17 +263,38 @@ class Adapter:
         return getattr(self.text_config, "head_dim", None) or self.text_config.hidden_size // self.num_heads
 
     @property
+    def image_token_ids(self) -> tuple[int, ...]:
+        """Every image placeholder id (from the config's `image_token_id` / `image_token_index`, or a list)."""
+        ids = config_ids(self._hf.config, IMAGE_TOKEN_FIELDS)
+        if not ids:
+            raise AttributeError(f"{type(self._hf.config).__name__} names no image placeholder token "
+                                 f"({', '.join(IMAGE_TOKEN_FIELDS)}).")
+        return ids
+
+    @property
     def image_token_id(self) -> int:
-        return self._hf.config.image_token_id
+        """The (first) image placeholder id."""
+        return self.image_token_ids[0]
+
+    @property
+    def frame_token_ids(self) -> tuple[int, ...]:
+        """Ids of the tokens that wrap an image (vision start/end, begin/end of image), from the config."""
+        return config_ids(self._hf.config, FRAME_TOKEN_FIELDS)
 
     # --- prompt structure ---
     def image_mask(self, input_ids: Tensor) -> Tensor:
         """[batch, seq] image placeholder tokens."""
-        return input_ids == self.image_token_id
+        ids = self.image_token_ids
+        if len(ids) == 1:
+            return input_ids == ids[0]
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
     def image_frame_mask(self, input_ids: Tensor) -> Tensor:
         """[batch, seq] tokens that wrap the image (none for LLaVA; vision start/end for Qwen)."""
-        return torch.zeros_like(input_ids, dtype=torch.bool)
+        ids = self.frame_token_ids
+        if not ids:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
     def marker_ids(self, tokenizer: Any | None) -> list[list[int]]:
         """Token id sequences of the assistant markers, under this tokenizer's spellings."""
@@ -226,7 +335,7 @@ class Adapter:
 
     # --- the same prompt without its image ---
     # image tensors of the model inputs; generate may pass the vision encoder's output instead of pixels
-    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "mm_encoder_outputs")
+    image_input_keys: ClassVar[tuple[str, ...]] = IMAGE_INPUT_KEYS
 
     def without_image(self, inputs: dict[str, Any], pad_token_id: int, *, drop_frames: bool = True,
                       width: int | None = None) -> dict[str, Any]:
@@ -243,19 +352,33 @@ class Adapter:
                                              pad_token_id, width)
         out = {k: v for k, v in inputs.items() if k not in (*self.image_input_keys, "input_ids", "attention_mask")}
         out.update(input_ids=new_ids, attention_mask=new_mask)
+        for key in TOKEN_TYPE_KEYS:  # text-only rows: every token is text (type 0)
+            if isinstance(out.get(key), Tensor):
+                out[key] = torch.zeros_like(new_ids, dtype=out[key].dtype)
         return self.text_positions(out)
 
+    @property
+    def rope_sections(self) -> int:
+        """How many position rows the language model's rotary embedding takes (3 for M-RoPE, else 1)."""
+        rope = getattr(self.text_config, "rope_parameters", None) or {}
+        return 3 if isinstance(rope, dict) and rope.get("mrope_section") else 1
+
     def text_positions(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Add position ids for a text-only left-padded batch, as `generate` computes them."""
-        inputs["position_ids"] = text_positions(inputs["attention_mask"])
+        """Add position ids for a text-only left-padded batch, as `generate` computes them (M-RoPE: the
+        rotary sections share the 1-D text position)."""
+        positions = text_positions(inputs["attention_mask"])
+        sections = self.rope_sections
+        inputs["position_ids"] = positions if sections == 1 else positions[None].expand(sections, -1, -1)
         return inputs
 
     # model attributes that a forward pass overwrites and an extra (prepare) pass must restore
-    stateful_attributes: ClassVar[tuple[str, ...]] = ()
+    stateful_attributes: ClassVar[tuple[str, ...]] = STATEFUL_ATTRIBUTES
 
     def saved_state(self) -> dict[str, Any]:
-        return {name: getattr(self.model.model, name) for name in self.stateful_attributes}
+        base = self.base
+        return {name: getattr(base, name) for name in self.stateful_attributes if hasattr(base, name)}
 
     def restore_state(self, state: dict[str, Any]) -> None:
+        base = self.base
         for name, value in state.items():
-            setattr(self.model.model, name, value)
+            setattr(base, name, value)

@@ -1,0 +1,73 @@
+"""The generic adapter path finds each family's parts from the common layout, and every class of
+transformers' image-text-to-text mapping is either supported or refused with a reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+import vlmfix
+from vlmfix.adapters import REFUSED, SUPPORTED_CLASSES, get_adapter
+from vlmfix.adapters.refusals import CROSS_ATTENTION
+
+from .conftest import tiny_model
+
+
+def test_every_mapping_class_is_supported_or_refused_with_a_reason():
+    classes = set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+    unhandled = sorted(c for c in classes if c not in SUPPORTED_CLASSES and c not in REFUSED)
+    assert not unhandled, f"neither supported nor refused (add an adapter or a refusal with its reason): {unhandled}"
+    both = sorted(set(SUPPORTED_CLASSES) & set(REFUSED))
+    assert not both, f"supported and refused at once: {both}"
+    stale = sorted(set(REFUSED) - classes)
+    assert not stale, f"refusals for classes the mapping no longer has: {stale}"
+    assert all(len(REFUSED[c].reason) > 20 for c in REFUSED)
+
+
+def test_a_refused_class_names_its_reason():
+    mllama = type("MllamaForConditionalGeneration", (nn.Module,), {})()
+    with pytest.raises(vlmfix.UnsupportedModelError, match="does not run MllamaForConditionalGeneration: images "
+                                                           "enter the language model through cross-attention"):
+        vlmfix.apply(mllama)
+    assert CROSS_ATTENTION in REFUSED["MllamaForConditionalGeneration"].reason
+
+
+def test_an_unknown_class_lists_the_supported_ones():
+    with pytest.raises(vlmfix.UnsupportedModelError, match="no adapter for Linear. Supported model classes: "):
+        get_adapter(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_common_layout_finds_each_part(family):
+    tiny = tiny_model(family)
+    model, adapter = tiny.model, get_adapter(tiny.model)
+    inner = model.model
+    assert adapter.language_model is inner.language_model
+    assert adapter.decoder_layers is inner.language_model.layers
+    assert adapter.text_config is model.config.text_config
+    assert adapter.image_token_ids == (model.config.image_token_id,)
+    tokenizer = tiny.tokenizer
+    if family == "llava":
+        assert adapter.projector is inner.multi_modal_projector
+        assert adapter.vision_tower is inner.vision_tower
+        assert adapter.frame_token_ids == ()
+        assert adapter.rope_sections == 1
+        assert adapter.saved_state() == {}
+    else:
+        assert adapter.projector is inner.visual.merger
+        assert adapter.vision_layers is inner.visual.blocks
+        assert adapter.frame_token_ids == tuple(tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"]))
+        assert adapter.rope_sections == 3
+        assert set(adapter.saved_state()) == {"rope_deltas"}
+
+
+def test_several_image_ids_all_count_as_image_tokens():
+    tiny = tiny_model("llava")
+    config = tiny.model.config
+    config.image_token_ids = [config.image_token_id, 7]  # a family with two placeholder ids
+    adapter = get_adapter(tiny.model)
+    ids = torch.tensor([[5, config.image_token_id, 7, 9]])
+    assert adapter.image_mask(ids).tolist() == [[False, True, True, False]]
+    assert adapter.image_token_id == config.image_token_id

@@ -1,0 +1,26 @@
+"""Families that follow the common layout (`vlmfix.adapters.base`): one line each.
+
+A line names the family, its model classes and the text that ends the user's turn in its chat template
+(the instruction span stops there). Everything else (decoder layers, heads, image and frame tokens,
+projector, vision tower, M-RoPE, cached `rope_deltas`) is found on the model. A family that differs
+gets a module of its own (`llava.py`, `qwen2_vl.py`, ...) holding its module tree and its overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlmfix.adapters.base import Adapter
+
+CHATML = ("<|im_end|>",)  # <|im_start|>user ... <|im_end|>\n<|im_start|>assistant\n
+
+
+def common_layout(family: str, *model_classes: str, markers: tuple[str, ...]) -> type[Adapter]:
+    """An adapter class for a family that follows the common layout."""
+    name = "".join(part.title() for part in family.split("_")) + "Adapter"
+    namespace = {"family": family, "model_classes": model_classes, "assistant_markers": markers,
+                 "__module__": __name__, "__doc__": f"{family}: the common layout ({', '.join(model_classes)})."}
+    return dataclass(frozen=True)(type(name, (Adapter,), namespace))
+
+
+COMMON_LAYOUT: tuple[type[Adapter], ...] = ()
