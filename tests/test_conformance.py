@@ -1,0 +1,46 @@
+"""The conformance suite on every family with a tiny build, and every registered method."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmfix.decoding.method import METHODS
+from vlmfix.testing import ALL_FAMILIES, build_tiny
+from vlmfix.testing import conformance as suite
+
+
+@pytest.mark.parametrize("mode", list(suite.MODES))
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_no_method_is_bit_identical_to_plain_generate(family, mode):
+    suite.check_no_method(build_tiny(family), mode)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_spans_follow_the_processor_and_the_chat_template(family):
+    suite.check_spans(build_tiny(family))
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_method_runs_reports_and_keeps_rows_independent(family, method):
+    outcome = suite.check_method(build_tiny(family), method)
+    assert outcome.refused is None or len(outcome.refused) > 10  # a refusal says why
+
+
+def test_the_mapping_has_no_unhandled_class(capsys):
+    assert suite.main(["--list"]) == 0
+    printed = capsys.readouterr().out
+    assert " 0 unhandled" in printed.splitlines()[0]
+
+
+def test_a_changed_model_is_caught():
+    """The restoration check is not a stub: a left-over hook and a changed weight are both reported."""
+    tiny = build_tiny("llava")
+    snapshot = suite.ModelSnapshot.take(tiny.model)
+    handle = tiny.model.register_forward_hook(lambda *a: None)
+    with pytest.raises(suite.ConformanceError, match="1 hooks left"):
+        snapshot.check(tiny.model, "in this test")
+    handle.remove()
+    next(tiny.model.parameters()).data[0] += 1
+    with pytest.raises(suite.ConformanceError, match="weights changed"):
+        snapshot.check(tiny.model, "in this test")
