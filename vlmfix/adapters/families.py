@@ -23,4 +23,9 @@ def common_layout(family: str, *model_classes: str, markers: tuple[str, ...]) ->
     return dataclass(frozen=True)(type(name, (Adapter,), namespace))
 
 
-COMMON_LAYOUT: tuple[type[Adapter], ...] = ()
+COMMON_LAYOUT: tuple[type[Adapter], ...] = (
+    common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
+    common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),
+    common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),
+    common_layout("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", markers=CHATML),
+)

@@ -138,10 +138,6 @@ REFUSED: dict[str, Refusal] = {
     "VideoLlavaForConditionalGeneration": _pending(),
     "VipLlavaForConditionalGeneration": _pending(),
     # the families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
-    "LlavaOnevisionForConditionalGeneration": _pending(),
-    "Qwen3VLForConditionalGeneration": _pending("DeepStack features added in early layers"),
-    "Qwen3VLMoeForConditionalGeneration": _pending("DeepStack features; MoE language model"),
-    "Gemma3ForConditionalGeneration": _pending("bidirectional attention inside the image block"),
     "InternVLForConditionalGeneration": _pending(),
     "Idefics3ForConditionalGeneration": _pending(),
     "SmolVLMForConditionalGeneration": _pending(),

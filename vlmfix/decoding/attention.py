@@ -144,7 +144,9 @@ def edited_output(
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         return scale_heads(out, edits, key.shape[2])
     q_len = query.shape[2]
-    if q_len == 1 and use_kernel:
+    # the layer's own logit softcap and sliding window (Gemma 2 / 3), honoured by the PyTorch edit path
+    layer_kwargs = {"softcap": kwargs.get("softcap"), "sliding_window": kwargs.get("sliding_window")}
+    if q_len == 1 and use_kernel and layer_kwargs["softcap"] is None:
         kernel_out = grouped_decode_output(query, key, value, attention_mask, scaling, edits, group_cache)
         if kernel_out is not None:
             return kernel_out
@@ -153,11 +155,11 @@ def edited_output(
         mask = attention_mask[..., -1:, :] if attention_mask is not None and attention_mask.dim() == 4 else None
         if mask is None and attention_mask is not None:  # 2-D padding mask (flash): keep it
             mask = attention_mask
-        last = edited_attention(query[:, :, -1:], key, value, mask, scaling, edits)
+        last = edited_attention(query[:, :, -1:], key, value, mask, scaling, edits, **layer_kwargs)
         out = out.clone()
         out[:, -1:] = last
         return out
-    return edited_attention(query, key, value, attention_mask, scaling, edits)
+    return edited_attention(query, key, value, attention_mask, scaling, edits, **layer_kwargs)
 
 
 def register(name: str, function: AttentionFn, implementation: str) -> None:

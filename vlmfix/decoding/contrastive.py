@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from vlmfix.decoding.method import Method
-from vlmfix.decoding.prompt_inputs import FEATURES, TOKEN_TYPE_KEYS, pad_token_id, stack_row_blocks, with_features
+from vlmfix.decoding.prompt_inputs import FEATURES, TOKEN_TYPE_KEYS, pad_token_id, select_images, stack_row_blocks
 from vlmfix.errors import SessionError
 
 if TYPE_CHECKING:
@@ -156,9 +156,8 @@ def encode_images(session: Session, image_inputs: dict[str, Any]) -> dict[str, A
     wanted = {k: v for k, v in available.items()
               if k in inspect.signature(encoder).parameters and k != "kwargs" and v is not None}
     output = encoder(**wanted, return_dict=True)
-    features = _expand_groups(list(output.pooler_output), engine.caller_ids, session.adapter.image_token_id,
-                              engine.expand)
-    return {"image": with_features(output, features)}
+    images = _expand_groups(list(output.pooler_output), session.adapter.image_mask(engine.caller_ids), engine.expand)
+    return {"image": select_images(output, images)}
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -261,7 +260,7 @@ class _Engine:
         if not self.method.edit_negative:
             session.edited_rows = self.batch
         negative = self._encoded(self.method.negative_inputs(session, self.state))
-        if not bool((negative["input_ids"] == session.adapter.image_token_id).any()):
+        if not bool(session.adapter.image_mask(negative["input_ids"]).any()):
             negative.pop(FEATURES, None)  # an image-free stream
         pad = pad_token_id(session.tokenizer, session.model, session.adapter.text_config,
                            avoid=session.adapter.image_token_id)
@@ -321,17 +320,18 @@ class _Engine:
         return output
 
 
-def _expand_groups(features: list[Tensor], ids: Tensor, image_token_id: int, expand: int) -> list[Tensor]:
-    """Per-image features of B0 prompts -> those of B0 * expand rows (each prompt's image group repeated)."""
+def _expand_groups(features: list[Tensor], image_mask: Tensor, expand: int) -> list[int]:
+    """Indices of the per-image features of B0 prompts for B0 * expand rows (each prompt's image group
+    repeated); `image_mask`: [B0, S] the prompts' image tokens."""
     if expand == 1:
-        return features
-    per_row = (ids == image_token_id).sum(dim=1).tolist()  # image tokens of each prompt
+        return list(range(len(features)))
+    per_row = image_mask.sum(dim=1).tolist()  # image tokens of each prompt
     out, start = [], 0
     for tokens in per_row:
         group, seen = [], 0
         while seen < tokens:
-            group.append(features[start])
-            seen += features[start].shape[0]
+            group.append(start)
+            seen += features[start].reshape(-1, features[start].shape[-1]).shape[0]
             start += 1
         out.extend(group * expand)
     return out

@@ -315,17 +315,25 @@ def edited_attention(
     attention_mask: Tensor | None,
     scaling: float | None,
     edits: Sequence[Edit],
+    *,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
 ) -> Tensor:
     """Attention with `edits` applied, in plain PyTorch; returns [batch, q_len, heads, head_dim].
 
     query: [batch, heads, q_len, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim].
     Rows no edit selects get exactly the unedited softmax attention (fp32), cast to value's dtype.
+    `softcap` (Gemma 2 style, `softcap * tanh(z / softcap)` on the logits before any edit) and `sliding_window`
+    (keys older than the window are masked when no mask is given; a given mask already holds the window)
+    are the attention layer's own keyword arguments.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     scaling = head_dim**-0.5 if scaling is None else scaling
     k, v = repeat_kv(key, heads), repeat_kv(value, heads)
     z = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling  # [batch, heads, q_len, kv_len]
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
     device = query.device
     for edit in edits:
         if not isinstance(edit, KeyBias):
@@ -338,6 +346,10 @@ def edited_attention(
             delta = delta + _heads_of(fit_keys(edit.abs_gain.float(), kv_len, batch, 0.0), heads) * z.abs()
         z = z + delta * rows
     z = z + additive_mask(attention_mask, batch, q_len, kv_len, device)
+    if sliding_window is not None and attention_mask is None:
+        query_positions = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [q_len, 1]
+        too_old = query_positions - torch.arange(kv_len, device=device)[None] >= sliding_window  # [q_len, kv_len]
+        z = z.masked_fill(too_old, float("-inf"))
     p = torch.softmax(z, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) -> 0
     for edit in edits:
         apply = POST_APPLY.get(type(edit))

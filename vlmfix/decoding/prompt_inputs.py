@@ -177,10 +177,44 @@ def _stack_features(first: dict | None, second: dict | None) -> dict[str, Any]:
         if a is None or b is None:
             out[modality] = a if a is not None else b
             continue
-        out[modality] = with_features(a, [*a.pooler_output, *b.pooler_output])
+        out[modality] = join_images(a, b)
     return out
 
 
 def with_features(output: Any, features: Sequence[Tensor]) -> Any:
     """A copy of an image-encoder output with `pooler_output` replaced (the original is not modified)."""
     return type(output)(**{**output, "pooler_output": list(features)})
+
+
+def _nested_image_fields(output: Any) -> list[str]:
+    """Fields of an image-encoder output that hold, per level, one tensor per image like `pooler_output`
+    (Qwen3-VL's `deepstack_features`: [vision level][image] features added in early decoder layers)."""
+    images = len(output.pooler_output)
+    return [key for key, value in output.items()
+            if key != "pooler_output" and isinstance(value, (list, tuple)) and value
+            and all(isinstance(level, (list, tuple)) and len(level) == images for level in value)]
+
+
+def _like(template: Any, images: list[Tensor]) -> Any:
+    """`images` in `template`'s layout: a list, or one [images, tokens, dim] tensor (Gemma 3's projector output)."""
+    return torch.stack(images) if isinstance(template, Tensor) else images
+
+
+def select_images(output: Any, indices: Sequence[int]) -> Any:
+    """A copy of an image-encoder output holding images `indices` (in that order, repeats allowed) in
+    `pooler_output` and in every per-image field (the original is not modified)."""
+    images = list(output.pooler_output)
+    updates: dict[str, Any] = {"pooler_output": _like(output.pooler_output, [images[i] for i in indices])}
+    for key in _nested_image_fields(output):
+        updates[key] = [[level[i] for i in indices] for level in output[key]]
+    return type(output)(**{**output, **updates})
+
+
+def join_images(first: Any, second: Any) -> Any:
+    """One image-encoder output listing `first`'s images, then `second`'s, in `pooler_output` and in every
+    per-image field both hold."""
+    joined = [*first.pooler_output, *second.pooler_output]
+    updates: dict[str, Any] = {"pooler_output": _like(first.pooler_output, joined)}
+    for key in set(_nested_image_fields(first)) & set(_nested_image_fields(second)):
+        updates[key] = [[*a, *b] for a, b in zip(first[key], second[key])]
+    return type(first)(**{**first, **updates})

@@ -17,7 +17,7 @@ from torch import Tensor
 from vlmfix import validation
 from vlmfix.decoding.edits import Edit, KeyBias, fit_keys, top_k_mask
 from vlmfix.decoding.method import register_method
-from vlmfix.errors import VlmfixError
+from vlmfix.errors import UnsupportedModelError, VlmfixError
 from vlmfix.methods.image_boost import check_margin, first_token_start, pai_band
 from vlmfix.methods.image_free import ImageFreeRefinement, check_refinement
 from vlmfix.methods.newest_row import LastRowRewrite, install_last_row_rewrite
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 # selector(model, inputs) -> (local, summary): [batch, seq] bool masks over image tokens
 Selector = Callable[[Any, dict[str, Any]], tuple[Tensor, Tensor]]
+# families whose vision tower and image-token packing the built-in selection maps (others need `selector`)
+SELECTION_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 SUBSTITUTE = "CLS-free substitute (vlmfix reading): attention received in vision blocks, per 2x2 merge group"
 
 
@@ -159,6 +161,12 @@ class DualStream(ImageFreeRefinement):
 
     def check(self, adapter: Adapter) -> None:
         adapter.resolve_layers(self.layers)
+        if self.selector is None and adapter.family not in SELECTION_FAMILIES:
+            raise UnsupportedModelError(
+                f"DualStream's token selection maps vision-tower attention to image tokens for "
+                f"{', '.join(SELECTION_FAMILIES)} only, not {adapter.family} (another vision tower or image-token "
+                f"packing); pass selector=(model, inputs) -> (local, summary) masks to run it."
+            )
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, session: Session) -> DualStreamState:

@@ -166,11 +166,12 @@ def check_spans(tiny: TinyVLM) -> None:
     adapter = get_adapter(tiny.model)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     spans = adapter.spans(ids, mask, tiny.tokenizer)
-    image_id = tiny.tokenizer.convert_tokens_to_ids(tiny.processor.image_token)
-    inserted = (ids == image_id).sum(dim=1)  # [batch] what the processor put in
+    # the placeholder the processor repeats per image feature (Gemma 3's processor names its begin-of-image token)
+    image_token = getattr(tiny.tokenizer, "image_token", None) or tiny.processor.image_token
+    inserted = (ids == tiny.tokenizer.convert_tokens_to_ids(image_token)).sum(dim=1)  # [batch]
     if not torch.equal(spans.image.sum(dim=1), inserted) or not bool((inserted > 0).all()):
         raise ConformanceError(f"image spans hold {spans.image.sum(dim=1).tolist()} tokens per row; the processor "
-                               f"inserted {inserted.tolist()} ({tiny.processor.image_token!r})")
+                               f"inserted {inserted.tolist()} ({image_token!r})")
     markers = adapter.marker_ids(tiny.tokenizer)
     for row, question in enumerate(QUESTIONS):
         positions = spans.instruction[row].nonzero().flatten().tolist()

@@ -48,8 +48,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 Family = str  # a family name of `ALL_FAMILIES`
 # the reference families that the method tests run on
 FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-# every family with a tiny build (the conformance suite runs on all of them)
-ALL_FAMILIES: tuple[Family, ...] = FAMILIES
+# every family with a tiny build (the conformance suite runs on all of them); the others are built in
+# vlmfix/testing/tiny_families.py
+ALL_FAMILIES: tuple[Family, ...] = (*FAMILIES, "llava_onevision", "qwen3_vl", "qwen3_vl_moe", "gemma3")
 
 WORDS = (
     "a an the is there in on of and with this that image picture photo describe what where how many "
@@ -138,6 +139,7 @@ class TinyVLM:
     family: Family
     model: Any
     processor: Any
+    nested_images: bool = False  # the processor takes one list of images per prompt (Gemma 3)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerFast:
@@ -156,7 +158,7 @@ class TinyVLM:
         images = [random_image(48 + 16 * ((seed + i) % 3), seed + i) for i, f in enumerate(flags) if f]
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
         if images:
-            kwargs["images"] = images
+            kwargs["images"] = [[image] for image in images] if self.nested_images else images
         return dict(self.processor(**kwargs))
 
 
@@ -181,16 +183,22 @@ def build_tiny(
     """Build a tiny random-weight model of `family` with an offline tokenizer and processor.
 
     Args:
-        family: one of `FAMILIES`.
+        family: one of `ALL_FAMILIES`.
         layers, heads, kv_heads, head_dim: language-model shape (kv_heads < heads gives GQA).
         attn_implementation: "sdpa" or "eager", set on the whole model as `from_pretrained` would.
         image_size, patch_size: LLaVA-1.5's vision tower input (image tokens = (size / patch)^2;
             336 / 14 gives LLaVA-1.5's 576).
         seed: weight initialisation seed.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"Unknown family {family!r}. Available: {', '.join(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"Unknown family {family!r}. Available: {', '.join(ALL_FAMILIES)}")
     torch.manual_seed(seed)
+    if family not in FAMILIES:
+        from vlmfix.testing.tiny_families import BUILDERS, NESTED_IMAGES, Shape
+
+        built, built_processor = BUILDERS[family](Shape(layers, heads, kv_heads, head_dim))
+        tiny = TinyVLM(family=family, model=built, processor=built_processor, nested_images=family in NESTED_IMAGES)
+        return _finish(tiny, attn_implementation)
     tokenizer = _fast_tokenizer(family)
     vocab = len(tokenizer)
     config: PreTrainedConfig
@@ -258,8 +266,14 @@ def build_tiny(
         processor = ImageOnlyQwen2VLProcessor(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
         )
+    return _finish(TinyVLM(family=family, model=model, processor=processor), attn_implementation)
+
+
+def _finish(tiny: TinyVLM, attn_implementation: str) -> TinyVLM:
+    """Set the attention implementation (as `from_pretrained` would), the generation ids, eval mode."""
+    model = tiny.model
     model.set_attn_implementation(attn_implementation)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tiny.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tiny.tokenizer.eos_token_id
     model.eval()
-    return TinyVLM(family=family, model=model, processor=processor)
+    return tiny

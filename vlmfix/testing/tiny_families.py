@@ -1,0 +1,210 @@
+"""Tiny offline builds of the families beyond the four reference ones (see `vlmfix.testing.tiny`).
+
+Each builder returns (model, processor) for a language-model shape; `build_tiny` sets the attention
+implementation, generation ids and eval mode. Vision towers are two layers of 32 channels; images
+give a handful of tokens, so the conformance suite runs in seconds per family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+
+from vlmfix.testing.tiny import WORDS, word_tokenizer
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The language model's shape."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    def text(self, vocab: int, **extra: Any) -> dict[str, Any]:
+        """Common text-config fields (Llama / Qwen2 / Mistral / Gemma naming)."""
+        return dict(vocab_size=vocab, hidden_size=self.hidden, intermediate_size=2 * self.hidden,
+                    num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                    num_key_value_heads=self.kv_heads, head_dim=self.head_dim, max_position_embeddings=2048,
+                    **extra)
+
+
+Builder = Callable[[Shape], tuple[PreTrainedModel, ProcessorMixin]]
+
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system")
+
+
+def token_ids(tokenizer: PreTrainedTokenizerFast, tokens: tuple[str, ...]) -> dict[str, Any]:
+    """Each token's id under `tokenizer`."""
+    return {t: int(tokenizer.convert_tokens_to_ids(t)) for t in tokens}  # type: ignore[arg-type]
+
+
+def chatml_template(image: str) -> str:
+    """A ChatML template that writes `image` for each image item."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image +
+        "{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def chatml_tokenizer(*extra: str) -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer((*CHATML_SPECIALS, *extra), WORDS), eos_token="<|im_end|>",
+        unk_token="<unk>", pad_token="<|endoftext|>", padding_side="left",
+    )
+    return tok
+
+
+def image_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`processor_class` without its video processor, which needs torchvision (not installable beside the CPU
+    torch build used here); images are processed exactly as by the stock class."""
+
+    class ImageOnly(processor_class):  # type: ignore[valid-type,misc]
+        video_processor = None
+
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [name for name in super().get_attributes() if "video" not in name]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_class.__name__}"
+    return ImageOnly
+
+
+def siglip_config(image_size: int = 32, patch_size: int = 8) -> dict[str, Any]:
+    return dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+
+
+def build_llava_onevision(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    tokenizer = chatml_tokenizer("<image>", "<video>")
+    ids = token_ids(tokenizer, ("<image>", "<video>", "<|endoftext|>", "<|im_end|>"))
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaOnevisionConfig(
+        vision_config=siglip_config(),
+        text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"], vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    processor = image_only(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16,
+        vision_feature_select_strategy="full", chat_template=chatml_template("<image>\n"),
+    )
+    return model, processor
+
+
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def _qwen3_vl(shape: Shape, moe: bool) -> tuple[PreTrainedModel, ProcessorMixin]:
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
+    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    half = shape.head_dim // 2
+    text = shape.text(
+        len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                         "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+    )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape.hidden, decoder_sparse_step=1)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=shape.hidden, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])  # DeepStack: vision block 0's features join decoder layer 0
+    common: dict[str, Any] = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if moe:
+        from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+        model: PreTrainedModel = Qwen3VLMoeForConditionalGeneration(
+            Qwen3VLMoeConfig(text_config=text, vision_config=vision, **common))
+    else:
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **common))
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                               temporal_patch_size=2)
+    processor = image_only(Qwen3VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    return model, processor
+
+
+def build_qwen3_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _qwen3_vl(shape, moe=False)
+
+
+def build_qwen3_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _qwen3_vl(shape, moe=True)
+
+
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                  "<end_of_image>", "<image_soft_token>", "user", "model")
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' "
+    "else message['role'] }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<start_of_image>{% else %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_gemma3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Gemma 3: sliding-window layers (window 16: the prompt's last token still sees the image, decoding steps
+    and the longer row cross the window) and one global layer; the image
+    block attends bidirectionally (token_type_ids)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(GEMMA_SPECIALS, WORDS), bos_token="<bos>", eos_token="<end_of_turn>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, GEMMA_SPECIALS)
+    for name, token in (("boi", "<start_of_image>"), ("eoi", "<end_of_image>"), ("image", "<image_soft_token>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    layer_types = ["sliding_attention"] * (shape.layers - 1) + ["full_attention"]
+    text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<end_of_turn>"],
+                      bos_token_id=ids["<bos>"], query_pre_attn_scalar=shape.head_dim, sliding_window=16,
+                      layer_types=layer_types)
+    config = Gemma3Config(
+        text_config=text, vision_config=siglip_config(), mm_tokens_per_image=4,
+        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA_TEMPLATE,
+                                image_seq_length=4)
+    return model, processor
+
+
+# families whose processor takes one list of images per prompt
+NESTED_IMAGES = frozenset({"gemma3"})
+
+BUILDERS: dict[str, Builder] = {
+    "gemma3": build_gemma3,
+    "llava_onevision": build_llava_onevision,
+    "qwen3_vl": build_qwen3_vl,
+    "qwen3_vl_moe": build_qwen3_vl_moe,
+}
