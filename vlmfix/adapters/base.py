@@ -155,6 +155,8 @@ class Adapter:
     model_classes: ClassVar[tuple[str, ...]]
     # text shown before the assistant's answer in this family's chat templates (ends the instruction)
     assistant_markers: ClassVar[tuple[str, ...]] = ()
+    # tokens that wrap an image but have no config id (InternVL's <img> and </img>), found with the tokenizer
+    frame_tokens: ClassVar[tuple[str, ...]] = ()
 
     # --- module vocabulary (attribute access only) ---
     @property
@@ -319,6 +321,9 @@ class Adapter:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         image = self.image_mask(input_ids) & valid
         frame = self.image_frame_mask(input_ids)
+        if tokenizer is not None and self.frame_tokens:
+            named = [tokenizer.convert_tokens_to_ids(t) for t in self.frame_tokens]
+            frame = frame | torch.isin(input_ids, torch.tensor(named, device=input_ids.device))
         batch, seq = input_ids.shape
         positions = torch.arange(seq, device=input_ids.device)
         instruction = torch.zeros_like(image)

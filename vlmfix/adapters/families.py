@@ -15,16 +15,21 @@ from vlmfix.adapters.base import Adapter
 CHATML = ("<|im_end|>",)  # <|im_start|>user ... <|im_end|>\n<|im_start|>assistant\n
 
 
-def common_layout(family: str, *model_classes: str, markers: tuple[str, ...]) -> type[Adapter]:
-    """An adapter class for a family that follows the common layout."""
+def common_layout(family: str, *model_classes: str, markers: tuple[str, ...], frames: tuple[str, ...] = ()
+                  ) -> type[Adapter]:
+    """An adapter class for a family that follows the common layout (`frames`: image-wrapping tokens that
+    the config does not name)."""
     name = "".join(part.title() for part in family.split("_")) + "Adapter"
-    namespace = {"family": family, "model_classes": model_classes, "assistant_markers": markers,
+    namespace = {"family": family, "model_classes": model_classes, "assistant_markers": markers, "frame_tokens": frames,
                  "__module__": __name__, "__doc__": f"{family}: the common layout ({', '.join(model_classes)})."}
     return dataclass(frozen=True)(type(name, (Adapter,), namespace))
 
 
 COMMON_LAYOUT: tuple[type[Adapter], ...] = (
+    common_layout("internvl", "InternVLForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
+    common_layout("aya_vision", "AyaVisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
+                  frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),
     common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),
     common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),
     common_layout("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", markers=CHATML),

@@ -138,12 +138,10 @@ REFUSED: dict[str, Refusal] = {
     "VideoLlavaForConditionalGeneration": _pending(),
     "VipLlavaForConditionalGeneration": _pending(),
     # the families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
-    "InternVLForConditionalGeneration": _pending(),
     "Idefics3ForConditionalGeneration": _pending(),
     "SmolVLMForConditionalGeneration": _pending(),
     "Mistral3ForConditionalGeneration": _pending(),
     "Glm4vForConditionalGeneration": _pending(),
-    "AyaVisionForConditionalGeneration": _pending(),
     "PaliGemmaForConditionalGeneration": _pending(),
     "Llama4ForConditionalGeneration": _pending("chunked attention and NoPE layers"),
 }

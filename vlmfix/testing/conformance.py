@@ -7,7 +7,8 @@ For a family (`vlmfix.testing.ALL_FAMILIES`):
     with its defaults (plus `REQUIRED_ARGS` where a method cannot run without some), reports, and each
     padded row's tokens equal that row decoded alone (`check_method`); a method may refuse a family by
     raising `UnsupportedModelError` when the session is built, and the refusal's reason is shown;
-  - spans: each row's image-token count equals what the processor inserted, and the instruction span
+  - spans: each row's image-token count equals the image features the model computes for the row's image
+    (what the processor had to insert), and the instruction span
     holds the question and ends at the family's assistant marker (`check_spans`);
   - the model is restored exactly after each session, also after an exception: state dict, config,
     attention registries, hooks (`ModelSnapshot`).
@@ -21,6 +22,7 @@ python -m vlmfix.testing.conformance --list           # supported / refused / un
 from __future__ import annotations
 
 import argparse
+import inspect
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -166,12 +168,10 @@ def check_spans(tiny: TinyVLM) -> None:
     adapter = get_adapter(tiny.model)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     spans = adapter.spans(ids, mask, tiny.tokenizer)
-    # the placeholder the processor repeats per image feature (Gemma 3's processor names its begin-of-image token)
-    image_token = getattr(tiny.tokenizer, "image_token", None) or tiny.processor.image_token
-    inserted = (ids == tiny.tokenizer.convert_tokens_to_ids(image_token)).sum(dim=1)  # [batch]
+    inserted = torch.tensor([image_features(tiny, tiny.inputs([q], seed=row)) for row, q in enumerate(QUESTIONS)])
     if not torch.equal(spans.image.sum(dim=1), inserted) or not bool((inserted > 0).all()):
         raise ConformanceError(f"image spans hold {spans.image.sum(dim=1).tolist()} tokens per row; the processor "
-                               f"inserted {inserted.tolist()} ({image_token!r})")
+                               f"inserted {inserted.tolist()} placeholders (one per image feature)")
     markers = adapter.marker_ids(tiny.tokenizer)
     for row, question in enumerate(QUESTIONS):
         positions = spans.instruction[row].nonzero().flatten().tolist()
@@ -186,6 +186,16 @@ def check_spans(tiny: TinyVLM) -> None:
             raise ConformanceError(f"row {row}: the instruction span does not end at an assistant marker "
                                    f"{adapter.assistant_markers}; it is followed by "
                                    f"{tiny.tokenizer.decode(after[:4])!r}")
+
+
+@torch.no_grad()
+def image_features(tiny: TinyVLM, inputs: dict[str, Any]) -> int:
+    """How many image feature vectors the model computes for a prompt's images (all tiles): the number of
+    placeholders the processor must have inserted for them."""
+    encoder = tiny.model.get_image_features
+    accepted = set(inspect.signature(encoder).parameters) - {"kwargs", "input_ids"}
+    output = encoder(**{k: v for k, v in inputs.items() if k in accepted}, return_dict=True)
+    return sum(f.reshape(-1, f.shape[-1]).shape[0] for f in output.pooler_output)
 
 
 @dataclass(frozen=True)

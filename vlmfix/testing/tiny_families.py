@@ -199,10 +199,77 @@ def build_gemma3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+
+
+def build_internvl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """InternVL (HF-native): InternViT, pixel-shuffle projector (a 32-pixel image gives 4 tokens), Qwen2."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*INTERNVL_TOKENS)
+    ids = token_ids(tokenizer, (*INTERNVL_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    for name, token in (("start_image", "<img>"), ("end_image", "</img>"), ("context_image", "<IMG_CONTEXT>"),
+                        ("video", "<video>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           image_size=[32, 32], patch_size=[8, 8]),
+        text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=4, downsample_ratio=0.5,
+    )
+    model = InternVLForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
+    processor = image_only(InternVLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
+        chat_template=chatml_template("<IMG_CONTEXT>\n"),
+    )
+    return model, processor
+
+
+AYA_SPECIALS = ("<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+                "<|CHATBOT_TOKEN|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>",
+                "<image>", "<unk>", "TILE", "TILE_GLOBAL")
+AYA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|START_OF_TURN_TOKEN|>{{ '<|USER_TOKEN|>' if message['role'] == "
+    "'user' else '<|CHATBOT_TOKEN|>' }}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}<|END_OF_TURN_TOKEN|>{% endfor %}"
+    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>{% endif %}"
+)
+
+
+def build_aya_vision(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Aya Vision: SigLIP, pixel-shuffle projector (4 tokens per 32-pixel tile), Cohere 2 with sliding layers."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(AYA_SPECIALS, WORDS), bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>", unk_token="<unk>", pad_token="<PAD>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, AYA_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<PAD>"], eos_token_id=ids["<|END_OF_TURN_TOKEN|>"],
+                      bos_token_id=ids["<BOS_TOKEN>"], sliding_window=16,
+                      layer_types=["sliding_attention"] * (shape.layers - 1) + ["full_attention"])
+    config = AyaVisionConfig(
+        vision_config=siglip_config(), text_config=dict(model_type="cohere2", **text), downsample_factor=2,
+        image_token_index=ids["<|IMG_PATCH|>"], vision_feature_layer=-1,
+    )
+    model = AyaVisionForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
+    processor = AyaVisionProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, img_size=32,
+                                   downsample_factor=2, chat_template=AYA_TEMPLATE)
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3"})
 
 BUILDERS: dict[str, Builder] = {
+    "aya_vision": build_aya_vision,
+    "internvl": build_internvl,
     "gemma3": build_gemma3,
     "llava_onevision": build_llava_onevision,
     "qwen3_vl": build_qwen3_vl,
