@@ -50,7 +50,15 @@ Family = str  # a family name of `ALL_FAMILIES`
 FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
 # vlmfix/testing/tiny_families.py
-ALL_FAMILIES: tuple[Family, ...] = (*FAMILIES, "llava_onevision", "qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl", "aya_vision")
+ALL_FAMILIES: tuple[Family, ...] = (
+    *FAMILIES,
+    "llava_onevision",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "gemma3",
+    "internvl",
+    "aya_vision",
+)
 
 WORDS = (
     "a an the is there in on of and with this that image picture photo describe what where how many "
