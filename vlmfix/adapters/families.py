@@ -26,11 +26,15 @@ def common_layout(family: str, *model_classes: str, markers: tuple[str, ...], fr
 
 
 COMMON_LAYOUT: tuple[type[Adapter], ...] = (
+    common_layout("idefics3", "Idefics3ForConditionalGeneration", markers=("<end_of_utterance>",),
+                  frames=("<fake_token_around_image>", "<global-img>")),
     common_layout("internvl", "InternVLForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
     common_layout("aya_vision", "AyaVisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
                   frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),
     common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),
+    common_layout("smolvlm", "SmolVLMForConditionalGeneration", markers=("<end_of_utterance>",),
+                  frames=("<fake_token_around_image>", "<global-img>")),
     common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),
     common_layout("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", markers=CHATML),
 )

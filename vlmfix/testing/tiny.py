@@ -58,6 +58,8 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "gemma3",
     "internvl",
     "aya_vision",
+    "idefics3",
+    "smolvlm",
 )
 
 WORDS = (

@@ -264,10 +264,65 @@ def build_aya_vision(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+IDEFICS_SPECIALS = ("<pad>", "<|begin_of_text|>", "<end_of_utterance>", "<unk>", "<fake_token_around_image>",
+                    "<image>", "<global-img>", "User", "Assistant")
+IDEFICS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% else %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _idefics3(shape: Shape, smolvlm: bool) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Idefics3 / SmolVLM: SigLIP-style `vision_model`, pixel-shuffle `connector` (4 tokens per 32-pixel image),
+    Llama `text_model`; each image is wrapped in <fake_token_around_image><global-img> ... <fake_token_around_image>."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(IDEFICS_SPECIALS, WORDS), bos_token="<|begin_of_text|>",
+        eos_token="<end_of_utterance>", unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, IDEFICS_SPECIALS)
+    text = dict(model_type="llama", **shape.text(len(tokenizer), pad_token_id=ids["<pad>"],
+                                                  eos_token_id=ids["<end_of_utterance>"],
+                                                  bos_token_id=ids["<|begin_of_text|>"]))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    if smolvlm:
+        from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+        model: PreTrainedModel = SmolVLMForConditionalGeneration(SmolVLMConfig(
+            vision_config=vision, text_config=text, scale_factor=2, image_token_id=ids["<image>"]))
+    else:
+        from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+        model = Idefics3ForConditionalGeneration(Idefics3Config(
+            vision_config=vision, text_config=text, scale_factor=2, image_token_id=ids["<image>"]))
+    # SmolVLM's own processor needs `num2words` (video timestamps); for images it writes the same prompt as
+    # Idefics3's, which serves both here
+    image_size = {"longest_edge": 32}
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(size=image_size, max_image_size=image_size,
+                                                  do_image_splitting=False),
+        tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS_TEMPLATE)
+    return model, processor
+
+
+def build_idefics3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _idefics3(shape, smolvlm=False)
+
+
+def build_smolvlm(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _idefics3(shape, smolvlm=True)
+
+
 # families whose processor takes one list of images per prompt
-NESTED_IMAGES = frozenset({"gemma3"})
+NESTED_IMAGES = frozenset({"gemma3", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "idefics3": build_idefics3,
+    "smolvlm": build_smolvlm,
     "aya_vision": build_aya_vision,
     "internvl": build_internvl,
     "gemma3": build_gemma3,
