@@ -60,6 +60,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "aya_vision",
     "idefics3",
     "smolvlm",
+    "glm4v",
 )
 
 WORDS = (

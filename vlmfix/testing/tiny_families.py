@@ -317,10 +317,51 @@ def build_smolvlm(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return _idefics3(shape, smolvlm=True)
 
 
+GLM_SPECIALS = ("<|endoftext|>", "<sop>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|end_of_image|>",
+                "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>", "<unk>")
+GLM_TEMPLATE = (
+    "<sop>{% for message in messages %}<|{{ message['role'] }}|>\n{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>{% else %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_glm4v(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """GLM-4.1V: a Qwen-style vision tower and merger, M-RoPE over half of each head (partial rotary)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vProcessor
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(GLM_SPECIALS, WORDS), eos_token="<|user|>", unk_token="<unk>",
+        pad_token="<|endoftext|>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, GLM_SPECIALS)
+    quarter = shape.head_dim // 4  # rotary half-width with partial_rotary_factor 0.5
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|user|>"],
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                       "mrope_section": [quarter - 2 * (quarter // 4), quarter // 4, quarter // 4]})
+    text.pop("head_dim")
+    config = Glm4vConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=32, num_heads=4, image_size=32, patch_size=8, spatial_merge_size=2,
+                           temporal_patch_size=2, out_hidden_size=shape.hidden, intermediate_size=64),
+        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
+    )
+    model = Glm4vForConditionalGeneration(config)
+    image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=8,
+                                             merge_size=2, temporal_patch_size=2)
+    processor = image_only(Glm4vProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                           chat_template=GLM_TEMPLATE)
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "glm4v": build_glm4v,
     "idefics3": build_idefics3,
     "smolvlm": build_smolvlm,
     "aya_vision": build_aya_vision,
