@@ -36,6 +36,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),
     common_layout("smolvlm", "SmolVLMForConditionalGeneration", markers=("<end_of_utterance>",),
                   frames=("<fake_token_around_image>", "<global-img>")),
+    common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
     common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),
     common_layout("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", markers=CHATML),
 )

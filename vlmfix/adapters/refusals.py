@@ -139,6 +139,6 @@ REFUSED: dict[str, Refusal] = {
     "VipLlavaForConditionalGeneration": _pending(),
     # the families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Mistral3ForConditionalGeneration": _pending("its processor (Pixtral) needs torchvision: no offline tiny build"),
-    "PaliGemmaForConditionalGeneration": _pending(),
-    "Llama4ForConditionalGeneration": _pending("chunked attention and NoPE layers"),
+    "Llama4ForConditionalGeneration": _pending("chunked attention and NoPE layers; its image processor needs "
+                                               "torchvision: no offline tiny build"),
 }

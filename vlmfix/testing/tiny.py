@@ -61,6 +61,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "idefics3",
     "smolvlm",
     "glm4v",
+    "paligemma",
 )
 
 WORDS = (
@@ -170,7 +171,8 @@ class TinyVLM:
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
         if images:
             kwargs["images"] = [[image] for image in images] if self.nested_images else images
-        return dict(self.processor(**kwargs))
+        # a generation prompt has no training labels (PaliGemma's processor returns some)
+        return {k: v for k, v in self.processor(**kwargs).items() if k != "labels"}
 
 
 def random_image(size: int, seed: int) -> Image.Image:

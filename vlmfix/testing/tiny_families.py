@@ -357,10 +357,43 @@ def build_glm4v(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+PALIGEMMA_TEMPLATE = (
+    "{% for message in messages %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}"
+)
+
+
+def build_paligemma(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """PaliGemma: SigLIP (16 tokens per 32-pixel image), a linear projector, Gemma; no chat template: the
+    prompt is `<image>×N<bos>{text}\\n` and the newline ends the instruction."""
+    from tokenizers import AddedToken
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    specials = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(specials, WORDS), bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        pad_token="<pad>", padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken("\n", special=True, normalized=False)]})
+    tokenizer.image_token = "<image>"
+    ids = token_ids(tokenizer, specials)
+    tokenizer.image_token_id = ids["<image>"]
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   chat_template=PALIGEMMA_TEMPLATE)  # adds its <loc…>/<seg…> tokens
+    text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"])
+    config = PaliGemmaConfig(vision_config=siglip_config(), text_config=dict(model_type="gemma", **text),
+                             image_token_index=ids["<image>"], projection_dim=shape.hidden)
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "paligemma": build_paligemma,
     "glm4v": build_glm4v,
     "idefics3": build_idefics3,
     "smolvlm": build_smolvlm,
