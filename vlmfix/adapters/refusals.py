@@ -139,6 +139,7 @@ REFUSED: dict[str, Refusal] = {
     "VipLlavaForConditionalGeneration": _pending(),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Mistral3ForConditionalGeneration": _pending("its processor (Pixtral) needs torchvision: no offline tiny build"),
-    "Llama4ForConditionalGeneration": _pending("chunked attention and NoPE layers; its image processor needs "
-                                               "torchvision: no offline tiny build"),
+    "Llama4ForConditionalGeneration": _cannot(
+        "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning (it reads "
+        "`image_outputs` from its language model's output, which has none), so plain generate does not run"),
 }
