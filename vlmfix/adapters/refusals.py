@@ -138,7 +138,6 @@ REFUSED: dict[str, Refusal] = {
     "VideoLlavaForConditionalGeneration": _pending(),
     "VipLlavaForConditionalGeneration": _pending(),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
-    "Mistral3ForConditionalGeneration": _pending("its processor (Pixtral) needs torchvision: no offline tiny build"),
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning (it reads "
         "`image_outputs` from its language model's output, which has none), so plain generate does not run"),

@@ -62,6 +62,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "smolvlm",
     "glm4v",
     "paligemma",
+    "mistral3",
 )
 
 WORDS = (

@@ -380,7 +380,7 @@ def build_paligemma(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     ids = token_ids(tokenizer, specials)
     tokenizer.image_token_id = ids["<image>"]
     image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
-    image_processor.image_seq_length = 16
+    image_processor.image_seq_length = 16  # type: ignore[attr-defined]  # what PaliGemmaProcessor reads
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                    chat_template=PALIGEMMA_TEMPLATE)  # adds its <loc…>/<seg…> tokens
     text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"])
@@ -389,10 +389,75 @@ def build_paligemma(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return PaliGemmaForConditionalGeneration(config), processor
 
 
+MISTRAL_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}[IMG]{% else %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}[/INST]{% else %}{% for item in message['content'] %}{{ item['text'] }}{% endfor %}"
+    "{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+class PixtralLayoutProcessor(ProcessorMixin):
+    """Pixtral's prompt layout for Mistral 3, offline: each [IMG] becomes rows of [IMG] tokens (one per
+    merged patch), each row ended by [IMG_BREAK] and the last by [IMG_END]. transformers' PixtralProcessor
+    writes the same layout but cannot be imported without torchvision."""
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, token_patch: int = 16,
+                 chat_template: str | None = None) -> None:
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.token_patch = token_patch  # pixels per image token (vision patch x spatial merge)
+        self.image_token = "[IMG]"
+
+    def __call__(self, text: list[str], images: list[Any] | None = None, **kwargs: Any) -> Any:
+        from transformers import BatchFeature
+
+        pixels: dict[str, Any] = {}
+        if images:
+            pixels = dict(self.image_processor(images, patch_size=self.token_patch, return_tensors="pt"))
+        sizes = iter(pixels.get("image_sizes", []))
+        prompts = []
+        for prompt in text:
+            parts = prompt.split("[IMG]")
+            expanded = parts[0]
+            for part in parts[1:]:
+                height, width = (int(x) // self.token_patch for x in next(sizes))
+                rows = ["[IMG]" * width] * height
+                expanded += "[IMG_BREAK]".join(rows) + "[IMG_END]" + part
+            prompts.append(expanded)
+        encoded = self.tokenizer(prompts, return_tensors=kwargs.get("return_tensors"), padding=kwargs.get("padding"))
+        return BatchFeature({**encoded, **pixels})
+
+
+def build_mistral3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Mistral 3: Pixtral vision (2-D RoPE), a 2x2 patch merger in the projector, Mistral."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(MISTRAL_SPECIALS, WORDS), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]",
+                                                                "[IMG_END]"]})
+    ids = token_ids(tokenizer, MISTRAL_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"], bos_token_id=ids["<s>"])
+    config = Mistral3Config(
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, head_dim=8, image_size=32, patch_size=8),
+        text_config=dict(model_type="mistral", **text), image_token_index=ids["[IMG]"], spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+    model = Mistral3ForConditionalGeneration(config)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=16)
+    return model, PixtralLayoutProcessor(image_processor, tokenizer, token_patch=16, chat_template=MISTRAL_TEMPLATE)
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "mistral3": build_mistral3,
     "paligemma": build_paligemma,
     "glm4v": build_glm4v,
     "idefics3": build_idefics3,
