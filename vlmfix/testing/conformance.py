@@ -283,18 +283,28 @@ def new_tokens(tiny: TinyVLM, sequences: Tensor, inputs: dict[str, Any], row: in
 
 # ---------------------------------------------------------------------------------------------- reports
 def method_table(families: Sequence[str] = ALL_FAMILIES, methods: Sequence[str] | None = None) -> str:
-    """A markdown table family x method: ✓ (conformance checks pass), or the refusal's reason, or the failure."""
+    """A markdown table family x method: ✓ (every conformance check passes), or a numbered note giving the
+    method's refusal or the failure, with the notes under the table."""
     names = list(METHODS.names()) if methods is None else list(methods)
+    notes: list[str] = []
     lines = ["| family | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for family in families:
         cells = []
         for name in names:
             tiny = build_tiny(family)
             try:
-                cells.append(check_method(tiny, name).cell)
+                outcome = check_method(tiny, name)
+                note = None if outcome.refused is None else f"{name} refuses: {outcome.refused}"
+                cell = outcome.cell
             except Exception as error:  # shown in the table, not raised: the table reports every cell
-                cells.append(f"FAILS: {type(error).__name__}: {str(error)[:80]}")
+                note, cell = f"{name} FAILS: {type(error).__name__}: {error}", "FAILS"
+            if note is not None:
+                if note not in notes:
+                    notes.append(note)
+                cell = f"{'✗' if cell != 'FAILS' else 'FAILS'} [{notes.index(note) + 1}]"
+            cells.append(cell)
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"[{i}] {note}" for i, note in enumerate(notes, 1))]
     return "\n".join(lines)
 
 

@@ -219,6 +219,7 @@ def build_internvl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
         text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
                                                            eos_token_id=ids["<|im_end|>"])),
         image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=4, downsample_ratio=0.5,
+        tie_word_embeddings=False,  # tied random embeddings make every step pick the same token
     )
     model = InternVLForConditionalGeneration(config)
     image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
@@ -251,11 +252,13 @@ def build_aya_vision(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     )
     ids = token_ids(tokenizer, AYA_SPECIALS)
     text = shape.text(len(tokenizer), pad_token_id=ids["<PAD>"], eos_token_id=ids["<|END_OF_TURN_TOKEN|>"],
-                      bos_token_id=ids["<BOS_TOKEN>"], sliding_window=16,
+                      bos_token_id=ids["<BOS_TOKEN>"], sliding_window=16, logit_scale=1.0,
+                      initializer_range=0.2,  # with the default scale every step picks the same token
                       layer_types=["sliding_attention"] * (shape.layers - 1) + ["full_attention"])
     config = AyaVisionConfig(
         vision_config=siglip_config(), text_config=dict(model_type="cohere2", **text), downsample_factor=2,
         image_token_index=ids["<|IMG_PATCH|>"], vision_feature_layer=-1,
+        tie_word_embeddings=False,  # tied random embeddings make every step pick the same token
     )
     model = AyaVisionForConditionalGeneration(config)
     image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
@@ -385,7 +388,8 @@ def build_paligemma(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
                                    chat_template=PALIGEMMA_TEMPLATE)  # adds its <loc…>/<seg…> tokens
     text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"])
     config = PaliGemmaConfig(vision_config=siglip_config(), text_config=dict(model_type="gemma", **text),
-                             image_token_index=ids["<image>"], projection_dim=shape.hidden)
+                             image_token_index=ids["<image>"], projection_dim=shape.hidden,
+                             tie_word_embeddings=False)  # tied random embeddings repeat one token
     return PaliGemmaForConditionalGeneration(config), processor
 
 
@@ -446,7 +450,7 @@ def build_mistral3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
         vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, head_dim=8, image_size=32, patch_size=8),
         text_config=dict(model_type="mistral", **text), image_token_index=ids["[IMG]"], spatial_merge_size=2,
-        vision_feature_layer=-1,
+        vision_feature_layer=-1, tie_word_embeddings=False,  # tied random embeddings repeat one token
     )
     model = Mistral3ForConditionalGeneration(config)
     image_processor = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=16)
