@@ -27,6 +27,8 @@ def common_layout(family: str, *model_classes: str, markers: tuple[str, ...], fr
 
 COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("glm4v", "Glm4vForConditionalGeneration", markers=("<|assistant|>",)),
+    common_layout("glm4v_moe", "Glm4vMoeForConditionalGeneration", markers=("<|assistant|>",)),
+    common_layout("glm46v", "Glm46VForConditionalGeneration", markers=("<|assistant|>",)),
     common_layout("idefics3", "Idefics3ForConditionalGeneration", markers=("<end_of_utterance>",),
                   frames=("<fake_token_around_image>", "<global-img>")),
     common_layout("internvl", "InternVLForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),

@@ -107,8 +107,6 @@ REFUSED: dict[str, Refusal] = {
     "FastVlmForConditionalGeneration": _pending(),
     "FuyuForCausalLM": _pending("patch embeddings without a vision tower"),
     "Gemma4UnifiedForConditionalGeneration": _pending(),
-    "Glm46VForConditionalGeneration": _pending(),
-    "Glm4vMoeForConditionalGeneration": _pending(),
     "GlmOcrForConditionalGeneration": _pending(),
     "GotOcr2ForConditionalGeneration": _pending(),
     "Granite4VisionForConditionalGeneration": _pending(),

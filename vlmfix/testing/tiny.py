@@ -61,6 +61,8 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "idefics3",
     "smolvlm",
     "glm4v",
+    "glm4v_moe",
+    "glm46v",
     "paligemma",
     "mistral3",
 )

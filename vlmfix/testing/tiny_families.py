@@ -329,9 +329,11 @@ GLM_TEMPLATE = (
 )
 
 
-def build_glm4v(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """GLM-4.1V: a Qwen-style vision tower and merger, M-RoPE over half of each head (partial rotary)."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vProcessor
+def _glm(shape: Shape, kind: str) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """GLM-4.1V / GLM-4.5V (MoE) / GLM-4.6V: a Qwen-style vision tower and merger, M-RoPE over half of each
+    head (partial rotary)."""
+    import transformers
+    from transformers import Glm4vProcessor
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
     tokenizer = PreTrainedTokenizerFast(
@@ -344,7 +346,11 @@ def build_glm4v(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                        "mrope_section": [quarter - 2 * (quarter // 4), quarter // 4, quarter // 4]})
     text.pop("head_dim")
-    config = Glm4vConfig(
+    if kind == "glm4v_moe":  # layer 0 dense, the others 4 routed experts (2 per token) and a shared one
+        text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape.hidden,
+                    first_k_dense_replace=1, n_shared_experts=1)
+    prefix = {"glm4v": "Glm4v", "glm4v_moe": "Glm4vMoe", "glm46v": "Glm46V"}[kind]
+    config = getattr(transformers, f"{prefix}Config")(
         text_config=text,
         vision_config=dict(depth=2, hidden_size=32, num_heads=4, image_size=32, patch_size=8, spatial_merge_size=2,
                            temporal_patch_size=2, out_hidden_size=shape.hidden, intermediate_size=64),
@@ -352,12 +358,24 @@ def build_glm4v(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
         image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
         video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
     )
-    model = Glm4vForConditionalGeneration(config)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
     image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=8,
                                              merge_size=2, temporal_patch_size=2)
     processor = image_only(Glm4vProcessor)(image_processor=image_processor, tokenizer=tokenizer,
-                                           chat_template=GLM_TEMPLATE)
+                                           chat_template=GLM_TEMPLATE)  # the three share its prompt layout
     return model, processor
+
+
+def build_glm4v(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _glm(shape, "glm4v")
+
+
+def build_glm4v_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _glm(shape, "glm4v_moe")
+
+
+def build_glm46v(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _glm(shape, "glm46v")
 
 
 PALIGEMMA_TEMPLATE = (
@@ -464,6 +482,8 @@ BUILDERS: dict[str, Builder] = {
     "mistral3": build_mistral3,
     "paligemma": build_paligemma,
     "glm4v": build_glm4v,
+    "glm4v_moe": build_glm4v_moe,
+    "glm46v": build_glm46v,
     "idefics3": build_idefics3,
     "smolvlm": build_smolvlm,
     "aya_vision": build_aya_vision,
