@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from vlmfix.decoding.edits import Edit, HeadScale, edited_attention, scale_heads
+from vlmfix.decoding.edits import Edit, HeadScale, additive_mask, edited_attention, scale_heads, within_window
 from vlmfix.decoding.grouped import KeyGroupCache, grouped_decode_output
 
 AttentionFn = Callable[..., tuple[Tensor, Tensor | None]]
@@ -37,6 +37,7 @@ class AttentionCall:
     attention_mask: Tensor | None
     scaling: float | None
     output: Tensor  # [batch, q_len, heads, head_dim], before o_proj
+    softcap: float | None = None  # the layer's logit softcap (Gemma 2), applied before the mask
 
 
 # An observer may return a replacement output (same shape) or None to keep it.
@@ -59,6 +60,7 @@ class AttentionHost(Protocol):
 
     edited_rows: int | None  # a two-stream forward edits its first `edited_rows` rows only
     key_groups: KeyGroupCache
+    sequence_length: int | None  # tokens of the running forward's sequence so far (cache + new), when known
 
     def owns_thread(self) -> bool: ...
 
@@ -97,6 +99,9 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         edits = host.edits_for(layer_idx)
         weights = None
         rows = host.edited_rows
+        if edits and host.sequence_length is not None and key.shape[2] < host.sequence_length:
+            # a sliding-window cache holds the last keys only: edits address keys by sequence position
+            key, value, attention_mask = uncropped(key, value, attention_mask, host.sequence_length, query.shape[2])
         if not edits:
             out, weights = backend(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -115,10 +120,45 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
             out = edited_output(query, key, value, attention_mask, scaling, edits, backend, module,
                                 use_kernel=host.use_kernel(query), group_cache=host.key_groups, **kwargs)
         if host.observed:
-            out = host.observe(AttentionCall(module, layer_idx, query, key, value, attention_mask, scaling, out))
+            mask = observed_mask(attention_mask, query.shape[2], key.shape[2], kwargs.get("sliding_window"),
+                                 query.device)
+            out = host.observe(AttentionCall(module, layer_idx, query, key, value, mask, scaling, out,
+                                             softcap=kwargs.get("softcap")))
         return out, weights
 
     return vlmfix_attention
+
+
+def uncropped(key: Tensor, value: Tensor, attention_mask: Tensor | None, length: int, q_len: int
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Keys, values and mask of a sliding-window cache (the last kv_len positions of the sequence) laid out over
+    the whole sequence of `length` positions: the dropped positions hold zeros and are masked out, so the
+    attention is unchanged and key-indexed edits (planned over prompt positions) meet their keys."""
+    # key, value: [batch, kv_heads, kv_len, head_dim] -> [batch, kv_heads, length, head_dim]
+    batch, kv_heads, kv_len, head_dim = key.shape
+    missing = length - kv_len
+    pad = key.new_zeros(batch, kv_heads, missing, head_dim)
+    key, value = torch.cat([pad, key], dim=2), torch.cat([pad.to(value.dtype), value], dim=2)
+    if attention_mask is None:
+        full = additive_mask(None, 1, q_len, length, key.device)  # [1, 1, q_len, length] causal
+        return key, value, full.masked_fill(torch.arange(length, device=key.device) < missing, float("-inf"))
+    if attention_mask.dim() == 2:  # [batch, kv_len] padding mask (flash)
+        return key, value, torch.cat([attention_mask.new_zeros(attention_mask.shape[0], missing), attention_mask], 1)
+    mask = attention_mask[..., -kv_len:]
+    blocked = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return key, value, torch.cat([mask.new_full((*mask.shape[:-1], missing), blocked), mask], dim=-1)
+
+
+def observed_mask(attention_mask: Tensor | None, q_len: int, kv_len: int, sliding_window: int | None,
+                  device: torch.device) -> Tensor | None:
+    """The mask observers see: the backend's, or, for a sliding-window layer that got none (or a 2-D padding
+    mask), the [batch or 1, 1, q_len, kv_len] additive mask with the window in it, so that an observer that
+    recomputes attention honours the window the backend applied."""
+    if sliding_window is None or (attention_mask is not None and attention_mask.dim() == 4):
+        return attention_mask
+    batch = attention_mask.shape[0] if attention_mask is not None else 1
+    mask = additive_mask(attention_mask, batch, q_len, kv_len, device)
+    return mask.masked_fill(~within_window(q_len, kv_len, sliding_window, device), float("-inf"))
 
 
 def edited_output(

@@ -199,6 +199,12 @@ def additive_mask(
     return mask.float().masked_fill(mask <= torch.finfo(mask.dtype).min, -math.inf)
 
 
+def within_window(q_len: int, kv_len: int, window: int, device: torch.device) -> Tensor:
+    """[q_len, kv_len] bool: keys inside each query's sliding window (query i sits at kv_len - q_len + i)."""
+    query_positions = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return query_positions - torch.arange(kv_len, device=device)[None] < window
+
+
 def _heads_of(t: Tensor, heads: int) -> Tensor:
     """[batch, heads or 1, keys] -> [batch, heads, 1, keys] for broadcasting over query rows."""
     return t.expand(t.shape[0], heads, t.shape[-1])[:, :, None, :]
@@ -324,7 +330,7 @@ def edited_attention(
     query: [batch, heads, q_len, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim].
     Rows no edit selects get exactly the unedited softmax attention (fp32), cast to value's dtype.
     `softcap` (Gemma 2 style, `softcap * tanh(z / softcap)` on the logits before any edit) and `sliding_window`
-    (keys older than the window are masked when no mask is given; a given mask already holds the window)
+    (keys older than the window are masked when no 4-D mask is given; a 4-D mask already holds the window)
     are the attention layer's own keyword arguments.
     """
     batch, heads, q_len, head_dim = query.shape
@@ -346,10 +352,8 @@ def edited_attention(
             delta = delta + _heads_of(fit_keys(edit.abs_gain.float(), kv_len, batch, 0.0), heads) * z.abs()
         z = z + delta * rows
     z = z + additive_mask(attention_mask, batch, q_len, kv_len, device)
-    if sliding_window is not None and attention_mask is None:
-        query_positions = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [q_len, 1]
-        too_old = query_positions - torch.arange(kv_len, device=device)[None] >= sliding_window  # [q_len, kv_len]
-        z = z.masked_fill(too_old, float("-inf"))
+    if sliding_window is not None and (attention_mask is None or attention_mask.dim() == 2):
+        z = z.masked_fill(~within_window(q_len, kv_len, sliding_window, device), float("-inf"))
     p = torch.softmax(z, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) -> 0
     for edit in edits:
         apply = POST_APPLY.get(type(edit))

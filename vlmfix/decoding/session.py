@@ -126,6 +126,9 @@ class Session:
         # `edited_rows` rows only (None: every row); the engine of the running two-stream call
         self.edited_rows: int | None = None
         self.engine: Any = None
+        # tokens of the running decoding forward's sequence (cache + new tokens); a sliding-window cache's
+        # layers hold fewer keys, which the attention function lays out over the whole sequence for edits
+        self.sequence_length: int | None = None
         # the grouped kernel's key groups per edit list, kept for the prompt batch's decode steps
         self.key_groups = KeyGroupCache()
         self.prompts_seen = 0
@@ -211,7 +214,11 @@ class Session:
         if self._in_extra_pass or not self.owns_thread():
             return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        new = kwargs.get("input_ids", args[0] if args else None)
+        new = new if new is not None else kwargs.get("inputs_embeds")
+        self.sequence_length = cached + new.shape[1] if new is not None else None
+        if cached > 0:
             return  # a decode step of the current prompt
         inputs = dict(kwargs)
         if args:
@@ -326,7 +333,8 @@ class Session:
         computed. It leaves the model as it found it (Qwen's cached `rope_deltas` included); edits of the
         methods prepared so far apply unless `with_edits=False`.
         """
-        saved = self.adapter.saved_state()
+        saved, length = self.adapter.saved_state(), self.sequence_length
+        self.sequence_length = None  # an extra pass runs without a cache: its keys are its whole sequence
         self._in_extra_pass, enabled = True, self._edits_enabled
         self._edits_enabled = with_edits and enabled
         inputs = without_loop_keys(inputs)
@@ -335,6 +343,7 @@ class Session:
             return self.model(**inputs, use_cache=False)
         finally:
             self._in_extra_pass, self._edits_enabled = False, enabled
+            self.sequence_length = length
             self.adapter.restore_state(saved)
 
     # ------------------------------------------------------------------ what the attention function uses
