@@ -65,6 +65,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "glm46v",
     "paligemma",
     "mistral3",
+    "vipllava",
 )
 
 WORDS = (

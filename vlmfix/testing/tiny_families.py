@@ -475,10 +475,33 @@ def build_mistral3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, PixtralLayoutProcessor(image_processor, tokenizer, token_patch=16, chat_template=MISTRAL_TEMPLATE)
 
 
+def build_vipllava(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """ViP-LLaVA: LLaVA-1.5's layout with the projector reading several CLIP layers at once."""
+    from transformers import LlavaProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from vlmfix.testing.tiny import LLAVA_TEMPLATE, _clip_config, _fast_tokenizer, _llama_text_config
+
+    tokenizer = _fast_tokenizer("llava")
+    tokenizer.image_token = "<image>"
+    text = _llama_text_config(len(tokenizer), shape.layers, shape.heads, shape.kv_heads, shape.head_dim)
+    config = VipLlavaConfig(vision_config=_clip_config(32, 8), text_config=text,
+                            image_token_index=int(tokenizer.convert_tokens_to_ids("<image>")),  # type: ignore[arg-type]
+                            vision_feature_layer=[-2, -1], image_seq_length=16)
+    model = VipLlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "vipllava": build_vipllava,
     "mistral3": build_mistral3,
     "paligemma": build_paligemma,
     "glm4v": build_glm4v,
