@@ -66,6 +66,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "paligemma",
     "mistral3",
     "vipllava",
+    "lighton_ocr",
 )
 
 WORDS = (

@@ -497,10 +497,39 @@ def build_vipllava(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+LIGHTON_TOKENS = ("<|image_pad|>", "<|vision_pad|>", "<|vision_end|>")
+
+
+def build_lighton_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """LightOnOCR: Pixtral vision (`vision_encoder`), a 2x2 merger (`vision_projection`), Qwen3; Pixtral's
+    rows of image tokens ended by a break token, the image by an end token."""
+    from transformers import LightOnOcrConfig, LightOnOcrForConditionalGeneration, LightOnOcrProcessor
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*LIGHTON_TOKENS)
+    ids = token_ids(tokenizer, (*LIGHTON_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    for name, token in (("image", "<|image_pad|>"), ("image_break", "<|vision_pad|>"), ("image_end", "<|vision_end|>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    config = LightOnOcrConfig(
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, head_dim=8, image_size=32, patch_size=8),
+        text_config=dict(model_type="qwen3", **text), image_token_id=ids["<|image_pad|>"], spatial_merge_size=2,
+        tie_word_embeddings=False,  # tied random embeddings repeat one token
+    )
+    model = LightOnOcrForConditionalGeneration(config)
+    processor = LightOnOcrProcessor(image_processor=PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=16),
+                                    tokenizer=tokenizer, patch_size=8, spatial_merge_size=2,
+                                    chat_template=chatml_template("<|image_pad|>"))
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "lighton_ocr": build_lighton_ocr,
     "vipllava": build_vipllava,
     "mistral3": build_mistral3,
     "paligemma": build_paligemma,
