@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -294,7 +295,9 @@ def method_table(families: Sequence[str] = ALL_FAMILIES, methods: Sequence[str] 
             tiny = build_tiny(family)
             try:
                 outcome = check_method(tiny, name)
-                note = None if outcome.refused is None else f"{name} refuses: {outcome.refused}"
+                # one note per reason: the family's own name in it reads "this family"
+                reason = None if outcome.refused is None else re.sub(rf"\b{family}\b", "this family", outcome.refused)
+                note = None if reason is None else f"{name} refuses: {reason}"
                 cell = outcome.cell
             except Exception as error:  # shown in the table, not raised: the table reports every cell
                 note, cell = f"{name} FAILS: {type(error).__name__}: {error}", "FAILS"
