@@ -71,3 +71,11 @@ def test_several_image_ids_all_count_as_image_tokens():
     ids = torch.tensor([[5, config.image_token_id, 7, 9]])
     assert adapter.image_mask(ids).tolist() == [[False, True, True, False]]
     assert adapter.image_token_id == config.image_token_id
+
+
+def test_every_supported_family_has_a_tiny_build():
+    """So the conformance suite covers every family vlmfix claims to run."""
+    from vlmfix.adapters import ADAPTERS
+    from vlmfix.testing import ALL_FAMILIES
+
+    assert sorted(a.family for a in ADAPTERS) == sorted(ALL_FAMILIES)
