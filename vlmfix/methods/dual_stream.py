@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # selector(model, inputs) -> (local, summary): [batch, seq] bool masks over image tokens
 Selector = Callable[[Any, dict[str, Any]], tuple[Tensor, Tensor]]
 # families whose vision tower and image-token packing the built-in selection maps (others need `selector`)
-SELECTION_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+SELECTION_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 SUBSTITUTE = "CLS-free substitute (vlmfix reading): attention received in vision blocks, per 2x2 merge group"
 
 
