@@ -15,9 +15,10 @@ def test_no_method_is_bit_identical_to_plain_generate(family, mode):
     suite.check_no_method(build_tiny(family), mode)
 
 
+@pytest.mark.parametrize("images", [1, 2], ids=["one_image", "two_images"])
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_spans_follow_the_processor_and_the_chat_template(family):
-    suite.check_spans(build_tiny(family))
+def test_spans_follow_the_processor_and_the_chat_template(family, images):
+    suite.check_spans(build_tiny(family), images_per_row=images)
 
 
 @pytest.mark.parametrize("method", METHODS.names())

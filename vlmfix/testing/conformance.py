@@ -162,14 +162,15 @@ def _generate_in_apply(tiny: TinyVLM, inputs: dict[str, Any], kwargs: dict[str, 
         return tiny.model.generate(**inputs, **kwargs)
 
 
-def check_spans(tiny: TinyVLM) -> None:
-    """Each row's image tokens are the ones the processor inserted; its instruction holds the question and
-    ends right before the family's assistant marker."""
-    inputs = tiny.inputs(list(QUESTIONS))
+def check_spans(tiny: TinyVLM, images_per_row: int = 1) -> None:
+    """Each row's image tokens are the ones the processor inserted (for all its images); its instruction
+    holds the question and ends right before the family's assistant marker."""
+    inputs = tiny.inputs(list(QUESTIONS), images_per_row=images_per_row)
     adapter = get_adapter(tiny.model)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     spans = adapter.spans(ids, mask, tiny.tokenizer)
-    inserted = torch.tensor([image_features(tiny, tiny.inputs([q], seed=row)) for row, q in enumerate(QUESTIONS)])
+    inserted = torch.tensor([image_features(tiny, tiny.inputs([q], seed=row, images_per_row=images_per_row))
+                             for row, q in enumerate(QUESTIONS)])
     if not torch.equal(spans.image.sum(dim=1), inserted) or not bool((inserted > 0).all()):
         raise ConformanceError(f"image spans hold {spans.image.sum(dim=1).tolist()} tokens per row; the processor "
                                f"inserted {inserted.tolist()} placeholders (one per image feature)")

@@ -162,20 +162,23 @@ class TinyVLM:
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return self.processor.tokenizer
 
-    def prompt(self, question: str, with_image: bool = True) -> str:
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    def prompt(self, question: str, with_image: bool = True, images: int = 1) -> str:
+        content = ([{"type": "image"}] * images if with_image else []) + [{"type": "text", "text": question}]
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
 
-    def inputs(self, questions: list[str], *, with_image: bool | list[bool] = True, seed: int = 0) -> dict:
-        """Row i gets image number `seed + i` (so a row built alone with `seed=i` has the same image)."""
+    def inputs(self, questions: list[str], *, with_image: bool | list[bool] = True, seed: int = 0,
+               images_per_row: int = 1) -> dict:
+        """Row i gets image number `seed + i` (so a row built alone with `seed=i` has the same image); with
+        `images_per_row` > 1 its k-th further image is number `seed + i + 1000 k`."""
         flags = with_image if isinstance(with_image, list) else [with_image] * len(questions)
-        prompts = [self.prompt(q, f) for q, f in zip(questions, flags)]
-        images = [random_image(48 + 16 * ((seed + i) % 3), seed + i) for i, f in enumerate(flags) if f]
+        prompts = [self.prompt(q, f, images_per_row) for q, f in zip(questions, flags)]
+        rows = [[random_image(48 + 16 * ((seed + i) % 3), seed + i + 1000 * k) for k in range(images_per_row)]
+                for i, f in enumerate(flags) if f]
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
-        if images:
-            kwargs["images"] = [[image] for image in images] if self.nested_images else images
+        if rows:
+            kwargs["images"] = rows if self.nested_images else [image for row in rows for image in row]
         # a generation prompt has no training labels (PaliGemma's processor returns some)
         return {k: v for k, v in self.processor(**kwargs).items() if k != "labels"}
 
