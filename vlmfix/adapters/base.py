@@ -193,7 +193,10 @@ class Adapter:
         return cast(nn.Linear, self.attn(layer_idx).o_proj)
 
     def input_layernorm(self, layer_idx: int) -> nn.Module:
-        return cast(nn.Module, self.decoder_layers[layer_idx].input_layernorm)
+        """The module whose input is the layer's residual stream: its input layer norm, or, in post-norm layers
+        without one (EXAONE 4), the decoder layer itself."""
+        layer = self.decoder_layers[layer_idx]
+        return cast(nn.Module, getattr(layer, "input_layernorm", None) or layer)
 
     @property
     def text_config(self) -> Any:

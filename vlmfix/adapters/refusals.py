@@ -103,7 +103,6 @@ REFUSED: dict[str, Refusal] = {
     "DeepseekVLHybridForConditionalGeneration": _pending("two vision towers"),
     "Dots3NoteForConditionalGeneration": _pending(),
     "Ernie4_5_VLMoeForConditionalGeneration": _pending("modality-routed MoE"),
-    "Exaone4_5_ForConditionalGeneration": _pending(),
     "FastVlmForConditionalGeneration": _pending("its FastViT vision tower is a timm model: no offline tiny build"),
     "FuyuForCausalLM": _pending("patch embeddings without a vision tower"),
     "Gemma4UnifiedForConditionalGeneration": _pending(),

@@ -269,7 +269,8 @@ class _Engine:
         self.mask = None if mask is None or bool(mask.all()) else mask
         if self.mask is None:
             stacked.pop("attention_mask", None)
-        self.last_positions = stacked["position_ids"][..., -1:]
+        positions = stacked.get("position_ids")  # None: the model derives every row's positions itself
+        self.last_positions = None if positions is None else positions[..., -1:]
         return stacked
 
     def _encoded(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -290,11 +291,11 @@ class _Engine:
             out["attention_mask"] = self.mask
         else:
             out.pop("attention_mask", None)
-        assert self.last_positions is not None  # set by the prefill, before any paired decode step
-        steps = torch.arange(1, ids.shape[1] + 1, device=self.last_positions.device)
-        positions = self.last_positions + steps
-        self.last_positions = positions[..., -1:]
-        out["position_ids"] = positions
+        if self.last_positions is not None:  # else the model derives positions, as at the prefill
+            steps = torch.arange(1, ids.shape[1] + 1, device=self.last_positions.device)
+            positions = self.last_positions + steps
+            self.last_positions = positions[..., -1:]
+            out["position_ids"] = positions
         for key in TOKEN_TYPE_KEYS:
             if out.get(key) is not None:
                 out[key] = torch.cat([out[key], out[key]])

@@ -67,6 +67,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "mistral3",
     "vipllava",
     "lighton_ocr",
+    "exaone4_5",
 )
 
 WORDS = (

@@ -525,10 +525,37 @@ def build_lighton_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """EXAONE 4.5: Qwen2.5-VL's vision tower (windowed, GQA attention) and prompt layout, EXAONE 4 with
+    sliding-window layers."""
+    from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, Exaone4_5_Processor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
+    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      bos_token_id=None, sliding_window=16,
+                      layer_types=["sliding_attention"] * (shape.layers - 1) + ["full_attention"])
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, num_key_value_heads=2, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=shape.hidden, window_size=32,
+                  fullatt_block_indexes=[1])
+    config = Exaone4_5_Config(text_config=dict(model_type="exaone4", **text), vision_config=vision,
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
+    model = Exaone4_5_ForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                               temporal_patch_size=2)
+    processor = image_only(Exaone4_5_Processor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "exaone4_5": build_exaone4_5,
     "lighton_ocr": build_lighton_ocr,
     "vipllava": build_vipllava,
     "mistral3": build_mistral3,
