@@ -29,6 +29,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("glm4v", "Glm4vForConditionalGeneration", markers=("<|assistant|>",)),
     common_layout("glm4v_moe", "Glm4vMoeForConditionalGeneration", markers=("<|assistant|>",)),
     common_layout("glm46v", "Glm46VForConditionalGeneration", markers=("<|assistant|>",)),
+    common_layout("idefics2", "Idefics2ForConditionalGeneration", markers=("<end_of_utterance>",),
+                  frames=("<fake_token_around_image>",)),
     common_layout("idefics3", "Idefics3ForConditionalGeneration", markers=("<end_of_utterance>",),
                   frames=("<fake_token_around_image>", "<global-img>")),
     common_layout("internvl", "InternVLForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),

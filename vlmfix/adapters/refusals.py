@@ -113,7 +113,6 @@ REFUSED: dict[str, Refusal] = {
     "HunYuanVLForConditionalGeneration": _pending(),
     "HYV4VLForConditionalGeneration": _pending(),
     "HyperCLOVAXVisionV2ForConditionalGeneration": _pending(),
-    "Idefics2ForConditionalGeneration": _pending("perceiver resampler"),
     "Kimi_K25ForConditionalGeneration": _pending(),
     "LlavaNextVideoForConditionalGeneration": _pending(),
     "MiniCPMOcrForConditionalGeneration": _pending(),

@@ -214,10 +214,11 @@ def projector_replaced(model: nn.Module, replacement: nn.Module) -> Iterator[Non
     for the calling thread's forwards only."""
     thread = threading.get_ident()
 
-    def replace(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        return replacement(*args) if threading.get_ident() == thread else None
+    def replace(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+        # the projector's own arguments (Idefics2's connector also takes the patch attention mask)
+        return replacement(*args, **kwargs) if threading.get_ident() == thread else None
 
-    handle = get_adapter(model).projector.register_forward_hook(replace)
+    handle = get_adapter(model).projector.register_forward_hook(replace, with_kwargs=True)
     try:
         yield
     finally:

@@ -68,6 +68,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "vipllava",
     "lighton_ocr",
     "exaone4_5",
+    "idefics2",
 )
 
 WORDS = (

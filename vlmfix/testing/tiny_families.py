@@ -312,6 +312,35 @@ def _idefics3(shape: Shape, smolvlm: bool) -> tuple[PreTrainedModel, ProcessorMi
     return model, processor
 
 
+def build_idefics2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Idefics2: SigLIP-style `vision_model`, a perceiver resampler `connector` (4 latents per image),
+    Mistral `text_model`; each image is wrapped in <fake_token_around_image>."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(IDEFICS_SPECIALS, WORDS), bos_token="<|begin_of_text|>",
+        eos_token="<end_of_utterance>", unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, IDEFICS_SPECIALS)
+    text = dict(model_type="mistral", **shape.text(len(tokenizer), pad_token_id=ids["<pad>"],
+                                                    eos_token_id=ids["<end_of_utterance>"],
+                                                    bos_token_id=ids["<|begin_of_text|>"]))
+    config = Idefics2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        perceiver_config=dict(hidden_size=shape.hidden, resampler_n_latents=4, resampler_depth=1,
+                              resampler_n_heads=4, resampler_head_dim=8, num_key_value_heads=2),
+        text_config=text, image_token_id=ids["<image>"],
+    )
+    model = Idefics2ForConditionalGeneration(config)
+    image_size = {"longest_edge": 32, "shortest_edge": 32}
+    processor = Idefics2Processor(
+        image_processor=Idefics2ImageProcessorPil(size=image_size, do_image_splitting=False),
+        tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS_TEMPLATE)
+    return model, processor
+
+
 def build_idefics3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return _idefics3(shape, smolvlm=False)
 
@@ -552,9 +581,10 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 
 # families whose processor takes one list of images per prompt
-NESTED_IMAGES = frozenset({"gemma3", "idefics3", "smolvlm"})
+NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "idefics2": build_idefics2,
     "exaone4_5": build_exaone4_5,
     "lighton_ocr": build_lighton_ocr,
     "vipllava": build_vipllava,
