@@ -39,6 +39,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
     common_layout("aya_vision", "AyaVisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
                   frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),
+    common_layout("deepseek_vl", "DeepseekVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("exaone4_5", "Exaone4_5_ForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_start|>", "<|vision_end|>")),
     common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),

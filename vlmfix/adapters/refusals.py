@@ -99,7 +99,6 @@ REFUSED: dict[str, Refusal] = {
     "Cohere2VisionForConditionalGeneration": _pending(),
     "Cosmos3EdgeForConditionalGeneration": _pending(),
     "DeepseekOcr2ForConditionalGeneration": _pending(),
-    "DeepseekVLForConditionalGeneration": _pending(),
     "DeepseekVLHybridForConditionalGeneration": _pending("two vision towers"),
     "Dots3NoteForConditionalGeneration": _pending(),
     "Ernie4_5_VLMoeForConditionalGeneration": _pending("modality-routed MoE"),

@@ -194,7 +194,7 @@ def check_spans(tiny: TinyVLM, images_per_row: int = 1) -> None:
 def image_features(tiny: TinyVLM, inputs: dict[str, Any]) -> int:
     """How many image feature vectors the model computes for a prompt's images (all tiles): the number of
     placeholders the processor must have inserted for them."""
-    encoder = tiny.model.get_image_features
+    encoder = tiny.model.base_model.get_image_features  # as generate and the contrastive engine call it
     accepted = set(inspect.signature(encoder).parameters) - {"kwargs", "input_ids"}
     output = encoder(**{k: v for k, v in inputs.items() if k in accepted}, return_dict=True)
     return sum(f.reshape(-1, f.shape[-1]).shape[0] for f in output.pooler_output)

@@ -69,6 +69,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "lighton_ocr",
     "exaone4_5",
     "idefics2",
+    "deepseek_vl",
 )
 
 WORDS = (

@@ -580,10 +580,41 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+DEEPSEEK_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image_placeholder>",
+                     "User", "Assistant")
+DEEPSEEK_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image_placeholder>{% else %}"
+    "{{ item['text'] }}{% endif %}{% endfor %}\n\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_deepseek_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """DeepSeek-VL: SigLIP `vision_model` (16 tokens per 32-pixel image), an MLP `aligner`, Llama."""
+    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLProcessor
+    from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(DEEPSEEK_SPECIALS, WORDS), bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>", unk_token="<unk>", pad_token="<｜▁pad▁｜>", padding_side="left",
+    )
+    tokenizer.image_token = "<image_placeholder>"
+    ids = token_ids(tokenizer, DEEPSEEK_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<｜▁pad▁｜>"], eos_token_id=ids["<｜end▁of▁sentence｜>"],
+                      bos_token_id=ids["<｜begin▁of▁sentence｜>"])
+    config = DeepseekVLConfig(vision_config=siglip_config(), text_config=dict(model_type="llama", **text),
+                              image_token_id=ids["<image_placeholder>"], tie_word_embeddings=False)
+    model = DeepseekVLForConditionalGeneration(config)
+    processor = DeepseekVLProcessor(image_processor=DeepseekVLImageProcessorPil(size={"height": 32, "width": 32}),
+                                    tokenizer=tokenizer, num_image_tokens=16, chat_template=DEEPSEEK_TEMPLATE)
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "deepseek_vl": build_deepseek_vl,
     "idefics2": build_idefics2,
     "exaone4_5": build_exaone4_5,
     "lighton_ocr": build_lighton_ocr,
