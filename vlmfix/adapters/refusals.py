@@ -96,7 +96,6 @@ REFUSED: dict[str, Refusal] = {
     # decoder-only with placeholders: not verified yet
     "Apertus1p5ForConditionalGeneration": _pending(),
     "CohereCompassForConditionalGeneration": _pending(),
-    "Cohere2VisionForConditionalGeneration": _pending(),
     "Cosmos3EdgeForConditionalGeneration": _pending(),
     "DeepseekOcr2ForConditionalGeneration": _pending(),
     "DeepseekVLHybridForConditionalGeneration": _pending("two vision towers"),

@@ -70,6 +70,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "exaone4_5",
     "idefics2",
     "deepseek_vl",
+    "cohere2_vision",
 )
 
 WORDS = (

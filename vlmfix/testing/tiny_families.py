@@ -610,10 +610,61 @@ def build_deepseek_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+COHERE_VISION_SPECIALS = ("<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>",
+                          "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>",
+                          "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "<image>", "<unk>")
+
+
+def _one_tile_image_processor(tokens_per_side: int) -> Any:
+    """One 32-pixel tile per image, reported as `num_patches` with `patch_size` tokens per tile side, as
+    Cohere2Vision's processor reads them; its own image processor needs torchvision, not installable here."""
+    import torch
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    class OneTileImageProcessor(SiglipImageProcessorPil):
+        def preprocess(self, images: Any, **kwargs: Any) -> Any:
+            out = super().preprocess(images, **kwargs)
+            out["num_patches"] = torch.ones(len(out["pixel_values"]), dtype=torch.long)
+            return out
+
+    processor = OneTileImageProcessor(size={"height": 32, "width": 32})
+    processor.patch_size = tokens_per_side  # type: ignore[attr-defined]
+    return processor
+
+
+def build_cohere2_vision(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Command A Vision: SigLIP, a pixel-shuffle projector (4 tokens per 32-pixel tile, each tile ended by a
+    line break), Cohere 2 with sliding layers."""
+    from transformers import Cohere2VisionConfig, Cohere2VisionForConditionalGeneration, Cohere2VisionProcessor
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(COHERE_VISION_SPECIALS, WORDS), bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>", unk_token="<unk>", pad_token="<PAD>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, COHERE_VISION_SPECIALS)
+    for name, token in (("boi", "<|START_OF_IMG|>"), ("eoi", "<|END_OF_IMG|>"), ("image", "<|IMG_PATCH|>"),
+                        ("img_line_break", "<|IMG_LINE_BREAK|>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    text = shape.text(len(tokenizer), pad_token_id=ids["<PAD>"], eos_token_id=ids["<|END_OF_TURN_TOKEN|>"],
+                      bos_token_id=ids["<BOS_TOKEN>"], sliding_window=16, logit_scale=1.0,
+                      initializer_range=0.2,  # with the default scale every step picks the same token
+                      layer_types=["sliding_attention"] * (shape.layers - 1) + ["full_attention"])
+    config = Cohere2VisionConfig(
+        vision_config=siglip_config(), text_config=dict(model_type="cohere2", **text), downsample_factor=2,
+        image_token_id=ids["<|IMG_PATCH|>"], alignment_intermediate_size=2 * shape.hidden, tie_word_embeddings=False,
+    )
+    model = Cohere2VisionForConditionalGeneration(config)
+    processor = Cohere2VisionProcessor(image_processor=_one_tile_image_processor(2), tokenizer=tokenizer,
+                                       chat_template=AYA_TEMPLATE.replace("<image>", "<|IMG_PATCH|>"))
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "cohere2_vision": build_cohere2_vision,
     "deepseek_vl": build_deepseek_vl,
     "idefics2": build_idefics2,
     "exaone4_5": build_exaone4_5,
