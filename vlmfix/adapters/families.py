@@ -36,6 +36,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("internvl", "InternVLForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
     common_layout("lighton_ocr", "LightOnOcrForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_pad|>", "<|vision_end|>")),
+    common_layout("llava_next_video", "LlavaNextVideoForConditionalGeneration", markers=("ASSISTANT:", "[/INST]")),
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
     common_layout("aya_vision", "AyaVisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
                   frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),

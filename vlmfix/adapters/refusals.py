@@ -112,7 +112,6 @@ REFUSED: dict[str, Refusal] = {
     "HYV4VLForConditionalGeneration": _pending(),
     "HyperCLOVAXVisionV2ForConditionalGeneration": _pending(),
     "Kimi_K25ForConditionalGeneration": _pending(),
-    "LlavaNextVideoForConditionalGeneration": _pending(),
     "MiniCPMOcrForConditionalGeneration": _pending(),
     "MiniCPMV4_6ForConditionalGeneration": _pending(),
     "MiniCPMV4_7ForConditionalGeneration": _pending(),

@@ -71,6 +71,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "idefics2",
     "deepseek_vl",
     "cohere2_vision",
+    "llava_next_video",
 )
 
 WORDS = (

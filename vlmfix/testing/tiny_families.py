@@ -660,10 +660,42 @@ def build_cohere2_vision(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]
     return model, processor
 
 
+def build_llava_next_video(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """LLaVA-NeXT-Video on images: LLaVA-NeXT's AnyRes layout (its video pooling is not exercised); the
+    images go through LlavaNextProcessor, whose image prompt LlavaNextVideoProcessor shares (that one
+    needs a video processor, hence torchvision)."""
+    from transformers import LlavaNextProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from vlmfix.testing.tiny import LLAVA_SPECIALS, LLAVA_TEMPLATE, _clip_config, _llama_text_config
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer((*LLAVA_SPECIALS, "<video>"), WORDS), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    tokenizer.image_token = "<image>"
+    ids = token_ids(tokenizer, ("<image>", "<video>"))
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaNextVideoConfig(
+        vision_config=_clip_config(32, 8),
+        text_config=_llama_text_config(len(tokenizer), shape.layers, shape.heads, shape.kv_heads, shape.head_dim),
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"], vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+    )
+    model = LlavaNextVideoForConditionalGeneration(config)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                   num_additional_image_tokens=1)
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "llava_next_video": build_llava_next_video,
     "cohere2_vision": build_cohere2_vision,
     "deepseek_vl": build_deepseek_vl,
     "idefics2": build_idefics2,
