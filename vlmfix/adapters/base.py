@@ -103,7 +103,7 @@ class Spans:
 # the model holding the parts (LlavaForConditionalGeneration.model; Llama 4 holds them itself)
 BASE_MODEL_NAMES = ("model",)
 LANGUAGE_MODEL_NAMES = ("language_model", "text_model", "llm")
-VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
+VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower")
 # on the base model first, then inside the vision tower (Qwen's `visual.merger`)
 PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "vision_projection", "aligner", "merger")
 # config fields of the image placeholder ids (a list where a family has several)

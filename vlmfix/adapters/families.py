@@ -51,6 +51,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("mistral3", "Mistral3ForConditionalGeneration", markers=("[/INST]",),
                   frames=("[IMG_BREAK]", "[IMG_END]")),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
+    common_layout("video_llava", "VideoLlavaForConditionalGeneration", markers=("ASSISTANT:",)),
     common_layout("vipllava", "VipLlavaForConditionalGeneration", markers=("ASSISTANT:", "###Assistant:")),
     common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),
     common_layout("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", markers=CHATML),

@@ -72,6 +72,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "deepseek_vl",
     "cohere2_vision",
     "llava_next_video",
+    "video_llava",
 )
 
 WORDS = (

@@ -691,10 +691,40 @@ def build_llava_next_video(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixi
     return model, processor
 
 
+def build_video_llava(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Video-LLaVA on images: an `image_tower` (and a `video_tower`) before LLaVA's projector; images go
+    through LlavaProcessor, whose image prompt VideoLlavaProcessor shares (that one needs a video processor)."""
+    from transformers import LlavaProcessor, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from vlmfix.testing.tiny import LLAVA_SPECIALS, LLAVA_TEMPLATE, _clip_config, _llama_text_config
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer((*LLAVA_SPECIALS, "<video>"), WORDS), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    tokenizer.image_token = "<image>"
+    ids = token_ids(tokenizer, ("<image>", "<video>"))
+    config = VideoLlavaConfig(
+        vision_config=_clip_config(32, 8),
+        text_config=_llama_text_config(len(tokenizer), shape.layers, shape.heads, shape.kv_heads, shape.head_dim),
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"], vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=16,
+    )
+    model = VideoLlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "video_llava": build_video_llava,
     "llava_next_video": build_llava_next_video,
     "cohere2_vision": build_cohere2_vision,
     "deepseek_vl": build_deepseek_vl,
