@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import vlmfix
-from vlmfix import DCD, GIFT, PAI, SID, VAR, VCD, VHR, DualStream
+from vlmfix import DCD, GIFT, PAI, SID, VAR, VCD, VHR, AvisC, DualStream
 
 from .conftest import tiny_model
 
@@ -58,6 +58,8 @@ CONSTRUCTOR_CASES: list[tuple[Callable[[], Any], str]] = [
     (lambda: GIFT(content_words="nouns"), r"`content_words` must be one of 'pos', 'spacy', 'rule', 'all'.*callable"),
     (lambda: SID(layer=0), r"`layer` must be an int >= 1, got 0"),
     (lambda: SID(keep="100"), r"`keep` must be None or an int >= 0, got '100' \(a str\)"),
+    (lambda: AvisC(layer_gamma=1.5), r"`layer_gamma` must be a finite number in \(0, 1\], got 1.5"),
+    (lambda: AvisC(lamb=math.inf), r"`lamb` must be a finite number, got inf"),
 ]
 
 
@@ -84,7 +86,7 @@ SESSION_CASES: list[tuple[Callable[..., Any], type, str]] = [
     (lambda m, i, p: vlmfix.generate(m, **i, methods="vhr", max_new_tokens=1), ValueError,
      r"`methods` must be a list.*write methods=\['vhr'\]"),
     (lambda m, i, p: vlmfix.generate(m, **i, methods=["vhrr"], max_new_tokens=1), vlmfix.UnknownNameError,
-     r"Unknown method 'vhrr'. Available: dcd, dual_stream, gift, pai, sid, var, vcd, vhr"),
+     r"Unknown method 'vhrr'. Available: avisc, dcd, dual_stream, gift, pai, sid, var, vcd, vhr"),
     (lambda m, i, p: vlmfix.generate(m, **i, tokenizer=42, max_new_tokens=1), ValueError,
      r"`tokenizer` must be the model's processor or tokenizer \(with encode and decode\), got 42 \(an int\)"),
     (lambda m, i, p: vlmfix.apply(m, [VHR()]), ValueError,

@@ -17,6 +17,7 @@ here beside the methods are what several methods share:
 from __future__ import annotations
 
 from vlmfix.decoding.method import METHODS, Method
+from vlmfix.methods.avisc import AvisC
 from vlmfix.methods.dcd import DCD
 from vlmfix.methods.dual_stream import DualStream
 from vlmfix.methods.gift import GIFT
@@ -41,4 +42,4 @@ def create(name: str, **params: object) -> Method:
     return get(name)(**params)
 
 
-__all__ = ["DCD", "GIFT", "PAI", "SID", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]
+__all__ = ["DCD", "GIFT", "PAI", "SID", "AvisC", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]
