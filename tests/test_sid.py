@@ -286,3 +286,19 @@ def test_bad_calls_are_refused_before_any_forward():
         handle.remove()
     assert not calls
     assert vlmfix.methods.get("sid") is SID
+
+
+def test_the_grouped_decode_path_serves_the_hidden_keys():
+    """kernel="always" routes the decode steps' -inf key bias through the grouped kernel path (its Triton
+    interpreter or reference on the CPU); it matches the PyTorch path."""
+    tiny = tiny_model("llava", seed=1)
+    inputs = tiny.inputs(QUESTIONS)
+    scores = {}
+    for kernel in ("never", "always"):
+        with vlmfix.apply(tiny.model, SID(keep_ratio=0.25), kernel=kernel) as session:
+            out = session.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                   output_logits=True)
+        scores[kernel] = torch.stack(out.logits)
+    finite = torch.isfinite(scores["never"])
+    assert torch.equal(finite, torch.isfinite(scores["always"]))
+    torch.testing.assert_close(scores["always"][finite], scores["never"][finite], atol=1e-5, rtol=1e-5)
