@@ -19,7 +19,7 @@ from vlmfix.methods.image_selection import (
     top_p_layers,
 )
 
-from .conftest import tiny_model
+from .conftest import PlannedEdits, tiny_model
 from .reference_decoding import QUESTIONS
 
 # one row: BOS, six image tokens at positions 1..6, one text token
@@ -131,3 +131,24 @@ def test_stream_blocks_golden():
     assert stream_blocks([negative], 2, None, None) == [(slice(0, 2), [])]
     with pytest.raises(ValueError, match="stream must be None, 'positive' or 'negative', got 'both'"):
         Edit(stream="both")  # type: ignore[arg-type]
+
+
+def test_a_negative_stream_edit_touches_no_row_of_a_one_stream_forward():
+    tiny = tiny_model("qwen2_vl")
+    inputs = tiny.inputs(QUESTIONS)
+    plain = tiny.model(**inputs).logits
+
+    def boost(stream, gain=5.0):
+        return PlannedEdits(lambda session, layer: [KeyBias(bias=gain * session.spans.image[:, None].float(),
+                                                            stream=stream)])
+
+    outputs = {}
+    for stream in (None, "positive", "negative"):
+        with vlmfix.apply(tiny.model, boost(stream)), torch.no_grad():
+            outputs[stream] = tiny.model(**inputs).logits
+    torch.testing.assert_close(outputs["negative"], plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(outputs["positive"], outputs[None])  # one stream: the positive rows are every row
+    assert not torch.allclose(outputs[None], plain, atol=1e-3)
+    with vlmfix.apply(tiny.model, boost(None), boost("negative", -5.0)), torch.no_grad():
+        mixed = tiny.model(**inputs).logits
+    assert torch.equal(mixed, outputs[None])  # beside another method's edit, too

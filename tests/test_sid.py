@@ -19,6 +19,7 @@ from torch import Tensor
 import vlmfix
 from vlmfix import SID, VAR
 from vlmfix.decoding.edits import KeyBias
+from vlmfix.methods.image_selection import NewestRowAttention, all_rows
 
 from .conftest import PlannedEdits, tiny_model
 from .reference_decoding import QUESTIONS, assert_batch_rows_equal_rows_alone, assert_unchanged, snapshot
@@ -174,6 +175,20 @@ def test_streams_selection_and_scores_match_the_eager_reference(family):
     assert sum(row["selection_changes"] for row in sid["rows"]) > 0  # text-aware: the set moved with the text
     assert sid["applied"]["contrast_steps"] == STEPS and sid["applied"]["attention_calls"] == STEPS * 2
     assert_unchanged(inputs, before)
+
+
+def test_both_streams_see_the_same_selection_row():
+    """Below K the streams compute the same attention, so the negative rows' layer K-1 row (what SID reads)
+    equals the positive rows' at every step."""
+    tiny = tiny_model("llava", seed=1)
+    inputs = tiny.inputs(QUESTIONS)
+    rows: list[Tensor] = []
+    observer = NewestRowAttention(frozenset({1}), all_rows, on_scores=lambda _, scores: rows.append(scores))
+    with vlmfix.apply(tiny.model, SID(keep_ratio=0.25)) as session, session.observing(observer):
+        session.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert len(rows) == 3 and all(r.shape[0] == 4 for r in rows)
+    for scores in rows:
+        torch.testing.assert_close(scores[:2], scores[2:], atol=1e-6, rtol=0)
 
 
 def test_prefill_only_keeps_the_prefill_set():

@@ -4,9 +4,8 @@ Registered with transformers' `AttentionInterface` (and a mask builder with
 `AttentionMaskInterface`, bound to the wrapped backend's builder) under a per-session name. Layers
 without edits call the wrapped backend with the exact arguments they got. In a two-stream forward the
 rows split into blocks by the edits' `stream` (`vlmfix.decoding.edits.stream_blocks`); blocks without
-edits call the backend too. Edited layers run the
-PyTorch edit path (`edited_attention`); at decode steps on CUDA the grouped Triton kernel
-(`vlmfix.decoding.grouped`) serves the edits it can express.
+edits call the backend too. Edited layers run the PyTorch edit path (`edited_attention`); at decode
+steps on CUDA the grouped Triton kernel (`vlmfix.decoding.grouped`) serves the edits it can express.
 """
 
 from __future__ import annotations
@@ -102,7 +101,7 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         weights = None
         blocks = stream_blocks(edits, query.shape[0], host.edited_rows, host.negative_start()) if edits else []
         if len(blocks) == 1 and blocks[0][1]:  # every row gets the same edits
-            out = edited_output(query, key, value, attention_mask, scaling, edits, backend, module,
+            out = edited_output(query, key, value, attention_mask, scaling, blocks[0][1], backend, module,
                                 use_kernel=host.use_kernel(query), group_cache=host.key_groups, **kwargs)
         elif any(block_edits for _, block_edits in blocks):
             # contrastive layout [positive stream; negative stream]: each row block gets its own edits
