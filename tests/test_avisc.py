@@ -22,7 +22,13 @@ from vlmfix.decoding.edits import KeyBias
 
 from .conftest import PlannedEdits, tiny_model
 from .reference_decoding import QUESTIONS, assert_batch_rows_equal_rows_alone, assert_unchanged, snapshot
-from .test_sid import assert_scores_close, extended, formula, image_order_indices, run_sid
+from .two_stream_reference import (
+    assert_scores_close,
+    extended,
+    formula,
+    image_order_indices,
+    run_two_streams,
+)
 
 STEPS = 4  # the prefill and three decode steps
 
@@ -109,7 +115,7 @@ def test_selection_streams_and_scores_match_the_reference(family):
     tiny = tiny_model(family)
     inputs = tiny.inputs(QUESTIONS)  # left-padded rows of different lengths
     before = snapshot(inputs)
-    out, streams, report = run_sid(tiny, inputs, [AvisC(alpha=1.0, apc_beta=0.1)])
+    out, streams, report = run_two_streams(tiny, inputs, [AvisC(alpha=1.0, apc_beta=0.1)])
     blind, layers = reference_blind(tiny, inputs, gamma=0.5, lamb=1.0)
     image = inputs["input_ids"] == tiny.model.config.image_token_id
     avisc = report["avisc"]
@@ -133,7 +139,7 @@ def test_selection_streams_and_scores_match_the_reference(family):
 def test_a_fixed_count_keeps_the_most_attended_tokens():
     tiny = tiny_model("llava")
     inputs = tiny.inputs(QUESTIONS)
-    out, streams, report = run_sid(tiny, inputs, [AvisC(keep=4, layer_gamma=0.8, apc_beta=None)], steps=2)
+    out, streams, report = run_two_streams(tiny, inputs, [AvisC(keep=4, layer_gamma=0.8, apc_beta=None)], steps=2)
     blind, layers = reference_blind(tiny, inputs, gamma=0.8, lamb=0.0, keep=4)
     image = inputs["input_ids"] == tiny.model.config.image_token_id
     for b, row in enumerate(report["avisc"]["rows"]):
@@ -157,7 +163,7 @@ def test_composes_with_an_attention_method():
     tiny = tiny_model("llava", seed=1)  # VAR finds sinks on this one
     inputs = tiny.inputs(QUESTIONS)
     var = VAR(sink_dims=[0, 5, 9, 13], tau=2.0)
-    out, streams, report = run_sid(tiny, inputs, [var, AvisC()])
+    out, streams, report = run_two_streams(tiny, inputs, [var, AvisC()])
     assert report["var"]["applied"]["attention_calls"] > 0 and report["avisc"]["embedding_edits"] == 1
     blind, _ = reference_blind(tiny, inputs, gamma=0.5, lamb=1.0)
     image = inputs["input_ids"] == tiny.model.config.image_token_id
@@ -180,7 +186,7 @@ def test_the_probe_reads_the_unedited_model():
         image = session.spans.image  # [B, P]
         return [KeyBias(bias=6.0 * (image & (image.cumsum(-1) > 8))[:, None].float())]
 
-    _, _, report = run_sid(tiny, inputs, [PlannedEdits(later_image), AvisC()], steps=1)
+    _, _, report = run_two_streams(tiny, inputs, [PlannedEdits(later_image), AvisC()], steps=1)
     assert report["planned-edits-test"]["applied"]["attention_calls"] > 0
     blind, layers = reference_blind(tiny, inputs, gamma=0.5, lamb=1.0)
     image = inputs["input_ids"] == tiny.model.config.image_token_id

@@ -9,7 +9,6 @@ at step s: the set of step s), which is what an incremental decode with a cache 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -23,23 +22,18 @@ from vlmfix.methods.image_selection import NewestRowAttention, all_rows
 
 from .conftest import PlannedEdits, tiny_model
 from .reference_decoding import QUESTIONS, assert_batch_rows_equal_rows_alone, assert_unchanged, snapshot
+from .two_stream_reference import (
+    assert_scores_close,
+    extended,
+    formula,
+    image_order_indices,
+    run_two_streams,
+)
 
 STEPS = 4  # the prefill and three decode steps
 
 
 # ---------------------------------------------------------------------------------------------- references
-def extended(tiny: Any, inputs: dict, tokens: Tensor) -> dict:
-    """The prompt batch followed by `tokens` [B, t], as one no-cache forward's inputs (generate's positions)."""
-    out = dict(inputs)
-    out["input_ids"] = torch.cat([inputs["input_ids"], tokens], dim=1)
-    out["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], dim=1)
-    if "mm_token_type_ids" in inputs:
-        out["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tokens)], dim=1)
-    if tiny.family == "llava":
-        out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    return out
-
-
 def reference_kept(scores: Tensor, image: Tensor, keep: list[int]) -> Tensor:
     """[B, S] bool: per row, the keep[b] image positions with the smallest score, ties to the lower position."""
     kept = torch.zeros_like(image)
@@ -97,43 +91,6 @@ def reference_sid(tiny: Any, inputs: dict, tokens: Tensor, keep: list[int], laye
     return positives, negatives, sets
 
 
-def run_sid(tiny: Any, inputs: dict, methods: list, steps: int = STEPS, **kw: Any) -> tuple[Any, list[Tensor], Any]:
-    """vlmfix greedy with `methods`; returns (generate output, the 2B-row logits of each step, report)."""
-    seen: list[Tensor] = []
-    rows = inputs["input_ids"].shape[0]
-
-    def capture(module, args, output):
-        if output.logits.shape[0] == 2 * rows:
-            seen.append(output.logits[:, -1].float().clone())
-
-    handle = tiny.model.register_forward_hook(capture)  # before the engine's hook: sees both streams
-    try:
-        with vlmfix.apply(tiny.model, *methods) as session:
-            out = session.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                   return_dict_in_generate=True, output_logits=True, **kw)
-            report = session.report()
-    finally:
-        handle.remove()
-    return out, seen, report
-
-
-def formula(positive: Tensor, negative: Tensor, alpha: float, beta: float | None) -> Tensor:
-    scores = (1 + alpha) * positive - alpha * negative
-    if beta is not None:
-        scores[positive < positive.max(-1, keepdim=True).values + math.log(beta)] = -math.inf
-    return scores
-
-
-def assert_scores_close(got: Tensor, want: Tensor) -> None:
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
-    finite = ~torch.isinf(want)
-    torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4)
-
-
-def image_order_indices(kept: Tensor, image: Tensor, row: int) -> list[int]:
-    return kept[row][image[row]].nonzero().flatten().tolist()
-
-
 # ---------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_strength_zero_and_keeping_every_token_are_greedy(family):
@@ -154,7 +111,7 @@ def test_streams_selection_and_scores_match_the_eager_reference(family):
     assert not bool(inputs["attention_mask"].all())
     before = snapshot(inputs)
     method = SID(alpha=1.0, apc_beta=0.1, keep_ratio=0.25)
-    out, streams, report = run_sid(tiny, inputs, [method])
+    out, streams, report = run_two_streams(tiny, inputs, [method])
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     image = inputs["input_ids"] == tiny.model.config.image_token_id
     keep = [round(0.25 * int(n)) for n in image.sum(1)]
@@ -194,7 +151,7 @@ def test_both_streams_see_the_same_selection_row():
 def test_prefill_only_keeps_the_prefill_set():
     tiny = tiny_model("llava", seed=1)
     inputs = tiny.inputs(QUESTIONS)
-    out, streams, report = run_sid(tiny, inputs, [SID(keep=3, reselect="prefill_only")])
+    out, streams, report = run_two_streams(tiny, inputs, [SID(keep=3, reselect="prefill_only")])
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     _, negatives, sets = reference_sid(tiny, inputs, tokens, [3, 3], layer=2, every_step=False)
     for step in range(STEPS):
@@ -207,7 +164,7 @@ def test_prefill_only_keeps_the_prefill_set():
 def test_a_later_selection_layer():
     tiny = tiny_model("llava", seed=1)
     inputs = tiny.inputs(QUESTIONS)
-    out, streams, _ = run_sid(tiny, inputs, [SID(keep=5, layer=3)], steps=2)
+    out, streams, _ = run_two_streams(tiny, inputs, [SID(keep=5, layer=3)], steps=2)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     _, negatives, _ = reference_sid(tiny, inputs, tokens, [5, 5], layer=3)
     for step in range(2):
@@ -217,7 +174,7 @@ def test_a_later_selection_layer():
 def test_greedy_without_the_cutoff_takes_the_raw_contrast():
     tiny = tiny_model("qwen2_vl", seed=1)
     inputs = tiny.inputs(QUESTIONS)
-    out, streams, report = run_sid(tiny, inputs, [SID(alpha=3.0, apc_in_greedy=False, keep_ratio=0.2)])
+    out, streams, report = run_two_streams(tiny, inputs, [SID(alpha=3.0, apc_in_greedy=False, keep_ratio=0.2)])
     assert report["sid"]["apc_beta"] is None
     for step, got in enumerate(out.logits):
         positive, negative = streams[step][:2], streams[step][2:]
@@ -245,7 +202,7 @@ def test_composes_with_an_attention_method():
     var = VAR(sink_dims=[0, 5, 9, 13], tau=2.0)
     below_k = PlannedEdits(lambda session, layer: [KeyBias(bias=3.0 * session.spans.image[:, None].float())],
                            layers=[0, 1])
-    out, streams, report = run_sid(tiny, inputs, [var, below_k, SID(keep_ratio=0.25)])
+    out, streams, report = run_two_streams(tiny, inputs, [var, below_k, SID(keep_ratio=0.25)])
     assert report["var"]["applied"]["attention_calls"] > 0 and report["planned-edits-test"]["applied"][
         "attention_calls"] > 0
     assert report["sid"]["applied"]["attention_calls"] > 0
