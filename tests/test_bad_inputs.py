@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import vlmfix
-from vlmfix import DCD, GIFT, PAI, VAR, VCD, VHR, DualStream
+from vlmfix import DCD, GIFT, PAI, SID, VAR, VCD, VHR, AvisC, DualStream
 
 from .conftest import tiny_model
 
@@ -56,6 +56,10 @@ CONSTRUCTOR_CASES: list[tuple[Callable[[], Any], str]] = [
     (lambda: GIFT(saliency_layers=[]), r"`saliency_layers` must be None or a non-empty list"),
     (lambda: GIFT(ratio="mean"), r"`ratio` must be one of 'pooled', 'per_head', got 'mean'"),
     (lambda: GIFT(content_words="nouns"), r"`content_words` must be one of 'pos', 'spacy', 'rule', 'all'.*callable"),
+    (lambda: SID(layer=0), r"`layer` must be an int >= 1, got 0"),
+    (lambda: SID(keep="100"), r"`keep` must be None or an int >= 0, got '100' \(a str\)"),
+    (lambda: AvisC(layer_gamma=1.5), r"`layer_gamma` must be a finite number in \(0, 1\], got 1.5"),
+    (lambda: AvisC(lamb=math.inf), r"`lamb` must be a finite number, got inf"),
 ]
 
 
@@ -82,7 +86,7 @@ SESSION_CASES: list[tuple[Callable[..., Any], type, str]] = [
     (lambda m, i, p: vlmfix.generate(m, **i, methods="vhr", max_new_tokens=1), ValueError,
      r"`methods` must be a list.*write methods=\['vhr'\]"),
     (lambda m, i, p: vlmfix.generate(m, **i, methods=["vhrr"], max_new_tokens=1), vlmfix.UnknownNameError,
-     r"Unknown method 'vhrr'. Available: dcd, dual_stream, gift, pai, var, vcd, vhr"),
+     r"Unknown method 'vhrr'. Available: avisc, dcd, dual_stream, gift, pai, sid, var, vcd, vhr"),
     (lambda m, i, p: vlmfix.generate(m, **i, tokenizer=42, max_new_tokens=1), ValueError,
      r"`tokenizer` must be the model's processor or tokenizer \(with encode and decode\), got 42 \(an int\)"),
     (lambda m, i, p: vlmfix.apply(m, [VHR()]), ValueError,
@@ -96,6 +100,7 @@ SESSION_CASES: list[tuple[Callable[..., Any], type, str]] = [
     (lambda m, i, p: vlmfix.apply(m, VAR()), vlmfix.VlmfixError, r"VAR needs the sink dimensions of "
      r"LlavaForConditionalGeneration.*calibrate_sink_dims"),
     (lambda m, i, p: vlmfix.apply(m, VAR(sink_dims=[200])), ValueError, r"`sink_dims` holds dimension 200"),
+    (lambda m, i, p: vlmfix.apply(m, SID(layer=7)), ValueError, r"`layer` holds \[7\]"),
     (lambda m, i, p: vlmfix.apply(m, GIFT()), ValueError, r"gift need the tokenizer.*pass tokenizer=processor"),
     (lambda m, i, p: vlmfix.apply(object()), vlmfix.UnsupportedModelError,
      r"vlmfix has no adapter for object. Supported model classes: .*LlavaForConditionalGeneration"),

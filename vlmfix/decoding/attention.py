@@ -2,9 +2,10 @@
 
 Registered with transformers' `AttentionInterface` (and a mask builder with
 `AttentionMaskInterface`, bound to the wrapped backend's builder) under a per-session name. Layers
-without edits call the wrapped backend with the exact arguments they got. Edited layers run the
-PyTorch edit path (`edited_attention`); at decode steps on CUDA the grouped Triton kernel
-(`vlmfix.decoding.grouped`) serves the edits it can express.
+without edits call the wrapped backend with the exact arguments they got. In a two-stream forward the
+rows split into blocks by the edits' `stream` (`vlmfix.decoding.edits.stream_blocks`); blocks without
+edits call the backend too. Edited layers run the PyTorch edit path (`edited_attention`); at decode
+steps on CUDA the grouped Triton kernel (`vlmfix.decoding.grouped`) serves the edits it can express.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from vlmfix.decoding.edits import Edit, HeadScale, additive_mask, edited_attention, scale_heads, within_window
+from vlmfix.decoding.edits import (
+    Edit,
+    HeadScale,
+    additive_mask,
+    edited_attention,
+    scale_heads,
+    stream_blocks,
+    within_window,
+)
 from vlmfix.decoding.grouped import KeyGroupCache, grouped_decode_output
 
 AttentionFn = Callable[..., tuple[Tensor, Tensor | None]]
@@ -64,6 +73,8 @@ class AttentionHost(Protocol):
 
     def owns_thread(self) -> bool: ...
 
+    def negative_start(self) -> int | None: ...
+
     def edits_for(self, layer_idx: int) -> list[Edit]: ...
 
     def use_kernel(self, query: Tensor) -> bool: ...
@@ -98,27 +109,30 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         layer_idx = cast(int, module.layer_idx)  # every decoder attention module holds its index
         edits = host.edits_for(layer_idx)
         weights = None
-        rows = host.edited_rows
         if edits and host.sequence_length is not None and key.shape[2] < host.sequence_length:
             # a sliding-window cache holds the last keys only: edits address keys by sequence position
             key, value, attention_mask = uncropped(key, value, attention_mask, host.sequence_length, query.shape[2])
-        if not edits:
+        blocks = stream_blocks(edits, query.shape[0], host.edited_rows, host.negative_start()) if edits else []
+        if len(blocks) == 1 and blocks[0][1]:  # every row gets the same edits
+            out = edited_output(query, key, value, attention_mask, scaling, blocks[0][1], backend, module,
+                                use_kernel=host.use_kernel(query), group_cache=host.key_groups, **kwargs)
+        elif any(block_edits for _, block_edits in blocks):
+            # contrastive layout [positive stream; negative stream]: each row block gets its own edits
+            mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
+            parts = []
+            for part, block_edits in blocks:
+                if block_edits:
+                    parts.append(edited_output(query[part], key[part], value[part], mask_of(part), scaling,
+                                               block_edits, backend, module, use_kernel=host.use_kernel(query),
+                                               group_cache=host.key_groups, **kwargs))
+                else:
+                    parts.append(backend(module, query[part], key[part], value[part], mask_of(part),
+                                         dropout=dropout, scaling=scaling, **kwargs)[0])
+            out = torch.cat(parts, dim=0)
+        else:
             out, weights = backend(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
-        elif rows is not None and rows < query.shape[0]:
-            # contrastive layout [edited stream; other stream]: edits touch the first `rows` rows only
-            mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
-            first, rest = slice(0, rows), slice(rows, None)
-            out_first = edited_output(query[first], key[first], value[first], mask_of(first), scaling, edits,
-                                      backend, module, use_kernel=host.use_kernel(query),
-                                      group_cache=host.key_groups, **kwargs)
-            out_rest, _ = backend(module, query[rest], key[rest], value[rest], mask_of(rest), dropout=dropout,
-                                  scaling=scaling, **kwargs)
-            out = torch.cat([out_first, out_rest], dim=0)
-        else:
-            out = edited_output(query, key, value, attention_mask, scaling, edits, backend, module,
-                                use_kernel=host.use_kernel(query), group_cache=host.key_groups, **kwargs)
         if host.observed:
             mask = observed_mask(attention_mask, query.shape[2], key.shape[2], kwargs.get("sliding_window"),
                                  query.device)

@@ -136,10 +136,8 @@ def negative_rows(session: Session) -> slice | None:
     """The batch rows of the negative stream in the forward running now: rows B..2B-1 during the
     engine's own two-stream forwards on the session's thread, None otherwise (no engine, one stream, a
     method's extra pass, or another thread's forward)."""
-    engine = session.engine
-    if engine is None or not engine.stepping or not engine.paired or not session.owns_thread():
-        return None
-    return slice(engine.batch, None)
+    start = session.negative_start()
+    return None if start is None else slice(start, None)
 
 
 @torch.no_grad()

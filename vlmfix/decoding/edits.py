@@ -4,6 +4,12 @@ Methods *plan* edits (frozen dataclasses below); `edited_attention` *applies* th
 attention function. Key sets are boolean masks over the prompt's positions (left-padded input_ids
 coordinates); keys past the prompt (generated tokens) belong to no set.
 
+Streams: in a two-stream (contrastive) forward the batch is [positive rows; negative rows]. An edit's
+`stream` names the rows it may touch: None (the default) the rows the session edits (every row, or the
+positive rows when the contrastive method keeps the negative stream unedited), "positive" the positive
+rows (every row of a one-stream forward), "negative" the negative rows (no row of a one-stream forward).
+The attention function resolves it with the engine's row layout (`stream_blocks`).
+
 Composition order in one layer, for the query rows each edit selects:
   1. pre-softmax: every `KeyBias`, summed (z' = z + sum(bias) + sum(abs_gain) * |z|, |z| of the
      unedited scaled score);
@@ -25,6 +31,8 @@ import torch
 from torch import Tensor
 
 RowScope = Literal["all", "last"]
+StreamScope = Literal["positive", "negative"] | None
+STREAMS = (None, "positive", "negative")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,14 +43,20 @@ class Edit:
         rows: "all" rows of each forward, or only the "last" one (the newest token).
         from_position: [batch] long, optional: edit only query rows whose absolute position (in the
             padded prompt coordinates) is at least this; decode rows always qualify.
+        stream: None (the rows the session edits), "positive" or "negative": the stream whose rows the
+            edit touches in a two-stream forward (see the module docstring). Tensors of a stream edit
+            have one row per prompt of that stream (B rows, not 2B).
     """
 
     rows: RowScope = "all"
     from_position: Tensor | None = None
+    stream: StreamScope = None
 
     def __post_init__(self) -> None:
         if self.rows not in ("all", "last"):
             raise ValueError(f"rows must be 'all' or 'last', got {self.rows!r}.")
+        if self.stream not in STREAMS:
+            raise ValueError(f"stream must be None, 'positive' or 'negative', got {self.stream!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +148,27 @@ class HeadScale(Edit):
 
 PRE_SOFTMAX = (KeyBias,)
 POST_SOFTMAX = (Reweight, Transfer, FusionReweight)
+
+
+def stream_blocks(
+    edits: Sequence[Edit], batch: int, edited_rows: int | None, negative_start: int | None
+) -> list[tuple[slice, list[Edit]]]:
+    """The row blocks of one forward of `batch` rows, each with the edits (in plan order) that touch it.
+
+    edited_rows: the session's default edit rows, 0 .. edited_rows - 1 (None: all rows);
+    negative_start: the first negative row of a two-stream forward (None: a one-stream forward).
+    Rows of an edit: stream None -> [0, edited_rows); "positive" -> [0, negative_start); "negative" ->
+    [negative_start, batch) (none in a one-stream forward). The blocks cover 0 .. batch - 1 in order.
+    """
+    default_end = batch if edited_rows is None else min(edited_rows, batch)
+    split = batch if negative_start is None else min(negative_start, batch)
+    extent = {None: (0, default_end), "positive": (0, split), "negative": (split, batch)}
+    bounds = sorted({0, batch, default_end, split})
+    blocks = []
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        covering = [e for e in edits if extent[e.stream][0] <= low and high <= extent[e.stream][1]]
+        blocks.append((slice(low, high), covering))
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +385,7 @@ def edited_attention(
             delta = delta + _heads_of(fit_keys(edit.bias.float(), kv_len, batch, 0.0), heads)
         if edit.abs_gain is not None:
             delta = delta + _heads_of(fit_keys(edit.abs_gain.float(), kv_len, batch, 0.0), heads) * z.abs()
-        z = z + delta * rows
+        z = torch.where(rows, z + delta, z)  # not z + delta * rows: a -inf bias times 0 is NaN
     z = z + additive_mask(attention_mask, batch, q_len, kv_len, device)
     if sliding_window is not None and (attention_mask is None or attention_mask.dim() == 2):
         z = z.masked_fill(~within_window(q_len, kv_len, sliding_window, device), float("-inf"))

@@ -310,6 +310,14 @@ class Session:
                   else module.register_forward_pre_hook(guarded, with_kwargs=True))
         self._prompt_handles.append(handle)
 
+    def negative_start(self) -> int | None:
+        """The first negative row (B) of the two-stream forward running now on this session's thread; None
+        outside one (no contrastive engine, a one-stream call, a method's extra pass)."""
+        engine = self.engine
+        if engine is None or not engine.stepping or not engine.paired or not self.owns_thread():
+            return None
+        return int(engine.batch)
+
     def rows_of_prompt(self, tensor: Tensor) -> Tensor:
         """The rows of a forward's tensor that belong to the prompt batch the methods planned for: all of
         them, or the first B rows of a two-stream forward whose other rows are not edited."""

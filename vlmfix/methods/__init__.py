@@ -10,16 +10,19 @@ here beside the methods are what several methods share:
 - `newest_row`: edits of the newest query row that depend on that row's own attention;
 - `content_words`: informative words of an instruction (GIFT);
 - `vision_attention`: per-image-token scores from the vision tower's attention (DualStream);
-- `dcd_lora`: DCD's negative-side LoRA adapters.
+- `dcd_lora`: DCD's negative-side LoRA adapters;
+- `image_selection`: image tokens chosen from the language model's own attention (SID, AvisC).
 """
 
 from __future__ import annotations
 
 from vlmfix.decoding.method import METHODS, Method
+from vlmfix.methods.avisc import AvisC
 from vlmfix.methods.dcd import DCD
 from vlmfix.methods.dual_stream import DualStream
 from vlmfix.methods.gift import GIFT
 from vlmfix.methods.pai import PAI
+from vlmfix.methods.sid import SID
 from vlmfix.methods.var import VAR
 from vlmfix.methods.vcd import VCD
 from vlmfix.methods.vhr import VHR
@@ -39,4 +42,4 @@ def create(name: str, **params: object) -> Method:
     return get(name)(**params)
 
 
-__all__ = ["DCD", "GIFT", "PAI", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]
+__all__ = ["DCD", "GIFT", "PAI", "SID", "AvisC", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]

@@ -66,8 +66,9 @@ def install_last_row_rewrite(session: Session, rewrite: LastRowRewrite, make_edi
             return None
         rows = session.rows_of_prompt(call.query).shape[0]
         edit = make_edit(call.layer_idx, last_row_probabilities(call, rows))
-        # the other methods' edits of this layer (this one plans none), not counted again as applied
-        others = list(session.edits_for(call.layer_idx, record=False))
+        # the other methods' edits of this layer's rewritten rows (this one plans none; a negative-stream
+        # edit never touches them), not counted again as applied
+        others = [e for e in session.edits_for(call.layer_idx, record=False) if e.stream != "negative"]
         rewrite.armed = None
         last = edited_attention(
             call.query[:rows, :, -1:],
