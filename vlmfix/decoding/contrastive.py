@@ -3,9 +3,9 @@
 Layout of every contrastive forward: rows 0 … B-1 are the positive (clean) stream, rows B … 2B-1 the
 negative stream, where B is the batch `model.generate` works on (already expanded for beams and
 `num_return_sequences`). Each stream has its own KV-cache rows. The method's `combine` turns the two
-streams' next-token logits into B rows of scores; `generate`'s own logits processors, warpers, token
-choice (greedy, sampling, beams), stopping criteria and streamers run on those B rows, and the chosen
-token is fed to both halves.
+streams' next-token logits, given the step's index (tokens generated so far), into B rows of scores;
+`generate`'s own logits processors, warpers, token choice (greedy, sampling, beams), stopping criteria
+and streamers run on those B rows, and the chosen token is fed to both halves.
 
 How (public extension points only): `generate_contrastive` runs `model.generate` unchanged, with
   - a forward pre-hook on the model that, at the prefill, asks the method for the negative stream's
@@ -87,8 +87,12 @@ class ContrastiveMethod(Method):
         """
         raise NotImplementedError
 
-    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
-        """[B, vocab] scores from the two streams' raw next-token logits ([B, vocab] each, fp32)."""
+    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
+        """[B, vocab] scores from the two streams' raw next-token logits ([B, vocab] each, fp32).
+
+        `step` is the number of tokens generated before this one (0 at the prefill), the same for every
+        row since all rows decode in lockstep; rules that change over the answer (M3ID) read it.
+        """
         raise NotImplementedError
 
     def positive_inputs(self, session: Session, state: Any) -> dict[str, Any] | None:
@@ -209,6 +213,7 @@ class _Engine:
         self.mask: Tensor | None = None  # [2B, kv_len] or None when no row has padding
         self.stepping = False  # inside one of the engine's own [positive; negative] forwards
         self.last_positions: Tensor | None = None  # [2B, 1] or [sections, 2B, 1]
+        self.step = 0  # tokens generated before the forward running now (0 at the prefill)
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -246,6 +251,7 @@ class _Engine:
     def _prefill(self, positive: dict[str, Any]) -> dict[str, Any]:
         session = self.session
         self.batch = positive["input_ids"].shape[0]
+        self.step = 0
         if self.batch % self.caller_ids.shape[0]:
             raise ValueError(f"generate expanded {self.caller_ids.shape[0]} prompts to {self.batch} rows; "
                              "expected a multiple.")
@@ -308,7 +314,8 @@ class _Engine:
         if not self.paired:
             return None
         positive, negative = split_streams(output.logits[:, -1], self.batch)
-        scores = self.method.combine(self.state, positive.float(), negative.float())  # [B, vocab]
+        scores = self.method.combine(self.state, positive.float(), negative.float(), self.step)  # [B, vocab]
+        self.step += 1
         self.session.applied[self.index].contrast_steps += 1
         if scores.shape != positive.shape:
             raise ValueError(f"{type(self.method).__name__}.combine must return [B, vocab] = "
