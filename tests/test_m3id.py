@@ -112,6 +112,17 @@ def test_large_t_picks_the_pmi_argmax_inside_the_plausible_set():
     assert torch.equal(chosen, pmi.argmax(-1))
 
 
+def test_raw_logits_give_the_same_choice_and_cutoff():
+    """RITUAL's raw-logit form differs by a per-row constant: same argmax and same -inf set (spec §3 note)."""
+    generator = torch.Generator().manual_seed(2)
+    positive, negative = torch.randn(4, 40, generator=generator) * 3, torch.randn(4, 40, generator=generator) * 3
+    scores = M3ID(lambda_=0.3).combine(M3IDState(rows=4), positive, negative, 5)
+    w = math.exp(0.3 * 6) - 1
+    raw = positive + w * (positive - negative)
+    raw[positive < math.log(0.1) + positive.max(-1, keepdim=True).values] = -math.inf
+    assert torch.equal(scores.isinf(), raw.isinf()) and torch.equal(scores.argmax(-1), raw.argmax(-1))
+
+
 def test_confidence_gate_leaves_sure_rows_alone():
     positive = torch.tensor([[5.0, 0.0, 0.0], [1.0, 0.9, 0.0]])  # row 0: p_max ~ 0.99; row 1: ~ 0.46
     negative = torch.tensor([[5.0, 4.0, 0.0], [1.0, 0.0, 0.0]])

@@ -44,7 +44,14 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from vlmfix.decoding.method import Method
-from vlmfix.decoding.prompt_inputs import FEATURES, TOKEN_TYPE_KEYS, pad_token_id, stack_row_blocks, with_features
+from vlmfix.decoding.prompt_inputs import (
+    FEATURES,
+    TOKEN_TYPE_KEYS,
+    left_pad,
+    pad_token_id,
+    stack_row_blocks,
+    with_features,
+)
 from vlmfix.errors import SessionError
 
 if TYPE_CHECKING:
@@ -99,6 +106,13 @@ class ContrastiveMethod(Method):
         """Optional: keys that replace the positive stream's prefill inputs (same image rules as
         `negative_inputs`); None keeps them. Called before `negative_inputs`."""
         return None
+
+    def negative_growth(self, session: Session, input_ids: Tensor, attention_mask: Tensor | None) -> int:
+        """How many tokens wider than the caller's prompt batch ([B0, S] `input_ids`) the negative rows will be
+        (0: not wider). The engine then left-pads the caller's prompts by that much before `generate`, so the
+        edits and observers that methods plan on the positive prompt (in its padded coordinates) stay aligned
+        when both blocks are padded to one width; the padding is cut from the returned sequences."""
+        return 0
 
     def two_streams(self, state: Any) -> bool:
         """Whether this call decodes two streams (False: the positive stream alone, e.g. DCD pos-only)."""
@@ -192,9 +206,39 @@ def generate_contrastive(session: Session, **generate_kwargs: Any) -> Any:
     if not isinstance(ids, Tensor) or ids.dim() != 2:
         raise ValueError(f"{method.name} needs input_ids of shape [batch, seq] (the processor's output), got "
                          f"{type(ids).__name__}.")
+    growth = method.negative_growth(session, ids, generate_kwargs.get("attention_mask"))
+    if growth > 0:  # widen the prompts first, so what the methods plan on them stays aligned in the stacked batch
+        generate_kwargs, ids = _left_padded_call(session, generate_kwargs, growth)
     engine = _Engine(session, index, method, ids)
     with engine.installed():
-        return session.model.generate(**generate_kwargs, cache=engine.cache)
+        out = session.model.generate(**generate_kwargs, cache=engine.cache)
+    return out if growth == 0 else _without_leading_columns(out, growth)
+
+
+def _left_padded_call(session: Session, generate_kwargs: dict[str, Any], width: int) -> tuple[dict[str, Any], Tensor]:
+    """The generate arguments with `width` more padding columns on the left of every prompt (ids, mask, token
+    types), and the new ids: the positive stream decodes exactly as before, only its prompt coordinates grow."""
+    adapter = session.adapter
+    pad = pad_token_id(session.tokenizer, session.model, adapter.text_config, avoid=adapter.image_token_id)
+    out = dict(generate_kwargs)
+    key = "input_ids" if out.get("input_ids") is not None else "inputs"
+    ids = out[key]  # [B0, S]
+    mask = out.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    out[key] = left_pad(ids, ids.shape[1] + width, pad)
+    out["attention_mask"] = left_pad(mask, mask.shape[1] + width, 0)
+    for types in TOKEN_TYPE_KEYS:
+        if isinstance(out.get(types), Tensor):
+            out[types] = left_pad(out[types], out[types].shape[1] + width, 0)
+    return out, out[key]
+
+
+def _without_leading_columns(out: Any, width: int) -> Any:
+    """generate's result with the first `width` columns of its sequences (the engine's extra padding) removed."""
+    if isinstance(out, Tensor):
+        return out[:, width:]
+    out.sequences = out.sequences[:, width:]
+    return out
 
 
 class _Engine:

@@ -19,6 +19,7 @@ from vlmfix.decoding.method import METHODS, Method
 from vlmfix.methods.dcd import DCD
 from vlmfix.methods.dual_stream import DualStream
 from vlmfix.methods.gift import GIFT
+from vlmfix.methods.icd import ICD
 from vlmfix.methods.m3id import M3ID
 from vlmfix.methods.pai import PAI
 from vlmfix.methods.var import VAR
@@ -40,4 +41,4 @@ def create(name: str, **params: object) -> Method:
     return get(name)(**params)
 
 
-__all__ = ["DCD", "GIFT", "M3ID", "PAI", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]
+__all__ = ["DCD", "GIFT", "ICD", "M3ID", "PAI", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]
