@@ -16,7 +16,10 @@ How (public extension points only): `generate_contrastive` runs `model.generate`
   - a `StreamPairCache` (a `DynamicCache`) whose beam reordering moves both halves with the same
     indices.
 Edits of the session's attention methods touch the positive rows only (`session.edited_rows = B`)
-unless the method sets `edit_negative = True`.
+unless the method sets `edit_negative = True`. They are planned in the positive prompt's padded
+coordinates, so the stacked batch must not be wider than the positive prompts: a method whose negative
+rows are longer (ICD's disturbed instruction) says by how much (`negative_growth`), and the engine
+left-pads the caller's prompts by that much before `generate` (and cuts it from the returned sequences).
 
 Images: transformers >= 5.x `generate` encodes the images (vision tower + projector) *before* the first
 forward and passes the features as `mm_encoder_outputs`; the prefill forward sees no `pixel_values`.
