@@ -41,7 +41,7 @@ class TakeStream(ContrastiveMethod):
         assert "pixel_values" in session.image_inputs
         return {**session.inputs, "pixel_values": self.other_pixels}
 
-    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
         if self.take == "positive":
             return positive_logits
         if self.take == "negative":

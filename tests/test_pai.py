@@ -260,7 +260,7 @@ def test_refinement_needs_the_engine_and_matching_streams():
             tiny.model.generate(**tiny.inputs(["what"]), max_new_tokens=1)
     assert PAI().contrastive and not PAI(cfg=False).contrastive
     with pytest.raises(ValueError, match=r"must have the same shape \[batch, vocab\]"):
-        PAI().combine(None, torch.zeros(2, 5), torch.zeros(4, 5))
+        PAI().combine(None, torch.zeros(2, 5), torch.zeros(4, 5), 0)
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,16 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
-from vlmfix.decoding.prompt_inputs import TOKEN_TYPE_KEYS, left_padded_rows, padding_mask, text_positions
-from vlmfix.errors import SpanError
+from vlmfix.decoding.prompt_inputs import (
+    TOKEN_TYPE_KEYS,
+    Splice,
+    find_ids,
+    left_padded_rows,
+    padding_mask,
+    text_positions,
+    word_ids,
+)
+from vlmfix.errors import MissingImageError, SpanError
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,8 @@ class Adapter:
     assistant_markers: ClassVar[tuple[str, ...]] = ()
     # tokens that wrap an image but have no config id (InternVL's <img> and </img>), found with the tokenizer
     frame_tokens: ClassVar[tuple[str, ...]] = ()
+    # text that opens the user's turn in this family's chat templates (a system text comes before it)
+    user_markers: ClassVar[tuple[str, ...]] = ()
 
     # --- module vocabulary (attribute access only) ---
     @property
@@ -340,6 +350,27 @@ class Adapter:
             instruction[b, start : min(ends, default=seq)] = True
         instruction &= valid & ~image & ~frame
         return Spans(image=image, instruction=instruction, valid=valid)
+
+    # --- the same prompt with other text (ICD's disturbed instruction) ---
+    def system_splice(self, row: Sequence[int], text: str, tokenizer: Any) -> Splice:
+        """Put `text` in the system slot of one prompt row (its real token ids): after BOS and before the
+        first user marker, replacing any system text there (LLaVA: `[<s>] text USER: <image>...`)."""
+        bos = getattr(tokenizer, "bos_token_id", None)
+        start = 1 if row and bos is not None and row[0] == bos else 0
+        markers = [tokenizer.encode(m, add_special_tokens=False) for m in self.user_markers]
+        markers += [tokenizer.encode(" " + m, add_special_tokens=False) for m in self.user_markers]
+        found = find_ids(row, markers, start)
+        return Splice(start, found[0] if found else start, tuple(word_ids(tokenizer, text)))
+
+    def after_image_splice(self, row: Sequence[int], text: str, tokenizer: Any) -> Splice:
+        """Insert `text` right after the last image token of one prompt row (after Qwen's vision end)."""
+        ids = torch.tensor([list(row)])
+        marks = (self.image_mask(ids) | self.image_frame_mask(ids))[0].nonzero().flatten()
+        if not len(marks):
+            raise MissingImageError("the prompt row has no image token to place the text after; use a prompt with "
+                                    "an image, or another placement.")
+        anchor = int(marks[-1]) + 1
+        return Splice(anchor, anchor, tuple(word_ids(tokenizer, text)))
 
     # --- the same prompt without its image ---
     # image tensors of the model inputs; generate may pass the vision encoder's output instead of pixels

@@ -10,7 +10,8 @@ LlavaForConditionalGeneration
 │           └── self_attn ── q_proj, k_proj, v_proj, o_proj                (attn, o_proj)
 └── lm_head
 ```
-Prompt: `USER: <image>×N\\n{instruction} ASSISTANT:`; the image placeholder is `config.image_token_id`.
+Prompt: `[<s>][system ]USER: <image>×N\\n{instruction} ASSISTANT:`; the image placeholder is
+`config.image_token_id`. The system text (none in llava-hf's template) sits between BOS and `USER:`.
 """
 
 from __future__ import annotations
@@ -26,3 +27,4 @@ class LlavaAdapter(Adapter):
     family: ClassVar[str] = "llava"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
     assistant_markers: ClassVar[tuple[str, ...]] = ("ASSISTANT:", "ASSISTANT", "[/INST]", "<|im_end|>")
+    user_markers: ClassVar[tuple[str, ...]] = ("USER:", "[INST]")

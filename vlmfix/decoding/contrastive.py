@@ -3,9 +3,9 @@
 Layout of every contrastive forward: rows 0 … B-1 are the positive (clean) stream, rows B … 2B-1 the
 negative stream, where B is the batch `model.generate` works on (already expanded for beams and
 `num_return_sequences`). Each stream has its own KV-cache rows. The method's `combine` turns the two
-streams' next-token logits into B rows of scores; `generate`'s own logits processors, warpers, token
-choice (greedy, sampling, beams), stopping criteria and streamers run on those B rows, and the chosen
-token is fed to both halves.
+streams' next-token logits, given the step's index (tokens generated so far), into B rows of scores;
+`generate`'s own logits processors, warpers, token choice (greedy, sampling, beams), stopping criteria
+and streamers run on those B rows, and the chosen token is fed to both halves.
 
 How (public extension points only): `generate_contrastive` runs `model.generate` unchanged, with
   - a forward pre-hook on the model that, at the prefill, asks the method for the negative stream's
@@ -16,7 +16,10 @@ How (public extension points only): `generate_contrastive` runs `model.generate`
   - a `StreamPairCache` (a `DynamicCache`) whose beam reordering moves both halves with the same
     indices.
 Edits of the session's attention methods touch the positive rows only (`session.edited_rows = B`)
-unless the method sets `edit_negative = True`.
+unless the method sets `edit_negative = True`. They are planned in the positive prompt's padded
+coordinates, so the stacked batch must not be wider than the positive prompts: a method whose negative
+rows are longer (ICD's disturbed instruction) says by how much (`negative_growth`), and the engine
+left-pads the caller's prompts by that much before `generate` (and cuts it from the returned sequences).
 
 Images: transformers >= 5.x `generate` encodes the images (vision tower + projector) *before* the first
 forward and passes the features as `mm_encoder_outputs`; the prefill forward sees no `pixel_values`.
@@ -44,7 +47,14 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from vlmfix.decoding.method import Method
-from vlmfix.decoding.prompt_inputs import FEATURES, TOKEN_TYPE_KEYS, pad_token_id, select_images, stack_row_blocks
+from vlmfix.decoding.prompt_inputs import (
+    FEATURES,
+    TOKEN_TYPE_KEYS,
+    left_pad,
+    pad_token_id,
+    select_images,
+    stack_row_blocks,
+)
 from vlmfix.errors import SessionError
 
 if TYPE_CHECKING:
@@ -87,14 +97,25 @@ class ContrastiveMethod(Method):
         """
         raise NotImplementedError
 
-    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
-        """[B, vocab] scores from the two streams' raw next-token logits ([B, vocab] each, fp32)."""
+    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
+        """[B, vocab] scores from the two streams' raw next-token logits ([B, vocab] each, fp32).
+
+        `step` is the number of tokens generated before this one (0 at the prefill), the same for every
+        row since all rows decode in lockstep; rules that change over the answer (M3ID) read it.
+        """
         raise NotImplementedError
 
     def positive_inputs(self, session: Session, state: Any) -> dict[str, Any] | None:
         """Optional: keys that replace the positive stream's prefill inputs (same image rules as
         `negative_inputs`); None keeps them. Called before `negative_inputs`."""
         return None
+
+    def negative_growth(self, session: Session, input_ids: Tensor, attention_mask: Tensor | None) -> int:
+        """How many tokens wider than the caller's prompt batch ([B0, S] `input_ids`) the negative rows will be
+        (0: not wider). The engine then left-pads the caller's prompts by that much before `generate`, so the
+        edits and observers that methods plan on the positive prompt (in its padded coordinates) stay aligned
+        when both blocks are padded to one width; the padding is cut from the returned sequences."""
+        return 0
 
     def two_streams(self, state: Any) -> bool:
         """Whether this call decodes two streams (False: the positive stream alone, e.g. DCD pos-only)."""
@@ -185,9 +206,39 @@ def generate_contrastive(session: Session, **generate_kwargs: Any) -> Any:
     if not isinstance(ids, Tensor) or ids.dim() != 2:
         raise ValueError(f"{method.name} needs input_ids of shape [batch, seq] (the processor's output), got "
                          f"{type(ids).__name__}.")
+    growth = method.negative_growth(session, ids, generate_kwargs.get("attention_mask"))
+    if growth > 0:  # widen the prompts first, so what the methods plan on them stays aligned in the stacked batch
+        generate_kwargs, ids = _left_padded_call(session, generate_kwargs, growth)
     engine = _Engine(session, index, method, ids)
     with engine.installed():
-        return session.model.generate(**generate_kwargs, cache=engine.cache)
+        out = session.model.generate(**generate_kwargs, cache=engine.cache)
+    return out if growth == 0 else _without_leading_columns(out, growth)
+
+
+def _left_padded_call(session: Session, generate_kwargs: dict[str, Any], width: int) -> tuple[dict[str, Any], Tensor]:
+    """The generate arguments with `width` more padding columns on the left of every prompt (ids, mask, token
+    types), and the new ids: the positive stream decodes exactly as before, only its prompt coordinates grow."""
+    adapter = session.adapter
+    pad = pad_token_id(session.tokenizer, session.model, adapter.text_config, avoid=adapter.image_token_id)
+    out = dict(generate_kwargs)
+    key = "input_ids" if out.get("input_ids") is not None else "inputs"
+    ids = out[key]  # [B0, S]
+    mask = out.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    out[key] = left_pad(ids, ids.shape[1] + width, pad)
+    out["attention_mask"] = left_pad(mask, mask.shape[1] + width, 0)
+    for types in TOKEN_TYPE_KEYS:
+        if isinstance(out.get(types), Tensor):
+            out[types] = left_pad(out[types], out[types].shape[1] + width, 0)
+    return out, out[key]
+
+
+def _without_leading_columns(out: Any, width: int) -> Any:
+    """generate's result with the first `width` columns of its sequences (the engine's extra padding) removed."""
+    if isinstance(out, Tensor):
+        return out[:, width:]
+    out.sequences = out.sequences[:, width:]
+    return out
 
 
 class _Engine:
@@ -206,6 +257,7 @@ class _Engine:
         self.mask: Tensor | None = None  # [2B, kv_len] or None when no row has padding
         self.stepping = False  # inside one of the engine's own [positive; negative] forwards
         self.last_positions: Tensor | None = None  # [2B, 1] or [sections, 2B, 1]
+        self.step = 0  # tokens generated before the forward running now (0 at the prefill)
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -243,6 +295,7 @@ class _Engine:
     def _prefill(self, positive: dict[str, Any]) -> dict[str, Any]:
         session = self.session
         self.batch = positive["input_ids"].shape[0]
+        self.step = 0
         if self.batch % self.caller_ids.shape[0]:
             raise ValueError(f"generate expanded {self.caller_ids.shape[0]} prompts to {self.batch} rows; "
                              "expected a multiple.")
@@ -306,7 +359,8 @@ class _Engine:
         if not self.paired:
             return None
         positive, negative = split_streams(output.logits[:, -1], self.batch)
-        scores = self.method.combine(self.state, positive.float(), negative.float())  # [B, vocab]
+        scores = self.method.combine(self.state, positive.float(), negative.float(), self.step)  # [B, vocab]
+        self.step += 1
         self.session.applied[self.index].contrast_steps += 1
         if scores.shape != positive.shape:
             raise ValueError(f"{type(self.method).__name__}.combine must return [B, vocab] = "

@@ -1,13 +1,15 @@
 """The model inputs of a prompt batch, as the engine and the methods reshape them.
 
 One helper per idea: the decoding-loop keys an extra pass must drop, the padding mask of any
-attention-mask layout, the pad token to fill with, left padding, text-only positions, and stacking two
-row blocks (e.g. [image rows; the same prompts without their image]) into one forward.
+attention-mask layout, the pad token to fill with, left padding, text-only positions, splicing text
+tokens into prompts (positions, M-RoPE included, following the new sequence), and stacking two row
+blocks (e.g. [image rows; the same prompts without their image]) into one forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,6 +88,98 @@ def text_positions(mask: Tensor) -> Tensor:
     """[batch, seq] positions of a left-padded text batch, as `generate` computes them."""
     mask = mask.long()
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def word_ids(tokenizer: Any, text: str) -> list[int]:
+    """`text`'s token ids as a word inside a prompt (after a space), without special tokens: the ids of
+    " " + text, or of `text` where the tokenizer makes the leading space a token of its own (SentencePiece's
+    dummy prefix already starts the first word with its space marker)."""
+    spaced = tokenizer.encode(" " + text, add_special_tokens=False)
+    bare = tokenizer.encode(text, add_special_tokens=False)
+    return bare if len(spaced) > len(bare) else spaced
+
+
+def find_ids(row: Sequence[int], needles: Sequence[Sequence[int]], start: int = 0) -> tuple[int, int] | None:
+    """(first index, length) of the earliest occurrence at or after `start` of any of `needles` in `row`."""
+    hits = [(i, len(n)) for n in needles if n for i in range(start, len(row) - len(n) + 1)
+            if list(row[i : i + len(n)]) == list(n)]
+    return min(hits, default=None)
+
+
+@dataclass(frozen=True)
+class Splice:
+    """Replace the tokens [start, end) of one prompt row with `tokens` (indices count the row's real tokens
+    only, padding excluded; start == end inserts)."""
+
+    start: int
+    end: int
+    tokens: tuple[int, ...]
+
+
+def splice_rows(inputs: dict[str, Any], splices: Sequence[Splice | None], pad_token_id: int) -> dict[str, Any]:
+    """The prompts of `inputs` with one text splice per row (None: the row as it is), left-padded again.
+
+    input_ids and the padding mask are rebuilt; token types (`token_type_ids`, `mm_token_type_ids`) get 0
+    (text) on new tokens; `position_ids` follow the new sequence: unchanged before the splice, consecutive
+    text positions for the new tokens, and shifted by the change in length after it (M-RoPE sections
+    together, so image positions keep their grid). Other keys (image features, switches) are kept.
+    """
+    input_ids = inputs["input_ids"]  # [B, S]
+    if len(splices) != input_ids.shape[0]:
+        raise ValueError(f"splice_rows needs one splice (or None) per row: {input_ids.shape[0]} rows, got "
+                         f"{len(splices)}.")
+    valid = padding_mask(inputs.get("attention_mask"), input_ids)  # [B, S]
+    spliced_keys = [key for key in ("input_ids", *TOKEN_TYPE_KEYS) if inputs.get(key) is not None]
+    new_rows: dict[str, list[Tensor]] = {key: [] for key in spliced_keys}
+    positions = inputs.get("position_ids")  # [B, S], [sections, B, S] or None
+    new_positions: list[Tensor] = []
+    for b, splice in enumerate(splices):
+        keep = valid[b]
+        real = {key: inputs[key][b][keep] for key in new_rows}  # [n] each
+        if splice is not None and not 0 <= splice.start <= splice.end <= int(keep.sum()):
+            raise ValueError(f"row {b}: splice [{splice.start}, {splice.end}) lies outside its "
+                             f"{int(keep.sum())} tokens.")
+        for key, row in real.items():
+            if splice is None:
+                new_rows[key].append(row)
+                continue
+            fill = torch.tensor(splice.tokens, dtype=row.dtype, device=row.device) if key == "input_ids" else \
+                row.new_zeros(len(splice.tokens))
+            new_rows[key].append(torch.cat([row[: splice.start], fill, row[splice.end :]]))
+        if positions is not None:
+            row_positions = positions[..., b, :][..., keep]  # [n] or [sections, n]
+            new_positions.append(row_positions if splice is None else _spliced_positions(row_positions, splice))
+    ids, mask = left_padded_rows(new_rows.pop("input_ids"), pad_token_id)
+    out = {k: v for k, v in inputs.items() if k not in SEQUENCE_KEYS}
+    out.update(input_ids=ids, attention_mask=mask)
+    width = ids.shape[1]
+    for key, rows in new_rows.items():
+        out[key] = torch.stack([left_pad(r, width, 0) for r in rows])
+    if positions is not None:
+        out["position_ids"] = torch.stack([left_pad(p, width, 0) for p in new_positions], dim=-2)
+    return out
+
+
+def _spliced_positions(positions: Tensor, splice: Splice) -> Tensor:
+    """One row's positions ([n] or [sections, n]) after `splice`. Sections are spliced as groups: M-RoPE's
+    (temporal, height, width) share one text position (the next one after an image is the largest of the
+    three plus 1); with four sections (transformers >= 5 Qwen: text positions, then M-RoPE) the first is a
+    group of its own."""
+    if positions.dim() == 1:
+        return _spliced_group(positions[None], splice)[0]
+    groups = [positions[:1], positions[1:]] if positions.shape[0] == 4 else [positions]
+    return torch.cat([_spliced_group(g, splice) for g in groups])
+
+
+def _spliced_group(positions: Tensor, splice: Splice) -> Tensor:
+    # positions: [sections, n] that share text positions
+    def next_after(count: int) -> Tensor:  # the position of a text token following the first `count` tokens
+        return positions[:, :count].max() + 1 if count else positions.new_zeros(())
+
+    base = next_after(splice.start)
+    new = (base + torch.arange(len(splice.tokens), device=positions.device))[None].expand(positions.shape[0], -1)
+    shift = base + len(splice.tokens) - next_after(splice.end)
+    return torch.cat([positions[:, : splice.start], new, positions[:, splice.end :] + shift], dim=1)
 
 
 def _mask(inputs: dict[str, Any]) -> Tensor:

@@ -21,6 +21,8 @@ from vlmfix.methods.avisc import AvisC
 from vlmfix.methods.dcd import DCD
 from vlmfix.methods.dual_stream import DualStream
 from vlmfix.methods.gift import GIFT
+from vlmfix.methods.icd import ICD
+from vlmfix.methods.m3id import M3ID
 from vlmfix.methods.pai import PAI
 from vlmfix.methods.sid import SID
 from vlmfix.methods.var import VAR
@@ -42,4 +44,4 @@ def create(name: str, **params: object) -> Method:
     return get(name)(**params)
 
 
-__all__ = ["DCD", "GIFT", "PAI", "SID", "AvisC", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]
+__all__ = ["DCD", "GIFT", "ICD", "M3ID", "PAI", "SID", "AvisC", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]

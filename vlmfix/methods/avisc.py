@@ -145,7 +145,7 @@ class AvisC(ContrastiveMethod):
     def negative_inputs(self, session: Session, state: AvisCState) -> dict[str, Any]:
         return dict(session.inputs)  # the same prompts and images; the zeroed embeddings make them negative
 
-    def combine(self, state: AvisCState, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+    def combine(self, state: AvisCState, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
         return contrast_logits(positive_logits, negative_logits, self.alpha, self.apc_beta)
 
     def report(self, state: AvisCState) -> dict[str, Any]:

@@ -32,6 +32,16 @@ def contrast_logits(positive: Tensor, negative: Tensor, alpha: float, apc_beta: 
     return scores
 
 
+def count_changed_tops(scores: Tensor, positive: Tensor, counts: list[int]) -> None:
+    """Add 1 to `counts[row]` for every row whose best combined score is not the positive stream's top token
+    (the steps where the contrast decided something greedy would not have).
+
+    scores, positive: [B, vocab]; counts: B ints, updated in place."""
+    changed = scores.argmax(dim=-1) != positive.argmax(dim=-1)  # [B]
+    for row in changed.nonzero().flatten().tolist():
+        counts[row] += 1
+
+
 def check_alpha(alpha: Any) -> float:
     """A contrast strength: a finite number >= 0."""
     return validation.number(alpha, "alpha", low=0, meaning="the contrast strength (0 = plain decoding of the "

@@ -356,7 +356,7 @@ class DCD(ContrastiveMethod):
     def two_streams(self, state: DCDState) -> bool:
         return self.variant != "pos_only"
 
-    def combine(self, state: DCDState, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+    def combine(self, state: DCDState, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
         return contrast_logits(positive_logits, negative_logits, self.alpha, self.apc_beta)
 
     def report(self, state: DCDState) -> dict[str, Any]:

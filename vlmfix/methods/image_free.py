@@ -19,13 +19,14 @@ if TYPE_CHECKING:
 
 
 def image_free_scores(
-    positive_logits: Tensor, negative_logits: Tensor, gamma: float, cutoff: float
+    positive_logits: Tensor, negative_logits: Tensor, gamma: float | Tensor, cutoff: float | None
 ) -> Tensor:
     """PAI's refinement: gamma * (log p_img - log p_noimg) + log p_noimg, with tokens whose image-stream
-    probability is below `cutoff` times the top one set to -inf.
+    probability is below `cutoff` times the top one set to -inf (`cutoff=None`: no cutoff).
 
     positive_logits, negative_logits: [batch, vocab] raw next-token logits of the image and image-free
-    streams; returns [batch, vocab] fp32 scores.
+    streams; gamma: one strength, or [batch, 1] per row (M3ID's schedule; rows at 1 keep log p_img
+    exactly); returns [batch, vocab] fp32 scores.
     """
     if positive_logits.shape != negative_logits.shape:
         raise ValueError(
@@ -34,7 +35,12 @@ def image_free_scores(
         )
     log_img = torch.log_softmax(positive_logits.float(), dim=-1)
     log_free = torch.log_softmax(negative_logits.float(), dim=-1)
-    scores = log_img if gamma == 1.0 else gamma * (log_img - log_free) + log_free
+    if isinstance(gamma, Tensor):
+        scores = torch.where(gamma == 1.0, log_img, gamma * (log_img - log_free) + log_free)
+    else:
+        scores = log_img if gamma == 1.0 else gamma * (log_img - log_free) + log_free
+    if cutoff is None:
+        return scores
     return scores.masked_fill(~plausible(log_img, cutoff), -math.inf)
 
 
@@ -72,5 +78,5 @@ class ImageFreeRefinement(ContrastiveMethod):
         pad = pad_token_id(session.tokenizer, session.model, adapter.text_config, avoid=adapter.image_token_id)
         return adapter.without_image(session.inputs, pad)
 
-    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+    def combine(self, state: Any, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
         return image_free_scores(positive_logits, negative_logits, self.gamma, self.plausibility)

@@ -177,7 +177,7 @@ class SID(ContrastiveMethod):
     def negative_inputs(self, session: Session, state: SIDState) -> dict[str, Any]:
         return dict(session.inputs)  # the same prompts and images; the key mask makes them negative
 
-    def combine(self, state: SIDState, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+    def combine(self, state: SIDState, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
         return contrast_logits(positive_logits, negative_logits, self.alpha, state.apc_beta)
 
     def report(self, state: SIDState) -> dict[str, Any]:

@@ -175,7 +175,7 @@ class VCD(ContrastiveMethod):
     def negative_inputs(self, session: Session, state: VCDState) -> dict[str, Any]:
         return {**session.inputs, "pixel_values": state.noised_pixels}
 
-    def combine(self, state: VCDState, positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+    def combine(self, state: VCDState, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
         return contrast_logits(positive_logits, negative_logits, self.alpha, self.beta)
 
     def report(self, state: VCDState) -> dict[str, Any]:

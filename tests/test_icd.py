@@ -1,0 +1,319 @@
+"""ICD against plain-PyTorch references: the disturbed prompt (built here from the spec's text), the contrast,
+batching, composition and bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+import vlmfix
+from vlmfix.decoding.prompt_inputs import Splice, splice_rows
+from vlmfix.methods.icd import ICD, ICD_PROMPTS, ICDState
+from vlmfix.methods.pai import PAI
+from vlmfix.testing import random_image
+
+from .conftest import tiny_model
+from .reference_decoding import (
+    QUESTIONS,
+    assert_batch_rows_equal_rows_alone,
+    assert_unchanged,
+    grown,
+    image_positions,
+    reference_logits,
+    snapshot,
+)
+from .test_pai import pai_row_edit
+
+DISTURBANCE = ICD_PROMPTS[3]  # "You are a confused objects detector to provide a fuzzy overview ..."
+
+
+class Recording(ICD):
+    """ICD that keeps the logits its `combine` receives, per step (the engine's view of both streams)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen: list[tuple[Tensor, Tensor]] = []
+
+    def combine(self, state, positive_logits, negative_logits, step):
+        self._seen.append((positive_logits.clone(), negative_logits.clone()))
+        return super().combine(state, positive_logits, negative_logits, step)
+
+
+def disturbed_inputs(tiny, questions: list[str], disturbance: str, placement: str) -> dict:
+    """The disturbed prompts written as text from the spec (§3.1) and run through the processor, with the images
+    `tiny.inputs` gives the same rows."""
+    prompts = [tiny.prompt(q) for q in questions]
+    qwen = tiny.family.startswith("qwen")
+    if placement == "system":  # LLaVA: `d USER: <image> ...`; Qwen: a system message holding d
+        prompts = [f"<|im_start|>system\n{disturbance}<|im_end|>\n{p}" if qwen else f"{disturbance} {p}"
+                   for p in prompts]
+    else:  # `USER: <image> d <question>` (after Qwen's vision end)
+        image = "<|vision_end|>" if qwen else "<image>"
+        prompts = [p.replace(image, f"{image} {disturbance}") for p in prompts]
+    images = [random_image(48 + 16 * (i % 3), i) for i in range(len(questions))]
+    return dict(tiny.processor(text=prompts, images=images, return_tensors="pt", padding=True))
+
+
+def contrast_reference(positive: Tensor, negative: Tensor, alpha: float, beta: float | None) -> Tensor:
+    """(1 + alpha) l - alpha l_d, -inf where l < log beta + max l (spec §3.2)."""
+    scores = (1 + alpha) * positive - alpha * negative
+    if beta is not None:
+        scores[positive < math.log(beta) + positive.max(-1, keepdim=True).values] = -math.inf
+    return scores
+
+
+def assert_scores_close(got: Tensor, want: Tensor, tol: float = 1e-4) -> None:
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = ~torch.isinf(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=tol, rtol=tol)
+
+
+def plain_next_logits(model, inputs: dict) -> Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
+def run(tiny, inputs, method, steps, *extra, **kw):
+    with vlmfix.apply(tiny.model, *extra, method, tokenizer=tiny.processor) as session:
+        out = session.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                               return_dict_in_generate=True, output_logits=True, **kw)
+    return out, session.report()
+
+
+# ---------------------------------------------------------------------------------------------
+# the rule and the splice on hand-checkable inputs
+
+
+def test_apc_golden():
+    """l = [2, 1, -3], l_d = [1, 2, 0], alpha 1, beta 0.1: [3, 0, -inf] (-3 < ln 0.1 + 2)."""
+    positive, negative = torch.tensor([[2.0, 1.0, -3.0]]), torch.tensor([[1.0, 2.0, 0.0]])
+    state = ICDState([None])
+    scores = ICD(alpha=1.0, beta=0.1).combine(state, positive, negative, 0)
+    assert torch.equal(scores, torch.tensor([[3.0, 0.0, -math.inf]]))
+    assert state.changed_top_token == [0]
+    assert torch.equal(positive, torch.tensor([[2.0, 1.0, -3.0]]))  # not modified in place
+
+
+def test_splice_rows_golden():
+    """Row 0 (left-padded) gets 2 tokens inserted at 1; row 1 has tokens [1, 3) replaced by one. Positions:
+    unchanged before, consecutive for new tokens, shifted after; M-RoPE sections move together."""
+    inputs = {
+        "input_ids": torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9]]),
+        "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]),
+        "mm_token_type_ids": torch.tensor([[0, 0, 0, 1, 0], [0, 1, 1, 0, 0]]),
+        # [sections=3, B, S]: row 0's image token sits at grid position (1, 1, 2); row 1's two at (1,1,1),(1,1,2)
+        "position_ids": torch.tensor([[[0, 0, 0, 1, 3], [0, 1, 1, 3, 4]],
+                                      [[0, 0, 0, 1, 3], [0, 1, 1, 3, 4]],
+                                      [[0, 0, 0, 2, 3], [0, 1, 2, 3, 4]]]),
+        "logits_to_keep": 1,
+    }
+    out = splice_rows(inputs, [Splice(1, 1, (40, 41)), Splice(3, 4, (50,))], pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 40, 41, 6, 7], [5, 6, 7, 50, 9]]
+    assert out["attention_mask"].tolist() == [[1] * 5, [1] * 5]
+    assert out["mm_token_type_ids"].tolist() == [[0, 0, 0, 1, 0], [0, 1, 1, 0, 0]]
+    # row 0: inserted at 1 -> positions 1, 2; the image token and the rest shift by 2
+    # row 1: token 3 (position 3) replaced by one token at position 3; the rest does not move
+    assert out["position_ids"].tolist() == [[[0, 1, 2, 3, 5], [0, 1, 1, 3, 4]],
+                                            [[0, 1, 2, 3, 5], [0, 1, 1, 3, 4]],
+                                            [[0, 1, 2, 4, 5], [0, 1, 2, 3, 4]]]
+    assert out["logits_to_keep"] == 1
+    after_image = splice_rows(inputs, [None, Splice(3, 3, (60,))], pad_token_id=0)
+    # after row 1's image (largest section 2) the next text position is 3, then the old 3, 4 move to 4, 5
+    assert after_image["position_ids"][:, 1].tolist() == [[0, 1, 1, 3, 4, 5], [0, 1, 1, 3, 4, 5],
+                                                          [0, 1, 2, 3, 4, 5]]
+    assert after_image["input_ids"][0].tolist() == [0, 0, 0, 5, 6, 7]  # row 0 unchanged, padded again
+
+
+def test_word_ids_give_the_word_initial_form():
+    """A word after a space is 100 + its length here. BPE-like: only a leading space marks the first word.
+    SentencePiece-like: every word is marked (dummy prefix) and a leading space becomes a lone token 0. Both
+    give the disturbance as it reads after a space inside a prompt."""
+    from vlmfix.decoding.prompt_inputs import word_ids
+
+    class Tokenizer:
+        def __init__(self, dummy_prefix: bool) -> None:
+            self.dummy_prefix = dummy_prefix
+
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            spaced = text.startswith(" ")
+            words = [len(w) + (100 if i or spaced or self.dummy_prefix else 0)
+                     for i, w in enumerate(text.split())]
+            return ([0] if self.dummy_prefix and spaced else []) + words
+
+    assert Tokenizer(dummy_prefix=True).encode(" ab c") == [0, 102, 101]
+    assert Tokenizer(dummy_prefix=False).encode("ab c") == [2, 101]
+    assert word_ids(Tokenizer(dummy_prefix=True), "ab c") == [102, 101]
+    assert word_ids(Tokenizer(dummy_prefix=False), "ab c") == [102, 101]
+
+
+def test_system_splice_replaces_an_existing_system_text():
+    """A tokenizer with BOS and a chat template that has a system turn (the toy's): the spliced ids equal the
+    tokenized prompt whose system text is the disturbance, with or without a system text before."""
+    from vlmfix.toy.tokenizer import CHAT_TEMPLATE, build_tokenizer
+
+    system = "A chat between a curious human and an artificial intelligence assistant ."
+    question = "is there a dog ?"
+    tokenizer = build_tokenizer([system, question, DISTURBANCE, "USER: ASSISTANT:"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    adapter = vlmfix.get_adapter(tiny_model("llava").model)
+
+    def ids(system_text: str | None) -> list[int]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        if system_text is not None:
+            messages.insert(0, {"role": "system", "content": system_text})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text)["input_ids"]
+
+    want = ids(DISTURBANCE)
+    assert want[0] == tokenizer.bos_token_id
+    for before in (ids(system), ids(None)):
+        splice = adapter.system_splice(before, DISTURBANCE, tokenizer)
+        assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+
+
+def test_qwen_system_splice_replaces_the_default_system_message():
+    tiny = tiny_model("qwen2_vl")
+    adapter = vlmfix.get_adapter(tiny.model)
+    prompt = tiny.prompt(QUESTIONS[1])
+    with_default = tiny.tokenizer("<|im_start|>system\nyou are a helpful assistant .<|im_end|>\n" + prompt)["input_ids"]
+    want = tiny.tokenizer(f"<|im_start|>system\n{DISTURBANCE}<|im_end|>\n{prompt}")["input_ids"]
+    for before in (with_default, tiny.tokenizer(prompt)["input_ids"]):
+        splice = adapter.system_splice(before, DISTURBANCE, tiny.tokenizer)
+        assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+
+
+# ---------------------------------------------------------------------------------------------
+# on tiny models
+
+
+def test_alpha_zero_and_empty_disturbance_are_greedy(family):
+    tiny = tiny_model(family)
+    inputs = tiny.inputs(QUESTIONS)
+    before = snapshot(inputs)
+    plain = tiny.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    for method in (ICD(alpha=0.0, beta=None), ICD(alpha=0.0, placement="after_image")):
+        out = vlmfix.generate(tiny.model, **inputs, methods=[method], tokenizer=tiny.processor, max_new_tokens=5,
+                              do_sample=False)
+        assert torch.equal(out, plain)
+    same = Recording(alpha=1.0, disturbance="")
+    out, report = run(tiny, inputs, same, 3)
+    assert all(torch.equal(p, n) for p, n in same._seen)  # both streams see the same prompt
+    assert torch.equal(out.sequences, tiny.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3,
+                                                          do_sample=False))
+    assert report["icd"]["inserted_tokens"] == [None, None] and report["icd"]["changed_top_token"] == [0, 0]
+    assert_unchanged(inputs, before)
+
+
+@pytest.mark.parametrize("placement", ["system", "after_image"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_streams_and_scores_match_plain_forwards(family, placement):
+    """The negative rows' logits equal a plain forward of the disturbed prompt built by the processor, at the
+    prefill and three decode steps; the scores are the spec's contrast of the two plain forwards."""
+    tiny = tiny_model(family)
+    inputs = tiny.inputs(QUESTIONS)
+    disturbed = disturbed_inputs(tiny, QUESTIONS, DISTURBANCE, placement)
+    before = snapshot(inputs)
+    method = Recording(alpha=1.0, beta=0.1, placement=placement)
+    # a generated image placeholder would make the processor-built reference forward ask for one image more
+    out, report = run(tiny, inputs, method, 4, suppress_tokens=[tiny.model.config.image_token_id])
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    assert len(method._seen) == 4
+    for step, (positive, negative) in enumerate(method._seen):
+        plain = plain_next_logits(tiny.model, grown(inputs, tokens[:, :step]))
+        wanted_negative = plain_next_logits(tiny.model, grown(disturbed, tokens[:, :step]))
+        torch.testing.assert_close(positive, plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(negative, wanted_negative, atol=1e-5, rtol=1e-5)
+        want = contrast_reference(plain, wanted_negative, 1.0, 0.1)
+        assert_scores_close(out.logits[step], want)
+        want[:, tiny.model.config.image_token_id] = -math.inf  # suppressed after the contrast
+        assert torch.equal(want.argmax(-1), tokens[:, step])
+    inserted = report["icd"]["inserted_tokens"]
+    lengths = disturbed["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)
+    assert inserted == lengths.tolist() and report["icd"]["applied"]["contrast_steps"] == 4
+    assert_unchanged(inputs, before)
+
+
+def test_greedy_applies_the_contrast_and_the_report_says_so():
+    """Regression for the official code, where greedy silently skipped the contrast."""
+    tiny = tiny_model("qwen2_vl")
+    inputs = tiny.inputs(QUESTIONS)
+    plain = tiny.model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    out, report = run(tiny, inputs, ICD(alpha=1.0), 6)
+    assert not torch.equal(out.sequences, plain)
+    assert sum(report["icd"]["changed_top_token"]) > 0
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_batch_rows_equal_rows_alone(family):
+    tiny = tiny_model(family)
+    batch = tiny.inputs(QUESTIONS)
+    assert (batch["attention_mask"] == 0).any(), "the batch must exercise left padding"
+    for placement in ("system", "after_image"):
+        assert_batch_rows_equal_rows_alone(tiny, batch, [ICD(placement=placement)], steps=3, tokenizer=tiny.processor)
+
+
+def test_composes_with_an_attention_method():
+    """PAI's boost (no refinement) edits the plain rows only; ICD contrasts them with the unedited disturbed rows."""
+    tiny = tiny_model("llava", layers=5)
+    inputs = tiny.inputs(QUESTIONS)
+    disturbed = disturbed_inputs(tiny, QUESTIONS, DISTURBANCE, "system")
+    alpha = 4.0
+    out, report = run(tiny, inputs, ICD(alpha=1.0), 3, PAI(alpha=alpha, cfg=False))
+    prompt_len = inputs["input_ids"].shape[1]
+    tokens = out.sequences[:, prompt_len:]
+    edit = pai_row_edit(alpha, image_positions(tiny, inputs))
+    for step in range(3):
+        positive = reference_logits(tiny.model, grown(inputs, tokens[:, :step]), {2, 3, 4}, edit, prompt_len - 1)
+        negative = plain_next_logits(tiny.model, grown(disturbed, tokens[:, :step]))
+        assert_scores_close(out.logits[step], contrast_reference(positive[:, -1], negative, 1.0, 0.1))
+    assert report["pai"]["applied"]["attention_calls"] > 0 and report["icd"]["applied"]["contrast_steps"] == 3
+    with pytest.raises(ValueError, match="exactly one contrastive method per call is supported, got 2: icd, m3id"):
+        vlmfix.generate(tiny.model, **inputs, methods=[ICD(), vlmfix.M3ID()], tokenizer=tiny.processor,
+                        max_new_tokens=2)
+
+
+def test_sampling_and_beams_run():
+    tiny = tiny_model("qwen2_vl")
+    inputs = tiny.inputs(QUESTIONS)
+    kw = dict(methods=["icd"], tokenizer=tiny.processor, do_sample=True, max_new_tokens=4)
+    torch.manual_seed(0)
+    sampled = vlmfix.generate(tiny.model, **inputs, **kw)
+    torch.manual_seed(0)
+    assert torch.equal(sampled, vlmfix.generate(tiny.model, **inputs, **kw))
+    beams = vlmfix.generate(tiny.model, **inputs, methods=[ICD(placement="after_image")], tokenizer=tiny.processor,
+                            num_beams=2, num_return_sequences=2, max_new_tokens=4)
+    assert beams.shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(alpha=-1), r"`alpha` must be a finite number >= 0, got -1"),
+        (dict(alpha="1"), r"`alpha` must be a finite number >= 0, got '1' \(a str\)"),
+        (dict(beta=0), r"`beta` must be None or a finite number in \(0, 1\], got 0"),
+        (dict(placement="before_image"), r"`placement` must be one of 'system', 'after_image'"),
+        (dict(disturbance=3), r"`disturbance` must be a string, got 3 \(an int\); disturbance is the role prefix"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ICD(**kwargs)
+
+
+def test_needs_the_tokenizer_and_the_engine_before_any_forward():
+    tiny = tiny_model("llava")
+    calls: list[int] = []
+    handle = tiny.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="icd need the tokenizer.*pass tokenizer=processor"):
+            vlmfix.generate(tiny.model, **tiny.inputs(QUESTIONS), methods=[ICD()], max_new_tokens=2)
+        with pytest.raises(vlmfix.SessionError, match="ICD is a two-stream method: call session.generate"):
+            with vlmfix.apply(tiny.model, ICD(), tokenizer=tiny.processor):
+                tiny.model.generate(**tiny.inputs(QUESTIONS), max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert calls == []  # both refusals come before the model ran
+    assert vlmfix.methods.get("icd") is ICD and vlmfix.ICD is ICD

@@ -1,0 +1,141 @@
+"""ICD: contrast each step's logits with those of the same image under a disturbed instruction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import Tensor
+
+from vlmfix import validation
+from vlmfix.decoding.contrastive import ContrastiveMethod, require_engine
+from vlmfix.decoding.method import register_method
+from vlmfix.decoding.prompt_inputs import Splice, pad_token_id, padding_mask, splice_rows
+from vlmfix.methods.contrast import check_alpha, check_beta, contrast_logits, count_changed_tops
+
+if TYPE_CHECKING:
+    from vlmfix.decoding.session import Session
+
+# the five role prefixes of the official scripts, verbatim (icd_llava_pope.py L117-122)
+ICD_PROMPTS = (
+    "You are an object detector to recognize every different objects.",
+    "You are an object detector to recognize every different objects by focusing the shapes, colors and "
+    "relationships of objects.",
+    "I want you avoid any specific identification or categorization of the objects depicted.",
+    "You are a confused objects detector to provide a fuzzy overview or impression of the image.",
+    "You are an object detector to provide a general overview or impression of the image.",
+)
+Placement = Literal["system", "after_image"]
+PLACEMENTS = ("system", "after_image")
+
+
+@dataclass
+class ICDState:
+    """Per call: each row's splice (None: the row is not disturbed), and per row the steps whose top token the
+    contrast changed."""
+
+    splices: list[Splice | None]
+    changed_top_token: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.changed_top_token = [0] * len(self.splices)
+
+
+@register_method
+class ICD(ContrastiveMethod):
+    """Instruction Contrastive Decoding: score each token by (1 + alpha) * l - alpha * l_d, where l_d comes from
+    the same image under a disturbed instruction (a role prefix such as "You are a confused objects detector ..."),
+    keeping only tokens plausible under the plain prompt.
+
+    Both streams run as one batched forward per step (rows [plain; disturbed], separate cache rows). The disturbed
+    prompt is built on token ids: the disturbance's tokens are spliced into each row at the placement's anchor
+    (the adapter finds it), the rows are left-padded again and their positions (Qwen's M-RoPE included) follow the
+    new sequence. The contrast applies in every decoding mode (greedy, sampling, beams). Needs the tokenizer
+    (`tokenizer=processor`).
+
+    Args:
+        alpha (float, default 1.0): contrast strength, >= 0 (0 = plain decoding of the plain stream).
+        beta (float | None, default 0.1): adaptive plausibility cutoff in (0, 1]: tokens with
+            p(j | plain prompt) < beta * max p are removed; None switches it off.
+        disturbance (str, default `ICD_PROMPTS[3]`): the role prefix; `ICD_PROMPTS` holds the official five.
+            "" disturbs nothing (both streams see the same prompt).
+        placement ("system" | "after_image", default "system"): "system" puts the disturbance in the system
+            slot, replacing any system text (LLaVA: after BOS, before `USER:`; Qwen: the system message's text,
+            adding the message when the prompt has none), as the official LLaVA code does; "after_image" inserts
+            it right after the image (`USER: <image> d <question>`), as SID's re-implementation does.
+
+    Paper: Wang, Pan, Ding, Biemann, "Mitigating Hallucinations in Large Vision-Language Models with Instruction
+    Contrastive Decoding", Findings of ACL 2024, arXiv 2403.18715 (the LLM-prompt variant; the Q-Former variant
+    for InstructBLIP / MiniGPT-4 is not offered: no supported model has an instruction-aware fusion module).
+    Departs from the official code: greedy and beams apply the contrast too (the code only patched sampling), and
+    the disturbed prompt is spliced on token ids per row of a batch instead of being rebuilt from a conversation
+    template at batch size 1. alpha is the scripts' 1.0 (not the sampler's 0.5 fallback); one string per call
+    (the scripts ran all five on the test set). A caller-built disturbed prompt (`negative_inputs=`, spec D7) is
+    not offered yet: the splice is the only way in.
+
+    Example (toy model):
+        >>> import vlmfix, vlmfix.toy
+        >>> model, processor, inputs = vlmfix.toy.load_example()
+        >>> out = vlmfix.generate(model, **inputs, methods=[vlmfix.ICD(alpha=1.0)], tokenizer=processor,
+        ...                       max_new_tokens=20)
+    """
+
+    name = "icd"
+    needs_image = True
+    needs_tokenizer = True
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float | None = 0.1,
+        *,
+        disturbance: str = ICD_PROMPTS[3],
+        placement: Placement = "system",
+    ) -> None:
+        self.alpha = check_alpha(alpha)
+        self.beta = check_beta(beta, "beta")
+        self.disturbance = validation.text(disturbance, "disturbance", allow_empty=True,
+                                           meaning="the role prefix of the disturbed prompt (vlmfix.methods.icd."
+                                           "ICD_PROMPTS holds the official five; '' disturbs nothing)")
+        self.placement = validation.choice(placement, "placement", PLACEMENTS,
+                                           "where the disturbance goes: the system slot or right after the image")
+
+    def prepare(self, session: Session) -> ICDState:
+        require_engine(session, self)
+        return ICDState(self._splices(session, session.inputs["input_ids"], session.inputs.get("attention_mask")))
+
+    def _splices(self, session: Session, input_ids: Tensor, attention_mask: Tensor | None) -> list[Splice | None]:
+        """Each row's splice of the disturbance (None for every row when the disturbance is empty)."""
+        valid = padding_mask(attention_mask, input_ids)  # [B, S]
+        rows = [ids[keep].tolist() for ids, keep in zip(input_ids, valid)]
+        if not self.disturbance.strip():
+            return [None] * len(rows)
+        adapter, tokenizer = session.adapter, session.tokenizer
+        splice = adapter.system_splice if self.placement == "system" else adapter.after_image_splice
+        return [splice(row, self.disturbance, tokenizer) for row in rows]
+
+    def negative_growth(self, session: Session, input_ids: Tensor, attention_mask: Tensor | None) -> int:
+        valid = padding_mask(attention_mask, input_ids)  # [B0, S]
+        lengths = [int(n) + (0 if s is None else len(s.tokens) - (s.end - s.start))
+                   for n, s in zip(valid.sum(dim=1), self._splices(session, input_ids, attention_mask))]
+        return max(0, max(lengths) - input_ids.shape[1])
+
+    def negative_inputs(self, session: Session, state: ICDState) -> dict[str, Any]:
+        adapter = session.adapter
+        pad = pad_token_id(session.tokenizer, session.model, adapter.text_config, avoid=adapter.image_token_id)
+        return splice_rows(session.inputs, state.splices, pad)
+
+    def combine(self, state: ICDState, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
+        scores = contrast_logits(positive_logits, negative_logits, self.alpha, self.beta)
+        count_changed_tops(scores, positive_logits, state.changed_top_token)
+        return scores
+
+    def report(self, state: ICDState) -> dict[str, Any]:
+        """The settings, per row the disturbed span (replaced tokens, inserted tokens; None: not disturbed) and
+        the steps whose top token the contrast changed (0 everywhere: the contrast decided nothing)."""
+        return {
+            "alpha": self.alpha, "beta": self.beta, "placement": self.placement, "disturbance": self.disturbance,
+            "replaced_tokens": [None if s is None else s.end - s.start for s in state.splices],
+            "inserted_tokens": [None if s is None else len(s.tokens) for s in state.splices],
+            "changed_top_token": list(state.changed_top_token),
+        }
