@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from vlmfix.decoding.method import METHODS, Method
 from vlmfix.methods.dcd import DCD
+from vlmfix.methods.dola import DoLa
 from vlmfix.methods.dual_stream import DualStream
 from vlmfix.methods.gift import GIFT
 from vlmfix.methods.pai import PAI
@@ -39,4 +40,4 @@ def create(name: str, **params: object) -> Method:
     return get(name)(**params)
 
 
-__all__ = ["DCD", "GIFT", "PAI", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]
+__all__ = ["DCD", "GIFT", "PAI", "VAR", "VCD", "VHR", "DoLa", "DualStream", "create", "get", "names"]
