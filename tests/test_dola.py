@@ -291,3 +291,15 @@ def test_hooks_are_removed_on_exit_and_on_exception():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, stock)
+
+
+def test_hydra_config_sets_the_bucket_per_benchmark():
+    from benchmarks.app import build_methods
+
+    from .test_app import composed
+
+    for benchmark, layers in (("chair", "low"), ("pope_random", "high"), ("speed", "high")):
+        [method] = build_methods(composed("method=dola", f"benchmark={benchmark}"))
+        assert isinstance(method, DoLa) and method.layers == layers, benchmark
+    [method] = build_methods(composed("method=dola", "benchmark=pope_random", "method.layers=[2,4]"))
+    assert method.layers == (2, 4)
