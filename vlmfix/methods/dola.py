@@ -202,7 +202,9 @@ class DoLa(Method):
     Use it with `repetition_penalty=1.2` (every DoLa result in the paper used it; vlmfix does not set it, and
     warns below 1.2 when it sees the call's arguments), and compare with greedy at the same penalty, so the
     penalty's own effect is not credited to DoLa. Greedy and sampling decode from the DoLa scores (generate's
-    processors, warpers and token choice run on them unchanged); beam search is refused.
+    processors, warpers and token choice run on them unchanged). Beam search is refused where the call's
+    arguments are visible (`session.generate`, `vlmfix.generate`, or the model's generation config); a bare
+    `model.generate(num_beams=...)` inside `vlmfix.apply` hides them.
 
     Args:
         layers ("low" | "high" | list[int], required): the candidate premature layers. "high": the upper half of
@@ -375,9 +377,9 @@ class DoLa(Method):
             finally:
                 state.early_exiting = False
             # logits: [batch, q_len, vocab]; only the newest position has premature hidden states
-            if premature.shape[1] != logits.shape[0]:
-                raise SessionError(f"DoLa captured hidden states of {premature.shape[1]} rows for logits of "
-                                   f"{logits.shape[0]} rows; the forward's rows changed between layers.")
+            if logits.dim() != 3 or premature.shape[1] != logits.shape[0]:
+                raise SessionError(f"DoLa captured hidden states of {premature.shape[1]} rows for logits of shape "
+                                   f"{tuple(logits.shape)}; it needs [batch, q_len, vocab] logits of the same rows.")
             mature = logits[:, -1].float()  # [batch, vocab]
             picks = select_premature(layer_divergence(mature, premature, self.divergence), self.layer_selection)
             base = premature[picks, torch.arange(picks.shape[0], device=picks.device)]  # [batch, vocab]
