@@ -205,21 +205,28 @@ def test_sampling_draws_only_plausible_tokens_and_beams_are_refused():
                         repetition_penalty=1.2)
 
 
-def test_composes_with_an_attention_method():
-    """DoLa contrasts the layers of the VHR-edited model, and VHR's extra scoring pass is not a DoLa step."""
+ATTENTION_METHODS = {
+    "vhr": lambda: vlmfix.VHR(alpha=2.0, layers=[1, 3, 4]),  # with an extra scoring pass at each prompt
+    "var": lambda: vlmfix.VAR(summ=0.0, sink_dims=[0, 5, 9, 13], tau=2.0),  # a few sinks per layer on tiny models
+}
+
+
+@pytest.mark.parametrize("name", ATTENTION_METHODS)
+def test_composes_with_an_attention_method(name):
+    """DoLa contrasts the layers of the attention-edited model; an extra analysis pass is not a DoLa step."""
     tiny = tiny_model("llava", layers=6)
     inputs = tiny.inputs(QUESTIONS)
-    vhr = vlmfix.VHR(alpha=2.0, layers=[1, 3, 4])
-    with vlmfix.apply(tiny.model, vhr) as session:  # the edited model's hidden states, first step
+    attention = ATTENTION_METHODS[name]()
+    with vlmfix.apply(tiny.model, attention) as session:  # the edited model's hidden states, first step
         edited = session.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True,
                                   output_hidden_states=True, output_logits=True)
     head = tiny.model.get_output_embeddings()
     p_n = edited.logits[0].double().softmax(-1)
-    with vlmfix.apply(tiny.model, DoLa(layers=[2]), vhr) as session:  # DoLa first: its hooks see VHR's pass
+    with vlmfix.apply(tiny.model, DoLa(layers=[2]), attention) as session:  # DoLa first: its hooks see any pass
         out = session.generate(**inputs, max_new_tokens=3, do_sample=False, repetition_penalty=1.2,
                                return_dict_in_generate=True, output_logits=True)
     report = session.report()
-    assert report["vhr"]["applied"]["attention_calls"] > 0
+    assert report[name]["applied"]["attention_calls"] > 0
     assert report["dola"]["applied"]["contrast_steps"] == 3
     p_2 = head(edited.hidden_states[0][2][:, -1]).double().softmax(-1)  # DoLa-static: layer 2
     want = p_n.log() - p_2.log()
