@@ -33,7 +33,7 @@ PROMPT = "describe this image ."
 NO_METHOD = "none"  # the method spec of vlmfix with no method (the session's own overhead)
 # a full run: every registered method with settings where it edits on the planted model
 FULL_RUN = (NO_METHOD, "vhr", "var", "gift", "dual_stream:cfg=False", "dual_stream", "pai:cfg=False", "pai",
-            "vcd", "dcd", "m3id", "icd", "sid", "avisc")
+            "vcd", "dcd", "m3id", "icd", "sid", "avisc", "dola:layers=high")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

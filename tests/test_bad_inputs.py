@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import vlmfix
-from vlmfix import DCD, GIFT, PAI, SID, VAR, VCD, VHR, AvisC, DualStream
+from vlmfix import DCD, GIFT, PAI, SID, VAR, VCD, VHR, AvisC, DoLa, DualStream
 
 from .conftest import tiny_model
 
@@ -60,6 +60,11 @@ CONSTRUCTOR_CASES: list[tuple[Callable[[], Any], str]] = [
     (lambda: SID(keep="100"), r"`keep` must be None or an int >= 0, got '100' \(a str\)"),
     (lambda: AvisC(layer_gamma=1.5), r"`layer_gamma` must be a finite number in \(0, 1\], got 1.5"),
     (lambda: AvisC(lamb=math.inf), r"`lamb` must be a finite number, got inf"),
+    (lambda: DoLa(), r"DoLa needs `layers`, the candidate premature layers: 'high'.*DoLa\(layers='high'\)"),
+    (lambda: DoLa(layers="middle"), r"`layers` must be 'low', 'high' or a list of hidden indices, got 'middle'"),
+    (lambda: DoLa(layers=3), r"`layers` must be a non-empty list of hidden indices, got 3 \(an int\)"),
+    (lambda: DoLa(layers=[True]), r"`layers\[0\]` must be an int >= 0, got True \(a bool\)"),
+    (lambda: DoLa(layers="high", relative_top="0.1"), r"`relative_top` must be a finite number in \(0, 1\], got '0.1'"),
 ]
 
 
@@ -86,7 +91,7 @@ SESSION_CASES: list[tuple[Callable[..., Any], type, str]] = [
     (lambda m, i, p: vlmfix.generate(m, **i, methods="vhr", max_new_tokens=1), ValueError,
      r"`methods` must be a list.*write methods=\['vhr'\]"),
     (lambda m, i, p: vlmfix.generate(m, **i, methods=["vhrr"], max_new_tokens=1), vlmfix.UnknownNameError,
-     r"Unknown method 'vhrr'. Available: avisc, dcd, dual_stream, gift, icd, m3id, pai, sid, var, vcd, vhr"),
+     r"Unknown method 'vhrr'. Available: avisc, dcd, dola, dual_stream, gift, icd, m3id, pai, sid, var, vcd, vhr"),
     (lambda m, i, p: vlmfix.generate(m, **i, tokenizer=42, max_new_tokens=1), ValueError,
      r"`tokenizer` must be the model's processor or tokenizer \(with encode and decode\), got 42 \(an int\)"),
     (lambda m, i, p: vlmfix.apply(m, [VHR()]), ValueError,
@@ -102,6 +107,11 @@ SESSION_CASES: list[tuple[Callable[..., Any], type, str]] = [
     (lambda m, i, p: vlmfix.apply(m, VAR(sink_dims=[200])), ValueError, r"`sink_dims` holds dimension 200"),
     (lambda m, i, p: vlmfix.apply(m, SID(layer=7)), ValueError, r"`layer` holds \[7\]"),
     (lambda m, i, p: vlmfix.apply(m, GIFT()), ValueError, r"gift need the tokenizer.*pass tokenizer=processor"),
+    (lambda m, i, p: vlmfix.apply(m, DoLa(layers=[1, 4])), ValueError,
+     r"`layers` holds \[4\], but the language model has 4 layers: premature hidden indices run from 0"),
+    (lambda m, i, p: vlmfix.generate(m, **i, methods=["dola"], max_new_tokens=1), ValueError, r"DoLa needs `layers`"),
+    (lambda m, i, p: vlmfix.generate(m, **i, methods=[DoLa(layers="high"), VCD()], max_new_tokens=1), ValueError,
+     r"dola cannot run in one call with the two-stream method vcd"),
     (lambda m, i, p: vlmfix.apply(object()), vlmfix.UnsupportedModelError,
      r"vlmfix has no adapter for object. Supported model classes: .*LlavaForConditionalGeneration"),
 ]

@@ -32,6 +32,9 @@ class Method:
     needs_image: ClassVar[bool] = True
     needs_tokenizer: ClassVar[bool] = False
     contrastive: ClassVar[bool] = False
+    # True: the method rewrites the next-token logits of a single-stream forward (DoLa); the session refuses
+    # to combine it with a two-stream (contrastive) method when it is made
+    single_stream: ClassVar[bool] = False
 
     def check(self, adapter: Adapter) -> None:
         """Refuse a model this method cannot serve, when the session is created (before any work)."""

@@ -21,7 +21,8 @@ The methods' side of the session (what `Method.prepare` may use): `spans`, `inpu
 kwargs, with a [batch, seq] padding mask), `adapter`, `tokenizer`, `forward` (an extra analysis pass),
 `observing` (observe the attention calls of such a pass), `observe_for_prompt` and `hook_for_prompt`
 (observers and module hooks that live until the next prompt), `rows_of_prompt` (the rows of a forward's
-tensor that the methods planned for), and `call_inputs` (the caller's generate arguments).
+tensor that the methods planned for), `in_extra_pass` (whether such an extra pass runs now), and `call_inputs`
+(the caller's generate arguments).
 """
 
 from __future__ import annotations
@@ -145,6 +146,15 @@ class Session:
     def _check_methods(self) -> None:
         for method in self.methods:
             method.check(self.adapter)
+        single = [m.name for m in self.methods if m.single_stream]
+        paired = [m.name for m in self.methods if m.contrastive]
+        if single and paired:
+            raise ValueError(
+                f"{', '.join(single)} cannot run in one call with the two-stream method {', '.join(paired)}: "
+                f"{single[0]} rewrites each row's next-token logits from that row's own layers (and sets the "
+                f"implausible tokens to -inf), which the two streams' logit contrast cannot combine. Run them in "
+                f"separate calls."
+            )
         missing = [m.name for m in self.methods if m.needs_tokenizer and self.tokenizer is None]
         if missing:
             raise ValueError(
@@ -380,6 +390,12 @@ class Session:
         from vlmfix.kernels import grouped_decode_backend
 
         return query.is_cuda and grouped_decode_backend(query.device) == "triton"
+
+    @property
+    def in_extra_pass(self) -> bool:
+        """Whether a method's extra analysis pass (`forward`) is running now; hooks that change decoding
+        (not analysis) skip it."""
+        return self._in_extra_pass
 
     @property
     def observed(self) -> bool:

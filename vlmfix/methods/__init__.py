@@ -19,6 +19,7 @@ from __future__ import annotations
 from vlmfix.decoding.method import METHODS, Method
 from vlmfix.methods.avisc import AvisC
 from vlmfix.methods.dcd import DCD
+from vlmfix.methods.dola import DoLa
 from vlmfix.methods.dual_stream import DualStream
 from vlmfix.methods.gift import GIFT
 from vlmfix.methods.icd import ICD
@@ -44,4 +45,4 @@ def create(name: str, **params: object) -> Method:
     return get(name)(**params)
 
 
-__all__ = ["DCD", "GIFT", "ICD", "M3ID", "PAI", "SID", "AvisC", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]
+__all__ = ["DCD", "GIFT", "ICD", "M3ID", "PAI", "SID", "AvisC", "VAR", "VCD", "VHR", "DoLa", "DualStream", "create", "get", "names"]
