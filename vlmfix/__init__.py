@@ -21,13 +21,13 @@ from vlmfix.errors import (
     UnsupportedModelError,
     VlmfixError,
 )
-from vlmfix.methods import DCD, GIFT, PAI, VAR, VCD, VHR, DualStream
+from vlmfix.methods import DCD, GIFT, OPERA, PAI, VAR, VCD, VHR, DualStream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "generate", "apply", "Session", "Method", "register_method", "methods",
-    "VHR", "VAR", "GIFT", "DualStream", "PAI", "VCD", "DCD", "get_adapter", "Spans",
+    "VHR", "VAR", "GIFT", "DualStream", "PAI", "VCD", "DCD", "OPERA", "get_adapter", "Spans",
     "SUPPORTED_CLASSES", "VlmfixError", "UnsupportedModelError", "MissingImageError", "SpanError",
     "SessionError", "CheckpointError", "UnknownNameError", "__version__",
 ]

@@ -25,13 +25,18 @@ class Method:
     model in `check`, and override `prepare` (analysis
     once per prompt batch, may run extra forward passes through `session.forward`) and
     `edits` (the layer's plan in the edit vocabulary). Contrastive methods set `contrastive = True`
-    and implement the logits stage in `vlmfix.decoding.contrastive`.
+    and implement the logits stage in `vlmfix.decoding.contrastive`; a method with its own decoding loop
+    sets `owns_decoding = True` (see `vlmfix.decoding.opera`).
     """
 
     name: ClassVar[str] = ""
     needs_image: ClassVar[bool] = True
     needs_tokenizer: ClassVar[bool] = False
     contrastive: ClassVar[bool] = False
+    # runs its own decoding loop through generate's `custom_generate` (OPERA): `session.generate` routes to it
+    owns_decoding: ClassVar[bool] = False
+    # edits or rewrites only the newest query row of a forward (one new token per decode step assumed)
+    newest_row_edits: ClassVar[bool] = False
 
     def check(self, adapter: Adapter) -> None:
         """Refuse a model this method cannot serve, when the session is created (before any work)."""

@@ -10,7 +10,8 @@ here beside the methods are what several methods share:
 - `newest_row`: edits of the newest query row that depend on that row's own attention;
 - `content_words`: informative words of an instruction (GIFT);
 - `vision_attention`: per-image-token scores from the vision tower's attention (DualStream);
-- `dcd_lora`: DCD's negative-side LoRA adapters.
+- `dcd_lora`: DCD's negative-side LoRA adapters;
+- `opera_rules`: OPERA's column scores and rollback rule (its beam search is `vlmfix.decoding.opera`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vlmfix.decoding.method import METHODS, Method
 from vlmfix.methods.dcd import DCD
 from vlmfix.methods.dual_stream import DualStream
 from vlmfix.methods.gift import GIFT
+from vlmfix.methods.opera import OPERA
 from vlmfix.methods.pai import PAI
 from vlmfix.methods.var import VAR
 from vlmfix.methods.vcd import VCD
@@ -39,4 +41,4 @@ def create(name: str, **params: object) -> Method:
     return get(name)(**params)
 
 
-__all__ = ["DCD", "GIFT", "PAI", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]
+__all__ = ["DCD", "GIFT", "OPERA", "PAI", "VAR", "VCD", "VHR", "DualStream", "create", "get", "names"]

@@ -166,6 +166,7 @@ class GIFT(Method):
     """
 
     name = "gift"
+    newest_row_edits = True  # last-row edits and rewrites
     needs_image = True
     needs_tokenizer = True
 
