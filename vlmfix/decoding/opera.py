@@ -36,7 +36,7 @@ from vlmfix.decoding.attention import AttentionCall
 from vlmfix.decoding.edits import additive_mask, repeat_kv
 from vlmfix.decoding.prompt_inputs import text_positions
 from vlmfix.errors import SessionError
-from vlmfix.methods.opera_rules import RetrospectionRule, column_scores, mode, rollback_position
+from vlmfix.methods.opera_rules import RetrospectionRule, local_scores, mode, rollback_position
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
@@ -52,6 +52,9 @@ UNSUPPORTED = {
     "past_key_values": "OPERA keeps its own dynamic cache (it drops and regathers slots)",
     "cache_implementation": "OPERA keeps its own dynamic cache (it drops and regathers slots)",
     "inputs_embeds": "OPERA feeds token ids",
+    "stop_strings": "OPERA stops at max_new_tokens / max_length and at eos_token_id only",
+    "max_time": "OPERA stops at max_new_tokens / max_length and at eos_token_id only",
+    "stopping_criteria": "OPERA stops at max_new_tokens / max_length and at eos_token_id only",
     "output_logits": "the look-ahead logits are not generate's logits; use output_scores",
     "output_attentions": "OPERA reads one layer inside the attention function and returns no attention maps",
     "output_hidden_states": "OPERA returns no hidden states",
@@ -86,7 +89,7 @@ def generate_opera(session: Session, **generate_kwargs: Any) -> Any:
                          f"query row of a forward, and OPERA feeds C candidate rows per forward. VHR, VAR and PAI "
                          f"(without refinement) compose with OPERA.")
     for key, reason in UNSUPPORTED.items():
-        if generate_kwargs.get(key) not in (None, False):
+        if generate_kwargs.get(key) not in (None, False, []):
             raise ValueError(f"{key} cannot be used with OPERA: {reason}.")
     config = generate_kwargs.get("generation_config") or session.model.generation_config
     check_beam_settings(generate_kwargs.get("num_beams", config.num_beams),
@@ -287,13 +290,10 @@ class _Run:
                 penalty[r] = -image_mass[r]  # the bonus: image-attention mass is added to the logit
                 self.state.bonus_steps[b] += 1
                 continue
-            matrix = torch.cat([self.attn[r, None, :n, : n + 1].expand(K, C, n, n + 1),
-                                cand_rows[r, :, None, : n + 1]], dim=2)  # [K, C, n+1, n+1]
-            start = max(0, n + 1 - self.method.window)
-            phi, where = column_scores(matrix[..., start:, start:], self.method.scale_factor,
-                                       self.method.score_range)  # [K, C] each
+            phi, where = local_scores(self.attn[r, None, :n, : n + 1].expand(K, C, n, n + 1), cand_rows[r, :, : n + 1],
+                                      self.method.scale_factor, self.method.window, self.method.score_range)  # [K, C]
             penalty[r] = phi
-            locations[r] = mode(where, n + 1 - start) + start
+            locations[r] = mode(where, n + 1)
             penalised.append(b)
             self.state.penalty_steps[b] += 1
         scores = self.candidate_log_probs(cand_logits, penalty, items)  # [R, C]

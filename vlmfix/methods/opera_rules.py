@@ -46,6 +46,23 @@ def column_scores(matrix: Tensor, scale: float, score_range: str = "float16") ->
     return phi.max(dim=-1).values, phi.argmax(dim=-1)
 
 
+def local_scores(
+    rows: Tensor, candidate: Tensor, scale: float, window: int, score_range: str = "float16"
+) -> tuple[Tensor, Tensor]:
+    """phi and the absolute location c* of candidates, over the last `window` generated tokens (spec §3.2-3.3).
+
+    Args:
+        rows: [..., n, n+1] the beam's stored rows 0 … n-1 (row i over tokens 0 … i, zero beyond).
+        candidate: [..., n+1] the candidate's row over tokens 0 … n (itself last).
+    Returns:
+        phi [...] and location [...] (a generated position in 0 … n).
+    """
+    matrix = torch.cat([rows, candidate[..., None, :]], dim=-2)  # [..., n+1, n+1]
+    start = max(0, matrix.shape[-1] - window)
+    phi, location = column_scores(matrix[..., start:, start:], scale, score_range)
+    return phi, location + start
+
+
 def mode(values: Tensor, size: int) -> Tensor:
     """The most frequent value along the last dim of `values` (ints in 0 … size-1); ties: the smallest."""
     counts = torch.zeros(*values.shape[:-1], size, device=values.device)
