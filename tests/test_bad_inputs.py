@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import vlmfix
-from vlmfix import DCD, GIFT, PAI, VAR, VCD, VHR, DualStream
+from vlmfix import DCD, GIFT, OPERA, PAI, VAR, VCD, VHR, DualStream
 
 from .conftest import tiny_model
 
@@ -56,6 +56,8 @@ CONSTRUCTOR_CASES: list[tuple[Callable[[], Any], str]] = [
     (lambda: GIFT(saliency_layers=[]), r"`saliency_layers` must be None or a non-empty list"),
     (lambda: GIFT(ratio="mean"), r"`ratio` must be one of 'pooled', 'per_head', got 'mean'"),
     (lambda: GIFT(content_words="nouns"), r"`content_words` must be one of 'pos', 'spacy', 'rule', 'all'.*callable"),
+    (lambda: OPERA(scale_factor="50"), r"`scale_factor` must be a finite number > 0, got '50' \(a str\)"),
+    (lambda: OPERA(num_attn_candidates=0), r"`num_attn_candidates` must be an int >= 1, got 0"),
 ]
 
 
@@ -82,7 +84,9 @@ SESSION_CASES: list[tuple[Callable[..., Any], type, str]] = [
     (lambda m, i, p: vlmfix.generate(m, **i, methods="vhr", max_new_tokens=1), ValueError,
      r"`methods` must be a list.*write methods=\['vhr'\]"),
     (lambda m, i, p: vlmfix.generate(m, **i, methods=["vhrr"], max_new_tokens=1), vlmfix.UnknownNameError,
-     r"Unknown method 'vhrr'. Available: dcd, dual_stream, gift, pai, var, vcd, vhr"),
+     r"Unknown method 'vhrr'. Available: dcd, dual_stream, gift, opera, pai, var, vcd, vhr"),
+    (lambda m, i, p: vlmfix.generate(m, **i, methods=[OPERA()], max_new_tokens=1), ValueError,
+     r"OPERA is a beam-search method; set num_beams >= 2 and do_sample=False"),
     (lambda m, i, p: vlmfix.generate(m, **i, tokenizer=42, max_new_tokens=1), ValueError,
      r"`tokenizer` must be the model's processor or tokenizer \(with encode and decode\), got 42 \(an int\)"),
     (lambda m, i, p: vlmfix.apply(m, [VHR()]), ValueError,

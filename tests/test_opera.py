@@ -334,3 +334,18 @@ def test_bare_model_generate_says_to_use_session_generate():
 def test_constructor_refuses_out_of_range_knobs(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+# ------------------------------------------------------------------------------ the benchmark app
+def test_app_config_sets_beams_and_refuses_settings_before_loading(tmp_path):
+    from benchmarks.app import check_settings
+
+    from .test_app import composed
+
+    checked = check_settings(composed("model=toy_fast", "method=opera", f"results_dir={tmp_path}"))
+    assert [m.name for m in checked.methods] == ["opera"]
+    assert composed("method=opera").decoding.num_beams == 5  # the config file carries the paper's beams
+    with pytest.raises(ValueError, match=r"opera is a beam-search method; set decoding.num_beams=5"):
+        check_settings(composed("model=toy_fast", "method=opera", "decoding.num_beams=1", f"results_dir={tmp_path}"))
+    with pytest.raises(ValueError, match=r"benchmark=speed .* time it with python -m benchmarks.opera_speed"):
+        check_settings(composed("model=toy_fast", "method=opera", "benchmark=speed", f"results_dir={tmp_path}"))
