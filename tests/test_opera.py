@@ -142,19 +142,24 @@ def penalty_off(vocab: int, **knobs: Any) -> OPERA:
     return OPERA(**knobs)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_penalty_off_equals_plain_beam_search(family):
+@pytest.mark.parametrize("family, extra", [
+    ("llava", {}),
+    # generate's finished-hypothesis rules and processors: kept hypotheses, early stop, length penalty
+    ("qwen2_vl", dict(num_return_sequences=2, early_stopping=True, length_penalty=0.5, repetition_penalty=1.3)),
+])
+def test_penalty_off_equals_plain_beam_search(family, extra):
     tiny = tiny_model(family)
     inputs = tiny.inputs(QUESTIONS)  # two prompts of different lengths: left padding
-    settings = dict(num_beams=3, do_sample=False, max_new_tokens=6, return_dict_in_generate=True, output_scores=True)
+    settings = dict(num_beams=3, do_sample=False, max_new_tokens=6, return_dict_in_generate=True, output_scores=True,
+                    **extra)
     plain = tiny.model.generate(**inputs, **settings)
     with vlmfix.apply(tiny.model, penalty_off(tiny.model.config.text_config.vocab_size)) as session:
         out = session.generate(**inputs, **settings)
     assert torch.equal(out.sequences, plain.sequences)
     torch.testing.assert_close(out.sequences_scores, plain.sequences_scores, atol=1e-5, rtol=1e-5)
     report = session.report()["opera"]
-    assert report["penalty_steps"] == [6, 6] and report["rollbacks"] == [0, 0]
-    assert report["applied"]["decoding_steps"] == 12
+    assert report["rollbacks"] == [0, 0] and report["bonus_steps"] == [0, 0]
+    assert report["applied"]["decoding_steps"] == sum(report["penalty_steps"]) > 0
 
 
 def test_penalty_changes_the_choice_and_is_counted():
@@ -243,6 +248,37 @@ def test_cache_stays_consistent_through_rollbacks(monkeypatch):
     eos = int(tiny.model.generation_config.eos_token_id)
     expected = teacher_forced_scores(tiny, inputs, out.sequences, eos)
     torch.testing.assert_close(out.sequences_scores, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_observed_rows_equal_eager_attention(monkeypatch):
+    """The rows OPERA stores (last layer, max over heads, renormalised over every visible key) equal those
+    recomputed from an eager forward with output_attentions on each final beam's sequence."""
+    runs: list[Any] = []
+    original = opera_loop._Run.output
+
+    def keep_run(self: Any) -> Any:
+        runs.append(self)
+        return original(self)
+
+    monkeypatch.setattr(opera_loop._Run, "output", keep_run)
+    tiny = tiny_model("qwen2_vl")
+    inputs = tiny.inputs(QUESTIONS[:1])
+    with vlmfix.apply(tiny.model, OPERA(num_attn_candidates=3, image_bonus_steps=2)) as session:
+        session.generate(**inputs, num_beams=2, max_new_tokens=6, min_new_tokens=6)
+    run = runs[0]
+    assert session.report()["opera"]["rollbacks"] == [0]
+    eager = tiny_model("qwen2_vl", attn="eager").model  # the same weights
+    prompt = inputs["input_ids"].shape[1]
+    n = run.length[0]
+    for r in range(2):
+        ids = torch.cat([inputs["input_ids"], run.tokens[r : r + 1, :n]], dim=1)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, n, dtype=torch.long)], dim=1)
+        out = eager(input_ids=ids, mm_token_type_ids=types, output_attentions=True, **extra)
+        top = out.attentions[-1][0].amax(dim=0)  # [L, L]: max over heads
+        expected = top[prompt : prompt + n] / top[prompt : prompt + n].sum(dim=-1, keepdim=True)
+        expected = expected[:, prompt : prompt + n].tril()  # [n, n]: generated token i over generated j <= i
+        torch.testing.assert_close(run.attn[r, :n, :n], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_composes_with_an_attention_method():
