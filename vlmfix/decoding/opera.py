@@ -272,6 +272,7 @@ class _Run:
         items = active.nonzero().flatten().tolist()
         for b in items:
             self.snapshots[b][self.length[b]] = self.snapshot(b)
+            self.snapshots[b].pop(self.length[b] - self.method.window - 2, None)  # beyond any rollback's reach
         cand_logits, cand_ids = self.logits.topk(C, dim=-1)  # [R, C]: each beam's top-C raw logits
         kv0 = self.valid.shape[1]
         lengths = self.row_lengths()  # [R]

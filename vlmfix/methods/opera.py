@@ -28,6 +28,13 @@ class OPERA(Method):
     of an item, that item alone rolls back to the token after it and re-decides it with the earlier choices
     forbidden.
 
+    Run it with `session.generate` or `vlmfix.generate(..., num_beams=5)`: it owns the decoding loop (generate's
+    `custom_generate`), so a bare `model.generate` inside `vlmfix.apply` raises. It composes with attention
+    methods whose edits apply to every query row (VHR, VAR, PAI without refinement), which then edit its
+    forwards too; it refuses two-stream methods (VCD, DCD, refinements: they decide the token themselves) and
+    GIFT / DualStream (their edits assume one new query row per forward). Its report counts, per item, the
+    steps scored with the bonus and with the penalty, the rollbacks and their positions, and vetoed beams.
+
     Args:
         scale_factor (float, default 50): sigma, the scale of each attention weight in the column product (> 0).
         threshold (int, default 15): r, a rollback needs more than r repeats of the location in every beam (>= 0).
