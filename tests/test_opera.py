@@ -175,6 +175,24 @@ def test_penalty_changes_the_choice_and_is_counted():
     assert report["applied"]["decoding_steps"] == sum(report["bonus_steps"]) + sum(report["penalty_steps"])
 
 
+def test_overflowing_scores_veto_and_lift():
+    """At scale 1e6 every column product beyond the first tokens overflows float16's range: every candidate is
+    vetoed, so every beam is, and the veto is lifted for the step (counted); "exact" keeps these products finite
+    (up to fp32's 3.4e38) and vetoes nothing."""
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+    with vlmfix.apply(tiny.model, OPERA(scale_factor=1e6, image_bonus_steps=0, num_attn_candidates=3)) as session:
+        session.generate(**inputs, num_beams=2, max_new_tokens=6, min_new_tokens=6)
+    report = session.report()["opera"]
+    assert report["penalty_steps"] == [6, 6]
+    assert all(lifted >= 6 - 2 for lifted in report["lifted_vetoes"])  # 2+ generated tokens: 2+ factors overflow
+    assert all(v >= 2 * lifted for v, lifted in zip(report["vetoed_beams"], report["lifted_vetoes"]))
+    exact = OPERA(scale_factor=1e6, image_bonus_steps=0, num_attn_candidates=3, score_range="exact")
+    with vlmfix.apply(tiny.model, exact) as session:
+        session.generate(**inputs, num_beams=2, max_new_tokens=6, min_new_tokens=6)
+    assert session.report()["opera"]["vetoed_beams"] == [0, 0]
+
+
 def test_pope_regime_never_computes_the_penalty():
     """max_new_tokens = 10 with the default 10 bonus steps: only the image bonus acts, no rollback."""
     tiny = tiny_model("llava")

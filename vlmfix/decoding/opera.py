@@ -144,7 +144,7 @@ class _Snapshot:
     history: Tensor  # [K, n]
     finished: tuple[Tensor, Tensor, Tensor, Tensor]  # tokens [K, T], scores [K], flags [K], lengths [K]
     unsatisfied: Tensor  # [] bool
-    chosen: set[tuple[int, int]] = field(default_factory=set)  # (parent beam, token) of the kept beams
+    chosen: tuple[Tensor, Tensor] | None = None  # (parents [K], tokens [K]) of the kept beams
 
 
 class OperaSearch:
@@ -239,6 +239,8 @@ class _Run:
         self.fin_lengths = torch.zeros(self.items, self.beams, dtype=torch.long, device=device)
         self.unsatisfied = torch.ones(self.items, dtype=torch.bool, device=device)
         self.done = torch.zeros(self.items, dtype=torch.bool, device=device)
+        self.vetoed = torch.zeros(self.items, dtype=torch.long, device=device)  # counted on the device
+        self.lifted = torch.zeros(self.items, dtype=torch.long, device=device)
         self.snapshots: list[dict[int, _Snapshot]] = [{} for _ in range(self.items)]
         self.forbidden: list[dict[int, set[tuple[int, int]]]] = [{} for _ in range(self.items)]
         self.attempts: list[dict[int, int]] = [{} for _ in range(self.items)]
@@ -261,8 +263,12 @@ class _Run:
             positions = text_positions(self.valid)
         self.next_position = positions[..., -1:] + 1  # [R, 1] or [sections, R, 1]
         self.image = self.search.session.spans.image.to(self.device)  # [R, S] bool
-        while not bool(self.done.all()):
-            self.step()
+        try:
+            while not bool(self.done.all()):
+                self.step()
+        finally:
+            self.state.vetoed_beams = self.vetoed.tolist()
+            self.state.lifted_vetoes = self.lifted.tolist()
         return self.output()
 
     def step(self) -> None:
@@ -271,8 +277,10 @@ class _Run:
         active = ~self.done
         items = active.nonzero().flatten().tolist()
         for b in items:
-            self.snapshots[b][self.length[b]] = self.snapshot(b)
-            self.snapshots[b].pop(self.length[b] - self.method.window - 2, None)  # beyond any rollback's reach
+            n = self.length[b]
+            if n >= self.method.min_location:  # a rollback lands at a position >= min_location
+                self.snapshots[b][n] = self.snapshot(b)
+                self.snapshots[b].pop(n - self.method.window - 2, None)  # beyond any rollback's reach
         cand_logits, cand_ids = self.logits.topk(C, dim=-1)  # [R, C]: each beam's top-C raw logits
         kv0 = self.valid.shape[1]
         lengths = self.row_lengths()  # [R]
@@ -316,7 +324,8 @@ class _Run:
             self.slot[r, n] = kv0
             self.history[r, n] = beam_locations[r]
             self.length[b] = n + 1
-            self.snapshots[b][n].chosen = set(zip(parents[b].tolist(), tokens[b].tolist()))
+            if n in self.snapshots[b]:
+                self.snapshots[b][n].chosen = (parents[b], tokens[b])
         self.retrospect(penalised, locations)
 
     # ------------------------------------------------------------------------------ scoring
@@ -335,13 +344,14 @@ class _Run:
         alpha = self.method.penalty_weights
         term = alpha * penalty if alpha > 0 else torch.zeros_like(penalty)
         scores = logits - term  # an infinite penalty is a veto: -inf
-        for b in items:
-            r = self.rows_of(b)
-            vetoed = torch.isneginf(scores[r]).all(dim=-1)  # [K]
-            self.state.vetoed_beams[b] += int(vetoed.sum())
-            if bool(vetoed.all()):  # every beam vetoed: lift the veto for this step
-                self.state.lifted_vetoes[b] += 1
-                scores[r] = logits[r] - term[r].masked_fill(torch.isinf(term[r]), 0.0)
+        stepping = torch.zeros(self.items, dtype=torch.bool, device=self.device)
+        stepping[items] = True
+        vetoed = torch.isneginf(scores).all(dim=-1).view(self.items, self.beams) & stepping[:, None]  # [B, K]
+        lifted = vetoed.all(dim=-1)  # [B]: every beam of the item vetoed: lift the veto for this step
+        self.vetoed += vetoed.sum(dim=-1)
+        self.lifted += lifted
+        unvetoed = logits - term.masked_fill(torch.isinf(term), 0.0)
+        scores = torch.where(self.row_active(lifted)[:, None], unvetoed, scores)
         out = scores.log_softmax(dim=-1)
         return out.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), -torch.inf)  # no NaN rows
 
@@ -411,8 +421,9 @@ class _Run:
     def retrospect(self, penalised: list[int], locations: Tensor) -> None:
         """Roll back the items whose summary-token location triggers (spec §3.5), then re-decide them."""
         rolled = {}
+        done = self.done.tolist()
         for b in penalised:
-            if bool(self.done[b]):
+            if done[b]:
                 continue
             r, n = self.rows_of(b), self.length[b]
             location = int(mode(locations[r], n))
@@ -434,7 +445,8 @@ class _Run:
         """Item b's beam state from just before it chose token `position`; forbid that attempt's choices."""
         snap = self.snapshots[b][position]
         forbidden = self.forbidden[b]
-        forbidden.setdefault(position, set()).update(snap.chosen)
+        if snap.chosen is not None:
+            forbidden.setdefault(position, set()).update(zip(snap.chosen[0].tolist(), snap.chosen[1].tolist()))
         for later in [q for q in forbidden if q > position]:
             del forbidden[later]
         for later in [q for q in self.snapshots[b] if q > position]:
@@ -505,7 +517,7 @@ class _Run:
             self.history[r, pos] = -1
             self.logits[r] = logits[r]
             self.length[b] = pos + 1
-            self.snapshots[b][pos].chosen = set(zip(parents[b].tolist(), tokens[b].tolist()))
+            self.snapshots[b][pos].chosen = (parents[b], tokens[b])
 
     # ------------------------------------------------------------------------------ forwards and rows
     def feed(self, ids: Tensor, fed: Tensor, visible: Tensor, index: Tensor, keep: int) -> Tensor:

@@ -45,7 +45,8 @@ class OPERA(Method):
             (0: the penalty from the first token).
         min_location (int, default 10): the earliest generated position a rollback location may have (>= 0).
         score_range ("float16" | "exact", default "float16"): "float16" keeps the official code's float16 range
-            (phi < 2^-24 is 0, phi > 65504 is a veto); "exact" keeps the fp32 product.
+            (phi < 2^-24 is 0, phi > 65504 is a veto); "exact" keeps the fp32 product (a veto only beyond
+            fp32's range).
         history ("lineage" | "slot", default "lineage"): location histories follow each hypothesis's
             ancestry, or stay with the beam slot as in the official code.
         realloc ("vocab" | "candidates", default "vocab"): the re-decision after a rollback ranks the whole

@@ -27,7 +27,7 @@ def column_scores(matrix: Tensor, scale: float, score_range: str = "float16") ->
     phi_c = 1e-7 * prod_{i=c..t} scale * A[i, c] (the diagonal and the candidate row included), computed as a
     sum of logs in fp32; phi = max_c phi_c, c* = argmax_c (ties: the first column).
     `score_range="float16"` keeps the official code's float16 range: phi_c < 2^-24 is 0 and phi_c > 65504 is
-    inf; "exact" keeps the fp32 value (and picks c* in log space).
+    inf; "exact" keeps the fp32 value (inf only beyond fp32's range) and picks c* in log space.
 
     Args:
         matrix: [..., n, n] fp32, lower-triangular (entries above the diagonal are ignored).
