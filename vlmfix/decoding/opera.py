@@ -280,7 +280,6 @@ class _Run:
             n = self.length[b]
             if n >= self.method.min_location:  # a rollback lands at a position >= min_location
                 self.snapshots[b][n] = self.snapshot(b)
-                self.snapshots[b].pop(n - self.method.window - 2, None)  # beyond any rollback's reach
         cand_logits, cand_ids = self.logits.topk(C, dim=-1)  # [R, C]: each beam's top-C raw logits
         kv0 = self.valid.shape[1]
         lengths = self.row_lengths()  # [R]
