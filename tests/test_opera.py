@@ -373,6 +373,13 @@ def test_bare_model_generate_says_to_use_session_generate():
     assert tiny.model.config.text_config._attn_implementation == "sdpa"
 
 
+def test_flash_attention_is_refused_when_the_session_is_made():
+    tiny = tiny_model("llava")
+    tiny.model.config.text_config._attn_implementation = "flash_attention_2"  # what the check reads
+    with pytest.raises(ValueError, match=r"OPERA needs an attention backend that honours 4-D masks.*'sdpa' or"):
+        vlmfix.apply(tiny.model, OPERA())
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: OPERA(scale_factor=0), r"`scale_factor` must be a finite number > 0, got 0"),
     (lambda: OPERA(threshold=-1), r"`threshold` must be an int >= 0, got -1"),
