@@ -299,18 +299,23 @@ def test_observed_rows_equal_eager_attention(monkeypatch):
         torch.testing.assert_close(run.attn[r, :n, :n], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_composes_with_an_attention_method():
-    """VHR's head scales apply inside OPERA's forwards (counted), and the result differs from OPERA alone."""
+@pytest.mark.parametrize("other", [lambda: vlmfix.VHR(alpha=3.0), lambda: vlmfix.PAI(alpha=1.0, cfg=False)],
+                         ids=["vhr", "pai"])
+def test_composes_with_an_attention_method(other):
+    """An all-rows attention method edits OPERA's forwards too: its calls count beyond the prefill (one per
+    edited layer and step), and the result differs from OPERA alone."""
     tiny = tiny_model("llava")
     inputs = tiny.inputs(QUESTIONS)
     with vlmfix.apply(tiny.model, OPERA(num_attn_candidates=3)) as session:
-        alone = session.generate(**inputs, num_beams=2, max_new_tokens=6, return_dict_in_generate=True,
-                                 output_scores=True)
-    with vlmfix.apply(tiny.model, vlmfix.VHR(alpha=3.0), OPERA(num_attn_candidates=3)) as session:
-        both = session.generate(**inputs, num_beams=2, max_new_tokens=6, return_dict_in_generate=True,
-                                output_scores=True)
+        alone = session.generate(**inputs, num_beams=2, max_new_tokens=6, min_new_tokens=6,
+                                 return_dict_in_generate=True, output_scores=True)
+    method = other()
+    with vlmfix.apply(tiny.model, method, OPERA(num_attn_candidates=3)) as session:
+        both = session.generate(**inputs, num_beams=2, max_new_tokens=6, min_new_tokens=6,
+                                return_dict_in_generate=True, output_scores=True)
     report = session.report()
-    assert report["vhr"]["applied"]["attention_calls"] > 0 and report["opera"]["applied"]["decoding_steps"] > 0
+    assert report[method.name]["applied"]["attention_calls"] >= 6  # the decode forwards are edited too
+    assert report["opera"]["applied"]["decoding_steps"] == 12
     assert not torch.allclose(both.sequences_scores, alone.sequences_scores)
     assert tiny.model.config.text_config._attn_implementation == "sdpa"
 
@@ -355,7 +360,8 @@ def test_generate_settings_are_refused_before_any_forward(counted, kwargs, messa
 
 @pytest.mark.parametrize("methods, message", [
     (lambda: [OPERA(), vlmfix.VCD()], r"OPERA cannot be combined with two-stream methods \(vcd\)"),
-    (lambda: [vlmfix.GIFT(), OPERA()], r"OPERA cannot be combined with gift: their edits touch only the newest"),
+    (lambda: [vlmfix.GIFT(), OPERA()], r"OPERA cannot be combined with gift: they assume one new token per decode"),
+    (lambda: [vlmfix.VAR(sink_dims=[3]), OPERA()], r"OPERA cannot be combined with var: they assume one new token"),
 ])
 def test_refused_combinations(counted, methods, message):
     tiny, calls = counted

@@ -35,8 +35,9 @@ class Method:
     contrastive: ClassVar[bool] = False
     # runs its own decoding loop through generate's `custom_generate` (OPERA): `session.generate` routes to it
     owns_decoding: ClassVar[bool] = False
-    # edits or rewrites only the newest query row of a forward (one new token per decode step assumed)
-    newest_row_edits: ClassVar[bool] = False
+    # assumes each decode forward feeds one new token per row (newest-row edits and rewrites, per-step sink
+    # tests): it cannot serve a loop that feeds several candidate tokens per forward (OPERA)
+    one_token_decode: ClassVar[bool] = False
 
     def check(self, adapter: Adapter) -> None:
         """Refuse a model this method cannot serve, when the session is created (before any work)."""

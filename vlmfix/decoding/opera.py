@@ -83,11 +83,11 @@ def generate_opera(session: Session, **generate_kwargs: Any) -> Any:
     if refused:
         raise ValueError(f"OPERA cannot be combined with two-stream methods ({', '.join(refused)}): both decide "
                          f"the next token from their own logits. Run them in separate calls.")
-    newest = [m.name for m in session.methods if m.newest_row_edits]
-    if newest:
-        raise ValueError(f"OPERA cannot be combined with {', '.join(newest)}: their edits touch only the newest "
-                         f"query row of a forward, and OPERA feeds C candidate rows per forward. VHR, VAR and PAI "
-                         f"(without refinement) compose with OPERA.")
+    single = [m.name for m in session.methods if m.one_token_decode]
+    if single:
+        raise ValueError(f"OPERA cannot be combined with {', '.join(single)}: they assume one new token per decode "
+                         f"forward, and OPERA feeds C candidate tokens per forward. VHR and PAI (without "
+                         f"refinement) compose with OPERA.")
     for key, reason in UNSUPPORTED.items():
         if generate_kwargs.get(key) not in (None, False, []):
             raise ValueError(f"{key} cannot be used with OPERA: {reason}.")

@@ -112,7 +112,7 @@ class DualStream(ImageFreeRefinement):
     """
 
     name = "dual_stream"
-    newest_row_edits = True  # last-row edits and rewrites
+    one_token_decode = True  # last-row edits and rewrites
     needs_image = True
 
     def __init__(

@@ -166,7 +166,7 @@ class GIFT(Method):
     """
 
     name = "gift"
-    newest_row_edits = True  # last-row edits and rewrites
+    one_token_decode = True  # last-row edits and rewrites
     needs_image = True
     needs_tokenizer = True
 

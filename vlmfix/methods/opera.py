@@ -30,10 +30,11 @@ class OPERA(Method):
 
     Run it with `session.generate` or `vlmfix.generate(..., num_beams=5)`: it owns the decoding loop (generate's
     `custom_generate`), so a bare `model.generate` inside `vlmfix.apply` raises. It composes with attention
-    methods whose edits apply to every query row (VHR, VAR, PAI without refinement), which then edit its
-    forwards too; it refuses two-stream methods (VCD, DCD, refinements: they decide the token themselves) and
-    GIFT / DualStream (their edits assume one new query row per forward). Its report counts, per item, the
-    steps scored with the bonus and with the penalty, the rollbacks and their positions, and vetoed beams.
+    methods whose edits apply to every query row (VHR, PAI without refinement), which then edit its forwards
+    too; it refuses two-stream methods (VCD, DCD, refinements: they decide the token themselves) and VAR,
+    GIFT and DualStream (they assume one new token per decode forward; OPERA feeds C candidates per forward).
+    Its report counts, per item, the steps scored with the bonus and with the penalty, the rollbacks and their
+    positions, and vetoed beams.
 
     Args:
         scale_factor (float, default 50): sigma, the scale of each attention weight in the column product (> 0).
