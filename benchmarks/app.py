@@ -116,6 +116,7 @@ def check_settings(cfg: DictConfig) -> Checked:
     text(cfg.benchmark.name, "benchmark.name")
     options = kind.check(cfg)
     methods = build_methods(cfg)
+    check_beam_search_methods(cfg, name, methods)
     data = configured_data(cfg, kind.files)
     if data is None and kind.needs_data and not ships_data(cfg.model.loader):
         raise no_data_error(cfg)
@@ -295,6 +296,18 @@ def check_pope(cfg: DictConfig) -> PopeOptions:
         path = existing_file(bench.questions, "benchmark.questions", "a POPE question file (JSON Lines or array)")
         question_file = scorer_input("benchmark.questions", pope.load_question_file, path, split)
     return PopeOptions(split, parser, question_file, capped(n_images, cfg.limit), seed)
+
+
+def check_beam_search_methods(cfg: DictConfig, kind: str, methods: list[Method]) -> None:
+    """Methods with their own beam search (OPERA) need decoding.num_beams >= 2 and no speed benchmark."""
+    own = [m.name for m in methods if m.owns_decoding]
+    if own and kind == "speed":
+        raise ValueError(f"benchmark=speed times greedy decoding through a streamer; {', '.join(own)} runs its own "
+                         f"beam search: time it with python -m benchmarks.opera_speed.")
+    if own and (int(cfg.decoding.num_beams) < 2 or bool(cfg.decoding.do_sample)):
+        raise ValueError(f"{', '.join(own)} is a beam-search method; set decoding.num_beams=5 (>= 2) and "
+                         f"decoding.do_sample=false (got num_beams={cfg.decoding.num_beams}, do_sample="
+                         f"{cfg.decoding.do_sample}).")
 
 
 def check_speed(cfg: DictConfig) -> None:

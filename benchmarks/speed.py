@@ -44,6 +44,7 @@ import torch
 import vlmfix
 from benchmarks.speed_memory import MemoryJob, measure_memory, peak_growth
 from benchmarks.speed_setup import (
+    BEAM_SEARCH_METHODS,
     DTYPES,
     FULL_RUN,
     NO_METHOD,
@@ -201,6 +202,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--new-tokens must be at least 2 (decode time is read between the first and last token)")
     if min(args.batch) < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
+    beam_only = [spec for spec in args.methods if parse_method(spec)[0] in BEAM_SEARCH_METHODS]
+    if beam_only:
+        parser.error(f"{', '.join(beam_only)} run their own beam search; time them with python -m "
+                     f"benchmarks.opera_speed (against plain beam search with the same beams)")
     known = [NO_METHOD, *vlmfix.methods.names()]
     unknown = [spec for spec in args.methods if parse_method(spec)[0] not in known]
     if unknown:

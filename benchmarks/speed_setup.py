@@ -34,6 +34,9 @@ NO_METHOD = "none"  # the method spec of vlmfix with no method (the session's ow
 # a full run: every registered method with settings where it edits on the planted model
 FULL_RUN = (NO_METHOD, "vhr", "var", "gift", "dual_stream:cfg=False", "dual_stream", "pai:cfg=False", "pai",
             "vcd", "dcd", "m3id", "icd", "sid", "avisc", "dola:layers=high")
+# methods with their own beam search: timed against plain beam search by benchmarks/opera_speed.py (this
+# harness times greedy calls through a streamer, which beam search does not take)
+BEAM_SEARCH_METHODS = ("opera",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

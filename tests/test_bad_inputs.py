@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import vlmfix
-from vlmfix import DCD, GIFT, PAI, SID, VAR, VCD, VHR, AvisC, DoLa, DualStream
+from vlmfix import DCD, GIFT, OPERA, PAI, SID, VAR, VCD, VHR, AvisC, DoLa, DualStream
 
 from .conftest import tiny_model
 
@@ -65,6 +65,8 @@ CONSTRUCTOR_CASES: list[tuple[Callable[[], Any], str]] = [
     (lambda: DoLa(layers=3), r"`layers` must be a non-empty list of hidden indices, got 3 \(an int\)"),
     (lambda: DoLa(layers=[True]), r"`layers\[0\]` must be an int >= 0, got True \(a bool\)"),
     (lambda: DoLa(layers="high", relative_top="0.1"), r"`relative_top` must be a finite number in \(0, 1\], got '0.1'"),
+    (lambda: OPERA(scale_factor="50"), r"`scale_factor` must be a finite number > 0, got '50' \(a str\)"),
+    (lambda: OPERA(num_attn_candidates=0), r"`num_attn_candidates` must be an int >= 1, got 0"),
 ]
 
 
@@ -91,7 +93,9 @@ SESSION_CASES: list[tuple[Callable[..., Any], type, str]] = [
     (lambda m, i, p: vlmfix.generate(m, **i, methods="vhr", max_new_tokens=1), ValueError,
      r"`methods` must be a list.*write methods=\['vhr'\]"),
     (lambda m, i, p: vlmfix.generate(m, **i, methods=["vhrr"], max_new_tokens=1), vlmfix.UnknownNameError,
-     r"Unknown method 'vhrr'. Available: avisc, dcd, dola, dual_stream, gift, icd, m3id, pai, sid, var, vcd, vhr"),
+     r"Unknown method 'vhrr'. Available: avisc, dcd, dola, dual_stream, gift, icd, m3id, opera, pai, sid, var, vcd, vhr"),
+    (lambda m, i, p: vlmfix.generate(m, **i, methods=[OPERA()], max_new_tokens=1), ValueError,
+     r"OPERA is a beam-search method; set num_beams >= 2 and do_sample=False"),
     (lambda m, i, p: vlmfix.generate(m, **i, tokenizer=42, max_new_tokens=1), ValueError,
      r"`tokenizer` must be the model's processor or tokenizer \(with encode and decode\), got 42 \(an int\)"),
     (lambda m, i, p: vlmfix.apply(m, [VHR()]), ValueError,

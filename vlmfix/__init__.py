@@ -21,13 +21,13 @@ from vlmfix.errors import (
     UnsupportedModelError,
     VlmfixError,
 )
-from vlmfix.methods import DCD, GIFT, ICD, M3ID, PAI, SID, VAR, VCD, VHR, AvisC, DoLa, DualStream
+from vlmfix.methods import DCD, GIFT, ICD, M3ID, OPERA, PAI, SID, VAR, VCD, VHR, AvisC, DoLa, DualStream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "generate", "apply", "Session", "Method", "register_method", "methods",
-    "VHR", "VAR", "GIFT", "DualStream", "PAI", "VCD", "DCD", "M3ID", "ICD", "SID", "AvisC", "DoLa", "get_adapter", "Spans",
+    "VHR", "VAR", "GIFT", "DualStream", "PAI", "VCD", "DCD", "M3ID", "ICD", "SID", "AvisC", "DoLa", "OPERA", "get_adapter", "Spans",
     "SUPPORTED_CLASSES", "VlmfixError", "UnsupportedModelError", "MissingImageError", "SpanError",
     "SessionError", "CheckpointError", "UnknownNameError", "__version__",
 ]

@@ -25,7 +25,8 @@ class Method:
     model in `check`, and override `prepare` (analysis
     once per prompt batch, may run extra forward passes through `session.forward`) and
     `edits` (the layer's plan in the edit vocabulary). Contrastive methods set `contrastive = True`
-    and implement the logits stage in `vlmfix.decoding.contrastive`.
+    and implement the logits stage in `vlmfix.decoding.contrastive`; a method with its own decoding loop
+    sets `owns_decoding = True` (see `vlmfix.decoding.opera`).
     """
 
     name: ClassVar[str] = ""
@@ -35,6 +36,11 @@ class Method:
     # True: the method rewrites the next-token logits of a single-stream forward (DoLa); the session refuses
     # to combine it with a two-stream (contrastive) method when it is made
     single_stream: ClassVar[bool] = False
+    # runs its own decoding loop through generate's `custom_generate` (OPERA): `session.generate` routes to it
+    owns_decoding: ClassVar[bool] = False
+    # assumes each decode forward feeds one new token per row (newest-row edits and rewrites, per-step sink
+    # tests): it cannot serve a loop that feeds several candidate tokens per forward (OPERA)
+    one_token_decode: ClassVar[bool] = False
 
     def check(self, adapter: Adapter) -> None:
         """Refuse a model this method cannot serve, when the session is created (before any work)."""

@@ -90,11 +90,13 @@ def resolve_tokenizer(tokenizer: Any) -> Any:
 @dataclass
 class Applied:
     """How often a method changed something in the last prompt batch: layer calls whose attention it
-    edited, newest-row rewrites by its observers, and steps whose scores its contrast decided."""
+    edited, newest-row rewrites by its observers, steps whose scores its contrast decided, and item steps its
+    own decoding loop decided."""
 
     attention_calls: int = 0
     rewrites: int = 0
     contrast_steps: int = 0
+    decoding_steps: int = 0  # item steps whose token its own decoding loop chose (OPERA)
 
 
 class Session:
@@ -130,6 +132,7 @@ class Session:
         # tokens of the running decoding forward's sequence (cache + new tokens); a sliding-window cache's
         # layers hold fewer keys, which the attention function lays out over the whole sequence for edits
         self.sequence_length: int | None = None
+        self.loop: Any = None  # the running decoding loop of a method that owns it (OPERA), else None
         # the grouped kernel's key groups per edit list, kept for the prompt batch's decode steps
         self.key_groups = KeyGroupCache()
         self.prompts_seen = 0
@@ -414,11 +417,16 @@ class Session:
     # ------------------------------------------------------------------ generate and report
     def generate(self, **generate_kwargs: Any) -> Any:
         """`model.generate(**generate_kwargs)` with the session's methods; the one way that serves every
-        method, two-stream ones (VCD, DCD, PAI's refinement) included. Returns what `generate` returns."""
+        method, two-stream ones (VCD, DCD, PAI's refinement) and OPERA's beam search included. Returns what
+        `generate` returns."""
         if not self.owns_thread():
             raise SessionError("session.generate must run on the thread that entered the session.")
         self.call_inputs = dict(generate_kwargs)
         try:
+            if any(m.owns_decoding for m in self.methods):
+                from vlmfix.decoding.opera import generate_opera
+
+                return generate_opera(self, **generate_kwargs)
             if any(m.contrastive for m in self.methods):
                 from vlmfix.decoding.contrastive import generate_contrastive
 
@@ -435,7 +443,8 @@ class Session:
             entry = method.report(state) if state is not _UNPREPARED else {"prepared": False}
             out[method.name] = {**entry, "applied": {"attention_calls": applied.attention_calls,
                                                      "rewrites": applied.rewrites,
-                                                     "contrast_steps": applied.contrast_steps}}
+                                                     "contrast_steps": applied.contrast_steps,
+                                                     "decoding_steps": applied.decoding_steps}}
         return out
 
 
@@ -450,7 +459,7 @@ def apply(
 
     `session.generate(**inputs)` serves every method. A bare `model.generate(...)` inside the block works
     for the single-stream methods (VHR, VAR, GIFT, PAI and DualStream without refinement); two-stream
-    methods need `session.generate` and say so.
+    methods and OPERA (its own beam search) need `session.generate` and say so.
 
     Args:
         model: a supported Hugging Face VLM (see `vlmfix.adapters.SUPPORTED_CLASSES`).

@@ -12,6 +12,7 @@ here beside the methods are what several methods share:
 - `vision_attention`: per-image-token scores from the vision tower's attention (DualStream);
 - `dcd_lora`: DCD's negative-side LoRA adapters;
 - `image_selection`: image tokens chosen from the language model's own attention (SID, AvisC).
+- `opera_rules`: OPERA's column scores and rollback rule (its beam search is `vlmfix.decoding.opera`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vlmfix.methods.dual_stream import DualStream
 from vlmfix.methods.gift import GIFT
 from vlmfix.methods.icd import ICD
 from vlmfix.methods.m3id import M3ID
+from vlmfix.methods.opera import OPERA
 from vlmfix.methods.pai import PAI
 from vlmfix.methods.sid import SID
 from vlmfix.methods.var import VAR
@@ -45,4 +47,7 @@ def create(name: str, **params: object) -> Method:
     return get(name)(**params)
 
 
-__all__ = ["DCD", "GIFT", "ICD", "M3ID", "PAI", "SID", "AvisC", "VAR", "VCD", "VHR", "DoLa", "DualStream", "create", "get", "names"]
+__all__ = [
+    "DCD", "GIFT", "ICD", "M3ID", "OPERA", "PAI", "SID", "AvisC", "VAR", "VCD", "VHR", "DoLa", "DualStream",
+    "create", "get", "names",
+]

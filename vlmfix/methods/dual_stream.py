@@ -114,6 +114,7 @@ class DualStream(ImageFreeRefinement):
     """
 
     name = "dual_stream"
+    one_token_decode = True  # last-row edits and rewrites
     needs_image = True
 
     def __init__(

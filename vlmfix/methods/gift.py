@@ -166,6 +166,7 @@ class GIFT(Method):
     """
 
     name = "gift"
+    one_token_decode = True  # last-row edits and rewrites
     needs_image = True
     needs_tokenizer = True
 

@@ -108,6 +108,7 @@ class VAR(Method):
     """
 
     name = "var"
+    one_token_decode = True  # its sink hook takes a forward of neither 1 nor prompt-length rows for another pass
     needs_image = True
 
     def __init__(
