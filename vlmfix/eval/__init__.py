@@ -1,7 +1,7 @@
 """Benchmark scoring and data loading: CHAIR (`vlmfix.eval.chair`), POPE (`vlmfix.eval.pope`) and the run
 fingerprint (`vlmfix.eval.fingerprint`). No model code; offline; caches are JSON with a content hash."""
 
-from vlmfix.eval import chair, pope
+from vlmfix.eval import chair, pope, yesno
 from vlmfix.eval.errors import EvalInputError, MissingGroundTruthError, NormalizerUnavailableError
 from vlmfix.eval.fingerprint import (
     Decoding,
@@ -24,4 +24,5 @@ __all__ = [
     "pope",
     "pope_protocol",
     "protocol_fingerprint",
+    "yesno",
 ]
