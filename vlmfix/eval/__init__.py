@@ -1,10 +1,11 @@
 """Benchmark scoring and data loading: CHAIR (`vlmfix.eval.chair`), POPE (`vlmfix.eval.pope`) and the run
 fingerprint (`vlmfix.eval.fingerprint`). No model code; offline; caches are JSON with a content hash."""
 
-from vlmfix.eval import chair, pope, yesno
+from vlmfix.eval import amber, chair, pope, yesno
 from vlmfix.eval.errors import EvalInputError, MissingGroundTruthError, NormalizerUnavailableError
 from vlmfix.eval.fingerprint import (
     Decoding,
+    amber_protocol,
     chair_protocol,
     fingerprint_hash,
     library_versions,
@@ -17,6 +18,8 @@ __all__ = [
     "EvalInputError",
     "MissingGroundTruthError",
     "NormalizerUnavailableError",
+    "amber",
+    "amber_protocol",
     "chair",
     "chair_protocol",
     "fingerprint_hash",
