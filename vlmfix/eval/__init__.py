@@ -1,7 +1,7 @@
 """Benchmark scoring and data loading: CHAIR (`vlmfix.eval.chair`), POPE (`vlmfix.eval.pope`) and the run
 fingerprint (`vlmfix.eval.fingerprint`). No model code; offline; caches are JSON with a content hash."""
 
-from vlmfix.eval import amber, chair, pope, yesno
+from vlmfix.eval import amber, chair, mme, pope, yesno
 from vlmfix.eval.errors import EvalInputError, MissingGroundTruthError, NormalizerUnavailableError
 from vlmfix.eval.fingerprint import (
     Decoding,
@@ -9,6 +9,7 @@ from vlmfix.eval.fingerprint import (
     chair_protocol,
     fingerprint_hash,
     library_versions,
+    mme_protocol,
     pope_protocol,
     protocol_fingerprint,
 )
@@ -24,6 +25,8 @@ __all__ = [
     "chair_protocol",
     "fingerprint_hash",
     "library_versions",
+    "mme",
+    "mme_protocol",
     "pope",
     "pope_protocol",
     "protocol_fingerprint",

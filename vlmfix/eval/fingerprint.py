@@ -170,6 +170,12 @@ def amber_protocol(data: Any, *, parts: Sequence[str], parser: str, normalizer: 
     }
 
 
+def mme_protocol(source: str, content_sha256: Mapping[str, str], parser: str, prompt: str) -> dict[str, Any]:
+    """The MME fields: source (`folder` / `hf`), per-subtask content hash, parser, prompt mode."""
+    return {"source": source, "content_sha256": dict(sorted(content_sha256.items())), "parser": parser,
+            "prompt": prompt, "subtasks": sorted(content_sha256)}
+
+
 def protocol_fingerprint(
     *,
     model_id: str,
