@@ -176,6 +176,15 @@ def mme_protocol(source: str, content_sha256: Mapping[str, str], parser: str, pr
             "prompt": prompt, "subtasks": sorted(content_sha256)}
 
 
+def hallusion_protocol(hashes: Mapping[str, str], parser: str, unknown_no_visual: str,
+                       include_text_only: bool) -> dict[str, Any]:
+    """The HallusionBench fields: file and content hash, the rule judge, `unknown_no_visual`,
+    `include_text_only`; never comparable to the GPT-judged leaderboard."""
+    return {**dict(sorted(hashes.items())), "parser": parser, "judge": f"rule:{parser}",
+            "unknown_no_visual": unknown_no_visual, "include_text_only": include_text_only,
+            "comparable_to_leaderboard": False}
+
+
 def protocol_fingerprint(
     *,
     model_id: str,
