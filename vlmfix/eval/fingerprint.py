@@ -135,17 +135,29 @@ def chair_protocol(extractor: Any, images: Any, ground_truth: Any) -> dict[str, 
 
 
 def pope_protocol(
-    source: str, version: str | Sequence[str] | None, split_sha256: Mapping[str, str], parser: str
+    source: str,
+    version: str | Sequence[str] | None,
+    split_sha256: Mapping[str, str],
+    parser: str,
+    dataset: str | None = None,
+    content_sha256: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The POPE fields: source (`file`, `hf` or `built`), version(s), sha256 per split, parser, splits run."""
+    """The POPE fields: source (`file`, `hf` or `built`), version(s), sha256 per split, parser, splits run;
+    for a question file also its dataset (coco / aokvqa / gqa) and per-split content hash (keys only when
+    given, so earlier fingerprints keep their hash)."""
     versions = [version] if isinstance(version, str) else list(version or [])
-    return {
+    fields: dict[str, Any] = {
         "source": source,
         "version": versions,
         "split_sha256": dict(sorted(split_sha256.items())),
         "parser": parser,
         "splits": sorted(split_sha256),
     }
+    if dataset is not None:
+        fields["dataset"] = dataset
+    if content_sha256 is not None:
+        fields["content_sha256"] = dict(sorted(content_sha256.items()))
+    return fields
 
 
 def amber_protocol(data: Any, *, parts: Sequence[str], parser: str, normalizer: Any, similarity: Any,

@@ -17,9 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from vlmfix.eval._io import PathLike, sha256_json
+from vlmfix.eval._io import PathLike
 from vlmfix.eval.errors import EvalInputError
-from vlmfix.eval.pope.questions import SPLITS, PopeQuestion, QuestionFile, check_unique_ids, question_from_row
+from vlmfix.eval.pope.questions import (
+    SPLITS,
+    PopeQuestion,
+    QuestionFile,
+    check_unique_ids,
+    question_from_row,
+    questions_sha256,
+)
 
 HF_COLUMNS = ("question_id", "question", "answer", "image_source", "category")
 
@@ -49,11 +56,6 @@ class HFPopeSplit:
                 f"question_id {question_id} is not in the {self.split!r} split of this POPE copy."
             )
         return self._dataset[self._rows[question_id]]["image"]
-
-
-def questions_sha256(questions: Sequence[PopeQuestion]) -> str:
-    """Content hash of the B1 fields of questions, in order (independent of file layout)."""
-    return sha256_json([[q.question_id, q.image, q.text, q.label] for q in questions])
 
 
 def load_hf_pope(
