@@ -23,6 +23,11 @@ log = logging.getLogger("benchmarks")
 
 CHAIR_COLUMNS = ("CHAIRs", "CHAIRi", "Recall", "Len", "repeated_sentence_rate")
 POPE_COLUMNS = ("f1", "accuracy", "yes_ratio")
+RELEASE_COLUMNS = {  # per kind: the columns of a benchmark read from its upstream release
+    "amber": ("CHAIR", "Cover", "Hal", "Cog", "f1", "amber_score"),
+    "mme": ("total", "existence score", "count score", "position score", "color score"),
+    "hallusion": ("aAcc", "fAcc", "qAcc", "unknown_rate"),
+}
 
 
 FAILURE_FILE = "failure.json"
@@ -135,6 +140,10 @@ def table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]
         elif result["kind"] == "pope":
             for name in POPE_COLUMNS:
                 put(key, f"{result['benchmark']} {name}", metrics.get(name))
+        elif result["kind"] in RELEASE_COLUMNS:
+            for name in RELEASE_COLUMNS[result["kind"]]:
+                if name in metrics:
+                    put(key, f"{result['benchmark']} {name}", metrics.get(name))
         elif result["kind"] == "speed":
             put(key, "speed ratio", metrics.get("ratio_to_greedy"))
             put(key, "speed wall ratio", metrics.get("wall_ratio_to_greedy"))
