@@ -249,7 +249,7 @@ def run_mme(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: M
 @dataclass(frozen=True)
 class HallusionOptions:
     questions: list[hallusion.HallusionQuestion]
-    hashes: dict[str, str]
+    hashes: dict[str, str | None]
     parser: str
     unknown_no_visual: str
     include_text_only: bool
@@ -271,9 +271,15 @@ def check_hallusion(cfg: DictConfig) -> HallusionOptions:
     text(bench.prompt_suffix, "benchmark.prompt_suffix", allow_empty=True)
     number(bench.max_new_tokens, "benchmark.max_new_tokens", low=1, integer=True,
            meaning="the generation budget; set benchmark.max_new_tokens=<int>")
+    source = choice(bench.source, "benchmark.source", SOURCES, meaning="set benchmark.source=folder or hf")
     root = local_root(bench.data)
-    questions = app.scorer_input("benchmark.data.root", hallusion.load_hallusion, root)
-    return HallusionOptions(questions, hallusion.file_hashes(root, questions), parser, unknown, include)
+    if source == "folder":
+        questions = app.scorer_input("benchmark.data.root", hallusion.load_hallusion, root)
+    else:
+        image_dir = Path(cfg.results_dir) / ".cache" / "hallusionbench_images"
+        questions = app.scorer_input("benchmark.data.root", hallusion.load_hallusion_hf, root, image_dir)
+    hashes = {**hallusion.file_hashes(root, questions), "source": source}
+    return HallusionOptions(questions, hashes, parser, unknown, include)
 
 
 def prepare_hallusion(cfg: DictConfig, options: HallusionOptions, paths: None) -> HallusionTask:
@@ -282,7 +288,7 @@ def prepare_hallusion(cfg: DictConfig, options: HallusionOptions, paths: None) -
     kept = set(_limited_keys(sets, cfg.limit))  # limit: the first N sets, so figures and groups stay whole
     questions = [q for q in questions if (q.category, q.subcategory, q.set_id) in kept]
     items = [Item(q.key, q.image_path, q.question + cfg.benchmark.prompt_suffix) for q in questions]
-    app.check_image_files(items, Path(cfg.benchmark.data.root or ".") / "hallusion_bench")
+    app.check_image_files(items, Path(cfg.benchmark.data.root or "."))
     return HallusionTask(options, questions, items)
 
 

@@ -86,3 +86,26 @@ def test_readme_filename_form_is_accepted(tmp_path: Path) -> None:
     (tmp_path / "HallusionBench.json").write_text(json.dumps(rows))
     questions = hallusion.load_hallusion(tmp_path)
     assert questions[0].image_path == tmp_path / "hallusion_bench" / "VD" / "illusion" / "0_0.png"
+
+
+def test_parquet_copy_gives_the_same_questions_and_writes_images(tmp_path: Path) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder = hallusion.load_hallusion(write_bench(tmp_path / "json"))
+    rows = json.loads((tmp_path / "json" / "HallusionBench.json").read_text())
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    for row in rows:
+        row["image"] = {"bytes": buffer.getvalue(), "path": None} if row["filename"] else None
+    (tmp_path / "hf").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hf" / "image-00000.parquet")
+    hf = hallusion.load_hallusion_hf(tmp_path / "hf", image_dir=tmp_path / "images")
+    fields = lambda q: (q.key, q.category, q.set_id, q.figure_id, q.question_id, q.gt_answer)  # noqa: E731
+    assert list(map(fields, hf)) == list(map(fields, folder))
+    assert hf[0].image_path == tmp_path / "images" / "VD" / "illusion" / "0_0.png" and hf[0].image_path.is_file()
+    assert hf[4].image_path is None
+    assert hallusion.score_hallusion(hf, answers()).to_json() == hallusion.score_hallusion(folder, answers()).to_json()

@@ -93,3 +93,16 @@ def test_content_pins_are_the_released_files() -> None:
         ("popular", ("edebdda", "head"), "2db93c74"), ("adversarial", ("edebdda",), "8ecffcc5"),
         ("adversarial", ("head",), "909200ae"),
     ])
+
+
+def test_hf_copy_is_identified_by_content_without_pinned_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .test_pope import _write_hf_copy
+
+    _write_hf_copy(tmp_path / "POPE")
+    # the copy's random rows: (1, dog, yes), (2, cat, no) on COCO_val2014_000000000001.jpg
+    rows = [pope.PopeQuestion(1, "COCO_val2014_000000000001.jpg", "Is there a dog in the image?", "yes"),
+            pope.PopeQuestion(2, "COCO_val2014_000000000001.jpg", "Is there a cat in the image?", "no")]
+    pins = {pope.questions_sha256(rows): pope.PinnedPopeFile("random", ("edebdda", "head"))}
+    monkeypatch.setattr("vlmfix.eval.pope.hf.CONTENT_PINS", pins)
+    split = pope.load_hf_pope(tmp_path / "POPE", "random", cache_dir=tmp_path / "cache")
+    assert split.versions == ("edebdda", "head")

@@ -188,7 +188,7 @@ def mme_protocol(source: str, content_sha256: Mapping[str, str], parser: str, pr
             "prompt": prompt, "subtasks": sorted(content_sha256)}
 
 
-def hallusion_protocol(hashes: Mapping[str, str], parser: str, unknown_no_visual: str,
+def hallusion_protocol(hashes: Mapping[str, str | None], parser: str, unknown_no_visual: str,
                        include_text_only: bool) -> dict[str, Any]:
     """The HallusionBench fields: file and content hash, the rule judge, `unknown_no_visual`,
     `include_text_only`; never comparable to the GPT-judged leaderboard."""

@@ -99,12 +99,43 @@ def load_hallusion(path: PathLike, image_root: PathLike | None = None) -> list[H
     return questions_from_rows(read_json(file, "HallusionBench"), root, str(file))
 
 
-def file_hashes(path: PathLike, questions: Sequence[HallusionQuestion]) -> dict[str, str]:
-    """The file's byte hash and the content hash of its question fields (for the fingerprint)."""
+def load_hallusion_hf(source: PathLike, image_dir: PathLike | None = None) -> list[HallusionQuestion]:
+    """Questions from local parquet files of the HF dataset lmms-lab/HallusionBench (splits `image` and
+    `non_image`: the JSON fields plus `image`), files in name order. With `image_dir`, each image is written there
+    once under its `filename` (so the generation reads files); rows without an image are text-only."""
+    import pyarrow.parquet as pq
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise EvalInputError(f"HallusionBench copy {str(path)!r} does not exist; vlmfix reads local copies only.")
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise EvalInputError(f"HallusionBench copy {str(path)!r} holds no parquet files.")
+    rows: list[dict[str, Any]] = []
+    images: list[Any] = []
+    for file in files:
+        for row in pq.read_table(file).to_pylist():
+            images.append(row.pop("image", None))
+            rows.append(row)
+    questions = questions_from_rows(rows, Path(image_dir) if image_dir is not None else None, str(path))
+    for question, image in zip(questions, images):
+        if question.image_path is None or image_dir is None or question.image_path.is_file():
+            continue
+        if not (isinstance(image, dict) and isinstance(image.get("bytes"), bytes)):
+            raise EvalInputError(f"HallusionBench copy {str(path)!r}: the image of question key {question.key} is not "
+                                 "{bytes, path}; re-export the dataset with its images embedded.")
+        question.image_path.parent.mkdir(parents=True, exist_ok=True)
+        question.image_path.write_bytes(image["bytes"])
+    return questions
+
+
+def file_hashes(path: PathLike, questions: Sequence[HallusionQuestion]) -> dict[str, str | None]:
+    """The file's byte hash (None for a parquet copy) and the content hash of its question fields (for the
+    fingerprint)."""
     path = Path(path)
     file = path / "HallusionBench.json" if path.is_dir() else path
     content = sha256_json([[getattr(q, key) for key in FIELDS] for q in questions])
-    return {"file_sha256": sha256_file(file), "content_sha256": content}
+    return {"file_sha256": sha256_file(file) if file.is_file() else None, "content_sha256": content}
 
 
 @dataclass(frozen=True)
