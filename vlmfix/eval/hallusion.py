@@ -181,7 +181,8 @@ def score_hallusion(questions: Sequence[HallusionQuestion], answers: Mapping[int
         raise EvalInputError(f"answers for key(s) {stray[:10]} have no HallusionBench question.")
     if not answers:
         raise EvalInputError("no HallusionBench answer to score; check that generation ran.")
-    predictions = {key: answer_parser(text, None) for key, text in answers.items()}
+    predictions = {key: answer_parser(text, YES if by_key[key].gt_answer == "1" else NO)
+                   for key, text in answers.items()}
 
     def correct(q: HallusionQuestion) -> bool:
         prediction = predictions.get(q.key)

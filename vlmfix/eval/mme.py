@@ -234,7 +234,8 @@ def score_mme(questions: Sequence[MmeQuestion], answers: Mapping[int, str],
                              "questions they were generated from.")
     if not answers:
         raise EvalInputError("no MME answer to score; check that generation ran.")
-    predictions = {k: answer_parser(text, None) for k, text in answers.items()}
+    labels = {q.key: q.answer for q in questions}
+    predictions = {k: answer_parser(text, labels[k]) for k, text in answers.items()}
     per_subtask: dict[str, list[list[MmeQuestion]]] = defaultdict(list)
     for (subtask, _), group in groups.items():
         per_subtask[subtask].append(group)
