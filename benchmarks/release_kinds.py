@@ -9,6 +9,7 @@ before any model loads. Items are built from the data alone, also before loading
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -60,6 +61,31 @@ def local_images(node: DictConfig) -> Path:
     return folder
 
 
+def release_root(cfg: DictConfig) -> Path | None:
+    """The local release the benchmark reads, or None when its variable is unset and the model ships data (the
+    toy): then the benchmark runs on the toy's miniature of it, written once the model is loaded."""
+    node = cfg.benchmark.data
+    if node.get("root") is None and app.ships_data(cfg.model.loader):
+        return None
+    return local_root(node)
+
+
+def own_data(cfg: DictConfig) -> bool:
+    """Whether the benchmark reads its local release (before loading), not the model's miniature."""
+    return cfg.benchmark.data.get("root") is not None or not app.ships_data(cfg.model.loader)
+
+
+def miniature_root(cfg: DictConfig, paths: app.DataPaths | None) -> Path:
+    """The toy miniatures (`vlmfix.toy.bench`) of the model's own data, written (or reused) under results_dir."""
+    from vlmfix.eval._io import sha256_file
+    from vlmfix.toy.bench import write_miniatures
+
+    if paths is None:
+        raise app.no_data_error(cfg)
+    key = sha256_file(paths.instances)[:16]
+    return write_miniatures(paths.instances.parent.parent, Path(cfg.results_dir) / ".cache" / "miniatures" / key)
+
+
 def _limited_keys(groups: Sequence[Any], limit: int | None) -> list[Any]:
     return list(groups) if limit is None else list(groups)[:limit]
 
@@ -67,7 +93,7 @@ def _limited_keys(groups: Sequence[Any], limit: int | None) -> list[Any]:
 # ------------------------------------------------------------------ AMBER
 @dataclass(frozen=True)
 class AmberOptions:
-    data: amber.AmberData
+    data: amber.AmberData | None  # None: the toy's miniature, read once the model is loaded
     parts: tuple[str, ...]
     parser: str
     normalizer: Any
@@ -82,6 +108,7 @@ class AmberTask:
     items: dict[str, list[Item]]  # part -> items
     subset: bool
     n_images: int
+    miniature: bool = False  # the toy's miniature (a pipeline check; not AMBER's numbers)
 
 
 def check_amber(cfg: DictConfig) -> AmberOptions:
@@ -104,17 +131,21 @@ def check_amber(cfg: DictConfig) -> AmberOptions:
     app.check_max_new_tokens(bench.max_new_tokens, "pope")
     number(bench.max_new_tokens_generative, "benchmark.max_new_tokens_generative", low=1, integer=True,
            meaning="the description budget; set model.chair_max_new_tokens=<int>")
-    root = local_root(bench.data)
-    data = app.scorer_input("benchmark.data.root", amber.load_amber, root)
+    root = release_root(cfg)
+    data = app.scorer_input("benchmark.data.root", amber.load_amber, root) if root is not None else None
     made_normalizer = amber.make_normalizer(normalizer, lower=quirks == "fixed")  # nltk: probes its data now
     similarity = app.scorer_input("benchmark.similarity", functools.partial(
         amber.make_similarity, spacy_model=bench.get("spacy_model"), table=bench.get("table"),
-        threshold=float(threshold), vocabulary_sha256=data.vocabulary_sha256), backend)
+        threshold=float(threshold), vocabulary_sha256=data.vocabulary_sha256 if data else None), backend)
     return AmberOptions(data, tuple(parts), parser, made_normalizer, similarity, float(threshold), quirks)
 
 
-def prepare_amber(cfg: DictConfig, options: AmberOptions, paths: None) -> AmberTask:
+def prepare_amber(cfg: DictConfig, options: AmberOptions, paths: app.DataPaths | None) -> AmberTask:
+    miniature = options.data is None
+    if miniature:
+        options = dataclasses.replace(options, data=amber.load_amber(miniature_root(cfg, paths) / "amber"))
     data = options.data
+    assert data is not None
     generative = data.queries("generative")
     images = sorted({amber.image_number(q.image) for q in generative})
     kept = set(_limited_keys(images, cfg.limit))
@@ -125,18 +156,20 @@ def prepare_amber(cfg: DictConfig, options: AmberOptions, paths: None) -> AmberT
         items[part] = [Item(q.id, data.image_path(q), q.query + suffix) for q in queries
                        if amber.image_number(q.image) in kept]
         app.check_image_files(items[part], (data.root or Path(".")) / "image")
-    return AmberTask(options, items, subset=len(kept) < len(images), n_images=len(kept))
+    return AmberTask(options, items, subset=len(kept) < len(images), n_images=len(kept), miniature=miniature)
 
 
 def run_amber(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: AmberTask,
               shard: Shard) -> dict[str, Any]:
     bench, options = cfg.benchmark, task.options
+    assert options.data is not None  # prepare_amber read it
     budgets = {"generative": int(bench.max_new_tokens_generative), "discriminative": int(bench.max_new_tokens)}
     decoding, _ = app.decoding_of(cfg, budgets[options.parts[0]])
     fields = amber_protocol(options.data, parts=options.parts, parser=options.parser, normalizer=options.normalizer,
                             similarity=options.similarity, threshold=options.threshold, quirks=options.quirks,
                             n_images=task.n_images, subset=task.subset)
     fields["max_new_tokens"] = budgets
+    fields["source"] = "toy_miniature" if task.miniature else "folder"
     fields["prompt_suffix"] = bench.prompt_suffix
     fingerprint = protocol_fingerprint(
         model_id=loaded.source, model_revision=loaded.revision, method=app.method_label(cfg, methods),
@@ -152,7 +185,8 @@ def run_amber(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
         description=f"{bench.name} {part} {app.method_label(cfg, methods)}") for part in options.parts}
     if shard.rank != 0:
         return {}
-    metrics: dict[str, Any] = {"similarity": options.similarity.describe(), "subset": task.subset}
+    metrics: dict[str, Any] = {"similarity": options.similarity.describe(), "subset": task.subset,
+                               "data_source": fields["source"]}
     complete = all(len(rows[p]) == len(task.items[p]) for p in options.parts)
     generative = discriminative = None
     if "generative" in rows:
@@ -178,10 +212,11 @@ def run_amber(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
 # ------------------------------------------------------------------ MME
 @dataclass(frozen=True)
 class MmeOptions:
-    questions: list[mme.MmeQuestion]
+    questions: list[mme.MmeQuestion] | None  # None: the toy's miniature, read once the model is loaded
     source: str
     parser: str
     prompt: str
+    subtasks: tuple[str, ...] = mme.HALLUCINATION_SUBTASKS
 
 
 @dataclass(frozen=True)
@@ -203,21 +238,26 @@ def check_mme(cfg: DictConfig) -> MmeOptions:
                     meaning="the yes/no parser (mme_official is MME's own); set benchmark.parser=<name>")
     text(bench.prompt_suffix, "benchmark.prompt_suffix", allow_empty=True)
     app.check_max_new_tokens(bench.max_new_tokens, "pope")
-    root = local_root(bench.data)
-    if source == "folder":
+    root = release_root(cfg)
+    questions = None
+    if root is not None and source == "folder":
         questions = app.scorer_input("benchmark.data.root", mme.load_mme_folder, root, subtasks)
-    else:
+    elif root is not None:
         image_dir = Path(cfg.results_dir) / ".cache" / "mme_images"
         questions = app.scorer_input("benchmark.data.root", mme.load_mme_hf, root, subtasks, image_dir)
-    return MmeOptions(questions, source, parser, prompt)
+    return MmeOptions(questions, source, parser, prompt, tuple(subtasks))
 
 
-def prepare_mme(cfg: DictConfig, options: MmeOptions, paths: None) -> MmeTask:
+def prepare_mme(cfg: DictConfig, options: MmeOptions, paths: app.DataPaths | None) -> MmeTask:
+    everything = options.questions
+    if everything is None:
+        everything = mme.load_mme_folder(miniature_root(cfg, paths) / "mme", options.subtasks)
+        options = dataclasses.replace(options, questions=everything, source="toy_miniature")
     kept: set[tuple[str, str]] = set()
-    for subtask in dict.fromkeys(q.subtask for q in options.questions):
-        images = list(dict.fromkeys(q.image for q in options.questions if q.subtask == subtask))
+    for subtask in dict.fromkeys(q.subtask for q in everything):
+        images = list(dict.fromkeys(q.image for q in everything if q.subtask == subtask))
         kept |= {(subtask, image) for image in _limited_keys(images, cfg.limit)}
-    questions = [q for q in options.questions if (q.subtask, q.image) in kept]
+    questions = [q for q in everything if (q.subtask, q.image) in kept]
     suffix = cfg.benchmark.prompt_suffix
     items = [Item(q.key, q.image_path, mme.prompt_text(q.question, options.prompt, suffix)) for q in questions]
     app.check_image_files(items, Path(cfg.benchmark.data.root or "."))
@@ -239,7 +279,8 @@ def run_mme(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: M
     if shard.rank != 0:
         return {}
     scores = mme.score_mme(task.questions, {k: r["text"] for k, r in rows.items()}, options.parser)
-    metrics = {"total": scores.total, "unknown_rate": scores.unknown_rate, "yes_ratio": scores.yes_ratio,
+    metrics = {"data_source": options.source,
+               "total": scores.total, "unknown_rate": scores.unknown_rate, "yes_ratio": scores.yes_ratio,
                **{f"{name} score": s.score for name, s in scores.subtasks.items()}, "mme": scores.to_json()}
     return app._finish(cfg, out_dir, app.method_label(cfg, methods), fingerprint, metrics,
                        complete=scores.n_missing == 0)
@@ -248,7 +289,7 @@ def run_mme(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: M
 # ------------------------------------------------------------------ HallusionBench
 @dataclass(frozen=True)
 class HallusionOptions:
-    questions: list[hallusion.HallusionQuestion]
+    questions: list[hallusion.HallusionQuestion] | None  # None: the toy's miniature, read once the model is loaded
     hashes: dict[str, str | None]
     parser: str
     unknown_no_visual: str
@@ -272,7 +313,9 @@ def check_hallusion(cfg: DictConfig) -> HallusionOptions:
     number(bench.max_new_tokens, "benchmark.max_new_tokens", low=1, integer=True,
            meaning="the generation budget; set benchmark.max_new_tokens=<int>")
     source = choice(bench.source, "benchmark.source", SOURCES, meaning="set benchmark.source=folder or hf")
-    root = local_root(bench.data)
+    root = release_root(cfg)
+    if root is None:
+        return HallusionOptions(None, {}, parser, unknown, include)
     if source == "folder":
         questions = app.scorer_input("benchmark.data.root", hallusion.load_hallusion, root)
     else:
@@ -282,7 +325,13 @@ def check_hallusion(cfg: DictConfig) -> HallusionOptions:
     return HallusionOptions(questions, hashes, parser, unknown, include)
 
 
-def prepare_hallusion(cfg: DictConfig, options: HallusionOptions, paths: None) -> HallusionTask:
+def prepare_hallusion(cfg: DictConfig, options: HallusionOptions, paths: app.DataPaths | None) -> HallusionTask:
+    if options.questions is None:
+        root = miniature_root(cfg, paths) / "hallusionbench"
+        loaded = hallusion.load_hallusion(root)
+        options = dataclasses.replace(options, questions=loaded,
+                                      hashes={**hallusion.file_hashes(root, loaded), "source": "toy_miniature"})
+    assert options.questions is not None
     questions = [q for q in options.questions if options.include_text_only or q.image_path is not None]
     sets = list(dict.fromkeys((q.category, q.subcategory, q.set_id) for q in questions))
     kept = set(_limited_keys(sets, cfg.limit))  # limit: the first N sets, so figures and groups stay whole
@@ -308,19 +357,16 @@ def run_hallusion(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], t
         return {}
     scores = hallusion.score_hallusion(task.questions, {k: r["text"] for k, r in rows.items()}, options.parser,
                                        options.unknown_no_visual)
-    metrics = {"aAcc": scores.aacc, "fAcc": scores.facc, "qAcc": scores.qacc, "unknown_rate": scores.unknown_rate,
+    metrics = {"data_source": options.hashes.get("source"),
+               "aAcc": scores.aacc, "fAcc": scores.facc, "qAcc": scores.qacc, "unknown_rate": scores.unknown_rate,
                "yes_ratio": scores.yes_ratio, "n_text_only": scores.n_text_only, "hallusion": scores.to_json()}
     return app._finish(cfg, out_dir, app.method_label(cfg, methods), fingerprint, metrics,
                        complete=scores.n_missing == 0)
 
 
-def own_data(cfg: DictConfig) -> bool:
-    return True
-
-
 KINDS = {
-    "amber": app.BenchmarkKind(check_amber, prepare_amber, run_amber, (), needs_data=False, own_data=own_data),
-    "mme": app.BenchmarkKind(check_mme, prepare_mme, run_mme, (), needs_data=False, own_data=own_data),
-    "hallusion": app.BenchmarkKind(check_hallusion, prepare_hallusion, run_hallusion, (), needs_data=False,
+    "amber": app.BenchmarkKind(check_amber, prepare_amber, run_amber, ("instances", "images"), own_data=own_data),
+    "mme": app.BenchmarkKind(check_mme, prepare_mme, run_mme, ("instances", "images"), own_data=own_data),
+    "hallusion": app.BenchmarkKind(check_hallusion, prepare_hallusion, run_hallusion, ("instances", "images"),
                                    own_data=own_data),
 }

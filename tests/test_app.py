@@ -60,17 +60,16 @@ RELEASE_VARIABLES = ("VLMFIX_AMBER", "VLMFIX_MME", "VLMFIX_HALLUSIONBENCH", "VLM
 
 @pytest.mark.parametrize("benchmark", group("benchmark"))
 def test_default_settings_pass_the_checks_without_loading(benchmark, tmp_path, monkeypatch):
+    for variable in RELEASE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
     cfg = composed("model=toy_fast", f"benchmark={benchmark}", f"results_dir={tmp_path}")
-    if cfg.benchmark.get("data") is not None:  # read from a local upstream release (no toy miniature yet)
-        for variable in RELEASE_VARIABLES:
-            monkeypatch.delenv(variable, raising=False)
-        with pytest.raises(FileNotFoundError, match=rf"the environment variable {cfg.benchmark.data.root_env} is "
-                           "not set"):
+    if cfg.benchmark.kind == "pope" and cfg.benchmark.get("data") is not None:  # released files, no toy miniature
+        with pytest.raises(FileNotFoundError, match=r"the environment variable VLMFIX_POPE is not set"):
             check_settings(cfg)
         return
     checked = check_settings(cfg)
-    assert checked.data is None  # the toy ships its data: it is read once the model is loaded
-    assert checked.methods == []
+    assert checked.data is None  # the toy ships its data (and miniatures of the release benchmarks): read once
+    assert checked.methods == []  # the model is loaded
 
 
 def test_pope_data_named_file_by_file_needs_no_root(tmp_path):

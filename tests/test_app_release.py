@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from benchmarks.app import CONFIG_DIR, check_settings, run
 from benchmarks.generation import Item, chat_prompt, generate_predictions
-from benchmarks.models import LoadedModel
+from benchmarks.models import LOADERS, LoadedModel, LoaderSpec
 from vlmfix.eval import amber, mme
 from vlmfix.testing import random_image
 
@@ -53,8 +53,10 @@ def tiny_config(tmp_path: Path, benchmark: str, *overrides: str):
 
 @pytest.fixture(autouse=True)
 def no_release_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No release variable set, and the tiny loader declared as shipping no data (like a real checkpoint)."""
     for variable in ("VLMFIX_AMBER", "VLMFIX_MME", "VLMFIX_HALLUSIONBENCH", "VLMFIX_POPE", "VLMFIX_COCO", "VLMFIX_GQA"):
         monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setitem(LOADERS, f"{__name__}.load_tiny", LoaderSpec(lambda **settings: None, ships_data=False))
 
 
 # ------------------------------------------------------------------ missing data: one error, before loading
@@ -138,7 +140,7 @@ def test_amber_official_similarity_without_spacy_fails_before_loading(tmp_path: 
     monkeypatch.setattr("vlmfix.eval.amber.similarity.TABLE_DIR", tmp_path)
     LOADS.clear()
     with pytest.raises(amber.SimilarityUnavailableError, match="amber.similarity=none"):
-        run(tiny_config(tmp_path, "amber", "benchmark.normalizer=simple"))
+        run(tiny_config(tmp_path, "amber", "benchmark.normalizer=simple", "benchmark.similarity=official"))
     assert LOADS == []
 
 
@@ -228,3 +230,40 @@ def test_pope_preset_reads_the_released_file_and_its_images(tmp_path: Path, monk
     assert result["benchmark"] == "pope_gqa_popular" and result["metrics"]["n_questions"] == 4
     assert result["fingerprint"]["pope"]["dataset"] == "gqa"
     assert set(result["fingerprint"]["pope"]["content_sha256"]) == {"popular"}
+
+
+# ------------------------------------------------------------------ the toy's miniatures
+TOY_DATA: list[Path] = []
+
+
+def load_tiny_with_toy_data(**settings: Any) -> LoadedModel:
+    """The tiny LLaVA with toy scenes as its own data (as the toy ships its val split)."""
+    LOADS.append(settings)
+    tiny = tiny_model("llava")
+    return LoadedModel(tiny.model, tiny.processor, source="tiny-llava", revision="test", data_root=TOY_DATA[0])
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlmfix.toy.dataset import generate_split, write_split
+
+    root = tmp_path_factory.mktemp("toy_data")
+    write_split(root, "val", generate_split("val", 12, 1, seed=0, image_size=112, pair_keep=0.98, broken_share=0.5))
+    return root
+
+
+@pytest.mark.parametrize(("benchmark", "key"), [("amber", "CHAIR"), ("mme_hallucination", "total"),
+                                                ("hallusionbench", "qAcc")])
+def test_a_model_that_ships_data_runs_the_miniature(toy_data: Path, tmp_path: Path, benchmark: str, key: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(LOADERS, f"{__name__}.load_tiny_with_toy_data",
+                        LoaderSpec(lambda **settings: None, ships_data=True))
+    TOY_DATA[:] = [toy_data]
+    cfg = composed("model=toy_fast", f"model.loader._target_={__name__}.load_tiny_with_toy_data",
+                   f"benchmark={benchmark}", f"results_dir={tmp_path / 'results'}", "model.chair_max_new_tokens=3",
+                   "model.pope_max_new_tokens=2", "model.hallusion_max_new_tokens=2", "progress=false", "limit=2")
+    assert check_settings(cfg).data is None  # no release variable: the miniature is read once the model is loaded
+    result = run(cfg)
+    assert result["metrics"]["data_source"] == "toy_miniature"
+    assert isinstance(result["metrics"][key], float)
+    assert (tmp_path / "results" / ".cache" / "miniatures").is_dir()
