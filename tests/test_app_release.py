@@ -267,3 +267,25 @@ def test_a_model_that_ships_data_runs_the_miniature(toy_data: Path, tmp_path: Pa
     assert result["metrics"]["data_source"] == "toy_miniature"
     assert isinstance(result["metrics"][key], float)
     assert (tmp_path / "results" / ".cache" / "miniatures").is_dir()
+
+
+def test_summary_shows_release_columns_and_marks_miniatures(tmp_path: Path) -> None:
+    from benchmarks.summary import MINIATURE_MARK, write_summary
+
+    results = [
+        {"model": "toy", "method": "greedy", "kind": "mme", "benchmark": "mme_hallucination",
+         "metrics": {"data_source": "toy_miniature", "total": 250.0, "existence score": 100.0}, "fingerprint": {}},
+        {"model": "toy", "method": "greedy", "kind": "hallusion", "benchmark": "hallusionbench",
+         "metrics": {"data_source": "folder", "aAcc": 0.5, "fAcc": 0.25, "qAcc": 0.125, "unknown_rate": 0.0},
+         "fingerprint": {}},
+    ]
+    for job, result in enumerate(results):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "result.json").write_text(json.dumps(result))
+    text = write_summary(tmp_path)
+    assert text is not None
+    header = text.splitlines()[0]
+    assert f"mme_hallucination{MINIATURE_MARK} total" in header and "hallusionbench qAcc" in header
+    assert "hallusionbench† qAcc" not in header
+    assert "| toy | greedy | 250.000 | 100.000 | 0.500 | 0.250 | 0.125 | 0.000 |" in text
+    assert f"{MINIATURE_MARK} the toy's miniature" in text
