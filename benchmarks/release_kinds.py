@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from benchmarks.generation import Item, Shard, generate_predictions
 from benchmarks.models import LoadedModel
 from vlmfix.decoding.method import Method
 from vlmfix.eval import amber, amber_protocol, hallusion, hallusion_protocol, mme, mme_protocol, yesno
+from vlmfix.eval._io import atomic_write_text
 from vlmfix.eval.fingerprint import protocol_fingerprint
 from vlmfix.validation import boolean, choice, number, text
 
@@ -185,6 +187,8 @@ def run_amber(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
         description=f"{bench.name} {part} {app.method_label(cfg, methods)}") for part in options.parts}
     if shard.rank != 0:
         return {}
+    responses = [{"id": key, "response": row["response"]} for part in options.parts for key, row in rows[part].items()]
+    atomic_write_text(out_dir / "amber_inference.json", json.dumps(responses, indent=1) + "\n")  # official input
     metrics: dict[str, Any] = {"similarity": options.similarity.describe(), "subset": task.subset,
                                "data_source": fields["source"]}
     complete = all(len(rows[p]) == len(task.items[p]) for p in options.parts)

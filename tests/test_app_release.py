@@ -127,6 +127,8 @@ def test_amber_runs_and_records_its_similarity_backend(tmp_path: Path, monkeypat
     assert metrics["CHAIR"] == expected.chair and metrics["Cover"] == expected.cover
     assert metrics["f1"] == amber.score_discriminative(discriminative, data).f1
     assert metrics["amber_score"] is not None and result["complete"]
+    official_input = json.loads((out / "amber_inference.json").read_text())  # what inference.py reads
+    assert {row["id"]: row["response"] for row in official_input} == {**generative, **discriminative}
     # `limit` keeps the first image ids of both parts: a subset, so no AMBER score
     limited = run(tiny_config(tmp_path, "amber", *overrides, "limit=1"))
     assert limited["metrics"]["subset"] and limited["metrics"]["amber_score"] is None
