@@ -266,3 +266,36 @@ def test_fingerprint_records_the_similarity_backend(data: amber.AmberData) -> No
                                        amber=fields)
     assert fingerprint["benchmark"] == "amber" and fingerprint["amber"]["normalizer"] == "amber-simple-1"
     assert "mme" not in fingerprint
+
+
+def stub_nltk(monkeypatch: pytest.MonkeyPatch, tags: dict[str, str]) -> None:
+    """A stand-in for nltk (its data cannot be installed here): whitespace tokens with the final period split
+    off, tags from `tags` (else "DT"), and a lemmatizer that drops a plural "s" (not "ss")."""
+    import types
+
+    nltk = types.ModuleType("nltk")
+    nltk.__version__ = "3.9.1"  # type: ignore[attr-defined]
+    nltk.data = types.SimpleNamespace(find=lambda path: path)  # type: ignore[attr-defined]
+    nltk.word_tokenize = lambda text: text.replace(".", " .").split()  # type: ignore[attr-defined]
+    nltk.pos_tag = lambda tokens: [(t, tags.get(t, "DT")) for t in tokens]  # type: ignore[attr-defined]
+    stem = types.ModuleType("nltk.stem")
+
+    class WordNetLemmatizer:
+        def lemmatize(self, word: str) -> str:
+            return word[:-1] if word.endswith("s") and not word.endswith("ss") else word
+
+    stem.WordNetLemmatizer = WordNetLemmatizer  # type: ignore[attr-defined]
+    nltk.stem = stem  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "nltk", nltk)
+    monkeypatch.setitem(sys.modules, "nltk.stem", stem)
+
+
+def test_nltk_normalizer_keeps_case_and_noun_tags(monkeypatch: pytest.MonkeyPatch, data: amber.AmberData) -> None:
+    stub_nltk(monkeypatch, {"Dog": "NNP", "dogs": "NNS", "grass": "NN", "run": "VB"})
+    nouns = amber.make_normalizer("nltk")
+    # "Dog" (NNP) is kept as "Dog", which is not a word of V; "run" (a verb) is dropped; "dogs" -> "dog"
+    assert nouns("Dog dogs run on grass.", data.vocabulary) == ["Dog", "dog", "grass"]
+    assert amber.response_nouns("Dog dogs run on grass.", data, nouns) == ["dog", "grass"]
+    fixed = amber.make_normalizer("nltk", lower=True)
+    assert amber.response_nouns("Dog dogs run on grass.", data, fixed, quirks="fixed") == ["dog", "dog", "grass"]
+    assert (nouns.version, nouns.comparable_to_official) == ("nltk-3.9.1", True)
