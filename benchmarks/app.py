@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -78,8 +78,9 @@ class Checked:
     config names them (None: they ship with the model and are checked once it is loaded)."""
 
     methods: list[Method]
-    options: ChairOptions | PopeOptions | None
+    options: Any
     data: DataPaths | None
+    own_data: bool = False  # the benchmark reads its own local release (benchmark.data), checked by its check
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class PopeOptions:
     question_file: pope.QuestionFile | None  # benchmark.questions; None builds the questions from the data
     n_images: int  # a built file's images: n_images capped by limit
     seed: int
+    images: Path | None = None  # a dataset preset's image folder (benchmark.data); None: the data's images
+    dataset: str | None = None  # coco, aokvqa or gqa for a dataset preset
 
 
 def check_settings(cfg: DictConfig) -> Checked:
@@ -117,6 +120,8 @@ def check_settings(cfg: DictConfig) -> Checked:
     options = kind.check(cfg)
     methods = build_methods(cfg)
     check_beam_search_methods(cfg, name, methods)
+    if kind.own_data(cfg):
+        return Checked(methods, options, None, own_data=True)
     data = configured_data(cfg, kind.files)
     if data is None and kind.needs_data and not ships_data(cfg.model.loader):
         raise no_data_error(cfg)
@@ -289,6 +294,8 @@ def check_pope(cfg: DictConfig) -> PopeOptions:
     seed = number(bench.seed, "benchmark.seed", low=0, integer=True,
                   meaning="the question building seed; set benchmark.seed=<int>")
     question_file = None
+    if bench.get("data") is not None:  # a dataset preset (pope_aokvqa_*, pope_gqa_*): the released files
+        return check_pope_release(cfg, split, parser)
     if bench.questions is not None:
         if cfg.limit is not None:
             raise ValueError(f"`limit` caps the images of built question files, but benchmark.questions is set "
@@ -308,6 +315,26 @@ def check_beam_search_methods(cfg: DictConfig, kind: str, methods: list[Method])
         raise ValueError(f"{', '.join(own)} is a beam-search method; set decoding.num_beams=5 (>= 2) and "
                          f"decoding.do_sample=false (got num_beams={cfg.decoding.num_beams}, do_sample="
                          f"{cfg.decoding.do_sample}).")
+
+
+def check_pope_release(cfg: DictConfig, split: str, parser: str) -> PopeOptions:
+    """A POPE dataset preset: the released question file (benchmark.questions, else found under the preset's
+    $VLMFIX_POPE) identified by content, and the image folder of the preset's own variable."""
+    from benchmarks.release_kinds import local_images, local_root
+
+    bench = cfg.benchmark
+    dataset = choice(bench.dataset, "benchmark.dataset", pope.DATASETS)
+    if cfg.limit is not None:
+        raise ValueError("`limit` caps the images of built question files, but this preset reads a released file; "
+                         "set limit=null.")
+    if bench.questions is not None:
+        path = existing_file(bench.questions, "benchmark.questions", "a POPE question file (JSON Lines or array)")
+        images = local_images(bench.data)
+    else:
+        root, images = local_root(bench.data), local_images(bench.data)
+        path = scorer_input("benchmark.data.root", pope.find_question_file, root, dataset, split)
+    question_file = scorer_input("benchmark.questions", pope.load_question_file, path, split, dataset)
+    return PopeOptions(split, parser, question_file, 0, 0, images=images, dataset=dataset)
 
 
 def check_speed(cfg: DictConfig) -> None:
@@ -414,7 +441,8 @@ def image_files(instances: Path) -> dict[int, str]:
 
 
 def check_image_files(items: Sequence[Item], images: Path) -> None:
-    missing = sorted({str(item.image_path) for item in items if not item.image_path.is_file()})
+    missing = sorted({str(item.image_path) for item in items
+                      if item.image_path is not None and not item.image_path.is_file()})
     if missing:
         raise FileNotFoundError(f"{len(missing)} image file(s) of this run are missing under `data.images` "
                                 f"{str(images)!r}, e.g. {missing[0]!r}; point data.images (or data.root) at the "
@@ -441,6 +469,8 @@ class PopeTask:
     versions: tuple[str, ...]
     sha256: str
     items: list[Item]
+    content_sha256: str | None = None
+    dataset: str | None = None
 
 
 def prepare_chair(cfg: DictConfig, options: ChairOptions, paths: DataPaths) -> ChairTask:
@@ -463,18 +493,22 @@ def prepare_chair(cfg: DictConfig, options: ChairOptions, paths: DataPaths) -> C
     return ChairTask(options.extractor, selection, ground_truth, items)
 
 
-def prepare_pope(cfg: DictConfig, options: PopeOptions, paths: DataPaths) -> PopeTask:
+def prepare_pope(cfg: DictConfig, options: PopeOptions, paths: DataPaths | None) -> PopeTask:
+    content = None
     if options.question_file is not None:
         file = options.question_file
         questions, source, versions, digest = list(file.questions), "file", file.versions, file.sha256
+        content = file.content_sha256
     else:
+        assert paths is not None  # built questions read the data's annotations
         question_file = built_questions(cfg, options, paths.instances)
         questions, source, versions = pope.read_questions(question_file), "built", ()
         digest = sha256_file(question_file)
+    images = options.images if options.images is not None else cast(DataPaths, paths).images
     suffix = cfg.benchmark.prompt_suffix
-    items = [Item(q.question_id, paths.images / q.image, q.text + suffix) for q in questions]
-    check_image_files(items, paths.images)
-    return PopeTask(questions, source, versions, digest, items)
+    items = [Item(q.question_id, images / q.image, q.text + suffix) for q in questions]
+    check_image_files(items, images)
+    return PopeTask(questions, source, versions, digest, items, content, options.dataset)
 
 
 def built_questions(cfg: DictConfig, options: PopeOptions, instances: Path) -> Path:
@@ -555,7 +589,9 @@ def run_pope(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: 
         model_id=loaded.source, model_revision=loaded.revision, method=method_label(cfg, methods),
         method_params=_method_params(methods), decoding=decoding, prompt="{question}" + bench.prompt_suffix,
         chat_template=getattr(loaded.processor, "chat_template", None),
-        pope=pope_protocol(task.source, task.versions, {bench.split: task.sha256}, bench.parser),
+        pope=pope_protocol(task.source, task.versions, {bench.split: task.sha256}, bench.parser, task.dataset,
+                           {bench.split: task.content_sha256} if task.dataset is not None and task.content_sha256
+                           else None),
         execution=execution_of(cfg, loaded),
     )
     out_dir = _result_dir(cfg, methods, fingerprint)
@@ -618,13 +654,18 @@ class BenchmarkKind:
     run: Callable[[DictConfig, LoadedModel, list[Method], Any, Shard], dict[str, Any]]
     files: tuple[str, ...]  # the data files it reads
     needs_data: bool = True
+    own_data: Callable[[DictConfig], bool] = lambda cfg: False  # reads its local release (benchmark.data) itself
 
 
 KINDS = {
     "chair": BenchmarkKind(check_chair, prepare_chair, run_chair, ("instances", "captions", "images")),
-    "pope": BenchmarkKind(check_pope, prepare_pope, run_pope, ("instances", "images")),
+    "pope": BenchmarkKind(check_pope, prepare_pope, run_pope, ("instances", "images"),
+                          own_data=lambda cfg: cfg.benchmark.get("data") is not None),
     "speed": BenchmarkKind(check_speed, prepare_speed, run_speed, ("instances", "images"), needs_data=False),
 }
+from benchmarks.release_kinds import KINDS as RELEASE_KINDS  # noqa: E402  (uses the helpers above)
+
+KINDS.update(RELEASE_KINDS)
 
 
 # ------------------------------------------------------------------ plumbing
@@ -673,9 +714,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     checked = check_settings(cfg)
     kind = KINDS[cfg.benchmark.kind]
-    task = kind.prepare(cfg, checked.options, checked.data) if checked.data is not None else None
+    task = None
+    if checked.own_data or checked.data is not None:
+        task = kind.prepare(cfg, checked.options, checked.data)
     loaded: LoadedModel = instantiate(cfg.model.loader)
-    if checked.data is None:
+    if task is None:
         task = kind.prepare(cfg, checked.options, model_data(cfg, loaded, kind.files, kind.needs_data))
     result = kind.run(cfg, loaded, checked.methods, task, Shard.current())
     if result:
@@ -685,9 +728,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def objective(result: dict[str, Any] | None) -> float | None:
-    """The number a sweeper optimises: CHAIR_i, POPE F1 or the speed ratio."""
+    """The number a sweeper optimises: CHAIR_i, POPE / AMBER F1, MME total, HallusionBench qAcc or the speed
+    ratio."""
     metrics = result.get("metrics", {}) if result else {}
-    value = metrics.get("CHAIRi", metrics.get("f1", metrics.get("ratio_to_greedy")))
+    value = next((metrics[k] for k in ("CHAIRi", "f1", "total", "qAcc", "ratio_to_greedy")
+                  if isinstance(metrics.get(k), (int, float))), None)
     return float(value) if isinstance(value, (int, float)) else None
 
 

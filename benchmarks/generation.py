@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -29,10 +29,12 @@ from vlmfix.validation import number
 
 @dataclass(frozen=True)
 class Item:
-    """One generation request: `key` identifies it in the predictions file."""
+    """One generation request: `key` identifies it in the predictions file. `image_path` None is a text-only
+    request (HallusionBench): batched apart, templated without an image entry and decoded by plain
+    `model.generate` with no method (the methods act on image tokens)."""
 
     key: int
-    image_path: Path
+    image_path: Path | None
     text: str
 
 
@@ -119,8 +121,9 @@ def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def chat_prompt(processor: Any, text: str) -> str:
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def chat_prompt(processor: Any, text: str, image: bool = True) -> str:
+    content = [{"type": "image"}] if image else []
+    conversation = [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
@@ -147,7 +150,10 @@ def generate_predictions(
     own_path = out_path if shard.world == 1 else out_path.with_suffix(f".rank{shard.rank}.jsonl")
     drop_torn_tail(own_path)
     done = {**read_predictions(out_path, key_name, text_name), **read_predictions(own_path, key_name, text_name)}
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    with_image = [item for item in items if item.image_path is not None]
+    text_only = [item for item in items if item.image_path is None]  # batched after the image items
+    batches = [with_image[i : i + batch_size] for i in range(0, len(with_image), batch_size)]
+    batches += [text_only[i : i + batch_size] for i in range(0, len(text_only), batch_size)]
     todo = [
         (index, batch) for index, batch in enumerate(batches)
         if index % shard.world == shard.rank and any(item.key not in done for item in batch)
@@ -156,13 +162,19 @@ def generate_predictions(
     bar = tqdm(total=len(items), initial=len(items) - sum(len(b) for _, b in todo) * shard.world,
                desc=description, disable=not progress or shard.rank != 0, unit="item")
     for index, batch in todo:
-        images = [Image.open(item.image_path).convert("RGB") for item in batch]
-        prompts = [chat_prompt(processor, item.text) for item in batch]
-        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(device)
         torch.manual_seed(seed * 100_003 + index)
-        with torch.inference_mode():
-            out = vlmfix.generate(model, **inputs, methods=methods, tokenizer=processor,
-                                  max_new_tokens=max_new_tokens, **decoding)
+        if batch[0].image_path is None:
+            prompts = [chat_prompt(processor, item.text, image=False) for item in batch]
+            inputs = processor(text=prompts, padding=True, return_tensors="pt").to(device)
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, **decoding)
+        else:
+            images = [Image.open(cast(Path, item.image_path)).convert("RGB") for item in batch]
+            prompts = [chat_prompt(processor, item.text) for item in batch]
+            inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(device)
+            with torch.inference_mode():
+                out = vlmfix.generate(model, **inputs, methods=methods, tokenizer=processor,
+                                      max_new_tokens=max_new_tokens, **decoding)
         texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         rows = [{key_name: item.key, text_name: text.strip()} for item, text in zip(batch, texts)
                 if item.key not in done]

@@ -90,7 +90,7 @@ def test_pope_fingerprint_fields() -> None:
 
 
 def test_fingerprint_errors() -> None:
-    with pytest.raises(EvalInputError, match="exactly one of `chair` and `pope`"):
+    with pytest.raises(EvalInputError, match="exactly one of `chair`, `pope`, `amber`, `mme` and `hallusion`"):
         _fingerprint(chair=None)
     with pytest.raises(EvalInputError, match="value JSON cannot store"):
         _fingerprint(method_params={"layers": {1, 2}})

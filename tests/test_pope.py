@@ -69,8 +69,8 @@ def test_exact_and_yesno_words_parsers(parser: str, answer: str, expected: str) 
 def test_parser_errors_name_the_options() -> None:
     with pytest.raises(
         UnknownNameError,
-        match="Unknown POPE answer parser .*'llava'. Available: exact, official, opera, "
-        "vcd_substring, yesno_words",
+        match="Unknown yes/no answer parser .*'llava'. Available: amber_exact, exact, lmms_substring, "
+        "mme_lmms, mme_official, official, opera, vcd_substring, vlmevalkit_yorn, yesno_words",
     ):
         pope.parse_answer("Yes", "llava")
     with pytest.raises(EvalInputError, match="'vcd_substring' decides by the question's label.*got None"):

@@ -142,7 +142,7 @@ def test_read_answers_refuses_null_text(tmp_path) -> None:
 
 
 def test_parse_answer_refuses_non_strings() -> None:
-    with pytest.raises(EvalInputError, match=r"POPE answers must be strings, got None \(a NoneType\)"):
+    with pytest.raises(EvalInputError, match=r"yes/no answers must be strings, got None \(a NoneType\)"):
         pope.parse_answer(None)
 
 

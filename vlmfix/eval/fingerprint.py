@@ -135,17 +135,66 @@ def chair_protocol(extractor: Any, images: Any, ground_truth: Any) -> dict[str, 
 
 
 def pope_protocol(
-    source: str, version: str | Sequence[str] | None, split_sha256: Mapping[str, str], parser: str
+    source: str,
+    version: str | Sequence[str] | None,
+    split_sha256: Mapping[str, str],
+    parser: str,
+    dataset: str | None = None,
+    content_sha256: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The POPE fields: source (`file`, `hf` or `built`), version(s), sha256 per split, parser, splits run."""
+    """The POPE fields: source (`file`, `hf` or `built`), version(s), sha256 per split, parser, splits run;
+    for a question file also its dataset (coco / aokvqa / gqa) and per-split content hash (keys only when
+    given, so earlier fingerprints keep their hash)."""
     versions = [version] if isinstance(version, str) else list(version or [])
-    return {
+    fields: dict[str, Any] = {
         "source": source,
         "version": versions,
         "split_sha256": dict(sorted(split_sha256.items())),
         "parser": parser,
         "splits": sorted(split_sha256),
     }
+    if dataset is not None:
+        fields["dataset"] = dataset
+    if content_sha256 is not None:
+        fields["content_sha256"] = dict(sorted(content_sha256.items()))
+    return fields
+
+
+def amber_protocol(data: Any, *, parts: Sequence[str], parser: str, normalizer: Any, similarity: Any,
+                   threshold: float, quirks: str, n_images: int, subset: bool) -> dict[str, Any]:
+    """The AMBER fields (spec "Run fingerprint additions"): file hashes, parts, parser, normalizer (+ NLTK
+    version), similarity backend (+ spaCy / model versions or table sha256), threshold, quirks, image count,
+    and whether the numbers are comparable to the official script's."""
+    described = similarity.describe()
+    return {
+        "sha256": dict(sorted(data.sha256.items())),
+        "parts": list(parts),
+        "parser": parser,
+        "normalizer": normalizer.version,
+        "nltk_version": normalizer.nltk_version,
+        "similarity": described,
+        "threshold": threshold,
+        "quirks": quirks,
+        "n_images": n_images,
+        "subset": subset,
+        "comparable_to_official": bool(normalizer.comparable_to_official and described["comparable_to_official"]
+                                       and quirks == "reference" and parser == "amber_exact" and threshold == 0.8),
+    }
+
+
+def mme_protocol(source: str, content_sha256: Mapping[str, str], parser: str, prompt: str) -> dict[str, Any]:
+    """The MME fields: source (`folder` / `hf`), per-subtask content hash, parser, prompt mode."""
+    return {"source": source, "content_sha256": dict(sorted(content_sha256.items())), "parser": parser,
+            "prompt": prompt, "subtasks": sorted(content_sha256)}
+
+
+def hallusion_protocol(hashes: Mapping[str, str | None], parser: str, unknown_no_visual: str,
+                       include_text_only: bool) -> dict[str, Any]:
+    """The HallusionBench fields: file and content hash, the rule judge, `unknown_no_visual`,
+    `include_text_only`; never comparable to the GPT-judged leaderboard."""
+    return {**dict(sorted(hashes.items())), "parser": parser, "judge": f"rule:{parser}",
+            "unknown_no_visual": unknown_no_visual, "include_text_only": include_text_only,
+            "comparable_to_leaderboard": False}
 
 
 def protocol_fingerprint(
@@ -159,10 +208,14 @@ def protocol_fingerprint(
     chat_template: str | None,
     chair: Mapping[str, Any] | None = None,
     pope: Mapping[str, Any] | None = None,
+    amber: Mapping[str, Any] | None = None,
+    mme: Mapping[str, Any] | None = None,
+    hallusion: Mapping[str, Any] | None = None,
     execution: Execution | None = None,
     libraries: Sequence[str] = DEFAULT_LIBRARIES,
 ) -> dict[str, Any]:
-    """Build the fingerprint dict of one run (exactly one of `chair` / `pope`).
+    """Build the fingerprint dict of one run (exactly one benchmark section: `chair`, `pope`, `amber`, `mme` or
+    `hallusion`; the last three appear as keys only when set, so CHAIR / POPE hashes are unchanged).
 
     Args:
         model_id, model_revision: the checkpoint (hub id or local path) and its revision / commit, if known.
@@ -170,16 +223,19 @@ def protocol_fingerprint(
         decoding: the `Decoding` settings.
         prompt: the prompt text or preset name.
         chat_template: the chat template used (hashed), or None when there is none.
-        chair / pope: `chair_protocol(...)` or `pope_protocol(...)`.
+        chair / pope / amber / mme / hallusion: that benchmark's `*_protocol(...)`.
         execution: the `Execution` settings (batch size, dtype, ...); None when not known (recorded as null).
         libraries: distributions whose versions are recorded.
     """
-    if (chair is None) == (pope is None):
+    sections = {"chair": chair, "pope": pope, "amber": amber, "mme": mme, "hallusion": hallusion}
+    given = [name for name, section in sections.items() if section is not None]
+    if len(given) != 1:
         raise EvalInputError(
-            "pass exactly one of `chair` and `pope` to protocol_fingerprint (one benchmark per run)."
+            "pass exactly one of `chair`, `pope`, `amber`, `mme` and `hallusion` to protocol_fingerprint (one "
+            f"benchmark per run), got {given or 'none'}."
         )
     fingerprint = {
-        "benchmark": "chair" if chair is not None else "pope",
+        "benchmark": given[0],
         "model": {"id": model_id, "revision": model_revision},
         "method": {"name": method, "params": dict(method_params)},
         "decoding": asdict(decoding),
@@ -190,6 +246,9 @@ def protocol_fingerprint(
         "pope": dict(pope) if pope is not None else None,
         "execution": asdict(execution) if execution is not None else None,
     }
+    for name in ("amber", "mme", "hallusion"):
+        if sections[name] is not None:
+            fingerprint[name] = dict(sections[name] or {})
     fingerprint_hash(fingerprint)  # fails now, not when the results are written, if a value is not JSON
     return fingerprint
 

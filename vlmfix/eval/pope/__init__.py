@@ -23,16 +23,20 @@ from vlmfix.eval.pope.build import (
     ranked,
     select_images,
 )
-from vlmfix.eval.pope.hf import HFPopeSplit, load_hf_pope, questions_sha256
+from vlmfix.eval.pope.hf import HFPopeSplit, load_hf_pope
 from vlmfix.eval.pope.parsers import NO, PARSERS, UNKNOWN, YES, AnswerParser, get_parser, parse_answer
 from vlmfix.eval.pope.questions import (
+    CONTENT_PINS,
+    DATASETS,
     LABELS,
     PINNED_FILES,
     SPLITS,
     PinnedPopeFile,
     PopeQuestion,
     QuestionFile,
+    find_question_file,
     load_question_file,
+    questions_sha256,
     read_questions,
     write_questions,
 )
@@ -48,6 +52,8 @@ from vlmfix.eval.pope.score import (
 )
 
 __all__ = [
+    "CONTENT_PINS",
+    "DATASETS",
     "DEFAULT_TEMPLATE",
     "LABELS",
     "NO",
@@ -71,6 +77,7 @@ __all__ = [
     "build_pope",
     "build_split",
     "count_outcomes",
+    "find_question_file",
     "get_parser",
     "load_hf_pope",
     "load_question_file",

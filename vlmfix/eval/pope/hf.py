@@ -17,9 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from vlmfix.eval._io import PathLike, sha256_json
+from vlmfix.eval._io import PathLike
 from vlmfix.eval.errors import EvalInputError
-from vlmfix.eval.pope.questions import SPLITS, PopeQuestion, QuestionFile, check_unique_ids, question_from_row
+from vlmfix.eval.pope.questions import (
+    CONTENT_PINS,
+    SPLITS,
+    PopeQuestion,
+    QuestionFile,
+    check_unique_ids,
+    question_from_row,
+    questions_sha256,
+)
 
 HF_COLUMNS = ("question_id", "question", "answer", "image_source", "category")
 
@@ -51,11 +59,6 @@ class HFPopeSplit:
         return self._dataset[self._rows[question_id]]["image"]
 
 
-def questions_sha256(questions: Sequence[PopeQuestion]) -> str:
-    """Content hash of the B1 fields of questions, in order (independent of file layout)."""
-    return sha256_json([[q.question_id, q.image, q.text, q.label] for q in questions])
-
-
 def load_hf_pope(
     source: PathLike | Sequence[PathLike],
     split: str,
@@ -69,7 +72,8 @@ def load_hf_pope(
             `save_to_disk` folder. Rows of every config are filtered by their `category` column.
         split: random, popular or adversarial.
         pinned: loaded pinned question files (`load_question_file`); the split's version is the one whose rows
-            (question_id, image, text, label) are identical.
+            (question_id, image, text, label) are identical. Without them, the rows' content hash is looked up
+            in the released files' pins (`CONTENT_PINS`), in order (the copy's row order must match).
         cache_dir: `datasets` cache folder for the parquet conversion (default: its usual cache).
     """
     if split not in SPLITS:
@@ -102,11 +106,13 @@ def load_hf_pope(
             f"POPE copy {source!r} has no rows of split {split!r}; its categories are {found}."
         )
     check_unique_ids(questions, f"POPE copy, split {split!r}")
-    versions: tuple[str, ...] = ()
+    content = questions_sha256(questions)
+    known = CONTENT_PINS.get(content)
+    versions: tuple[str, ...] = known.versions if known is not None and known.split == split else ()
     for question_file in pinned:
         if question_file.split == split and _same_rows(question_file.questions, questions):
             versions = question_file.versions
-    return HFPopeSplit(split, tuple(questions), questions_sha256(questions), versions, dataset, rows)
+    return HFPopeSplit(split, tuple(questions), content, versions, dataset, rows)
 
 
 def _same_rows(a: Sequence[PopeQuestion], b: Sequence[PopeQuestion]) -> bool:

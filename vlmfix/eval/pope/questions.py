@@ -1,7 +1,12 @@
-"""POPE question files (spec B1, B2): read, write, and identify the released versions by content hash.
+"""POPE question files (spec B1, B2; hallu_benchmarks.md Part D): read, write, find, and identify the
+released versions by content hash.
 
 Released COCO files are JSON Lines despite their `.json` extension; the SEEM-based A-OKVQA / GQA files are
-JSON arrays. `read_questions` sniffs the content (UTF-8 only), rejects empty files, duplicate ids and labels
+JSON arrays (VCD re-serialized them as JSON Lines, and its COCO copies have LF line ends where RUCAIBox's
+have CRLF). A file is identified by the canonical content hash of its (question_id, image, text, label)
+rows (`questions_sha256`), whatever its layout or line ends; its byte hash is kept for the fingerprint.
+
+`read_questions` sniffs the content (UTF-8 only), rejects empty files, duplicate ids and labels
 other than yes/no, and keeps the extra fields vlmfix writes (`image_id`, `object`) when present. A
 `PopeQuestion` checks itself: ids are normalised to int ("42" is 42), the label must be exactly "yes" or
 "no" (the reference scorers would count any other label, "Yes" included, as one class silently).
@@ -17,11 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from vlmfix import validation
-from vlmfix.eval._io import PathLike, as_id, atomic_write_text, jsonl_text, read_records, sha256_file, shown
+from vlmfix.eval._io import (
+    PathLike,
+    as_id,
+    atomic_write_text,
+    jsonl_text,
+    read_records,
+    sha256_file,
+    sha256_json,
+    shown,
+)
 from vlmfix.eval.errors import EvalInputError, checked
 
 LABELS = ("yes", "no")
 SPLITS = ("random", "popular", "adversarial")
+DATASETS = ("coco", "aokvqa", "gqa")
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,7 @@ class PinnedPopeFile:
     split: str
     versions: tuple[str, ...]
     rows: int | None = None
+    dataset: str = "coco"
 
 
 # sha256 of the released RUCAIBox/POPE COCO files -> (split, versions). `e3e3926` is the 2,910-row random
@@ -57,6 +73,40 @@ PINNED_FILES: Mapping[str, PinnedPopeFile] = {
     ),
     "420b3407db1fa9f1187a805dca41cb7b97fd91504e6c2179706188c107fb8ef8": PinnedPopeFile(
         "adversarial", ("head",)
+    ),
+}
+
+
+# Canonical content hash (`questions_sha256`) of the released files -> what they are (RUCAIBox/POPE at
+# e3e3926, edebdda, 9b54106 and head; computed from the files, and equal to the spec's pins). VCD's JSON Lines
+# copies (other bytes, same rows) map to the same entries.
+CONTENT_PINS: Mapping[str, PinnedPopeFile] = {
+    "ebbebf87d1142419298be9aca30a1d2b81e51959c14385dd305e7bda18123676": PinnedPopeFile("random", ("e3e3926",), 2910),
+    "e665758c4c3a5c49fbdf5824a3b5093393727db366ebe199b15d5060f0c1ae52": PinnedPopeFile("popular", ("e3e3926",)),
+    "3c75c0e1dcf6520f507e046c4e0660ef5ce636f39d63379fddeaf30a1e5faadf": PinnedPopeFile("adversarial", ("e3e3926",)),
+    "9999e9a2478b4fd05670defcf85d5e91ffab1df81cd41f6ce6add61dfb5bc28e": PinnedPopeFile(
+        "random", ("edebdda", "head"), 3000
+    ),
+    "2db93c74a6fc72471b96d0254f197ab2a2d4c074f7392f1e3147ca621b0ac7c2": PinnedPopeFile("popular", ("edebdda", "head")),
+    "8ecffcc50550857b1c2e0d8aa39355cdfdb888ea87daa87acbe28a6d643d6509": PinnedPopeFile("adversarial", ("edebdda",)),
+    "909200aee8458eb4fc3f764bd72526a5d2fc153d2095e91400537ff2caf09d9d": PinnedPopeFile("adversarial", ("head",)),
+    "e7f3e0c5163045a5d0ba536fee1fea30c16893bfe740cca6abba5dd2230dbbe8": PinnedPopeFile(
+        "random", ("9b54106", "head"), 3000, "aokvqa"
+    ),
+    "d28ac37966929e67ad4b86056247f9c4a604f2546a4eb8613207fcc8efb945e0": PinnedPopeFile(
+        "popular", ("9b54106", "head"), 3000, "aokvqa"
+    ),
+    "16ecf67827247c8c6f3e31ca1fb731f4dd9e53cad91f2724bce264854688b7ad": PinnedPopeFile(
+        "adversarial", ("9b54106", "head"), 3000, "aokvqa"
+    ),
+    "17684ae1c49ee2d5a3656c58d6fbad0c14d3a7dab6ff459c46bd1c06c8787140": PinnedPopeFile(
+        "random", ("9b54106", "head"), 3000, "gqa"
+    ),
+    "1199529081243c96691902bd075b8146ec80d5fcd0332dd424c865b72dd480ef": PinnedPopeFile(
+        "popular", ("9b54106", "head"), 3000, "gqa"
+    ),
+    "954050ea3d77b0883efa33ccfc263fdfd48f9a67749eb0930047fc0dd8c199f6": PinnedPopeFile(
+        "adversarial", ("9b54106", "head"), 3000, "gqa"
     ),
 }
 
@@ -121,10 +171,12 @@ class QuestionFile:
 
     Args:
         questions: the questions in file order.
-        sha256: content hash of the file (recorded in the fingerprint).
+        sha256: byte hash of the file (recorded in the fingerprint).
         split: the split of a pinned file, else the caller's `split` argument (or None).
         versions: upstream versions with exactly this content; empty for an unknown file.
         path: where it was read from.
+        content_sha256: `questions_sha256` of its rows (what identifies it).
+        dataset: coco, aokvqa or gqa for a pinned file, else the caller's `dataset` argument (or None).
     """
 
     questions: tuple[PopeQuestion, ...]
@@ -132,6 +184,8 @@ class QuestionFile:
     split: str | None
     versions: tuple[str, ...]
     path: str
+    content_sha256: str = ""
+    dataset: str | None = None
 
 
 def question_from_row(row: Any, where: str) -> PopeQuestion:
@@ -177,24 +231,61 @@ def read_questions(path: PathLike) -> list[PopeQuestion]:
     return questions
 
 
-def load_question_file(path: PathLike, split: str | None = None) -> QuestionFile:
-    """Read a question file and identify it by content hash; an unknown hash loads with a warning."""
+def questions_sha256(questions: Sequence[PopeQuestion]) -> str:
+    """Content hash of the B1 fields of questions, in order (independent of file layout and line ends)."""
+    return sha256_json([[q.question_id, q.image, q.text, q.label] for q in questions])
+
+
+def load_question_file(path: PathLike, split: str | None = None, dataset: str | None = None) -> QuestionFile:
+    """Read a question file and identify it by content hash; an unknown hash loads with a warning.
+
+    A pinned file of another split or dataset than the one asked for raises.
+    """
     questions = read_questions(path)
     digest = sha256_file(path)
-    pinned = PINNED_FILES.get(digest)
+    content = questions_sha256(questions)
+    pinned = CONTENT_PINS.get(content)
     if pinned is None:
         warnings.warn(
-            f"POPE question file {str(path)!r} (sha256 {digest[:16]}...) is not one of the pinned released "
-            "files; its hash is recorded with the results.",
+            f"POPE question file {str(path)!r} (content sha256 {content[:16]}...) is not one of the pinned "
+            "released files; its hashes are recorded with the results.",
             stacklevel=2,
         )
-        return QuestionFile(tuple(questions), digest, split, (), str(path))
-    if split is not None and split != pinned.split:
-        raise EvalInputError(
-            f"POPE question file {str(path)!r} is the released {pinned.split!r} split, but split={split!r} "
-            "was asked for; pass the file of that split."
-        )
-    return QuestionFile(tuple(questions), digest, pinned.split, pinned.versions, str(path))
+        return QuestionFile(tuple(questions), digest, split, (), str(path), content, dataset)
+    for name, asked, found in (("split", split, pinned.split), ("dataset", dataset, pinned.dataset)):
+        if asked is not None and asked != found:
+            raise EvalInputError(
+                f"POPE question file {str(path)!r} is the released {pinned.dataset} {pinned.split!r} file, but "
+                f"{name}={asked!r} was asked for; pass the file of that {name}."
+            )
+    return QuestionFile(tuple(questions), digest, pinned.split, pinned.versions, str(path), content, pinned.dataset)
+
+
+# Where a dataset's split lives in a RUCAIBox/POPE clone and in VCD's experiments/data/POPE/ (relative to the
+# folder VLMFIX_POPE names; either repository root or the POPE data folder itself).
+def question_file_candidates(dataset: str, split: str) -> list[str]:
+    if dataset == "coco":
+        names = [f"output/coco/coco_pope_{split}.json"]
+    else:
+        names = [f"output/seem/{dataset}/{dataset}_pope_seem_{split}.json"]
+    vcd = f"{dataset}/{dataset}_pope_{split}.json"
+    return names + [vcd, f"experiments/data/POPE/{vcd}"]
+
+
+def find_question_file(root: PathLike, dataset: str, split: str) -> Path:
+    """The released question file of `dataset` / `split` under `root` (RUCAIBox/POPE or VCD layout)."""
+    if dataset not in DATASETS or split not in SPLITS:
+        raise EvalInputError(f"POPE dataset must be one of {', '.join(DATASETS)} and split one of "
+                             f"{', '.join(SPLITS)}, got {dataset!r} / {split!r}.")
+    root = Path(root).expanduser()
+    candidates = question_file_candidates(dataset, split)
+    for relative in candidates:
+        if (root / relative).is_file():
+            return root / relative
+    raise EvalInputError(
+        f"no POPE {dataset} {split!r} question file under {str(root)!r}; looked for {', '.join(candidates)}. "
+        "Point VLMFIX_POPE at a clone of github.com/RUCAIBox/POPE or of github.com/DAMO-NLP-SG/VCD."
+    )
 
 
 def write_questions(path: PathLike, questions: Iterable[PopeQuestion]) -> Path:
