@@ -17,8 +17,8 @@ from typing import cast
 
 from benchmarks.app import CONFIG_DIR, main
 
-SWEPT_METHODS = ("greedy", "vhr", "var", "gift", "dual_stream", "pai", "vcd", "dcd", "m3id", "icd", "sid", "avisc", "dola",
-                 "opera")
+SWEPT_METHODS = ("greedy", "vhr", "var", "gift", "dual_stream", "pai", "vcd", "dcd", "m3id", "icd", "sid", "avisc",
+                 "dola", "opera")
 DEFAULT_DCD_DIR = Path("outputs/dcd/toy")
 # the toy learns in minutes with a larger step than conf/train/dcd.yaml's (real-model) default
 TOY_DCD_RECIPE = ["learning_rate=1e-3", "gradient_accumulation_steps=1", "epochs=2"]

@@ -93,7 +93,8 @@ SESSION_CASES: list[tuple[Callable[..., Any], type, str]] = [
     (lambda m, i, p: vlmfix.generate(m, **i, methods="vhr", max_new_tokens=1), ValueError,
      r"`methods` must be a list.*write methods=\['vhr'\]"),
     (lambda m, i, p: vlmfix.generate(m, **i, methods=["vhrr"], max_new_tokens=1), vlmfix.UnknownNameError,
-     r"Unknown method 'vhrr'. Available: avisc, dcd, dola, dual_stream, gift, icd, m3id, opera, pai, sid, var, vcd, vhr"),
+     r"Unknown method 'vhrr'. Available: avisc, dcd, dola, dual_stream, gift, icd, m3id, opera, pai, sid, var, vcd, "
+     r"vhr"),
     (lambda m, i, p: vlmfix.generate(m, **i, methods=[OPERA()], max_new_tokens=1), ValueError,
      r"OPERA is a beam-search method; set num_beams >= 2 and do_sample=False"),
     (lambda m, i, p: vlmfix.generate(m, **i, tokenizer=42, max_new_tokens=1), ValueError,

@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "generate", "apply", "Session", "Method", "register_method", "methods",
-    "VHR", "VAR", "GIFT", "DualStream", "PAI", "VCD", "DCD", "M3ID", "ICD", "SID", "AvisC", "DoLa", "OPERA", "get_adapter", "Spans",
+    "VHR", "VAR", "GIFT", "DualStream", "PAI", "VCD", "DCD", "M3ID", "ICD", "SID", "AvisC", "DoLa", "OPERA",
+    "get_adapter", "Spans",
     "SUPPORTED_CLASSES", "VlmfixError", "UnsupportedModelError", "MissingImageError", "SpanError",
     "SessionError", "CheckpointError", "UnknownNameError", "__version__",
 ]
