@@ -77,8 +77,8 @@ def test_the_command_fails_a_method_that_edits_nothing_and_exits_1(tmp_path):
 
 def test_unknown_methods_are_refused_before_any_work(capsys):
     with pytest.raises(SystemExit, match="2"):  # argparse: usage error
-        main(["--methods", "vhr", "opera"])
-    assert "unknown methods ['opera']; known: none, dcd" in capsys.readouterr().err
+        main(["--methods", "vhr", "vcdd"])
+    assert "unknown methods ['vcdd']; known: none, dcd" in capsys.readouterr().err
 
 
 def test_peak_growth_sees_what_a_call_holds_at_its_peak():

@@ -215,6 +215,14 @@ class Adapter:
         return config if config is not None else self._hf.config.get_text_config(decoder=True)
 
     @property
+    def has_sliding_window(self) -> bool:
+        """Whether some decoder layers attend over a sliding window (their cache keeps the last keys only)."""
+        config = self.text_config
+        layer_types = getattr(config, "layer_types", None) or ()
+        return getattr(config, "sliding_window", None) is not None and (
+            not layer_types or "sliding_attention" in layer_types)
+
+    @property
     def vision_tower(self) -> nn.Module:
         return cast(nn.Module, first_attribute(self.base, VISION_TOWER_NAMES, "vision tower"))
 

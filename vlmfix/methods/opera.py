@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from vlmfix import validation
 from vlmfix.decoding.method import Method, register_method
+from vlmfix.errors import UnsupportedModelError
 from vlmfix.methods.opera_rules import SCORE_RANGES
 
 if TYPE_CHECKING:
@@ -106,6 +107,10 @@ class OPERA(Method):
         self.realloc = validation.choice(realloc, "realloc", ("vocab", "candidates"))
 
     def check(self, adapter: Adapter) -> None:
+        if adapter.has_sliding_window:
+            raise UnsupportedModelError(
+                f"OPERA rewrites cache slots of plain dynamic layers, and {adapter.family}'s sliding-window layers "
+                f"keep the last keys only; OPERA supports full-attention decoders.")
         implementation = adapter.text_config._attn_implementation or "eager"
         if "flash" in implementation:
             raise ValueError(f"OPERA needs an attention backend that honours 4-D masks (its candidate chunks and "

@@ -14,6 +14,7 @@ from vlmfix.decoding.attention import AttentionCall
 from vlmfix.decoding.contrastive import ContrastiveMethod, negative_rows, require_engine
 from vlmfix.decoding.edits import Edit, KeyBias
 from vlmfix.decoding.method import register_method
+from vlmfix.errors import UnsupportedModelError
 from vlmfix.methods.contrast import check_alpha, check_beta, contrast_logits
 from vlmfix.methods.image_selection import (
     NewestRowAttention,
@@ -134,6 +135,10 @@ class SID(ContrastiveMethod):
                                           "when the kept image tokens are selected")
 
     def check(self, adapter: Adapter) -> None:
+        if adapter.has_sliding_window:
+            raise UnsupportedModelError(
+                f"SID selects and hides image keys by sequence position, and {adapter.family}'s sliding-window "
+                f"layers cache the last keys only; SID supports full-attention decoders.")
         adapter.resolve_layers([self.layer], "layer")
 
     def prepare(self, session: Session) -> SIDState:
@@ -141,9 +146,10 @@ class SID(ContrastiveMethod):
         spans = session.spans
         lonely = rows_without_context_before_image(spans.image, spans.valid)
         if lonely:
-            raise ValueError(f"SID hides image keys, but in rows {lonely} no text token precedes the image, so a "
-                             f"query row could be left with no key; start each prompt with its chat template "
-                             f"(BOS and the user turn before the image).")
+            raise UnsupportedModelError(
+                f"SID hides image keys, but in rows {lonely} no text token precedes the image, so a "
+                f"query row could be left with no key; start each prompt with its chat template "
+                f"(BOS and the user turn before the image).")
         apc = self.apc_beta if self.apc_in_greedy or not is_greedy(session) else None
         state = SIDState(image=spans.image, keep=keep_counts(spans.image, self.keep_ratio, self.keep), apc_beta=apc,
                          changes=[0] * spans.batch_size)
