@@ -78,7 +78,7 @@ def test_the_command_fails_a_method_that_edits_nothing_and_exits_1(tmp_path):
 def test_unknown_methods_are_refused_before_any_work(capsys):
     with pytest.raises(SystemExit, match="2"):  # argparse: usage error
         main(["--methods", "vhr", "vcdd"])
-    assert "unknown methods ['vcdd']; known: none, dcd" in capsys.readouterr().err
+    assert "unknown methods ['vcdd']; known: none, avisc, dcd, dola" in capsys.readouterr().err
 
 
 def test_peak_growth_sees_what_a_call_holds_at_its_peak():
