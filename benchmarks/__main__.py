@@ -2,8 +2,10 @@
 
 With no arguments: the default sweep (`experiment=toy_sweep`): the toy model, CHAIR and POPE, greedy
 and every method that can run on it. DCD needs projectors trained on the toy's preference data: unless
-VLMFIX_DCD_CHECKPOINTS points at trained ones, they are trained first (about 3 minutes on 2 CPU cores)
-into outputs/dcd/toy, and trained again when the toy was rebuilt with other settings. VAR needs the
+VLMFIX_DCD_CHECKPOINTS points at trained ones, they are trained once (about 5 minutes on 2 CPU cores) and
+kept with the toy build, under `<toy cache>/dcd/<key>` (key: the toy settings hash and the DCD training
+settings), so a later run, from any working directory, reuses them; a toy rebuilt with other settings
+removes them with the old build. VAR needs the
 model's sink dimensions; the toy has none (its first token's largest |x_d| / rms(x) is about 2, far below
 any sink threshold: `python -m vlmfix.methods.sink_dims --model toy`), so VAR, which refuses such a model
 rather than edit nothing, is left out of the default sweep while the toy preset gives no `var_sink_dims`.
@@ -11,6 +13,7 @@ rather than edit nothing, is left out of the default sweep while the toy preset 
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import cast
@@ -19,9 +22,25 @@ from benchmarks.app import CONFIG_DIR, main
 
 SWEPT_METHODS = ("greedy", "vhr", "var", "gift", "dual_stream", "pai", "vcd", "dcd", "m3id", "icd", "sid", "avisc",
                  "dola", "opera")
-DEFAULT_DCD_DIR = Path("outputs/dcd/toy")
 # the toy learns in minutes with a larger step than conf/train/dcd.yaml's (real-model) default
 TOY_DCD_RECIPE = ["learning_rate=1e-3", "gradient_accumulation_steps=1", "epochs=2"]
+
+
+def toy_dcd_arguments() -> list[str]:
+    """The trainer's command line for the toy's projectors (without output_dir)."""
+    return ["--config", str(Path(CONFIG_DIR) / "train" / "dcd.yaml"), *TOY_DCD_RECIPE]
+
+
+def toy_dcd_dir() -> Path:
+    """Where the default sweep keeps the toy's DCD projectors: beside the toy build (`<toy cache>/dcd/<key>`),
+    keyed by the toy settings hash and the training settings that change the projectors."""
+    from vlmfix.eval._io import sha256_text
+    from vlmfix.toy import FULL, default_root
+    from vlmfix.training.dcd import parse_config
+
+    training = parse_config(toy_dcd_arguments()).fingerprint()  # output_dir, threads, logging left out
+    key = sha256_text(json.dumps({"toy_settings_hash": FULL.hash(), "training": training}, sort_keys=True))
+    return default_root(fast=False) / "dcd" / key[:16]
 
 
 def trained_for_toy(checkpoints: Path, toy_hash: str) -> bool:
@@ -37,10 +56,10 @@ def trained_for_toy(checkpoints: Path, toy_hash: str) -> bool:
 
 
 def ensure_dcd_checkpoints() -> bool:
-    """Train the toy's DCD projectors into outputs/dcd/toy unless current ones are there (or the user
-    points VLMFIX_DCD_CHECKPOINTS at theirs); returns whether DCD can join the sweep."""
-    from vlmfix.toy import FULL
-    from vlmfix.training.dcd import main as train_dcd
+    """Train the toy's DCD projectors into `toy_dcd_dir()` unless current ones are there (or the user points
+    VLMFIX_DCD_CHECKPOINTS at theirs), and point VLMFIX_DCD_CHECKPOINTS (read by conf/method/dcd.yaml) at
+    them; returns whether DCD can join the sweep."""
+    from vlmfix.toy import FULL, build_toy
 
     given = os.environ.get("VLMFIX_DCD_CHECKPOINTS")
     if given:
@@ -50,12 +69,44 @@ def ensure_dcd_checkpoints() -> bool:
               "projectors trained on this toy build (unset it to have them trained here).", flush=True)
         return False
 
-    if not trained_for_toy(DEFAULT_DCD_DIR, FULL.hash()):
-        print(f"[benchmarks] training DCD's projectors on the toy's preference data into {DEFAULT_DCD_DIR}",
-              flush=True)
-        train_dcd(["--config", str(Path(CONFIG_DIR) / "train" / "dcd.yaml"), *TOY_DCD_RECIPE,
-                   f"output_dir={DEFAULT_DCD_DIR}"])
+    build_toy()  # first, so that the projectors' folder sits in a complete build (a fresh clone builds it here)
+    directory = toy_dcd_dir()
+    if trained_for_toy(directory, FULL.hash()):
+        print(f"[benchmarks] DCD's projectors for this toy build: {directory} (cached)", flush=True)
+    else:
+        print(f"[benchmarks] training DCD's projectors on the toy's preference data into {directory} (once per toy "
+              "build)", flush=True)
+        train_both_sides(directory)
+    os.environ["VLMFIX_DCD_CHECKPOINTS"] = str(directory)
     return True
+
+
+def train_both_sides(directory: Path) -> None:
+    """Train the positive projector here and the negative one in a second process at the same time.
+
+    Each side is its own seeded run from the toy's projector on one torch thread (conf/train/dcd.yaml), so the
+    two processes use two cores and write what one process training them in turn would.
+    """
+    from vlmfix.training.dcd import main as train_dcd
+
+    arguments = [*toy_dcd_arguments(), f"output_dir={directory}"]
+    directory.mkdir(parents=True, exist_ok=True)
+    log_file = directory / "train-neg.log"
+    print(f"[benchmarks] the negative projector trains in a second process (log: {log_file})", flush=True)
+    with log_file.open("w") as log:
+        negative = subprocess.Popen([sys.executable, "-m", "vlmfix.training.dcd", *arguments, "projectors=[neg]"],
+                                    stdout=log, stderr=subprocess.STDOUT)
+        try:
+            train_dcd([*arguments, "projectors=[pos]"])
+        except BaseException:
+            negative.terminate()
+            negative.wait()
+            raise
+        status = negative.wait()
+    if status != 0:
+        raise RuntimeError(f"training DCD's negative projector failed (exit status {status}); its log: {log_file}. "
+                           "Rerun `python -m benchmarks` (training resumes), or train it alone: python -m "
+                           f"vlmfix.training.dcd {' '.join(arguments)} projectors=[neg]")
 
 
 def toy_has_sink_dims() -> bool:

@@ -58,7 +58,7 @@ from vlmfix.validation import boolean, choice, indices, number, optional_number,
 log = logging.getLogger("benchmarks")
 T = TypeVar("T")
 
-DECODING_KEYS = ("do_sample", "num_beams", "temperature", "top_p")
+DECODING_KEYS = ("do_sample", "num_beams", "temperature", "top_p", "repetition_penalty")
 IMAGE_MODES = ("sample", "list")
 
 
@@ -151,6 +151,9 @@ def check_decoding(decoding: DictConfig) -> None:
            meaning="the sampling temperature; set decoding.temperature=<float>")
     number(decoding.top_p, "decoding.top_p", low=0, high=1, low_open=True,
            meaning="the nucleus mass kept when sampling; set decoding.top_p=<float>")
+    number(decoding.repetition_penalty, "decoding.repetition_penalty", low=0, low_open=True,
+           meaning="generate's repetition penalty (1.0: none; method=dola sets 1.2); set "
+                   "decoding.repetition_penalty=<float>")
 
 
 def check_model(model: DictConfig) -> None:
@@ -531,8 +534,10 @@ def decoding_of(cfg: DictConfig, max_new_tokens: int) -> tuple[Decoding, dict[st
     mode = "beam" if d.num_beams > 1 else ("sample" if d.do_sample else "greedy")
     fingerprint = Decoding(max_new_tokens=int(max_new_tokens), mode=mode, num_beams=int(d.num_beams),
                            temperature=float(d.temperature) if d.do_sample else None,
-                           top_p=float(d.top_p) if d.do_sample else None, seed=int(cfg.seed))
-    kwargs: dict[str, Any] = {"do_sample": bool(d.do_sample), "num_beams": int(d.num_beams)}
+                           top_p=float(d.top_p) if d.do_sample else None, seed=int(cfg.seed),
+                           repetition_penalty=float(d.repetition_penalty))
+    kwargs: dict[str, Any] = {"do_sample": bool(d.do_sample), "num_beams": int(d.num_beams),
+                              "repetition_penalty": float(d.repetition_penalty)}
     if d.do_sample:
         kwargs.update(temperature=float(d.temperature), top_p=float(d.top_p))
     return fingerprint, kwargs

@@ -44,6 +44,7 @@ def test_chair_fingerprint_records_the_protocol() -> None:
         "temperature": None,
         "top_p": None,
         "seed": 0,
+        "repetition_penalty": 1.0,
     }
     assert fp["chat_template_sha256"] == hashlib.sha256(b"{{ messages }}").hexdigest()
     assert fp["chair"]["image_list_hash"] == hashlib.sha256(b"1,2,3").hexdigest()
@@ -61,6 +62,7 @@ def test_hash_is_canonical_and_changes_with_any_knob() -> None:
     assert fingerprint_hash(fp) == fingerprint_hash(reordered) == expected
     assert fingerprint_hash(_fingerprint(decoding=Decoding(max_new_tokens=64))) != expected
     assert fingerprint_hash(_fingerprint(method_params={"alpha": 0.6})) != expected
+    assert fingerprint_hash(_fingerprint(decoding=Decoding(max_new_tokens=512, repetition_penalty=1.2))) != expected
 
 
 def test_execution_settings_are_recorded_and_change_the_hash() -> None:

@@ -1,7 +1,7 @@
 """The protocol fingerprint stored in every result file, and its stable hash ("Run fingerprint" in the spec).
 
 Every choice that moves CHAIR or POPE numbers goes in: model id + revision; method + parameters;
-decoding (mode, beams, temperature, top_p, seed, max_new_tokens); prompt or preset + chat-template hash;
+decoding (mode, beams, temperature, top_p, seed, max_new_tokens, repetition_penalty); prompt or preset + chat-template hash;
 library versions; execution (batch size, dtype, attention backend, device type: they change floating-point
 sums, so even greedy predictions can depend on them);
 CHAIR: image-list hash, normalizer + table version, NLTK version, quirk mode, vocabulary sha256, ground-truth
@@ -45,6 +45,7 @@ class Decoding:
         num_beams: beams (1 unless `beam`).
         temperature, top_p: sampling settings (None unless `sample`).
         seed: the run's random seed.
+        repetition_penalty: generate's `repetition_penalty` (1.0: none; DoLa's benchmarks use 1.2).
     """
 
     max_new_tokens: int
@@ -53,6 +54,7 @@ class Decoding:
     temperature: float | None = None
     top_p: float | None = None
     seed: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         with _as_eval_input_error():
@@ -62,6 +64,8 @@ class Decoding:
             optional_number(self.temperature, "temperature", low=0, low_open=True)
             optional_number(self.top_p, "top_p", low=0, high=1, low_open=True)
             number(self.seed, "seed", integer=True, meaning="the run's random seed")
+            number(self.repetition_penalty, "repetition_penalty", low=0, low_open=True,
+                   meaning="generate's repetition penalty (1.0: none)")
         if (self.mode == "beam") != (self.num_beams > 1):
             raise EvalInputError(
                 f"`num_beams` must be > 1 exactly when mode='beam', got num_beams={self.num_beams!r} with "

@@ -7,6 +7,7 @@ root/
                          processor_config.json, chat_template.jinja, generation_config.json, vlmfix_toy.json
   data/                  images/{train,val}/*.png, annotations/{instances,captions}_{train,val}.json,
                          preference_train.jsonl
+  dcd/<key>/             optional: DCD projectors the benchmark app trained on this build (`python -m benchmarks`)
 ```
 
 `build_toy` reuses `root` only when its `vlmfix_toy.json` holds the same settings hash, so a build that
@@ -38,7 +39,7 @@ from .train import TrainSpec, train
 
 FORMAT_VERSION = 2  # bump when scenes, captions or training change without a settings change
 MARKER = "vlmfix_toy.json"
-_MANAGED = {"model", "data", MARKER}
+_MANAGED = {"model", "data", "dcd", MARKER}  # dcd/: projectors trained on this build, removed with it
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def _clear(root: Path) -> None:
             "pass a new or empty directory."
         )
     (root / MARKER).unlink(missing_ok=True)  # first, so an interrupted clear never looks complete
-    for name in ("model", "data"):
+    for name in ("model", "data", "dcd"):
         shutil.rmtree(root / name, ignore_errors=True)
 
 
