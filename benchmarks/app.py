@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -137,6 +138,9 @@ def check_run_settings(cfg: DictConfig) -> None:
                     meaning="the cap on images per benchmark, for quick looks; set limit=<int> or limit=null")
     text(cfg.results_dir, "results_dir")
     boolean(cfg.progress, "progress", meaning="set progress=true or progress=false")
+    optional_number(cfg.get("threads"), "threads", low=1, integer=True,
+                    meaning="torch's CPU threads (in the fingerprint); set threads=<int> or threads=null for torch's "
+                            "default")
 
 
 def check_decoding(decoding: DictConfig) -> None:
@@ -547,6 +551,7 @@ def execution_of(cfg: DictConfig, loaded: LoadedModel) -> Execution:
     """The settings besides the protocol that change predictions (see `Execution`)."""
     parameter = next(loaded.model.parameters())
     return Execution(batch_size=int(cfg.batch_size), dtype=str(parameter.dtype).removeprefix("torch."),
+                     threads=int(cfg.threads) if cfg.get("threads") is not None else None,
                      attn_implementation=getattr(loaded.model.config, "_attn_implementation", None),
                      device=parameter.device.type)
 
@@ -722,6 +727,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task = None
     if checked.own_data or checked.data is not None:
         task = kind.prepare(cfg, checked.options, checked.data)
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))  # the toy's tiny matmuls: one thread beats two, more so on a busy CPU
     loaded: LoadedModel = instantiate(cfg.model.loader)
     if task is None:
         task = kind.prepare(cfg, checked.options, model_data(cfg, loaded, kind.files, kind.needs_data))

@@ -70,12 +70,13 @@ def test_execution_settings_are_recorded_and_change_the_hash() -> None:
     with another batch size, dtype, attention backend or device must not land in the same result."""
     base = Execution(batch_size=8, dtype="float32", attn_implementation="sdpa", device="cpu")
     fp = _fingerprint(execution=base)
-    assert fp["execution"] == {"batch_size": 8, "dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
+    assert fp["execution"] == {"batch_size": 8, "dtype": "float32", "attn_implementation": "sdpa", "device": "cpu",
+                               "threads": None}
     assert _fingerprint()["execution"] is None
     hashes = {fingerprint_hash(_fingerprint(execution=e)) for e in (
         base, replace(base, batch_size=4), replace(base, dtype="bfloat16"),
-        replace(base, attn_implementation="eager"), replace(base, device="cuda"))}
-    assert len(hashes) == 5
+        replace(base, attn_implementation="eager"), replace(base, device="cuda"), replace(base, threads=1))}
+    assert len(hashes) == 6
 
 
 def test_pope_fingerprint_fields() -> None:

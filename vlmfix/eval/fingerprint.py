@@ -1,9 +1,9 @@
 """The protocol fingerprint stored in every result file, and its stable hash ("Run fingerprint" in the spec).
 
 Every choice that moves CHAIR or POPE numbers goes in: model id + revision; method + parameters;
-decoding (mode, beams, temperature, top_p, seed, max_new_tokens, repetition_penalty); prompt or preset + chat-template hash;
-library versions; execution (batch size, dtype, attention backend, device type: they change floating-point
-sums, so even greedy predictions can depend on them);
+decoding (mode, beams, temperature, top_p, seed, max_new_tokens, repetition_penalty); prompt or preset +
+chat-template hash; library versions; execution (batch size, dtype, attention backend, device type, torch
+threads: they change floating-point sums, so even greedy predictions can depend on them);
 CHAIR: image-list hash, normalizer + table version, NLTK version, quirk mode, vocabulary sha256, ground-truth
 cache key, comparable_to_opera; POPE: source, version, per-split sha256, parser, splits.
 
@@ -88,16 +88,20 @@ class Execution:
         dtype: the model's parameter dtype, e.g. "bfloat16"; None when unknown.
         attn_implementation: the attention backend, e.g. "sdpa"; None when unknown.
         device: the device type, e.g. "cuda" or "cpu"; None when unknown.
+        threads: torch's CPU threads when the run sets them (a CPU matmul may split its sums by thread count);
+            None: torch's default.
     """
 
     batch_size: int
     dtype: str | None = None
     attn_implementation: str | None = None
     device: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         with _as_eval_input_error():
             number(self.batch_size, "batch_size", low=1, integer=True, meaning="the items per generate call")
+            optional_number(self.threads, "threads", low=1, integer=True, meaning="torch's CPU threads")
             for name in ("dtype", "attn_implementation", "device"):
                 if getattr(self, name) is not None:
                     text(getattr(self, name), name)
