@@ -708,7 +708,7 @@ def _finish(cfg: DictConfig, out_dir: Path, label: str, fingerprint: dict[str, A
     result = {
         "model": cfg.model.name, "benchmark": cfg.benchmark.name, "kind": cfg.benchmark.kind,
         "method": label, "metrics": _plain(metrics), "complete": complete,
-        "result_dir": str(out_dir), "fingerprint": fingerprint,
+        "limit": cfg.get("limit"), "result_dir": str(out_dir), "fingerprint": fingerprint,
     }
     content = json.dumps(result, indent=2, default=str)
     atomic_write_text(out_dir / "result.json", content)

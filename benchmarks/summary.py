@@ -158,6 +158,19 @@ def table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]
     return header, body
 
 
+def limits_note(results: Sequence[dict[str, Any]]) -> str:
+    """The `limit` each benchmark ran with (images; HallusionBench: figure sets), '' when no run records one."""
+    limits: dict[str, set[str]] = {}
+    for result in results:
+        if "limit" in result:
+            value = "all" if result["limit"] is None else str(result["limit"])
+            limits.setdefault(result["benchmark"], set()).add(value)
+    if not limits:
+        return ""
+    listed = "; ".join(f"{benchmark} {' / '.join(sorted(values))}" for benchmark, values in limits.items())
+    return f"limit (images per benchmark; HallusionBench: figure sets): {listed}\n"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
@@ -217,6 +230,8 @@ def write_summary(sweep_dir: Path) -> str | None:
         sections.append(markdown(header, body))
         if any(MINIATURE_MARK in column for column in header):
             sections.append(MINIATURE_NOTE)
+        if limits_note(results):
+            sections.append(limits_note(results))
         with (sweep_dir / "summary.csv").open("w", newline="") as f:
             csv.writer(f).writerows([header, *body])
         plot(results, sweep_dir / "summary.png")

@@ -38,7 +38,7 @@ def test_method_configs_instantiate(method):
     cfg = composed(f"method={method}")
     methods = build_methods(cfg)
     assert all(isinstance(m, Method) for m in methods)
-    assert (len(methods) == 0) == (method == "greedy")
+    assert (len(methods) == 0) == (method in ("greedy", "greedy_penalty"))
     if methods:
         assert methods[0].name == method, "the config file is named after the registry name of its method"
 
@@ -216,6 +216,56 @@ def test_main_command_retrains_dcd_only_for_missing_or_stale_toy_projectors(tmp_
     assert not trained_for_toy(tmp_path, "hash-b")  # the toy was rebuilt with other settings
     (tmp_path / "positive.safetensors").write_bytes(b"not a checkpoint")
     assert not trained_for_toy(tmp_path, "hash-a")
+
+
+def test_toy_dcd_projectors_are_kept_with_the_toy_build_keyed_by_toy_and_training_settings(tmp_path, monkeypatch):
+    import benchmarks.__main__ as main_command
+    from vlmfix.toy import FULL, default_root
+    from vlmfix.toy.build import MARKER, _clear
+
+    monkeypatch.setenv("VLMFIX_CACHE", str(tmp_path))
+    directory = main_command.toy_dcd_dir()
+    assert directory.parent == default_root(fast=False) / "dcd"
+    assert main_command.toy_dcd_dir() == directory  # stable
+    monkeypatch.setattr(main_command, "TOY_DCD_RECIPE", [*main_command.TOY_DCD_RECIPE, "epochs=3"])
+    assert main_command.toy_dcd_dir() != directory  # other training settings, other projectors
+    monkeypatch.setattr(FULL.__class__, "hash", lambda self: "another-toy")
+    monkeypatch.setattr(main_command, "TOY_DCD_RECIPE", main_command.TOY_DCD_RECIPE[:-1])
+    assert main_command.toy_dcd_dir() != directory  # another toy build, other projectors
+    # a rebuild of the toy removes the projectors of the old build with it (they are part of the build's folder)
+    root = default_root(fast=False)
+    (directory / "positive.safetensors").parent.mkdir(parents=True)
+    (directory / "positive.safetensors").write_bytes(b"weights")
+    (root / MARKER).write_text("{}")
+    _clear(root)
+    assert not (root / "dcd").exists() and not (root / MARKER).exists()
+
+
+def test_dola_config_runs_at_the_papers_repetition_penalty_and_greedy_penalty_matches_it():
+    from benchmarks.app import decoding_of
+
+    for method, penalty in (("dola", 1.2), ("greedy_penalty", 1.2), ("greedy", 1.0), ("vcd", 1.0)):
+        fingerprint, kwargs = decoding_of(composed(f"method={method}"), 8)
+        assert kwargs["repetition_penalty"] == fingerprint.repetition_penalty == penalty, method
+    fingerprint, kwargs = decoding_of(composed("method=dola", "decoding.repetition_penalty=1.0"), 8)
+    assert kwargs["repetition_penalty"] == fingerprint.repetition_penalty == 1.0  # the override wins
+
+
+def test_summary_states_the_limit_of_each_benchmark(tmp_path):
+    from benchmarks.summary import limits_note, write_summary
+
+    def result(job, benchmark, limit):
+        record = {"model": "toy", "method": "greedy", "kind": "pope", "benchmark": benchmark, "limit": limit,
+                  "metrics": {"f1": 0.5}, "fingerprint": {"method": {"name": "greedy", "params": {}}}}
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "result.json").write_text(json.dumps(record))
+        return record
+
+    results = [result(0, "pope_random", 60), result(1, "amber", 20), result(2, "hallusionbench", None)]
+    assert limits_note(results) == ("limit (images per benchmark; HallusionBench: figure sets): pope_random 60; "
+                                    "amber 20; hallusionbench all\n")
+    assert limits_note([{k: v for k, v in r.items() if k != "limit"} for r in results]) == ""  # older results
+    assert limits_note(results) in (write_summary(tmp_path) or "")
 
 
 def test_summary_keeps_one_row_per_swept_method_setting():

@@ -81,6 +81,9 @@ BAD_SETTINGS = [
     (["decoding.top_p=1.5"], ValueError, r"`decoding\.top_p` must be a finite number in \(0, 1\], got 1\.5"),
     (["decoding.do_sample=yes"], ValueError, r"`decoding\.do_sample` must be True or False, got 'yes'"),
     (["+decoding.top_k=5"], ValueError, r"`decoding\.top_k` is not a decoding setting of the app"),
+    (["decoding.repetition_penalty=0"], ValueError, r"`decoding\.repetition_penalty` must be a finite number > 0, "
+     r"got 0;.*set decoding\.repetition_penalty=<float>"),
+    (["threads=0"], ValueError, r"`threads` must be None or an int >= 1, got 0;.*set threads=<int> or threads=null"),
     (["model.chair_max_new_tokens=0"], ValueError, r"`benchmark\.max_new_tokens` must be an int >= 1, got 0"),
     (["model.var_sink_dims=[-3]"], ValueError, r"`model\.var_sink_dims\[0\]` must be an int >= 0, got -3"),
     ([TOY_LOADER, "model.loader.fast=maybe"], ValueError, r"`model\.loader\.fast` must be True or False, got 'maybe'"),
