@@ -1,7 +1,8 @@
 """`python -m benchmarks [overrides]`.
 
-With no arguments: the default sweep (`experiment=toy_sweep`): the toy model, CHAIR and POPE, greedy
-and every method that can run on it. DCD needs projectors trained on the toy's preference data: unless
+With no arguments: the default sweep (`experiment=toy_sweep`): the toy model, CHAIR, POPE and the toy's
+miniatures of AMBER, MME and HallusionBench, greedy (also at DoLa's repetition penalty) and every method that
+can run on it. DCD needs projectors trained on the toy's preference data: unless
 VLMFIX_DCD_CHECKPOINTS points at trained ones, they are trained once (about 5 minutes on 2 CPU cores) and
 kept with the toy build, under `<toy cache>/dcd/<key>` (key: the toy settings hash and the DCD training
 settings), so a later run, from any working directory, reuses them; a toy rebuilt with other settings
@@ -21,7 +22,8 @@ from typing import cast
 from benchmarks.app import CONFIG_DIR, main
 
 SWEPT_METHODS = ("greedy", "vhr", "var", "gift", "dual_stream", "pai", "vcd", "dcd", "m3id", "icd", "sid", "avisc",
-                 "dola", "opera")
+                 "dola", "opera",
+                 "greedy_penalty")  # greedy at DoLa's repetition penalty 1.2 (dola.md D5)
 # the toy learns in minutes with a larger step than conf/train/dcd.yaml's (real-model) default
 TOY_DCD_RECIPE = ["learning_rate=1e-3", "gradient_accumulation_steps=1", "epochs=2"]
 
