@@ -113,8 +113,13 @@ def test_default_sweep_covers_every_method_the_toy_can_run(capsys):
     assert swept == set(group("method")) - {"var"}  # VAR refuses the toy: it has no sink dimensions
     assert composed("model=toy", "method=var").method.sink_dims is None
     assert not toy_has_sink_dims() and "VAR left out of the default sweep" in capsys.readouterr().out
-    assert set(cfg.hydra.sweeper.params.benchmark.split(",")) == {
-        "chair", "pope_random", "pope_popular", "pope_adversarial"}
+    benchmarks = cfg.hydra.sweeper.params.benchmark.split(",")
+    assert set(benchmarks) == {"chair", "pope_random", "pope_popular", "pope_adversarial", "amber",
+                               "mme_hallucination", "hallusionbench"}  # the toy miniatures of issue 16 included
+    limits = {b: composed("experiment=toy_sweep", f"benchmark={b}").limit for b in benchmarks}
+    assert limits == {"chair": 60, "pope_random": 40, "pope_popular": 40, "pope_adversarial": 40, "amber": 15,
+                      "mme_hallucination": 15, "hallusionbench": 36}  # per kind, from sweep_limits
+    assert cfg.threads == 1 and cfg.batch_size == 32
 
 
 def test_slurm_launcher_preset_composes():
