@@ -25,7 +25,8 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -717,6 +718,19 @@ def _finish(cfg: DictConfig, out_dir: Path, label: str, fingerprint: dict[str, A
     return result
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `threads` inside (None: left alone), restored after. The toy's matmuls are tiny:
+    one thread beats two, and by far on a busy CPU."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one model x method x benchmark and return its result (metrics and fingerprint).
 
@@ -727,12 +741,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task = None
     if checked.own_data or checked.data is not None:
         task = kind.prepare(cfg, checked.options, checked.data)
-    if cfg.get("threads") is not None:
-        torch.set_num_threads(int(cfg.threads))  # the toy's tiny matmuls: one thread beats two, more so on a busy CPU
-    loaded: LoadedModel = instantiate(cfg.model.loader)
-    if task is None:
-        task = kind.prepare(cfg, checked.options, model_data(cfg, loaded, kind.files, kind.needs_data))
-    result = kind.run(cfg, loaded, checked.methods, task, Shard.current())
+    with torch_threads(cfg.get("threads")):
+        loaded: LoadedModel = instantiate(cfg.model.loader)
+        if task is None:
+            task = kind.prepare(cfg, checked.options, model_data(cfg, loaded, kind.files, kind.needs_data))
+        result = kind.run(cfg, loaded, checked.methods, task, Shard.current())
     if result:
         log.info("%s / %s / %s: %s", cfg.model.name, cfg.benchmark.name, result["method"],
                  json.dumps(result["metrics"], default=str))

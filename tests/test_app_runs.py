@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from benchmarks.app import CONFIG_DIR, run
@@ -193,7 +194,11 @@ def test_resume_with_another_batch_size_does_not_mix_predictions(toy_data, tmp_p
     again = run(tiny_run_config(toy_data, tmp_path, "batch_size=2", *sampling))
     assert again["result_dir"] == first["result_dir"] and again["metrics"] == first["metrics"]
     assert first["fingerprint"]["execution"] == {"batch_size": 2, "dtype": "float32", "attn_implementation": "sdpa",
-                                                 "device": "cpu"}
+                                                 "device": "cpu", "threads": None}
+    threads = torch.get_num_threads()
+    one_thread = run(tiny_run_config(toy_data, tmp_path, "batch_size=2", "threads=1", *sampling))
+    assert one_thread["fingerprint"]["execution"]["threads"] == 1 and one_thread["result_dir"] != first["result_dir"]
+    assert torch.get_num_threads() == threads  # restored after the run
 
 
 def test_hand_edited_predictions_file_is_refused_naming_its_line(toy_data, tmp_path):
