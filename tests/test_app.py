@@ -117,7 +117,7 @@ def test_default_sweep_covers_every_method_the_toy_can_run(capsys):
     assert set(benchmarks) == {"chair", "pope_random", "pope_popular", "pope_adversarial", "amber",
                                "mme_hallucination", "hallusionbench"}  # the toy miniatures of issue 16 included
     limits = {b: composed("experiment=toy_sweep", f"benchmark={b}").limit for b in benchmarks}
-    assert limits == {"chair": 60, "pope_random": 40, "pope_popular": 40, "pope_adversarial": 40, "amber": 15,
+    assert limits == {"chair": 60, "pope_random": 30, "pope_popular": 30, "pope_adversarial": 30, "amber": 10,
                       "mme_hallucination": 15, "hallusionbench": 36}  # per kind, from sweep_limits
     assert cfg.threads == 1 and cfg.batch_size == 32
 
