@@ -149,7 +149,8 @@ def test_pope_units_group_questions_by_image() -> None:
                  for i in range(60)]
     texts = ["Yes", "No", "maybe", "yes, there is"]
     answers = {q.question_id: texts[rng.integers(0, 4)] for q in questions[:-2]}  # a partial run
-    scores = pope.score_pope(questions, answers, parser="exact")
+    with pytest.warns(UserWarning, match="2 of 60 questions have no answer"):
+        scores = pope.score_pope(questions, answers, parser="exact")
     table = pope_units(questions, scores)
     assert len(table.keys) == 20 and table.columns["tp"].sum() == scores.counts.tp
     point = table.point()
@@ -237,3 +238,27 @@ def test_summary_shows_intervals_and_paired_differences(tmp_path: Path) -> None:
     assert (float(vcd["pope_random f1 diff low"]), float(vcd["pope_random f1 diff high"])) == pytest.approx(
         (d.low, d.high))
     assert dict(zip(header, rows[1]))["pope_random f1 diff to greedy"] == ""
+
+
+def test_bootstrap_settings_are_checked_before_loading(tmp_path: Path) -> None:
+    from benchmarks.app import check_settings
+    from benchmarks.uncertainty import interval_block
+
+    from .test_app import composed
+
+    base = ("model=toy_fast", f"results_dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"`bootstrap.n_resamples` must be an int >= 1.*got 0"):
+        check_settings(composed(*base, "bootstrap.n_resamples=0"))
+    with pytest.raises(ValueError, match=r"`bootstrap.level` must be a finite number in \(0, 1\).*got 95"):
+        check_settings(composed(*base, "bootstrap.level=95"))
+    with pytest.raises(ValueError, match=r"`bootstrap.resamples` is not a bootstrap setting; it knows n_resamples"):
+        check_settings(composed(*base, "+bootstrap.resamples=10"))
+    # a metric the run leaves undefined (None) or does not report gets no interval
+    table = pope_table(10)
+    metrics = {**table.point(), "precision": None}
+    metrics.pop("recall")
+    block = interval_block(table, metrics, {"n_resamples": 100, "seed": 3, "level": 0.9})
+    assert set(block["intervals"]) == {"accuracy", "f1", "yes_ratio", "unknown_rate"}
+    assert block["bootstrap"] == {"method": "percentile", "unit": "image", "n_units": 10, "n_resamples": 100,
+                                  "seed": 3, "level": 0.9}
+    assert UnitTable.from_json(json.loads(json.dumps(block["units"]))).point() == table.point()

@@ -102,7 +102,7 @@ class UnitTable:
     def to_json(self) -> dict[str, Any]:
         return {"statistic": self.statistic, "unit": self.unit, "keys": list(self.keys),
                 "strata": list(self.strata) if self.strata is not None else None,
-                "columns": {name: np.asarray(values).tolist() for name, values in self.columns.items()}}
+                "columns": {name: _plain_numbers(values) for name, values in self.columns.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> UnitTable:
@@ -203,6 +203,12 @@ def paired_differences(a: UnitTable, b: UnitTable, *, n_resamples: int = 1000, s
         if bounds is not None:
             out[name] = Difference(second - first, *bounds, level, n_resamples, seed)
     return out
+
+
+def _plain_numbers(values: np.ndarray) -> list[Any]:
+    """A column as JSON numbers: ints when every count is whole."""
+    values = np.asarray(values)
+    return values.astype(np.int64).tolist() if np.array_equal(values, np.round(values)) else values.tolist()
 
 
 def _number(value: float) -> float | None:
