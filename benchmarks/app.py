@@ -10,7 +10,8 @@
 3. The model is loaded and predictions are generated; 4. they are scored.
 
 Results live under a stable `results_dir/<model>/<benchmark>/<method>-<fingerprint hash>/`:
-`predictions.jsonl` (appended as produced; reruns resume), `result.json` (metrics + protocol fingerprint)
+`predictions.jsonl` (appended as produced; reruns resume), `result.json` (metrics, their bootstrap intervals
+over images (`benchmarks.uncertainty`) + protocol fingerprint)
 and, for CHAIR, `chair_scored.json`. Each Hydra job dir gets a copy of `result.json` for the multirun
 summary. The fingerprint holds every setting that changes predictions, the batch size included, so a run
 resumed with other settings starts a new directory instead of mixing predictions.
