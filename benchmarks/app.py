@@ -10,7 +10,8 @@
 3. The model is loaded and predictions are generated; 4. they are scored.
 
 Results live under a stable `results_dir/<model>/<benchmark>/<method>-<fingerprint hash>/`:
-`predictions.jsonl` (appended as produced; reruns resume), `result.json` (metrics + protocol fingerprint)
+`predictions.jsonl` (appended as produced; reruns resume), `result.json` (metrics, their bootstrap intervals
+over images (`benchmarks.uncertainty`) + protocol fingerprint)
 and, for CHAIR, `chair_scored.json`. Each Hydra job dir gets a copy of `result.json` for the multirun
 summary. The fingerprint holds every setting that changes predictions, the batch size included, so a run
 resumed with other settings starts a new directory instead of mixing predictions.
@@ -42,6 +43,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from benchmarks.generation import Item, Shard, generate_predictions
 from benchmarks.models import LOADERS, LoadedModel
 from benchmarks.summary import SUMMARY_CALLBACK, write_failure
+from benchmarks.uncertainty import bootstrap_settings, interval_block
 from vlmfix.decoding.method import METHODS, Method
 from vlmfix.eval import (
     Decoding,
@@ -54,7 +56,9 @@ from vlmfix.eval import (
     protocol_fingerprint,
 )
 from vlmfix.eval._io import atomic_write_text, sha256_file, sha256_text
+from vlmfix.eval.bootstrap import UnitTable
 from vlmfix.eval.fingerprint import Execution
+from vlmfix.eval.unit_counts import chair_units, pope_units
 from vlmfix.validation import boolean, choice, indices, number, optional_number, text
 
 log = logging.getLogger("benchmarks")
@@ -142,6 +146,7 @@ def check_run_settings(cfg: DictConfig) -> None:
     optional_number(cfg.get("threads"), "threads", low=1, integer=True,
                     meaning="torch's CPU threads (in the fingerprint); set threads=<int> or threads=null for torch's "
                             "default")
+    bootstrap_settings(cfg)
 
 
 def check_decoding(decoding: DictConfig) -> None:
@@ -589,7 +594,7 @@ def run_chair(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
     chair.write_chair_scored(out_dir / "chair_scored.json", report, fingerprint)
     metrics = asdict(report.overall)
     return _finish(cfg, out_dir, method_label(cfg, methods), fingerprint, metrics,
-                   complete=len(rows) == len(task.items))
+                   complete=len(rows) == len(task.items), units=chair_units(report))
 
 
 def run_pope(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: PopeTask,
@@ -614,7 +619,8 @@ def run_pope(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: 
     metrics = {"accuracy": scores.accuracy, "precision": scores.precision, "recall": scores.recall,
                "f1": scores.f1, "yes_ratio": scores.yes_ratio, "unknown_rate": scores.unknown_rate,
                "n_questions": scores.n_questions, "n_missing": scores.n_missing}
-    return _finish(cfg, out_dir, method_label(cfg, methods), fingerprint, metrics, complete=scores.n_missing == 0)
+    return _finish(cfg, out_dir, method_label(cfg, methods), fingerprint, metrics, complete=scores.n_missing == 0,
+                   units=pope_units(task.questions, scores))
 
 
 def run_speed(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], paths: DataPaths | None,
@@ -705,11 +711,14 @@ def _result_dir(cfg: DictConfig, methods: list[Method], fingerprint: dict[str, A
 
 
 def _finish(cfg: DictConfig, out_dir: Path, label: str, fingerprint: dict[str, Any], metrics: dict[str, Any],
-            complete: bool) -> dict[str, Any]:
+            complete: bool, units: UnitTable | None = None) -> dict[str, Any]:
+    """Write result.json (metrics, their bootstrap intervals over `units` when given, the fingerprint)."""
+    block = interval_block(units, metrics, bootstrap_settings(cfg)) if units is not None else {}
     result = {
         "model": cfg.model.name, "benchmark": cfg.benchmark.name, "kind": cfg.benchmark.kind,
-        "method": label, "metrics": _plain(metrics), "complete": complete,
-        "limit": cfg.get("limit"), "result_dir": str(out_dir), "fingerprint": fingerprint,
+        "method": label, "metrics": _plain(metrics), **{k: v for k, v in block.items() if k != "units"},
+        "complete": complete, "limit": cfg.get("limit"), "result_dir": str(out_dir), "fingerprint": fingerprint,
+        **({"units": block["units"]} if block else {}),  # last: the per-unit counts the summary pairs with greedy's
     }
     content = json.dumps(result, indent=2, default=str)
     atomic_write_text(out_dir / "result.json", content)

@@ -27,6 +27,7 @@ from vlmfix.decoding.method import Method
 from vlmfix.eval import amber, amber_protocol, hallusion, hallusion_protocol, mme, mme_protocol, yesno
 from vlmfix.eval._io import atomic_write_text
 from vlmfix.eval.fingerprint import protocol_fingerprint
+from vlmfix.eval.unit_counts import amber_units, hallusion_units, mme_units
 from vlmfix.validation import boolean, choice, number, text
 
 log = logging.getLogger("benchmarks")
@@ -210,7 +211,11 @@ def run_amber(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
     metrics["amber_score"] = amber.amber_score(generative, discriminative) if full and generative and discriminative \
         else None
     log.info("AMBER similarity backend: %s", metrics["similarity"])
-    return app._finish(cfg, out_dir, app.method_label(cfg, methods), fingerprint, metrics, complete=complete)
+    asked = {item.key for part in options.parts for item in task.items[part]}
+    images = {q.id: q.image for part in options.parts for q in options.data.queries(part) if q.id in asked}
+    units = amber_units(options.data, images, generative, discriminative)
+    return app._finish(cfg, out_dir, app.method_label(cfg, methods), fingerprint, metrics, complete=complete,
+                       units=units)
 
 
 # ------------------------------------------------------------------ MME
@@ -287,7 +292,7 @@ def run_mme(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: M
                "total": scores.total, "unknown_rate": scores.unknown_rate, "yes_ratio": scores.yes_ratio,
                **{f"{name} score": s.score for name, s in scores.subtasks.items()}, "mme": scores.to_json()}
     return app._finish(cfg, out_dir, app.method_label(cfg, methods), fingerprint, metrics,
-                       complete=scores.n_missing == 0)
+                       complete=scores.n_missing == 0, units=mme_units(task.questions, scores))
 
 
 # ------------------------------------------------------------------ HallusionBench
@@ -365,7 +370,7 @@ def run_hallusion(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], t
                "aAcc": scores.aacc, "fAcc": scores.facc, "qAcc": scores.qacc, "unknown_rate": scores.unknown_rate,
                "yes_ratio": scores.yes_ratio, "n_text_only": scores.n_text_only, "hallusion": scores.to_json()}
     return app._finish(cfg, out_dir, app.method_label(cfg, methods), fingerprint, metrics,
-                       complete=scores.n_missing == 0)
+                       complete=scores.n_missing == 0, units=hallusion_units(task.questions, scores))
 
 
 KINDS = {

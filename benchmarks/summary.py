@@ -1,5 +1,10 @@
 """Multirun summary: one table of every run's metrics (markdown + CSV), a plot, printed at the end.
 
+Each metric shows its bootstrap interval over images (`value [low, high]`; `<column> low` / `high` in the CSV;
+error bars in the plot), from the `intervals` of its result.json. Each method's run is paired with the greedy
+run of the same model and benchmark on the same images: the section "Paired difference to greedy" (and the CSV's
+`<column> diff to greedy` columns) gives method - greedy with its interval, resampling the same images for both.
+
 A job that fails in a multirun leaves `failure.json` in its job dir (`write_failure`, called by the app)
 instead of stopping the sweep; the summary lists the failed jobs (overrides and the error's first line)
 under "Failed jobs", and the multirun then exits with an error naming them.
@@ -18,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from vlmfix.eval._io import atomic_write_text
+from vlmfix.eval.bootstrap import Difference, UnitTable, paired_differences
 
 log = logging.getLogger("benchmarks")
 
@@ -28,6 +34,10 @@ MINIATURE_NOTE = (f"{MINIATURE_MARK} the toy's miniature of the benchmark (vlmfi
                   "never learned the words of MME's count / position / color questions or AMBER's attribute and "
                   "relation questions (two, left, contact, colour names): those numbers check the pipeline and the "
                   "scoring, not hallucination.\n")
+INTERVAL_NOTE = ("`value [low, high]`: the percentile bootstrap interval over images (`bootstrap.level`, 95% by "
+                 "default), resampling images with all their mentions or questions; each result.json's `bootstrap` "
+                 "block says how.\n")
+GREEDY = "greedy"
 RELEASE_COLUMNS = {  # per kind: the columns of a benchmark read from its upstream release
     "amber": ("CHAIR", "Cover", "Hal", "Cog", "f1", "amber_score"),
     "mme": ("total", "existence score", "count score", "position score", "color score"),
@@ -125,36 +135,57 @@ def _determines(other: str, key: str, settings: Sequence[dict[str, Any]]) -> boo
     return len(pairs) == len({o for o, _ in pairs})
 
 
-def table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Rows per (model, method and its varying settings); columns CHAIR metrics, then POPE metrics per
-    split, then speed."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    columns: list[str] = []
+def metric_columns(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(table column, metric name) of each metric a run shows: CHAIR metrics, POPE metrics per split, a release
+    benchmark's columns (marked when it ran on the toy's miniature), the speed ratios."""
+    kind, metrics, benchmark = result["kind"], result["metrics"], result["benchmark"]
+    if kind == "chair":
+        return [(f"chair {name}", name) for name in CHAIR_COLUMNS]
+    if kind == "pope":
+        return [(f"{benchmark} {name}", name) for name in POPE_COLUMNS]
+    if kind in RELEASE_COLUMNS:
+        mark = MINIATURE_MARK if metrics.get("data_source") == "toy_miniature" else ""
+        return [(f"{benchmark}{mark} {name}", name) for name in RELEASE_COLUMNS[kind] if name in metrics]
+    if kind == "speed":
+        return [("speed ratio", "ratio_to_greedy"), ("speed wall ratio", "wall_ratio_to_greedy")]
+    return []
 
-    def put(key: tuple[str, str], column: str, value: Any) -> None:
+
+Bounds = tuple[float, float]
+
+
+def _grid(cells: Sequence[tuple[tuple[str, str], str, Any]]) -> tuple[list[str], list[tuple[str, str]],
+                                                                     dict[tuple[str, str], dict[str, Any]]]:
+    """Columns in first-seen order, row keys in first-seen order, and row -> column -> cell."""
+    columns: list[str] = []
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, column, cell in cells:
         if column not in columns:
             columns.append(column)
-        rows.setdefault(key, {})[column] = value
+        rows.setdefault(key, {})[column] = cell
+    return columns, list(rows), rows
 
+
+def full_table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]], list[list[Bounds | None]]]:
+    """`table`, plus each cell's 95% bootstrap interval over images (None where the run recorded none)."""
+    cells = []
     for result, label in zip(results, row_labels(results)):
-        key = (result["model"], label)
-        metrics = result["metrics"]
-        if result["kind"] == "chair":
-            for name in CHAIR_COLUMNS:
-                put(key, f"chair {name}", metrics.get(name))
-        elif result["kind"] == "pope":
-            for name in POPE_COLUMNS:
-                put(key, f"{result['benchmark']} {name}", metrics.get(name))
-        elif result["kind"] in RELEASE_COLUMNS:
-            mark = MINIATURE_MARK if metrics.get("data_source") == "toy_miniature" else ""
-            for name in RELEASE_COLUMNS[result["kind"]]:
-                if name in metrics:
-                    put(key, f"{result['benchmark']}{mark} {name}", metrics.get(name))
-        elif result["kind"] == "speed":
-            put(key, "speed ratio", metrics.get("ratio_to_greedy"))
-            put(key, "speed wall ratio", metrics.get("wall_ratio_to_greedy"))
+        intervals = result.get("intervals") or {}
+        for column, name in metric_columns(result):
+            bounds = intervals.get(name)
+            cells.append(((result["model"], label), column,
+                          (result["metrics"].get(name), (bounds["low"], bounds["high"]) if bounds else None)))
+    columns, keys, rows = _grid(cells)
     header = ["model", "method", *columns]
-    body = [[model, method, *(values.get(c) for c in columns)] for (model, method), values in rows.items()]
+    body = [[*key, *(rows[key].get(c, (None, None))[0] for c in columns)] for key in keys]
+    bounds = [[None, None, *(rows[key].get(c, (None, None))[1] for c in columns)] for key in keys]
+    return header, body, bounds
+
+
+def table(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Rows per (model, method and its varying settings); columns CHAIR metrics, then POPE metrics per
+    split, then the release benchmarks' and speed."""
+    header, body, _ = full_table(results)
     return header, body
 
 
@@ -177,39 +208,135 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def markdown(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+def _with_bounds(value: Any, bounds: Bounds | None) -> str:
+    return f"{_fmt(value)} [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds is not None else _fmt(value)
+
+
+def markdown(header: Sequence[str], body: Sequence[Sequence[Any]],
+             bounds: Sequence[Sequence[Bounds | None]] | None = None) -> str:
+    """A markdown table; with `bounds`, a cell that has an interval reads `value [low, high]`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in body]
+    for i, row in enumerate(body):
+        cells = [_with_bounds(v, bounds[i][j] if bounds is not None else None) for j, v in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def csv_rows(header: Sequence[str], body: Sequence[Sequence[Any]], bounds: Sequence[Sequence[Bounds | None]],
+             differences: dict[tuple[str, str], dict[str, Difference]] | None = None) -> list[list[Any]]:
+    """summary.csv: each metric column followed by `<column> low` / `<column> high` when some run has an interval;
+    then, per metric with a paired difference, `<column> diff to greedy`, `... low`, `... high`."""
+    with_bounds = {j for row in bounds for j, b in enumerate(row) if b is not None}
+    diff_columns = [c for c in header if differences and any(c in d for d in differences.values())]
+    out_header: list[Any] = []
+    for j, name in enumerate(header):
+        out_header += [name, f"{name} low", f"{name} high"] if j in with_bounds else [name]
+    for name in diff_columns:
+        out_header += [f"{name} diff to greedy", f"{name} diff low", f"{name} diff high"]
+    rows: list[list[Any]] = [out_header]
+    for i, row in enumerate(body):
+        out: list[Any] = []
+        for j, value in enumerate(row):
+            b = bounds[i][j]
+            out += [value, *(b if b is not None else (None, None))] if j in with_bounds else [value]
+        mine = (differences or {}).get((row[0], row[1]), {})
+        for name in diff_columns:
+            d = mine.get(name)
+            out += [d.value, d.low, d.high] if d is not None else [None, None, None]
+        rows.append(out)
+    return rows
+
+
+# ------------------------------------------------------------------ paired differences to greedy
+def _greedy_for(result: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The greedy run of the same model and benchmark on the same units (the same decoding first)."""
+    keys = set(result["units"]["keys"])
+    peers = [r for r in results if r is not result and r["method"] == GREEDY and r.get("units")
+             and (r["model"], r["benchmark"]) == (result["model"], result["benchmark"])
+             and set(r["units"]["keys"]) == keys]
+    decoding = (result.get("fingerprint") or {}).get("decoding")
+    peers.sort(key=lambda r: (r.get("fingerprint") or {}).get("decoding") != decoding)
+    return peers[0] if peers else None
+
+
+def paired_to_greedy(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Difference]]:
+    """(model, row label) -> table column -> the run's paired difference to greedy on the same images (method
+    minus greedy, resampling images with the run's own bootstrap settings)."""
+    out: dict[tuple[str, str], dict[str, Difference]] = {}
+    for result, label in zip(results, row_labels(results)):
+        if result["method"] == GREEDY or not result.get("units"):
+            continue
+        greedy = _greedy_for(result, results)
+        if greedy is None:
+            continue
+        settings = {k: result["bootstrap"][k] for k in ("n_resamples", "seed", "level")}
+        differences = paired_differences(UnitTable.from_json(greedy["units"]), UnitTable.from_json(result["units"]),
+                                         **settings)
+        for column, name in metric_columns(result):
+            if name in differences and name in (result.get("intervals") or {}):
+                out.setdefault((result["model"], label), {})[column] = differences[name]
+    return out
+
+
+def differences_markdown(differences: dict[tuple[str, str], dict[str, Difference]]) -> str:
+    """The "Paired difference to greedy" section: method - greedy on the same images with its interval; `*`
+    marks an interval that excludes 0 (a change larger than the choice of images explains)."""
+    columns, keys, rows = _grid([(key, column, d) for key, by_column in differences.items()
+                                 for column, d in by_column.items()])
+    level = next(d.level for by_column in differences.values() for d in by_column.values())
+    lines = ["## Paired difference to greedy", "",
+             f"Method minus greedy on the same images (same model and benchmark), with its {100 * level:g}% "
+             "bootstrap interval over images; * marks an interval that excludes 0.", "",
+             "| " + " | ".join(["model", "method", *columns]) + " |", "|" + "---|" * (len(columns) + 2)]
+    for key in keys:
+        cells = []
+        for column in columns:
+            d = rows[key].get(column)
+            star = "*" if d is not None and (d.low > 0 or d.high < 0) else ""
+            cells.append(f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}]{star}" if d is not None else "")
+        lines.append("| " + " | ".join([*key, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _errors(value: float, bounds: dict[str, float] | None) -> list[list[float]]:
+    """matplotlib's [[below], [above]] error lengths of one point (0 without an interval)."""
+    if not bounds:
+        return [[0.0], [0.0]]
+    return [[max(0.0, value - bounds["low"])], [max(0.0, bounds["high"] - value)]]
+
+
 def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """CHAIR_i against recall per method, and POPE F1 per split and method."""
+    """CHAIR_i against recall per method, and POPE F1 per split and method; bars are the 95% bootstrap intervals
+    over images."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labelled = [{**r, "method": label} for r, label in zip(results, row_labels(results))]
-    chair_runs = [r for r in labelled if r["kind"] == "chair" and r["metrics"].get("CHAIRi") is not None]
+    chair_runs = [r for r in labelled if r["kind"] == "chair" and r["metrics"].get("CHAIRi") is not None
+                  and r["metrics"].get("Recall") is not None]
     pope_runs = [r for r in labelled if r["kind"] == "pope"]
     if not chair_runs and not pope_runs:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in chair_runs:
-        left.scatter(r["metrics"]["Recall"], r["metrics"]["CHAIRi"])
-        left.annotate(f"{r['method']} ({r['model']})", (r["metrics"]["Recall"], r["metrics"]["CHAIRi"]),
-                      fontsize=8, xytext=(3, 3), textcoords="offset points")
-    left.set(xlabel="object recall", ylabel="CHAIR_i (lower is better)", title="CHAIR")
+        x, y, intervals = r["metrics"]["Recall"], r["metrics"]["CHAIRi"], r.get("intervals") or {}
+        left.errorbar([x], [y], xerr=_errors(x, intervals.get("Recall")), yerr=_errors(y, intervals.get("CHAIRi")),
+                      fmt="o", capsize=3)
+        left.annotate(f"{r['method']} ({r['model']})", (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    left.set(xlabel="object recall", ylabel="CHAIR_i (lower is better)", title="CHAIR (95% intervals over images)")
     splits = sorted({r["benchmark"] for r in pope_runs})
     methods = sorted({r["method"] for r in pope_runs})
     width = 0.8 / max(1, len(methods))
     for m, method in enumerate(methods):
-        f1 = [next((r["metrics"]["f1"] for r in pope_runs if r["method"] == method and r["benchmark"] == s), 0.0)
-              for s in splits]
-        right.bar([i + m * width for i in range(len(splits))], f1, width, label=method)
+        runs = [next((r for r in pope_runs if r["method"] == method and r["benchmark"] == s), None) for s in splits]
+        f1 = [r["metrics"]["f1"] if r else 0.0 for r in runs]
+        errors = [_errors(v, (r.get("intervals") or {}).get("f1") if r else None) for v, r in zip(f1, runs)]
+        right.bar([i + m * width for i in range(len(splits))], f1, width, label=method,
+                  yerr=[[e[0][0] for e in errors], [e[1][0] for e in errors]], capsize=2)
     right.set_xticks([i + 0.4 - width / 2 for i in range(len(splits))], splits)
-    right.set(ylabel="F1", title="POPE", ylim=(0, 1))
+    right.set(ylabel="F1", title="POPE (95% intervals over images)", ylim=(0, 1))
     if methods:
         right.legend(fontsize=7)
     fig.tight_layout()
@@ -226,14 +353,19 @@ def write_summary(sweep_dir: Path) -> str | None:
         return None
     sections = []
     if results:
-        header, body = table(results)
-        sections.append(markdown(header, body))
+        header, body, bounds = full_table(results)
+        sections.append(markdown(header, body, bounds))
+        if any(bounds_ is not None for row in bounds for bounds_ in row):
+            sections.append(INTERVAL_NOTE)
         if any(MINIATURE_MARK in column for column in header):
             sections.append(MINIATURE_NOTE)
         if limits_note(results):
             sections.append(limits_note(results))
+        differences = paired_to_greedy(results)
+        if differences:
+            sections.append(differences_markdown(differences))
         with (sweep_dir / "summary.csv").open("w", newline="") as f:
-            csv.writer(f).writerows([header, *body])
+            csv.writer(f).writerows(csv_rows(header, body, bounds, differences))
         plot(results, sweep_dir / "summary.png")
     else:
         sections.append("No job finished.\n")

@@ -177,6 +177,17 @@ def test_small_multirun_on_fast_toy_writes_summary(tmp_path):
     results = [json.loads(p.read_text()) for p in sweep.glob("*/result.json")]
     assert {r["benchmark"] for r in results} == {"chair", "pope_adversarial"}
     assert all(r["complete"] and r["fingerprint"] for r in results)
+    # every metric carries its bootstrap interval over the 4 images; the summary pairs pai with greedy
+    for r in results:
+        assert r["bootstrap"] == {"method": "percentile", "unit": r["bootstrap"]["unit"], "n_units": 4,
+                                  "n_resamples": 1000, "seed": 0, "level": 0.95}
+        expected = {"CHAIRs", "Len"} if r["kind"] == "chair" else {"f1", "accuracy"}
+        assert expected <= set(r["intervals"])
+        assert all(i["low"] <= i["high"] and isinstance(r["metrics"][m], float) for m, i in r["intervals"].items())
+    summary = (sweep / "summary.md").read_text()
+    paired = summary[summary.index("## Paired difference to greedy"):]
+    assert "| toy_fast | pai |" in paired and "| toy_fast | greedy |" not in paired
+    assert "chair CHAIRs low" in rows[0] and "pope_adversarial f1 diff to greedy" in rows[0]
     # a rerun finds every prediction done and generates nothing new
     predictions = {p: p.read_text() for p in (tmp_path / "results").rglob("predictions.jsonl")}
     multirun(tmp_path, tmp_path / "s2", "method=greedy", "benchmark=chair", "limit=4", "batch_size=4")

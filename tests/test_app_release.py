@@ -269,6 +269,10 @@ def test_a_model_that_ships_data_runs_the_miniature(toy_data: Path, tmp_path: Pa
     assert result["metrics"]["data_source"] == "toy_miniature"
     assert isinstance(result["metrics"][key], float)
     assert (tmp_path / "results" / ".cache" / "miniatures").is_dir()
+    # the interval comes from units of the benchmark's own kind: 2 images (MME: 2 per subtask), 2 question sets
+    assert result["intervals"][key]["low"] <= result["metrics"][key] <= result["intervals"][key]["high"]
+    assert result["units"]["statistic"] == result["kind"]
+    assert result["bootstrap"]["n_units"] == (8 if benchmark == "mme_hallucination" else 2)
 
 
 def test_summary_shows_release_columns_and_marks_miniatures(tmp_path: Path) -> None:

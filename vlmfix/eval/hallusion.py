@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,8 @@ class HallusionScores:
     n_questions: int
     n_text_only: int
     n_missing: int
+    predictions: Mapping[int, str] = field(default_factory=dict, repr=False, compare=False)  # key -> parsed
+    correct: Mapping[int, bool] = field(default_factory=dict, repr=False, compare=False)  # key -> scored correct
 
     def to_json(self) -> dict[str, Any]:
         return {"parser": self.parser, "judge": f"rule:{self.parser}", "comparable_to_leaderboard": False,
@@ -215,6 +217,7 @@ def score_hallusion(questions: Sequence[HallusionQuestion], answers: Mapping[int
         by_subcategory=by_subcategory, unknown_rate=rates.unknown_rate, yes_ratio=rates.yes_ratio,
         n_questions=len(questions), n_text_only=sum(q.image_path is None for q in questions),
         n_missing=len(questions) - len(answered),
+        predictions=predictions, correct={q.key: correct(q) for q in questions},
     )
 
 

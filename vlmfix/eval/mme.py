@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,7 @@ class MmeScores:
     unknown_rate: float
     yes_ratio: float
     n_missing: int
+    predictions: Mapping[int, str] = field(default_factory=dict, repr=False, compare=False)  # key -> parsed
 
     def to_json(self) -> dict[str, Any]:
         return {"parser": self.parser, "total": self.total, "unknown_rate": self.unknown_rate,
@@ -252,4 +253,4 @@ def score_mme(questions: Sequence[MmeQuestion], answers: Mapping[int, str],
                                           rates.yes_ratio, len(asked), len(images))
     rates = answer_rates(list(predictions.values()))
     return MmeScores(parser, subtasks, sum(s.score for s in subtasks.values()), rates.unknown_rate,
-                     rates.yes_ratio, len(questions) - len(predictions))
+                     rates.yes_ratio, len(questions) - len(predictions), predictions)

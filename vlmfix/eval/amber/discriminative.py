@@ -15,7 +15,7 @@ computed from the already rounded P and R with eps 0.0001 (0.001 for existence).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vlmfix.eval.amber.data import ATTRIBUTE_TYPES, EXISTENCE, AmberData
@@ -66,6 +66,7 @@ class DiscriminativeScores:
     unknown_rate: float
     yes_ratio: float
     n_questions: int
+    predictions: Mapping[int, str] = field(default_factory=dict, repr=False, compare=False)  # id -> parsed
 
     @property
     def f1(self) -> float:
@@ -85,6 +86,7 @@ def score_discriminative(responses: Mapping[int, str], data: AmberData,
         raise EvalInputError("no discriminative responses to score; check that generation ran.")
     per_type: dict[str, Counts] = {}
     predictions = []
+    parsed: dict[int, str] = {}
     for entry_id in sorted(responses):
         entry = data.entry(entry_id)
         if entry.generative:
@@ -92,6 +94,7 @@ def score_discriminative(responses: Mapping[int, str], data: AmberData,
         assert isinstance(entry.truth, str)
         prediction = answer_parser(responses[entry_id], entry.truth)
         predictions.append(prediction)
+        parsed[entry_id] = prediction
         group = TYPE_GROUPS.get(entry.type, "relation")
         correct = (entry.truth == YES and prediction == YES) or (entry.truth == NO and prediction == NO)
         one = Counts(1, int(correct), int(entry.truth == NO), int(prediction == NO),
@@ -109,7 +112,7 @@ def score_discriminative(responses: Mapping[int, str], data: AmberData,
         parser=parser,
         groups={name: counts.exact() for name, counts in groups.items()},
         as_printed={name: counts.printed(0.001 if name == "existence" else 0.0001) for name, counts in groups.items()},
-        unknown_rate=rates.unknown_rate, yes_ratio=rates.yes_ratio, n_questions=len(predictions),
+        unknown_rate=rates.unknown_rate, yes_ratio=rates.yes_ratio, n_questions=len(predictions), predictions=parsed,
     )
 
 

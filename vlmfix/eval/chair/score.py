@@ -127,6 +127,25 @@ class CaptionScore:
             "Len": len(self.mentions.words),
         }
 
+    def counts(self) -> dict[str, int]:
+        """The caption's counts that the corpus metrics sum (`corpus_metrics`): what a bootstrap over images
+        resamples (`vlmfix.eval.unit_counts`)."""
+        unique = set(self.mentions.nodes)
+        repeated, sentences = _repeated_sentences([self.caption])
+        return {
+            "captions": 1,
+            "hallucinating": int(bool(self.hallucinated)),
+            "hallucinated": len(self.hallucinated),
+            "mentions": len(self.mentions.nodes),
+            "found": len(unique & self.gt),
+            "gt": len(self.gt),
+            "unique": len(unique),
+            "words": len(self.mentions.words),
+            "whitespace_words": len(self.caption.split()),
+            "repeated_sentences": repeated,
+            "sentences": sentences,
+        }
+
     def to_json(self) -> dict[str, Any]:
         """The OPERA `sentences` entry, plus Precision, F1 and a real per-caption Len."""
         return {

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 from vlmfix.eval._io import PathLike, as_id, int_keyed, read_records, shown
@@ -55,6 +56,8 @@ class PopeScores:
         counts: confusion counts.
         accuracy, precision, recall, f1, yes_ratio, unknown_rate: fractions.
         n_questions: questions in the split; n_missing: of those, without an answer.
+        predictions: question_id -> parsed answer ("yes" / "no" / "unknown") of each answered question (the
+            per-item output a bootstrap over images regroups); empty for pooled rows.
         complete: True when every question was answered.
     """
 
@@ -69,6 +72,7 @@ class PopeScores:
     unknown_rate: float
     n_questions: int
     n_missing: int
+    predictions: Mapping[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
@@ -187,6 +191,7 @@ def score_pope(
     labels = [q.label for q in answered]
     predictions = [answer_parser(answers[q.question_id], q.label) for q in answered]
     scores = metrics_from_counts(count_outcomes(labels, predictions), split, parser, len(questions))
+    scores = replace(scores, predictions=MappingProxyType({q.question_id: p for q, p in zip(answered, predictions)}))
     if not scores.complete:
         warnings.warn(
             f"POPE split {split!r}: {scores.n_missing} of {len(questions)} questions have no answer; scored "
