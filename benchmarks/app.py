@@ -13,8 +13,9 @@ Results live under a stable `results_dir/<model>/<benchmark>/<method>-<fingerpri
 `predictions.jsonl` (appended as produced; reruns resume), `result.json` (metrics + protocol fingerprint)
 and, for CHAIR, `chair_scored.json`; CHAIR and POPE runs also record their items (`items.jsonl`) for the
 results browser (`benchmarks.browse`, whose page every run and multirun writes). Each Hydra job dir gets a
-copy of `result.json` for the multirun summary. The fingerprint holds every setting that changes predictions, the batch size included, so a run
-resumed with other settings starts a new directory instead of mixing predictions.
+copy of `result.json` for the multirun summary. The fingerprint holds every setting that changes
+predictions, the batch size included, so a run resumed with other settings starts a new directory instead of
+mixing predictions.
 
 In a multirun a failed job is recorded (`failure.json` in its job dir) and the sweep goes on; the summary
 lists it and the multirun exits with an error (`benchmarks.summary`).

@@ -12,9 +12,11 @@ thumbnail), and each run's output side by side with its metrics.
   entry that matched and its object as a tooltip; the ground-truth objects under the image.
 * POPE: the question, its label and each run's answer as parsed by the run's parser; wrong answers red.
 
-Filters (inline JavaScript): only items where the runs disagree (CHAIR: different sets of hallucinated
-objects; POPE: different parsed answers), only items where some run hallucinated a chosen object. Items are
-paged; thumbnails are stored once per image and only the shown page's images are drawn.
+Filters (inline JavaScript): only items where the runs disagree (CHAIR: different sets of mentioned objects;
+POPE: different parsed answers), only items where some run hallucinated (a chosen object, or any; for POPE a
+"yes" about an absent object). Items are paged; thumbnails are stored once per image and only the shown
+page's images are drawn. The address can preset the filters: `browse.html#disagree`, `#object=dog`,
+`#object=*` (items with any hallucination).
 
 The app writes the page at the end of every run and multirun (`BrowseCallback`, in conf/config.yaml) as
 `browse.html` in the run's or the sweep's dir; the app records each run's items (`write_items`) for it.
@@ -194,16 +196,17 @@ def marked_caption(caption: str, mentions: Sequence[Mapping[str, Any]]) -> str:
     return "".join(parts)
 
 
-def chair_cell(output: Mapping[str, Any] | None) -> tuple[str, frozenset[str]]:
-    """One run's caption cell and the objects it hallucinated."""
+def chair_cell(output: Mapping[str, Any] | None) -> tuple[str, frozenset[str], frozenset[str]]:
+    """One run's caption cell, the objects it mentioned and those it hallucinated."""
     if output is None:
-        return '<td class="missing">no caption</td>', frozenset()
+        return '<td class="missing">no caption</td>', frozenset(), frozenset()
     metrics = output.get("metrics", {})
     hallucinated = frozenset(node for _, node in output.get("mscoco_hallucinated_words", []))
     numbers = " · ".join(f"{name} {fmt(metrics.get(name))}" for name in ("CHAIRi", "Recall") if name in metrics)
     listed = ", ".join(sorted(hallucinated)) or "none"
-    return (f'<td><div class="caption">{marked_caption(output["caption"], output.get("mentions", []))}</div>'
-            f'<div class="metrics">{esc(numbers)} · hallucinated: {esc(listed)}</div></td>'), hallucinated
+    cell = (f'<td><div class="caption">{marked_caption(output["caption"], output.get("mentions", []))}</div>'
+            f'<div class="metrics">{esc(numbers)} · hallucinated: {esc(listed)}</div></td>')
+    return cell, frozenset(output.get("mscoco_generated_words", [])), hallucinated
 
 
 def pope_cell(output: Mapping[str, Any] | None) -> tuple[str, str | None]:
@@ -216,22 +219,26 @@ def pope_cell(output: Mapping[str, Any] | None) -> tuple[str, str | None]:
             f'<div class="metrics">parsed: {esc(output["parsed"])}</div></td>'), output["parsed"]
 
 
-def item_row(runs: Sequence[Run], key: Any, thumbnails: Thumbnails, number: int, page_size: int) -> str:
-    """One item: the image and what is asked or known of it, then one cell per run."""
+def item_row(runs: Sequence[Run], key: Any, thumbnails: Thumbnails, number: int,
+             page_size: int) -> tuple[str, set[str]]:
+    """One item's row (the image and what is asked or known of it, then one cell per run) and the objects some
+    run hallucinated in it."""
     kind = runs[0].result["kind"]
     info = next((run.items[key] for run in runs if key in run.items), {})
     image = thumbnails(info.get("image"))
     picture = f'<img data-img="{image}" alt="image {esc(key)}">' if image is not None else '<div class="noimg"></div>'
-    cells, hallucinated, answers = [], set(), set()
+    cells: list[str] = []
+    hallucinated: set[str] = set()
+    answers: set[str | None] = set()
     if kind == "chair":
-        gt = next((run.outputs[key].get("mscoco_gt_words", []) for run in runs if key in run.outputs), [])
+        gt: list[str] = next((run.outputs[key].get("mscoco_gt_words", []) for run in runs if key in run.outputs), [])
         about = f'<div class="gt">ground truth: {esc(", ".join(gt)) or "none"}</div>'
         signatures = set()
         for run in runs:
-            cell, nodes = chair_cell(run.outputs.get(key))
+            cell, mentioned, nodes = chair_cell(run.outputs.get(key))
             cells.append(cell)
             hallucinated |= nodes
-            signatures.add(nodes)
+            signatures.add(mentioned)
         disagree = len(signatures) > 1
     else:
         label, target = info.get("label"), info.get("object")
@@ -247,7 +254,8 @@ def item_row(runs: Sequence[Run], key: Any, thumbnails: Thumbnails, number: int,
     page = number // page_size + 1
     return (f'<tr class="item" data-key="{esc(key)}" data-page="{page}" data-disagree="{int(disagree)}" '
             f'data-hal="{esc(json.dumps(sorted(hallucinated)))}">'
-            f'<th class="about">{picture}<div class="key">{esc(key)}</div>{about}</th>{"".join(cells)}</tr>')
+            f'<th class="about">{picture}<div class="key">{esc(key)}</div>{about}</th>{"".join(cells)}</tr>'
+            ), hallucinated
 
 
 def run_header(run: Run, models: int) -> str:
@@ -258,7 +266,8 @@ def run_header(run: Run, models: int) -> str:
     return f'<th class="run">{esc(title)}<div class="metrics">{esc(numbers)}</div></th>'
 
 
-def section(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails, page_size: int) -> str:
+def section(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails, page_size: int) -> tuple[str, set[str]]:
+    """One benchmark's table of items, paged, and the objects hallucinated in it."""
     keys: list[Any] = []
     seen: set[Any] = set()
     for run in runs:
@@ -268,12 +277,13 @@ def section(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails, page_si
                 keys.append(key)
     models = len({run.result["model"] for run in runs})
     rows = [item_row(runs, key, thumbnails, number, page_size) for number, key in enumerate(keys)]
+    objects = set().union(*(hallucinated for _, hallucinated in rows))
     what = "caption" if runs[0].result["kind"] == "chair" else "answer"
     return (f'<section class="bench" id="bench-{esc(benchmark)}"><h2>{esc(benchmark)} '
             f'<small>{len(keys)} items, one {what} per run</small></h2>'
-            f'<div class="pager"></div><table class="items"><thead><tr><th>item</th>'
-            f'{"".join(run_header(run, models) for run in runs)}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
-            f'<div class="pager"></div></section>')
+            f'<div class="pager"></div><table class="items"><thead><tr><th class="itemcol">item</th>'
+            f'{"".join(run_header(run, models) for run in runs)}</tr></thead><tbody>{"".join(r for r, _ in rows)}'
+            f'</tbody></table><div class="pager"></div></section>'), objects
 
 
 def summary_block(results: Sequence[dict[str, Any]], plot: Path | None) -> str:
@@ -282,16 +292,17 @@ def summary_block(results: Sequence[dict[str, Any]], plot: Path | None) -> str:
     table += "".join("<tr>" + "".join(f"<td>{esc(fmt(v))}</td>" for v in row) + "</tr>" for row in body)
     table += "</table>"
     picture = f'<img class="plot" src="{png_uri(plot)}" alt="summary plot">' if plot is not None else ""
-    return f'<section id="summary"><h2>Summary</h2>{picture}{table}</section>'
+    return f'<section id="summary"><h2>Summary</h2><div class="row">{picture}{table}</div></section>'
 
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222}
 h1{font-size:20px;margin:0 0 8px} h2{font-size:17px;margin:18px 0 6px} h2 small{font-weight:normal;color:#666}
-.plot{max-width:100%;height:auto;border:1px solid #ddd}
+#summary .row{display:flex;gap:12px;align-items:flex-start;flex-wrap:wrap}
+.plot{width:640px;max-width:100%;height:auto;border:1px solid #ddd} table.summary{font-size:12px}
 table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
 table.summary td{font-variant-numeric:tabular-nums}
-table.items{width:100%;table-layout:fixed} th.about{width:180px;font-weight:normal}
+table.items{width:100%;table-layout:fixed} th.about{font-weight:normal} th.itemcol{width:180px}
 .about img,.noimg{display:block;max-width:170px;min-height:40px;background:#eee}
 .key{color:#888;font-size:12px} .gt,.question{font-size:12px} .metrics{color:#666;font-size:12px;margin-top:4px}
 span.hal{background:#fdd;color:#b00;border-bottom:2px solid #d33}
@@ -313,7 +324,8 @@ const sections = Array.from(document.querySelectorAll('section.bench')).map(s =>
 function keep(row){
   if (onlyDisagree.checked && row.dataset.disagree !== '1') return false;
   const object = onlyObject.value;
-  return !object || JSON.parse(row.dataset.hal).includes(object);
+  const hal = JSON.parse(row.dataset.hal);
+  return !object || (object === '*' ? hal.length > 0 : hal.includes(object));
 }
 function draw(sec){
   const kept = sec.rows.filter(keep);
@@ -331,13 +343,18 @@ function draw(sec){
       b.disabled = page < 1 || page > pages || page === sec.page;
       b.onclick = () => { sec.page = page; draw(sec); }; pager.appendChild(b); };
     button('\\u2039 prev', sec.page - 1);
-    pager.appendChild(document.createTextNode(` page ${sec.page} of ${pages} (${kept.length} of ${sec.rows.length} items) `));
+    const where = ` page ${sec.page} of ${pages} (${kept.length} of ${sec.rows.length} items) `;
+    pager.appendChild(document.createTextNode(where));
     button('next \\u203a', sec.page + 1);
   }
 }
 function drawAll(){ for (const sec of sections) draw(sec); }
 onlyDisagree.onchange = () => { for (const s of sections) s.page = 1; drawAll(); };
 onlyObject.onchange = onlyDisagree.onchange;
+// the address can preset the filters: browse.html#disagree, #object=dog, #object=* (any hallucination)
+const preset = new URLSearchParams(location.hash.slice(1));
+if (preset.has('disagree')) onlyDisagree.checked = true;
+if (preset.get('object')) onlyObject.value = preset.get('object');
 drawAll();
 })();
 """
@@ -353,18 +370,19 @@ def page(root: Path, results: Sequence[dict[str, Any]], plot: Path | None, page_
             runs_by_benchmark.setdefault(result["benchmark"], []).append(load_run(result, label))
     thumbnails = Thumbnails(thumbnail)
     sections = [section(name, runs, thumbnails, page_size) for name, runs in runs_by_benchmark.items()]
-    objects = sorted({node for block in sections for value in re.findall(r'data-hal="([^"]*)"', block)
-                      for node in json.loads(html.unescape(value))})
+    objects = sorted(set().union(*(hallucinated for _, hallucinated in sections)))
     options = "".join(f'<option value="{esc(o)}">{esc(o)}</option>' for o in objects)
     filters = (f'<div id="filters"><label><input type="checkbox" id="disagree"> only items where the runs '
-               f'disagree</label> &nbsp; <label>only hallucinations of <select id="object"><option value="">any '
-               f'object</option>{options}</select></label> &nbsp; <span class="hal">hallucinated</span> '
-               f'<span class="ok">in the ground truth</span> (hover a word: the entry that matched)</div>')
+               f'disagree</label> &nbsp; <label>hallucinations: <select id="object"><option value="">show all '
+               f'items</option><option value="*">only items with one</option>{options}</select></label> &nbsp; '
+               f'<span class="hal">hallucinated</span> <span class="ok">in the ground truth</span> (hover a word: '
+               f'the entry that matched)</div>')
     top = summary_block(results, plot) if results else "<p>No finished run found.</p>"
     images = json.dumps(thumbnails.uris).replace("</", "<\\/")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>vlmfix results: {esc(root.name)}'
             f'</title><style>{STYLE}</style></head><body><h1>vlmfix results <small>{esc(root)}</small></h1>{top}'
-            f'{filters}{"".join(sections)}<script type="application/json" id="images">{images}</script>'
+            f'{filters}{"".join(block for block, _ in sections)}'
+            f'<script type="application/json" id="images">{images}</script>'
             f"<script>{SCRIPT % page_size}</script></body></html>")
 
 
