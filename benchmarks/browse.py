@@ -39,7 +39,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from benchmarks import summary
+from benchmarks import summary, summary_plot
 from vlmfix.eval._io import atomic_write_text
 from vlmfix.eval.yesno import parse_answer
 
@@ -394,7 +394,7 @@ def write_page(root: Path, out: Path | None = None, page_size: int = PAGE_SIZE, 
     if not plot.exists():
         plot = root / f".{PAGE_NAME}.plot.png"
         try:
-            text = page(root, results, summary_plot(results, plot), page_size, thumbnail)
+            text = page(root, results, drawn_plot(results, plot), page_size, thumbnail)
         finally:
             plot.unlink(missing_ok=True)
     else:
@@ -402,10 +402,10 @@ def write_page(root: Path, out: Path | None = None, page_size: int = PAGE_SIZE, 
     return atomic_write_text(out or root / PAGE_NAME, text)
 
 
-def summary_plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
+def drawn_plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """The multirun summary's plot of these runs at `path` (None, with a warning, when it cannot be drawn)."""
     try:
-        return summary.plot(results, path) if results else None
+        return summary_plot.plot(results, path) if results else None
     except Exception as err:  # the plot is one part of the page; the items are still worth showing
         log.warning("browse: no summary plot (%s: %s)", type(err).__name__, err)
         return None

@@ -17,6 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from benchmarks import summary_plot
 from vlmfix.eval._io import atomic_write_text
 
 log = logging.getLogger("benchmarks")
@@ -219,7 +220,7 @@ def write_summary(sweep_dir: Path) -> str | None:
             sections.append(MINIATURE_NOTE)
         with (sweep_dir / "summary.csv").open("w", newline="") as f:
             csv.writer(f).writerows([header, *body])
-        plot(results, sweep_dir / "summary.png")
+        summary_plot.plot(results, sweep_dir / "summary.png")
     else:
         sections.append("No job finished.\n")
     if failures:
