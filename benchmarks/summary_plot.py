@@ -67,7 +67,7 @@ def figure(results: Sequence[dict[str, Any]]) -> Any | None:
         return None
     palette = plt.get_cmap("tab10" if len(set(names)) <= 10 else "tab20")
     colours = {name: palette(i % palette.N) for i, name in enumerate(dict.fromkeys(names))}
-    fig, grid = plt.subplots(1, panels, figsize=(4.6 * panels + 1.8, 4.0), squeeze=False)
+    fig, grid = plt.subplots(1, panels, figsize=(4.6 * panels + 1.6, 4.0), squeeze=False, layout="constrained")
     axes = list(grid[0])
     if chair_runs:
         ax = axes.pop(0)
@@ -103,8 +103,7 @@ def figure(results: Sequence[dict[str, Any]]) -> Any | None:
     for ax in fig.axes:
         for handle, name in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(name, handle)
-    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, title="method")
-    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8, title="method")
     return fig
 
 
