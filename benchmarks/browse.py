@@ -49,7 +49,7 @@ PAGE_NAME = "browse.html"
 ITEMS_FILE = "items.jsonl"
 BROWSED_KINDS = ("chair", "pope")
 PAGE_SIZE = 50
-THUMBNAIL = 160  # pixels, longest side
+THUMBNAIL = 128  # pixels, longest side (about 4 KB a photo)
 
 
 # ------------------------------------------------------------------ what the app records
@@ -132,7 +132,7 @@ def thumbnail_uri(path: str | None, size: int) -> str | None:
             image = image.convert("RGB")
             image.thumbnail((size, size))
             buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=70)
+            image.save(buffer, "JPEG", quality=60)
     except OSError as err:
         log.warning("browse: no thumbnail for %s (%s)", path, err)
         return None
