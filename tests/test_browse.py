@@ -245,9 +245,17 @@ def test_large_sweeps_are_paged_and_draw_only_the_shown_thumbnails(tmp_path):
     assert sizes == {(64, 64)}
 
 
-def test_callback_writes_the_page_of_a_sweep(tmp_path):
+def test_callback_writes_the_page_of_a_sweep_and_of_a_run(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     pope_runs(tmp_path, images)
     BrowseCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "results")}}}))
     assert len(parsed(tmp_path / "results" / "browse.html").rows) == len(QUESTIONS)
+    run_dir = tmp_path / "results" / "toy" / "pope_random" / "vcd-0"  # a single run: its own dir
+    BrowseCallback().on_run_end(OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run_dir)}}}))
+    page = parsed(run_dir / "browse.html")
+    assert len(page.rows) == len(QUESTIONS) and all(len(row["cells"]) == 1 for row in page.rows)
+    empty = tmp_path / "no_results"
+    empty.mkdir()
+    BrowseCallback().on_run_end(OmegaConf.create({"hydra": {"runtime": {"output_dir": str(empty)}}}))
+    assert not (empty / "browse.html").exists()  # a run that failed before its result: no page
