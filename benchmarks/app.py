@@ -11,10 +11,11 @@
 
 Results live under a stable `results_dir/<model>/<benchmark>/<method>-<fingerprint hash>/`:
 `predictions.jsonl` (appended as produced; reruns resume), `result.json` (metrics, their bootstrap intervals
-over images (`benchmarks.uncertainty`) + protocol fingerprint)
-and, for CHAIR, `chair_scored.json`. Each Hydra job dir gets a copy of `result.json` for the multirun
-summary. The fingerprint holds every setting that changes predictions, the batch size included, so a run
-resumed with other settings starts a new directory instead of mixing predictions.
+over images (`benchmarks.uncertainty`) + protocol fingerprint) and, for CHAIR, `chair_scored.json`; CHAIR and
+POPE runs also record their items (`items.jsonl`) for the results browser (`benchmarks.browse`, whose page
+every run and multirun writes). Each Hydra job dir gets a copy of `result.json` for the multirun summary. The
+fingerprint holds every setting that changes predictions, the batch size included, so a run resumed with other
+settings starts a new directory instead of mixing predictions.
 
 In a multirun a failed job is recorded (`failure.json` in its job dir) and the sweep goes on; the summary
 lists it and the multirun exits with an error (`benchmarks.summary`).
@@ -40,6 +41,7 @@ from hydra.types import RunMode
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from benchmarks.browse import write_items
 from benchmarks.generation import Item, Shard, generate_predictions
 from benchmarks.models import LOADERS, LoadedModel
 from benchmarks.summary import SUMMARY_CALLBACK, write_failure
@@ -589,6 +591,7 @@ def run_chair(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
     rows = predict(cfg, loaded, methods, task.items, out_dir, "image_id", "caption", shard)
     if shard.rank != 0:
         return {}
+    write_items(out_dir, task.items)
     captions = [chair.Caption(image_id=k, caption=row["caption"]) for k, row in rows.items()]
     report = chair.score_chair(captions, task.ground_truth, task.extractor)
     chair.write_chair_scored(out_dir / "chair_scored.json", report, fingerprint)
@@ -614,6 +617,7 @@ def run_pope(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: 
     rows = predict(cfg, loaded, methods, task.items, out_dir, "question_id", "text", shard)
     if shard.rank != 0:
         return {}
+    write_items(out_dir, task.items, {q.question_id: {"label": q.label, "object": q.object} for q in task.questions})
     scores = pope.score_pope(task.questions, {k: row["text"] for k, row in rows.items()}, parser=bench.parser,
                              split=bench.split)
     metrics = {"accuracy": scores.accuracy, "precision": scores.precision, "recall": scores.recall,

@@ -22,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from benchmarks import summary_plot
 from vlmfix.eval._io import atomic_write_text
 from vlmfix.eval.bootstrap import Difference, UnitTable, paired_differences
 
@@ -298,53 +299,6 @@ def differences_markdown(differences: dict[tuple[str, str], dict[str, Difference
     return "\n".join(lines) + "\n"
 
 
-def _errors(value: float, bounds: dict[str, float] | None) -> list[list[float]]:
-    """matplotlib's [[below], [above]] error lengths of one point (0 without an interval)."""
-    if not bounds:
-        return [[0.0], [0.0]]
-    return [[max(0.0, value - bounds["low"])], [max(0.0, bounds["high"] - value)]]
-
-
-def plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """CHAIR_i against recall per method, and POPE F1 per split and method; bars are the 95% bootstrap intervals
-    over images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labelled = [{**r, "method": label} for r, label in zip(results, row_labels(results))]
-    chair_runs = [r for r in labelled if r["kind"] == "chair" and r["metrics"].get("CHAIRi") is not None
-                  and r["metrics"].get("Recall") is not None]
-    pope_runs = [r for r in labelled if r["kind"] == "pope"]
-    if not chair_runs and not pope_runs:
-        return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in chair_runs:
-        x, y, intervals = r["metrics"]["Recall"], r["metrics"]["CHAIRi"], r.get("intervals") or {}
-        left.errorbar([x], [y], xerr=_errors(x, intervals.get("Recall")), yerr=_errors(y, intervals.get("CHAIRi")),
-                      fmt="o", capsize=3)
-        left.annotate(f"{r['method']} ({r['model']})", (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    left.set(xlabel="object recall", ylabel="CHAIR_i (lower is better)", title="CHAIR (95% intervals over images)")
-    splits = sorted({r["benchmark"] for r in pope_runs})
-    methods = sorted({r["method"] for r in pope_runs})
-    width = 0.8 / max(1, len(methods))
-    for m, method in enumerate(methods):
-        runs = [next((r for r in pope_runs if r["method"] == method and r["benchmark"] == s), None) for s in splits]
-        f1 = [r["metrics"]["f1"] if r else 0.0 for r in runs]
-        errors = [_errors(v, (r.get("intervals") or {}).get("f1") if r else None) for v, r in zip(f1, runs)]
-        right.bar([i + m * width for i in range(len(splits))], f1, width, label=method,
-                  yerr=[[e[0][0] for e in errors], [e[1][0] for e in errors]], capsize=2)
-    right.set_xticks([i + 0.4 - width / 2 for i in range(len(splits))], splits)
-    right.set(ylabel="F1", title="POPE (95% intervals over images)", ylim=(0, 1))
-    if methods:
-        right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def write_summary(sweep_dir: Path) -> str | None:
     """Write summary.md (the table, then the failed jobs), summary.csv and summary.png (finished jobs only);
     return the markdown, or None when the sweep dir holds no job at all."""
@@ -366,7 +320,7 @@ def write_summary(sweep_dir: Path) -> str | None:
             sections.append(differences_markdown(differences))
         with (sweep_dir / "summary.csv").open("w", newline="") as f:
             csv.writer(f).writerows(csv_rows(header, body, bounds, differences))
-        plot(results, sweep_dir / "summary.png")
+        summary_plot.plot(results, sweep_dir / "summary.png")
     else:
         sections.append("No job finished.\n")
     if failures:

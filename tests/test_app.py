@@ -170,6 +170,7 @@ def test_small_multirun_on_fast_toy_writes_summary(tmp_path):
     done = multirun(tmp_path, sweep, "method=greedy,pai", "benchmark=chair,pope_adversarial", "limit=4",
                     "batch_size=4")
     assert (sweep / "summary.md").exists() and (sweep / "summary.csv").exists() and (sweep / "summary.png").exists()
+    assert "<tr class=\"item\"" in (sweep / "browse.html").read_text()  # the results browser, of every item
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("model,method") and len(rows) == 3  # header + greedy + pai
     assert "chair CHAIRi" in rows[0] and "pope_adversarial f1" in rows[0]

@@ -19,12 +19,15 @@ class CaptionMentions:
         surface: the vocabulary entry of each mention, in caption order.
         nodes: the node word of each mention: the mention list M_c (ordered, repeats kept).
         token_idxs: for each mention, the index of its first source token in the pre-merge token list.
+        spans: for each mention, its character span `(start, end)` in the caption (a merged bigram spans both
+            words; None where the tokenizer rewrote the text beyond finding).
     """
 
     words: tuple[str, ...]
     surface: tuple[str, ...]
     nodes: tuple[str, ...]
     token_idxs: tuple[int, ...]
+    spans: tuple[tuple[int, int] | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,19 @@ class MentionExtractor:
             kept = [i for i in kept if words[i] != self.vocabulary.toilet_drop]
         synonyms = self.vocabulary.synonyms
         hits = [i for i in kept if words[i] in synonyms]
+        token_spans = self.normalizer.spans(caption) if hits else []
+        ends = [*starts[1:], len(tokens)]  # merged word i covers source tokens starts[i] .. ends[i] - 1
         return CaptionMentions(
             words=tuple(words),
             surface=tuple(words[i] for i in hits),
             nodes=tuple(synonyms[words[i]] for i in hits),
             token_idxs=tuple(starts[i] for i in hits),
+            spans=tuple(_joined(token_spans[starts[i]], token_spans[ends[i] - 1]) for i in hits),
         )
+
+
+def _joined(first: tuple[int, int] | None, last: tuple[int, int] | None) -> tuple[int, int] | None:
+    return (first[0], last[1]) if first is not None and last is not None else None
 
 
 def merge_double_words(tokens: Sequence[str], double_words: Mapping[str, str]) -> tuple[list[str], list[int]]:

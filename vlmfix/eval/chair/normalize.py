@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vlmfix.eval.chair.inflections import fixed_overrides, inflection_table, table_version
-from vlmfix.eval.chair.tokenize import tokenize
+from vlmfix.eval.chair.tokenize import token_spans, tokenize
 from vlmfix.eval.chair.vocabulary import check_quirks
 from vlmfix.eval.errors import NormalizerUnavailableError
 from vlmfix.registry import Registry
@@ -59,6 +59,10 @@ class Normalizer(Protocol):
 
     def __call__(self, caption: str) -> list[str]: ...
 
+    def spans(self, caption: str) -> list[tuple[int, int] | None]:
+        """Each token's character span in `caption` (one per token of `__call__`; None where not found)."""
+        ...
+
 
 NORMALIZERS: Registry[Callable[..., Normalizer]] = Registry("CHAIR normalizer (chair.normalizer)")
 
@@ -94,6 +98,9 @@ class SimpleNormalizer:
     def __call__(self, caption: str) -> list[str]:
         table = inflection_table(self.quirks)
         return [table.get(token, token) for token in tokenize(caption.lower())]
+
+    def spans(self, caption: str) -> list[tuple[int, int] | None]:
+        return token_spans(caption, tokenize(caption.lower()))
 
 
 @NORMALIZERS.register("opera_nltk")
@@ -136,6 +143,9 @@ class OperaNltkNormalizer:
             lemma = self._lemmatizer.lemmatize(token, pos=penn_to_wordnet(tag))
             lemmas.append(self._overrides.get(token, lemma))
         return lemmas
+
+    def spans(self, caption: str) -> list[tuple[int, int] | None]:
+        return token_spans(caption, self._nltk.word_tokenize(caption.lower()))
 
 
 def penn_to_wordnet(tag: str) -> str:

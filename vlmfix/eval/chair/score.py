@@ -110,6 +110,7 @@ class CaptionScore:
     gt: frozenset[str]
     hallucinated: tuple[tuple[str, str], ...]  # (surface, node) of each hallucinated mention
     hallucination_idxs: tuple[int, ...]  # pre-merge token index of each hallucinated mention
+    hallucinated_mentions: tuple[int, ...] = ()  # index in `mentions` of each hallucinated mention
 
     def metrics(self) -> dict[str, float | int | None]:
         """Per-caption metrics: CHAIRs (0/1), CHAIRi, Recall, Precision, F1, Len (None where undefined)."""
@@ -146,8 +147,20 @@ class CaptionScore:
             "sentences": sentences,
         }
 
+    def mention_records(self) -> list[dict[str, Any]]:
+        """Each mention in caption order: the vocabulary entry that matched (`surface`), its object (`node`),
+        whether it is hallucinated, and its character span `start`/`end` in the caption (None if not found)."""
+        bad = set(self.hallucinated_mentions)
+        spans = self.mentions.spans or (None,) * len(self.mentions.nodes)
+        return [
+            {"surface": surface, "node": node, "hallucinated": i in bad,
+             "start": span[0] if span else None, "end": span[1] if span else None}
+            for i, (surface, node, span) in enumerate(zip(self.mentions.surface, self.mentions.nodes, spans))
+        ]
+
     def to_json(self) -> dict[str, Any]:
-        """The OPERA `sentences` entry, plus Precision, F1 and a real per-caption Len."""
+        """The OPERA `sentences` entry, plus Precision, F1, a real per-caption Len and the mentions with their
+        character spans (`mention_records`)."""
         return {
             "image_id": self.image_id,
             "caption": self.caption,
@@ -155,6 +168,7 @@ class CaptionScore:
             "mscoco_gt_words": sorted(self.gt),
             "mscoco_generated_words": list(self.mentions.nodes),
             "hallucination_idxs": list(self.hallucination_idxs),
+            "mentions": self.mention_records(),
             "words": list(self.mentions.words),
             "metrics": self.metrics(),
         }
@@ -187,6 +201,7 @@ def score_caption(caption: Caption, gt: frozenset[str], extractor: MentionExtrac
         gt=gt,
         hallucinated=tuple((mentions.surface[i], mentions.nodes[i]) for i in bad),
         hallucination_idxs=tuple(mentions.token_idxs[i] for i in bad),
+        hallucinated_mentions=tuple(bad),
     )
 
 

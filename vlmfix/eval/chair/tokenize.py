@@ -81,3 +81,36 @@ def _word_tokens(word: str) -> list[str]:
         if word.endswith(clitic) and len(word) > len(clitic):
             return [word[: -len(clitic)], clitic]
     return [word]
+
+
+# Tokenizers that rewrite a character spell it otherwise (NLTK writes a double quote as `` or '').
+_SPELLED = {"``": ('"', "``"), "''": ('"', "''")}
+
+
+def token_spans(text: str, tokens: list[str]) -> list[tuple[int, int] | None]:
+    """Each token's character span `(start, end)` in `text`, found left to right (None: not found as written).
+
+    The tokens are those a tokenizer made from `text.lower()`, so they are looked up in the lower-cased text;
+    the spans index `text` itself (a character whose lower case is longer, as "İ", is mapped back).
+
+    >>> token_spans("Two Dogs' bowls.", ["two", "dogs", "'", "bowls", "."])
+    [(0, 3), (4, 8), (8, 9), (10, 15), (15, 16)]
+    """
+    lowered = ""
+    origin: list[int] = []  # origin[k]: the index in `text` of character k of `lowered`
+    for index, char in enumerate(text):
+        low = char.lower()
+        lowered += low
+        origin.extend([index] * len(low))
+    origin.append(len(text))
+    spans: list[tuple[int, int] | None] = []
+    position = 0
+    for token in tokens:
+        found = [(at, len(form)) for form in _SPELLED.get(token, (token,)) if (at := lowered.find(form, position)) >= 0]
+        if not found:
+            spans.append(None)
+            continue
+        at, size = min(found)
+        spans.append((origin[at], origin[at + size - 1] + 1))
+        position = at + size
+    return spans

@@ -1,0 +1,448 @@
+"""The results browser: one self-contained static HTML page of a results dir (no server, no network).
+
+    python -m benchmarks.browse RESULTS_DIR [--out PAGE] [--page-size 50] [--thumbnail 160]
+
+RESULTS_DIR is a multirun sweep dir, one run's Hydra dir or the app's `results_dir`: every `result.json` under
+it names a run's directory (`predictions.jsonl`, `items.jsonl`, `chair_scored.json`). The page shows the
+summary plot and table at the top, then one section per benchmark: per item the image (a small embedded
+thumbnail), and each run's output side by side with its metrics.
+
+* CHAIR: the caption with every object mention the scorer counted marked, at the character span the scorer
+  recorded (`chair_scored.json`, `mentions`): hallucinated red, in the ground truth green, the vocabulary
+  entry that matched and its object as a tooltip; the ground-truth objects under the image.
+* POPE: the question, its label and each run's answer as parsed by the run's parser; wrong answers red.
+
+Filters (inline JavaScript): only items where the runs disagree (CHAIR: different sets of mentioned objects;
+POPE: different parsed answers), only items where some run hallucinated (a chosen object, or any; for POPE a
+"yes" about an absent object). Items are paged; thumbnails are stored once per image and only the shown
+page's images are drawn. The address can preset the filters: `browse.html#disagree`, `#object=dog`,
+`#object=*` (items with any hallucination).
+
+The app writes the page at the end of every run and multirun (`BrowseCallback`, in conf/config.yaml) as
+`browse.html` in the run's or the sweep's dir; the app records each run's items (`write_items`) for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from benchmarks import summary, summary_plot
+from vlmfix.eval._io import atomic_write_text
+from vlmfix.eval.yesno import parse_answer
+
+log = logging.getLogger("benchmarks")
+
+PAGE_NAME = "browse.html"
+ITEMS_FILE = "items.jsonl"
+BROWSED_KINDS = ("chair", "pope")
+PAGE_SIZE = 50
+THUMBNAIL = 128  # pixels, longest side (about 4 KB a photo)
+
+
+# ------------------------------------------------------------------ what the app records
+def write_items(out_dir: Path, items: Iterable[Any], extra: Mapping[Any, Mapping[str, Any]] | None = None) -> Path:
+    """Record a run's items (key, image file, prompt, plus `extra[key]`, e.g. POPE's label) for the browser."""
+    extra = extra or {}
+    rows = [{"key": item.key, "image": str(item.image_path) if item.image_path is not None else None,
+             "prompt": item.text, **extra.get(item.key, {})} for item in items]
+    return atomic_write_text(out_dir / ITEMS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+# ------------------------------------------------------------------ reading runs
+@dataclass
+class Run:
+    """One run of a benchmark: its result.json, its label in the summary table and its per-item outputs."""
+
+    result: dict[str, Any]
+    label: str
+    items: dict[Any, dict[str, Any]] = field(default_factory=dict)  # key -> items.jsonl row
+    outputs: dict[Any, dict[str, Any]] = field(default_factory=dict)  # key -> what the page shows of the output
+
+
+def find_results(root: Path) -> list[dict[str, Any]]:
+    """Every run's result.json under `root` (a run found twice, in its job dir and its result dir, once)."""
+    paths = sorted(root.rglob("result.json"), key=lambda p: [int(s) if s.isdigit() else s
+                                                             for s in re.split(r"(\d+)", str(p.relative_to(root)))])
+    results, seen = [], set()
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("browse: skipping %s (%s)", path, err)
+            continue
+        run_dir = run_directory(result, path)
+        if run_dir in seen:
+            continue
+        seen.add(run_dir)
+        results.append({**result, "result_dir": str(run_dir)})
+    return results
+
+
+def run_directory(result: Mapping[str, Any], path: Path) -> Path:
+    """The run's own directory: the one result.json names, or its own dir when it holds the predictions."""
+    if (path.parent / "predictions.jsonl").exists():
+        return path.parent.resolve()
+    return Path(str(result.get("result_dir", path.parent))).resolve()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run(result: dict[str, Any], label: str) -> Run:
+    run_dir = Path(result["result_dir"])
+    run = Run(result, label, {row["key"]: row for row in read_jsonl(run_dir / ITEMS_FILE)})
+    if result["kind"] == "chair":
+        scored = run_dir / "chair_scored.json"
+        sentences = json.loads(scored.read_text())["sentences"] if scored.exists() else []
+        run.outputs = {s["image_id"]: s for s in sentences}
+    elif result["kind"] == "pope":
+        parser = ((result.get("fingerprint") or {}).get("pope") or {}).get("parser", "official")
+        for row in read_jsonl(run_dir / "predictions.jsonl"):
+            label_ = run.items.get(row["question_id"], {}).get("label")
+            run.outputs[row["question_id"]] = {"text": row["text"], "label": label_,
+                                               "parsed": parse_answer(row["text"], parser, label_)}
+    return run
+
+
+# ------------------------------------------------------------------ images
+def thumbnail_uri(path: str | None, size: int) -> str | None:
+    """A small JPEG of the image as a data: URI, or None when there is no readable image."""
+    if not path:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=60)
+    except OSError as err:
+        log.warning("browse: no thumbnail for %s (%s)", path, err)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def png_uri(path: Path) -> str:
+    """A PNG as a data: URI, re-encoded without its text chunks (matplotlib writes its web address there)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class Thumbnails:
+    """Each image file once: its index in the page's image table."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.index: dict[str, int] = {}
+        self.uris: list[str | None] = []
+
+    def __call__(self, path: str | None) -> int | None:
+        if not path:
+            return None
+        if path not in self.index:
+            self.index[path] = len(self.uris)
+            self.uris.append(thumbnail_uri(path, self.size))
+        return self.index[path] if self.uris[self.index[path]] is not None else None
+
+
+# ------------------------------------------------------------------ HTML pieces
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def marked_caption(caption: str, mentions: Sequence[Mapping[str, Any]]) -> str:
+    """The caption as HTML, each mention with a span at its recorded characters: class `hal` (hallucinated)
+    or `ok`, the matched vocabulary entry and its object in the tooltip."""
+    parts, position = [], 0
+    for mention in sorted((m for m in mentions if m.get("start") is not None), key=lambda m: m["start"]):
+        start, end = mention["start"], mention["end"]
+        if start < position:  # overlapping spans cannot happen with the scorer's tokens; keep the first
+            continue
+        kind = "hal" if mention["hallucinated"] else "ok"
+        tip = f"matched '{mention['surface']}' -> {mention['node']}"
+        tip += " (not in the ground truth)" if mention["hallucinated"] else " (in the ground truth)"
+        parts += [esc(caption[position:start]),
+                  f'<span class="{kind}" data-node="{esc(mention["node"])}" title="{esc(tip)}">'
+                  f"{esc(caption[start:end])}</span>"]
+        position = end
+    parts.append(esc(caption[position:]))
+    return "".join(parts)
+
+
+def chair_cell(output: Mapping[str, Any] | None) -> tuple[str, frozenset[str], frozenset[str]]:
+    """One run's caption cell, the objects it mentioned and those it hallucinated."""
+    if output is None:
+        return '<td class="missing">no caption</td>', frozenset(), frozenset()
+    metrics = output.get("metrics", {})
+    hallucinated = frozenset(node for _, node in output.get("mscoco_hallucinated_words", []))
+    numbers = " · ".join(f"{name} {fmt(metrics.get(name))}" for name in ("CHAIRi", "Recall") if name in metrics)
+    listed = ", ".join(sorted(hallucinated)) or "none"
+    cell = (f'<td><div class="caption">{marked_caption(output["caption"], output.get("mentions", []))}</div>'
+            f'<div class="metrics">{esc(numbers)} · hallucinated: {esc(listed)}</div></td>')
+    return cell, frozenset(output.get("mscoco_generated_words", [])), hallucinated
+
+
+def pope_cell(output: Mapping[str, Any] | None) -> tuple[str, str | None]:
+    """One run's answer cell (class `wrong` when the parsed answer is not the label) and its parsed answer."""
+    if output is None:
+        return '<td class="missing">no answer</td>', None
+    wrong = output["label"] is not None and output["parsed"] != output["label"]
+    verdict = "wrong" if wrong else "right"
+    return (f'<td class="{verdict}"><div class="answer">{esc(output["text"])}</div>'
+            f'<div class="metrics">parsed: {esc(output["parsed"])}</div></td>'), output["parsed"]
+
+
+def item_row(runs: Sequence[Run], key: Any, thumbnails: Thumbnails, number: int,
+             page_size: int) -> tuple[str, set[str]]:
+    """One item's row (the image and what is asked or known of it, then one cell per run) and the objects some
+    run hallucinated in it."""
+    kind = runs[0].result["kind"]
+    info = next((run.items[key] for run in runs if key in run.items), {})
+    image = thumbnails(info.get("image"))
+    picture = f'<img data-img="{image}" alt="image {esc(key)}">' if image is not None else '<div class="noimg"></div>'
+    cells: list[str] = []
+    hallucinated: set[str] = set()
+    answers: set[str | None] = set()
+    if kind == "chair":
+        gt: list[str] = next((run.outputs[key].get("mscoco_gt_words", []) for run in runs if key in run.outputs), [])
+        about = f'<div class="gt">ground truth: {esc(", ".join(gt)) or "none"}</div>'
+        signatures = set()
+        for run in runs:
+            cell, mentioned, nodes = chair_cell(run.outputs.get(key))
+            cells.append(cell)
+            hallucinated |= nodes
+            signatures.add(mentioned)
+        disagree = len(signatures) > 1
+    else:
+        label, target = info.get("label"), info.get("object")
+        about = (f'<div class="question">{esc(info.get("prompt", ""))}</div>'
+                 f'<div class="gt">label: {esc(label)}{f" · object: {esc(target)}" if target else ""}</div>')
+        for run in runs:
+            cell, parsed = pope_cell(run.outputs.get(key))
+            cells.append(cell)
+            answers.add(parsed)
+            if label == "no" and parsed == "yes" and target:
+                hallucinated.add(target)
+        disagree = len(answers) > 1
+    page = number // page_size + 1
+    return (f'<tr class="item" data-key="{esc(key)}" data-page="{page}" data-disagree="{int(disagree)}" '
+            f'data-hal="{esc(json.dumps(sorted(hallucinated)))}">'
+            f'<th class="about">{picture}<div class="key">{esc(key)}</div>{about}</th>{"".join(cells)}</tr>'
+            ), hallucinated
+
+
+def run_header(run: Run, models: int) -> str:
+    metrics = run.result.get("metrics", {})
+    names = summary.CHAIR_COLUMNS[:3] if run.result["kind"] == "chair" else summary.POPE_COLUMNS
+    numbers = " · ".join(f"{name} {fmt(metrics.get(name))}" for name in names if name in metrics)
+    title = f"{run.label} ({run.result['model']})" if models > 1 else run.label
+    return f'<th class="run">{esc(title)}<div class="metrics">{esc(numbers)}</div></th>'
+
+
+def section(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails, page_size: int) -> tuple[str, set[str]]:
+    """One benchmark's table of items, paged, and the objects hallucinated in it."""
+    keys: list[Any] = []
+    seen: set[Any] = set()
+    for run in runs:
+        for key in [*run.items, *run.outputs]:
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
+    models = len({run.result["model"] for run in runs})
+    rows = [item_row(runs, key, thumbnails, number, page_size) for number, key in enumerate(keys)]
+    objects = set().union(*(hallucinated for _, hallucinated in rows))
+    what = "caption" if runs[0].result["kind"] == "chair" else "answer"
+    return (f'<section class="bench" id="bench-{esc(benchmark)}"><h2>{esc(benchmark)} '
+            f'<small>{len(keys)} items, one {what} per run</small></h2>'
+            f'<div class="pager"></div><table class="items"><thead><tr><th class="itemcol">item</th>'
+            f'{"".join(run_header(run, models) for run in runs)}</tr></thead><tbody>{"".join(r for r, _ in rows)}'
+            f'</tbody></table><div class="pager"></div></section>'), objects
+
+
+def summary_block(results: Sequence[dict[str, Any]], plot: Path | None) -> str:
+    header, body = summary.table(results)
+    table = "<table class='summary'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{esc(fmt(v))}</td>" for v in row) + "</tr>" for row in body)
+    table += "</table>"
+    picture = f'<img class="plot" src="{png_uri(plot)}" alt="summary plot">' if plot is not None else ""
+    return f'<section id="summary"><h2>Summary</h2><div class="row">{picture}{table}</div></section>'
+
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#222}
+h1{font-size:20px;margin:0 0 8px} h2{font-size:17px;margin:18px 0 6px} h2 small{font-weight:normal;color:#666}
+#summary .row{display:flex;gap:12px;align-items:flex-start;flex-wrap:wrap}
+.plot{width:640px;max-width:100%;height:auto;border:1px solid #ddd} table.summary{font-size:12px}
+table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
+table.summary td{font-variant-numeric:tabular-nums}
+table.items{width:100%;table-layout:fixed} th.about{font-weight:normal} th.itemcol{width:180px}
+.about img,.noimg{display:block;max-width:170px;min-height:40px;background:#eee}
+.key{color:#888;font-size:12px} .gt,.question{font-size:12px} .metrics{color:#666;font-size:12px;margin-top:4px}
+span.hal{background:#fdd;color:#b00;border-bottom:2px solid #d33}
+span.ok{background:#dfd;color:#060;border-bottom:2px solid #3a3}
+td.wrong{background:#fee} td.wrong .answer{color:#b00} td.right .answer{color:#060} td.missing{color:#999}
+#filters{position:sticky;top:0;background:#f7f7f7;padding:6px;border:1px solid #ddd;z-index:1}
+.pager{margin:4px 0} .pager button{margin:0 2px}
+tr.item.off{display:none}
+"""
+
+SCRIPT = """
+(function(){
+const IMAGES = JSON.parse(document.getElementById('images').textContent);
+const SIZE = %d;
+const onlyDisagree = document.getElementById('disagree');
+const onlyObject = document.getElementById('object');
+const sections = Array.from(document.querySelectorAll('section.bench')).map(s => ({
+  el: s, rows: Array.from(s.querySelectorAll('tr.item')), page: 1}));
+function keep(row){
+  if (onlyDisagree.checked && row.dataset.disagree !== '1') return false;
+  const object = onlyObject.value;
+  const hal = JSON.parse(row.dataset.hal);
+  return !object || (object === '*' ? hal.length > 0 : hal.includes(object));
+}
+function draw(sec){
+  const kept = sec.rows.filter(keep);
+  const pages = Math.max(1, Math.ceil(kept.length / SIZE));
+  sec.page = Math.min(Math.max(1, sec.page), pages);
+  const shown = new Set(kept.slice((sec.page - 1) * SIZE, sec.page * SIZE));
+  for (const row of sec.rows){
+    row.classList.toggle('off', !shown.has(row));
+    if (shown.has(row)) for (const img of row.querySelectorAll('img[data-img]'))
+      if (!img.src) img.src = IMAGES[+img.dataset.img];
+  }
+  for (const pager of sec.el.querySelectorAll('.pager')){
+    pager.textContent = '';
+    const button = (text, page) => { const b = document.createElement('button'); b.textContent = text;
+      b.disabled = page < 1 || page > pages || page === sec.page;
+      b.onclick = () => { sec.page = page; draw(sec); }; pager.appendChild(b); };
+    button('\\u2039 prev', sec.page - 1);
+    const where = ` page ${sec.page} of ${pages} (${kept.length} of ${sec.rows.length} items) `;
+    pager.appendChild(document.createTextNode(where));
+    button('next \\u203a', sec.page + 1);
+  }
+}
+function drawAll(){ for (const sec of sections) draw(sec); }
+onlyDisagree.onchange = () => { for (const s of sections) s.page = 1; drawAll(); };
+onlyObject.onchange = onlyDisagree.onchange;
+// the address can preset the filters: browse.html#disagree, #object=dog, #object=* (any hallucination)
+const preset = new URLSearchParams(location.hash.slice(1));
+if (preset.has('disagree')) onlyDisagree.checked = true;
+if (preset.get('object')) onlyObject.value = preset.get('object');
+drawAll();
+})();
+"""
+
+
+def page(root: Path, results: Sequence[dict[str, Any]], plot: Path | None, page_size: int = PAGE_SIZE,
+         thumbnail: int = THUMBNAIL) -> str:
+    """The whole page for these runs (results as `find_results` returns them)."""
+    labels = summary.row_labels(results) if results else []
+    runs_by_benchmark: dict[str, list[Run]] = {}
+    for result, label in zip(results, labels):
+        if result.get("kind") in BROWSED_KINDS:
+            runs_by_benchmark.setdefault(result["benchmark"], []).append(load_run(result, label))
+    thumbnails = Thumbnails(thumbnail)
+    sections = [section(name, runs, thumbnails, page_size) for name, runs in runs_by_benchmark.items()]
+    objects = sorted(set().union(*(hallucinated for _, hallucinated in sections)))
+    options = "".join(f'<option value="{esc(o)}">{esc(o)}</option>' for o in objects)
+    filters = (f'<div id="filters"><label><input type="checkbox" id="disagree"> only items where the runs '
+               f'disagree</label> &nbsp; <label>hallucinations: <select id="object"><option value="">show all '
+               f'items</option><option value="*">only items with one</option>{options}</select></label> &nbsp; '
+               f'<span class="hal">hallucinated</span> <span class="ok">in the ground truth</span> (hover a word: '
+               f'the entry that matched)</div>')
+    top = summary_block(results, plot) if results else "<p>No finished run found.</p>"
+    images = json.dumps(thumbnails.uris).replace("</", "<\\/")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>vlmfix results: {esc(root.name)}'
+            f'</title><style>{STYLE}</style></head><body><h1>vlmfix results <small>{esc(root)}</small></h1>{top}'
+            f'{filters}{"".join(block for block, _ in sections)}'
+            f'<script type="application/json" id="images">{images}</script>'
+            f"<script>{SCRIPT % page_size}</script></body></html>")
+
+
+def write_page(root: Path, out: Path | None = None, page_size: int = PAGE_SIZE, thumbnail: int = THUMBNAIL) -> Path:
+    """Write the page for every run under `root` (default `root/browse.html`) and return its path."""
+    root = Path(root)
+    results = find_results(root)
+    plot = root / "summary.png"
+    if not plot.exists():
+        plot = root / f".{PAGE_NAME}.plot.png"
+        try:
+            text = page(root, results, drawn_plot(results, plot), page_size, thumbnail)
+        finally:
+            plot.unlink(missing_ok=True)
+    else:
+        text = page(root, results, plot, page_size, thumbnail)
+    return atomic_write_text(out or root / PAGE_NAME, text)
+
+
+def drawn_plot(results: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """The multirun summary's plot of these runs at `path` (None, with a warning, when it cannot be drawn)."""
+    try:
+        return summary_plot.plot(results, path) if results else None
+    except Exception as err:  # the plot is one part of the page; the items are still worth showing
+        log.warning("browse: no summary plot (%s: %s)", type(err).__name__, err)
+        return None
+
+
+class BrowseCallback(Callback):
+    """Write `browse.html` at the end of a run (in its Hydra dir) and of a multirun (in the sweep dir)."""
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._write(Path(config.hydra.runtime.output_dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._write(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def _write(root: Path) -> None:
+        if not any(root.glob("**/result.json")):
+            return
+        try:
+            log.info("Results browser written to %s", write_page(root))
+        except Exception as err:  # the page is a view of the results: never fail the run for it
+            log.warning("browse: the results page of %s was not written: %s", root, err, exc_info=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.browse", description=__doc__.split("\n")[0])
+    parser.add_argument("results_dir", type=Path, help="a multirun sweep dir, a run's dir or the results dir")
+    parser.add_argument("--out", type=Path, default=None, help=f"the page (default RESULTS_DIR/{PAGE_NAME})")
+    parser.add_argument("--page-size", type=int, default=PAGE_SIZE, help="items per page")
+    parser.add_argument("--thumbnail", type=int, default=THUMBNAIL, help="thumbnail size in pixels")
+    args = parser.parse_args(argv)
+    if not args.results_dir.is_dir():
+        parser.error(f"{args.results_dir} is not a directory; pass a multirun sweep dir or the results dir.")
+    if args.page_size < 1 or args.thumbnail < 16:
+        parser.error("--page-size must be >= 1 and --thumbnail >= 16.")
+    print(write_page(args.results_dir, args.out, args.page_size, args.thumbnail))
+
+
+if __name__ == "__main__":
+    main()
