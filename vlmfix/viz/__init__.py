@@ -141,6 +141,9 @@ def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout
             ax.set_xticks([])
             continue
         picture = pictures[panel.image]
+        if picture is not None:
+            top, left, height, width = panel.crop(picture.shape[0], picture.shape[1])
+            picture = picture[top : top + height, left : left + width]
         height, width = (picture.shape[0], picture.shape[1]) if picture is not None else panel.shape
         if picture is not None:
             ax.imshow(picture, extent=(0, width, height, 0))

@@ -3,7 +3,8 @@
 A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the methods' reports use for
 "image-token indices"). A `RowLayout` lays them on grids that each cover one whole image:
 
-- LLaVA-1.5: one (image_size / patch_size)^2 grid per image (24 x 24 for 336 / 14), row-major;
+- LLaVA-1.5: one (image_size / patch_size)^2 grid per image (24 x 24 for 336 / 14), row-major, over the image's
+  central square (the processor resizes the short side and crops the centre);
 - LLaVA-NeXT: per image, the base view (the same square grid, first), then the AnyRes tiles joined into one
   grid and cut back to the image's aspect ratio (rows x cols), each grid row followed by a newline token;
 - Qwen2-VL / Qwen2.5-VL: per image, the merged patches, (h / m) x (w / m) from `image_grid_thw` = (t, h, w)
@@ -32,10 +33,19 @@ class TokenGrid:
     image: int  # which image of the row (0-based, prompt order)
     kind: str  # "patches" (LLaVA), "base" / "tiles" (LLaVA-NeXT), "merged" (Qwen)
     tokens: np.ndarray  # [rows, cols] int: indices into the row's image tokens
+    # True: the grid covers the image's central square (CLIP's resize-the-short-side-then-centre-crop, LLaVA-1.5)
+    square_crop: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
         return int(self.tokens.shape[0]), int(self.tokens.shape[1])
+
+    def crop(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The (top, left, height, width) pixels of a height x width image that the grid covers."""
+        if not self.square_crop:
+            return 0, 0, height, width
+        side = min(height, width)
+        return (height - side) // 2, (width - side) // 2, side, side
 
     def values(self, per_token: Sequence[float] | np.ndarray) -> np.ndarray:
         """[rows, cols] float: `per_token[i]` at token i's cell; NaN where no token lies."""
@@ -72,7 +82,7 @@ def _vision_side(config: Any) -> int:
 def _llava_image(config: Any, image: int, start: int) -> tuple[list[TokenGrid], list[int], int]:
     side = _vision_side(config)
     cls = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
-    grid = TokenGrid(image, "patches", _square(side, start + cls))
+    grid = TokenGrid(image, "patches", _square(side, start + cls), square_crop=True)
     return [grid], list(range(start, start + cls)), side * side + cls
 
 
