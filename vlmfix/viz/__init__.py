@@ -137,7 +137,7 @@ def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout
             ax.imshow(image_map.values[layout.newlines[panel]][:, None], aspect="auto", interpolation="nearest",
                       **_scale(image_map.binary))
             ax.set_title(f"image {panel} newline tokens", fontsize=8)
-            ax.set_gid(f"{image_map.method}:{panel}:newlines")
+            ax.set_gid(f"{image_map.name}:{panel}:newlines")
             ax.set_xticks([])
             continue
         picture = pictures[panel.image]
@@ -151,7 +151,7 @@ def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout
                           alpha=0.6 if picture is not None else 1.0, interpolation="nearest",
                           **_scale(image_map.binary))
         ax.set_title(f"{image_map.title}\nimage {panel.image} {panel.kind}", fontsize=8)
-        ax.set_gid(f"{image_map.method}:{panel.image}:{panel.kind}")
+        ax.set_gid(f"{image_map.name}:{panel.image}:{panel.kind}")
         ax.set_xticks([])
         ax.set_yticks([])
         figure.colorbar(shown, ax=ax, fraction=0.046)
@@ -160,7 +160,7 @@ def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout
 def _draw_head_map(ax: Any, head_map: HeadMap) -> None:
     shown = ax.imshow(head_map.values, aspect="auto", interpolation="nearest", **_scale(head_map.binary))
     ax.set_title(head_map.title, fontsize=9)
-    ax.set_gid(f"{head_map.method}:heads:{head_map.title}")
+    ax.set_gid(head_map.name)
     ax.set_yticks(range(len(head_map.layers)), [str(k) for k in head_map.layers])
     ax.set_ylabel("layer")
     ax.set_xlabel("head")
@@ -182,5 +182,5 @@ def _draw_trace(ax: Any, trace: TokenTrace, tokenizer: Any, tokens_per_panel: in
     ax.set_xlabel("generated token (red: the contrast changed the greedy choice)")
     ax.set_ylabel("log-probability")
     ax.set_title(f"{trace.method}: both streams' log-probabilities", fontsize=9)
-    ax.set_gid(f"{trace.method}:trace")
+    ax.set_gid(f"{trace.method}.trace")
     ax.legend(fontsize=7, loc="lower left")

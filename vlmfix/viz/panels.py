@@ -20,9 +20,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ImageMap:
-    """One value per image token of a row (NaN: no value)."""
+    """One value per image token of a row (NaN: no value); `name` is "method.what" (the panels' gid prefix)."""
 
-    method: str
+    name: str
     title: str
     values: np.ndarray  # [image tokens]
     binary: bool = False  # a set of tokens (1 = in the set), drawn with a two-colour scale
@@ -30,9 +30,9 @@ class ImageMap:
 
 @dataclass(frozen=True)
 class HeadMap:
-    """One value per (layer, head); `layers` names the rows."""
+    """One value per (layer, head); `layers` names the rows; `name` is "method.what"."""
 
-    method: str
+    name: str
     title: str
     layers: list[int]
     values: np.ndarray  # [len(layers), heads]
@@ -75,20 +75,21 @@ def image_maps(report: Mapping[str, Any], image_positions: Sequence[int], row: i
     maps: list[ImageMap] = []
     gift = report.get("gift", {}).get("rows")
     if gift and gift[row].get("saliency"):
-        maps.append(ImageMap("gift", "GIFT saliency", np.asarray(gift[row]["saliency"], dtype=float)))
+        maps.append(ImageMap("gift.saliency", "GIFT saliency", np.asarray(gift[row]["saliency"], dtype=float)))
     dual = report.get("dual_stream", {}).get("rows")
     if dual:
-        maps.append(ImageMap("dual_stream", "DualStream local tokens", _members(dual[row]["local_tokens"], count),
+        maps.append(ImageMap("dual_stream.local", "DualStream local tokens", _members(dual[row]["local_tokens"], count),
                              binary=True))
-        maps.append(ImageMap("dual_stream", "DualStream summary tokens",
+        maps.append(ImageMap("dual_stream.summary", "DualStream summary tokens",
                              _members(dual[row]["summary_tokens"], count), binary=True))
     sid = report.get("sid", {}).get("rows")
     if sid and sid[row].get("kept_prefill") is not None:
-        maps.append(ImageMap("sid", "SID kept tokens (prefill)", _members(sid[row]["kept_prefill"], count),
+        maps.append(ImageMap("sid.kept", "SID kept tokens (prefill)", _members(sid[row]["kept_prefill"], count),
                              binary=True))
     avisc = report.get("avisc", {}).get("rows")
     if avisc:
-        maps.append(ImageMap("avisc", "AvisC kept (blind) tokens", _members(avisc[row]["kept"], count), binary=True))
+        maps.append(ImageMap("avisc.kept", "AvisC kept (blind) tokens", _members(avisc[row]["kept"], count),
+                             binary=True))
     var = report.get("var", {}).get("rows")
     if var and var[row]["visual_sinks"]:
         index = {int(p): i for i, p in enumerate(image_positions)}
@@ -97,10 +98,10 @@ def image_maps(report: Mapping[str, Any], image_positions: Sequence[int], row: i
         for positions in per_layer.values():
             for p in positions:
                 share[index[int(p)]] += 1.0 / len(per_layer)
-        maps.append(ImageMap("var", "VAR visual sinks (share of layers)", share))
+        maps.append(ImageMap("var.visual_sinks", "VAR visual sinks (share of layers)", share))
     pai = report.get("pai", {}).get("image_gain")
     if pai and pai[row]:
-        maps.append(ImageMap("pai", "PAI image-attention gain", np.asarray(pai[row], dtype=float)))
+        maps.append(ImageMap("pai.image_gain", "PAI image-attention gain", np.asarray(pai[row], dtype=float)))
     return maps
 
 
@@ -115,13 +116,13 @@ def head_maps(report: Mapping[str, Any], row: int) -> list[HeadMap]:
         chosen = np.zeros_like(vhd)
         for i, k in enumerate(order):
             chosen[i, np.asarray(layers[k]["heads"], dtype=int)] = 1.0
-        maps.append(HeadMap("vhr", "VHR vision-aware head divergence", order, vhd))
-        maps.append(HeadMap("vhr", "VHR heads scaled", order, chosen, binary=True))
+        maps.append(HeadMap("vhr.vhd", "VHR vision-aware head divergence", order, vhd))
+        maps.append(HeadMap("vhr.scaled", "VHR heads scaled", order, chosen, binary=True))
     var = report.get("var", {}).get("rows")
     if var and var[row].get("image_centric_heads"):
         heads = _by_layer(var[row]["image_centric_heads"])
         order = sorted(heads)
-        maps.append(HeadMap("var", "VAR image-centric heads (share of queries)", order,
+        maps.append(HeadMap("var.image_centric_heads", "VAR image-centric heads (share of queries)", order,
                             np.asarray([heads[k] for k in order], dtype=float)))
     return maps
 
