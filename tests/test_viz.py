@@ -185,3 +185,31 @@ def test_no_record_keeps_the_report_as_it_was_and_save_writes_files(tmp_path):
         figure.save(tmp_path / "row.gif")
     with pytest.raises(ValueError, match="record"):
         vlmfix.apply(tiny.model, vlmfix.PAI(), record="yes")
+
+
+@pytest.mark.slow
+def test_toy_pictures_of_gift_vhr_and_pai(tmp_path):
+    """The toy (LLaVA layout): GIFT's saliency and PAI's gain over its patch grid, VHR's head maps, PAI's trace;
+    and the command line writes the picture."""
+    from vlmfix.toy import load_example
+    from vlmfix.viz.__main__ import main
+
+    model, processor, inputs = load_example()
+    with vlmfix.apply(model, vlmfix.GIFT(), vlmfix.VHR(), vlmfix.PAI(), tokenizer=processor, record=True) as session:
+        out = session.generate(**inputs, max_new_tokens=6, do_sample=False)
+    report = session.report()
+    figure = session.plot(row=0)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    saliency = np.asarray(report["gift"]["rows"][0]["saliency"])
+    check_image_map(figure, "gift.saliency", {(0, "patches"): saliency.reshape(side, side)})
+    gain = np.asarray(report["pai"]["image_gain"][0])
+    check_image_map(figure, "pai.image_gain", {(0, "patches"): gain.reshape(side, side)})
+    layers = report["vhr"]["rows"][0]["layers"]
+    np.testing.assert_allclose(panel(figure, "vhr.vhd").images[-1].get_array(),
+                               np.array([layers[k]["vhd"] for k in sorted(layers)]))
+    steps = report["pai"]["record"]["contrast"]["rows"][0]
+    assert steps["tokens"] == out[0, inputs["input_ids"].shape[1] :].tolist()
+    line = next(line for line in panel(figure, "pai.trace").get_lines() if line.get_gid() == "greedy_negative")
+    np.testing.assert_allclose(line.get_ydata(), steps["greedy_negative"])
+    assert main(["--out", str(tmp_path / "toy.png"), "--max-new-tokens", "4"]) == 0
+    assert (tmp_path / "toy.png").stat().st_size > 0

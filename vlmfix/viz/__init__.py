@@ -94,7 +94,8 @@ def plot_report(report: Mapping[str, Any], prompt: Mapping[str, Any], config: An
         raise ValueError(f"nothing to draw for row {row}: the report has no method with pictures (gift, "
                          f"dual_stream, sid, avisc, var, pai, vhr, or a contrastive method run with record=True); "
                          f"it has {', '.join(report) or 'no method'}.")
-    figure = _pictures_class()(figsize=(PANEL_INCHES * columns + 1, PANEL_INCHES * panel_rows))
+    figure = _pictures_class()(figsize=(max(PANEL_INCHES * columns + 1, 2 * PANEL_INCHES + 1), PANEL_INCHES * panel_rows),
+                               layout="constrained")
     grid = figure.add_gridspec(panel_rows, columns)
     at = 0
     for image_map in maps:
@@ -162,6 +163,7 @@ def _draw_head_map(ax: Any, head_map: HeadMap) -> None:
     ax.set_title(head_map.title, fontsize=9)
     ax.set_gid(head_map.name)
     ax.set_yticks(range(len(head_map.layers)), [str(k) for k in head_map.layers])
+    ax.set_xticks(range(head_map.values.shape[1]))
     ax.set_ylabel("layer")
     ax.set_xlabel("head")
     ax.figure.colorbar(shown, ax=ax, fraction=0.03)
