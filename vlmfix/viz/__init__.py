@@ -94,8 +94,8 @@ def plot_report(report: Mapping[str, Any], prompt: Mapping[str, Any], config: An
         raise ValueError(f"nothing to draw for row {row}: the report has no method with pictures (gift, "
                          f"dual_stream, sid, avisc, var, pai, vhr, or a contrastive method run with record=True); "
                          f"it has {', '.join(report) or 'no method'}.")
-    figure = _pictures_class()(figsize=(max(PANEL_INCHES * columns + 1, 2 * PANEL_INCHES + 1), PANEL_INCHES * panel_rows),
-                               layout="constrained")
+    width = max(PANEL_INCHES * columns + 1, 2 * PANEL_INCHES + 1)
+    figure = _pictures_class()(figsize=(width, PANEL_INCHES * panel_rows), layout="constrained")
     grid = figure.add_gridspec(panel_rows, columns)
     at = 0
     for image_map in maps:

@@ -16,7 +16,8 @@ from PIL import Image
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmfix.viz", description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["gift", "vhr", "pai"],
-                        help="registered method names, run together with their defaults (default: gift vhr pai; the toy has no VAR sink dimensions)")
+                        help="registered method names, run together with their defaults (default: gift vhr pai; "
+                             "VAR needs sink dimensions, which the toy has none of)")
     parser.add_argument("--images", type=int, default=1, help="validation images, one batch row each (default 1)")
     parser.add_argument("--row", type=int, default=0, help="the batch row to draw (default 0)")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="caption length (default 24)")
