@@ -213,3 +213,22 @@ def test_toy_pictures_of_gift_vhr_and_pai(tmp_path):
     np.testing.assert_allclose(line.get_ydata(), steps["greedy_negative"])
     assert main(["--out", str(tmp_path / "toy.png"), "--max-new-tokens", "4"]) == 0
     assert (tmp_path / "toy.png").stat().st_size > 0
+
+
+def test_beams_and_a_bare_generate():
+    """Rows expanded for beams take their prompt's images; after a bare model.generate the processor's output
+    gives the grids (its image inputs never reach the session), and without it the error says so."""
+    tiny = tiny_model("llava_next")
+    inputs = tiny.inputs(QUESTIONS, images_per_row=2)
+    with vlmfix.apply(tiny.model, vlmfix.PAI(cfg=False), tokenizer=tiny.processor, record=True) as session:
+        session.generate(**inputs, max_new_tokens=2, do_sample=False, num_beams=2, num_return_sequences=2)
+    gain = np.asarray(session.report()["pai"]["image_gain"][3])  # row 3: prompt 1's second beam
+    check_image_map(session.plot(row=3), "pai.image_gain",
+                    expected_grids("llava_next", tiny.model.config, inputs, 1, gain, 2))
+    with vlmfix.apply(tiny.model, vlmfix.PAI(cfg=False), tokenizer=tiny.processor, record=True) as session:
+        tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="inputs=inputs"):
+        session.plot(row=1)
+    gain = np.asarray(session.report()["pai"]["image_gain"][1])
+    check_image_map(session.plot(row=1, inputs=inputs), "pai.image_gain",
+                    expected_grids("llava_next", tiny.model.config, inputs, 1, gain, 2))

@@ -474,8 +474,8 @@ class Session:
             self.call_inputs = {}
 
     def plot(self, row: int = 0, images: Any = None, **options: Any) -> Any:
-        """The pictures of what each method decided for batch row `row` (a matplotlib figure); see
-        `vlmfix.viz.plot`."""
+        """The pictures of what each method decided for batch row `row` (a matplotlib figure with `save(path)`);
+        see `vlmfix.viz.plot`."""
         from vlmfix.viz import plot
 
         return plot(self, row=row, images=images, **options)

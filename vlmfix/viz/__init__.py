@@ -59,7 +59,8 @@ def _pictures_class() -> type:
     return Pictures
 
 
-def plot(session: Any, row: int = 0, images: Any = None, **options: Any) -> Any:
+def plot(session: Any, row: int = 0, images: Any = None, inputs: Mapping[str, Any] | None = None,
+         **options: Any) -> Any:
     """The pictures of batch row `row` of the session's last prompt batch (a figure with `save(path)`).
 
     Args:
@@ -68,10 +69,18 @@ def plot(session: Any, row: int = 0, images: Any = None, **options: Any) -> Any:
         row: the batch row.
         images: the row's picture(s) (PIL images or [height, width, 3] arrays, prompt order), drawn under the
             maps; None draws the maps alone.
+        inputs: the processor's output for the call, needed only after a bare `model.generate` inside
+            `vlmfix.apply` (its `image_sizes` / `image_grid_thw` never reach the session); `session.generate`
+            records them itself.
         options: passed to `plot_report` (`tokens_per_panel`).
     """
     tokenizer = getattr(session, "tokenizer", None)
-    return plot_report(session.report(), session.prompt_record(), session.model.config, row=row, images=images,
+    prompt = dict(session.prompt_record())
+    for key in ("image_sizes", "image_grid_thw"):
+        value = (inputs or {}).get(key)
+        if value is not None:
+            prompt[key] = value.tolist() if hasattr(value, "tolist") else value
+    return plot_report(session.report(), prompt, session.model.config, row=row, images=images,
                        tokenizer=tokenizer, **options)
 
 

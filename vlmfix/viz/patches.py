@@ -189,5 +189,6 @@ def _take(rows: list[list[int]] | None, index: int, name: str) -> list[int]:
     if rows is None or index >= len(rows):
         have = 0 if rows is None else len(rows)
         raise ValueError(f"the prompt's image tokens need {name} for image {index}, but {have} were recorded; "
-                         f"pass the {name} the processor returned to the same generate call.")
+                         f"decode with session.generate(**inputs), which records them, or pass the processor's output "
+                         f"to the picture: session.plot(row, inputs=inputs).")
     return rows[index]
