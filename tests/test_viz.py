@@ -232,3 +232,32 @@ def test_beams_and_a_bare_generate():
     gain = np.asarray(session.report()["pai"]["image_gain"][1])
     check_image_map(session.plot(row=1, inputs=inputs), "pai.image_gain",
                     expected_grids("llava_next", tiny.model.config, inputs, 1, gain, 2))
+
+
+def test_pai_gain_against_a_reference():
+    """One boosted layer, one generated token: the gain is the prefill's last query's attention to each image key
+    with the boost, z + alpha * |z| on image keys, over that without it, averaged over heads."""
+    tiny = tiny_model("qwen2_vl")  # GQA: 4 query heads, 2 key/value heads
+    inputs = tiny.inputs(QUESTIONS)
+    alpha, layer = 0.5, 2
+    seen = {}
+
+    def grab(call):
+        if call.layer_idx == layer:
+            seen.update(query=call.query.detach().clone(), key=call.key.detach().clone(), scaling=call.scaling)
+
+    with vlmfix.apply(tiny.model) as plain, plain.observing(grab), torch.no_grad():
+        tiny.model(**inputs)
+    with vlmfix.apply(tiny.model, vlmfix.PAI(alpha, layers=[layer], cfg=False), record=True) as session:
+        session.generate(**inputs, max_new_tokens=1, do_sample=False)
+    query = seen["query"][:, :, -1:].double()  # [batch, heads, 1, head_dim]
+    key = seen["key"].double().repeat_interleave(query.shape[1] // seen["key"].shape[1], dim=1)
+    z = query @ key.transpose(-1, -2) * seen["scaling"]  # [batch, heads, 1, seq]
+    padding = inputs["attention_mask"][:, None, None, :] == 0
+    image = (inputs["input_ids"] == tiny.model.config.image_token_id)[:, None, None, :]
+    plain_p = z.masked_fill(padding, float("-inf")).softmax(-1)
+    boosted_p = (z + alpha * z.abs() * image).masked_fill(padding, float("-inf")).softmax(-1)
+    gain = (boosted_p / plain_p).mean(1)[:, 0]  # [batch, seq]
+    for row in range(2):
+        expected = gain[row][image[row, 0, 0]].numpy()
+        np.testing.assert_allclose(session.report()["pai"]["image_gain"][row], expected, rtol=1e-4)
