@@ -17,6 +17,10 @@ threads (a plain `model.generate` in a server thread, say) go through the wrappe
 no edit, observer or method hook of the session runs for them. One session per model at a time: a
 second thread entering `apply` on the same model gets a `SessionError`.
 
+Pictures: `session.plot(row)` draws what the methods decided for a batch row (`vlmfix.viz`) from `report()` and
+`prompt_record()` (the prompt's image-token positions and the image inputs that place them on patch grids);
+`record=True` also keeps the contrast's per-token log-probabilities and PAI's image-attention gain.
+
 The methods' side of the session (what `Method.prepare` may use): `spans`, `inputs` (the prompt's forward
 kwargs, with a [batch, seq] padding mask), `adapter`, `tokenizer`, `forward` (an extra analysis pass),
 `observing` (observe the attention calls of such a pass), `observe_for_prompt` and `hook_for_prompt`

@@ -130,8 +130,10 @@ def _pictures(images: Any, count: int) -> list[np.ndarray | None]:
     return [np.asarray(image.convert("RGB") if hasattr(image, "convert") else image) for image in listed]
 
 
-def _scale(binary: bool) -> dict[str, Any]:
-    return {"cmap": "coolwarm", "vmin": 0.0, "vmax": 1.0} if binary else {"cmap": "viridis"}
+def _scale(panel: ImageMap | HeadMap) -> dict[str, Any]:
+    if panel.binary:
+        return {"cmap": "coolwarm", "vmin": 0.0, "vmax": 1.0}
+    return {"cmap": "viridis", "vmin": 0.0, "vmax": 1.0} if panel.unit else {"cmap": "viridis"}
 
 
 def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout: RowLayout,
@@ -145,7 +147,7 @@ def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout
         ax = figure.add_subplot(grid[at, column])
         if isinstance(panel, int):
             ax.imshow(image_map.values[layout.newlines[panel]][:, None], aspect="auto", interpolation="nearest",
-                      **_scale(image_map.binary))
+                      **_scale(image_map))
             ax.set_title(f"image {panel} newline tokens", fontsize=8)
             ax.set_gid(f"{image_map.name}:{panel}:newlines")
             ax.set_xticks([])
@@ -159,7 +161,7 @@ def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout
             ax.imshow(picture, extent=(0, width, height, 0))
         shown = ax.imshow(panel.values(image_map.values), extent=(0, width, height, 0),
                           alpha=0.6 if picture is not None else 1.0, interpolation="nearest",
-                          **_scale(image_map.binary))
+                          **_scale(image_map))
         ax.set_title(f"{image_map.title}\nimage {panel.image} {panel.kind}", fontsize=8)
         ax.set_gid(f"{image_map.name}:{panel.image}:{panel.kind}")
         ax.set_xticks([])
@@ -168,7 +170,7 @@ def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout
 
 
 def _draw_head_map(ax: Any, head_map: HeadMap) -> None:
-    shown = ax.imshow(head_map.values, aspect="auto", interpolation="nearest", **_scale(head_map.binary))
+    shown = ax.imshow(head_map.values, aspect="auto", interpolation="nearest", **_scale(head_map))
     ax.set_title(head_map.title, fontsize=9)
     ax.set_gid(head_map.name)
     ax.set_yticks(range(len(head_map.layers)), [str(k) for k in head_map.layers])

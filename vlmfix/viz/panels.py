@@ -26,6 +26,7 @@ class ImageMap:
     title: str
     values: np.ndarray  # [image tokens]
     binary: bool = False  # a set of tokens (1 = in the set), drawn with a two-colour scale
+    unit: bool = False  # a share or a normalised score: the colour scale is [0, 1]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class HeadMap:
     layers: list[int]
     values: np.ndarray  # [len(layers), heads]
     binary: bool = False
+    unit: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ def image_maps(report: Mapping[str, Any], image_positions: Sequence[int], row: i
     maps: list[ImageMap] = []
     gift = report.get("gift", {}).get("rows")
     if gift and gift[row].get("saliency"):
-        maps.append(ImageMap("gift.saliency", "GIFT saliency", np.asarray(gift[row]["saliency"], dtype=float)))
+        maps.append(ImageMap("gift.saliency", "GIFT saliency", np.asarray(gift[row]["saliency"], dtype=float),
+                             unit=True))
     dual = report.get("dual_stream", {}).get("rows")
     if dual:
         maps.append(ImageMap("dual_stream.local", "DualStream local tokens", _members(dual[row]["local_tokens"], count),
@@ -98,7 +101,7 @@ def image_maps(report: Mapping[str, Any], image_positions: Sequence[int], row: i
         for positions in per_layer.values():
             for p in positions:
                 share[index[int(p)]] += 1.0 / len(per_layer)
-        maps.append(ImageMap("var.visual_sinks", "VAR visual sinks (share of layers)", share))
+        maps.append(ImageMap("var.visual_sinks", "VAR visual sinks (share of layers)", share, unit=True))
     pai = report.get("pai", {}).get("image_gain")
     if pai and pai[row]:
         maps.append(ImageMap("pai.image_gain", "PAI image-attention gain", np.asarray(pai[row], dtype=float)))
@@ -123,7 +126,7 @@ def head_maps(report: Mapping[str, Any], row: int) -> list[HeadMap]:
         heads = _by_layer(var[row]["image_centric_heads"])
         order = sorted(heads)
         maps.append(HeadMap("var.image_centric_heads", "VAR image-centric heads (share of queries)", order,
-                            np.asarray([heads[k] for k in order], dtype=float)))
+                            np.asarray([heads[k] for k in order], dtype=float), unit=True))
     return maps
 
 
