@@ -261,3 +261,14 @@ def test_pai_gain_against_a_reference():
     for row in range(2):
         expected = gain[row][image[row, 0, 0]].numpy()
         np.testing.assert_allclose(session.report()["pai"]["image_gain"][row], expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [lambda: vlmfix.VCD(), lambda: vlmfix.PAI()])
+def test_recording_changes_no_token(method):
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+    outputs = []
+    for record in (False, True):
+        with vlmfix.apply(tiny.model, method(), tokenizer=tiny.processor, record=record) as session:
+            outputs.append(session.generate(**inputs, max_new_tokens=4, do_sample=False))
+    assert torch.equal(outputs[0], outputs[1])
