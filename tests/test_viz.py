@@ -168,8 +168,6 @@ def test_contrast_trace_of_vcd(family: str):
 def test_no_record_keeps_the_report_as_it_was_and_save_writes_files(tmp_path):
     tiny = tiny_model("llava")
     inputs = tiny.inputs(QUESTIONS)
-    with vlmfix.apply(tiny.model, vlmfix.VCD(), vlmfix.PAI(cfg=False), tokenizer=tiny.processor) as session:
-        pass
     with vlmfix.apply(tiny.model, vlmfix.PAI(cfg=False), tokenizer=tiny.processor) as session:
         session.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert "image_gain" not in session.report()["pai"] and "record" not in session.report()["pai"]
