@@ -270,3 +270,15 @@ def test_recording_changes_no_token(method):
         with vlmfix.apply(tiny.model, method(), tokenizer=tiny.processor, record=record) as session:
             outputs.append(session.generate(**inputs, max_new_tokens=4, do_sample=False))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_pai_gain_ignores_other_methods_analysis_passes():
+    """Another method prepared after PAI (GIFT with alpha=0: its saliency pass, no edit) leaves PAI's gain as is."""
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+    gains = []
+    for methods in ([vlmfix.PAI(cfg=False)], [vlmfix.PAI(cfg=False), vlmfix.GIFT(alpha=0.0)]):
+        with vlmfix.apply(tiny.model, *methods, tokenizer=tiny.processor, record=True) as session:
+            session.generate(**inputs, max_new_tokens=1, do_sample=False)
+        gains.append(session.report()["pai"]["image_gain"])
+    np.testing.assert_allclose(gains[0], gains[1], rtol=1e-6)
