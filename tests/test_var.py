@@ -418,13 +418,21 @@ def test_report_contents():
     image = inputs["input_ids"] == tiny.model.config.image_token_id
     valid = inputs["attention_mask"].bool()
     for b, row in enumerate(report["rows"]):
-        assert set(row) == {"sinks", "visual_sinks", "text_sinks", "selected_head_share", "mean_mass_moved"}
+        assert set(row) == {"sinks", "visual_sinks", "text_sinks", "selected_head_share", "mean_mass_moved",
+                            "image_centric_heads"}
         for layer in report["layers"]:
             assert all(valid[b, p] for p in row["sinks"][layer])
             assert all(image[b, p] for p in row["visual_sinks"][layer])
             assert not any(image[b, p] for p in row["text_sinks"][layer])
             assert 0.0 <= row["selected_head_share"][layer] <= 1.0
             assert 0.0 <= row["mean_mass_moved"][layer] <= 1.0
+            # per head: the share of the row's edited queries that selected it; their mean is the layer's share
+            heads = row["image_centric_heads"].get(layer)
+            if heads is None:  # a layer the prefill did not edit
+                assert row["selected_head_share"][layer] == 0.0
+                continue
+            assert len(heads) == tiny.model.config.text_config.num_attention_heads
+            assert sum(heads) / len(heads) == pytest.approx(row["selected_head_share"][layer], abs=1e-6)
 
 
 def test_sinks_recomputed_for_every_prompt():

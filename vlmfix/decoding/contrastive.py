@@ -55,6 +55,7 @@ from vlmfix.decoding.prompt_inputs import (
     select_images,
     stack_row_blocks,
 )
+from vlmfix.decoding.trace import ContrastTrace
 from vlmfix.errors import SessionError
 
 if TYPE_CHECKING:
@@ -212,6 +213,9 @@ def generate_contrastive(session: Session, **generate_kwargs: Any) -> Any:
     engine = _Engine(session, index, method, ids)
     with engine.installed():
         out = session.model.generate(**generate_kwargs, cache=engine.cache)
+    if engine.trace is not None:
+        engine.trace.resolve((out if isinstance(out, Tensor) else out.sequences)[:, -1])
+        session.records[index] = {**session.records.get(index, {}), "contrast": engine.trace.report()}
     return out if growth == 0 else _without_leading_columns(out, growth)
 
 
@@ -258,6 +262,7 @@ class _Engine:
         self.stepping = False  # inside one of the engine's own [positive; negative] forwards
         self.last_positions: Tensor | None = None  # [2B, 1] or [sections, 2B, 1]
         self.step = 0  # tokens generated before the forward running now (0 at the prefill)
+        self.trace = ContrastTrace() if session.record else None
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -336,6 +341,8 @@ class _Engine:
     def _decode(self, positive: dict[str, Any]) -> dict[str, Any]:
         out = dict(positive)
         ids = positive["input_ids"]  # [B, q]: the tokens chosen for both streams
+        if self.trace is not None:
+            self.trace.resolve(ids[:, 0])
         out["input_ids"] = torch.cat([ids, ids])
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], ids.shape[1])], dim=-1)
@@ -360,6 +367,8 @@ class _Engine:
             return None
         positive, negative = split_streams(output.logits[:, -1], self.batch)
         scores = self.method.combine(self.state, positive.float(), negative.float(), self.step)  # [B, vocab]
+        if self.trace is not None:
+            self.trace.step(positive, negative)
         self.step += 1
         self.session.applied[self.index].contrast_steps += 1
         if scores.shape != positive.shape:

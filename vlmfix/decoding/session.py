@@ -17,6 +17,10 @@ threads (a plain `model.generate` in a server thread, say) go through the wrappe
 no edit, observer or method hook of the session runs for them. One session per model at a time: a
 second thread entering `apply` on the same model gets a `SessionError`.
 
+Pictures: `session.plot(row)` draws what the methods decided for a batch row (`vlmfix.viz`) from `report()` and
+`prompt_record()` (the prompt's image-token positions and the image inputs that place them on patch grids);
+`record=True` also keeps the contrast's per-token log-probabilities and PAI's image-attention gain.
+
 The methods' side of the session (what `Method.prepare` may use): `spans`, `inputs` (the prompt's forward
 kwargs, with a [batch, seq] padding mask), `adapter`, `tokenizer`, `forward` (an extra analysis pass),
 `observing` (observe the attention calls of such a pass), `observe_for_prompt` and `hook_for_prompt`
@@ -110,7 +114,10 @@ class Session:
         tokenizer: Any | None = None,
         spans: SpanOverride = None,
         kernel: str = "auto",
+        record: bool = False,
     ) -> None:
+        self.record = validation.boolean(record, "record", "whether the report keeps what the pictures need "
+                                         "(vlmfix.viz): the contrast's per-token log-probabilities, PAI's gain")
         self.kernel = validation.choice(kernel, "kernel", KERNEL_MODES,
                                         "'auto' uses the Triton decode kernel on CUDA when triton is installed")
         self.model: Any = model  # a transformers model: generate, config and submodules differ per family
@@ -136,6 +143,10 @@ class Session:
         # the grouped kernel's key groups per edit list, kept for the prompt batch's decode steps
         self.key_groups = KeyGroupCache()
         self.prompts_seen = 0
+        # the last prompt batch's image inputs, as plain lists, for `prompt_record` (the pictures' patch grids)
+        self._prompt_images: dict[str, Any] = {}
+        # per method index: plain-data records kept when `record` is on (the contrast's per-step log-probs, ...)
+        self.records: dict[int, dict[str, Any]] = {}
         self._owner: int | None = None
         self._undo: list[Callable[[], object]] = []  # return values are ignored
         self._prompt_handles: list[RemovableHandle] = []
@@ -255,6 +266,8 @@ class Session:
         self.inputs = {**inputs, "attention_mask": valid.long()}
         self.prompts_seen += 1
         self._spans = self._resolve_spans(input_ids, valid)
+        self._prompt_images = self._image_layout_inputs(inputs, input_ids.shape[0])
+        self.records = {}
         needy = [m.name for m in self.methods if m.needs_image]
         if needy and not bool(self.spans.has_image.all()):
             rows = (~self.spans.has_image).nonzero().flatten().tolist()
@@ -268,6 +281,35 @@ class Session:
             self._preparing = i
             self.states[i] = method.prepare(self)
         self._preparing = None
+
+    def _image_layout_inputs(self, inputs: dict[str, Any], batch: int) -> dict[str, Any]:
+        """The image inputs that place image tokens on patch grids, as lists, and the rows per caller prompt."""
+        found: dict[str, Any] = {}
+        for key in ("image_sizes", "image_grid_thw"):
+            value = self.call_inputs.get(key)
+            value = value if value is not None else inputs.get(key)
+            if isinstance(value, Tensor):
+                found[key] = value.tolist()
+        caller = self.call_inputs.get("input_ids")
+        callers = caller.shape[0] if isinstance(caller, Tensor) and caller.dim() == 2 else batch
+        found["rows_per_prompt"] = batch // callers if callers and batch % callers == 0 else 1
+        return found
+
+    def prompt_record(self) -> dict[str, Any]:
+        """The last prompt batch's structure as plain data, for pictures: the family, each row's image-token,
+        instruction and valid positions, and the image inputs that place image tokens on patch grids."""
+        spans = self.spans
+
+        def positions(mask: Tensor) -> list[list[int]]:  # mask: [batch, seq]
+            return [row.nonzero().flatten().tolist() for row in mask.cpu()]
+
+        return {
+            "family": self.adapter.family,
+            "image_positions": positions(spans.image),
+            "instruction_positions": positions(spans.instruction),
+            "prompt_length": int(spans.image.shape[1]),
+            **self._prompt_images,
+        }
 
     def _resolve_spans(self, input_ids: Tensor, valid: Tensor) -> Spans:
         override = self._span_override
@@ -435,12 +477,21 @@ class Session:
         finally:
             self.call_inputs = {}
 
+    def plot(self, row: int = 0, images: Any = None, **options: Any) -> Any:
+        """The pictures of what each method decided for batch row `row` (a matplotlib figure with `save(path)`);
+        see `vlmfix.viz.plot`."""
+        from vlmfix.viz import plot
+
+        return plot(self, row=row, images=images, **options)
+
     def report(self) -> dict[str, Any]:
         """What each method decided for the last prompt batch, keyed by method name; each entry's
         `applied` says how often the method changed something (attention calls, rewrites, contrast steps)."""
         out = {}
-        for method, state, applied in zip(self.methods, self.states, self.applied):
+        for i, (method, state, applied) in enumerate(zip(self.methods, self.states, self.applied)):
             entry = method.report(state) if state is not _UNPREPARED else {"prepared": False}
+            if i in self.records:
+                entry = {**entry, "record": self.records[i]}
             out[method.name] = {**entry, "applied": {"attention_calls": applied.attention_calls,
                                                      "rewrites": applied.rewrites,
                                                      "contrast_steps": applied.contrast_steps,
@@ -454,6 +505,7 @@ def apply(
     tokenizer: Any | None = None,
     spans: SpanOverride = None,
     kernel: str = "auto",
+    record: bool = False,
 ) -> Session:
     """Apply `methods` to the generate calls inside the `with` block; returns the `Session`.
 
@@ -470,9 +522,12 @@ def apply(
             "instruction": [[pos, ...], ...]} with one list per prompt row in padded input_ids positions.
         kernel: "auto" (the Triton decode kernel for edited layers on CUDA), "always" (also on CPU,
             through the Triton interpreter or the kernel's PyTorch reference), or "never".
+        record: keep what `vlmfix.viz` draws beyond the reports (each contrastive method's per-token
+            log-probabilities under `report()[name]["record"]`, PAI's image-attention gain); costs a little
+            time per step. `session.plot(row=0)` draws the pictures.
     """
     flat = methods[0] if len(methods) == 1 and isinstance(methods[0], (list, tuple)) else methods
     if flat is not methods:
         raise ValueError(f"vlmfix.apply takes the methods one by one, got a {type(flat).__name__}; write "
                          f"vlmfix.apply(model, *methods) or vlmfix.apply(model, VAR(), GIFT()).")
-    return Session(model, list(methods), tokenizer=tokenizer, spans=spans, kernel=kernel)
+    return Session(model, list(methods), tokenizer=tokenizer, spans=spans, kernel=kernel, record=record)

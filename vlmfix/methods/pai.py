@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from vlmfix import validation
 from vlmfix.decoding.edits import Edit, KeyBias
 from vlmfix.decoding.method import register_method
-from vlmfix.methods.image_boost import BoostState, check_margin, first_token_start, pai_band
+from vlmfix.methods.image_boost import BoostState, GainRecorder, check_margin, first_token_start, pai_band
 from vlmfix.methods.image_free import ImageFreeRefinement, check_refinement
 
 if TYPE_CHECKING:
@@ -83,11 +83,21 @@ class PAI(ImageFreeRefinement):
             "first_token_boosted": not self.skip_first_token_boost,
             "refinement": {"gamma": self.gamma, "plausibility": self.plausibility} if self.cfg else None,
         }
-        return BoostState(edit=edit, layers=frozenset(layers), info=info)
+        state = BoostState(edit=edit, layers=frozenset(layers), info=info)
+        if session.record and self.alpha > 0:
+            recorder = GainRecorder(image, self.alpha, state.layers, not self.skip_first_token_boost)
+            session.observe_for_prompt(  # decoding forwards only, not another method's analysis pass
+                lambda call: None if session.in_extra_pass else recorder.observe(call, session.rows_of_prompt))
+            state.recorder = recorder
+        return state
 
     def edits(self, state: BoostState, layer_idx: int) -> Sequence[Edit]:
         return state.edits(layer_idx)
 
     def report(self, state: BoostState) -> dict[str, Any]:
-        """Per row: how many image keys were boosted; the boosted layers and refinement settings."""
-        return {"alpha": self.alpha, **state.info}
+        """Per row: how many image keys were boosted; the boosted layers and refinement settings; with
+        `record=True`, `image_gain`: per row and image token, the mean factor the boost gave its attention."""
+        out = {"alpha": self.alpha, **state.info}
+        if state.recorder is not None:
+            out["image_gain"] = state.recorder.report()
+        return out

@@ -65,6 +65,7 @@ class VARState:
     inactive: set[int] = field(default_factory=set)  # layers whose current forward is not this prompt's
     selected_share: dict[int, Tensor] = field(default_factory=dict)  # layer -> [batch] fp32 (prefill)
     mass_moved: dict[int, Tensor] = field(default_factory=dict)  # layer -> [batch] fp32 (prefill)
+    head_share: dict[int, Tensor] = field(default_factory=dict)  # layer -> [batch, heads] fp32 (prefill)
 
     @property
     def batch(self) -> int:
@@ -260,6 +261,8 @@ class VAR(Method):
             picked = gate.selected & rows[:, None, :]  # [batch, heads, rows]
             pairs = rows[:, None, :].expand_as(picked).float().sum((1, 2)).clamp_min(1)
             state.selected_share[call.layer_idx] = picked.float().sum((1, 2)) / pairs
+            # per head: the share of the row's edited queries for which the head was image-centric
+            state.head_share[call.layer_idx] = picked.float().sum(2) / rows.float().sum(1, keepdim=True).clamp_min(1)
             moved = (gate.moved * picked).sum((1, 2)) / picked.float().sum((1, 2)).clamp_min(1)
             state.mass_moved[call.layer_idx] = moved
             return None
@@ -268,12 +271,13 @@ class VAR(Method):
 
     # ------------------------------------------------------------------ report
     def report(self, state: VARState) -> dict[str, Any]:
-        """Sink dims and their source, and per row and layer: sink positions, selected share, mass moved."""
+        """Sink dims and their source, and per row and layer: sink positions, selected share, mass moved, and
+        `image_centric_heads` (per head, the share of the prompt's edited queries whose head was selected)."""
         rows = []
         for b in range(state.batch):
             image = state.image[b]
             row: dict[str, Any] = {"sinks": {}, "visual_sinks": {}, "text_sinks": {}, "selected_head_share": {},
-                                   "mean_mass_moved": {}}
+                                   "mean_mass_moved": {}, "image_centric_heads": {}}
             for layer in state.layers:
                 if layer not in state.sinks:
                     continue
@@ -290,6 +294,8 @@ class VAR(Method):
                     if layer in state.selected_share else 0.0
                 row["mean_mass_moved"][layer] = float(state.mass_moved[layer][b]) \
                     if layer in state.mass_moved else 0.0
+                if layer in state.head_share:
+                    row["image_centric_heads"][layer] = state.head_share[layer][b].tolist()
             rows.append(row)
         return {"p": self.p, "rho": self.rho, "summ": self.summ, "tau": self.tau, "sink_dims": list(state.dims),
                 "sink_dims_source": state.dims_source, "layers": list(state.layers), "rows": rows}
