@@ -92,7 +92,8 @@ def test_simple_evaluate_equals_the_runner_and_the_scorer(toy_task, tmp_path: Pa
 
 def test_loglikelihood_and_multi_round_are_refused_with_the_reason() -> None:
     lm = VlmfixLMM(pretrained="toy_fast", device="cpu")
-    request = Instance(request_type="loglikelihood", arguments=("ctx", "cont"), idx=0, metadata={})
+    request = Instance(request_type="loglikelihood", arguments=("ctx", "cont"), idx=0,
+                       metadata={"task": TASK, "doc_id": 0, "repeats": 1})
     with pytest.raises(NotImplementedError, match="act inside `generate`"):
         lm.loglikelihood([request])
     assert "generate_until" in NO_LIKELIHOOD
@@ -125,6 +126,9 @@ def test_cli_run_through_the_entry_point(toy_task, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     files = sorted((tmp_path / "out").rglob(f"*samples_{TASK}*.jsonl"))
     assert files, f"no samples file under {tmp_path / 'out'}: {done.stdout[-2000:]}"
-    samples = [json.loads(line) for line in files[0].read_text().splitlines()]
-    answers = {int(s["doc"]["question_id"]): s["filtered_resps"][0] for s in samples}
-    assert answers == runner_answers(questions, images, tmp_path / "runner.jsonl")
+    rows = [json.loads(line)["pope_f1"] for line in files[0].read_text().splitlines()]  # process_results' rows
+    answers = {int(row["question_id"]): row["answer"] for row in rows}
+    expected = runner_answers(questions, images, tmp_path / "runner.jsonl")
+    assert answers == expected
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())["results"][TASK]
+    assert math.isclose(results["pope_f1,none"], pope.score_pope(questions, expected, split="random").f1)

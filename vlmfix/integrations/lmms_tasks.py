@@ -28,7 +28,7 @@ from vlmfix.validation import choice, number, text
 DOCS_FILE = "docs.jsonl"
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "unknown_rate")
 UTILS_SOURCE = (
-    '"""Written by `python -m vlmfix.integrations.lmms_eval write-tasks`: the doc and metric functions of the task."""\n'
+    '"""Written by `python -m vlmfix.integrations.lmms_eval write-tasks`: the task\'s doc and metric functions."""\n'
     "from vlmfix.integrations.lmms_tasks import *  # noqa: F401,F403\n"
 )
 
@@ -58,7 +58,7 @@ def write_pope_task(
     image_dir = Path(images).expanduser().resolve()
     docs = [{"question_id": q.question_id, "image": str(image_dir / q.image), "question": q.text + prompt_suffix,
              "label": q.label, "object": q.object, "parser": parser, "split": split} for q in questions]
-    missing = [doc["image"] for doc in docs if not Path(doc["image"]).is_file()]
+    missing = [str(image_dir / q.image) for q in questions if not (image_dir / q.image).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) of task {name!r} are missing, e.g. {missing[0]!r}; point "
                                 "images at the folder that holds the question file's images.")

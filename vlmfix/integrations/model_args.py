@@ -70,7 +70,9 @@ def methods_from_config(path: str | Path) -> list[Method]:
     that holds one is refused, naming the key, so write the value itself."""
     import yaml
 
-    file = Path(text(path, "methods_config", meaning="a YAML file of method nodes")).expanduser()
+    if not isinstance(path, Path):
+        text(path, "methods_config", meaning="a YAML file of method nodes")
+    file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"`methods_config` {str(file)!r} does not exist; point it at a YAML file of method "
                                 "nodes, e.g. one holding `{_target_: vlmfix.VAR, p: 0.6}`.")
@@ -107,7 +109,8 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"`device` must be auto or a torch device such as cpu, cuda or cuda:1, got {device!r}.") from None
+        raise ValueError(f"`device` must be auto or a torch device such as cpu, cuda or cuda:1, got "
+                         f"{device!r}.") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` is {device!r} but no CUDA device is available; pass device=cpu (lmms-eval: "
                          "--device cpu).")
@@ -180,7 +183,7 @@ def generation_settings(gen_kwargs: dict[str, Any]) -> GenerationSettings:
     until = gen_kwargs.get("until") or []
     stops = (until,) if isinstance(until, str) else tuple(until)
     for stop in stops:
-        text(stop, "until", meaning="the task's stop strings")
+        text(stop, "until", allow_empty=True, meaning="the task's stop strings")
     ignored = tuple(sorted(key for key in gen_kwargs if key not in HANDLED_KEYS))
     return GenerationSettings(kwargs, stops, ignored)
 
