@@ -132,3 +132,30 @@ def test_cli_run_through_the_entry_point(toy_task, tmp_path: Path) -> None:
     assert answers == expected
     results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())["results"][TASK]
     assert math.isclose(results["pope_f1,none"], pope.score_pope(questions, expected, split="random").f1)
+
+
+def _request(doc_to_visual, doc_id: int, context: str) -> Instance:
+    gen_kwargs = {"until": [], "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, "do_sample": False}
+    return Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1},
+                    arguments=(context, gen_kwargs, doc_to_visual, doc_id, "t", "test"))
+
+
+def test_text_only_requests_match_the_runner_and_two_images_are_refused(toy_task, tmp_path: Path) -> None:
+    _, questions, images = toy_task
+    lm = VlmfixLMM(pretrained="toy_fast", methods=METHODS, batch_size=BATCH, device="cpu")
+    lm.task_dict = {"t": {"test": {0: {}, 1: {}}}}
+    texts = [q.text for q in questions[:2]]
+    answers = lm.generate_until([_request(lambda doc: [], i, text) for i, text in enumerate(texts)])
+    loaded = load_toy(fast=True)
+    rows = generate_predictions([Item(i, None, text) for i, text in enumerate(texts)], model=loaded.model,
+                                processor=loaded.processor, methods=parse_methods(METHODS),
+                                out_path=tmp_path / "runner.jsonl", key_name="question_id", text_name="text",
+                                batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS, decoding={"do_sample": False},
+                                seed=0, progress=False)
+    assert answers == [rows[0]["text"], rows[1]["text"]]
+
+    from PIL import Image
+
+    two = [Image.open(images / questions[0].image)] * 2
+    with pytest.raises(ValueError, match="2 images"):
+        lm.generate_until([_request(lambda doc: two, 0, texts[0])])
