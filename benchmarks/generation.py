@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import vlmfix
 from vlmfix.decoding.method import Method
+from vlmfix.eval.generation import chat_prompt  # re-exported: it lived here first
 from vlmfix.validation import number
 
 
@@ -119,12 +120,6 @@ def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def chat_prompt(processor: Any, text: str, image: bool = True) -> str:
-    content = [{"type": "image"}] if image else []
-    conversation = [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
 def generate_predictions(

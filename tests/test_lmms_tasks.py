@@ -1,0 +1,153 @@
+"""The lmms-eval plugin's parts that need no lmms-eval: model arguments, generation kwargs, the task writer and its
+metrics (checked against POPE figures computed by hand)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import vlmfix
+from vlmfix.eval import pope
+from vlmfix.eval.generation import chat_prompt
+from vlmfix.integrations import lmms_tasks
+from vlmfix.integrations.model_args import (
+    cut_at_stops,
+    generation_settings,
+    methods_from_config,
+    parse_methods,
+)
+
+
+def test_chat_prompt_is_still_importable_from_the_app() -> None:
+    from benchmarks.generation import chat_prompt as app_chat_prompt
+
+    assert app_chat_prompt is chat_prompt
+
+
+def test_methods_from_the_model_argument() -> None:
+    methods = parse_methods("vhr; pai:alpha=0.5:cfg=False+vcd")
+    assert [type(m) for m in methods] == [vlmfix.VHR, vlmfix.PAI, vlmfix.VCD]
+    assert methods[1].alpha == 0.5 and methods[1].cfg is False
+    assert parse_methods("") == [] and parse_methods(None) == []
+    with pytest.raises(ValueError, match="is not key=value"):
+        parse_methods("pai:alpha")
+    with pytest.raises(vlmfix.UnknownNameError, match="Available"):
+        parse_methods("vhrr")
+    with pytest.raises(ValueError, match="alpha"):
+        parse_methods("pai:alpha=-1")
+
+
+def test_methods_from_a_yaml_file_of_method_nodes(tmp_path: Path) -> None:
+    path = tmp_path / "methods.yaml"
+    path.write_text("- {_target_: vlmfix.PAI, alpha: 0.3, cfg: false}\n- _target_: vlmfix.VHR\n")
+    pai, vhr = methods_from_config(path)
+    assert isinstance(pai, vlmfix.PAI) and pai.alpha == 0.3 and isinstance(vhr, vlmfix.VHR)
+    path.write_text("_target_: vlmfix.VAR\ntau: ${oc.select:model.var_tau,20.0}\n")
+    with pytest.raises(ValueError, match="interpolation"):
+        methods_from_config(path)
+    path.write_text("_target_: pathlib.Path\n")
+    with pytest.raises(ValueError, match="not a vlmfix method class"):
+        methods_from_config(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        methods_from_config(tmp_path / "absent.yaml")
+
+
+def test_generation_kwargs_follow_lmms_eval_conventions() -> None:
+    greedy = generation_settings({"until": ["\n\n"], "max_new_tokens": 8, "temperature": 0, "top_p": 1.0,
+                                  "num_beams": 1, "do_sample": False, "image_aspect_ratio": "pad"})
+    assert greedy.kwargs == {"max_new_tokens": 8, "num_beams": 1, "do_sample": False}
+    assert greedy.stops == ("\n\n",) and greedy.ignored == ("image_aspect_ratio",)
+    sampled = generation_settings({"temperature": 0.7, "top_p": 0.9, "until": "###"})
+    assert sampled.kwargs == {"max_new_tokens": 1024, "num_beams": 1, "do_sample": True, "temperature": 0.7,
+                              "top_p": 0.9}
+    assert sampled.stops == ("###",)
+    # do_sample with temperature 0 is greedy (lmms-eval's temperature-0 convention)
+    assert generation_settings({"do_sample": True, "temperature": 0}).kwargs["do_sample"] is False
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generation_settings({"max_new_tokens": 0})
+
+
+def test_stop_strings_cut_at_the_first_one() -> None:
+    assert cut_at_stops(" Yes, there is.\nUSER: no", ("\nUSER", ",")) == "Yes"
+    assert cut_at_stops(" No ", ()) == "No"
+    assert cut_at_stops("abc", ("",)) == "abc"  # an empty stop string stops nothing
+
+
+@pytest.fixture
+def task(tmp_path: Path) -> tuple[Path, list[pope.PopeQuestion]]:
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(images / name)
+    questions = [pope.PopeQuestion(i + 1, name, f"Is there a {obj} in the image?", label)
+                 for i, (name, obj, label) in enumerate([("a.png", "dog", "yes"), ("a.png", "cat", "no"),
+                                                         ("b.png", "car", "yes"), ("b.png", "bus", "no")])]
+    lmms_tasks.write_pope_task(tmp_path / "tasks", questions, images, name="t_pope", split="random",
+                               prompt_suffix=" Answer yes or no.", max_new_tokens=6)
+    return tmp_path / "tasks" / "t_pope", questions
+
+
+class _Tags(yaml.SafeLoader):
+    """Reads lmms-eval's `!function` tags as plain strings."""
+
+
+_Tags.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
+
+
+def test_written_task_names_its_docs_and_vlmfix_metrics(task) -> None:
+    folder, questions = task
+    config = yaml.load((folder / "t_pope.yaml").read_text(), Loader=_Tags)
+    assert config["task"] == "t_pope" and config["output_type"] == "generate_until"
+    docs_path = Path(config["dataset_kwargs"]["data_files"]["test"])
+    assert docs_path.is_absolute() and docs_path == folder / "docs.jsonl"
+    assert config["generation_kwargs"]["until"] == [] and config["generation_kwargs"]["max_new_tokens"] == 6
+    assert [m["metric"] for m in config["metric_list"]] == [f"pope_{m}" for m in lmms_tasks.METRICS]
+    for entry in config["metric_list"]:  # every aggregation names a function the task's utils.py exports
+        name = entry["aggregation"].removeprefix("!function utils.")
+        assert name in lmms_tasks.__all__ and callable(getattr(lmms_tasks, name))
+    docs = [json.loads(line) for line in docs_path.read_text().splitlines()]
+    assert [d["question"] for d in docs] == [q.text + " Answer yes or no." for q in questions]
+    assert all(Path(d["image"]).is_file() for d in docs)
+    assert lmms_tasks.pope_doc_to_visual(docs[0])[0].size == (8, 8)
+    assert lmms_tasks.pope_doc_to_text(docs[0]) == docs[0]["question"]
+
+
+def test_task_metrics_equal_hand_computed_pope_figures(task) -> None:
+    folder, _ = task
+    docs = [json.loads(line) for line in (folder / "docs.jsonl").read_text().splitlines()]
+    # labels yes, no, yes, no; answers yes, yes, no, "maybe" -> official parser: "maybe" has no "no" word: yes
+    answers = ["Yes, there is.", "yes", "No.", "maybe"]
+    rows = [lmms_tasks.pope_process_results(doc, [answer])["pope_f1"] for doc, answer in zip(docs, answers)]
+    # TP = 1 (q1), FP = 2 (q2, q4), FN = 1 (q3), TN = 0: precision 1/3, recall 1/2, F1 = 2PR/(P+R) = 0.4
+    assert math.isclose(lmms_tasks.aggregate_pope_precision(rows), 1 / 3)
+    assert math.isclose(lmms_tasks.aggregate_pope_recall(rows), 1 / 2)
+    assert math.isclose(lmms_tasks.aggregate_pope_f1(rows), 0.4)
+    assert math.isclose(lmms_tasks.aggregate_pope_accuracy(rows), 1 / 4)
+    assert math.isclose(lmms_tasks.aggregate_pope_yes_ratio(rows), 3 / 4)
+
+
+def test_missing_images_and_empty_tasks_are_refused(tmp_path: Path) -> None:
+    question = pope.PopeQuestion(1, "absent.png", "Is there a dog in the image?", "yes")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        lmms_tasks.write_pope_task(tmp_path, [question], tmp_path, name="t")
+    with pytest.raises(ValueError, match="no questions"):
+        lmms_tasks.write_pope_task(tmp_path, [], tmp_path, name="t")
+    with pytest.raises(ValueError, match="parser"):
+        lmms_tasks.write_pope_task(tmp_path, [question], tmp_path, name="t", parser="nope")
+
+
+def test_write_tasks_command_from_a_question_file(task, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, questions = task
+    question_file = tmp_path / "q.jsonl"
+    pope.write_questions(question_file, questions)
+    with pytest.warns(UserWarning, match="not one of the pinned"):
+        lmms_tasks.main(["write-tasks", "--out", str(tmp_path / "cli"), "--questions", str(question_file),
+                         "--images", str(tmp_path / "images"), "--name", "cli_pope"])
+    assert "--tasks cli_pope" in capsys.readouterr().out
+    docs = (tmp_path / "cli" / "cli_pope" / "docs.jsonl").read_text().splitlines()
+    assert [json.loads(line)["question_id"] for line in docs] == [1, 2, 3, 4]
