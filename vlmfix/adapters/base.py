@@ -113,7 +113,8 @@ BASE_MODEL_NAMES = ("model",)
 LANGUAGE_MODEL_NAMES = ("language_model", "text_model", "llm")
 VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower")
 # on the base model first, then inside the vision tower (Qwen's `visual.merger`)
-PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "vision_projection", "aligner", "merger")
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "vision_projection", "aligner", "merger",
+                   "projector")
 # config fields of the image placeholder ids (a list where a family has several)
 IMAGE_TOKEN_FIELDS = ("image_token_ids", "image_token_id", "image_token_index")
 # config fields of the tokens that wrap an image (vision start/end, begin/end of image)
@@ -408,7 +409,9 @@ class Adapter:
     def rope_sections(self) -> int:
         """How many position rows the language model's rotary embedding takes (3 for M-RoPE, else 1)."""
         rope = getattr(self.text_config, "rope_parameters", None) or {}
-        return 3 if isinstance(rope, dict) and rope.get("mrope_section") else 1
+        # one dict, or one per layer type (Cohere Compass: {"sliding_attention": {...}, "full_attention": {...}})
+        nested = [v for v in rope.values() if isinstance(v, dict)] if isinstance(rope, dict) else []
+        return 3 if any(isinstance(r, dict) and r.get("mrope_section") for r in (rope, *nested)) else 1
 
     def text_positions(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Add position ids for a text-only left-padded batch, as `generate` computes them (M-RoPE: the

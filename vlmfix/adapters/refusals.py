@@ -95,8 +95,6 @@ REFUSED: dict[str, Refusal] = {
                                    "the multimodal checkpoint with its ...ForConditionalGeneration class"),
     # decoder-only with placeholders: not verified yet
     "Apertus1p5ForConditionalGeneration": _pending(),
-    "CohereCompassForConditionalGeneration": _pending(),
-    "Cosmos3EdgeForConditionalGeneration": _pending(),
     "DeepseekOcr2ForConditionalGeneration": _pending(),
     "DeepseekVLHybridForConditionalGeneration": _pending("two vision towers"),
     "Dots3NoteForConditionalGeneration": _pending(),
@@ -104,8 +102,6 @@ REFUSED: dict[str, Refusal] = {
     "FastVlmForConditionalGeneration": _pending("its FastViT vision tower is a timm model: no offline tiny build"),
     "FuyuForCausalLM": _pending("patch embeddings without a vision tower"),
     "Gemma4UnifiedForConditionalGeneration": _pending(),
-    "GlmOcrForConditionalGeneration": _pending(),
-    "GotOcr2ForConditionalGeneration": _pending(),
     "Granite4VisionForConditionalGeneration": _pending(),
     "GraniteDoclingForConditionalGeneration": _pending(),
     "HunYuanVLForConditionalGeneration": _pending(),

@@ -73,6 +73,10 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "cohere2_vision",
     "llava_next_video",
     "video_llava",
+    "glm_ocr",
+    "got_ocr2",
+    "cohere_compass",
+    "cosmos3_edge",
 )
 
 WORDS = (

@@ -359,7 +359,7 @@ GLM_TEMPLATE = (
 
 
 def _glm(shape: Shape, kind: str) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """GLM-4.1V / GLM-4.5V (MoE) / GLM-4.6V: a Qwen-style vision tower and merger, M-RoPE over half of each
+    """GLM-4.1V / GLM-4.5V (MoE) / GLM-4.6V / GLM-OCR: a Qwen-style vision tower and merger, M-RoPE over half of each
     head (partial rotary)."""
     import transformers
     from transformers import Glm4vProcessor
@@ -378,7 +378,7 @@ def _glm(shape: Shape, kind: str) -> tuple[PreTrainedModel, ProcessorMixin]:
     if kind == "glm4v_moe":  # layer 0 dense, the others 4 routed experts (2 per token) and a shared one
         text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape.hidden,
                     first_k_dense_replace=1, n_shared_experts=1)
-    prefix = {"glm4v": "Glm4v", "glm4v_moe": "Glm4vMoe", "glm46v": "Glm46V"}[kind]
+    prefix = {"glm4v": "Glm4v", "glm4v_moe": "Glm4vMoe", "glm46v": "Glm46V", "glm_ocr": "GlmOcr"}[kind]
     config = getattr(transformers, f"{prefix}Config")(
         text_config=text,
         vision_config=dict(depth=2, hidden_size=32, num_heads=4, image_size=32, patch_size=8, spatial_merge_size=2,
@@ -391,7 +391,7 @@ def _glm(shape: Shape, kind: str) -> tuple[PreTrainedModel, ProcessorMixin]:
     image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=8,
                                              merge_size=2, temporal_patch_size=2)
     processor = image_only(Glm4vProcessor)(image_processor=image_processor, tokenizer=tokenizer,
-                                           chat_template=GLM_TEMPLATE)  # the three share its prompt layout
+                                           chat_template=GLM_TEMPLATE)  # the four share its prompt layout
     return model, processor
 
 
@@ -405,6 +405,10 @@ def build_glm4v_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 def build_glm46v(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return _glm(shape, "glm46v")
+
+
+def build_glm_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _glm(shape, "glm_ocr")
 
 
 PALIGEMMA_TEMPLATE = (
@@ -720,10 +724,117 @@ def build_video_llava(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+GOT_OCR_TOKENS = ("<img>", "</img>", "<imgpad>")
+
+
+def build_got_ocr2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """GOT-OCR 2: a SAM vision encoder (windowed and global layers), two strided convolutions in the projector
+    (a 64-pixel image gives 2x2 tokens), Qwen2; each image is wrapped in <img> ... </img>."""
+    from transformers import GotOcr2Config, GotOcr2ForConditionalGeneration, GotOcr2Processor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*GOT_OCR_TOKENS)
+    ids = token_ids(tokenizer, (*GOT_OCR_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    config = GotOcr2Config(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64),
+        text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        image_token_index=ids["<imgpad>"], image_seq_length=4,
+        tie_word_embeddings=False,  # tied random embeddings make every step pick the same token
+    )
+    model = GotOcr2ForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=False)
+    processor = GotOcr2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                 chat_template=chatml_template("<img><imgpad></img>\n"))
+    processor.num_image_tokens = 4  # type: ignore[attr-defined]  # the projector's 2x2 output
+    return model, processor
+
+
+COMPASS_TOKENS = ("<|VISION_START|>", "<|VISION_END|>", "<|IMAGE_PAD|>", "<|VIDEO_PAD|>")
+
+
+def build_cohere_compass(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Cohere Compass (North Vision): Qwen3-VL's vision tower, DeepStack and interleaved M-RoPE, under a
+    Cohere 2 language model whose rotary parameters are given per layer type (sliding and full layers)."""
+    from transformers import (
+        CohereCompassConfig,
+        CohereCompassForConditionalGeneration,
+        CohereCompassProcessor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer((*COHERE_VISION_SPECIALS, *COMPASS_TOKENS), WORDS), bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>", unk_token="<unk>", pad_token="<PAD>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, (*COHERE_VISION_SPECIALS, *COMPASS_TOKENS))
+    half = shape.head_dim // 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+            "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
+    text = shape.text(len(tokenizer), pad_token_id=ids["<PAD>"], eos_token_id=ids["<|END_OF_TURN_TOKEN|>"],
+                      bos_token_id=ids["<BOS_TOKEN>"], sliding_window=16, logit_scale=1.0,
+                      initializer_range=0.2,  # with the default scale every step picks the same token
+                      layer_types=["sliding_attention"] * (shape.layers - 1) + ["full_attention"],
+                      rope_parameters={"sliding_attention": dict(rope), "full_attention": dict(rope)})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=shape.hidden, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    config = CohereCompassConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|IMAGE_PAD|>"],
+        video_token_id=ids["<|VIDEO_PAD|>"], vision_start_token_id=ids["<|VISION_START|>"],
+        vision_end_token_id=ids["<|VISION_END|>"], tie_word_embeddings=False,
+    )
+    model = CohereCompassForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                               temporal_patch_size=2)
+    processor = image_only(CohereCompassProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=AYA_TEMPLATE.replace("<image>", "<|VISION_START|><|IMAGE_PAD|><|VISION_END|>"),
+    )
+    return model, processor
+
+
+def build_cosmos3_edge(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Cosmos3-Edge: a packed SigLIP2 vision tower (`visual`), a 2x2 patch-merging MLP `projector`, a Llama-style
+    language model with M-RoPE; Qwen2-VL's prompt layout and rotary index."""
+    from transformers import Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration, Cosmos3EdgeProcessor
+    from transformers.models.cosmos3_edge.image_processing_pil_cosmos3_edge import Cosmos3EdgeImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
+    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    half = shape.head_dim // 2
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "mrope_section": [half - 2 * (half // 3), half // 3,
+                                                                            half // 3]})
+    config = Cosmos3EdgeConfig(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=8, num_patches=16, spatial_merge_size=2),
+        projector_hidden_size=2 * shape.hidden, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Cosmos3EdgeForConditionalGeneration(config)
+    image_processor = Cosmos3EdgeImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+                                                   patch_size=8, merge_size=2, temporal_patch_size=1)
+    processor = image_only(Cosmos3EdgeProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    processor.return_mm_token_type_ids = True  # as Qwen3-VL's processor does: generate needs them for M-RoPE
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "cosmos3_edge": build_cosmos3_edge,
+    "cohere_compass": build_cohere_compass,
+    "got_ocr2": build_got_ocr2,
+    "glm_ocr": build_glm_ocr,
     "video_llava": build_video_llava,
     "llava_next_video": build_llava_next_video,
     "cohere2_vision": build_cohere2_vision,
@@ -746,3 +857,4 @@ BUILDERS: dict[str, Builder] = {
     "qwen3_vl": build_qwen3_vl,
     "qwen3_vl_moe": build_qwen3_vl_moe,
 }
+
