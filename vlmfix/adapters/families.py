@@ -57,6 +57,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", markers=CHATML),
     common_layout("smolvlm", "SmolVLMForConditionalGeneration", markers=("<end_of_utterance>",),
                   frames=("<fake_token_around_image>", "<global-img>")),
+    common_layout("video_llama_3", "VideoLlama3ForConditionalGeneration", markers=CHATML,
+                  frames=("<|vision_start|>", "<|vision_end|>")),
     common_layout("video_llava", "VideoLlavaForConditionalGeneration", markers=("ASSISTANT:",)),
     common_layout("vipllava", "VipLlavaForConditionalGeneration", markers=("ASSISTANT:", "###Assistant:")),
 )

@@ -122,7 +122,6 @@ REFUSED: dict[str, Refusal] = {
     "QianfanOCRForConditionalGeneration": _pending(),
     "Step3p7ForConditionalGeneration": _pending(),
     "UnlimitedOcrForConditionalGeneration": _pending(),
-    "VideoLlama3ForConditionalGeneration": _pending(),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning (it reads "

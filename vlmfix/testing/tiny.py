@@ -77,6 +77,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "got_ocr2",
     "cohere_compass",
     "cosmos3_edge",
+    "video_llama_3",
 )
 
 WORDS = (

@@ -827,10 +827,35 @@ def build_cosmos3_edge(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+def build_video_llama_3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """VideoLLaMA 3 on images: a packed SigLIP `vision_model` with 2-D RoPE, an MLP `projector`, Qwen2 (1-D RoPE);
+    Qwen2-VL's prompt layout (one placeholder per 2x2-merged patch, `image_merge_sizes` beside the grid)."""
+    from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration, VideoLlama3Processor
+    from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
+    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    config = VideoLlama3Config(
+        text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=8),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], tie_word_embeddings=False,
+    )
+    model = VideoLlama3ForConditionalGeneration(config)
+    image_processor = VideoLlama3ImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2)
+    processor = image_only(VideoLlama3Processor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "video_llama_3": build_video_llama_3,
     "cosmos3_edge": build_cosmos3_edge,
     "cohere_compass": build_cohere_compass,
     "got_ocr2": build_got_ocr2,
