@@ -117,7 +117,6 @@ REFUSED: dict[str, Refusal] = {
     "MuseGlimmerForConditionalGeneration": _pending(),
     "MuseSparkForConditionalGeneration": _pending(),
     "Ovis2ForConditionalGeneration": _pending("visual embedding table"),
-    "PaddleOCRVLForConditionalGeneration": _pending(),
     "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
     "QianfanOCRForConditionalGeneration": _pending(),
     "Step3p7ForConditionalGeneration": _pending(),

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
 
 # caller-layout image inputs a method may return (encoded by the engine)
-PIXEL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+PIXEL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "image_merge_sizes")  # the last: VideoLLaMA 3
 # generate() arguments the engine cannot honour, with the reason
 UNSUPPORTED = {
     "custom_generate": "the contrastive engine already runs generate's own decoding loop",

@@ -52,7 +52,7 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictiona
 _NAMES = itertools.count()
 _UNPREPARED = object()
 KERNEL_MODES = ("auto", "always", "never")
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "image_merge_sizes")  # the last: VideoLLaMA 3
 
 SpanOverride = Spans | dict[str, Sequence[Sequence[int]]] | None
 
@@ -175,7 +175,7 @@ class Session:
 
     @property
     def image_inputs(self) -> dict[str, Any]:
-        """The call's image tensors in the caller's layout (pixel_values, image_sizes, image_grid_thw)."""
+        """The call's image tensors in the caller's layout (pixel_values, image_sizes, image_grid_thw, ...)."""
         return {k: self.call_inputs[k] for k in IMAGE_KEYS if self.call_inputs.get(k) is not None}
 
     # ------------------------------------------------------------------ entering and leaving

@@ -78,6 +78,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "cohere_compass",
     "cosmos3_edge",
     "video_llama_3",
+    "paddleocr_vl",
 )
 
 WORDS = (

@@ -851,10 +851,55 @@ def build_video_llama_3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+PADDLE_SPECIALS = ("<unk>", "<|begin_of_sentence|>", "</s>", "<|endoftext|>", "<|IMAGE_START|>", "<|IMAGE_END|>",
+                   "<|IMAGE_PLACEHOLDER|>", "<|video_pad|>", "User", "Assistant")
+PADDLE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|IMAGE_START|><|IMAGE_PLACEHOLDER|>"
+    "<|IMAGE_END|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+def build_paddleocr_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """PaddleOCR-VL: a packed SigLIP `visual` tower, a 2x2-merging `projector`, ERNIE 4.5 with M-RoPE; each
+    image is wrapped in <|IMAGE_START|> ... <|IMAGE_END|>."""
+    from transformers import PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration, PaddleOCRVLProcessor
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import PaddleOCRVLImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(PADDLE_SPECIALS, WORDS), bos_token="<|begin_of_sentence|>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<|endoftext|>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, PADDLE_SPECIALS)
+    tokenizer.image_token, tokenizer.image_token_id = "<|IMAGE_PLACEHOLDER|>", ids["<|IMAGE_PLACEHOLDER|>"]
+    half = shape.head_dim // 2
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["</s>"],
+                      bos_token_id=ids["<|begin_of_sentence|>"],
+                      initializer_range=0.2,  # with the default scale every step picks the same token
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                       "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
+    config = PaddleOCRVLConfig(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, spatial_merge_size=2),
+        image_token_id=ids["<|IMAGE_PLACEHOLDER|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|IMAGE_START|>"], vision_end_token_id=ids["<|IMAGE_END|>"],
+        tie_word_embeddings=False,  # tied random embeddings make every step pick the same token
+    )
+    model = PaddleOCRVLForConditionalGeneration(config)
+    image_processor = PaddleOCRVLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8,
+                                                   merge_size=2)
+    processor = PaddleOCRVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=PADDLE_TEMPLATE)
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "paddleocr_vl": build_paddleocr_vl,
     "video_llama_3": build_video_llama_3,
     "cosmos3_edge": build_cosmos3_edge,
     "cohere_compass": build_cohere_compass,
