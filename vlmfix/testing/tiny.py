@@ -79,6 +79,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "cosmos3_edge",
     "video_llama_3",
     "paddleocr_vl",
+    "granite_docling",
 )
 
 WORDS = (

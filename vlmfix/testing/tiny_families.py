@@ -895,10 +895,54 @@ def build_paddleocr_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+GRANITE_SPECIALS = ("<|pad|>", "<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<unk>",
+                    "<fake_token_around_image>", "<image>", "<global-img>", "<row_1_col_1>", "user", "assistant")
+GRANITE_TEMPLATE = (
+    "{% for message in messages %}<|start_of_role|>{{ message['role'] }}<|end_of_role|>"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% else %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}<|end_of_text|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{% endif %}"
+)
+
+
+def build_granite_docling(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Granite-Docling: Idefics3's layout (`vision_model`, `text_model`, images wrapped in
+    <fake_token_around_image><global-img> ... <fake_token_around_image>) with a coarse pixel-shuffle connector
+    inside the vision model (DeepStack mergers from vision layer 0; a 64-pixel image gives 4 tokens) and a
+    Granite language model (embedding, residual, attention and logit multipliers)."""
+    from transformers import GraniteDoclingConfig, GraniteDoclingForConditionalGeneration, GraniteDoclingProcessor
+    from transformers.models.granite_docling.image_processing_pil_granite_docling import (
+        GraniteDoclingImageProcessorPil,
+    )
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(GRANITE_SPECIALS, WORDS), eos_token="<|end_of_text|>", unk_token="<unk>",
+        pad_token="<|pad|>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, GRANITE_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|pad|>"], eos_token_id=ids["<|end_of_text|>"],
+                      bos_token_id=ids["<|end_of_text|>"], embedding_multiplier=4.0, logits_scaling=1.0,
+                      residual_multiplier=0.5, attention_multiplier=1.0 / shape.head_dim, tie_word_embeddings=False,
+                      initializer_range=0.2)  # with the default scale every row picks the same tokens
+    config = GraniteDoclingConfig(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8, out_hidden_size=shape.hidden, scale_factor=4,
+                           deepstack_visual_indexes=[0], use_fine_route=False),
+        image_token_id=ids["<image>"], pad_token_id=ids["<|pad|>"], tie_word_embeddings=False,
+    )
+    model = GraniteDoclingForConditionalGeneration(config)
+    image_processor = GraniteDoclingImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=False)
+    processor = GraniteDoclingProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                        chat_template=GRANITE_TEMPLATE)
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "granite_docling": build_granite_docling,
     "paddleocr_vl": build_paddleocr_vl,
     "video_llama_3": build_video_llama_3,
     "cosmos3_edge": build_cosmos3_edge,
