@@ -407,11 +407,13 @@ class Adapter:
 
     @property
     def rope_sections(self) -> int:
-        """How many position rows the language model's rotary embedding takes (3 for M-RoPE, else 1)."""
+        """How many position rows the language model's rotary embedding takes (M-RoPE: one per section, 3 for
+        Qwen's, 4 for HunYuanVL's 4-axis form; else 1)."""
         rope = getattr(self.text_config, "rope_parameters", None) or {}
         # one dict, or one per layer type (Cohere Compass: {"sliding_attention": {...}, "full_attention": {...}})
         nested = [v for v in rope.values() if isinstance(v, dict)] if isinstance(rope, dict) else []
-        return 3 if any(isinstance(r, dict) and r.get("mrope_section") for r in (rope, *nested)) else 1
+        sections = [r["mrope_section"] for r in (rope, *nested) if isinstance(r, dict) and r.get("mrope_section")]
+        return len(sections[0]) if sections else 1
 
     def text_positions(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Add position ids for a text-only left-padded batch, as `generate` computes them (M-RoPE: the

@@ -43,6 +43,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("got_ocr2", "GotOcr2ForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
     common_layout("granite_docling", "GraniteDoclingForConditionalGeneration", markers=("<|end_of_text|>",),
                   frames=("<fake_token_around_image>", "<global-img>")),
+    common_layout("hunyuan_vl", "HunYuanVLForConditionalGeneration", markers=("<｜hy_Assistant｜>",),
+                  frames=("<｜hy_place▁holder▁no▁102｜>", "<｜hy_place▁holder▁no▁103｜>")),  # image start, end
     common_layout("idefics2", "Idefics2ForConditionalGeneration", markers=("<end_of_utterance>",),
                   frames=("<fake_token_around_image>",)),
     common_layout("idefics3", "Idefics3ForConditionalGeneration", markers=("<end_of_utterance>",),

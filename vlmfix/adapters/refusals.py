@@ -103,7 +103,6 @@ REFUSED: dict[str, Refusal] = {
     "FuyuForCausalLM": _pending("patch embeddings without a vision tower"),
     "Gemma4UnifiedForConditionalGeneration": _pending(),
     "Granite4VisionForConditionalGeneration": _pending(),
-    "HunYuanVLForConditionalGeneration": _pending(),
     "HYV4VLForConditionalGeneration": _pending(),
     "HyperCLOVAXVisionV2ForConditionalGeneration": _pending(),
     "Kimi_K25ForConditionalGeneration": _pending(),

@@ -52,7 +52,8 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictiona
 _NAMES = itertools.count()
 _UNPREPARED = object()
 KERNEL_MODES = ("auto", "always", "never")
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "image_merge_sizes")  # the last: VideoLLaMA 3
+# pixel_attention_mask: Idefics / Granite-Docling tiles; image_merge_sizes: VideoLLaMA 3
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes")
 
 SpanOverride = Spans | dict[str, Sequence[Sequence[int]]] | None
 

@@ -80,6 +80,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "video_llama_3",
     "paddleocr_vl",
     "granite_docling",
+    "hunyuan_vl",
 )
 
 WORDS = (

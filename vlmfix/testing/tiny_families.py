@@ -938,10 +938,62 @@ def build_granite_docling(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
     return model, processor
 
 
+HUNYUAN_SPECIALS = ("<｜hy_place▁holder▁no▁0｜>", "<｜hy_begin▁of▁sentence｜>", "<｜hy_User｜>", "<｜hy_Assistant｜>",
+                    "<｜hy_place▁holder▁no▁2｜>", "<unk>", "<｜hy_place▁holder▁no▁102｜>", "<｜hy_place▁holder▁no▁103｜>",
+                    "<｜hy_place▁holder▁no▁104｜>", "<｜hy_place▁holder▁no▁105｜>")
+HUNYUAN_PAD, HUNYUAN_BOS, HUNYUAN_USER, HUNYUAN_ASSISTANT, HUNYUAN_EOS = HUNYUAN_SPECIALS[:5]
+HUNYUAN_IMAGE_START, HUNYUAN_IMAGE_END, HUNYUAN_IMAGE, HUNYUAN_NEWLINE = HUNYUAN_SPECIALS[6:]
+HUNYUAN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}" + HUNYUAN_USER +
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + HUNYUAN_IMAGE_START + HUNYUAN_IMAGE +
+    HUNYUAN_IMAGE_END + "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% else %}" + HUNYUAN_ASSISTANT +
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + HUNYUAN_ASSISTANT + "{% endif %}"
+)
+
+
+def build_hunyuan_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """HunYuanVL (HunyuanOCR): a packed SigLIP-style `vision_tower` whose convolutional merger adds a newline
+    feature after each row and begin/end features around the image (all image placeholders: 2x(2+1)+2 = 8 tokens
+    for a 32-pixel image), a HunYuan dense language model with 4-axis M-RoPE (position, width, height, image index)."""
+    from transformers import HunYuanVLConfig, HunYuanVLForConditionalGeneration, HunYuanVLProcessor
+    from transformers.models.hunyuan_vl.image_processing_pil_hunyuan_vl import HunYuanVLImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(HUNYUAN_SPECIALS, WORDS), bos_token=HUNYUAN_BOS, eos_token=HUNYUAN_EOS,
+        unk_token="<unk>", pad_token=HUNYUAN_PAD, padding_side="left",
+    )
+    ids = token_ids(tokenizer, HUNYUAN_SPECIALS)
+    for name, token in (("image", HUNYUAN_IMAGE), ("image_start", HUNYUAN_IMAGE_START),
+                        ("image_end", HUNYUAN_IMAGE_END)):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    quarter = shape.head_dim // 8  # four sections of half a head
+    text = shape.text(len(tokenizer), pad_token_id=ids[HUNYUAN_PAD], eos_token_id=ids[HUNYUAN_EOS],
+                      bos_token_id=ids[HUNYUAN_BOS], tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                       "mrope_section": [quarter] * 4})
+    config = HunYuanVLConfig(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=8, spatial_merge_size=2, max_image_size=64, min_image_size=32,
+                           out_hidden_size=shape.hidden),
+        image_token_id=ids[HUNYUAN_IMAGE], im_start_id=ids[HUNYUAN_IMAGE_START], im_end_id=ids[HUNYUAN_IMAGE_END],
+        im_newline_id=ids[HUNYUAN_NEWLINE], tie_word_embeddings=False,
+    )
+    model = HunYuanVLForConditionalGeneration(config)
+    image_processor = HunYuanVLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+                                                 patch_size=8, merge_size=2)
+    processor = HunYuanVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   chat_template=HUNYUAN_TEMPLATE)
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "hunyuan_vl": build_hunyuan_vl,
     "granite_docling": build_granite_docling,
     "paddleocr_vl": build_paddleocr_vl,
     "video_llama_3": build_video_llama_3,
