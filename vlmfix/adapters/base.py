@@ -114,13 +114,14 @@ LANGUAGE_MODEL_NAMES = ("language_model", "text_model", "llm")
 VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower")
 # on the base model first, then inside the vision tower (Qwen's `visual.merger`)
 PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "vision_projection", "aligner", "merger",
-                   "projector")
+                   "projector", "patch_merger")
 # config fields of the image placeholder ids (a list where a family has several)
 IMAGE_TOKEN_FIELDS = ("image_token_ids", "image_token_id", "image_token_index")
 # config fields of the tokens that wrap an image (vision start/end, begin/end of image)
 FRAME_TOKEN_FIELDS = (
     "vision_start_token_id", "vision_end_token_id", "image_start_token_id", "image_end_token_id",
     "boi_token_id", "eoi_token_id", "boi_token_index", "eoi_token_index",
+    "visual_indicator_token_ids",  # Ovis2's image start / grid / column / row / end
 )
 # keys of the model inputs that carry images; generate may pass the vision encoder's output instead of pixels
 IMAGE_INPUT_KEYS = (

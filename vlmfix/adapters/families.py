@@ -56,6 +56,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
     common_layout("mistral3", "Mistral3ForConditionalGeneration", markers=("[/INST]",),
                   frames=("[IMG_BREAK]", "[IMG_END]")),
+    common_layout("ovis2", "Ovis2ForConditionalGeneration", markers=CHATML),
     common_layout("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
     common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),

@@ -114,7 +114,6 @@ REFUSED: dict[str, Refusal] = {
     "Molmo2ForConditionalGeneration": _pending(),
     "MuseGlimmerForConditionalGeneration": _pending(),
     "MuseSparkForConditionalGeneration": _pending(),
-    "Ovis2ForConditionalGeneration": _pending("visual embedding table"),
     "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
     "QianfanOCRForConditionalGeneration": _pending(),
     "Step3p7ForConditionalGeneration": _pending(),

@@ -81,6 +81,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "paddleocr_vl",
     "granite_docling",
     "hunyuan_vl",
+    "ovis2",
 )
 
 WORDS = (

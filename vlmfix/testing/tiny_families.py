@@ -989,10 +989,38 @@ def build_hunyuan_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+OVIS_INDICATORS = ("<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>")
+
+
+def build_ovis2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Ovis2: an AIMv2-style vision tower whose head gives each patch a distribution over a visual vocabulary,
+    embedded by a visual embedding table (no projector); Qwen2. Each image is <IMG_START>, 16 <IMG_ATOM>
+    placeholders, <IMG_GRID> ... <IMG_END>, the indicators embedded from the same table."""
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration, Ovis2Processor
+    from transformers.models.ovis2.image_processing_pil_ovis2 import Ovis2ImageProcessorPil
+
+    tokenizer = chatml_tokenizer("<image>", "<IMG_ATOM>", *OVIS_INDICATORS)
+    ids = token_ids(tokenizer, ("<IMG_ATOM>", *OVIS_INDICATORS, "<|endoftext|>", "<|im_end|>"))
+    config = Ovis2Config(
+        text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, vocab_size=64, hidden_stride=1),
+        image_token_id=ids["<IMG_ATOM>"], visual_indicator_token_ids=[ids[t] for t in OVIS_INDICATORS],
+        vocab_size=len(tokenizer), hidden_size=shape.hidden, tie_word_embeddings=False,
+    )
+    model = Ovis2ForConditionalGeneration(config)
+    image_processor = Ovis2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
+    processor = Ovis2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=16,
+                               chat_template=chatml_template("<image>\n"))
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "ovis2": build_ovis2,
     "hunyuan_vl": build_hunyuan_vl,
     "granite_docling": build_granite_docling,
     "paddleocr_vl": build_paddleocr_vl,
