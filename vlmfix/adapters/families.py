@@ -59,6 +59,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("ovis2", "Ovis2ForConditionalGeneration", markers=CHATML),
     common_layout("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
+    common_layout("qianfan_ocr", "QianfanOCRForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
     common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),
     common_layout("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", markers=CHATML),
     common_layout("smolvlm", "SmolVLMForConditionalGeneration", markers=("<end_of_utterance>",),

@@ -115,7 +115,6 @@ REFUSED: dict[str, Refusal] = {
     "MuseGlimmerForConditionalGeneration": _pending(),
     "MuseSparkForConditionalGeneration": _pending(),
     "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
-    "QianfanOCRForConditionalGeneration": _pending(),
     "Step3p7ForConditionalGeneration": _pending(),
     "UnlimitedOcrForConditionalGeneration": _pending(),
     # the families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)

@@ -82,6 +82,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "granite_docling",
     "hunyuan_vl",
     "ovis2",
+    "qianfan_ocr",
 )
 
 WORDS = (

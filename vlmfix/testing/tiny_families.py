@@ -1016,10 +1016,36 @@ def build_ovis2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+def build_qianfan_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qianfan-OCR: InternVL's layout (InternViT, pixel-shuffle projector: 4 tokens per 32-pixel image, each
+    image as <img> <IMG_CONTEXT>... </img>) with Qwen3."""
+    from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration, QianfanOCRProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tokenizer = chatml_tokenizer("<image>", *INTERNVL_TOKENS)
+    ids = token_ids(tokenizer, (*INTERNVL_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    for name, token in (("start_image", "<img>"), ("end_image", "</img>"), ("context_image", "<IMG_CONTEXT>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    config = QianfanOCRConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           image_size=[32, 32], patch_size=[8, 8], drop_path_rate=0.0),
+        text_config=dict(model_type="qwen3", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=False,
+    )
+    model = QianfanOCRForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
+    processor = QianfanOCRProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
+                                    chat_template=chatml_template("<image>\n"))
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "qianfan_ocr": build_qianfan_ocr,
     "ovis2": build_ovis2,
     "hunyuan_vl": build_hunyuan_vl,
     "granite_docling": build_granite_docling,
