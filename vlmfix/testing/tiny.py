@@ -83,7 +83,6 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "hunyuan_vl",
     "ovis2",
     "qianfan_ocr",
-    "hyperclovax_vision_v2",
 )
 
 WORDS = (
