@@ -63,6 +63,27 @@ def test_the_common_layout_finds_each_part(family):
         assert set(adapter.saved_state()) == {"rope_deltas"}
 
 
+def test_the_common_layout_reads_the_newer_families_variants():
+    """Rotary parameters per layer type (Cohere Compass) and 4-axis M-RoPE (HunYuanVL) give the position rows
+    the model takes; a `projector` on the model (Cosmos3-Edge) and a vision tower's `patch_merger` (HunYuanVL) are
+    projectors; Ovis2's visual indicator ids wrap its images."""
+    from vlmfix.testing import build_tiny
+
+    compass = build_tiny("cohere_compass", layers=2)
+    rope = compass.model.config.text_config.rope_parameters
+    assert "mrope_section" not in rope and get_adapter(compass.model).rope_sections == 3  # one dict per layer type
+    hunyuan = build_tiny("hunyuan_vl", layers=2)
+    assert len(hunyuan.model.config.text_config.rope_parameters["mrope_section"]) == 4
+    assert get_adapter(hunyuan.model).rope_sections == 4
+    assert get_adapter(hunyuan.model).projector is hunyuan.model.model.vision_tower.patch_merger
+    cosmos = build_tiny("cosmos3_edge", layers=2)
+    assert get_adapter(cosmos.model).projector is cosmos.model.model.projector
+    ovis = build_tiny("ovis2", layers=2)
+    indicators = ovis.tokenizer.convert_tokens_to_ids(["<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>",
+                                                       "<IMG_END>"])
+    assert get_adapter(ovis.model).frame_token_ids == tuple(indicators)
+
+
 def test_several_image_ids_all_count_as_image_tokens():
     tiny = tiny_model("llava")
     config = tiny.model.config

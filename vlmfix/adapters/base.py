@@ -113,18 +113,20 @@ BASE_MODEL_NAMES = ("model",)
 LANGUAGE_MODEL_NAMES = ("language_model", "text_model", "llm")
 VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower")
 # on the base model first, then inside the vision tower (Qwen's `visual.merger`)
-PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "vision_projection", "aligner", "merger")
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "vision_projection", "aligner", "merger",
+                   "projector", "patch_merger")
 # config fields of the image placeholder ids (a list where a family has several)
 IMAGE_TOKEN_FIELDS = ("image_token_ids", "image_token_id", "image_token_index")
 # config fields of the tokens that wrap an image (vision start/end, begin/end of image)
 FRAME_TOKEN_FIELDS = (
     "vision_start_token_id", "vision_end_token_id", "image_start_token_id", "image_end_token_id",
     "boi_token_id", "eoi_token_id", "boi_token_index", "eoi_token_index",
+    "visual_indicator_token_ids",  # Ovis2's image start / grid / column / row / end
 )
 # keys of the model inputs that carry images; generate may pass the vision encoder's output instead of pixels
 IMAGE_INPUT_KEYS = (
     "pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask",
-    "mm_encoder_outputs",
+    "mm_encoder_outputs", "image_merge_sizes",
 )
 # model attributes a forward overwrites (M-RoPE's cached offsets) and an extra pass must restore
 STATEFUL_ATTRIBUTES = ("rope_deltas",)
@@ -406,9 +408,13 @@ class Adapter:
 
     @property
     def rope_sections(self) -> int:
-        """How many position rows the language model's rotary embedding takes (3 for M-RoPE, else 1)."""
+        """How many position rows the language model's rotary embedding takes (M-RoPE: one per section, 3 for
+        Qwen's, 4 for HunYuanVL's 4-axis form; else 1)."""
         rope = getattr(self.text_config, "rope_parameters", None) or {}
-        return 3 if isinstance(rope, dict) and rope.get("mrope_section") else 1
+        # one dict, or one per layer type (Cohere Compass: {"sliding_attention": {...}, "full_attention": {...}})
+        nested = [v for v in rope.values() if isinstance(v, dict)] if isinstance(rope, dict) else []
+        sections = [r["mrope_section"] for r in (rope, *nested) if isinstance(r, dict) and r.get("mrope_section")]
+        return len(sections[0]) if sections else 1
 
     def text_positions(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Add position ids for a text-only left-padded batch, as `generate` computes them (M-RoPE: the

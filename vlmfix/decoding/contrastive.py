@@ -62,7 +62,8 @@ if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
 
 # caller-layout image inputs a method may return (encoded by the engine)
-PIXEL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+# pixel_attention_mask: Idefics / Granite-Docling tiles; image_merge_sizes: VideoLLaMA 3
+PIXEL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes")
 # generate() arguments the engine cannot honour, with the reason
 UNSUPPORTED = {
     "custom_generate": "the contrastive engine already runs generate's own decoding loop",

@@ -56,7 +56,8 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictiona
 _NAMES = itertools.count()
 _UNPREPARED = object()
 KERNEL_MODES = ("auto", "always", "never")
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+# pixel_attention_mask: Idefics / Granite-Docling tiles; image_merge_sizes: VideoLLaMA 3
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes")
 
 SpanOverride = Spans | dict[str, Sequence[Sequence[int]]] | None
 
@@ -186,7 +187,7 @@ class Session:
 
     @property
     def image_inputs(self) -> dict[str, Any]:
-        """The call's image tensors in the caller's layout (pixel_values, image_sizes, image_grid_thw)."""
+        """The call's image tensors in the caller's layout (pixel_values, image_sizes, image_grid_thw, ...)."""
         return {k: self.call_inputs[k] for k in IMAGE_KEYS if self.call_inputs.get(k) is not None}
 
     # ------------------------------------------------------------------ entering and leaving

@@ -73,6 +73,16 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "cohere2_vision",
     "llava_next_video",
     "video_llava",
+    "glm_ocr",
+    "got_ocr2",
+    "cohere_compass",
+    "cosmos3_edge",
+    "video_llama_3",
+    "paddleocr_vl",
+    "granite_docling",
+    "hunyuan_vl",
+    "ovis2",
+    "qianfan_ocr",
 )
 
 WORDS = (

@@ -359,7 +359,7 @@ GLM_TEMPLATE = (
 
 
 def _glm(shape: Shape, kind: str) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """GLM-4.1V / GLM-4.5V (MoE) / GLM-4.6V: a Qwen-style vision tower and merger, M-RoPE over half of each
+    """GLM-4.1V / GLM-4.5V (MoE) / GLM-4.6V / GLM-OCR: a Qwen-style vision tower and merger, M-RoPE over half of each
     head (partial rotary)."""
     import transformers
     from transformers import Glm4vProcessor
@@ -378,7 +378,7 @@ def _glm(shape: Shape, kind: str) -> tuple[PreTrainedModel, ProcessorMixin]:
     if kind == "glm4v_moe":  # layer 0 dense, the others 4 routed experts (2 per token) and a shared one
         text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape.hidden,
                     first_k_dense_replace=1, n_shared_experts=1)
-    prefix = {"glm4v": "Glm4v", "glm4v_moe": "Glm4vMoe", "glm46v": "Glm46V"}[kind]
+    prefix = {"glm4v": "Glm4v", "glm4v_moe": "Glm4vMoe", "glm46v": "Glm46V", "glm_ocr": "GlmOcr"}[kind]
     config = getattr(transformers, f"{prefix}Config")(
         text_config=text,
         vision_config=dict(depth=2, hidden_size=32, num_heads=4, image_size=32, patch_size=8, spatial_merge_size=2,
@@ -391,7 +391,7 @@ def _glm(shape: Shape, kind: str) -> tuple[PreTrainedModel, ProcessorMixin]:
     image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=8,
                                              merge_size=2, temporal_patch_size=2)
     processor = image_only(Glm4vProcessor)(image_processor=image_processor, tokenizer=tokenizer,
-                                           chat_template=GLM_TEMPLATE)  # the three share its prompt layout
+                                           chat_template=GLM_TEMPLATE)  # the four share its prompt layout
     return model, processor
 
 
@@ -405,6 +405,10 @@ def build_glm4v_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 def build_glm46v(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return _glm(shape, "glm46v")
+
+
+def build_glm_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _glm(shape, "glm_ocr")
 
 
 PALIGEMMA_TEMPLATE = (
@@ -720,10 +724,337 @@ def build_video_llava(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+GOT_OCR_TOKENS = ("<img>", "</img>", "<imgpad>")
+
+
+def build_got_ocr2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """GOT-OCR 2: a SAM vision encoder (windowed and global layers), two strided convolutions in the projector
+    (a 64-pixel image gives 2x2 tokens), Qwen2; each image is wrapped in <img> ... </img>."""
+    from transformers import GotOcr2Config, GotOcr2ForConditionalGeneration, GotOcr2Processor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*GOT_OCR_TOKENS)
+    ids = token_ids(tokenizer, (*GOT_OCR_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    config = GotOcr2Config(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64),
+        text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        image_token_index=ids["<imgpad>"], image_seq_length=4,
+        tie_word_embeddings=False,  # tied random embeddings make every step pick the same token
+    )
+    model = GotOcr2ForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=False)
+    processor = GotOcr2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                 chat_template=chatml_template("<img><imgpad></img>\n"))
+    processor.num_image_tokens = 4  # type: ignore[attr-defined]  # the projector's 2x2 output
+    return model, processor
+
+
+COMPASS_TOKENS = ("<|VISION_START|>", "<|VISION_END|>", "<|IMAGE_PAD|>", "<|VIDEO_PAD|>")
+
+
+def build_cohere_compass(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Cohere Compass (North Vision): Qwen3-VL's vision tower, DeepStack and interleaved M-RoPE, under a
+    Cohere 2 language model whose rotary parameters are given per layer type (sliding and full layers)."""
+    from transformers import (
+        CohereCompassConfig,
+        CohereCompassForConditionalGeneration,
+        CohereCompassProcessor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer((*COHERE_VISION_SPECIALS, *COMPASS_TOKENS), WORDS), bos_token="<BOS_TOKEN>",
+        eos_token="<|END_OF_TURN_TOKEN|>", unk_token="<unk>", pad_token="<PAD>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, (*COHERE_VISION_SPECIALS, *COMPASS_TOKENS))
+    half = shape.head_dim // 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+            "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
+    text = shape.text(len(tokenizer), pad_token_id=ids["<PAD>"], eos_token_id=ids["<|END_OF_TURN_TOKEN|>"],
+                      bos_token_id=ids["<BOS_TOKEN>"], sliding_window=16, logit_scale=1.0,
+                      initializer_range=0.2,  # with the default scale every step picks the same token
+                      layer_types=["sliding_attention"] * (shape.layers - 1) + ["full_attention"],
+                      rope_parameters={"sliding_attention": dict(rope), "full_attention": dict(rope)})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=shape.hidden, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    config = CohereCompassConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|IMAGE_PAD|>"],
+        video_token_id=ids["<|VIDEO_PAD|>"], vision_start_token_id=ids["<|VISION_START|>"],
+        vision_end_token_id=ids["<|VISION_END|>"], tie_word_embeddings=False,
+    )
+    model = CohereCompassForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                               temporal_patch_size=2)
+    processor = image_only(CohereCompassProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=AYA_TEMPLATE.replace("<image>", "<|VISION_START|><|IMAGE_PAD|><|VISION_END|>"),
+    )
+    return model, processor
+
+
+def build_cosmos3_edge(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Cosmos3-Edge: a packed SigLIP2 vision tower (`visual`), a 2x2 patch-merging MLP `projector`, a Llama-style
+    language model with M-RoPE; Qwen2-VL's prompt layout and rotary index."""
+    from transformers import Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration, Cosmos3EdgeProcessor
+    from transformers.models.cosmos3_edge.image_processing_pil_cosmos3_edge import Cosmos3EdgeImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
+    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    half = shape.head_dim // 2
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "mrope_section": [half - 2 * (half // 3), half // 3,
+                                                                            half // 3]})
+    config = Cosmos3EdgeConfig(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=8, num_patches=16, spatial_merge_size=2),
+        projector_hidden_size=2 * shape.hidden, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Cosmos3EdgeForConditionalGeneration(config)
+    image_processor = Cosmos3EdgeImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+                                                   patch_size=8, merge_size=2, temporal_patch_size=1)
+    processor = image_only(Cosmos3EdgeProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    processor.return_mm_token_type_ids = True  # as Qwen3-VL's processor does: generate needs them for M-RoPE
+    return model, processor
+
+
+def build_video_llama_3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """VideoLLaMA 3 on images: a packed SigLIP `vision_model` with 2-D RoPE, an MLP `projector`, Qwen2 (1-D RoPE);
+    Qwen2-VL's prompt layout (one placeholder per 2x2-merged patch, `image_merge_sizes` beside the grid)."""
+    from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration, VideoLlama3Processor
+    from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
+    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    config = VideoLlama3Config(
+        text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=8),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], tie_word_embeddings=False,
+    )
+    model = VideoLlama3ForConditionalGeneration(config)
+    image_processor = VideoLlama3ImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2)
+    processor = image_only(VideoLlama3Processor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    return model, processor
+
+
+PADDLE_SPECIALS = ("<unk>", "<|begin_of_sentence|>", "</s>", "<|endoftext|>", "<|IMAGE_START|>", "<|IMAGE_END|>",
+                   "<|IMAGE_PLACEHOLDER|>", "<|video_pad|>", "User", "Assistant")
+PADDLE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|IMAGE_START|><|IMAGE_PLACEHOLDER|>"
+    "<|IMAGE_END|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+def build_paddleocr_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """PaddleOCR-VL: a packed SigLIP `visual` tower, a 2x2-merging `projector`, ERNIE 4.5 with M-RoPE; each
+    image is wrapped in <|IMAGE_START|> ... <|IMAGE_END|>."""
+    from transformers import PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration, PaddleOCRVLProcessor
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import PaddleOCRVLImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(PADDLE_SPECIALS, WORDS), bos_token="<|begin_of_sentence|>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<|endoftext|>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, PADDLE_SPECIALS)
+    tokenizer.image_token, tokenizer.image_token_id = "<|IMAGE_PLACEHOLDER|>", ids["<|IMAGE_PLACEHOLDER|>"]
+    half = shape.head_dim // 2
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["</s>"],
+                      bos_token_id=ids["<|begin_of_sentence|>"],
+                      initializer_range=0.2,  # with the default scale every step picks the same token
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                       "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]})
+    config = PaddleOCRVLConfig(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, spatial_merge_size=2),
+        image_token_id=ids["<|IMAGE_PLACEHOLDER|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|IMAGE_START|>"], vision_end_token_id=ids["<|IMAGE_END|>"],
+        tie_word_embeddings=False,  # tied random embeddings make every step pick the same token
+    )
+    model = PaddleOCRVLForConditionalGeneration(config)
+    image_processor = PaddleOCRVLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8,
+                                                   merge_size=2)
+    processor = PaddleOCRVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=PADDLE_TEMPLATE)
+    return model, processor
+
+
+GRANITE_SPECIALS = ("<|pad|>", "<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<unk>",
+                    "<fake_token_around_image>", "<image>", "<global-img>", "<row_1_col_1>", "user", "assistant")
+GRANITE_TEMPLATE = (
+    "{% for message in messages %}<|start_of_role|>{{ message['role'] }}<|end_of_role|>"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% else %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}<|end_of_text|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{% endif %}"
+)
+
+
+def build_granite_docling(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Granite-Docling: Idefics3's layout (`vision_model`, `text_model`, images wrapped in
+    <fake_token_around_image><global-img> ... <fake_token_around_image>) with a coarse pixel-shuffle connector
+    inside the vision model (DeepStack mergers from vision layer 0; a 64-pixel image gives 4 tokens) and a
+    Granite language model (embedding, residual, attention and logit multipliers)."""
+    from transformers import GraniteDoclingConfig, GraniteDoclingForConditionalGeneration, GraniteDoclingProcessor
+    from transformers.models.granite_docling.image_processing_pil_granite_docling import (
+        GraniteDoclingImageProcessorPil,
+    )
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(GRANITE_SPECIALS, WORDS), eos_token="<|end_of_text|>", unk_token="<unk>",
+        pad_token="<|pad|>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, GRANITE_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|pad|>"], eos_token_id=ids["<|end_of_text|>"],
+                      bos_token_id=ids["<|end_of_text|>"], embedding_multiplier=4.0, logits_scaling=1.0,
+                      residual_multiplier=0.5, attention_multiplier=1.0 / shape.head_dim, tie_word_embeddings=False,
+                      initializer_range=0.2)  # with the default scale every row picks the same tokens
+    config = GraniteDoclingConfig(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8, out_hidden_size=shape.hidden, scale_factor=4,
+                           deepstack_visual_indexes=[0], use_fine_route=False),
+        image_token_id=ids["<image>"], pad_token_id=ids["<|pad|>"], tie_word_embeddings=False,
+    )
+    model = GraniteDoclingForConditionalGeneration(config)
+    image_processor = GraniteDoclingImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=False)
+    processor = GraniteDoclingProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                        chat_template=GRANITE_TEMPLATE)
+    return model, processor
+
+
+HUNYUAN_SPECIALS = ("<｜hy_place▁holder▁no▁0｜>", "<｜hy_begin▁of▁sentence｜>", "<｜hy_User｜>", "<｜hy_Assistant｜>",
+                    "<｜hy_place▁holder▁no▁2｜>", "<unk>", "<｜hy_place▁holder▁no▁102｜>",
+                    "<｜hy_place▁holder▁no▁103｜>", "<｜hy_place▁holder▁no▁104｜>", "<｜hy_place▁holder▁no▁105｜>")
+HUNYUAN_PAD, HUNYUAN_BOS, HUNYUAN_USER, HUNYUAN_ASSISTANT, HUNYUAN_EOS = HUNYUAN_SPECIALS[:5]
+HUNYUAN_IMAGE_START, HUNYUAN_IMAGE_END, HUNYUAN_IMAGE, HUNYUAN_NEWLINE = HUNYUAN_SPECIALS[6:]
+HUNYUAN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}" + HUNYUAN_USER +
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + HUNYUAN_IMAGE_START + HUNYUAN_IMAGE +
+    HUNYUAN_IMAGE_END + "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% else %}" + HUNYUAN_ASSISTANT +
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + HUNYUAN_ASSISTANT + "{% endif %}"
+)
+
+
+def build_hunyuan_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """HunYuanVL (HunyuanOCR): a packed SigLIP-style `vision_tower` whose convolutional merger adds a newline
+    feature after each row and begin/end features around the image (all image placeholders: 2x(2+1)+2 = 8 tokens
+    for a 32-pixel image), a HunYuan dense language model with 4-axis M-RoPE (position, width, height, image index)."""
+    from transformers import HunYuanVLConfig, HunYuanVLForConditionalGeneration, HunYuanVLProcessor
+    from transformers.models.hunyuan_vl.image_processing_pil_hunyuan_vl import HunYuanVLImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(HUNYUAN_SPECIALS, WORDS), bos_token=HUNYUAN_BOS, eos_token=HUNYUAN_EOS,
+        unk_token="<unk>", pad_token=HUNYUAN_PAD, padding_side="left",
+    )
+    ids = token_ids(tokenizer, HUNYUAN_SPECIALS)
+    for name, token in (("image", HUNYUAN_IMAGE), ("image_start", HUNYUAN_IMAGE_START),
+                        ("image_end", HUNYUAN_IMAGE_END)):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    quarter = shape.head_dim // 8  # four sections of half a head
+    text = shape.text(len(tokenizer), pad_token_id=ids[HUNYUAN_PAD], eos_token_id=ids[HUNYUAN_EOS],
+                      bos_token_id=ids[HUNYUAN_BOS], tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                       "mrope_section": [quarter] * 4})
+    config = HunYuanVLConfig(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=8, spatial_merge_size=2, max_image_size=64, min_image_size=32,
+                           out_hidden_size=shape.hidden),
+        image_token_id=ids[HUNYUAN_IMAGE], im_start_id=ids[HUNYUAN_IMAGE_START], im_end_id=ids[HUNYUAN_IMAGE_END],
+        im_newline_id=ids[HUNYUAN_NEWLINE], tie_word_embeddings=False,
+    )
+    model = HunYuanVLForConditionalGeneration(config)
+    image_processor = HunYuanVLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+                                                 patch_size=8, merge_size=2)
+    processor = HunYuanVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   chat_template=HUNYUAN_TEMPLATE)
+    return model, processor
+
+
+OVIS_INDICATORS = ("<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>")
+
+
+def build_ovis2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Ovis2: an AIMv2-style vision tower whose head gives each patch a distribution over a visual vocabulary,
+    embedded by a visual embedding table (no projector); Qwen2. Each image is <IMG_START>, 16 <IMG_ATOM>
+    placeholders, <IMG_GRID> ... <IMG_END>, the indicators embedded from the same table."""
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration, Ovis2Processor
+    from transformers.models.ovis2.image_processing_pil_ovis2 import Ovis2ImageProcessorPil
+
+    tokenizer = chatml_tokenizer("<image>", "<IMG_ATOM>", *OVIS_INDICATORS)
+    ids = token_ids(tokenizer, ("<IMG_ATOM>", *OVIS_INDICATORS, "<|endoftext|>", "<|im_end|>"))
+    config = Ovis2Config(
+        text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, vocab_size=64, hidden_stride=1),
+        image_token_id=ids["<IMG_ATOM>"], visual_indicator_token_ids=[ids[t] for t in OVIS_INDICATORS],
+        vocab_size=len(tokenizer), hidden_size=shape.hidden, tie_word_embeddings=False,
+    )
+    model = Ovis2ForConditionalGeneration(config)
+    image_processor = Ovis2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
+    processor = Ovis2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=16,
+                               chat_template=chatml_template("<image>\n"))
+    return model, processor
+
+
+def build_qianfan_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qianfan-OCR: InternVL's layout (InternViT, pixel-shuffle projector: 4 tokens per 32-pixel image, each
+    image as <img> <IMG_CONTEXT>... </img>) with Qwen3."""
+    from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration, QianfanOCRProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tokenizer = chatml_tokenizer("<image>", *INTERNVL_TOKENS)
+    ids = token_ids(tokenizer, (*INTERNVL_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    for name, token in (("start_image", "<img>"), ("end_image", "</img>"), ("context_image", "<IMG_CONTEXT>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    config = QianfanOCRConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           image_size=[32, 32], patch_size=[8, 8], drop_path_rate=0.0),
+        text_config=dict(model_type="qwen3", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
+                                                           eos_token_id=ids["<|im_end|>"])),
+        image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=False,
+    )
+    model = QianfanOCRForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
+    processor = QianfanOCRProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
+                                    chat_template=chatml_template("<image>\n"))
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "qianfan_ocr": build_qianfan_ocr,
+    "ovis2": build_ovis2,
+    "hunyuan_vl": build_hunyuan_vl,
+    "granite_docling": build_granite_docling,
+    "paddleocr_vl": build_paddleocr_vl,
+    "video_llama_3": build_video_llama_3,
+    "cosmos3_edge": build_cosmos3_edge,
+    "cohere_compass": build_cohere_compass,
+    "got_ocr2": build_got_ocr2,
+    "glm_ocr": build_glm_ocr,
     "video_llava": build_video_llava,
     "llava_next_video": build_llava_next_video,
     "cohere2_vision": build_cohere2_vision,
@@ -746,3 +1077,4 @@ BUILDERS: dict[str, Builder] = {
     "qwen3_vl": build_qwen3_vl,
     "qwen3_vl_moe": build_qwen3_vl_moe,
 }
+
