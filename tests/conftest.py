@@ -48,3 +48,17 @@ class PlannedEdits(Method):
         if self.layers is not None and layer_idx not in self.layers:
             return ()
         return self.make(state, layer_idx)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`VLMFIX_TEST_SHARD=K/N` keeps every N-th collected test from the K-th (0-based), so N processes share
+    the suite (`.ci/run` runs two, one thread each); unset: every test."""
+    shard = os.environ.get("VLMFIX_TEST_SHARD")
+    if not shard:
+        return
+    index, count = (int(part) for part in shard.split("/"))
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"VLMFIX_TEST_SHARD={shard!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+    kept = items[index::count]
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
+    items[:] = kept

@@ -38,7 +38,7 @@ def parse_methods(spec: str | None) -> list[Method]:
     (values read as Python literals, else kept as text), e.g. `var;pai:alpha=0.5:cfg=False`. Empty: no method.
 
     >>> parse_methods("pai:alpha=0.5:cfg=False")
-    [PAI(alpha=0.5, ...)]  # doctest: +SKIP
+    [PAI(alpha=0.5, layers=None, cfg=False, ...)]
     """
     if spec is None:
         return []
