@@ -49,6 +49,7 @@ from transformers import DynamicCache
 from vlmfix.decoding.method import Method
 from vlmfix.decoding.prompt_inputs import (
     FEATURES,
+    IMAGE_KEYS,
     TOKEN_TYPE_KEYS,
     left_pad,
     pad_token_id,
@@ -61,9 +62,6 @@ from vlmfix.errors import SessionError
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
 
-# caller-layout image inputs a method may return (encoded by the engine)
-# pixel_attention_mask: Idefics / Granite-Docling tiles; image_merge_sizes: VideoLLaMA 3
-PIXEL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes")
 # generate() arguments the engine cannot honour, with the reason
 UNSUPPORTED = {
     "custom_generate": "the contrastive engine already runs generate's own decoding loop",
@@ -310,7 +308,7 @@ class _Engine:
         replacement = self.method.positive_inputs(session, self.state)
         if replacement:
             positive = {**positive, **self._encoded(replacement)}
-            positive = {k: v for k, v in positive.items() if k not in PIXEL_KEYS}
+            positive = {k: v for k, v in positive.items() if k not in IMAGE_KEYS}
         self.paired = self.method.two_streams(self.state)
         if not self.paired:
             return positive
@@ -334,8 +332,8 @@ class _Engine:
         """`inputs` with caller-layout pixel tensors replaced by their encoded features for the B rows."""
         if inputs.get("pixel_values") is None:
             return dict(inputs)
-        pixels = {k: inputs[k] for k in PIXEL_KEYS if inputs.get(k) is not None}
-        out = {k: v for k, v in inputs.items() if k not in PIXEL_KEYS}
+        pixels = {k: inputs[k] for k in IMAGE_KEYS if inputs.get(k) is not None}
+        out = {k: v for k, v in inputs.items() if k not in IMAGE_KEYS}
         out[FEATURES] = encode_images(self.session, pixels)
         return out
 

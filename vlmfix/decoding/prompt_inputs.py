@@ -23,6 +23,9 @@ TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 # per-forward switches, always taken from the first block when two are stacked
 CONTROL_KEYS = ("cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict", "output_attentions",
                 "output_hidden_states", "cache_position")
+# a prompt's image inputs in the caller's layout (pixel_attention_mask: Idefics / Granite-Docling tiles;
+# image_merge_sizes: VideoLLaMA 3): what the session records and the two-stream engine encodes
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes")
 FEATURES = "mm_encoder_outputs"  # image features generate encodes before the first forward
 
 

@@ -49,15 +49,13 @@ from vlmfix.decoding.attention import AttentionCall, Observer, make_attention_fu
 from vlmfix.decoding.edits import Edit
 from vlmfix.decoding.grouped import KeyGroupCache
 from vlmfix.decoding.method import METHODS, Method
-from vlmfix.decoding.prompt_inputs import padding_mask, without_loop_keys
+from vlmfix.decoding.prompt_inputs import IMAGE_KEYS, padding_mask, without_loop_keys
 from vlmfix.errors import MissingImageError, SessionError, SpanError
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 _NAMES = itertools.count()
 _UNPREPARED = object()
 KERNEL_MODES = ("auto", "always", "never")
-# pixel_attention_mask: Idefics / Granite-Docling tiles; image_merge_sizes: VideoLLaMA 3
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes")
 
 SpanOverride = Spans | dict[str, Sequence[Sequence[int]]] | None
 
