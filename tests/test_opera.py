@@ -224,6 +224,53 @@ def test_batch_rows_equal_rows_alone(family, knobs, beams, rolled):
         assert alone_session.report()["opera"]["rollbacks"][0] == session.report()["opera"]["rollbacks"][i]
 
 
+@pytest.mark.parametrize("family, knobs, beams", [
+    ("llava", dict(threshold=2, min_location=0, image_bonus_steps=2, num_attn_candidates=3), 3),  # both roll back
+    # M-RoPE positions; item 0 ends (eos) early, item 1 rolls back
+    ("qwen2_vl", dict(threshold=7, min_location=0, image_bonus_steps=1, num_attn_candidates=3), 2),
+])
+def test_sequential_look_ahead_equals_the_tree_pass(monkeypatch, family, knobs, beams):
+    """The look-ahead as C one-token forwards, each followed by a cache crop (spec D7, the regression test for
+    the official code's issue #16), gives the tree pass's candidate logits and attention rows at every step,
+    and the same tokens, scores and rollbacks, on a left-padded batch of 2 with rollbacks (the setup of
+    test_batch_rows_equal_rows_alone)."""
+    tiny = tiny_model(family)
+    original = opera_loop._Run.look_ahead
+    looks: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {"tree": [], "sequential": []}
+
+    def recorded(self: Any, cand_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, seen = original(self, cand_ids, lengths)
+        cache_length = self.cache.layers[0].keys.shape[2]  # the C candidates' slots follow the valid ones
+        looks[self.method.candidate_pass].append((logits.clone(), seen.clone(), cache_length - self.valid.shape[1]))
+        return logits, seen
+
+    monkeypatch.setattr(opera_loop._Run, "look_ahead", recorded)
+    outs, reports, forwards = {}, {}, {}
+    calls: list[int] = []
+    handle = tiny.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    for candidate_pass in looks:
+        calls.clear()
+        with vlmfix.apply(tiny.model, OPERA(candidate_pass=candidate_pass, **knobs)) as session:
+            outs[candidate_pass] = session.generate(**tiny.inputs(QUESTIONS), num_beams=beams, max_new_tokens=12,
+                                                    return_dict_in_generate=True, output_scores=True)
+        reports[candidate_pass], forwards[candidate_pass] = session.report()["opera"], len(calls)
+    handle.remove()
+    steps = len(looks["tree"])
+    assert forwards["sequential"] - forwards["tree"] == (3 - 1) * steps  # C forwards per look-ahead instead of 1
+    assert reports["sequential"].pop("candidate_pass") == "sequential"
+    assert reports["tree"].pop("candidate_pass") == "tree"
+    assert reports["sequential"] == reports["tree"]
+    assert reports["tree"]["rollbacks"][1] > 0, reports["tree"]
+    assert torch.equal(outs["sequential"].sequences, outs["tree"].sequences)
+    torch.testing.assert_close(outs["sequential"].sequences_scores, outs["tree"].sequences_scores)
+    assert len(looks["sequential"]) == steps > 0
+    for tree, sequential in zip(looks["tree"], looks["sequential"]):
+        (tree_logits, tree_seen, tree_left), (seq_logits, seq_seen, seq_left) = tree, sequential
+        assert tree_left == seq_left == 0  # the cache is as long as the slots the loop tracks
+        torch.testing.assert_close(seq_logits, tree_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(seq_seen, tree_seen, atol=1e-5, rtol=1e-4)
+
+
 def teacher_forced_scores(tiny: Any, inputs: dict, sequences: torch.Tensor, eos: int) -> torch.Tensor:
     """Each returned hypothesis's summed full-vocabulary log-probability divided by its length (generate's
     beam score with length_penalty 1), from one fresh forward over prompt + hypothesis."""
@@ -404,6 +451,7 @@ def test_flash_attention_is_refused_when_the_session_is_made():
     (lambda: OPERA(score_range="half"), r"`score_range` must be one of 'float16', 'exact', got 'half'"),
     (lambda: OPERA(history="beam"), r"`history` must be one of 'lineage', 'slot', got 'beam'"),
     (lambda: OPERA(realloc="topk"), r"`realloc` must be one of 'vocab', 'candidates', got 'topk'"),
+    (lambda: OPERA(candidate_pass="chunk"), r"`candidate_pass` must be one of 'tree', 'sequential', got 'chunk'"),
 ])
 def test_constructor_refuses_out_of_range_knobs(make, message):
     with pytest.raises(ValueError, match=message):

@@ -283,10 +283,7 @@ class _Run:
         cand_logits, cand_ids = self.logits.topk(C, dim=-1)  # [R, C]: each beam's top-C raw logits
         kv0 = self.valid.shape[1]
         lengths = self.row_lengths()  # [R]
-        next_logits = self.feed(cand_ids, torch.ones_like(cand_ids, dtype=torch.bool),
-                                torch.eye(C, dtype=torch.bool, device=self.device), lengths[:, None].expand(rows, C),
-                                keep=0)  # [R, C, V]: each candidate's next-token logits
-        seen = self.seen_rows()  # [R, C, kv0 + C]
+        next_logits, seen = self.look_ahead(cand_ids, lengths)  # [R, C, V], [R, C, kv0 + C]
         image_mass = (seen[..., : self.prompt_len] * self.image[:, None, :]).sum(dim=-1)  # [R, C]
         cand_rows = self.candidate_rows(seen, kv0, lengths)  # [R, C, T]
         penalty = torch.zeros(rows, C, device=self.device)
@@ -326,6 +323,44 @@ class _Run:
             if n in self.snapshots[b]:
                 self.snapshots[b][n].chosen = (parents[b], tokens[b])
         self.retrospect(penalised, locations)
+
+    # ------------------------------------------------------------------------------ the look-ahead
+    def look_ahead(self, cand_ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Feed each row's C candidates [R, C] at the row's next position. Returns each candidate's next-token
+        logits [R, C, V] and last-layer attention row [R, C, kv0 + C]; the cache then holds candidate c of each
+        row at slot kv0 + c (`keep_chosen_slots` keeps the chosen one)."""
+        if self.method.candidate_pass == "sequential":
+            return self.sequential_pass(cand_ids, lengths)
+        rows, C = cand_ids.shape
+        logits = self.feed(cand_ids, torch.ones_like(cand_ids, dtype=torch.bool),
+                           torch.eye(C, dtype=torch.bool, device=self.device), lengths[:, None].expand(rows, C), keep=0)
+        return logits, self.seen_rows()
+
+    def sequential_pass(self, cand_ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """The look-ahead as C forwards of one query row each, every one followed by a cache crop (the official
+        code's candidate forwards, spec D7). Each candidate's key/value slot is set aside before the crop and
+        the C slots are appended at the end, so the cache and the results are laid out as after the tree pass."""
+        rows, C = cand_ids.shape
+        kv0 = self.valid.shape[1]
+        layers = [cast(DynamicLayer, layer) for layer in self.cache.layers]  # checked by check_cache_layers
+        one = torch.ones(rows, 1, dtype=torch.bool, device=self.device)
+        logits, seen = [], torch.zeros(rows, C, kv0 + C, device=self.device)
+        slots: list[list[tuple[Tensor, Tensor]]] = []  # per candidate, per layer: keys, values [R, kv_heads, 1, d]
+        for c in range(C):
+            logits.append(self.feed(cand_ids[:, c : c + 1], one, one[:1, :1], lengths[:, None], keep=0))  # [R, 1, V]
+            row = self.seen_rows()[:, 0]  # [R, kv0 + 1]: the cache slots, then the candidate itself
+            seen[:, c, :kv0] = row[:, :kv0]
+            seen[:, c, kv0 + c] = row[:, kv0]
+            slots.append([(cast(Tensor, layer.keys)[:, :, kv0:], cast(Tensor, layer.values)[:, :, kv0:])
+                          for layer in layers])
+            for layer in layers:
+                layer.crop(-1)
+            self.valid = self.valid[:, :kv0]
+        for i, layer in enumerate(layers):
+            keys, values = zip(*(slot[i] for slot in slots))
+            layer.update(torch.cat(keys, dim=2), torch.cat(values, dim=2))  # [R, kv_heads, C, d] each
+        self.valid = torch.cat([self.valid, one.expand(rows, C)], dim=-1)
+        return torch.cat(logits, dim=1), seen
 
     # ------------------------------------------------------------------------------ scoring
     def candidate_rows(self, seen: Tensor, kv0: int, lengths: Tensor) -> Tensor:

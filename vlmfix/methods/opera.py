@@ -53,12 +53,16 @@ class OPERA(Method):
             ancestry, or stay with the beam slot as in the official code.
         realloc ("vocab" | "candidates", default "vocab"): the re-decision after a rollback ranks the whole
             vocabulary (official code) or each beam's top-C candidates, always without the penalty.
+        candidate_pass ("tree" | "sequential", default "tree"): the look-ahead as one forward of C query rows per
+            step, or as C one-row forwards each followed by a cache crop (the official code's shape; slower, the
+            same tokens up to float rounding).
 
     Paper: Huang et al., "OPERA: Alleviating Hallucination in Multi-Modal Large Language Models via Over-Trust
     Penalty and Retrospection-Allocation", CVPR 2024, arXiv 2311.17911 (Sec. 3: over-trust logit penalty,
     retrospection-allocation).
     Departs from the official code: the look-ahead is one chunked forward per step that also serves as the
-    next step's forward (the official code runs 1 + C forwards and re-prefills the prompt on each rollback);
+    next step's forward (the official code runs 1 + C forwards and re-prefills the prompt on each rollback;
+    `candidate_pass="sequential"` runs the C look-ahead forwards one by one as it does);
     rollback state is per batch item, histories follow beam lineage, phi is computed in fp32 log space with
     float16's range kept (a beam whose candidates are all vetoed gets no continuation instead of flat -999
     scores), and the attention row is read in vlmfix's attention function, never with output_attentions.
@@ -85,6 +89,7 @@ class OPERA(Method):
         score_range: Literal["float16", "exact"] = "float16",
         history: Literal["lineage", "slot"] = "lineage",
         realloc: Literal["vocab", "candidates"] = "vocab",
+        candidate_pass: Literal["tree", "sequential"] = "tree",
     ) -> None:
         self.scale_factor = validation.number(scale_factor, "scale_factor", low=0, low_open=True,
                                               meaning="sigma, the scale of each attention weight (paper: 50)")
@@ -105,6 +110,7 @@ class OPERA(Method):
         self.score_range = validation.choice(score_range, "score_range", SCORE_RANGES)
         self.history = validation.choice(history, "history", ("lineage", "slot"))
         self.realloc = validation.choice(realloc, "realloc", ("vocab", "candidates"))
+        self.candidate_pass = validation.choice(candidate_pass, "candidate_pass", ("tree", "sequential"))
 
     def check(self, adapter: Adapter) -> None:
         if adapter.has_sliding_window:
@@ -128,6 +134,7 @@ class OPERA(Method):
 
     def report(self, state: OperaState) -> dict[str, Any]:
         return {
+            "candidate_pass": self.candidate_pass,
             "bonus_steps": list(state.bonus_steps),
             "penalty_steps": list(state.penalty_steps),
             "rollbacks": list(state.rollbacks),
