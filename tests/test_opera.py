@@ -471,3 +471,18 @@ def test_app_config_sets_beams_and_refuses_settings_before_loading(tmp_path):
         check_settings(composed("model=toy_fast", "method=opera", "decoding.num_beams=1", f"results_dir={tmp_path}"))
     with pytest.raises(ValueError, match=r"benchmark=speed .* time it with python -m benchmarks.opera_speed"):
         check_settings(composed("model=toy_fast", "method=opera", "benchmark=speed", f"results_dir={tmp_path}"))
+
+
+def test_speed_script_runs_per_dtype_and_batch():
+    """benchmarks/opera_speed.py on a 1-layer model: one block per (dtype, batch), with OPERA's report of each
+    item of the batch and the penalised flag read from it (timings are not checked: the machine is shared)."""
+    from benchmarks.opera_speed import main
+
+    result = main(["--device", "cpu", "--layers", "1", "--heads", "2", "--head-dim", "32", "--beams", "2",
+                   "--new-tokens", "3", "--repeats", "1", "--dtype", "float32", "bfloat16", "--batch", "2",
+                   "--opera", "image_bonus_steps=1"])
+    assert [(r["dtype"], r["batch"]) for r in result["rows"]] == [("float32", 2), ("bfloat16", 2)]
+    for row in result["rows"]:
+        report = row["opera_report_last_call"]
+        assert report["bonus_steps"] == [1, 1] and report["penalty_steps"] == [2, 2] and row["penalised"]
+        assert math.isfinite(row["ratio"])
