@@ -271,6 +271,40 @@ def test_sequential_look_ahead_equals_the_tree_pass(monkeypatch, family, knobs, 
         torch.testing.assert_close(seq_seen, tree_seen, atol=1e-5, rtol=1e-4)
 
 
+def test_padded_rows_continue_the_prefill_positions_the_model_chose():
+    """HyperCLOVA X Vision V2 and EXAONE 4.5 drop generate's position ids in prepare_inputs_for_generation, so
+    their decoder stack numbers the prefill by cache slot (a padded row's pads count). Here LLaVA is given that
+    override: plain beam search stays row-independent (RoPE sees relative positions), and OPERA's generated
+    positions must continue the slot numbering, not the padding mask's, for the padded row to get the tokens
+    and scores of the row decoded alone."""
+    tiny = tiny_model("llava")
+    prepare = tiny.model.prepare_inputs_for_generation
+
+    def slot_positions(*args: Any, **kwargs: Any) -> Any:
+        inputs = prepare(*args, **kwargs)
+        inputs["position_ids"] = None
+        return inputs
+
+    tiny.model.prepare_inputs_for_generation = slot_positions
+    settings = dict(num_beams=2, max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True, output_scores=True)
+    batch_inputs = tiny.inputs(QUESTIONS)
+    assert not bool(batch_inputs["attention_mask"].all())  # a padded row
+    opera = OPERA(num_attn_candidates=3, image_bonus_steps=2)
+    with vlmfix.apply(tiny.model, opera) as session:
+        batch = session.generate(**batch_inputs, **settings)
+    plain = tiny.model.generate(**batch_inputs, **settings)
+    for i, question in enumerate(QUESTIONS):
+        alone_inputs = tiny.inputs([question], seed=i)
+        with vlmfix.apply(tiny.model, opera) as alone_session:
+            alone = alone_session.generate(**alone_inputs, **settings)
+        plain_alone = tiny.model.generate(**alone_inputs, **settings)
+        # the override keeps beam search row-independent
+        assert torch.equal(plain.sequences[i, -8:], plain_alone.sequences[0, -8:])
+        torch.testing.assert_close(plain.sequences_scores[i], plain_alone.sequences_scores[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(batch.sequences[i, -8:], alone.sequences[0, -8:]), f"row {i}"
+        torch.testing.assert_close(batch.sequences_scores[i], alone.sequences_scores[0], atol=1e-5, rtol=1e-5)
+
+
 def teacher_forced_scores(tiny: Any, inputs: dict, sequences: torch.Tensor, eos: int) -> torch.Tensor:
     """Each returned hypothesis's summed full-vocabulary log-probability divided by its length (generate's
     beam score with length_penalty 1), from one fresh forward over prompt + hypothesis."""

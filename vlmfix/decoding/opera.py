@@ -16,7 +16,8 @@ stopping criteria, an empty `DynamicCache`) and hands the B·K rows to `OperaSea
   in the row's validity mask); one catch-up forward re-feeds its restored prefixes (other rows feed
   masked pads), the position is re-decided, and the chosen tokens are fed. Other items do not move.
 
-Positions come from each row's generated length, never from the cache slot. The 4-D masks need a backend
+Positions continue those of the prefill (read from the decoder stack's input) by each row's generated
+length, never from the cache slot. The 4-D masks need a backend
 that honours arbitrary masks (sdpa, eager); `OPERA.check` refuses flash attention.
 """
 
@@ -34,7 +35,6 @@ from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
 from vlmfix.decoding.attention import AttentionCall
 from vlmfix.decoding.edits import additive_mask, repeat_kv
-from vlmfix.decoding.prompt_inputs import text_positions
 from vlmfix.errors import SessionError
 from vlmfix.methods.opera_rules import RetrospectionRule, local_scores, mode, rollback_position
 
@@ -158,6 +158,8 @@ class OperaSearch:
         self.watching = False  # inside one of the loop's own forwards
         self.seen: Tensor | None = None  # [R, q_len, kv_len]: last layer, max over heads, renormalised
         self.last_layer = session.adapter.num_layers - 1
+        self.language_model_positions: Tensor | None = None  # what the prefill's decoder stack was given
+        self.language_model_called = False
 
     # ------------------------------------------------------------------------------ the observer
     def observe(self, call: AttentionCall) -> None:
@@ -172,6 +174,13 @@ class OperaSearch:
         top = z.softmax(dim=-1).nan_to_num(0.0).amax(dim=1)  # [R, q_len, kv_len]: max over query heads
         self.seen = top / top.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         return None
+
+    def read_positions(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Pre-hook on the decoder stack: keep the position ids of its latest call outside the loop's own
+        forwards (after the prefill: the prefill's; None when the model let the stack number positions)."""
+        if not self.watching:
+            self.language_model_positions = kwargs.get("position_ids")
+            self.language_model_called = True
 
     # ------------------------------------------------------------------------------ generate's hook
     @torch.no_grad()
@@ -258,10 +267,7 @@ class _Run:
         check_cache_layers(self.cache)
         mask = kwargs.get("attention_mask")
         self.valid = (torch.ones_like(self.prompt, dtype=torch.bool) if mask is None else mask.bool().clone())
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = text_positions(self.valid)
-        self.next_position = positions[..., -1:] + 1  # [R, 1] or [sections, R, 1]
+        self.next_position = self.prefill_positions()[..., -1:] + 1  # [R, 1] or [sections, R, 1]
         self.image = self.search.session.spans.image.to(self.device)  # [R, S] bool
         try:
             while not bool(self.done.all()):
@@ -270,6 +276,20 @@ class _Run:
             self.state.vetoed_beams = self.vetoed.tolist()
             self.state.lifted_vetoes = self.lifted.tolist()
         return self.output()
+
+    def prefill_positions(self) -> Tensor:
+        """The positions the prefill's decoder stack used, which the generated tokens continue. Given
+        explicitly (generate's, from the padding mask; M-RoPE sections), or None where the model leaves the
+        numbering to the stack (HyperCLOVA X Vision V2, EXAONE 4.5 drop generate's position ids): the stack
+        then numbers by cache slot, so a left-padded row's pads count. Continuing from the padding mask there
+        would shift a padded row's generated tokens against its prompt by its pad count."""
+        if not self.search.language_model_called:
+            raise SessionError("OPERA's hook on the language model saw no prefill; run OPERA through "
+                               "session.generate or vlmfix.generate.")
+        positions = self.search.language_model_positions
+        if positions is None:
+            return torch.arange(self.prompt_len, device=self.device).expand(self.prompt.shape[0], -1)  # [R, S]
+        return positions
 
     def step(self) -> None:
         """One look-ahead forward for every row; the items not done choose their next token."""

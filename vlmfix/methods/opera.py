@@ -128,6 +128,7 @@ class OPERA(Method):
 
         search = require_loop(session)
         session.observe_for_prompt(search.observe)
+        session.hook_for_prompt(session.adapter.language_model, search.read_positions)  # the prefill's positions
         if search.state is None:
             raise ValueError("OPERA's loop starts its state before the prefill; run it through session.generate.")
         return search.state
