@@ -113,9 +113,6 @@ REFUSED: dict[str, Refusal] = {
                                                         "(deepstack_features, no pooler_output): vlmfix's image "
                                                         "re-encoding (VCD, DCD) does not read that output yet"),
     "HYV4VLForConditionalGeneration": _pending(),
-    "HyperCLOVAXVisionV2ForConditionalGeneration": _pending(
-        "a tiny build (Qwen2.5-VL vision, HyperCLOVA X post-norm layers) passes every check but OPERA's: with "
-        "2 beams a padded row's tokens differ from the row decoded alone"),
     "Kimi_K25ForConditionalGeneration": _pending(),
     "MiniCPMOcrForConditionalGeneration": _pending(),
     "MiniCPMV4_6ForConditionalGeneration": _pending(),

@@ -1041,10 +1041,42 @@ def build_qianfan_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+def build_hyperclovax_vision_v2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """HyperCLOVA X Vision V2: Qwen2.5-VL's vision tower (`vision_model`) and prompt layout, a linear
+    `projector`, a HyperCLOVA X language model (post-norm layers, 1-D RoPE); VideoLLaMA 3's model class."""
+    from transformers import (
+        HyperCLOVAXVisionV2Config,
+        HyperCLOVAXVisionV2ForConditionalGeneration,
+        HyperCLOVAXVisionV2Processor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
+    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      bos_token_id=None, tie_word_embeddings=False,
+                      initializer_range=0.2)  # with the default scale every step picks the same token
+    vision = dict(model_type="qwen2_5_vl_vision", depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=shape.hidden,
+                  window_size=32, fullatt_block_indexes=[1])
+    config = HyperCLOVAXVisionV2Config(text_config=dict(model_type="hyperclovax", **text), vision_config=vision,
+                                       image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                       tie_word_embeddings=False)
+    model = HyperCLOVAXVisionV2ForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                               temporal_patch_size=2)
+    processor = image_only(HyperCLOVAXVisionV2Processor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "hyperclovax_vision_v2": build_hyperclovax_vision_v2,
     "qianfan_ocr": build_qianfan_ocr,
     "ovis2": build_ovis2,
     "hunyuan_vl": build_hunyuan_vl,
