@@ -146,6 +146,8 @@ def penalty_off(vocab: int, **knobs: Any) -> OPERA:
     ("llava", {}),
     # generate's finished-hypothesis rules and processors: kept hypotheses, early stop, length penalty
     ("qwen2_vl", dict(num_return_sequences=2, early_stopping=True, length_penalty=0.5, repetition_penalty=1.3)),
+    # the generated positions continue the prefill's slot numbering (the model drops generate's position ids)
+    ("hyperclovax_vision_v2", {}),
 ])
 def test_penalty_off_equals_plain_beam_search(family, extra):
     tiny = tiny_model(family)
