@@ -81,7 +81,6 @@ REFUSED: dict[str, Refusal] = {
     "Qwen3OmniMoeThinkerForConditionalGeneration": _cannot(HYBRID, "audio and video towers beside the image one"),
     "Qwen2_5OmniThinkerForConditionalGeneration": _pending("audio and video towers beside the image one"),
     "Gemma3nForConditionalGeneration": _cannot(HYBRID, "AltUp and per-layer embeddings, audio tower"),
-    "Gemma4ForConditionalGeneration": _pending("per-layer embeddings; shared KV layers"),
     "Lfm2VlForConditionalGeneration": _cannot(HYBRID, "LFM2 short-convolution layers"),
     "Lfm3VlForConditionalGeneration": _cannot(HYBRID),
     "Glm5NextForConditionalGeneration": _cannot(HYBRID),

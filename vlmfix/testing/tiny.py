@@ -83,6 +83,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "hunyuan_vl",
     "ovis2",
     "qianfan_ocr",
+    "gemma4",
 )
 
 WORDS = (

@@ -69,7 +69,15 @@ def image_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """`processor_class` without its video processor, which needs torchvision (not installable beside the CPU
     torch build used here); images are processed exactly as by the stock class."""
 
-    class ImageOnly(processor_class):  # type: ignore[valid-type,misc]
+    class DropVideoArgument(ProcessorMixin):
+        """Between the stock class and `ProcessorMixin`: drops the `video_processor=None` argument that some
+        processors (Gemma 4) pass on to `ProcessorMixin.__init__`, which accepts only its attributes."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("video_processor", None)
+            super().__init__(*args, **kwargs)
+
+    class ImageOnly(processor_class, DropVideoArgument):  # type: ignore[valid-type,misc]
         video_processor = None
 
         @classmethod
@@ -1041,10 +1049,62 @@ def build_qianfan_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+GEMMA4_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
+                   "<|audio>", "<audio|>", "<|audio|>", "<|video|>", "user", "model")
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|turn>{{ 'model' if message['role'] == 'assistant' "
+    "else message['role'] }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|image|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}<turn|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
+def build_gemma4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Gemma 4: per-layer embeddings (8 wide), sliding and global layers (the global ones with twice the head
+    width), the last two layers reading the keys and values of the last earlier layer of their type (shared KV),
+    and bidirectional attention inside each image block (mm_token_type_ids). The image processor's smallest
+    budget (70 soft tokens, 3x3 pooling of 4-pixel patches) gives 64 image tokens per image."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(GEMMA4_SPECIALS, WORDS), bos_token="<bos>", eos_token="<turn|>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, GEMMA4_SPECIALS)
+    for name, token in (("boi", "<|image>"), ("eoi", "<image|>"), ("image", "<|image|>"), ("boa", "<|audio>"),
+                        ("eoa", "<audio|>"), ("audio", "<|audio|>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    half = max(shape.layers // 2, 2)  # the first half computes keys and values, the second half shares them
+    layer_types = (["sliding_attention", "full_attention"] * shape.layers)[:shape.layers]
+    layer_types[-1] = "full_attention"
+    text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<turn|>"], bos_token_id=ids["<bos>"],
+                      global_head_dim=2 * shape.head_dim, sliding_window=16, layer_types=layer_types,
+                      num_kv_shared_layers=shape.layers - half, vocab_size_per_layer_input=len(tokenizer),
+                      hidden_size_per_layer_input=8, use_bidirectional_attention="vision")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=256)
+    config = Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=None, boi_token_id=ids["<|image>"],
+        eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"], audio_token_id=ids["<|audio|>"],
+    )
+    model = Gemma4ForConditionalGeneration(config)
+    image_processor = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    processor = image_only(Gemma4Processor)(
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=None, chat_template=GEMMA4_TEMPLATE, image_seq_length=70,
+    )
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
-NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
+NESTED_IMAGES = frozenset({"gemma3", "gemma4", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "gemma4": build_gemma4,
     "qianfan_ocr": build_qianfan_ocr,
     "ovis2": build_ovis2,
     "hunyuan_vl": build_hunyuan_vl,
