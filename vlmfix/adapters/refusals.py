@@ -24,6 +24,9 @@ QUERY_TRANSFORMER = ("images enter as learned query embeddings of a Q-Former who
 HYBRID = ("a hybrid language model (linear-attention, state-space or convolution layers between the softmax "
           "attention layers); vlmfix's layer plans assume every decoder layer is softmax self-attention")
 NOT_TEXT = "not a text generator of image prompts"
+TORCHVISION_ONLY = "its image processor needs torchvision (it has no PIL backend): no offline tiny build here"
+# MiniCPM-V 4.6 / 4.7 and MiniCPM-OCR build their language model from a Qwen3.5 text config
+MINICPM_LM = "a Qwen3.5 language model (text_config qwen3_5_text): Gated DeltaNet layers"
 PENDING = ("a decoder-only model with image placeholder tokens that may follow the common layout, but no tiny "
            "build of it has passed vlmfix's conformance suite yet")
 
@@ -79,7 +82,6 @@ REFUSED: dict[str, Refusal] = {
     "Qwen3_5MoeForConditionalGeneration": _cannot(HYBRID, "Gated DeltaNet layers"),
     "Qwen4ExpForConditionalGeneration": _cannot(HYBRID),
     "Qwen3OmniMoeThinkerForConditionalGeneration": _cannot(HYBRID, "audio and video towers beside the image one"),
-    "Qwen2_5OmniThinkerForConditionalGeneration": _pending("audio and video towers beside the image one"),
     "Gemma3nForConditionalGeneration": _cannot(HYBRID, "AltUp and per-layer embeddings, audio tower"),
     "Lfm2VlForConditionalGeneration": _cannot(HYBRID, "LFM2 short-convolution layers"),
     "Lfm3VlForConditionalGeneration": _cannot(HYBRID),
@@ -106,7 +108,9 @@ REFUSED: dict[str, Refusal] = {
     "Ernie4_5_VLMoeForConditionalGeneration": _pending("modality-routed MoE"),
     "FastVlmForConditionalGeneration": _pending("its FastViT vision tower is a timm model: no offline tiny build"),
     "FuyuForCausalLM": _pending("patch embeddings without a vision tower"),
-    "Gemma4UnifiedForConditionalGeneration": _pending(),
+    "Gemma4UnifiedForConditionalGeneration": _pending(
+        f"{TORCHVISION_ONLY}; encoder-free: raw pixel patches are embedded straight into the language model, with no "
+        "vision tower"),
     "Granite4VisionForConditionalGeneration": _pending("image placeholders are zeroed at the input and the Window "
                                                         "Q-Former features added inside chosen decoder layers "
                                                         "(deepstack_features, no pooler_output): vlmfix's image "
@@ -115,19 +119,23 @@ REFUSED: dict[str, Refusal] = {
     "HyperCLOVAXVisionV2ForConditionalGeneration": _pending(
         "a tiny build (Qwen2.5-VL vision, HyperCLOVA X post-norm layers) passes every check but OPERA's: with "
         "2 beams a padded row's tokens differ from the row decoded alone"),
-    "Kimi_K25ForConditionalGeneration": _pending(),
-    "MiniCPMOcrForConditionalGeneration": _pending(),
-    "MiniCPMV4_6ForConditionalGeneration": _pending(),
-    "MiniCPMV4_7ForConditionalGeneration": _pending(),
+    "Kimi_K25ForConditionalGeneration": _pending(
+        f"{TORCHVISION_ONLY}; its language model is DeepSeek-V3 (multi-head latent attention: the cache holds "
+        "compressed latents, keys are wider than values)"),
+    "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
+    "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
+    "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniMaxM3SparseForConditionalGeneration": _pending("sparse attention"),
-    "MistralLarge4ForConditionalGeneration": _pending(),
     "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
                                                 "image blocks attend bidirectionally (mm_token_type_ids)"),
-    "MuseGlimmerForConditionalGeneration": _pending(),
-    "MuseSparkForConditionalGeneration": _pending(),
+    "MuseGlimmerForConditionalGeneration": _pending(TORCHVISION_ONLY),
+    "MuseSparkForConditionalGeneration": _pending(f"{TORCHVISION_ONLY} (Muse Glimmer's); an audio tower beside the "
+                                                  "image one"),
     "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
-    "Step3p7ForConditionalGeneration": _pending(),
-    "UnlimitedOcrForConditionalGeneration": _pending(),
+    "Step3p7ForConditionalGeneration": _pending(
+        f"{TORCHVISION_ONLY}; its sliding layers may have another head count than its global ones "
+        "(num_sliding_attention_heads) and a sigmoid gate scales each head's output before o_proj"),
+    "UnlimitedOcrForConditionalGeneration": _pending(TORCHVISION_ONLY),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning (it reads "

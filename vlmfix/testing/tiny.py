@@ -84,6 +84,8 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "ovis2",
     "qianfan_ocr",
     "gemma4",
+    "mistral_large4",
+    "qwen2_5_omni_thinker",
 )
 
 WORDS = (

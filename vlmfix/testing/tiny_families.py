@@ -71,11 +71,13 @@ def image_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
 
     class DropVideoArgument(ProcessorMixin):
         """Between the stock class and `ProcessorMixin`: drops the `video_processor=None` argument that some
-        processors (Gemma 4) pass on to `ProcessorMixin.__init__`, which accepts only its attributes."""
+        processors pass on to `ProcessorMixin.__init__` (by name: Gemma 4; by position: Qwen2.5-Omni), which
+        accepts only the attributes left."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.update(zip(processor_class.get_attributes(), args))  # the stock order, video included
             kwargs.pop("video_processor", None)
-            super().__init__(*args, **kwargs)
+            super().__init__(**kwargs)
 
     class ImageOnly(processor_class, DropVideoArgument):  # type: ignore[valid-type,misc]
         video_processor = None
@@ -1100,10 +1102,97 @@ def build_gemma4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+def build_mistral_large4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Mistral Large 4: Mistral 3's Pixtral vision and prompt layout with a DeepSeek-V3.2-style language model:
+    multi-head latent attention (the cache holds latents; keys 16 wide, values 32), an indexer that keeps each
+    query's top 8 keys (the prompt is longer, so it selects), layer 2 reusing layer 1's latents and top-k, a NoPE
+    layer, MoE layers after the first."""
+    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(MISTRAL_SPECIALS, WORDS), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]",
+                                                                "[IMG_END]"]})
+    ids = token_ids(tokenizer, MISTRAL_SPECIALS)
+    sources = list(range(shape.layers))
+    sources[2] = 1  # layer 2 reads layer 1's latents
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=2 * shape.hidden,
+        moe_intermediate_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+        qk_rope_head_dim=shape.head_dim // 2, qk_nope_head_dim=shape.head_dim // 2, v_head_dim=2 * shape.head_dim,
+        index_topk=8, index_head_dim=8, index_n_heads=2, max_position_embeddings=2048, kv_source_layers=sources,
+        index_topk_pattern="FFS" + "F" * (shape.layers - 3), pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"],
+        bos_token_id=ids["<s>"],
+    )
+    config = MistralLarge4Config(
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, head_dim=8, image_size=32, patch_size=8),
+        text_config=text, image_token_index=ids["[IMG]"], spatial_merge_size=2, vision_feature_layer=-1,
+    )
+    model = MistralLarge4ForConditionalGeneration(config)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=16)
+    return model, PixtralLayoutProcessor(image_processor, tokenizer, token_patch=16, chat_template=MISTRAL_TEMPLATE)
+
+
+OMNI_TOKENS = ("<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>",
+               "<|audio_eos|>")
+
+
+def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen2.5-Omni's thinker: Qwen2.5-VL's windowed vision tower and M-RoPE language model, with an audio tower
+    beside them (built, one layer; the tests give it no audio). Each image is <|vision_bos|> <|IMAGE|>...
+    <|vision_eos|>."""
+    from transformers import (
+        Qwen2_5OmniProcessor,
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*OMNI_TOKENS)
+    ids = token_ids(tokenizer, (*OMNI_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    for name, token in (("image", "<|IMAGE|>"), ("video", "<|VIDEO|>"), ("audio", "<|AUDIO|>"),
+                        ("vision_bos", "<|vision_bos|>"), ("vision_eos", "<|vision_eos|>"),
+                        ("audio_bos", "<|audio_bos|>"), ("audio_eos", "<|audio_eos|>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    half = shape.head_dim // 2
+    text = shape.text(
+        len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+    )
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=shape.hidden, fullatt_block_indexes=[1], window_size=32)
+    audio = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+                 output_dim=shape.hidden, n_window=4, max_source_positions=32)
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=text, vision_config=vision, audio_config=audio, image_token_index=ids["<|IMAGE|>"],
+        video_token_index=ids["<|VIDEO|>"], audio_token_index=ids["<|AUDIO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+    )
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                               temporal_patch_size=2)
+    processor = image_only(Qwen2_5OmniProcessor)(
+        image_processor=image_processor, feature_extractor=WhisperFeatureExtractor(feature_size=16),
+        tokenizer=tokenizer, chat_template=chatml_template("<|vision_bos|><|IMAGE|><|vision_eos|>"),
+    )
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "gemma4", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "qwen2_5_omni_thinker": build_qwen2_5_omni_thinker,
+    "mistral_large4": build_mistral_large4,
     "gemma4": build_gemma4,
     "qianfan_ocr": build_qianfan_ocr,
     "ovis2": build_ovis2,
