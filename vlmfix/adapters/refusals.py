@@ -115,7 +115,10 @@ REFUSED: dict[str, Refusal] = {
                                                         "Q-Former features added inside chosen decoder layers "
                                                         "(deepstack_features, no pooler_output): vlmfix's image "
                                                         "re-encoding (VCD, DCD) does not read that output yet"),
-    "HYV4VLForConditionalGeneration": _pending(),
+    "HYV4VLForConditionalGeneration": _pending(
+        "learned attention sinks passed to the attention function (s_aux), which vlmfix's edited attention does not "
+        "take, so an edited layer would drop them; DeepSeek-V3.2-style top-k sparse attention over MLA latents; "
+        "hyper-connections (4 residual streams, so a layer's input is not one residual stream)"),
     "HyperCLOVAXVisionV2ForConditionalGeneration": _pending(
         "a tiny build (Qwen2.5-VL vision, HyperCLOVA X post-norm layers) passes every check but OPERA's: with "
         "2 beams a padded row's tokens differ from the row decoded alone"),
@@ -126,6 +129,12 @@ REFUSED: dict[str, Refusal] = {
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniMaxM3SparseForConditionalGeneration": _pending("sparse attention"),
+    "MistralLarge4ForConditionalGeneration": _pending(
+        "a tiny build (Pixtral vision, DeepSeek-V3.2-style top-k sparse attention over MLA latents, shared-KV "
+        "layers) passes the no-method and span checks, but transformers 5.24's own generate gives a left-padded row "
+        "other scores than the row alone (up to 0.09 in the logits), so VHR, VCD, ICD and DCD cannot keep padded "
+        "rows independent; and it merges the indexer's top-k into the mask only under attention backends named "
+        "eager or sdpa (vlmfix would have to apply the `indices` itself); OPERA needs plain cache layers"),
     "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
                                                 "image blocks attend bidirectionally (mm_token_type_ids)"),
     "MuseGlimmerForConditionalGeneration": _pending(TORCHVISION_ONLY),

@@ -107,11 +107,6 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         if not host.owns_thread():
             return backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         layer_idx = cast(int, module.layer_idx)  # every decoder attention module holds its index
-        if kwargs.get("indices") is not None and implementation in ("eager", "sdpa"):
-            # sparse attention (DeepSeek-V3.2-style indexer): the model merges its top-k key selection into the
-            # mask itself only for backends named eager or sdpa; under this function's name it does it here
-            attention_mask = with_selected_keys(attention_mask, kwargs["indices"], key.shape[2], query.dtype)
-            kwargs["indices"] = None
         edits = host.edits_for(layer_idx)
         weights = None
         if edits and host.sequence_length is not None and key.shape[2] < host.sequence_length:
@@ -146,19 +141,6 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         return out, weights
 
     return vlmfix_attention
-
-
-def with_selected_keys(attention_mask: Tensor, indices: Tensor, kv_len: int, dtype: torch.dtype) -> Tensor:
-    """`attention_mask` [batch, 1, q_len, kv_len] with every key outside each query's selected ones masked, as
-    the sparse-attention layers of transformers (Mistral Large 4, DeepSeek-V3.2) do for eager and sdpa.
-
-    indices: [batch, q_len, top_k] the keys each query keeps."""
-    batch, q_len = indices.shape[:2]
-    dropped = (indices.new_ones((batch, q_len, kv_len), dtype=torch.bool)
-               .scatter(-1, indices.long(), False).unsqueeze(1))  # [batch, 1, q_len, kv_len]
-    if attention_mask.dtype == torch.bool:
-        return attention_mask & ~dropped
-    return attention_mask.masked_fill(dropped, torch.finfo(dtype).min)
 
 
 def uncropped(key: Tensor, value: Tensor, attention_mask: Tensor | None, length: int, q_len: int

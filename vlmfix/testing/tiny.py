@@ -84,7 +84,6 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "ovis2",
     "qianfan_ocr",
     "gemma4",
-    "mistral_large4",
     "qwen2_5_omni_thinker",
 )
 

@@ -1102,42 +1102,6 @@ def build_gemma4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
-def build_mistral_large4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Mistral Large 4: Mistral 3's Pixtral vision and prompt layout with a DeepSeek-V3.2-style language model:
-    multi-head latent attention (the cache holds latents; keys 16 wide, values 32), an indexer that keeps each
-    query's top 8 keys (the prompt is longer, so it selects), layer 2 reusing layer 1's latents and top-k, a NoPE
-    layer, MoE layers after the first."""
-    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration
-    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_tokenizer(MISTRAL_SPECIALS, WORDS), bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", pad_token="<pad>", padding_side="left",
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]",
-                                                                "[IMG_END]"]})
-    ids = token_ids(tokenizer, MISTRAL_SPECIALS)
-    sources = list(range(shape.layers))
-    sources[2] = 1  # layer 2 reads layer 1's latents
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=2 * shape.hidden,
-        moe_intermediate_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
-        qk_rope_head_dim=shape.head_dim // 2, qk_nope_head_dim=shape.head_dim // 2, v_head_dim=2 * shape.head_dim,
-        index_topk=8, index_head_dim=8, index_n_heads=2, max_position_embeddings=2048, kv_source_layers=sources,
-        index_topk_pattern="FFS" + "F" * (shape.layers - 3), pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"],
-        bos_token_id=ids["<s>"],
-    )
-    config = MistralLarge4Config(
-        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, head_dim=8, image_size=32, patch_size=8),
-        text_config=text, image_token_index=ids["[IMG]"], spatial_merge_size=2, vision_feature_layer=-1,
-    )
-    model = MistralLarge4ForConditionalGeneration(config)
-    image_processor = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=16)
-    return model, PixtralLayoutProcessor(image_processor, tokenizer, token_patch=16, chat_template=MISTRAL_TEMPLATE)
-
-
 OMNI_TOKENS = ("<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>",
                "<|audio_eos|>")
 
@@ -1192,7 +1156,6 @@ NESTED_IMAGES = frozenset({"gemma3", "gemma4", "idefics2", "idefics3", "smolvlm"
 
 BUILDERS: dict[str, Builder] = {
     "qwen2_5_omni_thinker": build_qwen2_5_omni_thinker,
-    "mistral_large4": build_mistral_large4,
     "gemma4": build_gemma4,
     "qianfan_ocr": build_qianfan_ocr,
     "ovis2": build_ovis2,
