@@ -33,6 +33,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("cohere_compass", "CohereCompassForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",)),
     common_layout("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", markers=CHATML),
     common_layout("deepseek_vl", "DeepseekVLForConditionalGeneration", markers=("Assistant:",)),
+    common_layout("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", markers=CHATML),
     common_layout("exaone4_5", "Exaone4_5_ForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_start|>", "<|vision_end|>")),
     common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),

@@ -105,7 +105,6 @@ REFUSED: dict[str, Refusal] = {
     "Dots3NoteForConditionalGeneration": _pending("DeepSeek-V3.2-style indexed sparse attention (a learned top-k key "
                                                    "selection per query) and a cache of MLA latents, not keys and "
                                                    "values; an audio tower beside the image one"),
-    "Ernie4_5_VLMoeForConditionalGeneration": _pending("modality-routed MoE"),
     "FastVlmForConditionalGeneration": _pending("its FastViT vision tower is a timm model: no offline tiny build"),
     "FuyuForCausalLM": _pending("patch embeddings without a vision tower"),
     "Gemma4UnifiedForConditionalGeneration": _pending(

@@ -85,6 +85,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "qianfan_ocr",
     "gemma4",
     "qwen2_5_omni_thinker",
+    "ernie4_5_vl_moe",
 )
 
 WORDS = (

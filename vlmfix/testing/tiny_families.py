@@ -1151,10 +1151,56 @@ def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, Processor
     return model, processor
 
 
+ERNIE_TOKENS = ("<|IMAGE_START|>", "<|IMAGE_END|>", "<|IMAGE_PLACEHOLDER|>", "<|VIDEO_START|>", "<|VIDEO_END|>",
+                "<|VIDEO_PLACEHOLDER|>")
+
+
+def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """ERNIE 4.5 VL MoE: a Qwen2-VL-style vision tower and resampler, 3-D RoPE (equal height and width sections),
+    modality-routed MoE layers after the first (image tokens and their frames go to vision experts,
+    moe_mm_token_type_ids). Each image is <|IMAGE_START|> <|IMAGE_PLACEHOLDER|>... <|IMAGE_END|>."""
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration, Ernie4_5_VLMoeProcessor
+    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
+        Ernie4_5_VLMoeImageProcessorPil,
+    )
+
+    tokenizer = chatml_tokenizer(*ERNIE_TOKENS)
+    ids = token_ids(tokenizer, (*ERNIE_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    for name, token in zip(("image_start", "image_end", "image", "video_start", "video_end", "video"), ERNIE_TOKENS):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    half = shape.head_dim // 2  # the rotary sections (height, width, time) split half a head
+    text = shape.text(
+        len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None,
+        moe_intermediate_size=[2 * shape.hidden, shape.hidden], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [(half - half // 4) // 2, (half - half // 4) // 2, half // 4]},
+    )
+    text.pop("head_dim")  # hidden_size // heads
+    config = Ernie4_5_VLMoeConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8,
+                           spatial_merge_size=2, temporal_merge_size=2),
+        image_start_token_id=ids["<|IMAGE_START|>"], image_end_token_id=ids["<|IMAGE_END|>"],
+        image_token_id=ids["<|IMAGE_PLACEHOLDER|>"], video_start_token_id=ids["<|VIDEO_START|>"],
+        video_end_token_id=ids["<|VIDEO_END|>"], video_token_id=ids["<|VIDEO_PLACEHOLDER|>"],
+        tie_word_embeddings=False,  # tied random embeddings repeat one token
+    )
+    model = Ernie4_5_VLMoeForConditionalGeneration(config)
+    image_processor = Ernie4_5_VLMoeImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+                                                      patch_size=8, merge_size=2)
+    processor = image_only(Ernie4_5_VLMoeProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=chatml_template("<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"),
+    )
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "gemma4", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "ernie4_5_vl_moe": build_ernie4_5_vl_moe,
     "qwen2_5_omni_thinker": build_qwen2_5_omni_thinker,
     "gemma4": build_gemma4,
     "qianfan_ocr": build_qianfan_ocr,
