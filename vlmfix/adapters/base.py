@@ -126,7 +126,7 @@ FRAME_TOKEN_FIELDS = (
 # keys of the model inputs that carry images; generate may pass the vision encoder's output instead of pixels
 IMAGE_INPUT_KEYS = (
     "pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask",
-    "mm_encoder_outputs", "image_merge_sizes", "image_position_ids",
+    "mm_encoder_outputs", "image_merge_sizes", "image_position_ids", "pixel_mask", "high_res_pixel_values",
 )
 # model attributes a forward overwrites (M-RoPE's cached offsets) and an extra pass must restore
 STATEFUL_ATTRIBUTES = ("rope_deltas",)

@@ -26,6 +26,7 @@ def common_layout(family: str, *model_classes: str, markers: tuple[str, ...], fr
 
 
 COMMON_LAYOUT: tuple[type[Adapter], ...] = (
+    common_layout("aria", "AriaForConditionalGeneration", markers=CHATML),
     common_layout("aya_vision", "AyaVisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
                   frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),
     common_layout("cohere2_vision", "Cohere2VisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
@@ -34,6 +35,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", markers=CHATML),
     common_layout("deepseek_vl", "DeepseekVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", markers=CHATML),
+    common_layout("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration", markers=("Assistant:",)),
     common_layout("exaone4_5", "Exaone4_5_ForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_start|>", "<|vision_end|>")),
     common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),

@@ -51,7 +51,6 @@ REFUSED: dict[str, Refusal] = {
     # cross-attention vision
     "MllamaForConditionalGeneration": _cannot(CROSS_ATTENTION, "Llama 3.2 Vision"),
     "IdeficsForVisionText2Text": _cannot(CROSS_ATTENTION, "IDEFICS 1, Flamingo-style gated cross-attention"),
-    "AriaForConditionalGeneration": _pending("MoE language model; its projector cross-attends learned queries"),
     "EvollaForProteinText2Text": _cannot(NOT_TEXT, "protein sequences, read through cross-attention"),
     # encoder-decoder
     "BlipForConditionalGeneration": _cannot(ENCODER_DECODER, "BLIP captioner"),
@@ -101,7 +100,6 @@ REFUSED: dict[str, Refusal] = {
     "DeepseekOcr2ForConditionalGeneration": _pending(
         "its vision encoder's learned queries are fixed at 144 or 256 per view (768- or 1024-pixel views through "
         "SAM): no tiny build small enough for the CPU suite"),
-    "DeepseekVLHybridForConditionalGeneration": _pending("two vision towers"),
     "Dots3NoteForConditionalGeneration": _pending("DeepSeek-V3.2-style indexed sparse attention (a learned top-k key "
                                                    "selection per query) and a cache of MLA latents, not keys and "
                                                    "values; an audio tower beside the image one"),

@@ -26,10 +26,11 @@ TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids
 CONTROL_KEYS = ("cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict", "output_attentions",
                 "output_hidden_states", "cache_position")
 # a prompt's image inputs in the caller's layout (pixel_attention_mask: Idefics / Granite-Docling tiles;
-# image_merge_sizes: VideoLLaMA 3; image_position_ids: Gemma 4's patch coordinates): what the session records
-# and the two-stream engine encodes
+# image_merge_sizes: VideoLLaMA 3; image_position_ids: Gemma 4's patch coordinates; pixel_mask: Aria's padding;
+# high_res_pixel_values: DeepSeek-VL hybrid's second tower): what the session records and the two-stream engine
+# encodes
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes",
-              "image_position_ids")
+              "image_position_ids", "pixel_mask", "high_res_pixel_values")
 FEATURES = "mm_encoder_outputs"  # image features generate encodes before the first forward
 
 

@@ -86,6 +86,8 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "gemma4",
     "qwen2_5_omni_thinker",
     "ernie4_5_vl_moe",
+    "aria",
+    "deepseek_vl_hybrid",
 )
 
 WORDS = (

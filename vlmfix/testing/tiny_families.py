@@ -1196,10 +1196,74 @@ def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
     return model, processor
 
 
+def build_aria(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Aria: an Idefics3 vision tower, a projector whose learned queries cross-attend the patches (4 queries for
+    the 100 patches of a 490-pixel image: the image processor accepts 490 or 980 only, so the patches are 49
+    pixels), an MoE language model with a shared expert."""
+    from transformers import AriaConfig, AriaForConditionalGeneration, AriaProcessor
+    from transformers.models.aria.image_processing_pil_aria import AriaImageProcessorPil
+
+    class TinyAriaProcessor(AriaProcessor):
+        images_kwargs = {"max_image_size": 490, "split_image": False}  # the stock default: 980
+
+    tokenizer = chatml_tokenizer("<|img|>")
+    ids = token_ids(tokenizer, ("<|img|>", "<|endoftext|>", "<|im_end|>"))
+    tokenizer.image_token, tokenizer.image_token_id = "<|img|>", ids["<|img|>"]
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      bos_token_id=None, moe_intermediate_size=2 * shape.hidden, moe_num_experts=4, moe_topk=2,
+                      moe_num_shared_experts=1)
+    config = AriaConfig(
+        vision_config=dict(model_type="idefics3_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=490, patch_size=49),
+        text_config=text, projector_patch_to_query_dict={100: 4}, image_token_index=ids["<|img|>"],
+    )
+    model = AriaForConditionalGeneration(config)
+    image_processor = AriaImageProcessorPil(max_image_size=490, min_image_size=49)
+    processor = TinyAriaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  chat_template=chatml_template("<|img|>\n"), size_conversion={490: 4})
+    return model, processor
+
+
+def build_deepseek_vl_hybrid(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """DeepSeek-VL hybrid: DeepSeek-VL's SigLIP tower (16 tokens per 32-pixel image) beside a SAM tower on a
+    64-pixel copy (high_res_pixel_values), both read by the `aligner`, Llama."""
+    from transformers import (
+        DeepseekVLHybridConfig,
+        DeepseekVLHybridForConditionalGeneration,
+        DeepseekVLHybridProcessor,
+    )
+    from transformers.models.deepseek_vl_hybrid.image_processing_pil_deepseek_vl_hybrid import (
+        DeepseekVLHybridImageProcessorPil,
+    )
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(DEEPSEEK_SPECIALS, WORDS), bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>", unk_token="<unk>", pad_token="<｜▁pad▁｜>", padding_side="left",
+    )
+    tokenizer.image_token = "<image_placeholder>"
+    ids = token_ids(tokenizer, DEEPSEEK_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<｜▁pad▁｜>"], eos_token_id=ids["<｜end▁of▁sentence｜>"],
+                      bos_token_id=ids["<｜begin▁of▁sentence｜>"])
+    sam = dict(model_type="sam_vision_model", hidden_size=32, output_channels=16, num_hidden_layers=2,
+               num_attention_heads=4, mlp_dim=64, image_size=64, patch_size=16, global_attn_indexes=[1],
+               window_size=2)
+    config = DeepseekVLHybridConfig(vision_config=siglip_config(), high_res_vision_config=sam,
+                                    text_config=dict(model_type="llama", **text),
+                                    image_token_id=ids["<image_placeholder>"], tie_word_embeddings=False)
+    model = DeepseekVLHybridForConditionalGeneration(config)
+    image_processor = DeepseekVLHybridImageProcessorPil(size={"height": 32, "width": 32},
+                                                        high_res_size={"height": 64, "width": 64})
+    processor = DeepseekVLHybridProcessor(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16,
+                                          chat_template=DEEPSEEK_TEMPLATE)
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES = frozenset({"gemma3", "gemma4", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
+    "deepseek_vl_hybrid": build_deepseek_vl_hybrid,
+    "aria": build_aria,
     "ernie4_5_vl_moe": build_ernie4_5_vl_moe,
     "qwen2_5_omni_thinker": build_qwen2_5_omni_thinker,
     "gemma4": build_gemma4,
