@@ -139,8 +139,9 @@ REFUSED: dict[str, Refusal] = {
     "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
                                                 "image blocks attend bidirectionally (mm_token_type_ids)"),
     "MuseGlimmerForConditionalGeneration": _pending(TORCHVISION_ONLY),
-    "MuseSparkForConditionalGeneration": _pending(f"{TORCHVISION_ONLY} (Muse Glimmer's); an audio tower beside the "
-                                                  "image one"),
+    "MuseSparkForConditionalGeneration": _pending("its image processor is Muse Glimmer's, which needs torchvision (it "
+                                                  "has no PIL backend): no offline tiny build here; an audio tower "
+                                                  "beside the image one"),
     "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
     "Step3p7ForConditionalGeneration": _pending(
         f"{TORCHVISION_ONLY}; its sliding layers may have another head count than its global ones "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
@@ -1135,11 +1135,13 @@ def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, Processor
                   temporal_patch_size=2, out_hidden_size=shape.hidden, fullatt_block_indexes=[1], window_size=32)
     audio = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
                  output_dim=shape.hidden, n_window=4, max_source_positions=32)
+    # not declared fields of the thinker's config, but its checkpoint's config carries them and M-RoPE reads them
+    frames: dict[str, Any] = dict(vision_start_token_id=ids["<|vision_bos|>"],
+                                  vision_end_token_id=ids["<|vision_eos|>"])
     config = Qwen2_5OmniThinkerConfig(
         text_config=text, vision_config=vision, audio_config=audio, image_token_index=ids["<|IMAGE|>"],
         video_token_index=ids["<|VIDEO|>"], audio_token_index=ids["<|AUDIO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"], **frames,
     )
     model = Qwen2_5OmniThinkerForConditionalGeneration(config)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
@@ -1204,7 +1206,7 @@ def build_aria(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     from transformers.models.aria.image_processing_pil_aria import AriaImageProcessorPil
 
     class TinyAriaProcessor(AriaProcessor):
-        images_kwargs = {"max_image_size": 490, "split_image": False}  # the stock default: 980
+        images_kwargs = cast(Any, {"max_image_size": 490, "split_image": False})  # the stock default: 980
 
     tokenizer = chatml_tokenizer("<|img|>")
     ids = token_ids(tokenizer, ("<|img|>", "<|endoftext|>", "<|im_end|>"))
@@ -1219,7 +1221,7 @@ def build_aria(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     )
     model = AriaForConditionalGeneration(config)
     image_processor = AriaImageProcessorPil(max_image_size=490, min_image_size=49)
-    processor = TinyAriaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+    processor = TinyAriaProcessor(image_processor=image_processor, tokenizer=cast(Any, tokenizer),
                                   chat_template=chatml_template("<|img|>\n"), size_conversion={490: 4})
     return model, processor
 
