@@ -114,7 +114,7 @@ LANGUAGE_MODEL_NAMES = ("language_model", "text_model", "llm")
 VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower")
 # on the base model first, then inside the vision tower (Qwen's `visual.merger`)
 PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "vision_projection", "aligner", "merger",
-                   "projector", "patch_merger", "embed_vision")
+                   "projector", "patch_merger", "embed_vision", "resampler_model")
 # config fields of the image placeholder ids (a list where a family has several)
 IMAGE_TOKEN_FIELDS = ("image_token_ids", "image_token_id", "image_token_index")
 # config fields of the tokens that wrap an image (vision start/end, begin/end of image)
