@@ -1153,28 +1153,33 @@ def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, Processor
     return model, processor
 
 
-ERNIE_TOKENS = ("<|IMAGE_START|>", "<|IMAGE_END|>", "<|IMAGE_PLACEHOLDER|>", "<|VIDEO_START|>", "<|VIDEO_END|>",
-                "<|VIDEO_PLACEHOLDER|>")
+ERNIE_VIDEO_TOKENS = ("<|VIDEO_START|>", "<|VIDEO_END|>", "<|VIDEO_PLACEHOLDER|>")
 
 
 def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """ERNIE 4.5 VL MoE: a Qwen2-VL-style vision tower and resampler, 3-D RoPE (equal height and width sections),
     modality-routed MoE layers after the first (image tokens and their frames go to vision experts,
-    moe_mm_token_type_ids). Each image is <|IMAGE_START|> <|IMAGE_PLACEHOLDER|>... <|IMAGE_END|>."""
+    moe_mm_token_type_ids). ERNIE 4.5's prompt layout ("User: ... Assistant: "), each image
+    <|IMAGE_START|> <|IMAGE_PLACEHOLDER|>... <|IMAGE_END|>."""
     from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration, Ernie4_5_VLMoeProcessor
     from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
         Ernie4_5_VLMoeImageProcessorPil,
     )
 
-    tokenizer = chatml_tokenizer(*ERNIE_TOKENS)
-    ids = token_ids(tokenizer, (*ERNIE_TOKENS, "<|endoftext|>", "<|im_end|>"))
-    for name, token in zip(("image_start", "image_end", "image", "video_start", "video_end", "video"), ERNIE_TOKENS):
+    specials = (*PADDLE_SPECIALS, *ERNIE_VIDEO_TOKENS)  # ERNIE 4.5's own tokens and prompt layout
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(specials, WORDS), bos_token="<|begin_of_sentence|>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<|endoftext|>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, specials)
+    names = ("image_start", "image_end", "image", "video_start", "video_end", "video")
+    for name, token in zip(names, ("<|IMAGE_START|>", "<|IMAGE_END|>", "<|IMAGE_PLACEHOLDER|>", *ERNIE_VIDEO_TOKENS)):
         setattr(tokenizer, f"{name}_token", token)
         setattr(tokenizer, f"{name}_token_id", ids[token])
     half = shape.head_dim // 2  # the rotary sections (height, width, time) split half a head
     text = shape.text(
-        len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None,
-        moe_intermediate_size=[2 * shape.hidden, shape.hidden], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+        len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["</s>"],
+        bos_token_id=ids["<|begin_of_sentence|>"], moe_intermediate_size=[2 * shape.hidden, shape.hidden], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "mrope_section": [(half - half // 4) // 2, (half - half // 4) // 2, half // 4]},
     )
@@ -1191,10 +1196,8 @@ def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
     model = Ernie4_5_VLMoeForConditionalGeneration(config)
     image_processor = Ernie4_5_VLMoeImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
                                                       patch_size=8, merge_size=2)
-    processor = image_only(Ernie4_5_VLMoeProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer,
-        chat_template=chatml_template("<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"),
-    )
+    processor = image_only(Ernie4_5_VLMoeProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                    chat_template=PADDLE_TEMPLATE)
     return model, processor
 
 
