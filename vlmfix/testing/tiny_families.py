@@ -1179,7 +1179,8 @@ def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
     half = shape.head_dim // 2  # the rotary sections (height, width, time) split half a head
     text = shape.text(
         len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["</s>"],
-        bos_token_id=ids["<|begin_of_sentence|>"], moe_intermediate_size=[2 * shape.hidden, shape.hidden], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+        bos_token_id=ids["<|begin_of_sentence|>"], moe_intermediate_size=[2 * shape.hidden, shape.hidden], moe_k=2,
+        moe_num_experts=4, moe_num_shared_experts=1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "mrope_section": [(half - half // 4) // 2, (half - half // 4) // 2, half // 4]},
     )
