@@ -134,9 +134,9 @@ REFUSED: dict[str, Refusal] = {
         "a tiny build (Pixtral vision, DeepSeek-V3.2-style top-k sparse attention over MLA latents, shared-KV "
         "layers, MoE) passes the no-method and span checks, but transformers 5.24's own generate gives a left-padded "
         "row other scores than the row alone (up to 0.09 in the logits) when the indexer's top-k selects (keys "
-        "fewer than the prompt) and MoE layers are present (with either one absent the rows match): the selection "
-        "flips on the last bits the batched MoE changes, so VHR, VCD, ICD and DCD cannot keep padded rows "
-        "independent. Also: the model merges the top-k into the mask only under attention backends named eager or "
+        "fewer than the prompt) and MoE layers are present (with either one absent the rows match; likely a "
+        "discrete selection flipped by the batched MoE's rounding), so VHR, VCD, ICD and DCD cannot keep padded "
+        "rows independent. Also: the model merges the top-k into the mask only under attention backends named eager or "
         "sdpa, so vlmfix must apply the `indices` itself; OPERA needs plain cache layers"),
     "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
                                                 "image blocks attend bidirectionally (mm_token_type_ids)"),
