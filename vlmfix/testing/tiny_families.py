@@ -1063,7 +1063,8 @@ GEMMA4_TEMPLATE = (
 
 def build_gemma4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Gemma 4: per-layer embeddings (8 wide), sliding and global layers (the global ones with twice the head
-    width), the last two layers reading the keys and values of the last earlier layer of their type (shared KV),
+    width, one KV head, keys reused as values), MoE blocks, the last two layers reading the keys and values of the
+    last earlier layer of their type (shared KV),
     and bidirectional attention inside each image block (mm_token_type_ids). The image processor's smallest
     budget (70 soft tokens, 3x3 pooling of 4-pixel patches) gives 64 image tokens per image."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4Processor
@@ -1085,7 +1086,10 @@ def build_gemma4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<turn|>"], bos_token_id=ids["<bos>"],
                       global_head_dim=2 * shape.head_dim, sliding_window=16, layer_types=layer_types,
                       num_kv_shared_layers=shape.layers - half, vocab_size_per_layer_input=len(tokenizer),
-                      hidden_size_per_layer_input=8, use_bidirectional_attention="vision")
+                      hidden_size_per_layer_input=8, use_bidirectional_attention="vision",
+                      # the 26B-A4B's variants: global layers reuse their keys as values, with one KV head; MoE blocks
+                      attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True, num_experts=4,
+                      top_k_experts=2, moe_intermediate_size=shape.hidden)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=256)
     config = Gemma4Config(
