@@ -100,3 +100,27 @@ def test_every_supported_family_has_a_tiny_build():
     from vlmfix.testing import ALL_FAMILIES
 
     assert sorted(a.family for a in ADAPTERS) == sorted(ALL_FAMILIES)
+
+
+def test_the_common_layout_reads_the_families_of_transformers_5_24():
+    """Gemma 4's `embed_vision` and ERNIE 4.5 VL's `resampler_model` are projectors; the image-free copy of a
+    prompt drops Aria's pixel_mask and DeepSeek-VL hybrid's high-resolution pixels with the image, and gives ERNIE's
+    expert routing ids the text type; the Qwen2.5-Omni thinker's image is framed by its vision bos / eos."""
+    from vlmfix.testing import build_tiny
+
+    gemma4 = build_tiny("gemma4", layers=2)
+    assert get_adapter(gemma4.model).projector is gemma4.model.model.embed_vision
+    ernie = build_tiny("ernie4_5_vl_moe", layers=2)
+    assert get_adapter(ernie.model).projector is ernie.model.model.resampler_model
+    inputs = ernie.inputs(["is there a dog ?"])
+    assert bool(inputs["moe_mm_token_type_ids"].any())
+    text_only = get_adapter(ernie.model).without_image(inputs, ernie.tokenizer.pad_token_id)
+    assert not bool(text_only["moe_mm_token_type_ids"].any())
+    assert text_only["moe_mm_token_type_ids"].shape == text_only["input_ids"].shape
+    for family, key in (("aria", "pixel_mask"), ("deepseek_vl_hybrid", "high_res_pixel_values")):
+        tiny = build_tiny(family, layers=2)
+        inputs = tiny.inputs(["is there a dog ?"])
+        assert key in inputs and key not in get_adapter(tiny.model).without_image(inputs, tiny.tokenizer.pad_token_id)
+    omni = build_tiny("qwen2_5_omni_thinker", layers=2)
+    frames = omni.tokenizer.convert_tokens_to_ids(["<|vision_bos|>", "<|vision_eos|>"])
+    assert get_adapter(omni.model).frame_token_ids == tuple(frames)

@@ -114,7 +114,7 @@ LANGUAGE_MODEL_NAMES = ("language_model", "text_model", "llm")
 VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower")
 # on the base model first, then inside the vision tower (Qwen's `visual.merger`)
 PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "vision_projection", "aligner", "merger",
-                   "projector", "patch_merger")
+                   "projector", "patch_merger", "embed_vision", "resampler_model")
 # config fields of the image placeholder ids (a list where a family has several)
 IMAGE_TOKEN_FIELDS = ("image_token_ids", "image_token_id", "image_token_index")
 # config fields of the tokens that wrap an image (vision start/end, begin/end of image)
@@ -126,7 +126,7 @@ FRAME_TOKEN_FIELDS = (
 # keys of the model inputs that carry images; generate may pass the vision encoder's output instead of pixels
 IMAGE_INPUT_KEYS = (
     "pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask",
-    "mm_encoder_outputs", "image_merge_sizes",
+    "mm_encoder_outputs", "image_merge_sizes", "image_position_ids", "pixel_mask", "high_res_pixel_values",
 )
 # model attributes a forward overwrites (M-RoPE's cached offsets) and an extra pass must restore
 STATEFUL_ATTRIBUTES = ("rope_deltas",)

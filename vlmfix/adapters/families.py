@@ -26,6 +26,7 @@ def common_layout(family: str, *model_classes: str, markers: tuple[str, ...], fr
 
 
 COMMON_LAYOUT: tuple[type[Adapter], ...] = (
+    common_layout("aria", "AriaForConditionalGeneration", markers=CHATML),
     common_layout("aya_vision", "AyaVisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
                   frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),
     common_layout("cohere2_vision", "Cohere2VisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
@@ -33,9 +34,12 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("cohere_compass", "CohereCompassForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",)),
     common_layout("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", markers=CHATML),
     common_layout("deepseek_vl", "DeepseekVLForConditionalGeneration", markers=("Assistant:",)),
+    common_layout("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", markers=("Assistant:",)),
+    common_layout("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration", markers=("Assistant:",)),
     common_layout("exaone4_5", "Exaone4_5_ForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_start|>", "<|vision_end|>")),
     common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),
+    common_layout("gemma4", "Gemma4ForConditionalGeneration", markers=("<turn|>",)),
     common_layout("glm46v", "Glm46VForConditionalGeneration", markers=("<|assistant|>",)),
     common_layout("glm4v", "Glm4vForConditionalGeneration", markers=("<|assistant|>",)),
     common_layout("glm_ocr", "GlmOcrForConditionalGeneration", markers=("<|assistant|>",)),
@@ -62,6 +66,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
     common_layout("qianfan_ocr", "QianfanOCRForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
+    common_layout("qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration", markers=CHATML,
+                  frames=("<|vision_bos|>", "<|vision_eos|>")),
     common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),
     common_layout("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", markers=CHATML),
     common_layout("smolvlm", "SmolVLMForConditionalGeneration", markers=("<end_of_utterance>",),

@@ -24,6 +24,9 @@ QUERY_TRANSFORMER = ("images enter as learned query embeddings of a Q-Former who
 HYBRID = ("a hybrid language model (linear-attention, state-space or convolution layers between the softmax "
           "attention layers); vlmfix's layer plans assume every decoder layer is softmax self-attention")
 NOT_TEXT = "not a text generator of image prompts"
+TORCHVISION_ONLY = "its image processor needs torchvision (it has no PIL backend): no offline tiny build here"
+# MiniCPM-V 4.6 / 4.7 and MiniCPM-OCR build their language model from a Qwen3.5 text config
+MINICPM_LM = "a Qwen3.5 language model (text_config qwen3_5_text): Gated DeltaNet layers"
 PENDING = ("a decoder-only model with image placeholder tokens that may follow the common layout, but no tiny "
            "build of it has passed vlmfix's conformance suite yet")
 
@@ -48,7 +51,6 @@ REFUSED: dict[str, Refusal] = {
     # cross-attention vision
     "MllamaForConditionalGeneration": _cannot(CROSS_ATTENTION, "Llama 3.2 Vision"),
     "IdeficsForVisionText2Text": _cannot(CROSS_ATTENTION, "IDEFICS 1, Flamingo-style gated cross-attention"),
-    "AriaForConditionalGeneration": _pending("MoE language model; its projector cross-attends learned queries"),
     "EvollaForProteinText2Text": _cannot(NOT_TEXT, "protein sequences, read through cross-attention"),
     # encoder-decoder
     "BlipForConditionalGeneration": _cannot(ENCODER_DECODER, "BLIP captioner"),
@@ -79,9 +81,7 @@ REFUSED: dict[str, Refusal] = {
     "Qwen3_5MoeForConditionalGeneration": _cannot(HYBRID, "Gated DeltaNet layers"),
     "Qwen4ExpForConditionalGeneration": _cannot(HYBRID),
     "Qwen3OmniMoeThinkerForConditionalGeneration": _cannot(HYBRID, "audio and video towers beside the image one"),
-    "Qwen2_5OmniThinkerForConditionalGeneration": _pending("audio and video towers beside the image one"),
     "Gemma3nForConditionalGeneration": _cannot(HYBRID, "AltUp and per-layer embeddings, audio tower"),
-    "Gemma4ForConditionalGeneration": _pending("per-layer embeddings; shared KV layers"),
     "Lfm2VlForConditionalGeneration": _cannot(HYBRID, "LFM2 short-convolution layers"),
     "Lfm3VlForConditionalGeneration": _cannot(HYBRID),
     "Glm5NextForConditionalGeneration": _cannot(HYBRID),
@@ -100,32 +100,52 @@ REFUSED: dict[str, Refusal] = {
     "DeepseekOcr2ForConditionalGeneration": _pending(
         "its vision encoder's learned queries are fixed at 144 or 256 per view (768- or 1024-pixel views through "
         "SAM): no tiny build small enough for the CPU suite"),
-    "DeepseekVLHybridForConditionalGeneration": _pending("two vision towers"),
     "Dots3NoteForConditionalGeneration": _pending("DeepSeek-V3.2-style indexed sparse attention (a learned top-k key "
                                                    "selection per query) and a cache of MLA latents, not keys and "
                                                    "values; an audio tower beside the image one"),
-    "Ernie4_5_VLMoeForConditionalGeneration": _pending("modality-routed MoE"),
     "FastVlmForConditionalGeneration": _pending("its FastViT vision tower is a timm model: no offline tiny build"),
-    "FuyuForCausalLM": _pending("patch embeddings without a vision tower"),
-    "Gemma4UnifiedForConditionalGeneration": _pending(),
+    "FuyuForCausalLM": _pending(
+        "patch embeddings without a vision tower, and its image features come in `last_hidden_state` with no "
+        "`pooler_output`, which vlmfix's two-stream engine stacks when it re-encodes images (VCD, DCD, ...); its "
+        "processor writes the prompt itself (|SPEAKER| and |NEWLINE| placeholders, the <0x04> answer marker), with "
+        "no chat template"),
+    "Gemma4UnifiedForConditionalGeneration": _pending(
+        f"{TORCHVISION_ONLY}; encoder-free: raw pixel patches are embedded straight into the language model, with no "
+        "vision tower"),
     "Granite4VisionForConditionalGeneration": _pending("image placeholders are zeroed at the input and the Window "
                                                         "Q-Former features added inside chosen decoder layers "
                                                         "(deepstack_features, no pooler_output): vlmfix's image "
                                                         "re-encoding (VCD, DCD) does not read that output yet"),
-    "HYV4VLForConditionalGeneration": _pending(),
-    "Kimi_K25ForConditionalGeneration": _pending(),
-    "MiniCPMOcrForConditionalGeneration": _pending(),
-    "MiniCPMV4_6ForConditionalGeneration": _pending(),
-    "MiniCPMV4_7ForConditionalGeneration": _pending(),
+    "HYV4VLForConditionalGeneration": _pending(
+        "learned attention sinks passed to the attention function (s_aux), which vlmfix's edited attention does not "
+        "take, so an edited layer would drop them; DeepSeek-V3.2-style top-k sparse attention over MLA latents; "
+        "hyper-connections (4 residual streams, so a layer's input is not one residual stream)"),
+    "Kimi_K25ForConditionalGeneration": _pending(
+        f"{TORCHVISION_ONLY}; its language model is DeepSeek-V3 (multi-head latent attention: the cache holds "
+        "compressed latents, keys are wider than values)"),
+    "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
+    "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
+    "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniMaxM3SparseForConditionalGeneration": _pending("sparse attention"),
-    "MistralLarge4ForConditionalGeneration": _pending(),
+    "MistralLarge4ForConditionalGeneration": _pending(
+        "a tiny build (Pixtral vision, DeepSeek-V3.2-style top-k sparse attention over MLA latents, shared-KV "
+        "layers, MoE) passes the no-method and span checks, but transformers 5.24's own generate gives a left-padded "
+        "row other scores than the row alone (up to 0.09 in the logits) when the indexer's top-k selects (keys "
+        "fewer than the prompt) and MoE layers are present (with either one absent the rows match; likely a "
+        "discrete selection flipped by the batched MoE's rounding), so VHR, VCD, ICD and DCD cannot keep padded "
+        "rows independent. Also: the model merges the top-k into the mask only under attention backends named eager or "
+        "sdpa, so vlmfix must apply the `indices` itself; OPERA needs plain cache layers"),
     "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
                                                 "image blocks attend bidirectionally (mm_token_type_ids)"),
-    "MuseGlimmerForConditionalGeneration": _pending(),
-    "MuseSparkForConditionalGeneration": _pending(),
+    "MuseGlimmerForConditionalGeneration": _pending(TORCHVISION_ONLY),
+    "MuseSparkForConditionalGeneration": _pending("its image processor is Muse Glimmer's, which needs torchvision (it "
+                                                  "has no PIL backend): no offline tiny build here; an audio tower "
+                                                  "beside the image one"),
     "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
-    "Step3p7ForConditionalGeneration": _pending(),
-    "UnlimitedOcrForConditionalGeneration": _pending(),
+    "Step3p7ForConditionalGeneration": _pending(
+        f"{TORCHVISION_ONLY}; its sliding layers may have another head count than its global ones "
+        "(num_sliding_attention_heads) and a sigmoid gate scales each head's output before o_proj"),
+    "UnlimitedOcrForConditionalGeneration": _pending(TORCHVISION_ONLY),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning (it reads "

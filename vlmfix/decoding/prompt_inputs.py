@@ -18,14 +18,19 @@ from torch import Tensor
 # decoding-loop arguments of a prefill forward that an extra (analysis) pass must not reuse
 LOOP_KEYS = ("cache", "past_key_values", "use_cache", "cache_position", "return_dict")
 # keys whose last dimension runs along the prompt; the batch is dim 0 (dim 1 for 3-D M-RoPE positions)
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
-TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+# (moe_mm_token_type_ids: ERNIE 4.5 VL's expert routing, image frames counted as image)
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids",
+                 "moe_mm_token_type_ids")
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
 # per-forward switches, always taken from the first block when two are stacked
 CONTROL_KEYS = ("cache", "past_key_values", "use_cache", "logits_to_keep", "return_dict", "output_attentions",
                 "output_hidden_states", "cache_position")
 # a prompt's image inputs in the caller's layout (pixel_attention_mask: Idefics / Granite-Docling tiles;
-# image_merge_sizes: VideoLLaMA 3): what the session records and the two-stream engine encodes
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes")
+# image_merge_sizes: VideoLLaMA 3; image_position_ids: Gemma 4's patch coordinates; pixel_mask: Aria's padding;
+# high_res_pixel_values: DeepSeek-VL hybrid's second tower): what the session records and the two-stream engine
+# encodes
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes",
+              "image_position_ids", "pixel_mask", "high_res_pixel_values")
 FEATURES = "mm_encoder_outputs"  # image features generate encodes before the first forward
 
 

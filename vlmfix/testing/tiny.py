@@ -84,6 +84,11 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "ovis2",
     "qianfan_ocr",
     "hyperclovax_vision_v2",
+    "gemma4",
+    "qwen2_5_omni_thinker",
+    "ernie4_5_vl_moe",
+    "aria",
+    "deepseek_vl_hybrid",
 )
 
 WORDS = (

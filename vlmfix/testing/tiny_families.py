@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
@@ -69,7 +69,17 @@ def image_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """`processor_class` without its video processor, which needs torchvision (not installable beside the CPU
     torch build used here); images are processed exactly as by the stock class."""
 
-    class ImageOnly(processor_class):  # type: ignore[valid-type,misc]
+    class DropVideoArgument(ProcessorMixin):
+        """Between the stock class and `ProcessorMixin`: drops the `video_processor=None` argument that some
+        processors pass on to `ProcessorMixin.__init__` (by name: Gemma 4; by position: Qwen2.5-Omni), which
+        accepts only the attributes left."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.update(zip(processor_class.get_attributes(), args))  # the stock order, video included
+            kwargs.pop("video_processor", None)
+            super().__init__(**kwargs)
+
+    class ImageOnly(processor_class, DropVideoArgument):  # type: ignore[valid-type,misc]
         video_processor = None
 
         @classmethod
@@ -1041,6 +1051,223 @@ def build_qianfan_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+GEMMA4_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
+                   "<|audio>", "<audio|>", "<|audio|>", "<|video|>", "user", "model")
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|turn>{{ 'model' if message['role'] == 'assistant' "
+    "else message['role'] }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|image|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}<turn|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
+def build_gemma4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Gemma 4: per-layer embeddings (8 wide), sliding and global layers (the global ones with twice the head
+    width, one KV head, keys reused as values), MoE blocks, the last two layers reading the keys and values of the
+    last earlier layer of their type (shared KV),
+    and bidirectional attention inside each image block (mm_token_type_ids). The image processor's smallest
+    budget (70 soft tokens, 3x3 pooling of 4-pixel patches) gives 64 image tokens per image."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(GEMMA4_SPECIALS, WORDS), bos_token="<bos>", eos_token="<turn|>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, GEMMA4_SPECIALS)
+    for name, token in (("boi", "<|image>"), ("eoi", "<image|>"), ("image", "<|image|>"), ("boa", "<|audio>"),
+                        ("eoa", "<audio|>"), ("audio", "<|audio|>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    half = max(shape.layers // 2, 2)  # the first half computes keys and values, the second half shares them
+    layer_types = (["sliding_attention", "full_attention"] * shape.layers)[:shape.layers]
+    layer_types[-1] = "full_attention"
+    text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<turn|>"], bos_token_id=ids["<bos>"],
+                      global_head_dim=2 * shape.head_dim, sliding_window=16, layer_types=layer_types,
+                      num_kv_shared_layers=shape.layers - half, vocab_size_per_layer_input=len(tokenizer),
+                      hidden_size_per_layer_input=8, use_bidirectional_attention="vision",
+                      # the 26B-A4B's variants: global layers reuse their keys as values, with one KV head; MoE blocks
+                      attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True, num_experts=4,
+                      top_k_experts=2, moe_intermediate_size=shape.hidden)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=256)
+    config = Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=None, boi_token_id=ids["<|image>"],
+        eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"], audio_token_id=ids["<|audio|>"],
+    )
+    model = Gemma4ForConditionalGeneration(config)
+    image_processor = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    processor = image_only(Gemma4Processor)(
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=None, chat_template=GEMMA4_TEMPLATE, image_seq_length=70,
+    )
+    return model, processor
+
+
+OMNI_TOKENS = ("<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>",
+               "<|audio_eos|>")
+
+
+def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen2.5-Omni's thinker: Qwen2.5-VL's windowed vision tower and M-RoPE language model, with an audio tower
+    beside them (built, one layer; the tests give it no audio). Each image is <|vision_bos|> <|IMAGE|>...
+    <|vision_eos|>."""
+    from transformers import (
+        Qwen2_5OmniProcessor,
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*OMNI_TOKENS)
+    ids = token_ids(tokenizer, (*OMNI_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    for name, token in (("image", "<|IMAGE|>"), ("video", "<|VIDEO|>"), ("audio", "<|AUDIO|>"),
+                        ("vision_bos", "<|vision_bos|>"), ("vision_eos", "<|vision_eos|>"),
+                        ("audio_bos", "<|audio_bos|>"), ("audio_eos", "<|audio_eos|>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    half = shape.head_dim // 2
+    text = shape.text(
+        len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+    )
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=shape.hidden, fullatt_block_indexes=[1], window_size=32)
+    audio = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+                 output_dim=shape.hidden, n_window=4, max_source_positions=32)
+    # not declared fields of the thinker's config, but its checkpoint's config carries them and M-RoPE reads them
+    frames: dict[str, Any] = dict(vision_start_token_id=ids["<|vision_bos|>"],
+                                  vision_end_token_id=ids["<|vision_eos|>"])
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=text, vision_config=vision, audio_config=audio, image_token_index=ids["<|IMAGE|>"],
+        video_token_index=ids["<|VIDEO|>"], audio_token_index=ids["<|AUDIO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"], **frames,
+    )
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                               temporal_patch_size=2)
+    processor = image_only(Qwen2_5OmniProcessor)(
+        image_processor=image_processor, feature_extractor=WhisperFeatureExtractor(feature_size=16),
+        tokenizer=tokenizer, chat_template=chatml_template("<|vision_bos|><|IMAGE|><|vision_eos|>"),
+    )
+    return model, processor
+
+
+ERNIE_VIDEO_TOKENS = ("<|VIDEO_START|>", "<|VIDEO_END|>", "<|VIDEO_PLACEHOLDER|>")
+
+
+def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """ERNIE 4.5 VL MoE: a Qwen2-VL-style vision tower and resampler, 3-D RoPE (equal height and width sections),
+    modality-routed MoE layers after the first (image tokens and their frames go to vision experts,
+    moe_mm_token_type_ids). ERNIE 4.5's prompt layout ("User: ... Assistant: "), each image
+    <|IMAGE_START|> <|IMAGE_PLACEHOLDER|>... <|IMAGE_END|>."""
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration, Ernie4_5_VLMoeProcessor
+    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
+        Ernie4_5_VLMoeImageProcessorPil,
+    )
+
+    specials = (*PADDLE_SPECIALS, *ERNIE_VIDEO_TOKENS)  # ERNIE 4.5's own tokens and prompt layout
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(specials, WORDS), bos_token="<|begin_of_sentence|>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<|endoftext|>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, specials)
+    names = ("image_start", "image_end", "image", "video_start", "video_end", "video")
+    for name, token in zip(names, ("<|IMAGE_START|>", "<|IMAGE_END|>", "<|IMAGE_PLACEHOLDER|>", *ERNIE_VIDEO_TOKENS)):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    half = shape.head_dim // 2  # the rotary sections (height, width, time) split half a head
+    text = shape.text(
+        len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["</s>"],
+        bos_token_id=ids["<|begin_of_sentence|>"], moe_intermediate_size=[2 * shape.hidden, shape.hidden], moe_k=2,
+        moe_num_experts=4, moe_num_shared_experts=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [(half - half // 4) // 2, (half - half // 4) // 2, half // 4]},
+    )
+    text.pop("head_dim")  # hidden_size // heads
+    config = Ernie4_5_VLMoeConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8,
+                           spatial_merge_size=2, temporal_merge_size=2),
+        image_start_token_id=ids["<|IMAGE_START|>"], image_end_token_id=ids["<|IMAGE_END|>"],
+        image_token_id=ids["<|IMAGE_PLACEHOLDER|>"], video_start_token_id=ids["<|VIDEO_START|>"],
+        video_end_token_id=ids["<|VIDEO_END|>"], video_token_id=ids["<|VIDEO_PLACEHOLDER|>"],
+        tie_word_embeddings=False,  # tied random embeddings repeat one token
+    )
+    model = Ernie4_5_VLMoeForConditionalGeneration(config)
+    image_processor = Ernie4_5_VLMoeImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+                                                      patch_size=8, merge_size=2)
+    processor = image_only(Ernie4_5_VLMoeProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                    chat_template=PADDLE_TEMPLATE)
+    return model, processor
+
+
+def build_aria(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Aria: an Idefics3 vision tower, a projector whose learned queries cross-attend the patches (4 queries for
+    the 100 patches of a 490-pixel image: the image processor accepts 490 or 980 only, so the patches are 49
+    pixels), an MoE language model with a shared expert."""
+    from transformers import AriaConfig, AriaForConditionalGeneration, AriaProcessor
+    from transformers.models.aria.image_processing_pil_aria import AriaImageProcessorPil
+
+    class TinyAriaProcessor(AriaProcessor):
+        images_kwargs = cast(Any, {"max_image_size": 490, "split_image": False})  # the stock default: 980
+
+    tokenizer = chatml_tokenizer("<|img|>")
+    ids = token_ids(tokenizer, ("<|img|>", "<|endoftext|>", "<|im_end|>"))
+    tokenizer.image_token, tokenizer.image_token_id = "<|img|>", ids["<|img|>"]
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      bos_token_id=None, moe_intermediate_size=2 * shape.hidden, moe_num_experts=4, moe_topk=2,
+                      moe_num_shared_experts=1)
+    config = AriaConfig(
+        vision_config=dict(model_type="idefics3_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=490, patch_size=49),
+        text_config=text, projector_patch_to_query_dict={100: 4}, image_token_index=ids["<|img|>"],
+    )
+    model = AriaForConditionalGeneration(config)
+    image_processor = AriaImageProcessorPil(max_image_size=490, min_image_size=49)
+    processor = TinyAriaProcessor(image_processor=image_processor, tokenizer=cast(Any, tokenizer),
+                                  chat_template=chatml_template("<|img|>\n"), size_conversion={490: 4})
+    return model, processor
+
+
+def build_deepseek_vl_hybrid(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """DeepSeek-VL hybrid: DeepSeek-VL's SigLIP tower (16 tokens per 32-pixel image) beside a SAM tower on a
+    64-pixel copy (high_res_pixel_values), both read by the `aligner`, Llama."""
+    from transformers import (
+        DeepseekVLHybridConfig,
+        DeepseekVLHybridForConditionalGeneration,
+        DeepseekVLHybridProcessor,
+    )
+    from transformers.models.deepseek_vl_hybrid.image_processing_pil_deepseek_vl_hybrid import (
+        DeepseekVLHybridImageProcessorPil,
+    )
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(DEEPSEEK_SPECIALS, WORDS), bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>", unk_token="<unk>", pad_token="<｜▁pad▁｜>", padding_side="left",
+    )
+    tokenizer.image_token = "<image_placeholder>"
+    ids = token_ids(tokenizer, DEEPSEEK_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<｜▁pad▁｜>"], eos_token_id=ids["<｜end▁of▁sentence｜>"],
+                      bos_token_id=ids["<｜begin▁of▁sentence｜>"])
+    sam = dict(model_type="sam_vision_model", hidden_size=32, output_channels=16, num_hidden_layers=2,
+               num_attention_heads=4, mlp_dim=64, image_size=64, patch_size=16, global_attn_indexes=[1],
+               window_size=2)
+    config = DeepseekVLHybridConfig(vision_config=siglip_config(), high_res_vision_config=sam,
+                                    text_config=dict(model_type="llama", **text),
+                                    image_token_id=ids["<image_placeholder>"], tie_word_embeddings=False)
+    model = DeepseekVLHybridForConditionalGeneration(config)
+    image_processor = DeepseekVLHybridImageProcessorPil(size={"height": 32, "width": 32},
+                                                        high_res_size={"height": 64, "width": 64})
+    processor = DeepseekVLHybridProcessor(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16,
+                                          chat_template=DEEPSEEK_TEMPLATE)
+    return model, processor
+
+
 def build_hyperclovax_vision_v2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """HyperCLOVA X Vision V2: Qwen2.5-VL's vision tower (`vision_model`) and prompt layout, a linear
     `projector`, a HyperCLOVA X language model (post-norm layers, 1-D RoPE); VideoLLaMA 3's model class."""
@@ -1073,10 +1300,15 @@ def build_hyperclovax_vision_v2(shape: Shape) -> tuple[PreTrainedModel, Processo
 
 
 # families whose processor takes one list of images per prompt
-NESTED_IMAGES = frozenset({"gemma3", "idefics2", "idefics3", "smolvlm"})
+NESTED_IMAGES = frozenset({"gemma3", "gemma4", "idefics2", "idefics3", "smolvlm"})
 
 BUILDERS: dict[str, Builder] = {
     "hyperclovax_vision_v2": build_hyperclovax_vision_v2,
+    "deepseek_vl_hybrid": build_deepseek_vl_hybrid,
+    "aria": build_aria,
+    "ernie4_5_vl_moe": build_ernie4_5_vl_moe,
+    "qwen2_5_omni_thinker": build_qwen2_5_omni_thinker,
+    "gemma4": build_gemma4,
     "qianfan_ocr": build_qianfan_ocr,
     "ovis2": build_ovis2,
     "hunyuan_vl": build_hunyuan_vl,
