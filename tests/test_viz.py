@@ -289,9 +289,9 @@ def test_pai_gain_over_decode_steps_that_skip_the_first_token_against_a_referenc
     for position in (prompt_len, prompt_len + 1):  # the two decode steps' queries; the prefill's is not boosted
         query = seen["query"][:, :, position : position + 1].double()  # [batch, heads, 1, head_dim]
         z = query @ key[:, :, : position + 1].transpose(-1, -2) * seen["scaling"]  # [batch, heads, 1, position + 1]
-        blocked = torch.cat([inputs["attention_mask"] == 0, torch.zeros(2, position + 1 - prompt_len, dtype=torch.bool)],
-                            1)[:, None, None, :]
-        on_image = torch.cat([image, torch.zeros(2, position + 1 - prompt_len, dtype=torch.bool)], 1)[:, None, None, :]
+        generated = torch.zeros(2, position + 1 - prompt_len, dtype=torch.bool)
+        blocked = torch.cat([inputs["attention_mask"] == 0, generated], 1)[:, None, None, :]
+        on_image = torch.cat([image, generated], 1)[:, None, None, :]
         plain_p = z.masked_fill(blocked, float("-inf")).softmax(-1)
         boosted_p = (z + alpha * z.abs() * on_image).masked_fill(blocked, float("-inf")).softmax(-1)
         gains.append((boosted_p / plain_p).mean(1)[:, 0, :prompt_len])  # [batch, prompt_len]
