@@ -1,7 +1,7 @@
 """OPERA's per-token decode cost against transformers' plain beam search with the same beam count, as a
 ratio measured in one run (the official code pays about 9x greedy: 1 + C forwards per step).
 
-Both variants run on the LLaVA-shaped speed model (benchmarks/speed_setup.py) with `--beams` beams, greedy
+Both variants run on the speed model of `--family` (benchmarks/speed_setup.py) with `--beams` beams, greedy
 beam search (`do_sample=False`) and a fixed length (`min_new_tokens = max_new_tokens`):
 - beam: `model.generate(**inputs, num_beams=K)`;
 - opera: `vlmfix.generate(model, **inputs, methods=[OPERA(...)], num_beams=K)` (the paper's settings
@@ -16,7 +16,8 @@ rollback re-decodes tokens, which the per-token cost then includes.
     python -m benchmarks.opera_speed --device cuda --dtype bfloat16 --layers 32 --heads 32 --head-dim 128
     python -m benchmarks.opera_speed --opera num_attn_candidates=2,threshold=20   # the issue-#3 speed preset
 
-Exits with status 1 when the ratio is above `--max-ratio` (1.5).
+Exits with status 1 when the ratio is above `--max-ratio` (1.5). A family that refuses OPERA (Gemma 3's
+sliding-window layers) is reported as refused, with the reason, and nothing is timed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 import vlmfix
-from benchmarks.speed_setup import DTYPES, batch_inputs, parse_method, speed_model
+from benchmarks.speed_setup import DTYPES, SPEED_FAMILIES, batch_inputs, parse_method, refusal, speed_model
 from benchmarks.speed_timing import synchronize
 
 QUICK = dict(layers=2, heads=4, head_dim=16, new_tokens=14, short_tokens=4, repeats=1)
@@ -56,10 +57,15 @@ def per_token_seconds(variants: dict[str, Callable[[int], Any]], short: int, lon
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    tiny = speed_model(args.layers, args.heads, args.head_dim, args.device, DTYPES[args.dtype])
+    tiny = speed_model(args.layers, args.heads, args.head_dim, args.device, DTYPES[args.dtype], family=args.family,
+                       kv_heads=args.kv_heads)
     inputs = batch_inputs(tiny, args.batch, args.device, DTYPES[args.dtype])
     _, params = parse_method(f"opera:{args.opera}" if args.opera else "opera")
     opera = vlmfix.OPERA(**params)
+    refused = refusal(tiny, [opera])
+    if refused is not None:
+        print(f"OPERA refused by {args.family}: {refused}")
+        return {"refused": refused, "settings": vars(args)}
     fixed = dict(num_beams=args.beams, do_sample=False)
     reports: list[dict[str, Any]] = []
 
@@ -71,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             session.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **fixed)
         reports.append(session.report()["opera"])
 
-    print(f"LLaVA-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim}, "
+    print(f"{args.family}-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim}, "
           f"{args.dtype} on {args.device}, batch {args.batch}, {args.beams} beams; {opera!r}")
     beam(args.short_tokens)  # warm-up: lazy imports, allocator
     with_opera(args.short_tokens)
@@ -99,8 +105,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                         choices=list(DTYPES))
+    parser.add_argument("--family", default="llava", choices=SPEED_FAMILIES)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: the family's grouping")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--beams", type=int, default=5, help="the paper's 5")
@@ -125,4 +133,4 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     outcome = main()
-    sys.exit(0 if outcome["ratio"] <= outcome["max_ratio"] else 1)
+    sys.exit(0 if "refused" in outcome or outcome["ratio"] <= outcome["max_ratio"] else 1)
