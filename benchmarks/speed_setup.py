@@ -185,6 +185,8 @@ def refusal(tiny: TinyVLM, methods: Sequence[Method]) -> str | None:
         vlmfix.apply(tiny.model, *methods, tokenizer=tiny.processor)  # builds the session; installs nothing
     except UnsupportedModelError as error:
         return str(error)
+    except ValueError:  # a setting this model cannot serve (a layer past its depth): the timed run fails it, with why
+        return None
     return None
 
 

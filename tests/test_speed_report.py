@@ -88,6 +88,9 @@ def test_a_method_the_family_refuses_is_listed_as_refused_not_failed(tmp_path, c
     assert "- sid refused: SID selects and hides image keys by sequence position" in printed
     written = json.loads((tmp_path / "speed.json").read_text())
     assert written["setup"]["family"] == "gemma3" and "sliding-window" in written["rows"][2]["refused"]
+    # a setting the model cannot serve (SID's layer 2 on 2 layers) is no refusal: its row fails, the run goes on
+    rows = main([*QUICK, "--layers", "2", "--no-memory", "--dtype", "float32", "--batch", "1", "--methods", "sid"])
+    assert rows[-1].refused is None and "`layer` holds [2], but the language model has 2 layers" in rows[-1].failure
 
 
 def test_unknown_methods_are_refused_before_any_work(capsys):
