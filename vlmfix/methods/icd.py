@@ -116,24 +116,24 @@ class ICD(ContrastiveMethod):
         return ICDState(self._splices(session, session.inputs["input_ids"], session.inputs.get("attention_mask")))
 
     def _splices(self, session: Session, input_ids: Tensor, attention_mask: Tensor | None) -> list[Splice | None]:
-        """Each row's splice of the disturbance (None for every row when the disturbance is empty)."""
+        """Each row's splice of the disturbance (None for every row when the disturbance is empty), or of the
+        caller's negative prompt."""
         valid = padding_mask(attention_mask, input_ids)  # [B, S]
         rows = [ids[keep].tolist() for ids, keep in zip(input_ids, valid)]
         if self._supplied_negative is not None:
-            return self._supplied_splices(session, rows)
+            return self._supplied_splices(session, rows, self._supplied_negative)
         if not self.disturbance.strip():
             return [None] * len(rows)
         adapter, tokenizer = session.adapter, session.tokenizer
         splice = adapter.system_splice if self.placement == "system" else adapter.after_image_splice
         return [splice(row, self.disturbance, tokenizer) for row in rows]
 
-    def _supplied_splices(self, session: Session, rows: list[list[int]]) -> list[Splice | None]:
+    def _supplied_splices(self, session: Session, rows: list[list[int]], negative: dict[str, Tensor]
+                          ) -> list[Splice | None]:
         """Each row's difference from its caller-built negative prompt, as one splice (None: the same prompt).
 
         Raises before any forward pass (the engine asks `negative_growth` before `generate`) when the rows do
         not pair up with the call's prompts or the images differ."""
-        assert self._supplied_negative is not None
-        negative = self._supplied_negative
         ids = negative["input_ids"]  # [B0, S_neg]
         caller = session.call_inputs.get("input_ids", session.call_inputs.get("inputs"))
         prompts = caller.shape[0] if isinstance(caller, Tensor) else len(rows)
