@@ -2,9 +2,9 @@
 ratio measured in one run, per dtype and batch size (the official code pays about 9x greedy: 1 + C forwards
 per step).
 
-Both variants run on the LLaVA-shaped speed model (benchmarks/speed_setup.py; `--batch` prompts, each with
-its own image, left-padded alike) with `--beams` beams, greedy beam search (`do_sample=False`) and a fixed
-length (`min_new_tokens = max_new_tokens`):
+Both variants run on the speed model of `--family` (benchmarks/speed_setup.py; `--batch` prompts, each
+with its own image, left-padded alike) with `--beams` beams, greedy beam search (`do_sample=False`) and a
+fixed length (`min_new_tokens = max_new_tokens`):
 - beam: `model.generate(**inputs, num_beams=K)`;
 - opera: `vlmfix.generate(model, **inputs, methods=[OPERA(...)], num_beams=K)` (the paper's settings
   unless `--opera` sets parameters, e.g. `candidate_pass=sequential`).
@@ -22,6 +22,8 @@ the image bonus, and rollbacks (a rollback re-decodes tokens, which the per-toke
 
 The default shape (32 x 32 x 128) in float32 does not fit in 24 GiB of CPU memory; use a GPU or the
 4 x 16 x 64 shape there. Exits with status 1 when a block's ratio is above `--max-ratio` (1.5).
+A family that refuses OPERA (Gemma 3's sliding-window layers) is reported as refused, with the
+reason, and nothing is timed.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 
 import vlmfix
-from benchmarks.speed_setup import DTYPES, batch_inputs, parse_method, speed_model
+from benchmarks.speed_setup import DTYPES, SPEED_FAMILIES, batch_inputs, parse_method, refusal, speed_model
 from benchmarks.speed_timing import synchronize
 from vlmfix.testing import TinyVLM
 
@@ -101,12 +103,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     _, params = parse_method(f"opera:{args.opera}" if args.opera else "opera")
     opera = vlmfix.OPERA(**params)
-    print(f"LLaVA-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim} on {args.device}, "
+    print(f"{args.family}-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim} on {args.device}, "
           f"{args.beams} beams, per-token cost from calls of {args.short_tokens} and {args.new_tokens} new tokens, "
           f"{args.repeats} repeats; {opera!r}")
     rows = []
     for dtype in args.dtype:
-        tiny = speed_model(args.layers, args.heads, args.head_dim, args.device, DTYPES[dtype])
+        tiny = speed_model(args.layers, args.heads, args.head_dim, args.device, DTYPES[dtype], family=args.family,
+                           kv_heads=args.kv_heads)
+        refused = refusal(tiny, [opera])
+        if refused is not None:
+            print(f"OPERA refused by {args.family}: {refused}")
+            return {"refused": refused, "settings": vars(args)}
         for batch in args.batch:
             row = run_block(args, tiny, opera, dtype, batch)
             report = row["opera_report_last_call"]
@@ -132,8 +139,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    parser.add_argument("--family", default="llava", choices=SPEED_FAMILIES)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: the family's grouping")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="prompts per generate call")
     parser.add_argument("--beams", type=int, default=5, help="the paper's 5")
@@ -161,4 +170,4 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     outcome = main()
-    sys.exit(0 if all(r["ratio"] <= outcome["max_ratio"] for r in outcome["rows"]) else 1)
+    sys.exit(0 if "refused" in outcome or all(r["ratio"] <= outcome["max_ratio"] for r in outcome["rows"]) else 1)

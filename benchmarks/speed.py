@@ -1,8 +1,9 @@
 """What vlmfix's methods cost against plain greedy `model.generate`, as ratios measured in one run.
 
 Per block (dtype x batch), every variant is one `generate` call of `--new-tokens` new tokens for `--batch`
-prompts (each with its own image) on a LLaVA-shaped random model with planted massive activations
-(benchmarks/speed_setup.py), so that every method, VAR included, edits. Figures per variant:
+prompts (each with its own image) on a random model shaped like LLaVA-1.5, Qwen3-VL or Gemma 3 (`--family`) with
+planted massive activations (benchmarks/speed_setup.py), so that every method, VAR included, edits. Figures per
+variant:
 - decode ms/token: one decode step (a token for each row), from a streamer's timestamps, without prefill
   and prepare passes (the figure earlier versions reported alone);
 - wall s/caption: the whole call (session, prepare passes, prefill, decode) divided by the batch size:
@@ -11,7 +12,9 @@ prompts (each with its own image) on a LLaVA-shaped random model with planted ma
   on CPU the resident-set growth in a fresh process per variant, on CUDA the allocated tensors
   (`torch.cuda.max_memory_allocated`), see benchmarks/speed_memory.py;
 - edited: whether every method of the variant edited (`session.report()[name]["applied"]`); a variant whose
-  method edits nothing fails, with the reason, and gets no figure.
+  method edits nothing fails, with the reason, and gets no figure; a method the family refuses (its
+  `UnsupportedModelError`, e.g. SID on Gemma 3's sliding-window layers) is listed as refused, with the reason,
+  and is no failure.
 Ratios are to greedy in the same block. Variants are timed interleaved (A B C A B C ...) and medians are
 kept, so load changes hit every variant alike. With a two-stream method in the list (VCD, DCD, PAI and
 DualStream with refinement) the block also times the two-stream floor: plain `generate` on the batch
@@ -23,6 +26,7 @@ stand-in projectors (copies of the model's own): its cost does not depend on the
     python -m benchmarks.speed --dtype bfloat16 --batch 8 --methods vhr var    # a part of the full run
     python -m benchmarks.speed --methods pai:cfg=False gift   # name:key=value,... sets parameters; none: no method
     python -m benchmarks.speed --device cuda --dtype bfloat16 --head-dim 128 --out speed.json
+    python -m benchmarks.speed --family qwen3_vl --device cuda --dtype bfloat16 --out speed-qwen3_vl.json
 
 Exits with status 1 when any variant failed.
 """
@@ -47,13 +51,17 @@ from benchmarks.speed_setup import (
     BEAM_SEARCH_METHODS,
     DTYPES,
     FULL_RUN,
+    IMAGE_TOKENS,
     NO_METHOD,
     SINK_DIMS,
+    SPEED_FAMILIES,
     batch_inputs,
     build_methods,
     is_two_stream,
+    kv_heads_of,
     llava_shaped,
     parse_method,
+    refusal,
     sink_tau,
     speed_model,
     stand_in_dcd,
@@ -90,6 +98,7 @@ class Row:
     memory_ratio: float | None
     edited: bool | None  # None: no method to edit (greedy, the floor, vlmfix with no method)
     failure: str | None = None
+    refused: str | None = None  # why the model's family refuses the method (not timed; not a failure)
 
 
 def label_of(spec: str) -> str:
@@ -103,32 +112,49 @@ def build_variants(tiny: TinyVLM, inputs: dict, specs: Sequence[str], stand_in_d
     return generate_variants(tiny, inputs, methods, two_row_floor=two_stream)
 
 
+def refused_specs(tiny: TinyVLM, specs: Sequence[str], stand_in_dir: str) -> dict[str, str]:
+    """{label: reason} of the specs whose methods the model's family refuses."""
+    found = {label_of(spec): refusal(tiny, build_methods(spec, tiny, stand_in_dir)) for spec in specs}
+    return {label: reason for label, reason in found.items() if reason is not None}
+
+
 def run_block(args: argparse.Namespace, tiny: TinyVLM, dtype: str, batch: int) -> list[Row]:
     """Time every variant on `batch` prompts in `dtype`, then measure each one's peak memory."""
     inputs = batch_inputs(tiny, batch, args.device, DTYPES[dtype])
-    print(f"\n{dtype}, batch {batch}: {inputs['input_ids'].shape[1]} prompt tokens per row")
+    images = int(vlmfix.get_adapter(tiny.model).image_mask(inputs["input_ids"][:1]).sum())
+    print(f"\n{dtype}, batch {batch}: {inputs['input_ids'].shape[1]} prompt tokens per row ({images} image tokens)")
     with tempfile.TemporaryDirectory() as stand_in_dir:  # DCD reads its stand-in checkpoints when it runs
-        variants = build_variants(tiny, inputs, args.methods, stand_in_dir)
-        warm_up = build_variants(tiny, batch_inputs(tiny, 1, args.device, DTYPES[dtype]), args.methods, stand_in_dir)
-        results = measure(variants, args.new_tokens, args.repeats, warm_up=warm_up)
-        memory = {r.label: variant_memory(args, dtype, batch, r.label, variants[r.label])
-                  for r in results if args.memory and not r.failure}
+        refused = refused_specs(tiny, args.methods, stand_in_dir)
+        for label, reason in refused.items():
+            print(f"  {label}: refused by {tiny.family}: {reason}")
+        specs = [spec for spec in args.methods if label_of(spec) not in refused]
+        variants = build_variants(tiny, inputs, specs, stand_in_dir)
+        warm_up = build_variants(tiny, batch_inputs(tiny, 1, args.device, DTYPES[dtype]), specs, stand_in_dir)
+        results = {r.label: r for r in measure(variants, args.new_tokens, args.repeats, warm_up=warm_up)}
+        memory = {label: variant_memory(args, dtype, batch, label, variants[label], specs)
+                  for label, r in results.items() if args.memory and not r.failure}
     base = memory.get(GREEDY)
     rows = []
-    for r in results:
-        peak = memory.get(r.label)
+    for label in [*(label for label in results if label not in map(label_of, args.methods)),
+                  *map(label_of, args.methods)]:  # greedy and the floor, then the methods in the order asked
+        if label in refused:
+            nan = math.nan
+            rows.append(Row(label, dtype, batch, nan, nan, nan, nan, None, None, None, refused=refused[label]))
+            continue
+        r, peak = results[label], memory.get(label)
         rows.append(Row(r.label, dtype, batch, 1000 * r.seconds_per_token, r.ratio, r.wall_seconds / batch,
                         r.wall_ratio, peak, peak / base if peak is not None and base else None, r.edited, r.failure))
     return rows
 
 
-def variant_memory(args: argparse.Namespace, dtype: str, batch: int, label: str, fn: GenerateFn) -> float | None:
+def variant_memory(args: argparse.Namespace, dtype: str, batch: int, label: str, fn: GenerateFn,
+                   specs: Sequence[str]) -> float | None:
     """Peak MB one call of a variant adds: on CUDA in this process (allocated tensors), on CPU in a fresh
     process (resident set; see benchmarks/speed_memory.py). None, with a printed reason, if it failed."""
     if args.device.startswith("cuda"):
         return peak_growth(lambda: fn(args.new_tokens, TokenClock()), args.device) / 2**20
     job = MemoryJob(args.layers, args.heads, args.head_dim, args.device, dtype, batch, args.new_tokens,
-                    tuple(args.methods), label, torch.get_num_threads())
+                    tuple(specs), label, torch.get_num_threads(), family=args.family, kv_heads=args.kv_heads)
     result = measure_memory(job)
     if result.peak_bytes is None:
         print(f"  {label}: no peak memory: {result.error}")
@@ -149,12 +175,16 @@ def table(rows: Sequence[Row]) -> str:
         edited = {None: "-", True: "yes", False: "no"}[r.edited]
         if r.failure:
             edited = "FAILED"
+        elif r.refused:
+            edited = "refused"
         lines.append(f"| {r.variant} | {r.dtype} | {r.batch} | {_cell(r.decode_ms_per_token, '.2f')} | "
                      f"{_cell(r.decode_ratio, '.3f', 'x')} | {_cell(r.wall_s_per_caption, '.3f')} | "
                      f"{_cell(r.wall_ratio, '.3f', 'x')} | {_cell(r.peak_mb, '.1f')} | "
                      f"{_cell(r.memory_ratio, '.2f', 'x')} | {edited} |")
     failed = [f"- {r.variant} ({r.dtype}, batch {r.batch}) failed during its {r.failure}" for r in rows if r.failure]
-    return "\n".join(lines + ([""] + failed if failed else []))
+    refused = sorted({f"- {r.variant} refused: {r.refused}" for r in rows if r.refused})
+    notes = failed + refused
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def write_rows(path: Path, rows: Sequence[Row], setup: dict) -> None:
@@ -178,8 +208,13 @@ def device_name(device: str) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="llava", choices=SPEED_FAMILIES,
+                        help="the model's family: its image-token count, attention layout and key/value grouping")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key/value heads (default: the family's grouping: llava heads, qwen3_vl heads/4, "
+                             "gemma3 heads/2)")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per caption (at least 2)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -202,6 +237,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--new-tokens must be at least 2 (decode time is read between the first and last token)")
     if min(args.batch) < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
+    if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
+        parser.error(f"--kv-heads must divide --heads ({args.heads}), got {args.kv_heads}")
     beam_only = [spec for spec in args.methods if parse_method(spec)[0] in BEAM_SEARCH_METHODS]
     if beam_only:
         parser.error(f"{', '.join(beam_only)} run their own beam search; time them with python -m "
@@ -218,14 +255,16 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
     hidden = args.heads * args.head_dim
-    print(f"LLaVA-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim}, 576 image "
-          f"tokens per prompt, massive activations planted in dims {list(SINK_DIMS)} (VAR tau "
-          f"{sink_tau(hidden):.3g}); {args.new_tokens} new tokens, {args.repeats} repeats")
+    print(f"{args.family}-shaped model: {args.layers} layers x {args.heads} heads "
+          f"({kv_heads_of(args.family, args.heads, args.kv_heads)} key/value) x head_dim {args.head_dim}, "
+          f"{IMAGE_TOKENS[args.family]} image tokens per prompt, massive activations planted in dims "
+          f"{list(SINK_DIMS)} (VAR tau {sink_tau(hidden):.3g}); {args.new_tokens} new tokens, {args.repeats} repeats")
     print(f"device: {device_name(args.device)}; torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"({torch.get_num_interop_threads()} inter-op)")
     rows: list[Row] = []
     for dtype in args.dtype:
-        tiny = speed_model(args.layers, args.heads, args.head_dim, args.device, DTYPES[dtype])
+        tiny = speed_model(args.layers, args.heads, args.head_dim, args.device, DTYPES[dtype], family=args.family,
+                           kv_heads=args.kv_heads)
         for batch in args.batch:
             rows += run_block(args, tiny, dtype, batch)
         del tiny

@@ -52,6 +52,8 @@ class MemoryJob:
     specs: tuple[str, ...]  # the block's method specs (the child builds the same variants)
     variant: str  # the label of the variant to measure
     threads: int
+    family: str = "llava"
+    kv_heads: int | None = None  # None: the family's grouping
 
 
 def _status_bytes(field: str) -> int:
@@ -103,7 +105,8 @@ def measure_job(job: MemoryJob) -> int:
 
     torch.set_num_threads(job.threads)
     dtype = DTYPES[job.dtype]
-    tiny = speed_model(job.layers, job.heads, job.head_dim, job.device, dtype)
+    tiny = speed_model(job.layers, job.heads, job.head_dim, job.device, dtype, family=job.family,
+                       kv_heads=job.kv_heads)
     with tempfile.TemporaryDirectory() as stand_in_dir:
 
         def variant(batch: int) -> GenerateFn:

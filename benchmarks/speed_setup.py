@@ -1,5 +1,16 @@
-"""The speed harness's model, prompts and methods: a LLaVA-shaped random model with planted massive
-activations, so that every method, VAR included, edits on it.
+"""The speed harness's model, prompts and methods: a random model shaped like one family (LLaVA-1.5, Qwen3-VL or
+Gemma 3) with planted massive activations, so that every method, VAR included, edits on it.
+
+Families (`--family`), each at its own image-token count and key/value grouping, sized by the same
+layers / heads / head_dim options:
+- llava: LLaVA-1.5, CLIP 336 px / patch 14: 576 image tokens; MHA.
+- qwen3_vl: Qwen3-VL, patch 16 merged 2 x 2, images resized to 768 px: 24 x 24 = 576 image tokens; M-RoPE; DeepStack
+  (vision blocks 0-2 feed decoder layers 0-2); 4 query heads per key/value head.
+- gemma3: Gemma 3, SigLIP 224 px / patch 14, 256 image tokens (Gemma 3's fixed count); every 6th layer global,
+  the others sliding-window (1024, Gemma 3's; the last layer global when the model has fewer than 6); 2 query
+  heads per key/value head.
+The vision towers are small (their cost is the prefill's, the same for every variant but the ones that encode
+a second image).
 
 A random model has no massive activations (|x_d| / rms(x) of a random hidden state stays below about 4), so
 VAR finds no sink and edits nothing. `plant_sinks` gives the model what a real LLaVA has: the embedding row
@@ -19,10 +30,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import vlmfix
 from vlmfix.decoding.method import Method
+from vlmfix.errors import UnsupportedModelError
 from vlmfix.methods.dcd import CHECKPOINT_FILES, save_projector
 from vlmfix.testing import TinyVLM, build_tiny
 
@@ -40,10 +52,36 @@ BEAM_SEARCH_METHODS = ("opera",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+SPEED_FAMILIES = ("llava", "qwen3_vl", "gemma3")
+IMAGE_TOKENS = {"llava": 576, "qwen3_vl": 576, "gemma3": 256}  # per prompt (one image)
+KV_GROUPS = {"llava": 1, "qwen3_vl": 4, "gemma3": 2}  # query heads per key/value head (Qwen3-VL-8B, Gemma 3 4B)
+# build_tiny options of the families built in vlmfix.testing.tiny_families
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
+    "qwen3_vl": dict(image_side=768, patch_size=16, vision_depth=3, deepstack_layers=(0, 1, 2)),
+    "gemma3": dict(image_size=224, patch_size=14, tokens_per_image=256, sliding_window=1024, global_every=6),
+}
+
+
 def llava_shaped(layers: int, heads: int, head_dim: int) -> TinyVLM:
     """Random LLaVA-1.5-shaped model: 576 image tokens (336 px / patch 14), MHA, sized by the arguments."""
-    return build_tiny("llava", layers=layers, heads=heads, kv_heads=heads, head_dim=head_dim,
-                      image_size=336, patch_size=14)
+    return family_shaped("llava", layers, heads, head_dim)
+
+
+def kv_heads_of(family: str, heads: int, kv_heads: int | None = None) -> int:
+    """`kv_heads`, or the family's grouping of `heads` (at least one key/value head)."""
+    return kv_heads if kv_heads else max(1, heads // KV_GROUPS[family])
+
+
+def family_shaped(family: str, layers: int, heads: int, head_dim: int, kv_heads: int | None = None) -> TinyVLM:
+    """Random model of `family` (see the module docstring) with the given language-model shape."""
+    if family not in SPEED_FAMILIES:
+        raise ValueError(f"unknown speed family {family!r}; choose one of {', '.join(SPEED_FAMILIES)}.")
+    kv = kv_heads_of(family, heads, kv_heads)
+    if family == "llava":
+        return build_tiny("llava", layers=layers, heads=heads, kv_heads=kv, head_dim=head_dim, image_size=336,
+                          patch_size=14)
+    return build_tiny(family, layers=layers, heads=heads, kv_heads=kv, head_dim=head_dim,
+                      options=FAMILY_OPTIONS[family])
 
 
 def sink_tau(hidden_size: int) -> float:
@@ -59,25 +97,29 @@ def plant_sinks(tiny: TinyVLM) -> None:
     if hidden <= max(SINK_DIMS):
         raise ValueError(f"the speed model needs a hidden size above {max(SINK_DIMS)} (heads x head_dim) to plant "
                          f"sinks in dimensions {list(SINK_DIMS)}; got {hidden}.")
-    first = tiny.inputs([PROMPT])["input_ids"][0, 0]  # the chat template's first token ("USER")
+    first = tiny.inputs([PROMPT])["input_ids"][0, 0]  # the chat template's first token ("USER", "<bos>", ...)
     with torch.no_grad():
         tiny.model.get_input_embeddings().weight[first, list(SINK_DIMS)] = MASSIVE
-    vlmfix.get_adapter(tiny.model).projector.register_forward_hook(_plant_image_sinks)
+    per_image = IMAGE_TOKENS.get(tiny.family, 0)
+    vlmfix.get_adapter(tiny.model).projector.register_forward_hook(
+        lambda module, args, out: _plant_image_sinks(out, per_image))
 
 
-def _plant_image_sinks(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-    """Projector output [images, tokens, hidden]: `MASSIVE` in `SINK_DIMS` on the `IMAGE_SINKS` tokens."""
+def _plant_image_sinks(out: Tensor, per_image: int) -> Tensor:
+    """Projector output [images, tokens, hidden] (or [images * tokens, hidden], Qwen's merger, with `per_image`
+    tokens per image): `MASSIVE` in `SINK_DIMS` on the `IMAGE_SINKS` tokens of every image."""
     out = out.clone()
-    tokens = [t for t in IMAGE_SINKS if t < out.shape[-2]]
+    images = out.view(-1, per_image, out.shape[-1]) if out.dim() == 2 and per_image else out
+    tokens = [t for t in IMAGE_SINKS if t < images.shape[-2]]
     for dim in SINK_DIMS:
-        out[..., tokens, dim] = MASSIVE
+        images[..., tokens, dim] = MASSIVE  # a view: writes `out`
     return out
 
 
-def speed_model(layers: int, heads: int, head_dim: int, device: str = "cpu",
-                dtype: torch.dtype = torch.float32) -> TinyVLM:
-    """The planted LLaVA-shaped model on `device` in `dtype` (same weights for the same shape)."""
-    tiny = llava_shaped(layers, heads, head_dim)
+def speed_model(layers: int, heads: int, head_dim: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                *, family: str = "llava", kv_heads: int | None = None) -> TinyVLM:
+    """The planted `family`-shaped model on `device` in `dtype` (same weights for the same shape)."""
+    tiny = family_shaped(family, layers, heads, head_dim, kv_heads)
     plant_sinks(tiny)
     tiny.model.to(device=device, dtype=dtype)
     return tiny
@@ -135,6 +177,17 @@ def build_methods(spec: str, tiny: TinyVLM, stand_in_dir: str) -> list[Method]:
         kwargs.setdefault("sink_dims", list(SINK_DIMS))
         kwargs.setdefault("tau", sink_tau(tiny.model.config.text_config.hidden_size))
     return [method_by_name(name, **kwargs)]
+
+
+def refusal(tiny: TinyVLM, methods: Sequence[Method]) -> str | None:
+    """Why the model's family refuses `methods` (the session's check, before any work), or None."""
+    try:
+        vlmfix.apply(tiny.model, *methods, tokenizer=tiny.processor)  # builds the session; installs nothing
+    except UnsupportedModelError as error:
+        return str(error)
+    except ValueError:  # a setting this model cannot serve (a layer past its depth): the timed run fails it, with why
+        return None
+    return None
 
 
 def is_two_stream(methods: Sequence[Method]) -> bool:

@@ -42,9 +42,9 @@ class Recording(ICD):
         return super().combine(state, positive_logits, negative_logits, step)
 
 
-def disturbed_inputs(tiny, questions: list[str], disturbance: str, placement: str) -> dict:
+def disturbed_inputs(tiny, questions: list[str], disturbance: str, placement: str, image_seed: int = 0) -> dict:
     """The disturbed prompts written as text from the spec (§3.1) and run through the processor, with the images
-    `tiny.inputs` gives the same rows."""
+    `tiny.inputs` gives the same rows (other images with another `image_seed`)."""
     prompts = [tiny.prompt(q) for q in questions]
     qwen = tiny.family.startswith("qwen")
     if placement == "system":  # LLaVA: `d USER: <image> ...`; Qwen: a system message holding d
@@ -53,7 +53,7 @@ def disturbed_inputs(tiny, questions: list[str], disturbance: str, placement: st
     else:  # `USER: <image> d <question>` (after Qwen's vision end)
         image = "<|vision_end|>" if qwen else "<image>"
         prompts = [p.replace(image, f"{image} {disturbance}") for p in prompts]
-    images = [random_image(48 + 16 * (i % 3), i) for i in range(len(questions))]
+    images = [random_image(48 + 16 * ((image_seed + i) % 3), image_seed + i) for i in range(len(questions))]
     return dict(tiny.processor(text=prompts, images=images, return_tensors="pt", padding=True))
 
 
@@ -286,6 +286,84 @@ def test_sampling_and_beams_run():
     beams = vlmfix.generate(tiny.model, **inputs, methods=[ICD(placement="after_image")], tokenizer=tiny.processor,
                             num_beams=2, num_return_sequences=2, max_new_tokens=4)
     assert beams.shape[0] == 4
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_supplied_negative_inputs_are_the_negative_stream(family):
+    """Spec D7: a caller-built negative prompt (here one the splice cannot build: a system text AND a role prefix
+    after the image, for Qwen shifting the M-RoPE positions after the image) is the negative stream: its logits
+    equal a plain forward of that processor output, at the prefill and three decode steps."""
+    tiny = tiny_model(family)
+    inputs = tiny.inputs(QUESTIONS)
+    caller_built = disturbed_inputs(tiny, QUESTIONS, "you are a careless captioner .", "after_image")
+    before, before_negative = snapshot(inputs), snapshot(caller_built)
+    method = Recording(alpha=1.0, beta=0.1, negative_inputs=caller_built)
+    out, report = run(tiny, inputs, method, 4, suppress_tokens=[tiny.model.config.image_token_id])
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    assert len(method._seen) == 4
+    for step, (positive, negative) in enumerate(method._seen):
+        torch.testing.assert_close(positive, plain_next_logits(tiny.model, grown(inputs, tokens[:, :step])),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(negative, plain_next_logits(tiny.model, grown(caller_built, tokens[:, :step])),
+                                   atol=1e-5, rtol=1e-5)
+    icd = report["icd"]
+    assert icd["negative_inputs"] is True and icd["disturbance"] is None and icd["placement"] is None
+    assert icd["applied"]["contrast_steps"] == 4
+    lengths = caller_built["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)
+    assert [n - r for n, r in zip(icd["inserted_tokens"], icd["replaced_tokens"])] == lengths.tolist()
+    assert_unchanged(inputs, before)
+    assert_unchanged(caller_built, before_negative)
+
+
+@pytest.mark.parametrize("placement", ["system", "after_image"])
+def test_supplying_the_splice_s_prompt_gives_the_splice_s_tokens(placement):
+    """The processor's version of exactly the prompt the splice builds decodes the same tokens as the splice:
+    greedy, and beam search (each prompt's negative row repeated for its beams)."""
+    tiny = tiny_model("qwen2_vl")
+    inputs = tiny.inputs(QUESTIONS)
+    supplied = disturbed_inputs(tiny, QUESTIONS, DISTURBANCE, placement)
+    supplied_without_images = {k: v for k, v in supplied.items() if k in ("input_ids", "attention_mask")}
+    for kw in (dict(do_sample=False), dict(num_beams=2, num_return_sequences=2)):
+        spliced = vlmfix.generate(tiny.model, **inputs, methods=[ICD(placement=placement)], tokenizer=tiny.processor,
+                                  max_new_tokens=4, **kw)
+        for negative in (supplied, supplied_without_images):
+            given = vlmfix.generate(tiny.model, **inputs, methods=[ICD(negative_inputs=negative)],
+                                    tokenizer=tiny.processor, max_new_tokens=4, **kw)
+            assert torch.equal(given, spliced)
+
+
+def test_supplied_negative_inputs_that_do_not_fit_raise_before_any_forward():
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+    disturbed = disturbed_inputs(tiny, QUESTIONS, DISTURBANCE, "system")
+    other_images = disturbed_inputs(tiny, QUESTIONS, DISTURBANCE, "system", image_seed=5)
+    both_sides = dict(tiny.processor(text=[f"{DISTURBANCE} {tiny.prompt(q + ' answer in one word .')}"
+                                           for q in QUESTIONS],
+                                     images=[random_image(48 + 16 * i, i) for i in range(2)], return_tensors="pt",
+                                     padding=True))
+    no_image = dict(tiny.processor(text=[f"{DISTURBANCE} {tiny.prompt(q, with_image=False)}" for q in QUESTIONS],
+                                   return_tensors="pt", padding=True))
+    cases = [
+        ({k: v[:1] for k, v in disturbed.items()}, r"negative_inputs has 1 rows, but the call has 2 prompts"),
+        (other_images, r"negative_inputs\['pixel_values'\] differs from the call's pixel_values: ICD keeps the image"),
+        (both_sides, r"row 0 does not hold the same image tokens .* across image tokens"),
+        (no_image, r"row 0 does not hold the same image tokens"),
+    ]
+    calls: list[int] = []
+    handle = tiny.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for negative, message in cases:
+            with pytest.raises(ValueError, match=message):
+                vlmfix.generate(tiny.model, **inputs, methods=[ICD(negative_inputs=negative)],
+                                tokenizer=tiny.processor, max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert calls == []  # every refusal comes before the model ran (the vision tower included)
+    with pytest.raises(ValueError, match=r"`negative_inputs` must be the processor's output .* got 3 \(an int\)"):
+        ICD(negative_inputs=3)
+    with pytest.raises(ValueError, match=r"negative_inputs\['attention_mask'\]` must be a tensor of input_ids' shape"):
+        ICD(negative_inputs={"input_ids": disturbed["input_ids"], "attention_mask": disturbed["attention_mask"][:, 1:]})
+    assert "negative_inputs={'input_ids': [2, " in repr(ICD(negative_inputs=disturbed))
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,14 @@ import vlmfix
 from benchmarks.speed_setup import (
     BEAM_SEARCH_METHODS,
     FULL_RUN,
+    IMAGE_TOKENS,
     NO_METHOD,
     SINK_DIMS,
     batch_inputs,
     build_methods,
     llava_shaped,
     parse_method,
+    refusal,
     sink_tau,
     speed_model,
     stand_in_dcd,
@@ -185,3 +187,38 @@ def test_stand_in_dcd_with_the_models_own_projector_is_greedy(tmp_path):
     out = vlmfix.generate(tiny.model, **inputs, methods=[method], tokenizer=tiny.processor, max_new_tokens=5,
                           do_sample=False)
     assert torch.equal(out, greedy)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+def test_family_shaped_models_keep_their_family_s_layout(family):
+    """Qwen3-VL: 576 image tokens (768 px, 32 px per merged token), DeepStack from 3 vision blocks, 4 query heads per
+    key/value head. Gemma 3: 256 image tokens, sliding layers with a global one (the last, on fewer than 6 layers;
+    every 6th on more), 2 query heads per key/value head."""
+    tiny = speed_model(layers=2, heads=8, head_dim=16, family=family)
+    inputs = batch_inputs(tiny, 2)
+    image = vlmfix.get_adapter(tiny.model).image_mask(inputs["input_ids"])
+    assert image.sum(1).tolist() == [IMAGE_TOKENS[family]] * 2 == [{"qwen3_vl": 24 * 24, "gemma3": 16 * 16}[family]] * 2
+    text = tiny.model.config.text_config
+    assert text.num_key_value_heads == {"qwen3_vl": 2, "gemma3": 4}[family]
+    if family == "qwen3_vl":
+        assert tiny.model.config.vision_config.deepstack_visual_indexes == [0, 1, 2]
+    else:
+        assert text.layer_types == ["sliding_attention", "full_attention"] and text.sliding_window == 1024
+        deeper = speed_model(layers=7, heads=4, head_dim=16, family=family).model.config.text_config
+        assert [i for i, kind in enumerate(deeper.layer_types) if kind == "full_attention"] == [5]
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+def test_every_method_of_the_full_run_edits_or_is_refused_per_family(family, tmp_path):
+    """On each family's planted model every method of the full run edits, or the family refuses it up front (only
+    the refusals the methods document: DualStream's token selection and SID's full-attention need, on Gemma 3)."""
+    tiny = speed_model(**SMALL, family=family)
+    inputs = batch_inputs(tiny, 1)
+    specs = [s for s in FULL_RUN if s != NO_METHOD]
+    methods = {spec: build_methods(spec, tiny, str(tmp_path)) for spec in specs}
+    refused = {spec for spec, ms in methods.items() if refusal(tiny, ms) is not None}
+    assert refused == ({"dual_stream", "dual_stream:cfg=False", "sid"} if family == "gemma3" else set())
+    variants = generate_variants(tiny, inputs, {s: ms for s, ms in methods.items() if s not in refused})
+    for spec in specs:
+        if spec not in refused:
+            assert unedited(variants[spec](2, TokenClock()).report()) is None, spec

@@ -75,6 +75,24 @@ def test_the_command_fails_a_method_that_edits_nothing_and_exits_1(tmp_path):
     assert failed["edited"] is False and "pai edited nothing" in failed["failure"]
 
 
+def test_a_method_the_family_refuses_is_listed_as_refused_not_failed(tmp_path, capsys):
+    rows = main([*QUICK, "--family", "gemma3", "--no-memory", "--dtype", "float32", "--batch", "1",
+                 "--methods", "sid", "vcd", "--out", str(tmp_path / "speed.json")])
+    assert [r.variant for r in rows] == ["greedy", FLOOR, "sid", "vcd"]
+    sid, vcd = rows[2], rows[3]
+    assert sid.failure is None and "sliding-window" in sid.refused and sid.edited is None
+    assert vcd.refused is None and vcd.failure is None and vcd.edited is True
+    printed = capsys.readouterr().out
+    assert "gemma3-shaped model" in printed and "(256 image tokens)" in printed
+    assert "| sid | float32 | 1 | - | - | - | - | - | - | refused |" in printed
+    assert "- sid refused: SID selects and hides image keys by sequence position" in printed
+    written = json.loads((tmp_path / "speed.json").read_text())
+    assert written["setup"]["family"] == "gemma3" and "sliding-window" in written["rows"][2]["refused"]
+    # a setting the model cannot serve (SID's layer 2 on 2 layers) is no refusal: its row fails, the run goes on
+    rows = main([*QUICK, "--layers", "2", "--no-memory", "--dtype", "float32", "--batch", "1", "--methods", "sid"])
+    assert rows[-1].refused is None and "`layer` holds [2], but the language model has 2 layers" in rows[-1].failure
+
+
 def test_unknown_methods_are_refused_before_any_work(capsys):
     with pytest.raises(SystemExit, match="2"):  # argparse: usage error
         main(["--methods", "vhr", "vcdd"])

@@ -261,6 +261,49 @@ def test_pai_gain_against_a_reference():
         np.testing.assert_allclose(session.report()["pai"]["image_gain"][row], expected, rtol=1e-4)
 
 
+def test_pai_gain_over_decode_steps_that_skip_the_first_token_against_a_reference():
+    """skip_first_token_boost: the prompt's last row is not boosted, so the gain averages the two decode steps only,
+    each the spec's z + alpha * |z| on image keys over the plain attention of that step's query (a no-cache plain
+    forward of the prompt and the generated tokens gives layer 2's queries and keys: layers 0-1 are not boosted)."""
+    from tests.reference_decoding import grown
+
+    tiny = tiny_model("llava")
+    inputs = tiny.inputs(QUESTIONS)
+    alpha, layer, steps = 0.5, 2, 3
+    pai = vlmfix.PAI(alpha, layers=[layer], cfg=False, skip_first_token_boost=True)
+    with vlmfix.apply(tiny.model, pai, record=True) as session:
+        out = session.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    prompt_len = inputs["input_ids"].shape[1]
+    seen = {}
+
+    def grab(call):
+        if call.layer_idx == layer:
+            seen.update(query=call.query.detach().clone(), key=call.key.detach().clone(), scaling=call.scaling)
+
+    with vlmfix.apply(tiny.model) as plain, plain.observing(grab), torch.no_grad():
+        tiny.model(**grown(inputs, out[:, prompt_len : prompt_len + steps - 1]))
+    heads = seen["query"].shape[1]
+    key = seen["key"].double().repeat_interleave(heads // seen["key"].shape[1], dim=1)
+    image = inputs["input_ids"] == tiny.model.config.image_token_id  # [batch, prompt_len]
+    gains = []
+    for position in (prompt_len, prompt_len + 1):  # the two decode steps' queries; the prefill's is not boosted
+        query = seen["query"][:, :, position : position + 1].double()  # [batch, heads, 1, head_dim]
+        z = query @ key[:, :, : position + 1].transpose(-1, -2) * seen["scaling"]  # [batch, heads, 1, position + 1]
+        generated = torch.zeros(2, position + 1 - prompt_len, dtype=torch.bool)
+        blocked = torch.cat([inputs["attention_mask"] == 0, generated], 1)[:, None, None, :]
+        on_image = torch.cat([image, generated], 1)[:, None, None, :]
+        plain_p = z.masked_fill(blocked, float("-inf")).softmax(-1)
+        boosted_p = (z + alpha * z.abs() * on_image).masked_fill(blocked, float("-inf")).softmax(-1)
+        gains.append((boosted_p / plain_p).mean(1)[:, 0, :prompt_len])  # [batch, prompt_len]
+    gain = (gains[0] + gains[1]) / 2
+    report = session.report()["pai"]
+    assert report["first_token_boosted"] is False
+    for row in range(2):
+        expected = gain[row][image[row]].numpy()
+        assert (np.abs(expected - 1) > 1e-3).any()  # the boost really moved attention at these steps
+        np.testing.assert_allclose(report["image_gain"][row], expected, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", [lambda: vlmfix.VCD(), lambda: vlmfix.PAI()])
 def test_recording_changes_no_token(method):
     tiny = tiny_model("llava")

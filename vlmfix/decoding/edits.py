@@ -349,6 +349,35 @@ def repeat_kv(x: Tensor, heads: int) -> Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
 
+def attention_scores(query: Tensor, key: Tensor, scaling: float | None, softcap: float | None = None) -> Tensor:
+    """fp32 scaled scores z = scaling * q . k (then the layer's softcap), before any edit or mask.
+
+    query: [batch, heads, q_len, head_dim]; key: [batch, kv_heads, kv_len, head_dim] -> [batch, heads, q_len, kv_len].
+    """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    z = torch.matmul(query.float(), repeat_kv(key, query.shape[1]).float().transpose(-1, -2)) * scaling
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
+def key_biased_scores(z: Tensor, edits: Sequence[Edit]) -> Tensor:
+    """The pre-softmax stage: z [batch, heads, q_len, kv_len] (the last q_len positions of a kv_len sequence) with
+    every `KeyBias` of `edits` added on the query rows it selects, bias + abs_gain * |z| (a new tensor).
+
+    The one place PAI's z + alpha * |z| is computed on the PyTorch path; PAI's recorded gain reads it too."""
+    batch, heads, q_len, kv_len = z.shape
+    for edit in edits:
+        if not isinstance(edit, KeyBias):
+            continue
+        rows = row_mask(edit, batch, q_len, kv_len, z.device)[:, None, :, None]
+        delta = torch.zeros_like(z)
+        if edit.bias is not None:
+            delta = delta + _heads_of(fit_keys(edit.bias.float(), kv_len, batch, 0.0), heads)
+        if edit.abs_gain is not None:
+            delta = delta + _heads_of(fit_keys(edit.abs_gain.float(), kv_len, batch, 0.0), heads) * z.abs()
+        z = torch.where(rows, z + delta, z)  # not z + delta * rows: a -inf bias times 0 is NaN
+    return z
+
+
 def edited_attention(
     query: Tensor,
     key: Tensor,
@@ -370,22 +399,8 @@ def edited_attention(
     """
     batch, heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    k, v = repeat_kv(key, heads), repeat_kv(value, heads)
-    z = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling  # [batch, heads, q_len, kv_len]
-    if softcap is not None:
-        z = torch.tanh(z / softcap) * softcap
+    z = key_biased_scores(attention_scores(query, key, scaling, softcap), edits)  # [batch, heads, q_len, kv_len]
     device = query.device
-    for edit in edits:
-        if not isinstance(edit, KeyBias):
-            continue
-        rows = row_mask(edit, batch, q_len, kv_len, device)[:, None, :, None]
-        delta = torch.zeros_like(z)
-        if edit.bias is not None:
-            delta = delta + _heads_of(fit_keys(edit.bias.float(), kv_len, batch, 0.0), heads)
-        if edit.abs_gain is not None:
-            delta = delta + _heads_of(fit_keys(edit.abs_gain.float(), kv_len, batch, 0.0), heads) * z.abs()
-        z = torch.where(rows, z + delta, z)  # not z + delta * rows: a -inf bias times 0 is NaN
     z = z + additive_mask(attention_mask, batch, q_len, kv_len, device)
     if sliding_window is not None and (attention_mask is None or attention_mask.dim() == 2):
         z = z.masked_fill(~within_window(q_len, kv_len, sliding_window, device), float("-inf"))
@@ -395,6 +410,7 @@ def edited_attention(
         if apply is not None:
             rows = row_mask(edit, batch, q_len, kv_len, device)[:, None, :].expand(batch, heads, q_len)
             p = apply(p, edit, rows)
+    v = repeat_kv(value, heads)
     out = torch.matmul(p, v.float()).to(value.dtype).transpose(1, 2)  # [batch, q_len, heads, head_dim]
     return scale_heads(out, edits, kv_len)
 

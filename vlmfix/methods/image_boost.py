@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from vlmfix import validation
-from vlmfix.decoding.edits import KeyBias, additive_mask
+from vlmfix.decoding.edits import KeyBias, additive_mask, attention_scores, key_biased_scores, row_mask
 
 FIRST_BOOSTED_LAYER = 2  # PAI leaves the first two language-model layers alone
 
@@ -49,43 +49,51 @@ class BoostState:
 
 class GainRecorder:
     """`record=True`: how much the boost multiplies the newest query's attention to each image key, averaged over
-    the boosted layers, heads and steps (p_boosted / p_plain; 1 = unchanged), from the observed query and keys."""
+    the boosted layers, heads and steps (p_boosted / p_plain; 1 = unchanged), from the observed query and keys.
 
-    def __init__(self, image: Tensor, alpha: float, layers: frozenset[int], first_token: bool) -> None:
+    The boosted scores come from the edits the state serves for the layer, through the edit path's own pre-softmax
+    stage (`key_biased_scores`): the recorded gain is that of the boost applied, rows and steps it skips included.
+    The sums stay on the model's device until `report`."""
+
+    def __init__(self, image: Tensor, state: BoostState) -> None:
         self.image = image  # [batch, seq] bool: the prompt's image tokens
-        self.alpha, self.layers, self.first_token = alpha, layers, first_token
-        self.total = torch.zeros(image.shape, dtype=torch.float64)  # [batch, seq] summed gains
-        self.calls = 0
+        self.state = state
+        self.total: Tensor | None = None  # [batch, seq] fp32 summed gains, on the device of the observed calls
+        self.counts: Tensor | None = None  # [batch] boosted (layer, step) calls per row
 
     def observe(self, call: Any, rows_of_prompt: Any) -> None:
-        if call.layer_idx not in self.layers or (call.query.shape[2] > 1 and not self.first_token):
+        edits = self.state.edits(call.layer_idx)
+        if not edits:
             return
         batch, seq = self.image.shape
-        query = rows_of_prompt(call.query)[:, :, -1:].float()  # [batch, heads, 1, head_dim]
+        query = rows_of_prompt(call.query)[:, :, -1:]  # [batch, heads, 1, head_dim]: the newest row
         if query.shape[0] != batch:
             return
-        key = rows_of_prompt(call.key).float()  # [batch, kv_heads, kv_len, head_dim]
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        kv_len = key.shape[2]
-        scaling = call.scaling if call.scaling is not None else query.shape[-1] ** -0.5
-        z = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [batch, heads, 1, kv_len]
+        key = rows_of_prompt(call.key)  # [batch, kv_heads, kv_len, head_dim]
+        kv_len, device = key.shape[2], query.device
+        if self.total is None or self.counts is None:
+            self.image = self.image.to(device)
+            self.total = torch.zeros(self.image.shape, dtype=torch.float32, device=device)
+            self.counts = torch.zeros(batch, dtype=torch.float32, device=device)
+        z = attention_scores(query, key, call.scaling, call.softcap)  # [batch, heads, 1, kv_len]
+        boosted = key_biased_scores(z, edits)
         mask = call.attention_mask  # None (causal), [batch, kv_len] padding, or [batch or 1, 1, q_len, kv_len]
         if mask is not None and mask.shape[0] > batch:
             mask = mask[:batch]
         if mask is not None and mask.dim() == 4:
             mask = mask[..., -1:, :]
-        z_masked = z + additive_mask(mask, batch, 1, kv_len, z.device)
-        on_image = torch.zeros(batch, kv_len, dtype=torch.bool, device=z.device)
-        on_image[:, : min(seq, kv_len)] = self.image[:, :kv_len].to(z.device)
-        boosted = z_masked + self.alpha * z.abs() * on_image[:, None, None, :]
-        plain_p, boosted_p = torch.softmax(z_masked, -1), torch.softmax(boosted, -1)
+        mask = additive_mask(mask, batch, 1, kv_len, device)
+        plain_p, boosted_p = torch.softmax(z + mask, -1), torch.softmax(boosted + mask, -1)
         gain = (boosted_p / plain_p.clamp_min(1e-30)).mean(dim=1)[:, 0]  # [batch, kv_len]
-        self.total[:, : min(seq, kv_len)] += gain[:, :seq].double().cpu() * self.image[:, :kv_len].cpu()
-        self.calls += 1
+        rows = torch.stack([row_mask(e, batch, 1, kv_len, device)[:, 0] for e in edits]).any(0)  # [batch] boosted
+        width = min(seq, kv_len)
+        self.total[:, :width] += gain[:, :width] * (self.image[:, :width] & rows[:, None])
+        self.counts += rows
 
     def report(self) -> list[list[float]]:
-        """Per row, in the row's image-token order: the mean gain of each image token (empty before any call)."""
-        if not self.calls:
+        """Per row, in the row's image-token order: the mean gain of each image token (empty before any boost)."""
+        if self.total is None or self.counts is None:
             return [[] for _ in range(self.image.shape[0])]
-        mean = self.total / self.calls
-        return [mean[b][self.image[b].cpu()].tolist() for b in range(self.image.shape[0])]
+        counts, image = self.counts.cpu(), self.image.cpu()
+        mean = (self.total.cpu() / counts.clamp_min(1)[:, None]).double()
+        return [mean[b][image[b]].tolist() if counts[b] else [] for b in range(image.shape[0])]

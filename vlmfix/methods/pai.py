@@ -85,7 +85,7 @@ class PAI(ImageFreeRefinement):
         }
         state = BoostState(edit=edit, layers=frozenset(layers), info=info)
         if session.record and self.alpha > 0:
-            recorder = GainRecorder(image, self.alpha, state.layers, not self.skip_first_token_boost)
+            recorder = GainRecorder(image, state)
             session.observe_for_prompt(  # decoding forwards only, not another method's analysis pass
                 lambda call: None if session.in_extra_pass else recorder.observe(call, session.rows_of_prompt))
             state.recorder = recorder

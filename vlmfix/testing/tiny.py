@@ -222,6 +222,7 @@ def build_tiny(
     image_size: int = 32,
     patch_size: int = 8,
     seed: int = 0,
+    options: dict[str, Any] | None = None,
 ) -> TinyVLM:
     """Build a tiny random-weight model of `family` with an offline tokenizer and processor.
 
@@ -232,6 +233,11 @@ def build_tiny(
         image_size, patch_size: LLaVA-1.5's vision tower input (image tokens = (size / patch)^2;
             336 / 14 gives LLaVA-1.5's 576).
         seed: weight initialisation seed.
+        options: keyword options of the family's builder in `vlmfix.testing.tiny_families` beyond the
+            language-model shape, where it has them (Qwen3-VL: `image_side`, `patch_size`, `vision_depth`,
+            `deepstack_layers`; Gemma 3: `image_size`, `patch_size`, `tokens_per_image`, `sliding_window`,
+            `global_every`), e.g. benchmark-sized images; the reference families take `image_size` /
+            `patch_size` above instead.
     """
     if family not in ALL_FAMILIES:
         raise ValueError(f"Unknown family {family!r}. Available: {', '.join(ALL_FAMILIES)}")
@@ -239,9 +245,12 @@ def build_tiny(
     if family not in FAMILIES:
         from vlmfix.testing.tiny_families import BUILDERS, NESTED_IMAGES, Shape
 
-        built, built_processor = BUILDERS[family](Shape(layers, heads, kv_heads, head_dim))
+        built, built_processor = BUILDERS[family](Shape(layers, heads, kv_heads, head_dim), **(options or {}))
         tiny = TinyVLM(family=family, model=built, processor=built_processor, nested_images=family in NESTED_IMAGES)
         return _finish(tiny, attn_implementation)
+    if options:
+        raise ValueError(f"build_tiny's `options` serve the families built in vlmfix.testing.tiny_families, not "
+                         f"{family!r}; set its image_size / patch_size instead.")
     tokenizer = _fast_tokenizer(family)
     vocab = len(tokenizer)
     config: PreTrainedConfig

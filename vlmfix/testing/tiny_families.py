@@ -37,7 +37,8 @@ class Shape:
                     **extra)
 
 
-Builder = Callable[[Shape], tuple[PreTrainedModel, ProcessorMixin]]
+# (shape, **family options) -> (model, processor); options (larger images, ...) only where a builder names them
+Builder = Callable[..., tuple[PreTrainedModel, ProcessorMixin]]
 
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system")
 
@@ -123,7 +124,11 @@ def build_llava_onevision(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def _qwen3_vl(shape: Shape, moe: bool) -> tuple[PreTrainedModel, ProcessorMixin]:
+def _qwen3_vl(shape: Shape, moe: bool, *, image_side: int = 0, patch_size: int = 8, vision_depth: int = 2,
+              deepstack_layers: tuple[int, ...] = (0,)) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen3-VL; `image_side` > 0 resizes every image to that square (else to 32..64 px sides), `patch_size`,
+    `vision_depth` and `deepstack_layers` (the vision blocks whose features DeepStack adds to the first decoder
+    layers) shape the vision tower."""
     from transformers import Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -137,9 +142,11 @@ def _qwen3_vl(shape: Shape, moe: bool) -> tuple[PreTrainedModel, ProcessorMixin]
     )
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape.hidden, decoder_sparse_step=1)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=shape.hidden, num_position_embeddings=16,
-                  deepstack_visual_indexes=[0])  # DeepStack: vision block 0's features join decoder layer 0
+    side = image_side // patch_size if image_side else 4  # patches per side of the position-embedding grid
+    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch_size,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=shape.hidden,
+                  num_position_embeddings=side * side,
+                  deepstack_visual_indexes=list(deepstack_layers))  # DeepStack: block k's features join decoder layer k
     common: dict[str, Any] = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     if moe:
@@ -151,8 +158,9 @@ def _qwen3_vl(shape: Shape, moe: bool) -> tuple[PreTrainedModel, ProcessorMixin]
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
         model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **common))
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
-                                               temporal_patch_size=2)
+    low, high = (image_side, image_side) if image_side else (32, 64)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=low * low, max_pixels=high * high, patch_size=patch_size,
+                                               merge_size=2, temporal_patch_size=2)
     processor = image_only(Qwen3VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer,
         chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
@@ -160,8 +168,8 @@ def _qwen3_vl(shape: Shape, moe: bool) -> tuple[PreTrainedModel, ProcessorMixin]
     return model, processor
 
 
-def build_qwen3_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
-    return _qwen3_vl(shape, moe=False)
+def build_qwen3_vl(shape: Shape, **vision: Any) -> tuple[PreTrainedModel, ProcessorMixin]:
+    return _qwen3_vl(shape, moe=False, **vision)
 
 
 def build_qwen3_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -178,10 +186,15 @@ GEMMA_TEMPLATE = (
 )
 
 
-def build_gemma3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+def build_gemma3(shape: Shape, *, image_size: int = 32, patch_size: int = 8, tokens_per_image: int = 4,
+                 sliding_window: int = 16, global_every: int | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Gemma 3: sliding-window layers (window 16: the prompt's last token still sees the image, decoding steps
     and the longer row cross the window) and one global layer; the image
-    block attends bidirectionally (token_type_ids)."""
+    block attends bidirectionally (token_type_ids).
+
+    Options (benchmarks): `image_size` / `patch_size` of the SigLIP tower, `tokens_per_image` (a square number
+    the patch grid pools to), `sliding_window`, and `global_every` (every k-th layer global, Gemma 3's 6, the last
+    layer made global when that leaves none; None: only the last layer is global)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
@@ -193,19 +206,22 @@ def build_gemma3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     for name, token in (("boi", "<start_of_image>"), ("eoi", "<end_of_image>"), ("image", "<image_soft_token>")):
         setattr(tokenizer, f"{name}_token", token)
         setattr(tokenizer, f"{name}_token_id", ids[token])
-    layer_types = ["sliding_attention"] * (shape.layers - 1) + ["full_attention"]
+    every = global_every or shape.layers
+    layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(shape.layers)]
+    if "full_attention" not in layer_types:
+        layer_types[-1] = "full_attention"
     text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<end_of_turn>"],
-                      bos_token_id=ids["<bos>"], query_pre_attn_scalar=shape.head_dim, sliding_window=16,
+                      bos_token_id=ids["<bos>"], query_pre_attn_scalar=shape.head_dim, sliding_window=sliding_window,
                       layer_types=layer_types)
     config = Gemma3Config(
-        text_config=text, vision_config=siglip_config(), mm_tokens_per_image=4,
+        text_config=text, vision_config=siglip_config(image_size, patch_size), mm_tokens_per_image=tokens_per_image,
         boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids["<image_soft_token>"],
     )
     model = Gemma3ForConditionalGeneration(config)
-    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA_TEMPLATE,
-                                image_seq_length=4)
+                                image_seq_length=tokens_per_image)
     return model, processor
 
 
