@@ -1,10 +1,13 @@
-"""The lmms-eval plugin's parts that need no lmms-eval: model arguments, generation kwargs, the task writer and its
-metrics (checked against POPE figures computed by hand)."""
+"""The lmms-eval plugin's parts that need no lmms-eval: model arguments, generation kwargs, and the POPE task writer
+(its metrics checked against figures computed by hand). The AMBER, MME and HallusionBench writers and the
+fingerprint are in tests/test_lmms_benchmarks.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from types import ModuleType
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,9 @@ from PIL import Image
 
 import vlmfix
 from vlmfix.eval import pope
+from vlmfix.eval._io import sha256_file
 from vlmfix.eval.generation import chat_prompt
-from vlmfix.integrations import lmms_tasks
+from vlmfix.integrations import lmms_cli, lmms_tasks
 from vlmfix.integrations.model_args import (
     cut_at_stops,
     generation_settings,
@@ -78,6 +82,41 @@ def test_stop_strings_cut_at_the_first_one() -> None:
     assert cut_at_stops("abc", ("",)) == "abc"  # an empty stop string stops nothing
 
 
+def load_utils(folder: Path) -> ModuleType:
+    """A written task's utils.py, imported as lmms-eval's `!function` tag imports it (from its file)."""
+    spec = importlib.util.spec_from_file_location("utils", folder / "utils.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Tags(yaml.SafeLoader):
+    """Reads lmms-eval's `!function` tags as plain strings."""
+
+
+_Tags.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
+
+
+def read_task(folder: Path) -> tuple[dict, ModuleType, list[dict]]:
+    """(the parsed YAML, the utils module, the docs) of a written task; every `!function` it names exists."""
+    config = yaml.load((folder / f"{folder.name}.yaml").read_text(), Loader=_Tags)
+    utils = load_utils(folder)
+    functions = [config[key] for key in ("doc_to_visual", "doc_to_text", "process_results")]
+    functions += [entry["aggregation"] for entry in config["metric_list"]]
+    for tag in functions:
+        assert tag.startswith("!function utils.") and callable(getattr(utils, tag.removeprefix("!function utils.")))
+    docs_path = Path(config["dataset_kwargs"]["data_files"]["test"])
+    assert docs_path.is_absolute() and docs_path.parent == folder
+    return config, utils, [json.loads(line) for line in docs_path.read_text().splitlines()]
+
+
+def aggregate(utils: ModuleType, docs: list[dict], answers: list[str]) -> dict[str, object]:
+    """Every metric of a task, as lmms-eval computes it: process_results per doc, then each aggregation."""
+    per_doc = [utils.process_results(doc, [answer]) for doc, answer in zip(docs, answers, strict=True)]
+    return {metric: getattr(utils, f"aggregate_{metric}")([rows[metric] for rows in per_doc]) for metric in per_doc[0]}
+
+
 @pytest.fixture
 def task(tmp_path: Path) -> tuple[Path, list[pope.PopeQuestion]]:
     images = tmp_path / "images"
@@ -92,43 +131,45 @@ def task(tmp_path: Path) -> tuple[Path, list[pope.PopeQuestion]]:
     return tmp_path / "tasks" / "t_pope", questions
 
 
-class _Tags(yaml.SafeLoader):
-    """Reads lmms-eval's `!function` tags as plain strings."""
-
-
-_Tags.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
-
-
 def test_written_task_names_its_docs_and_vlmfix_metrics(task) -> None:
     folder, questions = task
-    config = yaml.load((folder / "t_pope.yaml").read_text(), Loader=_Tags)
+    config, utils, docs = read_task(folder)
     assert config["task"] == "t_pope" and config["output_type"] == "generate_until"
-    docs_path = Path(config["dataset_kwargs"]["data_files"]["test"])
-    assert docs_path.is_absolute() and docs_path == folder / "docs.jsonl"
     assert config["generation_kwargs"]["until"] == [] and config["generation_kwargs"]["max_new_tokens"] == 6
-    assert [m["metric"] for m in config["metric_list"]] == [f"pope_{m}" for m in lmms_tasks.METRICS]
-    for entry in config["metric_list"]:  # every aggregation names a function the task's utils.py exports
-        name = entry["aggregation"].removeprefix("!function utils.")
-        assert name in lmms_tasks.__all__ and callable(getattr(lmms_tasks, name))
-    docs = [json.loads(line) for line in docs_path.read_text().splitlines()]
-    assert [d["question"] for d in docs] == [q.text + " Answer yes or no." for q in questions]
+    assert [m["metric"] for m in config["metric_list"]] == [
+        *(f"pope_{m}" for m in lmms_tasks.METRICS), "vlmfix_fingerprint", "vlmfix_fingerprint_sha256"]
+    assert [d["prompt"] for d in docs] == [q.text + " Answer yes or no." for q in questions]
+    assert [d["target"] for d in docs] == [q.label for q in questions]
     assert all(Path(d["image"]).is_file() for d in docs)
-    assert lmms_tasks.pope_doc_to_visual(docs[0])[0].size == (8, 8)
-    assert lmms_tasks.pope_doc_to_text(docs[0]) == docs[0]["question"]
+    assert utils.doc_to_visual(docs[0])[0].size == (8, 8)
+    assert utils.doc_to_text(docs[0]) == docs[0]["prompt"]
+
+
+def test_aggregators_come_from_one_factory_under_their_own_names(task) -> None:
+    folder, _ = task
+    config, utils, _ = read_task(folder)
+    for entry in config["metric_list"]:
+        name = entry["aggregation"].removeprefix("!function utils.")
+        assert getattr(utils, name).__name__ == name == f"aggregate_{entry['metric']}"
+    with pytest.raises(ValueError, match="a metric of task 't_pope'"):
+        utils.TASK.aggregator("pope_f2")
 
 
 def test_task_metrics_equal_hand_computed_pope_figures(task) -> None:
     folder, _ = task
-    docs = [json.loads(line) for line in (folder / "docs.jsonl").read_text().splitlines()]
+    _, utils, docs = read_task(folder)
     # labels yes, no, yes, no; answers yes, yes, no, "maybe" -> official parser: "maybe" has no "no" word: yes
-    answers = ["Yes, there is.", "yes", "No.", "maybe"]
-    rows = [lmms_tasks.pope_process_results(doc, [answer])["pope_f1"] for doc, answer in zip(docs, answers)]
+    metrics = aggregate(utils, docs, ["Yes, there is.", "yes", "No.", "maybe"])
     # TP = 1 (q1), FP = 2 (q2, q4), FN = 1 (q3), TN = 0: precision 1/3, recall 1/2, F1 = 2PR/(P+R) = 0.4
-    assert math.isclose(lmms_tasks.aggregate_pope_precision(rows), 1 / 3)
-    assert math.isclose(lmms_tasks.aggregate_pope_recall(rows), 1 / 2)
-    assert math.isclose(lmms_tasks.aggregate_pope_f1(rows), 0.4)
-    assert math.isclose(lmms_tasks.aggregate_pope_accuracy(rows), 1 / 4)
-    assert math.isclose(lmms_tasks.aggregate_pope_yes_ratio(rows), 3 / 4)
+    assert math.isclose(metrics["pope_precision"], 1 / 3)
+    assert math.isclose(metrics["pope_recall"], 1 / 2)
+    assert math.isclose(metrics["pope_f1"], 0.4)
+    assert math.isclose(metrics["pope_accuracy"], 1 / 4)
+    assert math.isclose(metrics["pope_yes_ratio"], 3 / 4)
+    # lmms-eval --limit 2 answers the first two docs only: scored on those (TP 1, FP 1)
+    assert math.isclose(aggregate(utils, docs[:2], ["Yes", "Yes"])["pope_precision"], 1 / 2)
+    with pytest.raises(ValueError, match="rows of task"):
+        utils.aggregate_pope_f1([{"task": "other", "key": 1, "answer": "yes"}])
 
 
 def test_missing_images_and_empty_tasks_are_refused(tmp_path: Path) -> None:
@@ -146,8 +187,10 @@ def test_write_tasks_command_from_a_question_file(task, tmp_path: Path, capsys: 
     question_file = tmp_path / "q.jsonl"
     pope.write_questions(question_file, questions)
     with pytest.warns(UserWarning, match="not one of the pinned"):
-        lmms_tasks.main(["write-tasks", "--out", str(tmp_path / "cli"), "--questions", str(question_file),
-                         "--images", str(tmp_path / "images"), "--name", "cli_pope"])
+        lmms_cli.main(["write-tasks", "--out", str(tmp_path / "cli"), "--questions", str(question_file),
+                       "--images", str(tmp_path / "images"), "--name", "cli_pope"])
     assert "--tasks cli_pope" in capsys.readouterr().out
-    docs = (tmp_path / "cli" / "cli_pope" / "docs.jsonl").read_text().splitlines()
-    assert [json.loads(line)["question_id"] for line in docs] == [1, 2, 3, 4]
+    _, utils, docs = read_task(tmp_path / "cli" / "cli_pope")
+    assert [doc["key"] for doc in docs] == [1, 2, 3, 4]
+    fingerprint = utils.TASK.fingerprint(utils.TASK.score([{"task": "cli_pope", "key": 1, "answer": "yes"}]))
+    assert fingerprint["pope"]["split_sha256"] == {"random": sha256_file(question_file)}
