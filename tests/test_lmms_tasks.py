@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from types import ModuleType
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml

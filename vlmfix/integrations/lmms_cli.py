@@ -85,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     write.add_argument("--threshold", type=float, default=0.8, help="amber")
     write.add_argument("--quirks", default="reference", choices=amber.QUIRK_MODES, help="amber")
     write.add_argument("--prompt", default="official", choices=("official", "lmms"), help="mme")
+    write.add_argument("--subtasks", nargs="+", default=list(mme.HALLUCINATION_SUBTASKS), help="mme")
     write.add_argument("--source", default="folder", choices=("folder", "hf"), help="mme / hallusionbench --data")
     write.add_argument("--unknown-no-visual", default="correct", choices=hallusion.UNKNOWN_NO_VISUAL,
                        help="hallusionbench")
@@ -148,12 +149,12 @@ def write_amber(args: argparse.Namespace, out: Path, root: Path | None, prefix: 
 
 def write_mme(args: argparse.Namespace, out: Path, root: Path | None, prefix: str) -> list[Path]:
     if root is not None:
-        questions, source = mme.load_mme_folder(root / "mme"), "toy_miniature"
+        questions, source = mme.load_mme_folder(root / "mme", args.subtasks), "toy_miniature"
     elif args.source == "folder":
-        questions, source = mme.load_mme_folder(data_root("mme", args.data)), "folder"
+        questions, source = mme.load_mme_folder(data_root("mme", args.data), args.subtasks), "folder"
     else:
         images = out / ".cache" / "mme_images"
-        questions, source = mme.load_mme_hf(data_root("mme", args.data), image_dir=images), "hf"
+        questions, source = mme.load_mme_hf(data_root("mme", args.data), args.subtasks, images), "hf"
     budget = args.max_new_tokens or (TOY_BUDGETS if root is not None else MODEL_BUDGETS)["yes_no"]
     return [write_mme_task(out, questions, name=args.name or f"{prefix}_mme", max_new_tokens=budget,
                            parser=args.parser or "mme_official", prompt=args.prompt, source=source,
