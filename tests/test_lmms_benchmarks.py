@@ -74,6 +74,9 @@ def test_amber_tasks_give_the_hand_computed_figures(amber_root: Path, tmp_path: 
     config, utils, docs = read_task(generative)
     assert config["generation_kwargs"]["max_new_tokens"] == 16 and [d["key"] for d in docs] == [1, 2]
     assert docs[0]["prompt"] == "Describe this image." and Path(docs[0]["image"]).name == "AMBER_1.jpg"
+    better = {entry["metric"]: entry["higher_is_better"] for entry in config["metric_list"]}
+    assert better == {"amber_CHAIR": False, "amber_Cover": True, "amber_Hal": False, "amber_Cog": False,
+                      "vlmfix_fingerprint": None, "vlmfix_fingerprint_sha256": None}
     metrics = aggregate(utils, docs, DESCRIPTIONS)
     # R1 nouns dog, puppy, ground, frisbee, car, light (frisbee and car hallucinated, light safe); R2 "Dog on
     # grass." -> grass only (case-sensitive): CHAIR 2/7, Cover 3/4, Hal 1/2, Cog 1/4 (spec A8)

@@ -101,7 +101,7 @@ def utils_source(metrics: Sequence[str]) -> str:
 
 def task_yaml(name: str, docs: Path, max_new_tokens: int, metrics: Sequence[str], benchmark: str) -> str:
     """The task YAML (lmms-eval's `!function` tags name functions of the folder's utils.py)."""
-    lower_is_better = ("unknown_rate", "yes_ratio", "CHAIR", "Hal")
+    lower_is_better = ("unknown_rate", "yes_ratio", "CHAIR", "Hal", "Cog")  # AMBER: Cog counts hallu objects named
     entries = []
     for metric in metrics:
         if metric in (FINGERPRINT, FINGERPRINT_SHA256):
