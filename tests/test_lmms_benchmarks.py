@@ -76,7 +76,7 @@ def test_amber_tasks_give_the_hand_computed_figures(amber_root: Path, tmp_path: 
     assert docs[0]["prompt"] == "Describe this image." and Path(docs[0]["image"]).name == "AMBER_1.jpg"
     better = {entry["metric"]: entry["higher_is_better"] for entry in config["metric_list"]}
     assert better == {"amber_CHAIR": False, "amber_Cover": True, "amber_Hal": False, "amber_Cog": False,
-                      "vlmfix_fingerprint_sha256": None}
+                      "vlmfix_fingerprint": None, "vlmfix_fingerprint_sha256": None}
     metrics = aggregate(utils, docs, DESCRIPTIONS)
     # R1 nouns dog, puppy, ground, frisbee, car, light (frisbee and car hallucinated, light safe); R2 "Dog on
     # grass." -> grass only (case-sensitive): CHAIR 2/7, Cover 3/4, Hal 1/2, Cog 1/4 (spec A8)
@@ -248,8 +248,7 @@ def test_results_carry_vlmfix_fingerprint(amber_root: Path, tmp_path: Path, monk
     _, discriminative = write_amber(amber_root, tmp_path / "tasks", parser="vlmevalkit_yorn")
     _, utils, docs = read_task(discriminative)
     answers = [response for *_, response in DISCRIMINATIVE]
-    aggregate(utils, docs, answers)
-    unknown = utils.metadata["vlmfix_fingerprint"]  # what lmms-eval writes as configs.<task>.metadata
+    unknown = aggregate(utils, docs, answers)["vlmfix_fingerprint"]
     assert unknown["model"]["id"] == lmms_tasks.UNKNOWN and unknown["method"]["name"] == lmms_tasks.UNKNOWN
 
     execution = Execution(batch_size=2, dtype="float32", attn_implementation="sdpa", device="cpu")
@@ -257,7 +256,7 @@ def test_results_carry_vlmfix_fingerprint(amber_root: Path, tmp_path: Path, monk
                                             execution, seed=3))
     lmms_tasks.RUN.record_decoding("t_amber_discriminative", {"max_new_tokens": 4, "num_beams": 1, "do_sample": False})
     metrics = aggregate(utils, docs, answers)
-    fingerprint = utils.metadata["vlmfix_fingerprint"]
+    fingerprint = metrics["vlmfix_fingerprint"]
     assert metrics["vlmfix_fingerprint_sha256"] == fingerprint_hash(fingerprint)
     assert fingerprint["benchmark"] == "amber" and fingerprint["prompt"] == "query file"
     assert fingerprint["model"] == {"id": "vlmfix-toy-fast", "revision": "abc"}
@@ -282,16 +281,14 @@ def test_mme_and_hallusion_fingerprints_hold_their_sections(mme_root: Path, hall
     questions = mme.load_mme_folder(mme_root, ["existence"])
     lmms_tasks.write_mme_task(tmp_path, questions, name="t_mme", parser="mme_lmms")
     _, utils, docs = read_task(tmp_path / "t_mme")
-    aggregate(utils, docs, ["Yes"] * 4)
-    fingerprint = utils.metadata["vlmfix_fingerprint"]
+    fingerprint = aggregate(utils, docs, ["Yes"] * 4)["vlmfix_fingerprint"]
     assert fingerprint["mme"]["parser"] == "mme_lmms"
     assert fingerprint["mme"]["content_sha256"] == mme.content_sha256(questions)
     bench = hallusion.load_hallusion(hallusion_root)
     hashes = {**hallusion.file_hashes(hallusion_root, bench), "source": "folder"}
     lmms_tasks.write_hallusion_task(tmp_path, bench, hashes, name="t_hb")
     _, utils, docs = read_task(tmp_path / "t_hb")
-    aggregate(utils, docs, ["Yes"] * 6)
-    fingerprint = utils.metadata["vlmfix_fingerprint"]
+    fingerprint = aggregate(utils, docs, ["Yes"] * 6)["vlmfix_fingerprint"]
     assert fingerprint["hallusion"]["file_sha256"] == sha256_file(hallusion_root / "HallusionBench.json")
     assert fingerprint["hallusion"]["judge"] == "rule:vlmevalkit_yorn"
 

@@ -90,7 +90,7 @@ def test_simple_evaluate_equals_the_runner_and_the_scorer(toy_task, tmp_path: Pa
     assert math.isclose(metrics["pope_f1,none"], scores.f1)
     assert math.isclose(metrics["pope_accuracy,none"], scores.accuracy)
     assert math.isclose(metrics["pope_yes_ratio,none"], scores.yes_ratio)
-    fingerprint = results["configs"][TASK]["metadata"]["vlmfix_fingerprint"]  # as the app's result.json holds it
+    fingerprint = metrics["vlmfix_fingerprint,none"]  # the protocol, as the app's result.json holds it
     assert metrics["vlmfix_fingerprint_sha256,none"] == fingerprint_hash(fingerprint)
     assert fingerprint["model"]["id"] == "vlmfix-toy-fast" and fingerprint["method"]["name"] == "pai"
     assert fingerprint["method"]["params"]["pai"]["alpha"] == 0.5
@@ -145,8 +145,7 @@ def test_cli_run_through_the_entry_point(toy_task, tmp_path: Path) -> None:
     assert answers == expected
     results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())["results"][TASK]
     assert math.isclose(results["pope_f1,none"], pope.score_pope(questions, expected, split="random").f1)
-    config = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())["configs"][TASK]
-    assert config["metadata"]["vlmfix_fingerprint"]["method"]["params"]["pai"]["alpha"] == 0.5
+    assert results["vlmfix_fingerprint,none"]["method"]["params"]["pai"]["alpha"] == 0.5
 
 
 def test_hallusion_task_with_text_only_questions_equals_the_runner_and_the_scorer(tmp_path: Path) -> None:
@@ -172,7 +171,7 @@ def test_hallusion_task_with_text_only_questions_equals_the_runner_and_the_score
     scores = hallusion.score_hallusion(kept, answers)
     metrics = results["results"]["vlmfix_toy_hb"]
     assert (metrics["hallusion_aAcc,none"], metrics["hallusion_qAcc,none"]) == (scores.aacc, scores.qacc)
-    assert results["configs"]["vlmfix_toy_hb"]["metadata"]["vlmfix_fingerprint"]["hallusion"]["include_text_only"]
+    assert metrics["vlmfix_fingerprint,none"]["hallusion"]["include_text_only"] is True
 
 
 def _request(doc_to_visual, doc_id: int, context: str) -> Instance:

@@ -8,8 +8,7 @@ lmms-eval import: each task's `utils.py` imports this).
 docs.jsonl         one doc per question: key, image (absolute path, or null for a text-only question), prompt, target
 vlmfix_task.json   what the scorer reads back: benchmark, settings (parser, ...), question fields, fingerprint parts
 utils.py           binds this task's functions: doc_to_visual, doc_to_text, process_results, one aggregate_<metric>
-                   per metric, each made by `LmmsTask.aggregator(metric)` (lmms-eval imports them by name), and
-                   the task's `metadata` dict
+                   per metric, each made by `LmmsTask.aggregator(metric)` (lmms-eval imports them by name)
 ```
 
 so `lmms-eval --include_path out --tasks <name>` scores a run with the `vlmfix.eval` scorer of the benchmark
@@ -17,14 +16,12 @@ so `lmms-eval --include_path out --tasks <name>` scores a run with the `vlmfix.e
 lmms-eval's numbers equal the benchmark app's on the same answers. lmms-eval YAML values are not
 environment-expanded, hence absolute paths, written at run time.
 
-Every task's results carry vlmfix's protocol fingerprint, as the app's result.json holds it (model, methods and
-their parameters, decoding, prompt, chat template, execution, library versions, the benchmark's section: parser,
-data hashes, AMBER's normalizer and similarity backend, ...) plus an `lmms_eval` section (task YAML, task file and
-docs sha256): the metric `vlmfix_fingerprint_sha256` is its hash, and its aggregation stores the whole fingerprint
-in the task's `metadata` dict (the YAML's `metadata: !function utils.metadata`), which lmms-eval writes to the
-results JSON as `configs.<task>.metadata.vlmfix_fingerprint` (a metric's dict value would flood the printed
-table). The model half comes from the `vlmfix` lmms-eval model (`VlmfixLMM` records itself here when built, and
-each task's generation kwargs when it answers); a task run by another lmms-eval model says `model: unknown`.
+Every task also has two metrics `vlmfix_fingerprint` (the protocol fingerprint, as the app's result.json holds
+it: model, methods and their parameters, decoding, prompt, chat template, execution, library versions, the
+benchmark's section: parser, data hashes, AMBER's normalizer and similarity backend, ...) and
+`vlmfix_fingerprint_sha256` (its hash), plus an `lmms_eval` section (task YAML, task file and docs sha256). The
+model half comes from the `vlmfix` lmms-eval model (`VlmfixLMM` records itself here when built, and each task's
+generation kwargs when it answers); a task run by another lmms-eval model says `model: unknown`.
 """
 
 from __future__ import annotations
@@ -88,7 +85,7 @@ def write_task(out: str | Path, content: TaskContent, *, name: str, max_new_toke
 
 def metric_names(benchmark: str, metrics: Sequence[str]) -> tuple[str, ...]:
     """lmms-eval's metric names of a task: `<prefix>_<metric>`, then the two fingerprint metrics."""
-    return (*(f"{PREFIXES[benchmark]}_{m}" for m in metrics), FINGERPRINT_SHA256)
+    return (*(f"{PREFIXES[benchmark]}_{m}" for m in metrics), FINGERPRINT, FINGERPRINT_SHA256)
 
 
 def utils_source(metrics: Sequence[str]) -> str:
@@ -96,7 +93,7 @@ def utils_source(metrics: Sequence[str]) -> str:
     lines = ['"""Written by `python -m vlmfix.integrations.lmms_eval write-tasks`: this task\'s functions."""',
              "from pathlib import Path", "", "from vlmfix.integrations.lmms_tasks import load_task", "",
              f"TASK = load_task(Path(__file__).with_name({TASK_FILE!r}))",
-             "metadata = TASK.metadata", "doc_to_visual = TASK.doc_to_visual", "doc_to_text = TASK.doc_to_text",
+             "doc_to_visual = TASK.doc_to_visual", "doc_to_text = TASK.doc_to_text",
              "process_results = TASK.process_results"]
     lines += [f"aggregate_{metric} = TASK.aggregator({metric!r})" for metric in metrics]
     return "\n".join(lines) + "\n"
@@ -107,7 +104,7 @@ def task_yaml(name: str, docs: Path, max_new_tokens: int, metrics: Sequence[str]
     lower_is_better = ("unknown_rate", "yes_ratio", "CHAIR", "Hal", "Cog")  # AMBER: Cog counts hallu objects named
     entries = []
     for metric in metrics:
-        if metric == FINGERPRINT_SHA256:
+        if metric in (FINGERPRINT, FINGERPRINT_SHA256):
             better = "null"
         else:
             better = "false" if metric.endswith(lower_is_better) else "true"
@@ -127,7 +124,7 @@ def task_yaml(name: str, docs: Path, max_new_tokens: int, metrics: Sequence[str]
         f"  num_beams: 1\n  do_sample: false\n"
         f"process_results: !function utils.process_results\n"
         f"metric_list:\n{''.join(entries)}"
-        f"metadata: !function utils.metadata\n"  # a dict: version, and the fingerprint once scored
+        f"metadata:\n  version: 0.0\n  vlmfix_benchmark: {benchmark}\n"
     )
 
 
@@ -195,7 +192,6 @@ class LmmsTask:
         self.protocol: dict[str, Any] = spec["protocol"]
         self.questions: list[dict[str, Any]] = spec["questions"]
         self.metrics: tuple[str, ...] = tuple(spec["metrics"])
-        self.metadata: dict[str, Any] = {"version": 0.0, "vlmfix_benchmark": self.benchmark}  # the YAML's metadata
         self._scored: tuple[tuple[tuple[int, str], ...], Scored] | None = None
 
     # lmms-eval's doc functions
@@ -228,10 +224,9 @@ class LmmsTask:
     # scoring
     def value(self, metric: str, rows: Sequence[dict[str, Any]]) -> Any:
         scored = self.score(rows)
-        if metric == FINGERPRINT_SHA256:
+        if metric in (FINGERPRINT, FINGERPRINT_SHA256):
             fingerprint = self.fingerprint(scored)
-            self.metadata[FINGERPRINT] = fingerprint  # lmms-eval dumps the task's config after aggregating
-            return fingerprint_hash(fingerprint)
+            return fingerprint if metric == FINGERPRINT else fingerprint_hash(fingerprint)
         return scored.metrics[metric.removeprefix(PREFIXES[self.benchmark] + "_")]
 
     def score(self, rows: Sequence[dict[str, Any]]) -> Scored:
