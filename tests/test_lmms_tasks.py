@@ -61,6 +61,14 @@ def test_methods_from_a_yaml_file_of_method_nodes(tmp_path: Path) -> None:
         methods_from_config(tmp_path / "absent.yaml")
 
 
+def test_method_params_are_the_fingerprints_plain_data() -> None:
+    from vlmfix.eval.fingerprint import method_params
+
+    params = method_params(parse_methods("pai:alpha=0.5;vhr"))
+    assert list(params) == ["pai", "vhr"] and params["pai"]["alpha"] == 0.5
+    assert json.loads(json.dumps(params)) == params  # JSON as it is (tuples become lists, objects their repr)
+
+
 def test_generation_kwargs_follow_lmms_eval_conventions() -> None:
     greedy = generation_settings({"until": ["\n\n"], "max_new_tokens": 8, "temperature": 0, "top_p": 1.0,
                                   "num_beams": 1, "do_sample": False, "image_aspect_ratio": "pad"})

@@ -8,6 +8,9 @@ app's runner. A *scorer* turns a task's settings, questions and the answers lmms
 (key -> raw text) into the task's metrics (with the names the app's result.json uses) and its fingerprint
 section as scored (AMBER's similarity backend and data hashes are the ones of the scoring process).
 Items, prompts and the `limit` rule are the app's (`benchmarks/release_kinds.py`), so the numbers are equal.
+lmms-eval's own `--limit` answers the first docs only: POPE and AMBER score the answered questions, MME and
+HallusionBench count the unanswered ones wrong (pairs and groups need every member); cap a task with
+`write-tasks --limit` (the app's rule) instead.
 """
 
 from __future__ import annotations
