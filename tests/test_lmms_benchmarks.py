@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.test_lmms_tasks import aggregate, read_task
+from tests.lmms_task_files import aggregate, read_task
 from vlmfix.eval import amber, amber_protocol, fingerprint_hash, hallusion, mme
 from vlmfix.eval._io import sha256_file
 from vlmfix.eval.fingerprint import Execution
