@@ -59,7 +59,7 @@ from vlmfix.eval import (
 )
 from vlmfix.eval._io import atomic_write_text, sha256_file, sha256_text
 from vlmfix.eval.bootstrap import UnitTable
-from vlmfix.eval.fingerprint import Execution
+from vlmfix.eval.fingerprint import Execution, method_params
 from vlmfix.eval.unit_counts import chair_units, pope_units
 from vlmfix.validation import boolean, choice, indices, number, optional_number, text
 
@@ -696,7 +696,7 @@ def plain(value: Any) -> Any:
 
 
 def _method_params(methods: list[Method]) -> dict[str, Any]:
-    return {m.name: {k: _plain(v) for k, v in m.params().items()} for m in methods}
+    return method_params(methods)  # shared with the lmms-eval plugin's fingerprint
 
 
 def _plain(value: Any) -> Any:

@@ -1,5 +1,6 @@
 """The `vlmfix` model inside lmms-eval, offline on the fast toy: lmms-eval's answers equal the benchmark app's runner
-on the same items, and its POPE numbers equal vlmfix's scorer. Skipped where lmms-eval is not installed (it is not
+on the same items, its POPE and HallusionBench numbers equal vlmfix's scorers, and its results carry vlmfix's
+protocol fingerprint. Skipped where lmms-eval is not installed (it is not
 in CI: its dependencies replace the pinned CPU torch; see the README's lmms-eval section)."""
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ from lmms_eval.tasks import TaskManager  # noqa: E402
 
 from benchmarks.generation import Item, generate_predictions  # noqa: E402
 from benchmarks.models import load_toy  # noqa: E402
-from vlmfix.eval import pope  # noqa: E402
+from vlmfix.eval import fingerprint_hash, hallusion, pope  # noqa: E402
 from vlmfix.integrations.lmms_eval import NO_LIKELIHOOD, VlmfixLMM  # noqa: E402
-from vlmfix.integrations.lmms_tasks import toy_pope_questions, write_pope_task  # noqa: E402
+from vlmfix.integrations.lmms_tasks import (  # noqa: E402
+    toy_miniatures,
+    toy_pope_questions,
+    write_hallusion_task,
+    write_pope_task,
+)
 from vlmfix.integrations.model_args import parse_methods  # noqa: E402
 
 TASK = "vlmfix_toy_pope"
@@ -73,7 +79,7 @@ def test_simple_evaluate_equals_the_runner_and_the_scorer(toy_task, tmp_path: Pa
                               log_samples=True, bootstrap_iters=0)
     assert results is not None
     samples = results["samples"][TASK]
-    answers = {int(s["doc"]["question_id"]): s["filtered_resps"][0] for s in samples}
+    answers = {int(s["doc"]["key"]): s["filtered_resps"][0] for s in samples}
     assert len(answers) == len(questions) == 12
 
     expected = runner_answers(questions, images, tmp_path / "runner.jsonl")
@@ -84,6 +90,13 @@ def test_simple_evaluate_equals_the_runner_and_the_scorer(toy_task, tmp_path: Pa
     assert math.isclose(metrics["pope_f1,none"], scores.f1)
     assert math.isclose(metrics["pope_accuracy,none"], scores.accuracy)
     assert math.isclose(metrics["pope_yes_ratio,none"], scores.yes_ratio)
+    fingerprint = metrics["vlmfix_fingerprint,none"]  # the protocol, as the app's result.json holds it
+    assert metrics["vlmfix_fingerprint_sha256,none"] == fingerprint_hash(fingerprint)
+    assert fingerprint["model"]["id"] == "vlmfix-toy-fast" and fingerprint["method"]["name"] == "pai"
+    assert fingerprint["method"]["params"]["pai"]["alpha"] == 0.5
+    assert fingerprint["decoding"]["max_new_tokens"] == MAX_NEW_TOKENS and fingerprint["decoding"]["mode"] == "greedy"
+    assert fingerprint["execution"]["batch_size"] == BATCH and fingerprint["pope"]["parser"] == "official"
+    assert fingerprint["libraries"]["lmms_eval"] is not None
     # the method ran on every batch: its report counts the contrast steps it decided
     reports = [json.loads(line) for line in (tmp_path / "reports.jsonl").read_text().splitlines()]
     assert len(reports) == 12 // BATCH
@@ -127,11 +140,38 @@ def test_cli_run_through_the_entry_point(toy_task, tmp_path: Path) -> None:
     files = sorted((tmp_path / "out").rglob(f"*samples_{TASK}*.jsonl"))
     assert files, f"no samples file under {tmp_path / 'out'}: {done.stdout[-2000:]}"
     rows = [json.loads(line)["pope_f1"] for line in files[0].read_text().splitlines()]  # process_results' rows
-    answers = {int(row["question_id"]): row["answer"] for row in rows}
+    answers = {int(row["key"]): row["answer"] for row in rows}
     expected = runner_answers(questions, images, tmp_path / "runner.jsonl")
     assert answers == expected
     results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())["results"][TASK]
     assert math.isclose(results["pope_f1,none"], pope.score_pope(questions, expected, split="random").f1)
+    assert results["vlmfix_fingerprint,none"]["method"]["params"]["pai"]["alpha"] == 0.5
+
+
+def test_hallusion_task_with_text_only_questions_equals_the_runner_and_the_scorer(tmp_path: Path) -> None:
+    root = toy_miniatures(True, tmp_path / "mini") / "hallusionbench"
+    bench = hallusion.load_hallusion(root)
+    sets = list(dict.fromkeys((q.category, q.subcategory, q.set_id) for q in bench if q.subcategory == "toy_pair"))
+    kept = [q for q in bench if (q.category, q.subcategory, q.set_id) in sets[:2]]  # 2 sets: 6 questions, 2 no image
+    write_hallusion_task(tmp_path / "tasks", kept, {"source": "toy_miniature"}, name="vlmfix_toy_hb",
+                         max_new_tokens=MAX_NEW_TOKENS)
+    lm = VlmfixLMM(pretrained="toy_fast", methods=METHODS, batch_size=BATCH, device="cpu")
+    results = simple_evaluate(model=lm, tasks=["vlmfix_toy_hb"], bootstrap_iters=0, log_samples=True,
+                              task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+    assert results is not None
+    answers = {int(s["doc"]["key"]): s["filtered_resps"][0] for s in results["samples"]["vlmfix_toy_hb"]}
+    loaded = load_toy(fast=True)
+    items = [Item(q.key, q.image_path, q.question) for q in kept]
+    assert sum(item.image_path is None for item in items) == 2
+    rows = generate_predictions(items, model=loaded.model, processor=loaded.processor, methods=parse_methods(METHODS),
+                                out_path=tmp_path / "runner.jsonl", key_name="key", text_name="text", batch_size=BATCH,
+                                max_new_tokens=MAX_NEW_TOKENS, decoding={"do_sample": False, "num_beams": 1}, seed=0,
+                                progress=False)
+    assert answers == {key: row["text"] for key, row in rows.items()}
+    scores = hallusion.score_hallusion(kept, answers)
+    metrics = results["results"]["vlmfix_toy_hb"]
+    assert (metrics["hallusion_aAcc,none"], metrics["hallusion_qAcc,none"]) == (scores.aacc, scores.qacc)
+    assert metrics["vlmfix_fingerprint,none"]["hallusion"]["include_text_only"] is True
 
 
 def _request(doc_to_visual, doc_id: int, context: str) -> Instance:

@@ -1,5 +1,6 @@
-"""The lmms-eval plugin's parts that need no lmms-eval: model arguments, generation kwargs, the task writer and its
-metrics (checked against POPE figures computed by hand)."""
+"""The lmms-eval plugin's parts that need no lmms-eval: model arguments, generation kwargs, and the POPE task writer
+(its metrics checked against figures computed by hand). The AMBER, MME and HallusionBench writers and the
+fingerprint are in tests/test_lmms_benchmarks.py."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 import vlmfix
+from tests.lmms_task_files import aggregate, read_task
 from vlmfix.eval import pope
+from vlmfix.eval._io import sha256_file
 from vlmfix.eval.generation import chat_prompt
-from vlmfix.integrations import lmms_tasks
+from vlmfix.integrations import lmms_cli, lmms_tasks
 from vlmfix.integrations.model_args import (
     cut_at_stops,
     generation_settings,
@@ -57,6 +59,14 @@ def test_methods_from_a_yaml_file_of_method_nodes(tmp_path: Path) -> None:
         methods_from_config(tmp_path / "absent.yaml")
 
 
+def test_method_params_are_the_fingerprints_plain_data() -> None:
+    from vlmfix.eval.fingerprint import method_params
+
+    params = method_params(parse_methods("pai:alpha=0.5;vhr"))
+    assert list(params) == ["pai", "vhr"] and params["pai"]["alpha"] == 0.5
+    assert json.loads(json.dumps(params)) == params  # JSON as it is (tuples become lists, objects their repr)
+
+
 def test_generation_kwargs_follow_lmms_eval_conventions() -> None:
     greedy = generation_settings({"until": ["\n\n"], "max_new_tokens": 8, "temperature": 0, "top_p": 1.0,
                                   "num_beams": 1, "do_sample": False, "image_aspect_ratio": "pad"})
@@ -92,43 +102,45 @@ def task(tmp_path: Path) -> tuple[Path, list[pope.PopeQuestion]]:
     return tmp_path / "tasks" / "t_pope", questions
 
 
-class _Tags(yaml.SafeLoader):
-    """Reads lmms-eval's `!function` tags as plain strings."""
-
-
-_Tags.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
-
-
 def test_written_task_names_its_docs_and_vlmfix_metrics(task) -> None:
     folder, questions = task
-    config = yaml.load((folder / "t_pope.yaml").read_text(), Loader=_Tags)
+    config, utils, docs = read_task(folder)
     assert config["task"] == "t_pope" and config["output_type"] == "generate_until"
-    docs_path = Path(config["dataset_kwargs"]["data_files"]["test"])
-    assert docs_path.is_absolute() and docs_path == folder / "docs.jsonl"
     assert config["generation_kwargs"]["until"] == [] and config["generation_kwargs"]["max_new_tokens"] == 6
-    assert [m["metric"] for m in config["metric_list"]] == [f"pope_{m}" for m in lmms_tasks.METRICS]
-    for entry in config["metric_list"]:  # every aggregation names a function the task's utils.py exports
-        name = entry["aggregation"].removeprefix("!function utils.")
-        assert name in lmms_tasks.__all__ and callable(getattr(lmms_tasks, name))
-    docs = [json.loads(line) for line in docs_path.read_text().splitlines()]
-    assert [d["question"] for d in docs] == [q.text + " Answer yes or no." for q in questions]
+    assert [m["metric"] for m in config["metric_list"]] == [
+        *(f"pope_{m}" for m in lmms_tasks.METRICS), "vlmfix_fingerprint", "vlmfix_fingerprint_sha256"]
+    assert [d["prompt"] for d in docs] == [q.text + " Answer yes or no." for q in questions]
+    assert [d["target"] for d in docs] == [q.label for q in questions]
     assert all(Path(d["image"]).is_file() for d in docs)
-    assert lmms_tasks.pope_doc_to_visual(docs[0])[0].size == (8, 8)
-    assert lmms_tasks.pope_doc_to_text(docs[0]) == docs[0]["question"]
+    assert utils.doc_to_visual(docs[0])[0].size == (8, 8)
+    assert utils.doc_to_text(docs[0]) == docs[0]["prompt"]
+
+
+def test_aggregators_come_from_one_factory_under_their_own_names(task) -> None:
+    folder, _ = task
+    config, utils, _ = read_task(folder)
+    for entry in config["metric_list"]:
+        name = entry["aggregation"].removeprefix("!function utils.")
+        assert getattr(utils, name).__name__ == name == f"aggregate_{entry['metric']}"
+    with pytest.raises(ValueError, match="a metric of task 't_pope'"):
+        utils.TASK.aggregator("pope_f2")
 
 
 def test_task_metrics_equal_hand_computed_pope_figures(task) -> None:
     folder, _ = task
-    docs = [json.loads(line) for line in (folder / "docs.jsonl").read_text().splitlines()]
+    _, utils, docs = read_task(folder)
     # labels yes, no, yes, no; answers yes, yes, no, "maybe" -> official parser: "maybe" has no "no" word: yes
-    answers = ["Yes, there is.", "yes", "No.", "maybe"]
-    rows = [lmms_tasks.pope_process_results(doc, [answer])["pope_f1"] for doc, answer in zip(docs, answers)]
+    metrics = aggregate(utils, docs, ["Yes, there is.", "yes", "No.", "maybe"])
     # TP = 1 (q1), FP = 2 (q2, q4), FN = 1 (q3), TN = 0: precision 1/3, recall 1/2, F1 = 2PR/(P+R) = 0.4
-    assert math.isclose(lmms_tasks.aggregate_pope_precision(rows), 1 / 3)
-    assert math.isclose(lmms_tasks.aggregate_pope_recall(rows), 1 / 2)
-    assert math.isclose(lmms_tasks.aggregate_pope_f1(rows), 0.4)
-    assert math.isclose(lmms_tasks.aggregate_pope_accuracy(rows), 1 / 4)
-    assert math.isclose(lmms_tasks.aggregate_pope_yes_ratio(rows), 3 / 4)
+    assert math.isclose(metrics["pope_precision"], 1 / 3)
+    assert math.isclose(metrics["pope_recall"], 1 / 2)
+    assert math.isclose(metrics["pope_f1"], 0.4)
+    assert math.isclose(metrics["pope_accuracy"], 1 / 4)
+    assert math.isclose(metrics["pope_yes_ratio"], 3 / 4)
+    # lmms-eval --limit 2 answers the first two docs only: scored on those (TP 1, FP 1)
+    assert math.isclose(aggregate(utils, docs[:2], ["Yes", "Yes"])["pope_precision"], 1 / 2)
+    with pytest.raises(ValueError, match="rows of task"):
+        utils.aggregate_pope_f1([{"task": "other", "key": 1, "answer": "yes"}])
 
 
 def test_missing_images_and_empty_tasks_are_refused(tmp_path: Path) -> None:
@@ -146,8 +158,10 @@ def test_write_tasks_command_from_a_question_file(task, tmp_path: Path, capsys: 
     question_file = tmp_path / "q.jsonl"
     pope.write_questions(question_file, questions)
     with pytest.warns(UserWarning, match="not one of the pinned"):
-        lmms_tasks.main(["write-tasks", "--out", str(tmp_path / "cli"), "--questions", str(question_file),
-                         "--images", str(tmp_path / "images"), "--name", "cli_pope"])
+        lmms_cli.main(["write-tasks", "--out", str(tmp_path / "cli"), "--questions", str(question_file),
+                       "--images", str(tmp_path / "images"), "--name", "cli_pope"])
     assert "--tasks cli_pope" in capsys.readouterr().out
-    docs = (tmp_path / "cli" / "cli_pope" / "docs.jsonl").read_text().splitlines()
-    assert [json.loads(line)["question_id"] for line in docs] == [1, 2, 3, 4]
+    _, utils, docs = read_task(tmp_path / "cli" / "cli_pope")
+    assert [doc["key"] for doc in docs] == [1, 2, 3, 4]
+    fingerprint = utils.TASK.fingerprint(utils.TASK.score([{"task": "cli_pope", "key": 1, "answer": "yes"}]))
+    assert fingerprint["pope"]["split_sha256"] == {"random": sha256_file(question_file)}

@@ -116,6 +116,22 @@ def _as_eval_input_error() -> Iterator[None]:
         raise EvalInputError(str(err)) from None
 
 
+def method_params(methods: Sequence[Any]) -> dict[str, Any]:
+    """Each method's constructor parameters as plain JSON data ({name: {parameter: value}}; a value JSON cannot
+    store is kept as its repr), as the benchmark app and the lmms-eval plugin record them."""
+    return {m.name: {k: _plain(v) for k, v in m.params().items()} for m in methods}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
 def library_versions(names: Sequence[str] = DEFAULT_LIBRARIES) -> dict[str, str | None]:
     """Installed distribution versions (None when not installed)."""
     versions: dict[str, str | None] = {}

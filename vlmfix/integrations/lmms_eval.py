@@ -19,6 +19,10 @@ the benchmark app's prompts (`vlmfix.eval.generation.chat_prompt`) and per-batch
 the app's runner on the same items and batch size. Requests without an image are decoded by plain `generate`
 with no method (the methods act on image tokens), as the app does. Stop strings (`until`) cut the decoded text.
 
+Tasks written by `write-tasks` (POPE, AMBER, MME, HallusionBench; `vlmfix.integrations.lmms_tasks`) report vlmfix's
+protocol fingerprint as their `vlmfix_fingerprint` metric: this model records its half (checkpoint, methods and
+their parameters, chat template, execution, seed) when built, and each task's generation kwargs when answering.
+
 Log-likelihood requests are refused: the contrastive and beam-search methods act inside `generate` (a second
 stream, their own decoding loop), so a forward-only likelihood would silently score the model without them.
 """
@@ -39,8 +43,11 @@ from tqdm import tqdm
 import vlmfix
 from vlmfix.decoding.method import Method
 from vlmfix.decoding.session import Session
+from vlmfix.eval.fingerprint import Execution, method_params
 from vlmfix.eval.generation import chat_prompt
+from vlmfix.integrations.lmms_tasks import RUN, ModelRecord
 from vlmfix.integrations.model_args import (
+    TOYS,
     cut_at_stops,
     generation_settings,
     load_vlm,
@@ -110,6 +117,7 @@ class VlmfixLMM(lmms):
         Session(self.model, self.methods, tokenizer=self.processor)  # each method's check of this model, now
         self.device = next(self.model.parameters()).device
         self._batch_index = 0
+        RUN.record_model(self.fingerprint_fields(pretrained))  # the model half of the tasks' vlmfix fingerprint
 
     # ------------------------------------------------------------------ lmms-eval's interface
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -128,6 +136,8 @@ class VlmfixLMM(lmms):
         bar = tqdm(total=len(requests), desc="vlmfix responding", disable=self.rank != 0)
         for indices in groups.values():
             settings = generation_settings(dict(requests[indices[0]].args[1]))
+            for task in {requests[i].args[4] for i in indices}:
+                RUN.record_decoding(task, settings.kwargs)
             if settings.ignored:
                 print(f"vlmfix: ignoring generation_kwargs {', '.join(settings.ignored)} (not decoding settings it "
                       "knows)", file=sys.stderr)
@@ -147,6 +157,24 @@ class VlmfixLMM(lmms):
         return [answer if answer is not None else "" for answer in answers]
 
     # ------------------------------------------------------------------ helpers
+    def fingerprint_fields(self, pretrained: str) -> ModelRecord:
+        """The model half of vlmfix's fingerprint, recorded as the benchmark app records it."""
+        parameter = next(self.model.parameters())
+        if pretrained in TOYS:  # as benchmarks.models.load_toy names it
+            from vlmfix.toy import build_toy
+
+            fast = pretrained == "toy_fast"
+            source = f"vlmfix-toy{'-fast' if fast else ''}"
+            revision: str | None = build_toy(fast=fast, progress=False).settings_hash
+        else:
+            source, revision = pretrained, getattr(self.model.config, "_commit_hash", None)
+        label = "+".join(m.name for m in self.methods) or "greedy"
+        execution = Execution(batch_size=self.batch_size, dtype=str(parameter.dtype).removeprefix("torch."),
+                              attn_implementation=getattr(self.model.config, "_attn_implementation", None),
+                              device=parameter.device.type)
+        return ModelRecord(source, revision, label, method_params(self.methods),
+                           getattr(self.processor, "chat_template", None), execution, self.seed)
+
     def _prompt(self, request: Instance) -> tuple[str, Any]:
         """(context, image or None) of one request; more than one image is refused."""
         context, _, doc_to_visual, doc_id, task, split = request.args[:6]
@@ -194,10 +222,10 @@ def _batch_size(value: Any) -> int:
 
 # ------------------------------------------------------------------ python -m vlmfix.integrations.lmms_eval
 def main(argv: Sequence[str] | None = None) -> None:
-    """`write-tasks --out DIR (--toy toy_fast | --questions FILE --images DIR) [--name N] [--split S] ...`"""
-    from vlmfix.integrations.lmms_tasks import main as tasks_main
+    """`write-tasks --out DIR --benchmark pope|amber|mme|hallusionbench (--toy toy_fast | --data DIR | ...)`"""
+    from vlmfix.integrations.lmms_cli import main as cli_main
 
-    tasks_main(argv)
+    cli_main(argv)
 
 
 if __name__ == "__main__":
