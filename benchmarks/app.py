@@ -541,8 +541,11 @@ def prepare_chair(cfg: DictConfig, options: ChairOptions, paths: DataPaths) -> C
         selection = options.image_list
         unknown = [i for i in selection.image_ids if i not in files]
         if unknown:
-            key = "image_ids_file" if selection.mode == "pinned" else "list"
-            raise ValueError(f"`benchmark.images.{key}` ({selection.source}): {len(unknown)} of its "
+            key, source = "list", selection.source
+            if selection.mode == "pinned":
+                key, name = "image_ids_file", cfg.benchmark.images.image_ids_file
+                source = f"{name}, file {str(chair.pinned_list_path(name))!r}"
+            raise ValueError(f"`benchmark.images.{key}` ({source}): {len(unknown)} of its "
                              f"{len(selection.image_ids)} image ids are not in data.instances "
                              f"{str(paths.instances)!r} (e.g. {unknown[:10]}); point data (VLMFIX_COCO) at the "
                              "dataset the list was made for (COCO 2014 val for the shipped lists), or list images "

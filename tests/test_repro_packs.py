@@ -202,7 +202,7 @@ def test_pinned_ids_missing_from_the_local_coco_are_one_error_before_loading(tmp
     with pytest.raises(ValueError) as error:
         run(cfg)
     message = str(error.value)
-    assert "benchmark.images.image_ids_file" in message and "opera_llava15_500" in message
+    assert "benchmark.images.image_ids_file" in message and "data/repro/chair_opera_llava15_500.json" in message
     assert "3 of its 500 image ids are not in data.instances" in message
     assert str(sorted(absent)[0]) in message or str(ids[0]) in message
 
