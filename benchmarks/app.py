@@ -67,7 +67,7 @@ log = logging.getLogger("benchmarks")
 T = TypeVar("T")
 
 DECODING_KEYS = ("do_sample", "num_beams", "temperature", "top_p", "repetition_penalty")
-IMAGE_MODES = ("sample", "list")
+IMAGE_MODES = ("sample", "list", "pinned")
 
 
 # ------------------------------------------------------------------ checked settings
@@ -96,7 +96,7 @@ class ChairOptions:
     """CHAIR's checked settings."""
 
     extractor: chair.MentionExtractor
-    image_list: chair.ImageSelection | None  # images.mode=list (capped by limit)
+    image_list: chair.ImageSelection | None  # images.mode=list or pinned (capped by limit)
     n_images: int  # images.mode=sample: images.n capped by limit
     seed: int
 
@@ -265,16 +265,23 @@ def check_chair(cfg: DictConfig) -> ChairOptions:
     check_max_new_tokens(bench.max_new_tokens, "chair")
     images = bench.images
     mode = choice(images.mode, "benchmark.images.mode", IMAGE_MODES,
-                  meaning="how CHAIR picks images; set benchmark.images.mode=sample, or =list with "
-                          "benchmark.images.list=<file of image ids>")
+                  meaning="how CHAIR picks images; set benchmark.images.mode=sample, =list with "
+                          "benchmark.images.list=<file of image ids>, or =pinned with "
+                          "benchmark.images.image_ids_file=<a shipped list, e.g. opera_llava15_500>")
     n_images = number(images.n, "benchmark.images.n", low=1, integer=True,
                       meaning="the images sampled; set benchmark.images.n=<int>")
     seed = number(images.seed, "benchmark.images.seed", low=0, integer=True,
                   meaning="the image sampling seed; set benchmark.images.seed=<int>")
-    if mode == "sample" and images.list is not None:
-        raise ValueError(f"`benchmark.images.list` is set ({images.list!r}) but benchmark.images.mode=sample "
-                         "ignores it; set benchmark.images.mode=list to use it, or benchmark.images.list=null.")
-    image_list = read_image_list(images.list, cfg.limit) if mode == "list" else None
+    pinned = images.get("image_ids_file")
+    for key, value, wanted in (("list", images.list, "list"), ("image_ids_file", pinned, "pinned")):
+        if value is not None and mode != wanted:
+            raise ValueError(f"`benchmark.images.{key}` is set ({value!r}) but benchmark.images.mode={mode} ignores "
+                             f"it; set benchmark.images.mode={wanted} to use it, or benchmark.images.{key}=null.")
+    image_list = None
+    if mode == "list":
+        image_list = read_image_list(images.list, cfg.limit)
+    elif mode == "pinned":
+        image_list = read_pinned_list(pinned, cfg.limit)
     normalizer = choice(bench.normalizer, "benchmark.normalizer", chair.NORMALIZERS.names(),
                         meaning="the CHAIR normalizer; set benchmark.normalizer=simple or opera_nltk")
     quirks = choice(bench.quirks, "benchmark.quirks", chair.QUIRK_MODES,
@@ -293,6 +300,22 @@ def read_image_list(value: Any, limit: int | None) -> chair.ImageSelection:
     selection = scorer_input("benchmark.images.list", chair.read_image_list, path)
     if limit is not None and limit < len(selection.image_ids):
         selection = chair.images_from_list(selection.image_ids[:limit], f"{path} (first {limit})")
+    return selection
+
+
+def read_pinned_list(value: Any, limit: int | None) -> chair.ImageSelection:
+    """The ids of `benchmark.images.image_ids_file`: a pinned list shipped with vlmfix (by name) or a file of
+    that format (the first `limit` of them)."""
+    if value is None:
+        raise ValueError("`benchmark.images.image_ids_file` must name a pinned image list when "
+                         f"benchmark.images.mode=pinned, got None; set it to one of "
+                         f"{', '.join(chair.pinned_list_names())} or to a pinned-list file.")
+    name = text(value, "benchmark.images.image_ids_file", meaning="a pinned image list")
+    selection = scorer_input("benchmark.images.image_ids_file", chair.read_pinned_list, name)
+    if limit is not None and limit < len(selection.image_ids):
+        first = selection.image_ids[:limit]
+        selection = chair.ImageSelection(first, "pinned", None, f"{selection.source} (first {limit})",
+                                         chair.image_list_hash(first))
     return selection
 
 
@@ -317,7 +340,30 @@ def check_pope(cfg: DictConfig) -> PopeOptions:
                              f"({bench.questions!r}); set limit=null, or pass a smaller question file.")
         path = existing_file(bench.questions, "benchmark.questions", "a POPE question file (JSON Lines or array)")
         question_file = scorer_input("benchmark.questions", pope.load_question_file, path, split)
+        check_pope_version(bench.get("version"), question_file)
+    elif bench.get("version") is not None:
+        raise ValueError(f"`benchmark.version` ({bench.version!r}) pins a released question file, but none is "
+                         "given and questions are built from the data; set benchmark.questions=<the released "
+                         "file> or benchmark.version=null.")
     return PopeOptions(split, parser, question_file, capped(n_images, cfg.limit), seed)
+
+
+def check_pope_version(version: Any, question_file: pope.QuestionFile) -> None:
+    """`benchmark.version` (a reproduction pack's pin, e.g. e3e3926): the file, identified by the content of its
+    rows, must be that release; null accepts any file."""
+    if version is None:
+        return
+    version = choice(str(version), "benchmark.version", pope.VERSIONS,
+                     meaning="the released POPE version a reproduction pins; or benchmark.version=null")
+    if version in question_file.versions:
+        return
+    found = (f"the released {question_file.dataset} {question_file.split!r} file of version(s) "
+             f"{', '.join(question_file.versions)}" if question_file.versions else
+             f"not a released file (content sha256 {question_file.content_sha256})")
+    raise ValueError(f"`benchmark.version` pins POPE version {version}, but {question_file.path!r} is {found}. "
+                     f"Use that release's file (e.g. `git -C $VLMFIX_POPE checkout {version}` in a RUCAIBox/POPE "
+                     "clone, or the copy the pack's paper ships; see the pack's comment), or set "
+                     "benchmark.version=null to score any file.")
 
 
 def check_beam_search_methods(cfg: DictConfig, kind: str, methods: list[Method]) -> None:
@@ -349,6 +395,7 @@ def check_pope_release(cfg: DictConfig, split: str, parser: str) -> PopeOptions:
         root, images = local_root(bench.data), local_images(bench.data)
         path = scorer_input("benchmark.data.root", pope.find_question_file, root, dataset, split)
     question_file = scorer_input("benchmark.questions", pope.load_question_file, path, split, dataset)
+    check_pope_version(bench.get("version"), question_file)
     return PopeOptions(split, parser, question_file, 0, 0, images=images, dataset=dataset)
 
 
@@ -494,9 +541,15 @@ def prepare_chair(cfg: DictConfig, options: ChairOptions, paths: DataPaths) -> C
         selection = options.image_list
         unknown = [i for i in selection.image_ids if i not in files]
         if unknown:
-            raise ValueError(f"`benchmark.images.list`: image ids {unknown[:10]} are not in data.instances "
-                             f"{str(paths.instances)!r}; list images of that file, or point data at the dataset "
-                             "the list was made for.")
+            key, source = "list", selection.source
+            if selection.mode == "pinned":
+                key, name = "image_ids_file", cfg.benchmark.images.image_ids_file
+                source = f"{name}, file {str(chair.pinned_list_path(name))!r}"
+            raise ValueError(f"`benchmark.images.{key}` ({source}): {len(unknown)} of its "
+                             f"{len(selection.image_ids)} image ids are not in data.instances "
+                             f"{str(paths.instances)!r} (e.g. {unknown[:10]}); point data (VLMFIX_COCO) at the "
+                             "dataset the list was made for (COCO 2014 val for the shipped lists), or list images "
+                             "of that file.")
     else:
         pool = sorted(files)
         selection = chair.sample_images(pool, n=min(options.n_images, len(pool)), seed=options.seed)

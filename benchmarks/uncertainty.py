@@ -3,7 +3,7 @@
 Each scored run's result.json holds, beside `metrics`:
 
 * `intervals`: metric -> {"low", "high"}, the percentile interval of every numeric metric the benchmark's
-  statistic covers (`vlmfix.eval.unit_counts`);
+  statistic covers (`vlmfix.eval.unit_counts`), nested breakdowns under their dotted path (`mme.subtasks.count.acc`);
 * `bootstrap`: how they were computed: the unit resampled, the unit count, `n_resamples`, `seed`, `level`;
 * `units`: the per-unit counts they came from (`UnitTable.to_json`), which the multirun summary pairs with
   greedy's on the same images.
@@ -14,6 +14,7 @@ the result records them beside the intervals, and a rerun with other settings re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig
@@ -43,10 +44,25 @@ def bootstrap_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def interval_block(units: UnitTable, metrics: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """`intervals`, `bootstrap` and `units` for a result.json; only metrics with a numeric value get an interval."""
+    """`intervals`, `bootstrap` and `units` for a result.json; only metrics with a numeric value get an interval.
+    A nested figure (AMBER's per dimension, MME's per subtask, HallusionBench's per category) is named by its
+    dotted path in `metrics`, e.g. `discriminative.existence.f1`."""
     intervals = bootstrap_intervals(units, **settings)
     shown = {name: interval.to_json() for name, interval in intervals.items()
-             if isinstance(metrics.get(name), (int, float)) and not isinstance(metrics.get(name), bool)}
+             if isinstance(metric_value(metrics, name), (int, float))
+             and not isinstance(metric_value(metrics, name), bool)}
     return {"intervals": shown,
             "bootstrap": {"method": "percentile", "unit": units.unit, "n_units": len(units.keys), **settings},
             "units": units.to_json()}
+
+
+def metric_value(metrics: Mapping[str, Any], name: str) -> Any:
+    """`metrics[name]`, or the value at the dotted path `name` in the nested metrics (None when absent)."""
+    if name in metrics:
+        return metrics[name]
+    node: Any = metrics
+    for part in name.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node

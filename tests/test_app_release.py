@@ -169,6 +169,7 @@ def test_mme_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert result["metrics"]["total"] == scores.total
     assert result["fingerprint"]["mme"]["prompt"] == "lmms"
     assert set(result["metrics"]["mme"]["subtasks"]) == {"existence", "color"}
+    assert {"mme.subtasks.existence.acc_plus", "mme.subtasks.color.yes_ratio"} <= set(result["intervals"])
 
 
 def write_hallusion_release(root: Path) -> Path:

@@ -13,6 +13,13 @@ Units:
   scores, so each subtask keeps its image count).
 * HallusionBench: a question set (category, subcategory, set_id): the smallest unit that holds whole figures (fAcc)
   and whole question groups (qAcc), the same one `limit` keeps whole.
+
+Nested breakdowns are resampled with the same units and draws: a statistic also returns them under the dotted path
+of the figure in the run's metrics (`discriminative.existence.f1` for AMBER's existence F1, `mme.subtasks.count.acc`,
+`hallusion.by_category.VD.aAcc`, `hallusion.easy_aAcc`). A group the scorer leaves out when it has no answered
+question (HallusionBench's categories and subcategories) is undefined (NaN) in a resample that draws none of its
+units; every other figure keeps the scorer's zero rule. AMBER's `as_printed` block (the script's rounding and 0.001
+seeds) gets no interval. Units recorded before a breakdown's columns existed give only the flat metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import asdict
 import numpy as np
 
 from vlmfix.eval.amber.data import AmberData
-from vlmfix.eval.amber.discriminative import DiscriminativeScores
+from vlmfix.eval.amber.discriminative import TYPE_GROUPS, DiscriminativeScores
 from vlmfix.eval.amber.generative import GenerativeScores
 from vlmfix.eval.bootstrap import STATISTICS, UnitTable, f1, ratio
 from vlmfix.eval.chair.score import ChairReport
@@ -87,16 +94,17 @@ def pope_metrics(s: Sums) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------ MME
 def mme_units(questions: Sequence[MmeQuestion], scores: MmeScores) -> UnitTable:
     """One row per image pair (subtask/image), stratified by subtask: its answered and correct questions, whether
-    both are correct, its unknown and yes answers."""
+    both are correct, its unknown and yes answers (also per subtask, for the breakdown)."""
     rows, strata = {}, []
     for (subtask, image), pair in check_pairs(questions).items():
         answered = [q for q in pair if q.key in scores.predictions]
         correct = [q for q in answered if scores.predictions[q.key] == q.answer]
+        unknown = sum(scores.predictions[q.key] == UNKNOWN for q in answered)
+        yes = sum(scores.predictions[q.key] == YES for q in answered)
         rows[f"{subtask}/{image}"] = {
             f"{subtask}.images": 1, f"{subtask}.asked": len(answered), f"{subtask}.correct": len(correct),
-            f"{subtask}.both": int(len(correct) == len(pair)), "asked": len(answered),
-            "unknown": sum(scores.predictions[q.key] == UNKNOWN for q in answered),
-            "yes": sum(scores.predictions[q.key] == YES for q in answered)}
+            f"{subtask}.both": int(len(correct) == len(pair)), f"{subtask}.unknown": unknown, f"{subtask}.yes": yes,
+            "asked": len(answered), "unknown": unknown, "yes": yes}
         strata.append(subtask)
     return _table("mme", "image pair (within its subtask)", rows, strata)
 
@@ -107,8 +115,24 @@ def mme_metrics(s: Sums) -> dict[str, np.ndarray]:
     subtasks = sorted(name.removesuffix(".images") for name in s if name.endswith(".images"))
     scores = {f"{t} score": 100 * ratio(s[f"{t}.correct"], s[f"{t}.asked"], 0.0)
               + 100 * ratio(s[f"{t}.both"], s[f"{t}.images"], 0.0) for t in subtasks}
-    return {"total": sum(scores.values(), np.zeros_like(s["asked"])), **scores,
-            "unknown_rate": ratio(s["unknown"], s["asked"], 0.0), "yes_ratio": ratio(s["yes"], s["asked"], 0.0)}
+    out = {"total": sum(scores.values(), np.zeros_like(s["asked"])), **scores,
+           "unknown_rate": ratio(s["unknown"], s["asked"], 0.0), "yes_ratio": ratio(s["yes"], s["asked"], 0.0)}
+    return {**out, **_mme_breakdown(s, subtasks, out)}
+
+
+def _mme_breakdown(s: Sums, subtasks: Sequence[str], flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`mme.*` as `MmeScores.to_json` nests it: per subtask acc, acc_plus, score, other_rate, yes_ratio."""
+    out = {f"mme.{name}": flat[name] for name in ("total", "unknown_rate", "yes_ratio")}
+    for t in subtasks:
+        if f"{t}.unknown" not in s:  # units recorded before the per-subtask answer counts
+            continue
+        acc, acc_plus = ratio(s[f"{t}.correct"], s[f"{t}.asked"], 0.0), ratio(s[f"{t}.both"], s[f"{t}.images"], 0.0)
+        other = ratio(s[f"{t}.unknown"], s[f"{t}.asked"], 0.0)
+        out.update({f"mme.subtasks.{t}.acc": acc, f"mme.subtasks.{t}.acc_plus": acc_plus,
+                    f"mme.subtasks.{t}.score": 100 * acc + 100 * acc_plus, f"mme.subtasks.{t}.other_rate": other,
+                    f"mme.subtasks.{t}.unknown_rate": other,
+                    f"mme.subtasks.{t}.yes_ratio": ratio(s[f"{t}.yes"], s[f"{t}.asked"], 0.0)})
+    return out
 
 
 # ------------------------------------------------------------------ HallusionBench
@@ -125,11 +149,21 @@ def hallusion_units(questions: Sequence[HallusionQuestion], scores: HallusionSco
                "unknown": sum(scores.predictions[q.key] == UNKNOWN for q in answered),
                "yes": sum(scores.predictions[q.key] == YES for q in answered)}
         for name, kept, group in (("figures", [q for q in members if not q.no_visual], "figure_key"),
-                                  ("groups", members, "group_key")):
+                                  ("groups", members, "group_key"),
+                                  ("easy_groups", [q for q in members if q.visual_input != "2"], "group_key"),
+                                  ("hard_groups", [q for q in members if q.visual_input == "2"], "group_key")):
             wholly: dict[str, bool] = {}
             for q in kept:
                 wholly[getattr(q, group)] = wholly.get(getattr(q, group), True) and scores.correct[q.key]
             row[name], row[f"{name}_correct"] = len(wholly), sum(wholly.values())
+        first = members[0]  # a set lies in one category and subcategory
+        for name, kept in (("image", [q for q in answered if q.image_path is not None]),
+                           ("text", [q for q in answered if q.image_path is None]),
+                           (f"cat.{first.category}", answered),
+                           (f"sub.{first.category}_{first.subcategory}", answered)):
+            row[f"{name}.answered"] = len(kept)
+            row[f"{name}.correct"] = sum(scores.correct[q.key] for q in kept)
+            row[f"{name}.unknown"] = sum(scores.predictions[q.key] == UNKNOWN for q in kept)
         rows[key] = row
     return _table("hallusion", "question set (category, subcategory, set_id)", rows)
 
@@ -137,9 +171,31 @@ def hallusion_units(questions: Sequence[HallusionQuestion], scores: HallusionSco
 @STATISTICS.register("hallusion")
 def hallusion_metrics(s: Sums) -> dict[str, np.ndarray]:
     """aAcc, fAcc, qAcc and the answer rates (`score_hallusion`)."""
-    return {"aAcc": ratio(s["correct"], s["answered"], 0.0), "fAcc": ratio(s["figures_correct"], s["figures"], 0.0),
-            "qAcc": ratio(s["groups_correct"], s["groups"], 0.0),
-            "unknown_rate": ratio(s["unknown"], s["answered"], 0.0), "yes_ratio": ratio(s["yes"], s["answered"], 0.0)}
+    out = {"aAcc": ratio(s["correct"], s["answered"], 0.0), "fAcc": ratio(s["figures_correct"], s["figures"], 0.0),
+           "qAcc": ratio(s["groups_correct"], s["groups"], 0.0),
+           "unknown_rate": ratio(s["unknown"], s["answered"], 0.0), "yes_ratio": ratio(s["yes"], s["answered"], 0.0)}
+    return {**out, **_hallusion_breakdown(s, out)}
+
+
+def _hallusion_breakdown(s: Sums, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`hallusion.*` as `HallusionScores.to_json` nests it: easy / hard aAcc (per question group), image and
+    text-only aAcc, per category aAcc and unknown rate, per subcategory aAcc (NaN where a resample has none)."""
+    out = {f"hallusion.{name}": values for name, values in flat.items()}
+    if "easy_groups" not in s:  # units recorded before the breakdown columns
+        return out
+    out.update({"hallusion.easy_aAcc": ratio(s["easy_groups_correct"], s["easy_groups"], 0.0),
+                "hallusion.hard_aAcc": ratio(s["hard_groups_correct"], s["hard_groups"], 0.0),
+                "hallusion.image_aAcc": ratio(s["image.correct"], s["image.answered"], 0.0),
+                "hallusion.text_only_aAcc": ratio(s["text.correct"], s["text.answered"], 0.0)})
+    for column in s:
+        if column.startswith("cat.") and column.endswith(".answered"):
+            c = column.removeprefix("cat.").removesuffix(".answered")
+            out[f"hallusion.by_category.{c}.aAcc"] = ratio(s[f"cat.{c}.correct"], s[column])
+            out[f"hallusion.by_category.{c}.unknown_rate"] = ratio(s[f"cat.{c}.unknown"], s[column])
+        elif column.startswith("sub.") and column.endswith(".answered"):
+            name = column.removeprefix("sub.").removesuffix(".answered")
+            out[f"hallusion.by_subcategory.{name}"] = ratio(s[f"sub.{name}.correct"], s[column])
+    return out
 
 
 # ------------------------------------------------------------------ AMBER
@@ -159,11 +215,14 @@ def amber_units(data: AmberData, images: Mapping[int, str], generative: Generati
             clean=int(not any(o.hallucinated)), truth=len(o.truth_credited), covered=sum(o.truth_credited),
             hallu=len(o.hallu_credited), cognized=sum(o.hallu_credited))
     for entry_id, prediction in (discriminative.predictions if discriminative is not None else {}).items():
-        truth = data.entry(entry_id).truth
-        add(images[entry_id], d_n=1, d_correct=int(prediction == truth and prediction in (YES, NO)),
-            d_truth_no=int(truth == NO), d_answered_no=int(prediction == NO),
-            d_no_hit=int(prediction == NO and truth == NO), d_unknown=int(prediction == UNKNOWN),
-            d_yes=int(prediction == YES))
+        entry = data.entry(entry_id)
+        truth, group = entry.truth, TYPE_GROUPS.get(entry.type, "relation")
+        counters = {"n": 1, "correct": int(prediction == truth and prediction in (YES, NO)),
+                    "truth_no": int(truth == NO), "answered_no": int(prediction == NO),
+                    "no_hit": int(prediction == NO and truth == NO)}
+        add(images[entry_id], **{f"d_{name}": value for name, value in counters.items()},
+            d_unknown=int(prediction == UNKNOWN), d_yes=int(prediction == YES))
+        add(images[entry_id], **{f"d.{group}.{name}": value for name, value in counters.items()})
     return _table("amber", "image (its description and yes/no questions)", rows)
 
 
@@ -183,4 +242,30 @@ def amber_metrics(s: Sums) -> dict[str, np.ndarray]:
                    yes_ratio=ratio(s["d_yes"], s["d_n"], 0.0))
     if "CHAIR" in out and "f1" in out:
         out["amber_score"] = (1 - out["CHAIR"] + out["f1"]) / 2
+    return {**out, **_amber_breakdown(s, out)}
+
+
+AMBER_TYPE_GROUPS = ("existence", "relation", "state", "number", "action")  # the scorer's per-type counters
+AMBER_COUNTERS = ("n", "correct", "truth_no", "answered_no", "no_hit")
+
+
+def _amber_breakdown(s: Sums, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`generative.*` and `discriminative.*` as the scorers' `to_json` nest them: per dimension (existence,
+    attribute = state + number + action, relation) and per attribute type, accuracy, P, R, F1 with "No" positive."""
+    out = {f"generative.{name.lower()}": flat[name] for name in ("CHAIR", "Cover", "Hal", "Cog") if name in flat}
+    if "d_n" not in s:
+        return out
+    out.update({"discriminative.unknown_rate": flat["unknown_rate"], "discriminative.yes_ratio": flat["yes_ratio"]})
+    if not any(name.startswith("d.") for name in s):  # units recorded before the per-type counters
+        return out
+    zeros = np.zeros_like(s["d_n"])
+    counts = {group: {c: s.get(f"d.{group}.{c}", zeros) for c in AMBER_COUNTERS} for group in AMBER_TYPE_GROUPS}
+    counts["attribute"] = {c: sum((counts[t][c] for t in ("state", "number", "action")), zeros)
+                           for c in AMBER_COUNTERS}
+    counts["overall"] = {c: s[f"d_{c}"] for c in AMBER_COUNTERS}
+    for group, c in counts.items():
+        precision, recall = ratio(c["no_hit"], c["answered_no"], 0.0), ratio(c["no_hit"], c["truth_no"], 0.0)
+        out.update({f"discriminative.{group}.accuracy": ratio(c["correct"], c["n"], 0.0),
+                    f"discriminative.{group}.precision": precision, f"discriminative.{group}.recall": recall,
+                    f"discriminative.{group}.f1": f1(precision, recall)})
     return out

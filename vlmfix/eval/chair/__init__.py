@@ -22,7 +22,10 @@ from vlmfix.eval.chair.images import (
     image_list_hash,
     images_from_caption_log,
     images_from_list,
+    pinned_list_names,
+    pinned_list_path,
     read_image_list,
+    read_pinned_list,
     sample_images,
 )
 from vlmfix.eval.chair.inflections import inflection_table, table_version
@@ -78,8 +81,11 @@ __all__ = [
     "load_vocabulary",
     "make_extractor",
     "merge_double_words",
+    "pinned_list_names",
+    "pinned_list_path",
     "read_captions",
     "read_image_list",
+    "read_pinned_list",
     "require_nltk",
     "sample_images",
     "score_caption",

@@ -8,6 +8,9 @@ Never derive the list from a directory listing (its order differs between machin
 * `images_from_caption_log(path, preset=...)`: the ids of a released caption log in file order, e.g. OPERA's
   `log/chair_eval_results/llava-1.5/greedy.jsonl` for the preset `opera_llava15_500`, checked against the
   preset's published hash.
+* `read_pinned_list(name_or_path)`: a pinned list shipped with vlmfix (`vlmfix/eval/data/repro/chair_<name>.json`,
+  e.g. `opera_llava15_500`, the reproduction packs' image list) or a file of the same format: the ids, where they
+  come from and how they were derived, and their image-list hash, checked when read.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from vlmfix import validation
@@ -24,6 +29,8 @@ from vlmfix.eval.errors import EvalInputError, checked
 
 # Image-list hashes of named presets (sha256 of the ids sorted ascending, decimal, joined by ",").
 PRESET_HASHES = {"opera_llava15_500": "b438763b64aa385e3cee7f76c8b6fc74256aa9044c4224e9463b16551c4ef3b4"}
+PINNED_DIR = "repro"  # under vlmfix/eval/data: the shipped pinned lists, chair_<name>.json
+PINNED_KEYS = ("name", "source", "derivation", "image_list_hash", "image_ids")
 
 
 def image_list_hash(image_ids: Iterable[int]) -> str:
@@ -142,6 +149,58 @@ def images_from_caption_log(
             f"{PRESET_HASHES[preset]}; pass the released log the preset is defined by, unmodified."
         )
     return ImageSelection(selection.image_ids, "preset", None, preset, selection.hash)
+
+
+def _pinned_folder() -> Traversable:
+    return resources.files("vlmfix.eval").joinpath("data").joinpath(PINNED_DIR)
+
+
+def pinned_list_names() -> list[str]:
+    """The names of the pinned image lists shipped with vlmfix."""
+    return sorted(entry.name.removeprefix("chair_").removesuffix(".json") for entry in _pinned_folder().iterdir()
+                  if entry.name.startswith("chair_") and entry.name.endswith(".json"))
+
+
+def pinned_list_path(name_or_path: PathLike) -> Path:
+    """The file of a shipped pinned list (by name) or the path given, which must exist."""
+    value = str(name_or_path)
+    names = pinned_list_names()
+    if value in names:
+        return Path(str(_pinned_folder().joinpath(f"chair_{value}.json")))
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise EvalInputError(
+            f"pinned image list {value!r} is neither a list shipped with vlmfix ({', '.join(names)}) nor an "
+            "existing file; name a shipped list or pass the path of a pinned-list JSON file."
+        )
+    return path
+
+
+def read_pinned_list(name_or_path: PathLike) -> ImageSelection:
+    """A pinned image list: a JSON object with `name`, `source`, `derivation`, `image_list_hash` and
+    `image_ids` (in generation order). The ids must hash to the file's `image_list_hash` (and, for a named
+    preset, to `PRESET_HASHES`): an edited list is refused instead of silently changing the images."""
+    path = pinned_list_path(name_or_path)
+    document = read_json(path, "pinned image list")
+    missing = [key for key in PINNED_KEYS if not isinstance(document, dict) or key not in document]
+    if missing:
+        raise EvalInputError(
+            f"pinned image list {str(path)!r} lacks {', '.join(missing)}; a pinned list is a JSON object with "
+            f"{', '.join(PINNED_KEYS)}."
+        )
+    if not isinstance(document["image_ids"], list):
+        raise EvalInputError(f"pinned image list {str(path)!r}: `image_ids` must be a JSON list of image ids.")
+    name = str(document["name"])
+    selection = images_from_list([_as_id(value, str(path)) for value in document["image_ids"]], str(path))
+    for expected, what in ((document["image_list_hash"], "its own `image_list_hash`"),
+                           (PRESET_HASHES.get(name, selection.hash), f"the published hash of {name!r}")):
+        if selection.hash != expected:
+            raise EvalInputError(
+                f"pinned image list {str(path)!r}: its {len(selection.image_ids)} ids hash to {selection.hash}, "
+                f"not {what} {expected}; the list was edited. Restore the file, or write your own list and use "
+                "benchmark.images.mode=list."
+            )
+    return ImageSelection(selection.image_ids, "pinned", None, name, selection.hash)
 
 
 def _as_id(value: object, source: str) -> int:

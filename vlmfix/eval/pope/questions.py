@@ -37,6 +37,8 @@ from vlmfix.eval.errors import EvalInputError, checked
 LABELS = ("yes", "no")
 SPLITS = ("random", "popular", "adversarial")
 DATASETS = ("coco", "aokvqa", "gqa")
+# RUCAIBox/POPE commits whose released files are pinned below (chair_pope.md B2, hallu_benchmarks.md Part D)
+VERSIONS = ("e3e3926", "edebdda", "9b54106", "head")
 
 
 @dataclass(frozen=True)
@@ -264,8 +266,8 @@ def load_question_file(path: PathLike, split: str | None = None, dataset: str | 
 # Where a dataset's split lives in a RUCAIBox/POPE clone and in VCD's experiments/data/POPE/ (relative to the
 # folder VLMFIX_POPE names; either repository root or the POPE data folder itself).
 def question_file_candidates(dataset: str, split: str) -> list[str]:
-    if dataset == "coco":
-        names = [f"output/coco/coco_pope_{split}.json"]
+    if dataset == "coco":  # RUCAIBox/POPE, then OPERA's copy of e3e3926 (shikiw/OPERA pope_coco/)
+        names = [f"output/coco/coco_pope_{split}.json", f"pope_coco/coco_pope_{split}.json"]
     else:
         names = [f"output/seem/{dataset}/{dataset}_pope_seem_{split}.json"]
     vcd = f"{dataset}/{dataset}_pope_{split}.json"
