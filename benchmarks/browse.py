@@ -3,20 +3,30 @@
     python -m benchmarks.browse RESULTS_DIR [--out PAGE] [--page-size 50] [--thumbnail 160]
 
 RESULTS_DIR is a multirun sweep dir, one run's Hydra dir or the app's `results_dir`: every `result.json` under
-it names a run's directory (`predictions.jsonl`, `items.jsonl`, `chair_scored.json`). The page shows the
-summary plot and table at the top, then one section per benchmark: per item the image (a small embedded
-thumbnail), and each run's output side by side with its metrics.
+it names a run's directory (`predictions*.jsonl`, `items.jsonl`, the scorer's `*_scored.json`). The page shows
+the summary plot and table at the top, then one table per benchmark (AMBER: one per part): per item the image (a
+small embedded thumbnail), and each run's output side by side with its metrics (`benchmarks.browse_kinds`).
 
 * CHAIR: the caption with every object mention the scorer counted marked, at the character span the scorer
   recorded (`chair_scored.json`, `mentions`): hallucinated red, in the ground truth green, the vocabulary
   entry that matched and its object as a tooltip; the ground-truth objects under the image.
+* AMBER generative: the description with every noun the scorer counted marked at its recorded characters
+  (`amber_scored.json`): hallucinated red, credited to the truth green, on AMBER's safe list grey, the rule and
+  entry that decided it as a tooltip; the truth and hallu words under the image. AMBER discriminative: per
+  question the answer, red when scored wrong.
 * POPE: the question, its label and each run's answer as parsed by the run's parser; wrong answers red.
+* MME: one row per image pair (its Yes and No questions), each answer red when scored wrong (`mme_scored.json`).
+* HallusionBench: one row per question, red when scored wrong, an `unknown` answer (the judge's "unclear")
+  marked as such, with whether the scorer counted it correct (`hallusion_scored.json`).
 
-Filters (inline JavaScript): only items where the runs disagree (CHAIR: different sets of mentioned objects;
-POPE: different parsed answers), only items where some run hallucinated (a chosen object, or any; for POPE a
-"yes" about an absent object). Items are paged; thumbnails are stored once per image and only the shown
-page's images are drawn. The address can preset the filters: `browse.html#disagree`, `#object=dog`,
-`#object=*` (items with any hallucination).
+Filters (inline JavaScript): only items where the runs disagree (captions: different sets of mentioned objects;
+yes/no: different parsed answers), only items some run got wrong (a hallucinated mention or a wrong answer),
+only items where some run hallucinated (a chosen object, or any; for POPE and AMBER's existence questions a
+"yes" about an absent object), one subtask or category (MME subtask, HallusionBench category/subcategory, AMBER
+question type). Items are paged; thumbnails are stored once per image and only the shown page's images are
+drawn. The address can preset the filters: `browse.html#disagree`, `#wrong`, `#object=dog`, `#object=*` (items
+with any hallucination), `#group=mme_hallucination/existence`, `#runs=greedy,vcd` (only these runs' columns),
+`#table=chair` (that table alone, without the summary), combined with `&`.
 
 The app writes the page at the end of every run and multirun (`BrowseCallback`, in conf/config.yaml) as
 `browse.html` in the run's or the sweep's dir; the app records each run's items (`write_items`) for it.
@@ -48,6 +58,7 @@ ITEMS_FILE = "items.jsonl"
 BROWSED_KINDS = tuple(KINDS)
 PAGE_SIZE = 50
 THUMBNAIL = 128  # pixels, longest side (about 4 KB a photo)
+ITEM_COLUMN, RUN_COLUMN = 180, 240  # pixels: the first column's width, a run column's narrowest
 
 
 # ------------------------------------------------------------------ what the app records
@@ -160,11 +171,17 @@ def item_row(kind: Kind, part: str, group_prefix: str, runs: Sequence[Run], key:
             f'{"".join(cell.html for cell in cells)}</tr>'), hallucinated, group
 
 
+def table_width(columns: int) -> str:
+    """The items table's width: the page's, or wider (scrolled sideways) when each run's column would be narrow."""
+    return f"width:max(100%,{ITEM_COLUMN + RUN_COLUMN * columns}px)"
+
+
 def run_header(kind: Kind, part: str, run: Run, models: int) -> str:
     metrics = run.result.get("metrics", {})
     numbers = " · ".join(f"{name} {fmt(metrics.get(name))}" for name in kind.headline(part) if name in metrics)
     title = f"{run.label} ({run.result['model']})" if models > 1 else run.label
-    return f'<th class="run">{esc(title)}<div class="metrics">{esc(numbers)}</div></th>'
+    return (f'<th class="run" data-run="{esc(run.label)}">{esc(title)}<div class="metrics">{esc(numbers)}</div>'
+            '</th>')
 
 
 def sections(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails,
@@ -184,7 +201,8 @@ def sections(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails,
         anchor = name.replace(" ", "-")
         html = (f'<section class="bench" id="bench-{esc(anchor)}"><h2>{esc(name)} '
                 f'<small>{len(keys)} items, one {kind.what} per run</small></h2>'
-                f'<div class="pager"></div><table class="items"><thead><tr><th class="itemcol">item</th>'
+                f'<div class="pager"></div><table class="items" style="{table_width(len(runs))}"><thead><tr>'
+                f'<th class="itemcol">item</th>'
                 f'{"".join(run_header(kind, part, run, models) for run in runs)}</tr></thead><tbody>'
                 f'{"".join(r for r, _, _ in rows)}</tbody></table><div class="pager"></div></section>')
         out.append((html, set().union(*(h for _, h, _ in rows)), {g for _, _, g in rows if g}))
@@ -207,7 +225,7 @@ h1{font-size:20px;margin:0 0 8px} h2{font-size:17px;margin:18px 0 6px} h2 small{
 .plot{width:640px;max-width:100%;height:auto;border:1px solid #ddd} table.summary{font-size:12px}
 table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
 table.summary td{font-variant-numeric:tabular-nums}
-table.items{width:100%;table-layout:fixed} th.about{font-weight:normal} th.itemcol{width:180px}
+table.items{table-layout:fixed} th.about{font-weight:normal} th.itemcol{width:180px}
 .about img,.noimg{display:block;max-width:170px;min-height:40px;background:#eee}
 .key{color:#888;font-size:12px} .gt,.question{font-size:12px} .metrics{color:#666;font-size:12px;margin-top:4px}
 span.hal{background:#fdd;color:#b00;border-bottom:2px solid #d33}
@@ -218,7 +236,7 @@ div.ans.wrong .answer{color:#b00;font-weight:bold} div.ans.right .answer{color:#
 span.unk{background:#ffe9b3;color:#7a4b00;padding:0 3px;border-radius:3px}
 #filters{position:sticky;top:0;background:#f7f7f7;padding:6px;border:1px solid #ddd;z-index:1}
 .pager{margin:4px 0} .pager button{margin:0 2px}
-tr.item.off{display:none}
+tr.item.off,section.bench.off,.items .hide,.gone{display:none}
 """
 
 SCRIPT = """
@@ -244,6 +262,7 @@ function draw(sec){
   const pages = Math.max(1, Math.ceil(kept.length / SIZE));
   sec.page = Math.min(Math.max(1, sec.page), pages);
   const shown = new Set(kept.slice((sec.page - 1) * SIZE, sec.page * SIZE));
+  sec.el.classList.toggle('off', kept.length === 0);  // a table the filters empty is left out
   for (const row of sec.rows){
     row.classList.toggle('off', !shown.has(row));
     if (shown.has(row)) for (const img of row.querySelectorAll('img[data-img]'))
@@ -261,6 +280,19 @@ function draw(sec){
   }
 }
 function drawAll(){ for (const sec of sections) draw(sec); }
+// only the columns of the runs named (#runs=greedy,vcd); a table naming none of them keeps all its columns
+function showRuns(wanted){
+  for (const sec of sections){
+    const heads = Array.from(sec.el.querySelectorAll('th.run'));
+    let keep = heads.map(h => wanted.includes(h.dataset.run));
+    if (!keep.some(Boolean)) keep = heads.map(() => true);
+    heads.forEach((h, i) => h.classList.toggle('hide', !keep[i]));
+    for (const row of sec.rows)
+      row.querySelectorAll(':scope > td').forEach((c, i) => c.classList.toggle('hide', !keep[i]));
+    const shown = keep.filter(Boolean).length;
+    sec.el.querySelector('table.items').style.width = `max(100%%,${%d + %d * shown}px)`;
+  }
+}
 onlyDisagree.onchange = () => { for (const s of sections) s.page = 1; drawAll(); };
 onlyObject.onchange = onlyWrong.onchange = onlyGroup.onchange = onlyDisagree.onchange;
 // the address can preset the filters: browse.html#disagree, #wrong, #object=dog, #object=* (any hallucination),
@@ -270,7 +302,13 @@ if (preset.has('disagree')) onlyDisagree.checked = true;
 if (preset.has('wrong')) onlyWrong.checked = true;
 if (preset.get('group')) onlyGroup.value = preset.get('group');
 if (preset.get('object')) onlyObject.value = preset.get('object');
+if (preset.get('runs')) showRuns(preset.get('runs').split(','));
 drawAll();
+// #table=chair shows that table alone (its section id without "bench-"), without the summary
+if (preset.get('table') && document.getElementById('bench-' + preset.get('table'))) {
+  document.getElementById('summary').classList.add('gone');
+  for (const sec of sections) sec.el.classList.toggle('gone', sec.el.id !== 'bench-' + preset.get('table'));
+}
 })();
 """
 
@@ -303,7 +341,7 @@ def page(root: Path, results: Sequence[dict[str, Any]], plot: Path | None, page_
             f'</title><style>{STYLE}</style></head><body><h1>vlmfix results <small>{esc(root)}</small></h1>{top}'
             f'{filters}{"".join(block for block, _, _ in tables)}'
             f'<script type="application/json" id="images">{images}</script>'
-            f"<script>{SCRIPT % page_size}</script></body></html>")
+            f"<script>{SCRIPT % (page_size, ITEM_COLUMN, RUN_COLUMN)}</script></body></html>")
 
 
 def write_page(root: Path, out: Path | None = None, page_size: int = PAGE_SIZE, thumbnail: int = THUMBNAIL) -> Path:
