@@ -25,7 +25,8 @@ only items where some run hallucinated (a chosen object, or any; for POPE and AM
 "yes" about an absent object), one subtask or category (MME subtask, HallusionBench category/subcategory, AMBER
 question type). Items are paged; thumbnails are stored once per image and only the shown page's images are
 drawn. The address can preset the filters: `browse.html#disagree`, `#wrong`, `#object=dog`, `#object=*` (items
-with any hallucination), `#group=mme_hallucination/existence`, `#runs=greedy,vcd` (only these runs' columns),
+with any hallucination), `#group=mme_hallucination/existence`, `#runs=greedy,vcd` (only these runs' columns; a
+method name also keeps its labels with settings, `greedy (decoding.repetition_penalty=1.2)`),
 `#table=chair` (that table alone, without the summary), combined with `&`.
 
 The app writes the page at the end of every run and multirun (`BrowseCallback`, in conf/config.yaml) as
@@ -280,11 +281,13 @@ function draw(sec){
   }
 }
 function drawAll(){ for (const sec of sections) draw(sec); }
-// only the columns of the runs named (#runs=greedy,vcd); a table naming none of them keeps all its columns
+// only the columns of the runs named (#runs=greedy,vcd: a name keeps its label and the labels "name (settings)");
+// a table naming none of them keeps all its columns
 function showRuns(wanted){
+  const named = label => wanted.some(w => label === w || label.startsWith(w + ' ('));
   for (const sec of sections){
     const heads = Array.from(sec.el.querySelectorAll('th.run'));
-    let keep = heads.map(h => wanted.includes(h.dataset.run));
+    let keep = heads.map(h => named(h.dataset.run));
     if (!keep.some(Boolean)) keep = heads.map(() => true);
     heads.forEach((h, i) => h.classList.toggle('hide', !keep[i]));
     for (const row of sec.rows)
