@@ -59,7 +59,7 @@ ITEMS_FILE = "items.jsonl"
 BROWSED_KINDS = tuple(KINDS)
 PAGE_SIZE = 50
 THUMBNAIL = 128  # pixels, longest side (about 4 KB a photo)
-ITEM_COLUMN, RUN_COLUMN = 180, 240  # pixels: the first column's width, a run column's narrowest
+ITEM_COLUMN, RUN_COLUMN = 180, 200  # pixels: the first column's width, a run column's narrowest
 
 
 # ------------------------------------------------------------------ what the app records
@@ -227,6 +227,7 @@ h1{font-size:20px;margin:0 0 8px} h2{font-size:17px;margin:18px 0 6px} h2 small{
 table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
 table.summary td{font-variant-numeric:tabular-nums}
 table.items{table-layout:fixed} th.about{font-weight:normal} th.itemcol{width:180px}
+th.run{overflow-wrap:anywhere}
 .about img,.noimg{display:block;max-width:170px;min-height:40px;background:#eee}
 .key{color:#888;font-size:12px} .gt,.question{font-size:12px} .metrics{color:#666;font-size:12px;margin-top:4px}
 span.hal{background:#fdd;color:#b00;border-bottom:2px solid #d33}

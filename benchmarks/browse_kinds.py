@@ -296,7 +296,8 @@ class Mme(Kind):
         answers = []
         for q in output:
             verdict = "wrong" if q["correct"] is not True else "right"
-            answers.append(f'<div class="ans {verdict}"><span class="answer">{esc(q["text"])}</span> '
+            text = esc(q["text"]) if q["text"] is not None else "<em>no answer</em>"
+            answers.append(f'<div class="ans {verdict}"><span class="answer">{text}</span> '
                            f'<span class="metrics">parsed: {esc(q["parsed"])}</span></div>')
         both = all(q["correct"] is True for q in output)
         return Cell(f'<td class="{"right" if both else "wrong"}">{"".join(answers)}<div class="metrics">'
