@@ -11,9 +11,10 @@
 
 Results live under a stable `results_dir/<model>/<benchmark>/<method>-<fingerprint hash>/`:
 `predictions.jsonl` (appended as produced; reruns resume), `result.json` (metrics, their bootstrap intervals
-over images (`benchmarks.uncertainty`) + protocol fingerprint) and, for CHAIR, `chair_scored.json`; CHAIR and
-POPE runs also record their items (`items.jsonl`) for the results browser (`benchmarks.browse`, whose page
-every run and multirun writes). Each Hydra job dir gets a copy of `result.json` for the multirun summary. The
+over images (`benchmarks.uncertainty`) + protocol fingerprint) and the scorer's per-item verdicts
+(`chair_scored.json`, `amber_scored.json`, `mme_scored.json`, `hallusion_scored.json`); every run also records
+its items (`items.jsonl`) for the results browser (`benchmarks.browse`, whose page every run and multirun
+writes). Each Hydra job dir gets a copy of `result.json` for the multirun summary. The
 fingerprint holds every setting that changes predictions, the batch size included, so a run resumed with other
 settings starts a new directory instead of mixing predictions.
 

@@ -3,20 +3,31 @@
     python -m benchmarks.browse RESULTS_DIR [--out PAGE] [--page-size 50] [--thumbnail 160]
 
 RESULTS_DIR is a multirun sweep dir, one run's Hydra dir or the app's `results_dir`: every `result.json` under
-it names a run's directory (`predictions.jsonl`, `items.jsonl`, `chair_scored.json`). The page shows the
-summary plot and table at the top, then one section per benchmark: per item the image (a small embedded
-thumbnail), and each run's output side by side with its metrics.
+it names a run's directory (`predictions*.jsonl`, `items.jsonl`, the scorer's `*_scored.json`). The page shows
+the summary plot and table at the top, then one table per benchmark (AMBER: one per part): per item the image (a
+small embedded thumbnail), and each run's output side by side with its metrics (`benchmarks.browse_kinds`).
 
 * CHAIR: the caption with every object mention the scorer counted marked, at the character span the scorer
   recorded (`chair_scored.json`, `mentions`): hallucinated red, in the ground truth green, the vocabulary
   entry that matched and its object as a tooltip; the ground-truth objects under the image.
+* AMBER generative: the description with every noun the scorer counted marked at its recorded characters
+  (`amber_scored.json`): hallucinated red, credited to the truth green, on AMBER's safe list grey, the rule and
+  entry that decided it as a tooltip; the truth and hallu words under the image. AMBER discriminative: per
+  question the answer, red when scored wrong.
 * POPE: the question, its label and each run's answer as parsed by the run's parser; wrong answers red.
+* MME: one row per image pair (its Yes and No questions), each answer red when scored wrong (`mme_scored.json`).
+* HallusionBench: one row per question, red when scored wrong, an `unknown` answer (the judge's "unclear")
+  marked as such, with whether the scorer counted it correct (`hallusion_scored.json`).
 
-Filters (inline JavaScript): only items where the runs disagree (CHAIR: different sets of mentioned objects;
-POPE: different parsed answers), only items where some run hallucinated (a chosen object, or any; for POPE a
-"yes" about an absent object). Items are paged; thumbnails are stored once per image and only the shown
-page's images are drawn. The address can preset the filters: `browse.html#disagree`, `#object=dog`,
-`#object=*` (items with any hallucination).
+Filters (inline JavaScript): only items where the runs disagree (captions: different sets of mentioned objects;
+yes/no: different parsed answers), only items some run got wrong (a hallucinated mention or a wrong answer),
+only items where some run hallucinated (a chosen object, or any; for POPE and AMBER's existence questions a
+"yes" about an absent object), one subtask or category (MME subtask, HallusionBench category/subcategory, AMBER
+question type). Items are paged; thumbnails are stored once per image and only the shown page's images are
+drawn. The address can preset the filters: `browse.html#disagree`, `#wrong`, `#object=dog`, `#object=*` (items
+with any hallucination), `#group=mme_hallucination/existence`, `#runs=greedy,vcd` (only these runs' columns; a
+method name also keeps its labels with settings, `greedy (decoding.repetition_penalty=1.2)`),
+`#table=chair` (that table alone, without the summary), combined with `&`.
 
 The app writes the page at the end of every run and multirun (`BrowseCallback`, in conf/config.yaml) as
 `browse.html` in the run's or the sweep's dir; the app records each run's items (`write_items`) for it.
@@ -26,13 +37,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import io
 import json
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +49,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from benchmarks import summary, summary_plot
+from benchmarks.browse_kinds import KINDS, Kind, Run, esc, fmt, read_jsonl
 from vlmfix.eval._io import atomic_write_text
-from vlmfix.eval.yesno import parse_answer
 
 log = logging.getLogger("benchmarks")
 
 PAGE_NAME = "browse.html"
 ITEMS_FILE = "items.jsonl"
-BROWSED_KINDS = ("chair", "pope")
+BROWSED_KINDS = tuple(KINDS)
 PAGE_SIZE = 50
 THUMBNAIL = 128  # pixels, longest side (about 4 KB a photo)
+ITEM_COLUMN, RUN_COLUMN = 180, 200  # pixels: the first column's width, a run column's narrowest
 
 
 # ------------------------------------------------------------------ what the app records
@@ -62,16 +72,6 @@ def write_items(out_dir: Path, items: Iterable[Any], extra: Mapping[Any, Mapping
 
 
 # ------------------------------------------------------------------ reading runs
-@dataclass
-class Run:
-    """One run of a benchmark: its result.json, its label in the summary table and its per-item outputs."""
-
-    result: dict[str, Any]
-    label: str
-    items: dict[Any, dict[str, Any]] = field(default_factory=dict)  # key -> items.jsonl row
-    outputs: dict[Any, dict[str, Any]] = field(default_factory=dict)  # key -> what the page shows of the output
-
-
 def find_results(root: Path) -> list[dict[str, Any]]:
     """Every run's result.json under `root` (a run found twice, in its job dir and its result dir, once)."""
     paths = sorted(root.rglob("result.json"), key=lambda p: [int(s) if s.isdigit() else s
@@ -93,30 +93,15 @@ def find_results(root: Path) -> list[dict[str, Any]]:
 
 def run_directory(result: Mapping[str, Any], path: Path) -> Path:
     """The run's own directory: the one result.json names, or its own dir when it holds the predictions."""
-    if (path.parent / "predictions.jsonl").exists():
+    if any(path.parent.glob("predictions*.jsonl")):
         return path.parent.resolve()
     return Path(str(result.get("result_dir", path.parent))).resolve()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load_run(result: dict[str, Any], label: str) -> Run:
     run_dir = Path(result["result_dir"])
     run = Run(result, label, {row["key"]: row for row in read_jsonl(run_dir / ITEMS_FILE)})
-    if result["kind"] == "chair":
-        scored = run_dir / "chair_scored.json"
-        sentences = json.loads(scored.read_text())["sentences"] if scored.exists() else []
-        run.outputs = {s["image_id"]: s for s in sentences}
-    elif result["kind"] == "pope":
-        parser = ((result.get("fingerprint") or {}).get("pope") or {}).get("parser", "official")
-        for row in read_jsonl(run_dir / "predictions.jsonl"):
-            label_ = run.items.get(row["question_id"], {}).get("label")
-            run.outputs[row["question_id"]] = {"text": row["text"], "label": label_,
-                                               "parsed": parse_answer(row["text"], parser, label_)}
+    KINDS[result["kind"]].load(run, run_dir)
     return run
 
 
@@ -167,123 +152,62 @@ class Thumbnails:
 
 
 # ------------------------------------------------------------------ HTML pieces
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "" if value is None else str(value)
-
-
-def marked_caption(caption: str, mentions: Sequence[Mapping[str, Any]]) -> str:
-    """The caption as HTML, each mention with a span at its recorded characters: class `hal` (hallucinated)
-    or `ok`, the matched vocabulary entry and its object in the tooltip."""
-    parts, position = [], 0
-    for mention in sorted((m for m in mentions if m.get("start") is not None), key=lambda m: m["start"]):
-        start, end = mention["start"], mention["end"]
-        if start < position:  # overlapping spans cannot happen with the scorer's tokens; keep the first
-            continue
-        kind = "hal" if mention["hallucinated"] else "ok"
-        tip = f"matched '{mention['surface']}' -> {mention['node']}"
-        tip += " (not in the ground truth)" if mention["hallucinated"] else " (in the ground truth)"
-        parts += [esc(caption[position:start]),
-                  f'<span class="{kind}" data-node="{esc(mention["node"])}" title="{esc(tip)}">'
-                  f"{esc(caption[start:end])}</span>"]
-        position = end
-    parts.append(esc(caption[position:]))
-    return "".join(parts)
-
-
-def chair_cell(output: Mapping[str, Any] | None) -> tuple[str, frozenset[str], frozenset[str]]:
-    """One run's caption cell, the objects it mentioned and those it hallucinated."""
-    if output is None:
-        return '<td class="missing">no caption</td>', frozenset(), frozenset()
-    metrics = output.get("metrics", {})
-    hallucinated = frozenset(node for _, node in output.get("mscoco_hallucinated_words", []))
-    numbers = " · ".join(f"{name} {fmt(metrics.get(name))}" for name in ("CHAIRi", "Recall") if name in metrics)
-    listed = ", ".join(sorted(hallucinated)) or "none"
-    cell = (f'<td><div class="caption">{marked_caption(output["caption"], output.get("mentions", []))}</div>'
-            f'<div class="metrics">{esc(numbers)} · hallucinated: {esc(listed)}</div></td>')
-    return cell, frozenset(output.get("mscoco_generated_words", [])), hallucinated
-
-
-def pope_cell(output: Mapping[str, Any] | None) -> tuple[str, str | None]:
-    """One run's answer cell (class `wrong` when the parsed answer is not the label) and its parsed answer."""
-    if output is None:
-        return '<td class="missing">no answer</td>', None
-    wrong = output["label"] is not None and output["parsed"] != output["label"]
-    verdict = "wrong" if wrong else "right"
-    return (f'<td class="{verdict}"><div class="answer">{esc(output["text"])}</div>'
-            f'<div class="metrics">parsed: {esc(output["parsed"])}</div></td>'), output["parsed"]
-
-
-def item_row(runs: Sequence[Run], key: Any, thumbnails: Thumbnails, number: int,
-             page_size: int) -> tuple[str, set[str]]:
-    """One item's row (the image and what is asked or known of it, then one cell per run) and the objects some
-    run hallucinated in it."""
-    kind = runs[0].result["kind"]
-    info = next((run.items[key] for run in runs if key in run.items), {})
-    image = thumbnails(info.get("image"))
+def item_row(kind: Kind, part: str, group_prefix: str, runs: Sequence[Run], key: Any, thumbnails: Thumbnails,
+             number: int, page_size: int) -> tuple[str, set[str], str | None]:
+    """One item's row (the image and what is asked or known of it, then one cell per run), the objects some run
+    hallucinated in it and its group (for the group filter)."""
+    about = kind.about(part, key, runs)
+    image = thumbnails(about.image)
     picture = f'<img data-img="{image}" alt="image {esc(key)}">' if image is not None else '<div class="noimg"></div>'
-    cells: list[str] = []
-    hallucinated: set[str] = set()
-    answers: set[str | None] = set()
-    if kind == "chair":
-        gt: list[str] = next((run.outputs[key].get("mscoco_gt_words", []) for run in runs if key in run.outputs), [])
-        about = f'<div class="gt">ground truth: {esc(", ".join(gt)) or "none"}</div>'
-        signatures = set()
-        for run in runs:
-            cell, mentioned, nodes = chair_cell(run.outputs.get(key))
-            cells.append(cell)
-            hallucinated |= nodes
-            signatures.add(mentioned)
-        disagree = len(signatures) > 1
-    else:
-        label, target = info.get("label"), info.get("object")
-        about = (f'<div class="question">{esc(info.get("prompt", ""))}</div>'
-                 f'<div class="gt">label: {esc(label)}{f" · object: {esc(target)}" if target else ""}</div>')
-        for run in runs:
-            cell, parsed = pope_cell(run.outputs.get(key))
-            cells.append(cell)
-            answers.add(parsed)
-            if label == "no" and parsed == "yes" and target:
-                hallucinated.add(target)
-        disagree = len(answers) > 1
+    cells = [kind.cell(part, run.parts.get(part, {}).get(key)) for run in runs]
+    hallucinated = set().union(*(cell.hallucinated for cell in cells))
+    disagree = len({cell.signature for cell in cells}) > 1
+    wrong = any(cell.wrong for cell in cells)
+    group = f"{group_prefix}/{about.group}" if about.group else None
     page = number // page_size + 1
     return (f'<tr class="item" data-key="{esc(key)}" data-page="{page}" data-disagree="{int(disagree)}" '
+            f'data-wrong="{int(wrong)}" data-group="{esc(group or "")}" '
             f'data-hal="{esc(json.dumps(sorted(hallucinated)))}">'
-            f'<th class="about">{picture}<div class="key">{esc(key)}</div>{about}</th>{"".join(cells)}</tr>'
-            ), hallucinated
+            f'<th class="about">{picture}<div class="key">{esc(key)}</div>{about.html}</th>'
+            f'{"".join(cell.html for cell in cells)}</tr>'), hallucinated, group
 
 
-def run_header(run: Run, models: int) -> str:
+def table_width(columns: int) -> str:
+    """The items table's width: the page's, or wider (scrolled sideways) when each run's column would be narrow."""
+    return f"width:max(100%,{ITEM_COLUMN + RUN_COLUMN * columns}px)"
+
+
+def run_header(kind: Kind, part: str, run: Run, models: int) -> str:
     metrics = run.result.get("metrics", {})
-    names = summary.CHAIR_COLUMNS[:3] if run.result["kind"] == "chair" else summary.POPE_COLUMNS
-    numbers = " · ".join(f"{name} {fmt(metrics.get(name))}" for name in names if name in metrics)
+    numbers = " · ".join(f"{name} {fmt(metrics.get(name))}" for name in kind.headline(part) if name in metrics)
     title = f"{run.label} ({run.result['model']})" if models > 1 else run.label
-    return f'<th class="run">{esc(title)}<div class="metrics">{esc(numbers)}</div></th>'
+    return (f'<th class="run" data-run="{esc(run.label)}">{esc(title)}<div class="metrics">{esc(numbers)}</div>'
+            '</th>')
 
 
-def section(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails, page_size: int) -> tuple[str, set[str]]:
-    """One benchmark's table of items, paged, and the objects hallucinated in it."""
-    keys: list[Any] = []
-    seen: set[Any] = set()
-    for run in runs:
-        for key in [*run.items, *run.outputs]:
-            if key not in seen:
-                seen.add(key)
-                keys.append(key)
+def sections(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails,
+             page_size: int) -> list[tuple[str, set[str], set[str]]]:
+    """One table per part of the benchmark (AMBER: generative, discriminative), paged: its HTML, the objects
+    hallucinated in it and its item groups. A part no run has output or items for is left out."""
+    kind = KINDS[runs[0].result["kind"]]
     models = len({run.result["model"] for run in runs})
-    rows = [item_row(runs, key, thumbnails, number, page_size) for number, key in enumerate(keys)]
-    objects = set().union(*(hallucinated for _, hallucinated in rows))
-    what = "caption" if runs[0].result["kind"] == "chair" else "answer"
-    return (f'<section class="bench" id="bench-{esc(benchmark)}"><h2>{esc(benchmark)} '
-            f'<small>{len(keys)} items, one {what} per run</small></h2>'
-            f'<div class="pager"></div><table class="items"><thead><tr><th class="itemcol">item</th>'
-            f'{"".join(run_header(run, models) for run in runs)}</tr></thead><tbody>{"".join(r for r, _ in rows)}'
-            f'</tbody></table><div class="pager"></div></section>'), objects
+    out = []
+    for part in kind.parts:
+        keys = list(dict.fromkeys(key for run in runs for key in kind.keys(run, part)))
+        if not keys:
+            continue
+        rows = [item_row(kind, part, benchmark, runs, key, thumbnails, number, page_size)
+                for number, key in enumerate(keys)]
+        name = f"{benchmark} {part}".strip()
+        anchor = name.replace(" ", "-")
+        html = (f'<section class="bench" id="bench-{esc(anchor)}"><h2>{esc(name)} '
+                f'<small>{len(keys)} items, one {kind.what} per run</small></h2>'
+                f'<div class="pager"></div><table class="items" style="{table_width(len(runs))}"><thead><tr>'
+                f'<th class="itemcol">item</th>'
+                f'{"".join(run_header(kind, part, run, models) for run in runs)}</tr></thead><tbody>'
+                f'{"".join(r for r, _, _ in rows)}</tbody></table><div class="pager"></div></section>')
+        out.append((html, set().union(*(h for _, h, _ in rows)), {g for _, _, g in rows if g}))
+    return out
 
 
 def summary_block(results: Sequence[dict[str, Any]], plot: Path | None) -> str:
@@ -302,15 +226,19 @@ h1{font-size:20px;margin:0 0 8px} h2{font-size:17px;margin:18px 0 6px} h2 small{
 .plot{width:640px;max-width:100%;height:auto;border:1px solid #ddd} table.summary{font-size:12px}
 table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
 table.summary td{font-variant-numeric:tabular-nums}
-table.items{width:100%;table-layout:fixed} th.about{font-weight:normal} th.itemcol{width:180px}
+table.items{table-layout:fixed} th.about{font-weight:normal} th.itemcol{width:180px}
+th.run{overflow-wrap:anywhere}
 .about img,.noimg{display:block;max-width:170px;min-height:40px;background:#eee}
 .key{color:#888;font-size:12px} .gt,.question{font-size:12px} .metrics{color:#666;font-size:12px;margin-top:4px}
 span.hal{background:#fdd;color:#b00;border-bottom:2px solid #d33}
 span.ok{background:#dfd;color:#060;border-bottom:2px solid #3a3}
+span.safe{background:#eee;color:#555;border-bottom:2px solid #aaa}
 td.wrong{background:#fee} td.wrong .answer{color:#b00} td.right .answer{color:#060} td.missing{color:#999}
+div.ans.wrong .answer{color:#b00;font-weight:bold} div.ans.right .answer{color:#060}
+span.unk{background:#ffe9b3;color:#7a4b00;padding:0 3px;border-radius:3px}
 #filters{position:sticky;top:0;background:#f7f7f7;padding:6px;border:1px solid #ddd;z-index:1}
 .pager{margin:4px 0} .pager button{margin:0 2px}
-tr.item.off{display:none}
+tr.item.off,section.bench.off,.items .hide,.gone{display:none}
 """
 
 SCRIPT = """
@@ -319,10 +247,14 @@ const IMAGES = JSON.parse(document.getElementById('images').textContent);
 const SIZE = %d;
 const onlyDisagree = document.getElementById('disagree');
 const onlyObject = document.getElementById('object');
+const onlyWrong = document.getElementById('wrong');
+const onlyGroup = document.getElementById('group');
 const sections = Array.from(document.querySelectorAll('section.bench')).map(s => ({
   el: s, rows: Array.from(s.querySelectorAll('tr.item')), page: 1}));
 function keep(row){
   if (onlyDisagree.checked && row.dataset.disagree !== '1') return false;
+  if (onlyWrong.checked && row.dataset.wrong !== '1') return false;
+  if (onlyGroup.value && row.dataset.group !== onlyGroup.value) return false;
   const object = onlyObject.value;
   const hal = JSON.parse(row.dataset.hal);
   return !object || (object === '*' ? hal.length > 0 : hal.includes(object));
@@ -332,6 +264,7 @@ function draw(sec){
   const pages = Math.max(1, Math.ceil(kept.length / SIZE));
   sec.page = Math.min(Math.max(1, sec.page), pages);
   const shown = new Set(kept.slice((sec.page - 1) * SIZE, sec.page * SIZE));
+  sec.el.classList.toggle('off', kept.length === 0);  // a table the filters empty is left out
   for (const row of sec.rows){
     row.classList.toggle('off', !shown.has(row));
     if (shown.has(row)) for (const img of row.querySelectorAll('img[data-img]'))
@@ -349,13 +282,37 @@ function draw(sec){
   }
 }
 function drawAll(){ for (const sec of sections) draw(sec); }
+// only the columns of the runs named (#runs=greedy,vcd: a name keeps its label and the labels "name (settings)");
+// a table naming none of them keeps all its columns
+function showRuns(wanted){
+  const named = label => wanted.some(w => label === w || label.startsWith(w + ' ('));
+  for (const sec of sections){
+    const heads = Array.from(sec.el.querySelectorAll('th.run'));
+    let keep = heads.map(h => named(h.dataset.run));
+    if (!keep.some(Boolean)) keep = heads.map(() => true);
+    heads.forEach((h, i) => h.classList.toggle('hide', !keep[i]));
+    for (const row of sec.rows)
+      row.querySelectorAll(':scope > td').forEach((c, i) => c.classList.toggle('hide', !keep[i]));
+    const shown = keep.filter(Boolean).length;
+    sec.el.querySelector('table.items').style.width = `max(100%%,${%d + %d * shown}px)`;
+  }
+}
 onlyDisagree.onchange = () => { for (const s of sections) s.page = 1; drawAll(); };
-onlyObject.onchange = onlyDisagree.onchange;
-// the address can preset the filters: browse.html#disagree, #object=dog, #object=* (any hallucination)
+onlyObject.onchange = onlyWrong.onchange = onlyGroup.onchange = onlyDisagree.onchange;
+// the address can preset the filters: browse.html#disagree, #wrong, #object=dog, #object=* (any hallucination),
+// #group=mme_hallucination/existence (combined with &)
 const preset = new URLSearchParams(location.hash.slice(1));
 if (preset.has('disagree')) onlyDisagree.checked = true;
+if (preset.has('wrong')) onlyWrong.checked = true;
+if (preset.get('group')) onlyGroup.value = preset.get('group');
 if (preset.get('object')) onlyObject.value = preset.get('object');
+if (preset.get('runs')) showRuns(preset.get('runs').split(','));
 drawAll();
+// #table=chair shows that table alone (its section id without "bench-"), without the summary
+if (preset.get('table') && document.getElementById('bench-' + preset.get('table'))) {
+  document.getElementById('summary').classList.add('gone');
+  for (const sec of sections) sec.el.classList.toggle('gone', sec.el.id !== 'bench-' + preset.get('table'));
+}
 })();
 """
 
@@ -369,21 +326,26 @@ def page(root: Path, results: Sequence[dict[str, Any]], plot: Path | None, page_
         if result.get("kind") in BROWSED_KINDS:
             runs_by_benchmark.setdefault(result["benchmark"], []).append(load_run(result, label))
     thumbnails = Thumbnails(thumbnail)
-    sections = [section(name, runs, thumbnails, page_size) for name, runs in runs_by_benchmark.items()]
-    objects = sorted(set().union(*(hallucinated for _, hallucinated in sections)))
+    tables = [table for name, runs in runs_by_benchmark.items()
+              for table in sections(name, runs, thumbnails, page_size)]
+    objects = sorted(set().union(*(hallucinated for _, hallucinated, _ in tables)))
+    groups = sorted(set().union(*(group for _, _, group in tables)))
     options = "".join(f'<option value="{esc(o)}">{esc(o)}</option>' for o in objects)
+    group_options = "".join(f'<option value="{esc(g)}">{esc(g)}</option>' for g in groups)
     filters = (f'<div id="filters"><label><input type="checkbox" id="disagree"> only items where the runs '
-               f'disagree</label> &nbsp; <label>hallucinations: <select id="object"><option value="">show all '
+               f'disagree</label> &nbsp; <label><input type="checkbox" id="wrong"> only items some run got wrong '
+               f'</label> &nbsp; <label>hallucinations: <select id="object"><option value="">show all '
                f'items</option><option value="*">only items with one</option>{options}</select></label> &nbsp; '
-               f'<span class="hal">hallucinated</span> <span class="ok">in the ground truth</span> (hover a word: '
-               f'the entry that matched)</div>')
+               f'<label>subtask / category: <select id="group"><option value="">all</option>{group_options}'
+               f'</select></label> &nbsp; <span class="hal">hallucinated</span> <span class="ok">in the ground '
+               f'truth</span> <span class="safe">safe word</span> (hover a word: the entry that matched)</div>')
     top = summary_block(results, plot) if results else "<p>No finished run found.</p>"
     images = json.dumps(thumbnails.uris).replace("</", "<\\/")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>vlmfix results: {esc(root.name)}'
             f'</title><style>{STYLE}</style></head><body><h1>vlmfix results <small>{esc(root)}</small></h1>{top}'
-            f'{filters}{"".join(block for block, _ in sections)}'
+            f'{filters}{"".join(block for block, _, _ in tables)}'
             f'<script type="application/json" id="images">{images}</script>'
-            f"<script>{SCRIPT % page_size}</script></body></html>")
+            f"<script>{SCRIPT % (page_size, ITEM_COLUMN, RUN_COLUMN)}</script></body></html>")
 
 
 def write_page(root: Path, out: Path | None = None, page_size: int = PAGE_SIZE, thumbnail: int = THUMBNAIL) -> Path:

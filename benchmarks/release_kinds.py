@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from benchmarks import app
+from benchmarks.browse import write_items
 from benchmarks.generation import Item, Shard, generate_predictions
 from benchmarks.models import LoadedModel
 from vlmfix.decoding.method import Method
@@ -214,6 +215,11 @@ def run_amber(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
     asked = {item.key for part in options.parts for item in task.items[part]}
     images = {q.id: q.image for part in options.parts for q in options.data.queries(part) if q.id in asked}
     units = amber_units(options.data, images, generative, discriminative)
+    write_items(out_dir, [item for part in options.parts for item in task.items[part]],
+                {item.key: {"part": part} for part in options.parts for item in task.items[part]})
+    amber.write_amber_scored(out_dir / "amber_scored.json", options.data,
+                             {k: r["response"] for part in options.parts for k, r in rows[part].items()},
+                             generative, discriminative, fingerprint)
     return app._finish(cfg, out_dir, app.method_label(cfg, methods), fingerprint, metrics, complete=complete,
                        units=units)
 
@@ -287,7 +293,10 @@ def run_mme(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: M
     rows = app.predict(cfg, loaded, methods, task.items, out_dir, "key", "text", shard)
     if shard.rank != 0:
         return {}
-    scores = mme.score_mme(task.questions, {k: r["text"] for k, r in rows.items()}, options.parser)
+    answers = {k: r["text"] for k, r in rows.items()}
+    scores = mme.score_mme(task.questions, answers, options.parser)
+    write_items(out_dir, task.items)
+    mme.write_mme_scored(out_dir / "mme_scored.json", task.questions, answers, scores)
     metrics = {"data_source": options.source,
                "total": scores.total, "unknown_rate": scores.unknown_rate, "yes_ratio": scores.yes_ratio,
                **{f"{name} score": s.score for name, s in scores.subtasks.items()}, "mme": scores.to_json()}
@@ -364,8 +373,10 @@ def run_hallusion(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], t
     rows = app.predict(cfg, loaded, methods, task.items, out_dir, "key", "text", shard)
     if shard.rank != 0:
         return {}
-    scores = hallusion.score_hallusion(task.questions, {k: r["text"] for k, r in rows.items()}, options.parser,
-                                       options.unknown_no_visual)
+    answers = {k: r["text"] for k, r in rows.items()}
+    scores = hallusion.score_hallusion(task.questions, answers, options.parser, options.unknown_no_visual)
+    write_items(out_dir, task.items)
+    hallusion.write_hallusion_scored(out_dir / "hallusion_scored.json", task.questions, answers, scores)
     metrics = {"data_source": options.hashes.get("source"),
                "aAcc": scores.aacc, "fAcc": scores.facc, "qAcc": scores.qacc, "unknown_rate": scores.unknown_rate,
                "yes_ratio": scores.yes_ratio, "n_text_only": scores.n_text_only, "hallusion": scores.to_json()}

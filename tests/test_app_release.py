@@ -129,6 +129,12 @@ def test_amber_runs_and_records_its_similarity_backend(tmp_path: Path, monkeypat
     assert metrics["amber_score"] is not None and result["complete"]
     official_input = json.loads((out / "amber_inference.json").read_text())  # what inference.py reads
     assert {row["id"]: row["response"] for row in official_input} == {**generative, **discriminative}
+    scored = json.loads((out / "amber_scored.json").read_text())  # the results browser's input: the verdicts
+    assert [[m["hallucinated"] for m in r["mentions"]] for r in scored["generative"]["responses"]] == [
+        list(o.hallucinated) for o in expected.outcomes]
+    assert {r["id"]: r["correct"] for r in scored["discriminative"]["responses"]} == dict(
+        amber.score_discriminative(discriminative, data).correct)
+    assert [json.loads(line)["key"] for line in (out / "items.jsonl").open()] == [1, 2, 3, 4, 5, 6]
     # `limit` keeps the first image ids of both parts: a subset, so no AMBER score
     limited = run(tiny_config(tmp_path, "amber", *overrides, "limit=1"))
     assert limited["metrics"]["subset"] and limited["metrics"]["amber_score"] is None
@@ -167,6 +173,9 @@ def test_mme_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert sorted(rows) == [q.key for q in questions] == [0, 1, 2, 3, 4, 5]
     scores = mme.score_mme(questions, rows)
     assert result["metrics"]["total"] == scores.total
+    scored = json.loads((out / "mme_scored.json").read_text())  # the results browser's input: the verdicts
+    assert [(q["key"], q["correct"]) for q in scored["questions"]] == [
+        (q.key, scores.predictions[q.key] == q.answer) for q in questions]
     assert result["fingerprint"]["mme"]["prompt"] == "lmms"
     assert set(result["metrics"]["mme"]["subtasks"]) == {"existence", "color"}
     assert {"mme.subtasks.existence.acc_plus", "mme.subtasks.color.yes_ratio"} <= set(result["intervals"])
@@ -191,6 +200,8 @@ def test_hallusionbench_runs_with_a_text_only_question(tmp_path: Path, monkeypat
     assert result["fingerprint"]["hallusion"]["judge"] == "rule:vlmevalkit_yorn"
     rows = [json.loads(line) for line in (Path(result["result_dir"]) / "predictions.jsonl").open()]
     assert sorted(r["key"] for r in rows) == [0, 1]
+    scored = json.loads((Path(result["result_dir"]) / "hallusion_scored.json").read_text())  # the browser's input
+    assert [(q["key"], q["text_only"]) for q in scored["questions"]] == [(0, False), (1, True)]
     without = run(tiny_config(tmp_path, "hallusionbench", "benchmark.max_new_tokens=2",
                               "benchmark.include_text_only=false"))
     assert without["metrics"]["n_text_only"] == 0 and without["result_dir"] != result["result_dir"]

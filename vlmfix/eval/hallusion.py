@@ -21,13 +21,14 @@ Text-only questions (no `filename`) are decoded without methods by the app; here
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmfix.eval._io import PathLike, read_json, sha256_file, sha256_json
+from vlmfix.eval._io import PathLike, atomic_write_text, read_json, sha256_file, sha256_json
 from vlmfix.eval.errors import EvalInputError
 from vlmfix.eval.yesno import NO, UNKNOWN, YES, answer_rates, get_parser
 
@@ -231,3 +232,22 @@ def _all_correct_share(questions: Sequence[HallusionQuestion], key: Callable[[Ha
     for q in questions:
         groups[key(q)] = groups[key(q)] and correct(q)
     return sum(groups.values()) / len(groups) if groups else 0.0
+
+
+def hallusion_scored(questions: Sequence[HallusionQuestion], answers: Mapping[int, str],
+                     scores: HallusionScores) -> dict[str, Any]:
+    """Per question (in key order): its fields, the expected answer (yes / no), the raw answer, the parsed one
+    (`unknown`: the judge's "unclear") and whether the scorer counted it correct (a missing answer: wrong)."""
+    rows = [{"key": q.key, "category": q.category, "subcategory": q.subcategory, "set_id": q.set_id,
+             "figure_id": q.figure_id, "question_id": q.question_id, "visual_input": q.visual_input,
+             "question": q.question, "answer": YES if q.gt_answer == "1" else NO, "no_visual": q.no_visual,
+             "text_only": q.image_path is None, "text": answers.get(q.key), "parsed": scores.predictions.get(q.key),
+             "correct": scores.correct[q.key]} for q in questions]
+    return {"scores": scores.to_json(), "questions": rows}
+
+
+def write_hallusion_scored(path: PathLike, questions: Sequence[HallusionQuestion], answers: Mapping[int, str],
+                           scores: HallusionScores) -> None:
+    """Write `hallusion_scored.json` (`hallusion_scored`)."""
+    text = json.dumps(hallusion_scored(questions, answers, scores), indent=1, ensure_ascii=False) + "\n"
+    atomic_write_text(path, text)

@@ -12,6 +12,7 @@ from vlmfix.eval import mme
 questions = mme.load_mme_folder("/data/MME", subtasks=mme.HALLUCINATION_SUBTASKS)
 scores = mme.score_mme(questions, {q.key: answer, ...}, parser="mme_official")
 scores.total, scores.subtasks["existence"].acc_plus
+mme.write_mme_scored("mme_scored.json", questions, answers, scores)   # per question: parsed, correct
 ```
 
 Release layout: one folder per subtask (one `MME_Benchmark/` level is descended); existence, count, position
@@ -22,13 +23,14 @@ and color are flat (`<stem>.jpg` beside `<stem>.txt`), the other subtasks use `i
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmfix.eval._io import PathLike, read_text, sha256_json
+from vlmfix.eval._io import PathLike, atomic_write_text, read_text, sha256_json
 from vlmfix.eval.errors import EvalInputError
 from vlmfix.eval.yesno import NO, YES, answer_rates, get_parser
 
@@ -254,3 +256,21 @@ def score_mme(questions: Sequence[MmeQuestion], answers: Mapping[int, str],
     rates = answer_rates(list(predictions.values()))
     return MmeScores(parser, subtasks, sum(s.score for s in subtasks.values()), rates.unknown_rate,
                      rates.yes_ratio, len(questions) - len(predictions), predictions)
+
+
+def mme_scored(questions: Sequence[MmeQuestion], answers: Mapping[int, str], scores: MmeScores) -> dict[str, Any]:
+    """Per question (in key order): its subtask, image, question, label, the raw answer, the parsed answer and
+    whether the scorer counted it correct (None: no answer); per image pair, whether both were correct (acc+)."""
+    rows = [{"key": q.key, "subtask": q.subtask, "image": q.image, "question": q.question, "answer": q.answer,
+             "text": answers.get(q.key), "parsed": scores.predictions.get(q.key),
+             "correct": scores.predictions[q.key] == q.answer if q.key in scores.predictions else None}
+            for q in questions]
+    both = {f"{subtask}/{image}": all(scores.predictions.get(q.key) == q.answer for q in group)
+            for (subtask, image), group in check_pairs(questions).items()}
+    return {"scores": scores.to_json(), "questions": rows, "pairs_both_correct": both}
+
+
+def write_mme_scored(path: PathLike, questions: Sequence[MmeQuestion], answers: Mapping[int, str],
+                     scores: MmeScores) -> None:
+    """Write `mme_scored.json` (`mme_scored`)."""
+    atomic_write_text(path, json.dumps(mme_scored(questions, answers, scores), indent=1, ensure_ascii=False) + "\n")

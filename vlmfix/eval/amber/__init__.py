@@ -38,11 +38,13 @@ from vlmfix.eval.amber.generative import (
     QUIRK_MODES,
     GenerativeScores,
     ResponseOutcome,
+    response_mentions,
     response_nouns,
     score_generative,
     score_response,
 )
 from vlmfix.eval.amber.nouns import NORMALIZERS, NltkNouns, SimpleNouns, make_normalizer
+from vlmfix.eval.amber.scored import amber_scored, write_amber_scored
 from vlmfix.eval.amber.similarity import (
     BACKENDS,
     NoSimilarity,
@@ -79,6 +81,7 @@ __all__ = [
     "SpacySimilarity",
     "TableSimilarity",
     "amber_score",
+    "amber_scored",
     "association_from_json",
     "entries_from_json",
     "image_number",
@@ -87,9 +90,11 @@ __all__ = [
     "make_similarity",
     "missing_dimensions",
     "read_table",
+    "response_mentions",
     "response_nouns",
     "score_discriminative",
     "score_generative",
     "score_response",
+    "write_amber_scored",
     "write_table",
 ]

@@ -67,6 +67,7 @@ class DiscriminativeScores:
     yes_ratio: float
     n_questions: int
     predictions: Mapping[int, str] = field(default_factory=dict, repr=False, compare=False)  # id -> parsed
+    correct: Mapping[int, bool] = field(default_factory=dict, repr=False, compare=False)  # id -> scored correct
 
     @property
     def f1(self) -> float:
@@ -87,6 +88,7 @@ def score_discriminative(responses: Mapping[int, str], data: AmberData,
     per_type: dict[str, Counts] = {}
     predictions = []
     parsed: dict[int, str] = {}
+    right: dict[int, bool] = {}
     for entry_id in sorted(responses):
         entry = data.entry(entry_id)
         if entry.generative:
@@ -97,6 +99,7 @@ def score_discriminative(responses: Mapping[int, str], data: AmberData,
         parsed[entry_id] = prediction
         group = TYPE_GROUPS.get(entry.type, "relation")
         correct = (entry.truth == YES and prediction == YES) or (entry.truth == NO and prediction == NO)
+        right[entry_id] = correct
         one = Counts(1, int(correct), int(entry.truth == NO), int(prediction == NO),
                      int(prediction == NO and entry.truth == NO), seeds=0)
         per_type[group] = per_type.get(group, Counts(seeds=1)) + one
@@ -113,6 +116,7 @@ def score_discriminative(responses: Mapping[int, str], data: AmberData,
         groups={name: counts.exact() for name, counts in groups.items()},
         as_printed={name: counts.printed(0.001 if name == "existence" else 0.0001) for name, counts in groups.items()},
         unknown_rate=rates.unknown_rate, yes_ratio=rates.yes_ratio, n_questions=len(predictions), predictions=parsed,
+        correct=right,
     )
 
 

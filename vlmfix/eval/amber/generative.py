@@ -16,6 +16,9 @@ script's output (x100, one decimal, each denominator seeded with 0.001, so an em
 `quirks="reference"` keeps every official quirk (a sentence-initial "Dog" never counts; a duplicated truth word
 is never fully covered; an association shared by two truth words credits the first only). `fixed` lower-cases
 the nouns and every word list, and a match credits every candidate entry holding the matched word.
+
+Each outcome also records, per noun, where it stands in the response (`spans`, for the results browser) and
+why it was counted as it was (`matches`: `(rule, entry)`); neither changes a figure.
 """
 
 from __future__ import annotations
@@ -25,23 +28,32 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmfix.eval.amber.data import AmberData, AmberEntry
-from vlmfix.eval.amber.nouns import AmberNormalizer
+from vlmfix.eval.amber.nouns import AmberNormalizer, Span, located_nouns
 from vlmfix.eval.amber.similarity import Similarity
 from vlmfix.eval.errors import EvalInputError
 
 QUIRK_MODES = ("reference", "fixed")
 SEED = 0.001  # data/metrics.txt seeds every denominator
+# why a noun was counted as it was (ResponseOutcome.matches): the rule and the truth / hallu entry it credited
+SAFE_LIST, TRUTH, SIMILAR_TRUTH, HALLU, UNMATCHED = "safe list", "truth", "similar to truth", "hallu", "unmatched"
 
 
 @dataclass(frozen=True)
 class ResponseOutcome:
-    """One response: its nouns in V, which were hallucinated, and which truth / hallu entries it credited."""
+    """One response: its nouns in V, which were hallucinated, and which truth / hallu entries it credited.
+
+    `spans`: each noun's characters in the response (None: not found as written; empty when not located).
+    `matches`: per noun `(rule, entry)`: `safe list` (None), `truth` / `similar to truth` (the truth entry
+    credited: not hallucinated), `hallu` (hallucinated; the hallu entry credited) or `unmatched` (hallucinated).
+    """
 
     id: int
     nouns: tuple[str, ...]
     hallucinated: tuple[bool, ...]
     truth_credited: tuple[bool, ...]
     hallu_credited: tuple[bool, ...]
+    spans: tuple[Span, ...] = ()
+    matches: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,7 @@ class _Candidates:
     """Candidate words, each pointing at the truth (or hallu) entry it credits."""
 
     def __init__(self, entries: Sequence[str], association: Mapping[str, Sequence[str]]) -> None:
+        self.entries = list(entries)
         self.words: list[str] = []
         self.owner: list[int] = []
         for index, word in enumerate(entries):
@@ -88,8 +101,10 @@ class _Candidates:
 
 
 def score_response(entry: AmberEntry, nouns: Sequence[str], data: AmberData, similarity: Similarity,
-                   threshold: float = 0.8, quirks: str = "reference") -> ResponseOutcome:
-    """Score one response's nouns (already filtered by V) against one generative entry."""
+                   threshold: float = 0.8, quirks: str = "reference",
+                   spans: Sequence[Span] = ()) -> ResponseOutcome:
+    """Score one response's nouns (already filtered by V; `spans`: their characters, if known) against one
+    generative entry."""
     fixed = quirks == "fixed"
     low = (lambda w: w.lower()) if fixed else (lambda w: w)
     association = {low(k): [low(w) for w in v] for k, v in data.association.items()}
@@ -97,35 +112,52 @@ def score_response(entry: AmberEntry, nouns: Sequence[str], data: AmberData, sim
     safe = _Candidates([low(w) for w in entry.truth], association)
     hazard = _Candidates([low(w) for w in entry.hallu], association)
     flags = []
+    matches: list[tuple[str, str | None]] = []
     for noun in nouns:
         if noun in safe_words:
             flags.append(False)
+            matches.append((SAFE_LIST, None))
             continue
         if noun in safe.words:
             safe.credit_exact(noun, fixed)
             flags.append(False)
+            matches.append((TRUTH, safe.entries[safe.owner[safe.words.index(noun)]]))
             continue
+        hallu: str | None = None
         if noun in hazard.words:
             hazard.credit_exact(noun, fixed)
+            hallu = hazard.entries[hazard.owner[hazard.words.index(noun)]]
         j = hazard.first_similar(noun, similarity, threshold)
         if j is not None:
             hazard.credit(j, fixed)
+            hallu = hallu or hazard.entries[hazard.owner[j]]
         j = safe.first_similar(noun, similarity, threshold)
         if j is not None:
             safe.credit(j, fixed)
             flags.append(False)
+            matches.append((SIMILAR_TRUTH, safe.entries[safe.owner[j]]))
             continue
         flags.append(True)
-    return ResponseOutcome(entry.id, tuple(nouns), tuple(flags), tuple(safe.credited), tuple(hazard.credited))
+        matches.append((HALLU, hallu) if hallu is not None else (UNMATCHED, None))
+    return ResponseOutcome(entry.id, tuple(nouns), tuple(flags), tuple(safe.credited), tuple(hazard.credited),
+                           tuple(spans), tuple(matches))
 
 
 def response_nouns(text: str, data: AmberData, normalizer: AmberNormalizer, quirks: str = "reference") -> list[str]:
     """The response's nouns that are words of V (lower-cased with V under `fixed`)."""
+    return [noun for noun, _ in response_mentions(text, data, normalizer, quirks)]
+
+
+def response_mentions(text: str, data: AmberData, normalizer: AmberNormalizer,
+                      quirks: str = "reference") -> list[tuple[str, Span]]:
+    """`response_nouns`, each with its characters in `text`."""
     vocabulary = data.vocabulary
     if quirks == "fixed":
         vocabulary = frozenset(w.lower() for w in vocabulary)
-        return [n for n in (noun.lower() for noun in normalizer(text, vocabulary)) if n in vocabulary]
-    return [noun for noun in normalizer(text, vocabulary) if noun in vocabulary]
+        located = [(noun.lower(), span) for noun, span in located_nouns(normalizer, text, vocabulary)]
+    else:
+        located = located_nouns(normalizer, text, vocabulary)
+    return [(noun, span) for noun, span in located if noun in vocabulary]
 
 
 def score_generative(responses: Mapping[int, str], data: AmberData, normalizer: AmberNormalizer,
@@ -151,8 +183,9 @@ def score_generative(responses: Mapping[int, str], data: AmberData, normalizer: 
                                  "score_discriminative.")
         if not isinstance(text, str):
             raise EvalInputError(f"the response to AMBER id {entry_id} must be a string, got {text!r}.")
-        nouns = response_nouns(text, data, normalizer, quirks)
-        outcomes.append(score_response(entry, nouns, data, similarity, threshold, quirks))
+        mentions = response_mentions(text, data, normalizer, quirks)
+        outcomes.append(score_response(entry, [noun for noun, _ in mentions], data, similarity, threshold, quirks,
+                                       [span for _, span in mentions]))
     return summarize_generative(outcomes)
 
 

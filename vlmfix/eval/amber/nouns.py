@@ -7,6 +7,9 @@
   lower-casing; an inflected word maps to its base form when that base is in V (regular plural rules and
   a short irregular list); no POS tagger, so the words of `NON_NOUN_READINGS` (common as verbs or
   adjectives) count only right after a determiner, possessive or number.
+
+Both also locate each noun (`located`): the character span `(start, end)` of the token it came from in the
+text as given (None where the tokenizer rewrote the token beyond finding), which the results browser marks.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vlmfix.eval.chair.normalize import require_nltk
-from vlmfix.eval.chair.tokenize import tokenize
+from vlmfix.eval.chair.tokenize import token_spans, tokenize
 from vlmfix.eval.errors import NormalizerUnavailableError
 from vlmfix.registry import Registry
 
@@ -50,6 +53,17 @@ class AmberNormalizer(Protocol):
     def __call__(self, text: str, vocabulary: frozenset[str]) -> list[str]: ...
 
 
+Span = tuple[int, int] | None  # a noun's characters in the response text (None: not found as written)
+
+
+def located_nouns(normalizer: AmberNormalizer, text: str, vocabulary: frozenset[str]) -> list[tuple[str, Span]]:
+    """The normalizer's nouns with their spans (`located`); a normalizer without `located` gives None spans."""
+    locate = getattr(normalizer, "located", None)
+    if locate is None:
+        return [(noun, None) for noun in normalizer(text, vocabulary)]
+    return list(locate(text, vocabulary))
+
+
 NORMALIZERS: Registry[Callable[..., AmberNormalizer]] = Registry("AMBER normalizer (amber.normalizer)")
 
 
@@ -78,7 +92,16 @@ class SimpleNouns:
         return None
 
     def __call__(self, text: str, vocabulary: frozenset[str]) -> list[str]:
+        return [noun for noun, _ in self.located(text, vocabulary)]
+
+    def located(self, text: str, vocabulary: frozenset[str]) -> list[tuple[str, Span]]:
+        """The nouns of `__call__`, each with the span of its token in `text`.
+
+        >>> SimpleNouns().located("Two dogs.", frozenset({"dog"}))
+        [('dog', (4, 8))]
+        """
         tokens = tokenize(text.lower() if self.lower else text)
+        spans: list[Span] | None = None
         nouns = []
         for index, token in enumerate(tokens):
             base = base_form(token, vocabulary)
@@ -86,7 +109,8 @@ class SimpleNouns:
                 continue
             if base in NON_NOUN_READINGS and not _after_determiner(tokens, index):
                 continue
-            nouns.append(base)
+            spans = spans or token_spans(text, [t.lower() for t in tokens])
+            nouns.append((base, spans[index]))
         return nouns
 
 
@@ -149,9 +173,18 @@ class NltkNouns:
         return str(self._nltk.__version__)
 
     def __call__(self, text: str, vocabulary: frozenset[str]) -> list[str]:
-        tagged = self._nltk.pos_tag(self._nltk.word_tokenize(text))
-        nouns = [self._lemmatizer.lemmatize(word) for word, tag in tagged if tag.startswith("NN")]
-        return [noun.lower() for noun in nouns] if self.lower else nouns
+        return [noun for noun, _ in self.located(text, vocabulary)]
+
+    def located(self, text: str, vocabulary: frozenset[str]) -> list[tuple[str, Span]]:
+        """The nouns of `__call__`, each with the span of its token in `text` (NLTK's `` and '' are a quote)."""
+        tokens = self._nltk.word_tokenize(text)
+        tagged = self._nltk.pos_tag(tokens)
+        kept = [index for index, (_, tag) in enumerate(tagged) if tag.startswith("NN")]
+        spans = token_spans(text, [token.lower() for token in tokens]) if kept else []
+        nouns = [str(self._lemmatizer.lemmatize(tagged[index][0])) for index in kept]
+        if self.lower:
+            nouns = [noun.lower() for noun in nouns]
+        return [(noun, spans[index]) for noun, index in zip(nouns, kept)]
 
 
 def make_normalizer(name: str = "nltk", lower: bool = False) -> AmberNormalizer:
