@@ -26,15 +26,14 @@ from tests.test_viz import QUESTIONS, check_image_map, expected_grids  # noqa: E
 from vlmfix.testing.tiny import random_image  # noqa: E402
 from vlmfix.viz.patches import GRID_FAMILIES  # noqa: E402
 
-MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v")
+MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "exaone4_5")
 SQUARE = ("paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm")  # one square tile per image
-ONE_IMAGE = ("paligemma",)  # its prompt puts every image token first: one image keeps the test simple
 
 
 def expected(family: str, config, inputs, row: int, values: np.ndarray, images: int, pictures: list) -> dict:
     """{(image, kind): [rows, cols] values} of one row, from the processor's outputs."""
-    if family in ("llava", "llava_next"):
-        return expected_grids(family, config, inputs, row, values, images)
+    if family in ("llava", "vipllava", "llava_next"):
+        return expected_grids("llava" if family == "vipllava" else family, config, inputs, row, values, images)
     out, start = {}, 0
     for k in range(images):
         index = row * images + k
@@ -83,7 +82,7 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
 @pytest.mark.parametrize("family", GRID_FAMILIES)
 def test_every_family_draws_pai_gain_on_its_grid(family: str):
     tiny = tiny_model(family)
-    images = 1 if family in ONE_IMAGE else 2
+    images = 2
     inputs = tiny.inputs(QUESTIONS, images_per_row=images)
     with vlmfix.apply(tiny.model, vlmfix.PAI(cfg=False), tokenizer=tiny.processor, record=True) as session:
         session.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -96,3 +95,15 @@ def test_every_family_draws_pai_gain_on_its_grid(family: str):
         check_image_map(figure, "pai.image_gain",
                         expected(family, tiny.model.config, inputs, row, gain, images, pictures))
         figure.canvas.draw()  # renders without error
+
+
+def test_every_supported_family_has_a_grid_or_a_named_refusal():
+    from vlmfix.adapters import SUPPORTED_CLASSES
+    from vlmfix.viz.patches import REFUSED, row_layouts
+
+    families = {adapter.family for adapter in SUPPORTED_CLASSES.values()}
+    assert families == set(GRID_FAMILIES) | set(REFUSED), families ^ (set(GRID_FAMILIES) | set(REFUSED))
+    assert not set(GRID_FAMILIES) & set(REFUSED)
+    for family in REFUSED:
+        with pytest.raises(ValueError, match=f"cannot place {family}.s image tokens on its images: .+"):
+            row_layouts(family, None, [16])

@@ -38,9 +38,19 @@ from typing import Any
 
 import numpy as np
 
-MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v")
+MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
+                   "exaone4_5")
 RUN_FAMILIES = ("paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm")
-GRID_FAMILIES = ("llava", "llava_next", "llava_onevision", "mistral3", *MERGED_FAMILIES, *RUN_FAMILIES)
+UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
+# supported families whose image tokens the pictures do not place, and why
+REFUSED: dict[str, str] = {
+    "idefics2": "its perceiver resampler's latents each summarise the whole image: no token has a place",
+    "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
+    **{family: UNCHECKED for family in (
+        "lighton_ocr", "deepseek_vl", "cohere2_vision", "llava_next_video", "video_llava", "got_ocr2",
+        "cohere_compass", "cosmos3_edge", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2", "qianfan_ocr")},
+}
+GRID_FAMILIES = ("llava", "vipllava", "llava_next", "llava_onevision", "mistral3", *MERGED_FAMILIES, *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -304,8 +314,8 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
     """Each row's image tokens on their images' grids.
 
     Args:
-        family: the adapter's family (`GRID_FAMILIES`; others: one square grid per row when its token count is a
-            square).
+        family: the adapter's family (`GRID_FAMILIES`; those of `REFUSED` raise, naming why; others: one square
+            grid per row when its token count is a square).
         config: the model's config (vision tower sizes, AnyRes pinpoints, merge size).
         tokens_per_row: image tokens of each batch row.
         image_sizes: [images, 2] (height, width) of every image, LLaVA-NeXT / OneVision / Mistral 3.
@@ -320,6 +330,9 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
         image_shapes: {row: [(height, width) of each picture]}: the tile canvas of InternVL / Aya Vision.
         rows: the rows to lay out (None: all); the others of a run family stay without grids.
     """
+    if family in REFUSED:
+        raise ValueError(f"vlmfix.viz cannot place {family}'s image tokens on its images: {REFUSED[family]}. The "
+                         f"pictures support {', '.join(GRID_FAMILIES)}.")
     sizes = _as_rows(image_sizes)
     thw = _as_rows(image_grid_thw)
     layouts: list[RowLayout] = []
@@ -341,7 +354,7 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
             continue
         used, image = 0, 0
         while used < count:
-            if family == "llava":
+            if family in ("llava", "vipllava"):
                 grids, unplaced, n = _llava_image(config, image, used)
                 layout.unplaced.extend(unplaced)
             elif family in ("llava_next", "llava_onevision"):
