@@ -105,19 +105,20 @@ def plot_report(report: Mapping[str, Any], prompt: Mapping[str, Any], config: An
     layout = layouts[row]
     pictures = _pictures(listed, layout.images)
     maps, heads, traces = image_maps(report, positions[row], row), head_maps(report, row), token_traces(report, row)
-    columns = max([len(layout.grids) + len(layout.newlines)] if maps else [1])
-    panel_rows = len(maps) + len(heads) + len(traces)
+    per_map = len(layout.grids) + len(layout.newlines)  # panels of one image-token map
+    columns = max(per_map, 2)
+    maps_per_row = max(1, columns // per_map)  # one image's maps share a row
+    map_rows = -(-len(maps) // maps_per_row)
+    panel_rows = map_rows + len(heads) + len(traces)
     if panel_rows == 0:
         raise ValueError(f"nothing to draw for row {row}: the report has no method with pictures (gift, "
                          f"dual_stream, sid, avisc, var, pai, vhr, or a contrastive method run with record=True); "
                          f"it has {', '.join(report) or 'no method'}.")
-    width = max(PANEL_INCHES * columns + 1, 2 * PANEL_INCHES + 1)
-    figure = _pictures_class()(figsize=(width, PANEL_INCHES * panel_rows), layout="constrained")
+    figure = _pictures_class()(figsize=(PANEL_INCHES * columns + 1, PANEL_INCHES * panel_rows), layout="constrained")
     grid = figure.add_gridspec(panel_rows, columns)
-    at = 0
-    for image_map in maps:
-        _draw_image_map(figure, grid, at, image_map, layout, pictures)
-        at += 1
+    for k, image_map in enumerate(maps):
+        _draw_image_map(figure, grid, k // maps_per_row, (k % maps_per_row) * per_map, image_map, layout, pictures)
+    at = map_rows
     for head_map in heads:
         _draw_head_map(figure.add_subplot(grid[at, :]), head_map)
         at += 1
@@ -147,14 +148,14 @@ def _scale(panel: ImageMap | HeadMap) -> dict[str, Any]:
     return {"cmap": "viridis", "vmin": 0.0, "vmax": 1.0} if panel.unit else {"cmap": "viridis"}
 
 
-def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout: RowLayout,
+def _draw_image_map(figure: Any, grid: Any, at: int, first_column: int, image_map: ImageMap, layout: RowLayout,
                     pictures: Sequence[np.ndarray | None]) -> None:
     panels: list[TokenGrid | int] = []  # each image's grids, then its newline strip (an image index)
     for image in sorted({g.image for g in layout.grids}):
         panels.extend(g for g in layout.grids if g.image == image)
         if image in layout.newlines:
             panels.append(image)
-    for column, panel in enumerate(panels):
+    for column, panel in enumerate(panels, start=first_column):
         ax = figure.add_subplot(grid[at, column])
         if isinstance(panel, int):
             ax.imshow(image_map.values[layout.newlines[panel]][:, None], aspect="auto", interpolation="nearest",
