@@ -4,7 +4,8 @@ Coordinate pictures (red = x, green = y of every pixel, see tests/test_viz_patch
 processor; each vision patch's mean colour then goes through the model's own token-forming step (pixel shuffle,
 patch merger, pooling, AnyRes packing), read from the real module, so every image token carries the (x, y) of
 the part of the picture it sees. The grid of `vlmfix.viz.patches` must put each token at that place. Two rows,
-two pictures each, of different non-square sizes.
+two pictures each, of different non-square sizes; variants cut the pictures into Idefics3 tiles (`_split`) and
+shrink OneVision's tiles (`_max1`: anyres_max_1).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from vlmfix.viz.patches import row_layouts
 
 
 def build(family: str):
-    tiny = tiny_model(family.removesuffix("_split"))
+    tiny = tiny_model(family.removesuffix("_split").removesuffix("_max1"))
+    if family.endswith("_max1"):  # OneVision's anyres_max_1: tiles beyond one tile's tokens shrink (interpolated)
+        tiny.model.config.vision_aspect_ratio = tiny.processor.vision_aspect_ratio = "anyres_max_1"
     if family.endswith("_split"):  # Idefics3 cutting each picture into 32-pixel tiles named <row_i_col_j>
         tiny.processor.image_processor.do_image_splitting = True
         tiny.processor.image_processor.size = {"longest_edge": 64}
@@ -62,7 +65,7 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
     pixels), in prompt order; NaN for newline tokens."""
     config, inner = tiny.model.config, tiny.model.model
     pixels = inputs["pixel_values"]
-    family = family.removesuffix("_split")
+    family = family.removesuffix("_split").removesuffix("_max1")
     if family in ("idefics3", "smolvlm"):
         real = inputs["pixel_attention_mask"].flatten(0, 1).any(-1).any(-1)
         views = patch_colours(tiny, pixels.flatten(0, 1)[real])
@@ -116,7 +119,7 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
 
 
 FAMILIES = ["llava_onevision", "mistral3", "paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm",
-            "idefics3_split"]
+            "idefics3_split", "llava_onevision_max1"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -130,13 +133,13 @@ def test_grid_places_each_token_where_its_pixels_come_from(family: str):
         ends = [p for p in mask.nonzero().flatten().tolist() if p + 1 == len(ids) or not mask[p + 1]]
         tokens_before_after.append([[ids[s - 1], ids[e + 1]] for s, e in zip(starts, ends)])
     shapes = {b: SIZES[2 * b : 2 * b + 2] for b in range(2)}
-    layouts = row_layouts(family.removesuffix("_split"), tiny.model.config, image.sum(1).tolist(),
+    layouts = row_layouts(family.removesuffix("_split").removesuffix("_max1"), tiny.model.config, image.sum(1).tolist(),
                           image_sizes=inputs.get("image_sizes"),
                           image_positions=positions, image_run_tokens=tokens_before_after,
                           tokenizer=tiny.processor, image_shapes=shapes)
     colours = token_colours(family, tiny, inputs)
     kinds = {g.kind for layout in layouts for g in layout.grids}
-    if family in ("llava_onevision", "internvl", "aya_vision", "idefics3_split"):
+    if family in ("llava_onevision", "llava_onevision_max1", "internvl", "aya_vision", "idefics3_split"):
         assert "tiles" in kinds, kinds  # the pictures are cut into tiles
     for b, layout in enumerate(layouts):
         seen = colours[b]
