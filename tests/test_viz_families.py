@@ -1,5 +1,5 @@
-"""`session.plot` on a tiny model of every family with a patch grid: it draws, and each image panel holds PAI's
-per-token gain where the family's processor and vision tower put the token.
+"""`session.plot` on a tiny model of every family with a patch grid: it draws, each image panel holds PAI's
+per-token gain where the family's processor and vision tower put the token, and the head map VHR's divergence.
 
 The expected grids are rebuilt here from the processor's outputs with plain arithmetic (`image_grid_thw`,
 `image_sizes`, transformers' own AnyRes helpers, tokens per image), not with `vlmfix.viz.patches`; then they are
@@ -80,11 +80,12 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
 
 
 @pytest.mark.parametrize("family", GRID_FAMILIES)
-def test_every_family_draws_pai_gain_on_its_grid(family: str):
+def test_every_family_draws_pai_gain_on_its_grid_and_vhr_head_map(family: str):
     tiny = tiny_model(family)
     images = 2
     inputs = tiny.inputs(QUESTIONS, images_per_row=images)
-    with vlmfix.apply(tiny.model, vlmfix.PAI(cfg=False), tokenizer=tiny.processor, record=True) as session:
+    with vlmfix.apply(tiny.model, vlmfix.PAI(cfg=False), vlmfix.VHR(), tokenizer=tiny.processor,
+                      record=True) as session:
         session.generate(**inputs, max_new_tokens=2, do_sample=False)
     report = session.report()
     for row in range(2):
@@ -94,6 +95,9 @@ def test_every_family_draws_pai_gain_on_its_grid(family: str):
         figure = session.plot(row=row, images=pictures)
         check_image_map(figure, "pai.image_gain",
                         expected(family, tiny.model.config, inputs, row, gain, images, pictures))
+        layers = report["vhr"]["rows"][row]["layers"]  # the head map: VHR's divergence, layer by layer
+        shown = next(ax for ax in figure.axes if ax.get_gid() == "vhr.vhd").images[-1].get_array()
+        np.testing.assert_allclose(shown, np.array([layers[k]["vhd"] for k in sorted(layers)]))
         figure.canvas.draw()  # renders without error
 
 
