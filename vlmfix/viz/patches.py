@@ -3,15 +3,15 @@
 A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the methods' reports use for
 "image-token indices"). A `RowLayout` lays them on grids that each cover one whole image:
 
-- LLaVA-1.5: one (image_size / patch_size)^2 grid per image (24 x 24 for 336 / 14), row-major, over the image's
-  central square (the processor resizes the short side and crops the centre);
+- LLaVA-1.5, VipLLaVA: one (image_size / patch_size)^2 grid per image (24 x 24 for 336 / 14), row-major, over
+  the image's central square (the processor resizes the short side and crops the centre);
 - LLaVA-NeXT: per image, the base view (the same square grid, first), then the AnyRes tiles joined into one
   grid and cut back to the image's aspect ratio (rows x cols), each grid row followed by a newline token;
 - LLaVA-OneVision: as LLaVA-NeXT (base view first, tiles with a newline token per row), the tiles shrunk when
-  they exceed `vision_aspect_ratio`'s anyres_max_N budget; a single-view image is its square grid + one newline;
-- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V: per image, the merged patches, (h / m) x (w / m)
-  from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m, row-major (one grid per
-  temporal slice);
+  they exceed `vision_aspect_ratio`'s anyres_max_N budget;
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5: per image, the merged
+  patches, (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m,
+  row-major (one grid per temporal slice);
 - Mistral 3: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`, row-major (its
   [IMG_BREAK] / [IMG_END] tokens are not image tokens);
 - PaliGemma, Gemma 3: per image, one square grid (SigLIP patches; Gemma 3 pools them to `mm_tokens_per_image`)
@@ -25,7 +25,8 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   image after <global-img> (an image that is not split is its global image alone).
 
 Several images in a row follow each other in prompt order; the image inputs (`image_sizes`,
-`image_grid_thw`) list the batch's images row by row, as the processors make them.
+`image_grid_thw`) list the batch's images row by row, as the processors make them. The other supported
+families are refused by name (`REFUSED`, with the reason).
 """
 
 from __future__ import annotations
