@@ -132,8 +132,8 @@ def test_llava_next_base_tiles_and_newlines_match_pack_image_features():
                 assert np.allclose(seen, centres[cell], atol=1.0 / min(rows, cols)), (b, grid.image, cell)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm_ocr",
-                                    "exaone4_5"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe",
+                                    "glm46v", "glm_ocr", "exaone4_5"])
 def test_qwen_merged_patches(family: str):
     tiny, inputs, layouts = build(family)
     merge = tiny.model.config.vision_config.spatial_merge_size
