@@ -54,8 +54,9 @@ def cell_centres(rows: int, cols: int, top: float = 0.0, left: float = 0.0, heig
     return np.stack([left + (x + 0.5) / cols * width, top + (y + 0.5) / rows * height], axis=-1)
 
 
-def test_llava_square_grid_over_the_centre_crop():
-    tiny, inputs, layouts = build("llava")
+@pytest.mark.parametrize("family", ["llava", "vipllava"])
+def test_llava_square_grid_over_the_centre_crop(family: str):
+    tiny, inputs, layouts = build(family)
     pixels = inputs["pixel_values"]  # [images, 3, S, S]: resized short side, centre crop
     side = tiny.model.config.vision_config.image_size // tiny.model.config.vision_config.patch_size
     patch = tiny.model.config.vision_config.patch_size
@@ -131,7 +132,8 @@ def test_llava_next_base_tiles_and_newlines_match_pack_image_features():
                 assert np.allclose(seen, centres[cell], atol=1.0 / min(rows, cols)), (b, grid.image, cell)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe",
+                                    "glm46v", "glm_ocr", "exaone4_5"])
 def test_qwen_merged_patches(family: str):
     tiny, inputs, layouts = build(family)
     merge = tiny.model.config.vision_config.spatial_merge_size

@@ -266,6 +266,7 @@ class Session:
         self.prompts_seen += 1
         self._spans = self._resolve_spans(input_ids, valid)
         self._prompt_images = self._image_layout_inputs(inputs, input_ids.shape[0])
+        self._prompt_images["image_run_tokens"] = _run_tokens(input_ids, self._spans.image)
         self.records = {}
         needy = [m.name for m in self.methods if m.needs_image]
         if needy and not bool(self.spans.has_image.all()):
@@ -296,7 +297,9 @@ class Session:
 
     def prompt_record(self) -> dict[str, Any]:
         """The last prompt batch's structure as plain data, for pictures: the family, each row's image-token,
-        instruction and valid positions, and the image inputs that place image tokens on patch grids."""
+        instruction and valid positions, the image inputs that place image tokens on patch grids, and per row the
+        ids of the tokens just before and after each run of image tokens (`image_run_tokens`: Idefics3's
+        <row_i_col_j> / <global-img> name the tile that follows, Aya Vision's <|END_OF_IMG|> ends an image)."""
         spans = self.spans
 
         def positions(mask: Tensor) -> list[list[int]]:  # mask: [batch, seq]
@@ -530,3 +533,16 @@ def apply(
         raise ValueError(f"vlmfix.apply takes the methods one by one, got a {type(flat).__name__}; write "
                          f"vlmfix.apply(model, *methods) or vlmfix.apply(model, VAR(), GIFT()).")
     return Session(model, list(methods), tokenizer=tokenizer, spans=spans, kernel=kernel, record=record)
+
+
+def _run_tokens(input_ids: Tensor, image: Tensor) -> list[list[list[int]]]:
+    """Per row, the ids [before, after] of the tokens around each run of consecutive image tokens (-1: none)."""
+    out = []
+    for ids, mask in zip(input_ids.cpu().tolist(), image.cpu()):  # mask: [seq] bool
+        before = torch.cat([mask.new_zeros(1), mask[:-1]])
+        after = torch.cat([mask[1:], mask.new_zeros(1)])
+        starts = (mask & ~before).nonzero().flatten().tolist()
+        ends = (mask & ~after).nonzero().flatten().tolist()
+        out.append([[ids[s - 1] if s > 0 else -1, ids[e + 1] if e + 1 < len(ids) else -1]
+                    for s, e in zip(starts, ends)])
+    return out

@@ -8,10 +8,12 @@ figure.save("row0.png")                            # PNG, SVG or PDF
 ```
 
 The figure has one panel per image-token map and image grid (`vlmfix.viz.patches` places each token on its
-image: LLaVA's square grid, LLaVA-NeXT's base view and tiles with a strip for the newline tokens, Qwen's
-merged patches), one per layer x head map, and one per contrast trace (`record=True`); see
-`vlmfix.viz.panels` for what each shows. Matplotlib is needed (`pip install vlmfix[viz]`); the figure is drawn
-with the Agg canvas, without pyplot, so it works headless and leaves pyplot's state alone.
+image: LLaVA's square grid, LLaVA-NeXT's / OneVision's base view and tiles with a strip for the newline
+tokens, Qwen's / GLM's / Mistral 3's merged patches, InternVL's / Aya Vision's / Idefics3's tiles and their
+thumbnail or global image, PaliGemma's / Gemma 3's square grids), one per layer x head map, and one per
+contrast trace (`record=True`); see `vlmfix.viz.panels` for what each shows. Matplotlib is needed
+(`pip install vlmfix[viz]`); the figure is drawn with the Agg canvas, without pyplot, so it works headless
+and leaves pyplot's state alone.
 """
 
 from __future__ import annotations
@@ -91,25 +93,32 @@ def plot_report(report: Mapping[str, Any], prompt: Mapping[str, Any], config: An
     positions = prompt["image_positions"]
     if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < len(positions):
         raise ValueError(f"`row` must be a batch row in 0 .. {len(positions) - 1}, got {row!r}.")
+    listed = None if images is None else [_array(image) for image in
+                                          (images if isinstance(images, (list, tuple)) else [images])]
+    per_prompt = prompt.get("rows_per_prompt", 1)
+    shapes = None if listed is None else {row - row % per_prompt: [p.shape[:2] for p in listed]}
     layouts = row_layouts(prompt["family"], config, [len(p) for p in positions],
                           image_sizes=prompt.get("image_sizes"), image_grid_thw=prompt.get("image_grid_thw"),
-                          rows_per_prompt=prompt.get("rows_per_prompt", 1))
+                          rows_per_prompt=per_prompt, image_positions=positions,
+                          image_run_tokens=prompt.get("image_run_tokens"), tokenizer=tokenizer, image_shapes=shapes,
+                          rows={row - row % per_prompt})
     layout = layouts[row]
-    pictures = _pictures(images, layout.images)
+    pictures = _pictures(listed, layout.images)
     maps, heads, traces = image_maps(report, positions[row], row), head_maps(report, row), token_traces(report, row)
-    columns = max([len(layout.grids) + len(layout.newlines)] if maps else [1])
-    panel_rows = len(maps) + len(heads) + len(traces)
+    per_map = len(layout.grids) + len(layout.newlines)  # panels of one image-token map
+    columns = max(per_map, 2)
+    maps_per_row = max(1, columns // per_map)  # one image's maps share a row
+    map_rows = -(-len(maps) // maps_per_row)
+    panel_rows = map_rows + len(heads) + len(traces)
     if panel_rows == 0:
         raise ValueError(f"nothing to draw for row {row}: the report has no method with pictures (gift, "
                          f"dual_stream, sid, avisc, var, pai, vhr, or a contrastive method run with record=True); "
                          f"it has {', '.join(report) or 'no method'}.")
-    width = max(PANEL_INCHES * columns + 1, 2 * PANEL_INCHES + 1)
-    figure = _pictures_class()(figsize=(width, PANEL_INCHES * panel_rows), layout="constrained")
+    figure = _pictures_class()(figsize=(PANEL_INCHES * columns + 1, PANEL_INCHES * panel_rows), layout="constrained")
     grid = figure.add_gridspec(panel_rows, columns)
-    at = 0
-    for image_map in maps:
-        _draw_image_map(figure, grid, at, image_map, layout, pictures)
-        at += 1
+    for k, image_map in enumerate(maps):
+        _draw_image_map(figure, grid, k // maps_per_row, (k % maps_per_row) * per_map, image_map, layout, pictures)
+    at = map_rows
     for head_map in heads:
         _draw_head_map(figure.add_subplot(grid[at, :]), head_map)
         at += 1
@@ -120,14 +129,17 @@ def plot_report(report: Mapping[str, Any], prompt: Mapping[str, Any], config: An
     return figure
 
 
-def _pictures(images: Any, count: int) -> list[np.ndarray | None]:
-    if images is None:
+def _array(image: Any) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+
+
+def _pictures(listed: list[np.ndarray] | None, count: int) -> list[np.ndarray | None]:
+    if listed is None:
         return [None] * count
-    listed = list(images) if isinstance(images, (list, tuple)) else [images]
     if len(listed) != count:
         raise ValueError(f"the row has {count} image(s) but `images` holds {len(listed)}; pass the row's pictures "
                          f"in prompt order, or images=None.")
-    return [np.asarray(image.convert("RGB") if hasattr(image, "convert") else image) for image in listed]
+    return list(listed)
 
 
 def _scale(panel: ImageMap | HeadMap) -> dict[str, Any]:
@@ -136,14 +148,14 @@ def _scale(panel: ImageMap | HeadMap) -> dict[str, Any]:
     return {"cmap": "viridis", "vmin": 0.0, "vmax": 1.0} if panel.unit else {"cmap": "viridis"}
 
 
-def _draw_image_map(figure: Any, grid: Any, at: int, image_map: ImageMap, layout: RowLayout,
+def _draw_image_map(figure: Any, grid: Any, at: int, first_column: int, image_map: ImageMap, layout: RowLayout,
                     pictures: Sequence[np.ndarray | None]) -> None:
     panels: list[TokenGrid | int] = []  # each image's grids, then its newline strip (an image index)
     for image in sorted({g.image for g in layout.grids}):
         panels.extend(g for g in layout.grids if g.image == image)
         if image in layout.newlines:
             panels.append(image)
-    for column, panel in enumerate(panels):
+    for column, panel in enumerate(panels, start=first_column):
         ax = figure.add_subplot(grid[at, column])
         if isinstance(panel, int):
             ax.imshow(image_map.values[layout.newlines[panel]][:, None], aspect="auto", interpolation="nearest",

@@ -3,27 +3,55 @@
 A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the methods' reports use for
 "image-token indices"). A `RowLayout` lays them on grids that each cover one whole image:
 
-- LLaVA-1.5: one (image_size / patch_size)^2 grid per image (24 x 24 for 336 / 14), row-major, over the image's
-  central square (the processor resizes the short side and crops the centre);
+- LLaVA-1.5, VipLLaVA: one (image_size / patch_size)^2 grid per image (24 x 24 for 336 / 14), row-major, over
+  the image's central square (the processor resizes the short side and crops the centre);
 - LLaVA-NeXT: per image, the base view (the same square grid, first), then the AnyRes tiles joined into one
   grid and cut back to the image's aspect ratio (rows x cols), each grid row followed by a newline token;
-- Qwen2-VL / Qwen2.5-VL: per image, the merged patches, (h / m) x (w / m) from `image_grid_thw` = (t, h, w)
-  and the vision tower's `spatial_merge_size` m, row-major (one grid per temporal slice).
+- LLaVA-OneVision: as LLaVA-NeXT (base view first, tiles with a newline token per row), the tiles shrunk when
+  they exceed `vision_aspect_ratio`'s anyres_max_N budget;
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5: per image, the merged
+  patches, (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m,
+  row-major (one grid per temporal slice);
+- Mistral 3: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`, row-major (its
+  [IMG_BREAK] / [IMG_END] tokens are not image tokens);
+- PaliGemma, Gemma 3: per image, one square grid (SigLIP patches; Gemma 3 pools them to `mm_tokens_per_image`)
+  over the whole image, which the processor resizes to a square. Gemma 3's pan-and-scan crops would add views
+  that the prompt's tokens cannot tell from images: refused when the pictures show more views than images;
+- InternVL, Aya Vision: pixel-shuffled square tiles; an image cut into n > 1 tiles has them first (row-major
+  over a rows x cols canvas, the one of n tiles whose shape is closest to the image's, as the processor picks
+  it, so the pictures' sizes are needed) and its thumbnail last. InternVL's image is one run of tokens; Aya's
+  tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
+- Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
+  image after <global-img> (an image that is not split is its global image alone).
 
 Several images in a row follow each other in prompt order; the image inputs (`image_sizes`,
-`image_grid_thw`) list the batch's images row by row, as the processors make them.
+`image_grid_thw`) list the batch's images row by row, as the processors make them. The other supported
+families are refused by name (`REFUSED`, with the reason).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-GRID_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
+                   "exaone4_5")
+RUN_FAMILIES = ("paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm")
+UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
+# supported families whose image tokens the pictures do not place, and why
+REFUSED: dict[str, str] = {
+    "idefics2": "its perceiver resampler's latents each summarise the whole image: no token has a place",
+    "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
+    **{family: UNCHECKED for family in (
+        "lighton_ocr", "deepseek_vl", "cohere2_vision", "llava_next_video", "video_llava", "got_ocr2",
+        "cohere_compass", "cosmos3_edge", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2", "qianfan_ocr")},
+}
+GRID_FAMILIES = ("llava", "vipllava", "llava_next", "llava_onevision", "mistral3", *MERGED_FAMILIES, *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -105,12 +133,18 @@ def _best_canvas(height: int, width: int, pinpoints: Sequence[Sequence[int]]) ->
     return tuple(select_best_resolution((height, width), [tuple(p) for p in pinpoints]))  # type: ignore[return-value]
 
 
-def _llava_next_image(config: Any, image: int, start: int, size: Sequence[int]) -> tuple[list[TokenGrid], dict, int]:
+def _llava_next_image(config: Any, image: int, start: int, size: Sequence[int],
+                      max_tiles: int | None = None) -> tuple[list[TokenGrid], dict, int]:
+    """LLaVA-NeXT (`max_tiles` None) and LLaVA-OneVision (anyres_max_N: tiles shrunk past N tiles' tokens)."""
     side = _vision_side(config)
     tile = int(config.vision_config.image_size)
     height, width = int(size[0]), int(size[1])
     canvas_h, canvas_w = _best_canvas(height, width, config.image_grid_pinpoints)
     _, rows, _, cols = unpadded_size(canvas_h // tile * side, canvas_w // tile * side, height, width)
+    if max_tiles is not None:
+        ratio = math.sqrt(rows * cols / (max_tiles * side**2))
+        if ratio > 1.1:  # OneVision interpolates the unpadded tiles down to this grid
+            rows, cols = int(rows // ratio), int(cols // ratio)
     base = TokenGrid(image, "base", _square(side, start))
     first = start + side * side
     # each grid row: cols tile tokens, then one newline token
@@ -118,6 +152,11 @@ def _llava_next_image(config: Any, image: int, start: int, size: Sequence[int]) 
     tiles = TokenGrid(image, "tiles", row_starts + np.arange(cols)[None, :])
     newlines = first + np.arange(rows) * (cols + 1) + cols
     return [base, tiles], {image: newlines}, side * side + rows * (cols + 1)
+
+
+def _onevision_max_tiles(config: Any) -> int:
+    aspect = str(getattr(config, "vision_aspect_ratio", "anyres_max_9"))
+    return int(aspect.removeprefix("anyres_max_"))
 
 
 def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int]) -> tuple[list[TokenGrid], int]:
@@ -129,20 +168,172 @@ def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int]) -> tupl
     return grids, t * rows * cols
 
 
+def _mistral_image(config: Any, image: int, start: int, size: Sequence[int]) -> tuple[list[TokenGrid], int]:
+    pixels = int(config.vision_config.patch_size) * int(config.spatial_merge_size)
+    rows, cols = int(size[0]) // pixels, int(size[1]) // pixels
+    return [TokenGrid(image, "merged", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
+
+
+def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """(first image-token index, length) of each run of consecutive positions."""
+    runs: list[tuple[int, int]] = []
+    for i, p in enumerate(positions):
+        if i and p == positions[i - 1] + 1:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _pair(value: Any) -> int:
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
+def _tile_side(family: str, config: Any) -> int:
+    """Tokens per side of one square tile (or image) of a run-based family."""
+    vision = config.vision_config
+    side = _pair(vision.image_size) // _pair(vision.patch_size)
+    if family == "gemma3":
+        return math.isqrt(int(config.mm_tokens_per_image))
+    if family == "internvl":
+        return int(side * float(config.downsample_ratio))
+    if family == "aya_vision":
+        return side // int(config.downsample_factor)
+    if family in ("idefics3", "smolvlm"):
+        return side // int(config.scale_factor)
+    return side  # paligemma
+
+
+def tile_canvas(tiles: int, height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) of `tiles` tiles whose shape is closest to a height x width image's (GOT-OCR2's rule, which
+    InternVL's and Aya Vision's processors pick their canvas by; among canvases of `tiles` tiles it is unique)."""
+    shapes = [(tiles // c, c) for c in range(1, tiles + 1) if tiles % c == 0]
+    return min(shapes, key=lambda rc: abs(width / height - rc[1] / rc[0]))
+
+
+def _tiles_and_thumbnail(image: int, start: int, side: int, rows: int, cols: int, last: str) -> list[TokenGrid]:
+    """Tiles row-major over a rows x cols canvas (each tile's tokens row-major), then one square `last` view."""
+    per_tile = side * side
+    r, c = np.mgrid[0 : rows * side, 0 : cols * side]
+    tile = (r // side) * cols + c // side
+    tokens = start + tile * per_tile + (r % side) * side + c % side
+    return [TokenGrid(image, "tiles", tokens), TokenGrid(image, last, _square(side, start + rows * cols * per_tile))]
+
+
+def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
+                    before: Sequence[Sequence[int]] | None,
+                    tokenizer: Any, shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
+    """The grids of one row of a family whose image inputs do not place its tokens (see the module docstring)."""
+    side = _tile_side(family, config)
+    per_tile = side * side
+    count = len(positions)
+    if family in ("paligemma", "gemma3"):
+        if count % per_tile:
+            raise ValueError(f"row {b}'s {count} image tokens are not whole {side} x {side} {family} images.")
+        views = count // per_tile
+        if shapes is not None and len(shapes) != views:
+            raise ValueError(f"row {b} has {views} {family} image views but {len(shapes)} pictures: Gemma 3's "
+                             f"pan-and-scan crops cannot be placed from the prompt; run without do_pan_and_scan.")
+        return [TokenGrid(k, "patches", _square(side, k * per_tile)) for k in range(views)]
+    runs = _runs(positions)
+    if family == "internvl":
+        grids: list[TokenGrid] = []
+        for image, (start, length) in enumerate(runs):
+            if length % per_tile:
+                raise ValueError(f"row {b}'s image {image} has {length} tokens, not whole {side} x {side} tiles.")
+            tiles = length // per_tile
+            if tiles == 1:
+                grids.append(TokenGrid(image, "patches", _square(side, start)))
+                continue
+            rows, cols = tile_canvas(tiles - 1, *_shape_of(shapes, image, b, family))
+            grids.extend(_tiles_and_thumbnail(image, start, side, rows, cols, "thumbnail"))
+        return grids
+    names = _token_names(before, tokenizer, b, family)  # [before, after] of each run
+    for _, length in runs:
+        if length != per_tile:
+            raise ValueError(f"row {b} has a run of {length} {family} image tokens, not one {side} x {side} tile.")
+    grids, image, tile_runs = [], 0, []
+    for (start, _), (name, next_name) in zip(runs, names):
+        ends_image = next_name == "<|END_OF_IMG|>" if family == "aya_vision" else name == "<global-img>"
+        if not ends_image:
+            tile_runs.append((start, name))
+            continue
+        if not tile_runs:
+            grids.append(TokenGrid(image, "patches", _square(side, start)))
+        elif family == "aya_vision":
+            rows, cols = tile_canvas(len(tile_runs), *_shape_of(shapes, image, b, family))
+            grids.extend(_tiles_and_thumbnail(image, tile_runs[0][0], side, rows, cols, "thumbnail"))
+        else:  # Idefics3 / SmolVLM: <row_i_col_j> names each tile
+            grids.extend(_idefics_tiles(image, tile_runs, side, b))
+            grids.append(TokenGrid(image, "global", _square(side, start)))
+        image, tile_runs = image + 1, []
+    if tile_runs:
+        raise ValueError(f"row {b}'s last {family} image has tiles but no global image run after them.")
+    return grids
+
+
+def _idefics_tiles(image: int, tile_runs: Sequence[tuple[int, str]], side: int, b: int) -> list[TokenGrid]:
+    places = []
+    for start, name in tile_runs:
+        found = re.fullmatch(r"<row_(\d+)_col_(\d+)>", name)
+        if found is None:
+            raise ValueError(f"row {b}: an Idefics3 tile run follows {name!r}, not a <row_i_col_j> token.")
+        places.append((int(found[1]) - 1, int(found[2]) - 1, start))
+    rows, cols = max(p[0] for p in places) + 1, max(p[1] for p in places) + 1
+    tokens = np.full((rows * side, cols * side), -1)
+    for r, c, start in places:
+        tokens[r * side : (r + 1) * side, c * side : (c + 1) * side] = _square(side, start)
+    return [TokenGrid(image, "tiles", tokens)]
+
+
+def _token_names(before: Sequence[Sequence[int]] | None, tokenizer: Any, b: int, family: str
+                 ) -> list[tuple[str, str]]:
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if before is None or tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        raise ValueError(f"{family}'s image tokens are placed by the token before each run (its tile names): "
+                         f"decode with session.generate inside vlmfix.apply(..., tokenizer=processor), which "
+                         f"records them, and keep the tokenizer (row {b}).")
+    def name(i: int) -> str:
+        return str(tokenizer.convert_ids_to_tokens(int(i))) if i >= 0 else ""
+
+    return [(name(pair[0]), name(pair[1])) for pair in before]
+
+
+def _shape_of(shapes: Sequence[Sequence[int]] | None, image: int, b: int, family: str) -> tuple[int, int]:
+    if shapes is None or image >= len(shapes):
+        raise ValueError(f"row {b}'s {family} image {image} is cut into tiles, whose canvas depends on the picture's "
+                         f"size: pass the row's pictures, session.plot(row, images=[...]).")
+    return int(shapes[image][0]), int(shapes[image][1])
+
+
 def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, image_sizes: Any = None,
-                image_grid_thw: Any = None, rows_per_prompt: int = 1) -> list[RowLayout]:
+                image_grid_thw: Any = None, rows_per_prompt: int = 1,
+                image_positions: Sequence[Sequence[int]] | None = None,
+                image_run_tokens: Sequence[Sequence[Sequence[int]]] | None = None, tokenizer: Any = None,
+                image_shapes: Mapping[int, Sequence[Sequence[int]]] | None = None,
+                rows: Collection[int] | None = None) -> list[RowLayout]:
     """Each row's image tokens on their images' grids.
 
     Args:
-        family: the adapter's family ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"; others: one square grid
-            per row when its token count is a square).
+        family: the adapter's family (`GRID_FAMILIES`; those of `REFUSED` raise, naming why; others: one square
+            grid per row when its token count is a square).
         config: the model's config (vision tower sizes, AnyRes pinpoints, merge size).
         tokens_per_row: image tokens of each batch row.
-        image_sizes: [images, 2] (height, width) of every image, LLaVA-NeXT.
-        image_grid_thw: [images, 3] patch grid of every image, Qwen.
+        image_sizes: [images, 2] (height, width) of every image, LLaVA-NeXT / OneVision / Mistral 3.
+        image_grid_thw: [images, 3] patch grid of every image, Qwen / GLM.
         rows_per_prompt: batch rows per prompt (beams, return sequences): the image inputs list the images of
             each prompt once.
+        image_positions: each row's image-token positions (runs of consecutive ones are tiles or images of
+            InternVL, Aya Vision, Idefics3 / SmolVLM); default: one run per row.
+        image_run_tokens: each row's [before, after] token ids of each run (`session.prompt_record()`), Aya
+            Vision / Idefics3.
+        tokenizer: names those tokens.
+        image_shapes: {row: [(height, width) of each picture]}: the tile canvas of InternVL / Aya Vision.
+        rows: the rows to lay out (None: all); the others of a run family stay without grids.
     """
+    if family in REFUSED:
+        raise ValueError(f"vlmfix.viz cannot place {family}'s image tokens on its images: {REFUSED[family]}. The "
+                         f"pictures support {', '.join(GRID_FAMILIES)}.")
     sizes = _as_rows(image_sizes)
     thw = _as_rows(image_grid_thw)
     layouts: list[RowLayout] = []
@@ -152,15 +343,29 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
             layouts.append(layouts[-1])
             continue
         layout = RowLayout(count=int(count))
+        if family in RUN_FAMILIES and rows is not None and b not in rows:
+            layouts.append(layout)
+            continue
+        if family in RUN_FAMILIES:
+            positions = list(image_positions[b]) if image_positions is not None else list(range(int(count)))
+            before = image_run_tokens[b] if image_run_tokens is not None else None
+            shapes = (image_shapes or {}).get(b)
+            layout.grids.extend(_run_family_row(family, config, b, positions, before, tokenizer, shapes))
+            layouts.append(layout)
+            continue
         used, image = 0, 0
         while used < count:
-            if family == "llava":
+            if family in ("llava", "vipllava"):
                 grids, unplaced, n = _llava_image(config, image, used)
                 layout.unplaced.extend(unplaced)
-            elif family == "llava_next":
-                grids, newlines, n = _llava_next_image(config, image, used, _take(sizes, next_image, "image_sizes"))
+            elif family in ("llava_next", "llava_onevision"):
+                max_tiles = _onevision_max_tiles(config) if family == "llava_onevision" else None
+                grids, newlines, n = _llava_next_image(config, image, used, _take(sizes, next_image, "image_sizes"),
+                                                       max_tiles)
                 layout.newlines.update(newlines)
-            elif family in ("qwen2_vl", "qwen2_5_vl"):
+            elif family == "mistral3":
+                grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"))
+            elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
             else:
                 side = math.isqrt(int(count))

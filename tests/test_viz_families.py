@@ -1,0 +1,113 @@
+"""`session.plot` on a tiny model of every family with a patch grid: it draws, each image panel holds PAI's
+per-token gain where the family's processor and vision tower put the token, and the head map VHR's divergence.
+
+The expected grids are rebuilt here from the processor's outputs with plain arithmetic (`image_grid_thw`,
+`image_sizes`, transformers' own AnyRes helpers, tokens per image), not with `vlmfix.viz.patches`; then they are
+compared with the arrays read back from the figure. Two images per row where the family takes them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas  # noqa: E402
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image  # noqa: E402
+
+import vlmfix  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
+from tests.test_viz import QUESTIONS, check_image_map, expected_grids  # noqa: E402
+from vlmfix.testing.tiny import random_image  # noqa: E402
+from vlmfix.viz.patches import GRID_FAMILIES  # noqa: E402
+
+MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "exaone4_5")
+SQUARE = ("paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm")  # one square tile per image
+
+
+def expected(family: str, config, inputs, row: int, values: np.ndarray, images: int, pictures: list) -> dict:
+    """{(image, kind): [rows, cols] values} of one row, from the processor's outputs."""
+    if family in ("llava", "vipllava", "llava_next"):
+        return expected_grids("llava" if family == "vipllava" else family, config, inputs, row, values, images)
+    out, start = {}, 0
+    for k in range(images):
+        index = row * images + k
+        if family in MERGED:
+            merge = config.vision_config.spatial_merge_size
+            _, h, w = inputs["image_grid_thw"][index].tolist()
+            shapes = [((k, "merged"), h // merge, w // merge, 0)]
+        elif family == "mistral3":
+            h, w = inputs["image_sizes"][index].tolist()
+            step = config.vision_config.patch_size * config.spatial_merge_size
+            shapes = [((k, "merged"), h // step, w // step, 0)]
+        elif family == "llava_onevision":
+            side = config.vision_config.image_size // config.vision_config.patch_size
+            size = inputs["image_sizes"][index]
+            tiles_h, tiles_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints,
+                                                           config.vision_config.image_size)
+            rows, cols = unpad_image(torch.zeros(1, tiles_h * side, tiles_w * side), size).shape[1:]
+            assert rows * cols <= 9 * side * side  # below anyres_max_9: no shrinking
+            out[(k, "base")] = values[start : start + side * side].reshape(side, side)
+            start += side * side
+            tiles = values[start : start + rows * (cols + 1)].reshape(rows, cols + 1)
+            out[(k, "tiles")] = tiles[:, :cols]
+            start += rows * (cols + 1)
+            continue
+        elif family in ("internvl", "aya_vision") and len(values) > images * 4:  # tiles + thumbnail
+            per_image, tile = len(values) // images, 2  # 2 x 2 tokens per tile
+            tiles = per_image // (tile * tile) - 1
+            cols, rows = get_optimal_tiled_canvas(pictures[k].size[::-1], (32, 32), 1, 12)
+            assert rows * cols == tiles
+            block = values[start : start + tiles * tile * tile].reshape(rows, cols, tile, tile)
+            out[(k, "tiles")] = block.transpose(0, 2, 1, 3).reshape(rows * tile, cols * tile)
+            start += tiles * tile * tile
+            shapes = [((k, "thumbnail"), tile, tile, 0)]
+        else:
+            per_image = len(values) // images
+            side = math.isqrt(per_image)
+            assert side * side == per_image
+            shapes = [((k, "patches"), side, side, 0)]
+        for key, rows, cols, _ in shapes:
+            out[key] = values[start : start + rows * cols].reshape(rows, cols)
+            start += rows * cols
+    assert start == len(values)
+    return out
+
+
+@pytest.mark.parametrize("family", GRID_FAMILIES)
+def test_every_family_draws_pai_gain_on_its_grid_and_vhr_head_map(family: str):
+    tiny = tiny_model(family)
+    images = 2
+    inputs = tiny.inputs(QUESTIONS, images_per_row=images)
+    with vlmfix.apply(tiny.model, vlmfix.PAI(cfg=False), vlmfix.VHR(), tokenizer=tiny.processor,
+                      record=True) as session:
+        session.generate(**inputs, max_new_tokens=2, do_sample=False)
+    report = session.report()
+    for row in range(2):
+        gain = np.asarray(report["pai"]["image_gain"][row])
+        assert gain.shape == (len(session.prompt_record()["image_positions"][row]),) and (gain > 1).any()
+        pictures = [random_image(48 + 16 * (row % 3), row + 1000 * k) for k in range(images)]  # as tiny.inputs
+        figure = session.plot(row=row, images=pictures)
+        check_image_map(figure, "pai.image_gain",
+                        expected(family, tiny.model.config, inputs, row, gain, images, pictures))
+        layers = report["vhr"]["rows"][row]["layers"]  # the head map: VHR's divergence, layer by layer
+        shown = next(ax for ax in figure.axes if ax.get_gid() == "vhr.vhd").images[-1].get_array()
+        np.testing.assert_allclose(shown, np.array([layers[k]["vhd"] for k in sorted(layers)]))
+        figure.canvas.draw()  # renders without error
+
+
+def test_every_supported_family_has_a_grid_or_a_named_refusal():
+    from vlmfix.adapters import SUPPORTED_CLASSES
+    from vlmfix.viz.patches import REFUSED, row_layouts
+
+    families = {adapter.family for adapter in SUPPORTED_CLASSES.values()}
+    assert families == set(GRID_FAMILIES) | set(REFUSED), families ^ (set(GRID_FAMILIES) | set(REFUSED))
+    assert not set(GRID_FAMILIES) & set(REFUSED)
+    for family in REFUSED:
+        with pytest.raises(ValueError, match=f"cannot place {family}.s image tokens on its images: .+"):
+            row_layouts(family, None, [16])
