@@ -131,7 +131,7 @@ def build_toy(
     Args:
         out: target directory; None uses `default_root(fast=fast)`. It must be empty, absent or a
             previous toy build.
-        fast: the small build for tests (about a minute on 2 cores); the full build takes ~5-8 minutes.
+        fast: the small build for tests (about a minute on 2 cores); the full build takes ~7 minutes.
         seed: seeds scenes, initialisation and training; the same seed gives the same files.
         progress: show tqdm progress bars.
 
