@@ -103,9 +103,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     _, params = parse_method(f"opera:{args.opera}" if args.opera else "opera")
     opera = vlmfix.OPERA(**params)
-    print(f"{args.family}-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim} on {args.device}, "
-          f"{args.beams} beams, per-token cost from calls of {args.short_tokens} and {args.new_tokens} new tokens, "
-          f"{args.repeats} repeats; {opera!r}")
+    print(f"{args.family}-shaped model: {args.layers} layers x {args.heads} heads x head_dim {args.head_dim} "
+          f"on {args.device}, {args.beams} beams, per-token cost from calls of {args.short_tokens} and "
+          f"{args.new_tokens} new tokens, {args.repeats} repeats; {opera!r}")
     rows = []
     for dtype in args.dtype:
         tiny = speed_model(args.layers, args.heads, args.head_dim, args.device, DTYPES[dtype], family=args.family,
