@@ -49,7 +49,8 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     **{family: UNCHECKED for family in (
         "lighton_ocr", "deepseek_vl", "cohere2_vision", "llava_next_video", "video_llava", "got_ocr2",
-        "cohere_compass", "cosmos3_edge", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2", "qianfan_ocr")},
+        "cohere_compass", "cosmos3_edge", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2", "qianfan_ocr",
+        "hyperclovax_vision_v2", "gemma4", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "aria", "deepseek_vl_hybrid")},
 }
 GRID_FAMILIES = ("llava", "vipllava", "llava_next", "llava_onevision", "mistral3", *MERGED_FAMILIES, *RUN_FAMILIES)
 
