@@ -60,7 +60,7 @@ from vlmfix.eval import (
 )
 from vlmfix.eval._io import atomic_write_text, sha256_file, sha256_text
 from vlmfix.eval.bootstrap import UnitTable
-from vlmfix.eval.fingerprint import Execution, method_params
+from vlmfix.eval.fingerprint import Execution, method_params, plain_json
 from vlmfix.eval.unit_counts import chair_units, pope_units
 from vlmfix.validation import boolean, choice, indices, number, optional_number, text
 
@@ -753,16 +753,6 @@ def _method_params(methods: list[Method]) -> dict[str, Any]:
     return method_params(methods)  # shared with the lmms-eval plugin's fingerprint
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
-
-
 def _result_dir(cfg: DictConfig, methods: list[Method], fingerprint: dict[str, Any]) -> Path:
     label = method_label(cfg, methods)
     return Path(cfg.results_dir) / cfg.model.name / cfg.benchmark.name / f"{label}-{fingerprint_hash(fingerprint)[:12]}"
@@ -774,7 +764,7 @@ def _finish(cfg: DictConfig, out_dir: Path, label: str, fingerprint: dict[str, A
     block = interval_block(units, metrics, bootstrap_settings(cfg)) if units is not None else {}
     result = {
         "model": cfg.model.name, "benchmark": cfg.benchmark.name, "kind": cfg.benchmark.kind,
-        "method": label, "metrics": _plain(metrics), **{k: v for k, v in block.items() if k != "units"},
+        "method": label, "metrics": plain_json(metrics), **{k: v for k, v in block.items() if k != "units"},
         "complete": complete, "limit": cfg.get("limit"), "result_dir": str(out_dir), "fingerprint": fingerprint,
         **({"units": block["units"]} if block else {}),  # last: the per-unit counts the summary pairs with greedy's
     }

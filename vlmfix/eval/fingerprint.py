@@ -119,16 +119,17 @@ def _as_eval_input_error() -> Iterator[None]:
 def method_params(methods: Sequence[Any]) -> dict[str, Any]:
     """Each method's constructor parameters as plain JSON data ({name: {parameter: value}}; a value JSON cannot
     store is kept as its repr), as the benchmark app and the lmms-eval plugin record them."""
-    return {m.name: {k: _plain(v) for k, v in m.params().items()} for m in methods}
+    return {m.name: {k: plain_json(v) for k, v in m.params().items()} for m in methods}
 
 
-def _plain(value: Any) -> Any:
+def plain_json(value: Any) -> Any:
+    """`value` as JSON data: containers walked, anything JSON cannot store kept as its repr."""
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_json(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_json(v) for k, v in value.items()}
     return repr(value)
 
 

@@ -619,11 +619,8 @@ DEEPSEEK_TEMPLATE = (
 )
 
 
-def build_deepseek_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """DeepSeek-VL: SigLIP `vision_model` (16 tokens per 32-pixel image), an MLP `aligner`, Llama."""
-    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLProcessor
-    from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
-
+def deepseek_text(shape: Shape) -> tuple[PreTrainedTokenizerFast, dict[str, int], dict[str, Any]]:
+    """DeepSeek-VL's tokenizer (both variants), its special ids and the Llama text settings."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=word_tokenizer(DEEPSEEK_SPECIALS, WORDS), bos_token="<｜begin▁of▁sentence｜>",
         eos_token="<｜end▁of▁sentence｜>", unk_token="<unk>", pad_token="<｜▁pad▁｜>", padding_side="left",
@@ -632,6 +629,15 @@ def build_deepseek_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     ids = token_ids(tokenizer, DEEPSEEK_SPECIALS)
     text = shape.text(len(tokenizer), pad_token_id=ids["<｜▁pad▁｜>"], eos_token_id=ids["<｜end▁of▁sentence｜>"],
                       bos_token_id=ids["<｜begin▁of▁sentence｜>"])
+    return tokenizer, ids, text
+
+
+def build_deepseek_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """DeepSeek-VL: SigLIP `vision_model` (16 tokens per 32-pixel image), an MLP `aligner`, Llama."""
+    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLProcessor
+    from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
+
+    tokenizer, ids, text = deepseek_text(shape)
     config = DeepseekVLConfig(vision_config=siglip_config(), text_config=dict(model_type="llama", **text),
                               image_token_id=ids["<image_placeholder>"], tie_word_embeddings=False)
     model = DeepseekVLForConditionalGeneration(config)
@@ -1262,14 +1268,7 @@ def build_deepseek_vl_hybrid(shape: Shape) -> tuple[PreTrainedModel, ProcessorMi
         DeepseekVLHybridImageProcessorPil,
     )
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_tokenizer(DEEPSEEK_SPECIALS, WORDS), bos_token="<｜begin▁of▁sentence｜>",
-        eos_token="<｜end▁of▁sentence｜>", unk_token="<unk>", pad_token="<｜▁pad▁｜>", padding_side="left",
-    )
-    tokenizer.image_token = "<image_placeholder>"
-    ids = token_ids(tokenizer, DEEPSEEK_SPECIALS)
-    text = shape.text(len(tokenizer), pad_token_id=ids["<｜▁pad▁｜>"], eos_token_id=ids["<｜end▁of▁sentence｜>"],
-                      bos_token_id=ids["<｜begin▁of▁sentence｜>"])
+    tokenizer, ids, text = deepseek_text(shape)
     sam = dict(model_type="sam_vision_model", hidden_size=32, output_channels=16, num_hidden_layers=2,
                num_attention_heads=4, mlp_dim=64, image_size=64, patch_size=16, global_attn_indexes=[1],
                window_size=2)
