@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,17 +216,27 @@ MME_ANSWERS = {"greedy": ["Yes", "Yes", "Yes", "No", "No", "No"], "vcd": ["Yes",
 MME_WRONG = {("greedy", 1), ("greedy", 4), ("vcd", 5)}  # question index, read off by hand
 
 
-def mme_runs(root: Path, images: Path) -> list[mme.MmeQuestion]:
-    questions = [mme.MmeQuestion(k, s, i, q, a, image_file(images, ord(i[0]))) for k, (s, i, q, a) in
-                 enumerate(MME_ROWS)]
-    for method, texts in MME_ANSWERS.items():
-        run_dir = root / "results" / "toy" / "mme_hallucination" / f"{method}-0"
+def yes_no_runs(root: Path, names: tuple[str, str, str], questions: list[Any], answers_by_method: dict[str, list[str]],
+                score: Callable[..., Any], write_scored: Callable[..., None],
+                headline: Callable[[Any], dict[str, float]]) -> None:
+    """One run folder per method for a yes/no benchmark (`names`: benchmark, result kind, scored file): items,
+    the scorer's own scored file and result.json, as the app writes them."""
+    benchmark, kind, scored_file = names
+    for method, texts in answers_by_method.items():
+        run_dir = root / "results" / "toy" / benchmark / f"{method}-0"
         run_dir.mkdir(parents=True)
         write_items(run_dir, [Item(q.key, q.image_path, q.question) for q in questions])
         answers = dict(enumerate(texts))
-        scores = mme.score_mme(questions, answers)
-        mme.write_mme_scored(run_dir / "mme_scored.json", questions, answers, scores)
-        result_json(run_dir, "mme_hallucination", "mme", method, {"total": scores.total})
+        scores = score(questions, answers)
+        write_scored(run_dir / scored_file, questions, answers, scores)
+        result_json(run_dir, benchmark, kind, method, headline(scores))
+
+
+def mme_runs(root: Path, images: Path) -> list[mme.MmeQuestion]:
+    questions = [mme.MmeQuestion(k, s, i, q, a, image_file(images, ord(i[0]))) for k, (s, i, q, a) in
+                 enumerate(MME_ROWS)]
+    yes_no_runs(root, ("mme_hallucination", "mme", "mme_scored.json"), questions, MME_ANSWERS, mme.score_mme,
+                mme.write_mme_scored, lambda scores: {"total": scores.total})
     return questions
 
 
@@ -264,14 +275,8 @@ def hallusion_runs(root: Path, images: Path) -> list[hallusion.HallusionQuestion
     questions = [hallusion.HallusionQuestion(k, c, s, "1", set_id, fig, qid, q, gt,
                                              image_file(images, 20 + k) if has else None)
                  for k, (c, s, set_id, fig, qid, q, gt, has) in enumerate(HALLUSION_ROWS)]
-    for method, texts in HALLUSION_ANSWERS.items():
-        run_dir = root / "results" / "toy" / "hallusionbench" / f"{method}-0"
-        run_dir.mkdir(parents=True)
-        write_items(run_dir, [Item(q.key, q.image_path, q.question) for q in questions])
-        answers = dict(enumerate(texts))
-        scores = hallusion.score_hallusion(questions, answers)
-        hallusion.write_hallusion_scored(run_dir / "hallusion_scored.json", questions, answers, scores)
-        result_json(run_dir, "hallusionbench", "hallusion", method, {"qAcc": scores.qacc})
+    yes_no_runs(root, ("hallusionbench", "hallusion", "hallusion_scored.json"), questions, HALLUSION_ANSWERS,
+                hallusion.score_hallusion, hallusion.write_hallusion_scored, lambda scores: {"qAcc": scores.qacc})
     return questions
 
 

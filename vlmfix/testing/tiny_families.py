@@ -48,6 +48,15 @@ def token_ids(tokenizer: PreTrainedTokenizerFast, tokens: tuple[str, ...]) -> di
     return {t: int(tokenizer.convert_tokens_to_ids(t)) for t in tokens}  # type: ignore[arg-type]
 
 
+def small_qwen_image_processor() -> Any:
+    """Qwen2-VL's PIL image processor at the tiny builds' size (8-pixel patches, 2x2 merge, 32-64 pixels a side),
+    shared by the families that reuse Qwen's vision tower."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                    temporal_patch_size=2)
+
+
 def chatml_template(image: str) -> str:
     """A ChatML template that writes `image` for each image item."""
     return (
@@ -588,7 +597,6 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """EXAONE 4.5: Qwen2.5-VL's vision tower (windowed, GQA attention) and prompt layout, EXAONE 4 with
     sliding-window layers."""
     from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, Exaone4_5_Processor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
     ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
@@ -601,8 +609,7 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     config = Exaone4_5_Config(text_config=dict(model_type="exaone4", **text), vision_config=vision,
                               image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
     model = Exaone4_5_ForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
-                                               temporal_patch_size=2)
+    image_processor = small_qwen_image_processor()
     processor = image_only(Exaone4_5_Processor)(
         image_processor=image_processor, tokenizer=tokenizer,
         chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
@@ -794,7 +801,6 @@ def build_cohere_compass(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]
         CohereCompassForConditionalGeneration,
         CohereCompassProcessor,
     )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=word_tokenizer((*COHERE_VISION_SPECIALS, *COMPASS_TOKENS), WORDS), bos_token="<BOS_TOKEN>",
@@ -818,8 +824,7 @@ def build_cohere_compass(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]
         vision_end_token_id=ids["<|VISION_END|>"], tie_word_embeddings=False,
     )
     model = CohereCompassForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
-                                               temporal_patch_size=2)
+    image_processor = small_qwen_image_processor()
     processor = image_only(CohereCompassProcessor)(
         image_processor=image_processor, tokenizer=tokenizer,
         chat_template=AYA_TEMPLATE.replace("<image>", "<|VISION_START|><|IMAGE_PAD|><|VISION_END|>"),
@@ -1142,7 +1147,6 @@ def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, Processor
         Qwen2_5OmniThinkerForConditionalGeneration,
         WhisperFeatureExtractor,
     )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = chatml_tokenizer(*OMNI_TOKENS)
     ids = token_ids(tokenizer, (*OMNI_TOKENS, "<|endoftext|>", "<|im_end|>"))
@@ -1170,8 +1174,7 @@ def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, Processor
         audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"], **frames,
     )
     model = Qwen2_5OmniThinkerForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
-                                               temporal_patch_size=2)
+    image_processor = small_qwen_image_processor()
     processor = image_only(Qwen2_5OmniProcessor)(
         image_processor=image_processor, feature_extractor=WhisperFeatureExtractor(feature_size=16),
         tokenizer=tokenizer, chat_template=chatml_template("<|vision_bos|><|IMAGE|><|vision_eos|>"),
@@ -1291,7 +1294,6 @@ def build_hyperclovax_vision_v2(shape: Shape) -> tuple[PreTrainedModel, Processo
         HyperCLOVAXVisionV2ForConditionalGeneration,
         HyperCLOVAXVisionV2Processor,
     )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
     ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
@@ -1305,8 +1307,7 @@ def build_hyperclovax_vision_v2(shape: Shape) -> tuple[PreTrainedModel, Processo
                                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                                        tie_word_embeddings=False)
     model = HyperCLOVAXVisionV2ForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
-                                               temporal_patch_size=2)
+    image_processor = small_qwen_image_processor()
     processor = image_only(HyperCLOVAXVisionV2Processor)(
         image_processor=image_processor, tokenizer=tokenizer,
         chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
