@@ -636,7 +636,7 @@ def run_chair(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
     decoding, _ = decoding_of(cfg, bench.max_new_tokens)
     fingerprint = protocol_fingerprint(
         model_id=loaded.source, model_revision=loaded.revision, method=method_label(cfg, methods),
-        method_params=_method_params(methods), decoding=decoding, prompt=bench.prompt,
+        method_params=method_params(methods), decoding=decoding, prompt=bench.prompt,
         chat_template=getattr(loaded.processor, "chat_template", None),
         chair=chair_protocol(task.extractor, task.selection, task.ground_truth),
         execution=execution_of(cfg, loaded),
@@ -660,7 +660,7 @@ def run_pope(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: 
     decoding, _ = decoding_of(cfg, bench.max_new_tokens)
     fingerprint = protocol_fingerprint(
         model_id=loaded.source, model_revision=loaded.revision, method=method_label(cfg, methods),
-        method_params=_method_params(methods), decoding=decoding, prompt="{question}" + bench.prompt_suffix,
+        method_params=method_params(methods), decoding=decoding, prompt="{question}" + bench.prompt_suffix,
         chat_template=getattr(loaded.processor, "chat_template", None),
         pope=pope_protocol(task.source, task.versions, {bench.split: task.sha256}, bench.parser, task.dataset,
                            {bench.split: task.content_sha256} if task.dataset is not None and task.content_sha256
@@ -714,7 +714,7 @@ def run_speed(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], paths
                "wall_ratio_to_greedy": row.wall_ratio, "edited": row.edited}
     if FLOOR in results:
         metrics.update(floor_ratio_to_greedy=results[FLOOR].ratio, floor_wall_ratio_to_greedy=results[FLOOR].wall_ratio)
-    fingerprint = {"model": loaded.source, "method": {"name": label, "params": _method_params(methods)},
+    fingerprint = {"model": loaded.source, "method": {"name": label, "params": method_params(methods)},
                    "benchmark": "speed", "new_tokens": int(bench.new_tokens), "repeats": int(bench.repeats)}
     out_dir = Path(cfg.results_dir) / cfg.model.name / "speed" / label
     return _finish(cfg, out_dir, label, fingerprint, metrics, complete=True)
@@ -747,10 +747,6 @@ KINDS.update(RELEASE_KINDS)
 def plain(value: Any) -> Any:
     """An OmegaConf node as plain Python (lists, dicts), anything else as it is."""
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-
-
-def _method_params(methods: list[Method]) -> dict[str, Any]:
-    return method_params(methods)  # shared with the lmms-eval plugin's fingerprint
 
 
 def _result_dir(cfg: DictConfig, methods: list[Method], fingerprint: dict[str, Any]) -> Path:

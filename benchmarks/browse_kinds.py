@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.summary import fmt
 from vlmfix.eval.yesno import parse_answer
 
 
@@ -57,12 +58,6 @@ EXISTENCE_QUESTION = re.compile(r"^\s*is there (?:a|an) (.+?) in (?:this|the) im
 
 def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
-
-
-def fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "" if value is None else str(value)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

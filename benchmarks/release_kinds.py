@@ -27,7 +27,7 @@ from benchmarks.models import LoadedModel
 from vlmfix.decoding.method import Method
 from vlmfix.eval import amber, amber_protocol, hallusion, hallusion_protocol, mme, mme_protocol, yesno
 from vlmfix.eval._io import atomic_write_text
-from vlmfix.eval.fingerprint import protocol_fingerprint
+from vlmfix.eval.fingerprint import method_params, protocol_fingerprint
 from vlmfix.eval.unit_counts import amber_units, hallusion_units, mme_units
 from vlmfix.validation import boolean, choice, number, text
 
@@ -177,7 +177,7 @@ def run_amber(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
     fields["prompt_suffix"] = bench.prompt_suffix
     fingerprint = protocol_fingerprint(
         model_id=loaded.source, model_revision=loaded.revision, method=app.method_label(cfg, methods),
-        method_params=app._method_params(methods), decoding=decoding, prompt="query file",
+        method_params=method_params(methods), decoding=decoding, prompt="query file",
         chat_template=getattr(loaded.processor, "chat_template", None), amber=fields,
         execution=app.execution_of(cfg, loaded))
     out_dir = app._result_dir(cfg, methods, fingerprint)
@@ -285,7 +285,7 @@ def run_mme(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: M
     fields = mme_protocol(options.source, mme.content_sha256(task.questions), options.parser, options.prompt)
     fingerprint = protocol_fingerprint(
         model_id=loaded.source, model_revision=loaded.revision, method=app.method_label(cfg, methods),
-        method_params=app._method_params(methods), decoding=decoding,
+        method_params=method_params(methods), decoding=decoding,
         prompt="{question}" if options.prompt == "official" else f"lmms:{bench.prompt_suffix}",
         chat_template=getattr(loaded.processor, "chat_template", None), mme=fields,
         execution=app.execution_of(cfg, loaded))
@@ -366,7 +366,7 @@ def run_hallusion(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], t
     fields = hallusion_protocol(options.hashes, options.parser, options.unknown_no_visual, options.include_text_only)
     fingerprint = protocol_fingerprint(
         model_id=loaded.source, model_revision=loaded.revision, method=app.method_label(cfg, methods),
-        method_params=app._method_params(methods), decoding=decoding, prompt="{question}" + bench.prompt_suffix,
+        method_params=method_params(methods), decoding=decoding, prompt="{question}" + bench.prompt_suffix,
         chat_template=getattr(loaded.processor, "chat_template", None), hallusion=fields,
         execution=app.execution_of(cfg, loaded))
     out_dir = app._result_dir(cfg, methods, fingerprint)

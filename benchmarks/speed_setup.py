@@ -186,7 +186,7 @@ def refusal(tiny: TinyVLM, methods: Sequence[Method]) -> str | None:
     except UnsupportedModelError as error:
         return str(error)
     except ValueError:  # a setting this model cannot serve (a layer past its depth): the timed run fails it, with why
-        return None
+        pass
     return None
 
 

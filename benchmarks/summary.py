@@ -203,14 +203,14 @@ def limits_note(results: Sequence[dict[str, Any]]) -> str:
     return f"limit (images per benchmark; HallusionBench: figure sets): {listed}\n"
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return "" if value is None else str(value)
 
 
 def _with_bounds(value: Any, bounds: Bounds | None) -> str:
-    return f"{_fmt(value)} [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds is not None else _fmt(value)
+    return f"{fmt(value)} [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds is not None else fmt(value)
 
 
 def markdown(header: Sequence[str], body: Sequence[Sequence[Any]],

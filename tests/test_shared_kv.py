@@ -92,3 +92,23 @@ def test_an_edit_at_a_sharing_layer_changes_that_layer_only():
     for layer in (0, 1, 2):
         assert torch.equal(plain[layer], edited[layer])
     assert not torch.equal(plain[3], edited[3])
+
+
+
+def test_an_edit_at_a_sharing_layer_leaves_the_stored_cache_unchanged():
+    """The sharing layer's edit must not write back into the producers' cache, which the next steps read: after
+    two new tokens, every stored layer holds the prompt's keys and values (all but its last slot, the first new
+    token, which the edit may change; a sliding layer keeps its window's last slots) exactly as without the edit."""
+    tiny = build_tiny("gemma4")
+    inputs = tiny.inputs(["is there a dog ?"])
+    caches = []
+    for method in (None, PAI(alpha=2.0, layers=[3], cfg=False)):
+        with vlmfix.apply(tiny.model, *([method] if method else [])) as session:
+            out = session.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        caches.append(out.past_key_values)
+    plain, edited = caches
+    stored = [i for i, layer in enumerate(plain.layers) if layer.keys is not None and layer.keys.numel()]
+    assert stored  # the producers' layers hold the cache
+    for i in stored:
+        assert torch.equal(plain.layers[i].keys[..., :-1, :], edited.layers[i].keys[..., :-1, :])
+        assert torch.equal(plain.layers[i].values[..., :-1, :], edited.layers[i].values[..., :-1, :])

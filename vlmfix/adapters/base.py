@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from vlmfix.decoding.prompt_inputs import (
+    FEATURES,
+    IMAGE_KEYS,
     TOKEN_TYPE_KEYS,
     Splice,
     find_ids,
@@ -124,10 +126,7 @@ FRAME_TOKEN_FIELDS = (
     "visual_indicator_token_ids",  # Ovis2's image start / grid / column / row / end
 )
 # keys of the model inputs that carry images; generate may pass the vision encoder's output instead of pixels
-IMAGE_INPUT_KEYS = (
-    "pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask",
-    "mm_encoder_outputs", "image_merge_sizes", "image_position_ids", "pixel_mask", "high_res_pixel_values",
-)
+IMAGE_INPUT_KEYS = (*IMAGE_KEYS, "image_attention_mask", FEATURES)
 # model attributes a forward overwrites (M-RoPE's cached offsets) and an extra pass must restore
 STATEFUL_ATTRIBUTES = ("rope_deltas",)
 

@@ -266,7 +266,6 @@ class Session:
         self.prompts_seen += 1
         self._spans = self._resolve_spans(input_ids, valid)
         self._prompt_images = self._image_layout_inputs(inputs, input_ids.shape[0])
-        self._prompt_images["image_run_tokens"] = _run_tokens(input_ids, self._spans.image)
         self.records = {}
         needy = [m.name for m in self.methods if m.needs_image]
         if needy and not bool(self.spans.has_image.all()):
@@ -311,6 +310,7 @@ class Session:
             "instruction_positions": positions(spans.instruction),
             "prompt_length": int(spans.image.shape[1]),
             **self._prompt_images,
+            "image_run_tokens": _run_tokens(self.inputs["input_ids"], spans.image),
         }
 
     def _resolve_spans(self, input_ids: Tensor, valid: Tensor) -> Spans:

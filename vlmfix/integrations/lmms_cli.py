@@ -39,8 +39,8 @@ DATA = {  # benchmark -> (variable, layout, where users get it): conf/data/*.yam
     "hallusionbench": ("VLMFIX_HALLUSIONBENCH", "$VLMFIX_HALLUSIONBENCH/HallusionBench.json and the unzipped "
                        "hallusion_bench/{VD,VS}/...", hallusion.SOURCE),
 }
-TOY_BUDGETS = {"generative": 48, "yes_no": 8, "hallusion": 8}  # conf/model/toy.yaml
-MODEL_BUDGETS = {"generative": 512, "yes_no": 128, "hallusion": 128}  # conf/model/_pretrained.yaml
+TOY_BUDGETS = {"generative": 48, "yes_no": 8}  # conf/model/toy.yaml
+MODEL_BUDGETS = {"generative": 512, "yes_no": 128}  # conf/model/_pretrained.yaml
 
 
 def data_root(benchmark: str, given: str | None) -> Path:
@@ -169,7 +169,7 @@ def write_hallusion(args: argparse.Namespace, out: Path, root: Path | None, pref
         questions = hallusion.load_hallusion(release)
     source = "toy_miniature" if root is not None else args.source
     hashes = {**hallusion.file_hashes(release, questions), "source": source}
-    budget = args.max_new_tokens or (TOY_BUDGETS if root is not None else MODEL_BUDGETS)["hallusion"]
+    budget = args.max_new_tokens or (TOY_BUDGETS if root is not None else MODEL_BUDGETS)["yes_no"]
     return [write_hallusion_task(out, questions, hashes, name=args.name or f"{prefix}_hallusionbench",
                                  max_new_tokens=budget, parser=args.parser or "vlmevalkit_yorn",
                                  unknown_no_visual=args.unknown_no_visual, include_text_only=not args.no_text_only,

@@ -37,6 +37,7 @@ from vlmfix.eval import amber, hallusion, mme, pope
 from vlmfix.eval._io import atomic_write_text, sha256_file
 from vlmfix.eval.fingerprint import DEFAULT_LIBRARIES, Decoding, Execution, fingerprint_hash, protocol_fingerprint
 from vlmfix.integrations.lmms_benchmarks import (
+    POPE_METRICS,
     SCORERS,
     Scored,
     TaskContent,
@@ -57,7 +58,7 @@ PREFIXES = {"pope": "pope", "amber_generative": "amber", "amber_discriminative":
             "hallusion": "hallusion"}
 UNKNOWN = "unknown (not run by the vlmfix lmms-eval model)"
 LIBRARIES = (*DEFAULT_LIBRARIES, "lmms_eval")
-METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "unknown_rate")  # POPE's (kept for callers)
+METRICS = POPE_METRICS  # kept for callers
 
 
 # ------------------------------------------------------------------ writing a task folder
@@ -287,8 +288,6 @@ def write_pope_task(
 ) -> Path:
     """Write the POPE task `name` (prompt = question + `prompt_suffix`, image = `images / question.image`, as
     the benchmark app builds them); `question_file`: the loaded file, for the fingerprint's hashes."""
-    if not questions:
-        raise ValueError(f"task {name!r} has no questions; pass a non-empty question list.")
     if question_file is not None:
         content = pope_content(questions, images, split=split, parser=parser, prompt_suffix=prompt_suffix,
                                source="file", sha256=question_file.sha256, versions=question_file.versions,

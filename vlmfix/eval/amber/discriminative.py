@@ -86,7 +86,6 @@ def score_discriminative(responses: Mapping[int, str], data: AmberData,
     if not responses:
         raise EvalInputError("no discriminative responses to score; check that generation ran.")
     per_type: dict[str, Counts] = {}
-    predictions = []
     parsed: dict[int, str] = {}
     right: dict[int, bool] = {}
     for entry_id in sorted(responses):
@@ -95,7 +94,6 @@ def score_discriminative(responses: Mapping[int, str], data: AmberData,
             raise EvalInputError(f"AMBER id {entry_id} is generative; score it with score_generative.")
         assert isinstance(entry.truth, str)
         prediction = answer_parser(responses[entry_id], entry.truth)
-        predictions.append(prediction)
         parsed[entry_id] = prediction
         group = TYPE_GROUPS.get(entry.type, "relation")
         correct = (entry.truth == YES and prediction == YES) or (entry.truth == NO and prediction == NO)
@@ -110,12 +108,12 @@ def score_discriminative(responses: Mapping[int, str], data: AmberData,
     groups = {"overall": overall, "existence": per_type.get("existence", empty), "attribute": attribute,
               "relation": per_type.get("relation", empty),
               **{t: per_type.get(t, empty) for t in ("state", "number", "action")}}
-    rates = answer_rates(predictions)
+    rates = answer_rates(list(parsed.values()))
     return DiscriminativeScores(
         parser=parser,
         groups={name: counts.exact() for name, counts in groups.items()},
         as_printed={name: counts.printed(0.001 if name == "existence" else 0.0001) for name, counts in groups.items()},
-        unknown_rate=rates.unknown_rate, yes_ratio=rates.yes_ratio, n_questions=len(predictions), predictions=parsed,
+        unknown_rate=rates.unknown_rate, yes_ratio=rates.yes_ratio, n_questions=len(parsed), predictions=parsed,
         correct=right,
     )
 

@@ -255,33 +255,32 @@ def score_chair(
 
 
 def corpus_metrics(sentences: Sequence[CaptionScore]) -> ChairMetrics:
-    """Micro-averaged CHAIR metrics over scored captions."""
-    n_mentions = sum(len(s.mentions.nodes) for s in sentences)
-    n_hallucinated = sum(len(s.hallucinated) for s in sentences)
-    found = sum(len(set(s.mentions.nodes) & s.gt) for s in sentences)
-    chair_i = _ratio(n_hallucinated, n_mentions)
+    """Micro-averaged CHAIR metrics over scored captions: the sums of each caption's `counts()`."""
+    total: Counter[str] = Counter()
+    for s in sentences:
+        total.update(s.counts())
+    chair_i = _ratio(total["hallucinated"], total["mentions"])
     if chair_i is None:
         warnings.warn(
             "No caption mentions a CHAIR object: CHAIR_i and Precision are undefined (None).", stacklevel=3
         )
-    recall = _ratio(found, sum(len(s.gt) for s in sentences))
+    recall = _ratio(total["found"], total["gt"])
     if recall is None:
         warnings.warn("No image has ground-truth objects: Recall is undefined (None).", stacklevel=3)
-    precision = _ratio(found, sum(len(set(s.mentions.nodes)) for s in sentences))
-    repeated, total = _repeated_sentences(s.caption for s in sentences)
+    precision = _ratio(total["found"], total["unique"])
     n = len(sentences)
     return ChairMetrics(
-        CHAIRs=sum(bool(s.hallucinated) for s in sentences) / n,
+        CHAIRs=total["hallucinating"] / n,
         CHAIRi=chair_i,
         Recall=recall,
         Precision=precision,
         F1=_f1(precision, recall),
-        Len=sum(len(s.mentions.words) for s in sentences) / n,
+        Len=total["words"] / n,
         n_captions=n,
-        n_mentions=n_mentions,
-        n_hallucinated=n_hallucinated,
-        mean_words=sum(len(s.caption.split()) for s in sentences) / n,
-        repeated_sentence_rate=_ratio(repeated, total),
+        n_mentions=total["mentions"],
+        n_hallucinated=total["hallucinated"],
+        mean_words=total["whitespace_words"] / n,
+        repeated_sentence_rate=_ratio(total["repeated_sentences"], total["sentences"]),
     )
 
 
