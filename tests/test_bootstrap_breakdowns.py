@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.uncertainty import interval_block, metric_value
 from vlmfix.eval import amber, hallusion, mme
-from vlmfix.eval.bootstrap import UnitTable, bootstrap_intervals
+from vlmfix.eval.bootstrap import UnitTable, bootstrap_intervals, statistic
 from vlmfix.eval.unit_counts import amber_units, hallusion_units, mme_units
 from vlmfix.eval.yesno import NO, UNKNOWN, YES
 
@@ -231,3 +231,41 @@ def test_result_json_intervals_name_nested_figures_by_path(amber_run) -> None:
     old = UnitTable.from_json({**block["units"], "columns": {k: v for k, v in block["units"]["columns"].items()
                                                              if not k.startswith("d.")}})
     assert not any(name.startswith("discriminative.existence") for name in old.point())  # older units: flat only
+
+
+# ------------------------------------------------------------------ overall figures: computed once, shared
+def resampled_sums(table: UnitTable, n: int = 40) -> dict[str, np.ndarray]:
+    """The summed columns of `n` seeded resamples ([n] per column), as the bootstrap feeds a statistic."""
+    draws = np.random.default_rng(SEED).integers(0, len(table.keys), size=(n, len(table.keys)))
+    counts = np.stack([np.bincount(row, minlength=len(table.keys)) for row in draws])  # [n, units]
+    return {name: counts @ np.asarray(values, dtype=float) for name, values in table.columns.items()}
+
+
+def test_amber_overall_figures_are_computed_once(amber_run) -> None:
+    data, images, gen, disc = amber_run
+    table = amber_units(data, images, gen, disc)
+    sums = resampled_sums(table)
+    out = statistic("amber")(sums)
+    for name in ("accuracy", "precision", "recall", "f1"):
+        assert out[f"discriminative.overall.{name}"] is out[name], name  # the flat array itself, not a recount
+    # and the shared figures are the "No"-positive ones of the summed overall counters (plain numpy, per resample)
+    for r in range(len(sums["d_n"])):
+        hit, said_no, truth_no = sums["d_no_hit"][r], sums["d_answered_no"][r], sums["d_truth_no"][r]
+        precision, recall = share(hit, said_no), share(hit, truth_no)
+        reference_f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        assert (out["accuracy"][r], out["precision"][r], out["recall"][r], out["f1"][r]) == pytest.approx(
+            (share(sums["d_correct"][r], sums["d_n"][r]), precision, recall, reference_f1))
+    assert out["amber_score"] == pytest.approx((1 - out["CHAIR"] + out["f1"]) / 2)
+
+
+def test_mme_subtask_scores_are_computed_once(mme_run) -> None:
+    questions, scores = mme_run
+    sums = resampled_sums(mme_units(questions, scores))
+    out = statistic("mme")(sums)
+    for subtask in ("existence", "count"):
+        assert out[f"mme.subtasks.{subtask}.score"] is out[f"{subtask} score"], subtask
+        acc = [share(c, n) for c, n in zip(sums[f"{subtask}.correct"], sums[f"{subtask}.asked"])]
+        acc_plus = [share(b, n) for b, n in zip(sums[f"{subtask}.both"], sums[f"{subtask}.images"])]
+        assert out[f"{subtask} score"] == pytest.approx([100 * a + 100 * p for a, p in zip(acc, acc_plus)])
+        assert out[f"mme.subtasks.{subtask}.acc"] == pytest.approx(acc)
+    assert out["total"] == pytest.approx(out["existence score"] + out["count score"])

@@ -111,25 +111,28 @@ def mme_units(questions: Sequence[MmeQuestion], scores: MmeScores) -> UnitTable:
 
 @STATISTICS.register("mme")
 def mme_metrics(s: Sums) -> dict[str, np.ndarray]:
-    """Per subtask score = 100 acc + 100 acc+, the total, and the answer rates (`score_mme`)."""
+    """Per subtask score = 100 acc + 100 acc+, the total, and the answer rates (`score_mme`); each subtask's acc
+    and acc+ are computed once, for the flat score and the `mme.subtasks.*` breakdown alike."""
     subtasks = sorted(name.removesuffix(".images") for name in s if name.endswith(".images"))
-    scores = {f"{t} score": 100 * ratio(s[f"{t}.correct"], s[f"{t}.asked"], 0.0)
-              + 100 * ratio(s[f"{t}.both"], s[f"{t}.images"], 0.0) for t in subtasks}
+    accs = {t: (ratio(s[f"{t}.correct"], s[f"{t}.asked"], 0.0), ratio(s[f"{t}.both"], s[f"{t}.images"], 0.0))
+            for t in subtasks}  # subtask -> (acc, acc+), each [n_resamples]
+    scores = {f"{t} score": 100 * acc + 100 * acc_plus for t, (acc, acc_plus) in accs.items()}
     out = {"total": sum(scores.values(), np.zeros_like(s["asked"])), **scores,
            "unknown_rate": ratio(s["unknown"], s["asked"], 0.0), "yes_ratio": ratio(s["yes"], s["asked"], 0.0)}
-    return {**out, **_mme_breakdown(s, subtasks, out)}
+    return {**out, **_mme_breakdown(s, accs, out)}
 
 
-def _mme_breakdown(s: Sums, subtasks: Sequence[str], flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`mme.*` as `MmeScores.to_json` nests it: per subtask acc, acc_plus, score, other_rate, yes_ratio."""
+def _mme_breakdown(s: Sums, accs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                   flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`mme.*` as `MmeScores.to_json` nests it: per subtask acc, acc_plus, score (the flat figures, not computed
+    again), other_rate, yes_ratio."""
     out = {f"mme.{name}": flat[name] for name in ("total", "unknown_rate", "yes_ratio")}
-    for t in subtasks:
+    for t, (acc, acc_plus) in accs.items():
         if f"{t}.unknown" not in s:  # units recorded before the per-subtask answer counts
             continue
-        acc, acc_plus = ratio(s[f"{t}.correct"], s[f"{t}.asked"], 0.0), ratio(s[f"{t}.both"], s[f"{t}.images"], 0.0)
         other = ratio(s[f"{t}.unknown"], s[f"{t}.asked"], 0.0)
         out.update({f"mme.subtasks.{t}.acc": acc, f"mme.subtasks.{t}.acc_plus": acc_plus,
-                    f"mme.subtasks.{t}.score": 100 * acc + 100 * acc_plus, f"mme.subtasks.{t}.other_rate": other,
+                    f"mme.subtasks.{t}.score": flat[f"{t} score"], f"mme.subtasks.{t}.other_rate": other,
                     f"mme.subtasks.{t}.unknown_rate": other,
                     f"mme.subtasks.{t}.yes_ratio": ratio(s[f"{t}.yes"], s[f"{t}.asked"], 0.0)})
     return out
@@ -228,32 +231,42 @@ def amber_units(data: AmberData, images: Mapping[int, str], generative: Generati
 
 @STATISTICS.register("amber")
 def amber_metrics(s: Sums) -> dict[str, np.ndarray]:
-    """CHAIR, Cover, Hal, Cog; overall accuracy, P, R, F1 ("No" positive) and answer rates; the AMBER score."""
+    """CHAIR, Cover, Hal, Cog; overall accuracy, P, R, F1 ("No" positive) and answer rates; the AMBER score. The
+    overall yes/no figures are computed once, for the flat metrics and `discriminative.overall.*` alike."""
     out: dict[str, np.ndarray] = {}
     if "responses" in s:
         out.update(CHAIR=ratio(s["hallucinated"], s["nouns"], 0.0), Cover=ratio(s["covered"], s["truth"], 0.0),
                    Hal=ratio(s["responses"] - s["clean"], s["responses"], 0.0),
                    Cog=ratio(s["cognized"], s["hallu"], 0.0))
+    overall = None
     if "d_n" in s:
-        precision = ratio(s["d_no_hit"], s["d_answered_no"], 0.0)
-        recall = ratio(s["d_no_hit"], s["d_truth_no"], 0.0)
-        out.update(accuracy=ratio(s["d_correct"], s["d_n"], 0.0), precision=precision, recall=recall,
-                   f1=f1(precision, recall), unknown_rate=ratio(s["d_unknown"], s["d_n"], 0.0),
+        overall = _no_positive({c: s[f"d_{c}"] for c in AMBER_COUNTERS})
+        out.update(overall, unknown_rate=ratio(s["d_unknown"], s["d_n"], 0.0),
                    yes_ratio=ratio(s["d_yes"], s["d_n"], 0.0))
     if "CHAIR" in out and "f1" in out:
         out["amber_score"] = (1 - out["CHAIR"] + out["f1"]) / 2
-    return {**out, **_amber_breakdown(s, out)}
+    return {**out, **_amber_breakdown(s, out, overall)}
 
 
 AMBER_TYPE_GROUPS = ("existence", "relation", "state", "number", "action")  # the scorer's per-type counters
 AMBER_COUNTERS = ("n", "correct", "truth_no", "answered_no", "no_hit")
 
 
-def _amber_breakdown(s: Sums, flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _no_positive(c: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """accuracy, precision, recall, F1 with "No" positive from one group's summed counters (0 for an empty
+    denominator, as the scorer)."""
+    precision, recall = ratio(c["no_hit"], c["answered_no"], 0.0), ratio(c["no_hit"], c["truth_no"], 0.0)
+    return {"accuracy": ratio(c["correct"], c["n"], 0.0), "precision": precision, "recall": recall,
+            "f1": f1(precision, recall)}
+
+
+def _amber_breakdown(s: Sums, flat: Mapping[str, np.ndarray],
+                     overall: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     """`generative.*` and `discriminative.*` as the scorers' `to_json` nest them: per dimension (existence,
-    attribute = state + number + action, relation) and per attribute type, accuracy, P, R, F1 with "No" positive."""
+    attribute = state + number + action, relation) and per attribute type, accuracy, P, R, F1 with "No" positive;
+    `overall` is the flat figures' own block, not computed again."""
     out = {f"generative.{name.lower()}": flat[name] for name in ("CHAIR", "Cover", "Hal", "Cog") if name in flat}
-    if "d_n" not in s:
+    if overall is None:
         return out
     out.update({"discriminative.unknown_rate": flat["unknown_rate"], "discriminative.yes_ratio": flat["yes_ratio"]})
     if not any(name.startswith("d.") for name in s):  # units recorded before the per-type counters
@@ -262,10 +275,7 @@ def _amber_breakdown(s: Sums, flat: Mapping[str, np.ndarray]) -> dict[str, np.nd
     counts = {group: {c: s.get(f"d.{group}.{c}", zeros) for c in AMBER_COUNTERS} for group in AMBER_TYPE_GROUPS}
     counts["attribute"] = {c: sum((counts[t][c] for t in ("state", "number", "action")), zeros)
                            for c in AMBER_COUNTERS}
-    counts["overall"] = {c: s[f"d_{c}"] for c in AMBER_COUNTERS}
-    for group, c in counts.items():
-        precision, recall = ratio(c["no_hit"], c["answered_no"], 0.0), ratio(c["no_hit"], c["truth_no"], 0.0)
-        out.update({f"discriminative.{group}.accuracy": ratio(c["correct"], c["n"], 0.0),
-                    f"discriminative.{group}.precision": precision, f"discriminative.{group}.recall": recall,
-                    f"discriminative.{group}.f1": f1(precision, recall)})
+    figures = {**{group: _no_positive(c) for group, c in counts.items()}, "overall": overall}
+    for group, block in figures.items():
+        out.update({f"discriminative.{group}.{name}": value for name, value in block.items()})
     return out
