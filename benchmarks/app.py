@@ -67,7 +67,7 @@ from vlmfix.validation import boolean, choice, indices, number, optional_number,
 log = logging.getLogger("benchmarks")
 T = TypeVar("T")
 
-DECODING_KEYS = ("do_sample", "num_beams", "temperature", "top_p", "repetition_penalty")
+DECODING_KEYS = ("do_sample", "num_beams", "temperature", "top_p", "top_k", "repetition_penalty")
 IMAGE_MODES = ("sample", "list", "pinned")
 
 
@@ -164,6 +164,9 @@ def check_decoding(decoding: DictConfig) -> None:
            meaning="the sampling temperature; set decoding.temperature=<float>")
     number(decoding.top_p, "decoding.top_p", low=0, high=1, low_open=True,
            meaning="the nucleus mass kept when sampling; set decoding.top_p=<float>")
+    optional_number(decoding.get("top_k"), "decoding.top_k", low=0, integer=True,
+                    meaning="the top-k cut when sampling (0: none; null: transformers' default, 50 in "
+                            "transformers 5); set decoding.top_k=<int> or decoding.top_k=null")
     number(decoding.repetition_penalty, "decoding.repetition_penalty", low=0, low_open=True,
            meaning="generate's repetition penalty (1.0: none; method=dola sets 1.2); set "
                    "decoding.repetition_penalty=<float>")
@@ -596,16 +599,21 @@ def prepare_speed(cfg: DictConfig, options: None, paths: DataPaths | None) -> Da
 
 # ------------------------------------------------------------------ benchmarks
 def decoding_of(cfg: DictConfig, max_new_tokens: int) -> tuple[Decoding, dict[str, Any]]:
+    """The run's `Decoding` (fingerprint) and its `generate` keywords. Sampling settings (temperature, top_p,
+    top_k) are passed and recorded only when sampling; `decoding.top_k=null` passes none (transformers' default)."""
     d = cfg.decoding
     mode = "beam" if d.num_beams > 1 else ("sample" if d.do_sample else "greedy")
+    top_k = int(d.top_k) if d.do_sample and d.get("top_k") is not None else None
     fingerprint = Decoding(max_new_tokens=int(max_new_tokens), mode=mode, num_beams=int(d.num_beams),
                            temperature=float(d.temperature) if d.do_sample else None,
                            top_p=float(d.top_p) if d.do_sample else None, seed=int(cfg.seed),
-                           repetition_penalty=float(d.repetition_penalty))
+                           repetition_penalty=float(d.repetition_penalty), top_k=top_k)
     kwargs: dict[str, Any] = {"do_sample": bool(d.do_sample), "num_beams": int(d.num_beams),
                               "repetition_penalty": float(d.repetition_penalty)}
     if d.do_sample:
         kwargs.update(temperature=float(d.temperature), top_p=float(d.top_p))
+        if top_k is not None:
+            kwargs["top_k"] = top_k
     return fingerprint, kwargs
 
 

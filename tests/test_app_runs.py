@@ -81,7 +81,9 @@ BAD_SETTINGS = [
     (["seed=-1"], ValueError, r"`seed` must be an int >= 0, got -1"),
     (["decoding.top_p=1.5"], ValueError, r"`decoding\.top_p` must be a finite number in \(0, 1\], got 1\.5"),
     (["decoding.do_sample=yes"], ValueError, r"`decoding\.do_sample` must be True or False, got 'yes'"),
-    (["+decoding.top_k=5"], ValueError, r"`decoding\.top_k` is not a decoding setting of the app"),
+    (["+decoding.min_p=0.1"], ValueError, r"`decoding\.min_p` is not a decoding setting of the app"),
+    (["decoding.top_k=-1"], ValueError, r"`decoding\.top_k` must be None or an int >= 0, got -1;.*top_k=null"),
+    (["decoding.top_k=2.5"], ValueError, r"`decoding\.top_k` must be None or an int >= 0, got 2\.5"),
     (["decoding.repetition_penalty=0"], ValueError, r"`decoding\.repetition_penalty` must be a finite number > 0, "
      r"got 0;.*set decoding\.repetition_penalty=<float>"),
     (["threads=0"], ValueError, r"`threads` must be None or an int >= 1, got 0;.*set threads=<int> or threads=null"),
@@ -180,6 +182,35 @@ def test_missing_image_files_fail_before_loading(toy_data, tmp_path):
 
 
 # ------------------------------------------------------------------ runs
+def test_decoding_top_k_reaches_generate_and_the_fingerprint(toy_data, tmp_path):
+    """decoding.top_k is passed to generate when sampling: top_k=1 keeps only the argmax, so a sampled run gives
+    the greedy captions; unset, sampling draws from the whole distribution (transformers' default cut) and the
+    fingerprint has no top_k key (hashes of earlier runs hold)."""
+    def captions(result):
+        return {row["image_id"]: row["caption"] for row in map(json.loads, (Path(result["result_dir"]) /
+                                                                          "predictions.jsonl").open())}
+
+    greedy = run(tiny_run_config(toy_data, tmp_path))
+    argmax = run(tiny_run_config(toy_data, tmp_path, "decoding.do_sample=true", "decoding.top_k=1", "seed=3"))
+    sampled = run(tiny_run_config(toy_data, tmp_path, "decoding.do_sample=true", "seed=3"))
+    assert argmax["fingerprint"]["decoding"]["top_k"] == 1 and argmax["fingerprint"]["decoding"]["mode"] == "sample"
+    assert captions(argmax) == captions(greedy)
+    assert "top_k" not in sampled["fingerprint"]["decoding"] and "top_k" not in greedy["fingerprint"]["decoding"]
+    assert captions(sampled) != captions(greedy)  # the random-weight model's full distribution is not its argmax
+    assert len({greedy["result_dir"], argmax["result_dir"], sampled["result_dir"]}) == 3
+
+
+def test_decoding_of_passes_top_k_zero_and_only_when_sampling():
+    from benchmarks.app import decoding_of
+
+    fingerprint, kwargs = decoding_of(composed("decoding.do_sample=true", "decoding.top_k=0"), 8)
+    assert kwargs["top_k"] == 0 and fingerprint.top_k == 0  # 0 (no cut) is a value, not "unset"
+    fingerprint, kwargs = decoding_of(composed("decoding.do_sample=true"), 8)
+    assert "top_k" not in kwargs and fingerprint.top_k is None
+    fingerprint, kwargs = decoding_of(composed("decoding.top_k=0"), 8)  # greedy: like temperature, not passed
+    assert "top_k" not in kwargs and fingerprint.top_k is None and fingerprint.mode == "greedy"
+
+
 def test_resume_with_another_batch_size_does_not_mix_predictions(toy_data, tmp_path):
     """Sampling draws one generator per batch, so batch 2 and batch 3 give different predictions for the same
     item: the batch size keys the result directory, and each directory holds one batch size's predictions."""

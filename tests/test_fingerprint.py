@@ -65,6 +65,24 @@ def test_hash_is_canonical_and_changes_with_any_knob() -> None:
     assert fingerprint_hash(_fingerprint(decoding=Decoding(max_new_tokens=512, repetition_penalty=1.2))) != expected
 
 
+def test_top_k_is_recorded_only_when_set() -> None:
+    """A run that passes no top_k keeps the decoding block, hence the hash, it had before `Decoding.top_k`."""
+    unset = _fingerprint(decoding=Decoding(max_new_tokens=16, mode="sample", temperature=1.0, top_p=1.0))
+    before = {"max_new_tokens": 16, "mode": "sample", "num_beams": 1, "temperature": 1.0, "top_p": 1.0, "seed": 0,
+              "repetition_penalty": 1.0}  # the decoding block as it was before top_k existed
+    assert unset["decoding"] == before
+    expected = hashlib.sha256(json.dumps({**unset, "decoding": before}, sort_keys=True,
+                                         separators=(",", ":")).encode()).hexdigest()
+    assert fingerprint_hash(unset) == expected
+    no_cut = _fingerprint(decoding=Decoding(max_new_tokens=16, mode="sample", temperature=1.0, top_p=1.0, top_k=0))
+    fifty = _fingerprint(decoding=Decoding(max_new_tokens=16, mode="sample", temperature=1.0, top_p=1.0, top_k=50))
+    assert no_cut["decoding"] == {**before, "top_k": 0} and fifty["decoding"]["top_k"] == 50
+    # 0 (no cut) is not "unset" (transformers' default, 50), nor 50 set explicitly: three different protocols
+    assert len({fingerprint_hash(fp) for fp in (unset, no_cut, fifty)}) == 3
+    with pytest.raises(EvalInputError, match=r"`top_k` must be None or an int >= 0, got -1"):
+        Decoding(max_new_tokens=10, mode="sample", top_k=-1)
+
+
 def test_execution_settings_are_recorded_and_change_the_hash() -> None:
     """A prediction depends on its batch (left padding, one sampling generator per batch), so a run resumed
     with another batch size, dtype, attention backend or device must not land in the same result."""

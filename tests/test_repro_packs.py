@@ -25,15 +25,16 @@ LLAVA_SUFFIX = "\nAnswer the question using a single word or phrase."
 OPERA_HASH = "b438763b64aa385e3cee7f76c8b6fc74256aa9044c4224e9463b16551c4ef3b4"  # chair_pope.md A7 (verified)
 
 # The published setups, written from the papers' code and the specs (not read from the configs):
-# benchmark settings, then decoding (do_sample, num_beams, temperature, top_p), seed, sweep.
+# benchmark settings, then decoding (do_sample, num_beams, temperature, top_p, top_k), seed, sweep. VCD samples
+# with no top-k cut (top_k=None under transformers 4.31), which transformers 5 spells top_k=0.
 CHAIR_512 = {"kind": "chair", "prompt": "Please describe this image in detail.", "max_new_tokens": 512,
              "images.mode": "pinned", "images.image_ids_file": "opera_llava15_500", "normalizer": "opera_nltk",
              "quirks": "reference"}
-GREEDY = (False, 1, None, None)
+GREEDY = (False, 1, None, None, None)
 POPE_SPLITS = "pope_random,pope_popular,pope_adversarial"
 VCD = {"kind": "pope", "parser": "vcd_substring", "prompt_suffix": " Please answer this question with one word.",
        "max_new_tokens": 1024}
-SAMPLING = (True, 1, 1.0, 1.0)
+SAMPLING = (True, 1, 1.0, 1.0, 0)
 EXPECTED = {
     "repro_chair_opera500_512": (CHAIR_512, GREEDY, 0, None),
     "repro_chair_opera500_64": ({**CHAIR_512, "max_new_tokens": 64}, GREEDY, 0, None),
@@ -91,13 +92,14 @@ def test_every_pack_is_listed_with_its_published_setup():
 
 @pytest.mark.parametrize("pack", PACKS)
 def test_pack_composes_into_its_published_setup(pack: str):
-    bench, (do_sample, beams, temperature, top_p), seed, sweep = EXPECTED[pack]
+    bench, (do_sample, beams, temperature, top_p, top_k), seed, sweep = EXPECTED[pack]
     cfg = composed(f"experiment={pack}")
     assert cfg.model.name == "llava-1.5-7b" and cfg.batch_size == 1 and cfg.limit is None and cfg.seed == seed
     assert {key: setting(cfg.benchmark, key) for key in bench} == bench
     assert (cfg.decoding.do_sample, cfg.decoding.num_beams) == (do_sample, beams)
     if do_sample:
         assert (cfg.decoding.temperature, cfg.decoding.top_p) == (temperature, top_p)
+    assert cfg.decoding.top_k == top_k  # null: transformers' default; VCD's packs: 0, no cut
     params = cfg.hydra.sweeper.params or {}
     assert params.get("benchmark") == sweep
     for swept in (sweep or "").split(",")[1:]:  # every job of the sweep keeps the pack's settings

@@ -1,8 +1,8 @@
 """The protocol fingerprint stored in every result file, and its stable hash ("Run fingerprint" in the spec).
 
 Every choice that moves CHAIR or POPE numbers goes in: model id + revision; method + parameters;
-decoding (mode, beams, temperature, top_p, seed, max_new_tokens, repetition_penalty); prompt or preset +
-chat-template hash; library versions; execution (batch size, dtype, attention backend, device type, torch
+decoding (mode, beams, temperature, top_p, top_k when set, seed, max_new_tokens, repetition_penalty); prompt
+or preset + chat-template hash; library versions; execution (batch size, dtype, attention backend, device type, torch
 threads: they change floating-point sums, so even greedy predictions can depend on them);
 CHAIR: image-list hash, normalizer + table version, NLTK version, quirk mode, vocabulary sha256, ground-truth
 cache key, comparable_to_opera; POPE: source, version, per-split sha256, parser, splits.
@@ -46,6 +46,10 @@ class Decoding:
         temperature, top_p: sampling settings (None unless `sample`).
         seed: the run's random seed.
         repetition_penalty: generate's `repetition_penalty` (1.0: none; DoLa's benchmarks use 1.2).
+        top_k: the top-k cut passed to `generate` when sampling (0: none, as VCD sampled); None when the run
+            passes none, so transformers' default applies (top_k=50 in transformers 5, unless the model's
+            generation_config sets another). Recorded only when not None (`to_json`), so the fingerprints of
+            runs that pass no top_k keep their hash.
     """
 
     max_new_tokens: int
@@ -55,6 +59,7 @@ class Decoding:
     top_p: float | None = None
     seed: int = 0
     repetition_penalty: float = 1.0
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
         with _as_eval_input_error():
@@ -66,11 +71,20 @@ class Decoding:
             number(self.seed, "seed", integer=True, meaning="the run's random seed")
             number(self.repetition_penalty, "repetition_penalty", low=0, low_open=True,
                    meaning="generate's repetition penalty (1.0: none)")
+            optional_number(self.top_k, "top_k", low=0, integer=True,
+                            meaning="the top-k cut when sampling (0: none; None: transformers' default)")
         if (self.mode == "beam") != (self.num_beams > 1):
             raise EvalInputError(
                 f"`num_beams` must be > 1 exactly when mode='beam', got num_beams={self.num_beams!r} with "
                 f"mode={self.mode!r}."
             )
+
+    def to_json(self) -> dict[str, Any]:
+        """The fingerprint's `decoding` block: every field, `top_k` only when set (earlier hashes stay valid)."""
+        fields = asdict(self)
+        if self.top_k is None:
+            del fields["top_k"]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -263,7 +277,7 @@ def protocol_fingerprint(
         "benchmark": given[0],
         "model": {"id": model_id, "revision": model_revision},
         "method": {"name": method, "params": dict(method_params)},
-        "decoding": asdict(decoding),
+        "decoding": decoding.to_json(),
         "prompt": prompt,
         "chat_template_sha256": sha256_text(chat_template) if chat_template is not None else None,
         "libraries": library_versions(libraries),
