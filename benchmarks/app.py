@@ -345,21 +345,36 @@ def check_pope(cfg: DictConfig) -> PopeOptions:
         path = existing_file(bench.questions, "benchmark.questions", "a POPE question file (JSON Lines or array)")
         question_file = scorer_input("benchmark.questions", pope.load_question_file, path, split)
         check_pope_version(bench.get("version"), question_file)
-    elif bench.get("version") is not None:
-        raise ValueError(f"`benchmark.version` ({bench.version!r}) pins a released question file, but none is "
-                         "given and questions are built from the data; set benchmark.questions=<the released "
-                         "file> or benchmark.version=null.")
+    else:
+        check_built_version(bench.get("version"))
     return PopeOptions(split, parser, question_file, capped(n_images, cfg.limit), seed)
 
 
-def check_pope_version(version: Any, question_file: pope.QuestionFile) -> None:
-    """`benchmark.version` (a reproduction pack's pin, e.g. e3e3926): the file, identified by the content of its
-    rows, must be that release; null accepts any file."""
+def pope_version(version: Any) -> str | None:
+    """`benchmark.version` checked: a released POPE version, or None (any file)."""
     if version is None:
-        return
-    version = choice(str(version), "benchmark.version", pope.VERSIONS,
-                     meaning="the released POPE version a reproduction pins; or benchmark.version=null")
-    if version in question_file.versions:
+        return None
+    return choice(str(version), "benchmark.version", pope.VERSIONS,
+                  meaning="the released POPE version the question file must be (head is the default); or "
+                          "benchmark.version=null for any file")
+
+
+def check_built_version(version: Any) -> None:
+    """Questions built from the data (the toy's, or data=coco2014 without benchmark.questions) are no release:
+    they follow RUCAIBox/POPE HEAD's builder (chair_pope.md B3), so the default `head` and null fit them; a pin of
+    an older release cannot be built and is refused."""
+    version = pope_version(version)
+    if version not in (None, "head"):
+        raise ValueError(f"`benchmark.version` ({version!r}) pins a released question file, but none is given and "
+                         "questions are built from the data (as RUCAIBox/POPE HEAD builds them); set "
+                         "benchmark.questions=<the released file>, or benchmark.version=head (the default) or null.")
+
+
+def check_pope_version(version: Any, question_file: pope.QuestionFile) -> None:
+    """`benchmark.version` (`head` by default, a reproduction pack's pin such as e3e3926): the file, identified by
+    the content of its rows, must be that release; null accepts any file (an unknown one with a warning)."""
+    version = pope_version(version)
+    if version is None or version in question_file.versions:
         return
     found = (f"the released {question_file.dataset} {question_file.split!r} file of version(s) "
              f"{', '.join(question_file.versions)}" if question_file.versions else

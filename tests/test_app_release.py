@@ -239,8 +239,8 @@ def test_pope_preset_reads_the_released_file_and_its_images(tmp_path: Path, monk
         random_image(32, n).save(tmp_path / "GQA" / "images" / f"{n}.jpg")
     monkeypatch.setenv("VLMFIX_POPE", str(tmp_path / "VCD"))
     monkeypatch.setenv("VLMFIX_GQA", str(tmp_path / "GQA"))
-    with pytest.warns(UserWarning, match="not one of the pinned released files"):
-        result = run(tiny_config(tmp_path, "pope_gqa_popular", "limit=null"))
+    with pytest.warns(UserWarning, match="not one of the pinned released files"):  # a file of our own: version=null
+        result = run(tiny_config(tmp_path, "pope_gqa_popular", "limit=null", "benchmark.version=null"))
     assert result["benchmark"] == "pope_gqa_popular" and result["metrics"]["n_questions"] == 4
     assert result["fingerprint"]["pope"]["dataset"] == "gqa"
     assert set(result["fingerprint"]["pope"]["content_sha256"]) == {"popular"}
@@ -307,3 +307,53 @@ def test_summary_shows_release_columns_and_marks_miniatures(tmp_path: Path) -> N
     assert "hallusionbench† qAcc" not in header
     assert "| toy | greedy | 250.000 | 100.000 | 0.500 | 0.250 | 0.125 | 0.000 |" in text
     assert f"{MINIATURE_MARK} the toy's miniature" in text
+
+
+# ------------------------------------------------------------------ POPE: benchmark.version defaults to head
+def write_gqa_random(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A four-question GQA random file in VCD's layout, with its images and variables set."""
+    rows = [{"question_id": i + 1, "image": f"{1 + i // 2}.jpg", "text": f"Is there a {name} in the image?",
+             "label": label} for i, (name, label) in enumerate([("dog", "yes"), ("cat", "no"), ("cup", "yes"),
+                                                                  ("bus", "no")])]
+    path = tmp_path / "VCD" / "experiments" / "data" / "POPE" / "gqa" / "gqa_pope_random.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "GQA" / "images").mkdir(parents=True)
+    for n in (1, 2):
+        random_image(32, n).save(tmp_path / "GQA" / "images" / f"{n}.jpg")
+    monkeypatch.setenv("VLMFIX_POPE", str(tmp_path / "VCD"))
+    monkeypatch.setenv("VLMFIX_GQA", str(tmp_path / "GQA"))
+    return path
+
+
+def test_pope_version_defaults_to_head() -> None:
+    for benchmark in ("pope_random", "pope_popular", "pope_adversarial", "pope_aokvqa_random", "pope_gqa_popular"):
+        assert composed(f"benchmark={benchmark}").benchmark.version == "head", benchmark
+
+
+@pytest.mark.parametrize(("versions", "accepted"), [(("9b54106", "head"), True), (("9b54106",), False)])
+def test_default_version_accepts_only_heads_release(versions, accepted, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlmfix.eval.pope.questions import CONTENT_PINS, PinnedPopeFile, questions_sha256, read_questions
+
+    path = write_gqa_random(tmp_path, monkeypatch)
+    monkeypatch.setitem(CONTENT_PINS, questions_sha256(read_questions(path)),
+                        PinnedPopeFile("random", versions, 4, "gqa"))
+    cfg = tiny_config(tmp_path, "pope_gqa_random", "limit=null")
+    if accepted:
+        assert check_settings(cfg).options.question_file.versions == versions
+        return
+    with pytest.raises(ValueError, match=r"pins POPE version head, but .* is the released gqa 'random' file of "
+                                         r"version\(s\) 9b54106.*benchmark\.version=null"):
+        check_settings(cfg)
+
+
+def test_default_version_refuses_an_unknown_file_until_version_is_null(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    write_gqa_random(tmp_path, monkeypatch)
+    with pytest.warns(UserWarning, match="not one of the pinned"), pytest.raises(
+            ValueError, match=r"pins POPE version head, but .* not a released file .*benchmark\.version=null"):
+        check_settings(tiny_config(tmp_path, "pope_gqa_random", "limit=null"))
+    with pytest.warns(UserWarning, match="not one of the pinned"):
+        checked = check_settings(tiny_config(tmp_path, "pope_gqa_random", "limit=null", "benchmark.version=null"))
+    assert checked.options.question_file.versions == ()

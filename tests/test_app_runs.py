@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from benchmarks.app import CONFIG_DIR, run
+from benchmarks.app import CONFIG_DIR, check_settings, run
 from benchmarks.generation import read_predictions
 from benchmarks.models import LoadedModel, load_pretrained
 from benchmarks.summary import FailedJobsError, SummaryCallback, write_failure, write_summary
@@ -198,6 +198,21 @@ def test_decoding_top_k_reaches_generate_and_the_fingerprint(toy_data, tmp_path)
     assert "top_k" not in sampled["fingerprint"]["decoding"] and "top_k" not in greedy["fingerprint"]["decoding"]
     assert captions(sampled) != captions(greedy)  # the random-weight model's full distribution is not its argmax
     assert len({greedy["result_dir"], argmax["result_dir"], sampled["result_dir"]}) == 3
+
+
+def test_built_pope_questions_take_the_default_head_and_refuse_older_pins(toy_data, tmp_path):
+    """The toy's POPE is built from its annotations (as RUCAIBox/POPE HEAD builds files): the default version
+    `head` and null fit it; a pinned older release cannot be built, so it is refused before loading."""
+    cfg = tiny_run_config(toy_data, tmp_path, "benchmark=pope_random")
+    assert cfg.benchmark.version == "head" and check_settings(cfg).options.question_file is None
+    assert check_settings(tiny_run_config(toy_data, tmp_path, "benchmark=pope_random",
+                                          "benchmark.version=null")).options.question_file is None
+    for version in ("e3e3926", "edebdda", "9b54106"):
+        with pytest.raises(ValueError, match=rf"`benchmark\.version` \('{version}'\) pins a released question file, "
+                                             r"but none is given.*benchmark\.version=head \(the default\) or null"):
+            check_settings(tiny_run_config(toy_data, tmp_path, "benchmark=pope_random", f"benchmark.version={version}"))
+    with pytest.raises(ValueError, match=r"`benchmark\.version` must be one of .*'head'.*got 'HEAD'"):
+        check_settings(tiny_run_config(toy_data, tmp_path, "benchmark=pope_random", "benchmark.version=HEAD"))
 
 
 def test_decoding_of_passes_top_k_zero_and_only_when_sampling():
