@@ -28,11 +28,11 @@ from vlmfix.decoding.method import Method
 from vlmfix.eval import amber, amber_protocol, hallusion, hallusion_protocol, mme, mme_protocol, yesno
 from vlmfix.eval._io import atomic_write_text
 from vlmfix.eval.fingerprint import method_params, protocol_fingerprint
+from vlmfix.eval.items import AMBER_PARTS, PromptedItem, amber_items, hallusion_items, mme_items
 from vlmfix.eval.unit_counts import amber_units, hallusion_units, mme_units
 from vlmfix.validation import boolean, choice, number, text
 
 log = logging.getLogger("benchmarks")
-AMBER_PARTS = ("generative", "discriminative")
 SOURCES = ("folder", "hf")
 
 
@@ -90,8 +90,9 @@ def miniature_root(cfg: DictConfig, paths: app.DataPaths | None) -> Path:
     return write_miniatures(paths.instances.parent.parent, Path(cfg.results_dir) / ".cache" / "miniatures" / key)
 
 
-def _limited_keys(groups: Sequence[Any], limit: int | None) -> list[Any]:
-    return list(groups) if limit is None else list(groups)[:limit]
+def as_items(prompted: Sequence[PromptedItem[Any]]) -> list[Item]:
+    """The shared builders' items (`vlmfix.eval.items`, also the lmms-eval tasks') as generation requests."""
+    return [Item(p.key, p.image_path, p.prompt) for p in prompted]
 
 
 # ------------------------------------------------------------------ AMBER
@@ -150,17 +151,11 @@ def prepare_amber(cfg: DictConfig, options: AmberOptions, paths: app.DataPaths |
         options = dataclasses.replace(options, data=amber.load_amber(miniature_root(cfg, paths) / "amber"))
     data = options.data
     assert data is not None
-    generative = data.queries("generative")
-    images = sorted({amber.image_number(q.image) for q in generative})
-    kept = set(_limited_keys(images, cfg.limit))
-    items: dict[str, list[Item]] = {}
-    for part in options.parts:
-        queries = generative if part == "generative" else data.queries("discriminative")
-        suffix = "" if part == "generative" else cfg.benchmark.prompt_suffix
-        items[part] = [Item(q.id, data.image_path(q), q.query + suffix) for q in queries
-                       if amber.image_number(q.image) in kept]
-        app.check_image_files(items[part], (data.root or Path(".")) / "image")
-    return AmberTask(options, items, subset=len(kept) < len(images), n_images=len(kept), miniature=miniature)
+    chosen = amber_items(data, options.parts, cfg.limit, cfg.benchmark.prompt_suffix)
+    items = {part: as_items(prompted) for part, prompted in chosen.items.items()}
+    for part_items in items.values():
+        app.check_image_files(part_items, (data.root or Path(".")) / "image")
+    return AmberTask(options, items, subset=chosen.subset, n_images=chosen.n_images, miniature=miniature)
 
 
 def run_amber(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: AmberTask,
@@ -268,15 +263,10 @@ def prepare_mme(cfg: DictConfig, options: MmeOptions, paths: app.DataPaths | Non
     if everything is None:
         everything = mme.load_mme_folder(miniature_root(cfg, paths) / "mme", options.subtasks)
         options = dataclasses.replace(options, questions=everything, source="toy_miniature")
-    kept: set[tuple[str, str]] = set()
-    for subtask in dict.fromkeys(q.subtask for q in everything):
-        images = list(dict.fromkeys(q.image for q in everything if q.subtask == subtask))
-        kept |= {(subtask, image) for image in _limited_keys(images, cfg.limit)}
-    questions = [q for q in everything if (q.subtask, q.image) in kept]
-    suffix = cfg.benchmark.prompt_suffix
-    items = [Item(q.key, q.image_path, mme.prompt_text(q.question, options.prompt, suffix)) for q in questions]
+    chosen = mme_items(everything, cfg.limit, options.prompt, cfg.benchmark.prompt_suffix)
+    items = as_items(chosen)
     app.check_image_files(items, Path(cfg.benchmark.data.root or "."))
-    return MmeTask(options, questions, items)
+    return MmeTask(options, [item.row for item in chosen], items)
 
 
 def run_mme(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: MmeTask, shard: Shard) -> dict[str, Any]:
@@ -350,13 +340,10 @@ def prepare_hallusion(cfg: DictConfig, options: HallusionOptions, paths: app.Dat
         options = dataclasses.replace(options, questions=loaded,
                                       hashes={**hallusion.file_hashes(root, loaded), "source": "toy_miniature"})
     assert options.questions is not None
-    questions = [q for q in options.questions if options.include_text_only or q.image_path is not None]
-    sets = list(dict.fromkeys((q.category, q.subcategory, q.set_id) for q in questions))
-    kept = set(_limited_keys(sets, cfg.limit))  # limit: the first N sets, so figures and groups stay whole
-    questions = [q for q in questions if (q.category, q.subcategory, q.set_id) in kept]
-    items = [Item(q.key, q.image_path, q.question + cfg.benchmark.prompt_suffix) for q in questions]
+    chosen = hallusion_items(options.questions, options.include_text_only, cfg.limit, cfg.benchmark.prompt_suffix)
+    items = as_items(chosen)
     app.check_image_files(items, Path(cfg.benchmark.data.root or "."))
-    return HallusionTask(options, questions, items)
+    return HallusionTask(options, [item.row for item in chosen], items)
 
 
 def run_hallusion(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task: HallusionTask,

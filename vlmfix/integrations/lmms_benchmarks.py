@@ -7,7 +7,8 @@ the benchmark's fingerprint section, built by the same `vlmfix.eval.*_protocol` 
 app's runner. A *scorer* turns a task's settings, questions and the answers lmms-eval collected
 (key -> raw text) into the task's metrics (with the names the app's result.json uses) and its fingerprint
 section as scored (AMBER's similarity backend and data hashes are the ones of the scoring process).
-Items, prompts and the `limit` rule are the app's (`benchmarks/release_kinds.py`), so the numbers are equal.
+Items, prompts and the `limit` rule come from `vlmfix.eval.items`, which the app's `benchmarks/release_kinds.py`
+calls too, so both ask the same questions and the numbers are equal.
 lmms-eval's own `--limit` answers the first docs only: POPE and AMBER score the answered questions, MME and
 HallusionBench count the unanswered ones wrong (pairs and groups need every member); cap a task with
 `write-tasks --limit` (the app's rule) instead.
@@ -22,10 +23,9 @@ from typing import Any
 
 from vlmfix.eval import amber, hallusion, mme, pope
 from vlmfix.eval.fingerprint import amber_protocol, hallusion_protocol, mme_protocol, pope_protocol
+from vlmfix.eval.items import AMBER_PARTS, amber_items, hallusion_items, mme_items
 from vlmfix.eval.yesno import PARSERS as YESNO_PARSERS
-from vlmfix.validation import choice, number, optional_number, text
-
-AMBER_PARTS = ("generative", "discriminative")
+from vlmfix.validation import choice, number, text
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,6 @@ class TaskContent:
 class Scored:
     metrics: dict[str, Any]
     protocol: dict[str, Any] = field(default_factory=dict)
-
-
-def limited(keys: Sequence[Any], limit: int | None) -> list[Any]:
-    """The first `limit` keys (all of them when None): the app's `limit` rule."""
-    optional_number(limit, "limit", low=1, integer=True, meaning="the cap on images (or figure sets)")
-    return list(keys) if limit is None else list(keys)[:limit]
 
 
 def _image(path: Path | None) -> str | None:
@@ -130,19 +124,14 @@ def amber_content(data: amber.AmberData, part: str, *, parser: str = "amber_exac
                 "quirks": quirks, "prompt_suffix": prompt_suffix, "max_new_tokens": max_new_tokens, "source": source,
                 "sha256": dict(sorted(data.sha256.items()))}
     made_normalizer, made_similarity = _amber_scorers(settings, data)
-    generative = data.queries("generative")
-    images = sorted({amber.image_number(q.image) for q in generative})
-    kept = set(limited(images, limit))
-    queries = generative if part == "generative" else data.queries("discriminative")
-    suffix = "" if part == "generative" else prompt_suffix
-    chosen = [q for q in queries if amber.image_number(q.image) in kept]
-    docs = [{"key": q.id, "image": _image(data.image_path(q)), "prompt": q.query + suffix,
-             "target": "" if part == "generative" else str(data.entry(q.id).truth)} for q in chosen]
-    settings.update(n_images=len(kept), subset=len(kept) < len(images))
+    chosen = amber_items(data, [part], limit, prompt_suffix)
+    docs = [{"key": item.key, "image": _image(item.image_path), "prompt": item.prompt,
+             "target": "" if part == "generative" else str(data.entry(item.key).truth)} for item in chosen.items[part]]
+    settings.update(n_images=chosen.n_images, subset=chosen.subset)
     protocol = _amber_section(settings, data, made_normalizer, made_similarity)
     metrics = AMBER_GENERATIVE_METRICS if part == "generative" else AMBER_DISCRIMINATIVE_METRICS
-    return TaskContent(f"amber_{part}", "amber", docs, [{"id": q.id, "image": q.image} for q in chosen], settings,
-                       "query file", protocol, metrics)
+    rows = [{"id": item.key, "image": item.row.image} for item in chosen.items[part]]
+    return TaskContent(f"amber_{part}", "amber", docs, rows, settings, "query file", protocol, metrics)
 
 
 def _amber_scorers(settings: Mapping[str, Any], data: amber.AmberData) -> tuple[Any, Any]:
@@ -201,13 +190,10 @@ def mme_content(questions: Sequence[mme.MmeQuestion], *, parser: str = "mme_offi
     choice(parser, "parser", YESNO_PARSERS.names(), meaning="the yes/no parser (mme_official is MME's own)")
     choice(prompt, "prompt", ("official", "lmms"), meaning="official (verbatim) or lmms (lmms-eval's suffix swap)")
     text(prompt_suffix, "prompt_suffix", allow_empty=True)
-    kept: set[tuple[str, str]] = set()
-    for subtask in dict.fromkeys(q.subtask for q in questions):
-        images = list(dict.fromkeys(q.image for q in questions if q.subtask == subtask))
-        kept |= {(subtask, image) for image in limited(images, limit)}
-    chosen = [q for q in questions if (q.subtask, q.image) in kept]
-    docs = [{"key": q.key, "image": _image(q.image_path), "prompt": mme.prompt_text(q.question, prompt, prompt_suffix),
-             "target": q.answer} for q in chosen]
+    items = mme_items(questions, limit, prompt, prompt_suffix)
+    docs = [{"key": item.key, "image": _image(item.image_path), "prompt": item.prompt, "target": item.row.answer}
+            for item in items]
+    chosen = [item.row for item in items]
     rows = [{"key": q.key, "subtask": q.subtask, "image": q.image, "question": q.question, "answer": q.answer}
             for q in chosen]
     subtasks = list(dict.fromkeys(q.subtask for q in chosen))
@@ -242,12 +228,10 @@ def hallusion_content(questions: Sequence[hallusion.HallusionQuestion], hashes: 
     choice(parser, "parser", YESNO_PARSERS.names(), meaning="the yes/no rule standing in for the GPT judge")
     choice(unknown_no_visual, "unknown_no_visual", hallusion.UNKNOWN_NO_VISUAL)
     text(prompt_suffix, "prompt_suffix", allow_empty=True)
-    kept_questions = [q for q in questions if include_text_only or q.image_path is not None]
-    sets = list(dict.fromkeys((q.category, q.subcategory, q.set_id) for q in kept_questions))
-    kept = set(limited(sets, limit))
-    chosen = [q for q in kept_questions if (q.category, q.subcategory, q.set_id) in kept]
-    docs = [{"key": q.key, "image": _image(q.image_path), "prompt": q.question + prompt_suffix,
-             "target": q.gt_answer} for q in chosen]
+    items = hallusion_items(questions, include_text_only, limit, prompt_suffix)
+    docs = [{"key": item.key, "image": _image(item.image_path), "prompt": item.prompt, "target": item.row.gt_answer}
+            for item in items]
+    chosen = [item.row for item in items]
     rows = [{"key": q.key, **{name: getattr(q, name) for name in hallusion.FIELDS},
              "has_image": q.image_path is not None} for q in chosen]
     settings = {"parser": parser, "unknown_no_visual": unknown_no_visual}
