@@ -111,9 +111,9 @@ def amber_content(data: amber.AmberData, part: str, *, parser: str = "amber_exac
                   similarity: str = "official", spacy_model: str | None = None, table: str | None = None,
                   threshold: float = 0.8, quirks: str = "reference", prompt_suffix: str = "",
                   limit: int | None = None, max_new_tokens: int = 512, source: str = "folder") -> TaskContent:
-    """One AMBER part (`generative` or `discriminative`) as a task, items as the app's `prepare_amber` builds them
-    (the query file's prompt; the discriminative one + `prompt_suffix`; `limit`: the first N image ids). The
-    normalizer and similarity backend are built now, so a missing NLTK data set or spaCy model fails here."""
+    """One AMBER part (`generative` or `discriminative`) as a task, its items from `vlmfix.eval.items.amber_items`
+    as the app's (the query file's prompt; the discriminative one + `prompt_suffix`; `limit`: the first N image
+    ids). The normalizer and similarity backend are built now, so a missing NLTK data set or spaCy model fails here."""
     choice(part, "part", AMBER_PARTS)
     choice(parser, "parser", YESNO_PARSERS.names(), meaning="the yes/no parser (amber_exact is AMBER's own)")
     choice(quirks, "quirks", amber.QUIRK_MODES)
@@ -185,8 +185,8 @@ MME_PER_SUBTASK = ("acc", "acc_plus", "score")
 
 def mme_content(questions: Sequence[mme.MmeQuestion], *, parser: str = "mme_official", prompt: str = "official",
                 prompt_suffix: str = "", limit: int | None = None, source: str = "folder") -> TaskContent:
-    """The MME subset as a task, items as the app's `prepare_mme` builds them (`limit`: the first N images of
-    each subtask; prompt `official` verbatim or `lmms` with `prompt_suffix`)."""
+    """The MME subset as a task, its items from `vlmfix.eval.items.mme_items` as the app's (`limit`: the first N
+    images of each subtask; prompt `official` verbatim or `lmms` with `prompt_suffix`)."""
     choice(parser, "parser", YESNO_PARSERS.names(), meaning="the yes/no parser (mme_official is MME's own)")
     choice(prompt, "prompt", ("official", "lmms"), meaning="official (verbatim) or lmms (lmms-eval's suffix swap)")
     text(prompt_suffix, "prompt_suffix", allow_empty=True)
@@ -222,8 +222,8 @@ def hallusion_content(questions: Sequence[hallusion.HallusionQuestion], hashes: 
                       parser: str = "vlmevalkit_yorn", unknown_no_visual: str = "correct",
                       include_text_only: bool = True, prompt_suffix: str = "",
                       limit: int | None = None) -> TaskContent:
-    """HallusionBench as a task, items as the app's `prepare_hallusion` builds them (`limit`: the first N figure
-    sets, so figures and groups stay whole); text-only questions become docs without an image, which the vlmfix
+    """HallusionBench as a task, its items from `vlmfix.eval.items.hallusion_items` as the app's (`limit`: the first
+    N figure sets, so figures and groups stay whole); text-only questions become docs without an image, which the vlmfix
     model decodes without methods."""
     choice(parser, "parser", YESNO_PARSERS.names(), meaning="the yes/no rule standing in for the GPT judge")
     choice(unknown_no_visual, "unknown_no_visual", hallusion.UNKNOWN_NO_VISUAL)
