@@ -593,14 +593,27 @@ def build_lighton_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+EXAONE_SPECIALS = ("[PAD]", "<|endofturn|>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<vision>",
+                   "</vision>", "<|image_pad|>", "<|video_pad|>")
+# EXAONE 4.5's prompt layout: role headers, turns ended by <|endofturn|>, each image <vision> <|image_pad|>... </vision>
+EXAONE_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<vision><|image_pad|></vision>{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|endofturn|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """EXAONE 4.5: Qwen2.5-VL's vision tower (windowed, GQA attention) and prompt layout, EXAONE 4 with
-    sliding-window layers."""
+    """EXAONE 4.5: Qwen2.5-VL's vision tower (windowed, GQA attention), EXAONE 4 with sliding-window layers;
+    EXAONE's prompt layout and image wrapping."""
     from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, Exaone4_5_Processor
 
-    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
-    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
-    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(EXAONE_SPECIALS, WORDS), eos_token="<|endofturn|>", unk_token="<unk>",
+        pad_token="[PAD]", padding_side="left",
+    )
+    ids = token_ids(tokenizer, EXAONE_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["[PAD]"], eos_token_id=ids["<|endofturn|>"],
                       bos_token_id=None, sliding_window=16,
                       layer_types=["sliding_attention"] * (shape.layers - 1) + ["full_attention"])
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, num_key_value_heads=2, patch_size=8,
@@ -610,10 +623,8 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
                               image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
     model = Exaone4_5_ForConditionalGeneration(config)
     image_processor = small_qwen_image_processor()
-    processor = image_only(Exaone4_5_Processor)(
-        image_processor=image_processor, tokenizer=tokenizer,
-        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
-    )
+    processor = image_only(Exaone4_5_Processor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                chat_template=EXAONE_TEMPLATE)
     return model, processor
 
 
