@@ -99,6 +99,31 @@ def test_the_common_layout_reads_the_newer_families_variants():
     assert get_adapter(ovis.model).frame_token_ids == tuple(indicators)
 
 
+def test_a_frame_token_the_tokenizer_lacks_is_skipped_not_read_as_unknown():
+    """EXAONE 4.5 names <vision> and </vision>; a tokenizer without one of them must neither fail nor mark its
+    <unk> tokens (an unknown word of the question) as image frames."""
+    from vlmfix.testing import build_tiny
+
+    tiny = build_tiny("exaone4_5", layers=2)
+    adapter = get_adapter(tiny.model)
+    inputs = tiny.inputs(["Is there a dog?"])  # "Is" is not in the tiny vocabulary: an <unk> in the question
+    ids = inputs["input_ids"]
+    unknown = tiny.tokenizer.unk_token_id
+    assert bool((ids == unknown).any())
+    spans = adapter.spans(ids, inputs["attention_mask"], tiny.tokenizer)
+    assert bool(spans.instruction[ids == unknown].all())  # the unknown word is part of the question
+    closing = tiny.tokenizer.convert_tokens_to_ids("</vision>")
+    assert not bool(spans.instruction[ids == closing].any())  # the frame is not
+
+    class Lacking(type(adapter)):  # type: ignore[misc]  # the family's adapter, naming a token the vocabulary lacks
+        frame_tokens = ("<vision>", "<|not_in_vocab|>")
+
+    lacking = Lacking(tiny.model)
+    assert lacking.named_frame_ids(tiny.tokenizer) == [tiny.tokenizer.convert_tokens_to_ids("<vision>")]
+    again = lacking.spans(ids, inputs["attention_mask"], tiny.tokenizer)
+    assert bool(again.instruction[ids == unknown].all())
+
+
 def test_several_image_ids_all_count_as_image_tokens():
     tiny = tiny_model("llava")
     config = tiny.model.config
