@@ -987,16 +987,22 @@ def build_granite_docling(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
 
 
 HUNYUAN_SPECIALS = ("<｜hy_place▁holder▁no▁0｜>", "<｜hy_begin▁of▁sentence｜>", "<｜hy_User｜>", "<｜hy_Assistant｜>",
-                    "<｜hy_place▁holder▁no▁2｜>", "<unk>", "<｜hy_place▁holder▁no▁102｜>",
-                    "<｜hy_place▁holder▁no▁103｜>", "<｜hy_place▁holder▁no▁104｜>", "<｜hy_place▁holder▁no▁105｜>")
+                    "<｜hy_place▁holder▁no▁2｜>", "<unk>", "<｜hy_place▁holder▁no▁3｜>", "<｜hy_place▁holder▁no▁100｜>",
+                    "<｜hy_place▁holder▁no▁101｜>", "<｜hy_place▁holder▁no▁102｜>", "<｜hy_place▁holder▁no▁103｜>")
 HUNYUAN_PAD, HUNYUAN_BOS, HUNYUAN_USER, HUNYUAN_ASSISTANT, HUNYUAN_EOS = HUNYUAN_SPECIALS[:5]
-HUNYUAN_IMAGE_START, HUNYUAN_IMAGE_END, HUNYUAN_IMAGE, HUNYUAN_NEWLINE = HUNYUAN_SPECIALS[6:]
+# HunyuanOCR's own ids: the system text ends at no. 3; an image is no. 100 (start), no. 102 (the placeholder the
+# processor repeats) and no. 101 (end); no. 103 is the row break (config im_newline_id)
+HUNYUAN_SYSTEM_END, HUNYUAN_IMAGE_START, HUNYUAN_IMAGE_END, HUNYUAN_IMAGE, HUNYUAN_NEWLINE = HUNYUAN_SPECIALS[6:]
+# HunyuanOCR's prompt layout: the user's images and text come first and <｜hy_User｜> closes them; the generation
+# prompt ends there
 HUNYUAN_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}" + HUNYUAN_USER +
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}" + HUNYUAN_SYSTEM_END + "{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}"
+    + HUNYUAN_SYSTEM_END + "{% elif message['role'] == 'user' %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + HUNYUAN_IMAGE_START + HUNYUAN_IMAGE +
-    HUNYUAN_IMAGE_END + "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% else %}" + HUNYUAN_ASSISTANT +
-    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}" + HUNYUAN_ASSISTANT + "{% endif %}"
+    HUNYUAN_IMAGE_END + "{% else %}{{ item['text'] }}{% endif %}{% endfor %}" + HUNYUAN_USER + "{% else %}"
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}" + HUNYUAN_ASSISTANT + "{% endif %}"
+    "{% endfor %}"
 )
 
 
