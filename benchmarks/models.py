@@ -60,6 +60,7 @@ def check_pretrained(
     local_files_only: bool = True,
     trust_remote_code: bool = False,
     model_class: str | None = None,
+    revision: str | None = None,
 ) -> None:
     """Check `load_pretrained`'s settings; with `local_files_only`, `path` must be a checkpoint directory or
     a hub id in the local hub cache (`FileNotFoundError` otherwise)."""
@@ -77,8 +78,10 @@ def check_pretrained(
     boolean(trust_remote_code, "model.loader.trust_remote_code")
     if model_class is not None:
         model_loader(model_class)
+    if revision is not None:
+        text(revision, "model.loader.revision", meaning="a branch, tag, commit or refs/pr/<n> of the hub repository")
     if local_files_only:
-        check_local_checkpoint(path)
+        check_local_checkpoint(path, revision)
 
 
 def model_loader(model_class: str | None) -> Any:
@@ -100,31 +103,33 @@ def model_loader(model_class: str | None) -> Any:
     return found
 
 
-def check_local_checkpoint(path: str) -> None:
-    """`path` must be a directory holding config.json, or a hub id whose config.json is in the local cache."""
+def check_local_checkpoint(path: str, revision: str | None = None) -> None:
+    """`path` must be a directory holding config.json, or a hub id whose config.json (at `revision`) is in the local
+    cache."""
     directory = Path(path).expanduser()
     if directory.is_dir():
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"`model.loader.path` {path!r} holds no config.json; point it at a checkpoint "
                                     "directory (what save_pretrained writes).")
         return
-    if not in_hub_cache(path):
+    if not in_hub_cache(path, revision):
         from huggingface_hub.constants import HF_HUB_CACHE
 
+        at = "" if revision is None else f" at revision {revision!r}"
         raise FileNotFoundError(
-            f"`model.loader.path` {path!r} is neither a checkpoint directory nor a model in the local hub cache "
+            f"`model.loader.path` {path!r} is neither a checkpoint directory nor a model in the local hub cache{at} "
             f"({HF_HUB_CACHE}); nothing is downloaded. Set model.loader.path=<checkpoint dir> (or the preset's "
             "environment variable), or put the checkpoint in the local hub cache."
         )
 
 
-def in_hub_cache(repo_id: str) -> bool:
-    """Whether the local hub cache holds `repo_id`'s config.json (an invalid id is simply not there)."""
+def in_hub_cache(repo_id: str, revision: str | None = None) -> bool:
+    """Whether the local hub cache holds `repo_id`'s config.json at `revision` (an invalid id is simply not there)."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
     except HFValidationError:
         return False
 
@@ -152,20 +157,22 @@ def load_pretrained(
     local_files_only: bool = True,
     trust_remote_code: bool = False,
     model_class: str | None = None,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load a checkpoint from a local directory or the local hub cache (never downloads by default), with
-    AutoModelForImageTextToText or the transformers class `model_class` names."""
-    check_pretrained(path, torch_dtype, attn_implementation, device, local_files_only, trust_remote_code, model_class)
+    AutoModelForImageTextToText or the transformers class `model_class` names, at the hub `revision` (None: main)."""
+    check_pretrained(path, torch_dtype, attn_implementation, device, local_files_only, trust_remote_code, model_class,
+                     revision)
     loader = model_loader(model_class)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model = loader.from_pretrained(
             path, dtype=getattr(torch, torch_dtype), attn_implementation=attn_implementation,
-            local_files_only=local_files_only, trust_remote_code=trust_remote_code,
+            local_files_only=local_files_only, trust_remote_code=trust_remote_code, revision=revision,
         )
         processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only,
-                                                  trust_remote_code=trust_remote_code)
+                                                  trust_remote_code=trust_remote_code, revision=revision)
     except OSError as err:
         raise FileNotFoundError(
             f"Cannot load {path!r} from local files: {err}. Point the model preset at a local directory "
@@ -180,6 +187,6 @@ def load_pretrained(
             "Qwen2_5OmniThinkerForConditionalGeneration, its text-out part)."
         ) from None
     processor.tokenizer.padding_side = "left"
-    revision = getattr(model.config, "_commit_hash", None)
+    commit = getattr(model.config, "_commit_hash", None)
     return LoadedModel(model.to(device).eval(),  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides self
-                       processor, source=str(path), revision=revision)
+                       processor, source=str(path), revision=commit)

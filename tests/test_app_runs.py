@@ -189,6 +189,18 @@ def test_a_whole_omni_checkpoint_loads_its_thinker_with_the_named_class(tmp_path
     assert preset.model_class == "Qwen2_5OmniThinkerForConditionalGeneration"
 
 
+def test_a_hub_revision_is_checked_in_the_local_cache_and_named_when_missing():
+    """ERNIE 4.5 VL's transformers-format checkpoint is a pull request of its hub repository (refs/pr/11), whose main
+    branch is the remote-code one: the preset names the revision, and a cache without it fails naming it."""
+    preset = composed("model=ernie-4.5-vl-28b-a3b").model.loader
+    assert (preset.revision, preset.path) == ("refs/pr/11", "baidu/ERNIE-4.5-VL-28B-A3B-PT")
+    with pytest.raises(FileNotFoundError, match=r"'baidu/ERNIE-4\.5-VL-28B-A3B-PT' is neither a checkpoint directory "
+                       r"nor a model in the local hub cache at revision 'refs/pr/11'"):
+        load_pretrained("baidu/ERNIE-4.5-VL-28B-A3B-PT", revision="refs/pr/11")
+    with pytest.raises(ValueError, match=r"`model\.loader\.revision`"):
+        load_pretrained("baidu/ERNIE-4.5-VL-28B-A3B-PT", revision="")
+
+
 def test_an_image_list_with_ids_not_in_the_data_fails_before_loading(toy_data, tmp_path):
     ids = tmp_path / "ids.json"
     ids.write_text("[1, 2, 999999]")
