@@ -1200,6 +1200,16 @@ def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, Processor
 
 
 ERNIE_VIDEO_TOKENS = ("<|VIDEO_START|>", "<|VIDEO_END|>", "<|VIDEO_PLACEHOLDER|>")
+# ERNIE 4.5 VL's prompt layout (its transformers conversion's template): "User: ", each image numbered
+# "Picture <n>:" before it, then "\nAssistant: " and, with thinking off (the default), an empty think block
+ERNIE_TEMPLATE = (
+    "{{ bos_token }}{% set pictures = namespace(n=0) %}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}User: {% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "{% set pictures.n = pictures.n + 1 %}Picture {{ pictures.n }}:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% else %}\nAssistant: "
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}\nAssistant: <think>\n\n</think>\n\n{% endif %}"
+)
 
 
 def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -1212,7 +1222,7 @@ def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
         Ernie4_5_VLMoeImageProcessorPil,
     )
 
-    specials = (*PADDLE_SPECIALS, *ERNIE_VIDEO_TOKENS)  # ERNIE 4.5's own tokens and prompt layout
+    specials = (*PADDLE_SPECIALS, *ERNIE_VIDEO_TOKENS, "<think>", "</think>")  # ERNIE 4.5's own tokens
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=word_tokenizer(specials, WORDS), bos_token="<|begin_of_sentence|>", eos_token="</s>",
         unk_token="<unk>", pad_token="<|endoftext|>", padding_side="left",
@@ -1244,7 +1254,7 @@ def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
     image_processor = Ernie4_5_VLMoeImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
                                                       patch_size=8, merge_size=2)
     processor = image_only(Ernie4_5_VLMoeProcessor)(image_processor=image_processor, tokenizer=tokenizer,
-                                                    chat_template=PADDLE_TEMPLATE)
+                                                    chat_template=ERNIE_TEMPLATE)
     return model, processor
 
 
