@@ -34,6 +34,21 @@ def test_a_refused_class_names_its_reason():
     assert CROSS_ATTENTION in REFUSED["MllamaForConditionalGeneration"].reason
 
 
+def test_llama_4_stays_refused_while_transformers_own_forward_fails():
+    """Llama 4 is refused because transformers' own forward fails (so plain generate has no output to match); once
+    a transformers release fixes it, this fails and Llama 4 can get a tiny build and the conformance suite."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = dict(vocab_size=32, hidden_size=16, intermediate_size=32, intermediate_size_mlp=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16)
+    model = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision)).eval()
+    with pytest.raises(AttributeError, match="image_outputs"):
+        model(input_ids=torch.tensor([[1, 3, 4]]))  # text only: no image is needed to reach the failure
+    assert "image_outputs" in REFUSED["Llama4ForConditionalGeneration"].reason
+
+
 def test_an_unknown_class_lists_the_supported_ones():
     with pytest.raises(vlmfix.UnsupportedModelError, match="no adapter for Linear. Supported model classes: "):
         get_adapter(nn.Linear(2, 2))
@@ -82,6 +97,31 @@ def test_the_common_layout_reads_the_newer_families_variants():
     indicators = ovis.tokenizer.convert_tokens_to_ids(["<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>",
                                                        "<IMG_END>"])
     assert get_adapter(ovis.model).frame_token_ids == tuple(indicators)
+
+
+def test_a_frame_token_the_tokenizer_lacks_is_skipped_not_read_as_unknown():
+    """EXAONE 4.5 names <vision> and </vision>; a tokenizer without one of them must neither fail nor mark its
+    <unk> tokens (an unknown word of the question) as image frames."""
+    from vlmfix.testing import build_tiny
+
+    tiny = build_tiny("exaone4_5", layers=2)
+    adapter = get_adapter(tiny.model)
+    inputs = tiny.inputs(["Is there a dog?"])  # "Is" is not in the tiny vocabulary: an <unk> in the question
+    ids = inputs["input_ids"]
+    unknown = tiny.tokenizer.unk_token_id
+    assert bool((ids == unknown).any())
+    spans = adapter.spans(ids, inputs["attention_mask"], tiny.tokenizer)
+    assert bool(spans.instruction[ids == unknown].all())  # the unknown word is part of the question
+    closing = tiny.tokenizer.convert_tokens_to_ids("</vision>")
+    assert not bool(spans.instruction[ids == closing].any())  # the frame is not
+
+    class Lacking(type(adapter)):  # type: ignore[misc]  # the family's adapter, naming a token the vocabulary lacks
+        frame_tokens = ("<vision>", "<|not_in_vocab|>")
+
+    lacking = Lacking(tiny.model)
+    assert lacking.named_frame_ids(tiny.tokenizer) == [tiny.tokenizer.convert_tokens_to_ids("<vision>")]
+    again = lacking.spans(ids, inputs["attention_mask"], tiny.tokenizer)
+    assert bool(again.instruction[ids == unknown].all())
 
 
 def test_several_image_ids_all_count_as_image_tokens():

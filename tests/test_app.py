@@ -55,6 +55,15 @@ def test_model_and_benchmark_configs_compose(model, benchmark):
         assert cfg.model.loader.local_files_only and not cfg.model.loader.trust_remote_code
 
 
+def test_each_checkpoint_preset_names_its_own_checkpoint_and_variable():
+    """Two presets for one hub id would load the same model class under two names (DeepSeek-VL 7B is the hybrid;
+    the plain DeepSeek-VL preset is the 1.3B checkpoint)."""
+    presets = [composed(f"model={name}").model for name in group("model") if name not in ("toy", "toy_fast")]
+    hub_ids = [preset.hub_id for preset in presets]
+    variables = [preset.path_env for preset in presets]
+    assert len(set(hub_ids)) == len(hub_ids) and len(set(variables)) == len(variables)
+
+
 RELEASE_VARIABLES = ("VLMFIX_AMBER", "VLMFIX_MME", "VLMFIX_HALLUSIONBENCH", "VLMFIX_POPE")
 
 

@@ -159,6 +159,50 @@ def test_load_pretrained_refuses_a_missing_path_and_loads_a_saved_checkpoint(tmp
     assert type(loaded.model) is type(tiny.model) and loaded.processor.tokenizer.padding_side == "left"
 
 
+def test_a_whole_omni_checkpoint_loads_its_thinker_with_the_named_class(tmp_path, monkeypatch):
+    """Qwen2.5-Omni's checkpoint is the whole model (config model_type qwen2_5_omni, weights under `thinker.`):
+    AutoModelForImageTextToText refuses it, naming the setting; model_class loads the thinker with its weights."""
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+
+    import benchmarks.models
+
+    thinker = tiny_model("qwen2_5_omni_thinker")
+    whole = Qwen2_5OmniForConditionalGeneration(
+        Qwen2_5OmniConfig(thinker_config=thinker.model.config.to_dict(), enable_audio_output=False))
+    whole.thinker.load_state_dict(thinker.model.state_dict())
+    whole.save_pretrained(tmp_path / "omni")
+    # the tiny processor drops the video processor (torchvision), so AutoProcessor cannot rebuild it here
+    monkeypatch.setattr(benchmarks.models.AutoProcessor, "from_pretrained", lambda *a, **k: thinker.processor)
+    assert json.loads((tmp_path / "omni" / "config.json").read_text())["model_type"] == "qwen2_5_omni"
+    with pytest.raises(ValueError, match=r"AutoModelForImageTextToText does not load .* Set "
+                       r"model\.loader\.model_class .*Qwen2_5OmniThinkerForConditionalGeneration"):
+        load_pretrained(str(tmp_path / "omni"), torch_dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match=r"`model\.loader\.model_class` 'AutoTokenizer' is not a transformers "
+                       r"model class"):
+        load_pretrained(str(tmp_path / "omni"), model_class="AutoTokenizer")
+    loaded = load_pretrained(str(tmp_path / "omni"), torch_dtype="float32", device="cpu",
+                             model_class="Qwen2_5OmniThinkerForConditionalGeneration")
+    assert type(loaded.model) is type(thinker.model)
+    expected, got = thinker.model.state_dict(), loaded.model.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    frames = thinker.tokenizer.convert_tokens_to_ids(["<|vision_bos|>", "<|vision_eos|>"])  # M-RoPE reads the start
+    assert [loaded.model.config.vision_start_token_id, loaded.model.config.vision_end_token_id] == frames
+    preset = composed("model=qwen2.5-omni-7b").model.loader
+    assert preset.model_class == "Qwen2_5OmniThinkerForConditionalGeneration"
+
+
+def test_a_hub_revision_is_checked_in_the_local_cache_and_named_when_missing():
+    """ERNIE 4.5 VL's transformers-format checkpoint is a pull request of its hub repository (refs/pr/11), whose main
+    branch is the remote-code one: the preset names the revision, and a cache without it fails naming it."""
+    preset = composed("model=ernie-4.5-vl-28b-a3b").model.loader
+    assert (preset.revision, preset.path) == ("refs/pr/11", "baidu/ERNIE-4.5-VL-28B-A3B-PT")
+    with pytest.raises(FileNotFoundError, match=r"'baidu/ERNIE-4\.5-VL-28B-A3B-PT' is neither a checkpoint directory "
+                       r"nor a model in the local hub cache at revision 'refs/pr/11'"):
+        load_pretrained("baidu/ERNIE-4.5-VL-28B-A3B-PT", revision="refs/pr/11")
+    with pytest.raises(ValueError, match=r"`model\.loader\.revision`"):
+        load_pretrained("baidu/ERNIE-4.5-VL-28B-A3B-PT", revision="")
+
+
 def test_an_image_list_with_ids_not_in_the_data_fails_before_loading(toy_data, tmp_path):
     ids = tmp_path / "ids.json"
     ids.write_text("[1, 2, 999999]")

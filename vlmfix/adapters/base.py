@@ -332,6 +332,15 @@ class Adapter:
                     found.append(ids)
         return found
 
+    def named_frame_ids(self, tokenizer: Any | None) -> list[int]:
+        """Ids of `frame_tokens` in this tokenizer's vocabulary (a checkpoint whose tokenizer lacks one wraps its
+        images otherwise: the missing token is skipped, never read as the unknown token)."""
+        if tokenizer is None:
+            return []
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        found = [(t, tokenizer.convert_tokens_to_ids(t)) for t in self.frame_tokens]
+        return [int(i) for t, i in found if i is not None and (i != unknown or t == tokenizer.unk_token)]
+
     def spans(self, input_ids: Tensor, attention_mask: Tensor | None = None, tokenizer: Any | None = None) -> Spans:
         """Find each row's spans from the prompt's structure.
 
@@ -343,8 +352,8 @@ class Adapter:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         image = self.image_mask(input_ids) & valid
         frame = self.image_frame_mask(input_ids)
-        if tokenizer is not None and self.frame_tokens:
-            named = [tokenizer.convert_tokens_to_ids(t) for t in self.frame_tokens]
+        named = self.named_frame_ids(tokenizer)
+        if named:
             frame = frame | torch.isin(input_ids, torch.tensor(named, device=input_ids.device))
         batch, seq = input_ids.shape
         positions = torch.arange(seq, device=input_ids.device)

@@ -36,8 +36,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("deepseek_vl", "DeepseekVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", markers=("Assistant:",)),
     common_layout("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration", markers=("Assistant:",)),
-    common_layout("exaone4_5", "Exaone4_5_ForConditionalGeneration", markers=CHATML,
-                  frames=("<|vision_start|>", "<|vision_end|>")),
+    common_layout("exaone4_5", "Exaone4_5_ForConditionalGeneration", markers=("<|endofturn|>",),
+                  frames=("<vision>", "</vision>")),  # <|user|>\n<vision>...</vision>text<|endofturn|>\n<|assistant|>
     common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),
     common_layout("gemma4", "Gemma4ForConditionalGeneration", markers=("<turn|>",)),
     common_layout("glm46v", "Glm46VForConditionalGeneration", markers=("<|assistant|>",)),
@@ -47,8 +47,10 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("got_ocr2", "GotOcr2ForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
     common_layout("granite_docling", "GraniteDoclingForConditionalGeneration", markers=("<|end_of_text|>",),
                   frames=("<fake_token_around_image>", "<global-img>")),
-    common_layout("hunyuan_vl", "HunYuanVLForConditionalGeneration", markers=("<｜hy_Assistant｜>",),
-                  frames=("<｜hy_place▁holder▁no▁102｜>", "<｜hy_place▁holder▁no▁103｜>")),  # image start, end
+    # HunyuanOCR: <｜hy_begin▁of▁sentence｜>[system]<｜hy_place▁holder▁no▁3｜><image>text<｜hy_User｜> (the user's turn
+    # ends at <｜hy_User｜>; HunYuan's chat models open it there and end it at <｜hy_Assistant｜>)
+    common_layout("hunyuan_vl", "HunYuanVLForConditionalGeneration", markers=("<｜hy_User｜>", "<｜hy_Assistant｜>"),
+                  frames=("<｜hy_place▁holder▁no▁100｜>", "<｜hy_place▁holder▁no▁101｜>")),  # image start, end
     common_layout("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_start|>", "<|vision_end|>")),
     common_layout("idefics2", "Idefics2ForConditionalGeneration", markers=("<end_of_utterance>",),

@@ -148,6 +148,8 @@ REFUSED: dict[str, Refusal] = {
     "UnlimitedOcrForConditionalGeneration": _pending(TORCHVISION_ONLY),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
-        "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning (it reads "
-        "`image_outputs` from its language model's output, which has none), so plain generate does not run"),
+        "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning, with or without an "
+        "image (it builds its output from `outputs.image_outputs`, but `outputs` is its Llama4ForCausalLM's "
+        "MoeCausalLMOutputWithPast, which has no such field: AttributeError), so plain generate does not run and "
+        "vlmfix has no plain output to match; no transformers issue was found for it"),
 }

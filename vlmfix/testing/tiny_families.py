@@ -593,14 +593,27 @@ def build_lighton_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+EXAONE_SPECIALS = ("[PAD]", "<|endofturn|>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<vision>",
+                   "</vision>", "<|image_pad|>", "<|video_pad|>")
+# EXAONE 4.5's prompt layout: role headers, turns ended by <|endofturn|>, each image <vision> <|image_pad|>... </vision>
+EXAONE_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<vision><|image_pad|></vision>{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|endofturn|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """EXAONE 4.5: Qwen2.5-VL's vision tower (windowed, GQA attention) and prompt layout, EXAONE 4 with
-    sliding-window layers."""
+    """EXAONE 4.5: Qwen2.5-VL's vision tower (windowed, GQA attention), EXAONE 4 with sliding-window layers;
+    EXAONE's prompt layout and image wrapping."""
     from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, Exaone4_5_Processor
 
-    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
-    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
-    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(EXAONE_SPECIALS, WORDS), eos_token="<|endofturn|>", unk_token="<unk>",
+        pad_token="[PAD]", padding_side="left",
+    )
+    ids = token_ids(tokenizer, EXAONE_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["[PAD]"], eos_token_id=ids["<|endofturn|>"],
                       bos_token_id=None, sliding_window=16,
                       layer_types=["sliding_attention"] * (shape.layers - 1) + ["full_attention"])
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, num_key_value_heads=2, patch_size=8,
@@ -610,10 +623,8 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
                               image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
     model = Exaone4_5_ForConditionalGeneration(config)
     image_processor = small_qwen_image_processor()
-    processor = image_only(Exaone4_5_Processor)(
-        image_processor=image_processor, tokenizer=tokenizer,
-        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
-    )
+    processor = image_only(Exaone4_5_Processor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                chat_template=EXAONE_TEMPLATE)
     return model, processor
 
 
@@ -976,16 +987,22 @@ def build_granite_docling(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
 
 
 HUNYUAN_SPECIALS = ("<｜hy_place▁holder▁no▁0｜>", "<｜hy_begin▁of▁sentence｜>", "<｜hy_User｜>", "<｜hy_Assistant｜>",
-                    "<｜hy_place▁holder▁no▁2｜>", "<unk>", "<｜hy_place▁holder▁no▁102｜>",
-                    "<｜hy_place▁holder▁no▁103｜>", "<｜hy_place▁holder▁no▁104｜>", "<｜hy_place▁holder▁no▁105｜>")
+                    "<｜hy_place▁holder▁no▁2｜>", "<unk>", "<｜hy_place▁holder▁no▁3｜>", "<｜hy_place▁holder▁no▁100｜>",
+                    "<｜hy_place▁holder▁no▁101｜>", "<｜hy_place▁holder▁no▁102｜>", "<｜hy_place▁holder▁no▁103｜>")
 HUNYUAN_PAD, HUNYUAN_BOS, HUNYUAN_USER, HUNYUAN_ASSISTANT, HUNYUAN_EOS = HUNYUAN_SPECIALS[:5]
-HUNYUAN_IMAGE_START, HUNYUAN_IMAGE_END, HUNYUAN_IMAGE, HUNYUAN_NEWLINE = HUNYUAN_SPECIALS[6:]
+# HunyuanOCR's own ids: the system text ends at no. 3; an image is no. 100 (start), no. 102 (the placeholder the
+# processor repeats) and no. 101 (end); no. 103 is the row break (config im_newline_id)
+HUNYUAN_SYSTEM_END, HUNYUAN_IMAGE_START, HUNYUAN_IMAGE_END, HUNYUAN_IMAGE, HUNYUAN_NEWLINE = HUNYUAN_SPECIALS[6:]
+# HunyuanOCR's prompt layout: the user's images and text come first and <｜hy_User｜> closes them; the generation
+# prompt ends there
 HUNYUAN_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}" + HUNYUAN_USER +
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}" + HUNYUAN_SYSTEM_END + "{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}"
+    + HUNYUAN_SYSTEM_END + "{% elif message['role'] == 'user' %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + HUNYUAN_IMAGE_START + HUNYUAN_IMAGE +
-    HUNYUAN_IMAGE_END + "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% else %}" + HUNYUAN_ASSISTANT +
-    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}" + HUNYUAN_ASSISTANT + "{% endif %}"
+    HUNYUAN_IMAGE_END + "{% else %}{{ item['text'] }}{% endif %}{% endfor %}" + HUNYUAN_USER + "{% else %}"
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}" + HUNYUAN_ASSISTANT + "{% endif %}"
+    "{% endfor %}"
 )
 
 
@@ -1183,6 +1200,16 @@ def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, Processor
 
 
 ERNIE_VIDEO_TOKENS = ("<|VIDEO_START|>", "<|VIDEO_END|>", "<|VIDEO_PLACEHOLDER|>")
+# ERNIE 4.5 VL's prompt layout (its transformers conversion's template): "User: ", each image numbered
+# "Picture <n>:" before it, then "\nAssistant: " and, with thinking off (the default), an empty think block
+ERNIE_TEMPLATE = (
+    "{{ bos_token }}{% set pictures = namespace(n=0) %}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}User: {% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "{% set pictures.n = pictures.n + 1 %}Picture {{ pictures.n }}:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% else %}\nAssistant: "
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}\nAssistant: <think>\n\n</think>\n\n{% endif %}"
+)
 
 
 def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -1195,7 +1222,7 @@ def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
         Ernie4_5_VLMoeImageProcessorPil,
     )
 
-    specials = (*PADDLE_SPECIALS, *ERNIE_VIDEO_TOKENS)  # ERNIE 4.5's own tokens and prompt layout
+    specials = (*PADDLE_SPECIALS, *ERNIE_VIDEO_TOKENS, "<think>", "</think>")  # ERNIE 4.5's own tokens
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=word_tokenizer(specials, WORDS), bos_token="<|begin_of_sentence|>", eos_token="</s>",
         unk_token="<unk>", pad_token="<|endoftext|>", padding_side="left",
@@ -1227,7 +1254,7 @@ def build_ernie4_5_vl_moe(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin
     image_processor = Ernie4_5_VLMoeImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
                                                       patch_size=8, merge_size=2)
     processor = image_only(Ernie4_5_VLMoeProcessor)(image_processor=image_processor, tokenizer=tokenizer,
-                                                    chat_template=PADDLE_TEMPLATE)
+                                                    chat_template=ERNIE_TEMPLATE)
     return model, processor
 
 
