@@ -217,11 +217,12 @@ class Adapter:
 
     @property
     def has_sliding_window(self) -> bool:
-        """Whether some decoder layers attend over a sliding window (their cache keeps the last keys only)."""
+        """Whether some decoder layers attend over a sliding window (their cache keeps the last keys only; any
+        sliding kind: Unlimited OCR's "reference_sliding_attention" also keeps the prompt)."""
         config = self.text_config
         layer_types = getattr(config, "layer_types", None) or ()
         return getattr(config, "sliding_window", None) is not None and (
-            not layer_types or "sliding_attention" in layer_types)
+            not layer_types or any("sliding" in str(kind) for kind in layer_types))
 
     @property
     def vision_tower(self) -> nn.Module:

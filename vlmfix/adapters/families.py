@@ -62,6 +62,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
     common_layout("mistral3", "Mistral3ForConditionalGeneration", markers=("[/INST]",),
                   frames=("[IMG_BREAK]", "[IMG_END]")),
+    common_layout("muse_glimmer", "MuseGlimmerForConditionalGeneration", markers=("<|eot|>",),
+                  frames=("<|image_start|>", "<|image_end|>")),
     common_layout("ovis2", "Ovis2ForConditionalGeneration", markers=CHATML),
     common_layout("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
@@ -75,5 +77,6 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("video_llama_3", "VideoLlama3ForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_start|>", "<|vision_end|>")),
     common_layout("video_llava", "VideoLlavaForConditionalGeneration", markers=("ASSISTANT:",)),
+    common_layout("unlimited_ocr", "UnlimitedOcrForConditionalGeneration", markers=("Assistant:",)),
     common_layout("vipllava", "VipLlavaForConditionalGeneration", markers=("ASSISTANT:", "###Assistant:")),
 )

@@ -137,7 +137,6 @@ REFUSED: dict[str, Refusal] = {
         "sdpa, so vlmfix must apply the `indices` itself; OPERA needs plain cache layers"),
     "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
                                                 "image blocks attend bidirectionally (mm_token_type_ids)"),
-    "MuseGlimmerForConditionalGeneration": _pending(TORCHVISION_ONLY),
     "MuseSparkForConditionalGeneration": _pending("its image processor is Muse Glimmer's, which needs torchvision (it "
                                                   "has no PIL backend): no offline tiny build here; an audio tower "
                                                   "beside the image one"),
@@ -145,7 +144,6 @@ REFUSED: dict[str, Refusal] = {
     "Step3p7ForConditionalGeneration": _pending(
         f"{TORCHVISION_ONLY}; its sliding layers may have another head count than its global ones "
         "(num_sliding_attention_heads) and a sigmoid gate scales each head's output before o_proj"),
-    "UnlimitedOcrForConditionalGeneration": _pending(TORCHVISION_ONLY),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning (it reads "

@@ -8,9 +8,111 @@ torchvision-backed classes inside its body, so this module imports without torch
 
 from __future__ import annotations
 
-from vlmfix.testing.tiny_families import Builder
+from typing import Any
 
-BUILDERS: dict[str, Builder] = {}
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+
+from vlmfix.testing.tiny import WORDS, word_tokenizer
+from vlmfix.testing.tiny_families import Builder, Shape, token_ids
+
+UNLIMITED_OCR_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image>", "User",
+                          "Assistant")
+UNLIMITED_OCR_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}"
+    "{{ item['text'] }}{% endif %}{% endfor %}\n\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_unlimited_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Unlimited OCR: DeepSeek-OCR's layout. A SAM tower (16-pixel patches, its neck and two stride-2 convolutions:
+    a 2x2 map of a 128-pixel image) whose map is the patch input of a CLIP-like encoder; both outputs, concatenated,
+    go through a linear `multi_modal_projector`; each row of features ends with `image_newline`, the image with
+    `view_separator` (7 tokens). A DeepSeek-V2-style MoE language model with multi-head attention whose layers are
+    reference sliding-window attention (every token sees the prompt and the last `sliding_window` tokens; a window of
+    4 here, so decoding leaves it)."""
+    from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration, UnlimitedOcrProcessor
+    from transformers.models.unlimited_ocr.image_processing_unlimited_ocr import UnlimitedOcrImageProcessor
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(UNLIMITED_OCR_SPECIALS, WORDS), bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>", unk_token="<unk>", pad_token="<｜▁pad▁｜>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, UNLIMITED_OCR_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<｜▁pad▁｜>"], eos_token_id=ids["<｜end▁of▁sentence｜>"],
+                      bos_token_id=ids["<｜begin▁of▁sentence｜>"], n_routed_experts=4, num_experts_per_tok=2,
+                      n_shared_experts=1, moe_intermediate_size=shape.hidden, sliding_window=4)
+    text.pop("head_dim")  # hidden_size // heads
+    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4, image_size=128,
+               patch_size=16, window_size=4, global_attn_indexes=[1], mlp_dim=64, downsample_channels=[24, 32])
+    encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=2,
+                   patch_size=1)  # the SAM map (2x2, 32 channels) is its patch input
+    config = UnlimitedOcrConfig(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
+                                image_token_id=ids["<image>"])
+    model = UnlimitedOcrForConditionalGeneration(config)
+    image_processor = UnlimitedOcrImageProcessor(size={"height": 128, "width": 128}, crop_to_patches=False)
+    processor = UnlimitedOcrProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+                                      downsample_ratio=4, chat_template=UNLIMITED_OCR_TEMPLATE)
+    return model, processor
+
+
+MUSE_SPECIALS = ("<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad|>", "<unk>", "<|header_start|>",
+                 "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|video|>",
+                 "<|vid_frame_separator|>", "<|vid_start|>", "<|vid_end|>", "user", "assistant")
+MUSE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|patch|>"  # the processor adds the frame
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+
+
+def muse_tokenizer() -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """Muse Glimmer's (and Muse Spark's) special tokens, Llama 4's turn layout."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(MUSE_SPECIALS, WORDS), bos_token="<|begin_of_text|>", eos_token="<|eot|>",
+        unk_token="<unk>", pad_token="<|finetune_right_pad|>", padding_side="left",
+    )
+    return tokenizer, token_ids(tokenizer, MUSE_SPECIALS)
+
+
+def muse_glimmer_configs(shape: Shape, vocab: int, ids: dict[str, int]) -> dict[str, Any]:
+    """Muse Glimmer's text and vision configs and image ids, at the tiny size."""
+    text = shape.text(vocab, pad_token_id=ids["<|finetune_right_pad|>"], eos_token_id=ids["<|eot|>"],
+                      bos_token_id=ids["<|begin_of_text|>"], sliding_window=8)
+    # 8-pixel patches, 2x2 merge; position table 8x8 patches, so a window is 64 pixels and an 80-pixel image spans four
+    vision = dict(patch_size=8, pos_emb_height=8, pos_emb_width=8, num_attention_heads=4, num_hidden_layers=2,
+                  hidden_size=32, intermediate_size=64, merge_size=2, max_position_embeddings=64)
+    return dict(text_config=text, vision_config=vision, image_token_id=ids["<|patch|>"],
+                video_token_id=ids["<|video|>"], out_hidden_size=4 * 32, projector_hidden_size=64)
+
+
+def muse_image_processor() -> Any:
+    from transformers.models.muse_glimmer.image_processing_muse_glimmer import MuseGlimmerImageProcessor
+
+    return MuseGlimmerImageProcessor(patch_size=8, merge_size=2, max_image_tokens=64)
+
+
+def build_muse_glimmer(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Muse Glimmer: a windowed ViT (`vision_tower`, 2-D RoPE, pixel shuffle 2x2), an MLP `vision_adapter` and a
+    linear `vision_projection`; a language model of sliding-window RoPE layers and full-attention NoPE layers (every
+    4th from the last), soft-capped logits."""
+    from transformers import MuseGlimmerConfig, MuseGlimmerForConditionalGeneration, MuseGlimmerProcessor
+    from transformers.models.muse_glimmer.video_processing_muse_glimmer import MuseGlimmerVideoProcessor
+
+    tokenizer, ids = muse_tokenizer()
+    config = MuseGlimmerConfig(**muse_glimmer_configs(shape, len(tokenizer), ids))
+    model = MuseGlimmerForConditionalGeneration(config)
+    processor = MuseGlimmerProcessor(image_processor=muse_image_processor(),
+                                     video_processor=MuseGlimmerVideoProcessor(), tokenizer=tokenizer,
+                                     chat_template=MUSE_TEMPLATE)
+    return model, processor
+
+
+BUILDERS: dict[str, Builder] = {
+    "unlimited_ocr": build_unlimited_ocr,
+    "muse_glimmer": build_muse_glimmer,
+}
 
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES: frozenset[str] = frozenset()
