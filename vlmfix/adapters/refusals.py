@@ -137,9 +137,6 @@ REFUSED: dict[str, Refusal] = {
         "sdpa, so vlmfix must apply the `indices` itself; OPERA needs plain cache layers"),
     "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
                                                 "image blocks attend bidirectionally (mm_token_type_ids)"),
-    "MuseSparkForConditionalGeneration": _pending("its image processor is Muse Glimmer's, which needs torchvision (it "
-                                                  "has no PIL backend): no offline tiny build here; an audio tower "
-                                                  "beside the image one"),
     "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
     "Step3p7ForConditionalGeneration": _pending(
         f"{TORCHVISION_ONLY}; its sliding layers may have another head count than its global ones "

@@ -58,7 +58,8 @@ def build_unlimited_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 MUSE_SPECIALS = ("<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad|>", "<unk>", "<|header_start|>",
                  "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|video|>",
-                 "<|vid_frame_separator|>", "<|vid_start|>", "<|vid_end|>", "user", "assistant")
+                 "<|vid_frame_separator|>", "<|vid_start|>", "<|vid_end|>", "<|audio|>", "<|soft_audio_start|>",
+                 "<|soft_audio_end|>", "user", "assistant")
 MUSE_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|patch|>"  # the processor adds the frame
@@ -109,9 +110,32 @@ def build_muse_glimmer(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+def build_muse_spark(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Muse Spark: Muse Glimmer's vision path and image processor, an `audio_tower` (strided convolutions) beside
+    it, and an MoE language model whose layers mix each sublayer's output into the residual through a learned gate
+    (residual gates); sliding-window RoPE layers and full-attention NoPE layers as in Muse Glimmer."""
+    from transformers import MuseSparkConfig, MuseSparkForConditionalGeneration, MuseSparkProcessor
+    from transformers.models.muse_glimmer.video_processing_muse_glimmer import MuseGlimmerVideoProcessor
+    from transformers.models.muse_spark.feature_extraction_muse_spark import MuseSparkFeatureExtractor
+
+    tokenizer, ids = muse_tokenizer()
+    configs = muse_glimmer_configs(shape, len(tokenizer), ids)
+    configs["text_config"].update(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape.hidden,
+                                  moe_hidden_size=shape.hidden)
+    audio = dict(patch_sizes=[4, 4], hidden_sizes=[16, 32], depths=[1, 1], num_hidden_layers=2,
+                 out_hidden_size=shape.hidden)
+    config = MuseSparkConfig(**configs, audio_config=audio, audio_token_id=ids["<|audio|>"])
+    model = MuseSparkForConditionalGeneration(config)
+    processor = MuseSparkProcessor(image_processor=muse_image_processor(), video_processor=MuseGlimmerVideoProcessor(),
+                                   tokenizer=tokenizer, feature_extractor=MuseSparkFeatureExtractor(),
+                                   chat_template=MUSE_TEMPLATE)
+    return model, processor
+
+
 BUILDERS: dict[str, Builder] = {
     "unlimited_ocr": build_unlimited_ocr,
     "muse_glimmer": build_muse_glimmer,
+    "muse_spark": build_muse_spark,
 }
 
 # families whose processor takes one list of images per prompt
