@@ -12,7 +12,7 @@ M-RoPE from its rotary parameters. A family module holds only what differs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -230,13 +230,19 @@ class Adapter:
 
     @property
     def projector(self) -> nn.Module:
-        for owner in (self.base, self.vision_tower):
+        for owner in self._projector_owners():
             for name in PROJECTOR_NAMES:
                 found = getattr(owner, name, None)
                 if isinstance(found, nn.Module):
                     return found
         raise AttributeError(f"{type(self.model).__name__} has no image projector under any of the names "
                              f"{', '.join(PROJECTOR_NAMES)}.")
+
+    def _projector_owners(self) -> Iterator[nn.Module]:
+        """The base model, then its vision tower: looked up only when the base has no projector (an encoder-free
+        model such as Gemma 4 Unified has no tower)."""
+        yield self.base
+        yield self.vision_tower
 
     @property
     def has_projector(self) -> bool:

@@ -40,6 +40,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
                   frames=("<|vision_start|>", "<|vision_end|>")),
     common_layout("gemma3", "Gemma3ForConditionalGeneration", markers=("<end_of_turn>",)),
     common_layout("gemma4", "Gemma4ForConditionalGeneration", markers=("<turn|>",)),
+    common_layout("gemma4_unified", "Gemma4UnifiedForConditionalGeneration", markers=("<turn|>",)),
     common_layout("glm46v", "Glm46VForConditionalGeneration", markers=("<|assistant|>",)),
     common_layout("glm4v", "Glm4vForConditionalGeneration", markers=("<|assistant|>",)),
     common_layout("glm_ocr", "GlmOcrForConditionalGeneration", markers=("<|assistant|>",)),

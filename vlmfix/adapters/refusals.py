@@ -109,9 +109,6 @@ REFUSED: dict[str, Refusal] = {
         "`pooler_output`, which vlmfix's two-stream engine stacks when it re-encodes images (VCD, DCD, ...); its "
         "processor writes the prompt itself (|SPEAKER| and |NEWLINE| placeholders, the <0x04> answer marker), with "
         "no chat template"),
-    "Gemma4UnifiedForConditionalGeneration": _pending(
-        f"{TORCHVISION_ONLY}; encoder-free: raw pixel patches are embedded straight into the language model, with no "
-        "vision tower"),
     "Granite4VisionForConditionalGeneration": _pending("image placeholders are zeroed at the input and the Window "
                                                         "Q-Former features added inside chosen decoder layers "
                                                         "(deepstack_features, no pooler_output): vlmfix's image "

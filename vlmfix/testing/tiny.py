@@ -51,7 +51,7 @@ Family = str  # a family name of `ALL_FAMILIES`
 FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 # families whose tiny build needs torchvision (image processors with no PIL backend), built in
 # vlmfix/testing/tiny_torchvision.py; their tests carry the `torchvision` marker (CI's second lane, README)
-TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark")
+TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
 # vlmfix/testing/tiny_families.py
 ALL_FAMILIES: tuple[Family, ...] = (

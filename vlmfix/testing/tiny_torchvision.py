@@ -132,11 +132,59 @@ def build_muse_spark(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+def build_gemma4_unified(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Gemma 4 Unified: encoder-free. Raw 12-pixel patches (4-pixel patches merged 3x3) go through `embed_vision`
+    (layer norms, a dense layer, factorized 2-D position embeddings, the multimodal projection) straight into a
+    Gemma 4 language model: sliding and global layers (the global ones twice as wide, one KV head, keys reused as
+    values), the last layers reading an earlier layer's keys and values (shared KV), bidirectional attention inside
+    each image block. The image processor's smallest budget (70 soft tokens) gives up to 64 image tokens."""
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration, Gemma4UnifiedProcessor
+    from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import (
+        Gemma4UnifiedAudioFeatureExtractor,
+    )
+    from transformers.models.gemma4_unified.image_processing_gemma4_unified import Gemma4UnifiedImageProcessor
+    from transformers.models.gemma4_unified.video_processing_gemma4_unified import Gemma4UnifiedVideoProcessor
+
+    from vlmfix.testing.tiny_families import GEMMA4_SPECIALS, GEMMA4_TEMPLATE
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(GEMMA4_SPECIALS, WORDS), bos_token="<bos>", eos_token="<turn|>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, GEMMA4_SPECIALS)
+    for name, token in (("boi", "<|image>"), ("eoi", "<image|>"), ("image", "<|image|>"), ("boa", "<|audio>"),
+                        ("eoa", "<audio|>"), ("audio", "<|audio|>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    half = max(shape.layers // 2, 2)  # the first half computes keys and values, the second half shares them
+    layer_types = (["sliding_attention", "full_attention"] * shape.layers)[:shape.layers]
+    layer_types[-1] = "full_attention"
+    text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<turn|>"], bos_token_id=ids["<bos>"],
+                      global_head_dim=2 * shape.head_dim, sliding_window=16, layer_types=layer_types,
+                      num_kv_shared_layers=shape.layers - half, use_bidirectional_attention="vision",
+                      attention_k_eq_v=True, num_global_key_value_heads=1)
+    # output_proj_dims: the width the multimodal projection reads (the patch embedding's)
+    vision = dict(patch_size=4, pooling_kernel_size=3, mm_embed_dim=32, mm_posemb_size=64, output_proj_dims=32)
+    config = Gemma4UnifiedConfig(
+        text_config=text, vision_config=vision, audio_config=None, boi_token_id=ids["<|image>"],
+        eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"], audio_token_id=ids["<|audio|>"],
+    )
+    model = Gemma4UnifiedForConditionalGeneration(config)
+    image_processor = Gemma4UnifiedImageProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    processor = Gemma4UnifiedProcessor(
+        feature_extractor=Gemma4UnifiedAudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=Gemma4UnifiedVideoProcessor(), chat_template=GEMMA4_TEMPLATE, image_seq_length=70,
+    )
+    return model, processor
+
+
 BUILDERS: dict[str, Builder] = {
     "unlimited_ocr": build_unlimited_ocr,
     "muse_glimmer": build_muse_glimmer,
     "muse_spark": build_muse_spark,
+    "gemma4_unified": build_gemma4_unified,
 }
 
 # families whose processor takes one list of images per prompt
-NESTED_IMAGES: frozenset[str] = frozenset()
+NESTED_IMAGES: frozenset[str] = frozenset({"gemma4_unified"})
