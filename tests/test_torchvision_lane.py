@@ -48,3 +48,12 @@ def test_a_torchvision_family_parameter_is_marked(pytester, monkeypatch):
     pytester.runpytest_inprocess("-m", "not torchvision").assert_outcomes(passed=1, deselected=1)
     selected = pytester.runpytest_inprocess("-m", "torchvision", "-v")
     selected.stdout.fnmatch_lines(["*test_family?needs_tv? *"])
+
+
+def test_a_torchvision_family_build_names_the_fix(no_torchvision):
+    """Outside the marker too (a script, the --table command): the build stops before importing any model code."""
+    from vlmfix.testing import TORCHVISION_FAMILIES, build_tiny
+
+    for family in TORCHVISION_FAMILIES:
+        with pytest.raises(RuntimeError, match=rf"the tiny {family} build needs torchvision"):
+            build_tiny(family)
