@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 from vlmfix.decoding.edits import Edit  # noqa: E402
 from vlmfix.decoding.method import Method  # noqa: E402
-from vlmfix.testing import FAMILIES, TinyVLM, build_tiny  # noqa: E402
+from vlmfix.testing import FAMILIES, TORCHVISION_FAMILIES, TinyVLM, build_tiny, require_torchvision  # noqa: E402
 
 
 def tiny_model(family: str, attn: str = "sdpa", **shape: Any) -> TinyVLM:
@@ -50,9 +50,16 @@ class PlannedEdits(Method):
         return self.make(state, layer_idx)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the marks added here count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`VLMFIX_TEST_SHARD=K/N` keeps every N-th collected test from the K-th (0-based), so N processes share
+    """A test run on a family of `TORCHVISION_FAMILIES` (its `family` parameter) gets the `torchvision` mark.
+
+    `VLMFIX_TEST_SHARD=K/N` keeps every N-th collected test from the K-th (0-based), so N processes share
     the suite (`.ci/run` runs two, one thread each); unset: every test."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("family") in TORCHVISION_FAMILIES:
+            item.add_marker(pytest.mark.torchvision)
     shard = os.environ.get("VLMFIX_TEST_SHARD")
     if not shard:
         return
@@ -62,3 +69,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     kept = items[index::count]
     config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
     items[:] = kept
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A `torchvision` test fails (never skips) where torchvision is missing, naming the fix."""
+    if item.get_closest_marker("torchvision") is not None:
+        try:
+            require_torchvision(f"{item.nodeid} (marked torchvision)")
+        except RuntimeError as error:
+            pytest.fail(str(error), pytrace=False)

@@ -12,7 +12,7 @@ M-RoPE from its rotary parameters. A family module holds only what differs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -217,11 +217,12 @@ class Adapter:
 
     @property
     def has_sliding_window(self) -> bool:
-        """Whether some decoder layers attend over a sliding window (their cache keeps the last keys only)."""
+        """Whether some decoder layers attend over a sliding window (their cache keeps the last keys only; any
+        sliding kind: Unlimited OCR's "reference_sliding_attention" also keeps the prompt)."""
         config = self.text_config
         layer_types = getattr(config, "layer_types", None) or ()
         return getattr(config, "sliding_window", None) is not None and (
-            not layer_types or "sliding_attention" in layer_types)
+            not layer_types or any("sliding" in str(kind) for kind in layer_types))
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -229,13 +230,19 @@ class Adapter:
 
     @property
     def projector(self) -> nn.Module:
-        for owner in (self.base, self.vision_tower):
+        for owner in self._projector_owners():
             for name in PROJECTOR_NAMES:
                 found = getattr(owner, name, None)
                 if isinstance(found, nn.Module):
                     return found
         raise AttributeError(f"{type(self.model).__name__} has no image projector under any of the names "
                              f"{', '.join(PROJECTOR_NAMES)}.")
+
+    def _projector_owners(self) -> Iterator[nn.Module]:
+        """The base model, then its vision tower: looked up only when the base has no projector (an encoder-free
+        model such as Gemma 4 Unified has no tower)."""
+        yield self.base
+        yield self.vision_tower
 
     @property
     def has_projector(self) -> bool:

@@ -109,9 +109,6 @@ REFUSED: dict[str, Refusal] = {
         "`pooler_output`, which vlmfix's two-stream engine stacks when it re-encodes images (VCD, DCD, ...); its "
         "processor writes the prompt itself (|SPEAKER| and |NEWLINE| placeholders, the <0x04> answer marker), with "
         "no chat template"),
-    "Gemma4UnifiedForConditionalGeneration": _pending(
-        f"{TORCHVISION_ONLY}; encoder-free: raw pixel patches are embedded straight into the language model, with no "
-        "vision tower"),
     "Granite4VisionForConditionalGeneration": _pending("image placeholders are zeroed at the input and the Window "
                                                         "Q-Former features added inside chosen decoder layers "
                                                         "(deepstack_features, no pooler_output): vlmfix's image "
@@ -137,15 +134,10 @@ REFUSED: dict[str, Refusal] = {
         "sdpa, so vlmfix must apply the `indices` itself; OPERA needs plain cache layers"),
     "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
                                                 "image blocks attend bidirectionally (mm_token_type_ids)"),
-    "MuseGlimmerForConditionalGeneration": _pending(TORCHVISION_ONLY),
-    "MuseSparkForConditionalGeneration": _pending("its image processor is Muse Glimmer's, which needs torchvision (it "
-                                                  "has no PIL backend): no offline tiny build here; an audio tower "
-                                                  "beside the image one"),
     "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
     "Step3p7ForConditionalGeneration": _pending(
         f"{TORCHVISION_ONLY}; its sliding layers may have another head count than its global ones "
         "(num_sliding_attention_heads) and a sigmoid gate scales each head's output before o_proj"),
-    "UnlimitedOcrForConditionalGeneration": _pending(TORCHVISION_ONLY),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning, with or without an "

@@ -12,14 +12,16 @@ out = tiny.model.generate(**inputs, max_new_tokens=8)
 from vlmfix.testing.tiny import (
     ALL_FAMILIES,
     FAMILIES,
+    TORCHVISION_FAMILIES,
     WORDS,
     Family,
     ImageOnlyQwen2VLProcessor,
     TinyVLM,
     build_tiny,
     random_image,
+    require_torchvision,
     word_tokenizer,
 )
 
-__all__ = ["ALL_FAMILIES", "FAMILIES", "WORDS", "Family", "ImageOnlyQwen2VLProcessor", "TinyVLM", "build_tiny",
-           "random_image", "word_tokenizer"]
+__all__ = ["ALL_FAMILIES", "FAMILIES", "TORCHVISION_FAMILIES", "WORDS", "Family", "ImageOnlyQwen2VLProcessor",
+           "TinyVLM", "build_tiny", "random_image", "require_torchvision", "word_tokenizer"]

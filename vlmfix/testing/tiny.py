@@ -14,6 +14,7 @@ out = tiny.model.generate(**inputs, max_new_tokens=8)
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -48,6 +49,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 Family = str  # a family name of `ALL_FAMILIES`
 # the reference families that the method tests run on
 FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+# families whose tiny build needs torchvision (image processors with no PIL backend), built in
+# vlmfix/testing/tiny_torchvision.py; their tests carry the `torchvision` marker (CI's second lane, README)
+TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
 # vlmfix/testing/tiny_families.py
 ALL_FAMILIES: tuple[Family, ...] = (
@@ -89,6 +93,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "ernie4_5_vl_moe",
     "aria",
     "deepseek_vl_hybrid",
+    *TORCHVISION_FAMILIES,
 )
 
 WORDS = (
@@ -211,6 +216,16 @@ def random_image(size: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+def require_torchvision(what: str) -> None:
+    """Raise a `RuntimeError` naming the fix when torchvision cannot be imported (`what` needs it)."""
+    if importlib.util.find_spec("torchvision") is None:
+        raise RuntimeError(
+            f"{what} needs torchvision, which is not installed: its image processor has no PIL backend. Run these "
+            "tests in an environment with torchvision (`pip install torch==2.14.1 torchvision==0.29.1`, then "
+            "`pip install -e \".[all]\"`; CI's second lane in .ci/run), or deselect them with -m \"not torchvision\"."
+        )
+
+
 def build_tiny(
     family: Family,
     *,
@@ -242,11 +257,16 @@ def build_tiny(
     if family not in ALL_FAMILIES:
         raise ValueError(f"Unknown family {family!r}. Available: {', '.join(ALL_FAMILIES)}")
     torch.manual_seed(seed)
+    if family in TORCHVISION_FAMILIES:
+        require_torchvision(f"the tiny {family} build")
     if family not in FAMILIES:
-        from vlmfix.testing.tiny_families import BUILDERS, NESTED_IMAGES, Shape
+        from vlmfix.testing import tiny_families, tiny_torchvision
+        from vlmfix.testing.tiny_families import Shape
 
-        built, built_processor = BUILDERS[family](Shape(layers, heads, kv_heads, head_dim), **(options or {}))
-        tiny = TinyVLM(family=family, model=built, processor=built_processor, nested_images=family in NESTED_IMAGES)
+        module = tiny_torchvision if family in TORCHVISION_FAMILIES else tiny_families
+        built, built_processor = module.BUILDERS[family](Shape(layers, heads, kv_heads, head_dim), **(options or {}))
+        tiny = TinyVLM(family=family, model=built, processor=built_processor,
+                       nested_images=family in module.NESTED_IMAGES)
         return _finish(tiny, attn_implementation)
     if options:
         raise ValueError(f"build_tiny's `options` serve the families built in vlmfix.testing.tiny_families, not "

@@ -1,0 +1,190 @@
+"""Tiny offline builds of the families whose image processor needs torchvision (no PIL backend).
+
+Registered like `vlmfix.testing.tiny_families` (`BUILDERS`, `NESTED_IMAGES`), listed in
+`vlmfix.testing.tiny.TORCHVISION_FAMILIES`; `build_tiny` checks that torchvision imports before it calls a
+builder here, and their tests carry the `torchvision` marker (CI's second lane). Each builder imports
+torchvision-backed classes inside its body, so this module imports without torchvision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+
+from vlmfix.testing.tiny import WORDS, word_tokenizer
+from vlmfix.testing.tiny_families import Builder, Shape, token_ids
+
+UNLIMITED_OCR_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image>", "User",
+                          "Assistant")
+UNLIMITED_OCR_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}"
+    "{{ item['text'] }}{% endif %}{% endfor %}\n\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_unlimited_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Unlimited OCR: DeepSeek-OCR's layout. A SAM tower (16-pixel patches, its neck and two stride-2 convolutions:
+    a 2x2 map of a 128-pixel image) whose map is the patch input of a CLIP-like encoder; both outputs, concatenated,
+    go through a linear `multi_modal_projector`; each row of features ends with `image_newline`, the image with
+    `view_separator` (7 tokens). A DeepSeek-V2-style MoE language model with multi-head attention whose layers are
+    reference sliding-window attention (every token sees the prompt and the last `sliding_window` tokens; a window of
+    4 here, so decoding leaves it)."""
+    from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration, UnlimitedOcrProcessor
+    from transformers.models.unlimited_ocr.image_processing_unlimited_ocr import UnlimitedOcrImageProcessor
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(UNLIMITED_OCR_SPECIALS, WORDS), bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>", unk_token="<unk>", pad_token="<｜▁pad▁｜>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, UNLIMITED_OCR_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<｜▁pad▁｜>"], eos_token_id=ids["<｜end▁of▁sentence｜>"],
+                      bos_token_id=ids["<｜begin▁of▁sentence｜>"], n_routed_experts=4, num_experts_per_tok=2,
+                      n_shared_experts=1, moe_intermediate_size=shape.hidden, sliding_window=4)
+    text.pop("head_dim")  # hidden_size // heads
+    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4, image_size=128,
+               patch_size=16, window_size=4, global_attn_indexes=[1], mlp_dim=64, downsample_channels=[24, 32])
+    encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=2,
+                   patch_size=1)  # the SAM map (2x2, 32 channels) is its patch input
+    config = UnlimitedOcrConfig(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
+                                image_token_id=ids["<image>"])
+    model = UnlimitedOcrForConditionalGeneration(config)
+    image_processor = UnlimitedOcrImageProcessor(size={"height": 128, "width": 128}, crop_to_patches=False)
+    processor = UnlimitedOcrProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+                                      downsample_ratio=4, chat_template=UNLIMITED_OCR_TEMPLATE)
+    return model, processor
+
+
+MUSE_SPECIALS = ("<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad|>", "<unk>", "<|header_start|>",
+                 "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|video|>",
+                 "<|vid_frame_separator|>", "<|vid_start|>", "<|vid_end|>", "<|audio|>", "<|soft_audio_start|>",
+                 "<|soft_audio_end|>", "user", "assistant")
+MUSE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|patch|>"  # the processor adds the frame
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+
+
+def muse_tokenizer() -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """Muse Glimmer's (and Muse Spark's) special tokens, Llama 4's turn layout."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(MUSE_SPECIALS, WORDS), bos_token="<|begin_of_text|>", eos_token="<|eot|>",
+        unk_token="<unk>", pad_token="<|finetune_right_pad|>", padding_side="left",
+    )
+    return tokenizer, token_ids(tokenizer, MUSE_SPECIALS)
+
+
+def muse_glimmer_configs(shape: Shape, vocab: int, ids: dict[str, int]) -> dict[str, Any]:
+    """Muse Glimmer's text and vision configs and image ids, at the tiny size."""
+    text = shape.text(vocab, pad_token_id=ids["<|finetune_right_pad|>"], eos_token_id=ids["<|eot|>"],
+                      bos_token_id=ids["<|begin_of_text|>"], sliding_window=8)
+    # 8-pixel patches, 2x2 merge; position table 8x8 patches, so a window is 64 pixels and an 80-pixel image spans four
+    vision = dict(patch_size=8, pos_emb_height=8, pos_emb_width=8, num_attention_heads=4, num_hidden_layers=2,
+                  hidden_size=32, intermediate_size=64, merge_size=2, max_position_embeddings=64)
+    return dict(text_config=text, vision_config=vision, image_token_id=ids["<|patch|>"],
+                video_token_id=ids["<|video|>"], out_hidden_size=4 * 32, projector_hidden_size=64)
+
+
+def muse_image_processor() -> Any:
+    from transformers.models.muse_glimmer.image_processing_muse_glimmer import MuseGlimmerImageProcessor
+
+    return MuseGlimmerImageProcessor(patch_size=8, merge_size=2, max_image_tokens=64)
+
+
+def build_muse_glimmer(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Muse Glimmer: a windowed ViT (`vision_tower`, 2-D RoPE, pixel shuffle 2x2), an MLP `vision_adapter` and a
+    linear `vision_projection`; a language model of sliding-window RoPE layers and full-attention NoPE layers (every
+    4th from the last), soft-capped logits."""
+    from transformers import MuseGlimmerConfig, MuseGlimmerForConditionalGeneration, MuseGlimmerProcessor
+    from transformers.models.muse_glimmer.video_processing_muse_glimmer import MuseGlimmerVideoProcessor
+
+    tokenizer, ids = muse_tokenizer()
+    config = MuseGlimmerConfig(**muse_glimmer_configs(shape, len(tokenizer), ids))
+    model = MuseGlimmerForConditionalGeneration(config)
+    processor = MuseGlimmerProcessor(image_processor=muse_image_processor(),
+                                     video_processor=MuseGlimmerVideoProcessor(), tokenizer=tokenizer,
+                                     chat_template=MUSE_TEMPLATE)
+    return model, processor
+
+
+def build_muse_spark(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Muse Spark: Muse Glimmer's vision path and image processor, an `audio_tower` (strided convolutions) beside
+    it, and an MoE language model whose layers mix each sublayer's output into the residual through a learned gate
+    (residual gates); sliding-window RoPE layers and full-attention NoPE layers as in Muse Glimmer."""
+    from transformers import MuseSparkConfig, MuseSparkForConditionalGeneration, MuseSparkProcessor
+    from transformers.models.muse_glimmer.video_processing_muse_glimmer import MuseGlimmerVideoProcessor
+    from transformers.models.muse_spark.feature_extraction_muse_spark import MuseSparkFeatureExtractor
+
+    tokenizer, ids = muse_tokenizer()
+    configs = muse_glimmer_configs(shape, len(tokenizer), ids)
+    configs["text_config"].update(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape.hidden,
+                                  moe_hidden_size=shape.hidden)
+    audio = dict(patch_sizes=[4, 4], hidden_sizes=[16, 32], depths=[1, 1], num_hidden_layers=2,
+                 out_hidden_size=shape.hidden)
+    config = MuseSparkConfig(**configs, audio_config=audio, audio_token_id=ids["<|audio|>"])
+    model = MuseSparkForConditionalGeneration(config)
+    processor = MuseSparkProcessor(image_processor=muse_image_processor(), video_processor=MuseGlimmerVideoProcessor(),
+                                   tokenizer=tokenizer, feature_extractor=MuseSparkFeatureExtractor(),
+                                   chat_template=MUSE_TEMPLATE)
+    return model, processor
+
+
+def build_gemma4_unified(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Gemma 4 Unified: encoder-free. Raw 12-pixel patches (4-pixel patches merged 3x3) go through `embed_vision`
+    (layer norms, a dense layer, factorized 2-D position embeddings, the multimodal projection) straight into a
+    Gemma 4 language model: sliding and global layers (the global ones twice as wide, one KV head, keys reused as
+    values), the last layers reading an earlier layer's keys and values (shared KV), bidirectional attention inside
+    each image block. The image processor's smallest budget (70 soft tokens) gives up to 64 image tokens."""
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration, Gemma4UnifiedProcessor
+    from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import (
+        Gemma4UnifiedAudioFeatureExtractor,
+    )
+    from transformers.models.gemma4_unified.image_processing_gemma4_unified import Gemma4UnifiedImageProcessor
+    from transformers.models.gemma4_unified.video_processing_gemma4_unified import Gemma4UnifiedVideoProcessor
+
+    from vlmfix.testing.tiny_families import GEMMA4_SPECIALS, GEMMA4_TEMPLATE
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(GEMMA4_SPECIALS, WORDS), bos_token="<bos>", eos_token="<turn|>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, GEMMA4_SPECIALS)
+    for name, token in (("boi", "<|image>"), ("eoi", "<image|>"), ("image", "<|image|>"), ("boa", "<|audio>"),
+                        ("eoa", "<audio|>"), ("audio", "<|audio|>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    half = max(shape.layers // 2, 2)  # the first half computes keys and values, the second half shares them
+    layer_types = (["sliding_attention", "full_attention"] * shape.layers)[:shape.layers]
+    layer_types[-1] = "full_attention"
+    text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<turn|>"], bos_token_id=ids["<bos>"],
+                      global_head_dim=2 * shape.head_dim, sliding_window=16, layer_types=layer_types,
+                      num_kv_shared_layers=shape.layers - half, use_bidirectional_attention="vision",
+                      attention_k_eq_v=True, num_global_key_value_heads=1)
+    # output_proj_dims: the width the multimodal projection reads (the patch embedding's)
+    vision = dict(patch_size=4, pooling_kernel_size=3, mm_embed_dim=32, mm_posemb_size=64, output_proj_dims=32)
+    config = Gemma4UnifiedConfig(
+        text_config=text, vision_config=vision, audio_config=None, boi_token_id=ids["<|image>"],
+        eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"], audio_token_id=ids["<|audio|>"],
+    )
+    model = Gemma4UnifiedForConditionalGeneration(config)
+    image_processor = Gemma4UnifiedImageProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    processor = Gemma4UnifiedProcessor(
+        feature_extractor=Gemma4UnifiedAudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=Gemma4UnifiedVideoProcessor(), chat_template=GEMMA4_TEMPLATE, image_seq_length=70,
+    )
+    return model, processor
+
+
+BUILDERS: dict[str, Builder] = {
+    "unlimited_ocr": build_unlimited_ocr,
+    "muse_glimmer": build_muse_glimmer,
+    "muse_spark": build_muse_spark,
+    "gemma4_unified": build_gemma4_unified,
+}
+
+# families whose processor takes one list of images per prompt
+NESTED_IMAGES: frozenset[str] = frozenset({"gemma4_unified"})
