@@ -325,3 +325,21 @@ def test_pai_gain_ignores_other_methods_analysis_passes():
             session.generate(**inputs, max_new_tokens=1, do_sample=False)
         gains.append(session.report()["pai"]["image_gain"])
     np.testing.assert_allclose(gains[0], gains[1], rtol=1e-6)
+
+
+def test_a_row_without_image_tokens_draws_its_head_maps_and_names_what_it_cannot_draw():
+    """A row with no image token has no grid: its image-token maps have no panel (once a division by zero); the
+    head maps still draw, and a row with image maps alone gets an error that says so."""
+    from transformers import LlavaConfig
+
+    prompt = {"family": "llava", "image_positions": [[]]}
+    dual = {"rows": [{"local_tokens": [], "summary_tokens": []}]}
+    vhd = [[0.1, 0.2], [0.3, 0.4]]
+    vhr = {"rows": [{"layers": {"2": {"vhd": vhd[0], "heads": [1]}, "3": {"vhd": vhd[1], "heads": [0]}}}]}
+    figure = vlmfix.viz.plot_report({"dual_stream": dual, "vhr": vhr}, prompt, LlavaConfig())
+    assert not [ax for ax in figure.axes if (ax.get_gid() or "").startswith("dual_stream")]
+    np.testing.assert_allclose(panel(figure, "vhr.vhd").images[-1].get_array(), np.array(vhd))
+    np.testing.assert_allclose(panel(figure, "vhr.scaled").images[-1].get_array(), np.array([[0, 1], [1, 0]]))
+    with pytest.raises(ValueError, match="row 0: it has 0 image tokens on no image grid, so its image-token maps "
+                                         r"\(dual_stream.local, dual_stream.summary\) have no panel"):
+        vlmfix.viz.plot_report({"dual_stream": dual}, prompt, LlavaConfig())
