@@ -54,7 +54,7 @@ def cell_centres(rows: int, cols: int, top: float = 0.0, left: float = 0.0, heig
     return np.stack([left + (x + 0.5) / cols * width, top + (y + 0.5) / rows * height], axis=-1)
 
 
-@pytest.mark.parametrize("family", ["llava", "vipllava"])
+@pytest.mark.parametrize("family", ["llava", "vipllava", "video_llava"])
 def test_llava_square_grid_over_the_centre_crop(family: str):
     tiny, inputs, layouts = build(family)
     pixels = inputs["pixel_values"]  # [images, 3, S, S]: resized short side, centre crop
@@ -78,8 +78,9 @@ def test_llava_square_grid_over_the_centre_crop(family: str):
                 assert np.allclose(seen, expected, atol=0.5 / side), (b, grid.image, r, c)
 
 
-def test_llava_next_base_tiles_and_newlines_match_pack_image_features():
-    tiny, inputs, layouts = build("llava_next")
+@pytest.mark.parametrize("family", ["llava_next", "llava_next_video"])
+def test_llava_next_base_tiles_and_newlines_match_pack_image_features(family: str):
+    tiny, inputs, layouts = build(family)
     config = tiny.model.config
     side = config.vision_config.image_size // config.vision_config.patch_size
     patch = config.vision_config.patch_size
@@ -133,7 +134,7 @@ def test_llava_next_base_tiles_and_newlines_match_pack_image_features():
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe",
-                                    "glm46v", "glm_ocr", "exaone4_5"])
+                                    "glm46v", "glm_ocr", "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe"])
 def test_qwen_merged_patches(family: str):
     tiny, inputs, layouts = build(family)
     merge = tiny.model.config.vision_config.spatial_merge_size

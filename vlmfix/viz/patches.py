@@ -3,17 +3,18 @@
 A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the methods' reports use for
 "image-token indices"). A `RowLayout` lays them on grids that each cover one whole image:
 
-- LLaVA-1.5, VipLLaVA: one (image_size / patch_size)^2 grid per image (24 x 24 for 336 / 14), row-major, over
-  the image's central square (the processor resizes the short side and crops the centre);
-- LLaVA-NeXT: per image, the base view (the same square grid, first), then the AnyRes tiles joined into one
-  grid and cut back to the image's aspect ratio (rows x cols), each grid row followed by a newline token;
+- LLaVA-1.5, VipLLaVA, Video-LLaVA (its images): one (image_size / patch_size)^2 grid per image (24 x 24 for
+  336 / 14), row-major, over the image's central square (the processor resizes the short side and crops the centre);
+- LLaVA-NeXT, LLaVA-NeXT-Video (its images): per image, the base view (the same square grid, first), then the
+  AnyRes tiles joined into one grid and cut back to the image's aspect ratio (rows x cols), each grid row followed
+  by a newline token;
 - LLaVA-OneVision: as LLaVA-NeXT (base view first, tiles with a newline token per row), the tiles shrunk when
   they exceed `vision_aspect_ratio`'s anyres_max_N budget;
-- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5: per image, the merged
-  patches, (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m,
-  row-major (one grid per temporal slice);
-- Mistral 3: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`, row-major (its
-  [IMG_BREAK] / [IMG_END] tokens are not image tokens);
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5 / Qwen2.5-Omni's thinker /
+  ERNIE 4.5 VL: per image, the merged patches, (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision
+  tower's `spatial_merge_size` m, row-major (one grid per temporal slice);
+- Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
+  row-major (Mistral 3's [IMG_BREAK] / [IMG_END] tokens are not image tokens);
 - PaliGemma, Gemma 3: per image, one square grid (SigLIP patches; Gemma 3 pools them to `mm_tokens_per_image`)
   over the whole image, which the processor resizes to a square. Gemma 3's pan-and-scan crops would add views
   that the prompt's tokens cannot tell from images: refused when the pictures show more views than images;
@@ -39,8 +40,11 @@ from typing import Any
 
 import numpy as np
 
+SQUARE_FAMILIES = ("llava", "vipllava", "video_llava")  # one CLIP grid per image, over its centre crop
+ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")  # base view, then tiles with newlines
+PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
-                   "exaone4_5")
+                   "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe")
 RUN_FAMILIES = ("paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
@@ -48,11 +52,11 @@ REFUSED: dict[str, str] = {
     "idefics2": "its perceiver resampler's latents each summarise the whole image: no token has a place",
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     **{family: UNCHECKED for family in (
-        "lighton_ocr", "deepseek_vl", "cohere2_vision", "llava_next_video", "video_llava", "got_ocr2",
-        "cohere_compass", "cosmos3_edge", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2", "qianfan_ocr",
-        "hyperclovax_vision_v2", "gemma4", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "aria", "deepseek_vl_hybrid")},
+        "deepseek_vl", "cohere2_vision", "got_ocr2", "cohere_compass", "cosmos3_edge", "video_llama_3",
+        "granite_docling", "hunyuan_vl", "ovis2", "qianfan_ocr", "hyperclovax_vision_v2", "gemma4", "aria",
+        "deepseek_vl_hybrid")},
 }
-GRID_FAMILIES = ("llava", "vipllava", "llava_next", "llava_onevision", "mistral3", *MERGED_FAMILIES, *RUN_FAMILIES)
+GRID_FAMILIES = (*SQUARE_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES, *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -356,15 +360,15 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
             continue
         used, image = 0, 0
         while used < count:
-            if family in ("llava", "vipllava"):
+            if family in SQUARE_FAMILIES:
                 grids, unplaced, n = _llava_image(config, image, used)
                 layout.unplaced.extend(unplaced)
-            elif family in ("llava_next", "llava_onevision"):
+            elif family in ANYRES_FAMILIES:
                 max_tiles = _onevision_max_tiles(config) if family == "llava_onevision" else None
                 grids, newlines, n = _llava_next_image(config, image, used, _take(sizes, next_image, "image_sizes"),
                                                        max_tiles)
                 layout.newlines.update(newlines)
-            elif family == "mistral3":
+            elif family in PIXTRAL_FAMILIES:
                 grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"))
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
