@@ -28,7 +28,7 @@ from vlmfix.viz.patches import GRID_FAMILIES  # noqa: E402
 
 MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "exaone4_5",
           "qwen2_5_omni_thinker", "ernie4_5_vl_moe")
-SQUARE = ("paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm")  # one square tile per image
+SQUARE = ("paligemma", "gemma3", "internvl", "qianfan_ocr", "aya_vision", "idefics3", "smolvlm")  # square tiles
 
 
 def expected(family: str, config, inputs, row: int, values: np.ndarray, images: int, pictures: list) -> dict:
@@ -61,7 +61,7 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             out[(k, "tiles")] = tiles[:, :cols]
             start += rows * (cols + 1)
             continue
-        elif family in ("internvl", "aya_vision") and len(values) > images * 4:  # tiles + thumbnail
+        elif family in ("internvl", "qianfan_ocr", "aya_vision") and len(values) > images * 4:  # tiles + thumbnail
             per_image, tile = len(values) // images, 2  # 2 x 2 tokens per tile
             tiles = per_image // (tile * tile) - 1
             cols, rows = get_optimal_tiled_canvas(pictures[k].size[::-1], (32, 32), 1, 12)

@@ -70,7 +70,7 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
         real = inputs["pixel_attention_mask"].flatten(0, 1).any(-1).any(-1)
         views = patch_colours(tiny, pixels.flatten(0, 1)[real])
         tokens = grouped(inner.connector.pixel_shuffle(views, config.scale_factor), 3)
-    elif family == "internvl":
+    elif family in ("internvl", "qianfan_ocr"):
         views = patch_colours(tiny, pixels)
         side = int(views.shape[1] ** 0.5)
         tokens = grouped(inner.pixel_shuffle(views.reshape(-1, side, side, 3), config.downsample_ratio), 3)
@@ -118,8 +118,8 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
     return list(np.split(flat, np.cumsum(counts)[:-1]))
 
 
-FAMILIES = ["llava_onevision", "mistral3", "lighton_ocr", "paligemma", "gemma3", "internvl", "aya_vision", "idefics3",
-            "smolvlm", "idefics3_split", "llava_onevision_max1"]
+FAMILIES = ["llava_onevision", "mistral3", "lighton_ocr", "paligemma", "gemma3", "internvl", "qianfan_ocr",
+            "aya_vision", "idefics3", "smolvlm", "idefics3_split", "llava_onevision_max1"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -139,7 +139,7 @@ def test_grid_places_each_token_where_its_pixels_come_from(family: str):
                           tokenizer=tiny.processor, image_shapes=shapes)
     colours = token_colours(family, tiny, inputs)
     kinds = {g.kind for layout in layouts for g in layout.grids}
-    if family in ("llava_onevision", "llava_onevision_max1", "internvl", "aya_vision", "idefics3_split"):
+    if family in ("llava_onevision", "llava_onevision_max1", "internvl", "qianfan_ocr", "aya_vision", "idefics3_split"):
         assert "tiles" in kinds, kinds  # the pictures are cut into tiles
     for b, layout in enumerate(layouts):
         seen = colours[b]

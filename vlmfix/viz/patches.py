@@ -18,10 +18,10 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - PaliGemma, Gemma 3: per image, one square grid (SigLIP patches; Gemma 3 pools them to `mm_tokens_per_image`)
   over the whole image, which the processor resizes to a square. Gemma 3's pan-and-scan crops would add views
   that the prompt's tokens cannot tell from images: refused when the pictures show more views than images;
-- InternVL, Aya Vision: pixel-shuffled square tiles; an image cut into n > 1 tiles has them first (row-major
-  over a rows x cols canvas, the one of n tiles whose shape is closest to the image's, as the processor picks
-  it, so the pictures' sizes are needed) and its thumbnail last. InternVL's image is one run of tokens; Aya's
-  tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
+- InternVL, Qianfan-OCR, Aya Vision: pixel-shuffled square tiles; an image cut into n > 1 tiles has them first
+  (row-major over a rows x cols canvas, the one of n tiles whose shape is closest to the image's, as the processor
+  picks it, so the pictures' sizes are needed) and its thumbnail last. An InternVL or Qianfan-OCR image is one run
+  of tokens; Aya's tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
 - Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
   image after <global-img> (an image that is not split is its global image alone).
 
@@ -45,7 +45,8 @@ ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")  # base 
 PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe")
-RUN_FAMILIES = ("paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm")
+INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
+RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "idefics3", "smolvlm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -53,7 +54,7 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     **{family: UNCHECKED for family in (
         "deepseek_vl", "cohere2_vision", "got_ocr2", "cohere_compass", "cosmos3_edge", "video_llama_3",
-        "granite_docling", "hunyuan_vl", "ovis2", "qianfan_ocr", "hyperclovax_vision_v2", "gemma4", "aria",
+        "granite_docling", "hunyuan_vl", "ovis2", "hyperclovax_vision_v2", "gemma4", "aria",
         "deepseek_vl_hybrid")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES, *RUN_FAMILIES)
@@ -200,7 +201,7 @@ def _tile_side(family: str, config: Any) -> int:
     side = _pair(vision.image_size) // _pair(vision.patch_size)
     if family == "gemma3":
         return math.isqrt(int(config.mm_tokens_per_image))
-    if family == "internvl":
+    if family in INTERNVL_FAMILIES:
         return int(side * float(config.downsample_ratio))
     if family == "aya_vision":
         return side // int(config.downsample_factor)
@@ -241,7 +242,7 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
                              f"pan-and-scan crops cannot be placed from the prompt; run without do_pan_and_scan.")
         return [TokenGrid(k, "patches", _square(side, k * per_tile)) for k in range(views)]
     runs = _runs(positions)
-    if family == "internvl":
+    if family in INTERNVL_FAMILIES:
         grids: list[TokenGrid] = []
         for image, (start, length) in enumerate(runs):
             if length % per_tile:
