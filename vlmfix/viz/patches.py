@@ -52,9 +52,10 @@ UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its
 REFUSED: dict[str, str] = {
     "idefics2": "its perceiver resampler's latents each summarise the whole image: no token has a place",
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
+    "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
         "deepseek_vl", "cohere2_vision", "got_ocr2", "cohere_compass", "cosmos3_edge", "video_llama_3",
-        "granite_docling", "hunyuan_vl", "ovis2", "hyperclovax_vision_v2", "gemma4", "aria",
+        "granite_docling", "hunyuan_vl", "ovis2", "hyperclovax_vision_v2", "gemma4",
         "deepseek_vl_hybrid")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES, *RUN_FAMILIES)
