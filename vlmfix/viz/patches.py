@@ -5,6 +5,8 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 
 - LLaVA-1.5, VipLLaVA, Video-LLaVA (its images): one (image_size / patch_size)^2 grid per image (24 x 24 for
   336 / 14), row-major, over the image's central square (the processor resizes the short side and crops the centre);
+- DeepSeek-VL: one (image_size / patch_size)^2 SigLIP grid per image, row-major, over the image padded to a
+  centred square (the processor resizes the long side and pads the short one);
 - LLaVA-NeXT, LLaVA-NeXT-Video (its images): per image, the base view (the same square grid, first), then the
   AnyRes tiles joined into one grid and cut back to the image's aspect ratio (rows x cols), each grid row followed
   by a newline token;
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 
 SQUARE_FAMILIES = ("llava", "vipllava", "video_llava")  # one CLIP grid per image, over its centre crop
+LETTERBOX_FAMILIES = ("deepseek_vl",)  # one SigLIP grid per image, over the image padded to a centred square
 ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")  # base view, then tiles with newlines
 PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
@@ -54,11 +57,12 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "deepseek_vl", "cohere2_vision", "got_ocr2", "cohere_compass", "cosmos3_edge", "video_llama_3",
+        "cohere2_vision", "got_ocr2", "cohere_compass", "cosmos3_edge", "video_llama_3",
         "granite_docling", "hunyuan_vl", "ovis2", "hyperclovax_vision_v2", "gemma4",
         "deepseek_vl_hybrid")},
 }
-GRID_FAMILIES = (*SQUARE_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES, *RUN_FAMILIES)
+GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
+                 *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class TokenGrid:
     tokens: np.ndarray  # [rows, cols] int: indices into the row's image tokens
     # True: the grid covers the image's central square (CLIP's resize-the-short-side-then-centre-crop, LLaVA-1.5)
     square_crop: bool = False
+    # True: the grid covers the image padded to a centred square (DeepSeek-VL's resize-the-long-side-then-pad)
+    letterbox: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -81,6 +87,14 @@ class TokenGrid:
             return 0, 0, height, width
         side = min(height, width)
         return (height - side) // 2, (width - side) // 2, side, side
+
+    def extent(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """(left, right, bottom, top) of the grid in the pixels of the part of a height x width image that `crop`
+        keeps (matplotlib's `extent`): the part itself, or the padded square around it (`letterbox`)."""
+        if not self.letterbox:
+            return 0.0, float(width), float(height), 0.0
+        pad_x, pad_y = (max(height, width) - width) / 2, (max(height, width) - height) / 2
+        return -pad_x, width + pad_x, height + pad_y, -pad_y
 
     def values(self, per_token: Sequence[float] | np.ndarray) -> np.ndarray:
         """[rows, cols] float: `per_token[i]` at token i's cell; NaN where no token lies."""
@@ -365,6 +379,9 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
             if family in SQUARE_FAMILIES:
                 grids, unplaced, n = _llava_image(config, image, used)
                 layout.unplaced.extend(unplaced)
+            elif family in LETTERBOX_FAMILIES:
+                side = _vision_side(config)
+                grids, n = [TokenGrid(image, "patches", _square(side, used), letterbox=True)], side * side
             elif family in ANYRES_FAMILIES:
                 max_tiles = _onevision_max_tiles(config) if family == "llava_onevision" else None
                 grids, newlines, n = _llava_next_image(config, image, used, _take(sizes, next_image, "image_sizes"),
