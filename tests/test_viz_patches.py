@@ -78,37 +78,44 @@ def test_llava_square_grid_over_the_centre_crop(family: str):
                 assert np.allclose(seen, expected, atol=0.5 / side), (b, grid.image, r, c)
 
 
-def test_deepseek_vl_square_grid_over_the_padded_square():
+@pytest.mark.parametrize("family", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_deepseek_vl_square_grid_over_the_padded_square(family: str):
     """DeepSeek-VL resizes the long side and pads the short one to a centred square: token k sees SigLIP patch
-    (k // side, k % side) of that square, so the cells past the picture's short side see only padding."""
-    tiny, inputs, layouts = build("deepseek_vl")
-    pixels = inputs["pixel_values"]  # [images, 3, S, S]
+    (k // side, k % side) of that square, so the cells past the picture's short side see only padding. The hybrid
+    adds a high-resolution view (SAM, its output flattened row-major) of the same padded square to each token."""
+    tiny, inputs, layouts = build(family)
     side = tiny.model.config.vision_config.image_size // tiny.model.config.vision_config.patch_size
-    patch = tiny.model.config.vision_config.patch_size
+    processor = tiny.processor.image_processor
+    views = [(processor.image_mean, processor.image_std, inputs["pixel_values"])]  # pixels: [images, 3, S, S]
+    if family == "deepseek_vl_hybrid":
+        views.append((processor.high_res_image_mean, processor.high_res_image_std, inputs["high_res_pixel_values"]))
     padding_cells = 0
-    for b, layout in enumerate(layouts):
-        assert layout.count == 2 * side * side
-        for grid in layout.grids:
-            index = 2 * b + grid.image
-            height, width = SIZES[index]
-            square = max(height, width)
-            # the padded square in picture fractions: it starts (square - side) / 2 before the picture's edge
-            centres = cell_centres(side, side, -(square - height) / 2 / height, -(square - width) / 2 / width,
-                                   square / height, square / width)
-            left, right, bottom, top = grid.extent(height, width)
-            assert (right - left, bottom - top) == (square, square) and (left + right, top + bottom) == (width, height)
-            colours = unnormalised(tiny.processor, pixels[index])
-            first = grid.image * side * side
-            for (r, c), token in np.ndenumerate(grid.tokens):
-                k = token - first
-                block = colours[:, (k // side) * patch : (k // side + 1) * patch,
-                                (k % side) * patch : (k % side + 1) * patch]
-                on_picture = block[2] > 0.9  # the padding is the processor's background (the mean colour)
-                if on_picture.float().mean() < 0.5:
-                    padding_cells += 1
-                    continue
-                seen = np.array([block[0][on_picture].mean(), block[1][on_picture].mean()])
-                assert np.allclose(seen, centres[r, c], atol=0.5 / side + 0.02), (b, grid.image, r, c)
+    for mean, std, pixels in views:
+        patch = pixels.shape[-1] // side  # pixels of one token's cell in this view
+        for b, layout in enumerate(layouts):
+            assert layout.count == 2 * side * side
+            for grid in layout.grids:
+                index = 2 * b + grid.image
+                height, width = SIZES[index]
+                square = max(height, width)
+                # the padded square in picture fractions: it starts (square - side) / 2 before the picture's edge
+                centres = cell_centres(side, side, -(square - height) / 2 / height, -(square - width) / 2 / width,
+                                       square / height, square / width)
+                left, right, bottom, top = grid.extent(height, width)
+                assert (right - left, bottom - top) == (square, square)
+                assert (left + right, top + bottom) == (width, height)
+                colours = pixels[index].float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+                first = grid.image * side * side
+                for (r, c), token in np.ndenumerate(grid.tokens):
+                    k = token - first
+                    block = colours[:, (k // side) * patch : (k // side + 1) * patch,
+                                    (k % side) * patch : (k % side + 1) * patch]
+                    on_picture = block[2] > 0.9  # the padding is the processor's background (the mean colour)
+                    if on_picture.float().mean() < 0.5:
+                        padding_cells += 1
+                        continue
+                    seen = np.array([block[0][on_picture].mean(), block[1][on_picture].mean()])
+                    assert np.allclose(seen, centres[r, c], atol=0.5 / side + 0.02), (b, grid.image, r, c)
     assert padding_cells > 0  # the pictures are not square: some cells lie on the padding
 
 

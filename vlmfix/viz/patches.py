@@ -5,8 +5,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 
 - LLaVA-1.5, VipLLaVA, Video-LLaVA (its images): one (image_size / patch_size)^2 grid per image (24 x 24 for
   336 / 14), row-major, over the image's central square (the processor resizes the short side and crops the centre);
-- DeepSeek-VL: one (image_size / patch_size)^2 SigLIP grid per image, row-major, over the image padded to a
-  centred square (the processor resizes the long side and pads the short one);
+- DeepSeek-VL (and its hybrid's high-resolution view, on the same grid): one (image_size / patch_size)^2 SigLIP
+  grid per image, row-major, over the image padded to a centred square (the processor resizes the long side and
+  pads the short one);
 - LLaVA-NeXT, LLaVA-NeXT-Video (its images): per image, the base view (the same square grid, first), then the
   AnyRes tiles joined into one grid and cut back to the image's aspect ratio (rows x cols), each grid row followed
   by a newline token;
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 
 SQUARE_FAMILIES = ("llava", "vipllava", "video_llava")  # one CLIP grid per image, over its centre crop
-LETTERBOX_FAMILIES = ("deepseek_vl",)  # one SigLIP grid per image, over the image padded to a centred square
+LETTERBOX_FAMILIES = ("deepseek_vl", "deepseek_vl_hybrid")  # one grid per image, over it padded to a square
 ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")  # base view, then tiles with newlines
 PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
@@ -58,8 +59,7 @@ REFUSED: dict[str, str] = {
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
         "cohere2_vision", "got_ocr2", "cohere_compass", "cosmos3_edge", "video_llama_3",
-        "granite_docling", "hunyuan_vl", "ovis2", "hyperclovax_vision_v2", "gemma4",
-        "deepseek_vl_hybrid")},
+        "granite_docling", "hunyuan_vl", "ovis2", "hyperclovax_vision_v2", "gemma4")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
                  *RUN_FAMILIES)
