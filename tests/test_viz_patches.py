@@ -175,13 +175,17 @@ def test_llava_next_base_tiles_and_newlines_match_pack_image_features(family: st
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe",
-                                    "glm46v", "glm_ocr", "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe"])
+                                    "glm46v", "glm_ocr", "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe",
+                                    "hyperclovax_vision_v2", "cosmos3_edge"])
 def test_qwen_merged_patches(family: str):
     tiny, inputs, layouts = build(family)
     merge = tiny.model.config.vision_config.spatial_merge_size
     thw = inputs["image_grid_thw"]
     # the processor's patch rows: each merged token is `merge`^2 consecutive rows [3 * t * p * p]
     patches = inputs["pixel_values"].view(inputs["pixel_values"].shape[0], 3, -1)
+    if family == "cosmos3_edge":  # its rows hold each patch's values pixel-major, channel last ([p, p, 3, t])
+        patch = tiny.model.config.vision_config.patch_size
+        patches = inputs["pixel_values"].view(len(patches), patch * patch, 3, -1).transpose(1, 2).flatten(2)
     starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), thw.prod(-1)]), 0)
     for b, layout in enumerate(layouts):
         assert layout.count == sum(int(thw[2 * b + k].prod()) // merge**2 for k in range(2))
