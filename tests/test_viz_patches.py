@@ -31,6 +31,13 @@ def coordinate_picture(height: int, width: int) -> Image.Image:
 
 def build(family: str) -> tuple:
     tiny = tiny_model(family)
+    if family == "cohere_compass":  # the tiny build reuses Qwen2-VL's image processor; check the family's own
+        from transformers.models.cohere_compass.image_processing_pil_cohere_compass import (
+            CohereCompassImageProcessorPil,
+        )
+
+        tiny.processor.image_processor = CohereCompassImageProcessorPil(
+            min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2)
     prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
     pictures = [coordinate_picture(h, w) for h, w in SIZES]
     inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
@@ -176,7 +183,7 @@ def test_llava_next_base_tiles_and_newlines_match_pack_image_features(family: st
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe",
                                     "glm46v", "glm_ocr", "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe",
-                                    "hyperclovax_vision_v2", "cosmos3_edge"])
+                                    "hyperclovax_vision_v2", "cosmos3_edge", "cohere_compass"])
 def test_qwen_merged_patches(family: str):
     tiny, inputs, layouts = build(family)
     merge = tiny.model.config.vision_config.spatial_merge_size

@@ -14,9 +14,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - LLaVA-OneVision: as LLaVA-NeXT (base view first, tiles with a newline token per row), the tiles shrunk when
   they exceed `vision_aspect_ratio`'s anyres_max_N budget;
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5 / Qwen2.5-Omni's thinker /
-  ERNIE 4.5 VL / HyperCLOVA X Vision V2 / Cosmos 3 Edge: per image, the merged patches, (h / m) x (w / m) from
-  `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m, row-major (one grid per temporal
-  slice);
+  ERNIE 4.5 VL / HyperCLOVA X Vision V2 / Cosmos 3 Edge / Cohere Compass: per image, the merged patches,
+  (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m, row-major
+  (one grid per temporal slice);
 - Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
   row-major (Mistral 3's [IMG_BREAK] / [IMG_END] tokens are not image tokens);
 - PaliGemma, Gemma 3: per image, one square grid (SigLIP patches; Gemma 3 pools them to `mm_tokens_per_image`)
@@ -49,7 +49,8 @@ LETTERBOX_FAMILIES = ("deepseek_vl", "deepseek_vl_hybrid")  # one grid per image
 ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")  # base view, then tiles with newlines
 PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
-                   "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge")
+                   "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
+                   "cohere_compass")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "idefics3", "smolvlm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
@@ -59,7 +60,7 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "cohere2_vision", "got_ocr2", "cohere_compass", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
+        "cohere2_vision", "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
         "gemma4")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
