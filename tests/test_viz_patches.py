@@ -65,6 +65,12 @@ def cell_centres(rows: int, cols: int, top: float = 0.0, left: float = 0.0, heig
 def test_llava_square_grid_over_the_centre_crop(family: str):
     tiny, inputs, layouts = build(family)
     pixels = inputs["pixel_values"]  # [images, 3, S, S]: resized short side, centre crop
+    if family == "video_llava":  # the tiny build's CLIP image processor makes the family's own pixels
+        from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
+
+        own = VideoLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        pictures = [coordinate_picture(h, w) for h, w in SIZES]
+        torch.testing.assert_close(own(images=pictures, return_tensors="pt")["pixel_values_images"], pixels)
     side = tiny.model.config.vision_config.image_size // tiny.model.config.vision_config.patch_size
     patch = tiny.model.config.vision_config.patch_size
     for b, layout in enumerate(layouts):
