@@ -152,8 +152,8 @@ class Thumbnails:
 
 
 # ------------------------------------------------------------------ HTML pieces
-def item_row(kind: Kind, part: str, group_prefix: str, runs: Sequence[Run], key: Any, thumbnails: Thumbnails,
-             number: int, page_size: int) -> tuple[str, set[str], str | None]:
+def item_row(kind: Kind, part: str, group_prefix: str, runs: Sequence[Run], key: Any,
+             thumbnails: Thumbnails) -> tuple[str, set[str], str | None]:
     """One item's row (the image and what is asked or known of it, then one cell per run), the objects some run
     hallucinated in it and its group (for the group filter)."""
     about = kind.about(part, key, runs)
@@ -164,8 +164,7 @@ def item_row(kind: Kind, part: str, group_prefix: str, runs: Sequence[Run], key:
     disagree = len({cell.signature for cell in cells}) > 1
     wrong = any(cell.wrong for cell in cells)
     group = f"{group_prefix}/{about.group}" if about.group else None
-    page = number // page_size + 1
-    return (f'<tr class="item" data-key="{esc(key)}" data-page="{page}" data-disagree="{int(disagree)}" '
+    return (f'<tr class="item" data-key="{esc(key)}" data-disagree="{int(disagree)}" '
             f'data-wrong="{int(wrong)}" data-group="{esc(group or "")}" '
             f'data-hal="{esc(json.dumps(sorted(hallucinated)))}">'
             f'<th class="about">{picture}<div class="key">{esc(key)}</div>{about.html}</th>'
@@ -185,10 +184,9 @@ def run_header(kind: Kind, part: str, run: Run, models: int) -> str:
             '</th>')
 
 
-def sections(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails,
-             page_size: int) -> list[tuple[str, set[str], set[str]]]:
-    """One table per part of the benchmark (AMBER: generative, discriminative), paged: its HTML, the objects
-    hallucinated in it and its item groups. A part no run has output or items for is left out."""
+def sections(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails) -> list[tuple[str, set[str], set[str]]]:
+    """One table per part of the benchmark (AMBER: generative, discriminative; the page script pages it): its
+    HTML, the objects hallucinated in it and its item groups. A part no run has output or items for is left out."""
     kind = KINDS[runs[0].result["kind"]]
     models = len({run.result["model"] for run in runs})
     out = []
@@ -196,8 +194,7 @@ def sections(benchmark: str, runs: Sequence[Run], thumbnails: Thumbnails,
         keys = list(dict.fromkeys(key for run in runs for key in kind.keys(run, part)))
         if not keys:
             continue
-        rows = [item_row(kind, part, benchmark, runs, key, thumbnails, number, page_size)
-                for number, key in enumerate(keys)]
+        rows = [item_row(kind, part, benchmark, runs, key, thumbnails) for key in keys]
         name = f"{benchmark} {part}".strip()
         anchor = name.replace(" ", "-")
         html = (f'<section class="bench" id="bench-{esc(anchor)}"><h2>{esc(name)} '
@@ -327,7 +324,7 @@ def page(root: Path, results: Sequence[dict[str, Any]], plot: Path | None, page_
             runs_by_benchmark.setdefault(result["benchmark"], []).append(load_run(result, label))
     thumbnails = Thumbnails(thumbnail)
     tables = [table for name, runs in runs_by_benchmark.items()
-              for table in sections(name, runs, thumbnails, page_size)]
+              for table in sections(name, runs, thumbnails)]
     objects = sorted(set().union(*(hallucinated for _, hallucinated, _ in tables)))
     groups = sorted(set().union(*(group for _, _, group in tables)))
     options = "".join(f'<option value="{esc(o)}">{esc(o)}</option>' for o in objects)

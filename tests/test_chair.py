@@ -553,3 +553,26 @@ def test_opera_nltk_pipeline_maps_tags_and_applies_fixed_overrides(monkeypatch) 
     assert reference.version == "opera_nltk@nltk-3.9.1" and reference.comparable_to_opera
     assert chair.MentionExtractor(chair.load_vocabulary(), reference).comparable_to_opera
     assert not chair.make_extractor().comparable_to_opera
+
+
+def test_opera_nltk_tokenizes_each_caption_once_when_spans_are_recorded(monkeypatch) -> None:
+    """The extractor's mentions and their character spans come from one `word_tokenize` call per caption."""
+    nltk = _fake_nltk("3.9.1", {path for _, path in chair.normalize.NLTK_RESOURCES})
+    calls: list[str] = []
+
+    def word_tokenize(text: str) -> list[str]:
+        calls.append(text)
+        return text.replace(".", " .").split()
+
+    nltk.word_tokenize = word_tokenize
+    nltk.pos_tag = lambda tokens: [(t, "NN") for t in tokens]
+    lemmatizer = types.SimpleNamespace(lemmatize=lambda token, pos: token.removesuffix("s"))
+    monkeypatch.setitem(sys.modules, "nltk", nltk)
+    monkeypatch.setitem(sys.modules, "nltk.stem", types.SimpleNamespace(WordNetLemmatizer=lambda: lemmatizer))
+    extract = chair.MentionExtractor(chair.load_vocabulary(), OperaNltkNormalizer("reference"))
+    caption = "Two Dogs near a Hot Dog."
+    mentions = extract(caption)
+    assert calls == [caption.lower()]
+    assert mentions.nodes == ("dog", "hot dog")
+    assert [caption[a:b] for a, b in mentions.spans] == ["Dogs", "Hot Dog"]
+    assert extract("A blue sky.").spans == () and len(calls) == 2  # no mention: one call, no spans

@@ -325,3 +325,45 @@ def test_pai_gain_ignores_other_methods_analysis_passes():
             session.generate(**inputs, max_new_tokens=1, do_sample=False)
         gains.append(session.report()["pai"]["image_gain"])
     np.testing.assert_allclose(gains[0], gains[1], rtol=1e-6)
+
+
+def test_a_row_without_image_tokens_draws_its_head_maps_and_names_what_it_cannot_draw():
+    """A row with no image token has no grid: its image-token maps have no panel (once a division by zero); the
+    head maps still draw, and a row with image maps alone gets an error that says so."""
+    from transformers import LlavaConfig
+
+    prompt = {"family": "llava", "image_positions": [[]]}
+    dual = {"rows": [{"local_tokens": [], "summary_tokens": []}]}
+    vhd = [[0.1, 0.2], [0.3, 0.4]]
+    vhr = {"rows": [{"layers": {"2": {"vhd": vhd[0], "heads": [1]}, "3": {"vhd": vhd[1], "heads": [0]}}}]}
+    figure = vlmfix.viz.plot_report({"dual_stream": dual, "vhr": vhr}, prompt, LlavaConfig())
+    assert not [ax for ax in figure.axes if (ax.get_gid() or "").startswith("dual_stream")]
+    np.testing.assert_allclose(panel(figure, "vhr.vhd").images[-1].get_array(), np.array(vhd))
+    np.testing.assert_allclose(panel(figure, "vhr.scaled").images[-1].get_array(), np.array([[0, 1], [1, 0]]))
+    with pytest.raises(ValueError, match="row 0: it has 0 image tokens on no image grid, so its image-token maps "
+                                         r"\(dual_stream.local, dual_stream.summary\) have no panel"):
+        vlmfix.viz.plot_report({"dual_stream": dual}, prompt, LlavaConfig())
+
+
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_pai_gain_recorder_builds_its_boosted_rows_once_per_prompt_as_the_edit_path_selects_them(monkeypatch,
+                                                                                                skip_first):
+    """The recorder's boosted rows are built once per prompt (not per layer and step) and are, at every key count,
+    the rows the edit path's `row_mask` edits (the newest query; with skip_first_token_boost, decode steps only)."""
+    from vlmfix.decoding.edits import KeyBias, row_mask
+    from vlmfix.methods import image_boost
+
+    start = torch.tensor([5, 7]) if skip_first else None
+    edit = KeyBias(abs_gain=torch.ones(2, 1, 9), rows="last", from_position=start)
+    first = image_boost.first_boosted_kv_len(edit, 4, torch.device("cpu"))  # beams: 2 rows per prompt
+    for kv_len in range(1, 12):
+        assert torch.equal(first <= kv_len, row_mask(edit, 4, 1, kv_len, torch.device("cpu"))[:, 0]), kv_len
+    built, original = [], image_boost.first_boosted_kv_len
+    monkeypatch.setattr(image_boost, "first_boosted_kv_len", lambda *args: built.append(args) or original(*args))
+    tiny = tiny_model("llava")
+    pai = vlmfix.PAI(0.5, layers=[1, 2, 3], cfg=False, skip_first_token_boost=skip_first)
+    with vlmfix.apply(tiny.model, pai, record=True) as session:
+        for question in QUESTIONS:  # two prompts, three boosted layers, three steps each
+            session.generate(**tiny.inputs([question]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert len(built) == 2
+    assert (np.abs(np.asarray(session.report()["pai"]["image_gain"][0]) - 1) > 1e-3).any()

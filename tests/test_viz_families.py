@@ -26,14 +26,18 @@ from tests.test_viz import QUESTIONS, check_image_map, expected_grids  # noqa: E
 from vlmfix.testing.tiny import random_image  # noqa: E402
 from vlmfix.viz.patches import GRID_FAMILIES  # noqa: E402
 
-MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "exaone4_5")
-SQUARE = ("paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm")  # one square tile per image
+MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "exaone4_5",
+          "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
+          "cohere_compass")
+SQUARE = ("paligemma", "gemma3", "internvl", "qianfan_ocr", "aya_vision", "idefics3", "smolvlm")  # square tiles
 
 
 def expected(family: str, config, inputs, row: int, values: np.ndarray, images: int, pictures: list) -> dict:
     """{(image, kind): [rows, cols] values} of one row, from the processor's outputs."""
-    if family in ("llava", "vipllava", "llava_next"):
-        return expected_grids("llava" if family == "vipllava" else family, config, inputs, row, values, images)
+    if family in ("llava", "vipllava", "video_llava"):
+        return expected_grids("llava", config, inputs, row, values, images)
+    if family in ("llava_next", "llava_next_video"):
+        return expected_grids("llava_next", config, inputs, row, values, images)
     out, start = {}, 0
     for k in range(images):
         index = row * images + k
@@ -41,7 +45,7 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             merge = config.vision_config.spatial_merge_size
             _, h, w = inputs["image_grid_thw"][index].tolist()
             shapes = [((k, "merged"), h // merge, w // merge, 0)]
-        elif family == "mistral3":
+        elif family in ("mistral3", "lighton_ocr"):
             h, w = inputs["image_sizes"][index].tolist()
             step = config.vision_config.patch_size * config.spatial_merge_size
             shapes = [((k, "merged"), h // step, w // step, 0)]
@@ -58,7 +62,7 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             out[(k, "tiles")] = tiles[:, :cols]
             start += rows * (cols + 1)
             continue
-        elif family in ("internvl", "aya_vision") and len(values) > images * 4:  # tiles + thumbnail
+        elif family in ("internvl", "qianfan_ocr", "aya_vision") and len(values) > images * 4:  # tiles + thumbnail
             per_image, tile = len(values) // images, 2  # 2 x 2 tokens per tile
             tiles = per_image // (tile * tile) - 1
             cols, rows = get_optimal_tiled_canvas(pictures[k].size[::-1], (32, 32), 1, 12)

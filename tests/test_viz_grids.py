@@ -70,7 +70,7 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
         real = inputs["pixel_attention_mask"].flatten(0, 1).any(-1).any(-1)
         views = patch_colours(tiny, pixels.flatten(0, 1)[real])
         tokens = grouped(inner.connector.pixel_shuffle(views, config.scale_factor), 3)
-    elif family == "internvl":
+    elif family in ("internvl", "qianfan_ocr"):
         views = patch_colours(tiny, pixels)
         side = int(views.shape[1] ** 0.5)
         tokens = grouped(inner.pixel_shuffle(views.reshape(-1, side, side, 3), config.downsample_ratio), 3)
@@ -87,12 +87,12 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
             inner.multi_modal_projector(padded(patch_colours(tiny, pixels), config.vision_config.hidden_size))
         hook.remove()
         tokens = seen["pooled"]
-    elif family == "mistral3":
+    elif family in ("mistral3", "lighton_ocr"):
         sizes = inputs["image_sizes"]
         patch = config.vision_config.patch_size
         per_image = [patch_colours(tiny, pixels[k : k + 1])[0].reshape(pixels.shape[-2] // patch, -1, 3)
                      [: int(h) // patch, : int(w) // patch].reshape(-1, 3) for k, (h, w) in enumerate(sizes.tolist())]
-        merger = inner.multi_modal_projector.patch_merger
+        merger = (inner.multi_modal_projector if family == "mistral3" else inner.vision_projection).patch_merger
         seen = {}
         hook = merger.merging_layer.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
         with torch.no_grad():
@@ -118,8 +118,8 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
     return list(np.split(flat, np.cumsum(counts)[:-1]))
 
 
-FAMILIES = ["llava_onevision", "mistral3", "paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm",
-            "idefics3_split", "llava_onevision_max1"]
+FAMILIES = ["llava_onevision", "mistral3", "lighton_ocr", "paligemma", "gemma3", "internvl", "qianfan_ocr",
+            "aya_vision", "idefics3", "smolvlm", "idefics3_split", "llava_onevision_max1"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -139,7 +139,7 @@ def test_grid_places_each_token_where_its_pixels_come_from(family: str):
                           tokenizer=tiny.processor, image_shapes=shapes)
     colours = token_colours(family, tiny, inputs)
     kinds = {g.kind for layout in layouts for g in layout.grids}
-    if family in ("llava_onevision", "llava_onevision_max1", "internvl", "aya_vision", "idefics3_split"):
+    if family in ("llava_onevision", "llava_onevision_max1", "internvl", "qianfan_ocr", "aya_vision", "idefics3_split"):
         assert "tiles" in kinds, kinds  # the pictures are cut into tiles
     for b, layout in enumerate(layouts):
         seen = colours[b]

@@ -31,6 +31,13 @@ def coordinate_picture(height: int, width: int) -> Image.Image:
 
 def build(family: str) -> tuple:
     tiny = tiny_model(family)
+    if family == "cohere_compass":  # the tiny build reuses Qwen2-VL's image processor; check the family's own
+        from transformers.models.cohere_compass.image_processing_pil_cohere_compass import (
+            CohereCompassImageProcessorPil,
+        )
+
+        tiny.processor.image_processor = CohereCompassImageProcessorPil(
+            min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2)
     prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
     pictures = [coordinate_picture(h, w) for h, w in SIZES]
     inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
@@ -54,10 +61,16 @@ def cell_centres(rows: int, cols: int, top: float = 0.0, left: float = 0.0, heig
     return np.stack([left + (x + 0.5) / cols * width, top + (y + 0.5) / rows * height], axis=-1)
 
 
-@pytest.mark.parametrize("family", ["llava", "vipllava"])
+@pytest.mark.parametrize("family", ["llava", "vipllava", "video_llava"])
 def test_llava_square_grid_over_the_centre_crop(family: str):
     tiny, inputs, layouts = build(family)
     pixels = inputs["pixel_values"]  # [images, 3, S, S]: resized short side, centre crop
+    if family == "video_llava":  # the tiny build's CLIP image processor makes the family's own pixels
+        from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
+
+        own = VideoLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        pictures = [coordinate_picture(h, w) for h, w in SIZES]
+        torch.testing.assert_close(own(images=pictures, return_tensors="pt")["pixel_values_images"], pixels)
     side = tiny.model.config.vision_config.image_size // tiny.model.config.vision_config.patch_size
     patch = tiny.model.config.vision_config.patch_size
     for b, layout in enumerate(layouts):
@@ -78,8 +91,50 @@ def test_llava_square_grid_over_the_centre_crop(family: str):
                 assert np.allclose(seen, expected, atol=0.5 / side), (b, grid.image, r, c)
 
 
-def test_llava_next_base_tiles_and_newlines_match_pack_image_features():
-    tiny, inputs, layouts = build("llava_next")
+@pytest.mark.parametrize("family", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_deepseek_vl_square_grid_over_the_padded_square(family: str):
+    """DeepSeek-VL resizes the long side and pads the short one to a centred square: token k sees SigLIP patch
+    (k // side, k % side) of that square, so the cells past the picture's short side see only padding. The hybrid
+    adds a high-resolution view (SAM, its output flattened row-major) of the same padded square to each token."""
+    tiny, inputs, layouts = build(family)
+    side = tiny.model.config.vision_config.image_size // tiny.model.config.vision_config.patch_size
+    processor = tiny.processor.image_processor
+    views = [(processor.image_mean, processor.image_std, inputs["pixel_values"])]  # pixels: [images, 3, S, S]
+    if family == "deepseek_vl_hybrid":
+        views.append((processor.high_res_image_mean, processor.high_res_image_std, inputs["high_res_pixel_values"]))
+    padding_cells = 0
+    for mean, std, pixels in views:
+        patch = pixels.shape[-1] // side  # pixels of one token's cell in this view
+        for b, layout in enumerate(layouts):
+            assert layout.count == 2 * side * side
+            for grid in layout.grids:
+                index = 2 * b + grid.image
+                height, width = SIZES[index]
+                square = max(height, width)
+                # the padded square in picture fractions: it starts (square - side) / 2 before the picture's edge
+                centres = cell_centres(side, side, -(square - height) / 2 / height, -(square - width) / 2 / width,
+                                       square / height, square / width)
+                left, right, bottom, top = grid.extent(height, width)
+                assert (right - left, bottom - top) == (square, square)
+                assert (left + right, top + bottom) == (width, height)
+                colours = pixels[index].float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+                first = grid.image * side * side
+                for (r, c), token in np.ndenumerate(grid.tokens):
+                    k = token - first
+                    block = colours[:, (k // side) * patch : (k // side + 1) * patch,
+                                    (k % side) * patch : (k % side + 1) * patch]
+                    on_picture = block[2] > 0.9  # the padding is the processor's background (the mean colour)
+                    if on_picture.float().mean() < 0.5:
+                        padding_cells += 1
+                        continue
+                    seen = np.array([block[0][on_picture].mean(), block[1][on_picture].mean()])
+                    assert np.allclose(seen, centres[r, c], atol=0.5 / side + 0.02), (b, grid.image, r, c)
+    assert padding_cells > 0  # the pictures are not square: some cells lie on the padding
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_next_video"])
+def test_llava_next_base_tiles_and_newlines_match_pack_image_features(family: str):
+    tiny, inputs, layouts = build(family)
     config = tiny.model.config
     side = config.vision_config.image_size // config.vision_config.patch_size
     patch = config.vision_config.patch_size
@@ -133,13 +188,17 @@ def test_llava_next_base_tiles_and_newlines_match_pack_image_features():
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe",
-                                    "glm46v", "glm_ocr", "exaone4_5"])
+                                    "glm46v", "glm_ocr", "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe",
+                                    "hyperclovax_vision_v2", "cosmos3_edge", "cohere_compass"])
 def test_qwen_merged_patches(family: str):
     tiny, inputs, layouts = build(family)
     merge = tiny.model.config.vision_config.spatial_merge_size
     thw = inputs["image_grid_thw"]
     # the processor's patch rows: each merged token is `merge`^2 consecutive rows [3 * t * p * p]
     patches = inputs["pixel_values"].view(inputs["pixel_values"].shape[0], 3, -1)
+    if family == "cosmos3_edge":  # its rows hold each patch's values pixel-major, channel last ([p, p, 3, t])
+        patch = tiny.model.config.vision_config.patch_size
+        patches = inputs["pixel_values"].view(len(patches), patch * patch, 3, -1).transpose(1, 2).flatten(2)
     starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), thw.prod(-1)]), 0)
     for b, layout in enumerate(layouts):
         assert layout.count == sum(int(thw[2 * b + k].prod()) // merge**2 for k in range(2))

@@ -106,10 +106,17 @@ def plot_report(report: Mapping[str, Any], prompt: Mapping[str, Any], config: An
     pictures = _pictures(listed, layout.images)
     maps, heads, traces = image_maps(report, positions[row], row), head_maps(report, row), token_traces(report, row)
     per_map = len(layout.grids) + len(layout.newlines)  # panels of one image-token map
+    gridless = [m.name for m in maps] if per_map == 0 else []
+    if gridless:  # the row has no image token on a picture: its image-token maps have no panel to fill
+        maps = []
     columns = max(per_map, 2)
-    maps_per_row = max(1, columns // per_map)  # one image's maps share a row
+    maps_per_row = max(1, columns // max(per_map, 1))  # one image's maps share a row
     map_rows = -(-len(maps) // maps_per_row)
     panel_rows = map_rows + len(heads) + len(traces)
+    if panel_rows == 0 and gridless:
+        raise ValueError(f"nothing to draw for row {row}: it has {layout.count} image tokens on no image grid, so "
+                         f"its image-token maps ({', '.join(gridless)}) have no panel, and the report has no head "
+                         f"map or contrast trace for it; pick a row with an image.")
     if panel_rows == 0:
         raise ValueError(f"nothing to draw for row {row}: the report has no method with pictures (gift, "
                          f"dual_stream, sid, avisc, var, pai, vhr, or a contrastive method run with record=True); "
@@ -171,7 +178,7 @@ def _draw_image_map(figure: Any, grid: Any, at: int, first_column: int, image_ma
         height, width = (picture.shape[0], picture.shape[1]) if picture is not None else panel.shape
         if picture is not None:
             ax.imshow(picture, extent=(0, width, height, 0))
-        shown = ax.imshow(panel.values(image_map.values), extent=(0, width, height, 0),
+        shown = ax.imshow(panel.values(image_map.values), extent=panel.extent(height, width),
                           alpha=0.6 if picture is not None else 1.0, interpolation="nearest",
                           **_scale(image_map))
         ax.set_title(f"{image_map.title}\nimage {panel.image} {panel.kind}", fontsize=8)

@@ -3,24 +3,29 @@
 A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the methods' reports use for
 "image-token indices"). A `RowLayout` lays them on grids that each cover one whole image:
 
-- LLaVA-1.5, VipLLaVA: one (image_size / patch_size)^2 grid per image (24 x 24 for 336 / 14), row-major, over
-  the image's central square (the processor resizes the short side and crops the centre);
-- LLaVA-NeXT: per image, the base view (the same square grid, first), then the AnyRes tiles joined into one
-  grid and cut back to the image's aspect ratio (rows x cols), each grid row followed by a newline token;
+- LLaVA-1.5, VipLLaVA, Video-LLaVA (its images): one (image_size / patch_size)^2 grid per image (24 x 24 for
+  336 / 14), row-major, over the image's central square (the processor resizes the short side and crops the centre);
+- DeepSeek-VL (and its hybrid's high-resolution view, on the same grid): one (image_size / patch_size)^2 SigLIP
+  grid per image, row-major, over the image padded to a centred square (the processor resizes the long side and
+  pads the short one);
+- LLaVA-NeXT, LLaVA-NeXT-Video (its images): per image, the base view (the same square grid, first), then the
+  AnyRes tiles joined into one grid and cut back to the image's aspect ratio (rows x cols), each grid row followed
+  by a newline token;
 - LLaVA-OneVision: as LLaVA-NeXT (base view first, tiles with a newline token per row), the tiles shrunk when
   they exceed `vision_aspect_ratio`'s anyres_max_N budget;
-- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5: per image, the merged
-  patches, (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m,
-  row-major (one grid per temporal slice);
-- Mistral 3: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`, row-major (its
-  [IMG_BREAK] / [IMG_END] tokens are not image tokens);
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5 / Qwen2.5-Omni's thinker /
+  ERNIE 4.5 VL / HyperCLOVA X Vision V2 / Cosmos 3 Edge / Cohere Compass: per image, the merged patches,
+  (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m, row-major
+  (one grid per temporal slice);
+- Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
+  row-major (Mistral 3's [IMG_BREAK] / [IMG_END] tokens are not image tokens);
 - PaliGemma, Gemma 3: per image, one square grid (SigLIP patches; Gemma 3 pools them to `mm_tokens_per_image`)
   over the whole image, which the processor resizes to a square. Gemma 3's pan-and-scan crops would add views
   that the prompt's tokens cannot tell from images: refused when the pictures show more views than images;
-- InternVL, Aya Vision: pixel-shuffled square tiles; an image cut into n > 1 tiles has them first (row-major
-  over a rows x cols canvas, the one of n tiles whose shape is closest to the image's, as the processor picks
-  it, so the pictures' sizes are needed) and its thumbnail last. InternVL's image is one run of tokens; Aya's
-  tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
+- InternVL, Qianfan-OCR, Aya Vision: pixel-shuffled square tiles; an image cut into n > 1 tiles has them first
+  (row-major over a rows x cols canvas, the one of n tiles whose shape is closest to the image's, as the processor
+  picks it, so the pictures' sizes are needed) and its thumbnail last. An InternVL or Qianfan-OCR image is one run
+  of tokens; Aya's tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
 - Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
   image after <global-img> (an image that is not split is its global image alone).
 
@@ -39,20 +44,27 @@ from typing import Any
 
 import numpy as np
 
+SQUARE_FAMILIES = ("llava", "vipllava", "video_llava")  # one CLIP grid per image, over its centre crop
+LETTERBOX_FAMILIES = ("deepseek_vl", "deepseek_vl_hybrid")  # one grid per image, over it padded to a square
+ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")  # base view, then tiles with newlines
+PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
-                   "exaone4_5")
-RUN_FAMILIES = ("paligemma", "gemma3", "internvl", "aya_vision", "idefics3", "smolvlm")
+                   "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
+                   "cohere_compass")
+INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
+RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "idefics3", "smolvlm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
     "idefics2": "its perceiver resampler's latents each summarise the whole image: no token has a place",
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
+    "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "lighton_ocr", "deepseek_vl", "cohere2_vision", "llava_next_video", "video_llava", "got_ocr2",
-        "cohere_compass", "cosmos3_edge", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2", "qianfan_ocr",
-        "hyperclovax_vision_v2", "gemma4", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "aria", "deepseek_vl_hybrid")},
+        "cohere2_vision", "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
+        "gemma4")},
 }
-GRID_FAMILIES = ("llava", "vipllava", "llava_next", "llava_onevision", "mistral3", *MERGED_FAMILIES, *RUN_FAMILIES)
+GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
+                 *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class TokenGrid:
     tokens: np.ndarray  # [rows, cols] int: indices into the row's image tokens
     # True: the grid covers the image's central square (CLIP's resize-the-short-side-then-centre-crop, LLaVA-1.5)
     square_crop: bool = False
+    # True: the grid covers the image padded to a centred square (DeepSeek-VL's resize-the-long-side-then-pad)
+    letterbox: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,6 +89,14 @@ class TokenGrid:
             return 0, 0, height, width
         side = min(height, width)
         return (height - side) // 2, (width - side) // 2, side, side
+
+    def extent(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """(left, right, bottom, top) of the grid in the pixels of the part of a height x width image that `crop`
+        keeps (matplotlib's `extent`): the part itself, or the padded square around it (`letterbox`)."""
+        if not self.letterbox:
+            return 0.0, float(width), float(height), 0.0
+        pad_x, pad_y = (max(height, width) - width) / 2, (max(height, width) - height) / 2
+        return -pad_x, width + pad_x, height + pad_y, -pad_y
 
     def values(self, per_token: Sequence[float] | np.ndarray) -> np.ndarray:
         """[rows, cols] float: `per_token[i]` at token i's cell; NaN where no token lies."""
@@ -196,7 +218,7 @@ def _tile_side(family: str, config: Any) -> int:
     side = _pair(vision.image_size) // _pair(vision.patch_size)
     if family == "gemma3":
         return math.isqrt(int(config.mm_tokens_per_image))
-    if family == "internvl":
+    if family in INTERNVL_FAMILIES:
         return int(side * float(config.downsample_ratio))
     if family == "aya_vision":
         return side // int(config.downsample_factor)
@@ -237,7 +259,7 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
                              f"pan-and-scan crops cannot be placed from the prompt; run without do_pan_and_scan.")
         return [TokenGrid(k, "patches", _square(side, k * per_tile)) for k in range(views)]
     runs = _runs(positions)
-    if family == "internvl":
+    if family in INTERNVL_FAMILIES:
         grids: list[TokenGrid] = []
         for image, (start, length) in enumerate(runs):
             if length % per_tile:
@@ -356,15 +378,18 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
             continue
         used, image = 0, 0
         while used < count:
-            if family in ("llava", "vipllava"):
+            if family in SQUARE_FAMILIES:
                 grids, unplaced, n = _llava_image(config, image, used)
                 layout.unplaced.extend(unplaced)
-            elif family in ("llava_next", "llava_onevision"):
+            elif family in LETTERBOX_FAMILIES:
+                side = _vision_side(config)
+                grids, n = [TokenGrid(image, "patches", _square(side, used), letterbox=True)], side * side
+            elif family in ANYRES_FAMILIES:
                 max_tiles = _onevision_max_tiles(config) if family == "llava_onevision" else None
                 grids, newlines, n = _llava_next_image(config, image, used, _take(sizes, next_image, "image_sizes"),
                                                        max_tiles)
                 layout.newlines.update(newlines)
-            elif family == "mistral3":
+            elif family in PIXTRAL_FAMILIES:
                 grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"))
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vlmfix.eval.chair.normalize import Normalizer, get_normalizer
+from vlmfix.eval.chair.tokenize import token_spans
 from vlmfix.eval.chair.vocabulary import ChairVocabulary, load_vocabulary
 from vlmfix.eval.errors import EvalInputError
 
@@ -55,21 +56,22 @@ class MentionExtractor:
         return bool(self.normalizer.comparable_to_opera) and self.vocabulary.quirks == "reference"
 
     def __call__(self, caption: str) -> CaptionMentions:
-        tokens = self.normalizer(caption)
+        raw = self.normalizer.tokenize(caption)  # once: NLTK's tokenizer is the slow step
+        tokens = self.normalizer.normalize(raw)
         words, starts = merge_double_words(tokens, self.vocabulary.double_words)
         kept: Sequence[int] = range(len(words))
         if all(word in words for word in self.vocabulary.toilet_trigger):
             kept = [i for i in kept if words[i] != self.vocabulary.toilet_drop]
         synonyms = self.vocabulary.synonyms
         hits = [i for i in kept if words[i] in synonyms]
-        token_spans = self.normalizer.spans(caption) if hits else []
+        spans = token_spans(caption, raw) if hits else []
         ends = [*starts[1:], len(tokens)]  # merged word i covers source tokens starts[i] .. ends[i] - 1
         return CaptionMentions(
             words=tuple(words),
             surface=tuple(words[i] for i in hits),
             nodes=tuple(synonyms[words[i]] for i in hits),
             token_idxs=tuple(starts[i] for i in hits),
-            spans=tuple(_joined(token_spans[starts[i]], token_spans[ends[i] - 1]) for i in hits),
+            spans=tuple(_joined(spans[starts[i]], spans[ends[i] - 1]) for i in hits),
         )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vlmfix.eval.chair.inflections import fixed_overrides, inflection_table, table_version
-from vlmfix.eval.chair.tokenize import token_spans, tokenize
+from vlmfix.eval.chair.tokenize import tokenize
 from vlmfix.eval.chair.vocabulary import check_quirks
 from vlmfix.eval.errors import NormalizerUnavailableError
 from vlmfix.registry import Registry
@@ -57,10 +57,16 @@ class Normalizer(Protocol):
     @property
     def nltk_version(self) -> str | None: ...
 
-    def __call__(self, caption: str) -> list[str]: ...
+    def tokenize(self, caption: str) -> list[str]:
+        """The tokens of `caption.lower()`, before normalization (their spans: `tokenize.token_spans`)."""
+        ...
 
-    def spans(self, caption: str) -> list[tuple[int, int] | None]:
-        """Each token's character span in `caption` (one per token of `__call__`; None where not found)."""
+    def normalize(self, tokens: list[str]) -> list[str]:
+        """`tokenize`'s tokens -> normalized tokens, one for one."""
+        ...
+
+    def __call__(self, caption: str) -> list[str]:
+        """`normalize(tokenize(caption))`."""
         ...
 
 
@@ -95,12 +101,15 @@ class SimpleNormalizer:
     def nltk_version(self) -> str | None:
         return None
 
-    def __call__(self, caption: str) -> list[str]:
-        table = inflection_table(self.quirks)
-        return [table.get(token, token) for token in tokenize(caption.lower())]
+    def tokenize(self, caption: str) -> list[str]:
+        return tokenize(caption.lower())
 
-    def spans(self, caption: str) -> list[tuple[int, int] | None]:
-        return token_spans(caption, tokenize(caption.lower()))
+    def normalize(self, tokens: list[str]) -> list[str]:
+        table = inflection_table(self.quirks)
+        return [table.get(token, token) for token in tokens]
+
+    def __call__(self, caption: str) -> list[str]:
+        return self.normalize(self.tokenize(caption))
 
 
 @NORMALIZERS.register("opera_nltk")
@@ -136,16 +145,18 @@ class OperaNltkNormalizer:
     def nltk_version(self) -> str | None:
         return str(self._nltk.__version__)
 
-    def __call__(self, caption: str) -> list[str]:
-        tokens = self._nltk.word_tokenize(caption.lower())
+    def tokenize(self, caption: str) -> list[str]:
+        return list(self._nltk.word_tokenize(caption.lower()))
+
+    def normalize(self, tokens: list[str]) -> list[str]:
         lemmas = []
         for token, tag in self._nltk.pos_tag(tokens):
             lemma = self._lemmatizer.lemmatize(token, pos=penn_to_wordnet(tag))
             lemmas.append(self._overrides.get(token, lemma))
         return lemmas
 
-    def spans(self, caption: str) -> list[tuple[int, int] | None]:
-        return token_spans(caption, self._nltk.word_tokenize(caption.lower()))
+    def __call__(self, caption: str) -> list[str]:
+        return self.normalize(self.tokenize(caption))
 
 
 def penn_to_wordnet(tag: str) -> str:
