@@ -51,6 +51,7 @@ from vlmfix.decoding.prompt_inputs import (
     FEATURES,
     IMAGE_KEYS,
     TOKEN_TYPE_KEYS,
+    image_features,
     left_pad,
     pad_token_id,
     select_images,
@@ -175,7 +176,7 @@ def encode_images(session: Session, image_inputs: dict[str, Any]) -> dict[str, A
     wanted = {k: v for k, v in available.items()
               if k in inspect.signature(encoder).parameters and k != "kwargs" and v is not None}
     output = encoder(**wanted, return_dict=True)
-    images = _expand_groups(list(output.pooler_output), session.adapter.image_mask(engine.caller_ids), engine.expand)
+    images = _expand_groups(list(image_features(output)), session.adapter.image_mask(engine.caller_ids), engine.expand)
     return {"image": select_images(output, images)}
 
 

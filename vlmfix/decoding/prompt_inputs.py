@@ -271,7 +271,7 @@ def stack_row_blocks(first: dict[str, Any], second: dict[str, Any], *, pad_token
 
 
 def _stack_features(first: dict | None, second: dict | None) -> dict[str, Any]:
-    """Per modality: an encoder output whose `pooler_output` lists the first block's images, then the second's."""
+    """Per modality: an encoder output whose image features list the first block's images, then the second's."""
     first, second = first or {}, second or {}
     out = {}
     for modality in set(first) | set(second):
@@ -283,40 +283,61 @@ def _stack_features(first: dict | None, second: dict | None) -> dict[str, Any]:
     return out
 
 
+def image_field(output: Any) -> str:
+    """The field of an image-encoder output that holds the features placed at the image placeholders:
+    `pooler_output`, or `last_hidden_state` where the family leaves `pooler_output` empty (Fuyu's patch
+    embeddings: one [tokens, dim] run for all images of the batch, which the model scatters in order)."""
+    return "pooler_output" if output.get("pooler_output") is not None else "last_hidden_state"
+
+
+def image_features(output: Any) -> Any:
+    """The features an image-encoder output places at the image placeholders (see `image_field`): a list with
+    one [tokens, dim] tensor per image, one [images, tokens, dim] tensor, or one [tokens, dim] run, which the
+    helpers below take token by token (each token then counts as an image of one token)."""
+    return output[image_field(output)]
+
+
 def with_features(output: Any, features: Sequence[Tensor]) -> Any:
-    """A copy of an image-encoder output with `pooler_output` replaced (the original is not modified)."""
-    return type(output)(**{**output, "pooler_output": list(features)})
+    """A copy of an image-encoder output with its image features replaced (the original is not modified)."""
+    return type(output)(**{**output, image_field(output): list(features)})
 
 
 def _nested_image_fields(output: Any) -> list[str]:
-    """Fields of an image-encoder output that hold, per level, one tensor per image like `pooler_output`
+    """Fields of an image-encoder output that hold, per level, one tensor per image like its image features
     (Qwen3-VL's `deepstack_features`: [vision level][image] features added in early decoder layers)."""
-    images = len(output.pooler_output)
+    field = image_field(output)
+    images = len(output[field])
     return [key for key, value in output.items()
-            if key != "pooler_output" and isinstance(value, (list, tuple)) and value
+            if key != field and isinstance(value, (list, tuple)) and value
             and all(isinstance(level, (list, tuple)) and len(level) == images for level in value)]
 
 
 def _like(template: Any, images: list[Tensor]) -> Any:
-    """`images` in `template`'s layout: a list, or one [images, tokens, dim] tensor (Gemma 3's projector output)."""
+    """`images` in `template`'s layout: a list, or one tensor (Gemma 3's [images, tokens, dim] projector output,
+    Fuyu's [tokens, dim] patch embeddings)."""
     return torch.stack(images) if isinstance(template, Tensor) else images
 
 
 def select_images(output: Any, indices: Sequence[int]) -> Any:
-    """A copy of an image-encoder output holding images `indices` (in that order, repeats allowed) in
-    `pooler_output` and in every per-image field (the original is not modified)."""
-    images = list(output.pooler_output)
-    updates: dict[str, Any] = {"pooler_output": _like(output.pooler_output, [images[i] for i in indices])}
+    """A copy of an image-encoder output holding images `indices` (in that order, repeats allowed) in its
+    image features and in every per-image field (the original is not modified)."""
+    field = image_field(output)
+    images = list(output[field])
+    updates: dict[str, Any] = {field: _like(output[field], [images[i] for i in indices])}
     for key in _nested_image_fields(output):
         updates[key] = [[level[i] for i in indices] for level in output[key]]
     return type(output)(**{**output, **updates})
 
 
 def join_images(first: Any, second: Any) -> Any:
-    """One image-encoder output listing `first`'s images, then `second`'s, in `pooler_output` and in every
+    """One image-encoder output listing `first`'s images, then `second`'s, in its image features and in every
     per-image field both hold."""
-    joined = [*first.pooler_output, *second.pooler_output]
-    updates: dict[str, Any] = {"pooler_output": _like(first.pooler_output, joined)}
+    field = image_field(first)
+    if image_field(second) != field:
+        raise ValueError(f"cannot join image features held in `{field}` with ones held in `{image_field(second)}`; "
+                         "encode both blocks' images with the same model.")
+    joined = [*first[field], *second[field]]
+    updates: dict[str, Any] = {field: _like(first[field], joined)}
     for key in set(_nested_image_fields(first)) & set(_nested_image_fields(second)):
         updates[key] = [[*a, *b] for a, b in zip(first[key], second[key])]
     return type(first)(**{**first, **updates})

@@ -89,6 +89,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "ernie4_5_vl_moe",
     "aria",
     "deepseek_vl_hybrid",
+    "fuyu",
 )
 
 WORDS = (
@@ -185,6 +186,8 @@ class TinyVLM:
         return self.processor.tokenizer
 
     def prompt(self, question: str, with_image: bool = True, images: int = 1) -> str:
+        if self.processor.chat_template is None:  # the processor writes the prompt itself (Fuyu)
+            return question
         content = ([{"type": "image"}] * images if with_image else []) + [{"type": "text", "text": question}]
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -244,8 +247,10 @@ def build_tiny(
     torch.manual_seed(seed)
     if family not in FAMILIES:
         from vlmfix.testing.tiny_families import BUILDERS, NESTED_IMAGES, Shape
+        from vlmfix.testing.tiny_feature_families import FEATURE_BUILDERS
 
-        built, built_processor = BUILDERS[family](Shape(layers, heads, kv_heads, head_dim), **(options or {}))
+        builder = {**BUILDERS, **FEATURE_BUILDERS}[family]
+        built, built_processor = builder(Shape(layers, heads, kv_heads, head_dim), **(options or {}))
         tiny = TinyVLM(family=family, model=built, processor=built_processor, nested_images=family in NESTED_IMAGES)
         return _finish(tiny, attn_implementation)
     if options:
