@@ -104,11 +104,6 @@ REFUSED: dict[str, Refusal] = {
                                                    "selection per query) and a cache of MLA latents, not keys and "
                                                    "values; an audio tower beside the image one"),
     "FastVlmForConditionalGeneration": _pending("its FastViT vision tower is a timm model: no offline tiny build"),
-    "FuyuForCausalLM": _pending(
-        "patch embeddings without a vision tower, and its image features come in `last_hidden_state` with no "
-        "`pooler_output`, which vlmfix's two-stream engine stacks when it re-encodes images (VCD, DCD, ...); its "
-        "processor writes the prompt itself (|SPEAKER| and |NEWLINE| placeholders, the <0x04> answer marker), with "
-        "no chat template"),
     "Gemma4UnifiedForConditionalGeneration": _pending(
         f"{TORCHVISION_ONLY}; encoder-free: raw pixel patches are embedded straight into the language model, with no "
         "vision tower"),

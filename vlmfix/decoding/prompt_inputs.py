@@ -341,3 +341,26 @@ def join_images(first: Any, second: Any) -> Any:
     for key in set(_nested_image_fields(first)) & set(_nested_image_fields(second)):
         updates[key] = [[*a, *b] for a, b in zip(first[key], second[key])]
     return type(first)(**{**first, **updates})
+
+
+def repeat_image_groups(output: Any, image_mask: Tensor, times: int) -> Any:
+    """A copy of an image-encoder output of B0 prompts for B0 * `times` rows, each prompt's image group repeated
+    `times` times in a row (as generate expands them for beams and return sequences); `image_mask`: [B0, S] the
+    prompts' image tokens, which say where each prompt's group ends."""
+    if times == 1:
+        return output
+    features = list(image_features(output))
+    indices, start = [], 0
+    for tokens in image_mask.sum(dim=1).tolist():  # image tokens of each prompt
+        group, seen = [], 0
+        while seen < tokens:
+            group.append(start)
+            seen += features[start].reshape(-1, features[start].shape[-1]).shape[0]
+            start += 1
+        indices.extend(group * times)
+    return select_images(output, indices)
+
+
+def image_tokens_encoded(output: Any) -> int:
+    """How many image-token feature vectors an image-encoder output holds (all images, all tiles)."""
+    return sum(f.reshape(-1, f.shape[-1]).shape[0] for f in image_features(output))
