@@ -107,10 +107,6 @@ REFUSED: dict[str, Refusal] = {
     "Gemma4UnifiedForConditionalGeneration": _pending(
         f"{TORCHVISION_ONLY}; encoder-free: raw pixel patches are embedded straight into the language model, with no "
         "vision tower"),
-    "Granite4VisionForConditionalGeneration": _pending("image placeholders are zeroed at the input and the Window "
-                                                        "Q-Former features added inside chosen decoder layers "
-                                                        "(deepstack_features, no pooler_output): vlmfix's image "
-                                                        "re-encoding (VCD, DCD) does not read that output yet"),
     "HYV4VLForConditionalGeneration": _pending(
         "learned attention sinks passed to the attention function (s_aux), which vlmfix's edited attention does not "
         "take, so an edited layer would drop them; DeepSeek-V3.2-style top-k sparse attention over MLA latents; "

@@ -90,6 +90,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "aria",
     "deepseek_vl_hybrid",
     "fuyu",
+    "granite4_vision",
 )
 
 WORDS = (
