@@ -1,4 +1,5 @@
-"""Fuyu: spans of the processor-written prompt, and two-stream methods on patch embeddings without a pooler."""
+"""Fuyu and Granite 4 Vision: spans of Fuyu's processor-written prompt, and two-stream methods on image features that
+are not a `pooler_output` (Fuyu's patch embeddings, Granite's features added inside decoder layers)."""
 
 from __future__ import annotations
 
@@ -60,10 +61,12 @@ def test_beam_features_are_repeated_only_where_generate_left_them_per_item():
     assert again[FEATURES]["image"] is kwargs[FEATURES]["image"]
 
 
-def test_vcd_scores_equal_two_plain_forwards_on_patch_embeddings():
-    """The engine stacks the noised stream's `last_hidden_state` under the clean one: VCD's greedy scores equal
-    (1 + a) l(clean) - a l(noised), cut by beta, from two no-cache forwards of the plain model."""
-    tiny = tiny_model("fuyu")
+@pytest.mark.parametrize("family", ["fuyu", "granite4_vision"])
+def test_vcd_scores_equal_two_plain_forwards(family):
+    """The engine stacks the noised stream's image features (Fuyu's `last_hidden_state`, Granite's layer pairs)
+    under the clean ones: VCD's greedy scores equal (1 + a) l(clean) - a l(noised), cut by beta, from two no-cache
+    forwards of the plain model."""
+    tiny = tiny_model(family)
     inputs = tiny.inputs(QUESTIONS)
     before = {k: v.clone() for k, v in inputs.items()}
     method = VCD(alpha=1.0, beta=0.1, noise_step=700, noise_seed=3)
@@ -71,15 +74,17 @@ def test_vcd_scores_equal_two_plain_forwards_on_patch_embeddings():
                           return_dict_in_generate=True, output_logits=True)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     noised = add_diffusion_noise(inputs["pixel_values"], 700, 3)
+    sizes = {k: v for k, v in inputs.items() if k == "image_sizes"}
     for step, got in enumerate(out.logits):
         ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             clean, noisy = (
-                tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels)
+                tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels, **sizes)
                 .logits[:, -1] for pixels in (inputs["pixel_values"], noised)
             )
+        assert (clean - noisy).abs().max() > 1e-2  # the noised image matters, so a stream mix-up would show
         want = 2 * clean - noisy
         want[clean < clean.max(-1, keepdim=True).values + math.log(0.1)] = float("-inf")
         assert torch.equal(torch.isinf(got), torch.isinf(want))

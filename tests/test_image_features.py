@@ -9,6 +9,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from vlmfix.decoding.prompt_inputs import (
+    image_features,
     image_field,
     image_tokens_encoded,
     join_images,
@@ -88,3 +89,25 @@ def test_each_prompt_image_group_is_repeated_in_a_row():
     per_image = repeat_image_groups(Output(pooler_output=[torch.zeros(2, 1), torch.ones(1, 1)]), mask, 2)
     assert [float(t.sum()) for t in per_image.pooler_output] == [0.0, 0.0, 1.0, 1.0]
     assert repeat_image_groups(out, mask, 1) is out
+
+
+@dataclass
+class LayerPairOutput(ModelOutput):
+    """Like Granite 4 Vision's encoder output: no features at the placeholders, only (decoder layer, per-image
+    features) pairs added inside the decoder."""
+
+    deepstack_features: list | None = None
+
+
+def test_layer_pairs_are_selected_and_joined_with_their_decoder_layer():
+    out = LayerPairOutput(deepstack_features=[(0, features(1, 2)), (3, features(10, 20))])
+    assert image_field(out) is None
+    assert image_tokens_encoded(out) == 4  # two images of 2 tokens, counted on the first level
+    picked = select_images(out, [1, 1, 0])
+    assert [(layer, [float(t[0, 0]) for t in images]) for layer, images in picked.deepstack_features] == [
+        (0, [2, 2, 1]), (3, [20, 20, 10])]
+    joined = join_images(out, LayerPairOutput(deepstack_features=[(0, features(5)), (3, features(50))]))
+    assert [(layer, [float(t[0, 0]) for t in images]) for layer, images in joined.deepstack_features] == [
+        (0, [1, 2, 5]), (3, [10, 20, 50])]
+    with pytest.raises(ValueError, match="no image features"):
+        image_features(LayerPairOutput())
