@@ -13,7 +13,7 @@ from vlmfix.adapters import get_adapter
 from vlmfix.decoding.opera import beam_image_features
 from vlmfix.decoding.prompt_inputs import FEATURES
 from vlmfix.eval.generation import chat_prompt
-from vlmfix.methods.vcd import VCD, add_diffusion_noise
+from vlmfix.methods.vcd import VCD, add_diffusion_noise, noise_schedule
 
 from .conftest import tiny_model
 
@@ -73,7 +73,8 @@ def test_vcd_scores_equal_two_plain_forwards(family):
     out = vlmfix.generate(tiny.model, **inputs, methods=[method], max_new_tokens=3, do_sample=False,
                           return_dict_in_generate=True, output_logits=True)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    noised = add_diffusion_noise(inputs["pixel_values"], 700, 3)
+    grid = None if family != "fuyu" else torch.tensor([[1, 1, 16], [1, 1, 16]])  # each prompt's patches
+    noised = add_diffusion_noise(inputs["pixel_values"], 700, 3, image_grid_thw=grid)
     sizes = {k: v for k, v in inputs.items() if k == "image_sizes"}
     for step, got in enumerate(out.logits):
         ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
@@ -104,3 +105,22 @@ def test_the_legacy_patch_key_gets_a_clear_error_from_two_stream_methods():
 def test_benchmark_prompts_are_the_bare_text_for_a_processor_without_chat_template():
     tiny = tiny_model("fuyu")
     assert chat_prompt(tiny.processor, "is there a dog ?") == "is there a dog ?"
+
+
+def test_vcd_noises_each_image_of_a_patch_run_on_its_own():
+    """Fuyu's pixels are one [patches, 3 * 8 * 8] run: each image's patches get their own noise (not one vector
+    repeated on every patch), the same as the image alone."""
+    tiny = tiny_model("fuyu")
+    inputs = tiny.inputs(QUESTIONS)
+    grid = get_adapter(tiny.model).patch_grid(inputs["input_ids"])
+    assert grid.tolist() == [[1, 1, 16], [1, 1, 16]]
+    noised = add_diffusion_noise(inputs["pixel_values"], 999, 3, image_grid_thw=grid)
+    noise = noised - math.sqrt(float(noise_schedule()[999])) * inputs["pixel_values"]
+    assert not torch.allclose(noise[0], noise[1])  # patches of one image differ
+    assert torch.allclose(noise[:16], noise[16:])  # each image's noise is its own, from the same seed
+    alone = tiny.inputs(QUESTIONS[1:], seed=1)
+    alone_noised = add_diffusion_noise(alone["pixel_values"], 999, 3,
+                                       image_grid_thw=get_adapter(tiny.model).patch_grid(alone["input_ids"]))
+    assert torch.equal(alone_noised, noised[16:])
+    with pytest.raises(ValueError, match="noise_space='normalized'"):
+        vlmfix.generate(tiny.model, **inputs, methods=[VCD(noise_space="pixel")], max_new_tokens=2)

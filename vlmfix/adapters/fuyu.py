@@ -49,6 +49,14 @@ class FuyuAdapter(Adapter):
         """The patch embedding, the one module between pixels and the language model (what DCD swaps)."""
         return cast(nn.Module, self.base.vision_embed_tokens)
 
+    def patch_grid(self, input_ids: Tensor) -> Tensor:
+        """(1, 1, patches) per prompt with an image: the processor gives one image per prompt and one image token
+        per patch, in prompt order."""
+        counts = self.image_mask(input_ids).sum(dim=1)  # [batch]
+        counts = counts[counts > 0]
+        ones = torch.ones_like(counts)
+        return torch.stack([ones, ones, counts], dim=1)
+
     def image_frame_mask(self, input_ids: Tensor) -> Tensor:
         """[batch, seq] the `|NEWLINE|` that ends each patch row: the token right after a run of image tokens."""
         image = self.image_mask(input_ids)

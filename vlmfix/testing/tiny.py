@@ -49,7 +49,7 @@ Family = str  # a family name of `ALL_FAMILIES`
 # the reference families that the method tests run on
 FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
-# vlmfix/testing/tiny_families.py
+# vlmfix/testing/tiny_families.py and tiny_feature_families.py
 ALL_FAMILIES: tuple[Family, ...] = (
     *FAMILIES,
     "llava_onevision",
