@@ -6,6 +6,7 @@ from torch import nn
 
 from vlmfix.adapters.base import Adapter, Spans
 from vlmfix.adapters.families import COMMON_LAYOUT
+from vlmfix.adapters.fuyu import FuyuAdapter
 from vlmfix.adapters.llava import LlavaAdapter
 from vlmfix.adapters.llava_next import LlavaNextAdapter
 from vlmfix.adapters.qwen2_5_vl import Qwen25VLAdapter
@@ -13,7 +14,8 @@ from vlmfix.adapters.qwen2_vl import Qwen2VLAdapter
 from vlmfix.adapters.refusals import REFUSED, Refusal
 from vlmfix.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, *COMMON_LAYOUT)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, *COMMON_LAYOUT,
+                                       FuyuAdapter)
 SUPPORTED_CLASSES: dict[str, type[Adapter]] = {name: a for a in ADAPTERS for name in a.model_classes}
 
 

@@ -312,6 +312,12 @@ class Adapter:
         """Ids of the tokens that wrap an image (vision start/end, begin/end of image), from the config."""
         return config_ids(self._hf.config, FRAME_TOKEN_FIELDS)
 
+    def patch_grid(self, input_ids: Tensor) -> Tensor | None:
+        """[images, 3] (1, 1, patches) of each image in a flattened patch tensor that comes without
+        `image_grid_thw` (Fuyu's), so per-image work on the pixels (VCD's noise) can split it; None where the
+        processor gives a grid or one tensor per image. `input_ids`: [batch, seq] the caller's prompts."""
+        return None
+
     # --- prompt structure ---
     def image_mask(self, input_ids: Tensor) -> Tensor:
         """[batch, seq] image placeholder tokens."""

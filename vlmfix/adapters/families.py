@@ -46,6 +46,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("glm_ocr", "GlmOcrForConditionalGeneration", markers=("<|assistant|>",)),
     common_layout("glm4v_moe", "Glm4vMoeForConditionalGeneration", markers=("<|assistant|>",)),
     common_layout("got_ocr2", "GotOcr2ForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
+    common_layout("granite4_vision", "Granite4VisionForConditionalGeneration", markers=("<|end_of_text|>",)),
     common_layout("granite_docling", "GraniteDoclingForConditionalGeneration", markers=("<|end_of_text|>",),
                   frames=("<fake_token_around_image>", "<global-img>")),
     # HunyuanOCR: <｜hy_begin▁of▁sentence｜>[system]<｜hy_place▁holder▁no▁3｜><image>text<｜hy_User｜> (the user's turn

@@ -104,15 +104,6 @@ REFUSED: dict[str, Refusal] = {
                                                    "selection per query) and a cache of MLA latents, not keys and "
                                                    "values; an audio tower beside the image one"),
     "FastVlmForConditionalGeneration": _pending("its FastViT vision tower is a timm model: no offline tiny build"),
-    "FuyuForCausalLM": _pending(
-        "patch embeddings without a vision tower, and its image features come in `last_hidden_state` with no "
-        "`pooler_output`, which vlmfix's two-stream engine stacks when it re-encodes images (VCD, DCD, ...); its "
-        "processor writes the prompt itself (|SPEAKER| and |NEWLINE| placeholders, the <0x04> answer marker), with "
-        "no chat template"),
-    "Granite4VisionForConditionalGeneration": _pending("image placeholders are zeroed at the input and the Window "
-                                                        "Q-Former features added inside chosen decoder layers "
-                                                        "(deepstack_features, no pooler_output): vlmfix's image "
-                                                        "re-encoding (VCD, DCD) does not read that output yet"),
     "HYV4VLForConditionalGeneration": _pending(
         "learned attention sinks passed to the attention function (s_aux), which vlmfix's edited attention does not "
         "take, so an edited layer would drop them; DeepSeek-V3.2-style top-k sparse attention over MLA latents; "

@@ -53,7 +53,7 @@ from vlmfix.decoding.prompt_inputs import (
     TOKEN_TYPE_KEYS,
     left_pad,
     pad_token_id,
-    select_images,
+    repeat_image_groups,
     stack_row_blocks,
 )
 from vlmfix.decoding.trace import ContrastTrace
@@ -72,6 +72,8 @@ UNSUPPORTED = {
     "cache_implementation": "the engine keeps its own paired dynamic cache",
     "pixel_values_videos": "video inputs are not supported by the contrastive engine",
     "inputs_embeds": "the streams are built from input_ids",
+    "image_patches": "Fuyu's legacy patch key is not what generate encodes; call the processor with "
+                     "return_legacy_image_output=False, so the patches come as pixel_values",
 }
 
 
@@ -175,8 +177,7 @@ def encode_images(session: Session, image_inputs: dict[str, Any]) -> dict[str, A
     wanted = {k: v for k, v in available.items()
               if k in inspect.signature(encoder).parameters and k != "kwargs" and v is not None}
     output = encoder(**wanted, return_dict=True)
-    images = _expand_groups(list(output.pooler_output), session.adapter.image_mask(engine.caller_ids), engine.expand)
-    return {"image": select_images(output, images)}
+    return {"image": repeat_image_groups(output, session.adapter.image_mask(engine.caller_ids), engine.expand)}
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -380,19 +381,3 @@ class _Engine:
                 setattr(output, name, tuple(t[: self.batch] if isinstance(t, Tensor) else t for t in value))
         return output
 
-
-def _expand_groups(features: list[Tensor], image_mask: Tensor, expand: int) -> list[int]:
-    """Indices of the per-image features of B0 prompts for B0 * expand rows (each prompt's image group
-    repeated); `image_mask`: [B0, S] the prompts' image tokens."""
-    if expand == 1:
-        return list(range(len(features)))
-    per_row = image_mask.sum(dim=1).tolist()  # image tokens of each prompt
-    out, start = [], 0
-    for tokens in per_row:
-        group, seen = [], 0
-        while seen < tokens:
-            group.append(start)
-            seen += features[start].reshape(-1, features[start].shape[-1]).shape[0]
-            start += 1
-        out.extend(group * expand)
-    return out

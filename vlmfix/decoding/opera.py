@@ -35,6 +35,7 @@ from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
 from vlmfix.decoding.attention import AttentionCall
 from vlmfix.decoding.edits import additive_mask, repeat_kv
+from vlmfix.decoding.prompt_inputs import FEATURES, image_tokens_encoded, repeat_image_groups
 from vlmfix.errors import SessionError
 from vlmfix.methods.opera_rules import RetrospectionRule, local_scores, mode, rollback_position
 
@@ -209,6 +210,17 @@ def check_cache_layers(cache: DynamicCache) -> None:
                              f"quantized or linear-attention cache); OPERA supports full-attention decoders.")
 
 
+def beam_image_features(kwargs: dict[str, Any], beams: int, image_mask: Tensor) -> dict[str, Any]:
+    """generate's kwargs with the image features repeated for each item's beams where generate left them for
+    the items only: it expands features held in `pooler_output`, not a family's `last_hidden_state` (Fuyu).
+    `image_mask`: [items * beams, S] the prompt rows' image tokens, each item's rows together."""
+    outputs = kwargs.get(FEATURES) or {}
+    image = outputs.get("image")
+    if image is None or image_tokens_encoded(image) == int(image_mask.sum()):
+        return kwargs
+    return {**kwargs, FEATURES: {**outputs, "image": repeat_image_groups(image, image_mask[::beams], beams)}}
+
+
 class _Run:
     """The tensors of one OPERA beam search (R = B·K rows, T = max new tokens)."""
 
@@ -259,7 +271,8 @@ class _Run:
 
     # ------------------------------------------------------------------------------ the loop
     def decode(self) -> Any:
-        kwargs = self.kwargs
+        image_mask = self.search.session.adapter.image_mask(self.prompt)  # [R, S]
+        kwargs = self.kwargs = beam_image_features(self.kwargs, self.beams, image_mask)
         inputs = self.model.prepare_inputs_for_generation(self.prompt, is_first_iteration=True, **kwargs)
         out = self.model(**inputs, return_dict=True)  # the prefill (the session prepares OPERA here)
         self.logits = out.logits[:, -1].float()  # [R, V]: each beam's next-token logits

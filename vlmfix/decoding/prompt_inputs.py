@@ -271,7 +271,7 @@ def stack_row_blocks(first: dict[str, Any], second: dict[str, Any], *, pad_token
 
 
 def _stack_features(first: dict | None, second: dict | None) -> dict[str, Any]:
-    """Per modality: an encoder output whose `pooler_output` lists the first block's images, then the second's."""
+    """Per modality: an encoder output whose image features list the first block's images, then the second's."""
     first, second = first or {}, second or {}
     out = {}
     for modality in set(first) | set(second):
@@ -283,40 +283,121 @@ def _stack_features(first: dict | None, second: dict | None) -> dict[str, Any]:
     return out
 
 
+def image_field(output: Any) -> str | None:
+    """The field of an image-encoder output that holds the features placed at the image placeholders:
+    `pooler_output`, or `last_hidden_state` where the family leaves `pooler_output` empty (Fuyu's patch
+    embeddings: one [tokens, dim] run for all images of the batch, which the model scatters in order); None where
+    the features are only added inside decoder layers (Granite 4 Vision's `deepstack_features`)."""
+    for name in ("pooler_output", "last_hidden_state"):
+        if output.get(name) is not None:
+            return name
+    return None
+
+
+def _is_layer_pair(level: Any) -> bool:
+    """A DeepStack level given as (decoder layer, per-image features), as Granite 4 Vision gives them."""
+    return isinstance(level, tuple) and len(level) == 2 and isinstance(level[0], int) and \
+        isinstance(level[1], (list, tuple))
+
+
+def _level_images(level: Any) -> Any:
+    """The per-image features of one DeepStack level ([image] or (layer, [image]))."""
+    return level[1] if _is_layer_pair(level) else level
+
+
+def _level_with(level: Any, images: list[Tensor]) -> Any:
+    """`images` in `level`'s layout (with its decoder layer where the level names one)."""
+    return (level[0], images) if _is_layer_pair(level) else images
+
+
+def image_features(output: Any) -> Any:
+    """The per-image features of an image-encoder output (see `image_field`): a list with one [tokens, dim] tensor
+    per image, one [images, tokens, dim] tensor, or one [tokens, dim] run, which the helpers below take token by
+    token (each token then counts as an image of one token); where the features are only added inside decoder
+    layers, those of the first DeepStack level (every level holds the same tokens)."""
+    field = image_field(output)
+    if field is not None:
+        return output[field]
+    levels = output.get("deepstack_features")
+    if not levels:
+        raise ValueError(f"{type(output).__name__} holds no image features (pooler_output, last_hidden_state or "
+                         "deepstack_features); vlmfix cannot re-encode this family's images.")
+    return _level_images(levels[0])
+
+
 def with_features(output: Any, features: Sequence[Tensor]) -> Any:
-    """A copy of an image-encoder output with `pooler_output` replaced (the original is not modified)."""
-    return type(output)(**{**output, "pooler_output": list(features)})
+    """A copy of an image-encoder output with its image features replaced (the original is not modified)."""
+    field = image_field(output)
+    if field is None:
+        raise ValueError(f"{type(output).__name__} places no features at the image placeholders (they are added "
+                         "inside decoder layers); replace its deepstack_features levels instead.")
+    return type(output)(**{**output, field: list(features)})
 
 
 def _nested_image_fields(output: Any) -> list[str]:
-    """Fields of an image-encoder output that hold, per level, one tensor per image like `pooler_output`
-    (Qwen3-VL's `deepstack_features`: [vision level][image] features added in early decoder layers)."""
-    images = len(output.pooler_output)
+    """Fields of an image-encoder output that hold, per level, one tensor per image like its image features
+    (Qwen3-VL's `deepstack_features`: [vision level][image] features added in early decoder layers; Granite 4
+    Vision's: [(decoder layer, [image])])."""
+    field = image_field(output)
+    images = len(image_features(output))
     return [key for key, value in output.items()
-            if key != "pooler_output" and isinstance(value, (list, tuple)) and value
-            and all(isinstance(level, (list, tuple)) and len(level) == images for level in value)]
+            if key != field and isinstance(value, (list, tuple)) and value
+            and all(isinstance(_level_images(level), (list, tuple)) and len(_level_images(level)) == images
+                    for level in value)]
 
 
 def _like(template: Any, images: list[Tensor]) -> Any:
-    """`images` in `template`'s layout: a list, or one [images, tokens, dim] tensor (Gemma 3's projector output)."""
+    """`images` in `template`'s layout: a list, or one tensor (Gemma 3's [images, tokens, dim] projector output,
+    Fuyu's [tokens, dim] patch embeddings)."""
     return torch.stack(images) if isinstance(template, Tensor) else images
 
 
 def select_images(output: Any, indices: Sequence[int]) -> Any:
-    """A copy of an image-encoder output holding images `indices` (in that order, repeats allowed) in
-    `pooler_output` and in every per-image field (the original is not modified)."""
-    images = list(output.pooler_output)
-    updates: dict[str, Any] = {"pooler_output": _like(output.pooler_output, [images[i] for i in indices])}
+    """A copy of an image-encoder output holding images `indices` (in that order, repeats allowed) in its
+    image features and in every per-image field (the original is not modified)."""
+    field = image_field(output)
+    updates: dict[str, Any] = {}
+    if field is not None:
+        images = list(output[field])
+        updates[field] = _like(output[field], [images[i] for i in indices])
     for key in _nested_image_fields(output):
-        updates[key] = [[level[i] for i in indices] for level in output[key]]
+        updates[key] = [_level_with(level, [_level_images(level)[i] for i in indices]) for level in output[key]]
     return type(output)(**{**output, **updates})
 
 
 def join_images(first: Any, second: Any) -> Any:
-    """One image-encoder output listing `first`'s images, then `second`'s, in `pooler_output` and in every
+    """One image-encoder output listing `first`'s images, then `second`'s, in its image features and in every
     per-image field both hold."""
-    joined = [*first.pooler_output, *second.pooler_output]
-    updates: dict[str, Any] = {"pooler_output": _like(first.pooler_output, joined)}
+    field = image_field(first)
+    if image_field(second) != field:
+        raise ValueError(f"cannot join image features held in `{field}` with ones held in `{image_field(second)}`; "
+                         "encode both blocks' images with the same model.")
+    updates: dict[str, Any] = {}
+    if field is not None:
+        updates[field] = _like(first[field], [*first[field], *second[field]])
     for key in set(_nested_image_fields(first)) & set(_nested_image_fields(second)):
-        updates[key] = [[*a, *b] for a, b in zip(first[key], second[key])]
+        updates[key] = [_level_with(a, [*_level_images(a), *_level_images(b)]) for a, b in zip(first[key], second[key])]
     return type(first)(**{**first, **updates})
+
+
+def repeat_image_groups(output: Any, image_mask: Tensor, times: int) -> Any:
+    """A copy of an image-encoder output of B0 prompts for B0 * `times` rows, each prompt's image group repeated
+    `times` times in a row (as generate expands them for beams and return sequences); `image_mask`: [B0, S] the
+    prompts' image tokens, which say where each prompt's group ends."""
+    if times == 1:
+        return output
+    features = list(image_features(output))
+    indices, start = [], 0
+    for tokens in image_mask.sum(dim=1).tolist():  # image tokens of each prompt
+        group, seen = [], 0
+        while seen < tokens:
+            group.append(start)
+            seen += features[start].reshape(-1, features[start].shape[-1]).shape[0]
+            start += 1
+        indices.extend(group * times)
+    return select_images(output, indices)
+
+
+def image_tokens_encoded(output: Any) -> int:
+    """How many image-token feature vectors an image-encoder output holds (all images, all tiles)."""
+    return sum(f.reshape(-1, f.shape[-1]).shape[0] for f in image_features(output))

@@ -166,8 +166,16 @@ class VCD(ContrastiveMethod):
         if inputs.get("pixel_values") is None:
             raise ValueError("VCD needs pixel_values in the model inputs (the image it noises); pass the processor's "
                              "output to session.generate / vlmfix.generate.")
+        grid = inputs.get("image_grid_thw")
+        if grid is None and inputs["pixel_values"].dim() == 2:  # one run of patches for all images (Fuyu)
+            caller_ids = session.call_inputs.get("input_ids", session.call_inputs.get("inputs"))  # [B0, S]
+            grid = session.adapter.patch_grid(caller_ids) if isinstance(caller_ids, Tensor) else None
+            if grid is not None and self.noise_space == "pixel":
+                raise ValueError(f"noise_space='pixel' needs channel-first pixels or Qwen-style patches; "
+                                 f"{type(session.model).__name__}'s patches are channel-last. Use "
+                                 f"noise_space='normalized'.")
         noised = add_diffusion_noise(
-            inputs["pixel_values"], self.noise_step, self.noise_seed, image_grid_thw=inputs.get("image_grid_thw"),
+            inputs["pixel_values"], self.noise_step, self.noise_seed, image_grid_thw=grid,
             noise_space=self.noise_space, mean=self.image_mean, std=self.image_std,
         )
         return VCDState(noised)

@@ -53,7 +53,7 @@ FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 # vlmfix/testing/tiny_torchvision.py; their tests carry the `torchvision` marker (CI's second lane, README)
 TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
-# vlmfix/testing/tiny_families.py
+# vlmfix/testing/tiny_families.py and tiny_feature_families.py
 ALL_FAMILIES: tuple[Family, ...] = (
     *FAMILIES,
     "llava_onevision",
@@ -93,6 +93,8 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "ernie4_5_vl_moe",
     "aria",
     "deepseek_vl_hybrid",
+    "fuyu",
+    "granite4_vision",
     *TORCHVISION_FAMILIES,
 )
 
@@ -190,6 +192,8 @@ class TinyVLM:
         return self.processor.tokenizer
 
     def prompt(self, question: str, with_image: bool = True, images: int = 1) -> str:
+        if self.processor.chat_template is None:  # the processor writes the prompt itself (Fuyu)
+            return question
         content = ([{"type": "image"}] * images if with_image else []) + [{"type": "text", "text": question}]
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -260,10 +264,10 @@ def build_tiny(
     if family in TORCHVISION_FAMILIES:
         require_torchvision(f"the tiny {family} build")
     if family not in FAMILIES:
-        from vlmfix.testing import tiny_families, tiny_torchvision
+        from vlmfix.testing import tiny_families, tiny_feature_families, tiny_torchvision
         from vlmfix.testing.tiny_families import Shape
 
-        module = tiny_torchvision if family in TORCHVISION_FAMILIES else tiny_families
+        module = next(m for m in (tiny_torchvision, tiny_feature_families, tiny_families) if family in m.BUILDERS)
         built, built_processor = module.BUILDERS[family](Shape(layers, heads, kv_heads, head_dim), **(options or {}))
         tiny = TinyVLM(family=family, model=built, processor=built_processor,
                        nested_images=family in module.NESTED_IMAGES)
