@@ -5,7 +5,9 @@ Registered with transformers' `AttentionInterface` (and a mask builder with
 without edits call the wrapped backend with the exact arguments they got. In a two-stream forward the
 rows split into blocks by the edits' `stream` (`vlmfix.decoding.edits.stream_blocks`); blocks without
 edits call the backend too. Edited layers run the PyTorch edit path (`edited_attention`); at decode
-steps on CUDA the grouped Triton kernel (`vlmfix.decoding.grouped`) serves the edits it can express.
+steps on CUDA the grouped Triton kernel (`vlmfix.decoding.grouped`) serves the edits it can express, and one
+query row edited by key biases only (PAI) runs SDPA with the biases as an additive mask
+(`vlmfix.decoding.key_bias`).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def key_bias_row_output(
 
     query: [batch, heads, 1, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim]; attention_mask: the
     backend's (None = causal, a [batch, kv_len] padding mask, or 4-D for this row). No logit softcap (SDPA
-    cannot apply it): callers with one use the PyTorch edit path.
+    cannot apply it): callers with one use the PyTorch edit path. Off the CPU, fp32 queries only.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -130,6 +130,8 @@ def key_bias_row_output(
     plan = plans.get(edits, batch, device) if plans is not None else plan_key_biases(edits, batch, device)
     if q_len != 1 or plan is None or plan.stop > kv_len:
         return None
+    if device.type != "cpu" and query.dtype != torch.float32:
+        return None  # an fp32 bias with a reduced-precision query is checked on CPU only (CUDA decodes in the kernel)
     scaling = head_dim**-0.5 if scaling is None else scaling
     bias = _row_mask_bias(attention_mask, batch, heads, kv_len, sliding_window, device)  # [batch, heads, 1, kv_len]
     if plan.stop > plan.start:
