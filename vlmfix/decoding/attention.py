@@ -32,7 +32,7 @@ from vlmfix.decoding.edits import (
     within_window,
 )
 from vlmfix.decoding.grouped import KeyGroupCache, grouped_decode_output
-from vlmfix.decoding.key_bias import KeyBiasPlans, key_bias_row_output
+from vlmfix.decoding.key_bias import KeyBiasPlans, key_bias_blocks_output, key_bias_row_output
 
 AttentionFn = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -123,18 +123,23 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
                                 bias_plans=host.key_bias_plans, **kwargs)
         elif any(block_edits for _, block_edits in blocks):
             # contrastive layout [positive stream; negative stream]: each row block gets its own edits
-            mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
-            parts = []
-            for part, block_edits in blocks:
-                if block_edits:
-                    parts.append(edited_output(query[part], key[part], value[part], mask_of(part), scaling,
-                                               block_edits, backend, module, use_kernel=host.use_kernel(query),
-                                               group_cache=host.key_groups, bias_plans=host.key_bias_plans,
-                                               **kwargs))
-                else:
-                    parts.append(backend(module, query[part], key[part], value[part], mask_of(part),
-                                         dropout=dropout, scaling=scaling, **kwargs)[0])
-            out = torch.cat(parts, dim=0)
+            merged = one_sdpa_for_blocks(query, key, value, attention_mask, scaling, blocks, host, implementation,
+                                         kwargs)
+            if merged is not None:
+                out = merged
+            else:
+                mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
+                parts = []
+                for part, block_edits in blocks:
+                    if block_edits:
+                        parts.append(edited_output(query[part], key[part], value[part], mask_of(part), scaling,
+                                                   block_edits, backend, module, use_kernel=host.use_kernel(query),
+                                                   group_cache=host.key_groups, bias_plans=host.key_bias_plans,
+                                                   **kwargs))
+                    else:
+                        parts.append(backend(module, query[part], key[part], value[part], mask_of(part),
+                                             dropout=dropout, scaling=scaling, **kwargs)[0])
+                out = torch.cat(parts, dim=0)
         else:
             out, weights = backend(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -147,6 +152,18 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         return out, weights
 
     return vlmfix_attention
+
+
+def one_sdpa_for_blocks(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                        scaling: float | None, blocks: list[tuple[slice, list[Edit]]], host: AttentionHost,
+                        implementation: str, kwargs: dict[str, Any]) -> Tensor | None:
+    """A two-stream decode row whose edited blocks hold key biases only, as one SDPA call over every row (the
+    unedited stream's rows with their mask alone, as its SDPA backend would run them); None when this does not
+    apply (another backend, the Triton kernel, a logit softcap, prefill rows, other edits)."""
+    if implementation != "sdpa" or kwargs.get("softcap") is not None or host.use_kernel(query):
+        return None
+    return key_bias_blocks_output(query, key, value, attention_mask, scaling, blocks, host.key_bias_plans,
+                                  sliding_window=kwargs.get("sliding_window"))
 
 
 def uncropped(key: Tensor, value: Tensor, attention_mask: Tensor | None, length: int, q_len: int

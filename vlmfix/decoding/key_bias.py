@@ -124,22 +124,53 @@ def key_bias_row_output(
     backend's (None = causal, a [batch, kv_len] padding mask, or 4-D for this row). No logit softcap (SDPA
     cannot apply it): callers with one use the PyTorch edit path. Off the CPU, fp32 queries only.
     """
+    every_row = [(slice(0, query.shape[0]), list(edits))]
+    return key_bias_blocks_output(query, key, value, attention_mask, scaling, every_row, plans,
+                                  sliding_window=sliding_window)
+
+
+def key_bias_blocks_output(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None,
+    blocks: Sequence[tuple[slice, list[Edit]]],
+    plans: KeyBiasPlans | None = None,
+    *,
+    sliding_window: int | None = None,
+) -> Tensor | None:
+    """`key_bias_row_output` for a forward whose row blocks have their own edits (`stream_blocks`: a two-stream
+    forward's edited and unedited streams), in one SDPA call over every row: rows without edits get their mask
+    alone. None unless some block has edits and every block's edits are key biases (and head scales) only."""
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     device = query.device
-    plan = plans.get(edits, batch, device) if plans is not None else plan_key_biases(edits, batch, device)
-    if q_len != 1 or plan is None or plan.stop > kv_len:
-        return None
-    if device.type != "cpu" and query.dtype != torch.float32:
+    if q_len != 1 or (device.type != "cpu" and query.dtype != torch.float32):
         return None  # an fp32 bias with a reduced-precision query is checked on CPU only (CUDA decodes in the kernel)
+    planned = []
+    for rows, edits in blocks:
+        if not edits:
+            continue
+        count = len(range(*rows.indices(batch)))
+        plan = plans.get(edits, count, device) if plans is not None else plan_key_biases(edits, count, device)
+        if plan is None or plan.stop > kv_len:
+            return None
+        planned.append((rows, edits, plan))
+    if not planned:
+        return None
     scaling = head_dim**-0.5 if scaling is None else scaling
     bias = _row_mask_bias(attention_mask, batch, heads, kv_len, sliding_window, device)  # [batch, heads, 1, kv_len]
-    if plan.stop > plan.start:
-        delta = _span_delta(query, key[:, :, plan.start : plan.stop], scaling, plan, kv_len)
-        bias[..., plan.start : plan.stop] += delta
+    for rows, _, plan in planned:
+        if plan.stop > plan.start:
+            span = slice(plan.start, plan.stop)
+            bias[rows, :, :, span] += _span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
-                                         enable_gqa=kv_heads != heads)  # [batch, heads, 1, head_dim]
-    return scale_heads(out.transpose(1, 2), edits, kv_len)
+                                         enable_gqa=kv_heads != heads).transpose(1, 2)  # [batch, 1, heads, head_dim]
+    for rows, edits, _ in planned:
+        if any(isinstance(e, HeadScale) for e in edits):
+            out[rows] = scale_heads(out[rows], edits, kv_len)
+    return out
 
 
 def _row_mask_bias(attention_mask: Tensor | None, batch: int, heads: int, kv_len: int, sliding_window: int | None,
