@@ -164,7 +164,7 @@ def key_bias_blocks_output(
     for rows, _, plan in planned:
         if plan.stop > plan.start:
             span = slice(plan.start, plan.stop)
-            bias[rows, :, :, span] += _span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len)
+            bias[rows, :, :, span].add_(_span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
                                          enable_gqa=kv_heads != heads).transpose(1, 2)  # [batch, 1, heads, head_dim]
     for rows, edits, _ in planned:
