@@ -5,7 +5,9 @@ Registered with transformers' `AttentionInterface` (and a mask builder with
 without edits call the wrapped backend with the exact arguments they got. In a two-stream forward the
 rows split into blocks by the edits' `stream` (`vlmfix.decoding.edits.stream_blocks`); blocks without
 edits call the backend too. Edited layers run the PyTorch edit path (`edited_attention`); at decode
-steps on CUDA the grouped Triton kernel (`vlmfix.decoding.grouped`) serves the edits it can express.
+steps on CUDA the grouped Triton kernel (`vlmfix.decoding.grouped`) serves the edits it can express, and one
+query row edited by key biases only (PAI) runs SDPA with the biases as an additive mask
+(`vlmfix.decoding.key_bias`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vlmfix.decoding.edits import (
     within_window,
 )
 from vlmfix.decoding.grouped import KeyGroupCache, grouped_decode_output
+from vlmfix.decoding.key_bias import KeyBiasPlans, key_bias_blocks_output, key_bias_row_output
 
 AttentionFn = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -69,6 +72,7 @@ class AttentionHost(Protocol):
 
     edited_rows: int | None  # a two-stream forward edits its first `edited_rows` rows only
     key_groups: KeyGroupCache
+    key_bias_plans: KeyBiasPlans
     sequence_length: int | None  # tokens of the running forward's sequence so far (cache + new), when known
 
     def owns_thread(self) -> bool: ...
@@ -115,20 +119,27 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         blocks = stream_blocks(edits, query.shape[0], host.edited_rows, host.negative_start()) if edits else []
         if len(blocks) == 1 and blocks[0][1]:  # every row gets the same edits
             out = edited_output(query, key, value, attention_mask, scaling, blocks[0][1], backend, module,
-                                use_kernel=host.use_kernel(query), group_cache=host.key_groups, **kwargs)
+                                use_kernel=host.use_kernel(query), group_cache=host.key_groups,
+                                bias_plans=host.key_bias_plans, **kwargs)
         elif any(block_edits for _, block_edits in blocks):
             # contrastive layout [positive stream; negative stream]: each row block gets its own edits
-            mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
-            parts = []
-            for part, block_edits in blocks:
-                if block_edits:
-                    parts.append(edited_output(query[part], key[part], value[part], mask_of(part), scaling,
-                                               block_edits, backend, module, use_kernel=host.use_kernel(query),
-                                               group_cache=host.key_groups, **kwargs))
-                else:
-                    parts.append(backend(module, query[part], key[part], value[part], mask_of(part),
-                                         dropout=dropout, scaling=scaling, **kwargs)[0])
-            out = torch.cat(parts, dim=0)
+            merged = one_sdpa_for_blocks(query, key, value, attention_mask, scaling, blocks, host, implementation,
+                                         kwargs)
+            if merged is not None:
+                out = merged
+            else:
+                mask_of = (lambda part: attention_mask[part]) if attention_mask is not None else (lambda part: None)
+                parts = []
+                for part, block_edits in blocks:
+                    if block_edits:
+                        parts.append(edited_output(query[part], key[part], value[part], mask_of(part), scaling,
+                                                   block_edits, backend, module, use_kernel=host.use_kernel(query),
+                                                   group_cache=host.key_groups, bias_plans=host.key_bias_plans,
+                                                   **kwargs))
+                    else:
+                        parts.append(backend(module, query[part], key[part], value[part], mask_of(part),
+                                             dropout=dropout, scaling=scaling, **kwargs)[0])
+                out = torch.cat(parts, dim=0)
         else:
             out, weights = backend(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -141,6 +152,18 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         return out, weights
 
     return vlmfix_attention
+
+
+def one_sdpa_for_blocks(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                        scaling: float | None, blocks: list[tuple[slice, list[Edit]]], host: AttentionHost,
+                        implementation: str, kwargs: dict[str, Any]) -> Tensor | None:
+    """A two-stream decode row whose edited blocks hold key biases only, as one SDPA call over every row (the
+    unedited stream's rows with their mask alone, as its SDPA backend would run them); None when this does not
+    apply (another backend, the Triton kernel, a logit softcap, prefill rows, other edits)."""
+    if implementation != "sdpa" or kwargs.get("softcap") is not None or host.use_kernel(query):
+        return None
+    return key_bias_blocks_output(query, key, value, attention_mask, scaling, blocks, host.key_bias_plans,
+                                  sliding_window=kwargs.get("sliding_window"))
 
 
 def uncropped(key: Tensor, value: Tensor, attention_mask: Tensor | None, length: int, q_len: int
@@ -186,10 +209,12 @@ def edited_output(
     module: nn.Module,
     use_kernel: bool = False,
     group_cache: KeyGroupCache | None = None,
+    bias_plans: KeyBiasPlans | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """Output of an edited layer: the grouped Triton kernel at decode steps when `use_kernel` and the
-    edits fit it, else the PyTorch path.
+    edits fit it; for one row edited by key biases only (PAI), SDPA with the biases as an additive mask
+    (`vlmfix.decoding.key_bias`, plans from `bias_plans`); else the PyTorch path.
 
     At prefill, when every probability edit touches only the last row, the backend computes all rows
     and only the last row is recomputed with edits (cost O(kv_len), not O(q_len * kv_len)).
@@ -204,16 +229,33 @@ def edited_output(
         kernel_out = grouped_decode_output(query, key, value, attention_mask, scaling, edits, group_cache)
         if kernel_out is not None:
             return kernel_out
+    if q_len == 1:
+        row_out = single_row_output(query, key, value, attention_mask, scaling, edits, bias_plans, layer_kwargs)
+        if row_out is not None:
+            return row_out
     if q_len > 1 and _only_last_row(edits):
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         mask = attention_mask[..., -1:, :] if attention_mask is not None and attention_mask.dim() == 4 else None
         if mask is None and attention_mask is not None:  # 2-D padding mask (flash): keep it
             mask = attention_mask
-        last = edited_attention(query[:, :, -1:], key, value, mask, scaling, edits, **layer_kwargs)
+        last = single_row_output(query[:, :, -1:], key, value, mask, scaling, edits, bias_plans, layer_kwargs)
+        if last is None:
+            last = edited_attention(query[:, :, -1:], key, value, mask, scaling, edits, **layer_kwargs)
         out = out.clone()
         out[:, -1:] = last
         return out
     return edited_attention(query, key, value, attention_mask, scaling, edits, **layer_kwargs)
+
+
+def single_row_output(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      scaling: float | None, edits: Sequence[Edit], bias_plans: KeyBiasPlans | None,
+                      layer_kwargs: dict[str, Any]) -> Tensor | None:
+    """One query row's edited output through SDPA when its edits are key biases only and the layer has no
+    logit softcap, else None."""
+    if layer_kwargs["softcap"] is not None:
+        return None
+    return key_bias_row_output(query, key, value, attention_mask, scaling, edits, bias_plans,
+                               sliding_window=layer_kwargs["sliding_window"])
 
 
 def register(name: str, function: AttentionFn, implementation: str) -> None:

@@ -48,6 +48,7 @@ from vlmfix.adapters import Adapter, Spans, get_adapter
 from vlmfix.decoding.attention import AttentionCall, Observer, make_attention_function, register, unregister
 from vlmfix.decoding.edits import Edit
 from vlmfix.decoding.grouped import KeyGroupCache
+from vlmfix.decoding.key_bias import KeyBiasPlans
 from vlmfix.decoding.method import METHODS, Method
 from vlmfix.decoding.prompt_inputs import IMAGE_KEYS, padding_mask, without_loop_keys
 from vlmfix.errors import MissingImageError, SessionError, SpanError
@@ -141,6 +142,8 @@ class Session:
         self.loop: Any = None  # the running decoding loop of a method that owns it (OPERA), else None
         # the grouped kernel's key groups per edit list, kept for the prompt batch's decode steps
         self.key_groups = KeyGroupCache()
+        # one-row SDPA plans of key-bias edits (PAI) per edit list, kept for the prompt batch's decode steps
+        self.key_bias_plans = KeyBiasPlans()
         self.prompts_seen = 0
         # the last prompt batch's image inputs, as plain lists, for `prompt_record` (the pictures' patch grids)
         self._prompt_images: dict[str, Any] = {}
@@ -209,6 +212,7 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self._uninstall()
         self.key_groups.clear()  # it holds the edits' tensors
+        self.key_bias_plans.clear()
 
     def _install(self) -> None:
         config = self.adapter.text_config
@@ -345,6 +349,7 @@ class Session:
             self._prompt_handles.pop().remove()
         self._prompt_observers.clear()
         self.key_groups.clear()
+        self.key_bias_plans.clear()
 
     # ------------------------------------------------------------------ what methods use
     def observe_for_prompt(self, observer: Observer) -> None:

@@ -1,0 +1,205 @@
+"""One query row whose edits are key biases only (PAI's z + alpha * |z|): SDPA with an additive bias.
+
+A `KeyBias` changes the scores of the keys where its `bias` or `abs_gain` is nonzero, and these lie in
+the prompt (generated keys take 0). For one query row (a decode step, or the prompt's last row) the
+edited attention is therefore
+
+    softmax(z + mask + delta) @ v,   delta_j = sum over edits (bias_j + abs_gain_j * |z_j|) on the biased keys j,
+
+which is SDPA with the additive mask `mask + delta`: only the biased keys' scores z_j need computing
+explicitly (fp32, as on the PyTorch edit path), and SDPA does the rest in the cache's own dtype, with
+grouped key/value heads and no fp32 copy of the cache. The biased keys' span, each edit's terms on it
+and the rows each edit selects are prepared once per prompt (`KeyBiasPlans`) and reused by every layer
+and step; rows an edit does not select (`from_position`) get no delta.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlmfix.decoding.edits import (
+    Edit,
+    HeadScale,
+    KeyBias,
+    additive_mask,
+    fit_keys,
+    fit_rows,
+    scale_heads,
+    within_window,
+)
+
+
+@dataclass(frozen=True)
+class KeyBiasTerm:
+    """One `KeyBias` on the span of biased keys: bias + gain * |z|, on the rows at or past `from_position`."""
+
+    bias: Tensor | None  # [batch, heads or 1, 1, span] fp32
+    gain: Tensor | None  # [batch, heads or 1, 1, span] fp32
+    from_position: Tensor | None  # [batch] long
+
+
+@dataclass(frozen=True)
+class KeyBiasPlan:
+    """An edit list's key biases over the prompt: the biased keys lie in positions start .. stop - 1."""
+
+    start: int
+    stop: int
+    terms: tuple[KeyBiasTerm, ...]
+
+
+def plan_key_biases(edits: Sequence[Edit], batch: int, device: torch.device) -> KeyBiasPlan | None:
+    """The plan of `edits` for a forward of `batch` rows, or None when they are not key biases (and head scales)
+    only. One host sync: the span of the biased keys."""
+    if not edits or not all(isinstance(e, (KeyBias, HeadScale)) for e in edits):
+        return None
+    biases = [e for e in edits if isinstance(e, KeyBias)]
+    if not biases:
+        return None
+    tensors = [t for e in biases for t in (e.bias, e.abs_gain) if t is not None]
+    length = max((t.shape[-1] for t in tensors), default=0)
+    touched = torch.zeros(length, dtype=torch.bool, device=device)
+    for t in tensors:  # t: [plan_batch, heads or 1, keys]
+        touched[: t.shape[-1]] |= (t.to(device) != 0).flatten(0, 1).any(0)
+    columns = touched.nonzero().flatten().tolist()
+    start, stop = (columns[0], columns[-1] + 1) if columns else (0, 0)
+
+    def span(t: Tensor | None) -> Tensor | None:  # [plan_batch, heads or 1, keys] -> [batch, heads or 1, 1, span]
+        if t is None or stop == start:
+            return None
+        return fit_keys(t.to(device).float(), stop, batch, 0.0)[..., start:stop, None].transpose(-1, -2)
+
+    terms = tuple(
+        KeyBiasTerm(span(e.bias), span(e.abs_gain),
+                    None if e.from_position is None else fit_rows(e.from_position.to(device), batch))
+        for e in biases
+    )
+    return KeyBiasPlan(start, stop, terms)
+
+
+class KeyBiasPlans:
+    """Key-bias plans per edit list, made once per prompt (keyed by the identity of the edit objects, which
+    methods plan once per prompt; clear it when a prompt ends); at most `capacity` lists, least recent dropped."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, KeyBiasPlan | None] = OrderedDict()
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, edits: Sequence[Edit], batch: int, device: torch.device) -> KeyBiasPlan | None:
+        key = (batch, str(device), *map(id, edits))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        plan = plan_key_biases(edits, batch, device)
+        self._entries[key] = plan
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return plan
+
+
+def key_bias_row_output(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None,
+    edits: Sequence[Edit],
+    plans: KeyBiasPlans | None = None,
+    *,
+    sliding_window: int | None = None,
+) -> Tensor | None:
+    """The edited attention of one query row, [batch, 1, heads, head_dim], or None when `edits` are not key
+    biases (and head scales) only.
+
+    query: [batch, heads, 1, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim]; attention_mask: the
+    backend's (None = causal, a [batch, kv_len] padding mask, or 4-D for this row). No logit softcap (SDPA
+    cannot apply it): callers with one use the PyTorch edit path. Off the CPU, fp32 queries only.
+    """
+    every_row = [(slice(0, query.shape[0]), list(edits))]
+    return key_bias_blocks_output(query, key, value, attention_mask, scaling, every_row, plans,
+                                  sliding_window=sliding_window)
+
+
+def key_bias_blocks_output(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None,
+    blocks: Sequence[tuple[slice, list[Edit]]],
+    plans: KeyBiasPlans | None = None,
+    *,
+    sliding_window: int | None = None,
+) -> Tensor | None:
+    """`key_bias_row_output` for a forward whose row blocks have their own edits (`stream_blocks`: a two-stream
+    forward's edited and unedited streams), in one SDPA call over every row: rows without edits get their mask
+    alone. None unless some block has edits and every block's edits are key biases (and head scales) only."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    device = query.device
+    if q_len != 1 or (device.type != "cpu" and query.dtype != torch.float32):
+        return None  # an fp32 bias with a reduced-precision query is checked on CPU only (CUDA decodes in the kernel)
+    planned = []
+    for rows, edits in blocks:
+        if not edits:
+            continue
+        count = len(range(*rows.indices(batch)))
+        plan = plans.get(edits, count, device) if plans is not None else plan_key_biases(edits, count, device)
+        if plan is None or plan.stop > kv_len:
+            return None
+        planned.append((rows, edits, plan))
+    if not planned:
+        return None
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    bias = _row_mask_bias(attention_mask, batch, heads, kv_len, sliding_window, device)  # [batch, heads, 1, kv_len]
+    for rows, _, plan in planned:
+        if plan.stop > plan.start:
+            span = slice(plan.start, plan.stop)
+            bias[rows, :, :, span].add_(_span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
+                                         enable_gqa=kv_heads != heads).transpose(1, 2)  # [batch, 1, heads, head_dim]
+    for rows, edits, _ in planned:
+        if any(isinstance(e, HeadScale) for e in edits):
+            out[rows] = scale_heads(out[rows], edits, kv_len)
+    return out
+
+
+def _row_mask_bias(attention_mask: Tensor | None, batch: int, heads: int, kv_len: int, sliding_window: int | None,
+                   device: torch.device) -> Tensor:
+    """The last row's additive mask (0 or -inf), [batch, heads, 1, kv_len] fp32, a new tensor to add biases to.
+    No mask at one row: every key is visible (the last row of a causal mask), bar those past a sliding window."""
+    if attention_mask is None and (sliding_window is None or kv_len <= sliding_window):
+        return torch.zeros(batch, heads, 1, kv_len, device=device)
+    mask = additive_mask(attention_mask, batch, 1, kv_len, device)  # [batch or 1, 1, 1, kv_len]
+    if sliding_window is not None and (attention_mask is None or attention_mask.dim() == 2):
+        mask = mask.masked_fill(~within_window(1, kv_len, sliding_window, device), float("-inf"))
+    return mask.expand(batch, heads, 1, kv_len).clone()
+
+
+def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasPlan, kv_len: int) -> Tensor:
+    """delta on the span of biased keys, [batch, heads, 1, span] fp32, from the span's scores z (fp32)."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads, span = span_keys.shape[1], span_keys.shape[2]
+    # query: [batch, heads, 1, head_dim] -> [batch, kv_heads, heads / kv_heads, head_dim]: each key head's queries
+    grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    z = torch.matmul(grouped, span_keys.float().transpose(-1, -2)) * scaling  # [batch, kv_heads, group, span]
+    abs_z = z.reshape(batch, heads, 1, span).abs()
+    position = kv_len - 1  # the row's position in the sequence
+    parts = []
+    for term in plan.terms:
+        part = term.gain * abs_z if term.gain is not None else torch.zeros_like(abs_z)
+        if term.bias is not None:
+            part = term.bias + part
+        if term.from_position is not None:
+            part = torch.where((position >= term.from_position)[:, None, None, None], part, 0.0)
+        parts.append(part)
+    return functools.reduce(torch.add, parts)
