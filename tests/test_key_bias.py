@@ -156,3 +156,17 @@ def test_pai_decode_steps_equal_the_pytorch_edit_path(family, cfg):
     finite = ~slow_scores.isinf()
     torch.testing.assert_close(fast_scores[finite], slow_scores[finite], atol=1e-5, rtol=1e-5)
     assert_unchanged(inputs, before)
+
+
+def test_a_plan_is_never_served_to_a_new_edit_list_that_reuses_an_old_ones_id():
+    """A method that builds new edits per step frees the old ones; CPython hands their memory (and id) to the
+    next edit object at once, so a cache keyed by ids alone would serve that new edit the freed one's plan."""
+    plans, cpu = KeyBiasPlans(), torch.device("cpu")
+    for step in range(20):
+        first_key = step % (PROMPT - 1)
+        bias = torch.zeros(B, 1, PROMPT)
+        bias[:, :, first_key:] = -1.0  # a different span of biased keys each step
+        edit = KeyBias(bias=bias)
+        plan = plans.get([edit], B, cpu)
+        assert plan is not None and (plan.start, plan.stop) == (first_key, PROMPT)
+        del edit, plan  # the edit list of this step is gone

@@ -85,11 +85,12 @@ def plan_key_biases(edits: Sequence[Edit], batch: int, device: torch.device) -> 
 
 class KeyBiasPlans:
     """Key-bias plans per edit list, made once per prompt (keyed by the identity of the edit objects, which
-    methods plan once per prompt; clear it when a prompt ends); at most `capacity` lists, least recent dropped."""
+    methods plan once per prompt; clear it when a prompt ends); at most `capacity` lists, least recent dropped.
+    An entry holds its edits, so that no other edit list can take their ids while the entry lives."""
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple, KeyBiasPlan | None] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[tuple[Edit, ...], KeyBiasPlan | None]] = OrderedDict()
 
     def clear(self) -> None:
         self._entries.clear()
@@ -98,9 +99,9 @@ class KeyBiasPlans:
         key = (batch, str(device), *map(id, edits))
         if key in self._entries:
             self._entries.move_to_end(key)
-            return self._entries[key]
+            return self._entries[key][1]
         plan = plan_key_biases(edits, batch, device)
-        self._entries[key] = plan
+        self._entries[key] = (tuple(edits), plan)  # the edits kept alive: their ids stay theirs
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
         return plan
