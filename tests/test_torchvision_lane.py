@@ -15,6 +15,12 @@ pytest_plugins = ["pytester"]
 CONFTEST = "from tests.conftest import pytest_collection_modifyitems, pytest_runtest_setup  # noqa: F401\n"
 
 
+@pytest.fixture(autouse=True)
+def unsharded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inner pytest runs load the suite's collection hook, which would keep one shard of their tests only."""
+    monkeypatch.delenv("VLMFIX_TEST_SHARD", raising=False)
+
+
 @pytest.fixture
 def no_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
     """torchvision looks missing (to `importlib.util.find_spec`), whether or not it is installed."""
