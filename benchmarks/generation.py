@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -55,6 +56,63 @@ class Shard:
     def wait(self) -> None:
         if self.world > 1:
             _partial_state().wait_for_everyone()
+
+
+class BatchInputs:
+    """The processor's inputs of image batches, kept for the next run in this process that asks for the same
+    batch: a sweep's methods (the toy sweep's 14) each ask for every batch of a benchmark, and decoding and
+    processing the same images each time costs as much as a tenth of a toy job.
+
+    A batch is known by the processor, each item's text and image file (path, size, modification time); the
+    caller gets fresh copies of the kept tensors (nothing it does reaches the cache). At most `max_bytes` of
+    tensors are kept, the least recently used dropped first.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self.kept: OrderedDict[tuple[Any, ...], tuple[Any, dict[str, Any], int]] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def key(processor: Any, batch: Sequence[Item]) -> tuple[Any, ...]:
+        files = []
+        for item in batch:
+            stat = os.stat(cast(Path, item.image_path))
+            files.append((str(item.image_path), stat.st_size, stat.st_mtime_ns, item.text))
+        return (id(processor), *files)
+
+    def get(self, processor: Any, batch: Sequence[Item], process: Callable[[], Any]) -> Any:
+        """`process()` (the processor's BatchFeature of `batch`), or a copy of the one kept for this batch."""
+        key = self.key(processor, batch)
+        kept = self.kept.get(key)
+        if kept is None or kept[0] is not processor:  # an id reused by another processor is not a hit
+            features = process()
+            size = sum(v.numel() * v.element_size() for v in features.values() if isinstance(v, torch.Tensor))
+            if size <= self.max_bytes:
+                self.kept[key] = (processor, {k: _copied(v) for k, v in features.items()}, size)
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    self.bytes -= self.kept.popitem(last=False)[1][2]
+            return features
+        self.kept.move_to_end(key)
+        return batch_feature({k: _copied(v) for k, v in kept[1].items()})
+
+    def clear(self) -> None:
+        self.kept.clear()
+        self.bytes = 0
+
+
+def batch_feature(data: dict[str, Any]) -> Any:
+    from transformers import BatchFeature
+
+    return BatchFeature(data)
+
+
+def _copied(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+BATCH_INPUTS = BatchInputs()  # one per process: what a sweep's jobs share
 
 
 def _partial_state():
@@ -164,9 +222,12 @@ def generate_predictions(
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, **decoding)
         else:
-            images = [Image.open(cast(Path, item.image_path)).convert("RGB") for item in batch]
-            prompts = [chat_prompt(processor, item.text) for item in batch]
-            inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(device)
+            def process(batch: list[Item] = batch) -> Any:
+                images = [Image.open(cast(Path, item.image_path)).convert("RGB") for item in batch]
+                prompts = [chat_prompt(processor, item.text) for item in batch]
+                return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+
+            inputs = BATCH_INPUTS.get(processor, batch, process).to(device)
             with torch.inference_mode():
                 out = vlmfix.generate(model, **inputs, methods=methods, tokenizer=processor,
                                       max_new_tokens=max_new_tokens, **decoding)

@@ -117,6 +117,30 @@ def test_labels_cover_the_response_only(tmp_path):
     assert int((item["input_ids"] == image_id).sum()) == 16  # (32 / 8)^2 image tokens, all unlabelled
 
 
+def test_an_encoder_templates_each_prompt_once_and_encodes_as_a_fresh_one(tmp_path):
+    tiny = tiny_model("llava")
+    examples = load_preferences(write_preferences(tmp_path)).positive  # rows 0 and 2 share their prompt
+    templated = []
+
+    class CountingProcessor:  # the processor, its chat template calls counted
+        def __getattr__(self, name):
+            return getattr(tiny.processor, name)
+
+        def __call__(self, *args, **kwargs):
+            return tiny.processor(*args, **kwargs)
+
+        def apply_chat_template(self, conversation, **kwargs):
+            templated.append(conversation[0]["content"][1]["text"])
+            return tiny.processor.apply_chat_template(conversation, **kwargs)
+
+    encoder = ResponseEncoder(CountingProcessor())
+    encoded = [encoder.encode(example) for example in [*examples, *examples]]
+    assert sorted(templated) == sorted({row[0] for row in ROWS})  # once per distinct prompt
+    for example, item in zip([*examples, *examples], encoded):
+        fresh = ResponseEncoder(tiny.processor).encode(example)
+        assert item.keys() == fresh.keys() and all(torch.equal(item[k], fresh[k]) for k in fresh)
+
+
 def test_response_nll_matches_a_reference(tmp_path):
     tiny = tiny_model("qwen2_vl")
     data = load_preferences(write_preferences(tmp_path))

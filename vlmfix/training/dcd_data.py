@@ -357,6 +357,9 @@ class _ImageChecker:
 
 
 # ---------------------------------------------------------------------------------------------- encoding
+TEMPLATED_KEPT = 4096  # distinct prompts whose chat text an encoder keeps
+
+
 class ResponseEncoder:
     """Model inputs of examples: the prompt through the processor (image tokens expanded), then
     ' ' + response + eos, with labels on the response tokens only."""
@@ -365,10 +368,16 @@ class ResponseEncoder:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.templated: dict[str, str] = {}  # prompt -> its chat text (preference data repeats a few prompts)
 
     def prompt_text(self, prompt: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = self.templated.get(prompt)
+        if text is None:
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            if len(self.templated) < TEMPLATED_KEPT:
+                self.templated[prompt] = text
+        return text
 
     def encode(self, example: Example) -> dict[str, Tensor]:
         encoded = self.processor(images=[example.open_image()], text=[self.prompt_text(example.prompt)],
