@@ -103,7 +103,6 @@ REFUSED: dict[str, Refusal] = {
     "Dots3NoteForConditionalGeneration": _pending("DeepSeek-V3.2-style indexed sparse attention (a learned top-k key "
                                                    "selection per query) and a cache of MLA latents, not keys and "
                                                    "values; an audio tower beside the image one"),
-    "FastVlmForConditionalGeneration": _pending("its FastViT vision tower is a timm model: no offline tiny build"),
     "FuyuForCausalLM": _pending(
         "patch embeddings without a vision tower, and its image features come in `last_hidden_state` with no "
         "`pooler_output`, which vlmfix's two-stream engine stacks when it re-encodes images (VCD, DCD, ...); its "
@@ -141,7 +140,6 @@ REFUSED: dict[str, Refusal] = {
     "MuseSparkForConditionalGeneration": _pending("its image processor is Muse Glimmer's, which needs torchvision (it "
                                                   "has no PIL backend): no offline tiny build here; an audio tower "
                                                   "beside the image one"),
-    "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
     "Step3p7ForConditionalGeneration": _pending(
         f"{TORCHVISION_ONLY}; its sliding layers may have another head count than its global ones "
         "(num_sliding_attention_heads) and a sigmoid gate scales each head's output before o_proj"),

@@ -12,6 +12,7 @@ out = tiny.model.generate(**inputs, max_new_tokens=8)
 from vlmfix.testing.tiny import (
     ALL_FAMILIES,
     FAMILIES,
+    TORCHVISION_FAMILIES,
     WORDS,
     Family,
     ImageOnlyQwen2VLProcessor,
@@ -22,4 +23,4 @@ from vlmfix.testing.tiny import (
 )
 
 __all__ = ["ALL_FAMILIES", "FAMILIES", "WORDS", "Family", "ImageOnlyQwen2VLProcessor", "TinyVLM", "build_tiny",
-           "random_image", "word_tokenizer"]
+           "random_image", "word_tokenizer", "TORCHVISION_FAMILIES"]

@@ -90,6 +90,9 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "aria",
     "deepseek_vl_hybrid",
 )
+# families whose tiny build needs torchvision or timm (vlmfix/testing/tiny_timm_and_torchvision.py): not in
+# `ALL_FAMILIES`, so the main CI lane (without torchvision) does not build them; the `torchvision` lane does
+TORCHVISION_FAMILIES: tuple[Family, ...] = ("perception_lm", "fast_vlm")
 
 WORDS = (
     "a an the is there in on of and with this that image picture photo describe what where how many "
@@ -239,9 +242,14 @@ def build_tiny(
             `global_every`), e.g. benchmark-sized images; the reference families take `image_size` /
             `patch_size` above instead.
     """
-    if family not in ALL_FAMILIES:
-        raise ValueError(f"Unknown family {family!r}. Available: {', '.join(ALL_FAMILIES)}")
+    if family not in (*ALL_FAMILIES, *TORCHVISION_FAMILIES):
+        raise ValueError(f"Unknown family {family!r}. Available: {', '.join((*ALL_FAMILIES, *TORCHVISION_FAMILIES))}")
     torch.manual_seed(seed)
+    if family in TORCHVISION_FAMILIES:
+        from vlmfix.testing.tiny_families import Shape as LanguageShape
+
+        tiny = _build_with_torchvision(family, LanguageShape(layers, heads, kv_heads, head_dim), options or {})
+        return _finish(tiny, attn_implementation)
     if family not in FAMILIES:
         from vlmfix.testing.tiny_families import BUILDERS, NESTED_IMAGES, Shape
 
@@ -319,6 +327,21 @@ def build_tiny(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
         )
     return _finish(TinyVLM(family=family, model=model, processor=processor), attn_implementation)
+
+
+def _build_with_torchvision(family: Family, shape: Any, options: dict[str, Any]) -> TinyVLM:
+    """A family of `TORCHVISION_FAMILIES`; a clear error where torchvision or timm is missing."""
+    import importlib.util
+
+    missing = [name for name in ("torchvision", "timm") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"The tiny {family!r} build needs {' and '.join(missing)} (its image processor needs "
+                          f"torchvision, or its vision tower is a timm model); install them with "
+                          f"`pip install torchvision timm` beside a matching torch build.")
+    from vlmfix.testing.tiny_timm_and_torchvision import BUILDERS, NESTED_IMAGES
+
+    model, processor = BUILDERS[family](shape, **options)
+    return TinyVLM(family=family, model=model, processor=processor, nested_images=family in NESTED_IMAGES)
 
 
 def _finish(tiny: TinyVLM, attn_implementation: str) -> TinyVLM:
