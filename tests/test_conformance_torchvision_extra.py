@@ -9,10 +9,16 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
+import vlmfix
+from vlmfix.adapters import get_adapter
+from vlmfix.decoding.edits import KeyBias
 from vlmfix.decoding.method import METHODS
 from vlmfix.testing import TORCHVISION_FAMILIES, build_tiny
 from vlmfix.testing import conformance as suite
+
+from .conftest import PlannedEdits
 
 torchvision = pytest.mark.torchvision
 
@@ -49,10 +55,42 @@ TOKENS_PER_IMAGE = {"perception_lm": 5 * (32 // 8 // 2) ** 2, "fast_vlm": (128 /
 def test_image_spans_hold_the_layouts_token_count(family):
     tiny = build_tiny(family)
     inputs = tiny.inputs(list(suite.QUESTIONS), images_per_row=2)
-    from vlmfix.adapters import get_adapter
-
     spans = get_adapter(tiny.model).spans(inputs["input_ids"], inputs["attention_mask"], tiny.tokenizer)
     assert spans.image.sum(dim=1).tolist() == [2 * TOKENS_PER_IMAGE[family]] * len(suite.QUESTIONS)
+
+
+@torchvision
+def test_molmo2_image_blocks_stay_bidirectional_in_edited_layers():
+    """Molmo2's image blocks attend bidirectionally at prefill (mm_token_type_ids): an edit that changes nothing
+    (a zero key bias, run by vlmfix's attention function in every layer) keeps plain generate's scores, which
+    differ from those of a causal-only prefill, so a mask builder that dropped the blocks would be caught."""
+    tiny = build_tiny("molmo2")
+    inputs = tiny.inputs(list(suite.QUESTIONS))
+    kwargs = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    plain = tiny.model.generate(**inputs, **kwargs).scores[0]
+    causal_inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    causal = tiny.model.generate(**causal_inputs, **kwargs).scores[0]
+    assert (plain - causal).abs().max() > 1e-3  # the blocks reach the last prompt token
+    zero_bias = PlannedEdits(lambda state, layer: [KeyBias(bias=torch.zeros_like(state.spans.image[:, None],
+                                                                                  dtype=torch.float32))])
+    with vlmfix.apply(tiny.model, zero_bias, tokenizer=tiny.processor) as session:
+        edited = session.generate(**inputs, **kwargs).scores[0]
+    layers = tiny.model.config.text_config.num_hidden_layers
+    assert session.report()[zero_bias.name]["applied"]["attention_calls"] == layers  # every layer ran vlmfix's
+    torch.testing.assert_close(edited, plain, atol=1e-5, rtol=1e-4)
+
+
+@torchvision
+def test_step3p7_heads_are_read_per_layer():
+    """Step 3.7's sliding layers have twice the global layers' heads in the tiny build; the adapter reads each
+    layer's count from its query projection's width, and `num_heads` is the global layers' count."""
+    tiny = build_tiny("step3p7", heads=4, head_dim=16)
+    adapter = get_adapter(tiny.model)
+    types = tiny.model.config.text_config.layer_types
+    widths = [adapter.attn(i).q_proj.out_features // 16 for i in range(adapter.num_layers)]
+    assert [adapter.heads_in(i) for i in range(adapter.num_layers)] == widths
+    assert widths == [8 if kind == "sliding_attention" else 4 for kind in types]
+    assert adapter.num_heads == 4
 
 
 def test_a_build_without_torchvision_fails_with_the_fix(monkeypatch):

@@ -134,15 +134,10 @@ REFUSED: dict[str, Refusal] = {
         "discrete selection flipped by the batched MoE's rounding), so VHR, VCD, ICD and DCD cannot keep padded "
         "rows independent. Also: the model merges the top-k into the mask only under attention backends named eager or "
         "sdpa, so vlmfix must apply the `indices` itself; OPERA needs plain cache layers"),
-    "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
-                                                "image blocks attend bidirectionally (mm_token_type_ids)"),
     "MuseGlimmerForConditionalGeneration": _pending(TORCHVISION_ONLY),
     "MuseSparkForConditionalGeneration": _pending("its image processor is Muse Glimmer's, which needs torchvision (it "
                                                   "has no PIL backend): no offline tiny build here; an audio tower "
                                                   "beside the image one"),
-    "Step3p7ForConditionalGeneration": _pending(
-        f"{TORCHVISION_ONLY}; its sliding layers may have another head count than its global ones "
-        "(num_sliding_attention_heads) and a sigmoid gate scales each head's output before o_proj"),
     "UnlimitedOcrForConditionalGeneration": _pending(TORCHVISION_ONLY),
     # the families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(

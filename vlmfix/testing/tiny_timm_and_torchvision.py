@@ -90,10 +90,80 @@ def build_fast_vlm(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+MOLMO2_TOKENS = ("<|image|>", "<|video|>", "<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>",
+                 "<frame_start>", "<im_end>", "<frame_end>", "<im_low>")
+
+
+def build_molmo2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Molmo2: a ViT of 8-pixel patches on 32-pixel crops (16 position embeddings), an attention-pooling adapter
+    (2x2 patches per token) reading two ViT layers, a Qwen3-style language model (q/k norm). Each image is a
+    low-resolution view and overlapping high-resolution crops, each a grid of `<im_patch>` rows closed by
+    `<im_col>`, wrapped in `<low_res_im_start>` / `<im_start>` ... `<im_end>`; the processor marks the image
+    tokens in `mm_token_type_ids`, and those blocks attend bidirectionally at prefill."""
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration, Molmo2Processor
+    from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProcessor
+    from transformers.models.molmo2.video_processing_molmo2 import Molmo2VideoProcessor
+
+    tokenizer = chatml_tokenizer(*MOLMO2_TOKENS)
+    tokenizer.image_token, tokenizer.video_token = "<|image|>", "<|video|>"  # type: ignore[attr-defined]
+    ids = token_ids(tokenizer, (*MOLMO2_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      additional_vocab_size=0, qk_norm_type="qwen3")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, image_size=[32, 32], patch_size=8, num_position_embeddings=16)
+    adapter = dict(vision_feature_layer=[-2, -1], hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                   head_dim=8, intermediate_size=2 * shape.hidden, text_hidden_size=shape.hidden)
+    config = Molmo2Config(
+        vision_config=vision, adapter_config=adapter, text_config=text,
+        image_start_token_id=ids["<im_start>"], low_res_image_start_token_id=ids["<low_res_im_start>"],
+        image_end_token_id=ids["<im_end>"], image_patch_id=ids["<im_patch>"], frame_start_token_id=ids["<frame_start>"],
+        frame_end_token_id=ids["<frame_end>"],
+    )
+    model = Molmo2ForConditionalGeneration(config)
+    image_processor = Molmo2ImageProcessor(size={"height": 32, "width": 32}, patch_size=8, max_crops=2,
+                                           overlap_margins=[1, 1], pooling_size=[2, 2])
+    processor = Molmo2Processor(image_processor=image_processor, video_processor=Molmo2VideoProcessor(),
+                                tokenizer=tokenizer, chat_template=chatml_template("<|image|>"))
+    return model, processor
+
+
+STEP3_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", "<patch_start>", "<patch_end>", "<patch_newline>")
+
+
+def build_step3p7(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Step 3.7: a ViT of 4-pixel patches with a conv downsampler (two stride-2 convolutions: 16 tokens per
+    64-pixel view), a linear projector, and a language model whose sliding-window layers have another head
+    count than its global ones (`num_sliding_attention_heads`), a per-head sigmoid gate on each head's
+    output before `o_proj`, q/k norms and MoE blocks. Images that fit the 64-pixel global view get no local
+    crops: `<im_start>` 16 x `<im_patch>` `<im_end>`."""
+    from transformers import Step3p7Config, Step3p7ForConditionalGeneration, Step3p7Processor
+    from transformers.models.step3p7.image_processing_step3p7 import Step3p7ImageProcessor
+
+    tokenizer = chatml_tokenizer(*STEP3_TOKENS)
+    ids = token_ids(tokenizer, (*STEP3_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    layer_types = (["sliding_attention", "full_attention"] * shape.layers)[: shape.layers]
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      layer_types=layer_types, sliding_window=8, num_sliding_attention_heads=2 * shape.heads,
+                      mlp_layer_types=["dense"] + ["sparse"] * (shape.layers - 1), num_local_experts=4,
+                      n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape.hidden,
+                      share_expert_dim=shape.hidden)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                  patch_size=4, max_position_embeddings=256)
+    config = Step3p7Config(vision_config=vision, text_config=text, image_token_id=ids["<im_patch>"])
+    model = Step3p7ForConditionalGeneration(config)
+    image_processor = Step3p7ImageProcessor(size={"height": 64, "width": 64}, patch_size=48, max_image_size=128,
+                                            vision_patch_size=4, downsampler_stride=4)
+    processor = Step3p7Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                 chat_template=chatml_template("<im_patch>"))
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES: frozenset[str] = frozenset()
 
 BUILDERS: dict[str, Builder] = {
     "perception_lm": build_perception_lm,
     "fast_vlm": build_fast_vlm,
+    "molmo2": build_molmo2,
+    "step3p7": build_step3p7,
 }
