@@ -59,25 +59,41 @@ def test_image_spans_hold_the_layouts_token_count(family):
     assert spans.image.sum(dim=1).tolist() == [2 * TOKENS_PER_IMAGE[family]] * len(suite.QUESTIONS)
 
 
-@torchvision
-def test_molmo2_image_blocks_stay_bidirectional_in_edited_layers():
-    """Molmo2's image blocks attend bidirectionally at prefill (mm_token_type_ids): an edit that changes nothing
-    (a zero key bias, run by vlmfix's attention function in every layer) keeps plain generate's scores, which
-    differ from those of a causal-only prefill, so a mask builder that dropped the blocks would be caught."""
-    tiny = build_tiny("molmo2")
-    inputs = tiny.inputs(list(suite.QUESTIONS))
-    kwargs = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    plain = tiny.model.generate(**inputs, **kwargs).scores[0]
-    causal_inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
-    causal = tiny.model.generate(**causal_inputs, **kwargs).scores[0]
-    assert (plain - causal).abs().max() > 1e-3  # the blocks reach the last prompt token
+GREEDY_STEP = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+def zero_bias_scores(tiny, inputs) -> torch.Tensor:
+    """First-step scores with a zero key bias in every layer: vlmfix's attention function runs everywhere (its
+    mask, scaling, head layout and value width), and should change nothing."""
     zero_bias = PlannedEdits(lambda state, layer: [KeyBias(bias=torch.zeros_like(state.spans.image[:, None],
                                                                                   dtype=torch.float32))])
     with vlmfix.apply(tiny.model, zero_bias, tokenizer=tiny.processor) as session:
-        edited = session.generate(**inputs, **kwargs).scores[0]
-    layers = tiny.model.config.text_config.num_hidden_layers
+        scores = session.generate(**inputs, **GREEDY_STEP).scores[0]
+    layers = get_adapter(tiny.model).num_layers
     assert session.report()[zero_bias.name]["applied"]["attention_calls"] == layers  # every layer ran vlmfix's
-    torch.testing.assert_close(edited, plain, atol=1e-5, rtol=1e-4)
+    return scores
+
+
+@torchvision
+@pytest.mark.parametrize("family", ["molmo2", "step3p7", "kimi_k25"])
+def test_vlmfix_attention_in_every_layer_keeps_plain_scores(family):
+    """Molmo2's bidirectional image blocks, Step 3.7's per-layer head counts and head gate, Kimi K2.5's latent
+    attention (keys 24 wide, values 16): plain generate's scores, recomputed through vlmfix's attention."""
+    tiny = build_tiny(family)
+    inputs = tiny.inputs(list(suite.QUESTIONS))
+    plain = tiny.model.generate(**inputs, **GREEDY_STEP).scores[0]
+    torch.testing.assert_close(zero_bias_scores(tiny, inputs), plain, atol=1e-5, rtol=1e-4)
+
+
+@torchvision
+def test_molmo2_image_blocks_matter():
+    """The check above has power for Molmo2: a causal-only prefill (no mm_token_type_ids) gives other scores, so a
+    mask builder that dropped the bidirectional blocks would fail it."""
+    tiny = build_tiny("molmo2")
+    inputs = tiny.inputs(list(suite.QUESTIONS))
+    plain = tiny.model.generate(**inputs, **GREEDY_STEP).scores[0]
+    causal = tiny.model.generate(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, **GREEDY_STEP)
+    assert (plain - causal.scores[0]).abs().max() > 1e-3
 
 
 @torchvision

@@ -57,6 +57,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("idefics3", "Idefics3ForConditionalGeneration", markers=("<end_of_utterance>",),
                   frames=("<fake_token_around_image>", "<global-img>")),
     common_layout("internvl", "InternVLForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
+    common_layout("kimi_k25", "Kimi_K25ForConditionalGeneration", markers=CHATML,
+                  frames=("<|media_content|>",)),
     common_layout("lighton_ocr", "LightOnOcrForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_pad|>", "<|vision_end|>")),
     common_layout("llava_next_video", "LlavaNextVideoForConditionalGeneration", markers=("ASSISTANT:", "[/INST]")),

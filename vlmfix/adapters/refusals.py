@@ -119,9 +119,6 @@ REFUSED: dict[str, Refusal] = {
         "learned attention sinks passed to the attention function (s_aux), which vlmfix's edited attention does not "
         "take, so an edited layer would drop them; DeepSeek-V3.2-style top-k sparse attention over MLA latents; "
         "hyper-connections (4 residual streams, so a layer's input is not one residual stream)"),
-    "Kimi_K25ForConditionalGeneration": _pending(
-        f"{TORCHVISION_ONLY}; its language model is DeepSeek-V3 (multi-head latent attention: the cache holds "
-        "compressed latents, keys are wider than values)"),
     "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),

@@ -92,7 +92,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
 )
 # families whose tiny build needs torchvision or timm (vlmfix/testing/tiny_timm_and_torchvision.py): not in
 # `ALL_FAMILIES`, so the main CI lane (without torchvision) does not build them; the `torchvision` lane does
-TORCHVISION_FAMILIES: tuple[Family, ...] = ("perception_lm", "fast_vlm", "molmo2", "step3p7")
+TORCHVISION_FAMILIES: tuple[Family, ...] = ("perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")
 
 WORDS = (
     "a an the is there in on of and with this that image picture photo describe what where how many "

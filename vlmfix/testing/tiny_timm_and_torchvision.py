@@ -158,6 +158,46 @@ def build_step3p7(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+KIMI_TOKENS = ("<|media_begin|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>",
+               "<|kimi_k25_video_placeholder|>")
+
+
+def build_kimi_k25(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Kimi K2.5: a MoonViT-style tower (8-pixel patches, 2-D RoPE, 2x2 patch merge), a LayerNorm + MLP projector,
+    and a DeepSeek-V3 language model: multi-head latent attention (queries and keys/values through low-rank
+    latents; keys of `qk_nope + qk_rope` = 24 dims, values of 16), a dense first layer then MoE (4 routed
+    experts, 1 shared). Each image is `<|media_begin|>image<|media_content|>` then one `<|media_pad|>` per merged
+    patch group, then `<|media_end|>`."""
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration, Kimi_K25Processor
+    from transformers.models.kimi_k25.image_processing_kimi_k25 import Kimi_K25ImageProcessor
+    from transformers.models.kimi_k25.video_processing_kimi_k25 import Kimi_K25VideoProcessor
+
+    tokenizer = chatml_tokenizer(*KIMI_TOKENS)
+    ids = token_ids(tokenizer, (*KIMI_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    text = dict(model_type="deepseek_v3", vocab_size=len(tokenizer), hidden_size=shape.hidden,
+                intermediate_size=2 * shape.hidden, moe_intermediate_size=shape.hidden,
+                num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                num_key_value_heads=shape.heads, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=2048,
+                pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None,
+                tie_word_embeddings=False)
+    vision = dict(patch_size=8, pos_emb_height=8, pos_emb_width=8, pos_emb_time=1, num_attention_heads=4,
+                  num_hidden_layers=2, hidden_size=32, intermediate_size=64, merge_kernel_size=[2, 2])
+    config = Kimi_K25Config(
+        text_config=text, vision_config=vision, projection_hidden_size=32, image_token_id=ids["<|media_pad|>"],
+        video_token_id=ids["<|kimi_k25_video_placeholder|>"], vision_start_token_id=ids["<|media_begin|>"],
+        vision_end_token_id=ids["<|media_end|>"], tie_word_embeddings=False,
+    )
+    model = Kimi_K25ForConditionalGeneration(config)
+    image_processor = Kimi_K25ImageProcessor(size={"max_height": 32, "max_width": 32}, patch_size=8, merge_size=2)
+    processor = Kimi_K25Processor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=Kimi_K25VideoProcessor(),
+        chat_template=chatml_template("<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"),
+    )
+    return model, processor
+
+
 # families whose processor takes one list of images per prompt
 NESTED_IMAGES: frozenset[str] = frozenset()
 
@@ -166,4 +206,5 @@ BUILDERS: dict[str, Builder] = {
     "fast_vlm": build_fast_vlm,
     "molmo2": build_molmo2,
     "step3p7": build_step3p7,
+    "kimi_k25": build_kimi_k25,
 }
