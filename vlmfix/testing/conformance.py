@@ -1,6 +1,6 @@
 """The conformance suite: what every supported family must do under vlmfix, checked on its tiny build.
 
-For a family (`vlmfix.testing.ALL_FAMILIES`):
+For a family (`vlmfix.testing.ALL_FAMILIES`, and beside torchvision and timm `TORCHVISION_FAMILIES`):
   - no method: tokens and scores bit-identical to plain `model.generate` (greedy, seeded sampling, beam
     search) on a left-padded batch whose rows differ in length (`check_no_method`);
   - every registered method (`vlmfix.decoding.method.METHODS`, so methods added later are covered) runs
@@ -39,7 +39,7 @@ import vlmfix
 from vlmfix.adapters import REFUSED, SUPPORTED_CLASSES, get_adapter
 from vlmfix.decoding.method import METHODS, Method
 from vlmfix.errors import UnsupportedModelError
-from vlmfix.testing.tiny import ALL_FAMILIES, TinyVLM, build_tiny
+from vlmfix.testing.tiny import ALL_FAMILIES, TORCHVISION_FAMILIES, TinyVLM, build_tiny
 
 # rows of different lengths, so the batch is left-padded
 QUESTIONS = ("Describe this image in detail .", "is there a dog ?")
@@ -338,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmfix.testing.conformance", description=__doc__.split("\n")[0])
     parser.add_argument("--table", action="store_true", help="run the method checks; print family x method")
     parser.add_argument("--list", action="store_true", help="count the mapping's classes by how vlmfix handles them")
-    parser.add_argument("--families", nargs="*", default=list(ALL_FAMILIES), choices=ALL_FAMILIES)
+    parser.add_argument("--families", nargs="*", default=list(ALL_FAMILIES),
+                        choices=(*ALL_FAMILIES, *TORCHVISION_FAMILIES),  # the latter beside torchvision and timm
+                        help="families to check (default: those whose tiny build runs without torchvision or timm)")
     args = parser.parse_args(argv)
     if args.list or not args.table:
         groups = mapping_counts()
