@@ -12,10 +12,11 @@ from vlmfix.adapters.llava_next import LlavaNextAdapter
 from vlmfix.adapters.qwen2_5_vl import Qwen25VLAdapter
 from vlmfix.adapters.qwen2_vl import Qwen2VLAdapter
 from vlmfix.adapters.refusals import REFUSED, Refusal
+from vlmfix.adapters.step3p7 import Step3p7Adapter
 from vlmfix.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, *COMMON_LAYOUT,
-                                       FuyuAdapter)
+                                       FuyuAdapter, Step3p7Adapter)
 SUPPORTED_CLASSES: dict[str, type[Adapter]] = {name: a for a in ADAPTERS for name in a.model_classes}
 
 

@@ -103,14 +103,10 @@ REFUSED: dict[str, Refusal] = {
     "Dots3NoteForConditionalGeneration": _pending("DeepSeek-V3.2-style indexed sparse attention (a learned top-k key "
                                                    "selection per query) and a cache of MLA latents, not keys and "
                                                    "values; an audio tower beside the image one"),
-    "FastVlmForConditionalGeneration": _pending("its FastViT vision tower is a timm model: no offline tiny build"),
     "HYV4VLForConditionalGeneration": _pending(
         "learned attention sinks passed to the attention function (s_aux), which vlmfix's edited attention does not "
         "take, so an edited layer would drop them; DeepSeek-V3.2-style top-k sparse attention over MLA latents; "
         "hyper-connections (4 residual streams, so a layer's input is not one residual stream)"),
-    "Kimi_K25ForConditionalGeneration": _pending(
-        f"{TORCHVISION_ONLY}; its language model is DeepSeek-V3 (multi-head latent attention: the cache holds "
-        "compressed latents, keys are wider than values)"),
     "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
@@ -123,12 +119,6 @@ REFUSED: dict[str, Refusal] = {
         "discrete selection flipped by the batched MoE's rounding), so VHR, VCD, ICD and DCD cannot keep padded "
         "rows independent. Also: the model merges the top-k into the mask only under attention backends named eager or "
         "sdpa, so vlmfix must apply the `indices` itself; OPERA needs plain cache layers"),
-    "Molmo2ForConditionalGeneration": _pending("its image processor needs torchvision (no offline tiny build here); "
-                                                "image blocks attend bidirectionally (mm_token_type_ids)"),
-    "PerceptionLMForConditionalGeneration": _pending("its Perception Encoder is a timm model: no offline tiny build"),
-    "Step3p7ForConditionalGeneration": _pending(
-        f"{TORCHVISION_ONLY}; its sliding layers may have another head count than its global ones "
-        "(num_sliding_attention_heads) and a sigmoid gate scales each head's output before o_proj"),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning, with or without an "

@@ -27,10 +27,12 @@ CONTROL_KEYS = ("cache", "past_key_values", "use_cache", "logits_to_keep", "retu
                 "output_hidden_states", "cache_position")
 # a prompt's image inputs in the caller's layout (pixel_attention_mask: Idefics / Granite-Docling tiles;
 # image_merge_sizes: VideoLLaMA 3; image_position_ids: Gemma 4's patch coordinates; pixel_mask: Aria's padding;
-# high_res_pixel_values: DeepSeek-VL hybrid's second tower): what the session records and the two-stream engine
-# encodes
+# high_res_pixel_values: DeepSeek-VL hybrid's second tower; image_token_pooling, image_grids, image_num_crops:
+# Molmo2's pooling indices and crop layout; pixel_values_local, num_local_patches: Step 3.7's local crops): what
+# the session records and the two-stream engine encodes
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_merge_sizes",
-              "image_position_ids", "pixel_mask", "high_res_pixel_values")
+              "image_position_ids", "pixel_mask", "high_res_pixel_values", "image_token_pooling", "image_grids",
+              "image_num_crops", "pixel_values_local", "num_local_patches")
 FEATURES = "mm_encoder_outputs"  # image features generate encodes before the first forward
 
 

@@ -1,6 +1,6 @@
 """The conformance suite: what every supported family must do under vlmfix, checked on its tiny build.
 
-For a family (`vlmfix.testing.ALL_FAMILIES`):
+For a family (`vlmfix.testing.ALL_FAMILIES`; those of `TORCHVISION_FAMILIES` beside torchvision and timm):
   - no method: tokens and scores bit-identical to plain `model.generate` (greedy, seeded sampling, beam
     search) on a left-padded batch whose rows differ in length (`check_no_method`);
   - every registered method (`vlmfix.decoding.method.METHODS`, so methods added later are covered) runs
@@ -369,7 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmfix.testing.conformance", description=__doc__.split("\n")[0])
     parser.add_argument("--table", action="store_true", help="run the method checks; print family x method")
     parser.add_argument("--list", action="store_true", help="count the mapping's classes by how vlmfix handles them")
-    parser.add_argument("--families", nargs="*", default=list(ALL_FAMILIES), choices=ALL_FAMILIES)
+    parser.add_argument("--families", nargs="*", default=list(ALL_FAMILIES),
+                        choices=ALL_FAMILIES, help="families to check (those of TORCHVISION_FAMILIES need torchvision "
+                                                   "and timm installed)")
     args = parser.parse_args(argv)
     if args.list or not args.table:
         groups = mapping_counts()

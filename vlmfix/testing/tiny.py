@@ -49,9 +49,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 Family = str  # a family name of `ALL_FAMILIES`
 # the reference families that the method tests run on
 FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-# families whose tiny build needs torchvision (image processors with no PIL backend), built in
-# vlmfix/testing/tiny_torchvision.py; their tests carry the `torchvision` marker (CI's second lane, README)
-TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified")
+# families whose tiny build needs torchvision (image processors with no PIL backend) or timm (vision towers), built
+# in vlmfix/testing/tiny_torchvision.py and tiny_timm_and_torchvision.py; their tests carry the `torchvision`
+# marker (CI's second lane, README)
+TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
+                                            "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
 # vlmfix/testing/tiny_families.py and tiny_feature_families.py
 ALL_FAMILIES: tuple[Family, ...] = (
@@ -221,11 +223,13 @@ def random_image(size: int, seed: int) -> Image.Image:
 
 
 def require_torchvision(what: str) -> None:
-    """Raise a `RuntimeError` naming the fix when torchvision cannot be imported (`what` needs it)."""
-    if importlib.util.find_spec("torchvision") is None:
+    """Raise a `RuntimeError` naming the fix when torchvision or timm cannot be imported (`what` needs them)."""
+    missing = [name for name in ("torchvision", "timm") if importlib.util.find_spec(name) is None]
+    if missing:
         raise RuntimeError(
-            f"{what} needs torchvision, which is not installed: its image processor has no PIL backend. Run these "
-            "tests in an environment with torchvision (`pip install torch==2.14.1 torchvision==0.29.1`, then "
+            f"{what} needs {' and '.join(missing)}, not installed here: the image processors of "
+            f"`TORCHVISION_FAMILIES` have no PIL backend, and some of their vision towers are timm models. Run these "
+            "tests in an environment with both (`pip install torch==2.14.1 torchvision==0.29.1 timm`, then "
             "`pip install -e \".[all]\"`; CI's second lane in .ci/run), or deselect them with -m \"not torchvision\"."
         )
 
@@ -264,10 +268,11 @@ def build_tiny(
     if family in TORCHVISION_FAMILIES:
         require_torchvision(f"the tiny {family} build")
     if family not in FAMILIES:
-        from vlmfix.testing import tiny_families, tiny_feature_families, tiny_torchvision
+        from vlmfix.testing import tiny_families, tiny_feature_families, tiny_timm_and_torchvision, tiny_torchvision
         from vlmfix.testing.tiny_families import Shape
 
-        module = next(m for m in (tiny_torchvision, tiny_feature_families, tiny_families) if family in m.BUILDERS)
+        modules = (tiny_torchvision, tiny_timm_and_torchvision, tiny_feature_families, tiny_families)
+        module = next(m for m in modules if family in m.BUILDERS)
         built, built_processor = module.BUILDERS[family](Shape(layers, heads, kv_heads, head_dim), **(options or {}))
         tiny = TinyVLM(family=family, model=built, processor=built_processor,
                        nested_images=family in module.NESTED_IMAGES)
