@@ -1105,6 +1105,35 @@ GEMMA4_TEMPLATE = (
 )
 
 
+def gemma4_tokenizer() -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """Gemma 4's tokenizer (word-level, its special tokens named as its processor reads them) and their ids."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(GEMMA4_SPECIALS, WORDS), bos_token="<bos>", eos_token="<turn|>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, GEMMA4_SPECIALS)
+    for name, token in (("boi", "<|image>"), ("eoi", "<image|>"), ("image", "<|image|>"), ("boa", "<|audio>"),
+                        ("eoa", "<audio|>"), ("audio", "<|audio|>")):
+        setattr(tokenizer, f"{name}_token", token)
+        setattr(tokenizer, f"{name}_token_id", ids[token])
+    return tokenizer, ids
+
+
+def gemma4_layer_types(layers: int) -> tuple[list[str], int]:
+    """Alternating sliding / full layers ending in a full one, and how many of the last layers share keys and
+    values (the first half computes them, the second half reuses them)."""
+    layer_types = (["sliding_attention", "full_attention"] * layers)[:layers]
+    layer_types[-1] = "full_attention"
+    return layer_types, layers - max(layers // 2, 2)
+
+
+def gemma4_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The image, video and audio token ids of a Gemma 4 config."""
+    return dict(boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"],
+                video_token_id=ids["<|video|>"], boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"],
+                audio_token_id=ids["<|audio|>"])
+
+
 def build_gemma4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Gemma 4: per-layer embeddings (8 wide), sliding and global layers (the global ones with twice the head
     width, one KV head, keys reused as values), MoE blocks, the last two layers reading the keys and values of the
@@ -1115,21 +1144,11 @@ def build_gemma4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_tokenizer(GEMMA4_SPECIALS, WORDS), bos_token="<bos>", eos_token="<turn|>",
-        unk_token="<unk>", pad_token="<pad>", padding_side="left",
-    )
-    ids = token_ids(tokenizer, GEMMA4_SPECIALS)
-    for name, token in (("boi", "<|image>"), ("eoi", "<image|>"), ("image", "<|image|>"), ("boa", "<|audio>"),
-                        ("eoa", "<audio|>"), ("audio", "<|audio|>")):
-        setattr(tokenizer, f"{name}_token", token)
-        setattr(tokenizer, f"{name}_token_id", ids[token])
-    half = max(shape.layers // 2, 2)  # the first half computes keys and values, the second half shares them
-    layer_types = (["sliding_attention", "full_attention"] * shape.layers)[:shape.layers]
-    layer_types[-1] = "full_attention"
+    tokenizer, ids = gemma4_tokenizer()
+    layer_types, shared = gemma4_layer_types(shape.layers)
     text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<turn|>"], bos_token_id=ids["<bos>"],
                       global_head_dim=2 * shape.head_dim, sliding_window=16, layer_types=layer_types,
-                      num_kv_shared_layers=shape.layers - half, vocab_size_per_layer_input=len(tokenizer),
+                      num_kv_shared_layers=shared, vocab_size_per_layer_input=len(tokenizer),
                       hidden_size_per_layer_input=8, use_bidirectional_attention="vision",
                       # the 26B-A4B's variants: global layers reuse their keys as values, with one KV head; MoE blocks
                       attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True, num_experts=4,
@@ -1137,10 +1156,7 @@ def build_gemma4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=3, position_embedding_size=256)
     config = Gemma4Config(
-        text_config=text, vision_config=vision, audio_config=None, boi_token_id=ids["<|image>"],
-        eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
-        boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"], audio_token_id=ids["<|audio|>"],
-    )
+        text_config=text, vision_config=vision, audio_config=None, **gemma4_token_ids(ids))
     model = Gemma4ForConditionalGeneration(config)
     image_processor = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
     processor = image_only(Gemma4Processor)(

@@ -145,31 +145,18 @@ def build_gemma4_unified(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]
     from transformers.models.gemma4_unified.image_processing_gemma4_unified import Gemma4UnifiedImageProcessor
     from transformers.models.gemma4_unified.video_processing_gemma4_unified import Gemma4UnifiedVideoProcessor
 
-    from vlmfix.testing.tiny_families import GEMMA4_SPECIALS, GEMMA4_TEMPLATE
+    from vlmfix.testing.tiny_families import GEMMA4_TEMPLATE, gemma4_layer_types, gemma4_token_ids, gemma4_tokenizer
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_tokenizer(GEMMA4_SPECIALS, WORDS), bos_token="<bos>", eos_token="<turn|>",
-        unk_token="<unk>", pad_token="<pad>", padding_side="left",
-    )
-    ids = token_ids(tokenizer, GEMMA4_SPECIALS)
-    for name, token in (("boi", "<|image>"), ("eoi", "<image|>"), ("image", "<|image|>"), ("boa", "<|audio>"),
-                        ("eoa", "<audio|>"), ("audio", "<|audio|>")):
-        setattr(tokenizer, f"{name}_token", token)
-        setattr(tokenizer, f"{name}_token_id", ids[token])
-    half = max(shape.layers // 2, 2)  # the first half computes keys and values, the second half shares them
-    layer_types = (["sliding_attention", "full_attention"] * shape.layers)[:shape.layers]
-    layer_types[-1] = "full_attention"
+    tokenizer, ids = gemma4_tokenizer()
+    layer_types, shared = gemma4_layer_types(shape.layers)
     text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["<turn|>"], bos_token_id=ids["<bos>"],
                       global_head_dim=2 * shape.head_dim, sliding_window=16, layer_types=layer_types,
-                      num_kv_shared_layers=shape.layers - half, use_bidirectional_attention="vision",
+                      num_kv_shared_layers=shared, use_bidirectional_attention="vision",
                       attention_k_eq_v=True, num_global_key_value_heads=1)
     # output_proj_dims: the width the multimodal projection reads (the patch embedding's)
     vision = dict(patch_size=4, pooling_kernel_size=3, mm_embed_dim=32, mm_posemb_size=64, output_proj_dims=32)
     config = Gemma4UnifiedConfig(
-        text_config=text, vision_config=vision, audio_config=None, boi_token_id=ids["<|image>"],
-        eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
-        boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"], audio_token_id=ids["<|audio|>"],
-    )
+        text_config=text, vision_config=vision, audio_config=None, **gemma4_token_ids(ids))
     model = Gemma4UnifiedForConditionalGeneration(config)
     image_processor = Gemma4UnifiedImageProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
     processor = Gemma4UnifiedProcessor(
