@@ -85,7 +85,7 @@ class BatchInputs:
         """`process()` (the processor's BatchFeature of `batch`), or a copy of the one kept for this batch."""
         key = self.key(processor, batch)
         kept = self.kept.get(key)
-        if kept is None or kept[0] is not processor:  # an id reused by another processor is not a hit
+        if kept is None:  # an entry holds its processor, so no other processor can take its id meanwhile
             features = process()
             size = sum(v.numel() * v.element_size() for v in features.values() if isinstance(v, torch.Tensor))
             if size <= self.max_bytes:
@@ -96,10 +96,6 @@ class BatchInputs:
             return features
         self.kept.move_to_end(key)
         return batch_feature({k: _copied(v) for k, v in kept[1].items()})
-
-    def clear(self) -> None:
-        self.kept.clear()
-        self.bytes = 0
 
 
 def batch_feature(data: dict[str, Any]) -> Any:

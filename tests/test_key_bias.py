@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 import vlmfix
+from vlmfix.decoding import key_bias
 from vlmfix.decoding.edits import HeadScale, KeyBias, Reweight
 from vlmfix.decoding.key_bias import KeyBiasPlans, key_bias_row_output, plan_key_biases
 from vlmfix.methods.pai import PAI
@@ -58,9 +59,11 @@ def padding_visible() -> Tensor:
     return torch.tensor([[j >= PAD[b] for j in range(KV)] for b in range(B)])
 
 
+@pytest.mark.parametrize("sdpa_groups_heads", [True, False], ids=["enable_gqa", "torch<2.5"])
 @pytest.mark.parametrize("kv_heads", [H, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("mask_kind", ["none", "padding-2d", "bool-4d", "float-4d"])
-def test_matches_reference(kv_heads, mask_kind):
+def test_matches_reference(kv_heads, mask_kind, sdpa_groups_heads, monkeypatch):
+    monkeypatch.setattr(key_bias, "SDPA_GROUPS_HEADS", sdpa_groups_heads)  # torch < 2.5 repeats K and V instead
     q, k, v = row_inputs(kv_heads)
     before = snapshot({"q": q, "k": k, "v": v})
     image = image_keys()

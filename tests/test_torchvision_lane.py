@@ -54,6 +54,7 @@ def test_a_torchvision_family_parameter_is_marked(pytester, monkeypatch):
     pytester.runpytest_inprocess("-m", "not torchvision").assert_outcomes(passed=1, deselected=1)
     selected = pytester.runpytest_inprocess("-m", "torchvision", "-v")
     selected.stdout.fnmatch_lines(["*test_family?needs_tv? *"])
+    assert selected.parseoutcomes()["deselected"] == 1  # the plain case left out (the marked one fails here)
 
 
 def test_a_torchvision_family_build_names_the_fix(no_torchvision):

@@ -274,7 +274,7 @@ class Adapter:
 
     @property
     def num_kv_heads(self) -> int:
-        return self.text_config.num_key_value_heads or self.num_heads
+        return getattr(self.text_config, "num_key_value_heads", None) or self.num_heads  # None: no GQA (Persimmon)
 
     def resolve_layers(self, layers: Sequence[int] | None, name: str = "layers",
                        default: Sequence[int] = ()) -> tuple[int, ...]:

@@ -41,10 +41,6 @@ class FuyuAdapter(Adapter):
         return cast(nn.Linear, self.attn(layer_idx).dense)
 
     @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads  # Persimmon has no grouped-query attention (no num_key_value_heads)
-
-    @property
     def projector(self) -> nn.Module:
         """The patch embedding, the one module between pixels and the language model (what DCD swaps)."""
         return cast(nn.Module, self.base.vision_embed_tokens)

@@ -31,9 +31,13 @@ from vlmfix.decoding.edits import (
     additive_mask,
     fit_keys,
     fit_rows,
+    repeat_kv,
     scale_heads,
     within_window,
 )
+
+# SDPA's `enable_gqa` (fewer key/value heads than query heads) exists from torch 2.5
+SDPA_GROUPS_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass(frozen=True)
@@ -166,8 +170,11 @@ def key_bias_blocks_output(
         if plan.stop > plan.start:
             span = slice(plan.start, plan.stop)
             bias[rows, :, :, span].add_(_span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len))
+    grouped = {"enable_gqa": True} if kv_heads != heads and SDPA_GROUPS_HEADS else {}
+    if kv_heads != heads and not grouped:  # torch < 2.5: SDPA takes as many key/value heads as query heads
+        key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
-                                         enable_gqa=kv_heads != heads).transpose(1, 2)  # [batch, 1, heads, head_dim]
+                                         **grouped).transpose(1, 2)  # [batch, 1, heads, head_dim]
     for rows, edits, _ in planned:
         if any(isinstance(e, HeadScale) for e in edits):
             out[rows] = scale_heads(out[rows], edits, kv_len)
@@ -197,10 +204,13 @@ def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasP
     position = kv_len - 1  # the row's position in the sequence
     parts = []
     for term in plan.terms:
-        part = term.gain * abs_z if term.gain is not None else torch.zeros_like(abs_z)
-        if term.bias is not None:
-            part = term.bias + part
+        if term.gain is None:
+            if term.bias is None:
+                continue
+            part = term.bias
+        else:
+            part = term.gain * abs_z if term.bias is None else term.bias + term.gain * abs_z
         if term.from_position is not None:
             part = torch.where((position >= term.from_position)[:, None, None, None], part, 0.0)
         parts.append(part)
-    return functools.reduce(torch.add, parts)
+    return functools.reduce(torch.add, parts) if parts else torch.zeros_like(abs_z)

@@ -38,7 +38,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 import vlmfix
 from vlmfix.adapters import REFUSED, SUPPORTED_CLASSES, get_adapter
 from vlmfix.decoding.method import METHODS, Method
-from vlmfix.decoding.prompt_inputs import image_features as encoder_features
+from vlmfix.decoding.prompt_inputs import image_tokens_encoded
 from vlmfix.errors import UnsupportedModelError
 from vlmfix.testing.tiny import ALL_FAMILIES, TinyVLM, build_tiny
 
@@ -230,7 +230,7 @@ def image_features(tiny: TinyVLM, inputs: dict[str, Any]) -> int:
     encoder = tiny.model.base_model.get_image_features  # as generate and the contrastive engine call it
     accepted = set(inspect.signature(encoder).parameters) - {"kwargs", "input_ids"}
     output = encoder(**{k: v for k, v in inputs.items() if k in accepted}, return_dict=True)
-    return sum(f.reshape(-1, f.shape[-1]).shape[0] for f in encoder_features(output))
+    return image_tokens_encoded(output)
 
 
 @dataclass(frozen=True)

@@ -1127,7 +1127,7 @@ def gemma4_layer_types(layers: int) -> tuple[list[str], int]:
     return layer_types, layers - max(layers // 2, 2)
 
 
-def gemma4_token_ids(ids: dict[str, int]) -> dict[str, int]:
+def gemma4_token_ids(ids: dict[str, int]) -> dict[str, Any]:
     """The image, video and audio token ids of a Gemma 4 config."""
     return dict(boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"],
                 video_token_id=ids["<|video|>"], boa_token_id=ids["<|audio>"], eoa_token_index=ids["<audio|>"],
