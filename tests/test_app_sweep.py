@@ -4,9 +4,11 @@ processor's inputs of a batch are kept for the next job that asks for the same b
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy
@@ -118,3 +120,26 @@ def test_batch_inputs_keep_at_most_their_byte_budget_dropping_the_least_recently
     assert processor.calls == 3  # still kept
     cache.get(processor, batches[1], lambda: processor.inputs(batches[1]))
     assert processor.calls == 4  # dropped
+
+
+def test_a_batch_of_another_processor_drops_the_kept_batches_of_the_previous_one(tmp_path):
+    """A multi-model sweep moves on to the next model: the old model's inputs (and its processor) are let go, not
+    kept beside the new one's until the byte budget pushes them out."""
+    path = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(path)
+    batches = [[Item(0, path, "x" * n)] for n in range(2)]
+    cache = BatchInputs()  # room for far more than these three batches
+    old = CountingProcessor()
+    for batch in batches:
+        cache.get(old, batch, lambda b=batch, p=old: p.inputs(b))
+    assert cache.bytes == 2 * (4 + 8)
+    old_alive = weakref.ref(old)
+    new = CountingProcessor()
+    cache.get(new, batches[0], lambda: new.inputs(batches[0]))
+    assert new.calls == 1  # the old processor's inputs of the same batch are not the new one's
+    assert cache.bytes == 4 + 8 and len(cache.kept) == 1
+    del old
+    gc.collect()
+    assert old_alive() is None  # nothing in the cache holds the old processor
+    cache.get(new, batches[0], lambda: new.inputs(batches[0]))
+    assert new.calls == 1  # the new processor's batch is kept
