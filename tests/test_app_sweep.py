@@ -5,6 +5,7 @@ processor's inputs of a batch are kept for the next job that asks for the same b
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +53,43 @@ def test_a_checked_config_reaches_the_launcher_without_a_second_composition():
     assert len(loader.calls) == 3 and again.call == 3 and again is not launched[0]
     assert configs.load_sweep_config(master, ["method=pai"]).call == 4  # one it never checked: composed
     assert configs.other() == "delegated"  # the rest of the loader's interface is Hydra's
+
+
+STUB_CONFIG = """\
+defaults:
+  - override hydra/job_logging: none
+  - override hydra/hydra_logging: none
+  - _self_
+x: 0
+y: a
+hydra:
+  sweeper:
+    _target_: hydra_plugins.vlmfix_sweeper.ComposeOnceSweeper
+  launcher:
+    _target_: hydra._internal.core_plugins.basic_launcher.BasicLauncher
+  sweep:
+    dir: {sweep}
+  job:
+    chdir: false
+"""
+
+
+def test_a_multirun_launches_each_job_through_the_configured_launcher_composed_once(tmp_path):
+    """Hydra's own multirun (tests/sweep_multirun.py, a process of its own) of a stub task through the sweeper:
+    each job reaches the task function through the launcher `hydra.launcher` names, with its overrides, and
+    Hydra's config loader composed each job's config once (the sweeper's check), not again for the launcher."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text(STUB_CONFIG.format(sweep=tmp_path / "sweep"))
+    out = tmp_path / "record.json"
+    command = [sys.executable, "-m", "tests.sweep_multirun", str(tmp_path / "conf"), str(out), "x=1,2", "y=b"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["composed"] == [["x=1", "y=b"], ["x=2", "y=b"]]  # once a job
+    launcher = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    assert record["jobs"] == [{"x": 1, "y": "b", "overrides": ["x=1", "y=b"], "num": 0, "launcher": launcher},
+                              {"x": 2, "y": "b", "overrides": ["x=2", "y=b"], "num": 1, "launcher": launcher}]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
 
 
 def test_a_multirun_with_a_bad_override_fails_before_any_job_runs(tmp_path):
