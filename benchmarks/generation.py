@@ -63,39 +63,44 @@ class BatchInputs:
     batch: a sweep's methods (the toy sweep's 14) each ask for every batch of a benchmark, and decoding and
     processing the same images each time costs as much as a tenth of a toy job.
 
-    A batch is known by the processor, each item's text and image file (path, size, modification time); the
-    caller gets fresh copies of the kept tensors (nothing it does reaches the cache). At most `max_bytes` of
-    tensors are kept, the least recently used dropped first.
+    A batch is known by each item's text and image file (path, size, modification time); the caller gets fresh
+    copies of the kept tensors (nothing it does reaches the cache). Only one processor's batches are kept: a batch
+    of another processor (a multi-model sweep moved on to the next model) drops them, and the old processor with
+    them. At most `max_bytes` of tensors are kept, the least recently used dropped first.
     """
 
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         self.max_bytes = max_bytes
-        self.kept: OrderedDict[tuple[Any, ...], tuple[Any, dict[str, Any], int]] = OrderedDict()
+        self.processor: Any = None  # whose batches `kept` holds
+        self.kept: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], int]] = OrderedDict()
         self.bytes = 0
 
     @staticmethod
-    def key(processor: Any, batch: Sequence[Item]) -> tuple[Any, ...]:
+    def key(batch: Sequence[Item]) -> tuple[Any, ...]:
         files = []
         for item in batch:
             stat = os.stat(cast(Path, item.image_path))
             files.append((str(item.image_path), stat.st_size, stat.st_mtime_ns, item.text))
-        return (id(processor), *files)
+        return tuple(files)
 
     def get(self, processor: Any, batch: Sequence[Item], process: Callable[[], Any]) -> Any:
         """`process()` (the processor's BatchFeature of `batch`), or a copy of the one kept for this batch."""
-        key = self.key(processor, batch)
+        if processor is not self.processor:
+            self.processor, self.bytes = processor, 0
+            self.kept.clear()
+        key = self.key(batch)
         kept = self.kept.get(key)
-        if kept is None:  # an entry holds its processor, so no other processor can take its id meanwhile
+        if kept is None:
             features = process()
             size = sum(v.numel() * v.element_size() for v in features.values() if isinstance(v, torch.Tensor))
             if size <= self.max_bytes:
-                self.kept[key] = (processor, {k: _copied(v) for k, v in features.items()}, size)
+                self.kept[key] = ({k: _copied(v) for k, v in features.items()}, size)
                 self.bytes += size
                 while self.bytes > self.max_bytes:
-                    self.bytes -= self.kept.popitem(last=False)[1][2]
+                    self.bytes -= self.kept.popitem(last=False)[1][1]
             return features
         self.kept.move_to_end(key)
-        return batch_feature({k: _copied(v) for k, v in kept[1].items()})
+        return batch_feature({k: _copied(v) for k, v in kept[0].items()})
 
 
 def batch_feature(data: dict[str, Any]) -> Any:

@@ -6,6 +6,8 @@ projections (RoPE applied by hand, fp32 softmax) with its probabilities produced
 fed to o_proj in place of the model's own row. A row recomputed this way is what an incremental
 decode would have produced for that row, because each generated token was once "the last row" of
 its own forward.
+
+Also VCD's noised image written from the spec (`reference_noise`), shared by the VCD and Fuyu tests.
 """
 
 from __future__ import annotations
@@ -209,3 +211,28 @@ def keys_of(mask: Tensor, kv_len: int) -> Tensor:
     return torch.cat([mask, mask.new_zeros(kv_len - mask.shape[0])])
 
 
+def reference_abar(t: int) -> float:
+    """prod_{s<=t} (1 - beta_s), beta_s = sigmoid(-6 + 12 s / 999) * (5e-3 - 1e-5) + 1e-5, in plain Python."""
+    product = 1.0
+    for s in range(t + 1):
+        x = -6 + 12 * s / 999
+        product *= 1 - (1 / (1 + math.exp(-x)) * (5e-3 - 1e-5) + 1e-5)
+    return product
+
+
+def reference_noise(pixels: Tensor, t: int, seed: int, patches_per_image: list[int] | None = None) -> Tensor:
+    """sqrt(abar_t) x + sqrt(1 - abar_t) eps for every image, its eps from a fresh CPU generator seeded `seed`:
+    LLaVA [images, C, H, W]: eps = randn(C, H, W); LLaVA-NeXT [images, crops, C, H, W]: one randn(C, H, W) per
+    crop, one after the other; flattened patches [patches, D] (Qwen2-VL, Fuyu) split into `patches_per_image`
+    runs: eps = randn(run, D) per run."""
+    abar = reference_abar(t)
+    images = list(pixels) if patches_per_image is None else list(pixels.split(patches_per_image))
+    noised = []
+    for image in images:
+        generator = torch.Generator().manual_seed(seed)
+        if image.dim() == 4:  # [crops, C, H, W]
+            eps = torch.stack([torch.randn(image.shape[1:], generator=generator) for _ in range(image.shape[0])])
+        else:  # [C, H, W] or [run, D]
+            eps = torch.randn(image.shape, generator=generator)
+        noised.append(math.sqrt(abar) * image + math.sqrt(1 - abar) * eps)
+    return torch.stack(noised) if patches_per_image is None else torch.cat(noised)

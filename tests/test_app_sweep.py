@@ -4,9 +4,12 @@ processor's inputs of a batch are kept for the next job that asks for the same b
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy
@@ -50,6 +53,43 @@ def test_a_checked_config_reaches_the_launcher_without_a_second_composition():
     assert len(loader.calls) == 3 and again.call == 3 and again is not launched[0]
     assert configs.load_sweep_config(master, ["method=pai"]).call == 4  # one it never checked: composed
     assert configs.other() == "delegated"  # the rest of the loader's interface is Hydra's
+
+
+STUB_CONFIG = """\
+defaults:
+  - override hydra/job_logging: none
+  - override hydra/hydra_logging: none
+  - _self_
+x: 0
+y: a
+hydra:
+  sweeper:
+    _target_: hydra_plugins.vlmfix_sweeper.ComposeOnceSweeper
+  launcher:
+    _target_: hydra._internal.core_plugins.basic_launcher.BasicLauncher
+  sweep:
+    dir: {sweep}
+  job:
+    chdir: false
+"""
+
+
+def test_a_multirun_launches_each_job_through_the_configured_launcher_composed_once(tmp_path):
+    """Hydra's own multirun (tests/sweep_multirun.py, a process of its own) of a stub task through the sweeper:
+    each job reaches the task function through the launcher `hydra.launcher` names, with its overrides, and
+    Hydra's config loader composed each job's config once (the sweeper's check), not again for the launcher."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text(STUB_CONFIG.format(sweep=tmp_path / "sweep"))
+    out = tmp_path / "record.json"
+    command = [sys.executable, "-m", "tests.sweep_multirun", str(tmp_path / "conf"), str(out), "x=1,2", "y=b"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["composed"] == [["x=1", "y=b"], ["x=2", "y=b"]]  # once a job
+    launcher = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    assert record["jobs"] == [{"x": 1, "y": "b", "overrides": ["x=1", "y=b"], "num": 0, "launcher": launcher},
+                              {"x": 2, "y": "b", "overrides": ["x=2", "y=b"], "num": 1, "launcher": launcher}]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
 
 
 def test_a_multirun_with_a_bad_override_fails_before_any_job_runs(tmp_path):
@@ -118,3 +158,26 @@ def test_batch_inputs_keep_at_most_their_byte_budget_dropping_the_least_recently
     assert processor.calls == 3  # still kept
     cache.get(processor, batches[1], lambda: processor.inputs(batches[1]))
     assert processor.calls == 4  # dropped
+
+
+def test_a_batch_of_another_processor_drops_the_kept_batches_of_the_previous_one(tmp_path):
+    """A multi-model sweep moves on to the next model: the old model's inputs (and its processor) are let go, not
+    kept beside the new one's until the byte budget pushes them out."""
+    path = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(path)
+    batches = [[Item(0, path, "x" * n)] for n in range(2)]
+    cache = BatchInputs()  # room for far more than these three batches
+    old = CountingProcessor()
+    for batch in batches:
+        cache.get(old, batch, lambda b=batch, p=old: p.inputs(b))
+    assert cache.bytes == 2 * (4 + 8)
+    old_alive = weakref.ref(old)
+    new = CountingProcessor()
+    cache.get(new, batches[0], lambda: new.inputs(batches[0]))
+    assert new.calls == 1  # the old processor's inputs of the same batch are not the new one's
+    assert cache.bytes == 4 + 8 and len(cache.kept) == 1
+    del old
+    gc.collect()
+    assert old_alive() is None  # nothing in the cache holds the old processor
+    cache.get(new, batches[0], lambda: new.inputs(batches[0]))
+    assert new.calls == 1  # the new processor's batch is kept

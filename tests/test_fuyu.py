@@ -16,6 +16,7 @@ from vlmfix.eval.generation import chat_prompt
 from vlmfix.methods.vcd import VCD, add_diffusion_noise, noise_schedule
 
 from .conftest import tiny_model
+from .reference_decoding import reference_noise
 
 QUESTIONS = ["describe this image .", "is there a dog on the table ?"]
 
@@ -73,8 +74,8 @@ def test_vcd_scores_equal_two_plain_forwards(family):
     out = vlmfix.generate(tiny.model, **inputs, methods=[method], max_new_tokens=3, do_sample=False,
                           return_dict_in_generate=True, output_logits=True)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    grid = None if family != "fuyu" else torch.tensor([[1, 1, 16], [1, 1, 16]])  # each prompt's patches
-    noised = add_diffusion_noise(inputs["pixel_values"], 700, 3, image_grid_thw=grid)
+    patches = [16, 16] if family == "fuyu" else None  # Fuyu: a run of 16 patches (32 x 32 in 8 x 8) a prompt
+    noised = reference_noise(inputs["pixel_values"], 700, 3, patches)
     sizes = {k: v for k, v in inputs.items() if k == "image_sizes"}
     for step, got in enumerate(out.logits):
         ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
@@ -115,6 +116,7 @@ def test_vcd_noises_each_image_of_a_patch_run_on_its_own():
     grid = get_adapter(tiny.model).patch_grid(inputs["input_ids"])
     assert grid.tolist() == [[1, 1, 16], [1, 1, 16]]
     noised = add_diffusion_noise(inputs["pixel_values"], 999, 3, image_grid_thw=grid)
+    torch.testing.assert_close(noised, reference_noise(inputs["pixel_values"], 999, 3, [16, 16]), atol=1e-6, rtol=1e-6)
     noise = noised - math.sqrt(float(noise_schedule()[999])) * inputs["pixel_values"]
     assert not torch.allclose(noise[0], noise[1])  # patches of one image differ
     assert torch.allclose(noise[:16], noise[16:])  # each image's noise is its own, from the same seed

@@ -82,6 +82,32 @@ def test_generation_kwargs_follow_lmms_eval_conventions() -> None:
         generation_settings({"max_new_tokens": 0})
 
 
+@pytest.mark.parametrize("top_k", [0, 7, None])
+def test_a_tasks_top_k_reaches_generate_and_the_fingerprint_as_the_apps_decoding_top_k(top_k) -> None:
+    """The app's `decoding_of` (benchmarks.app) is the reference: the same sampling settings give the same
+    `generate` keywords and the same fingerprint `Decoding` (top_k 0: no cut; left out: transformers' default)."""
+    from omegaconf import OmegaConf
+
+    from benchmarks.app import decoding_of as app_decoding_of
+
+    task = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 8,
+            **({} if top_k is None else {"top_k": top_k})}
+    settings = generation_settings(task)
+    assert settings.ignored == ()
+    cfg = OmegaConf.create({"seed": 3, "decoding": {"do_sample": True, "num_beams": 1, "temperature": 0.7,
+                                                    "top_p": 0.9, "top_k": top_k, "repetition_penalty": 1.0}})
+    fingerprint, app_kwargs = app_decoding_of(cfg, 8)
+    assert app_kwargs.pop("repetition_penalty") == 1.0  # the app's own knob; tasks set none
+    assert settings.kwargs == {"max_new_tokens": 8, **app_kwargs}
+    assert ("top_k" in settings.kwargs) == (top_k is not None)
+    assert lmms_tasks.decoding_of(settings.kwargs, 3) == fingerprint
+    # greedy: like temperature, the task's top_k is not passed (and not reported as ignored either)
+    greedy = generation_settings({"temperature": 0, "top_k": 7})
+    assert "top_k" not in greedy.kwargs and greedy.ignored == ()
+    with pytest.raises(ValueError, match="top_k"):
+        generation_settings({"temperature": 0.7, "top_k": -1})
+
+
 def test_stop_strings_cut_at_the_first_one() -> None:
     assert cut_at_stops(" Yes, there is.\nUSER: no", ("\nUSER", ",")) == "Yes"
     assert cut_at_stops(" No ", ()) == "No"

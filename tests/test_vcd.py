@@ -12,24 +12,9 @@ from vlmfix.decoding.edits import KeyBias
 from vlmfix.methods.vcd import VCD, add_diffusion_noise, noise_schedule
 
 from .conftest import PlannedEdits, tiny_model
+from .reference_decoding import reference_abar, reference_noise
 
 QUESTIONS = ["describe this image .", "is there a dog on the table ?"]
-
-
-def reference_abar(t: int) -> float:
-    """prod_{s<=t} (1 - beta_s), beta_s = sigmoid(-6 + 12 s / 999) * (5e-3 - 1e-5) + 1e-5, in plain Python."""
-    product = 1.0
-    for s in range(t + 1):
-        x = -6 + 12 * s / 999
-        product *= 1 - (1 / (1 + math.exp(-x)) * (5e-3 - 1e-5) + 1e-5)
-    return product
-
-
-def reference_noise(pixels: torch.Tensor, t: int, seed: int) -> torch.Tensor:
-    """LLaVA layout [images, C, H, W]: every image gets eps = randn(C, H, W) from a fresh seeded generator."""
-    abar = reference_abar(t)
-    eps = torch.randn(pixels.shape[1:], generator=torch.Generator().manual_seed(seed))
-    return math.sqrt(abar) * pixels + math.sqrt(1 - abar) * eps
 
 
 def test_noise_schedule_values():

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
@@ -45,12 +44,11 @@ class ComposeOnceSweeper(BasicSweeper):
     while checking a batch."""
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        """`BasicSweeper.setup` with Hydra's config loader behind `ComposedConfigs`: the launcher it instantiates
+        (and the sweep's override parser) see the kept configs."""
         self.configs = ComposedConfigs(hydra_context.config_loader)
-        self.hydra_context = hydra_context
-        self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=HydraContext(config_loader=self.configs, callbacks=hydra_context.callbacks),  # type: ignore[arg-type]
-            task_function=task_function, config=config)
+        kept = HydraContext(config_loader=self.configs, callbacks=hydra_context.callbacks)  # type: ignore[arg-type]
+        super().setup(hydra_context=kept, task_function=task_function, config=config)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         """Compose every job of the batch now (a bad override fails the sweep before any job runs) and keep the

@@ -169,7 +169,8 @@ def decoding_of(kwargs: dict[str, Any], seed: int) -> Decoding:
                     mode="beam" if beams > 1 else ("sample" if sample else "greedy"), num_beams=beams,
                     temperature=float(kwargs["temperature"]) if sample else None,
                     top_p=float(kwargs["top_p"]) if sample else None, seed=seed,
-                    repetition_penalty=float(kwargs.get("repetition_penalty", 1.0)))
+                    repetition_penalty=float(kwargs.get("repetition_penalty", 1.0)),
+                    top_k=int(kwargs["top_k"]) if sample and "top_k" in kwargs else None)
 
 
 # ------------------------------------------------------------------ a written task, loaded (what utils.py binds)

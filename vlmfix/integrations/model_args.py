@@ -23,14 +23,14 @@ import torch
 
 import vlmfix
 from vlmfix.decoding.method import Method
-from vlmfix.validation import boolean, choice, number, text
+from vlmfix.validation import boolean, choice, number, optional_number, text
 
 DTYPES = ("float32", "float16", "bfloat16")
 TOYS = ("toy", "toy_fast")
 METHOD_SEPARATORS = re.compile(r"[;+]")  # commas separate lmms-eval's own model arguments
 OPTION_SEPARATOR = ":"
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's built-in models' default when a task sets none
-HANDLED_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample")
+HANDLED_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "do_sample")
 
 
 def parse_methods(spec: str | None) -> list[Method]:
@@ -167,19 +167,24 @@ class GenerationSettings:
 
 def generation_settings(gen_kwargs: dict[str, Any]) -> GenerationSettings:
     """A task's `generation_kwargs` as `generate` keywords. lmms-eval's convention: temperature 0 is greedy;
-    sampling when `do_sample` is true (or, when the task leaves it out, when temperature > 0). `until` becomes
-    the stop strings (cut after decoding); keys that are not decoding settings are returned as ignored."""
+    sampling when `do_sample` is true (or, when the task leaves it out, when temperature > 0). When sampling,
+    `top_k` is passed as the app passes `decoding.top_k` (0: no cut; left out: transformers' default, 50). `until`
+    becomes the stop strings (cut after decoding); keys that are not decoding settings are returned as ignored."""
     max_new_tokens = number(gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS), "max_new_tokens", low=1,
                             integer=True, meaning="the task's generation budget")
     num_beams = number(gen_kwargs.get("num_beams") or 1, "num_beams", low=1, integer=True)
     temperature = number(gen_kwargs.get("temperature") or 0.0, "temperature", low=0)
     do_sample = gen_kwargs.get("do_sample")
     sample = (temperature > 0) if do_sample is None else (boolean(do_sample, "do_sample") and temperature > 0)
+    top_k = optional_number(gen_kwargs.get("top_k"), "top_k", low=0, integer=True,
+                            meaning="the task's top-k cut when sampling (0: none)")
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": sample}
     if sample:
         top_p = gen_kwargs.get("top_p")
         kwargs.update(temperature=temperature, top_p=1.0 if top_p is None else number(top_p, "top_p", low=0,
                                                                                           high=1, low_open=True))
+        if top_k is not None:
+            kwargs["top_k"] = int(top_k)
     until = gen_kwargs.get("until") or []
     stops = (until,) if isinstance(until, str) else tuple(until)
     for stop in stops:
