@@ -80,17 +80,29 @@ def test_ernie_instruction_ends_at_assistant_under_a_sentencepiece_tokenizer(add
     assert tokenizer.decode(ids[expected]).strip() == "Is there a dog?"
 
 
-def test_video_llama_3_tiny_prompt_is_its_checkpoints_layout():
-    """VideoLLaMA 3's template writes an image as <|image_pad|> and a line break (no vision start or end) in a
-    ChatML user turn; the adapter then names no frame token and the instruction is the question."""
-    tiny = tiny_model("video_llama_3", layers=1)
+# what the checkpoints' own templates write for one image and a question (VideoLLaMA 3: lkhl/VideoLLaMA3-2B-Image-HF's
+# chat_template.jinja; LightOnOCR: lightonai/LightOnOCR-1B-1025's; ERNIE 4.5 VL: transformers' conversion script)
+CHECKPOINT_PROMPTS = {
+    "video_llama_3": "<|im_start|>user\n<|image_pad|>\n{q}<|im_end|>\n<|im_start|>assistant\n",
+    "lighton_ocr": "<|im_start|>system<|im_end|>\n<|im_start|>user\n<|image_pad|>{q}\n<|im_end|>\n"
+                   "<|im_start|>assistant\n",
+    "ernie4_5_vl_moe": "<|begin_of_sentence|>User: Picture 1:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>{q}"
+                       "\nAssistant: <think>\n\n</think>\n\n",
+}
+
+
+@pytest.mark.parametrize("family", list(CHECKPOINT_PROMPTS))
+def test_the_tiny_prompt_is_the_checkpoints_layout_and_its_instruction_the_question(family):
+    tiny = tiny_model(family, layers=1)
     question = "is there a dog ?"
-    assert tiny.prompt(question, True, 1) == (
-        f"<|im_start|>user\n<|image_pad|>\n{question}<|im_end|>\n<|im_start|>assistant\n")
-    adapter = get_adapter(tiny.model)
-    assert adapter.frame_tokens == () and adapter.frame_token_ids == ()
+    assert tiny.prompt(question, True, 1) == CHECKPOINT_PROMPTS[family].format(q=question)
     inputs = tiny.inputs([question])
     ids = inputs["input_ids"]
-    spans = adapter.spans(ids, inputs["attention_mask"], tiny.tokenizer)
-    assert tiny.tokenizer.decode(ids[spans.instruction]) == tiny.tokenizer.decode(
-        tiny.tokenizer.encode(question, add_special_tokens=False))
+    spans = get_adapter(tiny.model).spans(ids, inputs["attention_mask"], tiny.tokenizer)
+    assert ids[spans.instruction].tolist() == tiny.tokenizer.encode(question, add_special_tokens=False)
+
+
+def test_video_llama_3_names_no_frame_token():
+    """Its template writes no vision start or end around an image (Qwen2-VL's tokenizer still has them)."""
+    adapter = get_adapter(tiny_model("video_llama_3", layers=1).model)
+    assert adapter.frame_tokens == () and adapter.frame_token_ids == ()

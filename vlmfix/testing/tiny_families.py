@@ -566,6 +566,14 @@ def build_vipllava(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 
 LIGHTON_TOKENS = ("<|image_pad|>", "<|vision_pad|>", "<|vision_end|>")
+# LightOnOCR's prompt layout (its checkpoint's template): ChatML turns after an empty system turn (unless the
+# conversation opens with one), each image one <|image_pad|>, each text followed by a line break
+LIGHTON_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|image_pad|>{% else %}{{ item['text'] }}\n{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_lighton_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -589,7 +597,7 @@ def build_lighton_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     model = LightOnOcrForConditionalGeneration(config)
     processor = LightOnOcrProcessor(image_processor=PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=16),
                                     tokenizer=tokenizer, patch_size=8, spatial_merge_size=2,
-                                    chat_template=chatml_template("<|image_pad|>"))
+                                    chat_template=LIGHTON_TEMPLATE)
     return model, processor
 
 
