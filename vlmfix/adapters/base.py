@@ -334,13 +334,20 @@ class Adapter:
         return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
     def marker_ids(self, tokenizer: Any | None) -> list[list[int]]:
-        """Token id sequences of the assistant markers, under this tokenizer's spellings."""
+        """Token id sequences of the assistant markers as this tokenizer spells them in a prompt: alone, after a
+        space and after a line break (a SentencePiece tokenizer with a dummy prefix starts a text's first word
+        with its space marker, which the same word after a line break lacks: ERNIE 4.5 VL puts "Assistant: " on
+        a new line after the question)."""
         if tokenizer is None:
             return []
         found = []
+        line_break = tokenizer.encode("\n", add_special_tokens=False)
         for marker in self.assistant_markers:
-            for text in (marker, " " + marker):
-                ids = tokenizer.encode(text, add_special_tokens=False)
+            spellings = [tokenizer.encode(text, add_special_tokens=False) for text in (marker, " " + marker)]
+            after_break = tokenizer.encode("\n" + marker, add_special_tokens=False)
+            if line_break and after_break[: len(line_break)] == line_break:
+                spellings.append(after_break[len(line_break):])
+            for ids in spellings:
                 if ids and ids not in found:
                     found.append(ids)
         return found

@@ -86,8 +86,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", markers=CHATML),
     common_layout("smolvlm", "SmolVLMForConditionalGeneration", markers=("<end_of_utterance>",),
                   frames=("<fake_token_around_image>", "<global-img>")),
-    common_layout("video_llama_3", "VideoLlama3ForConditionalGeneration", markers=CHATML,
-                  frames=("<|vision_start|>", "<|vision_end|>")),
+    # VideoLLaMA 3's checkpoints write each image as <|image_pad|> and a line break, with no vision start or end
+    common_layout("video_llama_3", "VideoLlama3ForConditionalGeneration", markers=CHATML),
     common_layout("video_llava", "VideoLlavaForConditionalGeneration", markers=("ASSISTANT:",)),
     common_layout("unlimited_ocr", "UnlimitedOcrForConditionalGeneration", markers=("Assistant:",)),
     common_layout("vipllava", "VipLlavaForConditionalGeneration", markers=("ASSISTANT:", "###Assistant:")),

@@ -566,6 +566,14 @@ def build_vipllava(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 
 LIGHTON_TOKENS = ("<|image_pad|>", "<|vision_pad|>", "<|vision_end|>")
+# LightOnOCR's prompt layout (its checkpoint's template): ChatML turns after an empty system turn (unless the
+# conversation opens with one), each image one <|image_pad|>, each text followed by a line break
+LIGHTON_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|image_pad|>{% else %}{{ item['text'] }}\n{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_lighton_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -589,7 +597,7 @@ def build_lighton_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     model = LightOnOcrForConditionalGeneration(config)
     processor = LightOnOcrProcessor(image_processor=PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=16),
                                     tokenizer=tokenizer, patch_size=8, spatial_merge_size=2,
-                                    chat_template=chatml_template("<|image_pad|>"))
+                                    chat_template=LIGHTON_TEMPLATE)
     return model, processor
 
 
@@ -877,7 +885,8 @@ def build_cosmos3_edge(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 def build_video_llama_3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """VideoLLaMA 3 on images: a packed SigLIP `vision_model` with 2-D RoPE, an MLP `projector`, Qwen2 (1-D RoPE);
-    Qwen2-VL's prompt layout (one placeholder per 2x2-merged patch, `image_merge_sizes` beside the grid)."""
+    one placeholder per 2x2-merged patch (`image_merge_sizes` beside the grid). Its checkpoints' ChatML template
+    writes each image as <|image_pad|> and a line break, without Qwen2-VL's vision start and end."""
     from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration, VideoLlama3Processor
     from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
 
@@ -893,8 +902,7 @@ def build_video_llama_3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     model = VideoLlama3ForConditionalGeneration(config)
     image_processor = VideoLlama3ImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2)
     processor = image_only(VideoLlama3Processor)(
-        image_processor=image_processor, tokenizer=tokenizer,
-        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chatml_template("<|image_pad|>\n"),
     )
     return model, processor
 
@@ -1217,14 +1225,15 @@ def build_qwen2_5_omni_thinker(shape: Shape) -> tuple[PreTrainedModel, Processor
 
 ERNIE_VIDEO_TOKENS = ("<|VIDEO_START|>", "<|VIDEO_END|>", "<|VIDEO_PLACEHOLDER|>")
 # ERNIE 4.5 VL's prompt layout (its transformers conversion's template): "User: ", each image numbered
-# "Picture <n>:" before it, then "\nAssistant: " and, with thinking off (the default), an empty think block
+# "Picture <n>:" before it, then "\nAssistant: " and, with thinking off (the default), an empty think block. The
+# line breaks are Jinja string literals: a line break right after a block tag is dropped (trim_blocks).
 ERNIE_TEMPLATE = (
     "{{ bos_token }}{% set pictures = namespace(n=0) %}{% for message in messages %}"
     "{% if message['role'] == 'user' %}User: {% for item in message['content'] %}{% if item['type'] == 'image' %}"
     "{% set pictures.n = pictures.n + 1 %}Picture {{ pictures.n }}:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"
-    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% else %}\nAssistant: "
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% else %}{{ '\\nAssistant: ' }}"
     "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}\nAssistant: <think>\n\n</think>\n\n{% endif %}"
+    "{% if add_generation_prompt %}{{ '\\nAssistant: <think>\\n\\n</think>\\n\\n' }}{% endif %}"
 )
 
 
