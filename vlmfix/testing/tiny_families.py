@@ -685,8 +685,10 @@ def build_deepseek_ocr2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
     tokenizer, ids, text = deepseek_ocr_text(shape, mlp_layer_types=["dense"] + ["sparse"] * (shape.layers - 1))
     side, patch = 96, 2
+    # initializer_range: the SAM config's default (1e-10) leaves random weights near zero, so no image would matter
     sam = dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=side,
-               patch_size=patch, window_size=12, global_attn_indexes=[], mlp_dim=32, downsample_channels=[24, 32])
+               patch_size=patch, window_size=12, global_attn_indexes=[], mlp_dim=32, downsample_channels=[24, 32],
+               initializer_range=0.02)
     # the patches' width (downsample_channels[-1]) is the encoder's, which its queries share
     encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                    num_key_value_heads=2)
