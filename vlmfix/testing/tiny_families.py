@@ -650,6 +650,9 @@ def deepseek_text(shape: Shape) -> tuple[PreTrainedTokenizerFast, dict[str, int]
     return tokenizer, ids, text
 
 
+# SAM configs' initializer_range defaults to 1e-10, which leaves random weights near zero: no image would change the
+# features (GOT-OCR 2, Unlimited OCR, DeepSeek-OCR-2)
+SAM_INIT = 0.02
 DEEPSEEK_OCR_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image>", "User",
                          "Assistant")
 # DeepSeek-VL's turns, each image a `<image>` line (DeepSeek-OCR's placeholder)
@@ -685,10 +688,9 @@ def build_deepseek_ocr2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
     tokenizer, ids, text = deepseek_ocr_text(shape, mlp_layer_types=["dense"] + ["sparse"] * (shape.layers - 1))
     side, patch = 96, 2
-    # initializer_range: the SAM config's default (1e-10) leaves random weights near zero, so no image would matter
     sam = dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=side,
                patch_size=patch, window_size=12, global_attn_indexes=[], mlp_dim=32, downsample_channels=[24, 32],
-               initializer_range=0.02)
+               initializer_range=SAM_INIT)
     # the patches' width (downsample_channels[-1]) is the encoder's, which its queries share
     encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                    num_key_value_heads=2)
@@ -837,7 +839,8 @@ def build_got_ocr2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     ids = token_ids(tokenizer, (*GOT_OCR_TOKENS, "<|endoftext|>", "<|im_end|>"))
     config = GotOcr2Config(
         vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64),
+                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64,
+                           initializer_range=SAM_INIT),
         text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
                                                            eos_token_id=ids["<|im_end|>"])),
         image_token_index=ids["<imgpad>"], image_seq_length=4,

@@ -13,7 +13,14 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from vlmfix.testing.tiny import WORDS, word_tokenizer
-from vlmfix.testing.tiny_families import DEEPSEEK_OCR_TEMPLATE, Builder, Shape, deepseek_ocr_text, token_ids
+from vlmfix.testing.tiny_families import (
+    DEEPSEEK_OCR_TEMPLATE,
+    SAM_INIT,
+    Builder,
+    Shape,
+    deepseek_ocr_text,
+    token_ids,
+)
 
 
 def build_unlimited_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -28,7 +35,8 @@ def build_unlimited_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
     tokenizer, ids, text = deepseek_ocr_text(shape, sliding_window=4)
     sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4, image_size=128,
-               patch_size=16, window_size=4, global_attn_indexes=[1], mlp_dim=64, downsample_channels=[24, 32])
+               patch_size=16, window_size=4, global_attn_indexes=[1], mlp_dim=64, downsample_channels=[24, 32],
+               initializer_range=SAM_INIT)
     encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=2,
                    patch_size=1)  # the SAM map (2x2, 32 channels) is its patch input
     config = UnlimitedOcrConfig(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
