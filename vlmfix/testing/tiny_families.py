@@ -653,6 +653,7 @@ def deepseek_text(shape: Shape) -> tuple[PreTrainedTokenizerFast, dict[str, int]
 # SAM configs' initializer_range defaults to 1e-10, which leaves random weights near zero: no image would change the
 # features (GOT-OCR 2, Unlimited OCR, DeepSeek-OCR-2)
 SAM_INIT = 0.02
+
 DEEPSEEK_OCR_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image>", "User",
                          "Assistant")
 # DeepSeek-VL's turns, each image a `<image>` line (DeepSeek-OCR's placeholder)
@@ -681,8 +682,9 @@ def build_deepseek_ocr2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     linear `multi_modal_projector`, then `view_separator`, are the image's 145 tokens. transformers fixes the query
     tables at 144 and 256 rows whatever the config (`DeepseekOcr2VisionModel`: a view of up to 144 patches takes the
     144 queries, a larger one the 256), so a view gives 144 tokens at the least; the processor counts them from its
-    size, patch size and downsampling (96 / 2 / 4: 12 a side), and 96-pixel tiles would give 144 each (the test
-    images are smaller: one view). A DeepSeek-V2 MoE language model, its first layer dense."""
+    size, patch size and downsampling (96 / 2 / 4: 12 a side). An image larger than a view also comes as 96-pixel
+    tiles of 144 tokens each (tests/test_deepseek_ocr2.py; the conformance suite's images are smaller: one view).
+    A DeepSeek-V2 MoE language model, its first layer dense."""
     from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration, DeepseekOcr2Processor
     from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
 
