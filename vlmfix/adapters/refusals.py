@@ -97,9 +97,6 @@ REFUSED: dict[str, Refusal] = {
     "Apertus1p5ForConditionalGeneration": _pending(
         "images enter as VQ codes embedded by the text embedding table (no projector); its image processor needs "
         "torchvision and it builds an audio tokenizer: no offline tiny build here"),
-    "DeepseekOcr2ForConditionalGeneration": _pending(
-        "its vision encoder's learned queries are fixed at 144 or 256 per view (768- or 1024-pixel views through "
-        "SAM): no tiny build small enough for the CPU suite"),
     "Dots3NoteForConditionalGeneration": _pending("DeepSeek-V3.2-style indexed sparse attention (a learned top-k key "
                                                    "selection per query) and a cache of MLA latents, not keys and "
                                                    "values; an audio tower beside the image one"),

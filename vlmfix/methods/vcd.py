@@ -23,6 +23,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 NoiseSpace = Literal["normalized", "pixel"]
+# more views of the same images, normalised as `pixel_values` (DeepSeek-OCR-2's and Step 3.7's local tiles,
+# [tiles, C, H, W]): noised with them, so no view of the negative stream's image stays clean
+MORE_VIEWS = ("pixel_values_local",)
 
 
 def noise_schedule(steps: int = DIFFUSION_STEPS) -> Tensor:
@@ -96,9 +99,9 @@ def _channels(values: Tensor, grid: Tensor | None, fn: Any, mean: tuple[float, .
 
 @dataclass(frozen=True)
 class VCDState:
-    """Per call: the noised pixel tensor of the negative stream (the caller's layout)."""
+    """Per call: the noised pixel tensors of the negative stream by input key (the caller's layout)."""
 
-    noised_pixels: Tensor
+    noised: dict[str, Tensor]
 
 
 @register_method
@@ -174,14 +177,14 @@ class VCD(ContrastiveMethod):
                 raise ValueError(f"noise_space='pixel' needs channel-first pixels or Qwen-style patches; "
                                  f"{type(session.model).__name__}'s patches are channel-last. Use "
                                  f"noise_space='normalized'.")
-        noised = add_diffusion_noise(
-            inputs["pixel_values"], self.noise_step, self.noise_seed, image_grid_thw=grid,
-            noise_space=self.noise_space, mean=self.image_mean, std=self.image_std,
-        )
+        noised = {key: add_diffusion_noise(inputs[key], self.noise_step, self.noise_seed,
+                                           image_grid_thw=grid if key == "pixel_values" else None,
+                                           noise_space=self.noise_space, mean=self.image_mean, std=self.image_std)
+                  for key in ("pixel_values", *MORE_VIEWS) if inputs.get(key) is not None}
         return VCDState(noised)
 
     def negative_inputs(self, session: Session, state: VCDState) -> dict[str, Any]:
-        return {**session.inputs, "pixel_values": state.noised_pixels}
+        return {**session.inputs, **state.noised}
 
     def combine(self, state: VCDState, positive_logits: Tensor, negative_logits: Tensor, step: int) -> Tensor:
         return contrast_logits(positive_logits, negative_logits, self.alpha, self.beta)

@@ -97,6 +97,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "deepseek_vl_hybrid",
     "fuyu",
     "granite4_vision",
+    "deepseek_ocr2",
     *TORCHVISION_FAMILIES,
 )
 

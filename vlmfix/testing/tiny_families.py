@@ -658,6 +658,60 @@ def deepseek_text(shape: Shape) -> tuple[PreTrainedTokenizerFast, dict[str, int]
     return tokenizer, ids, text
 
 
+# SAM configs' initializer_range defaults to 1e-10, which leaves random weights near zero: no image would change the
+# features (GOT-OCR 2, Unlimited OCR, DeepSeek-OCR-2)
+SAM_INIT = 0.02
+
+DEEPSEEK_OCR_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image>", "User",
+                         "Assistant")
+# DeepSeek-VL's turns, each image a `<image>` line (DeepSeek-OCR's placeholder)
+DEEPSEEK_OCR_TEMPLATE = DEEPSEEK_TEMPLATE.replace("<image_placeholder>", "<image>\n")
+
+
+def deepseek_ocr_text(shape: Shape, **extra: Any) -> tuple[PreTrainedTokenizerFast, dict[str, int], dict[str, Any]]:
+    """DeepSeek-OCR's tokenizer (Unlimited OCR and DeepSeek-OCR-2 share it), its special ids and the settings of a
+    DeepSeek-V2 MoE language model with multi-head attention (4 routed experts, 2 a token, 1 shared; `extra` adds)."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(DEEPSEEK_OCR_SPECIALS, WORDS), bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>", unk_token="<unk>", pad_token="<｜▁pad▁｜>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, DEEPSEEK_OCR_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<｜▁pad▁｜>"], eos_token_id=ids["<｜end▁of▁sentence｜>"],
+                      bos_token_id=ids["<｜begin▁of▁sentence｜>"], n_routed_experts=4, num_experts_per_tok=2,
+                      n_shared_experts=1, moe_intermediate_size=shape.hidden, **extra)
+    text.pop("head_dim")  # hidden_size // heads
+    return tokenizer, ids, text
+
+
+def build_deepseek_ocr2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """DeepSeek-OCR-2: a SAM tower (2-pixel patches of a 96-pixel view, one windowed layer; its neck and two
+    stride-2 convolutions make the 48x48 map 12x12 patches) whose patches, then learned queries, go through a
+    Qwen2-style encoder (bidirectional over the patches, causal over the queries); the queries' outputs, through a
+    linear `multi_modal_projector`, then `view_separator`, are the image's 145 tokens. transformers fixes the query
+    tables at 144 and 256 rows whatever the config (`DeepseekOcr2VisionModel`: a view of up to 144 patches takes the
+    144 queries, a larger one the 256), so a view gives 144 tokens at the least; the processor counts them from its
+    size, patch size and downsampling (96 / 2 / 4: 12 a side). An image larger than a view also comes as 96-pixel
+    tiles of 144 tokens each (tests/test_deepseek_ocr2.py; the conformance suite's images are smaller: one view).
+    A DeepSeek-V2 MoE language model, its first layer dense."""
+    from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration, DeepseekOcr2Processor
+    from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
+
+    tokenizer, ids, text = deepseek_ocr_text(shape, mlp_layer_types=["dense"] + ["sparse"] * (shape.layers - 1))
+    side, patch = 96, 2
+    sam = dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=side,
+               patch_size=patch, window_size=12, global_attn_indexes=[], mlp_dim=32, downsample_channels=[24, 32],
+               initializer_range=SAM_INIT)
+    # the patches' width (downsample_channels[-1]) is the encoder's, which its queries share
+    encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2)
+    config = DeepseekOcr2Config(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
+                                image_token_id=ids["<image>"])
+    image_processor = DeepseekOcr2ImageProcessorPil(size={"height": side, "width": side}, tile_size=side)
+    processor = DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                                      downsample_ratio=4, chat_template=DEEPSEEK_OCR_TEMPLATE)
+    return DeepseekOcr2ForConditionalGeneration(config), processor
+
+
 def build_deepseek_vl(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """DeepSeek-VL: SigLIP `vision_model` (16 tokens per 32-pixel image), an MLP `aligner`, Llama."""
     from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLProcessor
@@ -795,7 +849,8 @@ def build_got_ocr2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     ids = token_ids(tokenizer, (*GOT_OCR_TOKENS, "<|endoftext|>", "<|im_end|>"))
     config = GotOcr2Config(
         vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64),
+                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64,
+                           initializer_range=SAM_INIT),
         text_config=dict(model_type="qwen2", **shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"],
                                                            eos_token_id=ids["<|im_end|>"])),
         image_token_index=ids["<imgpad>"], image_seq_length=4,
@@ -1391,6 +1446,7 @@ BUILDERS: dict[str, Builder] = {
     "llava_next_video": build_llava_next_video,
     "cohere2_vision": build_cohere2_vision,
     "deepseek_vl": build_deepseek_vl,
+    "deepseek_ocr2": build_deepseek_ocr2,
     "idefics2": build_idefics2,
     "exaone4_5": build_exaone4_5,
     "lighton_ocr": build_lighton_ocr,

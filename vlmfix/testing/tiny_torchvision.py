@@ -13,14 +13,13 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from vlmfix.testing.tiny import WORDS, word_tokenizer
-from vlmfix.testing.tiny_families import Builder, Shape, token_ids
-
-UNLIMITED_OCR_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image>", "User",
-                          "Assistant")
-UNLIMITED_OCR_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}"
-    "{{ item['text'] }}{% endif %}{% endfor %}\n\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+from vlmfix.testing.tiny_families import (
+    DEEPSEEK_OCR_TEMPLATE,
+    SAM_INIT,
+    Builder,
+    Shape,
+    deepseek_ocr_text,
+    token_ids,
 )
 
 
@@ -34,17 +33,10 @@ def build_unlimited_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration, UnlimitedOcrProcessor
     from transformers.models.unlimited_ocr.image_processing_unlimited_ocr import UnlimitedOcrImageProcessor
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_tokenizer(UNLIMITED_OCR_SPECIALS, WORDS), bos_token="<｜begin▁of▁sentence｜>",
-        eos_token="<｜end▁of▁sentence｜>", unk_token="<unk>", pad_token="<｜▁pad▁｜>", padding_side="left",
-    )
-    ids = token_ids(tokenizer, UNLIMITED_OCR_SPECIALS)
-    text = shape.text(len(tokenizer), pad_token_id=ids["<｜▁pad▁｜>"], eos_token_id=ids["<｜end▁of▁sentence｜>"],
-                      bos_token_id=ids["<｜begin▁of▁sentence｜>"], n_routed_experts=4, num_experts_per_tok=2,
-                      n_shared_experts=1, moe_intermediate_size=shape.hidden, sliding_window=4)
-    text.pop("head_dim")  # hidden_size // heads
+    tokenizer, ids, text = deepseek_ocr_text(shape, sliding_window=4)
     sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4, image_size=128,
-               patch_size=16, window_size=4, global_attn_indexes=[1], mlp_dim=64, downsample_channels=[24, 32])
+               patch_size=16, window_size=4, global_attn_indexes=[1], mlp_dim=64, downsample_channels=[24, 32],
+               initializer_range=SAM_INIT)
     encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=2,
                    patch_size=1)  # the SAM map (2x2, 32 channels) is its patch input
     config = UnlimitedOcrConfig(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
@@ -52,7 +44,7 @@ def build_unlimited_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     model = UnlimitedOcrForConditionalGeneration(config)
     image_processor = UnlimitedOcrImageProcessor(size={"height": 128, "width": 128}, crop_to_patches=False)
     processor = UnlimitedOcrProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
-                                      downsample_ratio=4, chat_template=UNLIMITED_OCR_TEMPLATE)
+                                      downsample_ratio=4, chat_template=DEEPSEEK_OCR_TEMPLATE)
     return model, processor
 
 

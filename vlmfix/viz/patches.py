@@ -59,6 +59,8 @@ REFUSED: dict[str, str] = {
     "idefics2": "its perceiver resampler's latents each summarise the whole image: no token has a place",
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
+    "deepseek_ocr2": "its image tokens are learned queries that each attend to every patch of the view (and to the "
+                     "queries before them): no token has a place",
     **{family: UNCHECKED for family in (
         "cohere2_vision", "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
         "gemma4", "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
