@@ -94,9 +94,6 @@ REFUSED: dict[str, Refusal] = {
     "Mistral4ForCausalLM": _cannot("a text-only causal LM class (no vision tower or image placeholder); load "
                                    "the multimodal checkpoint with its ...ForConditionalGeneration class"),
     # decoder-only with placeholders: not verified yet
-    "Apertus1p5ForConditionalGeneration": _pending(
-        "images enter as VQ codes embedded by the text embedding table (no projector); its image processor needs "
-        "torchvision and it builds an audio tokenizer: no offline tiny build here"),
     "DeepseekOcr2ForConditionalGeneration": _pending(
         "its vision encoder's learned queries are fixed at 144 or 256 per view (768- or 1024-pixel views through "
         "SAM): no tiny build small enough for the CPU suite"),
