@@ -157,3 +157,15 @@ def test_apertus1p5_loads_with_the_presets_attention_setting(tmp_path):
     inputs = loaded.processor(text=[tiny.prompt("is there a dog ?")], images=[random_image(64, 1)], return_tensors="pt")
     expected = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
+
+
+@torchvision
+def test_apertus1p5_dcd_refuses_naming_the_embedding_table(tmp_path):
+    """DCD swaps an image projector; Apertus 1.5's codes go through the text embedding table, so DCD refuses it when
+    the session is built, saying so (not an AttributeError at the first forward)."""
+    tiny = build_tiny("apertus1p5")
+    assert not get_adapter(tiny.model).has_projector
+    with pytest.raises(vlmfix.UnsupportedModelError, match=r"DCD trains and swaps an image projector, and "
+                       r"Apertus1p5ForConditionalGeneration has no image projector: its image codes are embedded by "
+                       r"the language model's own embedding table"):
+        vlmfix.apply(tiny.model, vlmfix.DCD(tmp_path), tokenizer=tiny.processor)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlmfix.adapters.base import Adapter
 
@@ -39,6 +39,12 @@ class Apertus1p5Adapter(Adapter):
     assistant_markers: ClassVar[tuple[str, ...]] = ("<|user_end|>",)
     frame_tokens: ClassVar[tuple[str, ...]] = ("<|img_start|>", "<|img_token_start|>", "<|img_end_of_row|>",
                                                "<|img_end|>")
+
+    @property
+    def projector(self) -> nn.Module:
+        raise AttributeError(f"{type(self.model).__name__} has no image projector: its image codes are embedded by "
+                             "the language model's own embedding table (`embed_tokens`, shared with the text), not "
+                             "by a module that could be trained and swapped for the image alone")
 
     def pixel_extents(self, inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
         """Each image's (height, width) from the processor's `image_sizes` ([images, 2], its resized size)."""
