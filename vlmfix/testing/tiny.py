@@ -355,7 +355,7 @@ def _attention_request(model: PreTrainedModel, attn_implementation: str) -> str 
     sub-model refuses it: Apertus 1.5's VQ image tokenizer has no SDPA path (its attention block is its own), so
     transformers 5.24 raises on `from_pretrained(..., attn_implementation="sdpa")` and on the same string here."""
     refusing = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.config is not model.config
-                and attn_implementation == "sdpa" and not m._supports_sdpa]
+                and attn_implementation == "sdpa" and m._can_set_attn_implementation() and not m._supports_sdpa]
     return {"": attn_implementation, "text_config": attn_implementation} if refusing else attn_implementation
 
 
