@@ -55,7 +55,7 @@ def load_toy(fast: bool = False, seed: int = 0) -> LoadedModel:
 def check_pretrained(
     path: str,
     torch_dtype: str = "bfloat16",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = "sdpa",
     device: str = "auto",
     local_files_only: bool = True,
     trust_remote_code: bool = False,
@@ -66,7 +66,9 @@ def check_pretrained(
     a hub id in the local hub cache (`FileNotFoundError` otherwise)."""
     text(path, "model.loader.path", meaning="a checkpoint directory or a hub id in the local hub cache")
     choice(torch_dtype, "model.loader.torch_dtype", DTYPES)
-    text(attn_implementation, "model.loader.attn_implementation", meaning="e.g. sdpa, eager or flash_attention_2")
+    if attn_implementation is not None:  # None: transformers' default for each sub-model (SDPA where it has one)
+        text(attn_implementation, "model.loader.attn_implementation",
+             meaning="e.g. sdpa, eager or flash_attention_2, or null for transformers' default per sub-model")
     text(device, "model.loader.device", meaning="auto, cpu, cuda or cuda:<index>")
     if device != "auto":
         try:
@@ -152,7 +154,7 @@ LOADERS: dict[str, LoaderSpec] = {
 def load_pretrained(
     path: str,
     torch_dtype: str = "bfloat16",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = "sdpa",
     device: str = "auto",
     local_files_only: bool = True,
     trust_remote_code: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vlmfix.adapters.apertus1p5 import Apertus1p5Adapter
 from vlmfix.adapters.base import Adapter, Spans
 from vlmfix.adapters.families import COMMON_LAYOUT
 from vlmfix.adapters.fuyu import FuyuAdapter
@@ -16,7 +17,7 @@ from vlmfix.adapters.step3p7 import Step3p7Adapter
 from vlmfix.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, *COMMON_LAYOUT,
-                                       FuyuAdapter, Step3p7Adapter)
+                                       FuyuAdapter, Step3p7Adapter, Apertus1p5Adapter)
 SUPPORTED_CLASSES: dict[str, type[Adapter]] = {name: a for a in ADAPTERS for name in a.model_classes}
 
 

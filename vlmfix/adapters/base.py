@@ -318,6 +318,12 @@ class Adapter:
         processor gives a grid or one tensor per image. `input_ids`: [batch, seq] the caller's prompts."""
         return None
 
+    def pixel_extents(self, inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """(height, width) of each image's own pixels in a [images, C, H, W] tensor that the processor pads to the
+        batch's largest image (the model crops the padding away), so per-image work on the pixels (VCD's noise)
+        does not depend on the batch; None where the pixels are not padded per batch. `inputs`: the model inputs."""
+        return None
+
     # --- prompt structure ---
     def image_mask(self, input_ids: Tensor) -> Tensor:
         """[batch, seq] image placeholder tokens."""

@@ -94,9 +94,6 @@ REFUSED: dict[str, Refusal] = {
     "Mistral4ForCausalLM": _cannot("a text-only causal LM class (no vision tower or image placeholder); load "
                                    "the multimodal checkpoint with its ...ForConditionalGeneration class"),
     # decoder-only with placeholders: not verified yet
-    "Apertus1p5ForConditionalGeneration": _pending(
-        "images enter as VQ codes embedded by the text embedding table (no projector); its image processor needs "
-        "torchvision and it builds an audio tokenizer: no offline tiny build here"),
     "Dots3NoteForConditionalGeneration": _pending("DeepSeek-V3.2-style indexed sparse attention (a learned top-k key "
                                                    "selection per query) and a cache of MLA latents, not keys and "
                                                    "values; an audio tower beside the image one"),

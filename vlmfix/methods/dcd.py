@@ -32,12 +32,13 @@ from vlmfix.decoding.contrastive import (
     require_engine,
 )
 from vlmfix.decoding.method import register_method
-from vlmfix.errors import CheckpointError
+from vlmfix.errors import CheckpointError, UnsupportedModelError
 from vlmfix.methods.contrast import check_alpha, check_beta, contrast_logits
 from vlmfix.methods.dcd_lora import PREFIX as LORA_PREFIX
 from vlmfix.methods.dcd_lora import LoraSpec, NegativeLora
 
 if TYPE_CHECKING:
+    from vlmfix.adapters import Adapter
     from vlmfix.decoding.session import Session
 
 Side = Literal["pos", "neg"]
@@ -311,6 +312,12 @@ class DCD(ContrastiveMethod):
         # loaded projectors, reused across calls: model's projector -> {side: frozen copy}
         self._loaded: weakref.WeakKeyDictionary[nn.Module, dict[Side, nn.Module]] = weakref.WeakKeyDictionary()
         self._lora: weakref.WeakKeyDictionary[nn.Module, NegativeLora | None] = weakref.WeakKeyDictionary()
+
+    def check(self, adapter: Adapter) -> None:
+        try:
+            _ = adapter.projector
+        except AttributeError as error:  # the adapter's lookup names what the model has instead
+            raise UnsupportedModelError(f"DCD trains and swaps an image projector, and {error}") from None
 
     def projectors(self, model: nn.Module) -> dict[Side, nn.Module]:
         """The frozen positive / negative projectors for `model`, loaded (and checked) once."""

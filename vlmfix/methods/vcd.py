@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,6 +53,7 @@ def add_diffusion_noise(
     noise_space: NoiseSpace = "normalized",
     mean: tuple[float, ...] = CLIP_MEAN,
     std: tuple[float, ...] = CLIP_STD,
+    extents: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
     """sqrt(abar_t) * v + sqrt(1 - abar_t) * eps for every image of a processor's pixel tensor (a new tensor).
 
@@ -65,13 +67,25 @@ def add_diffusion_noise(
         seed: the eps generator's seed.
         noise_space: "normalized" noises the tensor as given; "pixel" undoes the processor's
             normalisation (`mean`, `std` per channel) first and applies it again after.
+        extents: (height, width) of each image's own pixels where [images, C, H, W] pads every image to the
+            batch's largest (Apertus 1.5): eps is drawn at that size and the padding gets none, so an image is
+            noised alike alone or batched.
     """
     abar = noise_schedule()[noise_step]
     keep, spread = math.sqrt(abar), math.sqrt(1 - abar)
     values = pixel_values.float()
     if noise_space == "pixel":
         values = _channels(values, image_grid_thw, lambda x, m, s: x * s + m, mean, std)
-    if image_grid_thw is None:  # one image per leading index
+    if extents is not None:  # [images, C, H, W] padded at the bottom and right
+        if len(extents) != values.shape[0] or values.dim() != 4:
+            raise ValueError(f"extents give {len(extents)} image sizes for pixel_values of shape "
+                             f"{tuple(values.shape)}; pass one (height, width) per image of an [images, C, H, W] "
+                             "tensor.")
+        eps = torch.zeros_like(values)
+        for i, (height, width) in enumerate(extents):
+            eps[i, :, :height, :width] = image_noise((values.shape[1], height, width), seed).to(values.device)
+        noised = keep * values + spread * eps
+    elif image_grid_thw is None:  # one image per leading index
         eps = image_noise(tuple(values.shape[1:]), seed).to(values.device)
         noised = keep * values + spread * eps[None]
     else:
@@ -177,9 +191,11 @@ class VCD(ContrastiveMethod):
                 raise ValueError(f"noise_space='pixel' needs channel-first pixels or Qwen-style patches; "
                                  f"{type(session.model).__name__}'s patches are channel-last. Use "
                                  f"noise_space='normalized'.")
+        extents = session.adapter.pixel_extents(inputs)
         noised = {key: add_diffusion_noise(inputs[key], self.noise_step, self.noise_seed,
                                            image_grid_thw=grid if key == "pixel_values" else None,
-                                           noise_space=self.noise_space, mean=self.image_mean, std=self.image_std)
+                                           noise_space=self.noise_space, mean=self.image_mean, std=self.image_std,
+                                           extents=extents if key == "pixel_values" else None)
                   for key in ("pixel_values", *MORE_VIEWS) if inputs.get(key) is not None}
         return VCDState(noised)
 

@@ -53,7 +53,7 @@ FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 # in vlmfix/testing/tiny_torchvision.py and tiny_timm_and_torchvision.py; their tests carry the `torchvision`
 # marker (CI's second lane, README)
 TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
-                                            "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")
+                                            "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25", "apertus1p5")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
 # vlmfix/testing/tiny_families.py and tiny_feature_families.py
 ALL_FAMILIES: tuple[Family, ...] = (
@@ -351,10 +351,19 @@ def build_tiny(
     return _finish(TinyVLM(family=family, model=model, processor=processor), attn_implementation)
 
 
+def _attention_request(model: PreTrainedModel, attn_implementation: str) -> str | dict[str, str]:
+    """`attn_implementation` for the whole model; for the model and its language model only (`text_config`) where a
+    sub-model refuses it: Apertus 1.5's VQ image tokenizer has no SDPA path (its attention block is its own), so
+    transformers 5.24 raises on `from_pretrained(..., attn_implementation="sdpa")` and on the same string here."""
+    refusing = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.config is not model.config
+                and attn_implementation == "sdpa" and m._can_set_attn_implementation() and not m._supports_sdpa]
+    return {"": attn_implementation, "text_config": attn_implementation} if refusing else attn_implementation
+
+
 def _finish(tiny: TinyVLM, attn_implementation: str) -> TinyVLM:
     """Set the attention implementation (as `from_pretrained` would), the generation ids, eval mode."""
     model = tiny.model
-    model.set_attn_implementation(attn_implementation)
+    model.set_attn_implementation(_attention_request(model, attn_implementation))
     model.generation_config.pad_token_id = tiny.tokenizer.pad_token_id
     model.generation_config.eos_token_id = tiny.tokenizer.eos_token_id
     model.eval()

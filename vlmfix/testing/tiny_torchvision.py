@@ -158,11 +158,70 @@ def build_gemma4_unified(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]
     return model, processor
 
 
+APERTUS_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
+                    "<|assistant_end|>", "<|image|>", "<|img_start|>", "<|img_end|>", "<|img_token_start|>",
+                    "<|img_end_of_row|>", "<|audio|>", "<|audio_start|>", "<|audio_end|>")
+# the processor reads these tokenizer attributes (Apertus 1.5's tokenizer_config names them the same way)
+APERTUS_ROLE_TOKENS = {"image_token": "<|image|>", "boi_token": "<|img_start|>", "eoi_token": "<|img_end|>",
+                       "image_wrapper_token": "<|img_token_start|>", "eol_token": "<|img_end_of_row|>",
+                       "audio_token": "<|audio|>", "boa_token": "<|audio_start|>", "eoa_token": "<|audio_end|>"}
+APERTUS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}<|user_start|>"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|image|>{% else %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}<|user_end|>{% else %}<|assistant_start|>{% for item in message['content'] %}"
+    "{{ item['text'] }}{% endfor %}<|assistant_end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant_start|>{% endif %}"
+)
+APERTUS_VISUAL_CODES, APERTUS_AUDIO_CODES = 32, 16
+
+
+def build_apertus1p5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Apertus 1.5: no vision encoder in the usual sense and no projector. An encode-only VQGAN (five conv stages, so
+    one code per 16x16 pixels: 9, 16 or 25 codes for the 48-, 64- and 80-pixel test images, whose sizes the
+    processor keeps) turns each image into discrete codes; the codes, offset into the language model's vocabulary
+    (`image_token_offset`), are embedded by its text embedding table and placed at the `<|image|>` placeholders,
+    which the processor writes row by row (`<|img_start|>H*W<|img_token_start|>` rows ended by
+    `<|img_end_of_row|>` ... `<|img_end|>`). A WavTokenizer encoder (audio codes, the same way) is built beside it
+    and left unused by image prompts. The LM head keeps only the text rows (`output_vocab_size`), as the released
+    checkpoints do, so no image code can be generated."""
+    from transformers import Apertus1p5Config, Apertus1p5ForConditionalGeneration, Apertus1p5Processor
+    from transformers.models.apertus1p5.image_processing_apertus1p5 import Apertus1p5ImageProcessor
+    from transformers.models.wavtokenizer.feature_extraction_wavtokenizer import WavTokenizerFeatureExtractor
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(APERTUS_SPECIALS, (*WORDS, *"0123456789", "*")), bos_token="<s>",
+        eos_token="</s>", unk_token="<unk>", pad_token="<pad>", padding_side="left",
+        extra_special_tokens=APERTUS_ROLE_TOKENS,
+    )
+    ids = token_ids(tokenizer, APERTUS_SPECIALS)
+    words = len(tokenizer)  # text ids; the visual codes follow them, then the audio codes
+    text = shape.text(words + APERTUS_VISUAL_CODES + APERTUS_AUDIO_CODES, output_vocab_size=words,
+                      pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,
+                                       "original_max_position_embeddings": 256, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0})
+    vision = dict(codebook_size=APERTUS_VISUAL_CODES, embed_dim=8, latent_channels=8, base_channels=32,
+                  channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], resolution=64)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=4, upsampling_ratios=[2, 2], hidden_size=8,
+                 codebook_size=APERTUS_AUDIO_CODES, codebook_dim=8, num_lstm_layers=1, decoder_hidden_size=32,
+                 decoder_intermediate_size=32, decoder_num_layers=1, decoder_attention_num_groups=4)
+    config = Apertus1p5Config(text_config=text, vision_config=vision, audio_config=audio,
+                              image_token_id=ids["<|image|>"], audio_token_id=ids["<|audio|>"],
+                              image_token_offset=words, audio_token_offset=words + APERTUS_VISUAL_CODES)
+    model = Apertus1p5ForConditionalGeneration(config)
+    image_processor = Apertus1p5ImageProcessor(size={"min_pixels": 32 * 32, "max_pixels": 80 * 80}, spatial_factor=16)
+    processor = Apertus1p5Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                    feature_extractor=WavTokenizerFeatureExtractor(hop_length=4),
+                                    chat_template=APERTUS_TEMPLATE)
+    return model, processor
+
+
 BUILDERS: dict[str, Builder] = {
     "unlimited_ocr": build_unlimited_ocr,
     "muse_glimmer": build_muse_glimmer,
     "muse_spark": build_muse_spark,
     "gemma4_unified": build_gemma4_unified,
+    "apertus1p5": build_apertus1p5,
 }
 
 # families whose processor takes one list of images per prompt
