@@ -111,14 +111,6 @@ REFUSED: dict[str, Refusal] = {
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniMaxM3SparseForConditionalGeneration": _pending("sparse attention"),
-    "MistralLarge4ForConditionalGeneration": _pending(
-        "a tiny build (Pixtral vision, DeepSeek-V3.2-style top-k sparse attention over MLA latents, shared-KV "
-        "layers, MoE) passes the no-method and span checks, but transformers 5.24's own generate gives a left-padded "
-        "row other scores than the row alone (up to 0.09 in the logits) when the indexer's top-k selects (keys "
-        "fewer than the prompt) and MoE layers are present (with either one absent the rows match; likely a "
-        "discrete selection flipped by the batched MoE's rounding), so VHR, VCD, ICD and DCD cannot keep padded "
-        "rows independent. Also: the model merges the top-k into the mask only under attention backends named eager or "
-        "sdpa, so vlmfix must apply the `indices` itself; OPERA needs plain cache layers"),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning, with or without an "
