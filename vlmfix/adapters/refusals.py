@@ -100,17 +100,33 @@ REFUSED: dict[str, Refusal] = {
     "DeepseekOcr2ForConditionalGeneration": _pending(
         "its vision encoder's learned queries are fixed at 144 or 256 per view (768- or 1024-pixel views through "
         "SAM): no tiny build small enough for the CPU suite"),
-    "Dots3NoteForConditionalGeneration": _pending("DeepSeek-V3.2-style indexed sparse attention (a learned top-k key "
-                                                   "selection per query) and a cache of MLA latents, not keys and "
-                                                   "values; an audio tower beside the image one"),
+    "Dots3NoteForConditionalGeneration": _pending(
+        "DeepSeek-V3.2-style indexed sparse attention over MLA latents, its top-k selection passed as `indices` "
+        "to a backend of another name than eager or sdpa (modeling_dots3_note.py:579-604), as Mistral Large 4's, "
+        "which vlmfix's attention merges into the mask; no tiny build tried yet: an audio tower beside the image "
+        "one (:1578), sliding-window layers and a per-head sigmoid gate on the attention output (g_proj)"),
     "HYV4VLForConditionalGeneration": _pending(
-        "learned attention sinks passed to the attention function (s_aux), which vlmfix's edited attention does not "
-        "take, so an edited layer would drop them; DeepSeek-V3.2-style top-k sparse attention over MLA latents; "
-        "hyper-connections (4 residual streams, so a layer's input is not one residual stream)"),
+        "learned attention sinks: its eager attention appends one logit per head to the softmax and drops it after "
+        "(modeling_hy_v4_vl.py:239-249; eager is its only text backend, :693-696), which vlmfix's edited "
+        "attention does not add, so an edited layer would renormalise without them; hyper-connections: each "
+        "layer mixes 4 residual streams into its input and back (HYV4VLHyperConnection, :660-683), so no "
+        "module's input is one residual stream; its DeepSeek-V3.2-style top-k (`indices`, :403-428) vlmfix's "
+        "attention merges into the mask"),
     "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
-    "MiniMaxM3SparseForConditionalGeneration": _pending("sparse attention"),
+    "MiniMaxM3SparseForConditionalGeneration": _pending(
+        "block-sparse attention: on its minimax_m3_sparse layers a lightning indexer scores every key, max-pools "
+        "the scores over blocks of index_block_size keys and each query attends to its top index_topk_blocks "
+        "blocks plus its newest index_local_blocks (modeling_minimax_m3_vl.py:493-599; the cache keeps the "
+        "indexer's keys too). transformers 5.24's own generate does not keep a left-padded row equal to the row "
+        "alone: the indexer compares key slots with content positions (position_ids start at a row's first real "
+        "token; :578, :586), so a row left-padded by p tokens loses its newest p keys, its own included, and its "
+        "blocks are anchored to slots (the model's TODO, :524). Measured on a 2-layer build with 5 pad tokens: "
+        "0.65 in the logits, 0.71 with every block selected; the unpadded row matches to 1e-7. vlmfix batches "
+        "left-padded, so no method can keep rows independent. (Under vlmfix's attention name the model passes "
+        "`block_indices` [batch, index heads, queries, blocks] unmerged, :468-486; the indexer's build_block_mask, "
+        ":601, would merge them.)"),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning, with or without an "
