@@ -5,8 +5,12 @@ key for each query and the layer attends to the top `index_topk` keys only. The 
 a weighted sum over its heads of ReLU(query . key), so a key that every indexer head scores below zero gets
 exactly 0. With few indexer heads such exact ties are common, and `torch.topk` breaks them by storage
 position, which left padding shifts: a padded row then keeps other keys than the row alone (measured on a
-2-head build). The builds below keep the family's 32 indexer heads (its config default), where a key scoring
-0 on every head is as rare as on the real model.
+2-head build: plain `generate`'s scores of the padded row off by 0.08 to 0.15). The builds below keep the
+family's 32 indexer heads (its config default), where a key scoring 0 on every head is as rare as on the
+real model (the padded row's scores then match the row alone to 1e-7).
+
+vlmfix merges the selection into the mask (`vlmfix.decoding.attention.with_selected_keys`), so its edits act
+on each query's selected keys only: a key the indexer dropped stays out of every method's reach.
 """
 
 from __future__ import annotations
