@@ -64,3 +64,30 @@ def test_a_sliding_cache_is_laid_out_over_the_whole_sequence():
     z[..., 1] += 3.0  # position 5 is the second kept key
     torch.testing.assert_close(edited_attention(q, full_k, full_v, mask, 0.5, [KeyBias(bias=bias)]),
                                (z.softmax(-1) @ v).transpose(1, 2))
+
+
+def test_a_top_k_key_selection_restricts_each_query_to_its_keys():
+    """A sparse-attention layer's `indices` (each query's kept keys) merged into a bool or an additive mask: the
+    edited path attends to exactly the selected, causally visible keys of each query, as a per-query loop does."""
+    from vlmfix.decoding.attention import with_selected_keys
+
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(2, 1, 5, 5)
+    indices = torch.stack([torch.randperm(5)[:3] for _ in range(10)]).view(2, 5, 3).to(torch.int32)
+    expected = torch.empty(2, 5, 2, 4)
+    for b in range(2):
+        for i in range(5):
+            keys = sorted(j for j in indices[b, i].tolist() if j <= i)  # query 0 keeps key 0 only if selected
+            if not keys:
+                expected[b, i] = 0.0
+                continue
+            z = (q[b, :, i : i + 1] @ k[b, :, keys].transpose(-1, -2)) * 0.5  # [heads, 1, kept]
+            expected[b, i] = (z.softmax(-1) @ v[b, :, keys])[:, 0]
+    zero = [KeyBias(bias=torch.zeros(2, 1, 5))]
+    additive = torch.zeros(2, 1, 5, 5).masked_fill(~causal, torch.finfo(torch.float32).min)
+    for mask in (causal, additive):
+        merged = with_selected_keys(mask, indices, 5)
+        assert merged.dtype == mask.dtype and merged.shape == (2, 1, 5, 5)
+        out = edited_attention(q, k, v, merged, 0.5, zero)
+        torch.testing.assert_close(out, expected)

@@ -476,6 +476,15 @@ def test_flash_attention_is_refused_when_the_session_is_made():
         vlmfix.apply(tiny.model, OPERA())
 
 
+def test_sparse_attention_models_are_refused_by_name_when_the_session_is_made():
+    """Mistral Large 4's indexed layers cache the indexer's keys beside the latents; OPERA's slot rewrites and
+    rollbacks cover plain dynamic layers only, so it refuses the model before any forward, naming why."""
+    tiny = tiny_model("mistral_large4")
+    with pytest.raises(vlmfix.UnsupportedModelError, match=r"mistral_large4's sparse-attention layers cache the "
+                                                           r"indexer's keys"):
+        vlmfix.apply(tiny.model, OPERA())
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: OPERA(scale_factor=0), r"`scale_factor` must be a finite number > 0, got 0"),
     (lambda: OPERA(threshold=-1), r"`threshold` must be an int >= 0, got -1"),

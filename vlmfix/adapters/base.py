@@ -225,6 +225,12 @@ class Adapter:
             not layer_types or any("sliding" in str(kind) for kind in layer_types))
 
     @property
+    def has_indexed_attention(self) -> bool:
+        """Whether decoder layers attend to each query's top-k keys chosen by a learned indexer (DeepSeek-V3.2's
+        sparse attention: Mistral Large 4); their cache layers keep the indexer's keys beside the model's."""
+        return getattr(self.text_config, "index_topk", None) is not None
+
+    @property
     def vision_tower(self) -> nn.Module:
         return cast(nn.Module, first_attribute(self.base, VISION_TOWER_NAMES, "vision tower"))
 

@@ -94,25 +94,37 @@ REFUSED: dict[str, Refusal] = {
     "Mistral4ForCausalLM": _cannot("a text-only causal LM class (no vision tower or image placeholder); load "
                                    "the multimodal checkpoint with its ...ForConditionalGeneration class"),
     # decoder-only with placeholders: not verified yet
-    "Dots3NoteForConditionalGeneration": _pending("DeepSeek-V3.2-style indexed sparse attention (a learned top-k key "
-                                                   "selection per query) and a cache of MLA latents, not keys and "
-                                                   "values; an audio tower beside the image one"),
+    "Dots3NoteForConditionalGeneration": _pending(
+        "DeepSeek-V3.2-style indexed sparse attention over MLA latents, its top-k selection passed as `indices` "
+        "to a backend of another name than eager or sdpa (modeling_dots3_note.py:579-604), as Mistral Large 4's, "
+        "which vlmfix's attention merges into the mask; but its sliding-window layers have their own head count "
+        "and latent ranks (per_layer_config: 64 heads against the indexed layers' 128 by default, "
+        "configuration_dots3_note.py:321-338; each attention reads its layer's entry, modeling_dots3_note.py:449), "
+        "which the common adapter's one head count does not describe (Step 3.7 has an adapter of its own for "
+        "this), and a per-head sigmoid gate scales each head's output after attention (:506, :610); an audio "
+        "tower beside the image one (:1578). No tiny build tried yet"),
     "HYV4VLForConditionalGeneration": _pending(
-        "learned attention sinks passed to the attention function (s_aux), which vlmfix's edited attention does not "
-        "take, so an edited layer would drop them; DeepSeek-V3.2-style top-k sparse attention over MLA latents; "
-        "hyper-connections (4 residual streams, so a layer's input is not one residual stream)"),
+        "learned attention sinks: its eager attention appends one logit per head to the softmax and drops it after "
+        "(modeling_hy_v4_vl.py:239-249; eager is its only text backend, :693-696), which vlmfix's edited "
+        "attention does not add, so an edited layer would renormalise without them; hyper-connections: each "
+        "layer mixes 4 residual streams into its input and back (HYV4VLHyperConnection, :660-683), so no "
+        "module's input is one residual stream; its DeepSeek-V3.2-style top-k (`indices`, :403-428) vlmfix's "
+        "attention merges into the mask"),
     "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
-    "MiniMaxM3SparseForConditionalGeneration": _pending("sparse attention"),
-    "MistralLarge4ForConditionalGeneration": _pending(
-        "a tiny build (Pixtral vision, DeepSeek-V3.2-style top-k sparse attention over MLA latents, shared-KV "
-        "layers, MoE) passes the no-method and span checks, but transformers 5.24's own generate gives a left-padded "
-        "row other scores than the row alone (up to 0.09 in the logits) when the indexer's top-k selects (keys "
-        "fewer than the prompt) and MoE layers are present (with either one absent the rows match; likely a "
-        "discrete selection flipped by the batched MoE's rounding), so VHR, VCD, ICD and DCD cannot keep padded "
-        "rows independent. Also: the model merges the top-k into the mask only under attention backends named eager or "
-        "sdpa, so vlmfix must apply the `indices` itself; OPERA needs plain cache layers"),
+    "MiniMaxM3SparseForConditionalGeneration": _pending(
+        "block-sparse attention: on its minimax_m3_sparse layers a lightning indexer scores every key, max-pools "
+        "the scores over blocks of index_block_size keys and each query attends to its top index_topk_blocks "
+        "blocks plus its newest index_local_blocks (modeling_minimax_m3_vl.py:493-599; the cache keeps the "
+        "indexer's keys too). transformers 5.24's own generate does not keep a left-padded row equal to the row "
+        "alone: the indexer compares key slots with content positions (position_ids start at a row's first real "
+        "token; :578, :586), so a row left-padded by p tokens loses its newest p keys, its own included, and its "
+        "blocks are anchored to slots (the model's TODO, :524). Measured on a 2-layer build with 5 pad tokens: "
+        "0.65 in the logits, 0.71 with every block selected; the unpadded row matches to 1e-7. vlmfix batches "
+        "left-padded, so no method can keep rows independent. (Under vlmfix's attention name the model passes "
+        "`block_indices` [batch, index heads, queries, blocks] unmerged, :468-486; the indexer's build_block_mask, "
+        ":601, would merge them.)"),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning, with or without an "

@@ -108,6 +108,10 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         backend = backends.get(type(module))
         if backend is None:
             backend = backends.setdefault(type(module), wrapped_backend(implementation, module))
+        if kwargs.get("indices") is not None and implementation in MERGES_SELECTION:
+            # sparse attention leaves its top-k key selection to a backend of another name: merge it here
+            attention_mask = with_selected_keys(attention_mask, kwargs["indices"], key.shape[2])
+            kwargs["indices"] = None
         if not host.owns_thread():
             return backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         layer_idx = cast(int, module.layer_idx)  # every decoder attention module holds its index
@@ -152,6 +156,28 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         return out, weights
 
     return vlmfix_attention
+
+
+# Backends into whose mask a sparse-attention layer (DeepSeek-V3.2's indexer: Mistral Large 4, Dots3 Note,
+# HY V4 VL) merges its top-k selection itself; under any other name, vlmfix's included, it passes the selection
+# as `indices` instead (modeling_mistral_large4.py:468-480), which these backends would ignore.
+MERGES_SELECTION = ("eager", "sdpa")
+
+
+def with_selected_keys(attention_mask: Tensor | None, indices: Tensor, kv_len: int) -> Tensor:
+    """`attention_mask` [batch, 1, q_len, kv_len] with every key outside each query's selected ones masked, as
+    the sparse-attention layers do for eager and sdpa (the same bool or additive minimum, so bit for bit).
+
+    indices: [batch, q_len, top_k] the keys each query keeps."""
+    if attention_mask is None:
+        raise ValueError("a sparse-attention layer passed a key selection (`indices`) without an attention mask; "
+                         "its model builds one for every layer, so this model is not one vlmfix has checked.")
+    batch, q_len = indices.shape[:2]
+    dropped = (indices.new_ones((batch, q_len, kv_len), dtype=torch.bool)
+               .scatter(-1, indices.long(), False).unsqueeze(1))  # [batch, 1, q_len, kv_len]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & ~dropped
+    return attention_mask.masked_fill(dropped, torch.finfo(attention_mask.dtype).min)
 
 
 def one_sdpa_for_blocks(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,

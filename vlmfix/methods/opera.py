@@ -117,6 +117,11 @@ class OPERA(Method):
             raise UnsupportedModelError(
                 f"OPERA rewrites cache slots of plain dynamic layers, and {adapter.family}'s sliding-window layers "
                 f"keep the last keys only; OPERA supports full-attention decoders.")
+        if adapter.has_indexed_attention:
+            raise UnsupportedModelError(
+                f"OPERA rewrites cache slots of plain dynamic layers, and {adapter.family}'s sparse-attention layers "
+                "cache the indexer's keys beside the latents (DynamicIndexedLayer), which those rewrites and "
+                "rollbacks would leave out of step; OPERA supports full-attention decoders.")
         implementation = adapter.text_config._attn_implementation or "eager"
         if "flash" in implementation:
             raise ValueError(f"OPERA needs an attention backend that honours 4-D masks (its candidate chunks and "

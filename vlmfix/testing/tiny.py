@@ -55,7 +55,7 @@ FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
                                             "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25", "apertus1p5")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
-# vlmfix/testing/tiny_families.py and tiny_feature_families.py
+# vlmfix/testing/tiny_families.py, tiny_feature_families.py and tiny_sparse_families.py
 ALL_FAMILIES: tuple[Family, ...] = (
     *FAMILIES,
     "llava_onevision",
@@ -98,6 +98,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "fuyu",
     "granite4_vision",
     "deepseek_ocr2",
+    "mistral_large4",
     *TORCHVISION_FAMILIES,
 )
 
@@ -269,10 +270,17 @@ def build_tiny(
     if family in TORCHVISION_FAMILIES:
         require_torchvision(f"the tiny {family} build")
     if family not in FAMILIES:
-        from vlmfix.testing import tiny_families, tiny_feature_families, tiny_timm_and_torchvision, tiny_torchvision
+        from vlmfix.testing import (
+            tiny_families,
+            tiny_feature_families,
+            tiny_sparse_families,
+            tiny_timm_and_torchvision,
+            tiny_torchvision,
+        )
         from vlmfix.testing.tiny_families import Shape
 
-        modules = (tiny_torchvision, tiny_timm_and_torchvision, tiny_feature_families, tiny_families)
+        modules = (tiny_torchvision, tiny_timm_and_torchvision, tiny_feature_families, tiny_sparse_families,
+                   tiny_families)
         module = next(m for m in modules if family in m.BUILDERS)
         built, built_processor = module.BUILDERS[family](Shape(layers, heads, kv_heads, head_dim), **(options or {}))
         tiny = TinyVLM(family=family, model=built, processor=built_processor,

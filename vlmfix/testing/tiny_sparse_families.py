@@ -1,0 +1,74 @@
+"""Tiny offline builds of the families whose language model selects keys per query (see `vlmfix.testing.tiny`).
+
+Mistral Large 4's layers are DeepSeek-V3.2-style sparse attention: a small "lightning indexer" scores every
+key for each query and the layer attends to the top `index_topk` keys only. The indexer's score of a key is
+a weighted sum over its heads of ReLU(query . key), so a key that every indexer head scores below zero gets
+exactly 0. With few indexer heads such exact ties are common, and `torch.topk` breaks them by storage
+position, which left padding shifts: a padded row then keeps other keys than the row alone (measured on a
+2-head build: plain `generate`'s scores of the padded row off by 0.08 to 0.15). The builds below keep the
+family's 32 indexer heads (its config default), where a key scoring 0 on every head is as rare as on the
+real model (the padded row's scores then match the row alone to 1e-7).
+
+vlmfix merges the selection into the mask (`vlmfix.decoding.attention.with_selected_keys`), so its edits act
+on each query's selected keys only: a key the indexer dropped stays out of every method's reach.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+
+from vlmfix.testing.tiny import WORDS, word_tokenizer
+from vlmfix.testing.tiny_families import (
+    MISTRAL_SPECIALS,
+    MISTRAL_TEMPLATE,
+    Builder,
+    PixtralLayoutProcessor,
+    Shape,
+    token_ids,
+)
+
+# the family's default indexer width (MistralLarge4TextConfig.index_n_heads): ReLU ties stay rare
+INDEXER_HEADS = 32
+
+
+def build_mistral_large4(shape: Shape, *, index_topk: int = 8) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Mistral Large 4: Mistral 3's Pixtral vision and prompt layout with a DeepSeek-V3.2-style language model:
+    multi-head latent attention (the cache holds latents; keys 16 wide, values 32), an indexer that keeps each
+    query's top `index_topk` keys (the prompt is longer, so it selects), layer 2 reusing layer 1's latents and
+    top-k (shared-KV layer), MoE layers after the first."""
+    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(MISTRAL_SPECIALS, WORDS), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>", padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]",
+                                                                "[IMG_END]"]})
+    ids = token_ids(tokenizer, MISTRAL_SPECIALS)
+    sources = list(range(shape.layers))
+    sources[2] = 1  # layer 2 reads layer 1's latents
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=2 * shape.hidden,
+        moe_intermediate_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+        qk_rope_head_dim=shape.head_dim // 2, qk_nope_head_dim=shape.head_dim // 2, v_head_dim=2 * shape.head_dim,
+        index_topk=index_topk, index_head_dim=8, index_n_heads=INDEXER_HEADS, max_position_embeddings=2048,
+        kv_source_layers=sources, index_topk_pattern="FFS" + "F" * (shape.layers - 3), pad_token_id=ids["<pad>"],
+        eos_token_id=ids["</s>"], bos_token_id=ids["<s>"],
+    )
+    config = MistralLarge4Config(
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, head_dim=8, image_size=32, patch_size=8),
+        text_config=text, image_token_index=ids["[IMG]"], spatial_merge_size=2, vision_feature_layer=-1,
+    )
+    model = MistralLarge4ForConditionalGeneration(config)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=16)
+    return model, PixtralLayoutProcessor(image_processor, tokenizer, token_patch=16, chat_template=MISTRAL_TEMPLATE)
+
+
+NESTED_IMAGES: frozenset[str] = frozenset()
+
+BUILDERS: dict[str, Builder] = {
+    "mistral_large4": build_mistral_large4,
+}
