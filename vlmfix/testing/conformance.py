@@ -11,7 +11,9 @@ For a family (`vlmfix.testing.ALL_FAMILIES`; those of `TORCHVISION_FAMILIES` bes
     (what the processor had to insert), and the instruction span
     holds the question and ends at the family's assistant marker (`check_spans`);
   - the model is restored exactly after each session, also after an exception: state dict, config,
-    attention registries, hooks (`ModelSnapshot`).
+    attention registries, hooks (`ModelSnapshot`);
+  - the tiny build reads its image: a noise image and a grey one of the same size change the next-token
+    logits (`check_image_matters`), else image-contrast methods would be checked on a model blind to images.
 
 ```
 python -m vlmfix.testing.conformance --table          # family x method: ✓ or the reason (runs the checks)
