@@ -20,6 +20,22 @@ def test_no_method_is_bit_identical_to_plain_generate(family, mode):
     suite.check_no_method(build_tiny(family), mode)
 
 
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_the_tiny_build_reads_its_image(family):
+    suite.check_image_matters(build_tiny(family))
+
+
+def test_a_build_that_ignores_its_image_is_caught():
+    """The image check is not a stub: with the projector's output zeroed, every image gives the same logits."""
+    tiny = build_tiny("llava")
+    projector = tiny.model.model.multi_modal_projector.linear_2
+    projector.weight.data.zero_()
+    projector.bias.data.zero_()
+    assert suite.image_effect(tiny) == 0.0
+    with pytest.raises(suite.ConformanceError, match="ignores its image"):
+        suite.check_image_matters(tiny)
+
+
 @pytest.mark.parametrize(("family", "images"), SPAN_CASES)
 def test_spans_follow_the_processor_and_the_chat_template(family, images):
     suite.check_spans(build_tiny(family), images_per_row=images)

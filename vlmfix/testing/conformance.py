@@ -11,7 +11,9 @@ For a family (`vlmfix.testing.ALL_FAMILIES`; those of `TORCHVISION_FAMILIES` bes
     (what the processor had to insert), and the instruction span
     holds the question and ends at the family's assistant marker (`check_spans`);
   - the model is restored exactly after each session, also after an exception: state dict, config,
-    attention registries, hooks (`ModelSnapshot`).
+    attention registries, hooks (`ModelSnapshot`);
+  - the tiny build reads its image: a noise image and a grey one of the same size change the next-token
+    logits (`check_image_matters`), else image-contrast methods would be checked on a model blind to images.
 
 ```
 python -m vlmfix.testing.conformance --table          # family x method: ✓ or the reason (runs the checks)
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -40,7 +43,7 @@ from vlmfix.adapters import REFUSED, SUPPORTED_CLASSES, get_adapter
 from vlmfix.decoding.method import METHODS, Method
 from vlmfix.decoding.prompt_inputs import image_tokens_encoded
 from vlmfix.errors import UnsupportedModelError
-from vlmfix.testing.tiny import ALL_FAMILIES, TinyVLM, build_tiny
+from vlmfix.testing.tiny import ALL_FAMILIES, TinyVLM, build_tiny, random_image
 
 # rows of different lengths, so the batch is left-padded
 QUESTIONS = ("Describe this image in detail .", "is there a dog ?")
@@ -231,6 +234,35 @@ def image_features(tiny: TinyVLM, inputs: dict[str, Any]) -> int:
     accepted = set(inspect.signature(encoder).parameters) - {"kwargs", "input_ids"}
     output = encoder(**{k: v for k, v in inputs.items() if k in accepted}, return_dict=True)
     return image_tokens_encoded(output)
+
+
+# the least largest logit change that two different images must cause at the first generated position (random
+# weights at 0.02 give about 1e-2 and more; a build that ignores its image gives 0 or rounding noise, about 1e-7)
+IMAGE_EFFECT_THRESHOLD = 1e-4
+
+
+@torch.no_grad()
+def image_effect(tiny: TinyVLM, size: int = 48) -> float:
+    """The largest change of the next-token logits (first generated position) when the prompt's noise image
+    (`random_image`) is replaced by a uniform grey one of the same size, so the prompt's tokens stay the same."""
+    question = QUESTIONS[1]
+    noise = tiny.inputs([question], image=random_image(size, seed=0))
+    grey = tiny.inputs([question], image=Image.new("RGB", (size, size), (128, 128, 128)))
+    if not torch.equal(noise["input_ids"], grey["input_ids"]):
+        raise ConformanceError("two images of the same size gave different prompts; the image check compares "
+                               "logits over the same tokens")
+    logits = [tiny.model(**inputs).logits[:, -1].float() for inputs in (noise, grey)]
+    return float((logits[0] - logits[1]).abs().max())
+
+
+def check_image_matters(tiny: TinyVLM) -> None:
+    """Two different images must give different next-token logits: a tiny build that ignores its image (a
+    zero-initialised projection, a vanishing tower) makes every image-contrast method's result meaningless."""
+    effect = image_effect(tiny)
+    if not effect > IMAGE_EFFECT_THRESHOLD:
+        raise ConformanceError(f"the tiny {tiny.family} build ignores its image: a noise image and a grey one change "
+                               f"the next-token logits by {effect:.2e} at most (need > {IMAGE_EFFECT_THRESHOLD:.0e}); "
+                               "give its zero- or near-zero-initialised weights random values after building")
 
 
 @dataclass(frozen=True)

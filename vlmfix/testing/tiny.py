@@ -204,12 +204,13 @@ class TinyVLM:
         )
 
     def inputs(self, questions: list[str], *, with_image: bool | list[bool] = True, seed: int = 0,
-               images_per_row: int = 1) -> dict:
+               images_per_row: int = 1, image: Image.Image | None = None) -> dict:
         """Row i gets image number `seed + i` (so a row built alone with `seed=i` has the same image); with
-        `images_per_row` > 1 its k-th further image is number `seed + i + 1000 k`."""
+        `images_per_row` > 1 its k-th further image is number `seed + i + 1000 k`; every image is `image` where
+        one is given."""
         flags = with_image if isinstance(with_image, list) else [with_image] * len(questions)
         prompts = [self.prompt(q, f, images_per_row) for q, f in zip(questions, flags)]
-        rows = [[random_image(48 + 16 * ((seed + i) % 3), seed + i + 1000 * k) for k in range(images_per_row)]
+        rows = [[image or random_image(48 + 16 * ((seed + i) % 3), seed + i + 1000 * k) for k in range(images_per_row)]
                 for i, f in enumerate(flags) if f]
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
         if rows:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from vlmfix.testing.tiny import WORDS, word_tokenizer
@@ -41,6 +43,25 @@ class Shape:
 Builder = Callable[..., tuple[PreTrainedModel, ProcessorMixin]]
 
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system")
+
+
+@torch.no_grad()
+def randomise(weight: nn.Parameter, std: float = 0.02) -> None:
+    """Draw a weight that transformers initialises to zeros (a trained checkpoint fills it) from N(0, std^2), with
+    the global generator `build_tiny` seeds: the build stays deterministic, and the image reaches the logits."""
+    weight.normal_(0.0, std)
+
+
+@torch.no_grad()
+def fan_in_init(module: nn.Module, gain: float = 1.0) -> None:
+    """Draw every linear and convolution weight of `module` at std gain / sqrt(fan_in) (the global generator
+    `build_tiny` seeds), so a deep stack without normalisation keeps its activations' scale: at transformers'
+    std of 0.02 each such layer shrinks them ~10x and the image's trace vanishes (FastVLM's reparameterised
+    convolutions, Molmo2's pooling and projector chain)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d):
+            fan_in = layer.weight[0].numel()  # in_channels (/ groups) x kernel size
+            layer.weight.normal_(0.0, gain / fan_in**0.5)
 
 
 def token_ids(tokenizer: PreTrainedTokenizerFast, tokens: tuple[str, ...]) -> dict[str, Any]:
@@ -228,6 +249,8 @@ def build_gemma3(shape: Shape, *, image_size: int = 32, patch_size: int = 8, tok
         image_token_index=ids["<image_soft_token>"],
     )
     model = Gemma3ForConditionalGeneration(config)
+    # transformers zero-initialises the projection: every image would give zero features
+    randomise(model.model.multi_modal_projector.mm_input_projection_weight, config.get_text_config().initializer_range)
     image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA_TEMPLATE,
                                 image_seq_length=tokens_per_image)

@@ -14,7 +14,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from vlmfix.testing.tiny import WORDS, word_tokenizer
-from vlmfix.testing.tiny_families import Builder, Shape, chatml_template, chatml_tokenizer, token_ids
+from vlmfix.testing.tiny_families import Builder, Shape, chatml_template, chatml_tokenizer, fan_in_init, token_ids
 
 LLAMA3_SPECIALS = ("<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                    "<|image|>", "<|video|>", "<unk>", "user", "assistant", "system")
@@ -82,6 +82,9 @@ def build_fast_vlm(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     config = FastVlmConfig(vision_config=vision, text_config=dict(model_type="qwen2", **text),
                            image_token_index=ids["<image>"], image_seq_length=4)
     model = FastVlmForConditionalGeneration(config)
+    # transformers draws the timm tower's convolutions at std 0.02; its reparameterised stages have no norm, so
+    # they shrank the features ~1e-20x and every image gave the same logits
+    fan_in_init(model.model.vision_tower, gain=2**0.5)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 128}, crop_size={"height": 128, "width": 128}),
         tokenizer=tokenizer, patch_size=64, vision_feature_select_strategy="full", num_additional_image_tokens=0,
@@ -120,6 +123,9 @@ def build_molmo2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
         frame_end_token_id=ids["<frame_end>"],
     )
     model = Molmo2ForConditionalGeneration(config)
+    # the pooling attention and the MLP projector, at transformers' std 0.02 and with no norm between them, shrank
+    # the image features to ~1e-9: every image gave the same logits
+    fan_in_init(model.model.multi_modal_projector)
     image_processor = Molmo2ImageProcessor(size={"height": 32, "width": 32}, patch_size=8, max_crops=2,
                                            overlap_margins=[1, 1], pooling_size=[2, 2])
     processor = Molmo2Processor(image_processor=image_processor, video_processor=Molmo2VideoProcessor(),
