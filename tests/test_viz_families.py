@@ -45,6 +45,11 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             merge = config.vision_config.spatial_merge_size
             _, h, w = inputs["image_grid_thw"][index].tolist()
             shapes = [((k, "merged"), h // merge, w // merge, 0)]
+        elif family == "gemma4":  # k x k pooled patches: the patch extent read off the position ids
+            positions = inputs["image_position_ids"][index]  # [patches, 2]: (x, y), -1 on padding
+            cols, rows = (positions.max(0).values + 1).tolist()
+            kernel = config.vision_config.pooling_kernel_size
+            shapes = [((k, "pooled"), rows // kernel, cols // kernel, 0)]
         elif family in ("mistral3", "lighton_ocr"):
             h, w = inputs["image_sizes"][index].tolist()
             step = config.vision_config.patch_size * config.spatial_merge_size

@@ -19,6 +19,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   (one grid per temporal slice);
 - Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
   row-major (Mistral 3's [IMG_BREAK] / [IMG_END] tokens are not image tokens);
+- Gemma 4: per image, (rows / k) x (cols / k) pooled patches, row-major, over the whole image (resized keeping its
+  aspect ratio to a multiple of k patches a side), from each image's patch rows x cols (`image_patch_grids`, read
+  off `image_position_ids`) and the vision tower's `pooling_kernel_size` k (the pooler averages each k x k block);
 - PaliGemma, Gemma 3: per image, one square grid (SigLIP patches; Gemma 3 pools them to `mm_tokens_per_image`)
   over the whole image, which the processor resizes to a square. Gemma 3's pan-and-scan crops would add views
   that the prompt's tokens cannot tell from images: refused when the pictures show more views than images;
@@ -29,9 +32,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
   image after <global-img> (an image that is not split is its global image alone).
 
-Several images in a row follow each other in prompt order; the image inputs (`image_sizes`,
-`image_grid_thw`) list the batch's images row by row, as the processors make them. The other supported
-families are refused by name (`REFUSED`, with the reason).
+Several images in a row follow each other in prompt order; the image inputs (`image_sizes`, `image_grid_thw`,
+`image_patch_grids`) list the batch's images row by row, as the processors make them. The other supported families
+are refused by name (`REFUSED`, with the reason).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
                    "cohere_compass")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
+POOLED_FAMILIES = ("gemma4",)  # k x k pooled patches from `image_patch_grids`
 RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "idefics3", "smolvlm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
@@ -61,11 +65,11 @@ REFUSED: dict[str, str] = {
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
         "cohere2_vision", "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
-        "gemma4", "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
+        "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
         "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
-                 *RUN_FAMILIES)
+                 *POOLED_FAMILIES, *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,12 @@ def _mistral_image(config: Any, image: int, start: int, size: Sequence[int]) -> 
     pixels = int(config.vision_config.patch_size) * int(config.spatial_merge_size)
     rows, cols = int(size[0]) // pixels, int(size[1]) // pixels
     return [TokenGrid(image, "merged", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
+
+
+def _pooled_image(config: Any, image: int, start: int, patches: Sequence[int]) -> tuple[list[TokenGrid], int]:
+    kernel = int(config.vision_config.pooling_kernel_size)
+    rows, cols = int(patches[0]) // kernel, int(patches[1]) // kernel
+    return [TokenGrid(image, "pooled", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
 
 
 def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
@@ -331,7 +341,7 @@ def _shape_of(shapes: Sequence[Sequence[int]] | None, image: int, b: int, family
 
 
 def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, image_sizes: Any = None,
-                image_grid_thw: Any = None, rows_per_prompt: int = 1,
+                image_grid_thw: Any = None, image_patch_grids: Any = None, rows_per_prompt: int = 1,
                 image_positions: Sequence[Sequence[int]] | None = None,
                 image_run_tokens: Sequence[Sequence[Sequence[int]]] | None = None, tokenizer: Any = None,
                 image_shapes: Mapping[int, Sequence[Sequence[int]]] | None = None,
@@ -345,6 +355,7 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
         tokens_per_row: image tokens of each batch row.
         image_sizes: [images, 2] (height, width) of every image, LLaVA-NeXT / OneVision / Mistral 3.
         image_grid_thw: [images, 3] patch grid of every image, Qwen / GLM.
+        image_patch_grids: [images, 2] patch rows and cols of every image (before pooling), Gemma 4.
         rows_per_prompt: batch rows per prompt (beams, return sequences): the image inputs list the images of
             each prompt once.
         image_positions: each row's image-token positions (runs of consecutive ones are tiles or images of
@@ -360,6 +371,7 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                          f"pictures support {', '.join(GRID_FAMILIES)}.")
     sizes = _as_rows(image_sizes)
     thw = _as_rows(image_grid_thw)
+    patch_grids = _as_rows(image_patch_grids)
     layouts: list[RowLayout] = []
     next_image = 0
     for b, count in enumerate(tokens_per_row):
@@ -394,6 +406,8 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                 grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"))
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
+            elif family in POOLED_FAMILIES:
+                grids, n = _pooled_image(config, image, used, _take(patch_grids, next_image, "image_patch_grids"))
             else:
                 side = math.isqrt(int(count))
                 if side * side != count:
@@ -406,7 +420,7 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
             next_image += 1
         if used != count:
             raise ValueError(f"row {b} has {count} image tokens, but its images' {family} grids hold {used}; pass the "
-                             f"image inputs (image_sizes / image_grid_thw) of the same call.")
+                             f"image inputs (image_sizes / image_grid_thw / image_patch_grids) of the same call.")
         layouts.append(layout)
     return layouts
 
