@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_viz_grids import build
-from tests.test_viz_patches import SIZES, cell_centres
+from tests.test_viz_grids import build, grouped, patch_colours
+from tests.test_viz_patches import SIZES, cell_centres, coordinate_picture
 from vlmfix.decoding.prompt_inputs import patch_grids
-from vlmfix.viz.patches import row_layouts
+from vlmfix.viz.patches import row_layouts, scale_canvas
 
 
 def gemma4_token_colours(tiny, inputs) -> torch.Tensor:
@@ -78,3 +78,54 @@ def test_gemma4_needs_its_patch_grids():
     count = int((inputs["input_ids"][0] == tiny.model.config.image_token_id).sum())
     with pytest.raises(ValueError, match="image_patch_grids"):
         row_layouts("gemma4", tiny.model.config, [count])
+
+
+def run_layouts(family: str, tiny, inputs):
+    """`row_layouts` of a family placed by its image-token runs, from the processor's ids (as the session records
+    them) and the pictures' sizes."""
+    image = inputs["input_ids"] == tiny.model.config.image_token_id
+    positions = [row.nonzero().flatten().tolist() for row in image]
+    around = []  # per row: [token before, token after] each run
+    for ids, mask in zip(inputs["input_ids"].tolist(), image.tolist()):
+        starts = [p for p in range(len(ids)) if mask[p] and (p == 0 or not mask[p - 1])]
+        ends = [p for p in range(len(ids)) if mask[p] and (p + 1 == len(ids) or not mask[p + 1])]
+        around.append([[ids[s - 1], ids[e + 1]] for s, e in zip(starts, ends)])
+    return row_layouts(family, tiny.model.config, image.sum(1).tolist(), image_positions=positions,
+                       image_run_tokens=around, tokenizer=tiny.processor,
+                       image_shapes={b: SIZES[2 * b : 2 * b + 2] for b in range(2)})
+
+
+def split_by_row(flat: np.ndarray, inputs, image_token_id: int) -> list[np.ndarray]:
+    counts = (inputs["input_ids"] == image_token_id).sum(1).tolist()
+    assert len(flat) == sum(counts)
+    return np.split(flat, np.cumsum(counts)[:-1])
+
+
+@pytest.mark.torchvision
+def test_cohere2_vision_tiles_then_thumbnail():
+    """Command A Vision's own image processor (torchvision) cuts each picture into up to 6 tiles of 32 pixels and
+    adds a thumbnail; the projector's own pixel shuffle makes each tile's 2 x 2 tokens."""
+    from transformers.models.cohere2_vision.image_processing_cohere2_vision import Cohere2VisionImageProcessor
+
+    tiny, _ = build("cohere2_vision")
+    tiny.processor.image_processor = Cohere2VisionImageProcessor(size={"height": 32, "width": 32}, max_patches=6,
+                                                                 patch_size=2)
+    pictures = [coordinate_picture(h, w) for h, w in SIZES]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
+    inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
+    layouts = run_layouts("cohere2_vision", tiny, inputs)
+    assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
+    shuffled = tiny.model.model.multi_modal_projector.pixel_shuffle(patch_colours(tiny, inputs["pixel_values"]))
+    flat = grouped(shuffled, 3).flatten(1, 2).reshape(-1, 3).numpy()  # [views * 4, 3], views in prompt order
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, tiny.model.config.image_token_id))
+
+
+@pytest.mark.torchvision
+def test_scale_canvas_is_the_processors_pick():
+    """Against Command A Vision's own canvas rule over every canvas of up to 12 tiles (its module needs
+    torchvision)."""
+    from transformers.models.cohere2_vision.image_processing_cohere2_vision import get_optimal_tiled_canvas
+
+    for height, width in [(40, 64), (72, 48), (500, 90), (90, 500), (700, 700), (20, 30), (1000, 3000)]:
+        cols, rows = get_optimal_tiled_canvas((height, width), (32, 32), 1, 12)
+        assert scale_canvas(rows * cols, height, width, 32) == (rows, cols), (height, width)

@@ -29,6 +29,8 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   (row-major over a rows x cols canvas, the one of n tiles whose shape is closest to the image's, as the processor
   picks it, so the pictures' sizes are needed) and its thumbnail last. An InternVL or Qianfan-OCR image is one run
   of tokens; Aya's tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
+- Command A Vision (cohere2_vision): Aya's tiles and thumbnail, each run after <|START_OF_IMG|> or a line break,
+  an image's first run after <|START_OF_IMG|>; its processor picks the canvas by scale, not by shape (`scale_canvas`);
 - Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
   image after <global-img> (an image that is not split is its global image alone).
 
@@ -56,7 +58,7 @@ MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"
                    "cohere_compass")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 POOLED_FAMILIES = ("gemma4",)  # k x k pooled patches from `image_patch_grids`
-RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "idefics3", "smolvlm")
+RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "cohere2_vision", "idefics3", "smolvlm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -64,7 +66,7 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "cohere2_vision", "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
+        "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
         "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
         "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")},
 }
@@ -231,7 +233,7 @@ def _tile_side(family: str, config: Any) -> int:
         return math.isqrt(int(config.mm_tokens_per_image))
     if family in INTERNVL_FAMILIES:
         return int(side * float(config.downsample_ratio))
-    if family == "aya_vision":
+    if family in ("aya_vision", "cohere2_vision"):
         return side // int(config.downsample_factor)
     if family in ("idefics3", "smolvlm"):
         return side // int(config.scale_factor)
@@ -243,6 +245,39 @@ def tile_canvas(tiles: int, height: int, width: int) -> tuple[int, int]:
     InternVL's and Aya Vision's processors pick their canvas by; among canvases of `tiles` tiles it is unique)."""
     shapes = [(tiles // c, c) for c in range(1, tiles + 1) if tiles % c == 0]
     return min(shapes, key=lambda rc: abs(width / height - rc[1] / rc[0]))
+
+
+def scale_canvas(tiles: int, height: int, width: int, tile_pixels: int) -> tuple[int, int]:
+    """(rows, cols) of `tiles` tiles of tile_pixels a side that Command A Vision's processor picks for a height x
+    width image: the canvas that needs the smallest upscale, else (every canvas shrinks it) the smallest downscale;
+    among canvases of `tiles` tiles (cols ascending, as it lists them) this is its pick."""
+    shapes = [(tiles // c, c) for c in range(1, tiles + 1) if tiles % c == 0]
+    scales = [min(c * tile_pixels / width, r * tile_pixels / height) for r, c in shapes]
+    if all(scale < 1 for scale in scales):
+        return shapes[max(range(len(shapes)), key=lambda k: scales[k])]
+    return shapes[min(range(len(shapes)), key=lambda k: scales[k] if scales[k] >= 1 else math.inf)]
+
+
+def _cohere_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]], side: int,
+                shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
+    """Command A Vision: an image's runs (one tile each, line breaks between) start after <|START_OF_IMG|>."""
+    images: list[list[int]] = []  # each image's run starts (first image-token index)
+    for (start, _), (name, _) in zip(runs, names):
+        if name == "<|START_OF_IMG|>":
+            images.append([start])
+        elif images:
+            images[-1].append(start)
+        else:
+            raise ValueError(f"row {b}'s first cohere2_vision image-token run follows {name!r}, not <|START_OF_IMG|>.")
+    grids: list[TokenGrid] = []
+    for image, starts in enumerate(images):
+        if len(starts) == 1:
+            grids.append(TokenGrid(image, "patches", _square(side, starts[0])))
+            continue
+        height, width = _shape_of(shapes, image, b, "cohere2_vision")
+        rows, cols = scale_canvas(len(starts) - 1, height, width, _pair(config.vision_config.image_size))
+        grids.extend(_tiles_and_thumbnail(image, starts[0], side, rows, cols, "thumbnail"))
+    return grids
 
 
 def _tiles_and_thumbnail(image: int, start: int, side: int, rows: int, cols: int, last: str) -> list[TokenGrid]:
@@ -286,6 +321,8 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
     for _, length in runs:
         if length != per_tile:
             raise ValueError(f"row {b} has a run of {length} {family} image tokens, not one {side} x {side} tile.")
+    if family == "cohere2_vision":
+        return _cohere_row(config, b, runs, names, side, shapes)
     grids, image, tile_runs = [], 0, []
     for (start, _), (name, next_name) in zip(runs, names):
         ends_image = next_name == "<|END_OF_IMG|>" if family == "aya_vision" else name == "<global-img>"
@@ -361,9 +398,10 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
         image_positions: each row's image-token positions (runs of consecutive ones are tiles or images of
             InternVL, Aya Vision, Idefics3 / SmolVLM); default: one run per row.
         image_run_tokens: each row's [before, after] token ids of each run (`session.prompt_record()`), Aya
-            Vision / Idefics3.
+            Vision / Command A Vision / Idefics3.
         tokenizer: names those tokens.
-        image_shapes: {row: [(height, width) of each picture]}: the tile canvas of InternVL / Aya Vision.
+        image_shapes: {row: [(height, width) of each picture]}: the tile canvas of InternVL / Aya Vision /
+            Command A Vision.
         rows: the rows to lay out (None: all); the others of a run family stay without grids.
     """
     if family in REFUSED:
