@@ -129,3 +129,35 @@ def test_scale_canvas_is_the_processors_pick():
     for height, width in [(40, 64), (72, 48), (500, 90), (90, 500), (700, 700), (20, 30), (1000, 3000)]:
         cols, rows = get_optimal_tiled_canvas((height, width), (32, 32), 1, 12)
         assert scale_canvas(rows * cols, height, width, 32) == (rows, cols), (height, width)
+
+
+def test_ovis2_thumbnail_then_tiles_of_merged_patches():
+    """Ovis2's processor cuts each picture into up to 6 tiles (its covering-area rule) after a thumbnail; a vision
+    tower with hidden_stride 2 merges 2 x 2 patches, through its own merge code: the transformer's output is
+    replaced by the patch colours (a forward hook) and the merged features are read where the head gets them."""
+    import copy
+
+    from transformers.models.ovis2.modeling_ovis2 import Ovis2VisionModel
+
+    tiny, _ = build("ovis2")
+    tiny.processor.image_processor.crop_to_patches = True
+    tiny.processor.image_processor.max_patches = 6
+    vision = copy.deepcopy(tiny.model.config.vision_config)
+    vision.hidden_stride = 2
+    tiny.model.config.vision_config = vision  # what the layout reads: 4 x 4 patches -> 2 x 2 tokens a tile
+    tiny.processor.image_seq_length = 4
+    pictures = [coordinate_picture(h, w) for h, w in SIZES]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
+    inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
+    layouts = run_layouts("ovis2", tiny, inputs)
+    assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
+    tower = Ovis2VisionModel(vision).eval()
+    colours = patch_colours(tiny, inputs["pixel_values"])  # [views, 16, 3]
+    wide = torch.cat([colours, colours.new_zeros(*colours.shape[:-1], vision.hidden_size - 3)], -1)
+    seen = {}
+    tower.transformer.register_forward_hook(lambda module, args, out: (wide,))
+    tower.head_linear.register_forward_pre_hook(lambda module, args: seen.update(merged=args[0].clone()))
+    with torch.no_grad():
+        tower(inputs["pixel_values"])
+    flat = grouped(seen["merged"], vision.hidden_size).reshape(-1, 3).numpy()  # [views * 4, 3], prompt order
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, tiny.model.config.image_token_id))

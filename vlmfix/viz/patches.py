@@ -31,6 +31,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   of tokens; Aya's tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
 - Command A Vision (cohere2_vision): Aya's tiles and thumbnail, each run after <|START_OF_IMG|> or a line break,
   an image's first run after <|START_OF_IMG|>; its processor picks the canvas by scale, not by shape (`scale_canvas`);
+- Ovis2: square tiles of hidden_stride x hidden_stride merged patches, the thumbnail first (after <IMG_START>),
+  then the tiles row-major, <IMG_COL> between the tiles of a canvas row and <IMG_ROW> between rows, which give
+  the canvas (an image that is not cut is one run, its whole image);
 - Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
   image after <global-img> (an image that is not split is its global image alone).
 
@@ -58,7 +61,8 @@ MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"
                    "cohere_compass")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 POOLED_FAMILIES = ("gemma4",)  # k x k pooled patches from `image_patch_grids`
-RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "cohere2_vision", "idefics3", "smolvlm")
+RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
+                "smolvlm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -66,7 +70,7 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
+        "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl",
         "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
         "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")},
 }
@@ -237,6 +241,8 @@ def _tile_side(family: str, config: Any) -> int:
         return side // int(config.downsample_factor)
     if family in ("idefics3", "smolvlm"):
         return side // int(config.scale_factor)
+    if family == "ovis2":  # the tower pads the patch grid to a multiple of the stride, then merges
+        return -(-side // int(vision.hidden_stride))
     return side  # paligemma
 
 
@@ -280,13 +286,41 @@ def _cohere_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Seq
     return grids
 
 
-def _tiles_and_thumbnail(image: int, start: int, side: int, rows: int, cols: int, last: str) -> list[TokenGrid]:
-    """Tiles row-major over a rows x cols canvas (each tile's tokens row-major), then one square `last` view."""
-    per_tile = side * side
+def _canvas(image: int, start: int, side: int, rows: int, cols: int) -> TokenGrid:
+    """Tiles row-major over a rows x cols canvas, each tile's tokens row-major, from token `start` on."""
     r, c = np.mgrid[0 : rows * side, 0 : cols * side]
     tile = (r // side) * cols + c // side
-    tokens = start + tile * per_tile + (r % side) * side + c % side
-    return [TokenGrid(image, "tiles", tokens), TokenGrid(image, last, _square(side, start + rows * cols * per_tile))]
+    return TokenGrid(image, "tiles", start + tile * side * side + (r % side) * side + c % side)
+
+
+def _tiles_and_thumbnail(image: int, start: int, side: int, rows: int, cols: int, last: str) -> list[TokenGrid]:
+    """Tiles row-major over a rows x cols canvas (each tile's tokens row-major), then one square `last` view."""
+    thumbnail = TokenGrid(image, last, _square(side, start + rows * cols * side * side))
+    return [_canvas(image, start, side, rows, cols), thumbnail]
+
+
+def _ovis_row(b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]], side: int
+              ) -> list[TokenGrid]:
+    """Ovis2: per image, the thumbnail's run after <IMG_START>, then the tiles', <IMG_COL> / <IMG_ROW> after each."""
+    images: list[list[tuple[int, str]]] = []  # per image: (first image-token index, token after) of each run
+    for (start, _), (name, after) in zip(runs, names):
+        if name == "<IMG_START>":
+            images.append([])
+        elif not images:
+            raise ValueError(f"row {b}'s first ovis2 image-token run follows {name!r}, not <IMG_START>.")
+        images[-1].append((start, after))
+    grids: list[TokenGrid] = []
+    for image, image_runs in enumerate(images):
+        whole = TokenGrid(image, "patches" if len(image_runs) == 1 else "thumbnail", _square(side, image_runs[0][0]))
+        grids.append(whole)
+        tiles = image_runs[1:]
+        if not tiles:
+            continue
+        cols = next((k + 1 for k, (_, after) in enumerate(tiles) if after != "<IMG_COL>"), len(tiles))
+        if len(tiles) % cols:
+            raise ValueError(f"row {b}'s ovis2 image {image} has {len(tiles)} tiles, not rows of {cols}.")
+        grids.append(_canvas(image, tiles[0][0], side, len(tiles) // cols, cols))
+    return grids
 
 
 def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
@@ -323,6 +357,8 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
             raise ValueError(f"row {b} has a run of {length} {family} image tokens, not one {side} x {side} tile.")
     if family == "cohere2_vision":
         return _cohere_row(config, b, runs, names, side, shapes)
+    if family == "ovis2":
+        return _ovis_row(b, runs, names, side)
     grids, image, tile_runs = [], 0, []
     for (start, _), (name, next_name) in zip(runs, names):
         ends_image = next_name == "<|END_OF_IMG|>" if family == "aya_vision" else name == "<global-img>"
