@@ -161,3 +161,36 @@ def test_ovis2_thumbnail_then_tiles_of_merged_patches():
         tower(inputs["pixel_values"])
     flat = grouped(seen["merged"], vision.hidden_size).reshape(-1, 3).numpy()  # [views * 4, 3], prompt order
     check_tokens_on_grids(layouts, split_by_row(flat, inputs, tiny.model.config.image_token_id))
+
+
+def test_got_ocr2_tiles_then_thumbnail_through_its_convolutions():
+    """GOT-OCR2's processor cuts each picture into up to 6 tiles of 64 pixels and adds a thumbnail; its projector's
+    own two stride-2 convolutions (their weights set to average each channel over 3 x 3) make each tile's 2 x 2
+    tokens from the 8 x 8 SAM patches, zero padding left out by the weight channel."""
+    import copy
+
+    tiny, _ = build("got_ocr2")
+    pictures = [coordinate_picture(h, w) for h, w in SIZES]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
+    inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt", crop_to_patches=True,
+                            max_patches=6)  # the processor's defaults override the image processor's
+    layouts = run_layouts("got_ocr2", tiny, inputs)
+    assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
+    projector = copy.deepcopy(tiny.model.model.multi_modal_projector)
+    with torch.no_grad():
+        for conv in (projector.conv_upsampler1, projector.conv_upsampler2):
+            conv.weight.zero_()
+            for channel in range(3):
+                conv.weight[channel, channel] = 1 / 9
+    colours = patch_colours(tiny, inputs["pixel_values"])  # [views, 64, 3]
+    views, patches, _ = colours.shape
+    side = int(patches**0.5)
+    channels = tiny.model.config.vision_config.output_channels
+    grid = torch.cat([colours, colours.new_zeros(views, patches, channels - 3)], -1)
+    grid = grid.transpose(1, 2).reshape(views, channels, side, side)  # the SAM neck's [views, C, H, W]
+    seen = {}
+    projector.multimodal_projector.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
+    with torch.no_grad():
+        projector(grid)
+    flat = seen["x"][..., :3].reshape(-1, 3).numpy()  # [views * 4, 3], prompt order
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, tiny.model.config.image_token_id))

@@ -29,6 +29,8 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   (row-major over a rows x cols canvas, the one of n tiles whose shape is closest to the image's, as the processor
   picks it, so the pictures' sizes are needed) and its thumbnail last. An InternVL or Qianfan-OCR image is one run
   of tokens; Aya's tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
+- GOT-OCR2: InternVL's layout (one run per image: its tiles, then its thumbnail) of tiles whose SAM patches two
+  stride-2 convolutions shrink by 4 a side (each token sees its 3 x 3 neighbourhood, centred on its cell);
 - Command A Vision (cohere2_vision): Aya's tiles and thumbnail, each run after <|START_OF_IMG|> or a line break,
   an image's first run after <|START_OF_IMG|>; its processor picks the canvas by scale, not by shape (`scale_canvas`);
 - Ovis2: square tiles of hidden_stride x hidden_stride merged patches, the thumbnail first (after <IMG_START>),
@@ -60,8 +62,9 @@ MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
                    "cohere_compass")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
+ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
 POOLED_FAMILIES = ("gemma4",)  # k x k pooled patches from `image_patch_grids`
-RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
+RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
                 "smolvlm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
@@ -70,7 +73,7 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl",
+        "video_llama_3", "granite_docling", "hunyuan_vl",
         "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
         "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")},
 }
@@ -241,6 +244,8 @@ def _tile_side(family: str, config: Any) -> int:
         return side // int(config.downsample_factor)
     if family in ("idefics3", "smolvlm"):
         return side // int(config.scale_factor)
+    if family == "got_ocr2":  # two 3 x 3 convolutions of stride 2 and padding 1: ceil(n / 2) each
+        return math.ceil(math.ceil(side / 2) / 2)
     if family == "ovis2":  # the tower pads the patch grid to a multiple of the stride, then merges
         return -(-side // int(vision.hidden_stride))
     return side  # paligemma
@@ -339,7 +344,7 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
                              f"pan-and-scan crops cannot be placed from the prompt; run without do_pan_and_scan.")
         return [TokenGrid(k, "patches", _square(side, k * per_tile)) for k in range(views)]
     runs = _runs(positions)
-    if family in INTERNVL_FAMILIES:
+    if family in ONE_RUN_TILE_FAMILIES:
         grids: list[TokenGrid] = []
         for image, (start, length) in enumerate(runs):
             if length % per_tile:
