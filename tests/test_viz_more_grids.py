@@ -33,12 +33,12 @@ def gemma4_token_colours(tiny, inputs) -> torch.Tensor:
     return pooled[kept]  # the tower strips the padding tokens the same way
 
 
-def check_tokens_on_grids(layouts, colours: list[np.ndarray]) -> None:
-    """Every image token lies on one grid cell whose centre is where its pixels come from."""
+def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int, ...] = (2, 2)) -> None:
+    """Every image token lies on one grid cell whose centre is where its pixels come from (`images` per row)."""
     for b, layout in enumerate(layouts):
         seen = colours[b]
         placed = np.zeros(layout.count, dtype=int)
-        assert len({g.image for g in layout.grids}) == 2
+        assert len({g.image for g in layout.grids}) == images[b]
         for grid in layout.grids:
             centres = cell_centres(*grid.shape)
             for (r, c), token in np.ndenumerate(grid.tokens):
@@ -194,3 +194,30 @@ def test_got_ocr2_tiles_then_thumbnail_through_its_convolutions():
         projector(grid)
     flat = seen["x"][..., :3].reshape(-1, 3).numpy()  # [views * 4, 3], prompt order
     check_tokens_on_grids(layouts, split_by_row(flat, inputs, tiny.model.config.image_token_id))
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_granite_docling_named_tiles_then_global_image(fine: bool):
+    """Granite-Docling's processor cuts each picture into up to 6 tiles of 64 pixels (<row_i_col_j>) and adds a
+    global image; the connector's own pixel shuffle (factor 4 on the coarse path, 2 on the fine one) makes each
+    tile's tokens. A third picture, one tile alone (no global image), ends the second row."""
+    tiny, _ = build("granite_docling")
+    tiny.processor.tokenizer.add_tokens([f"<row_{i}_col_{j}>" for i in range(1, 4) for j in range(1, 4)],
+                                        special_tokens=True)
+    tiny.model.config.vision_config.use_fine_route = fine  # what the layout reads (the path is built or not)
+    tiny.processor.image_seq_len = 4
+    sizes = [*SIZES, (64, 64)]
+    pictures = [coordinate_picture(h, w) for h, w in sizes]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe the pictures", images=3)]
+    inputs = tiny.processor(text=prompts, images=[pictures[:2], pictures[2:]], padding=True, return_tensors="pt",
+                            crop_to_patches=True, max_patches=6, fine_route=fine)
+    layouts = run_layouts("granite_docling", tiny, inputs)
+    kinds = [(g.image, g.kind) for g in layouts[1].grids]
+    assert kinds == [(0, "tiles"), (0, "global"), (1, "tiles"), (1, "global"), (2, "patches")], kinds
+    tiles = inputs["pixel_values"][inputs["pixel_attention_mask"]]  # [real tiles, 3, 64, 64]
+    factor = tiny.model.config.vision_config.scale_factor // (2 if fine else 1)
+    path = tiny.model.model.vision_model.connector.coarse  # the pixel shuffle is the same function on both paths
+    flat = grouped(path.pixel_shuffle(patch_colours(tiny, tiles), factor), 3).reshape(-1, 3).numpy()
+    colours = split_by_row(flat, inputs, tiny.model.config.image_token_id)
+    check_tokens_on_grids(layouts, colours, images=(2, 3))
+    assert [g.shape for g in layouts[1].grids if g.kind == "patches"] == [(2 * (1 + fine), 2 * (1 + fine))]

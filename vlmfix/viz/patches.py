@@ -37,7 +37,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   then the tiles row-major, <IMG_COL> between the tiles of a canvas row and <IMG_ROW> between rows, which give
   the canvas (an image that is not cut is one run, its whole image);
 - Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
-  image after <global-img> (an image that is not split is its global image alone).
+  image after <global-img> (an image that is not split is its global image alone);
+- Granite-Docling: Idefics3's named tiles and global image, except that an image that is not split is one tile
+  after <row_1_col_1> with no global image; a tile's side is doubled on the fine connector path (fine_route).
 
 Several images in a row follow each other in prompt order; the image inputs (`image_sizes`, `image_grid_thw`,
 `image_patch_grids`) list the batch's images row by row, as the processors make them. The other supported families
@@ -65,7 +67,7 @@ INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail 
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
 POOLED_FAMILIES = ("gemma4",)  # k x k pooled patches from `image_patch_grids`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
-                "smolvlm")
+                "smolvlm", "granite_docling")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -73,7 +75,7 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "video_llama_3", "granite_docling", "hunyuan_vl",
+        "video_llama_3", "hunyuan_vl",
         "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
         "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")},
 }
@@ -246,6 +248,8 @@ def _tile_side(family: str, config: Any) -> int:
         return side // int(config.scale_factor)
     if family == "got_ocr2":  # two 3 x 3 convolutions of stride 2 and padding 1: ceil(n / 2) each
         return math.ceil(math.ceil(side / 2) / 2)
+    if family == "granite_docling":  # the coarse path (the fine one halves the factor: `_granite_docling_row`)
+        return side // int(vision.scale_factor)
     if family == "ovis2":  # the tower pads the patch grid to a multiple of the stride, then merges
         return -(-side // int(vision.hidden_stride))
     return side  # paligemma
@@ -357,6 +361,8 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
             grids.extend(_tiles_and_thumbnail(image, start, side, rows, cols, "thumbnail"))
         return grids
     names = _token_names(before, tokenizer, b, family)  # [before, after] of each run
+    if family == "granite_docling":
+        return _granite_docling_row(config, b, runs, names, side)
     for _, length in runs:
         if length != per_tile:
             raise ValueError(f"row {b} has a run of {length} {family} image tokens, not one {side} x {side} tile.")
@@ -381,6 +387,43 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
         image, tile_runs = image + 1, []
     if tile_runs:
         raise ValueError(f"row {b}'s last {family} image has tiles but no global image run after them.")
+    return grids
+
+
+def _granite_docling_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]],
+                         side: int) -> list[TokenGrid]:
+    """Granite-Docling: <row_i_col_j> tiles, then a <global-img> run when there are several; a lone tile (after
+    <row_1_col_1>, with no global run) is the whole image. Tiles of the fine path have twice the side."""
+    sides = {side * side: side}
+    if getattr(config.vision_config, "use_fine_route", False):
+        sides[4 * side * side] = 2 * side
+    grids: list[TokenGrid] = []
+    tile_runs: list[tuple[int, str]] = []
+    length_of = dict(runs)  # first image-token index -> run length
+
+    def whole_image(start: int) -> None:
+        grids.append(TokenGrid(len({g.image for g in grids}), "patches", _square(sides[length_of[start]], start)))
+
+    for (start, length), (name, _) in zip(runs, names):
+        if length not in sides:
+            raise ValueError(f"row {b} has a run of {length} granite_docling image tokens, not one square tile of "
+                             f"{' or '.join(f'{n} x {n}' for n in sides.values())}.")
+        if name == "<global-img>":
+            if not tile_runs:
+                raise ValueError(f"row {b}: a granite_docling global image follows no tiles.")
+            image = len({g.image for g in grids})
+            grids.extend(_idefics_tiles(image, tile_runs, sides[length], b))
+            grids.append(TokenGrid(image, "global", _square(sides[length], start)))
+            tile_runs = []
+            continue
+        if name == "<row_1_col_1>" and tile_runs:  # the pending image was one tile, with no global image
+            whole_image(tile_runs[0][0])
+            tile_runs = []
+        tile_runs.append((start, name))
+    if len(tile_runs) > 1:
+        raise ValueError(f"row {b}'s last granite_docling image has {len(tile_runs)} tiles but no global image run.")
+    if tile_runs:
+        whole_image(tile_runs[0][0])
     return grids
 
 
