@@ -45,6 +45,14 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             merge = config.vision_config.spatial_merge_size
             _, h, w = inputs["image_grid_thw"][index].tolist()
             shapes = [((k, "merged"), h // merge, w // merge, 0)]
+        elif family == "hunyuan_vl":  # begin token, rows of merged patches each with a newline, end token
+            merge = config.vision_config.spatial_merge_size
+            _, h, w = inputs["image_grid_thw"][index].tolist()
+            rows, cols = h // merge, w // merge
+            block = values[start + 1 : start + 1 + rows * (cols + 1)].reshape(rows, cols + 1)
+            out[(k, "merged")] = block[:, :cols]
+            start += rows * (cols + 1) + 2
+            continue
         elif family == "gemma4":  # k x k pooled patches: the patch extent read off the position ids
             positions = inputs["image_position_ids"][index]  # [patches, 2]: (x, y), -1 on padding
             cols, rows = (positions.max(0).values + 1).tolist()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.test_viz_grids import build, grouped, patch_colours
-from tests.test_viz_patches import SIZES, cell_centres, coordinate_picture
+from tests.test_viz_patches import SIZES, cell_centres, coordinate_picture, unnormalised
 from vlmfix.decoding.prompt_inputs import patch_grids
 from vlmfix.viz.patches import row_layouts, scale_canvas
 
@@ -53,7 +53,10 @@ def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int,
         newline = np.zeros(layout.count, dtype=int)
         for tokens in layout.newlines.values():
             newline[tokens] += 1
-        assert ((placed + newline) == 1).all()  # each token once: on a grid or a newline
+        assert np.array_equal(newline > 0, np.isnan(seen).any(-1))  # the model's newline tokens, and only those
+        unplaced = np.zeros(layout.count, dtype=int)
+        unplaced[layout.unplaced] += 1
+        assert ((placed + newline + unplaced) == 1).all()  # each token once: on a grid, a newline or unplaced
 
 
 def test_gemma4_pooled_patches():
@@ -221,3 +224,43 @@ def test_granite_docling_named_tiles_then_global_image(fine: bool):
     colours = split_by_row(flat, inputs, tiny.model.config.image_token_id)
     check_tokens_on_grids(layouts, colours, images=(2, 3))
     assert [g.shape for g in layouts[1].grids if g.kind == "patches"] == [(2 * (1 + fine), 2 * (1 + fine))]
+
+
+def test_hunyuan_vl_merged_patches_with_a_newline_per_row():
+    """HunyuanOCR's processor orders each picture's patches row-major; its patch merger (its own module: the
+    reshape to (h, w), a 2 x 2 stride-2 convolution set to average, the newline column, the begin and end tokens;
+    its norms and activation passed through by hooks) makes the tokens. Newline tokens come out NaN (the newline
+    parameter set so), the begin and end tokens -inf."""
+    tiny, inputs = build("hunyuan_vl")
+    merger = tiny.model.model.vision_tower.patch_merger
+    vision = tiny.model.config.vision_config
+    with torch.no_grad():
+        for conv, size in ((merger.proj_conv, vision.spatial_merge_size), (merger.proj_out, 1)):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for channel in range(3):
+                conv.weight[channel, channel] = 1 / size**2
+        merger.mlp.weight.zero_()
+        merger.mlp.weight[:3, :3] = torch.eye(3)
+        merger.mlp.bias.zero_()
+        merger.image_newline.fill_(float("nan"))
+        merger.image_begin.fill_(-float("inf"))
+        merger.image_end.fill_(-float("inf"))
+    identity = lambda module, args, out: args[0]  # noqa: E731
+    for module in (merger.before_rms, merger.proj_act, merger.after_rms):
+        module.register_forward_hook(identity)
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    wide = torch.cat([colours, colours.new_zeros(len(colours), vision.hidden_size - 3)], -1)
+    tokens = []
+    with torch.no_grad():
+        for thw, item in zip(inputs["image_grid_thw"].tolist(), wide.split(inputs["image_grid_thw"].prod(-1).tolist())):
+            tokens.append(merger(item[None], size=tuple(thw[1:]))[0, :, :3])
+    flat = torch.cat(tokens).numpy()
+    layouts = row_layouts("hunyuan_vl", tiny.model.config, (inputs["input_ids"] == tiny.model.config.image_token_id)
+                          .sum(1).tolist(), image_grid_thw=inputs["image_grid_thw"])
+    colours_by_row = split_by_row(flat, inputs, tiny.model.config.image_token_id)
+    for layout, seen in zip(layouts, colours_by_row):
+        assert np.isneginf(seen[layout.unplaced]).all() and np.isneginf(seen).any(-1).sum() == len(layout.unplaced)
+        seen[layout.unplaced] = 0.0  # checked: the begin and end tokens, on no grid
+    check_tokens_on_grids(layouts, colours_by_row)

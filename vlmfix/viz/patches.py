@@ -17,6 +17,8 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   ERNIE 4.5 VL / HyperCLOVA X Vision V2 / Cosmos 3 Edge / Cohere Compass: per image, the merged patches,
   (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m, row-major
   (one grid per temporal slice);
+- HunyuanOCR (hunyuan_vl): per image, a begin token (on no grid), the (h / m) x (w / m) merged patches row-major
+  from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid);
 - Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
   row-major (Mistral 3's [IMG_BREAK] / [IMG_END] tokens are not image tokens);
 - Gemma 4: per image, (rows / k) x (cols / k) pooled patches, row-major, over the whole image (resized keeping its
@@ -65,6 +67,7 @@ MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"
                    "cohere_compass")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
+NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw`, a newline after each row
 POOLED_FAMILIES = ("gemma4",)  # k x k pooled patches from `image_patch_grids`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
                 "smolvlm", "granite_docling")
@@ -75,12 +78,12 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "video_llama_3", "hunyuan_vl",
+        "video_llama_3",
         "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
         "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
-                 *POOLED_FAMILIES, *RUN_FAMILIES)
+                 *NEWLINE_MERGED_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,19 @@ def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int]) -> tupl
     grids = [TokenGrid(image, "merged", start + k * rows * cols + np.arange(rows * cols).reshape(rows, cols))
              for k in range(t)]
     return grids, t * rows * cols
+
+
+def _hunyuan_image(config: Any, image: int, start: int, thw: Sequence[int]
+                   ) -> tuple[list[TokenGrid], dict, list[int], int]:
+    """HunyuanOCR: begin token, rows of merged patches each ended by a newline token, end token."""
+    merge = int(config.vision_config.spatial_merge_size)
+    _, h, w = (int(x) for x in thw)  # one temporal slice: the merger reshapes each image's patches to (h, w)
+    rows, cols = h // merge, w // merge
+    first = start + 1  # after the begin token
+    row_starts = first + np.arange(rows)[:, None] * (cols + 1)
+    grid = TokenGrid(image, "merged", row_starts + np.arange(cols)[None, :])
+    newlines = first + np.arange(rows) * (cols + 1) + cols
+    return [grid], {image: newlines}, [start, first + rows * (cols + 1)], rows * (cols + 1) + 2
 
 
 def _mistral_image(config: Any, image: int, start: int, size: Sequence[int]) -> tuple[list[TokenGrid], int]:
@@ -528,6 +544,11 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                 grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"))
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
+            elif family in NEWLINE_MERGED_FAMILIES:
+                grids, newlines, unplaced, n = _hunyuan_image(config, image, used,
+                                                              _take(thw, next_image, "image_grid_thw"))
+                layout.newlines.update(newlines)
+                layout.unplaced.extend(unplaced)
             elif family in POOLED_FAMILIES:
                 grids, n = _pooled_image(config, image, used, _take(patch_grids, next_image, "image_patch_grids"))
             else:
