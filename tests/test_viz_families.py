@@ -45,6 +45,10 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             merge = config.vision_config.spatial_merge_size
             _, h, w = inputs["image_grid_thw"][index].tolist()
             shapes = [((k, "merged"), h // merge, w // merge, 0)]
+        elif family == "video_llama_3":  # merged patches, each image's own merge size
+            merge = int(inputs["image_merge_sizes"][index])
+            _, h, w = inputs["image_grid_thw"][index].tolist()
+            shapes = [((k, "merged"), h // merge, w // merge, 0)]
         elif family == "hunyuan_vl":  # begin token, rows of merged patches each with a newline, end token
             merge = config.vision_config.spatial_merge_size
             _, h, w = inputs["image_grid_thw"][index].tolist()

@@ -264,3 +264,24 @@ def test_hunyuan_vl_merged_patches_with_a_newline_per_row():
         assert np.isneginf(seen[layout.unplaced]).all() and np.isneginf(seen).any(-1).sum() == len(layout.unplaced)
         seen[layout.unplaced] = 0.0  # checked: the begin and end tokens, on no grid
     check_tokens_on_grids(layouts, colours_by_row)
+
+
+@pytest.mark.parametrize("merge", [1, 2])
+def test_video_llama_3_merged_patches_of_each_images_merge_size(merge: int):
+    """VideoLLaMA 3's processor orders patches in merge blocks and names each image's merge size; the vision
+    model's own pixel_unshuffle puts them back on the (h, w) grid and shrinks it by bilinear interpolation."""
+    tiny, _ = build("video_llama_3")
+    tiny.processor.image_processor.merge_size = merge
+    pictures = [coordinate_picture(h, w) for h, w in SIZES]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
+    inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
+    assert inputs["image_merge_sizes"].tolist() == [merge] * 4
+    config = tiny.model.config
+    layouts = row_layouts("video_llama_3", config, (inputs["input_ids"] == config.image_token_id).sum(1).tolist(),
+                          image_grid_thw=inputs["image_grid_thw"], image_merge_sizes=inputs["image_merge_sizes"])
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    with torch.no_grad():
+        tokens = tiny.model.model.vision_model.pixel_unshuffle(colours, inputs["image_grid_thw"],
+                                                               inputs["image_merge_sizes"])
+    check_tokens_on_grids(layouts, split_by_row(tokens.numpy(), inputs, config.image_token_id))

@@ -288,7 +288,7 @@ class Session:
     def _image_layout_inputs(self, inputs: dict[str, Any], batch: int) -> dict[str, Any]:
         """The image inputs that place image tokens on patch grids, as lists, and the rows per caller prompt."""
         found: dict[str, Any] = {}
-        for key in ("image_sizes", "image_grid_thw"):
+        for key in ("image_sizes", "image_grid_thw", "image_merge_sizes"):
             value = self.call_inputs.get(key)
             value = value if value is not None else inputs.get(key)
             if isinstance(value, Tensor):
@@ -305,7 +305,8 @@ class Session:
     def prompt_record(self) -> dict[str, Any]:
         """The last prompt batch's structure as plain data, for pictures: the family, each row's image-token,
         instruction and valid positions, the image inputs that place image tokens on patch grids (`image_sizes`,
-        `image_grid_thw`, Gemma 4's `image_patch_grids`: each image's patch rows and cols), and per row the
+        `image_grid_thw`, VideoLLaMA 3's `image_merge_sizes`, Gemma 4's `image_patch_grids`: each image's patch rows
+        and cols), and per row the
         ids of the tokens just before and after each run of image tokens (`image_run_tokens`: Idefics3's
         <row_i_col_j> / <global-img> name the tile that follows, Aya Vision's <|END_OF_IMG|> ends an image)."""
         spans = self.spans

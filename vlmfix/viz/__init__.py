@@ -74,13 +74,13 @@ def plot(session: Any, row: int = 0, images: Any = None, inputs: Mapping[str, An
         images: the row's picture(s) (PIL images or [height, width, 3] arrays, prompt order), drawn under the
             maps; None draws the maps alone.
         inputs: the processor's output for the call, needed only after a bare `model.generate` inside
-            `vlmfix.apply` (its `image_sizes` / `image_grid_thw` never reach the session); `session.generate`
-            records them itself.
+            `vlmfix.apply` (its image inputs, `image_sizes` / `image_grid_thw` / ..., never reach the session);
+            `session.generate` records them itself.
         options: passed to `plot_report` (`tokens_per_panel`).
     """
     tokenizer = getattr(session, "tokenizer", None)
     prompt = dict(session.prompt_record())
-    for key in ("image_sizes", "image_grid_thw"):
+    for key in ("image_sizes", "image_grid_thw", "image_merge_sizes"):
         value = (inputs or {}).get(key)
         if value is not None:
             prompt[key] = value.tolist() if hasattr(value, "tolist") else value
@@ -104,7 +104,8 @@ def plot_report(report: Mapping[str, Any], prompt: Mapping[str, Any], config: An
     shapes = None if listed is None else {row - row % per_prompt: [p.shape[:2] for p in listed]}
     layouts = row_layouts(prompt["family"], config, [len(p) for p in positions],
                           image_sizes=prompt.get("image_sizes"), image_grid_thw=prompt.get("image_grid_thw"),
-                          image_patch_grids=prompt.get("image_patch_grids"), rows_per_prompt=per_prompt,
+                          image_patch_grids=prompt.get("image_patch_grids"),
+                          image_merge_sizes=prompt.get("image_merge_sizes"), rows_per_prompt=per_prompt,
                           image_positions=positions,
                           image_run_tokens=prompt.get("image_run_tokens"), tokenizer=tokenizer, image_shapes=shapes,
                           rows={row - row % per_prompt})

@@ -16,7 +16,8 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5 / Qwen2.5-Omni's thinker /
   ERNIE 4.5 VL / HyperCLOVA X Vision V2 / Cosmos 3 Edge / Cohere Compass: per image, the merged patches,
   (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m, row-major
-  (one grid per temporal slice);
+  (one grid per temporal slice); VideoLLaMA 3 likewise, m being each image's `image_merge_sizes` (its tower
+  shrinks the (h, w) patch grid by bilinear interpolation, which averages each m x m block for m = 2);
 - HunyuanOCR (hunyuan_vl): per image, a begin token (on no grid), the (h / m) x (w / m) merged patches row-major
   from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid);
 - Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
@@ -69,6 +70,7 @@ INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail 
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
 NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw`, a newline after each row
 POOLED_FAMILIES = ("gemma4",)  # k x k pooled patches from `image_patch_grids`
+PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
                 "smolvlm", "granite_docling")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
@@ -78,12 +80,11 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "video_llama_3",
         "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
         "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
-                 *NEWLINE_MERGED_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
+                 *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -201,8 +202,9 @@ def _onevision_max_tiles(config: Any) -> int:
     return int(aspect.removeprefix("anyres_max_"))
 
 
-def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int]) -> tuple[list[TokenGrid], int]:
-    merge = int(config.vision_config.spatial_merge_size)
+def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int], merge: int | None = None
+                ) -> tuple[list[TokenGrid], int]:
+    merge = int(config.vision_config.spatial_merge_size) if merge is None else merge
     t, h, w = (int(x) for x in thw)
     rows, cols = h // merge, w // merge
     grids = [TokenGrid(image, "merged", start + k * rows * cols + np.arange(rows * cols).reshape(rows, cols))
@@ -478,7 +480,8 @@ def _shape_of(shapes: Sequence[Sequence[int]] | None, image: int, b: int, family
 
 
 def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, image_sizes: Any = None,
-                image_grid_thw: Any = None, image_patch_grids: Any = None, rows_per_prompt: int = 1,
+                image_grid_thw: Any = None, image_patch_grids: Any = None,
+                image_merge_sizes: Any = None, rows_per_prompt: int = 1,
                 image_positions: Sequence[Sequence[int]] | None = None,
                 image_run_tokens: Sequence[Sequence[Sequence[int]]] | None = None, tokenizer: Any = None,
                 image_shapes: Mapping[int, Sequence[Sequence[int]]] | None = None,
@@ -493,6 +496,7 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
         image_sizes: [images, 2] (height, width) of every image, LLaVA-NeXT / OneVision / Mistral 3.
         image_grid_thw: [images, 3] patch grid of every image, Qwen / GLM.
         image_patch_grids: [images, 2] patch rows and cols of every image (before pooling), Gemma 4.
+        image_merge_sizes: [images] merge size of every image, VideoLLaMA 3.
         rows_per_prompt: batch rows per prompt (beams, return sequences): the image inputs list the images of
             each prompt once.
         image_positions: each row's image-token positions (runs of consecutive ones are tiles or images of
@@ -510,6 +514,7 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
     sizes = _as_rows(image_sizes)
     thw = _as_rows(image_grid_thw)
     patch_grids = _as_rows(image_patch_grids)
+    merges = None if image_merge_sizes is None else [[m] for m in _flat(image_merge_sizes)]  # [images, 1]
     layouts: list[RowLayout] = []
     next_image = 0
     for b, count in enumerate(tokens_per_row):
@@ -549,6 +554,9 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                                                               _take(thw, next_image, "image_grid_thw"))
                 layout.newlines.update(newlines)
                 layout.unplaced.extend(unplaced)
+            elif family in PER_IMAGE_MERGE_FAMILIES:
+                merge = _take(merges, next_image, "image_merge_sizes")[0]
+                grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"), merge)
             elif family in POOLED_FAMILIES:
                 grids, n = _pooled_image(config, image, used, _take(patch_grids, next_image, "image_patch_grids"))
             else:
@@ -572,6 +580,10 @@ def _as_rows(value: Any) -> list[list[int]] | None:
     if value is None:
         return None
     return [[int(x) for x in row] for row in (value.tolist() if hasattr(value, "tolist") else value)]
+
+
+def _flat(value: Any) -> list[int]:
+    return [int(x) for x in (value.tolist() if hasattr(value, "tolist") else value)]
 
 
 def _take(rows: list[list[int]] | None, index: int, name: str) -> list[int]:
