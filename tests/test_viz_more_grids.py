@@ -285,3 +285,24 @@ def test_video_llama_3_merged_patches_of_each_images_merge_size(merge: int):
         tokens = tiny.model.model.vision_model.pixel_unshuffle(colours, inputs["image_grid_thw"],
                                                                inputs["image_merge_sizes"])
     check_tokens_on_grids(layouts, split_by_row(tokens.numpy(), inputs, config.image_token_id))
+
+
+@pytest.mark.torchvision
+def test_gemma4_unified_model_patches():
+    """Gemma 4 Unified's processor (torchvision) merges each k x k block of patches into one model patch, row-major
+    by block, and the model keeps one token per model patch (the padding rows stripped in order)."""
+    tiny, inputs = build("gemma4_unified")
+    config = tiny.model.config
+    counts = (inputs["input_ids"] == config.image_token_id).sum(1).tolist()
+    layouts = row_layouts("gemma4_unified", config, counts,
+                          image_patch_grids=patch_grids(inputs["image_position_ids"]))
+    pixels = inputs["pixel_values"].float()  # [images, model patches, (k p)^2 * 3]: its sub-patches, channel last
+    images, patches, _ = pixels.shape
+    colours = pixels.reshape(images, patches, -1, 3).mean(2)  # rescaled to [0, 1]: (x, y, 1)
+    real = (inputs["image_position_ids"] != -1).all(-1)  # what get_image_features keeps, in order
+    flat = colours[real].numpy()
+    for b, layout in enumerate(layouts):
+        for grid in layout.grids:
+            height, width = SIZES[2 * b + grid.image]
+            assert (grid.shape[0] < grid.shape[1]) == (height < width)
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))

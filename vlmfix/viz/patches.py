@@ -25,6 +25,7 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - Gemma 4: per image, (rows / k) x (cols / k) pooled patches, row-major, over the whole image (resized keeping its
   aspect ratio to a multiple of k patches a side), from each image's patch rows x cols (`image_patch_grids`, read
   off `image_position_ids`) and the vision tower's `pooling_kernel_size` k (the pooler averages each k x k block);
+  Gemma 4 Unified's processor merges the k x k blocks itself: one token per model patch of `image_patch_grids`;
 - PaliGemma, Gemma 3: per image, one square grid (SigLIP patches; Gemma 3 pools them to `mm_tokens_per_image`)
   over the whole image, which the processor resizes to a square. Gemma 3's pan-and-scan crops would add views
   that the prompt's tokens cannot tell from images: refused when the pictures show more views than images;
@@ -69,7 +70,7 @@ MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
 NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw`, a newline after each row
-POOLED_FAMILIES = ("gemma4",)  # k x k pooled patches from `image_patch_grids`
+POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
                 "smolvlm", "granite_docling")
@@ -80,7 +81,7 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
+        "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark",
         "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
@@ -231,8 +232,10 @@ def _mistral_image(config: Any, image: int, start: int, size: Sequence[int]) -> 
     return [TokenGrid(image, "merged", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
 
 
-def _pooled_image(config: Any, image: int, start: int, patches: Sequence[int]) -> tuple[list[TokenGrid], int]:
-    kernel = int(config.vision_config.pooling_kernel_size)
+def _pooled_image(family: str, config: Any, image: int, start: int, patches: Sequence[int]
+                  ) -> tuple[list[TokenGrid], int]:
+    # Gemma 4 Unified's positions are its model patches' (the processor merged the k x k blocks)
+    kernel = 1 if family == "gemma4_unified" else int(config.vision_config.pooling_kernel_size)
     rows, cols = int(patches[0]) // kernel, int(patches[1]) // kernel
     return [TokenGrid(image, "pooled", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
 
@@ -558,7 +561,8 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                 merge = _take(merges, next_image, "image_merge_sizes")[0]
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"), merge)
             elif family in POOLED_FAMILIES:
-                grids, n = _pooled_image(config, image, used, _take(patch_grids, next_image, "image_patch_grids"))
+                grids, n = _pooled_image(family, config, image, used,
+                                         _take(patch_grids, next_image, "image_patch_grids"))
             else:
                 side = math.isqrt(int(count))
                 if side * side != count:
