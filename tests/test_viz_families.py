@@ -28,7 +28,7 @@ from vlmfix.viz.patches import GRID_FAMILIES  # noqa: E402
 
 MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "exaone4_5",
           "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-          "cohere_compass")
+          "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark")
 SQUARE = ("paligemma", "gemma3", "internvl", "qianfan_ocr", "aya_vision", "idefics3", "smolvlm")  # square tiles
 
 
@@ -42,7 +42,9 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
     for k in range(images):
         index = row * images + k
         if family in MERGED:
-            merge = config.vision_config.spatial_merge_size
+            merge = {"kimi_k25": lambda v: v.merge_kernel_size[0], "muse_glimmer": lambda v: v.merge_size,
+                     "muse_spark": lambda v: v.merge_size}.get(family, lambda v: v.spatial_merge_size)(
+                         config.vision_config)
             _, h, w = inputs["image_grid_thw"][index].tolist()
             shapes = [((k, "merged"), h // merge, w // merge, 0)]
         elif family == "video_llama_3":  # merged patches, each image's own merge size

@@ -306,3 +306,42 @@ def test_gemma4_unified_model_patches():
             height, width = SIZES[2 * b + grid.image]
             assert (grid.shape[0] < grid.shape[1]) == (height < width)
     check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+def merged_layouts(family: str, tiny, inputs):
+    config = tiny.model.config
+    return row_layouts(family, config, (inputs["input_ids"] == config.image_token_id).sum(1).tolist(),
+                       image_grid_thw=inputs["image_grid_thw"])
+
+
+@pytest.mark.torchvision
+def test_kimi_k25_merged_patches_through_its_temporal_merge():
+    """Kimi K2.5's processor (torchvision) lays each picture's patches row-major; the vision tower's own
+    temporal_merge gathers each merge_kernel_size block into a token (and averages an image's frames)."""
+    tiny, inputs = build("kimi_k25")
+    pixels = inputs["pixel_values"]  # [patches, 3, p, p]
+    colours = unnormalised(tiny.processor, pixels.transpose(0, 1)).mean((-1, -2)).T  # [patches, 3]: (x, y, 1)
+    tower = tiny.model.model.vision_tower
+    with torch.no_grad():
+        tokens = tower.temporal_merge(colours, inputs["image_grid_thw"], *tower.merge_kernel_size).mean(1)
+    check_tokens_on_grids(merged_layouts("kimi_k25", tiny, inputs),
+                          split_by_row(tokens.numpy(), inputs, tiny.model.config.image_token_id))
+
+
+@pytest.mark.torchvision
+@pytest.mark.parametrize("family", ["muse_glimmer", "muse_spark"])
+def test_muse_merged_patches_through_its_pixel_shuffle(family: str):
+    """Muse Glimmer's / Muse Spark's processor (torchvision) lays each picture's patches row-major, each row
+    (temporal, channel, p, p); the vision tower's own pixel_shuffle gathers each merge_size block into a token
+    (its features channel-major)."""
+    tiny, inputs = build(family)
+    pixels = inputs["pixel_values"]  # [patches, t * 3 * p * p]
+    patch = tiny.model.config.vision_config.patch_size
+    patches = pixels.view(len(pixels), -1, 3, patch * patch).transpose(1, 2).flatten(2)  # [n, 3, t * p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    tower = tiny.model.model.vision_tower
+    with torch.no_grad():
+        shuffled = tower.pixel_shuffle(colours, inputs["image_grid_thw"])  # [tokens, 3 * m * m], channel slowest
+    tokens = shuffled.view(len(shuffled), 3, -1).mean(-1)
+    check_tokens_on_grids(merged_layouts(family, tiny, inputs),
+                          split_by_row(tokens.numpy(), inputs, tiny.model.config.image_token_id))

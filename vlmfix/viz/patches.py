@@ -17,7 +17,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   ERNIE 4.5 VL / HyperCLOVA X Vision V2 / Cosmos 3 Edge / Cohere Compass: per image, the merged patches,
   (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m, row-major
   (one grid per temporal slice); VideoLLaMA 3 likewise, m being each image's `image_merge_sizes` (its tower
-  shrinks the (h, w) patch grid by bilinear interpolation, which averages each m x m block for m = 2);
+  shrinks the (h, w) patch grid by bilinear interpolation, which averages each m x m block for m = 2); Kimi K2.5
+  (m: `merge_kernel_size`, its tower averages an image's frames) and Muse Glimmer / Muse Spark (m: `merge_size`,
+  their tower's pixel shuffle) likewise;
 - HunyuanOCR (hunyuan_vl): per image, a begin token (on no grid), the (h / m) x (w / m) merged patches row-major
   from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid);
 - Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
@@ -66,7 +68,7 @@ ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")  # base 
 PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-                   "cohere_compass")
+                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
 NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw`, a newline after each row
@@ -81,8 +83,8 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark",
-        "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25")},
+        "fuyu", "granite4_vision", "unlimited_ocr",
+        "perception_lm", "fast_vlm", "molmo2", "step3p7")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
                  *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
@@ -205,7 +207,10 @@ def _onevision_max_tiles(config: Any) -> int:
 
 def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int], merge: int | None = None
                 ) -> tuple[list[TokenGrid], int]:
-    merge = int(config.vision_config.spatial_merge_size) if merge is None else merge
+    vision = config.vision_config
+    if merge is None:  # Qwen's `spatial_merge_size`, Kimi K2.5's `merge_kernel_size`, Muse's `merge_size`
+        merge = _pair(getattr(vision, "spatial_merge_size", None) or getattr(vision, "merge_kernel_size", None)
+                      or vision.merge_size)
     t, h, w = (int(x) for x in thw)
     rows, cols = h // merge, w // merge
     grids = [TokenGrid(image, "merged", start + k * rows * cols + np.arange(rows * cols).reshape(rows, cols))
