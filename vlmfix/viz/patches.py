@@ -48,8 +48,8 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   after <row_1_col_1> with no global image; a tile's side is doubled on the fine connector path (fine_route).
 
 Several images in a row follow each other in prompt order; the image inputs (`image_sizes`, `image_grid_thw`,
-`image_patch_grids`) list the batch's images row by row, as the processors make them. The other supported families
-are refused by name (`REFUSED`, with the reason).
+`image_merge_sizes`, `image_patch_grids`) list the batch's images row by row, as the processors make them. The other
+supported families are refused by name (`REFUSED`, with the reason).
 """
 
 from __future__ import annotations
