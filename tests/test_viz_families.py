@@ -47,6 +47,10 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
                          config.vision_config)
             _, h, w = inputs["image_grid_thw"][index].tolist()
             shapes = [((k, "merged"), h // merge, w // merge, 0)]
+        elif family == "fuyu":  # one run of patch tokens per patch row (|NEWLINE| between the runs)
+            image = (inputs["input_ids"][row] == config.image_token_id).int()
+            rows = int((image[1:] - image[:-1] == 1).sum() + image[0])  # runs: their starts
+            shapes = [((k, "patches"), rows, len(values) // rows, 0)]
         elif family == "video_llama_3":  # merged patches, each image's own merge size
             merge = int(inputs["image_merge_sizes"][index])
             _, h, w = inputs["image_grid_thw"][index].tolist()
@@ -106,7 +110,7 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
 @pytest.mark.parametrize("family", GRID_FAMILIES)
 def test_every_family_draws_pai_gain_on_its_grid_and_vhr_head_map(family: str):
     tiny = tiny_model(family)
-    images = 2
+    images = 1 if family == "fuyu" else 2  # Fuyu's processor pairs each prompt with one image
     inputs = tiny.inputs(QUESTIONS, images_per_row=images)
     with vlmfix.apply(tiny.model, vlmfix.PAI(cfg=False), vlmfix.VHR(), tokenizer=tiny.processor,
                       record=True) as session:

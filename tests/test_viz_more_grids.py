@@ -345,3 +345,43 @@ def test_muse_merged_patches_through_its_pixel_shuffle(family: str):
     tokens = shuffled.view(len(shuffled), 3, -1).mean(-1)
     check_tokens_on_grids(merged_layouts(family, tiny, inputs),
                           split_by_row(tokens.numpy(), inputs, tiny.model.config.image_token_id))
+
+
+def test_fuyu_patch_rows_past_the_picture_to_whole_patches():
+    """Fuyu's processor shrinks each picture to fit 32 x 32 (a small one stays as it is), pads it and cuts whole
+    8-pixel patches, one run of tokens per patch row; the model embeds each patch as its token, in order. Each
+    token's pixels lie in the part of its cell (from the grid's extent over the picture) that the picture covers."""
+    from tests.conftest import tiny_model
+
+    tiny = tiny_model("fuyu")
+    tiny.processor.image_processor.padding_value = 0.0  # padding is not blue: left out of each patch's weight
+    sizes = [(40, 64), (72, 48), (20, 28)]  # shrunk by 1/2, by 4/9, left alone; none fills whole patches
+    prompts = [tiny.prompt("what is it", images=1) for _ in sizes]
+    inputs = tiny.processor(text=prompts, images=[coordinate_picture(h, w) for h, w in sizes], padding=True,
+                            return_tensors="pt")
+    config = tiny.model.config
+    image = inputs["input_ids"] == config.image_token_id
+    layouts = row_layouts("fuyu", config, image.sum(1).tolist(),
+                          image_positions=[row.nonzero().flatten().tolist() for row in image])
+    pixels = inputs["pixel_values"].float().reshape(len(inputs["pixel_values"]), -1, 3)  # [patches, p * p, 3]
+    colours = pixels * 0.5 + 0.5  # the processor's mean and std: 0.5
+    on_picture = (colours[..., 2] > 0.9).float()
+    seen = torch.stack([(colours[..., 0] * on_picture).sum(-1), (colours[..., 1] * on_picture).sum(-1),
+                        on_picture.sum(-1)], -1).numpy()
+    seen = split_by_row(seen, inputs, config.image_token_id)
+    for b, ((height, width), layout) in enumerate(zip(sizes, layouts)):
+        (grid,) = layout.grids
+        left, right, bottom, top = grid.extent(height, width)
+        assert left == top == 0 and right >= width and bottom >= height
+        rows, cols = grid.shape
+        assert rows * grid.patch_pixels >= height * min(1.0, 32 / height, 32 / width)
+        for (r, c), token in np.ndenumerate(grid.tokens):
+            if seen[b][token, 2] == 0:
+                assert r == rows - 1 or c == cols - 1  # only the overhanging last row or column sees no picture
+                continue
+            cell_top, cell_left = r * bottom / rows, c * right / cols
+            visible_y = (cell_top, min(height, cell_top + bottom / rows))  # the part of the cell on the picture
+            visible_x = (cell_left, min(width, cell_left + right / cols))
+            expected = np.array([sum(visible_x) / 2 / width, sum(visible_y) / 2 / height])
+            where = seen[b][token, :2] / seen[b][token, 2]
+            assert np.allclose(where, expected, atol=0.04), (b, r, c, where, expected)

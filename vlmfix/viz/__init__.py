@@ -185,7 +185,8 @@ def _draw_image_map(figure: Any, grid: Any, at: int, first_column: int, image_ma
         height, width = (picture.shape[0], picture.shape[1]) if picture is not None else panel.shape
         if picture is not None:
             ax.imshow(picture, extent=(0, width, height, 0))
-        shown = ax.imshow(panel.values(image_map.values), extent=panel.extent(height, width),
+        extent = panel.extent(height, width) if picture is not None else (0, width, height, 0)  # cells alone
+        shown = ax.imshow(panel.values(image_map.values), extent=extent,
                           alpha=0.6 if picture is not None else 1.0, interpolation="nearest",
                           **_scale(image_map))
         ax.set_title(f"{image_map.title}\nimage {panel.image} {panel.kind}", fontsize=8)

@@ -42,6 +42,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - Ovis2: square tiles of hidden_stride x hidden_stride merged patches, the thumbnail first (after <IMG_START>),
   then the tiles row-major, <IMG_COL> between the tiles of a canvas row and <IMG_ROW> between rows, which give
   the canvas (an image that is not cut is one run, its whole image);
+- Fuyu: one run of patch tokens per patch row (the processor puts |NEWLINE| after each), row-major over the image
+  shrunk to fit the processor's target (never enlarged) and padded to whole patches at the bottom and right: the
+  grid reaches past the picture by under a patch (`TokenGrid.patch_pixels`);
 - Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
   image after <global-img> (an image that is not split is its global image alone);
 - Granite-Docling: Idefics3's named tiles and global image, except that an image that is not split is one tile
@@ -75,7 +78,7 @@ NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw
 POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
-                "smolvlm", "granite_docling")
+                "smolvlm", "granite_docling", "fuyu")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -83,7 +86,7 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "fuyu", "granite4_vision", "unlimited_ocr",
+        "granite4_vision", "unlimited_ocr",
         "perception_lm", "fast_vlm", "molmo2", "step3p7")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
@@ -101,6 +104,9 @@ class TokenGrid:
     square_crop: bool = False
     # True: the grid covers the image padded to a centred square (DeepSeek-VL's resize-the-long-side-then-pad)
     letterbox: bool = False
+    # > 0: the grid's cells are patches of this many pixels of the image shrunk to fit a target (never enlarged),
+    # from its top-left corner, the last row and column reaching past it (Fuyu's padding to whole patches)
+    patch_pixels: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -116,6 +122,11 @@ class TokenGrid:
     def extent(self, height: int, width: int) -> tuple[float, float, float, float]:
         """(left, right, bottom, top) of the grid in the pixels of the part of a height x width image that `crop`
         keeps (matplotlib's `extent`): the part itself, or the padded square around it (`letterbox`)."""
+        if self.patch_pixels:
+            rows, cols = self.shape
+            # the shrink factor: that of the side that fills its target exactly, or 1 for a picture within it
+            scale = min(1.0, rows * self.patch_pixels / height, cols * self.patch_pixels / width)
+            return 0.0, cols * self.patch_pixels / scale, rows * self.patch_pixels / scale, 0.0
         if not self.letterbox:
             return 0.0, float(width), float(height), 0.0
         pad_x, pad_y = (max(height, width) - width) / 2, (max(height, width) - height) / 2
@@ -299,6 +310,17 @@ def scale_canvas(tiles: int, height: int, width: int, tile_pixels: int) -> tuple
     return shapes[min(range(len(shapes)), key=lambda k: scales[k] if scales[k] >= 1 else math.inf)]
 
 
+def _fuyu_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[TokenGrid]:
+    """Fuyu: one image per prompt, one run of patch tokens per patch row."""
+    if len({length for _, length in runs}) > 1:
+        raise ValueError(f"row {b}'s fuyu patch rows have different lengths {[n for _, n in runs]}.")
+    if not runs:
+        return []
+    cols = runs[0][1]
+    tokens = np.arange(len(runs) * cols).reshape(len(runs), cols)
+    return [TokenGrid(0, "patches", tokens, patch_pixels=_pair(config.patch_size))]
+
+
 def _cohere_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]], side: int,
                 shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
     """Command A Vision: an image's runs (one tile each, line breaks between) start after <|START_OF_IMG|>."""
@@ -362,6 +384,8 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
                     before: Sequence[Sequence[int]] | None,
                     tokenizer: Any, shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
     """The grids of one row of a family whose image inputs do not place its tokens (see the module docstring)."""
+    if family == "fuyu":
+        return _fuyu_row(config, b, _runs(positions))
     side = _tile_side(family, config)
     per_tile = side * side
     count = len(positions)
