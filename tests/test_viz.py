@@ -7,6 +7,8 @@ from the figure (`ax.images[-1].get_array()`, line data).
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -41,8 +43,10 @@ def expected_grids(family: str, config, inputs, row: int, values: np.ndarray, im
             side = config.vision_config.image_size // config.vision_config.patch_size
             out[(k, "patches")] = values[start : start + side * side].reshape(side, side)
             start += side * side
-        elif family == "llava_next":
+        elif family in ("llava_next", "granite4_vision"):
             side = config.vision_config.image_size // config.vision_config.patch_size
+            if family == "granite4_vision":  # its window Q-Former shrinks each view's side by downsample_rate
+                side = int(side * Fraction(config.downsample_rate))
             size = inputs["image_sizes"][index]
             tiles_h, tiles_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints,
                                                            config.vision_config.image_size)

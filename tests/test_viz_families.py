@@ -38,6 +38,8 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
         return expected_grids("llava", config, inputs, row, values, images)
     if family in ("llava_next", "llava_next_video"):
         return expected_grids("llava_next", config, inputs, row, values, images)
+    if family == "granite4_vision":
+        return expected_grids(family, config, inputs, row, values, images)
     out, start = {}, 0
     for k in range(images):
         index = row * images + k

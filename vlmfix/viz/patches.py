@@ -11,6 +11,8 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - LLaVA-NeXT, LLaVA-NeXT-Video (its images): per image, the base view (the same square grid, first), then the
   AnyRes tiles joined into one grid and cut back to the image's aspect ratio (rows x cols), each grid row followed
   by a newline token;
+- Granite 4 Vision: as LLaVA-NeXT, each view's grid shrunk by `downsample_rate` (its window Q-Former's queries
+  each read one window of patches, in raster order);
 - LLaVA-OneVision: as LLaVA-NeXT (base view first, tiles with a newline token per row), the tiles shrunk when
   they exceed `vision_aspect_ratio`'s anyres_max_N budget;
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5 / Qwen2.5-Omni's thinker /
@@ -61,13 +63,15 @@ import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 SQUARE_FAMILIES = ("llava", "vipllava", "video_llava")  # one CLIP grid per image, over its centre crop
 LETTERBOX_FAMILIES = ("deepseek_vl", "deepseek_vl_hybrid")  # one grid per image, over it padded to a square
-ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")  # base view, then tiles with newlines
+# base view, then tiles with newlines (Granite 4 Vision's views shrunk by its window Q-Former)
+ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision", "granite4_vision")
 PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
@@ -86,7 +90,7 @@ REFUSED: dict[str, str] = {
     "paddleocr_vl": "its processor orders patches unlike the merged-patch families (checked: the Qwen grid is wrong)",
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     **{family: UNCHECKED for family in (
-        "granite4_vision", "unlimited_ocr",
+        "unlimited_ocr",
         "perception_lm", "fast_vlm", "molmo2", "step3p7")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
@@ -194,6 +198,8 @@ def _llava_next_image(config: Any, image: int, start: int, size: Sequence[int],
                       max_tiles: int | None = None) -> tuple[list[TokenGrid], dict, int]:
     """LLaVA-NeXT (`max_tiles` None) and LLaVA-OneVision (anyres_max_N: tiles shrunk past N tiles' tokens)."""
     side = _vision_side(config)
+    if getattr(config, "downsample_rate", None):  # Granite 4 Vision: e.g. "1/4" of each view's side
+        side = int(side * Fraction(config.downsample_rate))
     tile = int(config.vision_config.image_size)
     height, width = int(size[0]), int(size[1])
     canvas_h, canvas_w = _best_canvas(height, width, config.image_grid_pinpoints)
