@@ -7,6 +7,8 @@ from the figure (`ax.images[-1].get_array()`, line data).
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -41,8 +43,10 @@ def expected_grids(family: str, config, inputs, row: int, values: np.ndarray, im
             side = config.vision_config.image_size // config.vision_config.patch_size
             out[(k, "patches")] = values[start : start + side * side].reshape(side, side)
             start += side * side
-        elif family == "llava_next":
+        elif family in ("llava_next", "granite4_vision"):
             side = config.vision_config.image_size // config.vision_config.patch_size
+            if family == "granite4_vision":  # its window Q-Former shrinks each view's side by downsample_rate
+                side = int(side * Fraction(config.downsample_rate))
             size = inputs["image_sizes"][index]
             tiles_h, tiles_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints,
                                                            config.vision_config.image_size)
@@ -259,6 +263,27 @@ def test_pai_gain_against_a_reference():
     for row in range(2):
         expected = gain[row][image[row, 0, 0]].numpy()
         np.testing.assert_allclose(session.report()["pai"]["image_gain"][row], expected, rtol=1e-4)
+
+
+def test_pai_gain_is_one_on_image_keys_a_sliding_window_hides():
+    """A boosted sliding-window layer (Gemma 4's layer 2, window 16): the image keys outside the prefill's last
+    query's window keep their zero attention, gain 1 (not 0, which would drag the picture's means below 1); the
+    keys inside it get the boost's ratio."""
+    tiny = tiny_model("gemma4")
+    config = tiny.model.config.text_config
+    layer = 2
+    assert config.layer_types[layer] == "sliding_attention"
+    inputs = tiny.inputs(QUESTIONS)
+    with vlmfix.apply(tiny.model, vlmfix.PAI(0.5, layers=[layer], cfg=False), record=True) as session:
+        session.generate(**inputs, max_new_tokens=1, do_sample=False)
+    last = inputs["input_ids"].shape[1] - 1  # the prefill's last query (left padding)
+    for row in range(2):
+        positions = (inputs["input_ids"][row] == tiny.model.config.image_token_id).nonzero().flatten()
+        gain = torch.tensor(session.report()["pai"]["image_gain"][row], dtype=torch.float64)
+        hidden = last - positions >= config.sliding_window
+        assert hidden.any() and (gain[hidden] == 1).all()
+        if (~hidden).any():
+            assert (gain[~hidden] != 1).any()
 
 
 def test_pai_gain_over_decode_steps_that_skip_the_first_token_against_a_reference():

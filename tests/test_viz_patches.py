@@ -9,6 +9,8 @@ different non-square sizes.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -132,12 +134,16 @@ def test_deepseek_vl_square_grid_over_the_padded_square(family: str):
     assert padding_cells > 0  # the pictures are not square: some cells lie on the padding
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_next_video"])
+@pytest.mark.parametrize("family", ["llava_next", "llava_next_video", "granite4_vision"])
 def test_llava_next_base_tiles_and_newlines_match_pack_image_features(family: str):
+    """Granite 4 Vision: its own pack_image_features over views shrunk by its downsample_rate (1/2 here: a token's
+    cell is 2 x 2 patches)."""
     tiny, inputs, layouts = build(family)
     config = tiny.model.config
     side = config.vision_config.image_size // config.vision_config.patch_size
-    patch = config.vision_config.patch_size
+    if family == "granite4_vision":
+        side = int(side * Fraction(config.downsample_rate))
+    patch = config.vision_config.image_size // side  # pixels of a token's cell
     sizes = inputs["image_sizes"]
     # the model's own packing, on features that name their (view, y, x); the newline is (-1, -1, -1)
     features = []
@@ -145,9 +151,12 @@ def test_llava_next_base_tiles_and_newlines_match_pack_image_features(family: st
         views = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
         v, y, x = torch.meshgrid(torch.arange(views), torch.arange(side), torch.arange(side), indexing="ij")
         features.append(torch.stack([v, y, x], -1).reshape(views, side * side, 3).float())
-    packed, lengths = tiny.model.model.pack_image_features(features, sizes, "default",
-                                                          image_newline=torch.full((3,), -1.0))
-    per_image = packed if isinstance(packed, (list, tuple)) else torch.split(packed, list(lengths))
+    result = tiny.model.model.pack_image_features(features, sizes, "default", image_newline=torch.full((3,), -1.0))
+    if isinstance(result, list):  # Granite 4 Vision: each image's tokens
+        per_image = result
+    else:  # LLaVA-NeXT: (the tokens, each image's count)
+        packed, lengths = result
+        per_image = packed if isinstance(packed, (list, tuple)) else torch.split(packed, list(lengths))
     for b, layout in enumerate(layouts):
         names = torch.cat([per_image[2 * b], per_image[2 * b + 1]]).long()  # [row's image tokens, 3]
         assert layout.count == names.shape[0]

@@ -41,6 +41,14 @@ def without_loop_keys(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k not in LOOP_KEYS}
 
 
+def patch_grids(position_ids: Tensor) -> list[list[int]]:
+    """[images, patches, 2] (x, y) patch positions, (-1, -1) on padding (Gemma 4's `image_position_ids`) -> each
+    image's [patch rows, patch cols]: what places its pooled tokens (`vlmfix.viz`)."""
+    real = (position_ids >= 0).all(-1, keepdim=True)  # [images, patches, 1]
+    extent = torch.where(real, position_ids, -1).amax(1) + 1  # [images, 2]: (cols, rows)
+    return [[int(rows), int(cols)] for cols, rows in extent.tolist()]
+
+
 def padding_mask(attention_mask: Tensor | dict[str, Tensor] | None, input_ids: Tensor) -> Tensor:
     """[batch, seq] bool, True on real tokens, from a prefill's mask in any layout.
 

@@ -50,7 +50,7 @@ from vlmfix.decoding.edits import Edit
 from vlmfix.decoding.grouped import KeyGroupCache
 from vlmfix.decoding.key_bias import KeyBiasPlans
 from vlmfix.decoding.method import METHODS, Method
-from vlmfix.decoding.prompt_inputs import IMAGE_KEYS, padding_mask, without_loop_keys
+from vlmfix.decoding.prompt_inputs import IMAGE_KEYS, padding_mask, patch_grids, without_loop_keys
 from vlmfix.errors import MissingImageError, SessionError, SpanError
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
@@ -288,11 +288,15 @@ class Session:
     def _image_layout_inputs(self, inputs: dict[str, Any], batch: int) -> dict[str, Any]:
         """The image inputs that place image tokens on patch grids, as lists, and the rows per caller prompt."""
         found: dict[str, Any] = {}
-        for key in ("image_sizes", "image_grid_thw"):
+        for key in ("image_sizes", "image_grid_thw", "image_merge_sizes"):
             value = self.call_inputs.get(key)
             value = value if value is not None else inputs.get(key)
             if isinstance(value, Tensor):
                 found[key] = value.tolist()
+        positions = self.call_inputs.get("image_position_ids")
+        positions = positions if positions is not None else inputs.get("image_position_ids")
+        if isinstance(positions, Tensor) and positions.dim() == 3:  # Gemma 4: [images, patches, 2]
+            found["image_patch_grids"] = patch_grids(positions)
         caller = self.call_inputs.get("input_ids")
         callers = caller.shape[0] if isinstance(caller, Tensor) and caller.dim() == 2 else batch
         found["rows_per_prompt"] = batch // callers if callers and batch % callers == 0 else 1
@@ -300,7 +304,9 @@ class Session:
 
     def prompt_record(self) -> dict[str, Any]:
         """The last prompt batch's structure as plain data, for pictures: the family, each row's image-token,
-        instruction and valid positions, the image inputs that place image tokens on patch grids, and per row the
+        instruction and valid positions, the image inputs that place image tokens on patch grids (`image_sizes`,
+        `image_grid_thw`, VideoLLaMA 3's `image_merge_sizes`, Gemma 4's `image_patch_grids`: each image's patch rows
+        and cols), and per row the
         ids of the tokens just before and after each run of image tokens (`image_run_tokens`: Idefics3's
         <row_i_col_j> / <global-img> name the tile that follows, Aya Vision's <|END_OF_IMG|> ends an image)."""
         spans = self.spans

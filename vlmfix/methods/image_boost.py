@@ -49,7 +49,8 @@ class BoostState:
 
 class GainRecorder:
     """`record=True`: how much the boost multiplies the newest query's attention to each image key, averaged over
-    the boosted layers, heads and steps (p_boosted / p_plain; 1 = unchanged), from the observed query and keys.
+    the boosted layers, heads and steps (p_boosted / p_plain; 1 = unchanged, also for a key the layer's mask hides
+    from the query, e.g. outside a sliding window), from the observed query and keys.
 
     The boosted scores come from the edits the state serves for the layer, through the edit path's own pre-softmax
     stage (`key_biased_scores`): the recorded gain is that of the boost applied, rows and steps it skips included.
@@ -86,7 +87,10 @@ class GainRecorder:
             mask = mask[..., -1:, :]
         mask = additive_mask(mask, batch, 1, kv_len, device)
         plain_p, boosted_p = torch.softmax(z + mask, -1), torch.softmax(boosted + mask, -1)
-        gain = (boosted_p / plain_p.clamp_min(1e-30)).mean(dim=1)[:, 0]  # [batch, kv_len]
+        # a key the mask hides (a sliding window's older keys) keeps its zero attention: gain 1, not 0 / 0
+        visible = torch.isfinite(mask).expand(batch, 1, 1, kv_len)  # [batch, 1, 1, kv_len]
+        ratio = torch.where(visible, boosted_p / plain_p.clamp_min(1e-30), torch.ones_like(boosted_p))
+        gain = ratio.mean(dim=1)[:, 0]  # [batch, kv_len]
         rows = self.first_boosted <= kv_len  # [batch] bool: rows whose newest query the boost edits
         width = min(seq, kv_len)
         self.total[:, :width] += gain[:, :width] * (self.image[:, :width] & rows[:, None])

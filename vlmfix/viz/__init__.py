@@ -10,8 +10,8 @@ figure.save("row0.png")                            # PNG, SVG or PDF
 The figure has one panel per image-token map and image grid (`vlmfix.viz.patches` places each token on its
 image: LLaVA's square grid, LLaVA-NeXT's / OneVision's base view and tiles with a strip for the newline
 tokens, Qwen's / GLM's / Mistral 3's merged patches, InternVL's / Aya Vision's / Idefics3's tiles and their
-thumbnail or global image, PaliGemma's / Gemma 3's square grids), one per layer x head map, and one per
-contrast trace (`record=True`); see `vlmfix.viz.panels` for what each shows. Matplotlib is needed
+thumbnail or global image, PaliGemma's / Gemma 3's square grids, Gemma 4's pooled patches), one per layer x head
+map, and one per contrast trace (`record=True`); see `vlmfix.viz.panels` for what each shows. Matplotlib is needed
 (`pip install vlmfix[viz]`); the figure is drawn with the Agg canvas, without pyplot, so it works headless
 and leaves pyplot's state alone.
 """
@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from vlmfix.decoding.prompt_inputs import patch_grids
 from vlmfix.viz.panels import HeadMap, ImageMap, TokenTrace, head_maps, image_maps, token_traces
 from vlmfix.viz.patches import RowLayout, TokenGrid, row_layouts
 
@@ -72,16 +74,19 @@ def plot(session: Any, row: int = 0, images: Any = None, inputs: Mapping[str, An
         images: the row's picture(s) (PIL images or [height, width, 3] arrays, prompt order), drawn under the
             maps; None draws the maps alone.
         inputs: the processor's output for the call, needed only after a bare `model.generate` inside
-            `vlmfix.apply` (its `image_sizes` / `image_grid_thw` never reach the session); `session.generate`
-            records them itself.
+            `vlmfix.apply` (its image inputs, `image_sizes` / `image_grid_thw` / ..., never reach the session);
+            `session.generate` records them itself.
         options: passed to `plot_report` (`tokens_per_panel`).
     """
     tokenizer = getattr(session, "tokenizer", None)
     prompt = dict(session.prompt_record())
-    for key in ("image_sizes", "image_grid_thw"):
+    for key in ("image_sizes", "image_grid_thw", "image_merge_sizes"):
         value = (inputs or {}).get(key)
         if value is not None:
             prompt[key] = value.tolist() if hasattr(value, "tolist") else value
+    positions = (inputs or {}).get("image_position_ids")
+    if isinstance(positions, torch.Tensor) and positions.dim() == 3:  # Gemma 4's patch coordinates
+        prompt["image_patch_grids"] = patch_grids(positions)
     return plot_report(session.report(), prompt, session.model.config, row=row, images=images,
                        tokenizer=tokenizer, **options)
 
@@ -99,7 +104,9 @@ def plot_report(report: Mapping[str, Any], prompt: Mapping[str, Any], config: An
     shapes = None if listed is None else {row - row % per_prompt: [p.shape[:2] for p in listed]}
     layouts = row_layouts(prompt["family"], config, [len(p) for p in positions],
                           image_sizes=prompt.get("image_sizes"), image_grid_thw=prompt.get("image_grid_thw"),
-                          rows_per_prompt=per_prompt, image_positions=positions,
+                          image_patch_grids=prompt.get("image_patch_grids"),
+                          image_merge_sizes=prompt.get("image_merge_sizes"), rows_per_prompt=per_prompt,
+                          image_positions=positions,
                           image_run_tokens=prompt.get("image_run_tokens"), tokenizer=tokenizer, image_shapes=shapes,
                           rows={row - row % per_prompt})
     layout = layouts[row]
@@ -178,7 +185,8 @@ def _draw_image_map(figure: Any, grid: Any, at: int, first_column: int, image_ma
         height, width = (picture.shape[0], picture.shape[1]) if picture is not None else panel.shape
         if picture is not None:
             ax.imshow(picture, extent=(0, width, height, 0))
-        shown = ax.imshow(panel.values(image_map.values), extent=panel.extent(height, width),
+        extent = panel.extent(height, width) if picture is not None else (0, width, height, 0)  # cells alone
+        shown = ax.imshow(panel.values(image_map.values), extent=extent,
                           alpha=0.6 if picture is not None else 1.0, interpolation="nearest",
                           **_scale(image_map))
         ax.set_title(f"{image_map.title}\nimage {panel.image} {panel.kind}", fontsize=8)

@@ -11,14 +11,25 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - LLaVA-NeXT, LLaVA-NeXT-Video (its images): per image, the base view (the same square grid, first), then the
   AnyRes tiles joined into one grid and cut back to the image's aspect ratio (rows x cols), each grid row followed
   by a newline token;
+- Granite 4 Vision: as LLaVA-NeXT, each view's grid shrunk by `downsample_rate` (its window Q-Former's queries
+  each read one window of patches, in raster order);
 - LLaVA-OneVision: as LLaVA-NeXT (base view first, tiles with a newline token per row), the tiles shrunk when
   they exceed `vision_aspect_ratio`'s anyres_max_N budget;
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) / GLM-4.1V / GLM-4.5V / GLM-OCR / EXAONE 4.5 / Qwen2.5-Omni's thinker /
   ERNIE 4.5 VL / HyperCLOVA X Vision V2 / Cosmos 3 Edge / Cohere Compass: per image, the merged patches,
   (h / m) x (w / m) from `image_grid_thw` = (t, h, w) and the vision tower's `spatial_merge_size` m, row-major
-  (one grid per temporal slice);
+  (one grid per temporal slice); VideoLLaMA 3 likewise, m being each image's `image_merge_sizes` (its tower
+  shrinks the (h, w) patch grid by bilinear interpolation, which averages each m x m block for m = 2); Kimi K2.5
+  (m: `merge_kernel_size`, its tower averages an image's frames) and Muse Glimmer / Muse Spark (m: `merge_size`,
+  their tower's pixel shuffle) likewise;
+- HunyuanOCR (hunyuan_vl): per image, a begin token (on no grid), the (h / m) x (w / m) merged patches row-major
+  from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid);
 - Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
   row-major (Mistral 3's [IMG_BREAK] / [IMG_END] tokens are not image tokens);
+- Gemma 4: per image, (rows / k) x (cols / k) pooled patches, row-major, over the whole image (resized keeping its
+  aspect ratio to a multiple of k patches a side), from each image's patch rows x cols (`image_patch_grids`, read
+  off `image_position_ids`) and the vision tower's `pooling_kernel_size` k (the pooler averages each k x k block);
+  Gemma 4 Unified's processor merges the k x k blocks itself: one token per model patch of `image_patch_grids`;
 - PaliGemma, Gemma 3: per image, one square grid (SigLIP patches; Gemma 3 pools them to `mm_tokens_per_image`)
   over the whole image, which the processor resizes to a square. Gemma 3's pan-and-scan crops would add views
   that the prompt's tokens cannot tell from images: refused when the pictures show more views than images;
@@ -26,12 +37,24 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   (row-major over a rows x cols canvas, the one of n tiles whose shape is closest to the image's, as the processor
   picks it, so the pictures' sizes are needed) and its thumbnail last. An InternVL or Qianfan-OCR image is one run
   of tokens; Aya's tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
+- GOT-OCR2: InternVL's layout (one run per image: its tiles, then its thumbnail) of tiles whose SAM patches two
+  stride-2 convolutions shrink by 4 a side (each token sees its 3 x 3 neighbourhood, centred on its cell);
+- Command A Vision (cohere2_vision): Aya's tiles and thumbnail, each run after <|START_OF_IMG|> or a line break,
+  an image's first run after <|START_OF_IMG|>; its processor picks the canvas by scale, not by shape (`scale_canvas`);
+- Ovis2: square tiles of hidden_stride x hidden_stride merged patches, the thumbnail first (after <IMG_START>),
+  then the tiles row-major, <IMG_COL> between the tiles of a canvas row and <IMG_ROW> between rows, which give
+  the canvas (an image that is not cut is one run, its whole image);
+- Fuyu: one run of patch tokens per patch row (the processor puts |NEWLINE| after each), row-major over the image
+  shrunk to fit the processor's target (never enlarged) and padded to whole patches at the bottom and right: the
+  grid reaches past the picture by under a patch (`TokenGrid.patch_pixels`);
 - Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
-  image after <global-img> (an image that is not split is its global image alone).
+  image after <global-img> (an image that is not split is its global image alone);
+- Granite-Docling: Idefics3's named tiles and global image, except that an image that is not split is one tile
+  after <row_1_col_1> with no global image; a tile's side is doubled on the fine connector path (fine_route).
 
-Several images in a row follow each other in prompt order; the image inputs (`image_sizes`,
-`image_grid_thw`) list the batch's images row by row, as the processors make them. The other supported
-families are refused by name (`REFUSED`, with the reason).
+Several images in a row follow each other in prompt order; the image inputs (`image_sizes`, `image_grid_thw`,
+`image_merge_sizes`, `image_patch_grids`) list the batch's images row by row, as the processors make them. The other
+supported families are refused by name (`REFUSED`, with the reason).
 """
 
 from __future__ import annotations
@@ -40,19 +63,26 @@ import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 SQUARE_FAMILIES = ("llava", "vipllava", "video_llava")  # one CLIP grid per image, over its centre crop
 LETTERBOX_FAMILIES = ("deepseek_vl", "deepseek_vl_hybrid")  # one grid per image, over it padded to a square
-ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")  # base view, then tiles with newlines
+# base view, then tiles with newlines (Granite 4 Vision's views shrunk by its window Q-Former)
+ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision", "granite4_vision")
 PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-                   "cohere_compass")
+                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
-RUN_FAMILIES = ("paligemma", "gemma3", *INTERNVL_FAMILIES, "aya_vision", "idefics3", "smolvlm")
+ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
+NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw`, a newline after each row
+POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
+PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
+RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
+                "smolvlm", "granite_docling", "fuyu")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -62,12 +92,11 @@ REFUSED: dict[str, str] = {
     "deepseek_ocr2": "its image tokens are learned queries that each attend to every patch of the view (and to the "
                      "queries before them): no token has a place",
     **{family: UNCHECKED for family in (
-        "cohere2_vision", "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
-        "gemma4", "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
-        "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25", "apertus1p5", "mistral_large4")},
+        "unlimited_ocr",
+        "perception_lm", "fast_vlm", "molmo2", "step3p7", "apertus1p5", "mistral_large4")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
-                 *RUN_FAMILIES)
+                 *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -81,6 +110,9 @@ class TokenGrid:
     square_crop: bool = False
     # True: the grid covers the image padded to a centred square (DeepSeek-VL's resize-the-long-side-then-pad)
     letterbox: bool = False
+    # > 0: the grid's cells are patches of this many pixels of the image shrunk to fit a target (never enlarged),
+    # from its top-left corner, the last row and column reaching past it (Fuyu's padding to whole patches)
+    patch_pixels: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -96,6 +128,11 @@ class TokenGrid:
     def extent(self, height: int, width: int) -> tuple[float, float, float, float]:
         """(left, right, bottom, top) of the grid in the pixels of the part of a height x width image that `crop`
         keeps (matplotlib's `extent`): the part itself, or the padded square around it (`letterbox`)."""
+        if self.patch_pixels:
+            rows, cols = self.shape
+            # the shrink factor: that of the side that fills its target exactly, or 1 for a picture within it
+            scale = min(1.0, rows * self.patch_pixels / height, cols * self.patch_pixels / width)
+            return 0.0, cols * self.patch_pixels / scale, rows * self.patch_pixels / scale, 0.0
         if not self.letterbox:
             return 0.0, float(width), float(height), 0.0
         pad_x, pad_y = (max(height, width) - width) / 2, (max(height, width) - height) / 2
@@ -163,6 +200,8 @@ def _llava_next_image(config: Any, image: int, start: int, size: Sequence[int],
                       max_tiles: int | None = None) -> tuple[list[TokenGrid], dict, int]:
     """LLaVA-NeXT (`max_tiles` None) and LLaVA-OneVision (anyres_max_N: tiles shrunk past N tiles' tokens)."""
     side = _vision_side(config)
+    if getattr(config, "downsample_rate", None):  # Granite 4 Vision: e.g. "1/4" of each view's side
+        side = int(side * Fraction(config.downsample_rate))
     tile = int(config.vision_config.image_size)
     height, width = int(size[0]), int(size[1])
     canvas_h, canvas_w = _best_canvas(height, width, config.image_grid_pinpoints)
@@ -185,8 +224,12 @@ def _onevision_max_tiles(config: Any) -> int:
     return int(aspect.removeprefix("anyres_max_"))
 
 
-def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int]) -> tuple[list[TokenGrid], int]:
-    merge = int(config.vision_config.spatial_merge_size)
+def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int], merge: int | None = None
+                ) -> tuple[list[TokenGrid], int]:
+    vision = config.vision_config
+    if merge is None:  # Qwen's `spatial_merge_size`, Kimi K2.5's `merge_kernel_size`, Muse's `merge_size`
+        merge = _pair(getattr(vision, "spatial_merge_size", None) or getattr(vision, "merge_kernel_size", None)
+                      or vision.merge_size)
     t, h, w = (int(x) for x in thw)
     rows, cols = h // merge, w // merge
     grids = [TokenGrid(image, "merged", start + k * rows * cols + np.arange(rows * cols).reshape(rows, cols))
@@ -194,10 +237,31 @@ def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int]) -> tupl
     return grids, t * rows * cols
 
 
+def _hunyuan_image(config: Any, image: int, start: int, thw: Sequence[int]
+                   ) -> tuple[list[TokenGrid], dict, list[int], int]:
+    """HunyuanOCR: begin token, rows of merged patches each ended by a newline token, end token."""
+    merge = int(config.vision_config.spatial_merge_size)
+    _, h, w = (int(x) for x in thw)  # one temporal slice: the merger reshapes each image's patches to (h, w)
+    rows, cols = h // merge, w // merge
+    first = start + 1  # after the begin token
+    row_starts = first + np.arange(rows)[:, None] * (cols + 1)
+    grid = TokenGrid(image, "merged", row_starts + np.arange(cols)[None, :])
+    newlines = first + np.arange(rows) * (cols + 1) + cols
+    return [grid], {image: newlines}, [start, first + rows * (cols + 1)], rows * (cols + 1) + 2
+
+
 def _mistral_image(config: Any, image: int, start: int, size: Sequence[int]) -> tuple[list[TokenGrid], int]:
     pixels = int(config.vision_config.patch_size) * int(config.spatial_merge_size)
     rows, cols = int(size[0]) // pixels, int(size[1]) // pixels
     return [TokenGrid(image, "merged", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
+
+
+def _pooled_image(family: str, config: Any, image: int, start: int, patches: Sequence[int]
+                  ) -> tuple[list[TokenGrid], int]:
+    # Gemma 4 Unified's positions are its model patches' (the processor merged the k x k blocks)
+    kernel = 1 if family == "gemma4_unified" else int(config.vision_config.pooling_kernel_size)
+    rows, cols = int(patches[0]) // kernel, int(patches[1]) // kernel
+    return [TokenGrid(image, "pooled", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
 
 
 def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
@@ -223,10 +287,16 @@ def _tile_side(family: str, config: Any) -> int:
         return math.isqrt(int(config.mm_tokens_per_image))
     if family in INTERNVL_FAMILIES:
         return int(side * float(config.downsample_ratio))
-    if family == "aya_vision":
+    if family in ("aya_vision", "cohere2_vision"):
         return side // int(config.downsample_factor)
     if family in ("idefics3", "smolvlm"):
         return side // int(config.scale_factor)
+    if family == "got_ocr2":  # two 3 x 3 convolutions of stride 2 and padding 1: ceil(n / 2) each
+        return math.ceil(math.ceil(side / 2) / 2)
+    if family == "granite_docling":  # the coarse path (the fine one halves the factor: `_granite_docling_row`)
+        return side // int(vision.scale_factor)
+    if family == "ovis2":  # the tower pads the patch grid to a multiple of the stride, then merges
+        return -(-side // int(vision.hidden_stride))
     return side  # paligemma
 
 
@@ -237,19 +307,93 @@ def tile_canvas(tiles: int, height: int, width: int) -> tuple[int, int]:
     return min(shapes, key=lambda rc: abs(width / height - rc[1] / rc[0]))
 
 
-def _tiles_and_thumbnail(image: int, start: int, side: int, rows: int, cols: int, last: str) -> list[TokenGrid]:
-    """Tiles row-major over a rows x cols canvas (each tile's tokens row-major), then one square `last` view."""
-    per_tile = side * side
+def scale_canvas(tiles: int, height: int, width: int, tile_pixels: int) -> tuple[int, int]:
+    """(rows, cols) of `tiles` tiles of tile_pixels a side that Command A Vision's processor picks for a height x
+    width image: the canvas that needs the smallest upscale, else (every canvas shrinks it) the smallest downscale;
+    among canvases of `tiles` tiles (cols ascending, as it lists them) this is its pick."""
+    shapes = [(tiles // c, c) for c in range(1, tiles + 1) if tiles % c == 0]
+    scales = [min(c * tile_pixels / width, r * tile_pixels / height) for r, c in shapes]
+    if all(scale < 1 for scale in scales):
+        return shapes[max(range(len(shapes)), key=lambda k: scales[k])]
+    return shapes[min(range(len(shapes)), key=lambda k: scales[k] if scales[k] >= 1 else math.inf)]
+
+
+def _fuyu_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[TokenGrid]:
+    """Fuyu: one image per prompt, one run of patch tokens per patch row."""
+    if len({length for _, length in runs}) > 1:
+        raise ValueError(f"row {b}'s fuyu patch rows have different lengths {[n for _, n in runs]}.")
+    if not runs:
+        return []
+    cols = runs[0][1]
+    tokens = np.arange(len(runs) * cols).reshape(len(runs), cols)
+    return [TokenGrid(0, "patches", tokens, patch_pixels=_pair(config.patch_size))]
+
+
+def _cohere_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]], side: int,
+                shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
+    """Command A Vision: an image's runs (one tile each, line breaks between) start after <|START_OF_IMG|>."""
+    images: list[list[int]] = []  # each image's run starts (first image-token index)
+    for (start, _), (name, _) in zip(runs, names):
+        if name == "<|START_OF_IMG|>":
+            images.append([start])
+        elif images:
+            images[-1].append(start)
+        else:
+            raise ValueError(f"row {b}'s first cohere2_vision image-token run follows {name!r}, not <|START_OF_IMG|>.")
+    grids: list[TokenGrid] = []
+    for image, starts in enumerate(images):
+        if len(starts) == 1:
+            grids.append(TokenGrid(image, "patches", _square(side, starts[0])))
+            continue
+        height, width = _shape_of(shapes, image, b, "cohere2_vision")
+        rows, cols = scale_canvas(len(starts) - 1, height, width, _pair(config.vision_config.image_size))
+        grids.extend(_tiles_and_thumbnail(image, starts[0], side, rows, cols, "thumbnail"))
+    return grids
+
+
+def _canvas(image: int, start: int, side: int, rows: int, cols: int) -> TokenGrid:
+    """Tiles row-major over a rows x cols canvas, each tile's tokens row-major, from token `start` on."""
     r, c = np.mgrid[0 : rows * side, 0 : cols * side]
     tile = (r // side) * cols + c // side
-    tokens = start + tile * per_tile + (r % side) * side + c % side
-    return [TokenGrid(image, "tiles", tokens), TokenGrid(image, last, _square(side, start + rows * cols * per_tile))]
+    return TokenGrid(image, "tiles", start + tile * side * side + (r % side) * side + c % side)
+
+
+def _tiles_and_thumbnail(image: int, start: int, side: int, rows: int, cols: int, last: str) -> list[TokenGrid]:
+    """Tiles row-major over a rows x cols canvas (each tile's tokens row-major), then one square `last` view."""
+    thumbnail = TokenGrid(image, last, _square(side, start + rows * cols * side * side))
+    return [_canvas(image, start, side, rows, cols), thumbnail]
+
+
+def _ovis_row(b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]], side: int
+              ) -> list[TokenGrid]:
+    """Ovis2: per image, the thumbnail's run after <IMG_START>, then the tiles', <IMG_COL> / <IMG_ROW> after each."""
+    images: list[list[tuple[int, str]]] = []  # per image: (first image-token index, token after) of each run
+    for (start, _), (name, after) in zip(runs, names):
+        if name == "<IMG_START>":
+            images.append([])
+        elif not images:
+            raise ValueError(f"row {b}'s first ovis2 image-token run follows {name!r}, not <IMG_START>.")
+        images[-1].append((start, after))
+    grids: list[TokenGrid] = []
+    for image, image_runs in enumerate(images):
+        whole = TokenGrid(image, "patches" if len(image_runs) == 1 else "thumbnail", _square(side, image_runs[0][0]))
+        grids.append(whole)
+        tiles = image_runs[1:]
+        if not tiles:
+            continue
+        cols = next((k + 1 for k, (_, after) in enumerate(tiles) if after != "<IMG_COL>"), len(tiles))
+        if len(tiles) % cols:
+            raise ValueError(f"row {b}'s ovis2 image {image} has {len(tiles)} tiles, not rows of {cols}.")
+        grids.append(_canvas(image, tiles[0][0], side, len(tiles) // cols, cols))
+    return grids
 
 
 def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
                     before: Sequence[Sequence[int]] | None,
                     tokenizer: Any, shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
     """The grids of one row of a family whose image inputs do not place its tokens (see the module docstring)."""
+    if family == "fuyu":
+        return _fuyu_row(config, b, _runs(positions))
     side = _tile_side(family, config)
     per_tile = side * side
     count = len(positions)
@@ -262,7 +406,7 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
                              f"pan-and-scan crops cannot be placed from the prompt; run without do_pan_and_scan.")
         return [TokenGrid(k, "patches", _square(side, k * per_tile)) for k in range(views)]
     runs = _runs(positions)
-    if family in INTERNVL_FAMILIES:
+    if family in ONE_RUN_TILE_FAMILIES:
         grids: list[TokenGrid] = []
         for image, (start, length) in enumerate(runs):
             if length % per_tile:
@@ -275,9 +419,15 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
             grids.extend(_tiles_and_thumbnail(image, start, side, rows, cols, "thumbnail"))
         return grids
     names = _token_names(before, tokenizer, b, family)  # [before, after] of each run
+    if family == "granite_docling":
+        return _granite_docling_row(config, b, runs, names, side)
     for _, length in runs:
         if length != per_tile:
             raise ValueError(f"row {b} has a run of {length} {family} image tokens, not one {side} x {side} tile.")
+    if family == "cohere2_vision":
+        return _cohere_row(config, b, runs, names, side, shapes)
+    if family == "ovis2":
+        return _ovis_row(b, runs, names, side)
     grids, image, tile_runs = [], 0, []
     for (start, _), (name, next_name) in zip(runs, names):
         ends_image = next_name == "<|END_OF_IMG|>" if family == "aya_vision" else name == "<global-img>"
@@ -295,6 +445,43 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
         image, tile_runs = image + 1, []
     if tile_runs:
         raise ValueError(f"row {b}'s last {family} image has tiles but no global image run after them.")
+    return grids
+
+
+def _granite_docling_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]],
+                         side: int) -> list[TokenGrid]:
+    """Granite-Docling: <row_i_col_j> tiles, then a <global-img> run when there are several; a lone tile (after
+    <row_1_col_1>, with no global run) is the whole image. Tiles of the fine path have twice the side."""
+    sides = {side * side: side}
+    if getattr(config.vision_config, "use_fine_route", False):
+        sides[4 * side * side] = 2 * side
+    grids: list[TokenGrid] = []
+    tile_runs: list[tuple[int, str]] = []
+    length_of = dict(runs)  # first image-token index -> run length
+
+    def whole_image(start: int) -> None:
+        grids.append(TokenGrid(len({g.image for g in grids}), "patches", _square(sides[length_of[start]], start)))
+
+    for (start, length), (name, _) in zip(runs, names):
+        if length not in sides:
+            raise ValueError(f"row {b} has a run of {length} granite_docling image tokens, not one square tile of "
+                             f"{' or '.join(f'{n} x {n}' for n in sides.values())}.")
+        if name == "<global-img>":
+            if not tile_runs:
+                raise ValueError(f"row {b}: a granite_docling global image follows no tiles.")
+            image = len({g.image for g in grids})
+            grids.extend(_idefics_tiles(image, tile_runs, sides[length], b))
+            grids.append(TokenGrid(image, "global", _square(sides[length], start)))
+            tile_runs = []
+            continue
+        if name == "<row_1_col_1>" and tile_runs:  # the pending image was one tile, with no global image
+            whole_image(tile_runs[0][0])
+            tile_runs = []
+        tile_runs.append((start, name))
+    if len(tile_runs) > 1:
+        raise ValueError(f"row {b}'s last granite_docling image has {len(tile_runs)} tiles but no global image run.")
+    if tile_runs:
+        whole_image(tile_runs[0][0])
     return grids
 
 
@@ -333,7 +520,8 @@ def _shape_of(shapes: Sequence[Sequence[int]] | None, image: int, b: int, family
 
 
 def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, image_sizes: Any = None,
-                image_grid_thw: Any = None, rows_per_prompt: int = 1,
+                image_grid_thw: Any = None, image_patch_grids: Any = None,
+                image_merge_sizes: Any = None, rows_per_prompt: int = 1,
                 image_positions: Sequence[Sequence[int]] | None = None,
                 image_run_tokens: Sequence[Sequence[Sequence[int]]] | None = None, tokenizer: Any = None,
                 image_shapes: Mapping[int, Sequence[Sequence[int]]] | None = None,
@@ -347,14 +535,17 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
         tokens_per_row: image tokens of each batch row.
         image_sizes: [images, 2] (height, width) of every image, LLaVA-NeXT / OneVision / Mistral 3.
         image_grid_thw: [images, 3] patch grid of every image, Qwen / GLM.
+        image_patch_grids: [images, 2] patch rows and cols of every image (before pooling), Gemma 4.
+        image_merge_sizes: [images] merge size of every image, VideoLLaMA 3.
         rows_per_prompt: batch rows per prompt (beams, return sequences): the image inputs list the images of
             each prompt once.
         image_positions: each row's image-token positions (runs of consecutive ones are tiles or images of
             InternVL, Aya Vision, Idefics3 / SmolVLM); default: one run per row.
         image_run_tokens: each row's [before, after] token ids of each run (`session.prompt_record()`), Aya
-            Vision / Idefics3.
+            Vision / Command A Vision / Idefics3.
         tokenizer: names those tokens.
-        image_shapes: {row: [(height, width) of each picture]}: the tile canvas of InternVL / Aya Vision.
+        image_shapes: {row: [(height, width) of each picture]}: the tile canvas of InternVL / Aya Vision /
+            Command A Vision.
         rows: the rows to lay out (None: all); the others of a run family stay without grids.
     """
     if family in REFUSED:
@@ -362,6 +553,8 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                          f"pictures support {', '.join(GRID_FAMILIES)}.")
     sizes = _as_rows(image_sizes)
     thw = _as_rows(image_grid_thw)
+    patch_grids = _as_rows(image_patch_grids)
+    merges = None if image_merge_sizes is None else [[m] for m in _flat(image_merge_sizes)]  # [images, 1]
     layouts: list[RowLayout] = []
     next_image = 0
     for b, count in enumerate(tokens_per_row):
@@ -396,6 +589,17 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                 grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"))
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
+            elif family in NEWLINE_MERGED_FAMILIES:
+                grids, newlines, unplaced, n = _hunyuan_image(config, image, used,
+                                                              _take(thw, next_image, "image_grid_thw"))
+                layout.newlines.update(newlines)
+                layout.unplaced.extend(unplaced)
+            elif family in PER_IMAGE_MERGE_FAMILIES:
+                merge = _take(merges, next_image, "image_merge_sizes")[0]
+                grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"), merge)
+            elif family in POOLED_FAMILIES:
+                grids, n = _pooled_image(family, config, image, used,
+                                         _take(patch_grids, next_image, "image_patch_grids"))
             else:
                 side = math.isqrt(int(count))
                 if side * side != count:
@@ -408,7 +612,7 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
             next_image += 1
         if used != count:
             raise ValueError(f"row {b} has {count} image tokens, but its images' {family} grids hold {used}; pass the "
-                             f"image inputs (image_sizes / image_grid_thw) of the same call.")
+                             f"image inputs (image_sizes / image_grid_thw / image_patch_grids) of the same call.")
         layouts.append(layout)
     return layouts
 
@@ -417,6 +621,10 @@ def _as_rows(value: Any) -> list[list[int]] | None:
     if value is None:
         return None
     return [[int(x) for x in row] for row in (value.tolist() if hasattr(value, "tolist") else value)]
+
+
+def _flat(value: Any) -> list[int]:
+    return [int(x) for x in (value.tolist() if hasattr(value, "tolist") else value)]
 
 
 def _take(rows: list[list[int]] | None, index: int, name: str) -> list[int]:

@@ -1,0 +1,387 @@
+"""The token -> patch grids of the families mapped after the first ones (Gemma 4, ...), checked as
+tests/test_viz_grids.py checks the others: coordinate pictures (red = x, green = y, blue = 1 on the picture) go
+through the family's processor, each vision patch's mean colour goes through the model's own token-forming module
+(Gemma 4's pooler, ...), so each image token carries the (x, y) of the part of the picture it sees, and the grid of
+`vlmfix.viz.patches` must put the token there. Two rows, two pictures each, of different non-square sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_viz_grids import build, grouped, patch_colours
+from tests.test_viz_patches import SIZES, cell_centres, coordinate_picture, unnormalised
+from vlmfix.decoding.prompt_inputs import patch_grids
+from vlmfix.viz.patches import row_layouts, scale_canvas
+
+
+def gemma4_token_colours(tiny, inputs) -> torch.Tensor:
+    """[image tokens, 3] (x * w, y * w, w) of every image token of the batch, in prompt order, through the vision
+    tower's own pooler (w: the token's share of picture pixels; the pooler's scale cancels in x * w / w)."""
+    pixels = inputs["pixel_values"]  # [images, patches, p * p * 3]: each patch's pixels, channel last
+    positions = inputs["image_position_ids"]  # [images, patches, 2]: (x, y), (-1, -1) on padding
+    images, patches, _ = pixels.shape
+    colours = pixels.float().reshape(images, patches, -1, 3).mean(2)  # [images, patches, 3]: rescaled to [0, 1]
+    on_picture = (pixels.float().reshape(images, patches, -1, 3)[..., 2] > 0.9).float().mean(-1)
+    weighted = torch.stack([colours[..., 0] * on_picture, colours[..., 1] * on_picture, on_picture], -1)
+    padding = (positions == -1).all(-1)
+    kernel = tiny.model.config.vision_config.pooling_kernel_size
+    with torch.no_grad():
+        pooled, kept = tiny.model.model.vision_tower.pooler(weighted, positions, padding, patches // kernel**2)
+    return pooled[kept]  # the tower strips the padding tokens the same way
+
+
+def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int, ...] = (2, 2)) -> None:
+    """Every image token lies on one grid cell whose centre is where its pixels come from (`images` per row)."""
+    for b, layout in enumerate(layouts):
+        seen = colours[b]
+        placed = np.zeros(layout.count, dtype=int)
+        assert len({g.image for g in layout.grids}) == images[b]
+        for grid in layout.grids:
+            centres = cell_centres(*grid.shape)
+            for (r, c), token in np.ndenumerate(grid.tokens):
+                if token < 0:
+                    continue
+                placed[token] += 1
+                if seen[token, 2] < 0.5:  # mostly padding
+                    continue
+                where = seen[token, :2] / seen[token, 2]
+                assert np.allclose(where, centres[r, c], atol=0.5 / min(grid.shape) + 0.02), \
+                    (b, grid.image, grid.kind, r, c, where, centres[r, c])
+        newline = np.zeros(layout.count, dtype=int)
+        for tokens in layout.newlines.values():
+            newline[tokens] += 1
+        assert np.array_equal(newline > 0, np.isnan(seen).any(-1))  # the model's newline tokens, and only those
+        unplaced = np.zeros(layout.count, dtype=int)
+        unplaced[layout.unplaced] += 1
+        assert ((placed + newline + unplaced) == 1).all()  # each token once: on a grid, a newline or unplaced
+
+
+def test_gemma4_pooled_patches():
+    tiny, inputs = build("gemma4")
+    config = tiny.model.config
+    image = inputs["input_ids"] == config.image_token_id
+    counts = image.sum(1).tolist()
+    layouts = row_layouts("gemma4", config, counts, image_patch_grids=patch_grids(inputs["image_position_ids"]))
+    flat = gemma4_token_colours(tiny, inputs).numpy()
+    assert len(flat) == sum(counts)
+    colours = np.split(flat, np.cumsum(counts)[:-1])
+    for b, layout in enumerate(layouts):
+        for grid in layout.grids:
+            height, width = SIZES[2 * b + grid.image]
+            rows, cols = grid.shape
+            assert rows != cols and (rows < cols) == (height < width)  # the picture's aspect ratio, not a square
+    check_tokens_on_grids(layouts, colours)
+
+
+def test_gemma4_needs_its_patch_grids():
+    tiny, inputs = build("gemma4")
+    count = int((inputs["input_ids"][0] == tiny.model.config.image_token_id).sum())
+    with pytest.raises(ValueError, match="image_patch_grids"):
+        row_layouts("gemma4", tiny.model.config, [count])
+
+
+def run_layouts(family: str, tiny, inputs):
+    """`row_layouts` of a family placed by its image-token runs, from the processor's ids (as the session records
+    them) and the pictures' sizes."""
+    image = inputs["input_ids"] == tiny.model.config.image_token_id
+    positions = [row.nonzero().flatten().tolist() for row in image]
+    around = []  # per row: [token before, token after] each run
+    for ids, mask in zip(inputs["input_ids"].tolist(), image.tolist()):
+        starts = [p for p in range(len(ids)) if mask[p] and (p == 0 or not mask[p - 1])]
+        ends = [p for p in range(len(ids)) if mask[p] and (p + 1 == len(ids) or not mask[p + 1])]
+        around.append([[ids[s - 1], ids[e + 1]] for s, e in zip(starts, ends)])
+    return row_layouts(family, tiny.model.config, image.sum(1).tolist(), image_positions=positions,
+                       image_run_tokens=around, tokenizer=tiny.processor,
+                       image_shapes={b: SIZES[2 * b : 2 * b + 2] for b in range(2)})
+
+
+def split_by_row(flat: np.ndarray, inputs, image_token_id: int) -> list[np.ndarray]:
+    counts = (inputs["input_ids"] == image_token_id).sum(1).tolist()
+    assert len(flat) == sum(counts)
+    return np.split(flat, np.cumsum(counts)[:-1])
+
+
+@pytest.mark.torchvision
+def test_cohere2_vision_tiles_then_thumbnail():
+    """Command A Vision's own image processor (torchvision) cuts each picture into up to 6 tiles of 32 pixels and
+    adds a thumbnail; the projector's own pixel shuffle makes each tile's 2 x 2 tokens."""
+    from transformers.models.cohere2_vision.image_processing_cohere2_vision import Cohere2VisionImageProcessor
+
+    tiny, _ = build("cohere2_vision")
+    tiny.processor.image_processor = Cohere2VisionImageProcessor(size={"height": 32, "width": 32}, max_patches=6,
+                                                                 patch_size=2)
+    pictures = [coordinate_picture(h, w) for h, w in SIZES]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
+    inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
+    layouts = run_layouts("cohere2_vision", tiny, inputs)
+    assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
+    shuffled = tiny.model.model.multi_modal_projector.pixel_shuffle(patch_colours(tiny, inputs["pixel_values"]))
+    flat = grouped(shuffled, 3).flatten(1, 2).reshape(-1, 3).numpy()  # [views * 4, 3], views in prompt order
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, tiny.model.config.image_token_id))
+
+
+@pytest.mark.torchvision
+def test_scale_canvas_is_the_processors_pick():
+    """Against Command A Vision's own canvas rule over every canvas of up to 12 tiles (its module needs
+    torchvision)."""
+    from transformers.models.cohere2_vision.image_processing_cohere2_vision import get_optimal_tiled_canvas
+
+    for height, width in [(40, 64), (72, 48), (500, 90), (90, 500), (700, 700), (20, 30), (1000, 3000)]:
+        cols, rows = get_optimal_tiled_canvas((height, width), (32, 32), 1, 12)
+        assert scale_canvas(rows * cols, height, width, 32) == (rows, cols), (height, width)
+
+
+def test_ovis2_thumbnail_then_tiles_of_merged_patches():
+    """Ovis2's processor cuts each picture into up to 6 tiles (its covering-area rule) after a thumbnail; a vision
+    tower with hidden_stride 2 merges 2 x 2 patches, through its own merge code: the transformer's output is
+    replaced by the patch colours (a forward hook) and the merged features are read where the head gets them."""
+    import copy
+
+    from transformers.models.ovis2.modeling_ovis2 import Ovis2VisionModel
+
+    tiny, _ = build("ovis2")
+    tiny.processor.image_processor.crop_to_patches = True
+    tiny.processor.image_processor.max_patches = 6
+    vision = copy.deepcopy(tiny.model.config.vision_config)
+    vision.hidden_stride = 2
+    tiny.model.config.vision_config = vision  # what the layout reads: 4 x 4 patches -> 2 x 2 tokens a tile
+    tiny.processor.image_seq_length = 4
+    pictures = [coordinate_picture(h, w) for h, w in SIZES]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
+    inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
+    layouts = run_layouts("ovis2", tiny, inputs)
+    assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
+    tower = Ovis2VisionModel(vision).eval()
+    colours = patch_colours(tiny, inputs["pixel_values"])  # [views, 16, 3]
+    wide = torch.cat([colours, colours.new_zeros(*colours.shape[:-1], vision.hidden_size - 3)], -1)
+    seen = {}
+    tower.transformer.register_forward_hook(lambda module, args, out: (wide,))
+    tower.head_linear.register_forward_pre_hook(lambda module, args: seen.update(merged=args[0].clone()))
+    with torch.no_grad():
+        tower(inputs["pixel_values"])
+    flat = grouped(seen["merged"], vision.hidden_size).reshape(-1, 3).numpy()  # [views * 4, 3], prompt order
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, tiny.model.config.image_token_id))
+
+
+def test_got_ocr2_tiles_then_thumbnail_through_its_convolutions():
+    """GOT-OCR2's processor cuts each picture into up to 6 tiles of 64 pixels and adds a thumbnail; its projector's
+    own two stride-2 convolutions (their weights set to average each channel over 3 x 3) make each tile's 2 x 2
+    tokens from the 8 x 8 SAM patches, zero padding left out by the weight channel."""
+    import copy
+
+    tiny, _ = build("got_ocr2")
+    pictures = [coordinate_picture(h, w) for h, w in SIZES]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
+    inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt", crop_to_patches=True,
+                            max_patches=6)  # the processor's defaults override the image processor's
+    layouts = run_layouts("got_ocr2", tiny, inputs)
+    assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
+    projector = copy.deepcopy(tiny.model.model.multi_modal_projector)
+    with torch.no_grad():
+        for conv in (projector.conv_upsampler1, projector.conv_upsampler2):
+            conv.weight.zero_()
+            for channel in range(3):
+                conv.weight[channel, channel] = 1 / 9
+    colours = patch_colours(tiny, inputs["pixel_values"])  # [views, 64, 3]
+    views, patches, _ = colours.shape
+    side = int(patches**0.5)
+    channels = tiny.model.config.vision_config.output_channels
+    grid = torch.cat([colours, colours.new_zeros(views, patches, channels - 3)], -1)
+    grid = grid.transpose(1, 2).reshape(views, channels, side, side)  # the SAM neck's [views, C, H, W]
+    seen = {}
+    projector.multimodal_projector.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
+    with torch.no_grad():
+        projector(grid)
+    flat = seen["x"][..., :3].reshape(-1, 3).numpy()  # [views * 4, 3], prompt order
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, tiny.model.config.image_token_id))
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_granite_docling_named_tiles_then_global_image(fine: bool):
+    """Granite-Docling's processor cuts each picture into up to 6 tiles of 64 pixels (<row_i_col_j>) and adds a
+    global image; the connector's own pixel shuffle (factor 4 on the coarse path, 2 on the fine one) makes each
+    tile's tokens. A third picture, one tile alone (no global image), ends the second row."""
+    tiny, _ = build("granite_docling")
+    tiny.processor.tokenizer.add_tokens([f"<row_{i}_col_{j}>" for i in range(1, 4) for j in range(1, 4)],
+                                        special_tokens=True)
+    tiny.model.config.vision_config.use_fine_route = fine  # what the layout reads (the path is built or not)
+    tiny.processor.image_seq_len = 4
+    sizes = [*SIZES, (64, 64)]
+    pictures = [coordinate_picture(h, w) for h, w in sizes]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe the pictures", images=3)]
+    inputs = tiny.processor(text=prompts, images=[pictures[:2], pictures[2:]], padding=True, return_tensors="pt",
+                            crop_to_patches=True, max_patches=6, fine_route=fine)
+    layouts = run_layouts("granite_docling", tiny, inputs)
+    kinds = [(g.image, g.kind) for g in layouts[1].grids]
+    assert kinds == [(0, "tiles"), (0, "global"), (1, "tiles"), (1, "global"), (2, "patches")], kinds
+    tiles = inputs["pixel_values"][inputs["pixel_attention_mask"]]  # [real tiles, 3, 64, 64]
+    factor = tiny.model.config.vision_config.scale_factor // (2 if fine else 1)
+    path = tiny.model.model.vision_model.connector.coarse  # the pixel shuffle is the same function on both paths
+    flat = grouped(path.pixel_shuffle(patch_colours(tiny, tiles), factor), 3).reshape(-1, 3).numpy()
+    colours = split_by_row(flat, inputs, tiny.model.config.image_token_id)
+    check_tokens_on_grids(layouts, colours, images=(2, 3))
+    assert [g.shape for g in layouts[1].grids if g.kind == "patches"] == [(2 * (1 + fine), 2 * (1 + fine))]
+
+
+def test_hunyuan_vl_merged_patches_with_a_newline_per_row():
+    """HunyuanOCR's processor orders each picture's patches row-major; its patch merger (its own module: the
+    reshape to (h, w), a 2 x 2 stride-2 convolution set to average, the newline column, the begin and end tokens;
+    its norms and activation passed through by hooks) makes the tokens. Newline tokens come out NaN (the newline
+    parameter set so), the begin and end tokens -inf."""
+    tiny, inputs = build("hunyuan_vl")
+    merger = tiny.model.model.vision_tower.patch_merger
+    vision = tiny.model.config.vision_config
+    with torch.no_grad():
+        for conv, size in ((merger.proj_conv, vision.spatial_merge_size), (merger.proj_out, 1)):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for channel in range(3):
+                conv.weight[channel, channel] = 1 / size**2
+        merger.mlp.weight.zero_()
+        merger.mlp.weight[:3, :3] = torch.eye(3)
+        merger.mlp.bias.zero_()
+        merger.image_newline.fill_(float("nan"))
+        merger.image_begin.fill_(-float("inf"))
+        merger.image_end.fill_(-float("inf"))
+    identity = lambda module, args, out: args[0]  # noqa: E731
+    for module in (merger.before_rms, merger.proj_act, merger.after_rms):
+        module.register_forward_hook(identity)
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    wide = torch.cat([colours, colours.new_zeros(len(colours), vision.hidden_size - 3)], -1)
+    tokens = []
+    with torch.no_grad():
+        for thw, item in zip(inputs["image_grid_thw"].tolist(), wide.split(inputs["image_grid_thw"].prod(-1).tolist())):
+            tokens.append(merger(item[None], size=tuple(thw[1:]))[0, :, :3])
+    flat = torch.cat(tokens).numpy()
+    layouts = row_layouts("hunyuan_vl", tiny.model.config, (inputs["input_ids"] == tiny.model.config.image_token_id)
+                          .sum(1).tolist(), image_grid_thw=inputs["image_grid_thw"])
+    colours_by_row = split_by_row(flat, inputs, tiny.model.config.image_token_id)
+    for layout, seen in zip(layouts, colours_by_row):
+        assert np.isneginf(seen[layout.unplaced]).all() and np.isneginf(seen).any(-1).sum() == len(layout.unplaced)
+        seen[layout.unplaced] = 0.0  # checked: the begin and end tokens, on no grid
+    check_tokens_on_grids(layouts, colours_by_row)
+
+
+@pytest.mark.parametrize("merge", [1, 2])
+def test_video_llama_3_merged_patches_of_each_images_merge_size(merge: int):
+    """VideoLLaMA 3's processor orders patches in merge blocks and names each image's merge size; the vision
+    model's own pixel_unshuffle puts them back on the (h, w) grid and shrinks it by bilinear interpolation."""
+    tiny, _ = build("video_llama_3")
+    tiny.processor.image_processor.merge_size = merge
+    pictures = [coordinate_picture(h, w) for h, w in SIZES]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
+    inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
+    assert inputs["image_merge_sizes"].tolist() == [merge] * 4
+    config = tiny.model.config
+    layouts = row_layouts("video_llama_3", config, (inputs["input_ids"] == config.image_token_id).sum(1).tolist(),
+                          image_grid_thw=inputs["image_grid_thw"], image_merge_sizes=inputs["image_merge_sizes"])
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    with torch.no_grad():
+        tokens = tiny.model.model.vision_model.pixel_unshuffle(colours, inputs["image_grid_thw"],
+                                                               inputs["image_merge_sizes"])
+    check_tokens_on_grids(layouts, split_by_row(tokens.numpy(), inputs, config.image_token_id))
+
+
+@pytest.mark.torchvision
+def test_gemma4_unified_model_patches():
+    """Gemma 4 Unified's processor (torchvision) merges each k x k block of patches into one model patch, row-major
+    by block, and the model keeps one token per model patch (the padding rows stripped in order)."""
+    tiny, inputs = build("gemma4_unified")
+    config = tiny.model.config
+    counts = (inputs["input_ids"] == config.image_token_id).sum(1).tolist()
+    layouts = row_layouts("gemma4_unified", config, counts,
+                          image_patch_grids=patch_grids(inputs["image_position_ids"]))
+    pixels = inputs["pixel_values"].float()  # [images, model patches, (k p)^2 * 3]: its sub-patches, channel last
+    images, patches, _ = pixels.shape
+    colours = pixels.reshape(images, patches, -1, 3).mean(2)  # rescaled to [0, 1]: (x, y, 1)
+    real = (inputs["image_position_ids"] != -1).all(-1)  # what get_image_features keeps, in order
+    flat = colours[real].numpy()
+    for b, layout in enumerate(layouts):
+        for grid in layout.grids:
+            height, width = SIZES[2 * b + grid.image]
+            assert (grid.shape[0] < grid.shape[1]) == (height < width)
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+def merged_layouts(family: str, tiny, inputs):
+    config = tiny.model.config
+    return row_layouts(family, config, (inputs["input_ids"] == config.image_token_id).sum(1).tolist(),
+                       image_grid_thw=inputs["image_grid_thw"])
+
+
+@pytest.mark.torchvision
+def test_kimi_k25_merged_patches_through_its_temporal_merge():
+    """Kimi K2.5's processor (torchvision) lays each picture's patches row-major; the vision tower's own
+    temporal_merge gathers each merge_kernel_size block into a token (and averages an image's frames)."""
+    tiny, inputs = build("kimi_k25")
+    pixels = inputs["pixel_values"]  # [patches, 3, p, p]
+    colours = unnormalised(tiny.processor, pixels.transpose(0, 1)).mean((-1, -2)).T  # [patches, 3]: (x, y, 1)
+    tower = tiny.model.model.vision_tower
+    with torch.no_grad():
+        tokens = tower.temporal_merge(colours, inputs["image_grid_thw"], *tower.merge_kernel_size).mean(1)
+    check_tokens_on_grids(merged_layouts("kimi_k25", tiny, inputs),
+                          split_by_row(tokens.numpy(), inputs, tiny.model.config.image_token_id))
+
+
+@pytest.mark.torchvision
+@pytest.mark.parametrize("family", ["muse_glimmer", "muse_spark"])
+def test_muse_merged_patches_through_its_pixel_shuffle(family: str):
+    """Muse Glimmer's / Muse Spark's processor (torchvision) lays each picture's patches row-major, each row
+    (temporal, channel, p, p); the vision tower's own pixel_shuffle gathers each merge_size block into a token
+    (its features channel-major)."""
+    tiny, inputs = build(family)
+    pixels = inputs["pixel_values"]  # [patches, t * 3 * p * p]
+    patch = tiny.model.config.vision_config.patch_size
+    patches = pixels.view(len(pixels), -1, 3, patch * patch).transpose(1, 2).flatten(2)  # [n, 3, t * p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    tower = tiny.model.model.vision_tower
+    with torch.no_grad():
+        shuffled = tower.pixel_shuffle(colours, inputs["image_grid_thw"])  # [tokens, 3 * m * m], channel slowest
+    tokens = shuffled.view(len(shuffled), 3, -1).mean(-1)
+    check_tokens_on_grids(merged_layouts(family, tiny, inputs),
+                          split_by_row(tokens.numpy(), inputs, tiny.model.config.image_token_id))
+
+
+def test_fuyu_patch_rows_past_the_picture_to_whole_patches():
+    """Fuyu's processor shrinks each picture to fit 32 x 32 (a small one stays as it is), pads it and cuts whole
+    8-pixel patches, one run of tokens per patch row; the model embeds each patch as its token, in order. Each
+    token's pixels lie in the part of its cell (from the grid's extent over the picture) that the picture covers."""
+    from tests.conftest import tiny_model
+
+    tiny = tiny_model("fuyu")
+    tiny.processor.image_processor.padding_value = 0.0  # padding is not blue: left out of each patch's weight
+    sizes = [(40, 64), (72, 48), (20, 28)]  # shrunk by 1/2, by 4/9, left alone; none fills whole patches
+    prompts = [tiny.prompt("what is it", images=1) for _ in sizes]
+    inputs = tiny.processor(text=prompts, images=[coordinate_picture(h, w) for h, w in sizes], padding=True,
+                            return_tensors="pt")
+    config = tiny.model.config
+    image = inputs["input_ids"] == config.image_token_id
+    layouts = row_layouts("fuyu", config, image.sum(1).tolist(),
+                          image_positions=[row.nonzero().flatten().tolist() for row in image])
+    pixels = inputs["pixel_values"].float().reshape(len(inputs["pixel_values"]), -1, 3)  # [patches, p * p, 3]
+    colours = pixels * 0.5 + 0.5  # the processor's mean and std: 0.5
+    on_picture = (colours[..., 2] > 0.9).float()
+    seen = torch.stack([(colours[..., 0] * on_picture).sum(-1), (colours[..., 1] * on_picture).sum(-1),
+                        on_picture.sum(-1)], -1).numpy()
+    seen = split_by_row(seen, inputs, config.image_token_id)
+    for b, ((height, width), layout) in enumerate(zip(sizes, layouts)):
+        (grid,) = layout.grids
+        left, right, bottom, top = grid.extent(height, width)
+        assert left == top == 0 and right >= width and bottom >= height
+        rows, cols = grid.shape
+        assert rows * grid.patch_pixels >= height * min(1.0, 32 / height, 32 / width)
+        for (r, c), token in np.ndenumerate(grid.tokens):
+            if seen[b][token, 2] == 0:
+                assert r == rows - 1 or c == cols - 1  # only the overhanging last row or column sees no picture
+                continue
+            cell_top, cell_left = r * bottom / rows, c * right / cols
+            visible_y = (cell_top, min(height, cell_top + bottom / rows))  # the part of the cell on the picture
+            visible_x = (cell_left, min(width, cell_left + right / cols))
+            expected = np.array([sum(visible_x) / 2 / width, sum(visible_y) / 2 / height])
+            where = seen[b][token, :2] / seen[b][token, 2]
+            assert np.allclose(where, expected, atol=0.04), (b, r, c, where, expected)
