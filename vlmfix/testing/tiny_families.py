@@ -639,7 +639,8 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 DEEPSEEK_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image_placeholder>",
                      "User", "Assistant")
 # DeepSeek-VL's prompt layout (the checkpoints' template, as transformers' DeepSeek-VL and DeepSeek-VL hybrid processor
-# tests write it): the system text, a blank line, "User: ", each image, the question, a blank line and "Assistant:".
+# tests write it): the system text, a blank line, "User: ", each image, the question, a blank line and "Assistant:"
+# (a turn's separator, the blank line or EOS, only before another turn).
 # The real tokenizer adds BOS when it encodes; this word-level one does not, so the template writes it. The line
 # breaks are Jinja string literals: a line break right after a block tag is dropped (trim_blocks).
 DEEPSEEK_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
@@ -648,8 +649,10 @@ DEEPSEEK_TEMPLATE = (
     "{{ bos_token }}" + DEEPSEEK_SYSTEM + "{{ '\\n\\n' }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ 'User: ' }}{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}<image_placeholder>{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{{ '\\n\\n' }}{% else %}{{ 'Assistant: ' }}{% for item in message['content'] %}{{ item['text'] }}{% endfor %}"
-    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    "{% if not loop.last or add_generation_prompt %}{{ '\\n\\n' }}{% endif %}{% else %}{{ 'Assistant: ' }}"
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}"
+    "{% if not loop.last or add_generation_prompt %}{{ eos_token }}{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 
