@@ -80,9 +80,23 @@ def test_ernie_instruction_ends_at_assistant_under_a_sentencepiece_tokenizer(add
     assert tokenizer.decode(ids[expected]).strip() == "Is there a dog?"
 
 
+DEEPSEEK_VL_PROMPT = ("<｜begin▁of▁sentence｜>You are a helpful language and vision assistant. You are able to "
+                      "understand the visual content that the user provides, and assist the user with a variety of "
+                      "tasks using natural language.\n\nUser: <image_placeholder>{q}\n\nAssistant:")
+# DeepSeek-OCR's plain prompt: no roles, no assistant turn
+DEEPSEEK_OCR_PROMPT = "<｜begin▁of▁sentence｜><image>\n{q}"
+
 # what the checkpoints' own templates write for one image and a question (VideoLLaMA 3: lkhl/VideoLLaMA3-2B-Image-HF's
-# chat_template.jinja; LightOnOCR: lightonai/LightOnOCR-1B-1025's; ERNIE 4.5 VL: transformers' conversion script)
+# chat_template.jinja; LightOnOCR: lightonai/LightOnOCR-1B-1025's; ERNIE 4.5 VL: transformers' conversion script;
+# DeepSeek-VL and its hybrid: the template of transformers' processor tests for both, after the BOS their tokenizer
+# adds; DeepSeek-OCR-2 and Unlimited OCR: the official inference code's "plain" format after BOS; PaddleOCR-VL:
+# PaddlePaddle/PaddleOCR-VL's chat_template.jinja)
 CHECKPOINT_PROMPTS = {
+    "deepseek_vl": DEEPSEEK_VL_PROMPT,
+    "deepseek_vl_hybrid": DEEPSEEK_VL_PROMPT,
+    "deepseek_ocr2": DEEPSEEK_OCR_PROMPT,
+    "unlimited_ocr": DEEPSEEK_OCR_PROMPT,
+    "paddleocr_vl": "<|begin_of_sentence|>User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>{q}\nAssistant: ",
     "video_llama_3": "<|im_start|>user\n<|image_pad|>\n{q}<|im_end|>\n<|im_start|>assistant\n",
     "lighton_ocr": "<|im_start|>system<|im_end|>\n<|im_start|>user\n<|image_pad|>{q}\n<|im_end|>\n"
                    "<|im_start|>assistant\n",

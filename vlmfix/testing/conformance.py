@@ -200,7 +200,8 @@ def _generate_in_apply(tiny: TinyVLM, inputs: dict[str, Any], kwargs: dict[str, 
 
 def check_spans(tiny: TinyVLM, images_per_row: int = 1) -> None:
     """Each row's image tokens are the ones the processor inserted (for all its images); its instruction
-    holds the question and ends right before the family's assistant marker."""
+    holds the question and ends right before the family's assistant marker (or, where the prompt ends with the
+    question, at the prompt's end)."""
     inputs = tiny.inputs(list(QUESTIONS), images_per_row=images_per_row)
     adapter = get_adapter(tiny.model)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -220,7 +221,11 @@ def check_spans(tiny: TinyVLM, images_per_row: int = 1) -> None:
         if not any(held[i : i + len(words)] == words for i in range(len(held) - len(words) + 1)):
             raise ConformanceError(f"row {row}: the instruction span does not hold the question {question!r}")
         after = ids[row, positions[-1] + 1 :].tolist()
-        if not any(after[: len(m)] == m for m in markers):
+        if tiny.prompt(question, True, images_per_row).endswith(question):  # no assistant turn (DeepSeek-OCR's)
+            if after:
+                raise ConformanceError(f"row {row}: the prompt ends with the question, but the instruction span is "
+                                       f"followed by {tiny.tokenizer.decode(after[:4])!r}")
+        elif not any(after[: len(m)] == m for m in markers):
             raise ConformanceError(f"row {row}: the instruction span does not end at an assistant marker "
                                    f"{adapter.assistant_markers}; it is followed by "
                                    f"{tiny.tokenizer.decode(after[:4])!r}")

@@ -661,10 +661,21 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 DEEPSEEK_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image_placeholder>",
                      "User", "Assistant")
+# DeepSeek-VL's prompt layout (the checkpoints' template, as transformers' DeepSeek-VL and DeepSeek-VL hybrid processor
+# tests write it): the system text, a blank line, "User: ", each image, the question, a blank line and "Assistant:"
+# (a turn's separator, the blank line or EOS, only before another turn).
+# The real tokenizer adds BOS when it encodes; this word-level one does not, so the template writes it. The line
+# breaks are Jinja string literals: a line break right after a block tag is dropped (trim_blocks).
+DEEPSEEK_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                   "that the user provides, and assist the user with a variety of tasks using natural language.")
 DEEPSEEK_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image_placeholder>{% else %}"
-    "{{ item['text'] }}{% endif %}{% endfor %}\n\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+    "{{ bos_token }}" + DEEPSEEK_SYSTEM + "{{ '\\n\\n' }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' }}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image_placeholder>{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% if not loop.last or add_generation_prompt %}{{ '\\n\\n' }}{% endif %}{% else %}{{ 'Assistant: ' }}"
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}"
+    "{% if not loop.last or add_generation_prompt %}{{ eos_token }}{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 
@@ -687,8 +698,15 @@ SAM_INIT = 0.02
 
 DEEPSEEK_OCR_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image>", "User",
                          "Assistant")
-# DeepSeek-VL's turns, each image a `<image>` line (DeepSeek-OCR's placeholder)
-DEEPSEEK_OCR_TEMPLATE = DEEPSEEK_TEMPLATE.replace("<image_placeholder>", "<image>\n")
+# DeepSeek-OCR's prompt layout (DeepSeek-OCR, DeepSeek-OCR-2 and Unlimited OCR): the official inference code formats
+# the conversation in the "plain" style, no role names and no assistant turn, only the user's text, in which each
+# image is an `<image>` line; the tokenizer's BOS comes first. transformers' conversions ship no chat template (their
+# examples pass "<image>\\nFree OCR." to the processor). The line break is a Jinja string literal (trim_blocks).
+DEEPSEEK_OCR_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\\n' }}{% else %}"
+    "{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+)
 
 
 def deepseek_ocr_text(shape: Shape, **extra: Any) -> tuple[PreTrainedTokenizerFast, dict[str, int], dict[str, Any]]:
@@ -987,11 +1005,15 @@ def build_video_llama_3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 PADDLE_SPECIALS = ("<unk>", "<|begin_of_sentence|>", "</s>", "<|endoftext|>", "<|IMAGE_START|>", "<|IMAGE_END|>",
                    "<|IMAGE_PLACEHOLDER|>", "<|video_pad|>", "User", "Assistant")
+# PaddleOCR-VL's prompt layout (PaddlePaddle/PaddleOCR-VL's chat_template.jinja): BOS, "User: ", the images, then
+# the texts, a line break, then "Assistant: ". The line break is a Jinja string literal (trim_blocks).
 PADDLE_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' }}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|IMAGE_START|><|IMAGE_PLACEHOLDER|>"
-    "<|IMAGE_END|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant: {% endif %}"
+    "<|IMAGE_END|>{% endif %}{% endfor %}{% for item in message['content'] %}{% if item['type'] == 'text' %}"
+    "{{ item['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% else %}{{ 'Assistant: ' }}"
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
 )
 
 
