@@ -196,12 +196,12 @@ def _block_bias(query: Tensor, key: Tensor, scaling: float, plan: KeyBiasPlan | 
     0 for a block without edits). query: [rows, heads, 1, head_dim]; key: [rows, kv_heads, kv_len, head_dim]."""
     if plan is None or plan.stop == plan.start:
         return torch.zeros(query.shape[0], query.shape[1], 1, kv_len, device=query.device)
-    delta = _span_delta(query, key[:, :, plan.start:plan.stop], scaling, plan, kv_len)  # [rows, heads, 1, span]
-    return F.pad(delta, (plan.start, kv_len - plan.stop))
+    delta = _span_delta(query, key[:, :, plan.start:plan.stop], scaling, plan, kv_len)  # [rows, heads or 1, 1, span]
+    return F.pad(delta.expand(*query.shape[:2], 1, -1), (plan.start, kv_len - plan.stop))
 
 
 def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasPlan, kv_len: int) -> Tensor:
-    """delta on the span of biased keys, [batch, heads, 1, span] fp32, from the span's scores z (fp32)."""
+    """delta on the span of biased keys, [batch, heads or 1, 1, span] fp32, from the span's scores z (fp32)."""
     batch, heads, _, head_dim = query.shape
     kv_heads, span = span_keys.shape[1], span_keys.shape[2]
     # query: [batch, heads, 1, head_dim] -> [batch, kv_heads, heads / kv_heads, head_dim]: each key head's queries
