@@ -222,3 +222,24 @@ def test_invalid_edit_arguments():
         Transfer(source=SINK, receivers=IMAGE, fraction=1.5)
     with pytest.raises(ValueError, match="rows must be"):
         KeyBias(bias=torch.zeros(B, 1, T), rows="first")
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize("scope", ["all", "last", "from_position"])
+def test_head_scale_touches_only_the_rows_it_selects(q_len, scope):
+    """scale_heads multiplies each selected (row, query) by its heads' scales and leaves the others as they were,
+    element by element: every row, the newest query only, or the queries at or past each row's start position."""
+    from vlmfix.decoding.edits import scale_heads
+
+    scale = torch.tensor([[1.0, 2.0, 0.5, 1.0], [3.0, 1.0, 1.0, 0.0]])
+    start = torch.tensor([T - 2, T])  # row 0: its last two positions; row 1: none
+    edit = HeadScale(scale=scale, rows="last" if scope == "last" else "all",
+                     from_position=start if scope == "from_position" else None)
+    out = torch.randn(B, q_len, H, D)
+    scaled = scale_heads(out, [edit], T)
+    for b in range(B):
+        for i in range(q_len):
+            position = T - q_len + i
+            chosen = {"all": True, "last": i == q_len - 1, "from_position": position >= int(start[b])}[scope]
+            want = out[b, i] * scale[b][:, None] if chosen else out[b, i]
+            torch.testing.assert_close(scaled[b, i], want, atol=0, rtol=0)

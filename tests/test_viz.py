@@ -371,24 +371,14 @@ def test_a_row_without_image_tokens_draws_its_head_maps_and_names_what_it_cannot
 
 
 @pytest.mark.parametrize("skip_first", [False, True])
-def test_pai_gain_recorder_builds_its_boosted_rows_once_per_prompt_as_the_edit_path_selects_them(monkeypatch,
-                                                                                                skip_first):
-    """The recorder's boosted rows are built once per prompt (not per layer and step) and are, at every key count,
-    the rows the edit path's `row_mask` edits (the newest query; with skip_first_token_boost, decode steps only)."""
-    from vlmfix.decoding.edits import KeyBias, row_mask
-    from vlmfix.methods import image_boost
-
-    start = torch.tensor([5, 7]) if skip_first else None
-    edit = KeyBias(abs_gain=torch.ones(2, 1, 9), rows="last", from_position=start)
-    first = image_boost.first_boosted_kv_len(edit, 4, torch.device("cpu"))  # beams: 2 rows per prompt
-    for kv_len in range(1, 12):
-        assert torch.equal(first <= kv_len, row_mask(edit, 4, 1, kv_len, torch.device("cpu"))[:, 0]), kv_len
-    built, original = [], image_boost.first_boosted_kv_len
-    monkeypatch.setattr(image_boost, "first_boosted_kv_len", lambda *args: built.append(args) or original(*args))
+def test_pai_gain_recorder_counts_the_steps_the_edit_path_boosts(skip_first):
+    """The recorder averages over the (layer, step) calls whose newest query the boost edits (the edit path's
+    `row_mask`): every step, or with skip_first_token_boost the decode steps only (not the prompt's last row)."""
     tiny = tiny_model("llava")
     pai = vlmfix.PAI(0.5, layers=[1, 2, 3], cfg=False, skip_first_token_boost=skip_first)
-    with vlmfix.apply(tiny.model, pai, record=True) as session:
-        for question in QUESTIONS:  # two prompts, three boosted layers, three steps each
-            session.generate(**tiny.inputs([question]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    assert len(built) == 2
+    with vlmfix.apply(tiny.model, pai, record=True) as session:  # three boosted layers, three steps
+        session.generate(**tiny.inputs(QUESTIONS), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    recorder = session.states[0].recorder
+    boosted_steps = 2 if skip_first else 3
+    assert recorder.counts.tolist() == [3.0 * boosted_steps] * len(QUESTIONS)
     assert (np.abs(np.asarray(session.report()["pai"]["image_gain"][0]) - 1) > 1e-3).any()

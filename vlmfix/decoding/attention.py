@@ -29,7 +29,7 @@ from vlmfix.decoding.edits import (
     edited_attention,
     scale_heads,
     stream_blocks,
-    within_window,
+    windowed_mask,
 )
 from vlmfix.decoding.grouped import KeyGroupCache, grouped_decode_output
 from vlmfix.decoding.key_bias import KeyBiasPlans, key_bias_blocks_output, key_bias_row_output
@@ -220,8 +220,7 @@ def observed_mask(attention_mask: Tensor | None, q_len: int, kv_len: int, slidin
     if sliding_window is None or (attention_mask is not None and attention_mask.dim() == 4):
         return attention_mask
     batch = attention_mask.shape[0] if attention_mask is not None else 1
-    mask = additive_mask(attention_mask, batch, q_len, kv_len, device)
-    return mask.masked_fill(~within_window(q_len, kv_len, sliding_window, device), float("-inf"))
+    return windowed_mask(attention_mask, batch, q_len, kv_len, sliding_window, device)
 
 
 def edited_output(

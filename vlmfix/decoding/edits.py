@@ -240,6 +240,16 @@ def within_window(q_len: int, kv_len: int, window: int, device: torch.device) ->
     return query_positions - torch.arange(kv_len, device=device)[None] < window
 
 
+def windowed_mask(attention_mask: Tensor | None, batch: int, q_len: int, kv_len: int, sliding_window: int | None,
+                  device: torch.device) -> Tensor:
+    """`additive_mask`, with the keys outside a sliding-window layer's window masked too where the backend's mask
+    does not hold the window (no mask, or a 2-D padding mask; a 4-D mask already holds it)."""
+    mask = additive_mask(attention_mask, batch, q_len, kv_len, device)  # [batch or 1, 1, q_len, kv_len]
+    if sliding_window is None or (attention_mask is not None and attention_mask.dim() == 4):
+        return mask
+    return mask.masked_fill(~within_window(q_len, kv_len, sliding_window, device), float("-inf"))
+
+
 def _heads_of(t: Tensor, heads: int) -> Tensor:
     """[batch, heads or 1, keys] -> [batch, heads, 1, keys] for broadcasting over query rows."""
     return t.expand(t.shape[0], heads, t.shape[-1])[:, :, None, :]
@@ -401,9 +411,7 @@ def edited_attention(
     kv_len = key.shape[2]
     z = key_biased_scores(attention_scores(query, key, scaling, softcap), edits)  # [batch, heads, q_len, kv_len]
     device = query.device
-    z = z + additive_mask(attention_mask, batch, q_len, kv_len, device)
-    if sliding_window is not None and (attention_mask is None or attention_mask.dim() == 2):
-        z = z.masked_fill(~within_window(q_len, kv_len, sliding_window, device), float("-inf"))
+    z = z + windowed_mask(attention_mask, batch, q_len, kv_len, sliding_window, device)
     p = torch.softmax(z, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) -> 0
     for edit in edits:
         apply = POST_APPLY.get(type(edit))
@@ -420,8 +428,9 @@ def scale_heads(out: Tensor, edits: Sequence[Edit], kv_len: int) -> Tensor:
     batch, q_len, heads, _ = out.shape
     for edit in edits:
         if isinstance(edit, HeadScale):
-            rows = row_mask(edit, batch, q_len, kv_len, out.device)  # [batch, q_len]
-            scale = fit_rows(edit.scale.to(out.device), batch)[:, None, :].to(out.dtype)  # [batch, 1, heads]
-            factor = torch.where(rows[..., None], scale, torch.ones_like(scale))
+            factor = fit_rows(edit.scale.to(out.device), batch)[:, None, :].to(out.dtype)  # [batch, 1, heads]
+            if edit.from_position is not None or (edit.rows == "last" and q_len > 1):  # rows it leaves alone
+                rows = row_mask(edit, batch, q_len, kv_len, out.device)  # [batch, q_len]
+                factor = torch.where(rows[..., None], factor, torch.ones_like(factor))
             out = out * factor[..., None]
     return out

@@ -28,12 +28,11 @@ from vlmfix.decoding.edits import (
     Edit,
     HeadScale,
     KeyBias,
-    additive_mask,
     fit_keys,
     fit_rows,
     repeat_kv,
     scale_heads,
-    within_window,
+    windowed_mask,
 )
 
 # SDPA's `enable_gqa` (fewer key/value heads than query heads) exists from torch 2.5
@@ -153,54 +152,62 @@ def key_bias_blocks_output(
     device = query.device
     if q_len != 1 or (device.type != "cpu" and query.dtype != torch.float32):
         return None  # an fp32 bias with a reduced-precision query is checked on CPU only (CUDA decodes in the kernel)
-    planned = []
+    planned: list[tuple[slice, list[Edit], KeyBiasPlan | None]] = []  # per row block; no plan: a block without edits
     for rows, edits in blocks:
-        if not edits:
-            continue
-        count = len(range(*rows.indices(batch)))
-        plan = plans.get(edits, count, device) if plans is not None else plan_key_biases(edits, count, device)
-        if plan is None or plan.stop > kv_len:
-            return None
+        plan = None
+        if edits:
+            count = len(range(*rows.indices(batch)))
+            plan = plans.get(edits, count, device) if plans is not None else plan_key_biases(edits, count, device)
+            if plan is None or plan.stop > kv_len:
+                return None
         planned.append((rows, edits, plan))
-    if not planned:
+    if all(plan is None for _, _, plan in planned):
         return None
     scaling = head_dim**-0.5 if scaling is None else scaling
-    bias = _row_mask_bias(attention_mask, batch, heads, kv_len, sliding_window, device)  # [batch, heads, 1, kv_len]
-    for rows, _, plan in planned:
-        if plan.stop > plan.start:
-            span = slice(plan.start, plan.stop)
-            bias[rows, :, :, span].add_(_span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len))
+    if len(planned) == 1:  # every row has the same edits: no rows to pick out
+        bias = _block_bias(query, key, scaling, planned[0][2], kv_len)
+    else:
+        bias = torch.cat([_block_bias(query[rows], key[rows], scaling, plan, kv_len) for rows, _, plan in planned])
+    mask = _row_mask(attention_mask, batch, kv_len, sliding_window, device)  # [batch or 1, 1, 1, kv_len] or None
+    if mask is not None:
+        bias = mask + bias  # [batch, heads, 1, kv_len]
     grouped = {"enable_gqa": True} if kv_heads != heads and SDPA_GROUPS_HEADS else {}
     if kv_heads != heads and not grouped:  # torch < 2.5: SDPA takes as many key/value heads as query heads
         key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
                                          **grouped).transpose(1, 2)  # [batch, 1, heads, head_dim]
-    for rows, edits, _ in planned:
-        if any(isinstance(e, HeadScale) for e in edits):
+    for rows, edits, plan in planned:
+        if plan is not None and any(isinstance(e, HeadScale) for e in edits):
             out[rows] = scale_heads(out[rows], edits, kv_len)
     return out
 
 
-def _row_mask_bias(attention_mask: Tensor | None, batch: int, heads: int, kv_len: int, sliding_window: int | None,
-                   device: torch.device) -> Tensor:
-    """The last row's additive mask (0 or -inf), [batch, heads, 1, kv_len] fp32, a new tensor to add biases to.
-    No mask at one row: every key is visible (the last row of a causal mask), bar those past a sliding window."""
+def _row_mask(attention_mask: Tensor | None, batch: int, kv_len: int, sliding_window: int | None,
+              device: torch.device) -> Tensor | None:
+    """The last row's additive mask (0 or -inf), [batch or 1, 1, 1, kv_len] fp32; None when every key is visible
+    (no mask at one row is the last row of a causal mask), bar those past a sliding window."""
     if attention_mask is None and (sliding_window is None or kv_len <= sliding_window):
-        return torch.zeros(batch, heads, 1, kv_len, device=device)
-    mask = additive_mask(attention_mask, batch, 1, kv_len, device)  # [batch or 1, 1, 1, kv_len]
-    if sliding_window is not None and (attention_mask is None or attention_mask.dim() == 2):
-        mask = mask.masked_fill(~within_window(1, kv_len, sliding_window, device), float("-inf"))
-    return mask.expand(batch, heads, 1, kv_len).clone()
+        return None
+    return windowed_mask(attention_mask, batch, 1, kv_len, sliding_window, device)
+
+
+def _block_bias(query: Tensor, key: Tensor, scaling: float, plan: KeyBiasPlan | None, kv_len: int) -> Tensor:
+    """One row block's key biases on every key, [rows, heads, 1, kv_len] fp32 (0 off the span of biased keys; all
+    0 for a block without edits). query: [rows, heads, 1, head_dim]; key: [rows, kv_heads, kv_len, head_dim]."""
+    if plan is None or plan.stop == plan.start:
+        return torch.zeros(query.shape[0], query.shape[1], 1, kv_len, device=query.device)
+    delta = _span_delta(query, key[:, :, plan.start:plan.stop], scaling, plan, kv_len)  # [rows, heads or 1, 1, span]
+    return F.pad(delta.expand(*query.shape[:2], 1, -1), (plan.start, kv_len - plan.stop))
 
 
 def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasPlan, kv_len: int) -> Tensor:
-    """delta on the span of biased keys, [batch, heads, 1, span] fp32, from the span's scores z (fp32)."""
+    """delta on the span of biased keys, [batch, heads or 1, 1, span] fp32, from the span's scores z (fp32)."""
     batch, heads, _, head_dim = query.shape
     kv_heads, span = span_keys.shape[1], span_keys.shape[2]
     # query: [batch, heads, 1, head_dim] -> [batch, kv_heads, heads / kv_heads, head_dim]: each key head's queries
     grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    z = torch.matmul(grouped, span_keys.float().transpose(-1, -2)) * scaling  # [batch, kv_heads, group, span]
-    abs_z = z.reshape(batch, heads, 1, span).abs()
+    z = torch.matmul(grouped, span_keys.float().transpose(-1, -2)).mul_(scaling)  # [batch, kv_heads, group, span]
+    abs_z = z.reshape(batch, heads, 1, span).abs_()
     position = kv_len - 1  # the row's position in the sequence
     parts = []
     for term in plan.terms:

@@ -445,9 +445,11 @@ class Session:
             return False
         if self.kernel == "always":
             return True
+        if not query.is_cuda:
+            return False
         from vlmfix.kernels import grouped_decode_backend
 
-        return query.is_cuda and grouped_decode_backend(query.device) == "triton"
+        return grouped_decode_backend(query.device) == "triton"
 
     @property
     def in_extra_pass(self) -> bool:

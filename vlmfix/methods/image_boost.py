@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from vlmfix import validation
-from vlmfix.decoding.edits import KeyBias, additive_mask, attention_scores, fit_rows, key_biased_scores
+from vlmfix.decoding.edits import KeyBias, additive_mask, attention_scores, key_biased_scores, row_mask
 
 FIRST_BOOSTED_LAYER = 2  # PAI leaves the first two language-model layers alone
 
@@ -53,15 +53,14 @@ class GainRecorder:
     from the query, e.g. outside a sliding window), from the observed query and keys.
 
     The boosted scores come from the edits the state serves for the layer, through the edit path's own pre-softmax
-    stage (`key_biased_scores`): the recorded gain is that of the boost applied, rows and steps it skips included.
-    The sums stay on the model's device until `report`."""
+    stage (`key_biased_scores`), and the rows it boosts from the edit path's own `row_mask`: the recorded gain is that
+    of the boost applied, rows and steps it skips included. The sums stay on the model's device until `report`."""
 
     def __init__(self, image: Tensor, state: BoostState) -> None:
         self.image = image  # [batch, seq] bool: the prompt's image tokens
         self.state = state
         self.total: Tensor | None = None  # [batch, seq] fp32 summed gains, on the device of the observed calls
         self.counts: Tensor | None = None  # [batch] boosted (layer, step) calls per row
-        self.first_boosted: Tensor | None = None  # [batch] long: the kv_len from which the newest row is boosted
 
     def observe(self, call: Any, rows_of_prompt: Any) -> None:
         edits = self.state.edits(call.layer_idx)
@@ -73,11 +72,10 @@ class GainRecorder:
             return
         key = rows_of_prompt(call.key)  # [batch, kv_heads, kv_len, head_dim]
         kv_len, device = key.shape[2], query.device
-        if self.total is None or self.counts is None or self.first_boosted is None:
+        if self.total is None or self.counts is None:
             self.image = self.image.to(device)
             self.total = torch.zeros(self.image.shape, dtype=torch.float32, device=device)
             self.counts = torch.zeros(batch, dtype=torch.float32, device=device)
-            self.first_boosted = first_boosted_kv_len(edits[0], batch, device)  # the state's one edit, all layers
         z = attention_scores(query, key, call.scaling, call.softcap)  # [batch, heads, 1, kv_len]
         boosted = key_biased_scores(z, edits)
         mask = call.attention_mask  # None (causal), [batch, kv_len] padding, or [batch or 1, 1, q_len, kv_len]
@@ -91,7 +89,7 @@ class GainRecorder:
         visible = torch.isfinite(mask).expand(batch, 1, 1, kv_len)  # [batch, 1, 1, kv_len]
         ratio = torch.where(visible, boosted_p / plain_p.clamp_min(1e-30), torch.ones_like(boosted_p))
         gain = ratio.mean(dim=1)[:, 0]  # [batch, kv_len]
-        rows = self.first_boosted <= kv_len  # [batch] bool: rows whose newest query the boost edits
+        rows = row_mask(edits[0], batch, 1, kv_len, device)[:, 0]  # [batch] bool: rows whose newest query it edits
         width = min(seq, kv_len)
         self.total[:, :width] += gain[:, :width] * (self.image[:, :width] & rows[:, None])
         self.counts += rows
@@ -103,12 +101,3 @@ class GainRecorder:
         counts, image = self.counts.cpu(), self.image.cpu()
         mean = (self.total.cpu() / counts.clamp_min(1)[:, None]).double()
         return [mean[b][image[b]].tolist() if counts[b] else [] for b in range(image.shape[0])]
-
-
-def first_boosted_kv_len(edit: KeyBias, batch: int, device: torch.device) -> Tensor:
-    """[batch] long: per row, the smallest key count at which `edit` edits a forward's newest query row (which sits
-    at position kv_len - 1): 0 without `from_position` (every step), `from_position + 1` with it. The rows that
-    `row_mask(edit, batch, 1, kv_len, device)` selects, for every kv_len at once."""
-    if edit.from_position is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    return fit_rows(edit.from_position.to(device), batch) + 1
