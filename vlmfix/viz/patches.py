@@ -64,7 +64,7 @@ REFUSED: dict[str, str] = {
     **{family: UNCHECKED for family in (
         "cohere2_vision", "got_ocr2", "video_llama_3", "granite_docling", "hunyuan_vl", "ovis2",
         "gemma4", "fuyu", "granite4_vision", "unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
-        "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25", "apertus1p5", "mistral_large4")},
+        "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25", "apertus1p5", "mistral_large4", "dots3_note")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
                  *RUN_FAMILIES)
