@@ -18,7 +18,9 @@ Prompt (ChatML, image as dots.ocr writes it): `<|im_start|>user\\n<|img|><|imgpa
 
 Edits act inside the attention call, on the query and key tensors of each layer's own head count; a head-output
 scale (VHR) lands before the gate, which scales the same head of the same token by another factor, so the two
-commute, and the gate's input is the layer's input, which no edit touches.
+commute, and the gate's input is the layer's input, which no edit touches. VHR scores a head on its attention
+output, before the gate (as on Step 3.7): the head's gated contribution to the residual stream is not what it
+measures. The prompt layout (frames, template) is dots.ocr's, not checked against a Dots3 Note checkpoint.
 """
 
 from __future__ import annotations
