@@ -66,6 +66,20 @@ def test_a_sliding_cache_is_laid_out_over_the_whole_sequence():
                                (z.softmax(-1) @ v).transpose(1, 2))
 
 
+def test_a_sliding_cache_of_values_wider_than_keys_is_laid_out_too():
+    """MLA layers (Dots3 Note's sliding ones) cache values of another width than keys: each keeps its own width,
+    and attention over the laid-out cache is the attention over the kept keys."""
+    from vlmfix.decoding.attention import uncropped
+
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 8)
+    full_k, full_v, mask = uncropped(k, v, None, 7, 1)
+    assert full_k.shape == (1, 2, 7, 4) and full_v.shape == (1, 2, 7, 8) and torch.equal(full_v[:, :, 4:], v)
+    plain = ((q @ k.transpose(-1, -2)) * 0.5).softmax(-1) @ v  # [1, 2, 1, 8]
+    out = edited_attention(q, full_k, full_v, mask, 0.5, [KeyBias(bias=torch.zeros(1, 1, 7))])
+    torch.testing.assert_close(out, plain.transpose(1, 2))
+
+
 def test_a_top_k_key_selection_restricts_each_query_to_its_keys():
     """A sparse-attention layer's `indices` (each query's kept keys) merged into a bool or an additive mask: the
     edited path attends to exactly the selected, causally visible keys of each query, as a per-query loop does."""

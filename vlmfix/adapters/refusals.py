@@ -94,15 +94,6 @@ REFUSED: dict[str, Refusal] = {
     "Mistral4ForCausalLM": _cannot("a text-only causal LM class (no vision tower or image placeholder); load "
                                    "the multimodal checkpoint with its ...ForConditionalGeneration class"),
     # decoder-only with placeholders: not verified yet
-    "Dots3NoteForConditionalGeneration": _pending(
-        "DeepSeek-V3.2-style indexed sparse attention over MLA latents, its top-k selection passed as `indices` "
-        "to a backend of another name than eager or sdpa (modeling_dots3_note.py:579-604), as Mistral Large 4's, "
-        "which vlmfix's attention merges into the mask; but its sliding-window layers have their own head count "
-        "and latent ranks (per_layer_config: 64 heads against the indexed layers' 128 by default, "
-        "configuration_dots3_note.py:321-338; each attention reads its layer's entry, modeling_dots3_note.py:449), "
-        "which the common adapter's one head count does not describe (Step 3.7 has an adapter of its own for "
-        "this), and a per-head sigmoid gate scales each head's output after attention (:506, :610); an audio "
-        "tower beside the image one (:1578). No tiny build tried yet"),
     "HYV4VLForConditionalGeneration": _pending(
         "learned attention sinks: its eager attention appends one logit per head to the softmax and drops it after "
         "(modeling_hy_v4_vl.py:239-249; eager is its only text backend, :693-696), which vlmfix's edited "

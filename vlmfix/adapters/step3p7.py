@@ -16,37 +16,26 @@ Prompt (ChatML): `<|im_start|>user\\n[<patch_start><im_patch>×n<patch_end>...]<
 {instruction}<|im_end|>\\n<|im_start|>assistant\\n`.
 
 The text config is per-layer (transformers' heterogeneous config): `num_attention_heads` has no single value, so
-`num_heads` reads the global layers' attention modules. Edits act inside the attention call, on each layer's own
-head count; a head-output scale (VHR) lands before the gate, which scales the same head by another factor, so
-the two commute.
+`num_heads` reads the global layers' attention modules (`PerLayerHeadsAdapter`). Edits act inside the attention
+call, on each layer's own head count; a head-output scale (VHR) lands before the gate, which scales the same head
+by another factor, so the two commute.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from vlmfix.adapters.base import Adapter
+from vlmfix.adapters.per_layer_heads import PerLayerHeadsAdapter
 
 CHATML = ("<|im_end|>",)
 
 
 @dataclass(frozen=True)
-class Step3p7Adapter(Adapter):
+class Step3p7Adapter(PerLayerHeadsAdapter):
     family: ClassVar[str] = "step3p7"
     model_classes: ClassVar[tuple[str, ...]] = ("Step3p7ForConditionalGeneration",)
     assistant_markers: ClassVar[tuple[str, ...]] = CHATML
     frame_tokens: ClassVar[tuple[str, ...]] = ("<im_start>", "<im_end>", "<patch_start>", "<patch_end>",
                                                "<patch_newline>")
-
-    def heads_in(self, layer_idx: int) -> int:
-        """Query heads of decoder layer `layer_idx` (sliding and global layers differ)."""
-        attn: Any = self.attn(layer_idx)
-        return int(attn.num_heads)
-
-    @property
-    def num_heads(self) -> int:
-        """Query heads of the global (full-attention) layers, the config's `num_attention_heads`."""
-        layer_types = list(self.text_config.layer_types)
-        first_global = layer_types.index("full_attention") if "full_attention" in layer_types else 0
-        return self.heads_in(first_global)
+    main_layer_type: ClassVar[str] = "full_attention"  # num_heads: the global layers' count

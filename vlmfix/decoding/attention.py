@@ -197,11 +197,12 @@ def uncropped(key: Tensor, value: Tensor, attention_mask: Tensor | None, length:
     """Keys, values and mask of a sliding-window cache (the last kv_len positions of the sequence) laid out over
     the whole sequence of `length` positions: the dropped positions hold zeros and are masked out, so the
     attention is unchanged and key-indexed edits (planned over prompt positions) meet their keys."""
-    # key, value: [batch, kv_heads, kv_len, head_dim] -> [batch, kv_heads, length, head_dim]
-    batch, kv_heads, kv_len, head_dim = key.shape
+    # key, value: [batch, kv_heads, kv_len, head_dim] -> [batch, kv_heads, length, head_dim]; MLA values
+    # (Dots3 Note's sliding layers) are another width than the keys
+    batch, kv_heads, kv_len, _ = key.shape
     missing = length - kv_len
-    pad = key.new_zeros(batch, kv_heads, missing, head_dim)
-    key, value = torch.cat([pad, key], dim=2), torch.cat([pad.to(value.dtype), value], dim=2)
+    key = torch.cat([key.new_zeros(batch, kv_heads, missing, key.shape[-1]), key], dim=2)
+    value = torch.cat([value.new_zeros(batch, kv_heads, missing, value.shape[-1]), value], dim=2)
     if attention_mask is None:
         full = additive_mask(None, 1, q_len, length, key.device)  # [1, 1, q_len, length] causal
         return key, value, full.masked_fill(torch.arange(length, device=key.device) < missing, float("-inf"))

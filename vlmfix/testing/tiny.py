@@ -99,6 +99,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "granite4_vision",
     "deepseek_ocr2",
     "mistral_large4",
+    "dots3_note",
     *TORCHVISION_FAMILIES,
 )
 

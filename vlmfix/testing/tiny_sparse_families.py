@@ -7,7 +7,9 @@ exactly 0. With few indexer heads such exact ties are common, and `torch.topk` b
 position, which left padding shifts: a padded row then keeps other keys than the row alone (measured on a
 2-head build: plain `generate`'s scores of the padded row off by 0.08 to 0.15). The builds below keep the
 family's 32 indexer heads (its config default), where a key scoring 0 on every head is as rare as on the
-real model (the padded row's scores then match the row alone to 1e-7).
+real model (the padded row's scores then match the row alone to 1e-7). Dots3 Note's indexed layers are the
+same indexer (64 heads on the checkpoint); its build keeps 32 too, measured the same way: a row left-padded by 6
+tokens off by 0.006 in plain `generate`'s first scores with 2 indexer heads, to 1e-7 with 32.
 
 vlmfix merges the selection into the mask (`vlmfix.decoding.attention.with_selected_keys`), so its edits act
 on each query's selected keys only: a key the indexer dropped stays out of every method's reach.
@@ -19,11 +21,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixi
 
 from vlmfix.testing.tiny import WORDS, word_tokenizer
 from vlmfix.testing.tiny_families import (
+    CHATML_SPECIALS,
     MISTRAL_SPECIALS,
     MISTRAL_TEMPLATE,
     Builder,
     PixtralLayoutProcessor,
     Shape,
+    chatml_template,
+    chatml_tokenizer,
+    image_only,
     token_ids,
 )
 
@@ -67,8 +73,64 @@ def build_mistral_large4(shape: Shape, *, index_topk: int = 8) -> tuple[PreTrain
     return model, PixtralLayoutProcessor(image_processor, tokenizer, token_patch=16, chat_template=MISTRAL_TEMPLATE)
 
 
+# Dots3 Note's image tokens; frames and template as dots.ocr writes them (not checked against a Dots3 checkpoint)
+DOTS3_TOKENS = ("<|img|>", "<|imgpad|>", "<|endofimg|>", "<|video_pad|>", "<|audio_comp_pad|>")
+
+
+def build_dots3_note(shape: Shape, *, index_topk: int = 8, sliding_window: int = 16) -> tuple[PreTrainedModel,
+                                                                                               ProcessorMixin]:
+    """Dots3 Note: a Qwen2-VL-style vision tower (8-pixel patches, 2x2 merge, one MoE block) with a DeepSeek-V3.2-
+    style language model in which the family's layer pattern mixes indexed layers (layers 0, 1: MLA latents, an
+    indexer keeping each query's top `index_topk` keys) with sliding-window MLA layers of their own head count
+    and latent ranks (per_layer_config: half the heads, as 64 against 128 on the real model), each head's output
+    scaled by a sigmoid gate; MoE layers after the first; a one-layer audio tower beside the vision one, unused."""
+    from transformers import (
+        Dots3NoteConfig,
+        Dots3NoteFeatureExtractor,
+        Dots3NoteForConditionalGeneration,
+        Dots3NoteProcessor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*DOTS3_TOKENS)
+    ids = token_ids(tokenizer, (*CHATML_SPECIALS, *DOTS3_TOKENS))
+    hidden = shape.hidden
+    sliding_heads = max(1, shape.heads // 2)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+        shared_experts_intermediate_size=hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32,
+        kv_lora_rank=16, qk_rope_head_dim=shape.head_dim // 2, qk_nope_head_dim=shape.head_dim // 2,
+        v_head_dim=shape.head_dim, head_dim=shape.head_dim, index_topk=index_topk, index_head_dim=8,
+        index_n_heads=INDEXER_HEADS, max_position_embeddings=2048, sliding_window=sliding_window,
+        # the sliding layers' own shape (the checkpoint's swa_* aliases, normalised into per_layer_config)
+        swa_num_attention_heads=sliding_heads, swa_num_key_value_heads=sliding_heads, swa_q_lora_rank=24,
+        swa_kv_lora_rank=24, swa_head_dim=shape.head_dim, swa_qk_nope_head_dim=shape.head_dim // 2,
+        swa_v_head_dim=2 * shape.head_dim, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                  spatial_merge_size=2, adapter_in_dim=32, adapter_out_dim=hidden, adapter_merge_size=2,
+                  pyramid_num_routed=[-1, 4], moe_intermediate_size=32, num_experts_per_tok=2)
+    audio = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, feature_size=16,
+                 downsample_hidden_size=8, adapter_input_size=32, adapter_out_dim=hidden)
+    config = Dots3NoteConfig(text_config=text, vision_config=vision, audio_config=audio,
+                             image_token_id=ids["<|imgpad|>"], video_token_id=ids["<|video_pad|>"],
+                             audio_token_id=ids["<|audio_comp_pad|>"])
+    model = Dots3NoteForConditionalGeneration(config)
+    # one frame a patch: the tower's patch embedding is 2-D (no temporal patch)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                               temporal_patch_size=1)
+    # the audio feature extractor at the tiny tower's 16 mel bins (unused: the prompts carry no audio)
+    processor = image_only(Dots3NoteProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                               feature_extractor=Dots3NoteFeatureExtractor(feature_size=16),
+                                               chat_template=chatml_template("<|img|><|imgpad|><|endofimg|>"))
+    return model, processor
+
+
 NESTED_IMAGES: frozenset[str] = frozenset()
 
 BUILDERS: dict[str, Builder] = {
     "mistral_large4": build_mistral_large4,
+    "dots3_note": build_dots3_note,
 }
