@@ -18,6 +18,7 @@ from vlmfix.testing import conformance as suite
 from vlmfix.testing.tiny import random_image
 
 from .conftest import PlannedEdits
+from .reference_decoding import reference_abar
 
 torchvision = pytest.mark.torchvision
 
@@ -122,10 +123,9 @@ def test_apertus1p5_vcd_noises_each_padded_image_at_its_own_size():
     assert batch["pixel_values"].shape[-2:] == (64, 64) and alone["pixel_values"].shape[-2:] == (48, 48)
     noised = add_diffusion_noise(batch["pixel_values"], 500, 3, extents=adapter.pixel_extents(batch))
     noised_alone = add_diffusion_noise(alone["pixel_values"], 500, 3, extents=adapter.pixel_extents(alone))
-    # reference, from VCD's schedule written out: abar_500 of beta = sigmoid(linspace(-6, 6, 1000)) * (5e-3 - 1e-5)
-    # + 1e-5, and eps ~ N(0, I) from a CPU generator seeded 3, at the image's own [3, 48, 48]
-    betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
-    abar = torch.prod(1 - betas[:501]).item()
+    # reference, from VCD's schedule written out (reference_abar), and eps ~ N(0, I) from a CPU generator seeded 3,
+    # at the image's own [3, 48, 48]
+    abar = reference_abar(500)
     eps = torch.randn((3, 48, 48), generator=torch.Generator().manual_seed(3))
     first = batch["pixel_values"][0]
     expected = abar ** 0.5 * first[:, :48, :48] + (1 - abar) ** 0.5 * eps

@@ -18,8 +18,9 @@ from vlmfix.testing import conformance as suite
 from vlmfix.testing.tiny import random_image
 
 from .conftest import tiny_model
+from .reference_decoding import reference_noise
 
-QUESTIONS = ("Describe this image in detail .", "is there a dog ?")
+QUESTIONS = suite.QUESTIONS
 # the tiny build's view: 96 pixels in 2-pixel SAM patches, downsampled 4 times a side by the neck's convolutions
 VIEW_TOKENS = (96 // 2 // 4) ** 2  # 144: the model's smaller query table
 SIDES = (200, 64)  # row 0: a square larger than a tile (the processor's 2x2 grid of tiles); row 1: one view
@@ -60,16 +61,6 @@ def test_a_tiled_row_and_a_plain_row_decode_as_alone(method, tmp_path):
         assert suite.new_tokens(tiny, together, batch, row) == suite.new_tokens(tiny, alone, alone_inputs, 0)
 
 
-def noised_views(views: torch.Tensor, t: int, seed: int) -> torch.Tensor:
-    """VCD's noise from its spec, [views, C, H, W]: sqrt(abar_t) x + sqrt(1 - abar_t) eps, each view's eps drawn by a
-    fresh CPU generator seeded `seed`; abar_t = prod_{s<=t} (1 - beta_s), beta = sigmoid(linspace(-6, 6, 1000)) *
-    (5e-3 - 1e-5) + 1e-5. (tests/test_vcd.py checks the library's noise against the same formula.)"""
-    betas = [1 / (1 + math.exp(6 - 12 * s / 999)) * (5e-3 - 1e-5) + 1e-5 for s in range(t + 1)]
-    abar = math.prod(1 - beta for beta in betas)
-    eps = torch.stack([torch.randn(view.shape, generator=torch.Generator().manual_seed(seed)) for view in views])
-    return math.sqrt(abar) * views + math.sqrt(1 - abar) * eps
-
-
 def last_logits(tiny: TinyVLM, inputs: dict[str, Any], tokens: torch.Tensor, pixels: dict[str, torch.Tensor]
                 ) -> torch.Tensor:
     """[batch, vocab] the plain model's next-token logits after the prompt and `tokens`, one forward without a cache,
@@ -91,7 +82,7 @@ def test_vcd_noises_the_tiles_with_the_global_view():
     out = vlmfix.generate(tiny.model, **inputs, methods=[VCD(alpha=1.0, beta=0.1, noise_step=700, noise_seed=3)],
                           max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_logits=True)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    noised = {key: noised_views(inputs[key], 700, 3) for key in ("pixel_values", "pixel_values_local")}
+    noised = {key: reference_noise(inputs[key], 700, 3) for key in ("pixel_values", "pixel_values_local")}
     views = {key: inputs[key] for key in noised}
     for step, got in enumerate(out.logits):
         clean, noisy = (last_logits(tiny, inputs, tokens[:, :step], pixels) for pixels in (views, noised))

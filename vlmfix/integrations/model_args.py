@@ -184,7 +184,7 @@ def generation_settings(gen_kwargs: dict[str, Any]) -> GenerationSettings:
         kwargs.update(temperature=temperature, top_p=1.0 if top_p is None else number(top_p, "top_p", low=0,
                                                                                           high=1, low_open=True))
         if top_k is not None:
-            kwargs["top_k"] = int(top_k)
+            kwargs["top_k"] = top_k
     until = gen_kwargs.get("until") or []
     stops = (until,) if isinstance(until, str) else tuple(until)
     for stop in stops:

@@ -475,6 +475,9 @@ def _granite_docling_row(config: Any, b: int, runs: Sequence[tuple[int, int]], n
             tile_runs = []
             continue
         if name == "<row_1_col_1>" and tile_runs:  # the pending image was one tile, with no global image
+            if len(tile_runs) > 1:
+                raise ValueError(f"row {b}'s granite_docling image has {len(tile_runs)} tiles but no global image "
+                                 f"run.")
             whole_image(tile_runs[0][0])
             tile_runs = []
         tile_runs.append((start, name))
