@@ -87,3 +87,18 @@ def test_the_tiny_prompt_reaches_past_the_top_k_and_the_window():
     selected = tiny.model.generate(**inputs, **GREEDY_STEP).scores[0]
     unselected = every_key.model.generate(**inputs, **GREEDY_STEP).scores[0]
     assert (selected - unselected).abs().max() > 1e-3
+
+
+def test_an_edited_decode_step_with_values_wider_than_keys_leaves_the_kernel_path():
+    """MLA values are wider than keys, which the grouped decode kernels do not take: with kernel="always", PAI's
+    decode steps fall back to the SDPA path and give the tokens and scores of kernel="never" (it raised before)."""
+    from vlmfix.methods.pai import PAI
+
+    tiny = build_tiny("dots3_note")
+    inputs = tiny.inputs(list(suite.QUESTIONS))
+    runs = {mode: vlmfix.generate(tiny.model, **inputs, methods=[PAI(cfg=False)], kernel=mode, max_new_tokens=3,
+                                  do_sample=False, output_scores=True, return_dict_in_generate=True)
+            for mode in ("always", "never")}
+    assert torch.equal(runs["always"].sequences, runs["never"].sequences)
+    for always, never in zip(runs["always"].scores, runs["never"].scores):
+        torch.testing.assert_close(always, never)

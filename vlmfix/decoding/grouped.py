@@ -253,7 +253,7 @@ def grouped_decode_output(
     from vlmfix.kernels import grouped_decode_attention
 
     batch, heads, q_len, head_dim = query.shape
-    if q_len != 1:
+    if q_len != 1 or value.shape != key.shape:  # the kernels take values as wide as keys (not MLA's)
         return None
     kv_len = key.shape[2]
     scaling = head_dim**-0.5 if scaling is None else scaling

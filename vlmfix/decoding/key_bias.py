@@ -177,7 +177,7 @@ def key_bias_blocks_output(
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
                                          **grouped).transpose(1, 2)  # [batch, 1, heads, head_dim]
     for rows, edits, plan in planned:
-        if plan is not None and any(isinstance(e, HeadScale) for e in edits):
+        if any(isinstance(e, HeadScale) for e in edits):
             out[rows] = scale_heads(out[rows], edits, kv_len)
     return out
 
@@ -204,10 +204,13 @@ def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasP
     """delta on the span of biased keys, [batch, heads or 1, 1, span] fp32, from the span's scores z (fp32)."""
     batch, heads, _, head_dim = query.shape
     kv_heads, span = span_keys.shape[1], span_keys.shape[2]
-    # query: [batch, heads, 1, head_dim] -> [batch, kv_heads, heads / kv_heads, head_dim]: each key head's queries
-    grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    z = torch.matmul(grouped, span_keys.float().transpose(-1, -2)).mul_(scaling)  # [batch, kv_heads, group, span]
-    abs_z = z.reshape(batch, heads, 1, span).abs_()
+    if not any(term.gain is not None for term in plan.terms):  # bias-only edits (SID's) need no scores
+        abs_z = torch.zeros(batch, heads, 1, span, device=query.device)
+    else:
+        # query: [batch, heads, 1, head_dim] -> [batch, kv_heads, heads / kv_heads, head_dim]: each key head's queries
+        grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
+        z = torch.matmul(grouped, span_keys.float().transpose(-1, -2)).mul_(scaling)  # [batch, kv_heads, group, span]
+        abs_z = z.reshape(batch, heads, 1, span).abs_()
     position = kv_len - 1  # the row's position in the sequence
     parts = []
     for term in plan.terms:
