@@ -176,7 +176,7 @@ def key_bias_blocks_output(
         key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
                                          **grouped).transpose(1, 2)  # [batch, 1, heads, head_dim]
-    for rows, edits, plan in planned:
+    for rows, edits, _ in planned:
         if any(isinstance(e, HeadScale) for e in edits):
             out[rows] = scale_heads(out[rows], edits, kv_len)
     return out
