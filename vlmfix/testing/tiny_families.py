@@ -542,17 +542,23 @@ class PixtralLayoutProcessor(ProcessorMixin):
         return BatchFeature({**encoded, **pixels})
 
 
-def build_mistral3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Mistral 3: Pixtral vision (2-D RoPE), a 2x2 patch merger in the projector, Mistral."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
-    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
-
+def mistral_tokenizer() -> PreTrainedTokenizerFast:
+    """Mistral 3's word tokenizer: its specials, and [INST] / [/INST] and Pixtral's image tokens as special tokens."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=word_tokenizer(MISTRAL_SPECIALS, WORDS), bos_token="<s>", eos_token="</s>",
         unk_token="<unk>", pad_token="<pad>", padding_side="left",
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]",
                                                                 "[IMG_END]"]})
+    return tokenizer
+
+
+def build_mistral3(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Mistral 3: Pixtral vision (2-D RoPE), a 2x2 patch merger in the projector, Mistral."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = mistral_tokenizer()
     ids = token_ids(tokenizer, MISTRAL_SPECIALS)
     text = shape.text(len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"], bos_token_id=ids["<s>"])
     config = Mistral3Config(

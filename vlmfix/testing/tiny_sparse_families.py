@@ -17,9 +17,8 @@ on each query's selected keys only: a key the indexer dropped stays out of every
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin
 
-from vlmfix.testing.tiny import WORDS, word_tokenizer
 from vlmfix.testing.tiny_families import (
     CHATML_SPECIALS,
     MISTRAL_SPECIALS,
@@ -30,6 +29,7 @@ from vlmfix.testing.tiny_families import (
     chatml_template,
     chatml_tokenizer,
     image_only,
+    mistral_tokenizer,
     token_ids,
 )
 
@@ -45,12 +45,7 @@ def build_mistral_large4(shape: Shape, *, index_topk: int = 8) -> tuple[PreTrain
     from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_tokenizer(MISTRAL_SPECIALS, WORDS), bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", pad_token="<pad>", padding_side="left",
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]",
-                                                                "[IMG_END]"]})
+    tokenizer = mistral_tokenizer()
     ids = token_ids(tokenizer, MISTRAL_SPECIALS)
     sources = list(range(shape.layers))
     sources[2] = 1  # layer 2 reads layer 1's latents
