@@ -8,7 +8,7 @@ blocks (e.g. [image rows; the same prompts without their image]) into one forwar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,20 @@ def patch_grids(position_ids: Tensor) -> list[list[int]]:
     real = (position_ids >= 0).all(-1, keepdim=True)  # [images, patches, 1]
     extent = torch.where(real, position_ids, -1).amax(1) + 1  # [images, 2]: (cols, rows)
     return [[int(rows), int(cols)] for cols, rows in extent.tolist()]
+
+
+def image_layout(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The image inputs that place image tokens on patch grids, as lists: `image_sizes`, `image_grid_thw`,
+    `image_merge_sizes`, and Gemma 4's `image_position_ids` [images, patches, 2] as `image_patch_grids`."""
+    found: dict[str, Any] = {}
+    for key in ("image_sizes", "image_grid_thw", "image_merge_sizes"):
+        value = inputs.get(key)
+        if value is not None:
+            found[key] = value.tolist() if hasattr(value, "tolist") else value
+    positions = inputs.get("image_position_ids")
+    if isinstance(positions, Tensor) and positions.dim() == 3:
+        found["image_patch_grids"] = patch_grids(positions)
+    return found
 
 
 def padding_mask(attention_mask: Tensor | dict[str, Tensor] | None, input_ids: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ from vlmfix.decoding.edits import Edit
 from vlmfix.decoding.grouped import KeyGroupCache
 from vlmfix.decoding.key_bias import KeyBiasPlans
 from vlmfix.decoding.method import METHODS, Method
-from vlmfix.decoding.prompt_inputs import IMAGE_KEYS, padding_mask, patch_grids, without_loop_keys
+from vlmfix.decoding.prompt_inputs import IMAGE_KEYS, image_layout, padding_mask, without_loop_keys
 from vlmfix.errors import MissingImageError, SessionError, SpanError
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
@@ -287,16 +287,7 @@ class Session:
 
     def _image_layout_inputs(self, inputs: dict[str, Any], batch: int) -> dict[str, Any]:
         """The image inputs that place image tokens on patch grids, as lists, and the rows per caller prompt."""
-        found: dict[str, Any] = {}
-        for key in ("image_sizes", "image_grid_thw", "image_merge_sizes"):
-            value = self.call_inputs.get(key)
-            value = value if value is not None else inputs.get(key)
-            if isinstance(value, Tensor):
-                found[key] = value.tolist()
-        positions = self.call_inputs.get("image_position_ids")
-        positions = positions if positions is not None else inputs.get("image_position_ids")
-        if isinstance(positions, Tensor) and positions.dim() == 3:  # Gemma 4: [images, patches, 2]
-            found["image_patch_grids"] = patch_grids(positions)
+        found = image_layout({**inputs, **{k: v for k, v in self.call_inputs.items() if v is not None}})
         caller = self.call_inputs.get("input_ids")
         callers = caller.shape[0] if isinstance(caller, Tensor) and caller.dim() == 2 else batch
         found["rows_per_prompt"] = batch // callers if callers and batch % callers == 0 else 1

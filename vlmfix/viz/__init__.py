@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from vlmfix.decoding.prompt_inputs import patch_grids
+from vlmfix.decoding.prompt_inputs import image_layout
 from vlmfix.viz.panels import HeadMap, ImageMap, TokenTrace, head_maps, image_maps, token_traces
 from vlmfix.viz.patches import RowLayout, TokenGrid, row_layouts
 
@@ -80,13 +79,7 @@ def plot(session: Any, row: int = 0, images: Any = None, inputs: Mapping[str, An
     """
     tokenizer = getattr(session, "tokenizer", None)
     prompt = dict(session.prompt_record())
-    for key in ("image_sizes", "image_grid_thw", "image_merge_sizes"):
-        value = (inputs or {}).get(key)
-        if value is not None:
-            prompt[key] = value.tolist() if hasattr(value, "tolist") else value
-    positions = (inputs or {}).get("image_position_ids")
-    if isinstance(positions, torch.Tensor) and positions.dim() == 3:  # Gemma 4's patch coordinates
-        prompt["image_patch_grids"] = patch_grids(positions)
+    prompt.update(image_layout(inputs or {}))
     return plot_report(session.report(), prompt, session.model.config, row=row, images=images,
                        tokenizer=tokenizer, **options)
 
