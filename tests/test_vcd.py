@@ -10,6 +10,7 @@ import torch
 import vlmfix
 from vlmfix.decoding.edits import KeyBias
 from vlmfix.methods.vcd import VCD, add_diffusion_noise, noise_schedule
+from vlmfix.testing import TinyVLM
 
 from .conftest import PlannedEdits, tiny_model
 from .reference_decoding import reference_abar, reference_noise
@@ -98,6 +99,67 @@ def test_scores_equal_two_single_stream_runs():
         assert torch.equal(got.argmax(-1), tokens[:, step])
 
 
+def sam_inputs(tiny: TinyVLM) -> list[torch.Tensor]:
+    """A list that fills with each `pixel_values` [images, 3, 64, 64] DeepSeek-VL hybrid's SAM tower runs on."""
+    seen: list[torch.Tensor] = []
+    tower = tiny.model.model.high_res_vision_model
+    tower.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["pixel_values"].clone()),
+                                    with_kwargs=True)
+    return seen
+
+
+def test_vcd_noises_both_towers_of_deepseek_vl_hybrid():
+    """DeepSeek-VL hybrid reads each image twice: SigLIP `pixel_values` (32 pixels) and SAM `high_res_pixel_values`
+    (64). The negative stream's SAM tower sees the high-res copy noised by the seed rule of pixel_values (its own eps
+    at its own size), and VCD's greedy scores equal (1 + a) l(clean) - a l(noised) from two no-cache forwards with
+    both copies noised; noising pixel_values alone gives other scores, so a clean high-res copy would show."""
+    tiny = tiny_model("deepseek_vl_hybrid")
+    inputs = tiny.inputs(QUESTIONS)
+    before = {k: v.clone() for k, v in inputs.items()}
+    seen = sam_inputs(tiny)
+    with vlmfix.apply(tiny.model, VCD(alpha=1.0, beta=0.1, noise_step=700, noise_seed=3)) as session:
+        out = session.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                               output_logits=True)
+        assert session.report()["vcd"]["noised"] == ["high_res_pixel_values", "pixel_values"]
+    views = ("pixel_values", "high_res_pixel_values")
+    clean = {key: inputs[key] for key in views}
+    noised = {key: reference_noise(inputs[key], 700, 3) for key in views}
+    assert len(seen) == 2  # generate encodes the clean images, the engine the noised ones, once each
+    assert torch.equal(seen[0], clean["high_res_pixel_values"])
+    torch.testing.assert_close(seen[1], noised["high_res_pixel_values"], atol=1e-6, rtol=1e-6)
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    for step, got in enumerate(out.logits):
+        ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            plain, noisy, low_res_only = (
+                tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions, **pixels).logits[:, -1]
+                for pixels in (clean, noised, {**clean, "pixel_values": noised["pixel_values"]})
+            )
+        assert (noisy - low_res_only).abs().max() > 1e-3  # the high-res copy's noise changes the scores
+        want = 2 * plain - noisy
+        want[plain < plain.max(-1, keepdim=True).values + math.log(0.1)] = float("-inf")
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got[~torch.isinf(want)], want[~torch.isinf(want)], atol=1e-4, rtol=1e-4)
+    for key, value in before.items():
+        assert torch.equal(inputs[key], value)
+
+
+def test_pixel_space_noise_of_the_high_res_copy_uses_its_own_normalisation():
+    """noise_space='pixel': the high-res copy is un-normalised with high_res_image_mean / std (not image_mean / std),
+    noised in [0, 1] pixels and normalised again."""
+    tiny = tiny_model("deepseek_vl_hybrid")
+    inputs = tiny.inputs(QUESTIONS)
+    seen = sam_inputs(tiny)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    method = VCD(noise_space="pixel", noise_step=600, noise_seed=1, high_res_image_mean=mean, high_res_image_std=std)
+    vlmfix.generate(tiny.model, **inputs, methods=[method], max_new_tokens=1, do_sample=False)
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    raw = inputs["high_res_pixel_values"] * s + m
+    torch.testing.assert_close(seen[-1], (reference_noise(raw, 600, 1) - m) / s, atol=1e-5, rtol=1e-5)
+
+
 def test_greedy_applies_the_contrast():
     """Regression for the official code, where greedy silently skipped VCD."""
     tiny = tiny_model("qwen2_vl")
@@ -147,6 +209,9 @@ def test_registry_and_validation():
         VCD(noise_step=1000)
     with pytest.raises(ValueError, match="`noise_space` must be one of 'normalized', 'pixel'"):
         VCD(noise_space="latent")
+    with pytest.raises(ValueError, match=r"`high_res_image_std\[1\]` must be a finite number > 0, got 0"):
+        VCD(high_res_image_std=(0.2, 0, 0.3))
+    assert VCD(image_mean=(0.5, 0.5, 0.5)).high_res_image_mean == (0.5, 0.5, 0.5)  # None: the same normalisation
     tiny = tiny_model("llava")
     with pytest.raises(vlmfix.SessionError, match="VCD is a two-stream method: call session.generate"):
         with vlmfix.apply(tiny.model, VCD()):

@@ -27,6 +27,9 @@ NoiseSpace = Literal["normalized", "pixel"]
 # more views of the same images, normalised as `pixel_values` (DeepSeek-OCR-2's and Step 3.7's local tiles,
 # [tiles, C, H, W]): noised with them, so no view of the negative stream's image stays clean
 MORE_VIEWS = ("pixel_values_local",)
+# second copies of the images for a second vision tower, normalised on their own (DeepSeek-VL hybrid's SAM input,
+# [images, C, H, W] at a higher resolution): noised too, each with its own eps at its own size (VCD's docstring)
+HIGH_RES_VIEWS = ("high_res_pixel_values",)
 
 
 def noise_schedule(steps: int = DIFFUSION_STEPS) -> Tensor:
@@ -135,11 +138,26 @@ class VCD(ContrastiveMethod):
         noise_space ("normalized" | "pixel", default "normalized"): noise the processor's normalised
             tensor (as the official code) or the [0, 1] pixels (then `image_mean` / `image_std`).
         image_mean, image_std (3 floats, default CLIP's): the processor's normalisation, for "pixel".
+        high_res_image_mean, high_res_image_std (3 floats | None, default None = image_mean, image_std): the
+            normalisation of a second tower's copy of the images (DeepSeek-VL hybrid's `high_res_pixel_values`;
+            the processor's `high_res_image_mean` / `high_res_image_std`), for "pixel".
+
+    Every copy of the image that the model reads is noised: `pixel_values`, local tiles (`pixel_values_local`)
+    and a second tower's high-resolution copy (`high_res_pixel_values`), each at step `noise_step` with the same
+    seed rule (a fresh generator seeded `noise_seed` per image). A high-resolution copy gets its own eps drawn at
+    its own size, not the low-resolution eps resized: resizing white noise changes its variance (averaging pixels
+    shrinks it), so a resized copy would not sit at step t of the schedule, and the towers normalise differently.
+    Both draws start from the same seed, so the larger eps opens with the smaller one's numbers, laid on pixels
+    that do not correspond (other rows and channels): no spatial pattern is shared. `report()["noised"]` lists
+    the inputs noised.
 
     Paper: Leng et al., "Mitigating Object Hallucinations in Large Vision-Language Models through Visual
     Contrastive Decoding", CVPR 2024, arXiv 2311.16922, Sec. 3 (Eq. 3-5: contrast and plausibility).
     Departs from the official code: greedy and beams apply the contrast too (the code only patched
-    sampling), the noise is seeded, and the negative stream keeps its own cache rows in the same batch.
+    sampling), the noise is seeded, and the negative stream keeps its own cache rows in the same batch. The
+    official code noises LLaVA's one normalised tensor; with two towers, vlmfix noises each tower's tensor alike
+    but separately (the towers' noises are unrelated, where noise on the picture before preprocessing would
+    reach both towers as one pattern).
 
     Example (toy model):
         >>> import vlmfix, vlmfix.toy
@@ -159,6 +177,8 @@ class VCD(ContrastiveMethod):
         noise_space: NoiseSpace = "normalized",
         image_mean: tuple[float, float, float] = CLIP_MEAN,
         image_std: tuple[float, float, float] = CLIP_STD,
+        high_res_image_mean: tuple[float, float, float] | None = None,
+        high_res_image_std: tuple[float, float, float] | None = None,
     ) -> None:
         self.alpha = check_alpha(alpha)
         self.beta = check_beta(beta, "beta")
@@ -176,6 +196,12 @@ class VCD(ContrastiveMethod):
                                               what="per-channel floats", meaning="the processor's image_mean")
         self.image_std = validation.sequence(image_std, "image_std", channel(True), length=3,
                                              what="per-channel floats > 0", meaning="the processor's image_std")
+        self.high_res_image_mean = self.image_mean if high_res_image_mean is None else validation.sequence(
+            high_res_image_mean, "high_res_image_mean", channel(False), length=3, what="per-channel floats",
+            meaning="the processor's high_res_image_mean, or None for image_mean")
+        self.high_res_image_std = self.image_std if high_res_image_std is None else validation.sequence(
+            high_res_image_std, "high_res_image_std", channel(True), length=3, what="per-channel floats > 0",
+            meaning="the processor's high_res_image_std, or None for image_std")
 
     def prepare(self, session: Session) -> VCDState:
         require_engine(session, self)
@@ -194,10 +220,15 @@ class VCD(ContrastiveMethod):
         extents = session.adapter.pixel_extents(inputs)
         noised = {key: add_diffusion_noise(inputs[key], self.noise_step, self.noise_seed,
                                            image_grid_thw=grid if key == "pixel_values" else None,
-                                           noise_space=self.noise_space, mean=self.image_mean, std=self.image_std,
+                                           noise_space=self.noise_space, mean=mean, std=std,
                                            extents=extents if key == "pixel_values" else None)
-                  for key in ("pixel_values", *MORE_VIEWS) if inputs.get(key) is not None}
+                  for key, (mean, std) in self._normalisations().items() if inputs.get(key) is not None}
         return VCDState(noised)
+
+    def _normalisations(self) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+        """(mean, std) of each image input VCD noises, by input key."""
+        views = {key: (self.image_mean, self.image_std) for key in ("pixel_values", *MORE_VIEWS)}
+        return {**views, **{key: (self.high_res_image_mean, self.high_res_image_std) for key in HIGH_RES_VIEWS}}
 
     def negative_inputs(self, session: Session, state: VCDState) -> dict[str, Any]:
         return {**session.inputs, **state.noised}
@@ -207,4 +238,4 @@ class VCD(ContrastiveMethod):
 
     def report(self, state: VCDState) -> dict[str, Any]:
         abar = float(noise_schedule()[self.noise_step])
-        return {"clean_weight": math.sqrt(abar), "noise_weight": math.sqrt(1 - abar)}
+        return {"clean_weight": math.sqrt(abar), "noise_weight": math.sqrt(1 - abar), "noised": sorted(state.noised)}

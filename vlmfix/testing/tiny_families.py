@@ -699,7 +699,7 @@ def deepseek_text(shape: Shape) -> tuple[PreTrainedTokenizerFast, dict[str, int]
 
 
 # SAM configs' initializer_range defaults to 1e-10, which leaves random weights near zero: no image would change the
-# features (GOT-OCR 2, Unlimited OCR, DeepSeek-OCR-2)
+# features (GOT-OCR 2, Unlimited OCR, DeepSeek-OCR-2, DeepSeek-VL hybrid's high-res tower)
 SAM_INIT = 0.02
 
 DEEPSEEK_OCR_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image>", "User",
@@ -1432,7 +1432,7 @@ def build_deepseek_vl_hybrid(shape: Shape) -> tuple[PreTrainedModel, ProcessorMi
     tokenizer, ids, text = deepseek_text(shape)
     sam = dict(model_type="sam_vision_model", hidden_size=32, output_channels=16, num_hidden_layers=2,
                num_attention_heads=4, mlp_dim=64, image_size=64, patch_size=16, global_attn_indexes=[1],
-               window_size=2)
+               window_size=2, initializer_range=SAM_INIT)
     config = DeepseekVLHybridConfig(vision_config=siglip_config(), high_res_vision_config=sam,
                                     text_config=dict(model_type="llama", **text),
                                     image_token_id=ids["<image_placeholder>"], tie_word_embeddings=False)
