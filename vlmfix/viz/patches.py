@@ -211,12 +211,15 @@ def _llava_next_image(config: Any, image: int, start: int, size: Sequence[int],
         if ratio > 1.1:  # OneVision interpolates the unpadded tiles down to this grid
             rows, cols = int(rows // ratio), int(cols // ratio)
     base = TokenGrid(image, "base", _square(side, start))
-    first = start + side * side
-    # each grid row: cols tile tokens, then one newline token
-    row_starts = first + np.arange(rows)[:, None] * (cols + 1)
-    tiles = TokenGrid(image, "tiles", row_starts + np.arange(cols)[None, :])
-    newlines = first + np.arange(rows) * (cols + 1) + cols
+    tiles, newlines = _rows_with_newlines(image, "tiles", start + side * side, rows, cols)
     return [base, tiles], {image: newlines}, side * side + rows * (cols + 1)
+
+
+def _rows_with_newlines(image: int, kind: str, first: int, rows: int, cols: int) -> tuple[TokenGrid, np.ndarray]:
+    """A [rows, cols] grid of tokens from index `first` on where each row is followed by one newline token (LLaVA-NeXT's
+    tiles, HunyuanOCR's merged patches): the grid and the newline tokens' indices [rows]."""
+    row_starts = first + np.arange(rows)[:, None] * (cols + 1)  # [rows, 1]
+    return TokenGrid(image, kind, row_starts + np.arange(cols)[None, :]), row_starts[:, 0] + cols
 
 
 def _onevision_max_tiles(config: Any) -> int:
@@ -244,9 +247,7 @@ def _hunyuan_image(config: Any, image: int, start: int, thw: Sequence[int]
     _, h, w = (int(x) for x in thw)  # one temporal slice: the merger reshapes each image's patches to (h, w)
     rows, cols = h // merge, w // merge
     first = start + 1  # after the begin token
-    row_starts = first + np.arange(rows)[:, None] * (cols + 1)
-    grid = TokenGrid(image, "merged", row_starts + np.arange(cols)[None, :])
-    newlines = first + np.arange(rows) * (cols + 1) + cols
+    grid, newlines = _rows_with_newlines(image, "merged", first, rows, cols)
     return [grid], {image: newlines}, [start, first + rows * (cols + 1)], rows * (cols + 1) + 2
 
 
