@@ -48,6 +48,8 @@ CONSTRUCTOR_CASES: list[tuple[Callable[[], Any], str]] = [
     (lambda: VCD(noise_step=500.0), r"`noise_step` must be an int in \[0, 1000\), got 500.0 \(a float\)"),
     (lambda: VCD(beta="0.1"), r"`beta` must be None or a finite number in \(0, 1\], got '0.1'"),
     (lambda: VCD(noise_space="raw"), r"`noise_space` must be one of 'normalized', 'pixel', got 'raw'"),
+    (lambda: VCD(high_res_image_std=(0.2, 0, 0.2)), r"`high_res_image_std\[1\]` must be a finite number > 0, got 0"),
+    (lambda: VCD(high_res_image_mean=0.5), r"`high_res_image_mean` must be a list of 3 per-channel floats, got 0.5"),
     (lambda: DCD(checkpoints=42), r"`checkpoints` must be a path \(str or Path\) or None, got 42 \(an int\)"),
     (lambda: DCD("out", alpha=math.inf), r"`alpha` must be a finite number >= 0, got inf"),
     (lambda: DCD("out", variant="both"), r"`variant` must be one of 'pos\+neg', 'neg_only', 'pos_only'"),
