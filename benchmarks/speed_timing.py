@@ -4,10 +4,13 @@ check that each method edited something.
 One run of a variant is one `generate` call of `n` new tokens (the whole batch). Two clocks read it:
 - decode: a streamer's timestamps, (time of token N - time of token 1) / (N - 1): the cost of one decode
   step, without prefill and the methods' prepare passes;
+- fastest step: the shortest single decode step over all of a variant's runs. Load from other processes
+  only ever adds time, so the fastest step is the figure least moved by it (the reason `timeit` reports
+  minima); on a shared machine its ratio is the one to read, the median's beside it shows the spread;
 - wall: `time.perf_counter()` around the whole call (entering the session, spans, every prepare pass,
   prefill, decode, leaving the session), after a CUDA synchronize: what a user pays for the call.
-Variants run interleaved (A B C A B C ...) and each clock keeps its median, so a load change on the
-machine hits every variant alike. A run whose methods report no edit (`session.report()[name]["applied"]`
+Variants run interleaved (A B C A B C ...) and the decode and wall clocks keep their medians, so a load
+change on the machine hits every variant alike. A run whose methods report no edit (`session.report()[name]["applied"]`
 all zero) fails its variant: it would time plain decoding under the method's name.
 """
 
@@ -56,6 +59,11 @@ class TokenClock(BaseStreamer):
             raise RuntimeError("need at least 2 generated tokens to time decoding")
         return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
 
+    def fastest_step(self) -> float:
+        """The shortest interval between two consecutive tokens."""
+        self.seconds_per_decode_token()  # the same check: at least 2 tokens
+        return min(later - earlier for earlier, later in zip(self.times, self.times[1:]))
+
 
 @dataclass(frozen=True)
 class Run:
@@ -63,6 +71,7 @@ class Run:
 
     decode_seconds: float  # per decode step (one token for each row of the batch)
     wall_seconds: float  # the whole call
+    fastest_step: float  # the shortest decode step of the call
     edited: bool | None  # None: no method ran (plain generate, or vlmfix with no method)
     why_not: str | None = None  # the methods that edited nothing
 
@@ -77,6 +86,8 @@ class SpeedResult:
     ratio: float
     wall_seconds: float = math.nan  # one generate call (the whole batch)
     wall_ratio: float = math.nan
+    fastest_step_seconds: float = math.nan  # the shortest decode step over all runs
+    fastest_step_ratio: float = math.nan
     edited: bool | None = None
     failure: str | None = None
 
@@ -102,10 +113,11 @@ def run_once(fn: GenerateFn, new_tokens: int) -> Run:
     session = fn(new_tokens, clock)
     synchronize()
     wall = time.perf_counter() - start
+    decode, fastest = clock.seconds_per_decode_token(), clock.fastest_step()
     if session is None or not session.methods:
-        return Run(clock.seconds_per_decode_token(), wall, None)
+        return Run(decode, wall, fastest, None)
     why_not = unedited(session.report())
-    return Run(clock.seconds_per_decode_token(), wall, why_not is None, why_not)
+    return Run(decode, wall, fastest, why_not is None, why_not)
 
 
 def _attempt(fn: GenerateFn, new_tokens: int) -> Run | str:
@@ -119,7 +131,8 @@ def _attempt(fn: GenerateFn, new_tokens: int) -> Run | str:
 def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
             progress: Callable[[str], None] = print,
             warm_up: dict[str, GenerateFn] | None = None) -> list[SpeedResult]:
-    """Medians of both clocks per variant, interleaved over `repeats`; the first variant is the baseline.
+    """Medians of the decode and wall clocks and the fastest step per variant, interleaved over `repeats`; the
+    first variant is the baseline.
 
     Each variant first runs a short warm-up call (lazy imports, one-time set-up), through `warm_up[label]` when
     given (the same variant on a cheaper batch), else the variant itself. A variant other than the baseline that
@@ -153,7 +166,10 @@ def _medians(label: str, runs: list[Run], baseline: list[Run]) -> SpeedResult:
     wall = statistics.median(r.wall_seconds for r in runs)
     base_decode = statistics.median(r.decode_seconds for r in baseline)
     base_wall = statistics.median(r.wall_seconds for r in baseline)
-    return SpeedResult(label, decode, decode / base_decode, wall, wall / base_wall, edited=runs[0].edited)
+    fastest = min(r.fastest_step for r in runs)
+    base_fastest = min(r.fastest_step for r in baseline)
+    return SpeedResult(label, decode, decode / base_decode, wall, wall / base_wall, fastest, fastest / base_fastest,
+                       edited=runs[0].edited)
 
 
 def generate_variants(tiny: TinyVLM, inputs: dict, methods: Mapping[str, Sequence[Method]],

@@ -12,6 +12,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import vlmfix
+from benchmarks import speed_timing
 from benchmarks.speed_setup import (
     BEAM_SEARCH_METHODS,
     FULL_RUN,
@@ -222,3 +223,26 @@ def test_every_method_of_the_full_run_edits_or_is_refused_per_family(family, tmp
     for spec in specs:
         if spec not in refused:
             assert unedited(variants[spec](2, TokenClock()).report()) is None, spec
+
+
+def test_the_fastest_step_is_the_shortest_interval_over_all_runs(monkeypatch):
+    # a fake clock: each variant's calls put tokens at scripted times (the first put is the prompt)
+    now = [0.0]
+    monkeypatch.setattr(speed_timing.time, "perf_counter", lambda: now[0])
+    scripts = {"greedy": iter([[0, 1, 3, 4], [0, 2, 4, 6], [0, 2, 4, 6]]),
+               "slow": iter([[0, 1, 5, 9], [0, 3, 4.5, 9], [0, 3, 6, 9]])}
+
+    def scripted(label):
+        def fn(n, streamer):
+            for t in next(scripts[label]):
+                now[0] = t
+                streamer.put(torch.zeros(1))
+
+        return fn
+
+    greedy, slow = measure({"greedy": scripted("greedy"), "slow": scripted("slow")}, 3, 2, progress=lambda _: None)
+    # each variant's first call is its warm-up; then run 1: greedy steps 2, 2, slow 1.5, 4.5; run 2: greedy
+    # 2, 2, slow 3, 3
+    assert greedy.fastest_step_seconds == 2 and slow.fastest_step_seconds == 1.5
+    assert slow.fastest_step_ratio == 0.75
+    assert slow.seconds_per_token == 3 and slow.ratio == 1.5  # the medians of (9 - 3) / 2 per run

@@ -67,7 +67,7 @@ def test_the_command_fails_a_method_that_edits_nothing_and_exits_1(tmp_path):
                "--out", str(tmp_path / "speed.json")]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-2000:]
-    assert "| pai:cfg=False | float32 | 1 | - | - | - | - | - | - | FAILED |" in done.stdout
+    assert "| pai:cfg=False | float32 | 1 | - | - | - | - | - | - | - | - | FAILED |" in done.stdout
     assert "- pai:cfg=False (float32, batch 1) failed during its warm-up run: pai edited nothing" in done.stdout
     assert "| vcd | float32 | 1 |" in done.stdout and "| yes |" in done.stdout
     failed = json.loads((tmp_path / "speed.json").read_text())["rows"][2]
@@ -84,7 +84,7 @@ def test_a_method_the_family_refuses_is_listed_as_refused_not_failed(tmp_path, c
     assert vcd.refused is None and vcd.failure is None and vcd.edited is True
     printed = capsys.readouterr().out
     assert "gemma3-shaped model" in printed and "(256 image tokens)" in printed
-    assert "| sid | float32 | 1 | - | - | - | - | - | - | refused |" in printed
+    assert "| sid | float32 | 1 | - | - | - | - | - | - | - | - | refused |" in printed
     assert "- sid refused: SID selects and hides image keys by sequence position" in printed
     written = json.loads((tmp_path / "speed.json").read_text())
     assert written["setup"]["family"] == "gemma3" and "sliding-window" in written["rows"][2]["refused"]
