@@ -71,7 +71,7 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             # Gemma 4 pools k x k patches; Gemma 4 Unified's positions are already its merged model patches
             kernel = config.vision_config.pooling_kernel_size if family == "gemma4" else 1
             shapes = [((k, "pooled"), rows // kernel, cols // kernel, 0)]
-        elif family in ("mistral3", "lighton_ocr"):
+        elif family in ("mistral3", "mistral_large4", "lighton_ocr"):
             h, w = inputs["image_sizes"][index].tolist()
             step = config.vision_config.patch_size * config.spatial_merge_size
             shapes = [((k, "merged"), h // step, w // step, 0)]

@@ -24,7 +24,7 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   their tower's pixel shuffle) likewise;
 - HunyuanOCR (hunyuan_vl): per image, a begin token (on no grid), the (h / m) x (w / m) merged patches row-major
   from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid);
-- Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
+- Mistral 3, Mistral Large 4 (Mistral 3's Pixtral tower and projector), LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
   row-major (Mistral 3's [IMG_BREAK] / [IMG_END] tokens are not image tokens);
 - Gemma 4: per image, (rows / k) x (cols / k) pooled patches, row-major, over the whole image (resized keeping its
   aspect ratio to a multiple of k patches a side), from each image's patch rows x cols (`image_patch_grids`, read
@@ -72,7 +72,7 @@ SQUARE_FAMILIES = ("llava", "vipllava", "video_llava")  # one CLIP grid per imag
 LETTERBOX_FAMILIES = ("deepseek_vl", "deepseek_vl_hybrid")  # one grid per image, over it padded to a square
 # base view, then tiles with newlines (Granite 4 Vision's views shrunk by its window Q-Former)
 ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision", "granite4_vision")
-PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
+PIXTRAL_FAMILIES = ("mistral3", "mistral_large4", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
                    "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark")
@@ -93,7 +93,7 @@ REFUSED: dict[str, str] = {
                      "queries before them): no token has a place",
     **{family: UNCHECKED for family in (
         "unlimited_ocr",
-        "perception_lm", "fast_vlm", "molmo2", "step3p7", "apertus1p5", "mistral_large4", "dots3_note")},
+        "perception_lm", "fast_vlm", "molmo2", "step3p7", "apertus1p5", "dots3_note")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
                  *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
