@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_viz_grids import build, grouped, patch_colours
+from tests.test_viz_grids import build, grouped, padded, patch_colours
 from tests.test_viz_patches import SIZES, cell_centres, coordinate_picture, unnormalised
 from vlmfix.decoding.prompt_inputs import patch_grids
 from vlmfix.viz.patches import row_layouts, scale_canvas
@@ -385,3 +385,22 @@ def test_fuyu_patch_rows_past_the_picture_to_whole_patches():
             expected = np.array([sum(visible_x) / 2 / width, sum(visible_y) / 2 / height])
             where = seen[b][token, :2] / seen[b][token, 2]
             assert np.allclose(where, expected, atol=0.04), (b, r, c, where, expected)
+
+
+def test_dots3_note_merged_patches_through_its_merger():
+    """Dots3 Note's processor (Qwen2-VL's) lays each picture's patches in 2 x 2 merge blocks; the vision tower's own
+    merger reads each adapter_merge_size^2 consecutive patches as one token (its LayerNorm passed through by a
+    hook, its MLP's input read)."""
+    tiny, inputs = build("dots3_note")
+    vision = tiny.model.config.vision_config
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    merger = tiny.model.model.vision_tower.merger
+    seen = {}
+    merger.ln_q.register_forward_hook(lambda module, args, out: args[0])
+    merger.mlp[0].register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
+    with torch.no_grad():
+        merger(padded(colours, vision.adapter_in_dim))
+    tokens = grouped(seen["x"], vision.adapter_in_dim)  # [tokens, 3]
+    check_tokens_on_grids(merged_layouts("dots3_note", tiny, inputs),
+                          split_by_row(tokens.numpy(), inputs, tiny.model.config.image_token_id))
