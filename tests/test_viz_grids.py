@@ -118,8 +118,8 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
     return list(np.split(flat, np.cumsum(counts)[:-1]))
 
 
-FAMILIES = ["llava_onevision", "mistral3", "mistral_large4", "lighton_ocr", "paligemma", "gemma3", "internvl", "qianfan_ocr",
-            "aya_vision", "idefics3", "smolvlm", "idefics3_split", "llava_onevision_max1"]
+FAMILIES = ["llava_onevision", "mistral3", "mistral_large4", "lighton_ocr", "paligemma", "gemma3", "internvl",
+            "qianfan_ocr", "aya_vision", "idefics3", "smolvlm", "idefics3_split", "llava_onevision_max1"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

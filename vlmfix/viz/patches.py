@@ -25,8 +25,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   merge-ordered patches as one token);
 - HunyuanOCR (hunyuan_vl): per image, a begin token (on no grid), the (h / m) x (w / m) merged patches row-major
   from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid);
-- Mistral 3, Mistral Large 4 (Mistral 3's Pixtral tower and projector), LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
-  row-major (Mistral 3's [IMG_BREAK] / [IMG_END] tokens are not image tokens);
+- Mistral 3, Mistral Large 4 (Mistral 3's Pixtral tower and projector), LightOnOCR: per image,
+  (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`, row-major (the [IMG_BREAK] / [IMG_END]
+  tokens are not image tokens);
 - Gemma 4: per image, (rows / k) x (cols / k) pooled patches, row-major, over the whole image (resized keeping its
   aspect ratio to a multiple of k patches a side), from each image's patch rows x cols (`image_patch_grids`, read
   off `image_position_ids`) and the vision tower's `pooling_kernel_size` k (the pooler averages each k x k block);
