@@ -7,6 +7,8 @@ through the family's processor, each vision patch's mean colour goes through the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -404,3 +406,42 @@ def test_dots3_note_merged_patches_through_its_merger():
     tokens = grouped(seen["x"], vision.adapter_in_dim)  # [tokens, 3]
     check_tokens_on_grids(merged_layouts("dots3_note", tiny, inputs),
                           split_by_row(tokens.numpy(), inputs, tiny.model.config.image_token_id))
+
+
+@pytest.mark.torchvision
+def test_fast_vlm_feature_map_over_the_centre_crop():
+    """FastVLM's processor (LLaVA's CLIP one, as its checkpoints ship it) crops each picture's central square; the
+    timm tower's last feature map (64x downsampled, 2 x 2 here) is replaced by each 64-pixel block's mean colour
+    (a forward hook) and the model's own get_image_features flattens it into tokens (its projector's input read)."""
+    tiny, inputs = build("fast_vlm")
+    pixels = inputs["pixel_values"]  # [images, 3, S, S]: the central squares
+    layouts = run_layouts("fast_vlm", tiny, inputs)
+    images, _, size, _ = pixels.shape
+    side = math.isqrt(int((inputs["input_ids"][0] == tiny.model.config.image_token_id).sum()) // 2)
+    block = size // side
+    colours = unnormalised(tiny.processor, pixels.transpose(0, 1))  # [3, images, S, S]
+    feature_map = colours.reshape(3, images, side, block, side, block).mean((3, 5)).transpose(0, 1)  # [images, 3, s, s]
+    vision = tiny.model.config.vision_config
+    wide = torch.cat([feature_map, feature_map.new_zeros(images, vision.hidden_size - 3, side, side)], 1)
+
+    def replace_map(module, args, out):
+        assert out.last_hidden_state.shape == wide.shape  # the tower's real map: [images, channels, side, side]
+        out.last_hidden_state = wide
+        return out
+
+    seen = {}
+    tiny.model.model.vision_tower.register_forward_hook(replace_map)
+    tiny.model.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        tiny.model.model.get_image_features(pixel_values=pixels)
+    flat = seen["x"][..., :3].reshape(-1, 3).numpy()  # [images * side^2, (x, y, 1)], prompt order
+    colours = split_by_row(flat, inputs, tiny.model.config.image_token_id)
+    for b, layout in enumerate(layouts):
+        for grid in layout.grids:  # each token's (x, y) as fractions of the picture's part that its grid covers
+            height, width = SIZES[2 * b + grid.image]
+            top, left, crop_h, crop_w = grid.crop(height, width)
+            assert grid.square_crop and crop_h == crop_w == min(height, width)
+            tokens = grid.tokens.reshape(-1)
+            colours[b][tokens, 0] = (colours[b][tokens, 0] * width - left) / crop_w
+            colours[b][tokens, 1] = (colours[b][tokens, 1] * height - top) / crop_h
+    check_tokens_on_grids(layouts, colours)

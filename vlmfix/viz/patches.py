@@ -46,6 +46,9 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - Ovis2: square tiles of hidden_stride x hidden_stride merged patches, the thumbnail first (after <IMG_START>),
   then the tiles row-major, <IMG_COL> between the tiles of a canvas row and <IMG_ROW> between rows, which give
   the canvas (an image that is not cut is one run, its whole image);
+- FastVLM: per image, side x side tokens, its FastViT-HD tower's last feature map (64x downsampled) row-major, over
+  the image's central square (LLaVA's CLIP processor, as its checkpoints ship it); a run of tokens is one image when
+  its length is a square, else images of `image_seq_length` tokens;
 - Fuyu: one run of patch tokens per patch row (the processor puts |NEWLINE| after each), row-major over the image
   shrunk to fit the processor's target (never enlarged) and padded to whole patches at the bottom and right: the
   grid reaches past the picture by under a patch (`TokenGrid.patch_pixels`);
@@ -84,7 +87,7 @@ NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw
 POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
-                "smolvlm", "granite_docling", "fuyu")
+                "smolvlm", "granite_docling", "fuyu", "fast_vlm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -95,7 +98,7 @@ REFUSED: dict[str, str] = {
                      "queries before them): no token has a place",
     **{family: UNCHECKED for family in (
         "unlimited_ocr",
-        "perception_lm", "fast_vlm", "molmo2", "step3p7", "apertus1p5")},
+        "perception_lm", "molmo2", "step3p7", "apertus1p5")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
                  *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
@@ -331,6 +334,24 @@ def _fuyu_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[Toke
     return [TokenGrid(0, "patches", tokens, patch_pixels=_pair(config.patch_size))]
 
 
+def _fast_vlm_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[TokenGrid]:
+    """FastVLM: each image side x side tokens, its tower's last feature map row-major; a run of tokens is one image
+    when its length is a square, else images of the config's `image_seq_length` (placeholders written back to back)."""
+    per_image = int(getattr(config, "image_seq_length", 0) or 0)
+    grids: list[TokenGrid] = []
+    for start, length in runs:
+        side = math.isqrt(length)
+        if side * side != length:
+            side = math.isqrt(per_image)
+            if side == 0 or side * side != per_image or length % per_image:
+                raise ValueError(f"row {b} has a run of {length} fast_vlm image tokens: neither one square feature "
+                                 f"map nor whole images of image_seq_length={per_image}; set the config's "
+                                 f"image_seq_length to the processor's tokens per image.")
+        for first in range(start, start + length, side * side):
+            grids.append(TokenGrid(len(grids), "patches", _square(side, first), square_crop=True))
+    return grids
+
+
 def _cohere_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]], side: int,
                 shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
     """Command A Vision: an image's runs (one tile each, line breaks between) start after <|START_OF_IMG|>."""
@@ -396,6 +417,8 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
     """The grids of one row of a family whose image inputs do not place its tokens (see the module docstring)."""
     if family == "fuyu":
         return _fuyu_row(config, b, _runs(positions))
+    if family == "fast_vlm":
+        return _fast_vlm_row(config, b, _runs(positions))
     side = _tile_side(family, config)
     per_tile = side * side
     count = len(positions)
