@@ -75,6 +75,10 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             h, w = inputs["image_sizes"][index].tolist()
             step = config.vision_config.patch_size * config.spatial_merge_size
             shapes = [((k, "merged"), h // step, w // step, 0)]
+        elif family == "apertus1p5":  # VQ codes, one per spatial_scale_factor^2 pixels of the resized picture
+            h, w = inputs["image_sizes"][index].tolist()
+            step = config.vision_config.spatial_scale_factor
+            shapes = [((k, "codes"), h // step, w // step, 0)]
         elif family == "llava_onevision":
             side = config.vision_config.image_size // config.vision_config.patch_size
             size = inputs["image_sizes"][index]

@@ -445,3 +445,49 @@ def test_fast_vlm_feature_map_over_the_centre_crop():
             colours[b][tokens, 0] = (colours[b][tokens, 0] * width - left) / crop_w
             colours[b][tokens, 1] = (colours[b][tokens, 1] * height - top) / crop_h
     check_tokens_on_grids(layouts, colours)
+
+
+@pytest.mark.torchvision
+def test_apertus1p5_vq_codes_row_major_from_image_sizes():
+    """Apertus 1.5's processor resizes each picture to multiples of 16 pixels; the model's own get_image_tokens
+    encodes each image at its size and flattens its code map. The encoder's latent is replaced (a forward hook on
+    quant_conv) by each 16-pixel block's mean colour (x, y, 1), and the codebook by those colours in a shuffled
+    order, scored so that the dot-product argmax picks the block's own entry: a token's code names its block."""
+    tiny, inputs = build("apertus1p5")
+    config = tiny.model.config
+    tokenizer = tiny.model.model.vision_tokenizer
+    factor = config.vision_config.spatial_scale_factor
+    sizes = inputs["image_sizes"].tolist()
+    colours = unnormalised(tiny.processor, inputs["pixel_values"].transpose(0, 1))  # [3, images, H, W]
+    prototypes = []  # per image: [codes, 3] (x, y, 1) of the block each code stands for
+
+    def replace_latent(module, args, out):
+        k = len(prototypes)
+        height, width = sizes[k]
+        assert out.shape[-2:] == (height // factor, width // factor)
+        blocks = colours[:, k, :height, :width].reshape(3, height // factor, factor, width // factor, factor)
+        blocks = blocks.mean((2, 4))  # [3, rows, cols]
+        order = torch.randperm(blocks[0].numel(), generator=torch.Generator().manual_seed(k))
+        entries = blocks.flatten(1).T[order]  # [codes, 3]
+        prototypes.append(entries)
+        x, y = entries[:, 0], entries[:, 1]
+        with torch.no_grad():  # score 2 x xj + 2 y yj - (xj^2 + yj^2): largest at the block's own colour
+            tokenizer.quantize.embedding.weight.fill_(0.0)
+            tokenizer.quantize.embedding.weight[:, 2] = -1e3
+            tokenizer.quantize.embedding.weight[: len(entries), :3] = torch.stack([2 * x, 2 * y, -(x**2 + y**2)], -1)
+        latent = out.new_zeros(out.shape)
+        latent[0, :3] = torch.stack([blocks[0], blocks[1], torch.ones_like(blocks[0])])
+        return latent
+
+    tokenizer.quant_conv.register_forward_hook(replace_latent)
+    with torch.no_grad():
+        codes = tiny.model.model.get_image_tokens(inputs["pixel_values"], inputs["image_sizes"])
+    flat = torch.cat([prototypes[k][c - config.image_token_offset] for k, c in enumerate(codes)]).numpy()
+    flat[:, 2] = 1.0  # (x, y, 1): every block is picture
+    layouts = row_layouts("apertus1p5", config, (inputs["input_ids"] == config.image_token_id).sum(1).tolist(),
+                          image_sizes=inputs["image_sizes"])
+    for b, layout in enumerate(layouts):
+        for grid in layout.grids:
+            height, width = SIZES[2 * b + grid.image]
+            assert (grid.shape[0] < grid.shape[1]) == (height < width)  # the picture's aspect ratio
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))

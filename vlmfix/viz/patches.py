@@ -28,6 +28,8 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - Mistral 3, Mistral Large 4 (Mistral 3's Pixtral tower and projector), LightOnOCR: per image,
   (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`, row-major (the [IMG_BREAK] / [IMG_END]
   tokens are not image tokens);
+- Apertus 1.5: per image, its VQ codes, (height / f) x (width / f) row-major from `image_sizes` (the processor's
+  resize to multiples of f = the tokenizer's `spatial_scale_factor`; its end-of-row tokens are not image tokens);
 - Gemma 4: per image, (rows / k) x (cols / k) pooled patches, row-major, over the whole image (resized keeping its
   aspect ratio to a multiple of k patches a side), from each image's patch rows x cols (`image_patch_grids`, read
   off `image_position_ids`) and the vision tower's `pooling_kernel_size` k (the pooler averages each k x k block);
@@ -78,6 +80,7 @@ LETTERBOX_FAMILIES = ("deepseek_vl", "deepseek_vl_hybrid")  # one grid per image
 # base view, then tiles with newlines (Granite 4 Vision's views shrunk by its window Q-Former)
 ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision", "granite4_vision")
 PIXTRAL_FAMILIES = ("mistral3", "mistral_large4", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
+VQ_FAMILIES = ("apertus1p5",)  # one VQ code per spatial_scale_factor^2 pixels, from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
                    "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note")
@@ -98,10 +101,10 @@ REFUSED: dict[str, str] = {
                      "queries before them): no token has a place",
     **{family: UNCHECKED for family in (
         "unlimited_ocr",
-        "perception_lm", "molmo2", "step3p7", "apertus1p5")},
+        "perception_lm", "molmo2", "step3p7")},
 }
-GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
-                 *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
+GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
+                 *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class TokenGrid:
     """Image tokens laid over one whole image as a [rows, cols] grid of token indices (-1: no token)."""
 
     image: int  # which image of the row (0-based, prompt order)
-    kind: str  # "patches" (LLaVA), "base" / "tiles" (LLaVA-NeXT), "merged" (Qwen)
+    kind: str  # "patches" (LLaVA), "base" / "tiles" (LLaVA-NeXT), "merged" (Qwen), "codes" (Apertus 1.5's VQ)
     tokens: np.ndarray  # [rows, cols] int: indices into the row's image tokens
     # True: the grid covers the image's central square (CLIP's resize-the-short-side-then-centre-crop, LLaVA-1.5)
     square_crop: bool = False
@@ -255,10 +258,14 @@ def _hunyuan_image(config: Any, image: int, start: int, thw: Sequence[int]
     return [grid], {image: newlines}, [start, first + rows * (cols + 1)], rows * (cols + 1) + 2
 
 
-def _mistral_image(config: Any, image: int, start: int, size: Sequence[int]) -> tuple[list[TokenGrid], int]:
-    pixels = int(config.vision_config.patch_size) * int(config.spatial_merge_size)
+def _mistral_image(config: Any, image: int, start: int, size: Sequence[int], pixels: int | None = None
+                   ) -> tuple[list[TokenGrid], int]:
+    """Row-major cells of `pixels` a side over the processed image's (height, width): Pixtral's merged patches, or
+    Apertus 1.5's VQ codes (`pixels`: its tokenizer's downsampling)."""
+    kind = "codes" if pixels else "merged"
+    pixels = pixels or int(config.vision_config.patch_size) * int(config.spatial_merge_size)
     rows, cols = int(size[0]) // pixels, int(size[1]) // pixels
-    return [TokenGrid(image, "merged", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
+    return [TokenGrid(image, kind, start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
 
 
 def _pooled_image(family: str, config: Any, image: int, start: int, patches: Sequence[int]
@@ -615,6 +622,9 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                 layout.newlines.update(newlines)
             elif family in PIXTRAL_FAMILIES:
                 grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"))
+            elif family in VQ_FAMILIES:
+                grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"),
+                                          int(config.vision_config.spatial_scale_factor))
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
             elif family in NEWLINE_MERGED_FAMILIES:
