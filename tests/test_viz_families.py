@@ -75,6 +75,18 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             h, w = inputs["image_sizes"][index].tolist()
             step = config.vision_config.patch_size * config.spatial_merge_size
             shapes = [((k, "merged"), h // step, w // step, 0)]
+        elif family == "perception_lm":  # a thumbnail, then tiles over a square canvas (the pictures are square)
+            args = config.vision_config.model_args
+            tile = args["img_size"] // args["patch_size"] // config.projector_pooling_ratio  # tokens a side of a view
+            tiles = inputs["pixel_values"][index].shape[0] - 1
+            rows = cols = math.isqrt(tiles)
+            assert rows * cols == tiles and pictures[k].size[0] == pictures[k].size[1]
+            out[(k, "thumbnail")] = values[start : start + tile * tile].reshape(tile, tile)
+            start += tile * tile
+            block = values[start : start + tiles * tile * tile].reshape(rows, cols, tile, tile)
+            out[(k, "tiles")] = block.transpose(0, 2, 1, 3).reshape(rows * tile, cols * tile)
+            start += tiles * tile * tile
+            continue
         elif family == "apertus1p5":  # VQ codes, one per spatial_scale_factor^2 pixels of the resized picture
             h, w = inputs["image_sizes"][index].tolist()
             step = config.vision_config.spatial_scale_factor

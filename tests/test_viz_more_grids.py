@@ -16,7 +16,7 @@ import torch
 from tests.test_viz_grids import build, grouped, padded, patch_colours
 from tests.test_viz_patches import SIZES, cell_centres, coordinate_picture, unnormalised
 from vlmfix.decoding.prompt_inputs import patch_grids
-from vlmfix.viz.patches import row_layouts, scale_canvas
+from vlmfix.viz.patches import perception_canvas, row_layouts, scale_canvas
 
 
 def gemma4_token_colours(tiny, inputs) -> torch.Tensor:
@@ -491,3 +491,69 @@ def test_apertus1p5_vq_codes_row_major_from_image_sizes():
             height, width = SIZES[2 * b + grid.image]
             assert (grid.shape[0] < grid.shape[1]) == (height < width)  # the picture's aspect ratio
     check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+@pytest.mark.torchvision
+def test_perception_canvas_is_the_processors_pick():
+    """Against PerceptionLM's own image processor (torchvision) for tile budgets from 1 to 36 tiles: pictures that fit
+    a canvas, pictures too large for every one, wide, tall and square ones."""
+    from transformers.models.perception_lm.image_processing_perception_lm import PerceptionLMImageProcessor
+
+    for max_tiles in (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 36):
+        processor = PerceptionLMImageProcessor(tile_size=32, max_num_tiles=max_tiles)
+        for height, width in [(40, 64), (72, 48), (56, 88), (64, 40), (32, 32), (48, 48), (20, 30), (31, 200),
+                              (200, 31), (90, 300), (300, 90), (400, 400), (64, 128), (128, 64), (33, 97)]:
+            _, (across, down) = processor.resize(torch.zeros(1, 3, height, width), 32, max_num_tiles=max_tiles)
+            assert perception_canvas(height, width, 32, max_tiles) == (down, across), (max_tiles, height, width)
+
+
+@pytest.mark.torchvision
+def test_perception_lm_thumbnail_then_tiles_through_its_pooling():
+    """PerceptionLM's processor (torchvision) stretches each picture to a thumbnail tile and over a canvas of up to 4
+    tiles; the timm tower's output is replaced (a forward hook) by a CLS token and each 8-pixel patch's colour, the
+    projector's linear layers pass it through (hooks), and the model's own get_image_features drops the CLS token
+    and pools 2 x 2 patches into each token (its pooling's output read). Both pictures of a row are one run."""
+    tiny, inputs = build("perception_lm")
+    config = tiny.model.config
+    pixels = inputs["pixel_values"]  # [images, views, 3, 32, 32]
+    views = pixels.flatten(0, 1)
+    patch = config.vision_config.model_args["patch_size"]
+    colours = unnormalised(tiny.processor, views.transpose(0, 1))  # [3, views, 32, 32]
+    count, size = colours.shape[1], colours.shape[-1]
+    blocks = colours.reshape(3, count, size // patch, patch, size // patch, patch).mean((3, 5))
+    patches = blocks.flatten(2).permute(1, 2, 0)  # [views, patches, 3], row-major
+    embed = config.vision_config.model_args["embed_dim"]
+    tower_out = padded(torch.cat([patches.new_full((count, 1, 3), float("nan")), patches], 1), embed)
+
+    def replace_output(module, args, out):
+        assert out.last_hidden_state.shape == tower_out.shape  # [views, CLS + patches, embed]
+        out.last_hidden_state = tower_out
+        return out
+
+    projector = tiny.model.model.multi_modal_projector
+    hidden = config.text_config.hidden_size
+    seen = {}
+    tiny.model.model.vision_tower.register_forward_hook(replace_output)
+    projector.linear_1.register_forward_hook(lambda module, args, out: padded(args[0][..., :3], hidden))
+    for module in (projector.gelu, projector.linear_2):
+        module.register_forward_hook(lambda module, args, out: args[0])
+    projector.pooling.register_forward_hook(lambda module, args, out: seen.update(tokens=out[..., :3].clone()))
+    with torch.no_grad():
+        tiny.model.model.get_image_features(pixel_values=pixels)
+    flat = seen["tokens"].reshape(-1, 3).numpy()  # [views * 4, 3], prompt order
+    assert not np.isnan(flat).any()  # the CLS token is dropped
+    layouts = run_layouts("perception_lm", tiny, inputs)
+    assert [len(layout.grids) for layout in layouts] == [4, 4]  # two pictures a row: a thumbnail and tiles each
+    assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+def test_perception_lm_tiling_needs_the_pictures_and_names_a_mismatch():
+    from types import SimpleNamespace
+
+    vision = SimpleNamespace(architecture="vit_pe_core_tiny_patch16_384", model_args={"img_size": 32, "patch_size": 8})
+    config = SimpleNamespace(vision_config=vision, projector_pooling_ratio=2)  # 2 x 2 tokens a 32-pixel view
+    with pytest.raises(ValueError, match="images="):
+        row_layouts("perception_lm", config, [40])
+    with pytest.raises(ValueError, match="match no tiling"):
+        row_layouts("perception_lm", config, [41], image_shapes={0: SIZES[:2]})

@@ -51,6 +51,10 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - FastVLM: per image, side x side tokens, its FastViT-HD tower's last feature map (64x downsampled) row-major, over
   the image's central square (LLaVA's CLIP processor, as its checkpoints ship it); a run of tokens is one image when
   its length is a square, else images of `image_seq_length` tokens;
+- PerceptionLM: per image, its thumbnail (the picture stretched to a square tile), then its tiles row-major over the
+  canvas its processor stretches the picture to (thumb+tile; one view with `vanilla`), each view side x side pooled
+  patches; its processor's tile budget is not recorded, so the canvases are the one tiling of the row's pictures
+  (`perception_canvas`, the processor's rule) whose token counts fill the row's runs;
 - Fuyu: one run of patch tokens per patch row (the processor puts |NEWLINE| after each), row-major over the image
   shrunk to fit the processor's target (never enlarged) and padded to whole patches at the bottom and right: the
   grid reaches past the picture by under a patch (`TokenGrid.patch_pixels`);
@@ -90,7 +94,7 @@ NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw
 POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
-                "smolvlm", "granite_docling", "fuyu", "fast_vlm")
+                "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -101,7 +105,7 @@ REFUSED: dict[str, str] = {
                      "queries before them): no token has a place",
     **{family: UNCHECKED for family in (
         "unlimited_ocr",
-        "perception_lm", "molmo2", "step3p7")},
+        "molmo2", "step3p7")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
                  *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
@@ -359,6 +363,109 @@ def _fast_vlm_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[
     return grids
 
 
+PERCEPTION_MAX_TILES = 64  # the largest max_num_tiles tried when matching a row's tokens to its pictures
+
+
+def _perception_sizes(config: Any) -> tuple[int, int]:
+    """(tile pixels, tokens a side of one view) of PerceptionLM: its timm tower's image size and patch size (from
+    `model_args`, else the architecture's name, e.g. vit_pe_core_large_patch14_336), shrunk by the projector's
+    pooling."""
+    vision = config.vision_config
+    args = dict(getattr(vision, "model_args", None) or {})
+    name = str(getattr(vision, "architecture", ""))
+    size = args.get("img_size") or (re.findall(r"_(\d+)$", name) or [None])[0]
+    patch = args.get("patch_size") or (re.findall(r"patch(\d+)", name) or [None])[0]
+    if size is None or patch is None:
+        raise ValueError(f"perception_lm's tower {name!r} names no image and patch size (model_args img_size / "
+                         f"patch_size): its views' token grids are unknown.")
+    tile = _pair(size)
+    return tile, tile // _pair(patch) // int(getattr(config, "projector_pooling_ratio", 1) or 1)
+
+
+def _arrangements(max_tiles: int) -> list[tuple[int, int]]:
+    """PerceptionLM's (tiles across, tiles down) canvases of up to max_tiles tiles, in the order its processor
+    visits them: grouped by aspect ratio, the ratios in order of first appearance from max_tiles tiles down."""
+    by_ratio: dict[float, list[tuple[int, int]]] = {}
+    for count in range(max_tiles, 0, -1):
+        for across in sorted({d for d in range(1, count + 1) if count % d == 0}):
+            by_ratio.setdefault(across / (count // across), []).append((across, count // across))
+    return [canvas for canvases in by_ratio.values() for canvas in canvases]
+
+
+def perception_canvas(height: int, width: int, tile: int, max_tiles: int) -> tuple[int, int]:
+    """(rows, cols) of tiles PerceptionLM's processor stretches a height x width picture over, for `max_tiles`: of
+    the canvases the picture fits in, the one that enlarges it most (the last such in its order); if it fits in
+    none, the aspect ratio nearest the picture's on its side of 1 (the widest, or tallest, canvas of it)."""
+    arrangements = _arrangements(max_tiles)
+    scale = width / height
+    best, best_size = None, (0.0, 0.0)
+    for across, down in arrangements:
+        if across * tile < width or down * tile < height:
+            continue
+        factor = min(across * tile / width, down * tile / height)
+        size = ((factor * width, math.floor(factor * width / scale)) if scale > 1.0
+                else (math.floor(factor * height * scale), factor * height))
+        if best is None or size[0 if scale < 1.0 else 1] >= best_size[0 if scale < 1.0 else 1]:
+            best, best_size = (across, down), size
+    if best is None:
+        ratios = list(dict.fromkeys(a / d for a, d in arrangements))
+        if scale >= 1:
+            ratio = min((k for k in ratios if k <= scale), key=lambda k: abs(k - scale))
+            best = max((c for c in arrangements if c[0] / c[1] == ratio), key=lambda c: c[0])
+        else:
+            ratio = min((k for k in ratios if k > scale), key=lambda k: abs(1 / k - 1 / scale))
+            best = max((c for c in arrangements if c[0] / c[1] == ratio), key=lambda c: c[1])
+    return best[1], best[0]
+
+
+def _perception_row(config: Any, b: int, runs: Sequence[tuple[int, int]], shapes: Sequence[Sequence[int]] | None
+                    ) -> list[TokenGrid]:
+    """PerceptionLM: per image, its thumbnail (the picture stretched to one tile), then its tiles row-major over a
+    canvas the picture is stretched to; images may follow each other in one run. The tiling depends on the
+    processor's max_num_tiles, which the model does not record: the one layout that every max_num_tiles (1 ..
+    PERCEPTION_MAX_TILES; or one view per image, `vanilla`) matching the row's runs gives."""
+    tile, side = _perception_sizes(config)
+    per_view = side * side
+    if shapes is None:
+        raise ValueError(f"row {b}'s perception_lm images are cut into tiles whose canvas depends on the pictures' "
+                         f"sizes: pass the row's pictures, session.plot(row, images=[...]).")
+    pictures = [(int(h), int(w)) for h, w in shapes]
+    candidates: dict[tuple, None] = {}  # each matching layout: per picture, (rows, cols) or None (one view)
+    tilings = [[perception_canvas(h, w, tile, m) for h, w in pictures] for m in range(1, PERCEPTION_MAX_TILES + 1)]
+    for canvases in [*tilings, [None] * len(pictures)]:
+        views = [1 + (c[0] * c[1] if c else 0) for c in canvases]
+        if _fills_runs([v * per_view for v in views], [length for _, length in runs]):
+            candidates[tuple(canvases)] = None
+    if len(candidates) != 1:
+        found = "no tiling" if not candidates else f"{len(candidates)} tilings"
+        raise ValueError(f"row {b}'s perception_lm image-token runs {[n for _, n in runs]} match {found} of its "
+                         f"{len(pictures)} pictures (sizes {pictures}) for any max_num_tiles up to "
+                         f"{PERCEPTION_MAX_TILES}; pass the row's own pictures, in prompt order.")
+    grids: list[TokenGrid] = []
+    start = runs[0][0] if runs else 0
+    for image, canvas in enumerate(next(iter(candidates))):
+        if canvas is None:
+            grids.append(TokenGrid(image, "patches", _square(side, start)))
+            start += per_view
+            continue
+        rows, cols = canvas
+        grids.append(TokenGrid(image, "thumbnail", _square(side, start)))
+        grids.append(_canvas(image, start + per_view, side, rows, cols))
+        start += per_view * (1 + rows * cols)
+    return grids
+
+
+def _fills_runs(counts: Sequence[int], lengths: Sequence[int]) -> bool:
+    """Whether images of `counts` tokens, in order, fill runs of `lengths` exactly (an image never spans runs)."""
+    images = iter(counts)
+    for length in lengths:
+        while length > 0:
+            length -= next(images, length + 1)
+        if length:
+            return False
+    return next(images, None) is None
+
+
 def _cohere_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]], side: int,
                 shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
     """Command A Vision: an image's runs (one tile each, line breaks between) start after <|START_OF_IMG|>."""
@@ -426,6 +533,8 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
         return _fuyu_row(config, b, _runs(positions))
     if family == "fast_vlm":
         return _fast_vlm_row(config, b, _runs(positions))
+    if family == "perception_lm":
+        return _perception_row(config, b, _runs(positions), shapes)
     side = _tile_side(family, config)
     per_tile = side * side
     count = len(positions)
