@@ -87,6 +87,18 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             out[(k, "tiles")] = block.transpose(0, 2, 1, 3).reshape(rows * tile, cols * tile)
             start += tiles * tile * tile
             continue
+        elif family == "step3p7":  # its tiles (the pictures are square: a square canvas), then its global view
+            stride = config.vision_config.patch_size * 4  # two stride-2 convolutions after the patches
+            tiles = int(inputs["num_local_patches"][index])
+            if tiles:
+                tile = inputs["pixel_values_local"].shape[-1] // stride
+                rows = cols = math.isqrt(tiles)
+                assert rows * cols == tiles
+                block = values[start : start + tiles * tile * tile].reshape(rows, cols, tile, tile)
+                out[(k, "tiles")] = block.transpose(0, 2, 1, 3).reshape(rows * tile, cols * tile)
+                start += tiles * tile * tile
+            side = inputs["pixel_values"].shape[-1] // stride
+            shapes = [((k, "global" if tiles else "patches"), side, side, 0)]
         elif family == "apertus1p5":  # VQ codes, one per spatial_scale_factor^2 pixels of the resized picture
             h, w = inputs["image_sizes"][index].tolist()
             step = config.vision_config.spatial_scale_factor

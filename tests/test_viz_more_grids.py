@@ -557,3 +557,64 @@ def test_perception_lm_tiling_needs_the_pictures_and_names_a_mismatch():
         row_layouts("perception_lm", config, [40])
     with pytest.raises(ValueError, match="match no tiling"):
         row_layouts("perception_lm", config, [41], image_shapes={0: SIZES[:2]})
+
+
+@pytest.mark.torchvision
+def test_step3p7_tiles_then_global_view_through_its_convolutions():
+    """Step 3.7's processor (torchvision) cuts the pictures into windows (one row of two, or a column of two, here)
+    and stretches each to a 64-pixel global view; the tower's transformer output is replaced (a forward hook) by
+    each 4-pixel patch's colour, its own two stride-2 convolutions (set to average each channel over 3 x 3) make the
+    tokens, and the model's own get_image_features orders each image's tiles before its global view."""
+    tiny, inputs = build("step3p7")
+    config = tiny.model.config
+    tower = tiny.model.model.vision_model
+    with torch.no_grad():
+        for conv in (tower.downsampler1, tower.downsampler2):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for channel in range(3):
+                conv.weight[channel, channel] = 1 / 9
+    hidden = config.vision_config.hidden_size
+
+    def replace_output(module, args, out):  # the last layer's output: each patch's (x * w, y * w, w)
+        views = args[0].shape[0]
+        pixels = inputs["pixel_values"] if views == len(inputs["pixel_values"]) else inputs["pixel_values_local"]
+        return padded(patch_colours(tiny, pixels), hidden)
+
+    tower.layers[-1].register_forward_hook(replace_output)
+    projector = tiny.model.model.multi_modal_projector
+    projector.register_forward_hook(lambda module, args, out: padded(args[0][..., :3], out.shape[-1]))
+    with torch.no_grad():
+        merged = tiny.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], pixel_values_local=inputs["pixel_values_local"],
+            num_local_patches=inputs["num_local_patches"].tolist()).pooler_output
+    flat = torch.cat(list(merged))[:, :3].numpy()  # [image tokens, 3], prompt order
+    layouts = run_layouts("step3p7", tiny, inputs)
+    shapes = [[g.shape for g in layout.grids if g.kind == "tiles"] for layout in layouts]
+    assert shapes == [[(3, 6), (6, 3)], [(3, 6), (6, 3)]], shapes  # 2 tiles of 3 x 3 tokens across, then down
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+def test_step3p7_reads_canvas_rows_from_the_gaps_and_refuses_a_padded_picture():
+    """A prompt written by hand as Step 3.7's processor writes it: two 3 x 3 tiles, <patch_end> <patch_start>
+    between them (2 tokens: one canvas row) or with <patch_newline> (3 tokens: two rows), then a 4 x 4 global view."""
+    from types import SimpleNamespace
+
+    specials = {1: "<patch_start>", 2: "<patch_end>", 3: "<im_start>", 4: "<im_end>"}
+    tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda i: specials[i])
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=64, patch_size=4))
+    around = [[[1, 2], [1, 2], [3, 4]]]
+
+    def layout(gap: int, shape: tuple[int, int]):
+        second = 10 + gap
+        positions = [*range(1, 10), *range(second, second + 9), *range(second + 11, second + 27)]
+        return row_layouts("step3p7", config, [34], image_positions=[positions], image_run_tokens=around,
+                           tokenizer=tokenizer, image_shapes={0: [shape]})[0]
+
+    assert [(g.kind, g.shape) for g in layout(2, (40, 64)).grids] == [("tiles", (3, 6)), ("global", (4, 4))]
+    tiles = layout(3, (72, 48)).grids[0]
+    assert tiles.shape == (6, 3) and tiles.tokens[3:, :].min() == 9  # the second tile below the first
+    with pytest.raises(ValueError, match="4 tokens apart"):
+        layout(4, (40, 64))
+    with pytest.raises(ValueError, match="pads to a square"):
+        layout(2, (20, 100))

@@ -55,6 +55,10 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   canvas its processor stretches the picture to (thumb+tile; one view with `vanilla`), each view side x side pooled
   patches; its processor's tile budget is not recorded, so the canvases are the one tiling of the row's pictures
   (`perception_canvas`, the processor's rule) whose token counts fill the row's runs;
+- Step 3.7: per image, its local tiles row-major over the picture stretched to whole windows (each tile a run after
+  <patch_start>, <patch_newline> between canvas rows), then its global view (the picture stretched to a square,
+  after <im_start>); each view's tokens row-major after its two stride-2 convolutions (a token sees its 3 x 3
+  neighbourhood, centred on its cell); a thin picture the processor pads to a square is refused;
 - Fuyu: one run of patch tokens per patch row (the processor puts |NEWLINE| after each), row-major over the image
   shrunk to fit the processor's target (never enlarged) and padded to whole patches at the bottom and right: the
   grid reaches past the picture by under a patch (`TokenGrid.patch_pixels`);
@@ -94,7 +98,7 @@ NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw
 POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
-                "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm")
+                "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm", "step3p7")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -105,7 +109,7 @@ REFUSED: dict[str, str] = {
                      "queries before them): no token has a place",
     **{family: UNCHECKED for family in (
         "unlimited_ocr",
-        "molmo2", "step3p7")},
+        "molmo2",)},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
                  *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
@@ -560,6 +564,8 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
             grids.extend(_tiles_and_thumbnail(image, start, side, rows, cols, "thumbnail"))
         return grids
     names = _token_names(before, tokenizer, b, family)  # [before, after] of each run
+    if family == "step3p7":
+        return _step3_row(b, positions, runs, names, shapes)
     if family == "granite_docling":
         return _granite_docling_row(config, b, runs, names, side)
     for _, length in runs:
@@ -587,6 +593,65 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
     if tile_runs:
         raise ValueError(f"row {b}'s last {family} image has tiles but no global image run after them.")
     return grids
+
+
+STEP3_ROW_GAP = {2: False, 3: True}  # tokens between two tile runs -> a new canvas row (<patch_newline> between)
+
+
+def _step3_row(b: int, positions: Sequence[int], runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]],
+               shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
+    """Step 3.7: per image, its local tiles row by row (a run after each <patch_start>, <patch_end> after it and
+    <patch_newline> ending a canvas row, seen as a wider gap in the prompt positions), then its global view (the run
+    after <im_start>); an image that is not cut is its global view alone."""
+    grids: list[TokenGrid] = []
+    tiles: list[tuple[int, int]] = []  # the pending image's tile runs: (first token, length)
+    rows = 1
+    for (start, length), (name, _) in zip(runs, names):
+        if name == "<patch_start>":
+            if tiles:
+                gap = positions[start] - positions[start - 1] - 1  # tokens between this run and the previous one
+                if gap not in STEP3_ROW_GAP:
+                    raise ValueError(f"row {b}'s step3p7 tile runs are {gap} tokens apart, not <patch_end> "
+                                     f"[<patch_newline>] <patch_start>.")
+                rows += STEP3_ROW_GAP[gap]
+            tiles.append((start, length))
+            continue
+        if name != "<im_start>":
+            raise ValueError(f"row {b}: a step3p7 image-token run follows {name!r}, not <patch_start> or <im_start>.")
+        image = len({g.image for g in grids})
+        _check_step3_picture(shapes, image, b)
+        side = _square_side(length, b, "global view")
+        if not tiles:
+            grids.append(TokenGrid(image, "patches", _square(side, start)))
+            continue
+        tile = _square_side(tiles[0][1], b, "tile")
+        if any(n != tiles[0][1] for _, n in tiles) or len(tiles) % rows:
+            raise ValueError(f"row {b}'s step3p7 image {image} has tiles {[n for _, n in tiles]} in {rows} rows: "
+                             f"not a canvas of equal tiles.")
+        grids.append(_canvas(image, tiles[0][0], tile, rows, len(tiles) // rows))
+        grids.append(TokenGrid(image, "global", _square(side, start)))
+        tiles, rows = [], 1
+    if tiles:
+        raise ValueError(f"row {b}'s last step3p7 image has tiles but no global view run after them.")
+    return grids
+
+
+def _square_side(length: int, b: int, what: str) -> int:
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ValueError(f"row {b} has a step3p7 {what} of {length} tokens, not a square grid.")
+    return side
+
+
+def _check_step3_picture(shapes: Sequence[Sequence[int]] | None, image: int, b: int) -> None:
+    """Step 3.7's processor pads a picture under 32 pixels a side and over 4:1 to a square (its top-left corner):
+    the grids would not cover the picture, so such a picture is refused."""
+    if shapes is None or image >= len(shapes):
+        return
+    height, width = (int(x) for x in shapes[image])
+    if min(height, width) < 32 and max(height / width, width / height) > 4:
+        raise ValueError(f"row {b}'s step3p7 picture {image} ({height} x {width}) is one its processor pads to a "
+                         f"square before cutting it: its token grids are not placed on it.")
 
 
 def _granite_docling_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]],
