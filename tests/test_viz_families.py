@@ -99,6 +99,9 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
                 start += tiles * tile * tile
             side = inputs["pixel_values"].shape[-1] // stride
             shapes = [((k, "global" if tiles else "patches"), side, side, 0)]
+        elif family == "molmo2":  # the low-resolution view, then the canvas, from the processor's image_grids
+            low_h, low_w, high_h, high_w = inputs["image_grids"][index].tolist()
+            shapes = [((k, "low_res"), low_h, low_w, 0), ((k, "canvas"), high_h, high_w, 0)]
         elif family == "apertus1p5":  # VQ codes, one per spatial_scale_factor^2 pixels of the resized picture
             h, w = inputs["image_sizes"][index].tolist()
             step = config.vision_config.spatial_scale_factor

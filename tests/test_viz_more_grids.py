@@ -618,3 +618,50 @@ def test_step3p7_reads_canvas_rows_from_the_gaps_and_refuses_a_padded_picture():
         layout(4, (40, 64))
     with pytest.raises(ValueError, match="pads to a square"):
         layout(2, (20, 100))
+
+
+@pytest.mark.torchvision
+def test_molmo2_low_res_view_then_canvas_through_its_pooling():
+    """Molmo2's processor (torchvision) stretches each picture to one 32-pixel crop and over a canvas of overlapping
+    crops, and names the patches each token pools (image_token_pooling, the overlaps left out); the adapter's own
+    gather and mean (its query) make each token from the patch colours, its attention and projector passed through
+    (hooks)."""
+    tiny, inputs = build("molmo2")
+    config = tiny.model.config
+    patch = config.vision_config.patch_size
+    pixels = inputs["pixel_values"].float()  # [crops, patches, p * p * 3]: each patch's pixels, channel last
+    crops, patches, _ = pixels.shape
+    mean = torch.tensor(tiny.processor.image_processor.image_mean)
+    std = torch.tensor(tiny.processor.image_processor.image_std)
+    colours = (pixels.reshape(crops, patches, patch * patch, 3) * std + mean).mean(2)  # [crops, patches, (x, y, 1)]
+    adapter = tiny.model.model.multi_modal_projector
+    width = adapter.config.hidden_size * len(adapter.config.vision_feature_layer)
+    # the attention's output is the query (the mean of the token's patches), cut to the attention's own width
+    adapter.image_pooling_2d.register_forward_hook(lambda module, args, out: (args[0][..., : out[0].shape[-1]], None))
+    adapter.image_projector.register_forward_hook(lambda module, args, out: args[0])
+    with torch.no_grad():
+        pooled = adapter(padded(colours, width), inputs["image_token_pooling"]).last_hidden_state
+    flat = pooled[:, :3].numpy()  # [image tokens, 3], prompt order
+    layouts = run_layouts("molmo2", tiny, inputs)
+    shapes = [[g.shape for g in layout.grids] for layout in layouts]
+    assert shapes == [[(2, 2), (2, 3), (2, 2), (3, 2)]] * 2, shapes  # wide pictures: a canvas 3 across, tall: 3 down
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+def test_molmo2_rows_from_column_tokens_and_refused_without_them():
+    """Molmo2's prompt written by hand: a 2 x 2 low-resolution view and a 2 x 3 canvas, <im_col> after each row; a
+    view written without column tokens (image_use_col_tokens=False) cannot be cut into rows."""
+    from types import SimpleNamespace
+
+    specials = {1: "<low_res_im_start>", 2: "<im_col>", 3: "<im_end>", 4: "<im_start>"}
+    tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda i: specials[i])
+    # <low_res_im_start> PP <im_col> PP <im_col> <im_end> <im_start> PPP <im_col> PPP <im_col> <im_end>
+    positions = [1, 2, 4, 5, 9, 10, 11, 13, 14, 15]
+    around = [[1, 2], [2, 2], [4, 2], [2, 2]]
+    (layout,) = row_layouts("molmo2", None, [10], image_positions=[positions], image_run_tokens=[around],
+                            tokenizer=tokenizer)
+    assert [(g.image, g.kind, g.tokens.tolist()) for g in layout.grids] == [
+        (0, "low_res", [[0, 1], [2, 3]]), (0, "canvas", [[4, 5, 6], [7, 8, 9]])]
+    with pytest.raises(ValueError, match="column tokens"):
+        row_layouts("molmo2", None, [10], image_positions=[[*range(1, 5), *range(7, 13)]],
+                    image_run_tokens=[[[1, 3], [4, 3]]], tokenizer=tokenizer)

@@ -59,6 +59,10 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   <patch_start>, <patch_newline> between canvas rows), then its global view (the picture stretched to a square,
   after <im_start>); each view's tokens row-major after its two stride-2 convolutions (a token sees its 3 x 3
   neighbourhood, centred on its cell); a thin picture the processor pads to a square is refused;
+- Molmo2: per image, its low-resolution view (the picture stretched to one crop) then its high-resolution canvas
+  (the picture stretched to its overlapping crops' canvas, the overlaps dropped), each a grid of pooled patches
+  row-major, a run per row after <low_res_im_start> / <im_start> or <im_col>; a grid whose patches are not whole
+  pooling windows reaches past the picture by under one window (drawn over the picture: off by under a window);
 - Fuyu: one run of patch tokens per patch row (the processor puts |NEWLINE| after each), row-major over the image
   shrunk to fit the processor's target (never enlarged) and padded to whole patches at the bottom and right: the
   grid reaches past the picture by under a patch (`TokenGrid.patch_pixels`);
@@ -98,7 +102,7 @@ NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw
 POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
-                "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm", "step3p7")
+                "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm", "step3p7", "molmo2")
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -107,9 +111,7 @@ REFUSED: dict[str, str] = {
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     "deepseek_ocr2": "its image tokens are learned queries that each attend to every patch of the view (and to the "
                      "queries before them): no token has a place",
-    **{family: UNCHECKED for family in (
-        "unlimited_ocr",
-        "molmo2",)},
+    **{family: UNCHECKED for family in ("unlimited_ocr",)},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
                  *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
@@ -539,6 +541,11 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
         return _fast_vlm_row(config, b, _runs(positions))
     if family == "perception_lm":
         return _perception_row(config, b, _runs(positions), shapes)
+    if family in ("step3p7", "molmo2"):  # views named by the token before each run (their rows' or tiles' runs)
+        names = _token_names(before, tokenizer, b, family)
+        if family == "step3p7":
+            return _step3_row(b, positions, _runs(positions), names, shapes)
+        return _molmo2_row(b, _runs(positions), names)
     side = _tile_side(family, config)
     per_tile = side * side
     count = len(positions)
@@ -564,8 +571,6 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
             grids.extend(_tiles_and_thumbnail(image, start, side, rows, cols, "thumbnail"))
         return grids
     names = _token_names(before, tokenizer, b, family)  # [before, after] of each run
-    if family == "step3p7":
-        return _step3_row(b, positions, runs, names, shapes)
     if family == "granite_docling":
         return _granite_docling_row(config, b, runs, names, side)
     for _, length in runs:
@@ -633,6 +638,34 @@ def _step3_row(b: int, positions: Sequence[int], runs: Sequence[tuple[int, int]]
         tiles, rows = [], 1
     if tiles:
         raise ValueError(f"row {b}'s last step3p7 image has tiles but no global view run after them.")
+    return grids
+
+
+MOLMO2_VIEW_STARTS = ("<low_res_im_start>", "<im_start>")
+
+
+def _molmo2_row(b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]]) -> list[TokenGrid]:
+    """Molmo2: per image, its low-resolution view then its high-resolution canvas, each a grid of pooled patches
+    written row by row (a run per row, <im_col> after each; a view starts after <low_res_im_start> or <im_start>)."""
+    views: list[list[tuple[int, int]]] = []  # each view's row runs
+    for (start, length), (name, after) in zip(runs, names):
+        if name in MOLMO2_VIEW_STARTS:
+            views.append([])
+        elif name != "<im_col>" or not views:
+            raise ValueError(f"row {b}: a molmo2 image-token run follows {name!r}, not a view start or <im_col>.")
+        if after != "<im_col>":
+            raise ValueError(f"row {b}'s molmo2 image rows end with {after!r}, not <im_col>: without column tokens "
+                             f"(image_use_col_tokens=False) its canvas's rows cannot be told apart.")
+        views[-1].append((start, length))
+    if len(views) % 2:
+        raise ValueError(f"row {b} has {len(views)} molmo2 views: not a low-resolution view and a canvas per image.")
+    grids: list[TokenGrid] = []
+    for k, view in enumerate(views):
+        width = view[0][1]
+        if any(length != width for _, length in view):
+            raise ValueError(f"row {b}'s molmo2 view has rows of {[n for _, n in view]} tokens, not equal rows.")
+        tokens = view[0][0] + np.arange(len(view) * width).reshape(len(view), width)
+        grids.append(TokenGrid(k // 2, "low_res" if k % 2 == 0 else "canvas", tokens))
     return grids
 
 
