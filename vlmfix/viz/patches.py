@@ -442,9 +442,12 @@ def _perception_row(config: Any, b: int, runs: Sequence[tuple[int, int]], shapes
         raise ValueError(f"row {b}'s perception_lm images are cut into tiles whose canvas depends on the pictures' "
                          f"sizes: pass the row's pictures, session.plot(row, images=[...]).")
     pictures = [(int(h), int(w)) for h, w in shapes]
-    candidates: dict[tuple, None] = {}  # each matching layout: per picture, (rows, cols) or None (one view)
-    tilings = [[perception_canvas(h, w, tile, m) for h, w in pictures] for m in range(1, PERCEPTION_MAX_TILES + 1)]
-    for canvases in [*tilings, [None] * len(pictures)]:
+    # each layout: per picture, (rows, cols) of its tiles or None (one view, `vanilla`)
+    candidates: dict[tuple[tuple[int, int] | None, ...], None] = {}  # the matching ones, in order
+    layouts: list[list[tuple[int, int] | None]] = [[perception_canvas(h, w, tile, m) for h, w in pictures]
+                                                   for m in range(1, PERCEPTION_MAX_TILES + 1)]
+    layouts.append([None] * len(pictures))
+    for canvases in layouts:
         views = [1 + (c[0] * c[1] if c else 0) for c in canvases]
         if _fills_runs([v * per_view for v in views], [length for _, length in runs]):
             candidates[tuple(canvases)] = None
