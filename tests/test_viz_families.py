@@ -28,7 +28,7 @@ from vlmfix.viz.patches import GRID_FAMILIES  # noqa: E402
 
 MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "exaone4_5",
           "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-          "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark")
+          "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note")
 SQUARE = ("paligemma", "gemma3", "internvl", "qianfan_ocr", "aya_vision", "idefics3", "smolvlm")  # square tiles
 
 
@@ -71,10 +71,41 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             # Gemma 4 pools k x k patches; Gemma 4 Unified's positions are already its merged model patches
             kernel = config.vision_config.pooling_kernel_size if family == "gemma4" else 1
             shapes = [((k, "pooled"), rows // kernel, cols // kernel, 0)]
-        elif family in ("mistral3", "lighton_ocr"):
+        elif family in ("mistral3", "mistral_large4", "lighton_ocr"):
             h, w = inputs["image_sizes"][index].tolist()
             step = config.vision_config.patch_size * config.spatial_merge_size
             shapes = [((k, "merged"), h // step, w // step, 0)]
+        elif family == "perception_lm":  # a thumbnail, then tiles over a square canvas (the pictures are square)
+            args = config.vision_config.model_args
+            tile = args["img_size"] // args["patch_size"] // config.projector_pooling_ratio  # tokens a side of a view
+            tiles = inputs["pixel_values"][index].shape[0] - 1
+            rows = cols = math.isqrt(tiles)
+            assert rows * cols == tiles and pictures[k].size[0] == pictures[k].size[1]
+            out[(k, "thumbnail")] = values[start : start + tile * tile].reshape(tile, tile)
+            start += tile * tile
+            block = values[start : start + tiles * tile * tile].reshape(rows, cols, tile, tile)
+            out[(k, "tiles")] = block.transpose(0, 2, 1, 3).reshape(rows * tile, cols * tile)
+            start += tiles * tile * tile
+            continue
+        elif family == "step3p7":  # its tiles (the pictures are square: a square canvas), then its global view
+            stride = config.vision_config.patch_size * 4  # two stride-2 convolutions after the patches
+            tiles = int(inputs["num_local_patches"][index])
+            if tiles:
+                tile = inputs["pixel_values_local"].shape[-1] // stride
+                rows = cols = math.isqrt(tiles)
+                assert rows * cols == tiles
+                block = values[start : start + tiles * tile * tile].reshape(rows, cols, tile, tile)
+                out[(k, "tiles")] = block.transpose(0, 2, 1, 3).reshape(rows * tile, cols * tile)
+                start += tiles * tile * tile
+            side = inputs["pixel_values"].shape[-1] // stride
+            shapes = [((k, "global" if tiles else "patches"), side, side, 0)]
+        elif family == "molmo2":  # the low-resolution view, then the canvas, from the processor's image_grids
+            low_h, low_w, high_h, high_w = inputs["image_grids"][index].tolist()
+            shapes = [((k, "low_res"), low_h, low_w, 0), ((k, "canvas"), high_h, high_w, 0)]
+        elif family == "apertus1p5":  # VQ codes, one per spatial_scale_factor^2 pixels of the resized picture
+            h, w = inputs["image_sizes"][index].tolist()
+            step = config.vision_config.spatial_scale_factor
+            shapes = [((k, "codes"), h // step, w // step, 0)]
         elif family == "llava_onevision":
             side = config.vision_config.image_size // config.vision_config.patch_size
             size = inputs["image_sizes"][index]
@@ -129,7 +160,10 @@ def test_every_family_draws_pai_gain_on_its_grid_and_vhr_head_map(family: str):
                         expected(family, tiny.model.config, inputs, row, gain, images, pictures))
         layers = report["vhr"]["rows"][row]["layers"]  # the head map: VHR's divergence, layer by layer
         shown = next(ax for ax in figure.axes if ax.get_gid() == "vhr.vhd").images[-1].get_array()
-        np.testing.assert_allclose(shown, np.array([layers[k]["vhd"] for k in sorted(layers)]))
+        widest = max(len(layers[k]["vhd"]) for k in layers)  # sliding layers may have fewer heads: NaN past them
+        np.testing.assert_allclose(np.ma.filled(shown.astype(float), np.nan),
+                                   np.array([layers[k]["vhd"] + [np.nan] * (widest - len(layers[k]["vhd"]))
+                                             for k in sorted(layers)]), equal_nan=True)
         figure.canvas.draw()  # renders without error
 
 

@@ -87,12 +87,12 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
             inner.multi_modal_projector(padded(patch_colours(tiny, pixels), config.vision_config.hidden_size))
         hook.remove()
         tokens = seen["pooled"]
-    elif family in ("mistral3", "lighton_ocr"):
+    elif family in ("mistral3", "mistral_large4", "lighton_ocr"):
         sizes = inputs["image_sizes"]
         patch = config.vision_config.patch_size
         per_image = [patch_colours(tiny, pixels[k : k + 1])[0].reshape(pixels.shape[-2] // patch, -1, 3)
                      [: int(h) // patch, : int(w) // patch].reshape(-1, 3) for k, (h, w) in enumerate(sizes.tolist())]
-        merger = (inner.multi_modal_projector if family == "mistral3" else inner.vision_projection).patch_merger
+        merger = (inner.vision_projection if family == "lighton_ocr" else inner.multi_modal_projector).patch_merger
         seen = {}
         hook = merger.merging_layer.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
         with torch.no_grad():
@@ -118,8 +118,8 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
     return list(np.split(flat, np.cumsum(counts)[:-1]))
 
 
-FAMILIES = ["llava_onevision", "mistral3", "lighton_ocr", "paligemma", "gemma3", "internvl", "qianfan_ocr",
-            "aya_vision", "idefics3", "smolvlm", "idefics3_split", "llava_onevision_max1"]
+FAMILIES = ["llava_onevision", "mistral3", "mistral_large4", "lighton_ocr", "paligemma", "gemma3", "internvl",
+            "qianfan_ocr", "aya_vision", "idefics3", "smolvlm", "idefics3_split", "llava_onevision_max1"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -7,14 +7,16 @@ through the family's processor, each vision patch's mean colour goes through the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from tests.test_viz_grids import build, grouped, patch_colours
+from tests.test_viz_grids import build, grouped, padded, patch_colours
 from tests.test_viz_patches import SIZES, cell_centres, coordinate_picture, unnormalised
 from vlmfix.decoding.prompt_inputs import patch_grids
-from vlmfix.viz.patches import row_layouts, scale_canvas
+from vlmfix.viz.patches import perception_canvas, row_layouts, scale_canvas
 
 
 def gemma4_token_colours(tiny, inputs) -> torch.Tensor:
@@ -385,3 +387,281 @@ def test_fuyu_patch_rows_past_the_picture_to_whole_patches():
             expected = np.array([sum(visible_x) / 2 / width, sum(visible_y) / 2 / height])
             where = seen[b][token, :2] / seen[b][token, 2]
             assert np.allclose(where, expected, atol=0.04), (b, r, c, where, expected)
+
+
+def test_dots3_note_merged_patches_through_its_merger():
+    """Dots3 Note's processor (Qwen2-VL's) lays each picture's patches in 2 x 2 merge blocks; the vision tower's own
+    merger reads each adapter_merge_size^2 consecutive patches as one token (its LayerNorm passed through by a
+    hook, its MLP's input read)."""
+    tiny, inputs = build("dots3_note")
+    vision = tiny.model.config.vision_config
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    merger = tiny.model.model.vision_tower.merger
+    seen = {}
+    merger.ln_q.register_forward_hook(lambda module, args, out: args[0])
+    merger.mlp[0].register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
+    with torch.no_grad():
+        merger(padded(colours, vision.adapter_in_dim))
+    tokens = grouped(seen["x"], vision.adapter_in_dim)  # [tokens, 3]
+    check_tokens_on_grids(merged_layouts("dots3_note", tiny, inputs),
+                          split_by_row(tokens.numpy(), inputs, tiny.model.config.image_token_id))
+
+
+@pytest.mark.torchvision
+def test_fast_vlm_feature_map_over_the_centre_crop():
+    """FastVLM's processor (LLaVA's CLIP one, as its checkpoints ship it) crops each picture's central square; the
+    timm tower's last feature map (64x downsampled, 2 x 2 here) is replaced by each 64-pixel block's mean colour
+    (a forward hook) and the model's own get_image_features flattens it into tokens (its projector's input read)."""
+    tiny, inputs = build("fast_vlm")
+    pixels = inputs["pixel_values"]  # [images, 3, S, S]: the central squares
+    layouts = run_layouts("fast_vlm", tiny, inputs)
+    images, _, size, _ = pixels.shape
+    side = math.isqrt(int((inputs["input_ids"][0] == tiny.model.config.image_token_id).sum()) // 2)
+    block = size // side
+    colours = unnormalised(tiny.processor, pixels.transpose(0, 1))  # [3, images, S, S]
+    feature_map = colours.reshape(3, images, side, block, side, block).mean((3, 5)).transpose(0, 1)  # [images, 3, s, s]
+    vision = tiny.model.config.vision_config
+    wide = torch.cat([feature_map, feature_map.new_zeros(images, vision.hidden_size - 3, side, side)], 1)
+
+    def replace_map(module, args, out):
+        assert out.last_hidden_state.shape == wide.shape  # the tower's real map: [images, channels, side, side]
+        out.last_hidden_state = wide
+        return out
+
+    seen = {}
+    tiny.model.model.vision_tower.register_forward_hook(replace_map)
+    tiny.model.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        tiny.model.model.get_image_features(pixel_values=pixels)
+    flat = seen["x"][..., :3].reshape(-1, 3).numpy()  # [images * side^2, (x, y, 1)], prompt order
+    colours = split_by_row(flat, inputs, tiny.model.config.image_token_id)
+    for b, layout in enumerate(layouts):
+        for grid in layout.grids:  # each token's (x, y) as fractions of the picture's part that its grid covers
+            height, width = SIZES[2 * b + grid.image]
+            top, left, crop_h, crop_w = grid.crop(height, width)
+            assert grid.square_crop and crop_h == crop_w == min(height, width)
+            tokens = grid.tokens.reshape(-1)
+            colours[b][tokens, 0] = (colours[b][tokens, 0] * width - left) / crop_w
+            colours[b][tokens, 1] = (colours[b][tokens, 1] * height - top) / crop_h
+    check_tokens_on_grids(layouts, colours)
+
+
+@pytest.mark.torchvision
+def test_apertus1p5_vq_codes_row_major_from_image_sizes():
+    """Apertus 1.5's processor resizes each picture to multiples of 16 pixels; the model's own get_image_tokens
+    encodes each image at its size and flattens its code map. The encoder's latent is replaced (a forward hook on
+    quant_conv) by each 16-pixel block's mean colour (x, y, 1), and the codebook by those colours in a shuffled
+    order, scored so that the dot-product argmax picks the block's own entry: a token's code names its block."""
+    tiny, inputs = build("apertus1p5")
+    config = tiny.model.config
+    tokenizer = tiny.model.model.vision_tokenizer
+    factor = config.vision_config.spatial_scale_factor
+    sizes = inputs["image_sizes"].tolist()
+    colours = unnormalised(tiny.processor, inputs["pixel_values"].transpose(0, 1))  # [3, images, H, W]
+    prototypes = []  # per image: [codes, 3] (x, y, 1) of the block each code stands for
+
+    def replace_latent(module, args, out):
+        k = len(prototypes)
+        height, width = sizes[k]
+        assert out.shape[-2:] == (height // factor, width // factor)
+        blocks = colours[:, k, :height, :width].reshape(3, height // factor, factor, width // factor, factor)
+        blocks = blocks.mean((2, 4))  # [3, rows, cols]
+        order = torch.randperm(blocks[0].numel(), generator=torch.Generator().manual_seed(k))
+        entries = blocks.flatten(1).T[order]  # [codes, 3]
+        prototypes.append(entries)
+        x, y = entries[:, 0], entries[:, 1]
+        with torch.no_grad():  # score 2 x xj + 2 y yj - (xj^2 + yj^2): largest at the block's own colour
+            tokenizer.quantize.embedding.weight.fill_(0.0)
+            tokenizer.quantize.embedding.weight[:, 2] = -1e3
+            tokenizer.quantize.embedding.weight[: len(entries), :3] = torch.stack([2 * x, 2 * y, -(x**2 + y**2)], -1)
+        latent = out.new_zeros(out.shape)
+        latent[0, :3] = torch.stack([blocks[0], blocks[1], torch.ones_like(blocks[0])])
+        return latent
+
+    tokenizer.quant_conv.register_forward_hook(replace_latent)
+    with torch.no_grad():
+        codes = tiny.model.model.get_image_tokens(inputs["pixel_values"], inputs["image_sizes"])
+    flat = torch.cat([prototypes[k][c - config.image_token_offset] for k, c in enumerate(codes)]).numpy()
+    flat[:, 2] = 1.0  # (x, y, 1): every block is picture
+    layouts = row_layouts("apertus1p5", config, (inputs["input_ids"] == config.image_token_id).sum(1).tolist(),
+                          image_sizes=inputs["image_sizes"])
+    for b, layout in enumerate(layouts):
+        for grid in layout.grids:
+            height, width = SIZES[2 * b + grid.image]
+            assert (grid.shape[0] < grid.shape[1]) == (height < width)  # the picture's aspect ratio
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+@pytest.mark.torchvision
+def test_perception_canvas_is_the_processors_pick():
+    """Against PerceptionLM's own image processor (torchvision) for tile budgets from 1 to 36 tiles: pictures that fit
+    a canvas, pictures too large for every one, wide, tall and square ones."""
+    from transformers.models.perception_lm.image_processing_perception_lm import PerceptionLMImageProcessor
+
+    for max_tiles in (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 36):
+        processor = PerceptionLMImageProcessor(tile_size=32, max_num_tiles=max_tiles)
+        for height, width in [(40, 64), (72, 48), (56, 88), (64, 40), (32, 32), (48, 48), (20, 30), (31, 200),
+                              (200, 31), (90, 300), (300, 90), (400, 400), (64, 128), (128, 64), (33, 97)]:
+            _, (across, down) = processor.resize(torch.zeros(1, 3, height, width), 32, max_num_tiles=max_tiles)
+            assert perception_canvas(height, width, 32, max_tiles) == (down, across), (max_tiles, height, width)
+
+
+@pytest.mark.torchvision
+def test_perception_lm_thumbnail_then_tiles_through_its_pooling():
+    """PerceptionLM's processor (torchvision) stretches each picture to a thumbnail tile and over a canvas of up to 4
+    tiles; the timm tower's output is replaced (a forward hook) by a CLS token and each 8-pixel patch's colour, the
+    projector's linear layers pass it through (hooks), and the model's own get_image_features drops the CLS token
+    and pools 2 x 2 patches into each token (its pooling's output read). Both pictures of a row are one run."""
+    tiny, inputs = build("perception_lm")
+    config = tiny.model.config
+    pixels = inputs["pixel_values"]  # [images, views, 3, 32, 32]
+    views = pixels.flatten(0, 1)
+    patch = config.vision_config.model_args["patch_size"]
+    colours = unnormalised(tiny.processor, views.transpose(0, 1))  # [3, views, 32, 32]
+    count, size = colours.shape[1], colours.shape[-1]
+    blocks = colours.reshape(3, count, size // patch, patch, size // patch, patch).mean((3, 5))
+    patches = blocks.flatten(2).permute(1, 2, 0)  # [views, patches, 3], row-major
+    embed = config.vision_config.model_args["embed_dim"]
+    tower_out = padded(torch.cat([patches.new_full((count, 1, 3), float("nan")), patches], 1), embed)
+
+    def replace_output(module, args, out):
+        assert out.last_hidden_state.shape == tower_out.shape  # [views, CLS + patches, embed]
+        out.last_hidden_state = tower_out
+        return out
+
+    projector = tiny.model.model.multi_modal_projector
+    hidden = config.text_config.hidden_size
+    seen = {}
+    tiny.model.model.vision_tower.register_forward_hook(replace_output)
+    projector.linear_1.register_forward_hook(lambda module, args, out: padded(args[0][..., :3], hidden))
+    for module in (projector.gelu, projector.linear_2):
+        module.register_forward_hook(lambda module, args, out: args[0])
+    projector.pooling.register_forward_hook(lambda module, args, out: seen.update(tokens=out[..., :3].clone()))
+    with torch.no_grad():
+        tiny.model.model.get_image_features(pixel_values=pixels)
+    flat = seen["tokens"].reshape(-1, 3).numpy()  # [views * 4, 3], prompt order
+    assert not np.isnan(flat).any()  # the CLS token is dropped
+    layouts = run_layouts("perception_lm", tiny, inputs)
+    assert [len(layout.grids) for layout in layouts] == [4, 4]  # two pictures a row: a thumbnail and tiles each
+    assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+def test_perception_lm_tiling_needs_the_pictures_and_names_a_mismatch():
+    from types import SimpleNamespace
+
+    vision = SimpleNamespace(architecture="vit_pe_core_tiny_patch16_384", model_args={"img_size": 32, "patch_size": 8})
+    config = SimpleNamespace(vision_config=vision, projector_pooling_ratio=2)  # 2 x 2 tokens a 32-pixel view
+    with pytest.raises(ValueError, match="images="):
+        row_layouts("perception_lm", config, [40])
+    with pytest.raises(ValueError, match="match no tiling"):
+        row_layouts("perception_lm", config, [41], image_shapes={0: SIZES[:2]})
+
+
+@pytest.mark.torchvision
+def test_step3p7_tiles_then_global_view_through_its_convolutions():
+    """Step 3.7's processor (torchvision) cuts the pictures into windows (one row of two, or a column of two, here)
+    and stretches each to a 64-pixel global view; the tower's transformer output is replaced (a forward hook) by
+    each 4-pixel patch's colour, its own two stride-2 convolutions (set to average each channel over 3 x 3) make the
+    tokens, and the model's own get_image_features orders each image's tiles before its global view."""
+    tiny, inputs = build("step3p7")
+    config = tiny.model.config
+    tower = tiny.model.model.vision_model
+    with torch.no_grad():
+        for conv in (tower.downsampler1, tower.downsampler2):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for channel in range(3):
+                conv.weight[channel, channel] = 1 / 9
+    hidden = config.vision_config.hidden_size
+
+    def replace_output(module, args, out):  # the last layer's output: each patch's (x * w, y * w, w)
+        views = args[0].shape[0]
+        pixels = inputs["pixel_values"] if views == len(inputs["pixel_values"]) else inputs["pixel_values_local"]
+        return padded(patch_colours(tiny, pixels), hidden)
+
+    tower.layers[-1].register_forward_hook(replace_output)
+    projector = tiny.model.model.multi_modal_projector
+    projector.register_forward_hook(lambda module, args, out: padded(args[0][..., :3], out.shape[-1]))
+    with torch.no_grad():
+        merged = tiny.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], pixel_values_local=inputs["pixel_values_local"],
+            num_local_patches=inputs["num_local_patches"].tolist()).pooler_output
+    flat = torch.cat(list(merged))[:, :3].numpy()  # [image tokens, 3], prompt order
+    layouts = run_layouts("step3p7", tiny, inputs)
+    shapes = [[g.shape for g in layout.grids if g.kind == "tiles"] for layout in layouts]
+    assert shapes == [[(3, 6), (6, 3)], [(3, 6), (6, 3)]], shapes  # 2 tiles of 3 x 3 tokens across, then down
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+def test_step3p7_reads_canvas_rows_from_the_gaps_and_refuses_a_padded_picture():
+    """A prompt written by hand as Step 3.7's processor writes it: two 3 x 3 tiles, <patch_end> <patch_start>
+    between them (2 tokens: one canvas row) or with <patch_newline> (3 tokens: two rows), then a 4 x 4 global view."""
+    from types import SimpleNamespace
+
+    specials = {1: "<patch_start>", 2: "<patch_end>", 3: "<im_start>", 4: "<im_end>"}
+    tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda i: specials[i])
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=64, patch_size=4))
+    around = [[[1, 2], [1, 2], [3, 4]]]
+
+    def layout(gap: int, shape: tuple[int, int]):
+        second = 10 + gap
+        positions = [*range(1, 10), *range(second, second + 9), *range(second + 11, second + 27)]
+        return row_layouts("step3p7", config, [34], image_positions=[positions], image_run_tokens=around,
+                           tokenizer=tokenizer, image_shapes={0: [shape]})[0]
+
+    assert [(g.kind, g.shape) for g in layout(2, (40, 64)).grids] == [("tiles", (3, 6)), ("global", (4, 4))]
+    tiles = layout(3, (72, 48)).grids[0]
+    assert tiles.shape == (6, 3) and tiles.tokens[3:, :].min() == 9  # the second tile below the first
+    with pytest.raises(ValueError, match="4 tokens apart"):
+        layout(4, (40, 64))
+    with pytest.raises(ValueError, match="pads to a square"):
+        layout(2, (20, 100))
+
+
+@pytest.mark.torchvision
+def test_molmo2_low_res_view_then_canvas_through_its_pooling():
+    """Molmo2's processor (torchvision) stretches each picture to one 32-pixel crop and over a canvas of overlapping
+    crops, and names the patches each token pools (image_token_pooling, the overlaps left out); the adapter's own
+    gather and mean (its query) make each token from the patch colours, its attention and projector passed through
+    (hooks)."""
+    tiny, inputs = build("molmo2")
+    config = tiny.model.config
+    patch = config.vision_config.patch_size
+    pixels = inputs["pixel_values"].float()  # [crops, patches, p * p * 3]: each patch's pixels, channel last
+    crops, patches, _ = pixels.shape
+    mean = torch.tensor(tiny.processor.image_processor.image_mean)
+    std = torch.tensor(tiny.processor.image_processor.image_std)
+    colours = (pixels.reshape(crops, patches, patch * patch, 3) * std + mean).mean(2)  # [crops, patches, (x, y, 1)]
+    adapter = tiny.model.model.multi_modal_projector
+    width = adapter.config.hidden_size * len(adapter.config.vision_feature_layer)
+    # the attention's output is the query (the mean of the token's patches), cut to the attention's own width
+    adapter.image_pooling_2d.register_forward_hook(lambda module, args, out: (args[0][..., : out[0].shape[-1]], None))
+    adapter.image_projector.register_forward_hook(lambda module, args, out: args[0])
+    with torch.no_grad():
+        pooled = adapter(padded(colours, width), inputs["image_token_pooling"]).last_hidden_state
+    flat = pooled[:, :3].numpy()  # [image tokens, 3], prompt order
+    layouts = run_layouts("molmo2", tiny, inputs)
+    shapes = [[g.shape for g in layout.grids] for layout in layouts]
+    assert shapes == [[(2, 2), (2, 3), (2, 2), (3, 2)]] * 2, shapes  # wide pictures: a canvas 3 across, tall: 3 down
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+def test_molmo2_rows_from_column_tokens_and_refused_without_them():
+    """Molmo2's prompt written by hand: a 2 x 2 low-resolution view and a 2 x 3 canvas, <im_col> after each row; a
+    view written without column tokens (image_use_col_tokens=False) cannot be cut into rows."""
+    from types import SimpleNamespace
+
+    specials = {1: "<low_res_im_start>", 2: "<im_col>", 3: "<im_end>", 4: "<im_start>"}
+    tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda i: specials[i])
+    # <low_res_im_start> PP <im_col> PP <im_col> <im_end> <im_start> PPP <im_col> PPP <im_col> <im_end>
+    positions = [1, 2, 4, 5, 9, 10, 11, 13, 14, 15]
+    around = [[1, 2], [2, 2], [4, 2], [2, 2]]
+    (layout,) = row_layouts("molmo2", None, [10], image_positions=[positions], image_run_tokens=[around],
+                            tokenizer=tokenizer)
+    assert [(g.image, g.kind, g.tokens.tolist()) for g in layout.grids] == [
+        (0, "low_res", [[0, 1], [2, 3]]), (0, "canvas", [[4, 5, 6], [7, 8, 9]])]
+    with pytest.raises(ValueError, match="column tokens"):
+        row_layouts("molmo2", None, [10], image_positions=[[*range(1, 5), *range(7, 13)]],
+                    image_run_tokens=[[[1, 3], [4, 3]]], tokenizer=tokenizer)

@@ -31,12 +31,13 @@ class ImageMap:
 
 @dataclass(frozen=True)
 class HeadMap:
-    """One value per (layer, head); `layers` names the rows; `name` is "method.what"."""
+    """One value per (layer, head); `layers` names the rows; `name` is "method.what". A layer with fewer heads than
+    the widest (Dots3 Note's and Step 3.7's sliding layers have their own head count) is NaN past its last head."""
 
     name: str
     title: str
     layers: list[int]
-    values: np.ndarray  # [len(layers), heads]
+    values: np.ndarray  # [len(layers), most heads of a layer]
     binary: bool = False
     unit: bool = False
 
@@ -62,6 +63,14 @@ class TokenTrace:
 def _by_layer(mapping: Mapping[Any, Any]) -> dict[int, Any]:
     """A per-layer dict with int keys (a report read back from JSON has str keys)."""
     return {int(k): v for k, v in mapping.items()}
+
+
+def _layer_rows(rows: Sequence[Sequence[float]]) -> np.ndarray:
+    """[layers, most heads] float: each layer's per-head values, NaN past the heads of a layer that has fewer."""
+    out = np.full((len(rows), max((len(r) for r in rows), default=0)), np.nan)
+    for i, values in enumerate(rows):
+        out[i, : len(values)] = np.asarray(values, dtype=float)
+    return out
 
 
 def _members(indices: Sequence[int] | None, count: int) -> np.ndarray:
@@ -115,8 +124,8 @@ def head_maps(report: Mapping[str, Any], row: int) -> list[HeadMap]:
     if vhr:
         layers = _by_layer(vhr[row]["layers"])
         order = sorted(layers)
-        vhd = np.asarray([layers[k]["vhd"] for k in order], dtype=float)  # [layers, heads]
-        chosen = np.zeros_like(vhd)
+        vhd = _layer_rows([layers[k]["vhd"] for k in order])  # [layers, heads]
+        chosen = np.where(np.isnan(vhd), np.nan, 0.0)
         for i, k in enumerate(order):
             chosen[i, np.asarray(layers[k]["heads"], dtype=int)] = 1.0
         maps.append(HeadMap("vhr.vhd", "VHR vision-aware head divergence", order, vhd))
@@ -126,7 +135,7 @@ def head_maps(report: Mapping[str, Any], row: int) -> list[HeadMap]:
         heads = _by_layer(var[row]["image_centric_heads"])
         order = sorted(heads)
         maps.append(HeadMap("var.image_centric_heads", "VAR image-centric heads (share of queries)", order,
-                            np.asarray([heads[k] for k in order], dtype=float), unit=True))
+                            _layer_rows([heads[k] for k in order]), unit=True))
     return maps
 
 

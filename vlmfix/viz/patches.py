@@ -21,11 +21,15 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   (one grid per temporal slice); VideoLLaMA 3 likewise, m being each image's `image_merge_sizes` (its tower
   shrinks the (h, w) patch grid by bilinear interpolation, which averages each m x m block for m = 2); Kimi K2.5
   (m: `merge_kernel_size`, its tower averages an image's frames) and Muse Glimmer / Muse Spark (m: `merge_size`,
-  their tower's pixel shuffle) likewise;
+  their tower's pixel shuffle) likewise, and Dots3 Note (its tower's merger reads each m x m block of the processor's
+  merge-ordered patches as one token);
 - HunyuanOCR (hunyuan_vl): per image, a begin token (on no grid), the (h / m) x (w / m) merged patches row-major
   from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid);
-- Mistral 3, LightOnOCR: per image, (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`,
-  row-major (Mistral 3's [IMG_BREAK] / [IMG_END] tokens are not image tokens);
+- Mistral 3, Mistral Large 4 (Mistral 3's Pixtral tower and projector), LightOnOCR: per image,
+  (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`, row-major (the [IMG_BREAK] / [IMG_END]
+  tokens are not image tokens);
+- Apertus 1.5: per image, its VQ codes, (height / f) x (width / f) row-major from `image_sizes` (the processor's
+  resize to multiples of f = the tokenizer's `spatial_scale_factor`; its end-of-row tokens are not image tokens);
 - Gemma 4: per image, (rows / k) x (cols / k) pooled patches, row-major, over the whole image (resized keeping its
   aspect ratio to a multiple of k patches a side), from each image's patch rows x cols (`image_patch_grids`, read
   off `image_position_ids`) and the vision tower's `pooling_kernel_size` k (the pooler averages each k x k block);
@@ -44,6 +48,21 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - Ovis2: square tiles of hidden_stride x hidden_stride merged patches, the thumbnail first (after <IMG_START>),
   then the tiles row-major, <IMG_COL> between the tiles of a canvas row and <IMG_ROW> between rows, which give
   the canvas (an image that is not cut is one run, its whole image);
+- FastVLM: per image, side x side tokens, its FastViT-HD tower's last feature map (64x downsampled) row-major, over
+  the image's central square (LLaVA's CLIP processor, as its checkpoints ship it); a run of tokens is one image when
+  its length is a square, else images of `image_seq_length` tokens;
+- PerceptionLM: per image, its thumbnail (the picture stretched to a square tile), then its tiles row-major over the
+  canvas its processor stretches the picture to (thumb+tile; one view with `vanilla`), each view side x side pooled
+  patches; its processor's tile budget is not recorded, so the canvases are the one tiling of the row's pictures
+  (`perception_canvas`, the processor's rule) whose token counts fill the row's runs;
+- Step 3.7: per image, its local tiles row-major over the picture stretched to whole windows (each tile a run after
+  <patch_start>, <patch_newline> between canvas rows), then its global view (the picture stretched to a square,
+  after <im_start>); each view's tokens row-major after its two stride-2 convolutions (a token sees its 3 x 3
+  neighbourhood, centred on its cell); a thin picture the processor pads to a square is refused;
+- Molmo2: per image, its low-resolution view (the picture stretched to one crop) then its high-resolution canvas
+  (the picture stretched to its overlapping crops' canvas, the overlaps dropped), each a grid of pooled patches
+  row-major, a run per row after <low_res_im_start> / <im_start> or <im_col>; a grid whose patches are not whole
+  pooling windows reaches past the picture by under one window (drawn over the picture: off by under a window);
 - Fuyu: one run of patch tokens per patch row (the processor puts |NEWLINE| after each), row-major over the image
   shrunk to fit the processor's target (never enlarged) and padded to whole patches at the bottom and right: the
   grid reaches past the picture by under a patch (`TokenGrid.patch_pixels`);
@@ -72,17 +91,19 @@ SQUARE_FAMILIES = ("llava", "vipllava", "video_llava")  # one CLIP grid per imag
 LETTERBOX_FAMILIES = ("deepseek_vl", "deepseek_vl_hybrid")  # one grid per image, over it padded to a square
 # base view, then tiles with newlines (Granite 4 Vision's views shrunk by its window Q-Former)
 ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision", "granite4_vision")
-PIXTRAL_FAMILIES = ("mistral3", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
+PIXTRAL_FAMILIES = ("mistral3", "mistral_large4", "lighton_ocr")  # merged Pixtral patches from `image_sizes`
+VQ_FAMILIES = ("apertus1p5",)  # one VQ code per spatial_scale_factor^2 pixels, from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark")
+                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
 NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw`, a newline after each row
 POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
-                "smolvlm", "granite_docling", "fuyu")
+                "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm", "step3p7", "molmo2")
+# the reason a newly supported family carries in REFUSED until its layout is mapped and checked (none at present)
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -91,12 +112,15 @@ REFUSED: dict[str, str] = {
     "aria": "its projector's learned queries each cross-attend to every patch of the image: no token has a place",
     "deepseek_ocr2": "its image tokens are learned queries that each attend to every patch of the view (and to the "
                      "queries before them): no token has a place",
-    **{family: UNCHECKED for family in (
-        "unlimited_ocr",
-        "perception_lm", "fast_vlm", "molmo2", "step3p7", "apertus1p5", "mistral_large4", "dots3_note")},
+    "unlimited_ocr": "not mapped: each image is one run of <image> tokens (local tiles, global view, their row ends "
+                     "and the view separator alike), whose split and geometry follow processor settings that neither "
+                     "the prompt nor the model's inputs record: the global view is stretched to a square "
+                     "(crop_to_patches off, size up to maximum_pad_value) or letterboxed (otherwise), which an image "
+                     "with no local tiles cannot tell apart, and the global and tile grids' sides (size, tile_size) "
+                     "are not in the config",
 }
-GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
-                 *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
+GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
+                 *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -104,7 +128,7 @@ class TokenGrid:
     """Image tokens laid over one whole image as a [rows, cols] grid of token indices (-1: no token)."""
 
     image: int  # which image of the row (0-based, prompt order)
-    kind: str  # "patches" (LLaVA), "base" / "tiles" (LLaVA-NeXT), "merged" (Qwen)
+    kind: str  # "patches" (LLaVA), "base" / "tiles" (LLaVA-NeXT), "merged" (Qwen), "codes" (Apertus 1.5's VQ)
     tokens: np.ndarray  # [rows, cols] int: indices into the row's image tokens
     # True: the grid covers the image's central square (CLIP's resize-the-short-side-then-centre-crop, LLaVA-1.5)
     square_crop: bool = False
@@ -251,10 +275,14 @@ def _hunyuan_image(config: Any, image: int, start: int, thw: Sequence[int]
     return [grid], {image: newlines}, [start, first + rows * (cols + 1)], rows * (cols + 1) + 2
 
 
-def _mistral_image(config: Any, image: int, start: int, size: Sequence[int]) -> tuple[list[TokenGrid], int]:
-    pixels = int(config.vision_config.patch_size) * int(config.spatial_merge_size)
+def _mistral_image(config: Any, image: int, start: int, size: Sequence[int], pixels: int | None = None
+                   ) -> tuple[list[TokenGrid], int]:
+    """Row-major cells of `pixels` a side over the processed image's (height, width): Pixtral's merged patches, or
+    Apertus 1.5's VQ codes (`pixels`: its tokenizer's downsampling)."""
+    kind = "codes" if pixels else "merged"
+    pixels = pixels or int(config.vision_config.patch_size) * int(config.spatial_merge_size)
     rows, cols = int(size[0]) // pixels, int(size[1]) // pixels
-    return [TokenGrid(image, "merged", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
+    return [TokenGrid(image, kind, start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
 
 
 def _pooled_image(family: str, config: Any, image: int, start: int, patches: Sequence[int]
@@ -330,6 +358,130 @@ def _fuyu_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[Toke
     return [TokenGrid(0, "patches", tokens, patch_pixels=_pair(config.patch_size))]
 
 
+def _fast_vlm_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[TokenGrid]:
+    """FastVLM: each image side x side tokens, its tower's last feature map row-major; a run of tokens is one image
+    when its length is a square, else images of the config's `image_seq_length` (placeholders written back to back)."""
+    per_image = int(getattr(config, "image_seq_length", 0) or 0)
+    grids: list[TokenGrid] = []
+    for start, length in runs:
+        side = math.isqrt(length)
+        if side * side != length:
+            side = math.isqrt(per_image)
+            if side == 0 or side * side != per_image or length % per_image:
+                raise ValueError(f"row {b} has a run of {length} fast_vlm image tokens: neither one square feature "
+                                 f"map nor whole images of image_seq_length={per_image}; set the config's "
+                                 f"image_seq_length to the processor's tokens per image.")
+        for first in range(start, start + length, side * side):
+            grids.append(TokenGrid(len(grids), "patches", _square(side, first), square_crop=True))
+    return grids
+
+
+PERCEPTION_MAX_TILES = 64  # the largest max_num_tiles tried when matching a row's tokens to its pictures
+
+
+def _perception_sizes(config: Any) -> tuple[int, int]:
+    """(tile pixels, tokens a side of one view) of PerceptionLM: its timm tower's image size and patch size (from
+    `model_args`, else the architecture's name, e.g. vit_pe_core_large_patch14_336), shrunk by the projector's
+    pooling."""
+    vision = config.vision_config
+    args = dict(getattr(vision, "model_args", None) or {})
+    name = str(getattr(vision, "architecture", ""))
+    size = args.get("img_size") or (re.findall(r"_(\d+)$", name) or [None])[0]
+    patch = args.get("patch_size") or (re.findall(r"patch(\d+)", name) or [None])[0]
+    if size is None or patch is None:
+        raise ValueError(f"perception_lm's tower {name!r} names no image and patch size (model_args img_size / "
+                         f"patch_size): its views' token grids are unknown.")
+    tile = _pair(size)
+    return tile, tile // _pair(patch) // int(getattr(config, "projector_pooling_ratio", 1) or 1)
+
+
+def _arrangements(max_tiles: int) -> list[tuple[int, int]]:
+    """PerceptionLM's (tiles across, tiles down) canvases of up to max_tiles tiles, in the order its processor
+    visits them: grouped by aspect ratio, the ratios in order of first appearance from max_tiles tiles down."""
+    by_ratio: dict[float, list[tuple[int, int]]] = {}
+    for count in range(max_tiles, 0, -1):
+        for across in sorted({d for d in range(1, count + 1) if count % d == 0}):
+            by_ratio.setdefault(across / (count // across), []).append((across, count // across))
+    return [canvas for canvases in by_ratio.values() for canvas in canvases]
+
+
+def perception_canvas(height: int, width: int, tile: int, max_tiles: int) -> tuple[int, int]:
+    """(rows, cols) of tiles PerceptionLM's processor stretches a height x width picture over, for `max_tiles`: of
+    the canvases the picture fits in, the one that enlarges it most (the last such in its order); if it fits in
+    none, the aspect ratio nearest the picture's on its side of 1 (the widest, or tallest, canvas of it)."""
+    arrangements = _arrangements(max_tiles)
+    scale = width / height
+    best, best_size = None, (0.0, 0.0)
+    for across, down in arrangements:
+        if across * tile < width or down * tile < height:
+            continue
+        factor = min(across * tile / width, down * tile / height)
+        size = ((factor * width, math.floor(factor * width / scale)) if scale > 1.0
+                else (math.floor(factor * height * scale), factor * height))
+        if best is None or size[0 if scale < 1.0 else 1] >= best_size[0 if scale < 1.0 else 1]:
+            best, best_size = (across, down), size
+    if best is None:
+        ratios = list(dict.fromkeys(a / d for a, d in arrangements))
+        if scale >= 1:
+            ratio = min((k for k in ratios if k <= scale), key=lambda k: abs(k - scale))
+            best = max((c for c in arrangements if c[0] / c[1] == ratio), key=lambda c: c[0])
+        else:
+            ratio = min((k for k in ratios if k > scale), key=lambda k: abs(1 / k - 1 / scale))
+            best = max((c for c in arrangements if c[0] / c[1] == ratio), key=lambda c: c[1])
+    return best[1], best[0]
+
+
+def _perception_row(config: Any, b: int, runs: Sequence[tuple[int, int]], shapes: Sequence[Sequence[int]] | None
+                    ) -> list[TokenGrid]:
+    """PerceptionLM: per image, its thumbnail (the picture stretched to one tile), then its tiles row-major over a
+    canvas the picture is stretched to; images may follow each other in one run. The tiling depends on the
+    processor's max_num_tiles, which the model does not record: the one layout that every max_num_tiles (1 ..
+    PERCEPTION_MAX_TILES; or one view per image, `vanilla`) matching the row's runs gives."""
+    tile, side = _perception_sizes(config)
+    per_view = side * side
+    if shapes is None:
+        raise ValueError(f"row {b}'s perception_lm images are cut into tiles whose canvas depends on the pictures' "
+                         f"sizes: pass the row's pictures, session.plot(row, images=[...]).")
+    pictures = [(int(h), int(w)) for h, w in shapes]
+    # each layout: per picture, (rows, cols) of its tiles or None (one view, `vanilla`)
+    candidates: dict[tuple[tuple[int, int] | None, ...], None] = {}  # the matching ones, in order
+    layouts: list[list[tuple[int, int] | None]] = [[perception_canvas(h, w, tile, m) for h, w in pictures]
+                                                   for m in range(1, PERCEPTION_MAX_TILES + 1)]
+    layouts.append([None] * len(pictures))
+    for canvases in layouts:
+        views = [1 + (c[0] * c[1] if c else 0) for c in canvases]
+        if _fills_runs([v * per_view for v in views], [length for _, length in runs]):
+            candidates[tuple(canvases)] = None
+    if len(candidates) != 1:
+        found = "no tiling" if not candidates else f"{len(candidates)} tilings"
+        raise ValueError(f"row {b}'s perception_lm image-token runs {[n for _, n in runs]} match {found} of its "
+                         f"{len(pictures)} pictures (sizes {pictures}) for any max_num_tiles up to "
+                         f"{PERCEPTION_MAX_TILES}; pass the row's own pictures, in prompt order.")
+    grids: list[TokenGrid] = []
+    start = runs[0][0] if runs else 0
+    for image, canvas in enumerate(next(iter(candidates))):
+        if canvas is None:
+            grids.append(TokenGrid(image, "patches", _square(side, start)))
+            start += per_view
+            continue
+        rows, cols = canvas
+        grids.append(TokenGrid(image, "thumbnail", _square(side, start)))
+        grids.append(_canvas(image, start + per_view, side, rows, cols))
+        start += per_view * (1 + rows * cols)
+    return grids
+
+
+def _fills_runs(counts: Sequence[int], lengths: Sequence[int]) -> bool:
+    """Whether images of `counts` tokens, in order, fill runs of `lengths` exactly (an image never spans runs)."""
+    images = iter(counts)
+    for length in lengths:
+        while length > 0:
+            length -= next(images, length + 1)
+        if length:
+            return False
+    return next(images, None) is None
+
+
 def _cohere_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]], side: int,
                 shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
     """Command A Vision: an image's runs (one tile each, line breaks between) start after <|START_OF_IMG|>."""
@@ -395,6 +547,15 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
     """The grids of one row of a family whose image inputs do not place its tokens (see the module docstring)."""
     if family == "fuyu":
         return _fuyu_row(config, b, _runs(positions))
+    if family == "fast_vlm":
+        return _fast_vlm_row(config, b, _runs(positions))
+    if family == "perception_lm":
+        return _perception_row(config, b, _runs(positions), shapes)
+    if family in ("step3p7", "molmo2"):  # views named by the token before each run (their rows' or tiles' runs)
+        names = _token_names(before, tokenizer, b, family)
+        if family == "step3p7":
+            return _step3_row(b, positions, _runs(positions), names, shapes)
+        return _molmo2_row(b, _runs(positions), names)
     side = _tile_side(family, config)
     per_tile = side * side
     count = len(positions)
@@ -447,6 +608,93 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
     if tile_runs:
         raise ValueError(f"row {b}'s last {family} image has tiles but no global image run after them.")
     return grids
+
+
+STEP3_ROW_GAP = {2: False, 3: True}  # tokens between two tile runs -> a new canvas row (<patch_newline> between)
+
+
+def _step3_row(b: int, positions: Sequence[int], runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]],
+               shapes: Sequence[Sequence[int]] | None) -> list[TokenGrid]:
+    """Step 3.7: per image, its local tiles row by row (a run after each <patch_start>, <patch_end> after it and
+    <patch_newline> ending a canvas row, seen as a wider gap in the prompt positions), then its global view (the run
+    after <im_start>); an image that is not cut is its global view alone."""
+    grids: list[TokenGrid] = []
+    tiles: list[tuple[int, int]] = []  # the pending image's tile runs: (first token, length)
+    rows = 1
+    for (start, length), (name, _) in zip(runs, names):
+        if name == "<patch_start>":
+            if tiles:
+                gap = positions[start] - positions[start - 1] - 1  # tokens between this run and the previous one
+                if gap not in STEP3_ROW_GAP:
+                    raise ValueError(f"row {b}'s step3p7 tile runs are {gap} tokens apart, not <patch_end> "
+                                     f"[<patch_newline>] <patch_start>.")
+                rows += STEP3_ROW_GAP[gap]
+            tiles.append((start, length))
+            continue
+        if name != "<im_start>":
+            raise ValueError(f"row {b}: a step3p7 image-token run follows {name!r}, not <patch_start> or <im_start>.")
+        image = len({g.image for g in grids})
+        _check_step3_picture(shapes, image, b)
+        side = _square_side(length, b, "global view")
+        if not tiles:
+            grids.append(TokenGrid(image, "patches", _square(side, start)))
+            continue
+        tile = _square_side(tiles[0][1], b, "tile")
+        if any(n != tiles[0][1] for _, n in tiles) or len(tiles) % rows:
+            raise ValueError(f"row {b}'s step3p7 image {image} has tiles {[n for _, n in tiles]} in {rows} rows: "
+                             f"not a canvas of equal tiles.")
+        grids.append(_canvas(image, tiles[0][0], tile, rows, len(tiles) // rows))
+        grids.append(TokenGrid(image, "global", _square(side, start)))
+        tiles, rows = [], 1
+    if tiles:
+        raise ValueError(f"row {b}'s last step3p7 image has tiles but no global view run after them.")
+    return grids
+
+
+MOLMO2_VIEW_STARTS = ("<low_res_im_start>", "<im_start>")
+
+
+def _molmo2_row(b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]]) -> list[TokenGrid]:
+    """Molmo2: per image, its low-resolution view then its high-resolution canvas, each a grid of pooled patches
+    written row by row (a run per row, <im_col> after each; a view starts after <low_res_im_start> or <im_start>)."""
+    views: list[list[tuple[int, int]]] = []  # each view's row runs
+    for (start, length), (name, after) in zip(runs, names):
+        if name in MOLMO2_VIEW_STARTS:
+            views.append([])
+        elif name != "<im_col>" or not views:
+            raise ValueError(f"row {b}: a molmo2 image-token run follows {name!r}, not a view start or <im_col>.")
+        if after != "<im_col>":
+            raise ValueError(f"row {b}'s molmo2 image rows end with {after!r}, not <im_col>: without column tokens "
+                             f"(image_use_col_tokens=False) its canvas's rows cannot be told apart.")
+        views[-1].append((start, length))
+    if len(views) % 2:
+        raise ValueError(f"row {b} has {len(views)} molmo2 views: not a low-resolution view and a canvas per image.")
+    grids: list[TokenGrid] = []
+    for k, view in enumerate(views):
+        width = view[0][1]
+        if any(length != width for _, length in view):
+            raise ValueError(f"row {b}'s molmo2 view has rows of {[n for _, n in view]} tokens, not equal rows.")
+        tokens = view[0][0] + np.arange(len(view) * width).reshape(len(view), width)
+        grids.append(TokenGrid(k // 2, "low_res" if k % 2 == 0 else "canvas", tokens))
+    return grids
+
+
+def _square_side(length: int, b: int, what: str) -> int:
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ValueError(f"row {b} has a step3p7 {what} of {length} tokens, not a square grid.")
+    return side
+
+
+def _check_step3_picture(shapes: Sequence[Sequence[int]] | None, image: int, b: int) -> None:
+    """Step 3.7's processor pads a picture under 32 pixels a side and over 4:1 to a square (its top-left corner):
+    the grids would not cover the picture, so such a picture is refused."""
+    if shapes is None or image >= len(shapes):
+        return
+    height, width = (int(x) for x in shapes[image])
+    if min(height, width) < 32 and max(height / width, width / height) > 4:
+        raise ValueError(f"row {b}'s step3p7 picture {image} ({height} x {width}) is one its processor pads to a "
+                         f"square before cutting it: its token grids are not placed on it.")
 
 
 def _granite_docling_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]],
@@ -591,6 +839,9 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                 layout.newlines.update(newlines)
             elif family in PIXTRAL_FAMILIES:
                 grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"))
+            elif family in VQ_FAMILIES:
+                grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"),
+                                          int(config.vision_config.spatial_scale_factor))
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
             elif family in NEWLINE_MERGED_FAMILIES:
