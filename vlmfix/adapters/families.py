@@ -31,7 +31,10 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
                   frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),
     common_layout("cohere2_vision", "Cohere2VisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
                   frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),
+    # North Micro Vision: its tokenizer stops on <|END_OF_TURN_TOKEN|>; its chat template itself is unverified
+    # (see vlmfix.testing.tiny_families.build_cohere_compass)
     common_layout("cohere_compass", "CohereCompassForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",)),
+    # Cosmos3-Edge: eos <|im_end|>; a Nemotron-3-Nano-style ChatML template, read only in part (build_cosmos3_edge)
     common_layout("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", markers=CHATML),
     common_layout("deepseek_vl", "DeepseekVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", markers=("Assistant:",)),
@@ -83,6 +86,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
     common_layout("perception_lm", "PerceptionLMForConditionalGeneration", markers=("<|eot_id|>",)),
+    # Qianfan-OCR: ChatML with a default system message (transformers' conversion script writes its template)
     common_layout("qianfan_ocr", "QianfanOCRForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
     common_layout("qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_bos|>", "<|vision_eos|>")),
