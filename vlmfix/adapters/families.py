@@ -36,11 +36,9 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("cohere_compass", "CohereCompassForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",)),
     # Cosmos3-Edge: eos <|im_end|>; a Nemotron-3-Nano-style ChatML template, read only in part (build_cosmos3_edge)
     common_layout("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", markers=CHATML),
-    common_layout("deepseek_vl", "DeepseekVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", markers=("Assistant:",)),
     # DeepSeek-OCR-2's model card prompts "<image>\nFree OCR." with no turns: the instruction runs to the prompt's end
     common_layout("deepseek_ocr2", "DeepseekOcr2ForConditionalGeneration", markers=("Assistant:",)),
-    common_layout("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration", markers=("Assistant:",)),
     common_layout("exaone4_5", "Exaone4_5_ForConditionalGeneration", markers=("<|endofturn|>",),
                   frames=("<vision>", "</vision>")),  # <|user|>\n<vision>...</vision>text<|endofturn|>\n<|assistant|>
     common_layout("fast_vlm", "FastVlmForConditionalGeneration", markers=CHATML),
