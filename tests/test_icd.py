@@ -32,6 +32,11 @@ DISTURBANCE = ICD_PROMPTS[3]  # "You are a confused objects detector to provide 
 DEEPSEEK_SYSTEM_TEXT = ("You are a helpful language and vision assistant. You are able to understand the visual "
                         "content that the user provides, and assist the user with a variety of tasks using natural "
                         "language.")
+# the default system message of Qianfan-OCR's chat template (transformers' conversion script)
+QIANFAN_SYSTEM_TEXT = "你是千帆VL，由百度智能云研发的多模态大语言模型。"
+# the system texts that the families' templates always write, which ICD's system placement replaces
+FIXED_SYSTEM_TEXTS = {"deepseek_vl": DEEPSEEK_SYSTEM_TEXT, "deepseek_vl_hybrid": DEEPSEEK_SYSTEM_TEXT,
+                      "qianfan_ocr": QIANFAN_SYSTEM_TEXT}
 
 
 class Recording(ICD):
@@ -52,9 +57,10 @@ def disturbed_inputs(tiny, questions: list[str], disturbance: str, placement: st
     prompts = [tiny.prompt(q) for q in questions]
     qwen = tiny.family.startswith("qwen")
     deepseek = tiny.family.startswith("deepseek_vl")
-    if placement == "system" and deepseek:  # `<bos>d\n\nUser: <image_placeholder>...`: d instead of the fixed text
-        assert all(DEEPSEEK_SYSTEM_TEXT in p for p in prompts)
-        prompts = [p.replace(DEEPSEEK_SYSTEM_TEXT, disturbance) for p in prompts]
+    fixed = FIXED_SYSTEM_TEXTS.get(tiny.family)
+    if placement == "system" and fixed:  # d in place of the template's system text (DeepSeek: `<bos>d\n\nUser: ...`)
+        assert all(fixed in p for p in prompts)
+        prompts = [p.replace(fixed, disturbance) for p in prompts]
     elif placement == "system":  # LLaVA: `d USER: <image> ...`; Qwen: a system message holding d
         prompts = [f"<|im_start|>system\n{disturbance}<|im_end|>\n{p}" if qwen else f"{disturbance} {p}"
                    for p in prompts]
@@ -238,6 +244,19 @@ def test_deepseek_vl_system_splice_replaces_the_fixed_system_text(family):
     assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
 
 
+def test_qianfan_ocr_system_splice_replaces_its_default_system_message():
+    """Qianfan-OCR's template writes a default system message when the conversation has none: the system
+    placement puts the disturbance in its place (not before it), as for Qwen2-VL."""
+    tiny = tiny_model("qianfan_ocr", layers=1)
+    adapter = vlmfix.get_adapter(tiny.model)
+    prompt = tiny.prompt(QUESTIONS[1])
+    assert prompt.startswith(f"<|im_start|>system\n{QIANFAN_SYSTEM_TEXT}<|im_end|>\n<|im_start|>user\n")
+    before = tiny.tokenizer(prompt)["input_ids"]
+    want = tiny.tokenizer(prompt.replace(QIANFAN_SYSTEM_TEXT, DISTURBANCE))["input_ids"]
+    splice = adapter.system_splice(before, DISTURBANCE, tiny.tokenizer)
+    assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+
+
 # ---------------------------------------------------------------------------------------------
 # on tiny models
 
@@ -261,7 +280,7 @@ def test_alpha_zero_and_empty_disturbance_are_greedy(family):
 
 
 @pytest.mark.parametrize("placement", ["system", "after_image"])
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "deepseek_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "deepseek_vl", "qianfan_ocr"])
 def test_streams_and_scores_match_plain_forwards(family, placement):
     """The negative rows' logits equal a plain forward of the disturbed prompt built by the processor, at the
     prefill and three decode steps; the scores are the spec's contrast of the two plain forwards."""
