@@ -11,6 +11,7 @@ from torch import nn
 from transformers import LlamaTokenizer
 
 from vlmfix.adapters import SUPPORTED_CLASSES, get_adapter
+from vlmfix.testing import random_image
 from vlmfix.testing.tiny_families import ERNIE_TEMPLATE
 
 from .conftest import tiny_model
@@ -90,7 +91,8 @@ DEEPSEEK_OCR_PROMPT = "<｜begin▁of▁sentence｜><image>\n{q}"
 # chat_template.jinja; LightOnOCR: lightonai/LightOnOCR-1B-1025's; ERNIE 4.5 VL: transformers' conversion script;
 # DeepSeek-VL and its hybrid: the template of transformers' processor tests for both, after the BOS their tokenizer
 # adds; DeepSeek-OCR-2 and Unlimited OCR: the official inference code's "plain" format after BOS; PaddleOCR-VL:
-# PaddlePaddle/PaddleOCR-VL's chat_template.jinja)
+# PaddlePaddle/PaddleOCR-VL's chat_template.jinja; Qianfan-OCR: the template transformers' conversion script writes,
+# whose image placeholder the processor expands; Dots3 Note: dots.ocr's template, its own being unverified)
 CHECKPOINT_PROMPTS = {
     "deepseek_vl": DEEPSEEK_VL_PROMPT,
     "deepseek_vl_hybrid": DEEPSEEK_VL_PROMPT,
@@ -102,6 +104,9 @@ CHECKPOINT_PROMPTS = {
                    "<|im_start|>assistant\n",
     "ernie4_5_vl_moe": "<|begin_of_sentence|>User: Picture 1:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>{q}"
                        "\nAssistant: <think>\n\n</think>\n\n",
+    "qianfan_ocr": "<|im_start|>system\n你是千帆VL，由百度智能云研发的多模态大语言模型。<|im_end|>\n"
+                   "<|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n",
+    "dots3_note": "<|user|><|img|><|imgpad|><|endofimg|>{q}<|endofuser|><|assistant|>",
 }
 
 
@@ -120,3 +125,15 @@ def test_video_llama_3_names_no_frame_token():
     """Its template writes no vision start or end around an image (Qwen2-VL's tokenizer still has them)."""
     adapter = get_adapter(tiny_model("video_llama_3", layers=1).model)
     assert adapter.frame_tokens == () and adapter.frame_token_ids == ()
+
+
+def test_dots3_note_instruction_also_ends_at_a_chatml_turn_end():
+    """Its checkpoint's template is unverified: a ChatML prompt (its tokenizer holds <|im_end|>) ends the instruction
+    at <|im_end|> as dots.ocr's layout ends it at <|endofuser|>."""
+    tiny = tiny_model("dots3_note", layers=1)
+    question = "is there a dog ?"
+    chatml = f"<|im_start|>user\n<|img|><|imgpad|><|endofimg|>{question}<|im_end|>\n<|im_start|>assistant\n"
+    inputs = tiny.processor(text=[chatml], images=[random_image(48, 0)], return_tensors="pt")
+    ids = inputs["input_ids"]
+    spans = get_adapter(tiny.model).spans(ids, inputs["attention_mask"], tiny.tokenizer)
+    assert ids[spans.instruction].tolist() == tiny.tokenizer.encode(question, add_special_tokens=False)

@@ -28,6 +28,15 @@ from .reference_decoding import (
 from .test_pai import pai_row_edit
 
 DISTURBANCE = ICD_PROMPTS[3]  # "You are a confused objects detector to provide a fuzzy overview ..."
+# the fixed system text of DeepSeek-VL's chat template (both variants), which ICD's system placement replaces
+DEEPSEEK_SYSTEM_TEXT = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                        "content that the user provides, and assist the user with a variety of tasks using natural "
+                        "language.")
+# the default system message of Qianfan-OCR's chat template (transformers' conversion script)
+QIANFAN_SYSTEM_TEXT = "你是千帆VL，由百度智能云研发的多模态大语言模型。"
+# the system texts that the families' templates always write, which ICD's system placement replaces
+FIXED_SYSTEM_TEXTS = {"deepseek_vl": DEEPSEEK_SYSTEM_TEXT, "deepseek_vl_hybrid": DEEPSEEK_SYSTEM_TEXT,
+                      "qianfan_ocr": QIANFAN_SYSTEM_TEXT}
 
 
 class Recording(ICD):
@@ -47,11 +56,16 @@ def disturbed_inputs(tiny, questions: list[str], disturbance: str, placement: st
     `tiny.inputs` gives the same rows (other images with another `image_seed`)."""
     prompts = [tiny.prompt(q) for q in questions]
     qwen = tiny.family.startswith("qwen")
-    if placement == "system":  # LLaVA: `d USER: <image> ...`; Qwen: a system message holding d
+    deepseek = tiny.family.startswith("deepseek_vl")
+    fixed = FIXED_SYSTEM_TEXTS.get(tiny.family)
+    if placement == "system" and fixed:  # d in place of the template's system text (DeepSeek: `<bos>d\n\nUser: ...`)
+        assert all(fixed in p for p in prompts)
+        prompts = [p.replace(fixed, disturbance) for p in prompts]
+    elif placement == "system":  # LLaVA: `d USER: <image> ...`; Qwen: a system message holding d
         prompts = [f"<|im_start|>system\n{disturbance}<|im_end|>\n{p}" if qwen else f"{disturbance} {p}"
                    for p in prompts]
     else:  # `USER: <image> d <question>` (after Qwen's vision end)
-        image = "<|vision_end|>" if qwen else "<image>"
+        image = "<|vision_end|>" if qwen else "<image_placeholder>" if deepseek else "<image>"
         prompts = [p.replace(image, f"{image} {disturbance}") for p in prompts]
     images = [random_image(48 + 16 * ((image_seed + i) % 3), image_seed + i) for i in range(len(questions))]
     return dict(tiny.processor(text=prompts, images=images, return_tensors="pt", padding=True))
@@ -185,6 +199,64 @@ def test_qwen_system_splice_replaces_the_default_system_message():
         assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
 
 
+def byte_level_tokenizer(texts: list[str], specials: list[str]):
+    """A small byte-level BPE tokenizer trained on `texts` (as DeepSeek's: line breaks are tokens of their own,
+    a word after a space carries it, the first word after BOS does not)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=specials[0])
+
+
+@pytest.mark.parametrize("family", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_deepseek_vl_system_splice_replaces_the_fixed_system_text(family):
+    """DeepSeek-VL's template always writes a fixed system text after BOS: the system placement puts the
+    disturbance in its place and keeps the blank line before `User:` (with the tiny processor, and with a
+    byte-level tokenizer whose line breaks are tokens); a prompt without the system text gets the disturbance
+    and the blank line after BOS."""
+    adapter = vlmfix.get_adapter(tiny_model(family, layers=1).model)
+    question = "is there a dog ?"
+    bos, image = "<｜begin▁of▁sentence｜>", "<image_placeholder>"
+    turns = f"User: {image}{question}\n\nAssistant:"
+    tokenizer = byte_level_tokenizer([DEEPSEEK_SYSTEM_TEXT, DISTURBANCE, turns], [bos, image])
+
+    def ids(system: str | None) -> list[int]:
+        text = bos + (f"{system}\n\n" if system is not None else "") + turns
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    want = ids(DISTURBANCE)
+    assert tokenizer.convert_ids_to_tokens(want).count("Ċ") == 4  # the blank lines are tokens here
+    for before in (ids(DEEPSEEK_SYSTEM_TEXT), ids(None)):
+        splice = adapter.system_splice(before, DISTURBANCE, tokenizer)
+        assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+
+    tiny = tiny_model(family, layers=1)
+    before = tiny.tokenizer(tiny.prompt(question), add_special_tokens=False)["input_ids"]
+    want = tiny.tokenizer(tiny.prompt(question).replace(DEEPSEEK_SYSTEM_TEXT, DISTURBANCE),
+                          add_special_tokens=False)["input_ids"]
+    splice = adapter.system_splice(before, DISTURBANCE, tiny.tokenizer)
+    assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+
+
+def test_qianfan_ocr_system_splice_replaces_its_default_system_message():
+    """Qianfan-OCR's template writes a default system message when the conversation has none: the system
+    placement puts the disturbance in its place (not before it), as for Qwen2-VL."""
+    tiny = tiny_model("qianfan_ocr", layers=1)
+    adapter = vlmfix.get_adapter(tiny.model)
+    prompt = tiny.prompt(QUESTIONS[1])
+    assert prompt.startswith(f"<|im_start|>system\n{QIANFAN_SYSTEM_TEXT}<|im_end|>\n<|im_start|>user\n")
+    before = tiny.tokenizer(prompt)["input_ids"]
+    want = tiny.tokenizer(prompt.replace(QIANFAN_SYSTEM_TEXT, DISTURBANCE))["input_ids"]
+    splice = adapter.system_splice(before, DISTURBANCE, tiny.tokenizer)
+    assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+
+
 # ---------------------------------------------------------------------------------------------
 # on tiny models
 
@@ -208,7 +280,7 @@ def test_alpha_zero_and_empty_disturbance_are_greedy(family):
 
 
 @pytest.mark.parametrize("placement", ["system", "after_image"])
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "deepseek_vl", "qianfan_ocr"])
 def test_streams_and_scores_match_plain_forwards(family, placement):
     """The negative rows' logits equal a plain forward of the disturbed prompt built by the processor, at the
     prefill and three decode steps; the scores are the spec's contrast of the two plain forwards."""
@@ -230,9 +302,10 @@ def test_streams_and_scores_match_plain_forwards(family, placement):
         assert_scores_close(out.logits[step], want)
         want[:, tiny.model.config.image_token_id] = -math.inf  # suppressed after the contrast
         assert torch.equal(want.argmax(-1), tokens[:, step])
-    inserted = report["icd"]["inserted_tokens"]
+    icd = report["icd"]
     lengths = disturbed["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)
-    assert inserted == lengths.tolist() and report["icd"]["applied"]["contrast_steps"] == 4
+    assert [n - r for n, r in zip(icd["inserted_tokens"], icd["replaced_tokens"])] == lengths.tolist()
+    assert icd["applied"]["contrast_steps"] == 4
     assert_unchanged(inputs, before)
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from vlmfix.adapters.apertus1p5 import Apertus1p5Adapter
 from vlmfix.adapters.base import Adapter, Spans
+from vlmfix.adapters.deepseek_vl import DeepseekVLAdapter, DeepseekVLHybridAdapter
 from vlmfix.adapters.dots3_note import Dots3NoteAdapter
 from vlmfix.adapters.families import COMMON_LAYOUT
 from vlmfix.adapters.fuyu import FuyuAdapter
@@ -18,7 +19,8 @@ from vlmfix.adapters.step3p7 import Step3p7Adapter
 from vlmfix.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, *COMMON_LAYOUT,
-                                       FuyuAdapter, Step3p7Adapter, Apertus1p5Adapter, Dots3NoteAdapter)
+                                       FuyuAdapter, Step3p7Adapter, Apertus1p5Adapter, Dots3NoteAdapter,
+                                       DeepseekVLAdapter, DeepseekVLHybridAdapter)
 SUPPORTED_CLASSES: dict[str, type[Adapter]] = {name: a for a in ADAPTERS for name in a.model_classes}
 
 

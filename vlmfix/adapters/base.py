@@ -413,9 +413,14 @@ class Adapter:
         return Splice(start, found[0] if found else start, tuple(word_ids(tokenizer, text)))
 
     def after_image_splice(self, row: Sequence[int], text: str, tokenizer: Any) -> Splice:
-        """Insert `text` right after the last image token of one prompt row (after Qwen's vision end)."""
+        """Insert `text` right after the last image token of one prompt row (after the tokens that close the image:
+        Qwen's vision end, InternVL's </img> found with the tokenizer)."""
         ids = torch.tensor([list(row)])
-        marks = (self.image_mask(ids) | self.image_frame_mask(ids))[0].nonzero().flatten()
+        named = self.named_frame_ids(tokenizer)
+        marks = self.image_mask(ids) | self.image_frame_mask(ids)
+        if named:
+            marks = marks | torch.isin(ids, torch.tensor(named))
+        marks = marks[0].nonzero().flatten()
         if not len(marks):
             raise MissingImageError("the prompt row has no image token to place the text after; use a prompt with "
                                     "an image, or another placement.")

@@ -9,19 +9,26 @@ gets a module of its own (`llava.py`, `qwen2_vl.py`, ...) holding its module tre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vlmfix.adapters.base import Adapter
+from vlmfix.adapters.qwen2_vl import Qwen2VLAdapter
 
 CHATML = ("<|im_end|>",)  # <|im_start|>user ... <|im_end|>\n<|im_start|>assistant\n
 
 
-def common_layout(family: str, *model_classes: str, markers: tuple[str, ...], frames: tuple[str, ...] = ()
-                  ) -> type[Adapter]:
+def common_layout(family: str, *model_classes: str, markers: tuple[str, ...], frames: tuple[str, ...] = (),
+                  chatml_system: bool = False) -> type[Adapter]:
     """An adapter class for a family that follows the common layout (`frames`: image-wrapping tokens that
-    the config does not name)."""
+    the config does not name; `chatml_system`: the system slot is a ChatML system message, whose text ICD's
+    system placement replaces, as Qwen2-VL's)."""
     name = "".join(part.title() for part in family.split("_")) + "Adapter"
-    namespace = {"family": family, "model_classes": model_classes, "assistant_markers": markers, "frame_tokens": frames,
-                 "__module__": __name__, "__doc__": f"{family}: the common layout ({', '.join(model_classes)})."}
+    namespace: dict[str, Any] = {
+        "family": family, "model_classes": model_classes, "assistant_markers": markers, "frame_tokens": frames,
+        "__module__": __name__, "__doc__": f"{family}: the common layout ({', '.join(model_classes)}).",
+    }
+    if chatml_system:
+        namespace["system_splice"] = Qwen2VLAdapter.system_splice
     return dataclass(frozen=True)(type(name, (Adapter,), namespace))
 
 
@@ -31,13 +38,14 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
                   frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),
     common_layout("cohere2_vision", "Cohere2VisionForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",),
                   frames=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>")),
+    # North Micro Vision: its tokenizer stops on <|END_OF_TURN_TOKEN|>; its chat template itself is unverified
+    # (see vlmfix.testing.tiny_families.build_cohere_compass)
     common_layout("cohere_compass", "CohereCompassForConditionalGeneration", markers=("<|END_OF_TURN_TOKEN|>",)),
+    # Cosmos3-Edge: eos <|im_end|>; a Nemotron-3-Nano-style ChatML template, read only in part (build_cosmos3_edge)
     common_layout("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", markers=CHATML),
-    common_layout("deepseek_vl", "DeepseekVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", markers=("Assistant:",)),
     # DeepSeek-OCR-2's model card prompts "<image>\nFree OCR." with no turns: the instruction runs to the prompt's end
     common_layout("deepseek_ocr2", "DeepseekOcr2ForConditionalGeneration", markers=("Assistant:",)),
-    common_layout("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration", markers=("Assistant:",)),
     common_layout("exaone4_5", "Exaone4_5_ForConditionalGeneration", markers=("<|endofturn|>",),
                   frames=("<vision>", "</vision>")),  # <|user|>\n<vision>...</vision>text<|endofturn|>\n<|assistant|>
     common_layout("fast_vlm", "FastVlmForConditionalGeneration", markers=CHATML),
@@ -83,7 +91,9 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
     common_layout("perception_lm", "PerceptionLMForConditionalGeneration", markers=("<|eot_id|>",)),
-    common_layout("qianfan_ocr", "QianfanOCRForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
+    # Qianfan-OCR: ChatML with a default system message (transformers' conversion script writes its template)
+    common_layout("qianfan_ocr", "QianfanOCRForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>"),
+                  chatml_system=True),
     common_layout("qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_bos|>", "<|vision_eos|>")),
     common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),

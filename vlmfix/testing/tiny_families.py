@@ -916,7 +916,14 @@ COMPASS_TOKENS = ("<|VISION_START|>", "<|VISION_END|>", "<|IMAGE_PAD|>", "<|VIDE
 
 def build_cohere_compass(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Cohere Compass (North Vision): Qwen3-VL's vision tower, DeepStack and interleaved M-RoPE, under a
-    Cohere 2 language model whose rotary parameters are given per layer type (sliding and full layers)."""
+    Cohere 2 language model whose rotary parameters are given per layer type (sliding and full layers).
+
+    Template: Aya Vision's turns with the image as <|VISION_START|><|IMAGE_PAD|><|VISION_END|>. Verified: those
+    image tokens (transformers' CohereCompassProcessor and its tests) and that the checkpoint's tokenizer
+    (CohereTokenizer) stops on <|END_OF_TURN_TOKEN|> (mlx-vlm runs of mlx-community/North-Micro-Vision-Instruct-4bit),
+    the token that ends each turn in Cohere's templates and the adapter's marker. Not verified:
+    CohereLabs/North-Micro-Vision-Instruct's chat_template.jinja itself (not public where searched: its system
+    preamble, if any, and the tokens that open the chatbot's turn)."""
     from transformers import (
         CohereCompassConfig,
         CohereCompassForConditionalGeneration,
@@ -955,7 +962,16 @@ def build_cohere_compass(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]
 
 def build_cosmos3_edge(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Cosmos3-Edge: a packed SigLIP2 vision tower (`visual`), a 2x2 patch-merging MLP `projector`, a Llama-style
-    language model with M-RoPE; Qwen2-VL's prompt layout and rotary index."""
+    language model with M-RoPE; Qwen2-VL's prompt layout and rotary index.
+
+    Template: plain ChatML, each image as <|vision_start|><|image_pad|><|vision_end|>. Verified: the image tokens
+    (transformers' Cosmos3EdgeProcessor; its docstring: the Edge template writes a video as
+    <|vision_start|><|video_pad|><|vision_end|>) and, from the hub's record of nvidia/Cosmos3-Edge, the tokenizer's
+    eos <|im_end|> (the adapter's marker) and the opening of the checkpoint's chat template, which is
+    NVIDIA-Nemotron-3-Nano's (`enable_thinking` on by default, `truncate_history_thinking`). Not verified: the rest of
+    that 12 kB template (read only in part): Nemotron 3 Nano's always writes a system turn, empty when none is given,
+    and opens the answer with "<think>\n" (or "<think></think>" without thinking); the tiny template writes neither,
+    and the instruction span ends at <|im_end|> either way."""
     from transformers import Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration, Cosmos3EdgeProcessor
     from transformers.models.cosmos3_edge.image_processing_pil_cosmos3_edge import Cosmos3EdgeImageProcessorPil
 
@@ -1184,9 +1200,27 @@ def build_ovis2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+# Qianfan-OCR's chat template as transformers' conversion script writes it into the checkpoint
+# (src/transformers/models/qianfan_ocr/convert_qianfan_ocr_weights_to_hf.py, `multimodal_chat_template`): ChatML with
+# a default system message when the conversation has none, each image item written as a placeholder and a line
+# break before the text; `enable_thinking=True` (Layout-as-Thought, off by default) adds "\n<think>" at the end of
+# the last user turn and "<think>\n" after the assistant header. The script writes "<IMG_CONTEXT>\n" for an image;
+# transformers 5.24's processor expands its `image_placeholder_token` (default "<image>") to the same
+# <img><IMG_CONTEXT>...</img> ids, so the tiny build writes "<image>\n".
+QIANFAN_SYSTEM = "你是千帆VL，由百度智能云研发的多模态大语言模型。"
+QIANFAN_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + QIANFAN_SYSTEM + "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def build_qianfan_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Qianfan-OCR: InternVL's layout (InternViT, pixel-shuffle projector: 4 tokens per 32-pixel image, each
-    image as <img> <IMG_CONTEXT>... </img>) with Qwen3."""
+    image as <img> <IMG_CONTEXT>... </img>) with Qwen3; its checkpoint's template (`QIANFAN_TEMPLATE`: a default
+    system message, the image and a line break before the question)."""
     from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration, QianfanOCRProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -1205,7 +1239,7 @@ def build_qianfan_ocr(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     model = QianfanOCRForConditionalGeneration(config)
     image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
     processor = QianfanOCRProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
-                                    chat_template=chatml_template("<image>\n"))
+                                    chat_template=QIANFAN_TEMPLATE)
     return model, processor
 
 

@@ -8,8 +8,9 @@ position, which left padding shifts: a padded row then keeps other keys than the
 2-head build: plain `generate`'s scores of the padded row off by 0.08 to 0.15). The builds below keep the
 family's 32 indexer heads (its config default), where a key scoring 0 on every head is as rare as on the
 real model (the padded row's scores then match the row alone to 1e-7). Dots3 Note's indexed layers are the
-same indexer (64 heads on the checkpoint); its build keeps 32 too, measured the same way: a row left-padded by 6
-tokens off by 0.006 in plain `generate`'s first scores with 2 indexer heads, to 1e-7 with 32.
+same indexer; its build keeps the checkpoint's 64 heads, measured the same way: a row left-padded by 6 tokens off by
+0.006 in plain `generate`'s first scores with 2 indexer heads, to 1e-7 with 32; with 32, under dots.ocr's shorter
+prompt layout, its second decode step still picked other keys (scores off by 0.38), with 64 it matches.
 
 vlmfix merges the selection into the mask (`vlmfix.decoding.attention.with_selected_keys`), so its edits act
 on each query's selected keys only: a key the indexer dropped stays out of every method's reach.
@@ -26,7 +27,6 @@ from vlmfix.testing.tiny_families import (
     Builder,
     PixtralLayoutProcessor,
     Shape,
-    chatml_template,
     chatml_tokenizer,
     image_only,
     mistral_tokenizer,
@@ -35,6 +35,8 @@ from vlmfix.testing.tiny_families import (
 
 # the family's default indexer width (MistralLarge4TextConfig.index_n_heads): ReLU ties stay rare
 INDEXER_HEADS = 32
+# Dots3 Note's checkpoint indexer width (index_n_heads)
+DOTS3_INDEXER_HEADS = 64
 
 
 def build_mistral_large4(shape: Shape, *, index_topk: int = 8) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -68,8 +70,23 @@ def build_mistral_large4(shape: Shape, *, index_topk: int = 8) -> tuple[PreTrain
     return model, PixtralLayoutProcessor(image_processor, tokenizer, token_patch=16, chat_template=MISTRAL_TEMPLATE)
 
 
-# Dots3 Note's image tokens; frames and template as dots.ocr writes them (not checked against a Dots3 checkpoint)
-DOTS3_TOKENS = ("<|img|>", "<|imgpad|>", "<|endofimg|>", "<|video_pad|>", "<|audio_comp_pad|>")
+# Dots3 Note's image tokens (<|imgpad|>, <|video_pad|>, <|audio_comp_pad|>: its processor) and dots.ocr's frames and
+# turn tokens (dots.ocr's template, the family's earlier model: `DOTS3_TEMPLATE`)
+DOTS3_TOKENS = ("<|img|>", "<|imgpad|>", "<|endofimg|>", "<|video_pad|>", "<|audio_comp_pad|>", "<|system|>",
+                "<|endofsystem|>", "<|user|>", "<|endofuser|>", "<|assistant|>", "<|endofassistant|>")
+# dots.ocr's chat template: `<|user|><|img|><|imgpad|><|endofimg|>{question}<|endofuser|><|assistant|>`, a system
+# turn `<|system|>{text}<|endofsystem|>\n` only when given, answers closed by <|endofassistant|> (ms-swift's
+# `dots_ocr` template; the rendered prompts pinned by the Relax project's tests of dots.ocr's chat_template.jinja).
+# Dots3 Note's own template was not found: a read-only check of its checkpoint (tokenspeed's Dots3 Note tests) shows
+# that a rendered assistant turn ends with <|endofassistant|> and that <|im_end|> is a special token too, which fits
+# this layout but does not pin the user turn; `enable_thinking` (its README) is not reproduced here.
+DOTS3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}<|system|>{{ message['content'][0]['text'] }}"
+    "<|endofsystem|>{{ '\\n' }}{% elif message['role'] == 'user' %}<|user|>{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|img|><|imgpad|><|endofimg|>{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|endofuser|>{% else %}<|assistant|>{% for item in message['content'] %}{{ item['text'] }}"
+    "{% endfor %}<|endofassistant|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def build_dots3_note(shape: Shape, *, index_topk: int = 8, sliding_window: int = 16) -> tuple[PreTrainedModel,
@@ -78,7 +95,8 @@ def build_dots3_note(shape: Shape, *, index_topk: int = 8, sliding_window: int =
     style language model in which the family's layer pattern mixes indexed layers (layers 0, 1: MLA latents, an
     indexer keeping each query's top `index_topk` keys) with sliding-window MLA layers of their own head count
     and latent ranks (per_layer_config: half the heads, as 64 against 128 on the real model), each head's output
-    scaled by a sigmoid gate; MoE layers after the first; a one-layer audio tower beside the vision one, unused."""
+    scaled by a sigmoid gate; MoE layers after the first; a one-layer audio tower beside the vision one, unused.
+    Prompts in dots.ocr's layout (`DOTS3_TEMPLATE`; Dots3 Note's own template is unverified)."""
     from transformers import (
         Dots3NoteConfig,
         Dots3NoteFeatureExtractor,
@@ -97,11 +115,11 @@ def build_dots3_note(shape: Shape, *, index_topk: int = 8, sliding_window: int =
         num_key_value_heads=shape.heads, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32,
         kv_lora_rank=16, qk_rope_head_dim=shape.head_dim // 2, qk_nope_head_dim=shape.head_dim // 2,
         v_head_dim=shape.head_dim, head_dim=shape.head_dim, index_topk=index_topk, index_head_dim=8,
-        index_n_heads=INDEXER_HEADS, max_position_embeddings=2048, sliding_window=sliding_window,
+        index_n_heads=DOTS3_INDEXER_HEADS, max_position_embeddings=2048, sliding_window=sliding_window,
         # the sliding layers' own shape (the checkpoint's swa_* aliases, normalised into per_layer_config)
         swa_num_attention_heads=sliding_heads, swa_num_key_value_heads=sliding_heads, swa_q_lora_rank=24,
         swa_kv_lora_rank=24, swa_head_dim=shape.head_dim, swa_qk_nope_head_dim=shape.head_dim // 2,
-        swa_v_head_dim=2 * shape.head_dim, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        swa_v_head_dim=2 * shape.head_dim, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endofassistant|>"],
         bos_token_id=ids["<|endoftext|>"],
     )
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
@@ -119,7 +137,7 @@ def build_dots3_note(shape: Shape, *, index_topk: int = 8, sliding_window: int =
     # the audio feature extractor at the tiny tower's 16 mel bins (unused: the prompts carry no audio)
     processor = image_only(Dots3NoteProcessor)(image_processor=image_processor, tokenizer=tokenizer,
                                                feature_extractor=Dots3NoteFeatureExtractor(feature_size=16),
-                                               chat_template=chatml_template("<|img|><|imgpad|><|endofimg|>"))
+                                               chat_template=DOTS3_TEMPLATE)
     return model, processor
 
 
