@@ -49,52 +49,6 @@ def test_llama_4_stays_refused_while_transformers_own_forward_fails():
     assert "image_outputs" in REFUSED["Llama4ForConditionalGeneration"].reason
 
 
-def _tiny_minimax_m3(layer_type: str, topk_blocks: int) -> nn.Module:
-    """A 2-layer MiniMax M3 (dense MLPs, blocks of 2 keys) whose layers are all `layer_type`."""
-    from transformers import MiniMaxM3SparseForConditionalGeneration, MiniMaxM3VLConfig
-
-    torch.manual_seed(0)
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=32, dense_intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=16, rotary_dim=8, mlp_layer_types=["dense"] * 2,
-                layer_types=[layer_type] * 2, index_n_heads=1, index_head_dim=8, index_block_size=2,
-                index_topk_blocks=topk_blocks, index_local_blocks=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=2,
-                  image_size=8)
-    config = MiniMaxM3VLConfig(text_config=text, vision_config=vision, image_token_index=60, video_token_index=61)
-    return MiniMaxM3SparseForConditionalGeneration(config).eval()
-
-
-def _padded_row_gap(model: nn.Module, pad: int = 5) -> float:
-    """Largest logit gap, over 3 greedy steps of plain generate, between a row left-padded by `pad` tokens in a
-    batch and the same row decoded alone."""
-    generator = torch.Generator().manual_seed(1)
-    row = torch.randint(3, 50, (1, 9), generator=generator)
-    longer = torch.randint(3, 50, (1, 9 + pad), generator=generator)
-    input_ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), row], 1), longer])  # [2, 9 + pad]
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, :pad] = 0
-    options = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    alone = model.generate(row, attention_mask=torch.ones_like(row), **options).logits  # 3 x [1, vocab]
-    batched = model.generate(input_ids, attention_mask=attention_mask, **options).logits  # 3 x [2, vocab]
-    return max((a[0] - b[0]).abs().max().item() for a, b in zip(alone, batched))
-
-
-def test_minimax_m3_stays_refused_while_a_left_padded_row_differs_from_the_row_alone():
-    """MiniMax M3 is refused because transformers' own generate gives a left-padded row other logits than the
-    row alone (its lightning indexer compares key slots with content positions), so vlmfix's per-row guarantee
-    cannot hold. Once a transformers release fixes it, this fails: revisit the refusal (a tiny build, the
-    block-sparse mask merged in vlmfix's attention, the conformance suite)."""
-    # the same build with full attention keeps the padded row: the padding and positions here are right
-    assert _padded_row_gap(_tiny_minimax_m3("full_attention", topk_blocks=64)) < 1e-5
-    top_2 = _padded_row_gap(_tiny_minimax_m3("minimax_m3_sparse", topk_blocks=2))
-    every_block = _padded_row_gap(_tiny_minimax_m3("minimax_m3_sparse", topk_blocks=64))
-    assert top_2 > 1e-2 and every_block > 1e-2, (
-        f"a left-padded row of MiniMax M3 now matches the row alone (gaps {top_2:.2g}, {every_block:.2g}): "
-        "transformers fixed its indexer under left padding, so revisit the refusal in vlmfix/adapters/refusals.py")
-    assert "left-padded" in REFUSED["MiniMaxM3SparseForConditionalGeneration"].reason
-    assert REFUSED["MiniMaxM3SparseForConditionalGeneration"].verified_impossible
-
-
 def test_an_unknown_class_lists_the_supported_ones():
     with pytest.raises(vlmfix.UnsupportedModelError, match="no adapter for Linear. Supported model classes: "):
         get_adapter(nn.Linear(2, 2))

@@ -104,22 +104,6 @@ REFUSED: dict[str, Refusal] = {
     "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
-    # generate is not row-independent under left padding
-    "MiniMaxM3SparseForConditionalGeneration": _cannot(
-        "transformers 5.24's own generate does not keep a left-padded row equal to the row decoded alone, so "
-        "vlmfix, which batches rows left-padded and guarantees each row what it gets alone, has no per-row "
-        "output to match. On its minimax_m3_sparse layers a lightning indexer picks, per query, the top "
-        "index_topk_blocks blocks of index_block_size keys plus its index_local_blocks newest "
-        "(modeling_minimax_m3_vl.py:493-599); it masks as future every key slot past the query's content position "
-        "(position_ids, which generate starts at a row's first real token: :578) and anchors the local block to "
-        "that position (:586), so in a row left-padded by p tokens each query's selection drops its newest p keys, "
-        "its own included, and its blocks sit on slots, not positions (the model's TODO, :524, which calls "
-        "left padding unsupported). "
-        "Measured by tests/test_adapters.py on a 2-layer build with blocks of 2 keys and 5 pad tokens: the "
-        "padded row's logits differ from the row alone by 0.44 (top 2 blocks) and 0.086 (every block "
-        "selected), by 5e-8 with full attention in the same build. (Were it fixed: under vlmfix's attention "
-        "name the model passes `block_indices` [batch, index heads, queries, blocks] unmerged, :468-486, which "
-        "vlmfix's attention would merge into the mask as the indexer's build_block_mask does, :601.)"),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning, with or without an "
