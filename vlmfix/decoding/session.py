@@ -270,11 +270,12 @@ class Session:
         raise UnsupportedModelError(
             f"vlmfix runs {self.adapter.family} on unpadded batches only, and rows {padded} of this prefill are "
             f"left-padded{' by a two-stream method (its second prompt has another length)' if by_engine else ''}: "
-            f"transformers 5.24's own {self.adapter.family} gives a left-padded row other logits than the row alone "
-            "(its block-sparse indexer masks the key slots past each query's content position, "
-            "modeling_minimax_m3_vl.py:578, :586), so no row would get what it gets alone. Decode one prompt a call "
-            "(batch size 1) or batch prompts of one token length"
-            f"{'; with this model, use methods whose streams keep the prompt length' if by_engine else ''}."
+            f"transformers 5.24's own {type(self.model).__name__} gives a left-padded row other logits than the row "
+            "alone (its block-sparse indexer masks the key slots past each query's content position, "
+            "modeling_minimax_m3_vl.py:578, :586), so no row would get what it gets alone. "
+            + ("With this model, use a method whose second prompt has the first's length (the batch's own rows are "
+               "unpadded)." if by_engine else
+               "Decode one prompt a call (batch size 1) or batch prompts of one token length.")
         )
 
     def begin_prompt(self, inputs: dict[str, Any]) -> None:
