@@ -4,6 +4,8 @@ vlmfix's attention merges into the mask. These build the model without its proce
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from torch import nn
 import vlmfix
 from vlmfix.adapters import get_adapter
 from vlmfix.decoding.attention import with_selected_blocks
-from vlmfix.decoding.edits import KeyBias
+from vlmfix.decoding.edits import KeyBias, Reweight
 
 from .conftest import PlannedEdits
 
@@ -146,3 +148,54 @@ def test_an_edit_cannot_reach_a_key_outside_the_selected_blocks():
                                  attention_mask=torch.ones_like(input_ids), **step)
         gaps.append((plain.scores[0] - edited.scores[0]).abs().max().item())
     assert gaps[0] < 1e-5 < 1e-2 < gaps[1]
+
+
+@pytest.mark.parametrize("kernel", ["never", "always"])
+def test_an_edited_layer_keeps_each_key_value_groups_own_block_selection(kernel):
+    """With two key-value groups the indexer selects blocks per group, so the merged mask differs across heads. An
+    edited layer (here edits that change nothing) must keep each head's own selection, in the PyTorch path and in
+    the grouped decode kernel (which takes one mask per row, so it must leave a per-head mask to the PyTorch path):
+    the scores stay plain generate's."""
+    from transformers import MiniMaxM3SparseForConditionalGeneration
+
+    config = tiny_minimax_m3(topk_blocks=2).config
+    config.text_config.num_key_value_heads = config.text_config.index_n_heads = 2
+    torch.manual_seed(0)
+    model = MiniMaxM3SparseForConditionalGeneration(config).eval()
+    selections: list[torch.Tensor] = []
+    indexer = get_adapter(model).decoder_layers[1].self_attn.indexer
+    handle = indexer.register_forward_hook(lambda module, args, out: selections.append(out))
+    input_ids = torch.randint(3, 50, (1, 12), generator=torch.Generator().manual_seed(5))
+    step = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+
+    def unchanged(session, layer_idx):  # [batch, heads, keys]: a multiplier of 1 and a bias of 0 on every key
+        return [Reweight(multiplier=torch.ones(1, 1, 16)), KeyBias(bias=torch.zeros(1, 1, 16))]
+
+    try:
+        plain = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **step)
+        edited = vlmfix.generate(model, methods=[PlannedEdits(unchanged)], input_ids=input_ids,
+                                 attention_mask=torch.ones_like(input_ids), kernel=kernel, **step)
+    finally:
+        handle.remove()
+    decode = selections[-1]  # [batch, index heads, 1, top-k] at the last decode step
+    assert not torch.equal(decode[:, 0].sort(-1).values, decode[:, 1].sort(-1).values)  # the groups differ
+    assert torch.equal(plain.sequences, edited.sequences)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain.scores, edited.scores))
+
+
+def test_pai_records_its_image_gain_under_a_mask_per_head():
+    """PAI's recorded image-attention gain reads the layer's mask, one per head here (two key-value groups): each
+    row gets one finite gain per image token."""
+    from transformers import MiniMaxM3SparseForConditionalGeneration
+
+    config = tiny_minimax_m3().config
+    config.text_config.num_key_value_heads = config.text_config.index_n_heads = 2
+    torch.manual_seed(0)
+    model = MiniMaxM3SparseForConditionalGeneration(config).eval()
+    input_ids = torch.randint(3, 50, (2, 12), generator=torch.Generator().manual_seed(6))
+    spans = {"image": [[2, 3, 4, 5, 6]] * 2, "instruction": [[8, 9, 10]] * 2}
+    with vlmfix.apply(model, vlmfix.PAI(layers=[0, 1]), spans=spans, record=True) as session:
+        session.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=2,
+                         do_sample=False, pad_token_id=0)
+    gains = session.report()["pai"]["image_gain"]
+    assert [len(row) for row in gains] == [5, 5] and all(math.isfinite(g) and g > 0 for row in gains for g in row)
