@@ -226,9 +226,19 @@ class Adapter:
 
     @property
     def has_indexed_attention(self) -> bool:
-        """Whether decoder layers attend to each query's top-k keys chosen by a learned indexer (DeepSeek-V3.2's
-        sparse attention: Mistral Large 4); their cache layers keep the indexer's keys beside the model's."""
-        return getattr(self.text_config, "index_topk", None) is not None
+        """Whether decoder layers attend to each query's top-k keys (DeepSeek-V3.2's sparse attention: Mistral
+        Large 4) or key blocks (MiniMax M3) chosen by a learned indexer; their cache layers keep the indexer's
+        keys beside the model's."""
+        config = self.text_config
+        return getattr(config, "index_topk", None) is not None or getattr(config, "index_topk_blocks", None) is not None
+
+    @property
+    def left_padding_changes_rows(self) -> bool:
+        """Whether the model itself (plain `generate`) gives a left-padded row other logits than the row alone.
+        MiniMax M3's block-sparse layers do in transformers 5.24: their indexer masks the key slots past each
+        query's content position and anchors blocks to slots (modeling_minimax_m3_vl.py:524, :578, :586), so
+        vlmfix runs them on unpadded batches only (`Session` refuses a padded one before its forward)."""
+        return "minimax_m3_sparse" in (getattr(self.text_config, "layer_types", None) or ())
 
     @property
     def vision_tower(self) -> nn.Module:

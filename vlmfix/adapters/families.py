@@ -77,6 +77,10 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
                   frames=("<|vision_pad|>", "<|vision_end|>")),
     common_layout("llava_next_video", "LlavaNextVideoForConditionalGeneration", markers=("ASSISTANT:", "[/INST]")),
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
+    # MiniMax M3: ]~b]user\n]<]start of image[>[]<]image[>[...]<]end of image[>[text[e~[\n]~b]ai\n (MiniMax M2's turn
+    # layout; M3's own template not checked); unpadded batches only (Adapter.left_padding_changes_rows)
+    common_layout("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration", markers=("[e~[",),
+                  frames=("]<]start of image[>[", "]<]end of image[>[")),
     common_layout("mistral_large4", "MistralLarge4ForConditionalGeneration", markers=("[/INST]",),
                   frames=("[IMG_BREAK]", "[IMG_END]")),
     common_layout("mistral3", "Mistral3ForConditionalGeneration", markers=("[/INST]",),

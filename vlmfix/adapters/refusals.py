@@ -104,18 +104,6 @@ REFUSED: dict[str, Refusal] = {
     "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
-    "MiniMaxM3SparseForConditionalGeneration": _pending(
-        "block-sparse attention: on its minimax_m3_sparse layers a lightning indexer scores every key, max-pools "
-        "the scores over blocks of index_block_size keys and each query attends to its top index_topk_blocks "
-        "blocks plus its newest index_local_blocks (modeling_minimax_m3_vl.py:493-599; the cache keeps the "
-        "indexer's keys too). transformers 5.24's own generate does not keep a left-padded row equal to the row "
-        "alone: the indexer compares key slots with content positions (position_ids start at a row's first real "
-        "token; :578, :586), so a row left-padded by p tokens loses its newest p keys, its own included, and its "
-        "blocks are anchored to slots (the model's TODO, :524). Measured on a 2-layer build with 5 pad tokens: "
-        "0.65 in the logits, 0.71 with every block selected; the unpadded row matches to 1e-7. vlmfix batches "
-        "left-padded, so no method can keep rows independent. (Under vlmfix's attention name the model passes "
-        "`block_indices` [batch, index heads, queries, blocks] unmerged, :468-486; the indexer's build_block_mask, "
-        ":601, would merge them.)"),
     # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
     "Llama4ForConditionalGeneration": _cannot(
         "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning, with or without an "

@@ -112,6 +112,11 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
             # sparse attention leaves its top-k key selection to a backend of another name: merge it here
             attention_mask = with_selected_keys(attention_mask, kwargs["indices"], key.shape[2])
             kwargs["indices"] = None
+        if kwargs.get("block_indices") is not None and implementation in MERGES_SELECTION:
+            # MiniMax M3's block selection: merged into the mask as its own indexer does for eager/sdpa
+            attention_mask = with_selected_blocks(module, attention_mask, kwargs["block_indices"], query, key,
+                                                  kwargs.get("position_ids"))
+            kwargs["block_indices"] = None
         if not host.owns_thread():
             return backend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         layer_idx = cast(int, module.layer_idx)  # every decoder attention module holds its index
@@ -160,7 +165,8 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
 
 # Backends into whose mask a sparse-attention layer (DeepSeek-V3.2's indexer: Mistral Large 4, Dots3 Note,
 # HY V4 VL) merges its top-k selection itself; under any other name, vlmfix's included, it passes the selection
-# as `indices` instead (modeling_mistral_large4.py:468-480), which these backends would ignore.
+# as `indices` instead (modeling_mistral_large4.py:468-480), which these backends would ignore. MiniMax M3's
+# block-sparse layers do the same with `block_indices` (modeling_minimax_m3_vl.py:468-486).
 MERGES_SELECTION = ("eager", "sdpa")
 
 
@@ -178,6 +184,24 @@ def with_selected_keys(attention_mask: Tensor | None, indices: Tensor, kv_len: i
     if attention_mask.dtype == torch.bool:
         return attention_mask & ~dropped
     return attention_mask.masked_fill(dropped, torch.finfo(attention_mask.dtype).min)
+
+
+def with_selected_blocks(module: nn.Module, attention_mask: Tensor | None, block_indices: Tensor, query: Tensor,
+                         key: Tensor, position_ids: Tensor | None) -> Tensor:
+    """The [batch, heads, q_len, kv_len] additive mask of a block-sparse layer (MiniMax M3's lightning indexer):
+    `attention_mask` with every key outside each query's selected key blocks masked, built by the layer's own
+    indexer (`build_block_mask`, which the layer calls itself under eager and sdpa), so bit for bit.
+
+    block_indices: [batch, index heads, q_len, top-k blocks], -1 for an unused slot."""
+    indexer = getattr(module, "indexer", None)
+    if indexer is None or not hasattr(indexer, "build_block_mask"):
+        raise ValueError(f"{type(module).__name__} passed a block selection (`block_indices`) but has no indexer "
+                         "with build_block_mask; this model is not one vlmfix has checked.")
+    if position_ids is None:  # the layer's own fallback: the newest q_len of kv_len positions
+        position_ids = torch.arange(key.shape[2] - query.shape[2], key.shape[2], device=query.device)
+    positions = position_ids if position_ids.dim() > 1 else position_ids.unsqueeze(0)  # [batch or 1, q_len]
+    return cast(Tensor, indexer.build_block_mask(block_indices, attention_mask, key.shape[2], query.dtype,
+                                                 query.device, positions))
 
 
 def one_sdpa_for_blocks(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,

@@ -255,6 +255,8 @@ def grouped_decode_output(
     batch, heads, q_len, head_dim = query.shape
     if q_len != 1 or value.shape != key.shape:  # the kernels take values as wide as keys (not MLA's)
         return None
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] > 1:
+        return None  # a mask per head (MiniMax M3's block selection per key-value group): the kernel takes one a row
     kv_len = key.shape[2]
     scaling = head_dim**-0.5 if scaling is None else scaling
     device = query.device

@@ -51,7 +51,7 @@ from vlmfix.decoding.grouped import KeyGroupCache
 from vlmfix.decoding.key_bias import KeyBiasPlans
 from vlmfix.decoding.method import METHODS, Method
 from vlmfix.decoding.prompt_inputs import IMAGE_KEYS, image_layout, padding_mask, without_loop_keys
-from vlmfix.errors import MissingImageError, SessionError, SpanError
+from vlmfix.errors import MissingImageError, SessionError, SpanError, UnsupportedModelError
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 _NAMES = itertools.count()
@@ -250,12 +250,33 @@ class Session:
         inputs = dict(kwargs)
         if args:
             inputs.setdefault("input_ids", args[0])
+        if self.adapter.left_padding_changes_rows and new is not None:
+            self._refuse_padded_rows(padding_mask(inputs.get("attention_mask"), new[..., 0] if new.dim() == 3 else new))
         if inputs.get("input_ids") is None:
             if self.methods:
                 raise ValueError("vlmfix methods need input_ids (to find image and instruction tokens), "
                                  "not inputs_embeds alone.")
             return
         self.begin_prompt(inputs)
+
+    def _refuse_padded_rows(self, valid: Tensor) -> None:
+        """Raise before a prefill whose rows are padded (valid: [batch, seq], True on real tokens) when the model
+        itself gives a padded row other logits than the row alone (`Adapter.left_padding_changes_rows`)."""
+        padded = (~valid).any(dim=1).nonzero().flatten().tolist()
+        if not padded:
+            return
+        caller = self.call_inputs.get("attention_mask")
+        by_engine = isinstance(caller, Tensor) and caller.dim() == 2 and bool(caller.bool().all())
+        raise UnsupportedModelError(
+            f"vlmfix runs {self.adapter.family} on unpadded batches only, and rows {padded} of this prefill are "
+            f"left-padded{' by a two-stream method (its second prompt has another length)' if by_engine else ''}: "
+            f"transformers 5.24's own {type(self.model).__name__} gives a left-padded row other logits than the row "
+            "alone (its block-sparse indexer masks the key slots past each query's content position, "
+            "modeling_minimax_m3_vl.py:578, :586), so no row would get what it gets alone. "
+            + ("With this model, use a method whose second prompt has the first's length (the batch's own rows are "
+               "unpadded)." if by_engine else
+               "Decode one prompt a call (batch size 1) or batch prompts of one token length.")
+        )
 
     def begin_prompt(self, inputs: dict[str, Any]) -> None:
         """Find spans and prepare every method for a new prompt batch.

@@ -78,7 +78,8 @@ class GainRecorder:
             self.counts = torch.zeros(batch, dtype=torch.float32, device=device)
         z = attention_scores(query, key, call.scaling, call.softcap)  # [batch, heads, 1, kv_len]
         boosted = key_biased_scores(z, edits)
-        mask = call.attention_mask  # None (causal), [batch, kv_len] padding, or [batch or 1, 1, q_len, kv_len]
+        # None (causal), [batch, kv_len] padding, or [batch or 1, 1 or heads (MiniMax M3's blocks), q_len, kv_len]
+        mask = call.attention_mask
         if mask is not None and mask.shape[0] > batch:
             mask = mask[:batch]
         if mask is not None and mask.dim() == 4:
@@ -86,7 +87,7 @@ class GainRecorder:
         mask = additive_mask(mask, batch, 1, kv_len, device)
         plain_p, boosted_p = torch.softmax(z + mask, -1), torch.softmax(boosted + mask, -1)
         # a key the mask hides (a sliding window's older keys) keeps its zero attention: gain 1, not 0 / 0
-        visible = torch.isfinite(mask).expand(batch, 1, 1, kv_len)  # [batch, 1, 1, kv_len]
+        visible = torch.isfinite(mask).expand(batch, -1, 1, kv_len)  # [batch, 1 or heads, 1, kv_len]
         ratio = torch.where(visible, boosted_p / plain_p.clamp_min(1e-30), torch.ones_like(boosted_p))
         gain = ratio.mean(dim=1)[:, 0]  # [batch, kv_len]
         rows = row_mask(edits[0], batch, 1, kv_len, device)[:, 0]  # [batch] bool: rows whose newest query it edits

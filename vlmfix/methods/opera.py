@@ -120,8 +120,9 @@ class OPERA(Method):
         if adapter.has_indexed_attention:
             raise UnsupportedModelError(
                 f"OPERA rewrites cache slots of plain dynamic layers, and {adapter.family}'s sparse-attention layers "
-                "cache the indexer's keys beside the latents (DynamicIndexedLayer), which those rewrites and "
-                "rollbacks would leave out of step; OPERA supports full-attention decoders.")
+                "cache the indexer's keys beside the attention's (DynamicIndexedLayer, MiniMax M3's sparse cache "
+                "layer), which those rewrites and rollbacks would leave out of step; OPERA supports full-attention "
+                "decoders.")
         implementation = adapter.text_config._attn_implementation or "eager"
         if "flash" in implementation:
             raise ValueError(f"OPERA needs an attention backend that honours 4-D masks (its candidate chunks and "

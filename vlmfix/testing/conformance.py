@@ -47,6 +47,9 @@ from vlmfix.testing.tiny import ALL_FAMILIES, TinyVLM, build_tiny, random_image
 
 # rows of different lengths, so the batch is left-padded
 QUESTIONS = ("Describe this image in detail .", "is there a dog ?")
+# rows of one length (images of one size too: `TinyVLM.inputs`), for a family run on unpadded batches only
+# (`Adapter.left_padding_changes_rows`: MiniMax M3), whose every check but the refusal of a padded batch uses them
+ONE_LENGTH_QUESTIONS = ("is there a cat ?", "is there a dog ?")
 MAX_NEW_TOKENS = 4
 MODES: dict[str, dict[str, Any]] = {
     "greedy": dict(do_sample=False),
@@ -146,11 +149,21 @@ def _hook_count(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the checks
+def questions_for(tiny: TinyVLM) -> tuple[str, ...]:
+    """The batch's questions: of different lengths (a left-padded batch), or of one length for a family run on
+    unpadded batches only."""
+    return ONE_LENGTH_QUESTIONS if tiny.unpadded_only else QUESTIONS
+
+
 def check_no_method(tiny: TinyVLM, mode: str) -> None:
-    """No method: tokens and scores bit-identical to plain `generate` under `mode`, through both entry points."""
-    inputs = tiny.inputs(list(QUESTIONS))
-    if not bool((inputs["attention_mask"] == 0).any()):
-        raise ConformanceError("the conformance batch must be left-padded (rows of different lengths)")
+    """No method: tokens and scores bit-identical to plain `generate` under `mode`, through both entry points
+    (on rows of one length for a family run on unpadded batches only, which must refuse a padded batch)."""
+    if tiny.unpadded_only:
+        check_padded_batch_refused(tiny)
+    inputs = tiny.inputs(list(questions_for(tiny)))
+    if bool((inputs["attention_mask"] == 0).any()) == tiny.unpadded_only:
+        raise ConformanceError("the conformance batch must be left-padded (rows of different lengths)"
+                               if not tiny.unpadded_only else "the conformance batch's rows must have one length")
     kwargs = dict(max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True, output_scores=True, **MODES[mode])
     runs: dict[str, Callable[[], Any]] = {
         "vlmfix.generate": lambda: vlmfix.generate(tiny.model, **inputs, **kwargs),
@@ -170,6 +183,31 @@ def check_no_method(tiny: TinyVLM, mode: str) -> None:
             torch.equal(a, b) for a, b in zip(reference.scores, out.scores)
         ):
             raise ConformanceError(f"{name} without methods changed the scores under {mode}")
+
+
+def check_padded_batch_refused(tiny: TinyVLM) -> None:
+    """A family run on unpadded batches only: a left-padded batch raises `UnsupportedModelError` naming the cause
+    and the fix before any forward, through both entry points, with or without a method."""
+    inputs = tiny.inputs(list(QUESTIONS))
+    if not bool((inputs["attention_mask"] == 0).any()):
+        raise ConformanceError("the refusal check's batch must be left-padded (rows of different lengths)")
+    runs: dict[str, Callable[[], Any]] = {
+        "vlmfix.generate": lambda: vlmfix.generate(tiny.model, **inputs, max_new_tokens=1),
+        "vlmfix.apply": lambda: _generate_in_apply(tiny, inputs, dict(max_new_tokens=1)),
+        "a method": lambda: vlmfix.generate(tiny.model, **inputs, methods=["vhr"], max_new_tokens=1),
+    }
+    calls: list[str] = []  # forwards of the language model
+    handle = get_adapter(tiny.model).language_model.register_forward_pre_hook(lambda *_: calls.append("lm"))
+    try:
+        failures = {name: _failure(run) for name, run in runs.items()}
+    finally:
+        handle.remove()
+    for name, failure in failures.items():
+        if failure is None or not failure.startswith("UnsupportedModelError") or "batch size 1" not in failure:
+            raise ConformanceError(f"{name} ran a left-padded batch of {tiny.family}, which the model itself does "
+                                   f"not keep row-independent ({failure})")
+    if calls:
+        raise ConformanceError(f"vlmfix refused a left-padded batch of {tiny.family} only after a forward")
 
 
 def _failure(run: Callable[[], Any]) -> str | None:
@@ -313,7 +351,8 @@ def check_method(tiny: TinyVLM, name: str) -> MethodOutcome:
             vlmfix.apply(tiny.model, method, tokenizer=tiny.processor)  # checks the model, installs nothing
         except UnsupportedModelError as error:
             return MethodOutcome(refused=str(error))
-        batch = tiny.inputs(list(QUESTIONS))
+        questions = questions_for(tiny)
+        batch = tiny.inputs(list(questions))
         try:
             together, report = _run_method(tiny, method, batch)
         except UnsupportedModelError as error:  # refused when it saw the family's prompt layout
@@ -321,7 +360,7 @@ def check_method(tiny: TinyVLM, name: str) -> MethodOutcome:
         entry = report.get(method.name)
         if not isinstance(entry, dict) or entry.get("prepared") is False or "applied" not in entry:
             raise ConformanceError(f"{name} did not report on the batch: {entry!r}")
-        for row, question in enumerate(QUESTIONS):
+        for row, question in enumerate(questions):
             alone_inputs = tiny.inputs([question], seed=row)
             alone, _ = _run_method(tiny, method, alone_inputs)
             if new_tokens(tiny, together, batch, row) != new_tokens(tiny, alone, alone_inputs, 0):

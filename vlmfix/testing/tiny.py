@@ -53,7 +53,8 @@ FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 # in vlmfix/testing/tiny_torchvision.py and tiny_timm_and_torchvision.py; their tests carry the `torchvision`
 # marker (CI's second lane, README)
 TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
-                                            "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25", "apertus1p5")
+                                            "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25", "apertus1p5",
+                                            "minimax_m3_vl")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
 # vlmfix/testing/tiny_families.py, tiny_feature_families.py and tiny_sparse_families.py
 ALL_FAMILIES: tuple[Family, ...] = (
@@ -204,14 +205,23 @@ class TinyVLM:
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
 
+    @property
+    def unpadded_only(self) -> bool:
+        """Whether vlmfix runs this family on unpadded batches only (`Adapter.left_padding_changes_rows`): its
+        rows then get images of one size, so prompts of one token length make a batch without padding."""
+        from vlmfix.adapters import get_adapter
+
+        return get_adapter(self.model).left_padding_changes_rows
+
     def inputs(self, questions: list[str], *, with_image: bool | list[bool] = True, seed: int = 0,
                images_per_row: int = 1, image: Image.Image | None = None) -> dict:
-        """Row i gets image number `seed + i` (so a row built alone with `seed=i` has the same image); with
-        `images_per_row` > 1 its k-th further image is number `seed + i + 1000 k`; every image is `image` where
-        one is given."""
+        """Row i gets image number `seed + i` (so a row built alone with `seed=i` has the same image), of 48, 64 or
+        80 pixels a side (48 for a family run on unpadded batches only); with `images_per_row` > 1 its k-th further
+        image is number `seed + i + 1000 k`; every image is `image` where one is given."""
         flags = with_image if isinstance(with_image, list) else [with_image] * len(questions)
         prompts = [self.prompt(q, f, images_per_row) for q, f in zip(questions, flags)]
-        rows = [[image or random_image(48 + 16 * ((seed + i) % 3), seed + i + 1000 * k) for k in range(images_per_row)]
+        sizes = [48 if self.unpadded_only else 48 + 16 * ((seed + i) % 3) for i in range(len(flags))]
+        rows = [[image or random_image(sizes[i], seed + i + 1000 * k) for k in range(images_per_row)]
                 for i, f in enumerate(flags) if f]
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
         if rows:

@@ -18,8 +18,9 @@ on each query's selected keys only: a key the indexer dropped stays out of every
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
+from vlmfix.testing.tiny import WORDS, word_tokenizer
 from vlmfix.testing.tiny_families import (
     CHATML_SPECIALS,
     MISTRAL_SPECIALS,
@@ -141,9 +142,61 @@ def build_dots3_note(shape: Shape, *, index_topk: int = 8, sliding_window: int =
     return model, processor
 
 
+# MiniMax M3's turn layout as MiniMax M2's chat template writes it (M3's own template not checked): the begin of
+# the conversation, a role header, the end of a turn; the processor's image tokens
+MINIMAX_TURNS = ("]~!b[", "]~b]", "[e~[")
+MINIMAX_IMAGE = ("]<]start of image[>[", "]<]image[>[", "]<]end of image[>[", "]<]video[>[")
+MINIMAX_TEMPLATE = (
+    "]~!b[{% for message in messages %}]~b]{{ 'ai' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}]<]image[>["
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}[e~[\n{% endfor %}"
+    "{% if add_generation_prompt %}]~b]ai\n{% endif %}"
+)
+
+
+def build_minimax_m3_vl(shape: Shape, *, block_size: int = 4, topk_blocks: int = 2) -> tuple[PreTrainedModel,
+                                                                                               ProcessorMixin]:
+    """MiniMax M3: a Qwen2-VL-style vision tower (8-pixel patches, 2x2 merge) with a patch-merging projector, and a
+    language model whose layers after the first are block-sparse (minimax_m3_sparse): a lightning indexer with one
+    head per key-value group scores every key, max-pools the scores over blocks of `block_size` keys, and each
+    query attends to its top `topk_blocks` blocks plus its newest one (blocks of 4 on a prompt of about 30 tokens,
+    so it selects; 128 on the checkpoint); Gemma-style q/k norms, partial RoPE, MoE layers after the first. The
+    processor needs torchvision. Its rows must not be left-padded: transformers 5.24's own generate gives a padded
+    row other logits than the row alone (vlmfix.adapters.base.Adapter.left_padding_changes_rows)."""
+    from transformers import MiniMaxM3SparseForConditionalGeneration, MiniMaxM3VLConfig, MiniMaxM3VLProcessor
+    from transformers.models.minimax_m3_vl.image_processing_minimax_m3_vl import MiniMaxM3VLImageProcessor
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(("<pad>", "<unk>", *MINIMAX_TURNS, *MINIMAX_IMAGE, "user", "ai", "system"),
+                                        WORDS),
+        eos_token="[e~[", unk_token="<unk>", pad_token="<pad>", padding_side="left")
+    tokenizer.add_tokens([*MINIMAX_TURNS, *MINIMAX_IMAGE], special_tokens=True)  # not split by the pre-tokenizer
+    ids = token_ids(tokenizer, ("<pad>", "]~!b[", "[e~[", *MINIMAX_IMAGE))
+    text = shape.text(
+        len(tokenizer), dense_intermediate_size=2 * shape.hidden, shared_intermediate_size=shape.hidden,
+        rotary_dim=shape.head_dim // 2, num_local_experts=4, num_experts_per_tok=2,
+        mlp_layer_types=["dense"] + ["sparse"] * (shape.layers - 1),
+        layer_types=["full_attention"] + ["minimax_m3_sparse"] * (shape.layers - 1),
+        index_n_heads=shape.kv_heads, index_head_dim=shape.head_dim, index_block_size=block_size,
+        index_topk_blocks=topk_blocks, index_local_blocks=1, pad_token_id=ids["<pad>"], eos_token_id=ids["[e~["],
+        bos_token_id=ids["]~!b["],
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    config = MiniMaxM3VLConfig(text_config=text, vision_config=vision, image_token_index=ids["]<]image[>["],
+                               video_token_index=ids["]<]video[>["], projector_hidden_size=shape.hidden)
+    model = MiniMaxM3SparseForConditionalGeneration(config)
+    image_processor = MiniMaxM3VLImageProcessor(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
+                                                temporal_patch_size=2)
+    processor = image_only(MiniMaxM3VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                 chat_template=MINIMAX_TEMPLATE)
+    return model, processor
+
+
 NESTED_IMAGES: frozenset[str] = frozenset()
 
 BUILDERS: dict[str, Builder] = {
     "mistral_large4": build_mistral_large4,
     "dots3_note": build_dots3_note,
+    "minimax_m3_vl": build_minimax_m3_vl,
 }

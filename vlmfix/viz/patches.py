@@ -118,6 +118,7 @@ REFUSED: dict[str, str] = {
                      "(crop_to_patches off, size up to maximum_pad_value) or letterboxed (otherwise), which an image "
                      "with no local tiles cannot tell apart, and the global and tile grids' sides (size, tile_size) "
                      "are not in the config",
+    "minimax_m3_vl": UNCHECKED,
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
                  *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
