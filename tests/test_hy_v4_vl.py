@@ -210,3 +210,20 @@ def test_the_tiny_prompt_reaches_past_the_top_k():
     selected = tiny.model.generate(**inputs, **GREEDY_STEP).scores[0]
     unselected = every_key.model.generate(**inputs, **GREEDY_STEP).scores[0]
     assert (selected - unselected).abs().max() > 1e-3
+
+
+def test_aia_mass_counts_the_sinks():
+    """AIA's image-attention mass (training) keeps each sink's share out of the keys, as the reference does."""
+    from vlmfix.training.aia import key_subset_mass
+
+    query, key, value, mask, scaling, sinks = random_attention(q_len=5)
+    rows = torch.tensor([[2, 4], [3, 4]])  # query rows scored per sample
+    subset = torch.zeros(BATCH, KV_LEN, dtype=torch.bool)
+    subset[:, 2:5] = True
+    scores = query @ key.transpose(-1, -2) * scaling + mask
+    column = sinks[None, :, None, None].expand(BATCH, HEADS, 5, 1)
+    probabilities = torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1]  # [batch, heads, q_len, kv_len]
+    expected = (probabilities * subset[:, None, None]).sum(-1).gather(2, rows[:, None].expand(BATCH, HEADS, 2))
+    got = key_subset_mass(query, key, mask, scaling, rows, torch.ones(BATCH, 2, dtype=torch.bool), subset,
+                          sinks=sinks)
+    torch.testing.assert_close(got, expected)
