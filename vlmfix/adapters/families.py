@@ -56,9 +56,6 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     # ends at <｜hy_User｜>; HunYuan's chat models open it there and end it at <｜hy_Assistant｜>)
     common_layout("hunyuan_vl", "HunYuanVLForConditionalGeneration", markers=("<｜hy_User｜>", "<｜hy_Assistant｜>"),
                   frames=("<｜hy_place▁holder▁no▁100｜>", "<｜hy_place▁holder▁no▁101｜>")),  # image start, end
-    # HY V4 VL: ChatML stands in for its template (unchecked); its decoder layers are hyper-connected (4 residual
-    # streams, `Adapter.has_hyper_connections`) and its attention has learned sinks (`s_aux`, honoured by vlmfix)
-    common_layout("hy_v4_vl", "HYV4VLForConditionalGeneration", markers=CHATML),
     common_layout("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_start|>", "<|vision_end|>")),
     common_layout("idefics2", "Idefics2ForConditionalGeneration", markers=("<end_of_utterance>",),
