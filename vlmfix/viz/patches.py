@@ -93,7 +93,7 @@ REFUSED: dict[str, str] = {
                      "queries before them): no token has a place",
     **{family: UNCHECKED for family in (
         "unlimited_ocr",
-        "perception_lm", "fast_vlm", "molmo2", "step3p7", "apertus1p5", "mistral_large4", "dots3_note")},
+        "perception_lm", "fast_vlm", "molmo2", "step3p7", "apertus1p5", "mistral_large4", "dots3_note", "hy_v4_vl")},
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *MERGED_FAMILIES,
                  *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
