@@ -11,6 +11,11 @@ real model (the padded row's scores then match the row alone to 1e-7). Dots3 Not
 same indexer (64 heads on the checkpoint); its build keeps 32 too, measured the same way: a row left-padded by 6
 tokens off by 0.006 in plain `generate`'s first scores with 2 indexer heads, to 1e-7 with 32.
 
+HY V4 VL's indexer is the same (its build keeps 32 heads too); there a second tie showed: the pad token's
+embedding row starts at zero, so a random build that generates the pad token gives the first layer's indexer a
+zero query and every key the score 0 (measured: a row left-padded by 7 tokens off by 0.15 from its third token
+on); its build draws that row, as a checkpoint's is trained.
+
 vlmfix merges the selection into the mask (`vlmfix.decoding.attention.with_selected_keys`), so its edits act
 on each query's selected keys only: a key the indexer dropped stays out of every method's reach.
 """
