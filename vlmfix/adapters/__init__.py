@@ -10,6 +10,7 @@ from vlmfix.adapters.deepseek_vl import DeepseekVLAdapter, DeepseekVLHybridAdapt
 from vlmfix.adapters.dots3_note import Dots3NoteAdapter
 from vlmfix.adapters.families import COMMON_LAYOUT
 from vlmfix.adapters.fuyu import FuyuAdapter
+from vlmfix.adapters.hy_v4_vl import HYV4VLAdapter
 from vlmfix.adapters.llava import LlavaAdapter
 from vlmfix.adapters.llava_next import LlavaNextAdapter
 from vlmfix.adapters.qwen2_5_vl import Qwen25VLAdapter
@@ -20,7 +21,7 @@ from vlmfix.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, *COMMON_LAYOUT,
                                        FuyuAdapter, Step3p7Adapter, Apertus1p5Adapter, Dots3NoteAdapter,
-                                       DeepseekVLAdapter, DeepseekVLHybridAdapter)
+                                       DeepseekVLAdapter, DeepseekVLHybridAdapter, HYV4VLAdapter)
 SUPPORTED_CLASSES: dict[str, type[Adapter]] = {name: a for a in ADAPTERS for name in a.model_classes}
 
 

@@ -205,7 +205,8 @@ class Adapter:
 
     def input_layernorm(self, layer_idx: int) -> nn.Module:
         """The module whose input is the layer's residual stream: its input layer norm, or, in post-norm layers
-        without one (EXAONE 4), the decoder layer itself."""
+        without one (EXAONE 4), the decoder layer itself. In hyper-connected layers (`stream_collapse`: HY V4 VL)
+        its input is the layer's learned mix of its streams, the one hidden state its attention reads."""
         layer = self.decoder_layers[layer_idx]
         return cast(nn.Module, getattr(layer, "input_layernorm", None) or layer)
 
@@ -239,6 +240,14 @@ class Adapter:
         query's content position and anchors blocks to slots (modeling_minimax_m3_vl.py:524, :578, :586), so
         vlmfix runs them on unpadded batches only (`Session` refuses a padded one before its forward)."""
         return "minimax_m3_sparse" in (getattr(self.text_config, "layer_types", None) or ())
+
+    @property
+    def stream_collapse(self) -> nn.Module | None:
+        """The module that collapses hyper-connected residual streams into one hidden state before the final norm
+        (HY V4 VL's `hc_head`: its decoder layers pass [batch, seq, streams, hidden] from one to the next), or None
+        where the decoder layers pass one residual stream [batch, seq, hidden]."""
+        head = getattr(self.language_model, "hc_head", None)
+        return head if isinstance(head, nn.Module) else None
 
     @property
     def vision_tower(self) -> nn.Module:

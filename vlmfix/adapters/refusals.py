@@ -94,13 +94,6 @@ REFUSED: dict[str, Refusal] = {
     "Mistral4ForCausalLM": _cannot("a text-only causal LM class (no vision tower or image placeholder); load "
                                    "the multimodal checkpoint with its ...ForConditionalGeneration class"),
     # decoder-only with placeholders: not verified yet
-    "HYV4VLForConditionalGeneration": _pending(
-        "learned attention sinks: its eager attention appends one logit per head to the softmax and drops it after "
-        "(modeling_hy_v4_vl.py:239-249; eager is its only text backend, :693-696), which vlmfix's edited "
-        "attention does not add, so an edited layer would renormalise without them; hyper-connections: each "
-        "layer mixes 4 residual streams into its input and back (HYV4VLHyperConnection, :660-683), so no "
-        "module's input is one residual stream; its DeepSeek-V3.2-style top-k (`indices`, :403-428) vlmfix's "
-        "attention merges into the mask"),
     "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),

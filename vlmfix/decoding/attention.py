@@ -7,7 +7,9 @@ rows split into blocks by the edits' `stream` (`vlmfix.decoding.edits.stream_blo
 edits call the backend too. Edited layers run the PyTorch edit path (`edited_attention`); at decode
 steps on CUDA the grouped Triton kernel (`vlmfix.decoding.grouped`) serves the edits it can express, and one
 query row edited by key biases only (PAI) runs SDPA with the biases as an additive mask
-(`vlmfix.decoding.key_bias`).
+(`vlmfix.decoding.key_bias`). A layer with learned attention sinks (HY V4 VL's `s_aux`: one logit per head
+in the softmax's denominator, with no value) takes neither: its edits run on the PyTorch path, which adds the
+sink column, and its unedited calls go to the model's own eager attention, which adds it too.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class AttentionCall:
     scaling: float | None
     output: Tensor  # [batch, q_len, heads, head_dim], before o_proj
     softcap: float | None = None  # the layer's logit softcap (Gemma 2), applied before the mask
+    sinks: Tensor | None = None  # [heads] the layer's learned sink logits (HY V4 VL), in the softmax's denominator
 
 
 # An observer may return a replacement output (same shape) or None to keep it.
@@ -157,11 +160,15 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
             mask = observed_mask(attention_mask, query.shape[2], key.shape[2], kwargs.get("sliding_window"),
                                  query.device)
             out = host.observe(AttentionCall(module, layer_idx, query, key, value, mask, scaling, out,
-                                             softcap=kwargs.get("softcap")))
+                                             softcap=kwargs.get("softcap"), sinks=kwargs.get(SINKS)))
         return out, weights
 
     return vlmfix_attention
 
+
+# the keyword under which a layer passes its learned attention-sink logits ([heads]; HY V4 VL,
+# modeling_hy_v4_vl.py:428; gpt-oss's name): each head's sink joins the softmax's denominator and carries no value
+SINKS = "s_aux"
 
 # Backends into whose mask a sparse-attention layer (DeepSeek-V3.2's indexer: Mistral Large 4, Dots3 Note,
 # HY V4 VL) merges its top-k selection itself; under any other name, vlmfix's included, it passes the selection
@@ -210,7 +217,8 @@ def one_sdpa_for_blocks(query: Tensor, key: Tensor, value: Tensor, attention_mas
     """A two-stream decode row whose edited blocks hold key biases only, as one SDPA call over every row (the
     unedited stream's rows with their mask alone, as its SDPA backend would run them); None when this does not
     apply (another backend, the Triton kernel, a logit softcap, prefill rows, other edits)."""
-    if implementation != "sdpa" or kwargs.get("softcap") is not None or host.use_kernel(query):
+    if (implementation != "sdpa" or kwargs.get("softcap") is not None or kwargs.get(SINKS) is not None
+            or host.use_kernel(query)):
         return None
     return key_bias_blocks_output(query, key, value, attention_mask, scaling, blocks, host.key_bias_plans,
                                   sliding_window=kwargs.get("sliding_window"))
@@ -273,9 +281,11 @@ def edited_output(
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         return scale_heads(out, edits, key.shape[2])
     q_len = query.shape[2]
-    # the layer's own logit softcap and sliding window (Gemma 2 / 3), honoured by the PyTorch edit path
-    layer_kwargs = {"softcap": kwargs.get("softcap"), "sliding_window": kwargs.get("sliding_window")}
-    if q_len == 1 and use_kernel and layer_kwargs["softcap"] is None:
+    # the layer's own logit softcap and sliding window (Gemma 2 / 3) and attention sinks (HY V4 VL), honoured by the
+    # PyTorch edit path; neither the grouped kernel nor SDPA adds a softcap or a sink column
+    layer_kwargs = {"softcap": kwargs.get("softcap"), "sliding_window": kwargs.get("sliding_window"),
+                    "sinks": kwargs.get(SINKS)}
+    if q_len == 1 and use_kernel and layer_kwargs["softcap"] is None and layer_kwargs["sinks"] is None:
         kernel_out = grouped_decode_output(query, key, value, attention_mask, scaling, edits, group_cache)
         if kernel_out is not None:
             return kernel_out
@@ -301,8 +311,8 @@ def single_row_output(query: Tensor, key: Tensor, value: Tensor, attention_mask:
                       scaling: float | None, edits: Sequence[Edit], bias_plans: KeyBiasPlans | None,
                       layer_kwargs: dict[str, Any]) -> Tensor | None:
     """One query row's edited output through SDPA when its edits are key biases only and the layer has no
-    logit softcap, else None."""
-    if layer_kwargs["softcap"] is not None:
+    logit softcap and no attention sinks, else None."""
+    if layer_kwargs["softcap"] is not None or layer_kwargs["sinks"] is not None:
         return None
     return key_bias_row_output(query, key, value, attention_mask, scaling, edits, bias_plans,
                                sliding_window=layer_kwargs["sliding_window"])

@@ -388,6 +388,26 @@ def key_biased_scores(z: Tensor, edits: Sequence[Edit]) -> Tensor:
     return z
 
 
+def with_sink_column(z: Tensor, sinks: Tensor | None) -> Tensor:
+    """z [batch, heads, q_len, kv_len] or [heads, q_len, kv_len] (fp32, masked) with each head's learned sink
+    logit appended as one more column (gpt-oss-style attention sinks: the attention function's `s_aux`, HY V4
+    VL's `sinks`), or z itself without sinks. The sink is a key past the prompt: in no key set, with no value
+    (its column is dropped before the values are read), so a softmax over it keeps the sink's share out of
+    every key's weight."""
+    if sinks is None:
+        return z
+    column = sinks.to(device=z.device, dtype=z.dtype).reshape(-1, 1, 1).expand(*z.shape[:-1], 1)  # heads at dim -3
+    return torch.cat([z, column], dim=-1)  # [batch, heads, q_len, kv_len + 1]
+
+
+def key_probabilities(z: Tensor, sinks: Tensor | None = None) -> Tensor:
+    """Attention probabilities over the keys of z [batch, heads, q_len, kv_len] (fp32, masked): the softmax, with
+    each head's sink logit (`sinks`: [heads], or None) in the denominator, as the model's own eager attention
+    computes them (softmax over [z, sink], sink column dropped). A row with every key masked gets 0."""
+    p = torch.softmax(with_sink_column(z, sinks), dim=-1).nan_to_num(0.0)
+    return p[..., : z.shape[-1]]
+
+
 def edited_attention(
     query: Tensor,
     key: Tensor,
@@ -398,26 +418,31 @@ def edited_attention(
     *,
     softcap: float | None = None,
     sliding_window: int | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention with `edits` applied, in plain PyTorch; returns [batch, q_len, heads, head_dim].
 
     query: [batch, heads, q_len, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim].
     Rows no edit selects get exactly the unedited softmax attention (fp32), cast to value's dtype.
-    `softcap` (Gemma 2 style, `softcap * tanh(z / softcap)` on the logits before any edit) and `sliding_window`
-    (keys older than the window are masked when no 4-D mask is given; a 4-D mask already holds the window)
-    are the attention layer's own keyword arguments.
+    `softcap` (Gemma 2 style, `softcap * tanh(z / softcap)` on the logits before any edit), `sliding_window`
+    (keys older than the window are masked when no 4-D mask is given; a 4-D mask already holds the window) and
+    `sinks` ([heads]: each head's learned sink logit, one more softmax column with no value; `with_sink_column`)
+    are the attention layer's own keyword arguments. Post-softmax edits see the sink as a key in no set with
+    multiplier 1: a reweight that renormalises gives the sink its share, as the same edit made on logits would.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     z = key_biased_scores(attention_scores(query, key, scaling, softcap), edits)  # [batch, heads, q_len, kv_len]
     device = query.device
     z = z + windowed_mask(attention_mask, batch, q_len, kv_len, sliding_window, device)
-    p = torch.softmax(z, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) -> 0
+    # [batch, heads, q_len, kv_len (+ 1 sink)]; fully masked rows (left padding) -> 0 (or all on the sink)
+    p = torch.softmax(with_sink_column(z, sinks), dim=-1).nan_to_num(0.0)
     for edit in edits:
         apply = POST_APPLY.get(type(edit))
         if apply is not None:
             rows = row_mask(edit, batch, q_len, kv_len, device)[:, None, :].expand(batch, heads, q_len)
             p = apply(p, edit, rows)
+    p = p[..., :kv_len]  # the sink column has no value
     v = repeat_kv(value, heads)
     out = torch.matmul(p, v.float()).to(value.dtype).transpose(1, 2)  # [batch, q_len, heads, head_dim]
     return scale_heads(out, edits, kv_len)

@@ -34,7 +34,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
 from vlmfix.decoding.attention import AttentionCall
-from vlmfix.decoding.edits import additive_mask, repeat_kv
+from vlmfix.decoding.edits import additive_mask, key_probabilities, repeat_kv
 from vlmfix.decoding.prompt_inputs import FEATURES, image_tokens_encoded, repeat_image_groups
 from vlmfix.errors import SessionError
 from vlmfix.methods.opera_rules import RetrospectionRule, local_scores, mode, rollback_position
@@ -172,7 +172,7 @@ class OperaSearch:
         scaling = query.shape[-1] ** -0.5 if call.scaling is None else call.scaling
         z = (query @ key.transpose(-1, -2)) * scaling
         z = z + additive_mask(call.attention_mask, query.shape[0], query.shape[2], key.shape[2], z.device)
-        top = z.softmax(dim=-1).nan_to_num(0.0).amax(dim=1)  # [R, q_len, kv_len]: max over query heads
+        top = key_probabilities(z, call.sinks).amax(dim=1)  # [R, q_len, kv_len]: max over query heads (sinks: out)
         self.seen = top / top.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         return None
 

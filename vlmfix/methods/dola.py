@@ -10,7 +10,10 @@ Hidden indices j (as in `output_hidden_states`): 0 is the language model's input
 merge), j in [1, N) the output of decoder layer j-1, N the final layer after the final norm (the mature one).
 At every step, for the newest position of every row:
 
-1. early exit: z_j = lm_head(h_j) for every candidate j in J (no final norm, as the official code);
+1. early exit: z_j = lm_head(h_j) for every candidate j in J (no final norm, as the official code); in a
+   hyper-connected language model (HY V4 VL: each layer passes 4 residual streams on) h_j is first collapsed into
+   one hidden state by the model's own readout of its last layer's streams (`Adapter.stream_collapse`), as the
+   final layer's is, since `lm_head` reads one hidden state;
 2. selection: j* = the candidate whose distribution diverges most from the final one (per row by default);
 3. contrast: F = log_softmax(z_N) - log_softmax(z_j*) on the plausible tokens
    {x : p_N(x) >= relative_top * max p_N}, -inf elsewhere.
@@ -313,7 +316,8 @@ class DoLa(Method):
         for j in state.candidates:
             session.hook_for_prompt(adapter.decoder_layers[j], self._capture(session, state, j))
         norm = final_norm(adapter) if self.early_exit_norm else None
-        session.hook_for_prompt(output_head(session.model), self._contrast(session, state, norm), after=True)
+        contrast = self._contrast(session, state, norm, adapter.stream_collapse)
+        session.hook_for_prompt(output_head(session.model), contrast, after=True)
         return state
 
     def _check_call(self, session: Session) -> None:
@@ -349,13 +353,15 @@ class DoLa(Method):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             if session.in_extra_pass:
                 return
-            hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
+            hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, (streams,) hidden]
             state.hidden[j] = hidden[:, -1].detach()
 
         return hook
 
-    def _contrast(self, session: Session, state: DoLaState, norm: nn.Module | None) -> Any:
-        """Forward hook of the output head: the newest position's logits become the DoLa scores."""
+    def _contrast(self, session: Session, state: DoLaState, norm: nn.Module | None,
+                  collapse: nn.Module | None = None) -> Any:
+        """Forward hook of the output head: the newest position's logits become the DoLa scores (`collapse`: the
+        readout of hyper-connected streams, applied before the norm and the head)."""
 
         def hook(module: nn.Module, args: tuple, logits: Tensor) -> Tensor | None:
             if session.in_extra_pass or state.early_exiting:
@@ -367,8 +373,10 @@ class DoLa(Method):
                     f"model's decoder layers did not run before it. Call the whole model (generate or forward), "
                     f"not its output head alone."
                 )
-            hidden = torch.stack([state.hidden.pop(j) for j in state.candidates])  # [layers, batch, hidden]
+            hidden = torch.stack([state.hidden.pop(j) for j in state.candidates])  # [layers, batch, (streams,) hidden]
             state.hidden.clear()
+            if collapse is not None:
+                hidden = collapse(hidden)  # [layers, batch, streams, hidden] -> [layers, batch, hidden]
             if norm is not None:
                 hidden = norm(hidden)
             state.early_exiting = True

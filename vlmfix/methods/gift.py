@@ -13,7 +13,16 @@ from torch import Tensor
 
 from vlmfix import validation
 from vlmfix.decoding.attention import AttentionCall
-from vlmfix.decoding.edits import Edit, FusionReweight, Reweight, additive_mask, fit_keys, repeat_kv, top_k_mask
+from vlmfix.decoding.edits import (
+    Edit,
+    FusionReweight,
+    Reweight,
+    additive_mask,
+    fit_keys,
+    key_probabilities,
+    repeat_kv,
+    top_k_mask,
+)
 from vlmfix.decoding.method import Method, register_method
 from vlmfix.errors import SpanError
 from vlmfix.methods.content_words import (
@@ -343,7 +352,7 @@ class GIFT(Method):
                     call.query[b, :, idx].float() @ key[b].float().transpose(-1, -2) * scaling
                 )  # [heads, 2c, seq]
                 z = z + mask[b if mask.shape[0] > 1 else 0, 0, idx]
-                probs = z.softmax(dim=-1)[:, :, image[b].to(z.device)]  # [heads, 2c, N_v]
+                probs = key_probabilities(z, call.sinks)[:, :, image[b].to(z.device)]  # [heads, 2c, N_v]
                 now, before = probs.split(len(pos), dim=1)
                 shifts[b][call.layer_idx] = (now - before).clamp_min(0.0)  # [heads, c, N_v]
             if call.layer_idx == last:

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 
 from vlmfix import validation
-from vlmfix.decoding.edits import KeyBias, additive_mask, attention_scores, key_biased_scores, row_mask
+from vlmfix.decoding.edits import (
+    KeyBias,
+    additive_mask,
+    attention_scores,
+    key_biased_scores,
+    key_probabilities,
+    row_mask,
+)
 
 FIRST_BOOSTED_LAYER = 2  # PAI leaves the first two language-model layers alone
 
@@ -85,7 +92,7 @@ class GainRecorder:
         if mask is not None and mask.dim() == 4:
             mask = mask[..., -1:, :]
         mask = additive_mask(mask, batch, 1, kv_len, device)
-        plain_p, boosted_p = torch.softmax(z + mask, -1), torch.softmax(boosted + mask, -1)
+        plain_p, boosted_p = key_probabilities(z + mask, call.sinks), key_probabilities(boosted + mask, call.sinks)
         # a key the mask hides (a sliding window's older keys) keeps its zero attention: gain 1, not 0 / 0
         visible = torch.isfinite(mask).expand(batch, -1, 1, kv_len)  # [batch, 1 or heads, 1, kv_len]
         ratio = torch.where(visible, boosted_p / plain_p.clamp_min(1e-30), torch.ones_like(boosted_p))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from vlmfix.decoding.attention import AttentionCall
-from vlmfix.decoding.edits import additive_mask, repeat_kv
+from vlmfix.decoding.edits import additive_mask, key_probabilities, repeat_kv
 
 # rows(call) -> the rows of the call to read (None: skip this call)
 RowPicker = Callable[[AttentionCall], slice | None]
@@ -32,7 +32,8 @@ RowPicker = Callable[[AttentionCall], slice | None]
 
 def newest_row_attention(call: AttentionCall, rows: slice) -> Tensor:
     """[rows, kv_len] fp32: the head-mean softmax of the newest query row of `call` over every visible key
-    (masked keys get 0), for the batch rows `rows`."""
+    (masked keys get 0; each head's attention sink, where the layer has one, in the denominator), for the batch
+    rows `rows`."""
     query = call.query[rows, :, -1:]  # [rows, heads, 1, head_dim]
     heads = query.shape[1]
     key = repeat_kv(call.key[rows], heads)  # [rows, heads, kv_len, head_dim]
@@ -42,7 +43,7 @@ def newest_row_attention(call: AttentionCall, rows: slice) -> Tensor:
     if mask is not None:
         mask = mask[rows, :, -1:, :] if mask.dim() == 4 else mask[rows]  # 4-D, or a 2-D padding mask (flash)
     z = z + additive_mask(mask, z.shape[0], 1, key.shape[2], z.device)
-    return z.softmax(dim=-1).nan_to_num(0.0).mean(dim=1)[:, 0]
+    return key_probabilities(z, call.sinks).mean(dim=1)[:, 0]  # a sink (HY V4 VL) takes its share
 
 
 @dataclass

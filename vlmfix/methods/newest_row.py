@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from vlmfix.decoding.attention import AttentionCall
-from vlmfix.decoding.edits import Edit, additive_mask, edited_attention, repeat_kv
+from vlmfix.decoding.edits import Edit, additive_mask, edited_attention, key_probabilities, repeat_kv
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
@@ -40,14 +40,15 @@ class LastRowRewrite:
 
 
 def last_row_probabilities(call: AttentionCall, rows: int) -> Tensor:
-    """[rows, heads, 1, kv_len] fp32: the unedited softmax of the newest query row of `call`."""
+    """[rows, heads, 1, kv_len] fp32: the unedited softmax of the newest query row of `call` (each head's
+    attention sink, where the layer has one, in the denominator)."""
     query = call.query[:rows, :, -1:]  # [rows, heads, 1, head_dim]
     key = repeat_kv(call.key[:rows], query.shape[1])  # [rows, heads, kv_len, head_dim]
     scaling = query.shape[-1] ** -0.5 if call.scaling is None else call.scaling
     z = (query.float() @ key.float().transpose(-1, -2)) * scaling
     mask = _last_row_mask(call.attention_mask, rows)
     z = z + additive_mask(mask, rows, 1, key.shape[2], z.device)
-    return z.softmax(dim=-1).nan_to_num(0.0)
+    return key_probabilities(z, call.sinks)
 
 
 def _last_row_mask(attention_mask: Tensor | None, rows: int) -> Tensor | None:
@@ -77,6 +78,7 @@ def install_last_row_rewrite(session: Session, rewrite: LastRowRewrite, make_edi
             _last_row_mask(call.attention_mask, rows),
             call.scaling,
             [*others, edit],
+            sinks=call.sinks,
         )  # [rows, 1, heads, head_dim]
         out = call.output.clone()
         out[:rows, -1:] = last.to(out.dtype)

@@ -33,7 +33,15 @@ from torch import Tensor, nn
 from vlmfix import validation
 from vlmfix.adapters import Adapter
 from vlmfix.decoding.attention import AttentionCall
-from vlmfix.decoding.edits import Edit, Transfer, additive_mask, fit_keys, repeat_kv, transfer_gate
+from vlmfix.decoding.edits import (
+    Edit,
+    Transfer,
+    additive_mask,
+    fit_keys,
+    key_probabilities,
+    repeat_kv,
+    transfer_gate,
+)
 from vlmfix.decoding.method import Method, register_method
 from vlmfix.errors import VlmfixError
 from vlmfix.methods.sink_dims import CALIBRATE_COMMAND, find_sink_dims, sink_ratio, table_sink_dims
@@ -254,7 +262,7 @@ class VAR(Method):
             scaling = head_dim**-0.5 if call.scaling is None else call.scaling
             z = torch.matmul(query[:, :, first:].float(), key.transpose(-1, -2)) * scaling
             mask = additive_mask(mask, batch, q_len, key.shape[2], query.device)[:, :, first:]
-            p = torch.softmax(z + mask, dim=-1).nan_to_num(0.0)  # [batch, heads, rows, keys], unedited
+            p = key_probabilities(z + mask, call.sinks)  # [batch, heads, rows, keys], unedited
             gate = transfer_gate(p, edit)
             rows = torch.arange(first, q_len, device=query.device)
             rows = (rows[None, :] >= state.start[:, None].to(query.device)) & state.valid[:, first:].to(query.device)

@@ -101,6 +101,7 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "deepseek_ocr2",
     "mistral_large4",
     "dots3_note",
+    "hy_v4_vl",
     *TORCHVISION_FAMILIES,
 )
 
@@ -375,6 +376,8 @@ def _attention_request(model: PreTrainedModel, attn_implementation: str) -> str 
     """`attn_implementation` for the whole model; for the model and its language model only (`text_config`) where a
     sub-model refuses it: Apertus 1.5's VQ image tokenizer has no SDPA path (its attention block is its own), so
     transformers 5.24 raises on `from_pretrained(..., attn_implementation="sdpa")` and on the same string here."""
+    if attn_implementation == "sdpa" and not model._supports_sdpa:
+        return "eager"  # what from_pretrained picks by default for a model with no SDPA path (HY V4 VL)
     refusing = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.config is not model.config
                 and attn_implementation == "sdpa" and m._can_set_attn_implementation() and not m._supports_sdpa]
     return {"": attn_implementation, "text_config": attn_implementation} if refusing else attn_implementation

@@ -12,12 +12,18 @@ same indexer; its build keeps the checkpoint's 64 heads, measured the same way: 
 0.006 in plain `generate`'s first scores with 2 indexer heads, to 1e-7 with 32; with 32, under dots.ocr's shorter
 prompt layout, its second decode step still picked other keys (scores off by 0.38), with 64 it matches.
 
+HY V4 VL's indexer is the same (its build keeps 32 heads too); there a second tie showed: the pad token's
+embedding row starts at zero, so a random build that generates the pad token gives the first layer's indexer a
+zero query and every key the score 0 (measured: a row left-padded by 7 tokens off by 0.15 from its third token
+on); its build draws that row, as a checkpoint's is trained.
+
 vlmfix merges the selection into the mask (`vlmfix.decoding.attention.with_selected_keys`), so its edits act
 on each query's selected keys only: a key the indexer dropped stays out of every method's reach.
 """
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from vlmfix.testing.tiny import WORDS, word_tokenizer
@@ -28,9 +34,11 @@ from vlmfix.testing.tiny_families import (
     Builder,
     PixtralLayoutProcessor,
     Shape,
+    chatml_template,
     chatml_tokenizer,
     image_only,
     mistral_tokenizer,
+    randomise,
     token_ids,
 )
 
@@ -193,10 +201,58 @@ def build_minimax_m3_vl(shape: Shape, *, block_size: int = 4, topk_blocks: int =
     return model, processor
 
 
+# HY V4 VL's image token (its processor's default); the ChatML template is a stand-in, not checked against a checkpoint
+HY_V4_TOKENS = ("<|image_pad|>", "<|video_pad|>")
+
+
+def build_hy_v4_vl(shape: Shape, *, index_topk: int = 8) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """HY V4 VL: a Qwen2-VL-style vision tower (8-pixel patches, 2x2 convolutional merge, one newline token per
+    merged row, all written as image tokens) with a DeepSeek-V3.2-style language model: MLA, an indexer keeping each
+    query's top `index_topk` keys (layer 0 its own, the next ones their own or the previous one's, as the family's
+    `indexer_types` pattern says), a learned sink logit per head in the softmax (drawn at random here: a checkpoint
+    holds trained ones, transformers initialises them to 0), four hyper-connection streams mixed into each layer's
+    input and back, a sigmoid gate per head, MoE layers after the first; eager attention only."""
+    from transformers import HYV4VLConfig, HYV4VLForConditionalGeneration, HYV4VLProcessor
+    from transformers.models.hy_v4_vl.image_processing_pil_hy_v4_vl import HYV4VLImageProcessorPil
+
+    tokenizer = chatml_tokenizer(*HY_V4_TOKENS)
+    ids = token_ids(tokenizer, (*CHATML_SPECIALS, *HY_V4_TOKENS))
+    hidden = shape.hidden
+    half = shape.head_dim // 2  # rope and no-rope halves of each query/key head
+    rotary = half // 2  # M-RoPE sections (time, height, width) cover the rope half's frequency pairs
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, n_routed_experts=4, num_experts_per_tok=2,
+        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=half, qk_nope_head_dim=half, v_head_dim=shape.head_dim,
+        index_topk=index_topk, index_head_dim=8, index_n_heads=INDEXER_HEADS, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [rotary - 2 * (rotary // 4), rotary // 4, rotary // 4]},
+        pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                  spatial_merge_size=2, out_hidden_size=hidden, max_image_size=64)
+    config = HYV4VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                          video_token_id=ids["<|video_pad|>"])
+    model = HYV4VLForConditionalGeneration(config)
+    language_model = model.model.language_model
+    for layer in language_model.layers:
+        randomise(layer.self_attn.sinks, std=1.0)  # trained sinks differ per head; zeros would hide a dropped sink
+    # the pad token's embedding row starts at zero (padding_idx); a random build that generates the pad token would
+    # then give its indexer a zero query, every key the same score, and top-k ties broken by storage position,
+    # which left padding shifts (measured: the padded row's scores off by 0.15); a checkpoint's row is trained
+    with torch.no_grad():
+        language_model.embed_tokens.weight[text["pad_token_id"]].normal_(0.0, 0.02)
+    image_processor = HYV4VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2)
+    processor = image_only(HYV4VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                            chat_template=chatml_template("<|image_pad|>"))
+    return model, processor
+
+
 NESTED_IMAGES: frozenset[str] = frozenset()
 
 BUILDERS: dict[str, Builder] = {
     "mistral_large4": build_mistral_large4,
     "dots3_note": build_dots3_note,
     "minimax_m3_vl": build_minimax_m3_vl,
+    "hy_v4_vl": build_hy_v4_vl,
 }

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmfix.decoding.attention import AttentionCall
+from vlmfix.decoding.edits import with_sink_column
 from vlmfix.decoding.session import Session, apply
 from vlmfix.errors import SessionError
 from vlmfix.registry import Registry
@@ -290,6 +291,7 @@ def key_subset_mass(
     row_index: Tensor,
     row_valid: Tensor,
     key_subset: Tensor,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention mass that selected query rows put on a subset of keys, without the full map.
 
@@ -302,6 +304,8 @@ def key_subset_mass(
         row_index: [batch, rows] query positions (in q coordinates) to score.
         row_valid: [batch, rows] which entries of row_index are real (the rest is padding).
         key_subset: [batch, kv_len] the keys whose mass is summed (e.g. image tokens).
+        sinks: [heads] the layer's learned attention-sink logits (HY V4 VL), in the softmax's denominator and in
+            no subset, or None.
 
     Returns:
         mass: [batch, heads, rows] in [0, 1], float32 (float64 for float64 inputs); 0 for invalid rows
@@ -330,7 +334,8 @@ def key_subset_mass(
         scores.masked_fill_(~allowed, float("-inf"))
     live = row_valid[:, None, :, None]  # [batch, 1, rows, 1]
     scores.masked_fill_(~live, 0.0)  # padded row slots: finite (uniform), zeroed below
-    probs = torch.softmax(scores, dim=-1)  # the only [batch, heads, rows, kv_len] tensor kept for backward
+    # the only [batch, heads, rows, kv_len (+ 1 sink)] tensor kept for backward
+    probs = torch.softmax(with_sink_column(scores, sinks), dim=-1)[..., :kv_len]
     del scores
     # mass = probs @ 1_subset, which equals exp(logsumexp(scores on subset) - logsumexp(scores)); rows that
     # see no subset key get exactly 0 (and a zero gradient, never NaN)
@@ -526,6 +531,7 @@ class AIALoss:
             record.row_index,
             record.row_valid,
             record.image,
+            sinks=call.sinks,
         )  # [batch, heads, rows]
         rows = record.rows.clamp(min=1).to(mass.dtype)
         intensity = mass.mean(dim=1).sum(dim=1) / rows  # [batch]

@@ -119,6 +119,7 @@ REFUSED: dict[str, str] = {
                      "with no local tiles cannot tell apart, and the global and tile grids' sides (size, tile_size) "
                      "are not in the config",
     "minimax_m3_vl": UNCHECKED,
+    "hy_v4_vl": UNCHECKED,
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
                  *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
