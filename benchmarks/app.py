@@ -734,11 +734,11 @@ def run_speed(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], paths
     greedy = results[GREEDY]
     metrics = {"ms_per_token_greedy": 1000 * greedy.seconds_per_token, "ms_per_token": 1000 * row.seconds_per_token,
                "ratio_to_greedy": row.ratio, "wall_s_greedy": greedy.wall_seconds, "wall_s": row.wall_seconds,
-               "wall_ratio_to_greedy": row.wall_ratio, "fastest_step_ratio_to_greedy": row.fastest_step_ratio,
+               "wall_ratio_to_greedy": row.wall_ratio, "fastest_run_ratio_to_greedy": row.fastest_run_ratio,
                "edited": row.edited}
     if FLOOR in results:
         metrics.update(floor_ratio_to_greedy=results[FLOOR].ratio, floor_wall_ratio_to_greedy=results[FLOOR].wall_ratio,
-                       floor_fastest_step_ratio_to_greedy=results[FLOOR].fastest_step_ratio)
+                       floor_fastest_run_ratio_to_greedy=results[FLOOR].fastest_run_ratio)
     fingerprint = {"model": loaded.source, "method": {"name": label, "params": method_params(methods)},
                    "benchmark": "speed", "new_tokens": int(bench.new_tokens), "repeats": int(bench.repeats)}
     out_dir = Path(cfg.results_dir) / cfg.model.name / "speed" / label

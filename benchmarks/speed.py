@@ -6,8 +6,9 @@ planted massive activations (benchmarks/speed_setup.py), so that every method, V
 variant:
 - decode ms/token: one decode step (a token for each row), from a streamer's timestamps, without prefill
   and prepare passes (the figure earlier versions reported alone);
-- fastest step ms: the shortest single decode step over all runs; load from other processes only adds time,
-  so on a shared or small machine (where the medians move 10-20% run to run) its ratio is the steadiest;
+- fastest run ms/token: decode ms/token of the variant's least-loaded run (the minimum over repeats, as
+  `timeit` reports); load from other processes only adds time, so on a shared or small machine (where the
+  medians move 10-20% run to run) it is moved least;
 - wall s/caption: the whole call (session, prepare passes, prefill, decode) divided by the batch size:
   what a user pays per caption of N tokens;
 - peak MB: memory one call adds at its peak (the whole batch), measured once per variant after the timing:
@@ -18,7 +19,7 @@ variant:
   `UnsupportedModelError`, e.g. SID on Gemma 3's sliding-window layers) is listed as refused, with the reason,
   and is no failure.
 Ratios are to greedy in the same block. Variants are timed interleaved (A B C A B C ...) and medians (and
-the fastest step) are kept, so load changes hit every variant alike. With a two-stream method in the list (VCD,
+the fastest run) are kept, so load changes hit every variant alike. With a two-stream method in the list (VCD,
 DCD, PAI and DualStream with refinement) the block also times the two-stream floor: plain `generate` on the batch
 stacked twice (2 identical rows per prompt), the floor of any batched two-stream decoder. DCD runs with
 stand-in projectors (copies of the model's own): its cost does not depend on the trained weights.
@@ -94,8 +95,8 @@ class Row:
     batch: int
     decode_ms_per_token: float
     decode_ratio: float
-    fastest_step_ms: float
-    fastest_step_ratio: float
+    fastest_run_ms: float
+    fastest_run_ratio: float
     wall_s_per_caption: float
     wall_ratio: float
     peak_mb: float | None
@@ -147,8 +148,8 @@ def run_block(args: argparse.Namespace, tiny: TinyVLM, dtype: str, batch: int) -
                             refused=refused[label]))
             continue
         r, peak = results[label], memory.get(label)
-        rows.append(Row(r.label, dtype, batch, 1000 * r.seconds_per_token, r.ratio, 1000 * r.fastest_step_seconds,
-                        r.fastest_step_ratio, r.wall_seconds / batch,
+        rows.append(Row(r.label, dtype, batch, 1000 * r.seconds_per_token, r.ratio, 1000 * r.fastest_run_seconds,
+                        r.fastest_run_ratio, r.wall_seconds / batch,
                         r.wall_ratio, peak, peak / base if peak is not None and base else None, r.edited, r.failure))
     return rows
 
@@ -175,8 +176,8 @@ def _cell(value: float | None, form: str, unit: str = "") -> str:
 
 def table(rows: Sequence[Row]) -> str:
     """The rows as a markdown table, then the failed rows' reasons."""
-    lines = ["| method | dtype | batch | decode ms/token | decode vs greedy | fastest step ms | fastest vs greedy "
-             "| wall s/caption | wall vs greedy | peak MB | memory vs greedy | edited |",
+    lines = ["| method | dtype | batch | decode ms/token | decode vs greedy | fastest run ms/token "
+             "| fastest run vs greedy | wall s/caption | wall vs greedy | peak MB | memory vs greedy | edited |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         edited = {None: "-", True: "yes", False: "no"}[r.edited]
@@ -185,8 +186,8 @@ def table(rows: Sequence[Row]) -> str:
         elif r.refused:
             edited = "refused"
         lines.append(f"| {r.variant} | {r.dtype} | {r.batch} | {_cell(r.decode_ms_per_token, '.2f')} | "
-                     f"{_cell(r.decode_ratio, '.3f', 'x')} | {_cell(r.fastest_step_ms, '.2f')} | "
-                     f"{_cell(r.fastest_step_ratio, '.3f', 'x')} | {_cell(r.wall_s_per_caption, '.3f')} | "
+                     f"{_cell(r.decode_ratio, '.3f', 'x')} | {_cell(r.fastest_run_ms, '.2f')} | "
+                     f"{_cell(r.fastest_run_ratio, '.3f', 'x')} | {_cell(r.wall_s_per_caption, '.3f')} | "
                      f"{_cell(r.wall_ratio, '.3f', 'x')} | {_cell(r.peak_mb, '.1f')} | "
                      f"{_cell(r.memory_ratio, '.2f', 'x')} | {edited} |")
     failed = [f"- {r.variant} ({r.dtype}, batch {r.batch}) failed during its {r.failure}" for r in rows if r.failure]

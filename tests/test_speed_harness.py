@@ -225,12 +225,12 @@ def test_every_method_of_the_full_run_edits_or_is_refused_per_family(family, tmp
             assert unedited(variants[spec](2, TokenClock()).report()) is None, spec
 
 
-def test_the_fastest_step_is_the_shortest_interval_over_all_runs(monkeypatch):
+def test_the_fastest_run_is_the_least_loaded_runs_mean_step(monkeypatch):
     # a fake clock: each variant's calls put tokens at scripted times (the first put is the prompt)
     now = [0.0]
     monkeypatch.setattr(speed_timing.time, "perf_counter", lambda: now[0])
-    scripts = {"greedy": iter([[0, 1, 3, 4], [0, 2, 4, 6], [0, 2, 4, 6]]),
-               "slow": iter([[0, 1, 5, 9], [0, 3, 4.5, 9], [0, 3, 6, 9]])}
+    scripts = {"greedy": iter([[0, 1, 2, 3], [0, 2, 6, 10], [0, 2, 5, 8], [0, 2, 4.5, 7]]),
+               "slow": iter([[0, 1, 2, 3], [0, 3, 4.5, 12], [0, 3, 6, 9], [0, 3, 7, 11]])}
 
     def scripted(label):
         def fn(n, streamer):
@@ -240,9 +240,9 @@ def test_the_fastest_step_is_the_shortest_interval_over_all_runs(monkeypatch):
 
         return fn
 
-    greedy, slow = measure({"greedy": scripted("greedy"), "slow": scripted("slow")}, 3, 2, progress=lambda _: None)
-    # each variant's first call is its warm-up; then run 1: greedy steps 2, 2, slow 1.5, 4.5; run 2: greedy
-    # 2, 2, slow 3, 3
-    assert greedy.fastest_step_seconds == 2 and slow.fastest_step_seconds == 1.5
-    assert slow.fastest_step_ratio == 0.75
-    assert slow.seconds_per_token == 3 and slow.ratio == 1.5  # the medians of (9 - 3) / 2 per run
+    greedy, slow = measure({"greedy": scripted("greedy"), "slow": scripted("slow")}, 3, 3, progress=lambda _: None)
+    # each variant's first call is its warm-up; then per run the mean step (last - first token) / 2:
+    # greedy 4, 3, 2.5; slow 4.5, 3, 4 (slow's single shortest step, 1.5, lies in its slowest run)
+    assert (greedy.fastest_run_seconds, slow.fastest_run_seconds) == (2.5, 3)
+    assert slow.fastest_run_ratio == 3 / 2.5
+    assert (greedy.seconds_per_token, slow.seconds_per_token) == (3, 4) and slow.ratio == 4 / 3  # the medians
