@@ -199,3 +199,59 @@ def test_pai_records_its_image_gain_under_a_mask_per_head():
                          do_sample=False, pad_token_id=0)
     gains = session.report()["pai"]["image_gain"]
     assert [len(row) for row in gains] == [5, 5] and all(math.isfinite(g) and g > 0 for row in gains for g in row)
+
+
+class WordTokenizer:
+    """Token i reads " w{i}": enough for GIFT to read an instruction (no assistant marker, no frame tokens)."""
+
+    unk_token, unk_token_id = "<unk>", None
+
+    def encode(self, text: str, **_) -> list[int]:
+        return [int(w[1:]) if w[1:].isdigit() else 63 for w in text.split()]
+
+    def decode(self, ids, **_) -> str:
+        return "".join(f" w{int(i)}" for i in ids)
+
+    def convert_tokens_to_ids(self, token: str) -> None:
+        return None
+
+
+def test_gift_saliency_reads_each_heads_own_block_selection():
+    """GIFT's gaze shifts on a sparse layer whose two key-value groups select other key blocks: each head's
+    probabilities must use its own group's selection. The reference is the model's own eager attention (which
+    merges the selection per head), with GIFT's Steps 3-5 in plain PyTorch; both heads are kept (head_fraction=1),
+    so a saliency read through group 0's blocks for every head would differ."""
+    from transformers import MiniMaxM3SparseForConditionalGeneration
+
+    config = tiny_minimax_m3(topk_blocks=2).config
+    config.text_config.num_key_value_heads = config.text_config.index_n_heads = 2
+    torch.manual_seed(0)
+    model = MiniMaxM3SparseForConditionalGeneration(config).eval()
+    input_ids = torch.randint(3, 50, (1, 16), generator=torch.Generator().manual_seed(7))
+    image, instruction = torch.arange(1, 9), torch.arange(10, 15)
+    spans = {"image": [image.tolist()], "instruction": [instruction.tolist()]}
+    selections: list[torch.Tensor] = []
+    indexer = get_adapter(model).decoder_layers[1].self_attn.indexer
+    handle = indexer.register_forward_hook(lambda module, args, out: selections.append(out))
+    gift = vlmfix.GIFT(saliency_layers=[1], fusion_layers=[1], content_words="all", head_fraction=1.0)
+    try:
+        with vlmfix.apply(model, gift, spans=spans, tokenizer=WordTokenizer(), record=True) as session:
+            session.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1,
+                             do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    prefill = selections[0]  # [batch, index heads, seq, top-k]: the saliency pass's selection
+    assert not torch.equal(prefill[:, 0].sort(-1).values, prefill[:, 1].sort(-1).values)  # the groups differ
+
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model.model.language_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                           output_attentions=True).attentions[1][0].float()  # [heads, seq, seq]
+    shifts = (probs[:, instruction][:, :, image] - probs[:, instruction - 1][:, :, image]).clamp_min(0)  # [heads, c, N]
+    s_raw = shifts.mean(dim=(0, 1))  # [N]: every head kept
+    mu, sd = s_raw.mean(), s_raw.std()
+    s_raw = s_raw.clamp(float(mu - 3 * sd), float(mu + 3 * sd))
+    expected = (s_raw - s_raw.min()) / (s_raw.max() - s_raw.min())
+    row = session.report()["gift"]["rows"][0]
+    assert row["saliency_heads"] == {1: [0, 1]}
+    torch.testing.assert_close(torch.tensor(row["saliency"]), expected, atol=1e-5, rtol=1e-5)

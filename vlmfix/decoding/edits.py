@@ -216,7 +216,8 @@ def row_mask(edit: Edit, batch: int, q_len: int, kv_len: int, device: torch.devi
 def additive_mask(
     attention_mask: Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device
 ) -> Tensor:
-    """[batch or 1, 1, q_len, kv_len] fp32 additive mask (0 or -inf) from whatever the backend got.
+    """[batch or 1, 1 or heads, q_len, kv_len] fp32 additive mask (0 or -inf) from whatever the backend got (a
+    4-D mask keeps its head axis: MiniMax M3's sparse layers pass one per head, each key-value group's own keys).
 
     `None` means causal (bottom-right aligned: query i sits at position kv_len - q_len + i); a 2-D
     mask is a padding mask over keys (flash backends), combined with causality; 4-D masks are bool
@@ -244,7 +245,7 @@ def windowed_mask(attention_mask: Tensor | None, batch: int, q_len: int, kv_len:
                   device: torch.device) -> Tensor:
     """`additive_mask`, with the keys outside a sliding-window layer's window masked too where the backend's mask
     does not hold the window (no mask, or a 2-D padding mask; a 4-D mask already holds it)."""
-    mask = additive_mask(attention_mask, batch, q_len, kv_len, device)  # [batch or 1, 1, q_len, kv_len]
+    mask = additive_mask(attention_mask, batch, q_len, kv_len, device)  # [batch or 1, 1 or heads, q_len, kv_len]
     if sliding_window is None or (attention_mask is not None and attention_mask.dim() == 4):
         return mask
     return mask.masked_fill(~within_window(q_len, kv_len, sliding_window, device), float("-inf"))

@@ -344,14 +344,14 @@ class GIFT(Method):
             scaling = call.query.shape[-1] ** -0.5 if call.scaling is None else call.scaling
             mask = additive_mask(
                 call.attention_mask, batch, seq, seq, call.query.device
-            )  # [batch|1, 1, seq, seq]
+            )  # [batch|1, 1|heads, seq, seq]: one per head where key-value groups select their own keys (MiniMax M3)
             for b in active:
                 pos = current[b].to(call.query.device)
                 idx = torch.cat([pos, pos - 1])  # content rows, then the rows just before them
                 z = (
                     call.query[b, :, idx].float() @ key[b].float().transpose(-1, -2) * scaling
                 )  # [heads, 2c, seq]
-                z = z + mask[b if mask.shape[0] > 1 else 0, 0, idx]
+                z = z + mask[b if mask.shape[0] > 1 else 0, :, idx]  # [1|heads, 2c, seq], each head its own
                 probs = key_probabilities(z, call.sinks)[:, :, image[b].to(z.device)]  # [heads, 2c, N_v]
                 now, before = probs.split(len(pos), dim=1)
                 shifts[b][call.layer_idx] = (now - before).clamp_min(0.0)  # [heads, c, N_v]
