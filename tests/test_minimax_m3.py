@@ -184,22 +184,57 @@ def test_an_edited_layer_keeps_each_key_value_groups_own_block_selection(kernel)
 
 
 def test_pai_records_its_image_gain_under_a_mask_per_head():
-    """PAI's recorded image-attention gain reads the layer's mask, one per head here (two key-value groups): each
-    row gets one finite gain per image token."""
+    """PAI's recorded image-attention gain reads the layer's mask, one per head here (two key-value groups whose
+    block selections differ). The reference recomputes it in plain PyTorch from the observed queries and keys and
+    the indexer's block selection, key by key: per head, softmax of the scores under that head's mask, boosted
+    (z + alpha * |z| on image keys) over plain, 1 for a key the head's mask hides; averaged over heads, then over
+    the boosted (layer, step) calls."""
     from transformers import MiniMaxM3SparseForConditionalGeneration
 
     config = tiny_minimax_m3().config
     config.text_config.num_key_value_heads = config.text_config.index_n_heads = 2
     torch.manual_seed(0)
     model = MiniMaxM3SparseForConditionalGeneration(config).eval()
-    input_ids = torch.randint(3, 50, (2, 12), generator=torch.Generator().manual_seed(6))
-    spans = {"image": [[2, 3, 4, 5, 6]] * 2, "instruction": [[8, 9, 10]] * 2}
-    with vlmfix.apply(model, vlmfix.PAI(layers=[0, 1]), spans=spans, record=True) as session:
-        session.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=2,
-                         do_sample=False, pad_token_id=0)
-    gains = session.report()["pai"]["image_gain"]
-    assert [len(row) for row in gains] == [5, 5] and all(math.isfinite(g) and g > 0 for row in gains for g in row)
+    batch, alpha = 2, 0.5
+    input_ids = torch.randint(3, 50, (batch, 12), generator=torch.Generator().manual_seed(6))
+    image = torch.tensor([2, 3, 4, 5, 6])
+    spans = {"image": [image.tolist()] * batch, "instruction": [[8, 9, 10]] * batch}
+    selections: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    handles = [get_adapter(model).decoder_layers[layer].self_attn.indexer.register_forward_hook(
+        lambda module, args, out, layer=layer: selections[layer].append(out[:batch])) for layer in selections]
+    calls: dict[int, list[tuple[torch.Tensor, torch.Tensor, float]]] = {0: [], 1: []}
 
+    def capture(call):  # the positive stream's newest query row and keys, [batch, heads, 1 | kv_len, head_dim]
+        calls[call.layer_idx].append((call.query[:batch, :, -1:].clone(), call.key[:batch].clone(), call.scaling))
+
+    try:
+        with vlmfix.apply(model, vlmfix.PAI(alpha=alpha, layers=[0, 1]), spans=spans, record=True) as session:
+            with session.observing(capture):
+                session.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=2,
+                                 do_sample=False, pad_token_id=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    gains = []
+    for layer in calls:
+        assert len(calls[layer]) == len(selections[layer]) == 2  # the prefill and one decode step
+        for (query, key, scaling), selected in zip(calls[layer], selections[layer]):
+            heads, kv_len = query.shape[1], key.shape[2]
+            newest = torch.ones(batch, 1, kv_len, dtype=torch.bool)  # the newest query sees every earlier key
+            keep = reference_block_mask(selected[:, :, -1:], newest, heads)  # [batch, heads, 1, kv_len]
+            z = query.float() @ key.float().repeat_interleave(heads // key.shape[1], dim=1).transpose(-1, -2) * scaling
+            boosted = z.clone()
+            boosted[..., image] += alpha * z[..., image].abs()
+            plain_p = z.masked_fill(~keep, -math.inf).softmax(-1)
+            boosted_p = boosted.masked_fill(~keep, -math.inf).softmax(-1)
+            ratio = torch.where(keep, boosted_p / plain_p, torch.ones_like(plain_p))
+            gains.append(ratio[:, :, 0, image].mean(dim=1))  # [batch, image tokens]
+    keep_first = reference_block_mask(selections[1][0][:, :, -1:], torch.ones(batch, 1, 12, dtype=torch.bool), 2)
+    assert not torch.equal(keep_first[:, 0], keep_first[:, 1])  # the heads' masks differ
+    expected = torch.stack(gains).mean(dim=0)  # [batch, image tokens]
+    report = torch.tensor(session.report()["pai"]["image_gain"], dtype=torch.float32)
+    torch.testing.assert_close(report, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, torch.ones_like(expected))  # the boost is live
 
 class WordTokenizer:
     """Token i reads " w{i}": enough for GIFT to read an instruction (no assistant marker, no frame tokens)."""
