@@ -12,7 +12,7 @@ HYV4VLForConditionalGeneration
 │           ├── self_attn: MLA (q_a/q_b, kv_a/kv_b, o_proj), indexer ("full" layers), sinks [heads], gate_proj
 │           │     each query's top index_topk keys (`indices`, merged into the mask by vlmfix; "shared" layers
 │           │     reuse the previous full layer's); softmax over [scores, sink] (`s_aux`, honoured by vlmfix);
-│           │     out[..., h, :] *= sigmoid(gate_proj(x))[..., h] (after attention, before o_proj)
+│           │     out *= sigmoid(gate_proj(x)) per channel, [heads, v_head_dim] (after attention, before o_proj)
 │           └── hc_head, norm: collapse the 4 streams into one hidden state (`stream_collapse`), then RMSNorm
 └── lm_head
 ```
@@ -24,8 +24,9 @@ carries [batch, seq, 4, hidden] and mixes it into the one hidden state its atten
 the output back to each stream with its own weight. vlmfix's edits (PAI's and SID's key biases, GIFT's and
 DualStream's reweights, VAR's transfer, VHR's head scale) act inside the attention call, on the queries, keys
 and probabilities made from that one mixed input and on the head outputs before the gate: none reads or writes a
-stream, so none depends on how many there are. VHR's head scale and the sigmoid gate are both per-head factors
-and commute; VHR scores a head on its output before the gate (as on Dots3 Note). VAR finds sink tokens on
+stream, so none depends on how many there are. The sigmoid gate is elementwise, one factor per head and channel
+(gate_proj outputs heads x v_head_dim); VHR's head scale is one factor per head, so the two commute. VHR scores a
+head on its output before the gate (as on Dots3 Note). VAR finds sink tokens on
 `input_layernorm`'s input, here attn_hc's mix: the hidden state the layer's keys are made from (its sink
 dimensions must be calibrated on the same tensor; none are published). DoLa's early exit collapses a layer's
 streams with the model's own readout (`stream_collapse`, then the head) before reading logits. AvisC zeroes

@@ -13,7 +13,9 @@ Nothing is computed with eager attention or `output_attentions`. The training fo
 vlmfix session, and an observer receives each layer's post-RoPE query and key. For the answer rows
 only, it recomputes the scores `Q_R K^T * scale + mask`, takes their softmax, and sums it over the
 image keys. That sum equals `exp(logsumexp(scores over image keys) - logsumexp(scores over all keys))`,
-the spec's form, but keeps one [batch, heads, rows, keys] tensor for backward instead of two. This costs
+the spec's form, where "all keys" includes the head's learned sink logit on a layer that has one (HY V4
+VL: the sink takes its share of the mass and carries no value), but keeps one [batch, heads, rows, keys]
+tensor for backward instead of two. This costs
 O(batch * heads * answer rows * keys) memory per layer, never O(keys^2). The observer differentiates
 through q and k and returns None, so the model's output does not change.
 
