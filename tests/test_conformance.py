@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmfix.decoding.method import METHODS
+from vlmfix.errors import PaddedBatchError
 from vlmfix.testing import ALL_FAMILIES, build_tiny
 from vlmfix.testing import conformance as suite
 from vlmfix.testing.tiny_feature_families import SINGLE_IMAGE
@@ -65,3 +66,24 @@ def test_a_changed_model_is_caught():
     next(tiny.model.parameters()).data[0] += 1
     with pytest.raises(suite.ConformanceError, match="weights changed"):
         snapshot.check(tiny.model, "in this test")
+
+
+@pytest.mark.parametrize(("method", "by_engine", "refused"), [
+    ("icd", True, True),  # its second prompt is longer by design: the engine's padding is a refusal
+    ("icd", False, False),  # the one-length batch itself padded: a regression
+    ("vhr", True, False),  # a method that pads by regression
+])
+def test_a_padded_batch_refusal_counts_only_for_a_longer_second_prompt(monkeypatch, method, by_engine, refused):
+    """On a family run on unpadded batches only, `PaddedBatchError` (a subclass of UnsupportedModelError) is a
+    refusal only where a method's second prompt is longer by design; anything else fails the check."""
+
+    def padded(*args, **kwargs):
+        raise PaddedBatchError("rows [0] of this prefill are left-padded", by_engine=by_engine)
+
+    monkeypatch.setattr(suite, "_run_method", padded)
+    tiny = build_tiny("llava")
+    if refused:
+        assert "left-padded" in (suite.check_method(tiny, method).refused or "")
+    else:
+        with pytest.raises(suite.ConformanceError, match=f"{method} left-padded the one-length batch"):
+            suite.check_method(tiny, method)

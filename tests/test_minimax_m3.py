@@ -77,16 +77,48 @@ def test_a_left_padded_batch_is_refused_before_any_forward():
     calls: list[int] = []
     handle = get_adapter(model).language_model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        with pytest.raises(vlmfix.UnsupportedModelError, match=r"runs minimax_m3_vl on unpadded batches only, and "
-                                                               r"rows \[0\] of this prefill are left-padded: .*"
-                                                               r"Decode one prompt a call \(batch size 1\) or batch "
-                                                               r"prompts of one token length\."):
+        with pytest.raises(vlmfix.PaddedBatchError, match=r"runs minimax_m3_vl on unpadded batches only, and "
+                                                          r"rows \[0\] of this prefill are left-padded: .*"
+                                                          r"modeling_minimax_m3_vl.py:524.*"
+                                                          r"Decode one prompt a call \(batch size 1\) or batch "
+                                                          r"prompts of one token length\.") as refused:
             vlmfix.generate(model, input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=1)
+        assert not refused.value.by_engine
         with pytest.raises(vlmfix.UnsupportedModelError, match="unpadded batches only"), vlmfix.apply(model):
             model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=1)
     finally:
         handle.remove()
     assert calls == []
+    assert issubclass(vlmfix.PaddedBatchError, vlmfix.UnsupportedModelError)  # callers' except clauses still catch it
+
+
+@pytest.mark.parametrize("mask", ["none", "ones"])
+def test_padding_only_the_two_stream_engine_added_is_named_as_such(mask):
+    """ICD's disturbed instruction is longer than the prompt, so its engine left-pads the caller's one prompt: the
+    refusal blames the method, with or without a caller mask, never the caller's batch ("batch size 1")."""
+    model = tiny_minimax_m3()
+    input_ids = torch.randint(3, 50, (1, 12), generator=torch.Generator().manual_seed(6))
+    masks = {"none": {}, "ones": {"attention_mask": torch.ones_like(input_ids)}}
+    spans = {"image": [[2, 3, 4, 5, 6]], "instruction": [[8, 9, 10]]}
+    with pytest.raises(vlmfix.PaddedBatchError, match=r"left-padded by a two-stream method \(its second prompt is "
+                                                      r"longer than the first\).*use a method whose second prompt "
+                                                      r"has the first's length") as refused:
+        with vlmfix.apply(model, vlmfix.ICD(), spans=spans, tokenizer=WordTokenizer()) as session:
+            session.generate(input_ids=input_ids, max_new_tokens=1, do_sample=False, pad_token_id=0, **masks[mask])
+    assert refused.value.by_engine and "batch size 1" not in str(refused.value)
+
+
+def test_a_caller_padded_batch_is_the_callers_under_a_two_stream_method_too():
+    model = tiny_minimax_m3()
+    input_ids = torch.randint(3, 50, (2, 12), generator=torch.Generator().manual_seed(6))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    spans = {"image": [[2, 3, 4, 5, 6]] * 2, "instruction": [[8, 9, 10]] * 2}
+    with pytest.raises(vlmfix.PaddedBatchError, match=r"batch size 1") as refused:
+        with vlmfix.apply(model, vlmfix.ICD(), spans=spans, tokenizer=WordTokenizer()) as session:
+            session.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=1, do_sample=False,
+                             pad_token_id=0)
+    assert not refused.value.by_engine
 
 
 def test_an_unpadded_batch_is_bit_identical_to_plain_generate():

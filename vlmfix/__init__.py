@@ -15,6 +15,7 @@ from vlmfix.decoding import Method, Session, apply, generate, register_method
 from vlmfix.errors import (
     CheckpointError,
     MissingImageError,
+    PaddedBatchError,
     SessionError,
     SpanError,
     UnknownNameError,
@@ -30,5 +31,5 @@ __all__ = [
     "VHR", "VAR", "GIFT", "DualStream", "PAI", "VCD", "DCD", "M3ID", "ICD", "SID", "AvisC", "DoLa", "OPERA",
     "get_adapter", "Spans",
     "SUPPORTED_CLASSES", "VlmfixError", "UnsupportedModelError", "MissingImageError", "SpanError",
-    "SessionError", "CheckpointError", "UnknownNameError", "__version__",
+    "SessionError", "CheckpointError", "UnknownNameError", "PaddedBatchError", "__version__",
 ]

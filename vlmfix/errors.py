@@ -11,6 +11,16 @@ class UnsupportedModelError(VlmfixError, ValueError):
     """The model class has no adapter."""
 
 
+class PaddedBatchError(UnsupportedModelError):
+    """A left-padded prefill on a model that gives a padded row other logits than the row alone (MiniMax M3):
+    vlmfix runs it on unpadded batches only. `by_engine` is True when the padding is only what a two-stream
+    method's engine added (its second prompt is longer), False when the caller's own rows are padded."""
+
+    def __init__(self, message: str, *, by_engine: bool) -> None:
+        super().__init__(message)
+        self.by_engine = by_engine
+
+
 class MissingImageError(VlmfixError, ValueError):
     """A method that needs an image got a batch row without one."""
 

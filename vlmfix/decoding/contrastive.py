@@ -210,7 +210,7 @@ def generate_contrastive(session: Session, **generate_kwargs: Any) -> Any:
     growth = method.negative_growth(session, ids, generate_kwargs.get("attention_mask"))
     if growth > 0:  # widen the prompts first, so what the methods plan on them stays aligned in the stacked batch
         generate_kwargs, ids = _left_padded_call(session, generate_kwargs, growth)
-    engine = _Engine(session, index, method, ids)
+    engine = _Engine(session, index, method, ids, added_columns=growth)
     with engine.installed():
         out = session.model.generate(**generate_kwargs, cache=engine.cache)
     if engine.trace is not None:
@@ -248,11 +248,13 @@ def _without_leading_columns(out: Any, width: int) -> Any:
 class _Engine:
     """One call's stream bookkeeping: the paired cache, the stacked mask and positions."""
 
-    def __init__(self, session: Session, index: int, method: ContrastiveMethod, caller_ids: Tensor) -> None:
+    def __init__(self, session: Session, index: int, method: ContrastiveMethod, caller_ids: Tensor,
+                 added_columns: int = 0) -> None:
         self.session = session
         self.index = index
         self.method = method
-        self.caller_ids = caller_ids  # [B0, S] before expansion
+        self.caller_ids = caller_ids  # [B0, S] before expansion, the engine's own padding columns included
+        self.added_columns = added_columns  # padding columns the engine put left of the caller's prompts
         self.cache = StreamPairCache(config=session.model.config.get_text_config(decoder=True))
         self.batch = 0
         self.expand = 1

@@ -45,13 +45,14 @@ from torch.utils.hooks import RemovableHandle
 
 from vlmfix import validation
 from vlmfix.adapters import Adapter, Spans, get_adapter
+from vlmfix.adapters.left_padding import left_padding_cause
 from vlmfix.decoding.attention import AttentionCall, Observer, make_attention_function, register, unregister
 from vlmfix.decoding.edits import Edit
 from vlmfix.decoding.grouped import KeyGroupCache
 from vlmfix.decoding.key_bias import KeyBiasPlans
 from vlmfix.decoding.method import METHODS, Method
 from vlmfix.decoding.prompt_inputs import IMAGE_KEYS, image_layout, padding_mask, without_loop_keys
-from vlmfix.errors import MissingImageError, SessionError, SpanError, UnsupportedModelError
+from vlmfix.errors import MissingImageError, PaddedBatchError, SessionError, SpanError
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 _NAMES = itertools.count()
@@ -261,21 +262,24 @@ class Session:
 
     def _refuse_padded_rows(self, valid: Tensor) -> None:
         """Raise before a prefill whose rows are padded (valid: [batch, seq], True on real tokens) when the model
-        itself gives a padded row other logits than the row alone (`Adapter.left_padding_changes_rows`)."""
+        itself gives a padded row other logits than the row alone (`Adapter.left_padding_changes_rows`).
+
+        The padding is the two-stream engine's when it lies only in the columns the engine put left of the
+        caller's prompts (a method whose second prompt is longer: ICD), whatever mask the caller passed."""
         padded = (~valid).any(dim=1).nonzero().flatten().tolist()
         if not padded:
             return
-        caller = self.call_inputs.get("attention_mask")
-        by_engine = isinstance(caller, Tensor) and caller.dim() == 2 and bool(caller.bool().all())
-        raise UnsupportedModelError(
+        added = int(getattr(self.engine, "added_columns", 0))  # 0 outside a two-stream call
+        by_engine = added > 0 and bool(valid[:, added:].all())
+        raise PaddedBatchError(
             f"vlmfix runs {self.adapter.family} on unpadded batches only, and rows {padded} of this prefill are "
-            f"left-padded{' by a two-stream method (its second prompt has another length)' if by_engine else ''}: "
-            f"transformers 5.24's own {type(self.model).__name__} gives a left-padded row other logits than the row "
-            "alone (its block-sparse indexer masks the key slots past each query's content position, "
-            "modeling_minimax_m3_vl.py:578, :586), so no row would get what it gets alone. "
+            f"left-padded{' by a two-stream method (its second prompt is longer than the first)' if by_engine else ''}"
+            f": transformers 5.24's own {type(self.model).__name__} gives a left-padded row other logits than the "
+            f"row alone ({left_padding_cause(self.adapter)}), so no row would get what it gets alone. "
             + ("With this model, use a method whose second prompt has the first's length (the batch's own rows are "
                "unpadded)." if by_engine else
-               "Decode one prompt a call (batch size 1) or batch prompts of one token length.")
+               "Decode one prompt a call (batch size 1) or batch prompts of one token length."),
+            by_engine=by_engine,
         )
 
     def begin_prompt(self, inputs: dict[str, Any]) -> None:
