@@ -259,11 +259,11 @@ def test_qianfan_ocr_system_splice_replaces_its_default_system_message():
     assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
 
 
-@pytest.mark.parametrize("family", ["internvl", "llava_onevision", "aria", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["internvl", "llava_onevision", "aria", "qwen3_vl", "hy_v4_vl"])
 def test_chatml_family_system_splice_is_the_template_s_system_message(family):
-    """A common-layout ChatML family (no system message by default): the system placement gives the ids of the
-    chat template's conversation with the disturbance as its system message, from a conversation with no system
-    message and from one with another."""
+    """A ChatML family (common layout; HY V4 VL with its own adapter), no system message by default: the system
+    placement gives the ids of the chat template's conversation with the disturbance as its system message, from a
+    conversation with no system message and from one with another."""
     tiny = tiny_model(family, layers=1)
     adapter = vlmfix.get_adapter(tiny.model)
 
