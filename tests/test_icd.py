@@ -374,8 +374,11 @@ def test_alpha_zero_and_empty_disturbance_are_greedy(family):
     assert_unchanged(inputs, before)
 
 
-@pytest.mark.parametrize("placement", ["system", "after_image"])
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "deepseek_vl", "qianfan_ocr"])
+@pytest.mark.parametrize(("family", "placement"), [
+    *[(family, placement) for family in ("llava", "qwen2_vl", "deepseek_vl", "qianfan_ocr")
+      for placement in ("system", "after_image")],
+    ("internvl", "system"),  # a common-layout ChatML family without a default system message
+])
 def test_streams_and_scores_match_plain_forwards(family, placement):
     """The negative rows' logits equal a plain forward of the disturbed prompt built by the processor, at the
     prefill and three decode steps; the scores are the spec's contrast of the two plain forwards."""
