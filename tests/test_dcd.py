@@ -240,6 +240,8 @@ def test_registry_and_configs(tmp_path):
         cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
         assert cfg.pop("_target_") == f"vlmfix.{cls.__name__}"
         method = cls(**cfg)
+        if cls is VCD:  # every knob is in the yaml (the high-res copy's normalisation included)
+            assert set(cfg) == set(method.params())
         as_yaml = {k: list(v) if isinstance(v, tuple) else v for k, v in method.params().items()}  # YAML: lists
         assert {k: v for k, v in as_yaml.items() if k in cfg} == {
             k: (str(v) if k == "checkpoints" else v) for k, v in cfg.items()}

@@ -56,17 +56,19 @@ def disturbed_inputs(tiny, questions: list[str], disturbance: str, placement: st
     `tiny.inputs` gives the same rows (other images with another `image_seed`)."""
     prompts = [tiny.prompt(q) for q in questions]
     qwen = tiny.family.startswith("qwen")
+    chatml = all(p.startswith("<|im_start|>") for p in prompts)
     deepseek = tiny.family.startswith("deepseek_vl")
     fixed = FIXED_SYSTEM_TEXTS.get(tiny.family)
     if placement == "system" and fixed:  # d in place of the template's system text (DeepSeek: `<bos>d\n\nUser: ...`)
         assert all(fixed in p for p in prompts)
         prompts = [p.replace(fixed, disturbance) for p in prompts]
-    elif placement == "system":  # LLaVA: `d USER: <image> ...`; Qwen: a system message holding d
-        prompts = [f"<|im_start|>system\n{disturbance}<|im_end|>\n{p}" if qwen else f"{disturbance} {p}"
+    elif placement == "system":  # LLaVA: `d USER: <image> ...`; ChatML (Qwen, InternVL): a system message holding d
+        prompts = [f"<|im_start|>system\n{disturbance}<|im_end|>\n{p}" if chatml else f"{disturbance} {p}"
                    for p in prompts]
-    else:  # `USER: <image> d <question>` (after Qwen's vision end)
+    else:  # `USER: <image> d <question>` (after Qwen's vision end; DeepSeek: a line break before the question)
         image = "<|vision_end|>" if qwen else "<image_placeholder>" if deepseek else "<image>"
-        prompts = [p.replace(image, f"{image} {disturbance}") for p in prompts]
+        after = f"{image} {disturbance}\n" if deepseek else f"{image} {disturbance}"
+        prompts = [p.replace(image, after) for p in prompts]
     images = [random_image(48 + 16 * ((image_seed + i) % 3), image_seed + i) for i in range(len(questions))]
     return dict(tiny.processor(text=prompts, images=images, return_tensors="pt", padding=True))
 
@@ -257,6 +259,99 @@ def test_qianfan_ocr_system_splice_replaces_its_default_system_message():
     assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
 
 
+@pytest.mark.parametrize("family", ["internvl", "llava_onevision", "aria", "qwen3_vl", "hy_v4_vl"])
+def test_chatml_family_system_splice_is_the_template_s_system_message(family):
+    """A ChatML family (common layout; HY V4 VL with its own adapter), no system message by default: the system
+    placement gives the ids of the chat template's conversation with the disturbance as its system message, from a
+    conversation with no system message and from one with another."""
+    tiny = tiny_model(family, layers=1)
+    adapter = vlmfix.get_adapter(tiny.model)
+
+    def ids(system: str | None) -> list[int]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[1]}]}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        text = tiny.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tiny.tokenizer(text)["input_ids"]
+
+    want = ids(DISTURBANCE)
+    for before in (ids(None), ids("you are a helpful assistant .")):
+        splice = adapter.system_splice(before, DISTURBANCE, tiny.tokenizer)
+        assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+
+
+def test_chatml_system_splice_with_line_break_tokens():
+    """ChatML with a byte-level tokenizer (line breaks are tokens): a default system message is replaced, an empty
+    system turn (LightOnOCR's `<|im_start|>system<|im_end|>`) is filled, a prompt without one gets one; a prompt
+    with no ChatML turn is refused."""
+    from vlmfix.adapters.qwen2_vl import chatml_system_splice
+    from vlmfix.errors import SpanError
+
+    turns = "<|im_start|>user\n<image>is there a dog ?<|im_end|>\n<|im_start|>assistant\n"
+    tokenizer = byte_level_tokenizer(["you are a helpful assistant .", DISTURBANCE, turns, "system"],
+                                     ["<s>", "<|im_start|>", "<|im_end|>", "<image>"])
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for bos in ("", "<s>"):  # a ChatML tokenizer with a BOS gets the new system message after it
+        want = ids(f"{bos}<|im_start|>system\n{DISTURBANCE}<|im_end|>\n{turns}")
+        assert tokenizer.convert_ids_to_tokens(want).count("Ċ") == 5  # each line break is a token here
+        for system in ("<|im_start|>system\nyou are a helpful assistant .<|im_end|>\n",
+                       "<|im_start|>system<|im_end|>\n", ""):
+            before = ids(bos + system + turns)
+            splice = chatml_system_splice(before, DISTURBANCE, tokenizer)
+            assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+    with pytest.raises(SpanError, match="no <\\|im_start\\|> turn, so it is not a ChatML prompt"):
+        chatml_system_splice(ids("User: <image>is there a dog ?"), DISTURBANCE, tokenizer)
+
+
+def deepseek_byte_level(adapter, texts: list[str]):
+    """A byte-level tokenizer for DeepSeek-VL's prompt whose image placeholder has the tiny model's image id."""
+    bos, image = "<｜begin▁of▁sentence｜>", "<image_placeholder>"
+    fillers = [f"<filler_{i}>" for i in range(adapter.image_token_id - 1)]
+    tokenizer = byte_level_tokenizer(texts, [bos, *fillers, image])
+    assert tokenizer.convert_tokens_to_ids(image) == adapter.image_token_id
+    return tokenizer
+
+
+@pytest.mark.parametrize("family", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_deepseek_vl_after_image_splice_keeps_the_question_apart(family):
+    """DeepSeek-VL's template writes the question right after the image placeholder: the after-image placement
+    gives the ids of `<image_placeholder> d\\n{question}` (a byte-level tokenizer spells the question's first word
+    after a line break as after the placeholder), not the disturbance glued to the question."""
+    adapter = vlmfix.get_adapter(tiny_model(family, layers=1).model)
+    bos, image, question = "<｜begin▁of▁sentence｜>", "<image_placeholder>", "Is there a dog ?"
+    prompt = f"{bos}{DEEPSEEK_SYSTEM_TEXT}\n\nUser: {image}{question}\n\nAssistant:"
+    tokenizer = deepseek_byte_level(adapter, [DEEPSEEK_SYSTEM_TEXT, DISTURBANCE, prompt])
+    before = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    want = tokenizer(prompt.replace(image, f"{image} {DISTURBANCE}\n"), add_special_tokens=False)["input_ids"]
+    splice = adapter.after_image_splice(before, DISTURBANCE, tokenizer)
+    assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+
+
+def test_deepseek_vl_system_splice_refuses_text_it_cannot_place():
+    """A row whose `User:` no spelling finds but with text after BOS: a SpanError, not the disturbance written
+    beside that text; a row whose image comes right after BOS gets the disturbance and the blank line there."""
+    from vlmfix.errors import SpanError
+
+    adapter = vlmfix.get_adapter(tiny_model("deepseek_vl", layers=1).model)
+    bos, image = "<｜begin▁of▁sentence｜>", "<image_placeholder>"
+    texts = [DEEPSEEK_SYSTEM_TEXT, DISTURBANCE, f"USER {image}is there a dog ?\n\nAssistant:"]
+    tokenizer = deepseek_byte_level(adapter, texts)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    with pytest.raises(SpanError, match="text between BOS and its first image but no 'User:'"):
+        adapter.system_splice(ids(f"{bos}{DEEPSEEK_SYSTEM_TEXT}\n\nUSER {image}is there a dog ?"), DISTURBANCE,
+                              tokenizer)
+    before = ids(f"{bos}{image}is there a dog ?")
+    splice = adapter.system_splice(before, DISTURBANCE, tokenizer)
+    want = ids(f"{bos}{DISTURBANCE}\n\n{image}is there a dog ?")
+    assert before[: splice.start] + list(splice.tokens) + before[splice.end :] == want
+
+
 # ---------------------------------------------------------------------------------------------
 # on tiny models
 
@@ -279,8 +374,11 @@ def test_alpha_zero_and_empty_disturbance_are_greedy(family):
     assert_unchanged(inputs, before)
 
 
-@pytest.mark.parametrize("placement", ["system", "after_image"])
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "deepseek_vl", "qianfan_ocr"])
+@pytest.mark.parametrize(("family", "placement"), [
+    *[(family, placement) for family in ("llava", "qwen2_vl", "deepseek_vl", "qianfan_ocr")
+      for placement in ("system", "after_image")],
+    ("internvl", "system"),  # a common-layout ChatML family without a default system message
+])
 def test_streams_and_scores_match_plain_forwards(family, placement):
     """The negative rows' logits equal a plain forward of the disturbed prompt built by the processor, at the
     prefill and three decode steps; the scores are the spec's contrast of the two plain forwards."""

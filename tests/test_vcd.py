@@ -209,7 +209,15 @@ def test_registry_and_validation():
         VCD(noise_step=1000)
     with pytest.raises(ValueError, match="`noise_space` must be one of 'normalized', 'pixel'"):
         VCD(noise_space="latent")
-    assert VCD(image_mean=(0.5, 0.5, 0.5)).high_res_image_mean == (0.5, 0.5, 0.5)  # None: the same normalisation
+    # the high-res copy's default is transformers' DeepSeek-VL hybrid processor's, not image_mean / image_std
+    from transformers.models.deepseek_vl_hybrid.image_processing_pil_deepseek_vl_hybrid import (
+        DeepseekVLHybridImageProcessorPil,
+    )
+
+    processor = DeepseekVLHybridImageProcessorPil()
+    method = VCD(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    assert method.high_res_image_mean == pytest.approx(tuple(processor.high_res_image_mean))
+    assert method.high_res_image_std == pytest.approx(tuple(processor.high_res_image_std))
     tiny = tiny_model("llava")
     with pytest.raises(vlmfix.SessionError, match="VCD is a two-stream method: call session.generate"):
         with vlmfix.apply(tiny.model, VCD()):

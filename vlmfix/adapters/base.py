@@ -150,6 +150,23 @@ def config_ids(config: Any, fields: Sequence[str]) -> tuple[int, ...]:
     return tuple(found)
 
 
+def spellings(tokenizer: Any, marker: str) -> list[list[int]]:
+    """Token ids of `marker` as a prompt may spell it: alone, after a space and after a line break, without
+    duplicates or empty spellings (a SentencePiece tokenizer with a dummy prefix starts a text's first word with
+    its space marker, which the same word after a line break lacks: ERNIE 4.5 VL puts "Assistant: " on a new
+    line after the question)."""
+    found: list[list[int]] = []
+    candidates = [tokenizer.encode(text, add_special_tokens=False) for text in (marker, " " + marker)]
+    line_break = tokenizer.encode("\n", add_special_tokens=False)
+    after_break = tokenizer.encode("\n" + marker, add_special_tokens=False)
+    if line_break and after_break[: len(line_break)] == line_break:
+        candidates.append(after_break[len(line_break):])
+    for ids in candidates:
+        if ids and ids not in found:
+            found.append(ids)
+    return found
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Where things are in one model family.
@@ -365,22 +382,12 @@ class Adapter:
         return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
     def marker_ids(self, tokenizer: Any | None) -> list[list[int]]:
-        """Token id sequences of the assistant markers as this tokenizer spells them in a prompt: alone, after a
-        space and after a line break (a SentencePiece tokenizer with a dummy prefix starts a text's first word
-        with its space marker, which the same word after a line break lacks: ERNIE 4.5 VL puts "Assistant: " on
-        a new line after the question)."""
+        """Token id sequences of the assistant markers as this tokenizer spells them in a prompt (`spellings`)."""
         if tokenizer is None:
             return []
-        found = []
-        line_break = tokenizer.encode("\n", add_special_tokens=False)
+        found: list[list[int]] = []
         for marker in self.assistant_markers:
-            spellings = [tokenizer.encode(text, add_special_tokens=False) for text in (marker, " " + marker)]
-            after_break = tokenizer.encode("\n" + marker, add_special_tokens=False)
-            if line_break and after_break[: len(line_break)] == line_break:
-                spellings.append(after_break[len(line_break):])
-            for ids in spellings:
-                if ids and ids not in found:
-                    found.append(ids)
+            found += [ids for ids in spellings(tokenizer, marker) if ids not in found]
         return found
 
     def named_frame_ids(self, tokenizer: Any | None) -> list[int]:
@@ -426,8 +433,7 @@ class Adapter:
         first user marker, replacing any system text there (LLaVA: `[<s>] text USER: <image>...`)."""
         bos = getattr(tokenizer, "bos_token_id", None)
         start = 1 if row and bos is not None and row[0] == bos else 0
-        markers = [tokenizer.encode(m, add_special_tokens=False) for m in self.user_markers]
-        markers += [tokenizer.encode(" " + m, add_special_tokens=False) for m in self.user_markers]
+        markers = [ids for marker in self.user_markers for ids in spellings(tokenizer, marker)]
         found = find_ids(row, markers, start)
         return Splice(start, found[0] if found else start, tuple(word_ids(tokenizer, text)))
 

@@ -17,17 +17,18 @@ from vlmfix.adapters.qwen2_vl import Qwen2VLAdapter
 CHATML = ("<|im_end|>",)  # <|im_start|>user ... <|im_end|>\n<|im_start|>assistant\n
 
 
-def common_layout(family: str, *model_classes: str, markers: tuple[str, ...], frames: tuple[str, ...] = (),
-                  chatml_system: bool = False) -> type[Adapter]:
+def common_layout(family: str, *model_classes: str, markers: tuple[str, ...],
+                  frames: tuple[str, ...] = ()) -> type[Adapter]:
     """An adapter class for a family that follows the common layout (`frames`: image-wrapping tokens that
-    the config does not name; `chatml_system`: the system slot is a ChatML system message, whose text ICD's
-    system placement replaces, as Qwen2-VL's)."""
+    the config does not name). A family whose turns end with ChatML's <|im_end|> has a ChatML system message,
+    which ICD's system placement fills as Qwen2-VL's (`chatml_system_splice`: the message's text replaced, or the
+    message added when the prompt has none), rather than writing its text before the first turn."""
     name = "".join(part.title() for part in family.split("_")) + "Adapter"
     namespace: dict[str, Any] = {
         "family": family, "model_classes": model_classes, "assistant_markers": markers, "frame_tokens": frames,
         "__module__": __name__, "__doc__": f"{family}: the common layout ({', '.join(model_classes)}).",
     }
-    if chatml_system:
+    if markers == CHATML:
         namespace["system_splice"] = Qwen2VLAdapter.system_splice
     return dataclass(frozen=True)(type(name, (Adapter,), namespace))
 
@@ -96,8 +97,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
     common_layout("perception_lm", "PerceptionLMForConditionalGeneration", markers=("<|eot_id|>",)),
     # Qianfan-OCR: ChatML with a default system message (transformers' conversion script writes its template)
-    common_layout("qianfan_ocr", "QianfanOCRForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>"),
-                  chatml_system=True),
+    common_layout("qianfan_ocr", "QianfanOCRForConditionalGeneration", markers=CHATML, frames=("<img>", "</img>")),
     common_layout("qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_bos|>", "<|vision_eos|>")),
     common_layout("qwen3_vl", "Qwen3VLForConditionalGeneration", markers=CHATML),

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 from vlmfix.adapters.base import Adapter
 from vlmfix.decoding.prompt_inputs import Splice, find_ids
 from vlmfix.errors import SpanError
 
-SYSTEM_HEADER, TURN_END = "<|im_start|>system\n", "<|im_end|>"
+TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
+SYSTEM_HEADER = TURN_START + "system\n"
 
 
 @dataclass(frozen=True)
@@ -38,18 +40,34 @@ class Qwen2VLAdapter(Adapter):
     assistant_markers: ClassVar[tuple[str, ...]] = ("<|im_end|>",)
 
     def system_splice(self, row: Sequence[int], text: str, tokenizer: Any) -> Splice:
-        """Put `text` in the row's system message (`<|im_start|>system\\n{text}<|im_end|>\\n`), replacing the
-        message's text (the default "You are a helpful assistant."), or adding the message before the first
-        turn when the prompt has none."""
-        header = tokenizer.encode(SYSTEM_HEADER, add_special_tokens=False)
-        content = tuple(tokenizer.encode(text, add_special_tokens=False))
-        found = find_ids(row, [header])
-        if found is None:
-            footer = tokenizer.encode(TURN_END + "\n", add_special_tokens=False)
-            return Splice(0, 0, (*header, *content, *footer))
+        """Put `text` in the row's ChatML system message (`chatml_system_splice`)."""
+        return chatml_system_splice(row, text, tokenizer)
+
+
+def chatml_system_splice(row: Sequence[int], text: str, tokenizer: Any) -> Splice:
+    """Put `text` in one ChatML prompt row's system message (`<|im_start|>system\\n{text}<|im_end|>\\n`): in place
+    of the message's text (Qwen2-VL's default "You are a helpful assistant."), into an empty system turn
+    (`<|im_start|>system<|im_end|>`, LightOnOCR's), or as a new system message before the first turn (after BOS)
+    when the prompt has none. A row without `<|im_start|>` is not a ChatML prompt and raises a SpanError."""
+    encode = partial(tokenizer.encode, add_special_tokens=False)
+    header, bare_header, turn_end = encode(SYSTEM_HEADER), encode(SYSTEM_HEADER.rstrip("\n")), encode(TURN_END)
+    content = tuple(encode(text))
+    found = find_ids(row, [header])
+    if found is not None:
         start = found[0] + found[1]
-        end = find_ids(row, [tokenizer.encode(TURN_END, add_special_tokens=False)], start)
+        end = find_ids(row, [turn_end], start)
         if end is None:
             raise SpanError(f"the prompt's system message has no closing {TURN_END}; build the prompt with the "
                             f"processor's chat template.")
         return Splice(start, end[0], content)
+    empty = find_ids(row, [bare_header + turn_end])
+    if empty is not None and header[: len(bare_header)] == bare_header:  # the line break after "system", then text
+        start = empty[0] + len(bare_header)
+        return Splice(start, start, (*header[len(bare_header):], *content))
+    if find_ids(row, [encode(TURN_START)]) is None:
+        raise SpanError(f"the prompt row has no {TURN_START} turn, so it is not a ChatML prompt and ICD's system "
+                        f"placement has no system message to write; build the prompt with the processor's chat "
+                        f"template, or use placement='after_image'.")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    start = 1 if row and bos is not None and row[0] == bos else 0
+    return Splice(start, start, (*header, *content, *encode(TURN_END + "\n")))

@@ -22,6 +22,9 @@ DIFFUSION_STEPS = 1000
 # CLIP's normalisation (LLaVA-1.5 / LLaVA-NeXT processors); used by noise_space="pixel"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the high-resolution copy's normalisation by default: transformers 5.24's DeepseekVLHybridImageProcessor(Pil) sets
+# high_res_image_mean / high_res_image_std to OPENAI_CLIP_MEAN / OPENAI_CLIP_STD on their own, whatever image_mean is
+HIGH_RES_MEAN, HIGH_RES_STD = CLIP_MEAN, CLIP_STD
 
 NoiseSpace = Literal["normalized", "pixel"]
 # more views of the same images, normalised as `pixel_values` (DeepSeek-OCR-2's and Step 3.7's local tiles,
@@ -138,17 +141,20 @@ class VCD(ContrastiveMethod):
         noise_space ("normalized" | "pixel", default "normalized"): noise the processor's normalised
             tensor (as the official code) or the [0, 1] pixels (then `image_mean` / `image_std`).
         image_mean, image_std (3 floats, default CLIP's): the processor's normalisation, for "pixel".
-        high_res_image_mean, high_res_image_std (3 floats | None, default None = image_mean, image_std): the
-            normalisation of a second tower's copy of the images (DeepSeek-VL hybrid's `high_res_pixel_values`;
-            the processor's `high_res_image_mean` / `high_res_image_std`), for "pixel".
+        high_res_image_mean, high_res_image_std (3 floats, default CLIP's, as transformers' DeepSeek-VL hybrid
+            image processor, independent of image_mean / image_std): the normalisation of a second tower's copy of
+            the images (DeepSeek-VL hybrid's `high_res_pixel_values`; the processor's `high_res_image_mean` /
+            `high_res_image_std`), for "pixel".
 
     Every copy of the image that the model reads is noised: `pixel_values`, local tiles (`pixel_values_local`)
     and a second tower's high-resolution copy (`high_res_pixel_values`), each at step `noise_step` with the same
     seed rule (a fresh generator seeded `noise_seed` per image). A high-resolution copy gets its own eps drawn at
     its own size, not the low-resolution eps resized: resizing white noise changes its variance (averaging pixels
     shrinks it), so a resized copy would not sit at step t of the schedule, and the towers normalise differently.
-    Both draws start from the same seed, so the larger eps opens with the smaller one's numbers, laid on pixels
-    that do not correspond (other rows and channels): no spatial pattern is shared. `report()["noised"]` lists
+    Both draws start from the same seed, so the larger eps opens with the smaller one's numbers, in the same
+    channel-major order but on pixels that do not correspond: the larger copy's rows are longer, so the smaller
+    one's numbers wrap onto other pixels (at DeepSeek-VL hybrid's 384 and 1024 pixels all of them fall in the
+    larger copy's first channel): no spatial pattern is shared. `report()["noised"]` lists
     the inputs noised.
 
     Paper: Leng et al., "Mitigating Object Hallucinations in Large Vision-Language Models through Visual
@@ -177,8 +183,8 @@ class VCD(ContrastiveMethod):
         noise_space: NoiseSpace = "normalized",
         image_mean: tuple[float, float, float] = CLIP_MEAN,
         image_std: tuple[float, float, float] = CLIP_STD,
-        high_res_image_mean: tuple[float, float, float] | None = None,
-        high_res_image_std: tuple[float, float, float] | None = None,
+        high_res_image_mean: tuple[float, float, float] = HIGH_RES_MEAN,
+        high_res_image_std: tuple[float, float, float] = HIGH_RES_STD,
     ) -> None:
         self.alpha = check_alpha(alpha)
         self.beta = check_beta(beta, "beta")
@@ -196,12 +202,12 @@ class VCD(ContrastiveMethod):
                                               what="per-channel floats", meaning="the processor's image_mean")
         self.image_std = validation.sequence(image_std, "image_std", channel(True), length=3,
                                              what="per-channel floats > 0", meaning="the processor's image_std")
-        self.high_res_image_mean = self.image_mean if high_res_image_mean is None else validation.sequence(
+        self.high_res_image_mean = validation.sequence(
             high_res_image_mean, "high_res_image_mean", channel(False), length=3, what="per-channel floats",
-            meaning="the processor's high_res_image_mean, or None for image_mean")
-        self.high_res_image_std = self.image_std if high_res_image_std is None else validation.sequence(
+            meaning="the processor's high_res_image_mean")
+        self.high_res_image_std = validation.sequence(
             high_res_image_std, "high_res_image_std", channel(True), length=3, what="per-channel floats > 0",
-            meaning="the processor's high_res_image_std, or None for image_std")
+            meaning="the processor's high_res_image_std")
 
     def prepare(self, session: Session) -> VCDState:
         require_engine(session, self)
