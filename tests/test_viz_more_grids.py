@@ -618,6 +618,9 @@ def test_step3p7_reads_canvas_rows_from_the_gaps_and_refuses_a_padded_picture():
         layout(4, (40, 64))
     with pytest.raises(ValueError, match="pads to a square"):
         layout(2, (20, 100))
+    with pytest.raises(ValueError, match="more step3p7 images than the 0 pictures"):
+        row_layouts("step3p7", config, [34], image_positions=[[*range(1, 10), *range(12, 21), *range(23, 39)]],
+                    image_run_tokens=around, tokenizer=tokenizer, image_shapes={0: []})
 
 
 @pytest.mark.torchvision
@@ -662,6 +665,36 @@ def test_molmo2_rows_from_column_tokens_and_refused_without_them():
                             tokenizer=tokenizer)
     assert [(g.image, g.kind, g.tokens.tolist()) for g in layout.grids] == [
         (0, "low_res", [[0, 1], [2, 3]]), (0, "canvas", [[4, 5, 6], [7, 8, 9]])]
-    with pytest.raises(ValueError, match="column tokens"):
+    with pytest.raises(ValueError, match="low-resolution view .* unless use_single_crop_col_tokens=False"):
         row_layouts("molmo2", None, [10], image_positions=[[*range(1, 5), *range(7, 13)]],
                     image_run_tokens=[[[1, 3], [4, 3]]], tokenizer=tokenizer)
+    # the low-resolution view with its column tokens, the canvas without (image_use_col_tokens=False)
+    with pytest.raises(ValueError, match="canvas rows .* unless image_use_col_tokens=False"):
+        row_layouts("molmo2", None, [10], image_positions=[[1, 2, 4, 5, *range(9, 15)]],
+                    image_run_tokens=[[[1, 2], [2, 2], [4, 3]]], tokenizer=tokenizer)
+
+
+def test_fast_vlm_back_to_back_images_split_by_the_pictures_or_image_seq_length():
+    """Four 2 x 2 FastVLM feature maps written back to back are one run of 16 tokens, a square like one 4 x 4 map:
+    the pictures split it (16 tokens over 4 pictures), else the config's image_seq_length (4) when it divides the
+    run; a square run with neither is refused, as is a split the pictures contradict."""
+    from types import SimpleNamespace
+
+    def four_maps(start: int) -> list[list[list[int]]]:  # the expected four 2 x 2 row-major maps
+        return [[[start + 4 * k, start + 4 * k + 1], [start + 4 * k + 2, start + 4 * k + 3]] for k in range(4)]
+
+    def grids(config, shapes=None, positions=range(16)):
+        layout = row_layouts("fast_vlm", config, [len(positions)], image_positions=[list(positions)],
+                             image_shapes=None if shapes is None else {0: shapes})[0]
+        return [(g.image, g.tokens.tolist()) for g in layout.grids]
+
+    expected = list(enumerate(four_maps(0)))
+    assert grids(SimpleNamespace(image_seq_length=4)) == expected
+    assert grids(SimpleNamespace(image_seq_length=576), shapes=[(30, 40)] * 4) == expected  # a stale default count
+    assert grids(SimpleNamespace(image_seq_length=576)) == [(0, [list(range(4 * r, 4 * r + 4)) for r in range(4)])]
+    # two runs (text between them): 8 and 8 tokens, each two 2 x 2 maps
+    assert grids(SimpleNamespace(image_seq_length=4), positions=[*range(8), *range(9, 17)]) == expected
+    with pytest.raises(ValueError, match="no image_seq_length"):
+        grids(SimpleNamespace())
+    with pytest.raises(ValueError, match="not 3 equal square feature maps"):
+        grids(SimpleNamespace(image_seq_length=4), shapes=[(30, 40)] * 3)
