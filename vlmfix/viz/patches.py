@@ -22,9 +22,12 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   shrinks the (h, w) patch grid by bilinear interpolation, which averages each m x m block for m = 2); Kimi K2.5
   (m: `merge_kernel_size`, its tower averages an image's frames) and Muse Glimmer / Muse Spark (m: `merge_size`,
   their tower's pixel shuffle) likewise, and Dots3 Note (its tower's merger reads each m x m block of the processor's
+  merge-ordered patches as one token), and MiniMax M3 (its projector reads each m x m block of the processor's
   merge-ordered patches as one token);
 - HunyuanOCR (hunyuan_vl): per image, a begin token (on no grid), the (h / m) x (w / m) merged patches row-major
-  from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid);
+  from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid); HY V4 VL likewise
+  without the begin and end tokens (its merger's stride-m convolution over the processor's row-major patches, then
+  its learned newline after each row);
 - Mistral 3, Mistral Large 4 (Mistral 3's Pixtral tower and projector), LightOnOCR: per image,
   (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`, row-major (the [IMG_BREAK] / [IMG_END]
   tokens are not image tokens);
@@ -105,15 +108,16 @@ PIXTRAL_FAMILIES = ("mistral3", "mistral_large4", "lighton_ocr")  # merged Pixtr
 VQ_FAMILIES = ("apertus1p5",)  # one VQ code per spatial_scale_factor^2 pixels, from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note")
+                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note", "minimax_m3_vl")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
-NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw`, a newline after each row
+# merged patches from `image_grid_thw`, a newline after each row (HunyuanOCR's between a begin and an end token)
+NEWLINE_MERGED_FAMILIES = ("hunyuan_vl", "hy_v4_vl")
 POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
                 "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm", "step3p7", "molmo2")
-# the reason a newly supported family carries in REFUSED until its layout is mapped and checked
+# the reason a newly supported family carries in REFUSED until its layout is mapped and checked (none at present)
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -128,8 +132,6 @@ REFUSED: dict[str, str] = {
                      "(crop_to_patches off, size up to maximum_pad_value) or letterboxed (otherwise), which an image "
                      "with no local tiles cannot tell apart, and the global and tile grids' sides (size, tile_size) "
                      "are not in the config",
-    "minimax_m3_vl": UNCHECKED,
-    "hy_v4_vl": UNCHECKED,
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
                  *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
@@ -276,15 +278,17 @@ def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int], merge: 
     return grids, t * rows * cols
 
 
-def _hunyuan_image(config: Any, image: int, start: int, thw: Sequence[int]
-                   ) -> tuple[list[TokenGrid], dict, list[int], int]:
-    """HunyuanOCR: begin token, rows of merged patches each ended by a newline token, end token."""
+def _newline_merged_image(family: str, config: Any, image: int, start: int, thw: Sequence[int]
+                          ) -> tuple[list[TokenGrid], dict, list[int], int]:
+    """Rows of merged patches each ended by a newline token; HunyuanOCR's between a begin and an end token."""
     merge = int(config.vision_config.spatial_merge_size)
     _, h, w = (int(x) for x in thw)  # one temporal slice: the merger reshapes each image's patches to (h, w)
     rows, cols = h // merge, w // merge
-    first = start + 1  # after the begin token
+    ends = family == "hunyuan_vl"  # its begin and end tokens are image tokens too
+    first = start + ends
     grid, newlines = _rows_with_newlines(image, "merged", first, rows, cols)
-    return [grid], {image: newlines}, [start, first + rows * (cols + 1)], rows * (cols + 1) + 2
+    unplaced = [start, first + rows * (cols + 1)] if ends else []
+    return [grid], {image: newlines}, unplaced, rows * (cols + 1) + 2 * ends
 
 
 def _mistral_image(config: Any, image: int, start: int, size: Sequence[int], pixels: int | None = None
@@ -885,8 +889,8 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
             elif family in NEWLINE_MERGED_FAMILIES:
-                grids, newlines, unplaced, n = _hunyuan_image(config, image, used,
-                                                              _take(thw, next_image, "image_grid_thw"))
+                grids, newlines, unplaced, n = _newline_merged_image(family, config, image, used,
+                                                                     _take(thw, next_image, "image_grid_thw"))
                 layout.newlines.update(newlines)
                 layout.unplaced.extend(unplaced)
             elif family in PER_IMAGE_MERGE_FAMILIES:
