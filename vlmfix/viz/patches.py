@@ -379,7 +379,8 @@ def _fast_vlm_row(config: Any, b: int, runs: Sequence[tuple[int, int]], shapes: 
     """FastVLM: each image side x side tokens, its tower's last feature map row-major; images whose placeholders are
     written back to back share a run. Every image has the same count (the processor's one crop size): the row's
     tokens over its pictures when they are given, else the config's `image_seq_length` when it is a square that
-    divides the run, else a square run with no `image_seq_length` to split it is refused (one image, or several?)."""
+    divides the run, else a square run is one image (refused when the config has no `image_seq_length`: one image,
+    or several?)."""
     per_image = int(getattr(config, "image_seq_length", 0) or 0)
     if shapes is not None:  # the pictures decide: the row's tokens split evenly over them
         total = sum(length for _, length in runs)
