@@ -22,13 +22,14 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 import vlmfix  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
-from tests.test_viz import QUESTIONS, check_image_map, expected_grids  # noqa: E402
+from tests.test_viz import check_image_map, expected_grids  # noqa: E402
+from vlmfix.testing.conformance import questions_for  # noqa: E402
 from vlmfix.testing.tiny import random_image  # noqa: E402
 from vlmfix.viz.patches import GRID_FAMILIES  # noqa: E402
 
 MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "exaone4_5",
           "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-          "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note")
+          "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note", "minimax_m3_vl")
 SQUARE = ("paligemma", "gemma3", "internvl", "qianfan_ocr", "aya_vision", "idefics3", "smolvlm")  # square tiles
 
 
@@ -57,13 +58,14 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
             merge = int(inputs["image_merge_sizes"][index])
             _, h, w = inputs["image_grid_thw"][index].tolist()
             shapes = [((k, "merged"), h // merge, w // merge, 0)]
-        elif family == "hunyuan_vl":  # begin token, rows of merged patches each with a newline, end token
+        elif family in ("hunyuan_vl", "hy_v4_vl"):  # rows of merged patches each with a newline (HunyuanOCR's
+            ends = family == "hunyuan_vl"  # between a begin and an end token)
             merge = config.vision_config.spatial_merge_size
             _, h, w = inputs["image_grid_thw"][index].tolist()
             rows, cols = h // merge, w // merge
-            block = values[start + 1 : start + 1 + rows * (cols + 1)].reshape(rows, cols + 1)
+            block = values[start + ends : start + ends + rows * (cols + 1)].reshape(rows, cols + 1)
             out[(k, "merged")] = block[:, :cols]
-            start += rows * (cols + 1) + 2
+            start += rows * (cols + 1) + 2 * ends
             continue
         elif family in ("gemma4", "gemma4_unified"):  # pooled patches: the patch extent read off the position ids
             positions = inputs["image_position_ids"][index]  # [patches, 2]: (x, y), -1 on padding
@@ -143,8 +145,10 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
 @pytest.mark.parametrize("family", GRID_FAMILIES)
 def test_every_family_draws_pai_gain_on_its_grid_and_vhr_head_map(family: str):
     tiny = tiny_model(family)
-    images = 1 if family == "fuyu" else 2  # Fuyu's processor pairs each prompt with one image
-    inputs = tiny.inputs(QUESTIONS, images_per_row=images)
+    # Fuyu's processor pairs each prompt with one image; HY V4 VL's own forward (transformers 5.24's get_rope_index)
+    # takes back-to-back images as one block of positions and fails on them
+    images = 1 if family in ("fuyu", "hy_v4_vl") else 2
+    inputs = tiny.inputs(list(questions_for(tiny)), images_per_row=images)  # one length where padding is refused
     with vlmfix.apply(tiny.model, vlmfix.PAI(cfg=False), vlmfix.VHR(), tokenizer=tiny.processor,
                       record=True) as session:
         session.generate(**inputs, max_new_tokens=2, do_sample=False)

@@ -268,6 +268,67 @@ def test_hunyuan_vl_merged_patches_with_a_newline_per_row():
     check_tokens_on_grids(layouts, colours_by_row)
 
 
+def test_hy_v4_vl_merged_patches_with_a_newline_per_row():
+    """HY V4 VL's processor orders each picture's patches row-major; its patch merger (its own module: the reshape
+    to (h, w), a 2 x 2 stride-2 convolution set to average, a 1 x 1 convolution set to keep the first 3 channels,
+    the newline column; its norm and activation passed through by hooks) makes the tokens: no begin or end token,
+    the newline tokens NaN (the newline parameter set so)."""
+    tiny, inputs = build("hy_v4_vl")
+    merger = tiny.model.model.vision_tower.patch_merger
+    vision = tiny.model.config.vision_config
+    with torch.no_grad():
+        for conv, size in ((merger.proj_conv, vision.spatial_merge_size), (merger.proj_out, 1)):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for channel in range(3):
+                conv.weight[channel, channel] = 1 / size**2
+        merger.image_newline.fill_(float("nan"))
+    identity = lambda module, args, out: args[0]  # noqa: E731
+    for module in (merger.before_rms, merger.proj_act):
+        module.register_forward_hook(identity)
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    wide = padded(colours, vision.hidden_size)
+    grid_thw = inputs["image_grid_thw"]
+    with torch.no_grad():
+        tokens = [merger(item[None], size=tuple(thw[1:]))[0, :, :3]
+                  for thw, item in zip(grid_thw.tolist(), wide.split(grid_thw.prod(-1).tolist()))]
+    layouts = row_layouts("hy_v4_vl", tiny.model.config, (inputs["input_ids"] == tiny.model.config.image_token_id)
+                          .sum(1).tolist(), image_grid_thw=grid_thw)
+    assert all(not layout.unplaced for layout in layouts)
+    check_tokens_on_grids(layouts, split_by_row(torch.cat(tokens).numpy(), inputs, tiny.model.config.image_token_id))
+
+
+@pytest.mark.torchvision
+def test_minimax_m3_vl_merged_patches_through_its_projector():
+    """MiniMax M3's processor (torchvision) lays each picture's patches in 2 x 2 merge blocks; the model's own
+    get_image_features (the vision tower's output replaced by each patch's colour, a forward hook) runs its projector,
+    whose per-patch MLP is passed through (hooks) and whose reshape puts each merge block's patches into one token
+    (its merging MLP's input read)."""
+    tiny, inputs = build("minimax_m3_vl")
+    config = tiny.model.config
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
+    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    model = tiny.model.model
+    projector = model.multi_modal_projector
+
+    def tower_output(module, args, out):
+        out.last_hidden_state = padded(colours, config.vision_config.hidden_size)[None]
+        return out
+
+    model.vision_tower.register_forward_hook(tower_output)
+    projector.linear_1.register_forward_hook(lambda module, args, out: padded(args[0][..., :3], out.shape[-1]))
+    projector.act.register_forward_hook(lambda module, args, out: args[0])
+    projector.linear_2.register_forward_hook(lambda module, args, out: padded(args[0][..., :3], out.shape[-1]))
+    seen = {}
+    projector.merge_linear_1.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
+    with torch.no_grad():
+        model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    tokens = grouped(seen["x"], config.text_config.hidden_size)  # [tokens, 3]: each merge block's mean
+    check_tokens_on_grids(merged_layouts("minimax_m3_vl", tiny, inputs),
+                          split_by_row(tokens.numpy(), inputs, config.image_token_id))
+
+
 @pytest.mark.parametrize("merge", [1, 2])
 def test_video_llama_3_merged_patches_of_each_images_merge_size(merge: int):
     """VideoLLaMA 3's processor orders patches in merge blocks and names each image's merge size; the vision
@@ -618,6 +679,9 @@ def test_step3p7_reads_canvas_rows_from_the_gaps_and_refuses_a_padded_picture():
         layout(4, (40, 64))
     with pytest.raises(ValueError, match="pads to a square"):
         layout(2, (20, 100))
+    with pytest.raises(ValueError, match="more step3p7 images than the 0 pictures"):
+        row_layouts("step3p7", config, [34], image_positions=[[*range(1, 10), *range(12, 21), *range(23, 39)]],
+                    image_run_tokens=around, tokenizer=tokenizer, image_shapes={0: []})
 
 
 @pytest.mark.torchvision
@@ -662,6 +726,36 @@ def test_molmo2_rows_from_column_tokens_and_refused_without_them():
                             tokenizer=tokenizer)
     assert [(g.image, g.kind, g.tokens.tolist()) for g in layout.grids] == [
         (0, "low_res", [[0, 1], [2, 3]]), (0, "canvas", [[4, 5, 6], [7, 8, 9]])]
-    with pytest.raises(ValueError, match="column tokens"):
+    with pytest.raises(ValueError, match="low-resolution view .* unless use_single_crop_col_tokens=False"):
         row_layouts("molmo2", None, [10], image_positions=[[*range(1, 5), *range(7, 13)]],
                     image_run_tokens=[[[1, 3], [4, 3]]], tokenizer=tokenizer)
+    # the low-resolution view with its column tokens, the canvas without (image_use_col_tokens=False)
+    with pytest.raises(ValueError, match="canvas rows .* unless image_use_col_tokens=False"):
+        row_layouts("molmo2", None, [10], image_positions=[[1, 2, 4, 5, *range(9, 15)]],
+                    image_run_tokens=[[[1, 2], [2, 2], [4, 3]]], tokenizer=tokenizer)
+
+
+def test_fast_vlm_back_to_back_images_split_by_the_pictures_or_image_seq_length():
+    """Four 2 x 2 FastVLM feature maps written back to back are one run of 16 tokens, a square like one 4 x 4 map:
+    the pictures split it (16 tokens over 4 pictures), else the config's image_seq_length (4) when it divides the
+    run; a square run with neither is refused, as is a split the pictures contradict."""
+    from types import SimpleNamespace
+
+    def four_maps(start: int) -> list[list[list[int]]]:  # the expected four 2 x 2 row-major maps
+        return [[[start + 4 * k, start + 4 * k + 1], [start + 4 * k + 2, start + 4 * k + 3]] for k in range(4)]
+
+    def grids(config, shapes=None, positions=range(16)):
+        layout = row_layouts("fast_vlm", config, [len(positions)], image_positions=[list(positions)],
+                             image_shapes=None if shapes is None else {0: shapes})[0]
+        return [(g.image, g.tokens.tolist()) for g in layout.grids]
+
+    expected = list(enumerate(four_maps(0)))
+    assert grids(SimpleNamespace(image_seq_length=4)) == expected
+    assert grids(SimpleNamespace(image_seq_length=576), shapes=[(30, 40)] * 4) == expected  # a stale default count
+    assert grids(SimpleNamespace(image_seq_length=576)) == [(0, [list(range(4 * r, 4 * r + 4)) for r in range(4)])]
+    # two runs (text between them): 8 and 8 tokens, each two 2 x 2 maps
+    assert grids(SimpleNamespace(image_seq_length=4), positions=[*range(8), *range(9, 17)]) == expected
+    with pytest.raises(ValueError, match="no image_seq_length"):
+        grids(SimpleNamespace())
+    with pytest.raises(ValueError, match="not 3 equal square feature maps"):
+        grids(SimpleNamespace(image_seq_length=4), shapes=[(30, 40)] * 3)

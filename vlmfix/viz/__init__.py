@@ -10,8 +10,8 @@ figure.save("row0.png")                            # PNG, SVG or PDF
 The figure has one panel per image-token map and image grid (`vlmfix.viz.patches` places each token on its
 image: LLaVA's square grid, LLaVA-NeXT's / OneVision's base view and tiles with a strip for the newline
 tokens, Qwen's / GLM's / Mistral 3's merged patches, InternVL's / Aya Vision's / Idefics3's tiles and their
-thumbnail or global image, PaliGemma's / Gemma 3's square grids, Gemma 4's pooled patches, PerceptionLM's,
-Step 3.7's and Molmo2's views, Apertus 1.5's VQ codes), one per layer x head
+thumbnail or global image, PaliGemma's / Gemma 3's square grids, Gemma 4's pooled patches, FastVLM's feature
+map, PerceptionLM's, Step 3.7's and Molmo2's views, Apertus 1.5's VQ codes), one per layer x head
 map, and one per contrast trace (`record=True`); see `vlmfix.viz.panels` for what each shows. Matplotlib is needed
 (`pip install vlmfix[viz]`); the figure is drawn with the Agg canvas, without pyplot, so it works headless
 and leaves pyplot's state alone.

@@ -22,9 +22,12 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   shrinks the (h, w) patch grid by bilinear interpolation, which averages each m x m block for m = 2); Kimi K2.5
   (m: `merge_kernel_size`, its tower averages an image's frames) and Muse Glimmer / Muse Spark (m: `merge_size`,
   their tower's pixel shuffle) likewise, and Dots3 Note (its tower's merger reads each m x m block of the processor's
+  merge-ordered patches as one token), and MiniMax M3 (its projector reads each m x m block of the processor's
   merge-ordered patches as one token);
 - HunyuanOCR (hunyuan_vl): per image, a begin token (on no grid), the (h / m) x (w / m) merged patches row-major
-  from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid);
+  from `image_grid_thw`, each grid row followed by a newline token, and an end token (on no grid); HY V4 VL likewise
+  without the begin and end tokens (its merger's stride-m convolution over the processor's row-major patches, then
+  its learned newline after each row);
 - Mistral 3, Mistral Large 4 (Mistral 3's Pixtral tower and projector), LightOnOCR: per image,
   (height / (p * m)) x (width / (p * m)) merged patches from `image_sizes`, row-major (the [IMG_BREAK] / [IMG_END]
   tokens are not image tokens);
@@ -42,27 +45,31 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   picks it, so the pictures' sizes are needed) and its thumbnail last. An InternVL or Qianfan-OCR image is one run
   of tokens; Aya's tiles are runs of their own, the image's last one (its thumbnail) followed by <|END_OF_IMG|>;
 - GOT-OCR2: InternVL's layout (one run per image: its tiles, then its thumbnail) of tiles whose SAM patches two
-  stride-2 convolutions shrink by 4 a side (each token sees its 3 x 3 neighbourhood, centred on its cell);
+  stride-2 convolutions shrink by 4 a side (each token drawn on its 4 x 4-patch cell: "Convolution fields" below);
 - Command A Vision (cohere2_vision): Aya's tiles and thumbnail, each run after <|START_OF_IMG|> or a line break,
   an image's first run after <|START_OF_IMG|>; its processor picks the canvas by scale, not by shape (`scale_canvas`);
 - Ovis2: square tiles of hidden_stride x hidden_stride merged patches, the thumbnail first (after <IMG_START>),
   then the tiles row-major, <IMG_COL> between the tiles of a canvas row and <IMG_ROW> between rows, which give
   the canvas (an image that is not cut is one run, its whole image);
 - FastVLM: per image, side x side tokens, its FastViT-HD tower's last feature map (64x downsampled) row-major, over
-  the image's central square (LLaVA's CLIP processor, as its checkpoints ship it); a run of tokens is one image when
-  its length is a square, else images of `image_seq_length` tokens;
+  the image's central square (LLaVA's CLIP processor, as its checkpoints ship it); images written back to back share
+  a run, split by the row's pictures when they are given, else by `image_seq_length` when it is a square dividing the
+  run, else a square run is one image (refused when the config has no `image_seq_length` to tell);
 - PerceptionLM: per image, its thumbnail (the picture stretched to a square tile), then its tiles row-major over the
   canvas its processor stretches the picture to (thumb+tile; one view with `vanilla`), each view side x side pooled
   patches; its processor's tile budget is not recorded, so the canvases are the one tiling of the row's pictures
   (`perception_canvas`, the processor's rule) whose token counts fill the row's runs;
 - Step 3.7: per image, its local tiles row-major over the picture stretched to whole windows (each tile a run after
   <patch_start>, <patch_newline> between canvas rows), then its global view (the picture stretched to a square,
-  after <im_start>); each view's tokens row-major after its two stride-2 convolutions (a token sees its 3 x 3
-  neighbourhood, centred on its cell); a thin picture the processor pads to a square is refused;
+  after <im_start>); each view's tokens row-major after its two stride-2 convolutions (each token drawn on its
+  4 x 4-patch cell: "Convolution fields" below); a thin picture the processor pads to a square is refused when the
+  pictures are given (without them the maps are drawn as bare token grids, with no picture to misplace them over);
 - Molmo2: per image, its low-resolution view (the picture stretched to one crop) then its high-resolution canvas
   (the picture stretched to its overlapping crops' canvas, the overlaps dropped), each a grid of pooled patches
-  row-major, a run per row after <low_res_im_start> / <im_start> or <im_col>; a grid whose patches are not whole
-  pooling windows reaches past the picture by under one window (drawn over the picture: off by under a window);
+  row-major, a run per row after <low_res_im_start> / <im_start> or <im_col> (refused without those column tokens:
+  image_use_col_tokens=False for the canvas, use_single_crop_col_tokens=False for the low-resolution view); a grid
+  whose patches are not whole pooling windows reaches past the picture by under one window (drawn over the picture:
+  off by under a window);
 - Fuyu: one run of patch tokens per patch row (the processor puts |NEWLINE| after each), row-major over the image
   shrunk to fit the processor's target (never enlarged) and padded to whole patches at the bottom and right: the
   grid reaches past the picture by under a patch (`TokenGrid.patch_pixels`);
@@ -70,6 +77,12 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
   image after <global-img> (an image that is not split is its global image alone);
 - Granite-Docling: Idefics3's named tiles and global image, except that an image that is not split is one tile
   after <row_1_col_1> with no global image; a tile's side is doubled on the fine connector path (fine_route).
+
+Convolution fields (GOT-OCR2, Step 3.7): two stacked convolutions of kernel 3, stride 2 and padding 1 give token k
+(along each axis) a field of patches 4k - 3 .. 4k + 3, centred on patch 4k, the first of its cell's 4 patches
+4k .. 4k + 3: 1.5 patches (3/8 of a cell) up and left of the cell's centre, and the top row's and left column's
+fields reach into the padding. vlmfix draws each token on its cell (the token grid's own shape and extent), not on
+its field.
 
 Several images in a row follow each other in prompt order; the image inputs (`image_sizes`, `image_grid_thw`,
 `image_merge_sizes`, `image_patch_grids`) list the batch's images row by row, as the processors make them. The other
@@ -95,10 +108,11 @@ PIXTRAL_FAMILIES = ("mistral3", "mistral_large4", "lighton_ocr")  # merged Pixtr
 VQ_FAMILIES = ("apertus1p5",)  # one VQ code per spatial_scale_factor^2 pixels, from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note")
+                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note", "minimax_m3_vl")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
-NEWLINE_MERGED_FAMILIES = ("hunyuan_vl",)  # merged patches from `image_grid_thw`, a newline after each row
+# merged patches from `image_grid_thw`, a newline after each row (HunyuanOCR's between a begin and an end token)
+NEWLINE_MERGED_FAMILIES = ("hunyuan_vl", "hy_v4_vl")
 POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
@@ -118,8 +132,6 @@ REFUSED: dict[str, str] = {
                      "(crop_to_patches off, size up to maximum_pad_value) or letterboxed (otherwise), which an image "
                      "with no local tiles cannot tell apart, and the global and tile grids' sides (size, tile_size) "
                      "are not in the config",
-    "minimax_m3_vl": UNCHECKED,
-    "hy_v4_vl": UNCHECKED,
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
                  *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
@@ -266,15 +278,17 @@ def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int], merge: 
     return grids, t * rows * cols
 
 
-def _hunyuan_image(config: Any, image: int, start: int, thw: Sequence[int]
-                   ) -> tuple[list[TokenGrid], dict, list[int], int]:
-    """HunyuanOCR: begin token, rows of merged patches each ended by a newline token, end token."""
+def _newline_merged_image(family: str, config: Any, image: int, start: int, thw: Sequence[int]
+                          ) -> tuple[list[TokenGrid], dict, list[int], int]:
+    """Rows of merged patches each ended by a newline token; HunyuanOCR's between a begin and an end token."""
     merge = int(config.vision_config.spatial_merge_size)
     _, h, w = (int(x) for x in thw)  # one temporal slice: the merger reshapes each image's patches to (h, w)
     rows, cols = h // merge, w // merge
-    first = start + 1  # after the begin token
+    ends = family == "hunyuan_vl"  # its begin and end tokens are image tokens too
+    first = start + ends
     grid, newlines = _rows_with_newlines(image, "merged", first, rows, cols)
-    return [grid], {image: newlines}, [start, first + rows * (cols + 1)], rows * (cols + 1) + 2
+    unplaced = [start, first + rows * (cols + 1)] if ends else []
+    return [grid], {image: newlines}, unplaced, rows * (cols + 1) + 2 * ends
 
 
 def _mistral_image(config: Any, image: int, start: int, size: Sequence[int], pixels: int | None = None
@@ -360,22 +374,43 @@ def _fuyu_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[Toke
     return [TokenGrid(0, "patches", tokens, patch_pixels=_pair(config.patch_size))]
 
 
-def _fast_vlm_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[TokenGrid]:
-    """FastVLM: each image side x side tokens, its tower's last feature map row-major; a run of tokens is one image
-    when its length is a square, else images of the config's `image_seq_length` (placeholders written back to back)."""
+def _fast_vlm_row(config: Any, b: int, runs: Sequence[tuple[int, int]], shapes: Sequence[Sequence[int]] | None
+                  ) -> list[TokenGrid]:
+    """FastVLM: each image side x side tokens, its tower's last feature map row-major; images whose placeholders are
+    written back to back share a run. Every image has the same count (the processor's one crop size): the row's
+    tokens over its pictures when they are given, else the config's `image_seq_length` when it is a square that
+    divides the run, else a square run is one image (refused when the config has no `image_seq_length`: one image,
+    or several?)."""
     per_image = int(getattr(config, "image_seq_length", 0) or 0)
+    if shapes is not None:  # the pictures decide: the row's tokens split evenly over them
+        total = sum(length for _, length in runs)
+        per_image = total // len(shapes) if shapes else 0
+        if not shapes or per_image * len(shapes) != total or not _is_square(per_image) or any(
+                length % per_image for _, length in runs):
+            raise ValueError(f"row {b}'s fast_vlm image-token runs {[n for _, n in runs]} are not {len(shapes)} "
+                             f"equal square feature maps, one per picture passed; pass the row's own pictures.")
     grids: list[TokenGrid] = []
     for start, length in runs:
-        side = math.isqrt(length)
-        if side * side != length:
-            side = math.isqrt(per_image)
-            if side == 0 or side * side != per_image or length % per_image:
+        per_run = per_image
+        if shapes is None and not (_is_square(per_image) and length % per_image == 0):
+            if not _is_square(length):
                 raise ValueError(f"row {b} has a run of {length} fast_vlm image tokens: neither one square feature "
                                  f"map nor whole images of image_seq_length={per_image}; set the config's "
-                                 f"image_seq_length to the processor's tokens per image.")
-        for first in range(start, start + length, side * side):
+                                 f"image_seq_length to the processor's tokens per image, or pass the pictures.")
+            if per_image == 0:  # one image, or back-to-back images of a smaller square: nothing tells
+                raise ValueError(f"row {b} has a run of {length} fast_vlm image tokens, one square feature map or "
+                                 f"several images written back to back, and the config has no image_seq_length to "
+                                 f"tell: pass the row's pictures, session.plot(row, images=[...]), or set "
+                                 f"image_seq_length.")
+            per_run = length  # the config's count does not divide it: one image
+        side = math.isqrt(per_run)
+        for first in range(start, start + length, per_run):
             grids.append(TokenGrid(len(grids), "patches", _square(side, first), square_crop=True))
     return grids
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
 
 
 PERCEPTION_MAX_TILES = 64  # the largest max_num_tiles tried when matching a row's tokens to its pictures
@@ -550,7 +585,7 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
     if family == "fuyu":
         return _fuyu_row(config, b, _runs(positions))
     if family == "fast_vlm":
-        return _fast_vlm_row(config, b, _runs(positions))
+        return _fast_vlm_row(config, b, _runs(positions), shapes)
     if family == "perception_lm":
         return _perception_row(config, b, _runs(positions), shapes)
     if family in ("step3p7", "molmo2"):  # views named by the token before each run (their rows' or tiles' runs)
@@ -666,8 +701,12 @@ def _molmo2_row(b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[s
         elif name != "<im_col>" or not views:
             raise ValueError(f"row {b}: a molmo2 image-token run follows {name!r}, not a view start or <im_col>.")
         if after != "<im_col>":
-            raise ValueError(f"row {b}'s molmo2 image rows end with {after!r}, not <im_col>: without column tokens "
-                             f"(image_use_col_tokens=False) its canvas's rows cannot be told apart.")
+            which, setting = (("low-resolution view", "use_single_crop_col_tokens") if len(views) % 2 else
+                              ("canvas", "image_use_col_tokens"))
+            raise ValueError(f"row {b}'s molmo2 {which} rows end with {after!r}, not <im_col>: without column tokens "
+                             f"its rows cannot be told apart. Its processor writes them unless {setting}=False "
+                             f"(image_use_col_tokens: the canvas; use_single_crop_col_tokens, None meaning "
+                             f"image_use_col_tokens: the low-resolution view); keep both on.")
         views[-1].append((start, length))
     if len(views) % 2:
         raise ValueError(f"row {b} has {len(views)} molmo2 views: not a low-resolution view and a canvas per image.")
@@ -690,9 +729,13 @@ def _square_side(length: int, b: int, what: str) -> int:
 
 def _check_step3_picture(shapes: Sequence[Sequence[int]] | None, image: int, b: int) -> None:
     """Step 3.7's processor pads a picture under 32 pixels a side and over 4:1 to a square (its top-left corner):
-    the grids would not cover the picture, so such a picture is refused."""
-    if shapes is None or image >= len(shapes):
+    the grids would not cover the picture, so such a picture is refused. Without the pictures (shapes None) there is
+    nothing to check: the maps are drawn as bare token grids, on no picture."""
+    if shapes is None:
         return
+    if image >= len(shapes):
+        raise ValueError(f"row {b} has more step3p7 images than the {len(shapes)} pictures passed; pass the row's "
+                         f"pictures in prompt order.")
     height, width = (int(x) for x in shapes[image])
     if min(height, width) < 32 and max(height / width, width / height) > 4:
         raise ValueError(f"row {b}'s step3p7 picture {image} ({height} x {width}) is one its processor pads to a "
@@ -847,8 +890,8 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
             elif family in NEWLINE_MERGED_FAMILIES:
-                grids, newlines, unplaced, n = _hunyuan_image(config, image, used,
-                                                              _take(thw, next_image, "image_grid_thw"))
+                grids, newlines, unplaced, n = _newline_merged_image(family, config, image, used,
+                                                                     _take(thw, next_image, "image_grid_thw"))
                 layout.newlines.update(newlines)
                 layout.unplaced.extend(unplaced)
             elif family in PER_IMAGE_MERGE_FAMILIES:
