@@ -322,3 +322,29 @@ def test_gift_saliency_reads_each_heads_own_block_selection():
     row = session.report()["gift"]["rows"][0]
     assert row["saliency_heads"] == {1: [0, 1]}
     torch.testing.assert_close(torch.tensor(row["saliency"]), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [lambda: vlmfix.PAI(), lambda: vlmfix.M3ID()], ids=["pai", "m3id"])
+def test_a_shorter_image_free_stream_is_refused_before_any_forward(method):
+    """PAI's refinement and M3ID decode a second stream without the image tokens: stacked under the unpadded
+    prompt it is left-padded, which the model's indexer does not keep as the row alone, so the engine refuses the
+    call before the stacked prefill runs; PAI without its second stream runs."""
+    model = tiny_minimax_m3()
+    input_ids = torch.randint(3, 50, (1, 12), generator=torch.Generator().manual_seed(6))
+    with_image = input_ids.clone()
+    with_image[0, 2:7] = model.config.image_token_index  # the image-free stream drops these 5 tokens
+    spans = {"image": [[2, 3, 4, 5, 6]], "instruction": [[8, 9, 10]]}
+    calls: list[int] = []
+    handle = get_adapter(model).language_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(vlmfix.PaddedBatchError, match=r"second stream has another length than the prompt .*"
+                                                          r"left-pads rows \[1\].*PAI with cfg=False") as refused:
+            with vlmfix.apply(model, method(), spans=spans, tokenizer=WordTokenizer()) as session:
+                session.generate(input_ids=with_image, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        assert refused.value.by_engine and calls == []  # no forward ran (the stacked prefill was refused)
+        # the same spans on a prompt without image placeholders (no pixels needed): one stream, unpadded
+        with vlmfix.apply(model, vlmfix.PAI(cfg=False), spans=spans, tokenizer=WordTokenizer()) as session:
+            session.generate(input_ids=input_ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        assert calls and session.report()["pai"]["applied"]
+    finally:
+        handle.remove()

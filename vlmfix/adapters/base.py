@@ -252,11 +252,19 @@ class Adapter:
 
     @property
     def left_padding_changes_rows(self) -> bool:
-        """Whether the model itself (plain `generate`) gives a left-padded row other logits than the row alone.
-        MiniMax M3's block-sparse layers do in transformers 5.24: their indexer masks the key slots past each
-        query's content position and anchors blocks to slots (modeling_minimax_m3_vl.py:524, :578, :586), so
-        vlmfix runs them on unpadded batches only (`Session` refuses a padded one before its forward)."""
-        return "minimax_m3_sparse" in (getattr(self.text_config, "layer_types", None) or ())
+        """Whether the model itself (plain `generate`) gives a left-padded row other logits than the row alone
+        (`left_padding_cause` says why); vlmfix then runs it on unpadded batches only (`Session` and the
+        two-stream engine refuse a padded prefill before its forward)."""
+        return self.left_padding_cause is not None
+
+    @property
+    def left_padding_cause(self) -> str | None:
+        """What in transformers 5.24's model file makes a left-padded row differ from the row alone, or None."""
+        layer_types = getattr(self.text_config, "layer_types", None) or ()
+        if "minimax_m3_sparse" in layer_types:
+            return ("its block-sparse indexer masks the key slots past each query's content position and anchors "
+                    "blocks to slots: modeling_minimax_m3_vl.py:524, :578, :586")
+        return None
 
     @property
     def stream_collapse(self) -> nn.Module | None:

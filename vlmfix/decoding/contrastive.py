@@ -57,7 +57,7 @@ from vlmfix.decoding.prompt_inputs import (
     stack_row_blocks,
 )
 from vlmfix.decoding.trace import ContrastTrace
-from vlmfix.errors import SessionError
+from vlmfix.errors import PaddedBatchError, SessionError
 
 if TYPE_CHECKING:
     from vlmfix.decoding.session import Session
@@ -324,12 +324,30 @@ class _Engine:
                            avoid=session.adapter.image_token_id)
         stacked = stack_row_blocks(positive, negative, pad_token_id=pad)
         mask = stacked.get("attention_mask")
+        if session.adapter.left_padding_changes_rows and mask is not None and not bool(mask.all()):
+            self._refuse_padded_streams(mask)
         self.mask = None if mask is None or bool(mask.all()) else mask
         if self.mask is None:
             stacked.pop("attention_mask", None)
         positions = stacked.get("position_ids")  # None: the model derives every row's positions itself
         self.last_positions = None if positions is None else positions[..., -1:]
         return stacked
+
+    def _refuse_padded_streams(self, mask: Tensor) -> None:
+        """Raise before the stacked prefill when stacking the streams left-padded rows (mask: [2B, seq], 1 on real
+        tokens) of a model that gives a padded row other logits than the row alone: the caller's rows were
+        unpadded (the session checked them), so the padding is the second prompt's other length."""
+        session = self.session
+        padded = (mask == 0).any(dim=1).nonzero().flatten().tolist()
+        raise PaddedBatchError(
+            f"vlmfix runs {session.adapter.family} on unpadded batches only, and {self.method.name}'s second "
+            f"stream has another length than the prompt (e.g. the prompt without its image tokens), so stacking "
+            f"the two streams left-pads rows {padded}: transformers 5.24's own {type(session.model).__name__} "
+            f"gives a left-padded row other logits than the row alone ({session.adapter.left_padding_cause}). "
+            "With this model, use a method whose second prompt has the first's length (VCD, DCD), or one without a "
+            "second stream (e.g. PAI with cfg=False).",
+            by_engine=True,
+        )
 
     def _encoded(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """`inputs` with caller-layout pixel tensors replaced by their encoded features for the B rows."""

@@ -45,7 +45,6 @@ from torch.utils.hooks import RemovableHandle
 
 from vlmfix import validation
 from vlmfix.adapters import Adapter, Spans, get_adapter
-from vlmfix.adapters.left_padding import left_padding_cause
 from vlmfix.decoding.attention import AttentionCall, Observer, make_attention_function, register, unregister
 from vlmfix.decoding.edits import Edit
 from vlmfix.decoding.grouped import KeyGroupCache
@@ -275,7 +274,7 @@ class Session:
             f"vlmfix runs {self.adapter.family} on unpadded batches only, and rows {padded} of this prefill are "
             f"left-padded{' by a two-stream method (its second prompt is longer than the first)' if by_engine else ''}"
             f": transformers 5.24's own {type(self.model).__name__} gives a left-padded row other logits than the "
-            f"row alone ({left_padding_cause(self.adapter)}), so no row would get what it gets alone. "
+            f"row alone ({self.adapter.left_padding_cause}), so no row would get what it gets alone. "
             + ("With this model, use a method whose second prompt has the first's length (the batch's own rows are "
                "unpadded)." if by_engine else
                "Decode one prompt a call (batch size 1) or batch prompts of one token length."),

@@ -8,7 +8,7 @@ For a family (`vlmfix.testing.ALL_FAMILIES`; those of `TORCHVISION_FAMILIES` bes
     padded row's tokens equal that row decoded alone (`check_method`); a method may refuse a family by
     raising `UnsupportedModelError` when the session is built, and the refusal's reason is shown (on a family
     run on unpadded batches only, a padded prefill's `PaddedBatchError` counts as a refusal only for a method
-    whose second prompt is longer by design, `LONGER_SECOND_PROMPT`);
+    whose second prompt has another length by design, `OTHER_LENGTH_SECOND_PROMPT`);
   - spans: each row's image-token count equals the image features the model computes for the row's image
     (what the processor had to insert), and the instruction span
     holds the question and ends at the family's assistant marker (`check_spans`);
@@ -52,10 +52,11 @@ QUESTIONS = ("Describe this image in detail .", "is there a dog ?")
 # rows of one length (images of one size too: `TinyVLM.inputs`), for a family run on unpadded batches only
 # (`Adapter.left_padding_changes_rows`: MiniMax M3), whose every check but the refusal of a padded batch uses them
 ONE_LENGTH_QUESTIONS = ("is there a cat ?", "is there a dog ?")
-# two-stream methods whose second prompt is longer than the first by design (ICD's disturbed instruction), so the
-# engine left-pads the caller's prompts: on a family run on unpadded batches only they are refused
-# (`PaddedBatchError` with `by_engine`); any other method that pads such a family's batch fails the check
-LONGER_SECOND_PROMPT = frozenset({"icd"})
+# two-stream methods whose second prompt has another length than the first by design (ICD's disturbed instruction,
+# PAI's and M3ID's image-free prompts), so the engine left-pads one of the streams: on a family run on unpadded
+# batches only they are refused (`PaddedBatchError` with `by_engine`); any other method that pads such a family's
+# batch fails the check
+OTHER_LENGTH_SECOND_PROMPT = frozenset({"icd", "pai", "m3id"})
 MAX_NEW_TOKENS = 4
 MODES: dict[str, dict[str, Any]] = {
     "greedy": dict(do_sample=False),
@@ -362,7 +363,7 @@ def check_method(tiny: TinyVLM, name: str) -> MethodOutcome:
         try:
             together, report = _run_method(tiny, method, batch)
         except PaddedBatchError as error:  # a family run on unpadded batches only, and the prefill was padded
-            if not (error.by_engine and name in LONGER_SECOND_PROMPT):
+            if not (error.by_engine and name in OTHER_LENGTH_SECOND_PROMPT):
                 raise ConformanceError(f"{name} left-padded the one-length batch of {tiny.family}, which runs on "
                                        f"unpadded batches only ({error})") from error
             return MethodOutcome(refused=str(error))
