@@ -78,3 +78,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             require_torchvision(f"{item.nodeid} (marked torchvision)")
         except RuntimeError as error:
             pytest.fail(str(error), pytrace=False)
+
+
+def assert_top_k_selection_matters(family: str) -> TinyVLM:
+    """The tiny build of an indexed-attention `family` (DeepSeek-V3.2-style top-k) gets prompts longer than its
+    top-k, and the selection matters: the same weights keeping every key give other next-token scores. Returns
+    the build."""
+    from vlmfix.testing import conformance as suite
+
+    greedy_step = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    tiny = build_tiny(family)
+    inputs = tiny.inputs(list(suite.QUESTIONS))
+    assert bool((inputs["attention_mask"].sum(dim=1) > tiny.model.config.text_config.index_topk).all())
+    every_key = build_tiny(family, options={"index_topk": 256})
+    weights = every_key.model.state_dict()
+    assert all(torch.equal(value, weights[name]) for name, value in tiny.model.state_dict().items())
+    selected = tiny.model.generate(**inputs, **greedy_step).scores[0]
+    unselected = every_key.model.generate(**inputs, **greedy_step).scores[0]
+    assert (selected - unselected).abs().max() > 1e-3
+    return tiny

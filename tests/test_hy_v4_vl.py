@@ -20,7 +20,7 @@ from vlmfix.methods.image_selection import newest_row_attention
 from vlmfix.testing import build_tiny
 from vlmfix.testing import conformance as suite
 
-from .conftest import PlannedEdits
+from .conftest import PlannedEdits, assert_top_k_selection_matters
 
 GREEDY_STEP = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
 BATCH, HEADS, KV_LEN, HEAD_DIM = 2, 3, 7, 4
@@ -201,15 +201,7 @@ def test_dola_exits_early_through_the_stream_collapse():
 def test_the_tiny_prompt_reaches_past_the_top_k():
     """The prompts are longer than the indexer's top-k, and the selection matters: the same weights keeping every
     key give other scores."""
-    tiny = build_tiny("hy_v4_vl")
-    inputs = tiny.inputs(list(suite.QUESTIONS))
-    assert bool((inputs["attention_mask"].sum(dim=1) > tiny.model.config.text_config.index_topk).all())
-    every_key = build_tiny("hy_v4_vl", options={"index_topk": 256})
-    weights = every_key.model.state_dict()
-    assert all(torch.equal(value, weights[name]) for name, value in tiny.model.state_dict().items())
-    selected = tiny.model.generate(**inputs, **GREEDY_STEP).scores[0]
-    unselected = every_key.model.generate(**inputs, **GREEDY_STEP).scores[0]
-    assert (selected - unselected).abs().max() > 1e-3
+    assert_top_k_selection_matters("hy_v4_vl")
 
 
 def test_aia_mass_counts_the_sinks():

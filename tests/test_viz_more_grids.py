@@ -228,6 +228,16 @@ def test_granite_docling_named_tiles_then_global_image(fine: bool):
     assert [g.shape for g in layouts[1].grids if g.kind == "patches"] == [(2 * (1 + fine), 2 * (1 + fine))]
 
 
+def average_first_channels(merger: torch.nn.Module, merge_size: int) -> None:
+    """Set a Hunyuan-style patch merger's convolutions to average each merge x merge block (proj_conv) and keep
+    (proj_out) the first 3 channels, where the test pictures' colours (x, y, 1) are."""
+    for conv, size in ((merger.proj_conv, merge_size), (merger.proj_out, 1)):
+        conv.weight.zero_()
+        conv.bias.zero_()
+        for channel in range(3):
+            conv.weight[channel, channel] = 1 / size**2
+
+
 def test_hunyuan_vl_merged_patches_with_a_newline_per_row():
     """HunyuanOCR's processor orders each picture's patches row-major; its patch merger (its own module: the
     reshape to (h, w), a 2 x 2 stride-2 convolution set to average, the newline column, the begin and end tokens;
@@ -237,11 +247,7 @@ def test_hunyuan_vl_merged_patches_with_a_newline_per_row():
     merger = tiny.model.model.vision_tower.patch_merger
     vision = tiny.model.config.vision_config
     with torch.no_grad():
-        for conv, size in ((merger.proj_conv, vision.spatial_merge_size), (merger.proj_out, 1)):
-            conv.weight.zero_()
-            conv.bias.zero_()
-            for channel in range(3):
-                conv.weight[channel, channel] = 1 / size**2
+        average_first_channels(merger, vision.spatial_merge_size)
         merger.mlp.weight.zero_()
         merger.mlp.weight[:3, :3] = torch.eye(3)
         merger.mlp.bias.zero_()
@@ -277,11 +283,7 @@ def test_hy_v4_vl_merged_patches_with_a_newline_per_row():
     merger = tiny.model.model.vision_tower.patch_merger
     vision = tiny.model.config.vision_config
     with torch.no_grad():
-        for conv, size in ((merger.proj_conv, vision.spatial_merge_size), (merger.proj_out, 1)):
-            conv.weight.zero_()
-            conv.bias.zero_()
-            for channel in range(3):
-                conv.weight[channel, channel] = 1 / size**2
+        average_first_channels(merger, vision.spatial_merge_size)
         merger.image_newline.fill_(float("nan"))
     identity = lambda module, args, out: args[0]  # noqa: E731
     for module in (merger.before_rms, merger.proj_act):
