@@ -97,3 +97,21 @@ def assert_top_k_selection_matters(family: str) -> TinyVLM:
     unselected = every_key.model.generate(**inputs, **greedy_step).scores[0]
     assert (selected - unselected).abs().max() > 1e-3
     return tiny
+
+
+def zero_bias_everywhere(tiny: TinyVLM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token scores on `suite.QUESTIONS` with a zero key bias in every layer (vlmfix's attention runs in each
+    one, which the report's count checks) and plain generate's: ([batch, vocab], [batch, vocab])."""
+    import vlmfix
+    from vlmfix.adapters import get_adapter
+    from vlmfix.decoding.edits import KeyBias
+    from vlmfix.testing import conformance as suite
+
+    greedy_step = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    inputs = tiny.inputs(list(suite.QUESTIONS))
+    zero_bias = PlannedEdits(lambda state, layer: [KeyBias(bias=torch.zeros_like(state.spans.image[:, None],
+                                                                                  dtype=torch.float32))])
+    with vlmfix.apply(tiny.model, zero_bias, tokenizer=tiny.processor) as session:
+        scores = session.generate(**inputs, **greedy_step).scores[0]
+    assert session.report()[zero_bias.name]["applied"]["attention_calls"] == get_adapter(tiny.model).num_layers
+    return scores, tiny.model.generate(**inputs, **greedy_step).scores[0]

@@ -8,11 +8,11 @@ import torch
 
 import vlmfix
 from vlmfix.adapters import get_adapter
-from vlmfix.decoding.edits import HeadScale, KeyBias
+from vlmfix.decoding.edits import HeadScale
 from vlmfix.testing import build_tiny
 from vlmfix.testing import conformance as suite
 
-from .conftest import PlannedEdits, assert_top_k_selection_matters
+from .conftest import PlannedEdits, assert_top_k_selection_matters, zero_bias_everywhere
 
 GREEDY_STEP = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
 
@@ -63,14 +63,8 @@ def test_a_head_scale_inside_attention_equals_the_scale_after_the_gate():
 def test_vlmfix_attention_in_every_layer_keeps_plain_scores():
     """A zero key bias in every layer runs vlmfix's attention everywhere (the indexed layers' merged top-k, the
     sliding layers' window, values wider than keys) and changes nothing."""
-    tiny = build_tiny("dots3_note")
-    inputs = tiny.inputs(list(suite.QUESTIONS))
-    zero_bias = PlannedEdits(lambda state, layer: [KeyBias(bias=torch.zeros_like(state.spans.image[:, None],
-                                                                                  dtype=torch.float32))])
-    with vlmfix.apply(tiny.model, zero_bias, tokenizer=tiny.processor) as session:
-        scores = session.generate(**inputs, **GREEDY_STEP).scores[0]
-    assert session.report()[zero_bias.name]["applied"]["attention_calls"] == get_adapter(tiny.model).num_layers
-    torch.testing.assert_close(scores, tiny.model.generate(**inputs, **GREEDY_STEP).scores[0], atol=1e-5, rtol=1e-4)
+    scores, plain = zero_bias_everywhere(build_tiny("dots3_note"))
+    torch.testing.assert_close(scores, plain, atol=1e-5, rtol=1e-4)
 
 
 def test_the_tiny_prompt_reaches_past_the_top_k_and_the_window():

@@ -20,7 +20,7 @@ from vlmfix.methods.image_selection import newest_row_attention
 from vlmfix.testing import build_tiny
 from vlmfix.testing import conformance as suite
 
-from .conftest import PlannedEdits, assert_top_k_selection_matters
+from .conftest import assert_top_k_selection_matters, zero_bias_everywhere
 
 GREEDY_STEP = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
 BATCH, HEADS, KV_LEN, HEAD_DIM = 2, 3, 7, 4
@@ -132,12 +132,7 @@ def test_vlmfix_attention_in_every_layer_keeps_plain_scores():
     the softmax would show (the same model with zero sinks gives other scores)."""
     tiny = build_tiny("hy_v4_vl")
     inputs = tiny.inputs(list(suite.QUESTIONS))
-    zero_bias = PlannedEdits(lambda state, layer: [KeyBias(bias=torch.zeros_like(state.spans.image[:, None],
-                                                                                  dtype=torch.float32))])
-    with vlmfix.apply(tiny.model, zero_bias, tokenizer=tiny.processor) as session:
-        scores = session.generate(**inputs, **GREEDY_STEP).scores[0]
-    assert session.report()[zero_bias.name]["applied"]["attention_calls"] == get_adapter(tiny.model).num_layers
-    plain = tiny.model.generate(**inputs, **GREEDY_STEP).scores[0]
+    scores, plain = zero_bias_everywhere(tiny)
     torch.testing.assert_close(scores, plain, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         for layer in get_adapter(tiny.model).decoder_layers:
