@@ -4,11 +4,9 @@ and without tiles, and VCD's noise on every view."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
-import torch
 
 import vlmfix
 from vlmfix.adapters import get_adapter
@@ -19,6 +17,7 @@ from vlmfix.testing.tiny import random_image
 
 from .conftest import tiny_model
 from .reference_decoding import reference_noise
+from .two_stream_reference import assert_scores_close, formula, last_logits
 
 QUESTIONS = suite.QUESTIONS
 # the tiny build's view: 96 pixels in 2-pixel SAM patches, downsampled 4 times a side by the neck's convolutions
@@ -61,18 +60,6 @@ def test_a_tiled_row_and_a_plain_row_decode_as_alone(method, tmp_path):
         assert suite.new_tokens(tiny, together, batch, row) == suite.new_tokens(tiny, alone, alone_inputs, 0)
 
 
-def last_logits(tiny: TinyVLM, inputs: dict[str, Any], tokens: torch.Tensor, pixels: dict[str, torch.Tensor]
-                ) -> torch.Tensor:
-    """[batch, vocab] the plain model's next-token logits after the prompt and `tokens`, one forward without a cache,
-    with the views in `pixels`."""
-    ids = torch.cat([inputs["input_ids"], tokens], dim=1)
-    mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        return tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                          num_local_patches=inputs["num_local_patches"], **pixels).logits[:, -1]
-
-
 def test_vcd_noises_the_tiles_with_the_global_view():
     """VCD's greedy scores equal (1 + a) l(clean) - a l(noised), cut by beta, where the noised stream has every view
     noised (the global views and the tiles), from two no-cache forwards of the plain model; noising the global views
@@ -84,12 +71,12 @@ def test_vcd_noises_the_tiles_with_the_global_view():
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     noised = {key: reference_noise(inputs[key], 700, 3) for key in ("pixel_values", "pixel_values_local")}
     views = {key: inputs[key] for key in noised}
+    local = {"num_local_patches": inputs["num_local_patches"]}
     for step, got in enumerate(out.logits):
-        clean, noisy = (last_logits(tiny, inputs, tokens[:, :step], pixels) for pixels in (views, noised))
-        global_only = last_logits(tiny, inputs, tokens[:, :step], {**views, "pixel_values": noised["pixel_values"]})
+        clean, noisy, global_only = (
+            last_logits(tiny.model, inputs, tokens[:, :step], **pixels, **local)
+            for pixels in (views, noised, {**views, "pixel_values": noised["pixel_values"]})
+        )
         assert (clean - noisy).abs().max() > 1e-2  # the noised image matters, so a stream mix-up would show
         assert (noisy[0] - global_only[0]).abs().max() > 1e-3  # row 0's tiles change its scores
-        want = 2 * clean - noisy
-        want[clean < clean.max(-1, keepdim=True).values + math.log(0.1)] = float("-inf")
-        assert torch.equal(torch.isinf(got), torch.isinf(want))
-        torch.testing.assert_close(got[~torch.isinf(want)], want[~torch.isinf(want)], atol=1e-4, rtol=1e-4)
+        assert_scores_close(got, formula(clean, noisy, 1.0, 0.1))

@@ -17,6 +17,7 @@ from vlmfix.methods.vcd import VCD, add_diffusion_noise, noise_schedule
 
 from .conftest import tiny_model
 from .reference_decoding import reference_noise
+from .two_stream_reference import assert_scores_close, formula, last_logits
 
 QUESTIONS = ["describe this image .", "is there a dog on the table ?"]
 
@@ -78,19 +79,10 @@ def test_vcd_scores_equal_two_plain_forwards(family):
     noised = reference_noise(inputs["pixel_values"], 700, 3, patches)
     sizes = {k: v for k, v in inputs.items() if k == "image_sizes"}
     for step, got in enumerate(out.logits):
-        ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            clean, noisy = (
-                tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels, **sizes)
-                .logits[:, -1] for pixels in (inputs["pixel_values"], noised)
-            )
+        clean, noisy = (last_logits(tiny.model, inputs, tokens[:, :step], pixel_values=pixels, **sizes)
+                        for pixels in (inputs["pixel_values"], noised))
         assert (clean - noisy).abs().max() > 1e-2  # the noised image matters, so a stream mix-up would show
-        want = 2 * clean - noisy
-        want[clean < clean.max(-1, keepdim=True).values + math.log(0.1)] = float("-inf")
-        assert torch.equal(torch.isinf(got), torch.isinf(want))
-        torch.testing.assert_close(got[~torch.isinf(want)], want[~torch.isinf(want)], atol=1e-4, rtol=1e-4)
+        assert_scores_close(got, formula(clean, noisy, 1.0, 0.1))
     for key, value in before.items():
         assert torch.equal(inputs[key], value)
 

@@ -14,6 +14,7 @@ from vlmfix.testing import TinyVLM
 
 from .conftest import PlannedEdits, tiny_model
 from .reference_decoding import reference_abar, reference_noise
+from .two_stream_reference import assert_scores_close, formula, last_logits
 
 QUESTIONS = ["describe this image .", "is there a dog on the table ?"]
 
@@ -84,18 +85,9 @@ def test_scores_equal_two_single_stream_runs():
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     noised = reference_noise(inputs["pixel_values"], 700, 3)
     for step, got in enumerate(out.logits):
-        ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            clean, noisy = (
-                tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels)
-                .logits[:, -1] for pixels in (inputs["pixel_values"], noised)
-            )
-        want = 2 * clean - noisy
-        want[clean < clean.max(-1, keepdim=True).values + math.log(0.1)] = float("-inf")
-        assert torch.equal(torch.isinf(got), torch.isinf(want))
-        torch.testing.assert_close(got[~torch.isinf(want)], want[~torch.isinf(want)], atol=1e-4, rtol=1e-4)
+        clean, noisy = (last_logits(tiny.model, inputs, tokens[:, :step], pixel_values=pixels)
+                        for pixels in (inputs["pixel_values"], noised))
+        assert_scores_close(got, formula(clean, noisy, 1.0, 0.1))
         assert torch.equal(got.argmax(-1), tokens[:, step])
 
 
@@ -129,19 +121,12 @@ def test_vcd_noises_both_towers_of_deepseek_vl_hybrid():
     torch.testing.assert_close(seen[1], noised["high_res_pixel_values"], atol=1e-6, rtol=1e-6)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     for step, got in enumerate(out.logits):
-        ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :step])], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            plain, noisy, low_res_only = (
-                tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions, **pixels).logits[:, -1]
-                for pixels in (clean, noised, {**clean, "pixel_values": noised["pixel_values"]})
-            )
+        plain, noisy, low_res_only = (
+            last_logits(tiny.model, inputs, tokens[:, :step], **pixels)
+            for pixels in (clean, noised, {**clean, "pixel_values": noised["pixel_values"]})
+        )
         assert (noisy - low_res_only).abs().max() > 1e-3  # the high-res copy's noise changes the scores
-        want = 2 * plain - noisy
-        want[plain < plain.max(-1, keepdim=True).values + math.log(0.1)] = float("-inf")
-        assert torch.equal(torch.isinf(got), torch.isinf(want))
-        torch.testing.assert_close(got[~torch.isinf(want)], want[~torch.isinf(want)], atol=1e-4, rtol=1e-4)
+        assert_scores_close(got, formula(plain, noisy, 1.0, 0.1))
     for key, value in before.items():
         assert torch.equal(inputs[key], value)
 

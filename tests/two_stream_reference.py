@@ -60,3 +60,13 @@ def assert_scores_close(got: Tensor, want: Tensor) -> None:
 
 def image_order_indices(kept: Tensor, image: Tensor, row: int) -> list[int]:
     return kept[row][image[row]].nonzero().flatten().tolist()
+
+
+def last_logits(model: Any, inputs: dict, tokens: Tensor, **extra: Any) -> Tensor:
+    """[batch, vocab] the plain model's next-token logits after the prompt and `tokens` ([batch, steps]), one
+    forward without a cache; `extra`: the image inputs (and whatever else the model takes)."""
+    ids = torch.cat([inputs["input_ids"], tokens], dim=1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[:, -1]
