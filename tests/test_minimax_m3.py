@@ -20,15 +20,17 @@ from .conftest import PlannedEdits
 BLOCK = 2  # keys per block
 
 
-def tiny_minimax_m3(layer_type: str = "minimax_m3_sparse", topk_blocks: int = 2) -> nn.Module:
-    """A 2-layer MiniMax M3 (dense MLPs, blocks of 2 keys) whose layers are all `layer_type`, without a processor."""
+def tiny_minimax_m3(layer_type: str = "minimax_m3_sparse", topk_blocks: int = 2, kv_groups: int = 1) -> nn.Module:
+    """A 2-layer MiniMax M3 (dense MLPs, blocks of 2 keys) whose layers are all `layer_type`, with `kv_groups`
+    key-value heads and as many indexer heads (one block selection per group), without a processor."""
     from transformers import MiniMaxM3SparseForConditionalGeneration, MiniMaxM3VLConfig
 
     torch.manual_seed(0)
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=32, dense_intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=16, rotary_dim=8, mlp_layer_types=["dense"] * 2,
-                layer_types=[layer_type] * 2, index_n_heads=1, index_head_dim=8, index_block_size=BLOCK,
-                index_topk_blocks=topk_blocks, index_local_blocks=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                num_attention_heads=2, num_key_value_heads=kv_groups, head_dim=16, rotary_dim=8,
+                mlp_layer_types=["dense"] * 2, layer_types=[layer_type] * 2, index_n_heads=kv_groups, index_head_dim=8,
+                index_block_size=BLOCK, index_topk_blocks=topk_blocks, index_local_blocks=1, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=2,
                   image_size=8)
     config = MiniMaxM3VLConfig(text_config=text, vision_config=vision, image_token_index=60, video_token_index=61)
@@ -188,12 +190,7 @@ def test_an_edited_layer_keeps_each_key_value_groups_own_block_selection(kernel)
     edited layer (here edits that change nothing) must keep each head's own selection, in the PyTorch path and in
     the grouped decode kernel (which takes one mask per row, so it must leave a per-head mask to the PyTorch path):
     the scores stay plain generate's."""
-    from transformers import MiniMaxM3SparseForConditionalGeneration
-
-    config = tiny_minimax_m3(topk_blocks=2).config
-    config.text_config.num_key_value_heads = config.text_config.index_n_heads = 2
-    torch.manual_seed(0)
-    model = MiniMaxM3SparseForConditionalGeneration(config).eval()
+    model = tiny_minimax_m3(topk_blocks=2, kv_groups=2)
     selections: list[torch.Tensor] = []
     indexer = get_adapter(model).decoder_layers[1].self_attn.indexer
     handle = indexer.register_forward_hook(lambda module, args, out: selections.append(out))
@@ -221,12 +218,7 @@ def test_pai_records_its_image_gain_under_a_mask_per_head():
     the indexer's block selection, key by key: per head, softmax of the scores under that head's mask, boosted
     (z + alpha * |z| on image keys) over plain, 1 for a key the head's mask hides; averaged over heads, then over
     the boosted (layer, step) calls."""
-    from transformers import MiniMaxM3SparseForConditionalGeneration
-
-    config = tiny_minimax_m3().config
-    config.text_config.num_key_value_heads = config.text_config.index_n_heads = 2
-    torch.manual_seed(0)
-    model = MiniMaxM3SparseForConditionalGeneration(config).eval()
+    model = tiny_minimax_m3(kv_groups=2)
     batch, alpha = 2, 0.5
     input_ids = torch.randint(3, 50, (batch, 12), generator=torch.Generator().manual_seed(6))
     image = torch.tensor([2, 3, 4, 5, 6])
@@ -288,12 +280,7 @@ def test_gift_saliency_reads_each_heads_own_block_selection():
     probabilities must use its own group's selection. The reference is the model's own eager attention (which
     merges the selection per head), with GIFT's Steps 3-5 in plain PyTorch; both heads are kept (head_fraction=1),
     so a saliency read through group 0's blocks for every head would differ."""
-    from transformers import MiniMaxM3SparseForConditionalGeneration
-
-    config = tiny_minimax_m3(topk_blocks=2).config
-    config.text_config.num_key_value_heads = config.text_config.index_n_heads = 2
-    torch.manual_seed(0)
-    model = MiniMaxM3SparseForConditionalGeneration(config).eval()
+    model = tiny_minimax_m3(topk_blocks=2, kv_groups=2)
     input_ids = torch.randint(3, 50, (1, 16), generator=torch.Generator().manual_seed(7))
     image, instruction = torch.arange(1, 9), torch.arange(10, 15)
     spans = {"image": [image.tolist()], "instruction": [instruction.tolist()]}
@@ -343,8 +330,9 @@ def test_a_shorter_image_free_stream_is_refused_before_any_forward(method):
                 session.generate(input_ids=with_image, max_new_tokens=1, do_sample=False, pad_token_id=0)
         assert refused.value.by_engine and calls == []  # no forward ran (the stacked prefill was refused)
         # the same spans on a prompt without image placeholders (no pixels needed): one stream, unpadded
-        with vlmfix.apply(model, vlmfix.PAI(cfg=False), spans=spans, tokenizer=WordTokenizer()) as session:
+        one_stream = vlmfix.PAI(cfg=False, layers=[0, 1])  # its default layers (2 .. L-1) are none of these 2
+        with vlmfix.apply(model, one_stream, spans=spans, tokenizer=WordTokenizer()) as session:
             session.generate(input_ids=input_ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
-        assert calls and session.report()["pai"]["applied"]
+        assert calls and any(session.report()["pai"]["applied"].values())
     finally:
         handle.remove()
