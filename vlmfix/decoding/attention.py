@@ -170,6 +170,13 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
 # modeling_hy_v4_vl.py:428; gpt-oss's name): each head's sink joins the softmax's denominator and carries no value
 SINKS = "s_aux"
 
+
+def fast_paths_fit(kwargs: dict[str, Any]) -> bool:
+    """Whether SDPA and the grouped kernel can compute this layer's softmax: no logit softcap (Gemma 2) and no
+    attention sinks (HY V4 VL), which only the PyTorch edit path adds. kwargs: the layer's attention kwargs, or
+    the edit path's layer kwargs (`sinks` under its own name there)."""
+    return kwargs.get("softcap") is None and kwargs.get(SINKS) is None and kwargs.get("sinks") is None
+
 # Backends into whose mask a sparse-attention layer (DeepSeek-V3.2's indexer: Mistral Large 4, Dots3 Note,
 # HY V4 VL) merges its top-k selection itself; under any other name, vlmfix's included, it passes the selection
 # as `indices` instead (modeling_mistral_large4.py:468-480), which these backends would ignore. MiniMax M3's
@@ -217,8 +224,7 @@ def one_sdpa_for_blocks(query: Tensor, key: Tensor, value: Tensor, attention_mas
     """A two-stream decode row whose edited blocks hold key biases only, as one SDPA call over every row (the
     unedited stream's rows with their mask alone, as its SDPA backend would run them); None when this does not
     apply (another backend, the Triton kernel, a logit softcap, prefill rows, other edits)."""
-    if (implementation != "sdpa" or kwargs.get("softcap") is not None or kwargs.get(SINKS) is not None
-            or host.use_kernel(query)):
+    if implementation != "sdpa" or not fast_paths_fit(kwargs) or host.use_kernel(query):
         return None
     return key_bias_blocks_output(query, key, value, attention_mask, scaling, blocks, host.key_bias_plans,
                                   sliding_window=kwargs.get("sliding_window"))
@@ -285,7 +291,7 @@ def edited_output(
     # PyTorch edit path; neither the grouped kernel nor SDPA adds a softcap or a sink column
     layer_kwargs = {"softcap": kwargs.get("softcap"), "sliding_window": kwargs.get("sliding_window"),
                     "sinks": kwargs.get(SINKS)}
-    if q_len == 1 and use_kernel and layer_kwargs["softcap"] is None and layer_kwargs["sinks"] is None:
+    if q_len == 1 and use_kernel and fast_paths_fit(layer_kwargs):
         kernel_out = grouped_decode_output(query, key, value, attention_mask, scaling, edits, group_cache)
         if kernel_out is not None:
             return kernel_out
@@ -312,7 +318,7 @@ def single_row_output(query: Tensor, key: Tensor, value: Tensor, attention_mask:
                       layer_kwargs: dict[str, Any]) -> Tensor | None:
     """One query row's edited output through SDPA when its edits are key biases only and the layer has no
     logit softcap and no attention sinks, else None."""
-    if layer_kwargs["softcap"] is not None or layer_kwargs["sinks"] is not None:
+    if not fast_paths_fit(layer_kwargs):
         return None
     return key_bias_row_output(query, key, value, attention_mask, scaling, edits, bias_plans,
                                sliding_window=layer_kwargs["sliding_window"])

@@ -324,9 +324,9 @@ class _Engine:
                            avoid=session.adapter.image_token_id)
         stacked = stack_row_blocks(positive, negative, pad_token_id=pad)
         mask = stacked.get("attention_mask")
-        if session.adapter.left_padding_changes_rows and mask is not None and not bool(mask.all()):
-            self._refuse_padded_streams(mask)
         self.mask = None if mask is None or bool(mask.all()) else mask
+        if self.mask is not None and session.adapter.left_padding_changes_rows:
+            self._refuse_padded_streams(self.mask)
         if self.mask is None:
             stacked.pop("attention_mask", None)
         positions = stacked.get("position_ids")  # None: the model derives every row's positions itself
@@ -339,11 +339,10 @@ class _Engine:
         unpadded (the session checked them), so the padding is the second prompt's other length."""
         session = self.session
         padded = (mask == 0).any(dim=1).nonzero().flatten().tolist()
-        raise PaddedBatchError(
-            f"vlmfix runs {session.adapter.family} on unpadded batches only, and {self.method.name}'s second "
-            f"stream has another length than the prompt (e.g. the prompt without its image tokens), so stacking "
-            f"the two streams left-pads rows {padded}: transformers 5.24's own {type(session.model).__name__} "
-            f"gives a left-padded row other logits than the row alone ({session.adapter.left_padding_cause}). "
+        raise PaddedBatchError.of(
+            session.adapter.family, type(session.model).__name__, session.adapter.left_padding_cause,
+            f"{self.method.name}'s second stream has another length than the prompt (e.g. the prompt without its "
+            f"image tokens), so stacking the two streams left-pads rows {padded}",
             "With this model, use a method whose second prompt has the first's length (VCD, DCD), or one without a "
             "second stream (e.g. PAI with cfg=False).",
             by_engine=True,

@@ -201,6 +201,11 @@ def fit_rows(values: Tensor, batch: int) -> Tensor:
     return values.repeat_interleave(batch // values.shape[0], dim=0)
 
 
+def selects_every_row(edit: Edit, q_len: int) -> bool:
+    """Whether `row_mask` of `edit` is all True in a forward of `q_len` query rows (then callers skip it)."""
+    return edit.from_position is None and (edit.rows != "last" or q_len == 1)
+
+
 def row_mask(edit: Edit, batch: int, q_len: int, kv_len: int, device: torch.device) -> Tensor:
     """[batch, q_len] bool: the query rows `edit` applies to in this forward."""
     rows = torch.ones(batch, q_len, dtype=torch.bool, device=device)
@@ -455,7 +460,7 @@ def scale_heads(out: Tensor, edits: Sequence[Edit], kv_len: int) -> Tensor:
     for edit in edits:
         if isinstance(edit, HeadScale):
             factor = fit_rows(edit.scale.to(out.device), batch)[:, None, :].to(out.dtype)  # [batch, 1, heads]
-            if edit.from_position is not None or (edit.rows == "last" and q_len > 1):  # rows it leaves alone
+            if not selects_every_row(edit, q_len):  # rows it leaves alone
                 rows = row_mask(edit, batch, q_len, kv_len, out.device)  # [batch, q_len]
                 factor = torch.where(rows[..., None], factor, torch.ones_like(factor))
             out = out * factor[..., None]

@@ -204,9 +204,8 @@ def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasP
     """delta on the span of biased keys, [batch, heads or 1, 1, span] fp32, from the span's scores z (fp32)."""
     batch, heads, _, head_dim = query.shape
     kv_heads, span = span_keys.shape[1], span_keys.shape[2]
-    if not any(term.gain is not None for term in plan.terms):  # bias-only edits (SID's) need no scores
-        abs_z = torch.zeros(batch, heads, 1, span, device=query.device)
-    else:
+    abs_z: Tensor | None = None  # bias-only edits (SID's) need no scores
+    if any(term.gain is not None for term in plan.terms):
         # query: [batch, heads, 1, head_dim] -> [batch, kv_heads, heads / kv_heads, head_dim]: each key head's queries
         grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
         z = torch.matmul(grouped, span_keys.float().transpose(-1, -2)).mul_(scaling)  # [batch, kv_heads, group, span]
@@ -214,7 +213,7 @@ def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasP
     position = kv_len - 1  # the row's position in the sequence
     parts = []
     for term in plan.terms:
-        if term.gain is None:
+        if term.gain is None or abs_z is None:
             if term.bias is None:
                 continue
             part = term.bias
@@ -223,4 +222,5 @@ def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasP
         if term.from_position is not None:
             part = torch.where((position >= term.from_position)[:, None, None, None], part, 0.0)
         parts.append(part)
-    return functools.reduce(torch.add, parts) if parts else torch.zeros_like(abs_z)
+    # parts is never empty: a plan with no bias or gain has an empty span, which _block_bias returns before
+    return functools.reduce(torch.add, parts)

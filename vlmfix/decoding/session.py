@@ -270,14 +270,13 @@ class Session:
             return
         added = int(getattr(self.engine, "added_columns", 0))  # 0 outside a two-stream call
         by_engine = added > 0 and bool(valid[:, added:].all())
-        raise PaddedBatchError(
-            f"vlmfix runs {self.adapter.family} on unpadded batches only, and rows {padded} of this prefill are "
-            f"left-padded{' by a two-stream method (its second prompt is longer than the first)' if by_engine else ''}"
-            f": transformers 5.24's own {type(self.model).__name__} gives a left-padded row other logits than the "
-            f"row alone ({self.adapter.left_padding_cause}), so no row would get what it gets alone. "
-            + ("With this model, use a method whose second prompt has the first's length (the batch's own rows are "
-               "unpadded)." if by_engine else
-               "Decode one prompt a call (batch size 1) or batch prompts of one token length."),
+        raise PaddedBatchError.of(
+            self.adapter.family, type(self.model).__name__, self.adapter.left_padding_cause,
+            f"rows {padded} of this prefill are left-padded"
+            + (" by a two-stream method (its second prompt is longer than the first)" if by_engine else ""),
+            "With this model, use a method whose second prompt has the first's length (the batch's own rows are "
+            "unpadded)." if by_engine else
+            "Decode one prompt a call (batch size 1) or batch prompts of one token length.",
             by_engine=by_engine,
         )
 
