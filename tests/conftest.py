@@ -20,6 +20,9 @@ from vlmfix.decoding.edits import Edit  # noqa: E402
 from vlmfix.decoding.method import Method  # noqa: E402
 from vlmfix.testing import FAMILIES, TORCHVISION_FAMILIES, TinyVLM, build_tiny, require_torchvision  # noqa: E402
 
+# one greedy decoding step with its scores
+GREEDY_STEP = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
 
 def tiny_model(family: str, attn: str = "sdpa", **shape: Any) -> TinyVLM:
     """A fresh tiny model (built in milliseconds; never shared, so no test sees another's changes)."""
@@ -86,15 +89,14 @@ def assert_top_k_selection_matters(family: str) -> TinyVLM:
     the build."""
     from vlmfix.testing import conformance as suite
 
-    greedy_step = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
     tiny = build_tiny(family)
     inputs = tiny.inputs(list(suite.QUESTIONS))
     assert bool((inputs["attention_mask"].sum(dim=1) > tiny.model.config.text_config.index_topk).all())
     every_key = build_tiny(family, options={"index_topk": 256})
     weights = every_key.model.state_dict()
     assert all(torch.equal(value, weights[name]) for name, value in tiny.model.state_dict().items())
-    selected = tiny.model.generate(**inputs, **greedy_step).scores[0]
-    unselected = every_key.model.generate(**inputs, **greedy_step).scores[0]
+    selected = tiny.model.generate(**inputs, **GREEDY_STEP).scores[0]
+    unselected = every_key.model.generate(**inputs, **GREEDY_STEP).scores[0]
     assert (selected - unselected).abs().max() > 1e-3
     return tiny
 
@@ -107,11 +109,10 @@ def zero_bias_everywhere(tiny: TinyVLM) -> tuple[torch.Tensor, torch.Tensor]:
     from vlmfix.decoding.edits import KeyBias
     from vlmfix.testing import conformance as suite
 
-    greedy_step = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
     inputs = tiny.inputs(list(suite.QUESTIONS))
     zero_bias = PlannedEdits(lambda state, layer: [KeyBias(bias=torch.zeros_like(state.spans.image[:, None],
                                                                                   dtype=torch.float32))])
     with vlmfix.apply(tiny.model, zero_bias, tokenizer=tiny.processor) as session:
-        scores = session.generate(**inputs, **greedy_step).scores[0]
+        scores = session.generate(**inputs, **GREEDY_STEP).scores[0]
     assert session.report()[zero_bias.name]["applied"]["attention_calls"] == get_adapter(tiny.model).num_layers
-    return scores, tiny.model.generate(**inputs, **greedy_step).scores[0]
+    return scores, tiny.model.generate(**inputs, **GREEDY_STEP).scores[0]

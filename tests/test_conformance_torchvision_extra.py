@@ -17,8 +17,8 @@ from vlmfix.testing import build_tiny
 from vlmfix.testing import conformance as suite
 from vlmfix.testing.tiny import random_image
 
-from .conftest import PlannedEdits
-from .reference_decoding import reference_abar
+from .conftest import GREEDY_STEP, PlannedEdits
+from .reference_decoding import reference_abar, reference_noise
 
 torchvision = pytest.mark.torchvision
 
@@ -35,9 +35,6 @@ def test_image_spans_hold_the_layouts_token_count(family):
     inputs = tiny.inputs(list(suite.QUESTIONS), images_per_row=2)
     spans = get_adapter(tiny.model).spans(inputs["input_ids"], inputs["attention_mask"], tiny.tokenizer)
     assert spans.image.sum(dim=1).tolist() == [2 * TOKENS_PER_IMAGE[family]] * len(suite.QUESTIONS)
-
-
-GREEDY_STEP = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
 
 
 def zero_bias_scores(tiny, inputs) -> torch.Tensor:
@@ -123,12 +120,10 @@ def test_apertus1p5_vcd_noises_each_padded_image_at_its_own_size():
     assert batch["pixel_values"].shape[-2:] == (64, 64) and alone["pixel_values"].shape[-2:] == (48, 48)
     noised = add_diffusion_noise(batch["pixel_values"], 500, 3, extents=adapter.pixel_extents(batch))
     noised_alone = add_diffusion_noise(alone["pixel_values"], 500, 3, extents=adapter.pixel_extents(alone))
-    # reference, from VCD's schedule written out (reference_abar), and eps ~ N(0, I) from a CPU generator seeded 3,
-    # at the image's own [3, 48, 48]
+    # the reference noise (VCD's schedule written out, eps from a CPU generator seeded 3) at the image's own size
     abar = reference_abar(500)
-    eps = torch.randn((3, 48, 48), generator=torch.Generator().manual_seed(3))
     first = batch["pixel_values"][0]
-    expected = abar ** 0.5 * first[:, :48, :48] + (1 - abar) ** 0.5 * eps
+    expected = reference_noise(first[None, :, :48, :48], 500, 3)[0]
     torch.testing.assert_close(noised[0, :, :48, :48], expected)
     torch.testing.assert_close(noised_alone[0], expected)
     torch.testing.assert_close(noised[0, :, 48:], abar ** 0.5 * first[:, 48:])  # the padding: no noise

@@ -12,9 +12,7 @@ from vlmfix.decoding.edits import HeadScale
 from vlmfix.testing import build_tiny
 from vlmfix.testing import conformance as suite
 
-from .conftest import PlannedEdits, assert_top_k_selection_matters, zero_bias_everywhere
-
-GREEDY_STEP = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+from .conftest import GREEDY_STEP, PlannedEdits, assert_top_k_selection_matters, zero_bias_everywhere
 
 
 def test_heads_are_read_per_layer():

@@ -20,10 +20,16 @@ from vlmfix.methods.image_selection import newest_row_attention
 from vlmfix.testing import build_tiny
 from vlmfix.testing import conformance as suite
 
-from .conftest import assert_top_k_selection_matters, zero_bias_everywhere
+from .conftest import GREEDY_STEP, assert_top_k_selection_matters, zero_bias_everywhere
 
-GREEDY_STEP = dict(max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
 BATCH, HEADS, KV_LEN, HEAD_DIM = 2, 3, 7, 4
+
+
+def sink_probabilities(scores, sinks):
+    """softmax over [scores, sink] per head, the sink column dropped: scores [batch, heads, q_len, kv_len], sinks
+    [heads] -> [batch, heads, q_len, kv_len] (rows sum to less than 1)."""
+    sink = sinks[None, :, None, None].expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
 
 def reference_attention(query, key, value, mask, scaling, sinks, bias):
@@ -32,9 +38,7 @@ def reference_attention(query, key, value, mask, scaling, sinks, bias):
     query: [batch, heads, q_len, head_dim]; key, value: [batch, heads, kv_len, head_dim]; mask: [batch, 1, q_len,
     kv_len] additive; sinks: [heads]; bias: [batch, heads, q_len, kv_len]. Returns [batch, q_len, heads, head_dim]."""
     scores = query @ key.transpose(-1, -2) * scaling + mask + bias
-    sink = sinks[None, :, None, None].expand(*scores.shape[:-1], 1)
-    probabilities = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    return (probabilities @ value).transpose(1, 2)
+    return (sink_probabilities(scores, sinks) @ value).transpose(1, 2)
 
 
 def random_attention(q_len: int, seed: int = 0):
@@ -119,8 +123,7 @@ def test_observers_read_probabilities_with_the_sinks():
     call = AttentionCall(nn.Identity(), 0, query, key, value, mask, scaling, torch.zeros(BATCH, 1, HEADS, HEAD_DIM),
                          sinks=sinks)
     scores = query @ key.transpose(-1, -2) * scaling + mask
-    column = sinks[None, :, None, None].expand(BATCH, HEADS, 1, 1)
-    expected = torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1].mean(dim=1)[:, 0]  # [batch, kv_len]
+    expected = sink_probabilities(scores, sinks).mean(dim=1)[:, 0]  # [batch, kv_len]
     got = newest_row_attention(call, slice(None))
     torch.testing.assert_close(got, expected)
     assert bool((got.sum(-1) < 0.99).all())
@@ -208,8 +211,7 @@ def test_aia_mass_counts_the_sinks():
     subset = torch.zeros(BATCH, KV_LEN, dtype=torch.bool)
     subset[:, 2:5] = True
     scores = query @ key.transpose(-1, -2) * scaling + mask
-    column = sinks[None, :, None, None].expand(BATCH, HEADS, 5, 1)
-    probabilities = torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1]  # [batch, heads, q_len, kv_len]
+    probabilities = sink_probabilities(scores, sinks)  # [batch, heads, q_len, kv_len]
     expected = (probabilities * subset[:, None, None]).sum(-1).gather(2, rows[:, None].expand(BATCH, HEADS, 2))
     got = key_subset_mass(query, key, mask, scaling, rows, torch.ones(BATCH, 2, dtype=torch.bool), subset,
                           sinks=sinks)
