@@ -80,9 +80,12 @@ def test_an_edited_decode_step_with_values_wider_than_keys_leaves_the_kernel_pat
 
     tiny = build_tiny("dots3_note")
     inputs = tiny.inputs(list(suite.QUESTIONS))
-    runs = {mode: vlmfix.generate(tiny.model, **inputs, methods=[PAI(cfg=False)], kernel=mode, max_new_tokens=3,
-                                  do_sample=False, output_scores=True, return_dict_in_generate=True)
-            for mode in ("always", "never")}
+    runs = {}
+    for mode in ("always", "never"):
+        with vlmfix.apply(tiny.model, PAI(cfg=False), tokenizer=tiny.processor, kernel=mode) as session:
+            runs[mode] = session.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                                          return_dict_in_generate=True)
+        assert session.report()["pai"]["applied"]["attention_calls"] > 0  # PAI edited decode steps
     assert torch.equal(runs["always"].sequences, runs["never"].sequences)
     for always, never in zip(runs["always"].scores, runs["never"].scores):
         torch.testing.assert_close(always, never)
