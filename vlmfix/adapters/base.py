@@ -24,6 +24,7 @@ from vlmfix.decoding.prompt_inputs import (
     IMAGE_KEYS,
     TOKEN_TYPE_KEYS,
     Splice,
+    after_bos,
     find_ids,
     left_padded_rows,
     padding_mask,
@@ -445,8 +446,7 @@ class Adapter:
     def system_splice(self, row: Sequence[int], text: str, tokenizer: Any) -> Splice:
         """Put `text` in the system slot of one prompt row (its real token ids): after BOS and before the
         first user marker, replacing any system text there (LLaVA: `[<s>] text USER: <image>...`)."""
-        bos = getattr(tokenizer, "bos_token_id", None)
-        start = 1 if row and bos is not None and row[0] == bos else 0
+        start = after_bos(row, tokenizer)
         markers = [ids for marker in self.user_markers for ids in spellings(tokenizer, marker)]
         found = find_ids(row, markers, start)
         return Splice(start, found[0] if found else start, tuple(word_ids(tokenizer, text)))

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any, ClassVar
 
 from vlmfix.adapters.base import Adapter
-from vlmfix.decoding.prompt_inputs import Splice, find_ids
+from vlmfix.decoding.prompt_inputs import Splice, after_bos, find_ids
 from vlmfix.errors import SpanError
 
 TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
@@ -77,6 +77,5 @@ def chatml_system_splice(row: Sequence[int], text: str, tokenizer: Any) -> Splic
         raise SpanError(f"the prompt row has no {TURN_START} turn, so it is not a ChatML prompt and ICD's system "
                         f"placement has no system message to write; build the prompt with the processor's chat "
                         f"template, or use placement='after_image'.")
-    bos = getattr(tokenizer, "bos_token_id", None)
-    start = 1 if row and bos is not None and row[0] == bos else 0
+    start = after_bos(row, tokenizer)
     return Splice(start, start, (*header, *content, *encode(TURN_END + "\n")))
