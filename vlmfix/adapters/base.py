@@ -24,6 +24,7 @@ from vlmfix.decoding.prompt_inputs import (
     IMAGE_KEYS,
     TOKEN_TYPE_KEYS,
     Splice,
+    after_bos,
     find_ids,
     left_padded_rows,
     padding_mask,
@@ -407,6 +408,15 @@ class Adapter:
         found = [(t, tokenizer.convert_tokens_to_ids(t)) for t in self.frame_tokens]
         return [int(i) for t, i in found if i is not None and (i != unknown or t == tokenizer.unk_token)]
 
+    def frame_mask(self, input_ids: Tensor, tokenizer: Any | None) -> Tensor:
+        """[batch, seq] tokens that wrap the image: those the config names (`image_frame_mask`) and the
+        `frame_tokens` this tokenizer has (`named_frame_ids`)."""
+        frame = self.image_frame_mask(input_ids)
+        named = self.named_frame_ids(tokenizer)
+        if named:
+            frame = frame | torch.isin(input_ids, torch.tensor(named, device=input_ids.device))
+        return frame
+
     def spans(self, input_ids: Tensor, attention_mask: Tensor | None = None, tokenizer: Any | None = None) -> Spans:
         """Find each row's spans from the prompt's structure.
 
@@ -417,10 +427,7 @@ class Adapter:
         # input_ids, attention_mask: [batch, seq]
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         image = self.image_mask(input_ids) & valid
-        frame = self.image_frame_mask(input_ids)
-        named = self.named_frame_ids(tokenizer)
-        if named:
-            frame = frame | torch.isin(input_ids, torch.tensor(named, device=input_ids.device))
+        frame = self.frame_mask(input_ids, tokenizer)
         batch, seq = input_ids.shape
         positions = torch.arange(seq, device=input_ids.device)
         instruction = torch.zeros_like(image)
@@ -439,8 +446,7 @@ class Adapter:
     def system_splice(self, row: Sequence[int], text: str, tokenizer: Any) -> Splice:
         """Put `text` in the system slot of one prompt row (its real token ids): after BOS and before the
         first user marker, replacing any system text there (LLaVA: `[<s>] text USER: <image>...`)."""
-        bos = getattr(tokenizer, "bos_token_id", None)
-        start = 1 if row and bos is not None and row[0] == bos else 0
+        start = after_bos(row, tokenizer)
         markers = [ids for marker in self.user_markers for ids in spellings(tokenizer, marker)]
         found = find_ids(row, markers, start)
         return Splice(start, found[0] if found else start, tuple(word_ids(tokenizer, text)))
@@ -449,11 +455,7 @@ class Adapter:
         """Insert `text` right after the last image token of one prompt row (after the tokens that close the image:
         Qwen's vision end, InternVL's </img> found with the tokenizer)."""
         ids = torch.tensor([list(row)])
-        named = self.named_frame_ids(tokenizer)
-        marks = self.image_mask(ids) | self.image_frame_mask(ids)
-        if named:
-            marks = marks | torch.isin(ids, torch.tensor(named))
-        marks = marks[0].nonzero().flatten()
+        marks = (self.image_mask(ids) | self.frame_mask(ids, tokenizer))[0].nonzero().flatten()
         if not len(marks):
             raise MissingImageError("the prompt row has no image token to place the text after; use a prompt with "
                                     "an image, or another placement.")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from vlmfix.adapters.base import Adapter, spellings
-from vlmfix.decoding.prompt_inputs import Splice, find_ids, word_ids
+from vlmfix.decoding.prompt_inputs import Splice, after_bos, find_ids, word_ids
 from vlmfix.errors import SpanError
 
 # what the template writes between the system text and `User:`
@@ -42,8 +42,7 @@ class DeepseekVLAdapter(Adapter):
         `User:` are kept (and not written again). A row without `User:` gets `text` and the blank line after BOS
         when its image comes right after BOS; other text there (a system text this tokenizer's `User:` spellings
         did not find the end of) raises a SpanError rather than keeping it beside `text`."""
-        bos = getattr(tokenizer, "bos_token_id", None)
-        start = 1 if row and bos is not None and row[0] == bos else 0
+        start = after_bos(row, tokenizer)
         needles = [ids for marker in self.user_markers for ids in spellings(tokenizer, marker)]
         found = find_ids(row, needles, start)
         if found is None:

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmfix.adapters.base import Adapter
-from vlmfix.adapters.qwen2_vl import Qwen2VLAdapter
-
-CHATML = ("<|im_end|>",)  # <|im_start|>user ... <|im_end|>\n<|im_start|>assistant\n
+from vlmfix.adapters.qwen2_vl import CHATML, ChatMLAdapter
 
 
 def common_layout(family: str, *model_classes: str, markers: tuple[str, ...],
@@ -22,15 +20,15 @@ def common_layout(family: str, *model_classes: str, markers: tuple[str, ...],
     """An adapter class for a family that follows the common layout (`frames`: image-wrapping tokens that
     the config does not name). A family whose turns end with ChatML's <|im_end|> has a ChatML system message,
     which ICD's system placement fills as Qwen2-VL's (`chatml_system_splice`: the message's text replaced, or the
-    message added when the prompt has none), rather than writing its text before the first turn."""
+    message added when the prompt has none), rather than writing its text before the first turn: its class builds
+    on `ChatMLAdapter`."""
     name = "".join(part.title() for part in family.split("_")) + "Adapter"
     namespace: dict[str, Any] = {
         "family": family, "model_classes": model_classes, "assistant_markers": markers, "frame_tokens": frames,
         "__module__": __name__, "__doc__": f"{family}: the common layout ({', '.join(model_classes)}).",
     }
-    if markers == CHATML:
-        namespace["system_splice"] = Qwen2VLAdapter.system_splice
-    return dataclass(frozen=True)(type(name, (Adapter,), namespace))
+    base = ChatMLAdapter if markers == CHATML else Adapter
+    return dataclass(frozen=True)(type(name, (base,), namespace))
 
 
 COMMON_LAYOUT: tuple[type[Adapter], ...] = (

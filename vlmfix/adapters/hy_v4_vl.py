@@ -36,23 +36,13 @@ OPERA refuses the family (the indexer's key cache, as on Mistral Large 4).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from vlmfix.adapters.base import Adapter
-from vlmfix.adapters.qwen2_vl import chatml_system_splice
-from vlmfix.decoding.prompt_inputs import Splice
-
-CHATML = ("<|im_end|>",)
+from vlmfix.adapters.qwen2_vl import ChatMLAdapter
 
 
 @dataclass(frozen=True)
-class HYV4VLAdapter(Adapter):
+class HYV4VLAdapter(ChatMLAdapter):
     family: ClassVar[str] = "hy_v4_vl"
     model_classes: ClassVar[tuple[str, ...]] = ("HYV4VLForConditionalGeneration",)
-    assistant_markers: ClassVar[tuple[str, ...]] = CHATML
-
-    def system_splice(self, row: Sequence[int], text: str, tokenizer: Any) -> Splice:
-        """Put `text` in the row's ChatML system message (`chatml_system_splice`)."""
-        return chatml_system_splice(row, text, tokenizer)

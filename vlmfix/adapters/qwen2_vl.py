@@ -26,22 +26,31 @@ from functools import partial
 from typing import Any, ClassVar
 
 from vlmfix.adapters.base import Adapter
-from vlmfix.decoding.prompt_inputs import Splice, find_ids
+from vlmfix.decoding.prompt_inputs import Splice, after_bos, find_ids
 from vlmfix.errors import SpanError
 
 TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
 SYSTEM_HEADER = TURN_START + "system\n"
+CHATML: tuple[str, ...] = (TURN_END,)  # <|im_start|>user ... <|im_end|>\n<|im_start|>assistant\n
 
 
 @dataclass(frozen=True)
-class Qwen2VLAdapter(Adapter):
-    family: ClassVar[str] = "qwen2_vl"
-    model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
-    assistant_markers: ClassVar[tuple[str, ...]] = ("<|im_end|>",)
+class ChatMLAdapter(Adapter):
+    """A family whose chat template is ChatML: the user's turn ends with <|im_end|>, and ICD's system placement
+    fills the ChatML system message (`chatml_system_splice`) rather than writing its text before the first turn.
+    Qwen2-VL, HY V4 VL, Step 3.7 and the common-layout families with ChatML markers build on it."""
+
+    assistant_markers: ClassVar[tuple[str, ...]] = CHATML
 
     def system_splice(self, row: Sequence[int], text: str, tokenizer: Any) -> Splice:
         """Put `text` in the row's ChatML system message (`chatml_system_splice`)."""
         return chatml_system_splice(row, text, tokenizer)
+
+
+@dataclass(frozen=True)
+class Qwen2VLAdapter(ChatMLAdapter):
+    family: ClassVar[str] = "qwen2_vl"
+    model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
 
 
 def chatml_system_splice(row: Sequence[int], text: str, tokenizer: Any) -> Splice:
@@ -68,6 +77,5 @@ def chatml_system_splice(row: Sequence[int], text: str, tokenizer: Any) -> Splic
         raise SpanError(f"the prompt row has no {TURN_START} turn, so it is not a ChatML prompt and ICD's system "
                         f"placement has no system message to write; build the prompt with the processor's chat "
                         f"template, or use placement='after_image'.")
-    bos = getattr(tokenizer, "bos_token_id", None)
-    start = 1 if row and bos is not None and row[0] == bos else 0
+    start = after_bos(row, tokenizer)
     return Splice(start, start, (*header, *content, *encode(TURN_END + "\n")))

@@ -23,26 +23,17 @@ by another factor, so the two commute.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from vlmfix.adapters.per_layer_heads import PerLayerHeadsAdapter
-from vlmfix.adapters.qwen2_vl import chatml_system_splice
-from vlmfix.decoding.prompt_inputs import Splice
-
-CHATML = ("<|im_end|>",)
+from vlmfix.adapters.qwen2_vl import ChatMLAdapter
 
 
 @dataclass(frozen=True)
-class Step3p7Adapter(PerLayerHeadsAdapter):
+class Step3p7Adapter(PerLayerHeadsAdapter, ChatMLAdapter):
     family: ClassVar[str] = "step3p7"
     model_classes: ClassVar[tuple[str, ...]] = ("Step3p7ForConditionalGeneration",)
-    assistant_markers: ClassVar[tuple[str, ...]] = CHATML
     frame_tokens: ClassVar[tuple[str, ...]] = ("<im_start>", "<im_end>", "<patch_start>", "<patch_end>",
                                                "<patch_newline>")
     main_layer_type: ClassVar[str] = "full_attention"  # num_heads: the global layers' count
-
-    def system_splice(self, row: Sequence[int], text: str, tokenizer: Any) -> Splice:
-        """Put `text` in the row's ChatML system message (`chatml_system_splice`)."""
-        return chatml_system_splice(row, text, tokenizer)

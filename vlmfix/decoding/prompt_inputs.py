@@ -138,6 +138,13 @@ def find_ids(row: Sequence[int], needles: Sequence[Sequence[int]], start: int = 
     return min(hits, default=None)
 
 
+def after_bos(row: Sequence[int], tokenizer: Any) -> int:
+    """Index of one prompt row's first token after its BOS: 1 when the row starts with the tokenizer's BOS, else 0
+    (a tokenizer without one, or a row that does not start with it)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return 1 if row and bos is not None and row[0] == bos else 0
+
+
 @dataclass(frozen=True)
 class Splice:
     """Replace the tokens [start, end) of one prompt row with `tokens` (indices count the row's real tokens

@@ -46,7 +46,7 @@ CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "user
 
 
 @torch.no_grad()
-def randomise(weight: nn.Parameter, std: float = 0.02) -> None:
+def randomise(weight: torch.Tensor, std: float = 0.02) -> None:
     """Draw a weight that transformers initialises to zeros (a trained checkpoint fills it) from N(0, std^2), with
     the global generator `build_tiny` seeds: the build stays deterministic, and the image reaches the logits."""
     weight.normal_(0.0, std)

@@ -23,7 +23,6 @@ on each query's selected keys only: a key the indexer dropped stays out of every
 
 from __future__ import annotations
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from vlmfix.testing.tiny import WORDS, word_tokenizer
@@ -240,8 +239,7 @@ def build_hy_v4_vl(shape: Shape, *, index_topk: int = 8) -> tuple[PreTrainedMode
     # the pad token's embedding row starts at zero (padding_idx); a random build that generates the pad token would
     # then give its indexer a zero query, every key the same score, and top-k ties broken by storage position,
     # which left padding shifts (measured: the padded row's scores off by 0.15); a checkpoint's row is trained
-    with torch.no_grad():
-        language_model.embed_tokens.weight[text["pad_token_id"]].normal_(0.0, 0.02)
+    randomise(language_model.embed_tokens.weight[text["pad_token_id"]])
     image_processor = HYV4VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2)
     processor = image_only(HYV4VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
                                             chat_template=chatml_template("<|image_pad|>"))
