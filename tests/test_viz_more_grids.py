@@ -35,6 +35,13 @@ def gemma4_token_colours(tiny, inputs) -> torch.Tensor:
     return pooled[kept]  # the tower strips the padding tokens the same way
 
 
+def flat_patch_colours(tiny, inputs) -> torch.Tensor:
+    """Flat [patches, 3 * n] pixel values (each patch's channels slowest: n = t * p * p, or p * p) -> [patches, 3]
+    each patch's mean colour (x, y, 1)."""
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, n]
+    return unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T
+
+
 def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int, ...] = (2, 2)) -> None:
     """Every image token lies on one grid cell whose centre is where its pixels come from (`images` per row)."""
     for b, layout in enumerate(layouts):
@@ -158,7 +165,7 @@ def test_ovis2_thumbnail_then_tiles_of_merged_patches():
     assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
     tower = Ovis2VisionModel(vision).eval()
     colours = patch_colours(tiny, inputs["pixel_values"])  # [views, 16, 3]
-    wide = torch.cat([colours, colours.new_zeros(*colours.shape[:-1], vision.hidden_size - 3)], -1)
+    wide = padded(colours, vision.hidden_size)
     seen = {}
     tower.transformer.register_forward_hook(lambda module, args, out: (wide,))
     tower.head_linear.register_forward_pre_hook(lambda module, args: seen.update(merged=args[0].clone()))
@@ -191,7 +198,7 @@ def test_got_ocr2_tiles_then_thumbnail_through_its_convolutions():
     views, patches, _ = colours.shape
     side = int(patches**0.5)
     channels = tiny.model.config.vision_config.output_channels
-    grid = torch.cat([colours, colours.new_zeros(views, patches, channels - 3)], -1)
+    grid = padded(colours, channels)
     grid = grid.transpose(1, 2).reshape(views, channels, side, side)  # the SAM neck's [views, C, H, W]
     seen = {}
     projector.multimodal_projector.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
@@ -257,9 +264,8 @@ def test_hunyuan_vl_merged_patches_with_a_newline_per_row():
     identity = lambda module, args, out: args[0]  # noqa: E731
     for module in (merger.before_rms, merger.proj_act, merger.after_rms):
         module.register_forward_hook(identity)
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
-    wide = torch.cat([colours, colours.new_zeros(len(colours), vision.hidden_size - 3)], -1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
+    wide = padded(colours, vision.hidden_size)
     tokens = []
     with torch.no_grad():
         for thw, item in zip(inputs["image_grid_thw"].tolist(), wide.split(inputs["image_grid_thw"].prod(-1).tolist())):
@@ -288,8 +294,7 @@ def test_hy_v4_vl_merged_patches_with_a_newline_per_row():
     identity = lambda module, args, out: args[0]  # noqa: E731
     for module in (merger.before_rms, merger.proj_act):
         module.register_forward_hook(identity)
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
     wide = padded(colours, vision.hidden_size)
     grid_thw = inputs["image_grid_thw"]
     with torch.no_grad():
@@ -309,8 +314,7 @@ def test_minimax_m3_vl_merged_patches_through_its_projector():
     (its merging MLP's input read)."""
     tiny, inputs = build("minimax_m3_vl")
     config = tiny.model.config
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
     model = tiny.model.model
     projector = model.multi_modal_projector
 
@@ -344,8 +348,7 @@ def test_video_llama_3_merged_patches_of_each_images_merge_size(merge: int):
     config = tiny.model.config
     layouts = row_layouts("video_llama_3", config, (inputs["input_ids"] == config.image_token_id).sum(1).tolist(),
                           image_grid_thw=inputs["image_grid_thw"], image_merge_sizes=inputs["image_merge_sizes"])
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
     with torch.no_grad():
         tokens = tiny.model.model.vision_model.pixel_unshuffle(colours, inputs["image_grid_thw"],
                                                                inputs["image_merge_sizes"])
@@ -458,8 +461,7 @@ def test_dots3_note_merged_patches_through_its_merger():
     hook, its MLP's input read)."""
     tiny, inputs = build("dots3_note")
     vision = tiny.model.config.vision_config
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
     merger = tiny.model.model.vision_tower.merger
     seen = {}
     merger.ln_q.register_forward_hook(lambda module, args, out: args[0])
