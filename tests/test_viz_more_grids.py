@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_viz_grids import build, grouped, padded, patch_colours
-from tests.test_viz_patches import SIZES, cell_centres, coordinate_picture, unnormalised
+from tests.test_viz_grids import build, check_tokens_on_grids, grouped, padded, patch_colours, run_layouts, split_by_row
+from tests.test_viz_patches import SIZES, coordinate_picture, unnormalised
 from vlmfix.decoding.prompt_inputs import patch_grids
 from vlmfix.viz.patches import perception_canvas, row_layouts, scale_canvas
 
@@ -42,32 +42,6 @@ def flat_patch_colours(tiny, inputs) -> torch.Tensor:
     return unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T
 
 
-def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int, ...] = (2, 2)) -> None:
-    """Every image token lies on one grid cell whose centre is where its pixels come from (`images` per row)."""
-    for b, layout in enumerate(layouts):
-        seen = colours[b]
-        placed = np.zeros(layout.count, dtype=int)
-        assert len({g.image for g in layout.grids}) == images[b]
-        for grid in layout.grids:
-            centres = cell_centres(*grid.shape)
-            for (r, c), token in np.ndenumerate(grid.tokens):
-                if token < 0:
-                    continue
-                placed[token] += 1
-                if seen[token, 2] < 0.5:  # mostly padding
-                    continue
-                where = seen[token, :2] / seen[token, 2]
-                assert np.allclose(where, centres[r, c], atol=0.5 / min(grid.shape) + 0.02), \
-                    (b, grid.image, grid.kind, r, c, where, centres[r, c])
-        newline = np.zeros(layout.count, dtype=int)
-        for tokens in layout.newlines.values():
-            newline[tokens] += 1
-        assert np.array_equal(newline > 0, np.isnan(seen).any(-1))  # the model's newline tokens, and only those
-        unplaced = np.zeros(layout.count, dtype=int)
-        unplaced[layout.unplaced] += 1
-        assert ((placed + newline + unplaced) == 1).all()  # each token once: on a grid, a newline or unplaced
-
-
 def test_gemma4_pooled_patches():
     tiny, inputs = build("gemma4")
     config = tiny.model.config
@@ -90,27 +64,6 @@ def test_gemma4_needs_its_patch_grids():
     count = int((inputs["input_ids"][0] == tiny.model.config.image_token_id).sum())
     with pytest.raises(ValueError, match="image_patch_grids"):
         row_layouts("gemma4", tiny.model.config, [count])
-
-
-def run_layouts(family: str, tiny, inputs):
-    """`row_layouts` of a family placed by its image-token runs, from the processor's ids (as the session records
-    them) and the pictures' sizes."""
-    image = inputs["input_ids"] == tiny.model.config.image_token_id
-    positions = [row.nonzero().flatten().tolist() for row in image]
-    around = []  # per row: [token before, token after] each run
-    for ids, mask in zip(inputs["input_ids"].tolist(), image.tolist()):
-        starts = [p for p in range(len(ids)) if mask[p] and (p == 0 or not mask[p - 1])]
-        ends = [p for p in range(len(ids)) if mask[p] and (p + 1 == len(ids) or not mask[p + 1])]
-        around.append([[ids[s - 1], ids[e + 1]] for s, e in zip(starts, ends)])
-    return row_layouts(family, tiny.model.config, image.sum(1).tolist(), image_positions=positions,
-                       image_run_tokens=around, tokenizer=tiny.processor,
-                       image_shapes={b: SIZES[2 * b : 2 * b + 2] for b in range(2)})
-
-
-def split_by_row(flat: np.ndarray, inputs, image_token_id: int) -> list[np.ndarray]:
-    counts = (inputs["input_ids"] == image_token_id).sum(1).tolist()
-    assert len(flat) == sum(counts)
-    return np.split(flat, np.cumsum(counts)[:-1])
 
 
 @pytest.mark.torchvision
