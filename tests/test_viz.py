@@ -282,8 +282,8 @@ def test_pai_gain_is_one_on_image_keys_a_sliding_window_hides():
         gain = torch.tensor(session.report()["pai"]["image_gain"][row], dtype=torch.float64)
         hidden = last - positions >= config.sliding_window
         assert hidden.any() and (gain[hidden] == 1).all()
-        if (~hidden).any():
-            assert (gain[~hidden] != 1).any()
+        assert (~hidden).any(), f"row {row}: no image key inside the window, so the boosted side goes unchecked"
+        assert (gain[~hidden] != 1).any()
 
 
 def test_pai_gain_over_decode_steps_that_skip_the_first_token_against_a_reference():

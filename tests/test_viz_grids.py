@@ -118,6 +118,53 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
     return list(np.split(flat, np.cumsum(counts)[:-1]))
 
 
+def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int, ...] = (2, 2)) -> None:
+    """Every image token lies on one grid cell whose centre is where its pixels come from (`images` per row)."""
+    for b, layout in enumerate(layouts):
+        seen = colours[b]
+        placed = np.zeros(layout.count, dtype=int)
+        assert len({g.image for g in layout.grids}) == images[b]
+        for grid in layout.grids:
+            centres = cell_centres(*grid.shape)
+            for (r, c), token in np.ndenumerate(grid.tokens):
+                if token < 0:
+                    continue
+                placed[token] += 1
+                if seen[token, 2] < 0.5:  # mostly padding (a letterboxed border cell, say)
+                    continue
+                where = seen[token, :2] / seen[token, 2]
+                assert np.allclose(where, centres[r, c], atol=0.5 / min(grid.shape) + 0.02), \
+                    (b, grid.image, grid.kind, r, c, where, centres[r, c])
+        newline = np.zeros(layout.count, dtype=int)
+        for tokens in layout.newlines.values():
+            newline[tokens] += 1
+        assert np.array_equal(newline > 0, np.isnan(seen).any(-1))  # the model's newline tokens, and only those
+        unplaced = np.zeros(layout.count, dtype=int)
+        unplaced[layout.unplaced] += 1
+        assert ((placed + newline + unplaced) == 1).all()  # each token once: on a grid, a newline or unplaced
+
+
+def run_layouts(family: str, tiny, inputs):
+    """`row_layouts` of a family placed by its image-token runs, from the processor's ids (as the session records
+    them) and the pictures' sizes."""
+    image = inputs["input_ids"] == tiny.model.config.image_token_id
+    positions = [row.nonzero().flatten().tolist() for row in image]
+    around = []  # per row: [token before, token after] each run
+    for ids, mask in zip(inputs["input_ids"].tolist(), image.tolist()):
+        starts = [p for p in range(len(ids)) if mask[p] and (p == 0 or not mask[p - 1])]
+        ends = [p for p in range(len(ids)) if mask[p] and (p + 1 == len(ids) or not mask[p + 1])]
+        around.append([[ids[s - 1], ids[e + 1]] for s, e in zip(starts, ends)])
+    return row_layouts(family, tiny.model.config, image.sum(1).tolist(), image_positions=positions,
+                       image_run_tokens=around, tokenizer=tiny.processor,
+                       image_shapes={b: SIZES[2 * b : 2 * b + 2] for b in range(2)})
+
+
+def split_by_row(flat: np.ndarray, inputs, image_token_id: int) -> list[np.ndarray]:
+    counts = (inputs["input_ids"] == image_token_id).sum(1).tolist()
+    assert len(flat) == sum(counts)
+    return np.split(flat, np.cumsum(counts)[:-1])
+
+
 FAMILIES = ["llava_onevision", "mistral3", "mistral_large4", "lighton_ocr", "paligemma", "gemma3", "internvl",
             "qianfan_ocr", "aya_vision", "idefics3", "smolvlm", "idefics3_split", "llava_onevision_max1"]
 
@@ -141,26 +188,8 @@ def test_grid_places_each_token_where_its_pixels_come_from(family: str):
     kinds = {g.kind for layout in layouts for g in layout.grids}
     if family in ("llava_onevision", "llava_onevision_max1", "internvl", "qianfan_ocr", "aya_vision", "idefics3_split"):
         assert "tiles" in kinds, kinds  # the pictures are cut into tiles
-    for b, layout in enumerate(layouts):
-        seen = colours[b]
-        placed = np.zeros(layout.count, dtype=bool)
-        assert len({g.image for g in layout.grids}) == 2
-        for grid in layout.grids:
-            centres = cell_centres(*grid.shape)
-            for (r, c), token in np.ndenumerate(grid.tokens):
-                if token < 0:
-                    continue
-                placed[token] = True
-                if seen[token, 2] < 0.5:  # mostly padding (a letterboxed border cell)
-                    continue
-                where = seen[token, :2] / seen[token, 2]
-                assert np.allclose(where, centres[r, c], atol=0.5 / min(grid.shape) + 0.02), \
-                    (b, grid.image, grid.kind, r, c, where, centres[r, c])
-        newline = np.zeros(layout.count, dtype=bool)
-        for tokens in layout.newlines.values():
-            newline[tokens] = True
-        assert np.array_equal(np.isnan(seen).any(-1), newline)  # the model's newline tokens, and only those
-        assert (placed | newline).all()  # every token lies on a grid or is a newline
+    assert all(not layout.unplaced for layout in layouts)  # every token on a grid or a newline
+    check_tokens_on_grids(layouts, colours)
 
 
 def test_gemma3_pan_and_scan_crops_are_refused_with_the_pictures():

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_viz_grids import build, grouped, padded, patch_colours
-from tests.test_viz_patches import SIZES, cell_centres, coordinate_picture, unnormalised
+from tests.test_viz_grids import build, check_tokens_on_grids, grouped, padded, patch_colours, run_layouts, split_by_row
+from tests.test_viz_patches import SIZES, coordinate_picture, unnormalised
 from vlmfix.decoding.prompt_inputs import patch_grids
 from vlmfix.viz.patches import perception_canvas, row_layouts, scale_canvas
 
@@ -35,30 +35,11 @@ def gemma4_token_colours(tiny, inputs) -> torch.Tensor:
     return pooled[kept]  # the tower strips the padding tokens the same way
 
 
-def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int, ...] = (2, 2)) -> None:
-    """Every image token lies on one grid cell whose centre is where its pixels come from (`images` per row)."""
-    for b, layout in enumerate(layouts):
-        seen = colours[b]
-        placed = np.zeros(layout.count, dtype=int)
-        assert len({g.image for g in layout.grids}) == images[b]
-        for grid in layout.grids:
-            centres = cell_centres(*grid.shape)
-            for (r, c), token in np.ndenumerate(grid.tokens):
-                if token < 0:
-                    continue
-                placed[token] += 1
-                if seen[token, 2] < 0.5:  # mostly padding
-                    continue
-                where = seen[token, :2] / seen[token, 2]
-                assert np.allclose(where, centres[r, c], atol=0.5 / min(grid.shape) + 0.02), \
-                    (b, grid.image, grid.kind, r, c, where, centres[r, c])
-        newline = np.zeros(layout.count, dtype=int)
-        for tokens in layout.newlines.values():
-            newline[tokens] += 1
-        assert np.array_equal(newline > 0, np.isnan(seen).any(-1))  # the model's newline tokens, and only those
-        unplaced = np.zeros(layout.count, dtype=int)
-        unplaced[layout.unplaced] += 1
-        assert ((placed + newline + unplaced) == 1).all()  # each token once: on a grid, a newline or unplaced
+def flat_patch_colours(tiny, inputs) -> torch.Tensor:
+    """Flat [patches, 3 * n] pixel values (each patch's channels slowest: n = t * p * p, or p * p) -> [patches, 3]
+    each patch's mean colour (x, y, 1)."""
+    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, n]
+    return unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T
 
 
 def test_gemma4_pooled_patches():
@@ -83,27 +64,6 @@ def test_gemma4_needs_its_patch_grids():
     count = int((inputs["input_ids"][0] == tiny.model.config.image_token_id).sum())
     with pytest.raises(ValueError, match="image_patch_grids"):
         row_layouts("gemma4", tiny.model.config, [count])
-
-
-def run_layouts(family: str, tiny, inputs):
-    """`row_layouts` of a family placed by its image-token runs, from the processor's ids (as the session records
-    them) and the pictures' sizes."""
-    image = inputs["input_ids"] == tiny.model.config.image_token_id
-    positions = [row.nonzero().flatten().tolist() for row in image]
-    around = []  # per row: [token before, token after] each run
-    for ids, mask in zip(inputs["input_ids"].tolist(), image.tolist()):
-        starts = [p for p in range(len(ids)) if mask[p] and (p == 0 or not mask[p - 1])]
-        ends = [p for p in range(len(ids)) if mask[p] and (p + 1 == len(ids) or not mask[p + 1])]
-        around.append([[ids[s - 1], ids[e + 1]] for s, e in zip(starts, ends)])
-    return row_layouts(family, tiny.model.config, image.sum(1).tolist(), image_positions=positions,
-                       image_run_tokens=around, tokenizer=tiny.processor,
-                       image_shapes={b: SIZES[2 * b : 2 * b + 2] for b in range(2)})
-
-
-def split_by_row(flat: np.ndarray, inputs, image_token_id: int) -> list[np.ndarray]:
-    counts = (inputs["input_ids"] == image_token_id).sum(1).tolist()
-    assert len(flat) == sum(counts)
-    return np.split(flat, np.cumsum(counts)[:-1])
 
 
 @pytest.mark.torchvision
@@ -158,7 +118,7 @@ def test_ovis2_thumbnail_then_tiles_of_merged_patches():
     assert {g.kind for layout in layouts for g in layout.grids} == {"tiles", "thumbnail"}
     tower = Ovis2VisionModel(vision).eval()
     colours = patch_colours(tiny, inputs["pixel_values"])  # [views, 16, 3]
-    wide = torch.cat([colours, colours.new_zeros(*colours.shape[:-1], vision.hidden_size - 3)], -1)
+    wide = padded(colours, vision.hidden_size)
     seen = {}
     tower.transformer.register_forward_hook(lambda module, args, out: (wide,))
     tower.head_linear.register_forward_pre_hook(lambda module, args: seen.update(merged=args[0].clone()))
@@ -191,7 +151,7 @@ def test_got_ocr2_tiles_then_thumbnail_through_its_convolutions():
     views, patches, _ = colours.shape
     side = int(patches**0.5)
     channels = tiny.model.config.vision_config.output_channels
-    grid = torch.cat([colours, colours.new_zeros(views, patches, channels - 3)], -1)
+    grid = padded(colours, channels)
     grid = grid.transpose(1, 2).reshape(views, channels, side, side)  # the SAM neck's [views, C, H, W]
     seen = {}
     projector.multimodal_projector.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
@@ -257,9 +217,8 @@ def test_hunyuan_vl_merged_patches_with_a_newline_per_row():
     identity = lambda module, args, out: args[0]  # noqa: E731
     for module in (merger.before_rms, merger.proj_act, merger.after_rms):
         module.register_forward_hook(identity)
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
-    wide = torch.cat([colours, colours.new_zeros(len(colours), vision.hidden_size - 3)], -1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
+    wide = padded(colours, vision.hidden_size)
     tokens = []
     with torch.no_grad():
         for thw, item in zip(inputs["image_grid_thw"].tolist(), wide.split(inputs["image_grid_thw"].prod(-1).tolist())):
@@ -288,8 +247,7 @@ def test_hy_v4_vl_merged_patches_with_a_newline_per_row():
     identity = lambda module, args, out: args[0]  # noqa: E731
     for module in (merger.before_rms, merger.proj_act):
         module.register_forward_hook(identity)
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
     wide = padded(colours, vision.hidden_size)
     grid_thw = inputs["image_grid_thw"]
     with torch.no_grad():
@@ -309,8 +267,7 @@ def test_minimax_m3_vl_merged_patches_through_its_projector():
     (its merging MLP's input read)."""
     tiny, inputs = build("minimax_m3_vl")
     config = tiny.model.config
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, t * p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
     model = tiny.model.model
     projector = model.multi_modal_projector
 
@@ -344,8 +301,7 @@ def test_video_llama_3_merged_patches_of_each_images_merge_size(merge: int):
     config = tiny.model.config
     layouts = row_layouts("video_llama_3", config, (inputs["input_ids"] == config.image_token_id).sum(1).tolist(),
                           image_grid_thw=inputs["image_grid_thw"], image_merge_sizes=inputs["image_merge_sizes"])
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
     with torch.no_grad():
         tokens = tiny.model.model.vision_model.pixel_unshuffle(colours, inputs["image_grid_thw"],
                                                                inputs["image_merge_sizes"])
@@ -458,8 +414,7 @@ def test_dots3_note_merged_patches_through_its_merger():
     hook, its MLP's input read)."""
     tiny, inputs = build("dots3_note")
     vision = tiny.model.config.vision_config
-    patches = inputs["pixel_values"].view(len(inputs["pixel_values"]), 3, -1)  # [patches, 3, p * p]
-    colours = unnormalised(tiny.processor, patches.transpose(0, 1)).mean(-1).T  # [patches, 3]: (x, y, 1)
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
     merger = tiny.model.model.vision_tower.merger
     seen = {}
     merger.ln_q.register_forward_hook(lambda module, args, out: args[0])

@@ -199,8 +199,13 @@ class RowLayout:
         return len({g.image for g in self.grids})
 
 
+def _grid(rows: int, cols: int, start: int) -> np.ndarray:
+    """Token positions `start`, `start + 1`, ... laid out row-major over `rows` x `cols` cells."""
+    return start + np.arange(rows * cols).reshape(rows, cols)
+
+
 def _square(side: int, start: int) -> np.ndarray:
-    return start + np.arange(side * side).reshape(side, side)
+    return _grid(side, side, start)
 
 
 def _vision_side(config: Any) -> int:
@@ -273,8 +278,7 @@ def _qwen_image(config: Any, image: int, start: int, thw: Sequence[int], merge: 
                       or vision.merge_size)
     t, h, w = (int(x) for x in thw)
     rows, cols = h // merge, w // merge
-    grids = [TokenGrid(image, "merged", start + k * rows * cols + np.arange(rows * cols).reshape(rows, cols))
-             for k in range(t)]
+    grids = [TokenGrid(image, "merged", _grid(rows, cols, start + k * rows * cols)) for k in range(t)]
     return grids, t * rows * cols
 
 
@@ -291,22 +295,12 @@ def _newline_merged_image(family: str, config: Any, image: int, start: int, thw:
     return [grid], {image: newlines}, unplaced, rows * (cols + 1) + 2 * ends
 
 
-def _mistral_image(config: Any, image: int, start: int, size: Sequence[int], pixels: int | None = None
-                   ) -> tuple[list[TokenGrid], int]:
-    """Row-major cells of `pixels` a side over the processed image's (height, width): Pixtral's merged patches, or
-    Apertus 1.5's VQ codes (`pixels`: its tokenizer's downsampling)."""
-    kind = "codes" if pixels else "merged"
-    pixels = pixels or int(config.vision_config.patch_size) * int(config.spatial_merge_size)
-    rows, cols = int(size[0]) // pixels, int(size[1]) // pixels
-    return [TokenGrid(image, kind, start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
-
-
-def _pooled_image(family: str, config: Any, image: int, start: int, patches: Sequence[int]
-                  ) -> tuple[list[TokenGrid], int]:
-    # Gemma 4 Unified's positions are its model patches' (the processor merged the k x k blocks)
-    kernel = 1 if family == "gemma4_unified" else int(config.vision_config.pooling_kernel_size)
-    rows, cols = int(patches[0]) // kernel, int(patches[1]) // kernel
-    return [TokenGrid(image, "pooled", start + np.arange(rows * cols).reshape(rows, cols))], rows * cols
+def _cells_image(image: int, start: int, size: Sequence[int], step: int, kind: str) -> tuple[list[TokenGrid], int]:
+    """One row-major grid of cells `step` a side over `size` (height, width): Pixtral's merged patches over the
+    processed image's pixels, Apertus 1.5's VQ codes (`step`: its tokenizer's downsampling), or the pooled patches
+    of the pooling families over their patch grid (`step`: the pooling kernel)."""
+    rows, cols = int(size[0]) // step, int(size[1]) // step
+    return [TokenGrid(image, kind, _grid(rows, cols, start))], rows * cols
 
 
 def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
@@ -370,7 +364,7 @@ def _fuyu_row(config: Any, b: int, runs: Sequence[tuple[int, int]]) -> list[Toke
     if not runs:
         return []
     cols = runs[0][1]
-    tokens = np.arange(len(runs) * cols).reshape(len(runs), cols)
+    tokens = _grid(len(runs), cols, 0)
     return [TokenGrid(0, "patches", tokens, patch_pixels=_pair(config.patch_size))]
 
 
@@ -715,7 +709,7 @@ def _molmo2_row(b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[s
         width = view[0][1]
         if any(length != width for _, length in view):
             raise ValueError(f"row {b}'s molmo2 view has rows of {[n for _, n in view]} tokens, not equal rows.")
-        tokens = view[0][0] + np.arange(len(view) * width).reshape(len(view), width)
+        tokens = _grid(len(view), width, view[0][0])
         grids.append(TokenGrid(k // 2, "low_res" if k % 2 == 0 else "canvas", tokens))
     return grids
 
@@ -883,10 +877,12 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                                                        max_tiles)
                 layout.newlines.update(newlines)
             elif family in PIXTRAL_FAMILIES:
-                grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"))
+                grids, n = _cells_image(image, used, _take(sizes, next_image, "image_sizes"),
+                                        int(config.vision_config.patch_size) * int(config.spatial_merge_size),
+                                        "merged")
             elif family in VQ_FAMILIES:
-                grids, n = _mistral_image(config, image, used, _take(sizes, next_image, "image_sizes"),
-                                          int(config.vision_config.spatial_scale_factor))
+                grids, n = _cells_image(image, used, _take(sizes, next_image, "image_sizes"),
+                                        int(config.vision_config.spatial_scale_factor), "codes")
             elif family in MERGED_FAMILIES:
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"))
             elif family in NEWLINE_MERGED_FAMILIES:
@@ -898,8 +894,10 @@ def row_layouts(family: str, config: Any, tokens_per_row: Sequence[int], *, imag
                 merge = _take(merges, next_image, "image_merge_sizes")[0]
                 grids, n = _qwen_image(config, image, used, _take(thw, next_image, "image_grid_thw"), merge)
             elif family in POOLED_FAMILIES:
-                grids, n = _pooled_image(family, config, image, used,
-                                         _take(patch_grids, next_image, "image_patch_grids"))
+                # Gemma 4 Unified's positions are its model patches' (the processor merged the k x k blocks)
+                grids, n = _cells_image(image, used, _take(patch_grids, next_image, "image_patch_grids"),
+                                        1 if family == "gemma4_unified" else
+                                        int(config.vision_config.pooling_kernel_size), "pooled")
             else:
                 side = math.isqrt(int(count))
                 if side * side != count:
