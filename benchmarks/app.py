@@ -178,6 +178,8 @@ def check_model(model: DictConfig) -> None:
     indices(plain(model.get("var_sink_dims")), "model.var_sink_dims", what="hidden dimensions",
             meaning="VAR's sink dimensions of this model (null when none are published)")
     number(model.get("var_tau", 20.0), "model.var_tau", low=0, low_open=True, meaning="VAR's sink threshold")
+    optional_number(model.get("max_batch_size"), "model.max_batch_size", low=1, integer=True,
+                    meaning="the most prompts per generate call the model runs right (null: no cap)")
     check_loader(model)
 
 
@@ -632,10 +634,21 @@ def decoding_of(cfg: DictConfig, max_new_tokens: int) -> tuple[Decoding, dict[st
     return fingerprint, kwargs
 
 
+def batch_size_of(cfg: DictConfig) -> int:
+    """The prompts per generate call: `batch_size`, capped by the model preset's `max_batch_size` (MiniMax M3: 1,
+    as vlmfix refuses its padded batches); logged when the cap applies."""
+    cap = cfg.model.get("max_batch_size")
+    if cap is None or int(cfg.batch_size) <= int(cap):
+        return int(cfg.batch_size)
+    log.info("%s: batch_size=%d capped at the preset's model.max_batch_size=%d", cfg.model.name, cfg.batch_size, cap)
+    return int(cap)
+
+
 def execution_of(cfg: DictConfig, loaded: LoadedModel) -> Execution:
-    """The settings besides the protocol that change predictions (see `Execution`)."""
+    """The settings besides the protocol that change predictions (see `Execution`); the batch size is the one
+    predictions run at (`batch_size_of`)."""
     parameter = next(loaded.model.parameters())
-    return Execution(batch_size=int(cfg.batch_size), dtype=str(parameter.dtype).removeprefix("torch."),
+    return Execution(batch_size=batch_size_of(cfg), dtype=str(parameter.dtype).removeprefix("torch."),
                      threads=int(cfg.threads) if cfg.get("threads") is not None else None,
                      attn_implementation=getattr(loaded.model.config, "_attn_implementation", None),
                      device=parameter.device.type)
@@ -647,7 +660,7 @@ def predict(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], items: 
     return generate_predictions(
         items, model=loaded.model, processor=loaded.processor, methods=methods,
         out_path=out_dir / "predictions.jsonl", key_name=key_name, text_name=text_name,
-        batch_size=int(cfg.batch_size), max_new_tokens=int(cfg.benchmark.max_new_tokens), decoding=kwargs,
+        batch_size=batch_size_of(cfg), max_new_tokens=int(cfg.benchmark.max_new_tokens), decoding=kwargs,
         seed=int(cfg.seed), shard=shard, progress=cfg.progress,
         description=f"{cfg.benchmark.name} {method_label(cfg, methods)}",
     )

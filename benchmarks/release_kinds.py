@@ -179,8 +179,8 @@ def run_amber(cfg: DictConfig, loaded: LoadedModel, methods: list[Method], task:
     rows = {part: generate_predictions(
         task.items[part], model=loaded.model, processor=loaded.processor, methods=methods,
         out_path=out_dir / f"predictions_{part}.jsonl", key_name="id", text_name="response",
-        batch_size=int(cfg.batch_size), max_new_tokens=budgets[part], decoding=app.decoding_of(cfg, budgets[part])[1],
-        seed=int(cfg.seed), shard=shard, progress=cfg.progress,
+        batch_size=app.batch_size_of(cfg), max_new_tokens=budgets[part],
+        decoding=app.decoding_of(cfg, budgets[part])[1], seed=int(cfg.seed), shard=shard, progress=cfg.progress,
         description=f"{bench.name} {part} {app.method_label(cfg, methods)}") for part in options.parts}
     if shard.rank != 0:
         return {}

@@ -323,3 +323,15 @@ def test_summary_keeps_one_row_per_swept_method_setting():
     assert [row[1] for row in table(runs)[1]] == [
         "dcd (alpha=1.0, checkpoints=x)", "dcd (alpha=2.0, checkpoints=x)",
         "dcd (alpha=1.0, checkpoints=y)", "dcd (alpha=2.0, checkpoints=y)"]
+
+
+def test_a_preset_batch_cap_sets_the_batch_predictions_run_at():
+    """MiniMax M3 refuses padded batches: its preset caps `batch_size` at 1; other presets keep the run's."""
+    from benchmarks.app import batch_size_of, check_model
+
+    assert batch_size_of(composed("model=minimax-m3", "batch_size=16")) == 1
+    assert batch_size_of(composed("model=llava-1.5-7b", "batch_size=16")) == 16
+    assert batch_size_of(composed("model=llava-1.5-7b", "batch_size=3", "model.max_batch_size=8")) == 3
+    assert batch_size_of(composed("model=toy", "batch_size=5")) == 5
+    with pytest.raises(ValueError, match=r"model\.max_batch_size"):
+        check_model(composed("model=llava-1.5-7b", "model.max_batch_size=0").model)
