@@ -146,7 +146,7 @@ def run_round(variants: Mapping[str, GenerateFn], new_tokens: int,
         thread.start()
     for thread in threads:
         thread.join()
-    return outcomes
+    return {label: outcomes[label] for label in variants}  # in the variants' order, not the order they ended
 
 
 @dataclass(frozen=True)
