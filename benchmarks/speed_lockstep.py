@@ -146,7 +146,8 @@ def run_round(variants: Mapping[str, GenerateFn], new_tokens: int,
         thread.start()
     for thread in threads:
         thread.join()
-    return {label: outcomes[label] for label in variants}  # in the variants' order, not the order they ended
+    lost = Failure("its thread ended without an outcome (a BaseException)", None)
+    return {label: outcomes.get(label, lost) for label in variants}  # in the variants' order, not the order they ended
 
 
 @dataclass(frozen=True)
