@@ -18,16 +18,27 @@ variant:
   method edits nothing fails, with the reason, and gets no figure; a method the family refuses (its
   `UnsupportedModelError`, e.g. SID on Gemma 3's sliding-window layers) is listed as refused, with the reason,
   and is no failure.
-Ratios are to greedy in the same block. Variants are timed interleaved (A B C A B C ...) and medians (and
-the fastest run) are kept, so load changes hit every variant alike. With a two-stream method in the list (VCD,
-DCD, PAI and DualStream with refinement) the block also times the two-stream floor: plain `generate` on the batch
-stacked twice (2 identical rows per prompt), the floor of any batched two-stream decoder. DCD runs with
-stand-in projectors (copies of the model's own): its cost does not depend on the trained weights.
+Ratios are to greedy in the same block. Two clocks (`--clock`):
+- runs (the default): variants are timed interleaved (A B C A B C ...) and medians (and the fastest run) are
+  kept, so load changes hit every variant alike; it reads all of the figures above;
+- lockstep: every variant runs in its own thread on its own copy of the model, and the variants take turns token
+  by token (only one computes at any moment); each decode step is divided by greedy's step of the same index,
+  timed milliseconds before under the same load (benchmarks/speed_lockstep.py). Per variant: the median of these
+  paired ratios and their interquartile range, the ratio of the summed steps and the mean decode step (ms/token).
+  It reads no wall time nor fastest run (the turns interleave the calls); peak memory is measured as with runs
+  (skip it with --no-memory). Meant for a shared machine, where whole runs move 10-30% with other tenants'
+  load; with the model copies no variant finds its weights in cache from its own previous step, so its figures
+  can differ from the runs clock's on a model that fits in cache.
+With a two-stream method in the list (VCD, DCD, PAI and DualStream with refinement) the block also times the
+two-stream floor: plain `generate` on the batch stacked twice (2 identical rows per prompt), the floor of any
+batched two-stream decoder. DCD runs with stand-in projectors (copies of the model's own): its cost does not
+depend on the trained weights.
 
     python -m benchmarks.speed                    # the full run: every method, fp32 and bf16, batch 1 and 8
     python -m benchmarks.speed --quick            # a smoke run of the whole pipeline on a tiny model
     python -m benchmarks.speed --dtype bfloat16 --batch 8 --methods vhr var    # a part of the full run
     python -m benchmarks.speed --methods pai:cfg=False gift   # name:key=value,... sets parameters; none: no method
+    python -m benchmarks.speed --clock lockstep --family gemma3 --methods none vhr pai:cfg=False pai --no-memory
     python -m benchmarks.speed --device cuda --dtype bfloat16 --head-dim 128 --out speed.json
     python -m benchmarks.speed --family qwen3_vl --device cuda --dtype bfloat16 --out speed-qwen3_vl.json
 
@@ -49,6 +60,7 @@ from pathlib import Path
 import torch
 
 import vlmfix
+from benchmarks.speed_lockstep import LockstepResult, copied_variants, measure_lockstep
 from benchmarks.speed_memory import MemoryJob, measure_memory, peak_growth
 from benchmarks.speed_setup import (
     BEAM_SEARCH_METHODS,
@@ -84,11 +96,14 @@ __all__ = ["FLOOR", "GREEDY", "Row", "SpeedResult", "TinyVLM", "TokenClock", "bu
            "is_two_stream", "llava_shaped", "main", "measure", "parse_method", "stand_in_dcd"]
 
 QUICK = dict(layers=4, heads=4, head_dim=16, new_tokens=4, repeats=1)
+CLOCKS = ("runs", "lockstep")
 
 
 @dataclass(frozen=True)
 class Row:
-    """One variant of one block, as printed and written."""
+    """One variant of one block, as printed and written. The runs clock fills the decode, fastest-run and wall
+    figures; the lockstep clock fills `decode_ms_per_token` (its mean decode step) and the paired figures, and
+    leaves the others NaN."""
 
     variant: str
     dtype: str
@@ -104,6 +119,11 @@ class Row:
     edited: bool | None  # None: no method to edit (greedy, the floor, vlmfix with no method)
     failure: str | None = None
     refused: str | None = None  # why the model's family refuses the method (not timed; not a failure)
+    clock: str = "runs"
+    paired_ratio: float = math.nan  # lockstep: median of step / greedy's step of the same index and round
+    paired_ratio_q1: float = math.nan  # its 25th percentile
+    paired_ratio_q3: float = math.nan  # its 75th percentile
+    summed_ratio: float = math.nan  # lockstep: summed decode steps / greedy's
 
 
 def label_of(spec: str) -> str:
@@ -133,9 +153,14 @@ def run_block(args: argparse.Namespace, tiny: TinyVLM, dtype: str, batch: int) -
         for label, reason in refused.items():
             print(f"  {label}: refused by {tiny.family}: {reason}")
         specs = [spec for spec in args.methods if label_of(spec) not in refused]
-        variants = build_variants(tiny, inputs, specs, stand_in_dir)
-        warm_up = build_variants(tiny, batch_inputs(tiny, 1, args.device, DTYPES[dtype]), specs, stand_in_dir)
-        results = {r.label: r for r in measure(variants, args.new_tokens, args.repeats, warm_up=warm_up)}
+        results: dict[str, SpeedResult | LockstepResult]
+        if args.clock == "lockstep":
+            variants = copied_variants(tiny, inputs, {label_of(spec): spec for spec in specs}, stand_in_dir)
+            results = {r.label: r for r in measure_lockstep(variants, args.new_tokens, args.repeats)}
+        else:
+            variants = build_variants(tiny, inputs, specs, stand_in_dir)
+            warm_up = build_variants(tiny, batch_inputs(tiny, 1, args.device, DTYPES[dtype]), specs, stand_in_dir)
+            results = {r.label: r for r in measure(variants, args.new_tokens, args.repeats, warm_up=warm_up)}
         memory = {label: variant_memory(args, dtype, batch, label, variants[label], specs)
                   for label, r in results.items() if args.memory and not r.failure}
     base = memory.get(GREEDY)
@@ -145,12 +170,20 @@ def run_block(args: argparse.Namespace, tiny: TinyVLM, dtype: str, batch: int) -
         if label in refused:
             nan = math.nan
             rows.append(Row(label, dtype, batch, nan, nan, nan, nan, nan, nan, None, None, None,
-                            refused=refused[label]))
+                            refused=refused[label], clock=args.clock))
             continue
         r, peak = results[label], memory.get(label)
+        memory_ratio = peak / base if peak is not None and base else None
+        if isinstance(r, LockstepResult):
+            nan = math.nan
+            rows.append(Row(r.label, dtype, batch, 1000 * r.seconds_per_token, nan, nan, nan, nan, nan, peak,
+                            memory_ratio, r.edited, r.failure, clock="lockstep", paired_ratio=r.paired_ratio,
+                            paired_ratio_q1=r.paired_ratio_q1, paired_ratio_q3=r.paired_ratio_q3,
+                            summed_ratio=r.summed_ratio))
+            continue
         rows.append(Row(r.label, dtype, batch, 1000 * r.seconds_per_token, r.ratio, 1000 * r.fastest_run_seconds,
                         r.fastest_run_ratio, r.wall_seconds / batch,
-                        r.wall_ratio, peak, peak / base if peak is not None and base else None, r.edited, r.failure))
+                        r.wall_ratio, peak, memory_ratio, r.edited, r.failure))
     return rows
 
 
@@ -174,22 +207,39 @@ def _cell(value: float | None, form: str, unit: str = "") -> str:
     return "-" if value is None or math.isnan(value) else format(value, form) + unit
 
 
+def _interquartile(r: Row) -> str:
+    if math.isnan(r.paired_ratio_q1):
+        return "-"
+    return f"{r.paired_ratio_q1:.3f}-{r.paired_ratio_q3:.3f}x"
+
+
 def table(rows: Sequence[Row]) -> str:
-    """The rows as a markdown table, then the failed rows' reasons."""
-    lines = ["| method | dtype | batch | decode ms/token | decode vs greedy | fastest run ms/token "
-             "| fastest run vs greedy | wall s/caption | wall vs greedy | peak MB | memory vs greedy | edited |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """The rows as a markdown table (the runs clock's figures, or the lockstep clock's), then the failed rows'
+    reasons."""
+    lockstep = any(r.clock == "lockstep" for r in rows)
+    if lockstep:
+        lines = ["| method | dtype | batch | decode ms/token (mean step) | paired step vs greedy (median) "
+                 "| paired IQR | summed steps vs greedy | peak MB | memory vs greedy | edited |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines = ["| method | dtype | batch | decode ms/token | decode vs greedy | fastest run ms/token "
+                 "| fastest run vs greedy | wall s/caption | wall vs greedy | peak MB | memory vs greedy | edited |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         edited = {None: "-", True: "yes", False: "no"}[r.edited]
         if r.failure:
             edited = "FAILED"
         elif r.refused:
             edited = "refused"
-        lines.append(f"| {r.variant} | {r.dtype} | {r.batch} | {_cell(r.decode_ms_per_token, '.2f')} | "
-                     f"{_cell(r.decode_ratio, '.3f', 'x')} | {_cell(r.fastest_run_ms, '.2f')} | "
-                     f"{_cell(r.fastest_run_ratio, '.3f', 'x')} | {_cell(r.wall_s_per_caption, '.3f')} | "
-                     f"{_cell(r.wall_ratio, '.3f', 'x')} | {_cell(r.peak_mb, '.1f')} | "
-                     f"{_cell(r.memory_ratio, '.2f', 'x')} | {edited} |")
+        if lockstep:
+            figures = (f"{_cell(r.paired_ratio, '.3f', 'x')} | {_interquartile(r)} | "
+                       f"{_cell(r.summed_ratio, '.3f', 'x')}")
+        else:
+            figures = (f"{_cell(r.decode_ratio, '.3f', 'x')} | {_cell(r.fastest_run_ms, '.2f')} | "
+                       f"{_cell(r.fastest_run_ratio, '.3f', 'x')} | {_cell(r.wall_s_per_caption, '.3f')} | "
+                       f"{_cell(r.wall_ratio, '.3f', 'x')}")
+        lines.append(f"| {r.variant} | {r.dtype} | {r.batch} | {_cell(r.decode_ms_per_token, '.2f')} | {figures} | "
+                     f"{_cell(r.peak_mb, '.1f')} | {_cell(r.memory_ratio, '.2f', 'x')} | {edited} |")
     failed = [f"- {r.variant} ({r.dtype}, batch {r.batch}) failed during its {r.failure}" for r in rows if r.failure]
     refused = sorted({f"- {r.variant} refused: {r.refused}" for r in rows if r.refused})
     notes = failed + refused
@@ -233,6 +283,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(FULL_RUN),
                         help="method specs, name or name:key=value,... (e.g. pai:cfg=False); 'none' is vlmfix with "
                              "no method; default: every registered method where it edits")
+    parser.add_argument("--clock", default="runs", choices=CLOCKS,
+                        help="runs: medians over interleaved runs, the fastest run and wall time; lockstep: the "
+                             "variants take turns token by token, each on its own model copy, and each decode step "
+                             "is paired with greedy's (median paired ratio, its IQR, summed-steps ratio; no wall "
+                             "time or fastest run)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
     parser.add_argument("--out", type=Path, help="write the rows to this .json or .csv file")
@@ -267,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     print(f"{args.family}-shaped model: {args.layers} layers x {args.heads} heads "
           f"({kv_heads_of(args.family, args.heads, args.kv_heads)} key/value) x head_dim {args.head_dim}, "
           f"{IMAGE_TOKENS[args.family]} image tokens per prompt, massive activations planted in dims "
-          f"{list(SINK_DIMS)} (VAR tau {sink_tau(hidden):.3g}); {args.new_tokens} new tokens, {args.repeats} repeats")
+          f"{list(SINK_DIMS)} (VAR tau {sink_tau(hidden):.3g}); {args.new_tokens} new tokens, {args.repeats} repeats, "
+          f"{args.clock} clock")
     print(f"device: {device_name(args.device)}; torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"({torch.get_num_interop_threads()} inter-op)")
     rows: list[Row] = []

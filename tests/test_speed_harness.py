@@ -1,10 +1,14 @@
 """The speed harness's behaviour (never its timings): every method edits on the planted model, a variant
 whose method edits nothing fails, the wall clock covers prepare passes, the two-stream floor decodes
-identical row pairs, method specs and stand-in DCD."""
+identical row pairs, method specs and stand-in DCD; the lockstep clock's turns, paired figures and failures."""
 
 from __future__ import annotations
 
+import json
+import math
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,7 +16,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import vlmfix
-from benchmarks import speed_timing
+from benchmarks import speed_lockstep, speed_timing
+from benchmarks.speed import main as speed_main
 from benchmarks.speed_setup import (
     BEAM_SEARCH_METHODS,
     FULL_RUN,
@@ -246,3 +251,140 @@ def test_the_fastest_run_is_the_least_loaded_runs_mean_step(monkeypatch):
     assert (greedy.fastest_run_seconds, slow.fastest_run_seconds) == (2.5, 3)
     assert slow.fastest_run_ratio == 3 / 2.5
     assert (greedy.seconds_per_token, slow.seconds_per_token) == (3, 4) and slow.ratio == 4 / 3  # the medians
+
+
+def put_steps(streamer: BaseStreamer, puts: int, work: Callable[[], None] = lambda: None) -> None:
+    """What generate does to its streamer: `work`, then a put (the prompt, then each step), `puts` times."""
+    for _ in range(puts):
+        work()
+        streamer.put(torch.zeros(1))
+    work()  # after the last token: leaving the call
+
+
+def test_lockstep_variants_take_strict_round_robin_turns():
+    """No two variants ever work at once, and the turn goes round in the variants' order; a variant that ends
+    early leaves the rotation and the others keep alternating."""
+    lock = threading.Lock()
+    intervals: list[str] = []  # the label of each unit of work, in the order the units ran
+    running: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+
+    def variant(label: str, puts: int | None = None):
+        def work() -> None:
+            with lock:
+                running.append(label)
+                if len(running) > 1:
+                    overlaps.append(tuple(running))
+                intervals.append(label)
+            time.sleep(0.002)  # room for another thread to barge in, were the turns broken
+            with lock:
+                running.remove(label)
+
+        def fn(n, streamer):
+            put_steps(streamer, n + 1 if puts is None else puts, work)
+
+        return fn
+
+    outcomes = speed_lockstep.run_round({"a": variant("a"), "b": variant("b", puts=2), "c": variant("c")}, 3)
+    assert overlaps == []
+    # a and c: 4 puts (prompt + 3 tokens), 5 units each; b: 2 puts, 3 units, then it leaves
+    assert "".join(intervals) == "abc" * 3 + "ac" * 2
+    assert list(outcomes) == ["a", "b", "c"]
+    steps = [o for o in outcomes.values() if isinstance(o, speed_lockstep.Steps)]
+    assert [len(o.seconds) for o in steps] == [2, 0, 2]  # units 2.. are the decode steps
+    assert all(o.edited is None for o in steps)  # no session: no method to edit
+
+
+def test_lockstep_figures_pair_each_decode_step_with_the_baselines():
+    # a fake clock: a variant's unit of work takes the scripted seconds (set-up, prefill + first token, then
+    # the decode steps); only one variant works at a time, so a shared counter times each unit exactly
+    now = [0.0]
+    scripts = {  # per call: the warm-up (3 tokens), then two rounds of 4 tokens
+        "greedy": iter([[5, 5, 1, 1], [5, 5, 1, 2, 4], [5, 5, 2, 2, 2]]),
+        "slow": iter([[90, 50, 1, 1], [90, 50, 1.5, 3, 4], [90, 50, 3, 2, 7]]),  # set-up and prefill: not compared
+    }
+
+    def scripted(label):
+        def fn(n, streamer):
+            units = next(scripts[label])
+            assert len(units) == n + 1
+            for seconds in units:
+                now[0] += seconds
+                streamer.put(torch.zeros(1))
+
+        return fn
+
+    messages: list[str] = []
+    greedy, slow = speed_lockstep.measure_lockstep({"greedy": scripted("greedy"), "slow": scripted("slow")}, 4, 2,
+                                                   progress=messages.append, clock=lambda: now[0])
+    # slow / greedy per step: round 1: 1.5, 1.5, 1; round 2: 1.5, 1, 3.5 -> sorted 1, 1, 1.5, 1.5, 1.5, 3.5
+    assert slow.paired_ratio == pytest.approx(1.5)
+    assert slow.paired_ratio_q1 == pytest.approx(1 + 0.25 * (1.5 - 1))  # position 0.25 * 5 = 1.25 of the sorted
+    assert slow.paired_ratio_q3 == pytest.approx(1.5)  # position 3.75: between two 1.5s
+    assert slow.summed_ratio == pytest.approx((8.5 + 12) / (7 + 6))
+    assert slow.seconds_per_token == pytest.approx(20.5 / 6) and greedy.seconds_per_token == pytest.approx(13 / 6)
+    assert (greedy.paired_ratio, greedy.paired_ratio_q1, greedy.paired_ratio_q3, greedy.summed_ratio) == (1, 1, 1, 1)
+    assert slow.failure is None and slow.edited is None
+    assert messages == ["  round 1/2 done", "  round 2/2 done"]
+
+
+def test_a_lockstep_variant_that_raises_mid_run_fails_without_stalling_the_others():
+    calls = {"broken": 0, "other": 0}
+
+    def fine(label):
+        def fn(n, streamer):
+            calls[label] = calls.get(label, 0) + 1
+            put_steps(streamer, n + 1)
+
+        return fn
+
+    def broken(n, streamer):
+        calls["broken"] += 1
+        streamer.put(torch.zeros(1))  # the prompt
+        streamer.put(torch.zeros(1))  # the first token
+        raise RuntimeError("no such kernel")
+
+    messages: list[str] = []
+    results: list[speed_lockstep.LockstepResult] = []
+    variants = {"greedy": fine("greedy"), "broken": broken, "other": fine("other")}
+    worker = threading.Thread(target=lambda: results.extend(
+        speed_lockstep.measure_lockstep(variants, 4, 2, progress=messages.append)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the lockstep rounds deadlocked"
+    greedy, failed, other = results
+    assert failed.failure == "warm-up round: RuntimeError: no such kernel" and failed.edited is None
+    assert failed.paired_ratio != failed.paired_ratio  # NaN: no figure
+    assert calls == {"greedy": 3, "broken": 1, "other": 3}  # left out of the timed rounds
+    assert other.failure is None and other.paired_ratio > 0 and greedy.paired_ratio == 1
+    assert "  broken: failed during its warm-up round: RuntimeError: no such kernel; no figure" in messages
+    with pytest.raises(RuntimeError, match="the baseline 'broken' failed: RuntimeError: no such kernel"):
+        speed_lockstep.measure_lockstep({"broken": broken, "fine": fine("fine")}, 4, 1, progress=messages.append)
+
+
+def test_a_lockstep_variant_whose_method_edits_nothing_fails_with_the_reason(tmp_path):
+    """On 2 layers PAI's boost band is empty: without refinement PAI edits nothing. Each variant runs on its own
+    copy of the model, so the two PAI sessions run side by side."""
+    tiny = speed_model(layers=2, heads=4, head_dim=16)
+    variants = speed_lockstep.copied_variants(tiny, batch_inputs(tiny, 1), {"pai:cfg=False": "pai:cfg=False",
+                                                                            "pai": "pai"}, str(tmp_path))
+    assert list(variants) == [GREEDY, FLOOR, "pai:cfg=False", "pai"]  # PAI with refinement is two-stream
+    greedy, floor, failed, timed = speed_lockstep.measure_lockstep(variants, 3, 1, progress=lambda _: None)
+    assert failed.edited is False and failed.failure is not None
+    assert failed.failure.startswith("warm-up round: pai edited nothing (pai: attention_calls=0")
+    assert timed.failure is None and timed.edited is True and floor.failure is None and floor.edited is None
+
+
+def test_the_lockstep_clock_runs_end_to_end_on_the_quick_model(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    rows = speed_main(["--quick", "--threads", "1", "--clock", "lockstep", "--no-memory", "--dtype", "float32",
+                       "--batch", "1", "--methods", "none", "pai:cfg=False", "--out", str(out)])
+    assert [r.variant for r in rows] == [GREEDY, "vlmfix, no method", "pai:cfg=False"]
+    for r in rows:
+        assert r.failure is None and r.clock == "lockstep" and r.decode_ms_per_token > 0
+        assert 0 < r.paired_ratio_q1 <= r.paired_ratio <= r.paired_ratio_q3 < math.inf
+        assert 0 < r.summed_ratio < math.inf and math.isnan(r.wall_ratio)  # lockstep reads no wall time
+    assert rows[0].paired_ratio == 1.0 == rows[0].summed_ratio and rows[2].edited is True
+    assert "| paired IQR |" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["setup"]["clock"] == "lockstep" and written["rows"][2]["paired_ratio"] > 0
