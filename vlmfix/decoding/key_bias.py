@@ -16,6 +16,7 @@ and step; rows an edit does not select (`from_position`) get no delta.
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,13 +165,13 @@ def key_bias_blocks_output(
     if all(plan is None for _, _, plan in planned):
         return None
     scaling = head_dim**-0.5 if scaling is None else scaling
-    if len(planned) == 1:  # every row has the same edits: no rows to pick out
-        bias = _block_bias(query, key, scaling, planned[0][2], kv_len)
-    else:
-        bias = torch.cat([_block_bias(query[rows], key[rows], scaling, plan, kv_len) for rows, _, plan in planned])
-    mask = _row_mask(attention_mask, batch, kv_len, sliding_window, device)  # [batch or 1, 1, 1, kv_len] or None
-    if mask is not None:
-        bias = mask + bias  # [batch, heads, 1, kv_len]
+    # one fp32 buffer for every row: each edited block's key biases on its span, 0 elsewhere (rows without edits)
+    bias = torch.zeros(batch, heads, 1, kv_len, device=device)  # [batch, heads, 1, kv_len]
+    for rows, _, plan in planned:
+        if plan is not None and plan.stop > plan.start:
+            span = slice(plan.start, plan.stop)
+            bias[rows, :, :, span] += _span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len)
+    bias = _masked(bias, attention_mask, kv_len, sliding_window)
     grouped = {"enable_gqa": True} if kv_heads != heads and SDPA_GROUPS_HEADS else {}
     if kv_heads != heads and not grouped:  # torch < 2.5: SDPA takes as many key/value heads as query heads
         key, value = repeat_kv(key, heads), repeat_kv(value, heads)
@@ -182,6 +183,15 @@ def key_bias_blocks_output(
     return out
 
 
+def _masked(bias: Tensor, attention_mask: Tensor | None, kv_len: int, sliding_window: int | None) -> Tensor:
+    """`bias` with the last row's mask applied (-inf on hidden keys), [batch, heads, 1, kv_len] fp32. A bool 4-D mask
+    (SDPA's, which holds any sliding window) is applied in one `where`; others through `_row_mask`."""
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask[..., -1:, -kv_len:], bias, -math.inf)  # mask: [batch or 1, 1 or heads, 1, kv]
+    mask = _row_mask(attention_mask, bias.shape[0], kv_len, sliding_window, bias.device)
+    return bias if mask is None else bias + mask
+
+
 def _row_mask(attention_mask: Tensor | None, batch: int, kv_len: int, sliding_window: int | None,
               device: torch.device) -> Tensor | None:
     """The last row's additive mask (0 or -inf), [batch or 1, 1, 1, kv_len] fp32; None when every key is visible
@@ -189,15 +199,6 @@ def _row_mask(attention_mask: Tensor | None, batch: int, kv_len: int, sliding_wi
     if attention_mask is None and (sliding_window is None or kv_len <= sliding_window):
         return None
     return windowed_mask(attention_mask, batch, 1, kv_len, sliding_window, device)
-
-
-def _block_bias(query: Tensor, key: Tensor, scaling: float, plan: KeyBiasPlan | None, kv_len: int) -> Tensor:
-    """One row block's key biases on every key, [rows, heads, 1, kv_len] fp32 (0 off the span of biased keys; all
-    0 for a block without edits). query: [rows, heads, 1, head_dim]; key: [rows, kv_heads, kv_len, head_dim]."""
-    if plan is None or plan.stop == plan.start:
-        return torch.zeros(query.shape[0], query.shape[1], 1, kv_len, device=query.device)
-    delta = _span_delta(query, key[:, :, plan.start:plan.stop], scaling, plan, kv_len)  # [rows, heads or 1, 1, span]
-    return F.pad(delta.expand(*query.shape[:2], 1, -1), (plan.start, kv_len - plan.stop))
 
 
 def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasPlan, kv_len: int) -> Tensor:
