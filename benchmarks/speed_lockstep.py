@@ -6,7 +6,8 @@ On a small shared machine (other tenants on the same L3 cache and memory bandwid
 target. Here every variant runs its own `generate` call in its own thread, and the variants take turns: a
 variant computes only while it holds the turn, and passes it on, round robin, at each streamer `put`
 (generate calls `put` once with the prompt before prefill, then once per generated step). Only one variant
-computes at any moment. Each variant's call splits into units of work, from receiving the turn to passing it:
+computes at any moment, and each round starts one place further along the rotation. Each variant's call splits
+into units of work, from receiving the turn to passing it:
 - unit 0: set-up (entering the session, spans, the methods' prepare passes);
 - unit 1: prefill and the first token;
 - units 2..: one decode step each (a token for every row of the batch); only these are compared.
@@ -188,7 +189,8 @@ def measure_lockstep(variants: Mapping[str, GenerateFn], new_tokens: int, repeat
                      progress: Callable[[str], None] = print,
                      clock: Clock = time.perf_counter) -> list[LockstepResult]:
     """Paired per-step figures of every variant against the first (the baseline), over `repeats` lockstep rounds
-    of `new_tokens` after one untimed warm-up round of a few tokens.
+    of `new_tokens` after one untimed warm-up round of a few tokens; each round's turn order is rotated by one
+    place (`rotated`).
 
     Give each variant its own model (`copied_variants`). A variant other than the baseline that raises, whose
     methods edit nothing, or that makes a different number of steps than the baseline in any round fails: it is
@@ -201,8 +203,8 @@ def measure_lockstep(variants: Mapping[str, GenerateFn], new_tokens: int, repeat
     edited: dict[str, bool | None] = {}
     baseline = next(iter(variants))
     phases = [("warm-up round", WARM_UP_TOKENS)] + [(f"round {r + 1}", new_tokens) for r in range(repeats)]
-    for phase, tokens in phases:
-        outcomes = run_round(live, tokens, clock)
+    for number, (phase, tokens) in enumerate(phases):
+        outcomes = run_round(rotated(live, number), tokens, clock)
         base = outcomes[baseline]
         if isinstance(base, Failure):
             raise RuntimeError(f"the baseline {baseline!r} failed: {base.reason}")
@@ -222,6 +224,15 @@ def measure_lockstep(variants: Mapping[str, GenerateFn], new_tokens: int, repeat
             progress(f"  {phase}/{repeats} done")
     return [failed.get(label) or paired_figures(label, rounds[label], rounds[baseline], edited[label])
             for label in variants]
+
+
+def rotated(variants: Mapping[str, GenerateFn], shift: int) -> dict[str, GenerateFn]:
+    """`variants` in turn order rotated by `shift`: round r starts with the r-th variant, so that over the rounds
+    every variant takes every place in the rotation (a step right after a heavier one, e.g. the two-row floor's,
+    may find the caches and memory bus in another state) and no place's effect falls on one variant alone."""
+    labels = list(variants)
+    shift %= max(len(labels), 1)
+    return {label: variants[label] for label in labels[shift:] + labels[:shift]}
 
 
 def copied_variants(tiny: TinyVLM, inputs: dict, specs: Mapping[str, str], stand_in_dir: str) -> dict[str, GenerateFn]:

@@ -328,6 +328,21 @@ def test_lockstep_figures_pair_each_decode_step_with_the_baselines():
     assert messages == ["  round 1/2 done", "  round 2/2 done"]
 
 
+def test_each_lockstep_round_starts_one_place_further_along_the_rotation():
+    first_units: list[str] = []  # which variant ran the first unit of each call, in order
+
+    def variant(label):
+        def fn(n, streamer):
+            first_units.append(label)
+            put_steps(streamer, n + 1)
+
+        return fn
+
+    speed_lockstep.measure_lockstep({label: variant(label) for label in "abc"}, 2, 4, progress=lambda _: None)
+    rounds = ["".join(first_units[i : i + 3]) for i in range(0, len(first_units), 3)]
+    assert rounds == ["abc", "bca", "cab", "abc", "bca"]  # the warm-up round, then rounds 1-4
+
+
 def test_a_lockstep_variant_that_raises_mid_run_fails_without_stalling_the_others():
     calls = {"broken": 0, "other": 0}
 
