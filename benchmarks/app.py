@@ -123,6 +123,9 @@ def check_settings(cfg: DictConfig) -> Checked:
     check_run_settings(cfg)
     check_decoding(cfg.decoding)
     check_model(cfg.model)
+    if batch_size_of(cfg) < int(cfg.batch_size):
+        log.info("%s: batch_size=%d capped at the preset's model.max_batch_size=%d", cfg.model.name,
+                 cfg.batch_size, batch_size_of(cfg))
     name = choice(cfg.benchmark.kind, "benchmark.kind", tuple(KINDS), meaning="set benchmark=<a conf/benchmark file>")
     kind = KINDS[name]
     text(cfg.benchmark.name, "benchmark.name")
@@ -636,11 +639,10 @@ def decoding_of(cfg: DictConfig, max_new_tokens: int) -> tuple[Decoding, dict[st
 
 def batch_size_of(cfg: DictConfig) -> int:
     """The prompts per generate call: `batch_size`, capped by the model preset's `max_batch_size` (MiniMax M3: 1,
-    as vlmfix refuses its padded batches); logged when the cap applies."""
+    as vlmfix refuses its padded batches); `check_settings` logs it when the cap applies."""
     cap = cfg.model.get("max_batch_size")
     if cap is None or int(cfg.batch_size) <= int(cap):
         return int(cfg.batch_size)
-    log.info("%s: batch_size=%d capped at the preset's model.max_batch_size=%d", cfg.model.name, cfg.batch_size, cap)
     return int(cap)
 
 

@@ -23,7 +23,7 @@ Ratios are to greedy in the same block. Two clocks (`--clock`):
   kept, so load changes hit every variant alike; it reads all of the figures above;
 - lockstep: every variant runs in its own thread on its own copy of the model, and the variants take turns token
   by token (only one computes at any moment); each decode step is divided by greedy's step of the same index,
-  timed milliseconds before under the same load (benchmarks/speed_lockstep.py). Per variant: the median of these
+  timed milliseconds apart under the same load (benchmarks/speed_lockstep.py). Per variant: the median of these
   paired ratios and their interquartile range, the ratio of the summed steps and the mean decode step (ms/token).
   It reads no wall time nor fastest run (the turns interleave the calls); peak memory is measured as with runs
   (skip it with --no-memory). Meant for a shared machine, where whole runs move 10-30% with other tenants'

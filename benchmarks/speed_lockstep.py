@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -204,7 +205,7 @@ def measure_lockstep(variants: Mapping[str, GenerateFn], new_tokens: int, repeat
     baseline = next(iter(variants))
     phases = [("warm-up round", WARM_UP_TOKENS)] + [(f"round {r + 1}", new_tokens) for r in range(repeats)]
     for number, (phase, tokens) in enumerate(phases):
-        outcomes = run_round(rotated(live, number), tokens, clock)
+        outcomes = run_round(rotated(live, max(number - 1, 0)), tokens, clock)  # timed round r: shift r - 1
         base = outcomes[baseline]
         if isinstance(base, Failure):
             raise RuntimeError(f"the baseline {baseline!r} failed: {base.reason}")
@@ -227,15 +228,17 @@ def measure_lockstep(variants: Mapping[str, GenerateFn], new_tokens: int, repeat
 
 
 def rotated(variants: Mapping[str, GenerateFn], shift: int) -> dict[str, GenerateFn]:
-    """`variants` in turn order rotated by `shift`: round r starts with the r-th variant, so that over the rounds
-    every variant takes every place in the rotation (a step right after a heavier one, e.g. the two-row floor's,
-    may find the caches and memory bus in another state) and no place's effect falls on one variant alone."""
+    """`variants` in turn order rotated by `shift`: timed round r starts with the r-th variant, so that over a
+    multiple of len(variants) rounds every variant takes every place in the rotation (a step right after a heavier
+    one, e.g. the two-row floor's, may find the caches and memory bus in another state) and no place's effect falls
+    on one variant alone."""
     labels = list(variants)
     shift %= max(len(labels), 1)
     return {label: variants[label] for label in labels[shift:] + labels[:shift]}
 
 
-def copied_variants(tiny: TinyVLM, inputs: dict, specs: Mapping[str, str], stand_in_dir: str) -> dict[str, GenerateFn]:
+def copied_variants(tiny: TinyVLM, inputs: dict[str, Any], specs: Mapping[str, str],
+                    stand_in_dir: str) -> dict[str, GenerateFn]:
     """Greedy, the two-stream floor when a spec is two-stream, then one variant per `{label: method spec}`, each
     on its own `copy.deepcopy` of `tiny` with its methods built on that copy (`build_methods`; DCD's stand-in
     checkpoints go to a folder of its own under `stand_in_dir`). Every copy holds a full set of weights."""

@@ -61,7 +61,7 @@ def padding_visible() -> Tensor:
 
 @pytest.mark.parametrize("sdpa_groups_heads", [True, False], ids=["enable_gqa", "torch<2.5"])
 @pytest.mark.parametrize("kv_heads", [H, 2], ids=["mha", "gqa"])
-@pytest.mark.parametrize("mask_kind", ["none", "padding-2d", "bool-4d", "float-4d"])
+@pytest.mark.parametrize("mask_kind", ["none", "padding-2d", "bool-4d", "bool-4d-heads", "bool-4d-one-row", "float-4d"])
 def test_matches_reference(kv_heads, mask_kind, sdpa_groups_heads, monkeypatch):
     monkeypatch.setattr(key_bias, "SDPA_GROUPS_HEADS", sdpa_groups_heads)  # torch < 2.5 repeats K and V instead
     q, k, v = row_inputs(kv_heads)
@@ -72,7 +72,10 @@ def test_matches_reference(kv_heads, mask_kind, sdpa_groups_heads, monkeypatch):
     bias[:, :, 25:28] = -1.5  # a constant bias on keys outside the image
     edits = [KeyBias(abs_gain=gain, rows="last"), KeyBias(bias=bias)]
     visible = padding_visible() if mask_kind != "none" else torch.ones(B, KV, dtype=torch.bool)
+    if mask_kind == "bool-4d-one-row":  # one mask row for the whole batch: [1, 1, 1, KV]
+        visible = padding_visible()[1:].expand(B, KV)
     mask = {"none": None, "padding-2d": visible.long(), "bool-4d": visible[:, None, None, :],
+            "bool-4d-heads": visible[:, None, None, :].expand(B, H, 1, KV), "bool-4d-one-row": visible[:1, None, None],
             "float-4d": torch.zeros(B, 1, 1, KV).masked_fill(~visible[:, None, None, :], torch.finfo(torch.float).min)
             }[mask_kind]
     out = key_bias_row_output(q, k, v, mask, 0.3, edits)

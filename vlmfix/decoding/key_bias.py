@@ -166,7 +166,7 @@ def key_bias_blocks_output(
         return None
     scaling = head_dim**-0.5 if scaling is None else scaling
     # one fp32 buffer for every row: each edited block's key biases on its span, 0 elsewhere (rows without edits)
-    bias = torch.zeros(batch, heads, 1, kv_len, device=device)  # [batch, heads, 1, kv_len]
+    bias = torch.zeros(batch, heads, 1, kv_len, dtype=torch.float32, device=device)  # [batch, heads, 1, kv_len]
     for rows, _, plan in planned:
         if plan is not None and plan.stop > plan.start:
             span = slice(plan.start, plan.stop)
@@ -223,5 +223,5 @@ def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasP
         if term.from_position is not None:
             part = torch.where((position >= term.from_position)[:, None, None, None], part, 0.0)
         parts.append(part)
-    # parts is never empty: a plan with no bias or gain has an empty span, which _block_bias returns before
+    # parts is never empty: a plan with no bias or gain has an empty span, which the caller skips
     return functools.reduce(torch.add, parts)
