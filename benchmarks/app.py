@@ -123,9 +123,10 @@ def check_settings(cfg: DictConfig) -> Checked:
     check_run_settings(cfg)
     check_decoding(cfg.decoding)
     check_model(cfg.model)
-    if batch_size_of(cfg) < int(cfg.batch_size):
+    batch_size = batch_size_of(cfg)
+    if batch_size < int(cfg.batch_size):
         log.info("%s: batch_size=%d capped at the preset's model.max_batch_size=%d", cfg.model.name,
-                 cfg.batch_size, batch_size_of(cfg))
+                 cfg.batch_size, batch_size)
     name = choice(cfg.benchmark.kind, "benchmark.kind", tuple(KINDS), meaning="set benchmark=<a conf/benchmark file>")
     kind = KINDS[name]
     text(cfg.benchmark.name, "benchmark.name")
