@@ -24,7 +24,7 @@ class PaddedBatchError(UnsupportedModelError):
     def of(cls, family: str, model_class: str, cause: str | None, what: str, fix: str, *,
            by_engine: bool) -> PaddedBatchError:
         """The error for `family` (transformers' `model_class`, padded for `cause`): `what` was padded, `fix`."""
-        return cls(f"vlmfix runs {family} on unpadded batches only, and {what}: transformers 5.24's own "
+        return cls(f"vlmfix runs {family} on unpadded batches only, and {what}: transformers 5.25's own "
                    f"{model_class} gives a left-padded row other logits than the row alone ({cause}), so no row "
                    f"would get what it gets alone. {fix}", by_engine=by_engine)
 

@@ -237,9 +237,12 @@ class Adapter:
     @property
     def has_sliding_window(self) -> bool:
         """Whether some decoder layers attend over a sliding window (their cache keeps the last keys only; any
-        sliding kind: Unlimited OCR's "reference_sliding_attention" also keeps the prompt)."""
+        sliding kind: Unlimited OCR's "reference_sliding_attention" also keeps the prompt), or over chunks (Llama 4's
+        "chunked_attention": transformers caches them in sliding-window layers of the chunk's size)."""
         config = self.text_config
         layer_types = getattr(config, "layer_types", None) or ()
+        if getattr(config, "attention_chunk_size", None) is not None and "chunked_attention" in layer_types:
+            return True
         return getattr(config, "sliding_window", None) is not None and (
             not layer_types or any("sliding" in str(kind) for kind in layer_types))
 
@@ -260,7 +263,7 @@ class Adapter:
 
     @property
     def left_padding_cause(self) -> str | None:
-        """What in transformers 5.24's model file makes a left-padded row differ from the row alone, or None."""
+        """What in transformers 5.25's model file makes a left-padded row differ from the row alone, or None."""
         layer_types = getattr(self.text_config, "layer_types", None) or ()
         if "minimax_m3_sparse" in layer_types:
             return ("its block-sparse indexer masks the key slots past each query's content position and anchors "

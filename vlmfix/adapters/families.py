@@ -74,6 +74,10 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
                   frames=("<|media_content|>",)),
     common_layout("lighton_ocr", "LightOnOcrForConditionalGeneration", markers=CHATML,
                   frames=("<|vision_pad|>", "<|vision_end|>")),
+    # Llama 4: <|header_start|>user<|header_end|>\n\n<|image_start|>[tiles: <|patch|>... <|tile_x_separator|> ...
+    # <|tile_y_separator|>]<|image|><|patch|>...<|image_end|>text<|eot|><|header_start|>assistant<|header_end|>\n\n
+    common_layout("llama4", "Llama4ForConditionalGeneration", markers=("<|eot|>",),
+                  frames=("<|image|>", "<|tile_x_separator|>", "<|tile_y_separator|>")),
     common_layout("llava_next_video", "LlavaNextVideoForConditionalGeneration", markers=("ASSISTANT:", "[/INST]")),
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
     # MiniMax M3: ]~b]user\n]<]start of image[>[]<]image[>[...]<]end of image[>[text[e~[\n]~b]ai\n (MiniMax M2's turn

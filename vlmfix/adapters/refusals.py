@@ -91,16 +91,12 @@ REFUSED: dict[str, Refusal] = {
     "NemotronH_Omni_Reasoning_V3": _cannot(HYBRID, "Nemotron-H Mamba layers"),
     # not image-prompted text generation
     "PI0ForConditionalGeneration": _cannot(NOT_TEXT, "a robot action model decoding actions by flow matching"),
+    "PI05ForConditionalGeneration": _cannot(NOT_TEXT, "pi0.5, a robot action model whose action expert decodes actions "
+                                                      "by flow matching"),
     "Mistral4ForCausalLM": _cannot("a text-only causal LM class (no vision tower or image placeholder); load "
                                    "the multimodal checkpoint with its ...ForConditionalGeneration class"),
     # decoder-only with placeholders: not verified yet
     "MiniCPMOcrForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_6ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
     "MiniCPMV4_7ForConditionalGeneration": _cannot(HYBRID, MINICPM_LM),
-    # the issue's families not done yet (each moves to vlmfix/adapters/families.py with its tiny build)
-    "Llama4ForConditionalGeneration": _cannot(
-        "transformers 5.24's Llama4ForConditionalGeneration.forward fails before returning, with or without an "
-        "image (it builds its output from `outputs.image_outputs`, but `outputs` is its Llama4ForCausalLM's "
-        "MoeCausalLMOutputWithPast, which has no such field: AttributeError), so plain generate does not run and "
-        "vlmfix has no plain output to match; no transformers issue was found for it"),
 }

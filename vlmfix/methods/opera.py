@@ -115,8 +115,8 @@ class OPERA(Method):
     def check(self, adapter: Adapter) -> None:
         if adapter.has_sliding_window:
             raise UnsupportedModelError(
-                f"OPERA rewrites cache slots of plain dynamic layers, and {adapter.family}'s sliding-window layers "
-                f"keep the last keys only; OPERA supports full-attention decoders.")
+                f"OPERA rewrites cache slots of plain dynamic layers, and {adapter.family}'s sliding-window "
+                f"(or chunked) layers keep the last keys only; OPERA supports full-attention decoders.")
         if adapter.has_indexed_attention:
             raise UnsupportedModelError(
                 f"OPERA rewrites cache slots of plain dynamic layers, and {adapter.family}'s sparse-attention layers "

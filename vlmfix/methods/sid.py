@@ -138,7 +138,7 @@ class SID(ContrastiveMethod):
         if adapter.has_sliding_window:
             raise UnsupportedModelError(
                 f"SID selects and hides image keys by sequence position, and {adapter.family}'s sliding-window "
-                f"layers cache the last keys only; SID supports full-attention decoders.")
+                f"(or chunked) layers cache the last keys only; SID supports full-attention decoders.")
         adapter.resolve_layers([self.layer], "layer")
 
     def prepare(self, session: Session) -> SIDState:

@@ -54,7 +54,7 @@ FAMILIES: tuple[Family, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 # marker (CI's second lane, README)
 TORCHVISION_FAMILIES: tuple[Family, ...] = ("unlimited_ocr", "muse_glimmer", "muse_spark", "gemma4_unified",
                                             "perception_lm", "fast_vlm", "molmo2", "step3p7", "kimi_k25", "apertus1p5",
-                                            "minimax_m3_vl")
+                                            "minimax_m3_vl", "llama4")
 # every family with a tiny build (the conformance suite runs on all of them); the others are built in
 # vlmfix/testing/tiny_families.py, tiny_feature_families.py and tiny_sparse_families.py
 ALL_FAMILIES: tuple[Family, ...] = (
@@ -228,7 +228,16 @@ class TinyVLM:
         if rows:
             kwargs["images"] = rows if self.nested_images else [image for row in rows for image in row]
         # a generation prompt has no training labels (PaliGemma's processor returns some)
-        return {k: v for k, v in self.processor(**kwargs).items() if k != "labels"}
+        return {k: self._widened(v) for k, v in self.processor(**kwargs).items() if k != "labels"}
+
+    def _widened(self, value: Any) -> Any:
+        """`value` in the model's dtype where it is a floating tensor of lower precision (Llama 4's processor
+        computes pixels in bfloat16, which its float32 vision tower cannot take); anything else as it is."""
+        dtype = self.model.dtype
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and torch.finfo(value.dtype).bits < torch.finfo(dtype).bits):
+            return value.to(dtype)
+        return value
 
 
 def random_image(size: int, seed: int) -> Image.Image:

@@ -216,12 +216,50 @@ def build_apertus1p5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+LLAMA4_SPECIALS = ("<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad_id|>", "<unk>", "<|header_start|>",
+                   "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                   "<|tile_x_separator|>", "<|tile_y_separator|>", "user", "assistant")
+# Llama 4's turn layout; an image is written <|image|> and the processor expands it to its tiles' patches
+LLAMA4_TEMPLATE = MUSE_TEMPLATE.replace("<|patch|>", "<|image|>")
+
+
+def build_llama4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Llama 4: a ViT (`vision_model`, 2-D RoPE, pixel shuffle 2x2 in its `vision_adapter`), a linear
+    `multi_modal_projector`, and a language model (`language_model`, a Llama4ForCausalLM the parts sit on the model
+    itself) of chunked-attention RoPE layers (chunks of 8 here, so prompts and decoding cross chunk boundaries) and full-attention NoPE layers
+    (every 2nd here; Llama 4's 4th), MoE layers with a shared expert. An image is tiled: up to 4 tiles of 32 pixels
+    (4 patch tokens each, separated by tile tokens) and a global view after <|image|>. NoPE layers scale their
+    queries with the position past `floor_scale` (8192) tokens; a tiny prompt stays below it."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4Processor
+    from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(LLAMA4_SPECIALS, WORDS), bos_token="<|begin_of_text|>", eos_token="<|eot|>",
+        unk_token="<unk>", pad_token="<|finetune_right_pad_id|>", padding_side="left",
+    )
+    ids = token_ids(tokenizer, LLAMA4_SPECIALS)
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|finetune_right_pad_id|>"], eos_token_id=ids["<|eot|>"],
+                      bos_token_id=ids["<|begin_of_text|>"], intermediate_size_mlp=2 * shape.hidden,
+                      num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=8, no_rope_layer_interval=2)
+    # the pixel shuffle (ratio 0.5) turns 32 channels into 128, the adapter's input
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    config = Llama4Config(text_config=text, vision_config=vision, image_token_index=ids["<|patch|>"],
+                          boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"])
+    model = Llama4ForConditionalGeneration(config)
+    image_processor = Llama4ImageProcessor(size={"height": 32, "width": 32}, max_patches=4)
+    processor = Llama4Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                chat_template=LLAMA4_TEMPLATE)
+    return model, processor
+
+
 BUILDERS: dict[str, Builder] = {
     "unlimited_ocr": build_unlimited_ocr,
     "muse_glimmer": build_muse_glimmer,
     "muse_spark": build_muse_spark,
     "gemma4_unified": build_gemma4_unified,
     "apertus1p5": build_apertus1p5,
+    "llama4": build_llama4,
 }
 
 # families whose processor takes one list of images per prompt

@@ -117,7 +117,7 @@ POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `ima
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
                 "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm", "step3p7", "molmo2")
-# the reason a newly supported family carries in REFUSED until its layout is mapped and checked (none at present)
+# the reason a newly supported family carries in REFUSED until its layout is mapped and checked
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
@@ -132,6 +132,8 @@ REFUSED: dict[str, str] = {
                      "(crop_to_patches off, size up to maximum_pad_value) or letterboxed (otherwise), which an image "
                      "with no local tiles cannot tell apart, and the global and tile grids' sides (size, tile_size) "
                      "are not in the config",
+    # Llama 4: each tile's pixel-shuffled patches, tile separators, then the global view after <|image|>
+    "llama4": UNCHECKED,
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
                  *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
