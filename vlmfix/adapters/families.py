@@ -76,6 +76,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
                   frames=("<|vision_pad|>", "<|vision_end|>")),
     common_layout("llava_next_video", "LlavaNextVideoForConditionalGeneration", markers=("ASSISTANT:", "[/INST]")),
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
+    # LLaVA-OneVision-1.5: Qwen2-VL's image wrapping (config ids) in ChatML; its checkpoints' template not read
+    common_layout("llava_onevision1_5", "LlavaOnevision15ForConditionalGeneration", markers=CHATML),
     # MiniMax M3: ]~b]user\n]<]start of image[>[]<]image[>[...]<]end of image[>[text[e~[\n]~b]ai\n (MiniMax M2's turn
     # layout; M3's own template not checked); unpadded batches only (Adapter.left_padding_changes_rows)
     common_layout("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration", markers=("[e~[",),
@@ -91,6 +93,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("muse_spark", "MuseSparkForConditionalGeneration", markers=("<|eot|>",),
                   frames=("<|image_start|>", "<|image_end|>")),
     common_layout("ovis2", "Ovis2ForConditionalGeneration", markers=CHATML),
+    # Ovis2.5: <ovis_image_start> <ovis_visual_atom>... <ovis_image_end> (config ids), ChatML (AIDC-AI/Ovis2.5-9B)
+    common_layout("ovis2_5", "Ovis2_5ForConditionalGeneration", markers=CHATML),
     common_layout("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
     common_layout("perception_lm", "PerceptionLMForConditionalGeneration", markers=("<|eot_id|>",)),
