@@ -108,7 +108,8 @@ PIXTRAL_FAMILIES = ("mistral3", "mistral_large4", "lighton_ocr")  # merged Pixtr
 VQ_FAMILIES = ("apertus1p5",)  # one VQ code per spatial_scale_factor^2 pixels, from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note", "minimax_m3_vl")
+                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note", "minimax_m3_vl",
+                   "llava_onevision1_5", "ovis2_5")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
 # merged patches from `image_grid_thw`, a newline after each row (HunyuanOCR's between a begin and an end token)
