@@ -76,7 +76,7 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
                   frames=("<|vision_pad|>", "<|vision_end|>")),
     common_layout("llava_next_video", "LlavaNextVideoForConditionalGeneration", markers=("ASSISTANT:", "[/INST]")),
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
-    # LLaVA-OneVision-1.5: Qwen2-VL's image wrapping (config ids) in ChatML; its checkpoints' template not read
+    # LLaVA-OneVision-1.5: Qwen2-VL's template (default system message; image wrapping by config ids)
     common_layout("llava_onevision1_5", "LlavaOnevision15ForConditionalGeneration", markers=CHATML),
     # MiniMax M3: ]~b]user\n]<]start of image[>[]<]image[>[...]<]end of image[>[text[e~[\n]~b]ai\n (MiniMax M2's turn
     # layout; M3's own template not checked); unpadded batches only (Adapter.left_padding_changes_rows)

@@ -79,9 +79,12 @@ def small_qwen_image_processor(temporal_patch_size: int = 2) -> Any:
                                     temporal_patch_size=temporal_patch_size)
 
 
-def chatml_template(image: str) -> str:
-    """A ChatML template that writes `image` for each image item."""
-    return (
+def chatml_template(image: str, system: str | None = None) -> str:
+    """A ChatML template that writes `image` for each image item (and, given `system`, Qwen2-VL's way of opening a
+    conversation that has no system message: a system turn with that text)."""
+    opening = "" if system is None else (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system + "<|im_end|>\n{% endif %}")
+    return opening + (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image +
         "{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
@@ -669,8 +672,10 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 def build_llava_onevision1_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """LLaVA-OneVision-1.5: a RICE-ViT vision tower (`visual`: one class token per image, 2-D rotary positions, its
     `merger` merging 2x2 patches) over Qwen2-VL's patch grid, Qwen3 with 1-D positions; EXAONE 4.5's processor and
-    model class with Qwen's image wrapping. The chat template is ChatML with Qwen2-VL's
-    <|vision_start|><|image_pad|><|vision_end|>: the checkpoints' own template was not readable here (unverified)."""
+    model class with Qwen's image wrapping. Its chat template is Qwen2-VL's (a default system message, each image
+    <|vision_start|><|image_pad|><|vision_end|> right before the text), as the prompt ids and decoded prompts of
+    transformers' integration tests of Deep-VLM/LLaVA-OneVision-1.5-4B-Instruct-hf show; the template file itself was
+    not read."""
     from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
     from transformers.models.exaone4_5.processing_exaone4_5 import Exaone4_5_Processor
 
@@ -688,7 +693,8 @@ def build_llava_onevision1_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMi
     model = LlavaOnevision15ForConditionalGeneration(config)
     processor = image_only(Exaone4_5_Processor)(
         image_processor=small_qwen_image_processor(temporal_patch_size=1), tokenizer=tokenizer,
-        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                      system="You are a helpful assistant."),
     )
     return model, processor
 
