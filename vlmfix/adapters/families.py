@@ -93,7 +93,9 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("muse_spark", "MuseSparkForConditionalGeneration", markers=("<|eot|>",),
                   frames=("<|image_start|>", "<|image_end|>")),
     common_layout("ovis2", "Ovis2ForConditionalGeneration", markers=CHATML),
-    # Ovis2.5: <ovis_image_start> <ovis_visual_atom>... <ovis_image_end> (config ids), ChatML (AIDC-AI/Ovis2.5-9B)
+    # Ovis2.5: <ovis_image_start> <ovis_visual_atom>... <ovis_image_end> (config ids), ChatML (AIDC-AI/Ovis2.5-9B).
+    # Its projector is the visual tokenizer and embedding table: DCD's projectors make the atoms' embeddings, while
+    # the start / end tokens' indicator embeddings stay the model's (read from its own table, outside the forward)
     common_layout("ovis2_5", "Ovis2_5ForConditionalGeneration", markers=CHATML),
     common_layout("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
