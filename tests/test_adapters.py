@@ -149,3 +149,39 @@ def test_the_common_layout_reads_the_families_of_transformers_5_24():
     omni = build_tiny("qwen2_5_omni_thinker", layers=2)
     frames = omni.tokenizer.convert_tokens_to_ids(["<|vision_bos|>", "<|vision_eos|>"])
     assert get_adapter(omni.model).frame_token_ids == tuple(frames)
+
+
+def test_the_common_layout_reads_the_families_of_transformers_5_25():
+    """LLaVA-OneVision-1.5's projector is its RICE-ViT tower's `merger` and its text positions are 1-D; Ovis2.5's is
+    its visual tokenizer and embedding table (`multi_modal_projector`), its images are framed by the start and end
+    tokens that take learned indicator embeddings (neither image nor instruction), and the image-free prompt drops
+    them with the visual atoms."""
+    from vlmfix.testing import build_tiny
+
+    onevision = build_tiny("llava_onevision1_5", layers=2)
+    adapter = get_adapter(onevision.model)
+    assert adapter.vision_tower is onevision.model.model.visual
+    assert adapter.projector is onevision.model.model.visual.merger
+    assert adapter.vision_layers is onevision.model.model.visual.blocks
+    assert adapter.rope_sections == 1  # Qwen3: plain 1-D positions, no M-RoPE
+    frames = onevision.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+    assert adapter.frame_token_ids == tuple(frames)
+
+    ovis = build_tiny("ovis2_5", layers=2)
+    adapter = get_adapter(ovis.model)
+    assert adapter.projector is ovis.model.model.multi_modal_projector
+    assert adapter.vision_layers is ovis.model.model.vision_tower.layers
+    start, end, atom = ovis.tokenizer.convert_tokens_to_ids(["<ovis_image_start>", "<ovis_image_end>",
+                                                             "<ovis_visual_atom>"])
+    assert adapter.frame_token_ids == (start, end) and adapter.image_token_ids == (atom,)
+    inputs = ovis.inputs(["is there a dog ?", "describe this picture"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    spans = adapter.spans(ids, mask, ovis.tokenizer)
+    assert torch.equal(spans.image, ids == atom)
+    boundary = (ids == start) | (ids == end)
+    assert int(boundary.sum()) == 4 and not bool((spans.instruction | spans.image)[boundary].any())
+    text_only = adapter.without_image(inputs, ovis.tokenizer.pad_token_id)
+    assert "pixel_values" not in text_only and "image_grid_thw" not in text_only
+    kept = text_only["input_ids"][text_only["attention_mask"].bool()]
+    assert not bool(torch.isin(kept, torch.tensor([start, end, atom])).any())
+    assert text_only["position_ids"].dim() == 2  # [batch, seq]: 1-D positions

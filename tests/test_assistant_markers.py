@@ -92,7 +92,10 @@ DEEPSEEK_OCR_PROMPT = "<｜begin▁of▁sentence｜><image>\n{q}"
 # DeepSeek-VL and its hybrid: the template of transformers' processor tests for both, after the BOS their tokenizer
 # adds; DeepSeek-OCR-2 and Unlimited OCR: the official inference code's "plain" format after BOS; PaddleOCR-VL:
 # PaddlePaddle/PaddleOCR-VL's chat_template.jinja; Qianfan-OCR: the template transformers' conversion script writes,
-# whose image placeholder the processor expands; Dots3 Note: dots.ocr's template, its own being unverified)
+# whose image placeholder the processor expands; Dots3 Note: dots.ocr's template, its own being unverified; Ovis2.5:
+# AIDC-AI/Ovis2.5-9B's chat_template.json, with the processor's <ovis_visual_atom> where the checkpoint writes <image>;
+# LLaVA-OneVision-1.5: the prompt ids and decoded prompts of transformers' integration tests of
+# Deep-VLM/LLaVA-OneVision-1.5-4B-Instruct-hf)
 CHECKPOINT_PROMPTS = {
     "deepseek_vl": DEEPSEEK_VL_PROMPT,
     "deepseek_vl_hybrid": DEEPSEEK_VL_PROMPT,
@@ -107,6 +110,9 @@ CHECKPOINT_PROMPTS = {
     "qianfan_ocr": "<|im_start|>system\n你是千帆VL，由百度智能云研发的多模态大语言模型。<|im_end|>\n"
                    "<|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n",
     "dots3_note": "<|user|><|img|><|imgpad|><|endofimg|>{q}<|endofuser|><|assistant|>",
+    "ovis2_5": "<|im_start|>user\n<ovis_visual_atom>\n{q}<|im_end|>\n<|im_start|>assistant\n",
+    "llava_onevision1_5": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                          "<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n",
 }
 
 

@@ -29,7 +29,8 @@ from vlmfix.viz.patches import GRID_FAMILIES  # noqa: E402
 
 MERGED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "exaone4_5",
           "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-          "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note", "minimax_m3_vl")
+          "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note", "minimax_m3_vl",
+          "llava_onevision1_5")
 SQUARE = ("paligemma", "gemma3", "internvl", "qianfan_ocr", "aya_vision", "idefics3", "smolvlm")  # square tiles
 
 

@@ -716,3 +716,64 @@ def test_fast_vlm_back_to_back_images_split_by_the_pictures_or_image_seq_length(
         grids(SimpleNamespace())
     with pytest.raises(ValueError, match="not 3 equal square feature maps"):
         grids(SimpleNamespace(image_seq_length=4), shapes=[(30, 40)] * 3)
+
+
+def identity(module: torch.nn.Module) -> None:
+    """Pass `module`'s first input through (a forward hook)."""
+    module.register_forward_hook(lambda mod, args, out: args[0])
+
+
+def test_llava_onevision1_5_merged_patches_through_its_tower():
+    """LLaVA-OneVision-1.5's processor (Qwen2-VL's, one frame a patch) lays each picture's patches in 2 x 2 merge
+    blocks; the RICE-ViT tower's own code (a class token put before each image's patches and dropped after the
+    blocks, the merger reading 4 consecutive patches as one token) keeps that order: the patch embedding's output is
+    replaced by each patch's colour, the norms and blocks passed through (hooks), the merger's MLP input read."""
+    tiny, inputs = build("llava_onevision1_5")
+    vision = tiny.model.config.vision_config
+    tower = tiny.model.model.visual
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
+    tower.patch_embed.register_forward_hook(lambda module, args, out: padded(colours, vision.hidden_size))
+    for module in (tower.pre_layernorm, *tower.blocks, tower.merger.norm):
+        identity(module)
+    seen = {}
+    tower.merger.linear_fc1.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].clone()))
+    with torch.no_grad():
+        tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    tokens = grouped(seen["x"], vision.hidden_size)  # [tokens, 3]
+    check_tokens_on_grids(merged_layouts("llava_onevision1_5", tiny, inputs),
+                          split_by_row(tokens.numpy(), inputs, tiny.model.config.image_token_id))
+
+
+def test_ovis2_5_stays_refused_while_its_tokens_come_in_window_order():
+    """transformers 5.25's Ovis2_5Model.get_image_features feeds its visual tokenizer the last encoder layer's
+    recorded output, which is still in the tower's window order (the tower undoes that order for its
+    last_hidden_state only; AIDC-AI's own code undoes it for every recorded layer): the image tokens then follow
+    the windows of 2 x 2 merged cells of the tiny build, not the merged grid's rows. The pictures refuse Ovis2.5
+    until the port keeps the grid's order: this test fails once it does."""
+    tiny, inputs = build("ovis2_5")
+    vision = tiny.model.config.vision_config
+    model = tiny.model.model
+    colours = flat_patch_colours(tiny, inputs)  # [patches, 3]: (x, y, 1)
+    model.vision_tower.embeddings.register_forward_hook(lambda module, args, out: padded(colours, vision.hidden_size))
+    for layer in model.vision_tower.layers:
+        identity(layer)
+    seen = {}
+    model.multi_modal_projector.visual_tokenizer.linear.register_forward_pre_hook(
+        lambda module, args: seen.update(x=args[0].clone()))
+    with torch.no_grad():
+        model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    tokens = grouped(seen["x"], vision.hidden_size)  # [tokens, 3], the order the prompt's atoms get them
+    merge, side = vision.spatial_merge_size, vision.window_size // vision.spatial_merge_size // vision.patch_size
+    raster, windowed, start = [], [], 0
+    for _, h, w in inputs["image_grid_thw"].tolist():  # each image's merged cells: [rows, cols] of their colours
+        rows, cols = h // merge, w // merge
+        cells = colours[start * merge**2 : (start + rows * cols) * merge**2]  # in 2 x 2 merge blocks
+        grid = cells.view(rows * cols, merge**2, 3).mean(1).view(rows, cols, 3)
+        raster.append(grid.reshape(-1, 3))
+        windowed += [grid[r : r + side, c : c + side].reshape(-1, 3) for r in range(0, rows, side)
+                     for c in range(0, cols, side)]  # window by window, each window's cells row by row
+        start += rows * cols
+    assert not torch.allclose(tokens, torch.cat(raster))  # not the merged grid's order
+    torch.testing.assert_close(tokens, torch.cat(windowed))
+    with pytest.raises(ValueError, match="cannot place ovis2_5.s image tokens on its images: .*window order"):
+        row_layouts("ovis2_5", tiny.model.config, [16])

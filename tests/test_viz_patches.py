@@ -198,7 +198,8 @@ def test_llava_next_base_tiles_and_newlines_match_pack_image_features(family: st
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe",
                                     "glm46v", "glm_ocr", "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe",
-                                    "hyperclovax_vision_v2", "cosmos3_edge", "cohere_compass"])
+                                    "hyperclovax_vision_v2", "cosmos3_edge", "cohere_compass",
+                                    "llava_onevision1_5"])
 def test_qwen_merged_patches(family: str):
     tiny, inputs, layouts = build(family)
     merge = tiny.model.config.vision_config.spatial_merge_size

@@ -80,6 +80,8 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
                   frames=("<|image|>", "<|tile_x_separator|>", "<|tile_y_separator|>")),
     common_layout("llava_next_video", "LlavaNextVideoForConditionalGeneration", markers=("ASSISTANT:", "[/INST]")),
     common_layout("llava_onevision", "LlavaOnevisionForConditionalGeneration", markers=CHATML),
+    # LLaVA-OneVision-1.5: Qwen2-VL's template (default system message; image wrapping by config ids)
+    common_layout("llava_onevision1_5", "LlavaOnevision15ForConditionalGeneration", markers=CHATML),
     # MiniMax M3: ]~b]user\n]<]start of image[>[]<]image[>[...]<]end of image[>[text[e~[\n]~b]ai\n (MiniMax M2's turn
     # layout; M3's own template not checked); unpadded batches only (Adapter.left_padding_changes_rows)
     common_layout("minimax_m3_vl", "MiniMaxM3SparseForConditionalGeneration", markers=("[e~[",),
@@ -95,6 +97,10 @@ COMMON_LAYOUT: tuple[type[Adapter], ...] = (
     common_layout("muse_spark", "MuseSparkForConditionalGeneration", markers=("<|eot|>",),
                   frames=("<|image_start|>", "<|image_end|>")),
     common_layout("ovis2", "Ovis2ForConditionalGeneration", markers=CHATML),
+    # Ovis2.5: <ovis_image_start> <ovis_visual_atom>... <ovis_image_end> (config ids), ChatML (AIDC-AI/Ovis2.5-9B).
+    # Its projector is the visual tokenizer and embedding table: DCD's projectors make the atoms' embeddings, while
+    # the start / end tokens' indicator embeddings stay the model's (read from its own table, outside the forward)
+    common_layout("ovis2_5", "Ovis2_5ForConditionalGeneration", markers=CHATML),
     common_layout("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", markers=("Assistant:",)),
     common_layout("paligemma", "PaliGemmaForConditionalGeneration", markers=("\n",)),
     common_layout("perception_lm", "PerceptionLMForConditionalGeneration", markers=("<|eot_id|>",)),

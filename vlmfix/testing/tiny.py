@@ -102,6 +102,8 @@ ALL_FAMILIES: tuple[Family, ...] = (
     "mistral_large4",
     "dots3_note",
     "hy_v4_vl",
+    "llava_onevision1_5",
+    "ovis2_5",
     *TORCHVISION_FAMILIES,
 )
 

@@ -69,18 +69,22 @@ def token_ids(tokenizer: PreTrainedTokenizerFast, tokens: tuple[str, ...]) -> di
     return {t: int(tokenizer.convert_tokens_to_ids(t)) for t in tokens}  # type: ignore[arg-type]
 
 
-def small_qwen_image_processor() -> Any:
+def small_qwen_image_processor(temporal_patch_size: int = 2) -> Any:
     """Qwen2-VL's PIL image processor at the tiny builds' size (8-pixel patches, 2x2 merge, 32-64 pixels a side),
-    shared by the families that reuse Qwen's vision tower."""
+    shared by the families that reuse Qwen's vision tower (`temporal_patch_size` 1 for a tower whose patch embedding
+    takes one frame: LLaVA-OneVision-1.5's RICE-ViT)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2,
-                                    temporal_patch_size=2)
+                                    temporal_patch_size=temporal_patch_size)
 
 
-def chatml_template(image: str) -> str:
-    """A ChatML template that writes `image` for each image item."""
-    return (
+def chatml_template(image: str, system: str | None = None) -> str:
+    """A ChatML template that writes `image` for each image item (and, given `system`, Qwen2-VL's way of opening a
+    conversation that has no system message: a system turn with that text)."""
+    opening = "" if system is None else (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system + "<|im_end|>\n{% endif %}")
+    return opening + (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image +
         "{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
@@ -665,6 +669,36 @@ def build_exaone4_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+def build_llava_onevision1_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """LLaVA-OneVision-1.5: a RICE-ViT vision tower (`visual`: one class token per image, 2-D rotary positions, its
+    `merger` merging 2x2 patches) over Qwen2-VL's patch grid, Qwen3 with 1-D positions; EXAONE 4.5's processor and
+    model class with Qwen's image wrapping. Its chat template is Qwen2-VL's (a default system message, each image
+    <|vision_start|><|image_pad|><|vision_end|> right before the text), as the prompt ids and decoded prompts of
+    transformers' integration tests of Deep-VLM/LLaVA-OneVision-1.5-4B-Instruct-hf show; the template file itself was
+    not read."""
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
+    from transformers.models.exaone4_5.processing_exaone4_5 import Exaone4_5_Processor
+
+    tokenizer = chatml_tokenizer(*QWEN_VISION_TOKENS)
+    ids = token_ids(tokenizer, (*QWEN_VISION_TOKENS, "<|endoftext|>", "<|im_end|>"))
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      bos_token_id=None)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                  out_hidden_size=shape.hidden)
+    config = LlavaOnevision15Config(
+        text_config=dict(model_type="qwen3", **text), vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )
+    model = LlavaOnevision15ForConditionalGeneration(config)
+    processor = image_only(Exaone4_5_Processor)(
+        image_processor=small_qwen_image_processor(temporal_patch_size=1), tokenizer=tokenizer,
+        chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                      system="You are a helpful assistant."),
+    )
+    return model, processor
+
+
 DEEPSEEK_SPECIALS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<image_placeholder>",
                      "User", "Assistant")
 # DeepSeek-VL's prompt layout (the checkpoints' template, as transformers' DeepSeek-VL and DeepSeek-VL hybrid processor
@@ -1200,6 +1234,57 @@ def build_ovis2(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
+# the processor's named tokens; transformers 5.25's processor counts a shared image and video token as both, so the
+# video placeholder is a token of its own (the config's default ids are Qwen's <|image_pad|> and <|video_pad|>)
+OVIS2_5_TOKENS = {"image_token": "<ovis_visual_atom>", "video_token": "<|video_pad|>",
+                  "image_start_token": "<ovis_image_start>", "image_end_token": "<ovis_image_end>",
+                  "video_start_token": "<ovis_video_start>", "video_end_token": "<ovis_video_end>"}
+# Ovis2.5's chat template (the AIDC-AI/Ovis2.5-9B checkpoint's, which transformers' converter keeps): ChatML, a user
+# turn's items joined by line breaks, an image item written as its placeholder, and after the assistant header an
+# empty think block when `enable_thinking` is false. The checkpoint writes "<image>"; the native processor expands
+# its tokenizer's image token (<ovis_visual_atom>), so the tiny build writes that (how a converted checkpoint's
+# template spells it is unverified).
+OVIS2_5_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<ovis_visual_atom>{% else %}{{ item['text'] }}{% endif %}"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_ovis2_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Ovis2.5: a SigLIP2-NaViT-style vision tower (learned and 2-D rotary positions, windowed and full layers) on
+    Qwen2-VL-style patch grids, a visual tokenizer that turns each 2x2 merge into a distribution over a visual
+    vocabulary embedded by a visual embedding table (`multi_modal_projector`), Qwen3. Each image is
+    <ovis_image_start>, one <ovis_visual_atom> per merge, <ovis_image_end>; the start and end tokens take learned
+    indicator embeddings from the same table."""
+    from transformers import Ovis2_5Config, Ovis2_5ForConditionalGeneration, Ovis2_5Processor
+    from transformers.models.ovis2_5.image_processing_pil_ovis2_5 import Ovis2_5ImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer((*CHATML_SPECIALS, *OVIS2_5_TOKENS.values()), WORDS),
+        eos_token="<|im_end|>", unk_token="<unk>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens=OVIS2_5_TOKENS,
+    )
+    ids = token_ids(tokenizer, (*OVIS2_5_TOKENS.values(), "<|endoftext|>", "<|im_end|>"))
+    text = shape.text(len(tokenizer), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                      bos_token_id=None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                  image_size=32, window_size=32, vocab_size=64, max_position_embeddings=16,
+                  layer_types=["window_attention", "full_attention"])
+    config = Ovis2_5Config(
+        text_config=dict(model_type="qwen3", **text), vision_config=vision,
+        **{f"{name}_id": ids[token] for name, token in OVIS2_5_TOKENS.items()}, tie_word_embeddings=False,
+    )
+    model = Ovis2_5ForConditionalGeneration(config)
+    image_processor = Ovis2_5ImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+                                               patch_size=8, merge_size=2)
+    processor = image_only(Ovis2_5Processor)(image_processor=image_processor, tokenizer=tokenizer,
+                                             chat_template=OVIS2_5_TEMPLATE)
+    return model, processor
+
+
 # Qianfan-OCR's chat template as transformers' conversion script writes it into the checkpoint
 # (src/transformers/models/qianfan_ocr/convert_qianfan_ocr_weights_to_hf.py, `multimodal_chat_template`): ChatML with
 # a default system message when the conversation has none, each image item written as a placeholder and a line
@@ -1519,6 +1604,7 @@ BUILDERS: dict[str, Builder] = {
     "gemma4": build_gemma4,
     "qianfan_ocr": build_qianfan_ocr,
     "ovis2": build_ovis2,
+    "ovis2_5": build_ovis2_5,
     "hunyuan_vl": build_hunyuan_vl,
     "granite_docling": build_granite_docling,
     "paddleocr_vl": build_paddleocr_vl,
@@ -1534,6 +1620,7 @@ BUILDERS: dict[str, Builder] = {
     "deepseek_ocr2": build_deepseek_ocr2,
     "idefics2": build_idefics2,
     "exaone4_5": build_exaone4_5,
+    "llava_onevision1_5": build_llava_onevision1_5,
     "lighton_ocr": build_lighton_ocr,
     "vipllava": build_vipllava,
     "mistral3": build_mistral3,

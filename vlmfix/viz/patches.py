@@ -108,7 +108,8 @@ PIXTRAL_FAMILIES = ("mistral3", "mistral_large4", "lighton_ocr")  # merged Pixtr
 VQ_FAMILIES = ("apertus1p5",)  # one VQ code per spatial_scale_factor^2 pixels, from `image_sizes`
 MERGED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
                    "exaone4_5", "qwen2_5_omni_thinker", "ernie4_5_vl_moe", "hyperclovax_vision_v2", "cosmos3_edge",
-                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note", "minimax_m3_vl")
+                   "cohere_compass", "kimi_k25", "muse_glimmer", "muse_spark", "dots3_note", "minimax_m3_vl",
+                   "llava_onevision1_5")
 INTERNVL_FAMILIES = ("internvl", "qianfan_ocr")  # InternVL's tiles + thumbnail (Qianfan-OCR is built on it)
 ONE_RUN_TILE_FAMILIES = (*INTERNVL_FAMILIES, "got_ocr2")  # an image's tiles and thumbnail in one run
 # merged patches from `image_grid_thw`, a newline after each row (HunyuanOCR's between a begin and an end token)
@@ -134,6 +135,10 @@ REFUSED: dict[str, str] = {
                      "are not in the config",
     # Llama 4: each tile's pixel-shuffled patches, tile separators, then the global view after <|image|>
     "llama4": UNCHECKED,
+    "ovis2_5": "transformers 5.25's Ovis2_5Model.get_image_features gives its visual tokenizer the last encoder "
+               "layer's output in the vision tower's window order (modeling_ovis2_5.py: `hidden_states[-1]`, recorded "
+               "before the tower's `reverse_indices` put its last_hidden_state back), so the image tokens follow the "
+               "tower's windows, not the merged grid (AIDC-AI's Ovis2.5 code restores the grid's order)",
 }
 GRID_FAMILIES = (*SQUARE_FAMILIES, *LETTERBOX_FAMILIES, *ANYRES_FAMILIES, *PIXTRAL_FAMILIES, *VQ_FAMILIES,
                  *MERGED_FAMILIES, *NEWLINE_MERGED_FAMILIES, *PER_IMAGE_MERGE_FAMILIES, *POOLED_FAMILIES, *RUN_FAMILIES)
