@@ -68,7 +68,7 @@ ArgsFactory = Callable[[TinyVLM, Path], dict[str, Any]]
 # then asserts that it still fails (a fixed release shows at once) and that vlmfix fails the same way
 UPSTREAM_FAILURES: dict[tuple[str, str], str] = {
     ("fuyu", "beams"): "generate expands image features for the beams only from `pooler_output`, which Fuyu leaves "
-                       "empty, so its prefill finds fewer features than image tokens (transformers 5.24)",
+                       "empty, so its prefill finds fewer features than image tokens (transformers 5.24 and 5.25)",
 }
 
 

@@ -168,7 +168,7 @@ def build_minimax_m3_vl(shape: Shape, *, block_size: int = 4, topk_blocks: int =
     head per key-value group scores every key, max-pools the scores over blocks of `block_size` keys, and each
     query attends to its top `topk_blocks` blocks plus its newest one (blocks of 4 on a prompt of about 30 tokens,
     so it selects; 128 on the checkpoint); Gemma-style q/k norms, partial RoPE, MoE layers after the first. The
-    processor needs torchvision. Its rows must not be left-padded: transformers 5.24's own generate gives a padded
+    processor needs torchvision. Its rows must not be left-padded: transformers 5.25's own generate gives a padded
     row other logits than the row alone (vlmfix.adapters.base.Adapter.left_padding_changes_rows)."""
     from transformers import MiniMaxM3SparseForConditionalGeneration, MiniMaxM3VLConfig, MiniMaxM3VLProcessor
     from transformers.models.minimax_m3_vl.image_processing_minimax_m3_vl import MiniMaxM3VLImageProcessor
