@@ -225,11 +225,12 @@ LLAMA4_TEMPLATE = MUSE_TEMPLATE.replace("<|patch|>", "<|image|>")
 
 def build_llama4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Llama 4: a ViT (`vision_model`, 2-D RoPE, pixel shuffle 2x2 in its `vision_adapter`), a linear
-    `multi_modal_projector`, and a language model (`language_model`, a Llama4ForCausalLM the parts sit on the model
-    itself) of chunked-attention RoPE layers (chunks of 8 here, so prompts and decoding cross chunk boundaries) and full-attention NoPE layers
-    (every 2nd here; Llama 4's 4th), MoE layers with a shared expert. An image is tiled: up to 4 tiles of 32 pixels
-    (4 patch tokens each, separated by tile tokens) and a global view after <|image|>. NoPE layers scale their
-    queries with the position past `floor_scale` (8192) tokens; a tiny prompt stays below it."""
+    `multi_modal_projector`, and a language model (`language_model`, a Llama4ForCausalLM; the parts sit on the model
+    itself) of chunked-attention RoPE layers (chunks of 8 here, so prompts and decoding cross chunk boundaries) and
+    full-attention NoPE layers (every 2nd here; Llama 4's every 4th), MoE layers with a shared expert. An image is
+    tiled: up to 4 tiles of 32 pixels (4 patch tokens each, separated by tile tokens) and a global view after
+    <|image|>. NoPE layers scale their queries with the position past `floor_scale` (8192) tokens; a tiny prompt
+    stays below it."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4Processor
     from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
 
