@@ -271,6 +271,18 @@ class Adapter:
         return None
 
     @property
+    def padded_length_limit(self) -> int | None:
+        """The longest sequence (pads, prompt and new tokens) over which the model itself keeps a left-padded row's
+        logits equal to the row alone's, or None where length does not matter. Llama 4's NoPE layers scale each query
+        by its position counted from the cache's first slot, pads included, from `floor_scale` - 1 on
+        (modeling_llama4.py:363): a padded row keeps its logits while the sequence holds at most floor_scale - 1
+        positions (`Session` refuses a padded batch past it)."""
+        config = self.text_config
+        if getattr(config, "attn_temperature_tuning", False) and 0 in (getattr(config, "no_rope_layers", None) or ()):
+            return int(config.floor_scale) - 1
+        return None
+
+    @property
     def stream_collapse(self) -> nn.Module | None:
         """The module that collapses hyper-connected residual streams into one hidden state before the final norm
         (HY V4 VL's `hc_head`: its decoder layers pass [batch, seq, streams, hidden] from one to the next), or None

@@ -139,6 +139,9 @@ class Session:
         # tokens of the running decoding forward's sequence (cache + new tokens); a sliding-window cache's
         # layers hold fewer keys, which the attention function lays out over the whole sequence for edits
         self.sequence_length: int | None = None
+        # the running prompt batch's left-padded rows, kept where the model's padding matters past a length
+        # (`Adapter.padded_length_limit`: Llama 4)
+        self._padded_rows: list[int] = []
         self.loop: Any = None  # the running decoding loop of a method that owns it (OPERA), else None
         # the grouped kernel's key groups per edit list, kept for the prompt batch's decode steps
         self.key_groups = KeyGroupCache()
@@ -246,12 +249,17 @@ class Session:
         new = new if new is not None else kwargs.get("inputs_embeds")
         self.sequence_length = cached + new.shape[1] if new is not None else None
         if cached > 0:
+            self._refuse_padded_rows_past_limit()
             return  # a decode step of the current prompt
         inputs = dict(kwargs)
         if args:
             inputs.setdefault("input_ids", args[0])
-        if self.adapter.left_padding_changes_rows and new is not None:
-            self._refuse_padded_rows(padding_mask(inputs.get("attention_mask"), new[..., 0] if new.dim() == 3 else new))
+        if new is not None and (self.adapter.left_padding_changes_rows or self.adapter.padded_length_limit):
+            valid = padding_mask(inputs.get("attention_mask"), new[..., 0] if new.dim() == 3 else new)
+            if self.adapter.left_padding_changes_rows:
+                self._refuse_padded_rows(valid)
+            self._padded_rows = (~valid).any(dim=1).nonzero().flatten().tolist()
+            self._refuse_padded_rows_past_limit()
         if inputs.get("input_ids") is None:
             if self.methods:
                 raise ValueError("vlmfix methods need input_ids (to find image and instruction tokens), "
@@ -279,6 +287,22 @@ class Session:
             "Decode one prompt a call (batch size 1) or batch prompts of one token length.",
             by_engine=by_engine,
         )
+
+    def _refuse_padded_rows_past_limit(self, length: int | None = None) -> None:
+        """Raise before a forward whose sequence (`length`, default the running one) passes the length up to which
+        the model itself keeps a left-padded row equal to the row alone (`Adapter.padded_length_limit`), when rows
+        of the running prompt batch are padded (by the caller or by a two-stream method's engine)."""
+        limit, length = self.adapter.padded_length_limit, length or self.sequence_length
+        if limit is None or not self._padded_rows or length is None or length <= limit:
+            return
+        raise PaddedBatchError(
+            f"rows {self._padded_rows} of this batch are left-padded and its sequence reaches {length} positions: "
+            f"transformers' own {type(self.model).__name__} gives a left-padded row other logits than the row alone "
+            f"past {limit} positions (its NoPE layers scale each query by its position counted from the first slot, "
+            f"pads included, from floor_scale = {limit + 1} on), so no row would get what it gets alone. Keep prompt "
+            f"and new tokens within {limit} positions, or batch prompts of one token length with a method whose "
+            "second prompt has the first's length (no method, VCD, DCD, PAI with cfg=False), or decode one prompt a "
+            "call.", by_engine=False)
 
     def begin_prompt(self, inputs: dict[str, Any]) -> None:
         """Find spans and prepare every method for a new prompt batch.
@@ -493,6 +517,7 @@ class Session:
         if not self.owns_thread():
             raise SessionError("session.generate must run on the thread that entered the session.")
         self.call_inputs = dict(generate_kwargs)
+        self._refuse_long_padded_call(generate_kwargs)
         try:
             if any(m.owns_decoding for m in self.methods):
                 from vlmfix.decoding.opera import generate_opera
@@ -505,6 +530,16 @@ class Session:
             return self.model.generate(**generate_kwargs)
         finally:
             self.call_inputs = {}
+
+    def _refuse_long_padded_call(self, generate_kwargs: dict[str, Any]) -> None:
+        """`_refuse_padded_rows_past_limit` before any forward, for a call whose own rows are padded and whose
+        prompt plus `max_new_tokens` passes the limit (padding a two-stream engine adds is caught at its prefill)."""
+        input_ids, new_tokens = generate_kwargs.get("input_ids"), generate_kwargs.get("max_new_tokens")
+        if self.adapter.padded_length_limit is None or not isinstance(input_ids, Tensor) or new_tokens is None:
+            return
+        valid = padding_mask(generate_kwargs.get("attention_mask"), input_ids)
+        self._padded_rows = (~valid).any(dim=1).nonzero().flatten().tolist()
+        self._refuse_padded_rows_past_limit(input_ids.shape[1] + int(new_tokens))
 
     def plot(self, row: int = 0, images: Any = None, **options: Any) -> Any:
         """The pictures of what each method decided for batch row `row` (a matplotlib figure with `save(path)`);

@@ -220,7 +220,12 @@ LLAMA4_SPECIALS = ("<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad_id|>", 
                    "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
                    "<|tile_x_separator|>", "<|tile_y_separator|>", "user", "assistant")
 # Llama 4's turn layout; an image is written <|image|> and the processor expands it to its tiles' patches
-LLAMA4_TEMPLATE = MUSE_TEMPLATE.replace("<|patch|>", "<|image|>")
+LLAMA4_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|image|>"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
 
 
 def build_llama4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -228,9 +233,9 @@ def build_llama4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     `multi_modal_projector`, and a language model (`language_model`, a Llama4ForCausalLM; the parts sit on the model
     itself) of chunked-attention RoPE layers (chunks of 8 here, so prompts and decoding cross chunk boundaries) and
     full-attention NoPE layers (every 2nd here; Llama 4's every 4th), MoE layers with a shared expert. An image is
-    tiled: up to 4 tiles of 32 pixels (4 patch tokens each, separated by tile tokens) and a global view after
-    <|image|>. NoPE layers scale their queries with the position past `floor_scale` (8192) tokens; a tiny prompt
-    stays below it."""
+    tiled: a 48-pixel image is one tile of 9 patch tokens; a larger one up to 4 tiles of 48 pixels (separated by
+    tile tokens) and a global view after <|image|>. NoPE layers scale their queries with the position past
+    `floor_scale` (8192) tokens; a tiny prompt stays below it."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4Processor
     from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
 
@@ -243,12 +248,12 @@ def build_llama4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
                       bos_token_id=ids["<|begin_of_text|>"], intermediate_size_mlp=2 * shape.hidden,
                       num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=8, no_rope_layer_interval=2)
     # the pixel shuffle (ratio 0.5) turns 32 channels into 128, the adapter's input
-    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=48,
                   patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
     config = Llama4Config(text_config=text, vision_config=vision, image_token_index=ids["<|patch|>"],
                           boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"])
     model = Llama4ForConditionalGeneration(config)
-    image_processor = Llama4ImageProcessor(size={"height": 32, "width": 32}, max_patches=4)
+    image_processor = Llama4ImageProcessor(size={"height": 48, "width": 48}, max_patches=4)
     processor = Llama4Processor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                 chat_template=LLAMA4_TEMPLATE)
     return model, processor
