@@ -17,7 +17,7 @@ from tests.conftest import tiny_model
 from tests.test_viz_grids import build, check_tokens_on_grids, grouped, padded, patch_colours, run_layouts, split_by_row
 from tests.test_viz_patches import SIZES, coordinate_picture, unnormalised
 from vlmfix.decoding.prompt_inputs import patch_grids
-from vlmfix.viz.patches import perception_canvas, row_layouts, scale_canvas
+from vlmfix.viz.patches import TokenGrid, perception_canvas, row_layouts, scale_canvas
 
 
 def gemma4_token_colours(tiny, inputs) -> torch.Tensor:
@@ -648,6 +648,31 @@ def test_llama4_tiles_then_global_view_through_its_pixel_shuffle():
     assert kinds == [[(0, "tiles", (6, 6)), (0, "global", (3, 3)), (1, "patches", (3, 3))],
                      [(0, "tiles", (6, 3)), (0, "global", (3, 3)), (1, "tiles", (3, 6)), (1, "global", (3, 3))]]
     check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id), sizes=LLAMA4_SIZES)
+
+
+@pytest.mark.torchvision
+def test_llama4_grid_extent_is_the_processors_resize():
+    """Over pictures smaller, larger and thinner than its tiles, the part of Llama 4's canvas (or single tile) that
+    its own image processor fills with the picture (blue = 1; its padding is 0) is the part the grid's extent puts
+    it on, within a pixel (the processor floors the side that does not fill its target)."""
+    tiny = tiny_model("llama4")
+    processor = tiny.processor.image_processor
+    config = tiny.model.config
+    tile = config.vision_config.image_size
+    side = int(tile // config.vision_config.patch_size * config.vision_config.pixel_shuffle_ratio)  # tokens a side
+    for height, width in [(20, 30), (30, 20), (48, 48), (40, 64), (100, 30), (200, 100), (13, 170), (500, 400)]:
+        out = processor(coordinate_picture(height, width), return_tensors="pt")
+        rows, cols = out["aspect_ratios"][0].tolist()
+        views = out["pixel_values"][: rows * cols].float()  # [tiles, 3, 48, 48]: the canvas cut row-major
+        blue = unnormalised(tiny.processor, views.transpose(0, 1))[2] > 0.5  # [tiles, 48, 48]
+        canvas = blue.reshape(rows, cols, tile, tile).transpose(1, 2).reshape(rows * tile, cols * tile)
+        filled_h, filled_w = int(canvas.any(1).sum()), int(canvas.any(0).sum())
+        assert canvas[:filled_h, :filled_w].all()  # the picture sits in the top-left corner
+        grid = TokenGrid(0, "tiles", np.zeros((rows * side, cols * side), dtype=int), patch_pixels=tile // side,
+                         enlarge_to=tile)
+        left, right, bottom, top = grid.extent(height, width)
+        assert abs(cols * tile * width / (right - left) - filled_w) <= 1, (height, width)
+        assert abs(rows * tile * height / (bottom - top) - filled_h) <= 1, (height, width)
 
 
 def test_llama4_names_a_broken_tile_layout():
