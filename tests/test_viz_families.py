@@ -102,6 +102,17 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
                 start += tiles * tile * tile
             side = inputs["pixel_values"].shape[-1] // stride
             shapes = [((k, "global" if tiles else "patches"), side, side, 0)]
+        elif family == "llama4":  # its tiles (the pictures are square: a square canvas), then its global view
+            vision = config.vision_config
+            tile = int(vision.image_size // vision.patch_size * vision.pixel_shuffle_ratio)  # tokens a side of a view
+            views = len(values) // images // (tile * tile)  # the row's pictures have one size
+            if views > 1:  # tiles and a global view; a picture of one tile is that tile alone
+                rows = cols = math.isqrt(views - 1)
+                assert rows * cols == views - 1 and pictures[k].size[0] == pictures[k].size[1]
+                block = values[start : start + rows * cols * tile * tile].reshape(rows, cols, tile, tile)
+                out[(k, "tiles")] = block.transpose(0, 2, 1, 3).reshape(rows * tile, cols * tile)
+                start += rows * cols * tile * tile
+            shapes = [((k, "global" if views > 1 else "patches"), tile, tile, 0)]
         elif family == "molmo2":  # the low-resolution view, then the canvas, from the processor's image_grids
             low_h, low_w, high_h, high_w = inputs["image_grids"][index].tolist()
             shapes = [((k, "low_res"), low_h, low_w, 0), ((k, "canvas"), high_h, high_w, 0)]

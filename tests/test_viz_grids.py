@@ -118,14 +118,22 @@ def token_colours(family: str, tiny, inputs) -> list[np.ndarray]:
     return list(np.split(flat, np.cumsum(counts)[:-1]))
 
 
-def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int, ...] = (2, 2)) -> None:
-    """Every image token lies on one grid cell whose centre is where its pixels come from (`images` per row)."""
+def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int, ...] = (2, 2),
+                          sizes: list | None = None) -> None:
+    """Every image token lies on one grid cell whose centre is where its pixels come from (`images` per row; with
+    the pictures' (height, width) in `sizes`, the cells lie over each grid's `extent` of its picture, else over the
+    whole picture)."""
     for b, layout in enumerate(layouts):
         seen = colours[b]
         placed = np.zeros(layout.count, dtype=int)
         assert len({g.image for g in layout.grids}) == images[b]
         for grid in layout.grids:
             centres = cell_centres(*grid.shape)
+            if sizes is not None:
+                height, width = sizes[sum(images[:b]) + grid.image]
+                left, right, bottom, top = grid.extent(height, width)
+                centres = cell_centres(*grid.shape, top / height, left / width, (bottom - top) / height,
+                                       (right - left) / width)
             for (r, c), token in np.ndenumerate(grid.tokens):
                 if token < 0:
                     continue
@@ -144,9 +152,9 @@ def check_tokens_on_grids(layouts, colours: list[np.ndarray], images: tuple[int,
         assert ((placed + newline + unplaced) == 1).all()  # each token once: on a grid, a newline or unplaced
 
 
-def run_layouts(family: str, tiny, inputs):
+def run_layouts(family: str, tiny, inputs, sizes: list = SIZES):
     """`row_layouts` of a family placed by its image-token runs, from the processor's ids (as the session records
-    them) and the pictures' sizes."""
+    them) and the pictures' sizes (two a row)."""
     image = inputs["input_ids"] == tiny.model.config.image_token_id
     positions = [row.nonzero().flatten().tolist() for row in image]
     around = []  # per row: [token before, token after] each run
@@ -156,7 +164,7 @@ def run_layouts(family: str, tiny, inputs):
         around.append([[ids[s - 1], ids[e + 1]] for s, e in zip(starts, ends)])
     return row_layouts(family, tiny.model.config, image.sum(1).tolist(), image_positions=positions,
                        image_run_tokens=around, tokenizer=tiny.processor,
-                       image_shapes={b: SIZES[2 * b : 2 * b + 2] for b in range(2)})
+                       image_shapes={b: sizes[2 * b : 2 * b + 2] for b in range(2)})
 
 
 def split_by_row(flat: np.ndarray, inputs, image_token_id: int) -> list[np.ndarray]:

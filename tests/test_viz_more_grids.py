@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import tiny_model
 from tests.test_viz_grids import build, check_tokens_on_grids, grouped, padded, patch_colours, run_layouts, split_by_row
 from tests.test_viz_patches import SIZES, coordinate_picture, unnormalised
 from vlmfix.decoding.prompt_inputs import patch_grids
-from vlmfix.viz.patches import perception_canvas, row_layouts, scale_canvas
+from vlmfix.viz.patches import TokenGrid, perception_canvas, row_layouts, scale_canvas
 
 
 def gemma4_token_colours(tiny, inputs) -> torch.Tensor:
@@ -611,6 +612,83 @@ def test_step3p7_tiles_then_global_view_through_its_convolutions():
     shapes = [[g.shape for g in layout.grids if g.kind == "tiles"] for layout in layouts]
     assert shapes == [[(3, 6), (6, 3)], [(3, 6), (6, 3)]], shapes  # 2 tiles of 3 x 3 tokens across, then down
     check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id))
+
+
+LLAMA4_SIZES = [(56, 88), (20, 30), (200, 100), (40, 64)]  # 2 x 2 tiles, 1 enlarged, 2 x 1 shrunk, 1 x 2 padded
+
+
+@pytest.mark.torchvision
+def test_llama4_tiles_then_global_view_through_its_pixel_shuffle():
+    """Llama 4's processor (torchvision) resizes each picture (aspect kept; a side under a tile enlarged, a large
+    picture shrunk) into the top-left corner of a canvas of up to 4 48-pixel tiles and pads it, then stretches it to
+    one tile, its global view; a picture of one tile is that tile alone. The vision tower's encoder output is
+    replaced (a forward hook on its layernorm_post) by each 8-pixel patch's colour and a NaN CLS token (last), and
+    the tower's own forward drops the CLS token and pixel-shuffles each 2 x 2 patches into a token (read at its
+    adapter MLP's input): each token must lie on its grid cell, the cells over the grid's extent of the picture."""
+    tiny = tiny_model("llama4")
+    config = tiny.model.config
+    pictures = [coordinate_picture(h, w) for h, w in LLAMA4_SIZES]
+    prompts = [tiny.prompt("what is it", images=2), tiny.prompt("describe both pictures", images=2)]
+    inputs = tiny.processor(text=prompts, images=pictures, padding=True, return_tensors="pt")
+    views = inputs["pixel_values"].float()  # [views, 3, 48, 48]: each image's tiles, then its global view
+    hidden = config.vision_config.hidden_size
+    patches = patch_colours(tiny, views)  # [views, 36, 3]
+    encoded = padded(torch.cat([patches, patches.new_full((len(views), 1, 3), float("nan"))], 1), hidden)
+    tower = tiny.model.vision_model
+    tower.layernorm_post.register_forward_hook(lambda module, args, out: encoded)
+    seen = {}
+    tower.vision_adapter.mlp.register_forward_pre_hook(lambda module, args: seen.update(tokens=args[0].clone()))
+    with torch.no_grad():
+        tower(views)
+    tokens = grouped(seen["tokens"], hidden)  # [views, 9, 3]: the shuffle's 4 patches' channels, hidden each
+    flat = tokens.reshape(-1, 3).numpy()
+    assert not np.isnan(flat).any()  # the CLS token is dropped
+    layouts = run_layouts("llama4", tiny, inputs, LLAMA4_SIZES)
+    kinds = [[(g.image, g.kind, g.shape) for g in layout.grids] for layout in layouts]
+    assert kinds == [[(0, "tiles", (6, 6)), (0, "global", (3, 3)), (1, "patches", (3, 3))],
+                     [(0, "tiles", (6, 3)), (0, "global", (3, 3)), (1, "tiles", (3, 6)), (1, "global", (3, 3))]]
+    check_tokens_on_grids(layouts, split_by_row(flat, inputs, config.image_token_id), sizes=LLAMA4_SIZES)
+
+
+@pytest.mark.torchvision
+def test_llama4_grid_extent_is_the_processors_resize():
+    """Over pictures smaller, larger and thinner than its tiles, the part of Llama 4's canvas (or single tile) that
+    its own image processor fills with the picture (blue = 1; its padding is 0) is the part the grid's extent puts
+    it on, within a pixel (the processor floors the side that does not fill its target)."""
+    tiny = tiny_model("llama4")
+    processor = tiny.processor.image_processor
+    config = tiny.model.config
+    tile = config.vision_config.image_size
+    side = int(tile // config.vision_config.patch_size * config.vision_config.pixel_shuffle_ratio)  # tokens a side
+    for height, width in [(20, 30), (30, 20), (48, 48), (40, 64), (100, 30), (200, 100), (13, 170), (500, 400)]:
+        out = processor(coordinate_picture(height, width), return_tensors="pt")
+        rows, cols = out["aspect_ratios"][0].tolist()
+        views = out["pixel_values"][: rows * cols].float()  # [tiles, 3, 48, 48]: the canvas cut row-major
+        blue = unnormalised(tiny.processor, views.transpose(0, 1))[2] > 0.5  # [tiles, 48, 48]
+        canvas = blue.reshape(rows, cols, tile, tile).transpose(1, 2).reshape(rows * tile, cols * tile)
+        filled_h, filled_w = int(canvas.any(1).sum()), int(canvas.any(0).sum())
+        assert canvas[:filled_h, :filled_w].all()  # the picture sits in the top-left corner
+        grid = TokenGrid(0, "tiles", np.zeros((rows * side, cols * side), dtype=int), patch_pixels=tile // side,
+                         enlarge_to=tile)
+        left, right, bottom, top = grid.extent(height, width)
+        assert abs(cols * tile * width / (right - left) - filled_w) <= 1, (height, width)
+        assert abs(rows * tile * height / (bottom - top) - filled_h) <= 1, (height, width)
+
+
+def test_llama4_names_a_broken_tile_layout():
+    from types import SimpleNamespace
+
+    from vlmfix.viz.patches import _llama4_row
+
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=48))
+    runs = [(0, 9), (9, 9), (18, 9), (27, 9)]
+    ragged = [("<|image_start|>", ""), ("<|tile_x_separator|>", ""), ("<|tile_y_separator|>", ""), ("<|image|>", "")]
+    with pytest.raises(ValueError, match="canvas rows of \\[2, 1\\] tiles"):
+        _llama4_row(config, 0, runs, ragged, 3)
+    with pytest.raises(ValueError, match="no global view"):
+        _llama4_row(config, 0, runs[:1], ragged[:1], 3)
+    with pytest.raises(ValueError, match="follows '<\\|tile_x_separator\\|>'"):
+        _llama4_row(config, 0, runs[1:2], ragged[1:2], 3)
 
 
 def test_step3p7_reads_canvas_rows_from_the_gaps_and_refuses_a_padded_picture():

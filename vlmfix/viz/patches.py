@@ -73,6 +73,11 @@ A row's image tokens are numbered 0 .. n-1 in prompt order (the numbering the me
 - Fuyu: one run of patch tokens per patch row (the processor puts |NEWLINE| after each), row-major over the image
   shrunk to fit the processor's target (never enlarged) and padded to whole patches at the bottom and right: the
   grid reaches past the picture by under a patch (`TokenGrid.patch_pixels`);
+- Llama 4: per image of several tiles, its tiles row-major (each a run, <|tile_x_separator|> between a canvas row's
+  tiles, <|tile_y_separator|> after each row) over the picture resized (aspect kept, a side under one tile enlarged
+  up to it) into the tile canvas's top-left corner and padded (`TokenGrid.enlarge_to`), then its global view (the
+  picture stretched to one tile) after <|image|>; an image of one tile is that tile alone; each tile's tokens
+  row-major (its pixel shuffle, checked through the vision tower);
 - Idefics3 / SmolVLM: pixel-shuffled square tiles, each a run after its <row_i_col_j> token, then the global
   image after <global-img> (an image that is not split is its global image alone);
 - Granite-Docling: Idefics3's named tiles and global image, except that an image that is not split is one tile
@@ -117,7 +122,7 @@ NEWLINE_MERGED_FAMILIES = ("hunyuan_vl", "hy_v4_vl")
 POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `image_patch_grids`
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
-                "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm", "step3p7", "molmo2")
+                "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm", "step3p7", "molmo2", "llama4")
 # the reason a newly supported family carries in REFUSED until its layout is mapped and checked
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
@@ -133,8 +138,6 @@ REFUSED: dict[str, str] = {
                      "(crop_to_patches off, size up to maximum_pad_value) or letterboxed (otherwise), which an image "
                      "with no local tiles cannot tell apart, and the global and tile grids' sides (size, tile_size) "
                      "are not in the config",
-    # Llama 4: each tile's pixel-shuffled patches, tile separators, then the global view after <|image|>
-    "llama4": UNCHECKED,
     "ovis2_5": "transformers 5.25's Ovis2_5Model.get_image_features gives its visual tokenizer the last encoder "
                "layer's output in the vision tower's window order (modeling_ovis2_5.py: `hidden_states[-1]`, recorded "
                "before the tower's `reverse_indices` put its last_hidden_state back), so the image tokens follow the "
@@ -158,6 +161,9 @@ class TokenGrid:
     # > 0: the grid's cells are patches of this many pixels of the image shrunk to fit a target (never enlarged),
     # from its top-left corner, the last row and column reaching past it (Fuyu's padding to whole patches)
     patch_pixels: int = 0
+    # with patch_pixels: an image side under this many pixels is enlarged up to it (or to the target, if smaller)
+    # before the fit (Llama 4's resize onto its tile canvas)
+    enlarge_to: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -174,10 +180,12 @@ class TokenGrid:
         """(left, right, bottom, top) of the grid in the pixels of the part of a height x width image that `crop`
         keeps (matplotlib's `extent`): the part itself, or the padded square around it (`letterbox`)."""
         if self.patch_pixels:
-            rows, cols = self.shape
-            # the shrink factor: that of the side that fills its target exactly, or 1 for a picture within it
-            scale = min(1.0, rows * self.patch_pixels / height, cols * self.patch_pixels / width)
-            return 0.0, cols * self.patch_pixels / scale, rows * self.patch_pixels / scale, 0.0
+            high, wide = self.shape[0] * self.patch_pixels, self.shape[1] * self.patch_pixels  # the target's pixels
+            # the resize factor: that of the side that fills its (capped) target, 1 for a picture within it that no
+            # enlarge_to enlarges
+            scale = min(min(high, max(height, self.enlarge_to)) / height,
+                        min(wide, max(width, self.enlarge_to)) / width)
+            return 0.0, wide / scale, high / scale, 0.0
         if not self.letterbox:
             return 0.0, float(width), float(height), 0.0
         pad_x, pad_y = (max(height, width) - width) / 2, (max(height, width) - height) / 2
@@ -341,6 +349,8 @@ def _tile_side(family: str, config: Any) -> int:
         return math.ceil(math.ceil(side / 2) / 2)
     if family == "granite_docling":  # the coarse path (the fine one halves the factor: `_granite_docling_row`)
         return side // int(vision.scale_factor)
+    if family == "llama4":
+        return int(side * float(vision.pixel_shuffle_ratio))
     if family == "ovis2":  # the tower pads the patch grid to a multiple of the stride, then merges
         return -(-side // int(vision.hidden_stride))
     return side  # paligemma
@@ -628,6 +638,8 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
         return _cohere_row(config, b, runs, names, side, shapes)
     if family == "ovis2":
         return _ovis_row(b, runs, names, side)
+    if family == "llama4":
+        return _llama4_row(config, b, runs, names, side)
     grids, image, tile_runs = [], 0, []
     for (start, _), (name, next_name) in zip(runs, names):
         ends_image = next_name == "<|END_OF_IMG|>" if family == "aya_vision" else name == "<global-img>"
@@ -645,6 +657,47 @@ def _run_family_row(family: str, config: Any, b: int, positions: Sequence[int],
         image, tile_runs = image + 1, []
     if tile_runs:
         raise ValueError(f"row {b}'s last {family} image has tiles but no global image run after them.")
+    return grids
+
+
+LLAMA4_TILE_STARTS = ("<|image_start|>", "<|tile_x_separator|>", "<|tile_y_separator|>")
+
+
+def _llama4_row(config: Any, b: int, runs: Sequence[tuple[int, int]], names: Sequence[tuple[str, str]], side: int
+                ) -> list[TokenGrid]:
+    """Llama 4: per image of several tiles, its tiles row by row (a run each, the first after <|image_start|>,
+    <|tile_x_separator|> between a row's tiles, <|tile_y_separator|> after each row) over the picture resized onto
+    the tile canvas (`TokenGrid.enlarge_to`, padded at the bottom and right), then the global view (the picture
+    stretched to one tile) after <|image|>; an image of one tile is that tile's run after <|image|> alone. The resize
+    is its processor's default (resize_to_max_canvas=False: a side enlarged at most to one tile)."""
+    tile_pixels = _pair(config.vision_config.image_size)
+    grids: list[TokenGrid] = []
+    canvas_rows: list[list[int]] = []  # the pending image's tiles' first tokens, row by row
+    for (start, _), (name, _) in zip(runs, names):
+        image = len({g.image for g in grids})
+        if name != "<|image|>":
+            if name not in LLAMA4_TILE_STARTS or (name == "<|image_start|>") == bool(canvas_rows):
+                raise ValueError(f"row {b}: a llama4 tile run follows {name!r}, not <|image_start|> (an image's "
+                                 f"first tile) or a tile separator (its others).")
+            if name != "<|tile_x_separator|>":
+                canvas_rows.append([])
+            canvas_rows[-1].append(start)
+            continue
+        if not canvas_rows:  # one tile: the picture resized to fit it
+            grids.append(TokenGrid(image, "patches", _square(side, start), patch_pixels=tile_pixels // side,
+                                   enlarge_to=tile_pixels))
+            continue
+        cols = len(canvas_rows[0])
+        if any(len(row) != cols for row in canvas_rows):
+            raise ValueError(f"row {b}'s llama4 image {image} has canvas rows of {[len(r) for r in canvas_rows]} "
+                             f"tiles, not equal rows.")
+        tiles = _canvas(image, canvas_rows[0][0], side, len(canvas_rows), cols)
+        grids.append(TokenGrid(image, "tiles", tiles.tokens, patch_pixels=tile_pixels // side,
+                               enlarge_to=tile_pixels))
+        grids.append(TokenGrid(image, "global", _square(side, start)))
+        canvas_rows = []
+    if canvas_rows:
+        raise ValueError(f"row {b}'s last llama4 image has tiles but no global view run after <|image|>.")
     return grids
 
 
