@@ -123,7 +123,7 @@ POOLED_FAMILIES = ("gemma4", "gemma4_unified")  # k x k pooled patches from `ima
 PER_IMAGE_MERGE_FAMILIES = ("video_llama_3",)  # merged patches from `image_grid_thw` and `image_merge_sizes`
 RUN_FAMILIES = ("paligemma", "gemma3", *ONE_RUN_TILE_FAMILIES, "aya_vision", "cohere2_vision", "ovis2", "idefics3",
                 "smolvlm", "granite_docling", "fuyu", "fast_vlm", "perception_lm", "step3p7", "molmo2", "llama4")
-# the reason a newly supported family carries in REFUSED until its layout is mapped and checked
+# the reason a newly supported family carries in REFUSED until its layout is mapped and checked (none at present)
 UNCHECKED = "its image tokens' layout is not mapped (no grid checked against its processor and vision tower)"
 # supported families whose image tokens the pictures do not place, and why
 REFUSED: dict[str, str] = {
