@@ -91,6 +91,11 @@ def resolve_tokenizer(tokenizer: Any) -> Any:
     return inner
 
 
+def padded_rows(valid: Tensor) -> list[int]:
+    """The rows of a [batch, seq] padding mask (True on real tokens) that hold padding."""
+    return (~valid).any(dim=1).nonzero().flatten().tolist()
+
+
 @dataclass
 class Applied:
     """How often a method changed something in the last prompt batch: layer calls whose attention it
@@ -139,9 +144,9 @@ class Session:
         # tokens of the running decoding forward's sequence (cache + new tokens); a sliding-window cache's
         # layers hold fewer keys, which the attention function lays out over the whole sequence for edits
         self.sequence_length: int | None = None
-        # the running prompt batch's left-padded rows, kept where the model's padding matters past a length
-        # (`Adapter.padded_length_limit`: Llama 4)
-        self._padded_rows: list[int] = []
+        # (left-padded rows, the sequence length they stay right up to) of the running prompt batch, set at its
+        # prefill where the model's padding matters past a length (`Adapter.padded_length_limit`: Llama 4), else None
+        self._padded_limit: tuple[list[int], int] | None = None
         self.loop: Any = None  # the running decoding loop of a method that owns it (OPERA), else None
         # the grouped kernel's key groups per edit list, kept for the prompt batch's decode steps
         self.key_groups = KeyGroupCache()
@@ -249,17 +254,21 @@ class Session:
         new = new if new is not None else kwargs.get("inputs_embeds")
         self.sequence_length = cached + new.shape[1] if new is not None else None
         if cached > 0:
-            self._refuse_padded_rows_past_limit()
+            if self._padded_limit is not None and self.sequence_length is not None:
+                self._refuse_padded_rows_past_limit(*self._padded_limit, self.sequence_length)
             return  # a decode step of the current prompt
         inputs = dict(kwargs)
         if args:
             inputs.setdefault("input_ids", args[0])
-        if new is not None and (self.adapter.left_padding_changes_rows or self.adapter.padded_length_limit):
+        limit, self._padded_limit = self.adapter.padded_length_limit, None
+        if new is not None and (self.adapter.left_padding_changes_rows or limit is not None):
             valid = padding_mask(inputs.get("attention_mask"), new[..., 0] if new.dim() == 3 else new)
             if self.adapter.left_padding_changes_rows:
                 self._refuse_padded_rows(valid)
-            self._padded_rows = (~valid).any(dim=1).nonzero().flatten().tolist()
-            self._refuse_padded_rows_past_limit()
+            padded = padded_rows(valid)
+            if limit is not None and padded:
+                self._padded_limit = (padded, limit)
+                self._refuse_padded_rows_past_limit(padded, limit, new.shape[1])
         if inputs.get("input_ids") is None:
             if self.methods:
                 raise ValueError("vlmfix methods need input_ids (to find image and instruction tokens), "
@@ -273,7 +282,7 @@ class Session:
 
         The padding is the two-stream engine's when it lies only in the columns the engine put left of the
         caller's prompts (a method whose second prompt is longer: ICD), whatever mask the caller passed."""
-        padded = (~valid).any(dim=1).nonzero().flatten().tolist()
+        padded = padded_rows(valid)
         if not padded:
             return
         added = int(getattr(self.engine, "added_columns", 0))  # 0 outside a two-stream call
@@ -288,15 +297,14 @@ class Session:
             by_engine=by_engine,
         )
 
-    def _refuse_padded_rows_past_limit(self, length: int | None = None) -> None:
-        """Raise before a forward whose sequence (`length`, default the running one) passes the length up to which
-        the model itself keeps a left-padded row equal to the row alone (`Adapter.padded_length_limit`), when rows
-        of the running prompt batch are padded (by the caller or by a two-stream method's engine)."""
-        limit, length = self.adapter.padded_length_limit, length or self.sequence_length
-        if limit is None or not self._padded_rows or length is None or length <= limit:
+    def _refuse_padded_rows_past_limit(self, padded: list[int], limit: int, length: int) -> None:
+        """Raise before a forward whose sequence of `length` positions passes `limit`, the length up to which the
+        model itself keeps a left-padded row equal to the row alone (`Adapter.padded_length_limit`), when rows
+        `padded` are left-padded (by the caller or by a two-stream method's engine)."""
+        if not padded or length <= limit:
             return
         raise PaddedBatchError(
-            f"rows {self._padded_rows} of this batch are left-padded and its sequence reaches {length} positions: "
+            f"rows {padded} of this batch are left-padded and its sequence reaches {length} positions: "
             f"transformers' own {type(self.model).__name__} gives a left-padded row other logits than the row alone "
             f"past {limit} positions (its NoPE layers scale each query by its position counted from the first slot, "
             f"pads included, from floor_scale = {limit + 1} on), so no row would get what it gets alone. Keep prompt "
@@ -535,11 +543,11 @@ class Session:
         """`_refuse_padded_rows_past_limit` before any forward, for a call whose own rows are padded and whose
         prompt plus `max_new_tokens` passes the limit (padding a two-stream engine adds is caught at its prefill)."""
         input_ids, new_tokens = generate_kwargs.get("input_ids"), generate_kwargs.get("max_new_tokens")
-        if self.adapter.padded_length_limit is None or not isinstance(input_ids, Tensor) or new_tokens is None:
+        limit = self.adapter.padded_length_limit
+        if limit is None or not isinstance(input_ids, Tensor) or new_tokens is None:
             return
-        valid = padding_mask(generate_kwargs.get("attention_mask"), input_ids)
-        self._padded_rows = (~valid).any(dim=1).nonzero().flatten().tolist()
-        self._refuse_padded_rows_past_limit(input_ids.shape[1] + int(new_tokens))
+        padded = padded_rows(padding_mask(generate_kwargs.get("attention_mask"), input_ids))
+        self._refuse_padded_rows_past_limit(padded, limit, input_ids.shape[1] + int(new_tokens))
 
     def plot(self, row: int = 0, images: Any = None, **options: Any) -> Any:
         """The pictures of what each method decided for batch row `row` (a matplotlib figure with `save(path)`);

@@ -52,21 +52,36 @@ MUSE_SPECIALS = ("<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad|>", "<unk
                  "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|video|>",
                  "<|vid_frame_separator|>", "<|vid_start|>", "<|vid_end|>", "<|audio|>", "<|soft_audio_start|>",
                  "<|soft_audio_end|>", "user", "assistant")
-MUSE_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|patch|>"  # the processor adds the frame
-    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}<|eot|>{% endfor %}"
-    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
-)
+
+
+def header_turns_template(image: str) -> str:
+    """Llama 4's turn layout (<|header_start|>role<|header_end|>, turns ended by <|eot|>), writing `image` for each
+    image item: Llama 4's <|image|>, which its processor expands to its tiles; Muse's <|patch|>, which its processor
+    frames."""
+    return (
+        "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image +
+        "{% else %}{{ item['text'] }}{% endif %}{% endfor %}<|eot|>{% endfor %}"
+        "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+    )
+
+
+MUSE_TEMPLATE = header_turns_template("<|patch|>")  # the processor adds the frame
+
+
+def header_turns_tokenizer(specials: tuple[str, ...], pad: str) -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """A tokenizer of Llama 4's turn layout (bos <|begin_of_text|>, eos <|eot|>) with `specials` and `pad`, and
+    the specials' ids."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(specials, WORDS), bos_token="<|begin_of_text|>", eos_token="<|eot|>",
+        unk_token="<unk>", pad_token=pad, padding_side="left",
+    )
+    return tokenizer, token_ids(tokenizer, specials)
 
 
 def muse_tokenizer() -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
     """Muse Glimmer's (and Muse Spark's) special tokens, Llama 4's turn layout."""
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_tokenizer(MUSE_SPECIALS, WORDS), bos_token="<|begin_of_text|>", eos_token="<|eot|>",
-        unk_token="<unk>", pad_token="<|finetune_right_pad|>", padding_side="left",
-    )
-    return tokenizer, token_ids(tokenizer, MUSE_SPECIALS)
+    return header_turns_tokenizer(MUSE_SPECIALS, "<|finetune_right_pad|>")
 
 
 def muse_glimmer_configs(shape: Shape, vocab: int, ids: dict[str, int]) -> dict[str, Any]:
@@ -219,13 +234,7 @@ def build_apertus1p5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 LLAMA4_SPECIALS = ("<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad_id|>", "<unk>", "<|header_start|>",
                    "<|header_end|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
                    "<|tile_x_separator|>", "<|tile_y_separator|>", "user", "assistant")
-# Llama 4's turn layout; an image is written <|image|> and the processor expands it to its tiles' patches
-LLAMA4_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|image|>"
-    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}<|eot|>{% endfor %}"
-    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
-)
+LLAMA4_TEMPLATE = header_turns_template("<|image|>")  # the processor expands it to its tiles
 
 
 def build_llama4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -239,11 +248,7 @@ def build_llama4(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
     from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4Processor
     from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_tokenizer(LLAMA4_SPECIALS, WORDS), bos_token="<|begin_of_text|>", eos_token="<|eot|>",
-        unk_token="<unk>", pad_token="<|finetune_right_pad_id|>", padding_side="left",
-    )
-    ids = token_ids(tokenizer, LLAMA4_SPECIALS)
+    tokenizer, ids = header_turns_tokenizer(LLAMA4_SPECIALS, "<|finetune_right_pad_id|>")
     text = shape.text(len(tokenizer), pad_token_id=ids["<|finetune_right_pad_id|>"], eos_token_id=ids["<|eot|>"],
                       bos_token_id=ids["<|begin_of_text|>"], intermediate_size_mlp=2 * shape.hidden,
                       num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=8, no_rope_layer_interval=2)
