@@ -326,18 +326,22 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
           f"{args.clock} clock")
     print(f"device: {device_name(args.device)}; torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"({torch.get_num_interop_threads()} inter-op)")
+    setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    setup |= {"device_name": device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
     rows: list[Row] = []
     for dtype in args.dtype:
         tiny = speed_model(args.layers, args.heads, args.head_dim, args.device, DTYPES[dtype], family=args.family,
                            kv_heads=args.kv_heads)
         for batch in args.batch:
-            rows += run_block(args, tiny, dtype, batch)
+            block = run_block(args, tiny, dtype, batch)
+            rows += block
+            print("\n" + table(block))  # each block as it ends: a run cut short keeps the blocks it finished
+            if args.out:
+                write_rows(args.out, rows, setup)
         del tiny
-    print("\n" + table(rows))
+    if len(args.dtype) * len(args.batch) > 1:
+        print("\nall blocks:\n" + table(rows))
     if args.out:
-        setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        write_rows(args.out, rows, {**setup, "device_name": device_name(args.device),
-                                    "threads": torch.get_num_threads(), "torch": torch.__version__})
         print(f"wrote {args.out}")
     return rows
 

@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import vlmfix
+from benchmarks import speed
 from benchmarks.app import CONFIG_DIR, run_speed
 from benchmarks.generation import Shard
 from benchmarks.models import LoadedModel
@@ -58,6 +59,24 @@ def test_main_reports_every_figure_per_dtype_and_batch_and_writes_json_and_csv(t
     with (tmp_path / "speed.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["variant"] for r in table] == ["greedy", "vhr"] and table[1]["edited"] == "True"
+
+
+def test_each_finished_block_is_printed_and_written_before_the_next_runs(tmp_path, capsys, monkeypatch):
+    """A run cut short (a time limit, a crash) keeps the blocks it finished, on screen and in --out."""
+    out = tmp_path / "speed.json"
+    run_block = speed.run_block
+
+    def second_block_dies(args, tiny, dtype, batch):
+        if batch == 2:
+            raise KeyboardInterrupt
+        return run_block(args, tiny, dtype, batch)
+
+    monkeypatch.setattr(speed, "run_block", second_block_dies)
+    with pytest.raises(KeyboardInterrupt):
+        main([*QUICK, "--no-memory", "--dtype", "float32", "--batch", "1", "2", "--methods", "vhr", "--out", str(out)])
+    assert "| vhr | float32 | 1 |" in capsys.readouterr().out
+    written = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["batch"]) for r in written] == [("greedy", 1), ("vhr", 1)]
 
 
 def test_the_command_fails_a_method_that_edits_nothing_and_exits_1(tmp_path):
