@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# GPU check: the kernel tests on CUDA (fp32, fp16, bf16; compiled, not interpreted), the decode kernel
-# benchmark (benchmarks/kernels.py, issue 9's 4k-key targets), then every method against greedy on a
-# LLaVA-shaped bf16 model with planted sinks, at batch 1 and 8 (benchmarks/speed.py, issue 13): decode time
-# per token, wall time per caption, peak allocated memory, the two-stream floor; a method that edits nothing
-# fails the step.
+# GPU check, one short script for a lent GPU machine (steps ordered by what is still open, each under its own
+# time limit, so that one slow step leaves the others their figures):
+#   1. issue 14's figure: no method, VHR and PAI (with and without CFG) against plain greedy `generate` on Qwen3-VL-
+#      and Gemma 3-shaped bf16 models at the real models' attention width (Qwen3-VL-8B: 32 heads x 128, 8 key/value
+#      heads; Gemma 3 12B: 16 heads x 256, 8 key/value heads), batch 1 and 8 (benchmarks/speed.py, runs clock);
+#   2. the kernel tests on CUDA (fp32, fp16, bf16; compiled, not interpreted);
+#   3. the decode kernel benchmark (benchmarks/kernels.py, issue 9's 4k-key targets);
+#   4. every method on a LLaVA-shaped bf16 model at batch 1 (issue 13).
+# A method that edits nothing fails its step (benchmarks/speed.py checks each session's report).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else /tmp/vlmfix-gpu-check
 #
-# Writes OUT_DIR/gpu_tests.log, OUT_DIR/bench.log (+ the benchmark's CSV and PNG files), OUT_DIR/speed.log
-# and OUT_DIR/speed.json. Exits non-zero if any step fails. Takes a few minutes on one H100/H200.
+# Writes OUT_DIR/speed-qwen3_vl.{log,json}, speed-gemma3.{log,json}, gpu_tests.log, bench.log (+ the benchmark's
+# CSV files), speed-llava.{log,json}; benchmarks/speed.py writes each finished block at once, so a step stopped at
+# its limit keeps what it finished. Exits non-zero if any step fails. At most about 9 minutes (the steps' limits)
+# on one H100/H200; each step ran past 120 s there on a fresh machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -22,13 +28,29 @@ if ! $PYTHON -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; th
     exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PYTHON -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'triton', triton.__version__)" || exit 1
+
+status=0
+step() {  # step NAME SECONDS LOG COMMAND...: run under a time limit, keep its log, record a failure
+    local name=$1 seconds=$2 log=$3
+    shift 3
+    echo "=== gpu_check: $name (limit ${seconds}s)"
+    timeout "$seconds" "$@" 2>&1 | tee "$OUT_DIR/$log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== gpu_check: $name rc=$rc"
+    [ "$rc" -eq 0 ] || status=1
+}
+SPEED=($PYTHON -m benchmarks.speed --device cuda --dtype bfloat16 --layers 8 --new-tokens 64 --repeats 3)
+ISSUE_14=(--batch 1 8 --no-memory --methods none vhr pai:cfg=False pai)
+step "speed, Qwen3-VL-shaped" 150 speed-qwen3_vl.log "${SPEED[@]}" "${ISSUE_14[@]}" --family qwen3_vl --heads 32 \
+    --head-dim 128 --out "$OUT_DIR/speed-qwen3_vl.json"
+step "speed, Gemma 3-shaped" 150 speed-gemma3.log "${SPEED[@]}" "${ISSUE_14[@]}" --family gemma3 --heads 16 \
+    --head-dim 256 --out "$OUT_DIR/speed-gemma3.json"
 # --noconftest: these tests need none of the shared model fixtures
-$PYTHON -m pytest tests/test_kernels.py -q --noconftest -p no:cacheprovider 2>&1 | tee "$OUT_DIR/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
-$PYTHON -m benchmarks.kernels --save-path "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log"
-bench_rc=${PIPESTATUS[0]}
-$PYTHON -m benchmarks.speed --device cuda --dtype bfloat16 --batch 1 8 --layers 8 --heads 32 --head-dim 128 \
-    --new-tokens 64 --repeats 3 --out "$OUT_DIR/speed.json" 2>&1 | tee "$OUT_DIR/speed.log"
-speed_rc=${PIPESTATUS[0]}
-echo "gpu_check: tests rc=$tests_rc, benchmark rc=$bench_rc, speed rc=$speed_rc"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$speed_rc" -eq 0 ]
+step "kernel tests" 90 gpu_tests.log $PYTHON -m pytest tests/test_kernels.py -q --noconftest -p no:cacheprovider
+step "kernel benchmark" 60 bench.log $PYTHON -m benchmarks.kernels --save-path "$OUT_DIR"
+step "speed, LLaVA-shaped" 120 speed-llava.log "${SPEED[@]}" --batch 1 --family llava --heads 32 --head-dim 128 \
+    --out "$OUT_DIR/speed-llava.json"
+echo "gpu_check: status=$status"
+exit "$status"

@@ -100,14 +100,20 @@ def test_from_position_sliding_window_and_head_scale():
     torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
 
 
-def test_bf16_cache_within_rounding():
-    q, k, v = row_inputs(2, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_reduced_precision_cache_within_rounding(dtype):
+    """A bf16/fp16 model (on CUDA too, where SDPA takes the mask in the query's dtype): the biases are added in the
+    query's dtype, and the output stays within that dtype's rounding of the fp32 reference."""
+    q, k, v = row_inputs(2, dtype)
     gain = image_keys()[:, None].float() * 0.8
     out = key_bias_row_output(q, k, v, padding_visible()[:, None, None, :], None, [KeyBias(abs_gain=gain)])
     want = reference(q, k, v, padding_visible(), D**-0.5, torch.zeros(B, H, PROMPT), gain.expand(B, H, PROMPT),
                      torch.ones(B, dtype=torch.bool))
-    assert out.dtype == torch.bfloat16
+    unboosted = reference(q, k, v, padding_visible(), D**-0.5, torch.zeros(B, H, PROMPT), torch.zeros(B, H, PROMPT),
+                          torch.ones(B, dtype=torch.bool))
+    assert out.dtype == dtype
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    assert (out.float() - want).abs().max() < 0.1 * (want - unboosted).abs().max()  # rounding, well below the boost
 
 
 def test_other_edits_are_left_to_the_pytorch_path():

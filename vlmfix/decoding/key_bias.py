@@ -7,10 +7,10 @@ edited attention is therefore
     softmax(z + mask + delta) @ v,   delta_j = sum over edits (bias_j + abs_gain_j * |z_j|) on the biased keys j,
 
 which is SDPA with the additive mask `mask + delta`: only the biased keys' scores z_j need computing
-explicitly (fp32, as on the PyTorch edit path), and SDPA does the rest in the cache's own dtype, with
-grouped key/value heads and no fp32 copy of the cache. The biased keys' span, each edit's terms on it
-and the rows each edit selects are prepared once per prompt (`KeyBiasPlans`) and reused by every layer
-and step; rows an edit does not select (`from_position`) get no delta.
+explicitly (fp32, as on the PyTorch edit path; the mask is added in the query's dtype), and SDPA does the
+rest in the cache's own dtype, with grouped key/value heads and no fp32 copy of the cache. The biased keys'
+span, each edit's terms on it and the rows each edit selects are prepared once per prompt (`KeyBiasPlans`)
+and reused by every layer and step; rows an edit does not select (`from_position`) get no delta.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def key_bias_row_output(
 
     query: [batch, heads, 1, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim]; attention_mask: the
     backend's (None = causal, a [batch, kv_len] padding mask, or 4-D for this row). No logit softcap (SDPA
-    cannot apply it): callers with one use the PyTorch edit path. Off the CPU, fp32 queries only.
+    cannot apply it): callers with one use the PyTorch edit path. The biases are computed in fp32 and added in the
+    query's dtype.
     """
     every_row = [(slice(0, query.shape[0]), list(edits))]
     return key_bias_blocks_output(query, key, value, attention_mask, scaling, every_row, plans,
@@ -151,8 +152,8 @@ def key_bias_blocks_output(
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     device = query.device
-    if q_len != 1 or (device.type != "cpu" and query.dtype != torch.float32):
-        return None  # an fp32 bias with a reduced-precision query is checked on CPU only (CUDA decodes in the kernel)
+    if q_len != 1:
+        return None
     planned: list[tuple[slice, list[Edit], KeyBiasPlan | None]] = []  # per row block; no plan: a block without edits
     for rows, edits in blocks:
         plan = None
@@ -171,7 +172,9 @@ def key_bias_blocks_output(
         if plan is not None and plan.stop > plan.start:
             span = slice(plan.start, plan.stop)
             bias[rows, :, :, span] += _span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len)
-    bias = _masked(bias, attention_mask, kv_len, sliding_window)
+    # SDPA takes the mask in the query's dtype on every device: a bf16/fp16 model adds the biases (computed in fp32)
+    # rounded to its own dtype, as it rounds the keys and queries its attention reads
+    bias = _masked(bias, attention_mask, kv_len, sliding_window).to(query.dtype)
     grouped = {"enable_gqa": True} if kv_heads != heads and SDPA_GROUPS_HEADS else {}
     if kv_heads != heads and not grouped:  # torch < 2.5: SDPA takes as many key/value heads as query heads
         key, value = repeat_kv(key, heads), repeat_kv(value, heads)

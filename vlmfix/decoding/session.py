@@ -124,7 +124,7 @@ class Session:
         self.record = validation.boolean(record, "record", "whether the report keeps what the pictures need "
                                          "(vlmfix.viz): the contrast's per-token log-probabilities, PAI's gain")
         self.kernel = validation.choice(kernel, "kernel", KERNEL_MODES,
-                                        "'auto' uses the Triton decode kernel on CUDA when triton is installed")
+                                        "'always' runs edited decode steps through the Triton kernel")
         self.model: Any = model  # a transformers model: generate, config and submodules differ per family
         self.adapter: Adapter = get_adapter(model)
         self.methods = resolve_methods(methods)
@@ -486,16 +486,10 @@ class Session:
         return edits
 
     def use_kernel(self, query: Tensor) -> bool:
-        """Whether edited decode steps go through the grouped Triton kernel."""
-        if self.kernel == "never":
-            return False
-        if self.kernel == "always":
-            return True
-        if not query.is_cuda:
-            return False
-        from vlmfix.kernels import grouped_decode_backend
-
-        return grouped_decode_backend(query.device) == "triton"
+        """Whether edited decode steps go through the grouped Triton kernel: with kernel="always" only. "auto"
+        keeps SDPA (key biases) and the PyTorch edit path, which an H200 ran faster than the kernel's path at
+        1k-32k keys (its host work per call; `python -m benchmarks.kernels`)."""
+        return self.kernel == "always"
 
     @property
     def in_extra_pass(self) -> bool:
@@ -592,8 +586,9 @@ def apply(
             marker and needed by methods that read words (GIFT).
         spans: override the adapter's spans: a `Spans`, or {"image": [[pos, ...], ...],
             "instruction": [[pos, ...], ...]} with one list per prompt row in padded input_ids positions.
-        kernel: "auto" (the Triton decode kernel for edited layers on CUDA), "always" (also on CPU,
-            through the Triton interpreter or the kernel's PyTorch reference), or "never".
+        kernel: "auto" or "never" (SDPA with key biases or the PyTorch edit path: on an H200 these beat the
+            Triton kernel's path at 1k-32k keys), or "always" (edited decode steps through the grouped Triton
+            kernel: compiled on CUDA, else the Triton interpreter or the kernel's PyTorch reference).
         record: keep what `vlmfix.viz` draws beyond the reports (each contrastive method's per-token
             log-probabilities under `report()[name]["record"]`, PAI's image-attention gain); costs a little
             time per step. `session.plot(row=0)` draws the pictures.
