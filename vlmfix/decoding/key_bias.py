@@ -47,6 +47,7 @@ class KeyBiasTerm:
     bias: Tensor | None  # [batch, heads or 1, 1, span] fp32
     gain: Tensor | None  # [batch, heads or 1, 1, span] fp32
     from_position: Tensor | None  # [batch] long
+    latest_start: int = 0  # the largest from_position: rows at or past it are all selected (no per-row choice)
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,13 @@ def plan_key_biases(edits: Sequence[Edit], batch: int, device: torch.device) -> 
             return None
         return fit_keys(t.to(device).float(), stop, batch, 0.0)[..., start:stop, None].transpose(-1, -2)
 
-    terms = tuple(
-        KeyBiasTerm(span(e.bias), span(e.abs_gain),
-                    None if e.from_position is None else fit_rows(e.from_position.to(device), batch))
-        for e in biases
-    )
-    return KeyBiasPlan(start, stop, terms)
+    def term(e: KeyBias) -> KeyBiasTerm:
+        if e.from_position is None:
+            return KeyBiasTerm(span(e.bias), span(e.abs_gain), None)
+        from_position = fit_rows(e.from_position.to(device), batch)
+        return KeyBiasTerm(span(e.bias), span(e.abs_gain), from_position, int(from_position.max()))
+
+    return KeyBiasPlan(start, stop, tuple(term(e) for e in biases))
 
 
 class KeyBiasPlans:
@@ -166,10 +168,18 @@ def key_bias_blocks_output(
     if all(plan is None for _, _, plan in planned):
         return None
     scaling = head_dim**-0.5 if scaling is None else scaling
-    # one fp32 buffer for every row: each edited block's key biases on its span, 0 elsewhere (rows without edits)
-    bias = torch.zeros(batch, heads, 1, kv_len, dtype=torch.float32, device=device)  # [batch, heads, 1, kv_len]
-    for rows, _, plan in planned:
-        if plan is not None and plan.stop > plan.start:
+    spans = [(rows, plan) for rows, _, plan in planned if plan is not None and plan.stop > plan.start]
+    if len(spans) == 1 and spans[0][0].indices(batch)[2] == 1:
+        # one edited block of consecutive rows (one stream, or a two-stream forward's edited stream): its delta
+        # padded with zeros to every key and row, fp32
+        rows, plan = spans[0]
+        first, end, _ = rows.indices(batch)
+        delta = _span_delta(query[rows], key[rows, :, plan.start:plan.stop], scaling, plan, kv_len)
+        bias = F.pad(delta, (plan.start, kv_len - plan.stop, 0, 0, 0, 0, first, batch - end))  # [batch, h|1, 1, kv]
+    else:
+        # one fp32 buffer for every row: each edited block's key biases on its span, 0 elsewhere (rows without edits)
+        bias = torch.zeros(batch, heads, 1, kv_len, dtype=torch.float32, device=device)  # [batch, heads, 1, kv_len]
+        for rows, plan in spans:
             span = slice(plan.start, plan.stop)
             bias[rows, :, :, span] += _span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len)
     # SDPA takes the mask in the query's dtype on every device: a bf16/fp16 model adds the biases (computed in fp32)
@@ -223,7 +233,7 @@ def _span_delta(query: Tensor, span_keys: Tensor, scaling: float, plan: KeyBiasP
             part = term.bias
         else:
             part = term.gain * abs_z if term.bias is None else term.bias + term.gain * abs_z
-        if term.from_position is not None:
+        if term.from_position is not None and position < term.latest_start:  # some row not yet selected
             part = torch.where((position >= term.from_position)[:, None, None, None], part, 0.0)
         parts.append(part)
     # parts is never empty: a plan with no bias or gain has an empty span, which the caller skips
