@@ -4,10 +4,10 @@ Registered with transformers' `AttentionInterface` (and a mask builder with
 `AttentionMaskInterface`, bound to the wrapped backend's builder) under a per-session name. Layers
 without edits call the wrapped backend with the exact arguments they got. In a two-stream forward the
 rows split into blocks by the edits' `stream` (`vlmfix.decoding.edits.stream_blocks`); blocks without
-edits call the backend too. Edited layers run the PyTorch edit path (`edited_attention`); at decode
-steps on CUDA the grouped Triton kernel (`vlmfix.decoding.grouped`) serves the edits it can express, and one
-query row edited by key biases only (PAI) runs SDPA with the biases as an additive mask
-(`vlmfix.decoding.key_bias`). A layer with learned attention sinks (HY V4 VL's `s_aux`: one logit per head
+edits call the backend too. Edited layers run the PyTorch edit path (`edited_attention`); one query row
+edited by key biases only (PAI) runs SDPA with the biases as an additive mask (`vlmfix.decoding.key_bias`);
+with kernel="always" the grouped Triton kernel (`vlmfix.decoding.grouped`) serves the decode-step edits it
+can express. A layer with learned attention sinks (HY V4 VL's `s_aux`: one logit per head
 in the softmax's denominator, with no value) takes neither: its edits run on the PyTorch path, which adds the
 sink column, and its unedited calls go to the model's own eager attention, which adds it too.
 """
