@@ -157,7 +157,7 @@ def expected(family: str, config, inputs, row: int, values: np.ndarray, images: 
 @pytest.mark.parametrize("family", GRID_FAMILIES)
 def test_every_family_draws_pai_gain_on_its_grid_and_vhr_head_map(family: str):
     tiny = tiny_model(family)
-    # Fuyu's processor pairs each prompt with one image; HY V4 VL's own forward (transformers 5.24's get_rope_index)
+    # Fuyu's processor pairs each prompt with one image; HY V4 VL's own forward (transformers 5.25's get_rope_index)
     # takes back-to-back images as one block of positions and fails on them
     images = 1 if family in ("fuyu", "hy_v4_vl") else 2
     inputs = tiny.inputs(list(questions_for(tiny)), images_per_row=images)  # one length where padding is refused

@@ -22,7 +22,7 @@ DIFFUSION_STEPS = 1000
 # CLIP's normalisation (LLaVA-1.5 / LLaVA-NeXT processors); used by noise_space="pixel"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# the high-resolution copy's normalisation by default: transformers 5.24's DeepseekVLHybridImageProcessor(Pil) sets
+# the high-resolution copy's normalisation by default: transformers 5.25's DeepseekVLHybridImageProcessor(Pil) sets
 # high_res_image_mean / high_res_image_std to OPENAI_CLIP_MEAN / OPENAI_CLIP_STD on their own, whatever image_mean is
 HIGH_RES_MEAN, HIGH_RES_STD = CLIP_MEAN, CLIP_STD
 

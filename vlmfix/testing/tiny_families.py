@@ -1290,7 +1290,7 @@ def build_ovis2_5(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 # a default system message when the conversation has none, each image item written as a placeholder and a line
 # break before the text; `enable_thinking=True` (Layout-as-Thought, off by default) adds "\n<think>" at the end of
 # the last user turn and "<think>\n" after the assistant header. The script writes "<IMG_CONTEXT>\n" for an image;
-# transformers 5.24's processor expands its `image_placeholder_token` (default "<image>") to the same
+# transformers 5.25's processor expands its `image_placeholder_token` (default "<image>") to the same
 # <img><IMG_CONTEXT>...</img> ids, so the tiny build writes "<image>\n".
 QIANFAN_SYSTEM = "你是千帆VL，由百度智能云研发的多模态大语言模型。"
 QIANFAN_TEMPLATE = (

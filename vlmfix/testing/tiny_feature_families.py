@@ -47,7 +47,7 @@ def build_fuyu(shape: Shape) -> tuple[PreTrainedModel, ProcessorMixin]:
 
     class TensorPatchesFuyuImageProcessor(FuyuImageProcessorPil):
         """The PIL image processor with `patchify_image` taking the torch tensors the processor hands it
-        (transformers 5.24's PIL backend reshapes them with numpy's `transpose` signature and fails)."""
+        (transformers 5.25's PIL backend reshapes them with numpy's `transpose` signature and fails)."""
 
         def patchify_image(self, image: Any, patch_size: Any = None) -> Any:
             patches = super().patchify_image(np.asarray(image), patch_size)
