@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 import vlmfix
-from vlmfix.decoding import key_bias
 from vlmfix.decoding.edits import HeadScale, KeyBias, Reweight
 from vlmfix.decoding.key_bias import KeyBiasPlans, key_bias_row_output, plan_key_biases
 from vlmfix.methods.pai import PAI
@@ -59,11 +58,9 @@ def padding_visible() -> Tensor:
     return torch.tensor([[j >= PAD[b] for j in range(KV)] for b in range(B)])
 
 
-@pytest.mark.parametrize("sdpa_groups_heads", [True, False], ids=["enable_gqa", "torch<2.5"])
-@pytest.mark.parametrize("kv_heads", [H, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("kv_heads", [H, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("mask_kind", ["none", "padding-2d", "bool-4d", "bool-4d-heads", "bool-4d-one-row", "float-4d"])
-def test_matches_reference(kv_heads, mask_kind, sdpa_groups_heads, monkeypatch):
-    monkeypatch.setattr(key_bias, "SDPA_GROUPS_HEADS", sdpa_groups_heads)  # torch < 2.5 repeats K and V instead
+def test_matches_reference(kv_heads, mask_kind):
     q, k, v = row_inputs(kv_heads)
     before = snapshot({"q": q, "k": k, "v": v})
     image = image_keys()
@@ -114,6 +111,21 @@ def test_reduced_precision_cache_within_rounding(dtype):
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
     assert (out.float() - want).abs().max() < 0.1 * (want - unboosted).abs().max()  # rounding, well below the boost
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's CUDA kernels need a GPU (benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_cuda_reduced_precision_matches_reference(dtype):
+    """On CUDA SDPA takes the mask only in the query's dtype: the same path, within that dtype's rounding."""
+    q, k, v = row_inputs(2, dtype)
+    gain = image_keys()[:, None].float() * 0.8
+    mask = padding_visible()[:, None, None, :]
+    out = key_bias_row_output(q.cuda(), k.cuda(), v.cuda(), mask.cuda(), None, [KeyBias(abs_gain=gain.cuda())])
+    want = reference(q, k, v, padding_visible(), D**-0.5, torch.zeros(B, H, PROMPT), gain.expand(B, H, PROMPT),
+                     torch.ones(B, dtype=torch.bool))
+    assert out is not None and out.dtype == dtype and out.is_cuda
+    tolerance = 2e-2 if dtype != torch.float32 else 1e-4
+    torch.testing.assert_close(out.float().cpu(), want, atol=tolerance, rtol=tolerance)
 
 
 def test_other_edits_are_left_to_the_pytorch_path():

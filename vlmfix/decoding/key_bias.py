@@ -31,13 +31,9 @@ from vlmfix.decoding.edits import (
     KeyBias,
     fit_keys,
     fit_rows,
-    repeat_kv,
     scale_heads,
     windowed_mask,
 )
-
-# SDPA's `enable_gqa` (fewer key/value heads than query heads) exists from torch 2.5
-SDPA_GROUPS_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ class KeyBiasTerm:
     bias: Tensor | None  # [batch, heads or 1, 1, span] fp32
     gain: Tensor | None  # [batch, heads or 1, 1, span] fp32
     from_position: Tensor | None  # [batch] long
-    latest_start: int = 0  # the largest from_position: rows at or past it are all selected (no per-row choice)
+    latest_start: int  # the largest from_position (0 without): rows at or past it are all selected
 
 
 @dataclass(frozen=True)
@@ -82,7 +78,7 @@ def plan_key_biases(edits: Sequence[Edit], batch: int, device: torch.device) -> 
 
     def term(e: KeyBias) -> KeyBiasTerm:
         if e.from_position is None:
-            return KeyBiasTerm(span(e.bias), span(e.abs_gain), None)
+            return KeyBiasTerm(span(e.bias), span(e.abs_gain), None, 0)
         from_position = fit_rows(e.from_position.to(device), batch)
         return KeyBiasTerm(span(e.bias), span(e.abs_gain), from_position, int(from_position.max()))
 
@@ -184,12 +180,15 @@ def key_bias_blocks_output(
             bias[rows, :, :, span] += _span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len)
     # SDPA takes the mask in the query's dtype on every device: a bf16/fp16 model adds the biases (computed in fp32)
     # rounded to its own dtype, as it rounds the keys and queries its attention reads
-    bias = _masked(bias, attention_mask, kv_len, sliding_window).to(query.dtype)
-    grouped = {"enable_gqa": True} if kv_heads != heads and SDPA_GROUPS_HEADS else {}
-    if kv_heads != heads and not grouped:  # torch < 2.5: SDPA takes as many key/value heads as query heads
-        key, value = repeat_kv(key, heads), repeat_kv(value, heads)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
-                                         **grouped).transpose(1, 2)  # [batch, 1, heads, head_dim]
+    bias = _masked(bias, attention_mask, kv_len, sliding_window).to(query.dtype)  # [batch, heads or 1, 1, kv_len]
+    # the one query row of each head packed as its key/value head's rows ([batch, kv_heads, group, head_dim]): SDPA
+    # runs on the cache's key/value heads as they are, with no repeated copy and no enable_gqa (which, with a mask,
+    # leaves CUDA on SDPA's math kernel)
+    group = heads // kv_heads
+    packed = query.reshape(batch, kv_heads, group, head_dim)
+    mask = bias.reshape(batch, kv_heads, group, kv_len) if bias.shape[1] == heads else bias
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
+    out = out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2)  # [batch, 1, heads, value head_dim]
     for rows, edits, _ in planned:
         if any(isinstance(e, HeadScale) for e in edits):
             out[rows] = scale_heads(out[rows], edits, kv_len)
