@@ -51,6 +51,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -255,8 +256,10 @@ def write_rows(path: Path, rows: Sequence[Row], setup: dict) -> None:
             writer = csv.DictWriter(f, fieldnames=list(records[0]))
             writer.writeheader()
             writer.writerows(records)
-    else:
-        path.write_text(json.dumps({"setup": setup, "rows": records}, indent=2))
+    else:  # written whole, then moved over the old file: a run stopped mid-write leaves the previous blocks
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps({"setup": setup, "rows": records}, indent=2))
+        os.replace(partial, path)
 
 
 def device_name(device: str) -> str:

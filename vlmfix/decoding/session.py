@@ -487,8 +487,8 @@ class Session:
 
     def use_kernel(self, query: Tensor) -> bool:
         """Whether edited decode steps go through the grouped Triton kernel: with kernel="always" only. "auto"
-        keeps SDPA (key biases) and the PyTorch edit path, which an H200 ran faster than the kernel's path at
-        1k-32k keys (its host work per call; `python -m benchmarks.kernels`)."""
+        keeps SDPA (key biases) and the PyTorch edit path: on an H200 a VAR-edited step through the kernel took
+        1.1-1.2 ms at 4k keys against the PyTorch path's 0.7 ms (`python -m benchmarks.kernels`)."""
         return self.kernel == "always"
 
     @property
@@ -586,9 +586,9 @@ def apply(
             marker and needed by methods that read words (GIFT).
         spans: override the adapter's spans: a `Spans`, or {"image": [[pos, ...], ...],
             "instruction": [[pos, ...], ...]} with one list per prompt row in padded input_ids positions.
-        kernel: "auto" or "never" (SDPA with key biases or the PyTorch edit path: on an H200 these beat the
-            Triton kernel's path at 1k-32k keys), or "always" (edited decode steps through the grouped Triton
-            kernel: compiled on CUDA, else the Triton interpreter or the kernel's PyTorch reference).
+        kernel: "auto" or "never" (SDPA with key biases or the PyTorch edit path; on an H200 the PyTorch path
+            ran a VAR-edited step faster than the kernel's), or "always" (edited decode steps through the grouped
+            Triton kernel: compiled on CUDA, else the Triton interpreter or the kernel's PyTorch reference).
         record: keep what `vlmfix.viz` draws beyond the reports (each contrastive method's per-token
             log-probabilities under `report()[name]["record"]`, PAI's image-attention gain); costs a little
             time per step. `session.plot(row=0)` draws the pictures.
