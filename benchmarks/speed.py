@@ -19,7 +19,7 @@ variant:
   `UnsupportedModelError`, e.g. SID on Gemma 3's sliding-window layers) is listed as refused, with the reason,
   and is no failure.
 Ratios are to greedy in the same block. Two clocks (`--clock`):
-- runs (the default): variants are timed interleaved (A B C A B C ...) and medians (and the fastest run) are
+- runs (the default): variants are timed interleaved (A B C, B C A, ...) and medians (and the fastest run) are
   kept, so load changes hit every variant alike; it reads all of the figures above;
 - lockstep: every variant runs in its own thread on its own copy of the model, and the variants take turns token
   by token (only one computes at any moment); each decode step is divided by greedy's step of the same index,

@@ -40,7 +40,16 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.speed_setup import build_methods, is_two_stream
-from benchmarks.speed_timing import FLOOR, GREEDY, WARM_UP_TOKENS, GenerateFn, generate_variants, synchronize, unedited
+from benchmarks.speed_timing import (
+    FLOOR,
+    GREEDY,
+    WARM_UP_TOKENS,
+    GenerateFn,
+    generate_variants,
+    rotated,
+    synchronize,
+    unedited,
+)
 from vlmfix.testing import TinyVLM
 
 Clock = Callable[[], float]  # seconds, e.g. time.perf_counter
@@ -225,16 +234,6 @@ def measure_lockstep(variants: Mapping[str, GenerateFn], new_tokens: int, repeat
             progress(f"  {phase}/{repeats} done")
     return [failed.get(label) or paired_figures(label, rounds[label], rounds[baseline], edited[label])
             for label in variants]
-
-
-def rotated(variants: Mapping[str, GenerateFn], shift: int) -> dict[str, GenerateFn]:
-    """`variants` in turn order rotated by `shift`: timed round r starts with the r-th variant, so that over a
-    multiple of len(variants) rounds every variant takes every place in the rotation (a step right after a heavier
-    one, e.g. the two-row floor's, may find the caches and memory bus in another state) and no place's effect falls
-    on one variant alone."""
-    labels = list(variants)
-    shift %= max(len(labels), 1)
-    return {label: variants[label] for label in labels[shift:] + labels[:shift]}
 
 
 def copied_variants(tiny: TinyVLM, inputs: dict[str, Any], specs: Mapping[str, str],

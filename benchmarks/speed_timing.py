@@ -10,7 +10,7 @@ One run of a variant is one `generate` call of `n` new tokens (the whole batch).
   first decode step's one-time work included;
 - wall: `time.perf_counter()` around the whole call (entering the session, spans, every prepare pass,
   prefill, decode, leaving the session), after a CUDA synchronize: what a user pays for the call.
-Variants run interleaved (A B C A B C ...) and the decode and wall clocks keep their medians, so a load
+Variants run interleaved (A B C, B C A, C A B, ...) and the decode and wall clocks keep their medians, so a load
 change on the machine hits every variant alike. A run whose methods report no edit (`session.report()[name]["applied"]`
 all zero) fails its variant: it would time plain decoding under the method's name.
 """
@@ -124,11 +124,22 @@ def _attempt(fn: GenerateFn, new_tokens: int) -> Run | str:
         return f"{type(error).__name__}: {error}"
 
 
+def rotated(variants: Mapping[str, GenerateFn], shift: int) -> dict[str, GenerateFn]:
+    """`variants` in turn order rotated by `shift`: timed round r starts with the r-th variant, so that over a
+    multiple of len(variants) rounds every variant takes every place in the rotation (a step right after a heavier
+    one, e.g. the two-row floor's, may find the caches and memory bus in another state) and no place's effect falls
+    on one variant alone."""
+    labels = list(variants)
+    shift %= max(len(labels), 1)
+    return {label: variants[label] for label in labels[shift:] + labels[:shift]}
+
+
 def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
             progress: Callable[[str], None] = print,
             warm_up: dict[str, GenerateFn] | None = None) -> list[SpeedResult]:
     """Medians of the decode and wall clocks and the fastest run per variant, interleaved over `repeats`; the
-    first variant is the baseline.
+    first variant is the baseline. Run r takes the variants in their order rotated by r - 1 (`rotated`), so that
+    no variant always runs first after a pause, or right after the heaviest one.
 
     Each variant first runs a short warm-up call (lazy imports, one-time set-up), through `warm_up[label]` when
     given (the same variant on a cheaper batch), else the variant itself. A variant other than the baseline that
@@ -139,8 +150,8 @@ def measure(variants: dict[str, GenerateFn], new_tokens: int, repeats: int,
     runs: dict[str, list[Run]] = {label: [] for label in variants}
     baseline = next(iter(variants))
     phases = [("warm-up run", WARM_UP_TOKENS)] + [(f"run {r + 1}", new_tokens) for r in range(repeats)]
-    for phase, tokens in phases:
-        for label, fn in list(live.items()):
+    for number, (phase, tokens) in enumerate(phases):
+        for label, fn in rotated(live, max(number - 1, 0)).items():
             outcome = _attempt(warm_up[label] if phase == "warm-up run" and warm_up else fn, tokens)
             failure = outcome if isinstance(outcome, str) else outcome.why_not
             if failure is not None:

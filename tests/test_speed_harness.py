@@ -161,6 +161,22 @@ def test_the_warm_up_call_may_run_a_cheaper_variant():
     assert calls == ["cheap", "greedy", "greedy"]
 
 
+def test_each_run_of_the_runs_clock_starts_one_place_further_along_the_rotation():
+    calls: list[str] = []
+
+    def variant(label):
+        def fn(n, streamer):
+            calls.append(label)
+            for _ in range(n + 1):
+                streamer.put(torch.zeros(1))
+
+        return fn
+
+    measure({label: variant(label) for label in "abc"}, 2, 4, progress=lambda _: None)
+    runs = ["".join(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert runs == ["abc", "abc", "bca", "cab", "abc"]  # the warm-up run, then runs 1-4
+
+
 def test_the_wall_clock_covers_prepare_and_the_decode_clock_does_not():
     tiny = tiny_model("llava")
     variants = generate_variants(tiny, tiny.inputs(["describe this image ."]), {"slow": [SlowPrepare(1.0)]})
