@@ -97,6 +97,19 @@ def test_from_position_sliding_window_and_head_scale():
     torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
 
 
+def test_values_wider_than_keys():
+    """MLA layers (Dots3 Note's) read values of another width than the keys: the output takes the values' width."""
+    q, k, _ = row_inputs(2)
+    v = torch.randn(B, 2, KV, 2 * D, generator=torch.Generator().manual_seed(9))
+    gain = image_keys()[:, None].float() * 0.8
+    out = key_bias_row_output(q, k, v, None, 0.3, [KeyBias(abs_gain=gain)])
+    z = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.3  # [B, H, 1, KV]
+    z[..., :PROMPT] += gain[:, :, None] * z[..., :PROMPT].abs()
+    want = (torch.softmax(z, -1) @ v.repeat_interleave(2, dim=1)).transpose(1, 2)  # [B, 1, H, 2D]
+    assert out is not None and out.shape == (B, 1, H, 2 * D)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_reduced_precision_cache_within_rounding(dtype):
     """A bf16/fp16 model (on CUDA too, where SDPA takes the mask in the query's dtype): the biases are added in the

@@ -120,8 +120,8 @@ def key_bias_row_output(
     *,
     sliding_window: int | None = None,
 ) -> Tensor | None:
-    """The edited attention of one query row, [batch, 1, heads, head_dim], or None when `edits` are not key
-    biases (and head scales) only.
+    """The edited attention of one query row, [batch, 1, heads, value head_dim], or None when `edits` are not
+    key biases (and head scales) only.
 
     query: [batch, heads, 1, head_dim]; key, value: [batch, kv_heads, kv_len, head_dim]; attention_mask: the
     backend's (None = causal, a [batch, kv_len] padding mask, or 4-D for this row). No logit softcap (SDPA
