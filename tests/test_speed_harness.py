@@ -146,33 +146,27 @@ def test_a_failing_variant_is_reported_and_the_others_are_timed():
         measure({"broken": broken, "fine": fine}, 3, 1, progress=messages.append)
 
 
+def recording_variant(calls: list[str], label: str):
+    """A variant that appends `label` to `calls` when it runs and streams its tokens at once."""
+
+    def fn(n, streamer):
+        calls.append(label)
+        for _ in range(n + 1):
+            streamer.put(torch.zeros(1))
+
+    return fn
+
+
 def test_the_warm_up_call_may_run_a_cheaper_variant():
     calls: list[str] = []
-
-    def variant(name):
-        def fn(n, streamer):
-            calls.append(name)
-            for _ in range(n + 1):
-                streamer.put(torch.zeros(1))
-
-        return fn
-
-    measure({"greedy": variant("greedy")}, 3, 2, progress=lambda _: None, warm_up={"greedy": variant("cheap")})
+    measure({"greedy": recording_variant(calls, "greedy")}, 3, 2, progress=lambda _: None,
+            warm_up={"greedy": recording_variant(calls, "cheap")})
     assert calls == ["cheap", "greedy", "greedy"]
 
 
 def test_each_run_of_the_runs_clock_starts_one_place_further_along_the_rotation():
     calls: list[str] = []
-
-    def variant(label):
-        def fn(n, streamer):
-            calls.append(label)
-            for _ in range(n + 1):
-                streamer.put(torch.zeros(1))
-
-        return fn
-
-    measure({label: variant(label) for label in "abc"}, 2, 4, progress=lambda _: None)
+    measure({label: recording_variant(calls, label) for label in "abc"}, 2, 4, progress=lambda _: None)
     runs = ["".join(calls[i : i + 3]) for i in range(0, len(calls), 3)]
     assert runs == ["abc", "abc", "bca", "cab", "abc"]  # the warm-up run, then runs 1-4
 
