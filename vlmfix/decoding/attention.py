@@ -84,7 +84,7 @@ class AttentionHost(Protocol):
 
     def edits_for(self, layer_idx: int) -> list[Edit]: ...
 
-    def use_kernel(self, query: Tensor) -> bool: ...
+    def use_kernel(self) -> bool: ...
 
     @property
     def observed(self) -> bool: ...
@@ -131,7 +131,7 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
         blocks = stream_blocks(edits, query.shape[0], host.edited_rows, host.negative_start()) if edits else []
         if len(blocks) == 1 and blocks[0][1]:  # every row gets the same edits
             out = edited_output(query, key, value, attention_mask, scaling, blocks[0][1], backend, module,
-                                use_kernel=host.use_kernel(query), group_cache=host.key_groups,
+                                use_kernel=host.use_kernel(), group_cache=host.key_groups,
                                 bias_plans=host.key_bias_plans, **kwargs)
         elif any(block_edits for _, block_edits in blocks):
             # contrastive layout [positive stream; negative stream]: each row block gets its own edits
@@ -145,7 +145,7 @@ def make_attention_function(host: AttentionHost, implementation: str) -> Attenti
                 for part, block_edits in blocks:
                     if block_edits:
                         parts.append(edited_output(query[part], key[part], value[part], mask_of(part), scaling,
-                                                   block_edits, backend, module, use_kernel=host.use_kernel(query),
+                                                   block_edits, backend, module, use_kernel=host.use_kernel(),
                                                    group_cache=host.key_groups, bias_plans=host.key_bias_plans,
                                                    **kwargs))
                     else:
@@ -224,7 +224,7 @@ def one_sdpa_for_blocks(query: Tensor, key: Tensor, value: Tensor, attention_mas
     """A two-stream decode row whose edited blocks hold key biases only, as one SDPA call over every row (the
     unedited stream's rows with their mask alone, as its SDPA backend would run them); None when this does not
     apply (another backend, the Triton kernel, a logit softcap, prefill rows, other edits)."""
-    if implementation != "sdpa" or not fast_paths_fit(kwargs) or host.use_kernel(query):
+    if implementation != "sdpa" or not fast_paths_fit(kwargs) or host.use_kernel():
         return None
     return key_bias_blocks_output(query, key, value, attention_mask, scaling, blocks, host.key_bias_plans,
                                   sliding_window=kwargs.get("sliding_window"))

@@ -164,20 +164,17 @@ def key_bias_blocks_output(
     if all(plan is None for _, _, plan in planned):
         return None
     scaling = head_dim**-0.5 if scaling is None else scaling
-    spans = [(rows, plan) for rows, _, plan in planned if plan is not None and plan.stop > plan.start]
-    if len(spans) == 1 and spans[0][0].indices(batch)[2] == 1:
-        # one edited block of consecutive rows (one stream, or a two-stream forward's edited stream): its delta
-        # padded with zeros to every key and row, fp32
-        rows, plan = spans[0]
-        first, end, _ = rows.indices(batch)
-        delta = _span_delta(query[rows], key[rows, :, plan.start:plan.stop], scaling, plan, kv_len)
-        bias = F.pad(delta, (plan.start, kv_len - plan.stop, 0, 0, 0, 0, first, batch - end))  # [batch, h|1, 1, kv]
-    else:
-        # one fp32 buffer for every row: each edited block's key biases on its span, 0 elsewhere (rows without edits)
-        bias = torch.zeros(batch, heads, 1, kv_len, dtype=torch.float32, device=device)  # [batch, heads, 1, kv_len]
-        for rows, plan in spans:
-            span = slice(plan.start, plan.stop)
-            bias[rows, :, :, span] += _span_delta(query[rows], key[rows, :, span], scaling, plan, kv_len)
+    # fp32, [batch, heads or 1, 1, kv_len]: each edited block's delta on its span, padded with zeros to every key
+    # and row (rows without edits, keys outside the span); the blocks are consecutive rows (`stream_blocks`)
+    bias: Tensor | None = None
+    for rows, _, plan in planned:
+        if plan is not None and plan.stop > plan.start:
+            first, end, _ = rows.indices(batch)
+            delta = _span_delta(query[rows], key[rows, :, plan.start:plan.stop], scaling, plan, kv_len)
+            padded = F.pad(delta, (plan.start, kv_len - plan.stop, 0, 0, 0, 0, first, batch - end))
+            bias = padded if bias is None else bias + padded
+    if bias is None:  # every edited block's biases are empty: the mask alone
+        bias = torch.zeros(batch, 1, 1, kv_len, dtype=torch.float32, device=device)
     # SDPA takes the mask in the query's dtype on every device: a bf16/fp16 model adds the biases (computed in fp32)
     # rounded to its own dtype, as it rounds the keys and queries its attention reads
     bias = _masked(bias, attention_mask, kv_len, sliding_window).to(query.dtype)  # [batch, heads or 1, 1, kv_len]

@@ -485,7 +485,7 @@ class Session:
                     applied.attention_calls += 1
         return edits
 
-    def use_kernel(self, query: Tensor) -> bool:
+    def use_kernel(self) -> bool:
         """Whether edited decode steps go through the grouped Triton kernel: with kernel="always" only. "auto"
         keeps SDPA (key biases) and the PyTorch edit path: on an H200 a VAR-edited step through the kernel took
         1.1-1.2 ms at 4k keys against the PyTorch path's 0.7 ms (`python -m benchmarks.kernels`)."""
